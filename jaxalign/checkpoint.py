@@ -1,0 +1,99 @@
+"""Orbax checkpoints: train state, data-iterator state and the resolved config.
+
+A checkpoint is everything needed to continue bit for bit. Orbax writes each
+step to a temporary directory and renames it when complete, so a torn write is
+never listed as a step and never loaded. Nothing is pickled: arrays go through
+tensorstore, the iterator state and the config through JSON.
+"""
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Async save every `every` steps, keep the newest `keep`, restore the latest."""
+
+  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every = every
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data", "config"), options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """On the schedule: every `every` steps (forced saves come on top)."""
+    return step > 0 and step % self.every == 0
+
+  def save(self, step: int, state, data_iter, config: dict[str, Any], *,
+           force: bool = False) -> bool:
+    """Starts saving `state` at `step` (async); returns whether it saved."""
+    args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+    if data_iter is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if not (force or self.should_save(step)):
+      return False
+    return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """Restores the state into the shardings of `abstract_state`, and `data_iter` in place."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    return restored["state"]
+
+  def restore_config(self, step: int) -> dict[str, Any]:
+    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_params(run_dir: str, abstract_params, step: int | None = None):
+  """Only the trainable parameters of another run's checkpoint (e.g. the SFT model).
+
+  `run_dir` is a run's checkpoint directory; the latest step is used unless
+  `step` is given. Optimizer state and everything else are not read.
+  """
+  run_dir = os.path.abspath(run_dir)
+  if not os.path.isdir(run_dir):
+    raise FileNotFoundError(f"init_from: {run_dir} is not a directory")
+  manager = ocp.CheckpointManager(run_dir, item_names=("state", "data", "config"))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"init_from: no complete checkpoint in {run_dir}")
+  target = {"params": abstract_params}
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+      target)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                   partial_restore=True)))
+  manager.close()
+  return restored["state"]["params"]
+
+
+def write_json(path: str, obj) -> None:
+  """Writes JSON atomically (temp file + rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,211 @@
+"""Config defaults shared by every recipe, and validation before compiling.
+
+Recipes in `configs/` start from `defaults()` and change what they need. The
+CLI locks the config, applies `--config.a.b=value` overrides (unknown keys
+fail there) and calls `validate()`, which raises `ConfigError` naming the
+offending key. Code below the CLI receives plain values, never the ConfigDict.
+"""
+
+import math
+
+import ml_collections
+
+from jaxalign import losses
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or axes, or None). One table for the model.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+class ConfigError(ValueError):
+  """A config key holds a value that cannot work; the message names the key."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The shared defaults; every recipe overrides a subset."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 100
+  c.log_every = 10
+  c.eval_every = 0            # 0: no periodic eval
+  c.init_from = ""            # a run directory (or checkpoint step dir) to take params from
+  c.skip_nonfinite = False    # True: skip steps with a non-finite loss/grad, count them
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"
+  c.model.overrides = ml_collections.ConfigDict()   # ModelConfig fields over the preset
+  c.model.hf_path = ""        # reserved for the HF import (separate issue)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, -1, 1)   # -1: all remaining devices
+  c.mesh.axes = MESH_AXES
+  c.sharding_rules = DEFAULT_RULES
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_path = ""      # .jsonl / .parquet / datasets dir or hub name
+  c.data.eval_path = ""
+  c.data.split = "train"
+  c.data.tokenizer = ""       # tokenizer dir or hub name; "toy" = the bundled one
+  c.data.max_length = 64
+  c.data.max_prompt_length = 32
+  c.data.batch_size = 8       # global, in examples (pairs for DPO)
+  c.data.shuffle = True
+  c.data.on_error = "raise"   # "raise" | "skip"
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "dpo"
+  c.loss.hparams = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0))
+
+  c.reference = ml_collections.ConfigDict()
+  c.reference.mode = "precompute"   # "precompute" | "frozen"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 10
+  c.optim.schedule = "cosine"       # "cosine" | "constant"
+  c.optim.min_lr_ratio = 0.1
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0
+  c.optim.grad_accum_steps = 1
+
+  c.logprob_chunk_size = 8192
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 50
+  c.checkpoint.keep = 2
+  c.checkpoint.async_save = True
+  return c
+
+
+def _fail(key: str, problem: str):
+  raise ConfigError(f"config.{key}: {problem}")
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
+  """Replaces one -1 in `shape` by what fills `num_devices`; raises ConfigError."""
+  shape = tuple(int(s) for s in shape)
+  if shape.count(-1) > 1:
+    _fail("mesh.shape", f"at most one -1 is allowed, got {shape}")
+  if any(s == 0 or s < -1 for s in shape):
+    _fail("mesh.shape", f"sizes must be positive or -1, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if num_devices % known:
+    _fail("mesh.shape", f"{shape} does not divide the {num_devices} available devices")
+  if -1 in shape:
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    _fail("mesh.shape", f"{shape} uses {math.prod(shape)} devices but {num_devices} are available")
+  return shape
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError, naming the key, for any value that cannot work.
+
+  Runs before anything is built or compiled.
+  """
+  from jaxalign.models import transformer  # local: keeps config import light
+
+  if tuple(c.mesh.axes) != MESH_AXES:
+    _fail("mesh.axes", f"must be {MESH_AXES}, got {tuple(c.mesh.axes)}")
+  if len(tuple(c.mesh.shape)) != len(MESH_AXES):
+    _fail("mesh.shape", f"needs {len(MESH_AXES)} sizes for {MESH_AXES}")
+  mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh.shape, num_devices)))
+
+  rule_names = set()
+  for i, rule in enumerate(c.sharding_rules):
+    if len(rule) != 2:
+      _fail(f"sharding_rules[{i}]", f"must be (logical_name, mesh_axes), got {rule}")
+    name, target = rule
+    rule_names.add(name)
+    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for a in axes:
+      if a not in MESH_AXES:
+        _fail(f"sharding_rules[{i}]", f"unknown mesh axis {a!r} for {name!r}")
+
+  try:
+    spec = losses.get(c.loss.name)
+  except KeyError as e:
+    _fail("loss.name", str(e.args[0]))
+  allowed = set(spec.hparam_names())
+  for key in c.loss.hparams.keys():
+    if key not in allowed:
+      _fail(f"loss.hparams.{key}", f"not a hyperparameter of {c.loss.name!r}; "
+            f"it takes {sorted(allowed)}")
+  if c.reference.mode not in ("precompute", "frozen"):
+    _fail("reference.mode", f"must be 'precompute' or 'frozen', got {c.reference.mode!r}")
+
+  if c.model.preset not in transformer.PRESETS:
+    _fail("model.preset", f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
+  try:
+    model_cfg = model_config(c)
+  except (TypeError, ValueError) as e:
+    _fail("model.overrides", str(e))
+  for key in ("dtype", "param_dtype"):
+    if getattr(model_cfg, key) not in ("float32", "bfloat16", "float16"):
+      _fail(f"model.overrides.{key}", f"unsupported dtype {getattr(model_cfg, key)!r}")
+
+  d = c.data
+  if d.max_length < 2:
+    _fail("data.max_length", "must be at least 2")
+  if d.max_length > model_cfg.max_seq_len:
+    _fail("data.max_length", f"{d.max_length} exceeds the model's max_seq_len "
+          f"{model_cfg.max_seq_len}")
+  if not 0 < d.max_prompt_length < d.max_length:
+    _fail("data.max_prompt_length", f"must be in (0, data.max_length={d.max_length})")
+  if d.on_error not in ("raise", "skip"):
+    _fail("data.on_error", f"must be 'raise' or 'skip', got {d.on_error!r}")
+  batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  accum = c.optim.grad_accum_steps
+  if accum < 1:
+    _fail("optim.grad_accum_steps", "must be >= 1")
+  if d.batch_size <= 0 or d.batch_size % (batch_shards * accum):
+    _fail("data.batch_size", f"{d.batch_size} must be a positive multiple of the batch "
+          f"shards (data*fsdp={batch_shards}) times optim.grad_accum_steps={accum}")
+
+  for key in ("total_steps", "log_every", "checkpoint.every", "checkpoint.keep",
+              "logprob_chunk_size"):
+    value = c
+    for part in key.split("."):
+      value = value[part]
+    if value <= 0:
+      _fail(key, f"must be positive, got {value}")
+  if c.optim.lr <= 0:
+    _fail("optim.lr", "must be positive")
+  if c.optim.schedule not in ("cosine", "constant"):
+    _fail("optim.schedule", f"must be 'cosine' or 'constant', got {c.optim.schedule!r}")
+
+  # Every sharded parameter dimension must divide by its mesh axes.
+  rules = dict((n, t) for n, t in c.sharding_rules)
+  for field, logical in (("n_heads", "heads"), ("n_kv_heads", "kv_heads"),
+                         ("d_ff", "mlp"), ("d_model", "embed"), ("vocab_size", "vocab")):
+    target = rules.get(logical)
+    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    size = math.prod(mesh_shape[a] for a in axes)
+    if getattr(model_cfg, field) % size:
+      _fail("mesh.shape", f"model.{field}={getattr(model_cfg, field)} is not divisible by "
+            f"{size} devices on mesh axes {axes} (rule {logical!r})")
+
+
+def model_config(c: ml_collections.ConfigDict):
+  """The ModelConfig named by `c.model` (preset plus field overrides)."""
+  from jaxalign.models import transformer
+
+  base = transformer.preset(c.model.preset).to_dict()
+  over = c.model.overrides.to_dict()
+  unknown = set(over) - set(base)
+  if unknown:
+    raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
+  return transformer.ModelConfig.from_dict({**base, **over})

@@ -1,0 +1,103 @@
+"""Read raw records from JSONL / JSON / Parquet files or Hugging Face datasets.
+
+Every record gets provenance keys ``source_file`` and ``row`` (1-based: the line
+number for JSONL, the row index + 1 otherwise) so validation errors can name
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from jaxalign.data.formats import DataError
+
+Record = dict[str, Any]
+
+
+def _with_provenance(obj: Any, file: str, row: int) -> Record:
+  if not isinstance(obj, dict):
+    raise DataError(f"{file}:{row}: <record>: expected a JSON object, got {type(obj).__name__}")
+  return {**obj, "source_file": file, "row": row}
+
+
+def read_jsonl(path: str) -> list[Record]:
+  """One JSON object per line; blank lines are skipped (but still counted)."""
+  out = []
+  with open(path, "rb") as f:
+    for row, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{row}: invalid UTF-8: {e}") from None
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{row}: invalid JSON: {e}") from None
+      out.append(_with_provenance(obj, path, row))
+  return out
+
+
+def read_json(path: str) -> list[Record]:
+  """A JSON array of objects, or else one object per line (JSONL)."""
+  with open(path, "rb") as f:
+    head = f.read(4096).lstrip()
+  if not head.startswith(b"["):
+    return read_jsonl(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    line = getattr(e, "lineno", "?")
+    raise DataError(f"{path}:{line}: invalid JSON: {e}") from None
+  return [_with_provenance(obj, path, i + 1) for i, obj in enumerate(data)]
+
+
+def read_parquet(path: str) -> list[Record]:
+  import pyarrow.parquet as pq
+  rows = pq.read_table(path).to_pylist()
+  return [_with_provenance(r, path, i + 1) for i, r in enumerate(rows)]
+
+
+def _from_hf(ds: Any, name: str, split: str) -> list[Record]:
+  import datasets
+  if isinstance(ds, (datasets.DatasetDict, dict)):
+    if split not in ds:
+      raise DataError(f"{name}: no split {split!r}; available: {sorted(ds)}")
+    ds = ds[split]
+  return [_with_provenance(r, name, i + 1) for i, r in enumerate(ds)]
+
+
+def load_records(path: str | os.PathLike, *, split: str = "train") -> list[Record]:
+  """Loads raw records with provenance.
+
+  Args:
+    path: ``.jsonl`` / ``.json`` / ``.parquet`` file; a directory written by
+      ``datasets.Dataset(Dict).save_to_disk``; or anything
+      ``datasets.load_dataset`` accepts (hub name, data directory, script).
+    split: split to take from a DatasetDict / ``load_dataset``.
+
+  Returns:
+    A list of dicts, each with the file's keys plus ``source_file`` and ``row``.
+
+  Raises:
+    DataError: a malformed line, ``"{file}:{row}: invalid JSON: ..."``.
+  """
+  path = os.fspath(path)
+  lower = path.lower()
+  if os.path.isfile(path):
+    if lower.endswith(".jsonl"):
+      return read_jsonl(path)
+    if lower.endswith(".json"):
+      return read_json(path)
+    if lower.endswith(".parquet"):
+      return read_parquet(path)
+    raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
+  import datasets
+  saved = ("dataset_info.json", "state.json", "dataset_dict.json")
+  if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in saved):
+    return _from_hf(datasets.load_from_disk(path), path, split)
+  return _from_hf(datasets.load_dataset(path, split=split), path, split)

@@ -1,0 +1,200 @@
+"""Validated records -> fixed-shape numpy examples with attention and loss masks.
+
+Each example holds S sequences of length T = ``max_length``:
+
+  sft        S = 1      [completion]
+  pairwise   S = 2      [chosen, rejected]
+  unpaired   S = 1      [completion]            + label   int32 []
+  negatives  S = 1 + k  [rejected, samples...]
+  groups     S = 1 + g  [reference, completions...] + rewards float32 [g]
+
+Sequence = prompt tokens + response tokens, right-padded. A text prompt is
+``bos + tokens(prompt)``; a message prompt is the chat template rendered with
+``add_generation_prompt=True``. A response is ``tokens(text) + eos`` (for a
+message response, the last assistant turn's content; earlier turns of a
+multi-turn response are rendered into that sequence's prompt). Truncation keeps
+the prompt's END (at most ``max_prompt_length`` tokens), then cuts the
+response's END to fit ``max_length``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+from jaxalign.data import formats
+from jaxalign.data.formats import DataError
+
+Record = dict[str, Any]
+Example = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+  """Fixed shapes for tokenized examples.
+
+  Attributes:
+    max_length: T, total tokens per sequence (prompt + response + padding).
+    max_prompt_length: prompts longer than this keep their last tokens.
+    add_eos: append ``eos_token_id`` to every response.
+  """
+  max_length: int
+  max_prompt_length: int
+  add_eos: bool = True
+
+  def __post_init__(self):
+    if not 0 < self.max_prompt_length < self.max_length:
+      raise ValueError("need 0 < max_prompt_length < max_length, got "
+                       f"{self.max_prompt_length} and {self.max_length}")
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+  """Token ids of ``text`` without added special tokens (thread-safe for fast tokenizers)."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None:
+    return backend.encode(text, add_special_tokens=False).ids
+  return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _render_prompt(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+  text = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                       add_generation_prompt=True)
+  return encode_text(tokenizer, text)
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | list) -> list[int]:
+  if isinstance(prompt, str):
+    bos = tokenizer.bos_token_id
+    return ([] if bos is None else [bos]) + encode_text(tokenizer, prompt)
+  return _render_prompt(tokenizer, prompt)
+
+
+def _sequence_ids(tokenizer: Any, prompt: str | list, response: str | list,
+                  prompt_ids: list[int], eos: list[int]) -> tuple[list[int], list[int]]:
+  """(prompt ids, response ids) for one sequence; see module docstring."""
+  if isinstance(response, str):
+    return prompt_ids, encode_text(tokenizer, response) + eos
+  if len(response) > 1:  # Earlier turns join this sequence's (unscored) prompt.
+    prompt_ids = _render_prompt(tokenizer, list(prompt) + list(response[:-1]))
+  return prompt_ids, encode_text(tokenizer, response[-1]["content"]) + eos
+
+
+def _responses(record: Record, fmt: str) -> list[tuple[str, Any]]:
+  """(field name, response) for each of the S sequences, in order."""
+  if fmt == "sft" or fmt == "unpaired":
+    return [("completion", record["completion"])]
+  if fmt == "pairwise":
+    return [("chosen", record["chosen"]), ("rejected", record["rejected"])]
+  if fmt == "negatives":
+    return [("rejected", record["rejected"])] + [
+        (f"samples[{i}]", s) for i, s in enumerate(record["samples"])]
+  if fmt == "groups":
+    return [("reference", record["reference"])] + [
+        (f"completions[{i}]", c) for i, c in enumerate(record["completions"])]
+  raise ValueError(f"unknown data format {fmt!r}")
+
+
+def tokenize_example(record: Record, fmt: str, tokenizer: Any,
+                     cfg: TokenizeConfig) -> Example:
+  """Tokenizes one validated record (see `formats.validate_record`).
+
+  Args:
+    record: a validated record of format ``fmt``.
+    fmt: data format name.
+    tokenizer: a transformers tokenizer (bos/eos/pad ids, chat template).
+    cfg: shapes and truncation.
+
+  Returns:
+    ``tokens``, ``attention_mask``, ``loss_mask``: int32 [S, T] where T =
+    cfg.max_length; attention_mask is 1 on real tokens (right padding);
+    loss_mask is 1 on response tokens (incl. EOS), 0 on prompt and padding.
+    Plus ``label`` int32 [] (unpaired) or ``rewards`` float32 [g] (groups).
+
+  Raises:
+    DataError: ``"{file}:{row}: {field}: empty response after truncation ..."``.
+  """
+  T, P = cfg.max_length, cfg.max_prompt_length
+  eos = []
+  if cfg.add_eos:
+    if tokenizer.eos_token_id is None:
+      raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
+    eos = [tokenizer.eos_token_id]
+  pad = tokenizer.pad_token_id
+  pad = (tokenizer.eos_token_id or 0) if pad is None else pad
+
+  responses = _responses(record, fmt)
+  S = len(responses)
+  tokens = np.full((S, T), pad, np.int32)
+  attention_mask = np.zeros((S, T), np.int32)
+  loss_mask = np.zeros((S, T), np.int32)
+  shared_prompt = _prompt_ids(tokenizer, record["prompt"])
+  for s, (field, response) in enumerate(responses):
+    prompt, resp = _sequence_ids(tokenizer, record["prompt"], response,
+                                 shared_prompt, eos)
+    prompt = prompt[-P:]                  # keep the prompt's end
+    resp = resp[:T - len(prompt)]         # cut the response's end
+    if not resp:
+      file, row = record.get("source_file", "<memory>"), record.get("row", "?")
+      raise DataError(f"{file}:{row}: {field}: empty response after truncation "
+                      f"(prompt {len(prompt)} tokens, max_length {T})")
+    n, m = len(prompt), len(resp)
+    tokens[s, :n + m] = prompt + resp
+    attention_mask[s, :n + m] = 1
+    loss_mask[s, n:n + m] = 1
+  out = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+  if fmt == "unpaired":
+    out["label"] = np.asarray(record["label"], np.int32)
+  if fmt == "groups":
+    out["rewards"] = np.asarray(record["rewards"], np.float32)
+  return out
+
+
+def make_tokenize_fn(fmt: str, tokenizer: Any, cfg: TokenizeConfig):
+  """``record -> example`` closure, e.g. for `pipeline.make_dataset(transform=...)`."""
+  return functools.partial(tokenize_example, fmt=fmt, tokenizer=tokenizer, cfg=cfg)
+
+
+def tokenize_records(records: Iterable[Record], fmt: str, tokenizer: Any,
+                     cfg: TokenizeConfig, *,
+                     on_error: Literal["raise", "skip"] = "raise"
+                     ) -> tuple[list[Example], int]:
+  """Tokenizes all records up front, so truncation errors surface before training.
+
+  Returns:
+    (examples, number of records skipped because of a DataError).
+  """
+  examples, skipped = [], 0
+  for record in records:
+    try:
+      examples.append(tokenize_example(record, fmt, tokenizer, cfg))
+    except DataError as e:
+      if on_error == "raise":
+        raise
+      skipped += 1
+      formats.log.warning("skipping record: %s", e)
+  return examples, skipped
+
+
+def bucket_lengths(lengths: Sequence[int] | np.ndarray,
+                   buckets: Sequence[int]) -> np.ndarray:
+  """Smallest bucket >= each length.
+
+  Args:
+    lengths: [N] sequence lengths.
+    buckets: allowed padded lengths (any order).
+
+  Returns:
+    [N] int array of bucket sizes.
+
+  Raises:
+    ValueError: a length exceeds the largest bucket.
+  """
+  b = np.sort(np.asarray(buckets, np.int64))
+  lengths = np.asarray(lengths, np.int64)
+  idx = np.searchsorted(b, lengths, side="left")
+  if lengths.size and idx.max() >= len(b):
+    raise ValueError(f"length {int(lengths.max())} exceeds the largest bucket {int(b[-1])}")
+  return b[idx]

@@ -1,0 +1,203 @@
+"""Per-sequence log-probs from hidden states, chunked over the vocabulary.
+
+Full float32 [N, T, V] logits never exist, forward or backward: `token_logps`
+scans the vocabulary in chunks of `chunk_size` columns with an online
+logsumexp, and its custom VJP recomputes each chunk's logits in the backward
+pass. Peak extra memory is O(N * T * chunk_size) instead of O(N * T * V).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _chunk_layout(vocab: int, chunk_size: int) -> tuple[int, int]:
+  chunk = min(chunk_size, vocab)
+  return chunk, -(-vocab // chunk)
+
+
+def _chunk(h, head_w, i, chunk, cap):
+  """Logits of vocabulary chunk i.
+
+  The last chunk starts at V - chunk (so no padded copy of the head is made)
+  and overlaps the previous one; columns below i * chunk are marked invalid.
+
+  Returns:
+    start: [] first column of the chunk.
+    z: [M, C] float32 logits before the softcap.
+    logits: [M, C] float32 logits after the softcap, -inf on invalid columns.
+    valid: [C] bool.
+  """
+  vocab = head_w.shape[1]
+  start = jnp.minimum(i * chunk, vocab - chunk)
+  w = jax.lax.dynamic_slice_in_dim(head_w, start, chunk, axis=1).astype(h.dtype)
+  z = jnp.dot(h, w, preferred_element_type=jnp.float32)                # [M, C]
+  valid = start + jnp.arange(chunk) >= i * chunk                        # [C]
+  logits = jnp.where(valid, _softcap(z, cap), -jnp.inf)
+  return start, w, z, logits, valid
+
+
+def _forward(h, head_w, targets, chunk_size, cap):
+  """h: [M, D]; head_w: [D, V]; targets: [M]. Returns (logps [M], lse [M])."""
+  M = h.shape[0]
+  chunk, num_chunks = _chunk_layout(head_w.shape[1], chunk_size)
+
+  def body(carry, i):
+    running_max, running_sum, target_logit = carry
+    start, _, _, logits, valid = _chunk(h, head_w, i, chunk, cap)
+    new_max = jnp.maximum(running_max, logits.max(axis=-1))
+    running_sum = (running_sum * jnp.exp(running_max - new_max)
+                   + jnp.exp(logits - new_max[:, None]).sum(axis=-1))
+    local = targets - start
+    in_chunk = (local >= 0) & (local < chunk)
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
+    # -inf picks (invalid overlap columns) are excluded by in_chunk & valid.
+    hit = in_chunk & valid[jnp.clip(local, 0, chunk - 1)]
+    target_logit = jnp.where(hit, picked, target_logit)
+    return (new_max, running_sum, target_logit), None
+
+  init = (jnp.full((M,), -jnp.inf, jnp.float32), jnp.zeros((M,), jnp.float32),
+          jnp.zeros((M,), jnp.float32))
+  (running_max, running_sum, target_logit), _ = jax.lax.scan(
+      body, init, jnp.arange(num_chunks))
+  lse = running_max + jnp.log(running_sum)
+  return target_logit - lse, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _token_logps_flat(h, head_w, targets, chunk_size, cap):
+  return _forward(h, head_w, targets, chunk_size, cap)[0]
+
+
+def _fwd(h, head_w, targets, chunk_size, cap):
+  logps, lse = _forward(h, head_w, targets, chunk_size, cap)
+  return logps, (h, head_w, targets, lse)
+
+
+def _bwd(chunk_size, cap, res, g):
+  """d logp_m / d logit_mv = onehot(target_m) - softmax_mv, recomputed per chunk."""
+  h, head_w, targets, lse = res
+  chunk, num_chunks = _chunk_layout(head_w.shape[1], chunk_size)
+  g = g.astype(jnp.float32)
+
+  def body(carry, i):
+    dh, dw = carry
+    start, w, z, logits, valid = _chunk(h, head_w, i, chunk, cap)
+    probs = jnp.exp(logits - lse[:, None])                              # [M, C]; 0 if invalid
+    onehot = ((targets - start)[:, None] == jnp.arange(chunk)) & valid
+    dlogits = g[:, None] * (onehot.astype(jnp.float32) - probs)
+    if cap is not None:
+      dlogits = dlogits * (1.0 - jnp.square(jnp.tanh(z / cap)))
+    dz = dlogits.astype(h.dtype)
+    dh = dh + jnp.dot(dz, w.T, preferred_element_type=jnp.float32)
+    dw_chunk = jnp.dot(h.T, dz, preferred_element_type=jnp.float32)     # [D, C]
+    # Overlapping last chunk: invalid columns carry zero gradient, so add.
+    dw = jax.lax.dynamic_update_slice_in_dim(
+        dw, jax.lax.dynamic_slice_in_dim(dw, start, chunk, axis=1) + dw_chunk, start, axis=1)
+    return (dh, dw), None
+
+  init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(head_w.shape, jnp.float32))
+  (dh, dw), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  return dh.astype(h.dtype), dw.astype(head_w.dtype), None
+
+
+_token_logps_flat.defvjp(_fwd, _bwd)
+
+
+def token_logps(
+    hidden: jax.Array,
+    head_w: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int = 8192,
+    final_logit_softcap: float | None = None,
+) -> jax.Array:
+  """log softmax(softcap(hidden @ head_w))[targets], chunked over the vocabulary.
+
+  Args:
+    hidden: [N, T, D] final hidden states (any float dtype; the matmul runs in
+      it, accumulation and softmax in float32).
+    head_w: [D, V] output projection.
+    targets: [N, T] int token ids in [0, V).
+    chunk_size: vocabulary columns per chunk; V need not be divisible by it.
+    final_logit_softcap: Gemma2's cap * tanh(logits / cap), or None.
+
+  Returns:
+    [N, T] float32 log-probabilities. Differentiable w.r.t. hidden and head_w;
+    the backward recomputes chunk logits rather than storing [N, T, V].
+  """
+  N, T, D = hidden.shape
+  logps = _token_logps_flat(hidden.reshape(N * T, D), head_w,
+                            targets.reshape(N * T).astype(jnp.int32),
+                            int(chunk_size), final_logit_softcap)
+  return logps.reshape(N, T)
+
+
+def sequence_logps_from_hidden(
+    hidden: jax.Array,
+    head_w: jax.Array,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int = 8192,
+    final_logit_softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Summed log-probs of the scored tokens of each row.
+
+  Token t is predicted from hidden position t - 1, so loss_mask[:, 0] is
+  ignored (nothing predicts the first token).
+
+  Args:
+    hidden: [N, T, D] hidden states of `tokens`.
+    head_w: [D, V] output projection.
+    tokens: [N, T] int token ids.
+    loss_mask: [N, T] bool/int, 1 where token t is a scored response token.
+    chunk_size: vocabulary chunk, see token_logps.
+    final_logit_softcap: see token_logps.
+
+  Returns:
+    logps_sum: [N] float32 sum over scored tokens of log p(token_t | tokens_<t).
+    num_tokens: [N] int32 number of scored tokens.
+  """
+  # Shift by padding the targets rather than slicing hidden (no [N, T-1, D] copy).
+  targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+  mask = jnp.concatenate([loss_mask[:, 1:].astype(bool),
+                          jnp.zeros_like(loss_mask[:, :1], dtype=bool)], axis=1)
+  logps = token_logps(hidden, head_w, targets, chunk_size=chunk_size,
+                      final_logit_softcap=final_logit_softcap)          # [N, T]
+  logps_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
+  return logps_sum, mask.sum(axis=1).astype(jnp.int32)
+
+
+def sequence_logps(
+    model,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int = 8192,
+) -> tuple[jax.Array, jax.Array]:
+  """One forward of `model` over all N rows, then sequence_logps_from_hidden.
+
+  Args:
+    model: a jaxalign Transformer (callable as model(tokens, attention_mask),
+      with head_weight() and config.final_logit_softcap).
+    tokens: [N, T] int; chosen and rejected (or a group) concatenated on N.
+    attention_mask: [N, T], 1 for real tokens.
+    loss_mask: [N, T], 1 for scored response tokens; and-ed with attention_mask.
+    chunk_size: vocabulary chunk, see token_logps.
+
+  Returns:
+    logps_sum: [N] float32; num_tokens: [N] int32.
+  """
+  hidden = model(tokens, attention_mask)                                # [N, T, D]
+  loss_mask = loss_mask.astype(bool) & attention_mask.astype(bool)
+  return sequence_logps_from_hidden(
+      hidden, model.head_weight(), tokens, loss_mask, chunk_size=chunk_size,
+      final_logit_softcap=model.config.final_logit_softcap)

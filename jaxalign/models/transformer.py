@@ -1,0 +1,458 @@
+"""One Flax NNX decoder-only transformer for Llama / Qwen2 / Qwen3 / Mistral / Gemma2.
+
+The module tree and parameter shapes map 1:1 onto the Hugging Face checkpoints
+(a weight import is a reshape/transpose per tensor, never a rewrite):
+
+  HF name                                     here                          shape
+  model.embed_tokens.weight [V, D]            embed.embedding               [V, D]
+  layers.i.input_layernorm.weight             layers[i].attn_norm.scale     [D]
+  layers.i.self_attn.q_proj.weight [H*Dh, D]  layers[i].attn.q              [D, H, Dh]
+  layers.i.self_attn.k_proj.weight [KV*Dh, D] layers[i].attn.k              [D, KV, Dh]
+  layers.i.self_attn.v_proj.weight            layers[i].attn.v              [D, KV, Dh]
+  layers.i.self_attn.{q,k,v}_proj.bias        layers[i].attn.{q,k,v}_bias   [H|KV, Dh]
+  layers.i.self_attn.o_proj.weight [D, H*Dh]  layers[i].attn.o              [H, Dh, D]
+  layers.i.self_attn.{q,k}_norm.weight        layers[i].attn.{q,k}_norm     [Dh]
+  layers.i.post_attention_layernorm (Llama)   layers[i].mlp_norm.scale      [D]
+  Gemma2: post_attention_layernorm            layers[i].post_attn_norm      [D]
+          pre_feedforward_layernorm           layers[i].mlp_norm            [D]
+          post_feedforward_layernorm          layers[i].post_mlp_norm       [D]
+  layers.i.mlp.{gate,up}_proj.weight [F, D]   layers[i].mlp.{gate,up}       [D, F]
+  layers.i.mlp.down_proj.weight [D, F]        layers[i].mlp.down            [F, D]
+  model.norm.weight                           final_norm.scale              [D]
+  lm_head.weight [V, D] (untied only)         lm_head                       [D, V]
+
+Every parameter carries logical axis names (``out_sharding`` metadata); under
+``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)`` variables are
+sharded eagerly at construction. The forward has no per-op sharding: meshes use
+``AxisType.Auto`` and XLA propagates from the parameters and inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Large negative, finite: a fully masked row gives a uniform softmax, not NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and architecture switches of one decoder-only transformer.
+
+  The defaults are the "tiny" preset. Flags name the family they come from:
+  qkv_bias (Qwen2), qk_norm (Qwen3), norm_offset / embed_scale / post_norms /
+  softcaps / query_pre_attn_scalar / gelu_tanh (Gemma2), sliding_window
+  (Mistral, Gemma2), rope_scaling (Llama 3.1 "llama3" type).
+  """
+  vocab_size: int = 32
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 16
+  d_ff: int = 128
+  max_seq_len: int = 64
+  rope_theta: float = 10000.0
+  # {"factor", "low_freq_factor", "high_freq_factor",
+  #  "original_max_position_embeddings"} of the Llama 3.1 "llama3" rope type.
+  rope_scaling: dict[str, Any] | None = None
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  norm_offset: bool = False
+  embed_scale: bool = False
+  post_norms: bool = False
+  activation: str = "silu"
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  sliding_window: int | None = None
+  # Per layer "full" | "sliding"; None: all "full" (with sliding_window set and
+  # layer_types None every layer slides, as Mistral).
+  layer_types: tuple[str, ...] | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
+                       f"n_kv_heads={self.n_kv_heads}")
+    if self.activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"activation={self.activation!r}; want 'silu' or 'gelu_tanh'")
+    if self.layer_types is not None:
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+      if len(self.layer_types) != self.n_layers:
+        raise ValueError(f"layer_types has {len(self.layer_types)} entries, "
+                         f"n_layers={self.n_layers}")
+      bad = set(self.layer_types) - {"full", "sliding"}
+      if bad:
+        raise ValueError(f"layer_types: unknown {sorted(bad)}; want 'full'|'sliding'")
+      if "sliding" in self.layer_types and self.sliding_window is None:
+        raise ValueError("layer_types has 'sliding' layers but sliding_window is None")
+
+  def __hash__(self):
+    # rope_scaling is a dict; hash a frozen view so configs can be static.
+    items = self.to_dict()
+    if items["rope_scaling"] is not None:
+      items["rope_scaling"] = tuple(sorted(items["rope_scaling"].items()))
+    if items["layer_types"] is not None:
+      items["layer_types"] = tuple(items["layer_types"])
+    return hash(tuple(sorted(items.items())))
+
+  def window_of(self, layer: int) -> int | None:
+    """Sliding window of layer `layer`, None for full attention."""
+    if self.sliding_window is None:
+      return None
+    if self.layer_types is None or self.layer_types[layer] == "sliding":
+      return self.sliding_window
+    return None
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    if d["layer_types"] is not None:
+      d["layer_types"] = list(d["layer_types"])
+    if d["rope_scaling"] is not None:
+      d["rope_scaling"] = dict(d["rope_scaling"])
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
+    d = dict(d)
+    if d.get("layer_types") is not None:
+      d["layer_types"] = tuple(d["layer_types"])
+    return cls(**d)
+
+  def num_params(self) -> int:
+    """Parameter count (for presets and planning)."""
+    D, H, KV, Dh, F, V = (self.d_model, self.n_heads, self.n_kv_heads,
+                          self.head_dim, self.d_ff, self.vocab_size)
+    attn = D * H * Dh * 2 + D * KV * Dh * 2
+    attn += (H + 2 * KV) * Dh if self.qkv_bias else 0
+    attn += 2 * Dh if self.qk_norm else 0
+    block = attn + 3 * D * F + D * (4 if self.post_norms else 2)
+    return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * block + D
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    # ~100M Llama-shaped: 100.1M with tied embeddings.
+    "100m": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
+                        n_kv_heads=4, head_dim=64, d_ff=2048, max_seq_len=2048,
+                        norm_eps=1e-5, tie_embeddings=True),
+    # meta-llama/Llama-3.1-8B (Llama-3-8B has the same shapes, no rope scaling).
+    "llama3-8b": ModelConfig(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+        head_dim=128, d_ff=14336, max_seq_len=131072, rope_theta=500000.0,
+        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+        norm_eps=1e-5),
+    # Qwen/Qwen2.5-7B.
+    "qwen2.5-7b": ModelConfig(
+        vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+        head_dim=128, d_ff=18944, max_seq_len=32768, rope_theta=1000000.0,
+        norm_eps=1e-6, qkv_bias=True),
+    # google/gemma-2-9b.
+    "gemma2-9b": ModelConfig(
+        vocab_size=256000, d_model=3584, n_layers=42, n_heads=16, n_kv_heads=8,
+        head_dim=256, d_ff=14336, max_seq_len=8192, rope_theta=10000.0,
+        norm_eps=1e-6, tie_embeddings=True, norm_offset=True, embed_scale=True,
+        post_norms=True, activation="gelu_tanh", query_pre_attn_scalar=256.0,
+        attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096,
+        layer_types=tuple("sliding" if i % 2 == 0 else "full" for i in range(42))),
+}
+
+
+def preset(name: str) -> ModelConfig:
+  """The ModelConfig registered under `name` in PRESETS."""
+  if name not in PRESETS:
+    raise KeyError(f"unknown model preset {name!r}; have {sorted(PRESETS)}")
+  return PRESETS[name]
+
+
+def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...],
+           dtype) -> nnx.Param:
+  """A Param carrying logical axis names; sharded eagerly when a mesh is set."""
+  value = init(rngs.params(), shape, dtype)
+  # Flax shards eagerly by default and then insists on a mesh; without one the
+  # names are kept as metadata only (get_partition_spec still reads them).
+  has_mesh = not jax.sharding.get_abstract_mesh().empty
+  return nnx.Param(value, out_sharding=names, eager_sharding=has_mesh)
+
+
+def _normal(stddev: float):
+  return jax.nn.initializers.normal(stddev)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, computed in float32.
+
+  Llama/Qwen: y = w * norm(x) (w init 1). Gemma (offset): y = (1 + w) * norm(x)
+  (w init 0), with the scale applied in float32 as HF does.
+  """
+
+  def __init__(self, dim: int, *, eps: float, offset: bool, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    init = jax.nn.initializers.zeros if offset else jax.nn.initializers.ones
+    self.scale = _param(rngs, init, (dim,), ("norm",), param_dtype)
+    self.eps = eps
+    self.offset = offset
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+    return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+  """[Dh/2] float32 inverse frequencies, with Llama 3.1 scaling if configured."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  rs = config.rope_scaling
+  if rs is None:
+    return inv_freq
+  factor = rs["factor"]
+  low, high = rs["low_freq_factor"], rs["high_freq_factor"]
+  old_len = rs["original_max_position_embeddings"]
+  low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, HF "rotate_half" layout.
+
+  Args:
+    x: [B, T, N, Dh] queries or keys.
+    positions: [B, T] int positions.
+    inv_freq: [Dh/2] float32.
+
+  Returns:
+    [B, T, N, Dh] in x's dtype (rotation computed in float32).
+  """
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq        # [B, T, Dh/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]       # [B, T, 1, Dh]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with rope, optional q/k norm, bias, softcap, window."""
+
+  def __init__(self, config: ModelConfig, *, window: int | None, rngs: nnx.Rngs):
+    c = config
+    pd, self.dtype = jnp.dtype(c.param_dtype), jnp.dtype(c.dtype)
+    D, H, KV, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    std = 0.02
+    self.q = _param(rngs, _normal(std), (D, H, Dh), ("embed", "heads", "head_dim"), pd)
+    self.k = _param(rngs, _normal(std), (D, KV, Dh), ("embed", "kv_heads", "head_dim"), pd)
+    self.v = _param(rngs, _normal(std), (D, KV, Dh), ("embed", "kv_heads", "head_dim"), pd)
+    self.o = _param(rngs, _normal(std), (H, Dh, D), ("heads", "head_dim", "embed"), pd)
+    zeros = jax.nn.initializers.zeros
+    if c.qkv_bias:
+      self.q_bias = _param(rngs, zeros, (H, Dh), ("heads", "head_dim"), pd)
+      self.k_bias = _param(rngs, zeros, (KV, Dh), ("kv_heads", "head_dim"), pd)
+      self.v_bias = _param(rngs, zeros, (KV, Dh), ("kv_heads", "head_dim"), pd)
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
+    if c.qk_norm:
+      norm = lambda: RMSNorm(Dh, eps=c.norm_eps, offset=c.norm_offset,
+                             dtype=self.dtype, param_dtype=pd, rngs=rngs)
+      self.q_norm, self.k_norm = norm(), norm()
+    else:
+      self.q_norm = self.k_norm = None
+    self.n_rep = H // KV
+    self.scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None
+                  else Dh) ** -0.5
+    self.softcap = c.attn_logit_softcap
+    self.window = window
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
+               inv_freq: jax.Array) -> jax.Array:
+    """x: [B, T, D]; positions: [B, T]; key_mask: [B, T] bool. Returns [B, T, D]."""
+    dt = self.dtype
+    B, T, _ = x.shape
+    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+    k = jnp.einsum("btd,dgk->btgk", x, self.k[...].astype(dt))
+    v = jnp.einsum("btd,dgk->btgk", x, self.v[...].astype(dt))
+    if self.q_bias is not None:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    # Query head h uses kv head h // n_rep (HF repeat_kv order).
+    G = k.shape[2]
+    q = q.reshape(B, T, G, self.n_rep, q.shape[-1])                   # [B, T, G, R, Dh]
+    logits = jnp.einsum("btgrk,bsgk->bgrts", q, k,
+                        preferred_element_type=jnp.float32) * self.scale
+    logits = _softcap(logits, self.softcap)
+    q_idx = jnp.arange(T)[:, None]
+    k_idx = jnp.arange(T)[None, :]
+    allowed = k_idx <= q_idx                                           # [T, S]
+    if self.window is not None:
+      allowed &= k_idx > q_idx - self.window
+    allowed = allowed[None] & key_mask[:, None, :]                     # [B, T, S]
+    logits = jnp.where(allowed[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v)
+    out = out.reshape(B, T, G * self.n_rep, -1)                        # [B, T, H, Dh]
+    return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(config.param_dtype)
+    D, F = config.d_model, config.d_ff
+    self.gate = _param(rngs, _normal(0.02), (D, F), ("embed", "mlp"), pd)
+    self.up = _param(rngs, _normal(0.02), (D, F), ("embed", "mlp"), pd)
+    self.down = _param(rngs, _normal(0.02), (F, D), ("mlp", "embed"), pd)
+    self.activation = config.activation
+    self.dtype = jnp.dtype(config.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.dtype
+    g = x @ self.gate[...].astype(dt)
+    u = x @ self.up[...].astype(dt)
+    if self.activation == "silu":
+      a = jax.nn.silu(g)
+    else:
+      a = jax.nn.gelu(g, approximate=True)
+    return (a * u) @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block; Gemma2's post-norms ("sandwich") when configured."""
+
+  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    c = config
+    norm = lambda: RMSNorm(c.d_model, eps=c.norm_eps, offset=c.norm_offset,
+                           dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+                           rngs=rngs)
+    self.attn_norm = norm()
+    self.attn = Attention(c, window=c.window_of(layer), rngs=rngs)
+    self.post_attn_norm = norm() if c.post_norms else None
+    self.mlp_norm = norm()
+    self.mlp = MLP(c, rngs=rngs)
+    self.post_mlp_norm = norm() if c.post_norms else None
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
+               inv_freq: jax.Array) -> jax.Array:
+    h = self.attn(self.attn_norm(x), positions, key_mask, inv_freq)
+    if self.post_attn_norm is not None:
+      h = self.post_attn_norm(h)
+    x = x + h
+    h = self.mlp(self.mlp_norm(x))
+    if self.post_mlp_norm is not None:
+      h = self.post_mlp_norm(h)
+    return x + h
+
+
+def _run_block(block: Block, x, positions, key_mask, inv_freq):
+  return block(x, positions, key_mask, inv_freq)
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, stddev: float, param_dtype,
+               rngs: nnx.Rngs):
+    self.embedding = _param(rngs, _normal(stddev), (vocab_size, d_model),
+                            ("vocab", "embed"), param_dtype)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer; see the module docstring for the HF mapping."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    pd = jnp.dtype(c.param_dtype)
+    self.embed = Embed(c.vocab_size, c.d_model, stddev=1.0 if c.tie_embeddings else 0.02,
+                       param_dtype=pd, rngs=rngs)
+    self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.n_layers)])
+    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, offset=c.norm_offset,
+                              dtype=jnp.dtype(c.dtype), param_dtype=pd, rngs=rngs)
+    if c.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = _param(rngs, _normal(0.02), (c.d_model, c.vocab_size),
+                            ("embed", "vocab"), pd)
+
+  def __call__(self, tokens: jax.Array, attention_mask: jax.Array,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Hidden states after the final norm.
+
+    Args:
+      tokens: [B, T] int token ids.
+      attention_mask: [B, T] bool/int, 1 for real tokens (left or right padding).
+      positions: [B, T] int rope positions; default cumsum(attention_mask) - 1,
+        clipped at 0, so a sequence's first real token is position 0.
+
+    Returns:
+      [B, T, D] in the compute dtype. Rows at padding positions are finite but
+      meaningless.
+    """
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    key_mask = attention_mask.astype(bool)
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    x = self.embed.embedding[...][tokens].astype(dt)                   # [B, T, D]
+    if c.embed_scale:
+      # HF Gemma rounds the normalizer to the activation dtype first.
+      x = x * jnp.asarray(c.d_model ** 0.5, dtype=dt)
+    inv_freq = rope_inv_freq(c)
+    run = nnx.remat(_run_block) if c.remat else _run_block
+    for block in self.layers:
+      x = run(block, x, positions, key_mask, inv_freq)
+    return self.final_norm(x)
+
+  def head_weight(self) -> jax.Array:
+    """[D, V] output projection (the embedding transposed when tied)."""
+    if self.lm_head is None:
+      return self.embed.embedding[...].T
+    return self.lm_head[...]
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, T, D] -> [B, T, V] float32 logits, final softcap applied.
+
+    Materializes full logits: for tests and small vocabularies only; training
+    uses jaxalign.logprobs.
+    """
+    w = self.head_weight().astype(hidden.dtype)
+    logits = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+    return _softcap(logits, self.config.final_logit_softcap)
+
+
+def init_model(config: ModelConfig, seed: int) -> Transformer:
+  """A randomly initialized Transformer (sharded if built under a mesh + rules)."""
+  return Transformer(config, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,73 @@
+"""Greedy decoding for evaluation on verifiable tasks.
+
+This recomputes the whole prefix each step (no KV cache): fine for the short
+answers of the demo task. The KV-cache sampling engine is `jaxalign.sampling`'s
+job (a separate issue).
+"""
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id"))
+def _greedy(params, frozen, tokens, attention_mask, *, graphdef, max_new_tokens: int,
+            eos_id: int):
+  """tokens [N, P] left-padded prompts -> [N, max_new_tokens] greedy continuations."""
+  model = nnx.merge(graphdef, params, frozen)
+  n, p = tokens.shape
+  buf = jnp.concatenate([tokens, jnp.zeros((n, max_new_tokens), tokens.dtype)], axis=1)
+  mask = jnp.concatenate([attention_mask, jnp.zeros((n, max_new_tokens), attention_mask.dtype)],
+                         axis=1)
+  done = jnp.zeros((n,), bool)
+
+  def body(i, carry):
+    buf, mask, done = carry
+    hidden = model(buf, mask)                                   # [N, P+M, D]
+    last = jax.lax.dynamic_index_in_dim(hidden, p + i - 1, axis=1, keepdims=False)  # [N, D]
+    logits = last.astype(jnp.float32) @ model.head_weight().astype(jnp.float32)     # [N, V]
+    nxt = jnp.where(done, eos_id, jnp.argmax(logits, axis=-1).astype(buf.dtype))
+    buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, p + i, axis=1)
+    mask = jax.lax.dynamic_update_index_in_dim(mask, jnp.ones_like(nxt, mask.dtype), p + i, axis=1)
+    return buf, mask, done | (nxt == eos_id)
+
+  buf, _, _ = jax.lax.fori_loop(0, max_new_tokens, body, (buf, mask, done))
+  return buf[:, p:]
+
+
+def greedy_complete(graphdef, params, frozen, tokenizer, prompts: Sequence[str], *,
+                    max_new_tokens: int, batch_size: int = 256) -> list[str]:
+  """Greedy completions of text prompts (the tokenizer's bos prepended, as in training)."""
+  eos_id = tokenizer.eos_token_id
+  pad_id = tokenizer.pad_token_id
+  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+  encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+  width = max(len(e) for e in encoded)
+  out: list[str] = []
+  for start in range(0, len(encoded), batch_size):
+    chunk = encoded[start:start + batch_size]
+    rows = len(chunk)
+    # Fixed shapes: pad the batch to batch_size rows so it compiles once.
+    tokens = np.full((batch_size, width), pad_id, np.int32)
+    mask = np.zeros((batch_size, width), np.int32)
+    for i, e in enumerate(chunk):
+      tokens[i, width - len(e):] = e    # left padding: every prompt ends at `width`
+      mask[i, width - len(e):] = 1
+    gen = np.asarray(_greedy(params, frozen, jnp.asarray(tokens), jnp.asarray(mask),
+                             graphdef=graphdef, max_new_tokens=max_new_tokens, eos_id=eos_id))
+    for row in gen[:rows]:
+      ids = list(row)
+      if eos_id in ids:
+        ids = ids[:ids.index(eos_id)]
+      out.append(tokenizer.decode(ids, skip_special_tokens=True))
+  return out
+
+
+def accuracy(completions: Sequence[str], prompts: Sequence[str],
+             is_correct: Callable[[str, str], bool]) -> float:
+  """Fraction of completions judged correct by the task's checker."""
+  return float(np.mean([is_correct(p, c) for p, c in zip(prompts, completions)]))

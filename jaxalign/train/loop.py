@@ -1,0 +1,358 @@
+"""The host loop: config -> mesh -> data -> state -> jitted step -> logs and checkpoints.
+
+Reads top to bottom. Everything inside `step_fn` is traced once; the host
+syncs with the devices only every `log_every` steps and at checkpoints.
+"""
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxalign import checkpoint as ckpt
+from jaxalign import config as config_lib
+from jaxalign import losses
+from jaxalign import sharding
+from jaxalign.data import formats, pipeline, sources, tokenize
+from jaxalign.models import transformer
+from jaxalign.train import optim, state as state_lib, step as step_lib
+from jaxalign.train.metrics import MetricWriter
+
+log = logging.getLogger("jaxalign")
+
+BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps")
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or a gradient was not finite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: str
+  final_step: int
+  last_metrics: dict[str, float]
+  stopped_by_signal: bool = False
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks at each step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def load_tokenizer(name: str, workdir: str | None = None):
+  """"toy" (the bundled task's tokenizer), a local directory or a hub name."""
+  if name in ("", "toy"):
+    from jaxalign.data import toy
+    tok = toy.build_tokenizer()
+  else:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(name)  # trust_remote_code stays off
+  if tok.pad_token_id is None:
+    tok.pad_token = tok.eos_token
+  if workdir is not None and jax.process_index() == 0:
+    tok.save_pretrained(os.path.join(workdir, "tokenizer"))
+  return tok
+
+
+def read_records(path: str, *, split: str) -> list[dict]:
+  """Records from a file, a `datasets` dataset, or the bundled task.
+
+  "toy:FORMAT?n=N&seed=S" generates N records of FORMAT ("sft", "pairwise")
+  from the bundled arithmetic task (train split), e.g. "toy:pairwise?n=2000".
+  """
+  if not path:
+    raise config_lib.ConfigError("config.data.train_path: no training data given")
+  if path.startswith("toy:"):
+    from urllib.parse import parse_qs
+    from jaxalign.data import toy
+    fmt, _, query = path[len("toy:"):].partition("?")
+    args = {k: int(v[-1]) for k, v in parse_qs(query).items()}
+    task = toy.ArithmeticTask()
+    makers = {"sft": task.sft_records, "pairwise": task.pairwise_records}
+    if fmt not in makers or set(args) - {"n", "seed"}:
+      raise config_lib.ConfigError(f"config.data.train_path: bad toy source {path!r}; use "
+                                   "toy:sft?n=N&seed=S or toy:pairwise?n=N&seed=S")
+    records = makers[fmt](args.get("n", 1000), seed=args.get("seed", 0))
+    return [{**r, "source_file": path, "row": i + 1} for i, r in enumerate(records)]
+  return sources.load_records(path, split=split)
+
+
+def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
+                  max_prompt_length: int, on_error: str) -> tuple[list[dict], int]:
+  """Reads, validates and tokenizes every record; returns (examples, num_skipped)."""
+  records = read_records(path, split=split)
+  valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
+  tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length)
+  examples = []
+  for record in valid:
+    try:
+      examples.append(tokenize.tokenize_example(record, fmt, tokenizer, tcfg))
+    except formats.DataError:
+      if on_error == "raise":
+        raise
+      skipped += 1
+  if not examples:
+    raise formats.DataError(f"{path}: no usable records")
+  return examples, skipped
+
+
+def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_reference: bool):
+  """(graphdef, abstract_state, state_shardings, init_fn) with nothing allocated yet."""
+  def init_fn():
+    model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
+    return state_lib.create_state(model, tx, seed=seed, keep_reference=keep_reference)[1]
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+    abstract_model = nnx.eval_shape(
+        lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+    graphdef, _, _ = state_lib.split_model(abstract_model)
+    abstract_state = jax.eval_shape(init_fn)
+  shardings = sharding.state_shardings(abstract_state, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+  return graphdef, abstract_state, shardings, init_fn
+
+
+def precompute_reference(examples, *, graphdef, params, frozen, mesh, rules, batch_size: int,
+                         chunk_size: int, params_shardings, frozen_shardings) -> np.ndarray:
+  """Summed reference log-probs [N, S] for every example, in dataset order.
+
+  Each process reads its own block of the data; the per-row results and their
+  dataset indices come back replicated, so every process fills the full table.
+  """
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  fn = step_lib.reference_logps_fn(
+      graphdef=graphdef, chunk_size=chunk_size, params_shardings=params_shardings,
+      frozen_shardings=frozen_shardings, batch_sharding=batch_sharding,
+      replicated=sharding.replicated(mesh))
+  num_seq = examples[0]["tokens"].shape[0]
+  table = np.full((len(examples), num_seq), np.nan, np.float32)
+  process_batch = batch_size // jax.process_count()
+  for batch in tqdm(list(pipeline.ordered_batches(examples, process_batch)),
+                    desc="reference log-probs", leave=False,
+                    disable=jax.process_index() != 0):
+    arrays = {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}
+    arrays["index"] = np.asarray(batch["index"], np.int32)
+    arrays["valid"] = np.asarray(batch["valid"], np.int32)
+    logps, index, valid = jax.device_get(
+        fn(params, frozen, sharding.host_to_global(arrays, batch_sharding)))
+    keep = np.asarray(valid).astype(bool)
+    table[np.asarray(index)[keep]] = np.asarray(logps)[keep]
+  if np.isnan(table).any():
+    raise RuntimeError("reference log-probs are missing for some examples")
+  return table
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          devices=None, stop_after: int | None = None) -> RunResult:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint if any.
+
+  Args:
+    config: a validated recipe (see jaxalign.config.defaults()).
+    workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, tokenizer/.
+    progress: show a progress bar (process 0 only).
+    devices: devices for the mesh (default all).
+    stop_after: leave after this many steps of this invocation, with a checkpoint
+      (for time-sliced schedulers); the run continues on the next call.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  config_lib.validate(config, len(devices))
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # Mesh and the pieces fixed by the config.
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  model_cfg = config_lib.model_config(config)
+  spec = losses.get(config.loss.name)
+  hparams = config.loss.hparams.to_dict()
+  frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
+  precompute_ref = spec.needs_ref and config.reference.mode == "precompute"
+
+  # Data: read, validate and tokenize everything before any compile.
+  tokenizer = load_tokenizer(config.data.tokenizer, workdir)
+  if len(tokenizer) > model_cfg.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
+        f"{model_cfg.vocab_size}")
+  examples, num_skipped = load_examples(
+      config.data.train_path, spec.data, tokenizer, split=config.data.split,
+      max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+      on_error=config.data.on_error)
+  if num_skipped:
+    log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
+
+  # State: abstract first, then real and already sharded.
+  tx, schedule = optim.make_optimizer(
+      lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
+      total_steps=config.total_steps, schedule=config.optim.schedule,
+      min_lr_ratio=config.optim.min_lr_ratio, weight_decay=config.optim.weight_decay,
+      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
+      clip_norm=config.optim.clip_norm)
+  graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
+      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=frozen_ref)
+
+  checkpointer = ckpt.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  resume_step = checkpointer.latest_step()
+  process_batch = config.data.batch_size // jax.process_count()
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    if resume_step is None and config.init_from:
+      params = ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_state.params)
+      state = state.replace(params=params, opt_state=jax.jit(
+          tx.init, out_shardings=state_shardings.opt_state)(params))
+      if frozen_ref:
+        state = state.replace(ref_params=jax.tree.map(jnp.copy, params))
+
+    # Reference log-probs of the initial policy, computed once and kept beside the run.
+    if precompute_ref:
+      ref_path = os.path.join(workdir, "ref_logps.npy")
+      if os.path.exists(ref_path):
+        table = np.load(ref_path, allow_pickle=False)
+      else:
+        if resume_step is not None:
+          raise RuntimeError(f"{ref_path} is missing but checkpoints exist: the reference "
+                             "can no longer be recomputed from the initial policy")
+        table = precompute_reference(
+            examples, graphdef=graphdef, params=state.params, frozen=state.frozen, mesh=mesh,
+            rules=rules, batch_size=config.data.batch_size,
+            chunk_size=config.logprob_chunk_size,
+            params_shardings=state_shardings.params, frozen_shardings=state_shardings.frozen)
+        if is_main:
+          np.save(ref_path + ".tmp.npy", table, allow_pickle=False)
+          os.replace(ref_path + ".tmp.npy", ref_path)
+      if len(table) != len(examples):
+        raise RuntimeError(f"{ref_path} has {len(table)} rows, the data has {len(examples)}")
+      examples = [{**ex, "ref_logps": row} for ex, row in zip(examples, table)]
+
+  dataset = pipeline.make_dataset(examples, seed=config.seed, batch_size=process_batch,
+                                  shuffle=config.data.shuffle, repeat=True)
+  data_iter = iter(dataset)
+  if resume_step is not None:
+    state = checkpointer.restore(resume_step, abstract_state, data_iter)
+    log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
+
+  step_fn = step_lib.jit_train_step(
+      graphdef=graphdef, tx=tx, schedule=schedule,
+      loss_call=step_lib.make_loss_call(spec, hparams),
+      chunk_size=config.logprob_chunk_size, accum_steps=config.optim.grad_accum_steps,
+      skip_nonfinite=config.skip_nonfinite, state_shardings=state_shardings,
+      batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh))
+
+  resolved = config.to_dict()
+  writer = MetricWriter(workdir, process_index=jax.process_index())
+  start = int(resume_step or 0)
+  last: dict[str, float] = {}
+  good_nonfinite = int(jax.device_get(state.num_nonfinite))
+  bar = tqdm(total=config.total_steps, initial=start, desc=config.loss.name,
+             disable=not (progress and is_main), dynamic_ncols=True)
+  stopped = False
+  window_tokens, window_start = 0, time.perf_counter()
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  with _Preemption() as preempt, jax.set_mesh(mesh):
+    end = config.total_steps if stop_after is None else min(config.total_steps,
+                                                            start + stop_after)
+    for step in range(start, end):
+      host_batch = next(data_iter)
+      window_tokens += int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
+      batch = sharding.host_to_global(
+          {k: v for k, v in host_batch.items() if k in BATCH_KEYS}, batch_sharding)
+      state, metrics = step_fn(state, batch)
+      done = step + 1
+      bar.update(1)
+
+      is_log_step = done % config.log_every == 0 or done == end
+      will_save = checkpointer.should_save(done) or done == end or preempt.requested
+      if is_log_step or will_save:
+        metrics, num_nonfinite = jax.device_get((metrics, state.num_nonfinite))
+        if int(num_nonfinite) > good_nonfinite and not config.skip_nonfinite:
+          checkpointer.wait()
+          raise NonFiniteError(
+              f"non-finite loss or gradient at or before step {done} (loss={metrics['loss']}); "
+              f"last good checkpoint: step {checkpointer.latest_step()} in "
+              f"{checkpointer.directory}")
+        elapsed = time.perf_counter() - window_start
+        last = {k: float(v) for k, v in metrics.items()}
+        last["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+        last["nonfinite_steps"] = float(num_nonfinite)
+        window_tokens, window_start = 0, time.perf_counter()
+        if is_log_step:
+          writer.write(done, last)
+          bar.set_postfix({k: f"{last[k]:.3g}" for k in (
+              "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "rewards/accuracies", "learning_rate", "grad_norm", "tokens_per_sec") if k in last},
+              refresh=False)
+      if will_save:
+        checkpointer.save(done, state, data_iter, resolved,
+                          force=done == end or preempt.requested)
+      if preempt.requested:
+        log.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
+        stopped = True
+        break
+  bar.close()
+  checkpointer.close()
+  writer.close()
+  return RunResult(workdir=workdir, final_step=int(jax.device_get(state.step)),
+                   last_metrics=last, stopped_by_signal=stopped)
+
+
+def _checkpoint_dir(path: str) -> str:
+  """A run directory or its checkpoints/ subdirectory -> the checkpoints directory."""
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None):
+  """(graphdef, params, frozen) of the latest checkpoint of a finished run."""
+  mesh = mesh or sharding.make_mesh(config.mesh.shape)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  model_cfg = config_lib.model_config(config)
+  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
+  graphdef, abstract_state, _, init_fn = build_model_and_state(
+      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False)
+  with jax.set_mesh(mesh):
+    params = ckpt.restore_params(_checkpoint_dir(workdir), abstract_state.params)
+    frozen = jax.jit(lambda: init_fn().frozen,
+                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))()
+  return graphdef, params, frozen
+
+
+def resolved_config(workdir: str) -> dict[str, Any]:
+  """The config saved with a run's latest checkpoint."""
+  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
+  try:
+    return checkpointer.restore_config(checkpointer.latest_step())
+  finally:
+    checkpointer.close()

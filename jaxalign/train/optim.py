@@ -1,0 +1,29 @@
+"""The optimizer: AdamW, linear warm-up then cosine decay, global-norm clipping."""
+
+import optax
+
+
+def make_schedule(*, lr: float, warmup_steps: int, total_steps: int, schedule: str,
+                  min_lr_ratio: float) -> optax.Schedule:
+  """Linear warm-up from 0 to `lr`, then cosine decay to `lr*min_lr_ratio` (or flat)."""
+  warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=min_lr_ratio)
+  else:
+    after = optax.constant_schedule(lr)
+  return optax.join_schedules([warmup, after], [max(warmup_steps, 1)])
+
+
+def make_optimizer(*, lr: float, warmup_steps: int, total_steps: int, schedule: str = "cosine",
+                   min_lr_ratio: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.999, eps: float = 1e-8, clip_norm: float = 1.0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns the transformation and its learning-rate schedule (for logging)."""
+  sched = make_schedule(lr=lr, warmup_steps=warmup_steps, total_steps=total_steps,
+                        schedule=schedule, min_lr_ratio=min_lr_ratio)
+  parts = []
+  if clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts), sched

@@ -1,0 +1,122 @@
+"""The train step: a pure function of (state, batch), jit-compiled once.
+
+A batch is a dict of arrays with a leading example axis B and a sequence axis
+S (1 for SFT, 2 for pairs: chosen then rejected, G for groups):
+  tokens, attention_mask, loss_mask: [B, S, T] int32
+  ref_logps: [B, S] float32 (when reference log-probs are precomputed)
+All S*B sequences go through one forward pass.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxalign import logprobs
+from jaxalign.train.state import TrainState
+
+
+def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int):
+  """Per-sequence summed log-probs [B, S] and scored-token counts [B, S]."""
+  model = nnx.merge(graphdef, params, frozen)
+  b, s, t = batch["tokens"].shape
+  flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
+  sums, counts = logprobs.sequence_logps(
+      model, flat(batch["tokens"]), flat(batch["attention_mask"]), flat(batch["loss_mask"]),
+      chunk_size=chunk_size)
+  return sums.reshape(b, s), counts.reshape(b, s)
+
+
+def _micro_step(params, frozen, ref_params, batch, *, graphdef, loss_call: Callable,
+                chunk_size: int):
+  """Loss, metrics and gradients of one micro-batch."""
+  if ref_params is not None:
+    ref_logps, _ = batch_logps(graphdef, ref_params, frozen, batch, chunk_size=chunk_size)
+    ref_logps = jax.lax.stop_gradient(ref_logps)
+  else:
+    ref_logps = batch.get("ref_logps")
+
+  def objective(p):
+    logps, counts = batch_logps(graphdef, p, frozen, batch, chunk_size=chunk_size)
+    return loss_call(logps, ref_logps, counts)
+
+  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  metrics = {**metrics, "loss": loss,
+             "num_tokens/real": batch["attention_mask"].sum().astype(jnp.float32)}
+  return metrics, grads
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
+               schedule: optax.Schedule, loss_call: Callable, chunk_size: int,
+               accum_steps: int = 1, skip_nonfinite: bool = False
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update from a global batch (split into `accum_steps` micro-batches).
+
+  Micro-batches hold equal numbers of examples, so the mean of their per-example
+  means is the full-batch mean: accumulation does not bias losses or metrics.
+  """
+  micro = functools.partial(_micro_step, state.params, state.frozen, state.ref_params,
+                            graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size)
+  if accum_steps == 1:
+    metrics, grads = micro(batch)
+  else:
+    split = jax.tree.map(
+        lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+      metrics, grads = micro(mb)
+      return jax.tree.map(jnp.add, carry, (metrics, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like,
+                         jax.eval_shape(micro, jax.tree.map(lambda x: x[0], split)))
+    (metrics, grads), _ = jax.lax.scan(body, zeros, split)
+    # Sums over micro-batches -> means, except counts which stay sums.
+    metrics = {k: v if k.startswith("num_tokens") else v / accum_steps
+               for k, v in metrics.items()}
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+
+  grad_norm = optax.global_norm(grads)
+  is_finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if skip_nonfinite:
+    keep = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda a, b: jnp.where(is_finite, a, b), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      num_nonfinite=state.num_nonfinite + (~is_finite).astype(jnp.int32))
+  return new_state, metrics
+
+
+def make_loss_call(spec, hparams: dict[str, Any]) -> Callable:
+  """Binds a registry entry and its hyperparameters: (logps, ref, counts) -> (loss, metrics)."""
+  return functools.partial(_loss_call, spec.call, spec.fn, dict(hparams))
+
+
+def _loss_call(call, fn, hparams, logps, ref_logps, counts):
+  return call(fn, logps, ref_logps, counts, None, **hparams)
+
+
+def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps,
+                   skip_nonfinite, state_shardings, batch_sharding, replicated):
+  """The one jitted step, with explicit shardings and the state donated."""
+  fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                         loss_call=loss_call, chunk_size=chunk_size, accum_steps=accum_steps,
+                         skip_nonfinite=skip_nonfinite)
+  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def reference_logps_fn(*, graphdef, chunk_size, params_shardings, frozen_shardings,
+                       batch_sharding, replicated):
+  """Jitted (params, frozen, batch) -> (log-probs [B, S], index [B], valid [B]), replicated."""
+  def fn(params, frozen, batch):
+    logps, _ = batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size)
+    return logps, batch["index"], batch["valid"]
+  return jax.jit(fn, in_shardings=(params_shardings, frozen_shardings, batch_sharding),
+                 out_shardings=replicated)

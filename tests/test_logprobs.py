@@ -1,0 +1,105 @@
+"""Chunked log-probs equal the naive full-logits computation, values and grads."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import logprobs
+from jaxalign.models.transformer import ModelConfig, init_model
+
+N, T, D, V = 3, 7, 8, 50
+
+
+def _naive_token_logps(hidden, head_w, targets, cap=None):
+  logits = jnp.einsum("ntd,dv->ntv", hidden, head_w)
+  if cap is not None:
+    logits = cap * jnp.tanh(logits / cap)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def _inputs(seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  hidden = jax.random.normal(k1, (N, T, D))
+  head_w = jax.random.normal(k2, (D, V))
+  targets = jax.random.randint(k3, (N, T), 0, V)
+  return hidden, head_w, targets
+
+
+@pytest.mark.parametrize("chunk_size,cap", [(16, None), (16, 3.0), (50, None), (64, None)])
+def test_token_logps_value_and_grads_match_naive(chunk_size, cap):
+  hidden, head_w, targets = _inputs()
+  weights = jax.random.normal(jax.random.key(9), (N, T))  # non-uniform cotangent
+
+  def chunked(h, w):
+    lp = logprobs.token_logps(h, w, targets, chunk_size=chunk_size, final_logit_softcap=cap)
+    return jnp.sum(weights * lp), lp
+
+  def naive(h, w):
+    lp = _naive_token_logps(h, w, targets, cap)
+    return jnp.sum(weights * lp), lp
+
+  (_, lp_c), grads_c = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, head_w)
+  (_, lp_n), grads_n = jax.value_and_grad(naive, argnums=(0, 1), has_aux=True)(hidden, head_w)
+  assert lp_c.dtype == jnp.float32 and lp_c.shape == (N, T)
+  np.testing.assert_allclose(lp_c, lp_n, rtol=1e-5, atol=1e-6)
+  for gc, gn in zip(grads_c, grads_n):
+    np.testing.assert_allclose(gc, gn, rtol=1e-5, atol=1e-6)
+
+
+def test_token_logps_jit_and_targets_in_last_overlapping_chunk():
+  hidden, head_w, _ = _inputs()
+  # V=50, chunk 16: last chunk is columns 34..49, overlapping 32..47's tail.
+  targets = jnp.broadcast_to(jnp.array([33, 34, 47, 48, 49, 0, 31]), (N, T))
+  got = jax.jit(lambda h, w: logprobs.token_logps(h, w, targets, chunk_size=16))(hidden, head_w)
+  np.testing.assert_allclose(got, _naive_token_logps(hidden, head_w, targets), rtol=1e-5)
+
+
+def test_sequence_logps_masks_prompt_and_padding():
+  hidden, head_w, tokens = _inputs()
+  loss_mask = jnp.zeros((N, T), bool).at[:, 3:6].set(True)  # prompt 0..2, pad 6
+  sums, counts = logprobs.sequence_logps_from_hidden(hidden, head_w, tokens, loss_mask,
+                                                     chunk_size=16)
+  np.testing.assert_array_equal(counts, [3, 3, 3])
+  # Token t is scored by hidden[t-1].
+  naive = _naive_token_logps(hidden[:, :-1], head_w, tokens[:, 1:])
+  np.testing.assert_allclose(sums, jnp.sum(naive[:, 2:5], axis=1), rtol=1e-5)
+  for t in (1, 2, 6):  # prompt and padding targets are ignored
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % V)
+    sums2, _ = logprobs.sequence_logps_from_hidden(hidden, head_w, changed, loss_mask,
+                                                   chunk_size=16)
+    np.testing.assert_array_equal(sums2, sums)
+  changed = tokens.at[:, 4].set((tokens[:, 4] + 1) % V)  # a scored token does matter
+  sums3, _ = logprobs.sequence_logps_from_hidden(hidden, head_w, changed, loss_mask,
+                                                 chunk_size=16)
+  assert np.all(np.asarray(sums3) != np.asarray(sums))
+
+
+def test_sequence_logps_on_transformer_matches_naive():
+  config = ModelConfig(vocab_size=40, final_logit_softcap=5.0)
+  model = init_model(config, seed=0)
+  tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, 40)
+  attention_mask = jnp.arange(9)[None] < jnp.array([9, 7, 5, 9])[:, None]
+  loss_mask = (jnp.arange(9)[None] >= jnp.array([3, 2, 4, 1])[:, None]) & attention_mask
+  sums, counts = logprobs.sequence_logps(model, tokens, attention_mask, loss_mask,
+                                         chunk_size=16)
+  logp = jax.nn.log_softmax(model.logits(model(tokens, attention_mask)), axis=-1)
+  per_token = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+  want = jnp.sum(jnp.where(loss_mask[:, 1:], per_token, 0.0), axis=1)
+  np.testing.assert_allclose(sums, want, rtol=1e-5)
+  np.testing.assert_array_equal(counts, loss_mask[:, 1:].sum(1))
+
+
+def test_value_and_grad_memory_is_chunked():
+  B, T_, D_, V_ = 8, 2048, 64, 128256
+
+  def loss_of_logps(hidden, head_w, targets):
+    return jnp.sum(logprobs.token_logps(hidden, head_w, targets))
+
+  args = (jax.ShapeDtypeStruct((B, T_, D_), jnp.float32),
+          jax.ShapeDtypeStruct((D_, V_), jnp.float32),
+          jax.ShapeDtypeStruct((B, T_), jnp.int32))
+  compiled = jax.jit(jax.value_and_grad(loss_of_logps, argnums=(0, 1))).lower(*args).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  full_logits = B * T_ * V_ * 4
+  assert temp < 0.25 * full_logits, (temp, full_logits)

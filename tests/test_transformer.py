@@ -1,0 +1,238 @@
+"""Transformer: equivalence with HF PyTorch models, causality, padding, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxalign.models.transformer import ModelConfig, PRESETS, Transformer, init_model, preset
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+B, T = 3, 10
+LENGTHS = (10, 7, 4)  # right padding
+
+
+def _batch(vocab, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, vocab, size=(B, T)).astype(np.int32)
+  mask = (np.arange(T)[None, :] < np.array(LENGTHS)[:, None]).astype(np.int32)
+  tokens = tokens * mask  # pad id 0
+  return tokens, mask
+
+
+def _randomize_torch(model, seed):
+  """HF inits norms to 1/0 and biases to 0; random values test every tensor."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+      if "norm" in name:
+        p.copy_((0.0 if "gemma" in type(model).__name__.lower() else 1.0) + 0.1 * noise)
+      else:
+        p.copy_(0.1 * noise)
+
+
+def _load_hf(model: Transformer, hf) -> None:
+  """Test-local HF state_dict -> Transformer copy (the later hf.py does the same)."""
+  c = model.config
+  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  D, H, KV, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+
+  def put(param, value):
+    assert param.shape == value.shape, (param.shape, value.shape)
+    param[...] = jnp.asarray(value)
+
+  put(model.embed.embedding, sd["model.embed_tokens.weight"])
+  put(model.final_norm.scale, sd["model.norm.weight"])
+  if not c.tie_embeddings:
+    put(model.lm_head, sd["lm_head.weight"].T)
+  for i, blk in enumerate(model.layers):
+    p = f"model.layers.{i}."
+    a = blk.attn
+    put(a.q, sd[p + "self_attn.q_proj.weight"].T.reshape(D, H, Dh))
+    put(a.k, sd[p + "self_attn.k_proj.weight"].T.reshape(D, KV, Dh))
+    put(a.v, sd[p + "self_attn.v_proj.weight"].T.reshape(D, KV, Dh))
+    put(a.o, sd[p + "self_attn.o_proj.weight"].T.reshape(H, Dh, D))
+    if c.qkv_bias:
+      put(a.q_bias, sd[p + "self_attn.q_proj.bias"].reshape(H, Dh))
+      put(a.k_bias, sd[p + "self_attn.k_proj.bias"].reshape(KV, Dh))
+      put(a.v_bias, sd[p + "self_attn.v_proj.bias"].reshape(KV, Dh))
+    if c.qk_norm:
+      put(a.q_norm.scale, sd[p + "self_attn.q_norm.weight"])
+      put(a.k_norm.scale, sd[p + "self_attn.k_norm.weight"])
+    put(blk.attn_norm.scale, sd[p + "input_layernorm.weight"])
+    if c.post_norms:  # Gemma2 names
+      put(blk.post_attn_norm.scale, sd[p + "post_attention_layernorm.weight"])
+      put(blk.mlp_norm.scale, sd[p + "pre_feedforward_layernorm.weight"])
+      put(blk.post_mlp_norm.scale, sd[p + "post_feedforward_layernorm.weight"])
+    else:
+      put(blk.mlp_norm.scale, sd[p + "post_attention_layernorm.weight"])
+    put(blk.mlp.gate, sd[p + "mlp.gate_proj.weight"].T)
+    put(blk.mlp.up, sd[p + "mlp.up_proj.weight"].T)
+    put(blk.mlp.down, sd[p + "mlp.down_proj.weight"].T)
+
+
+_COMMON = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+               max_position_embeddings=64, rms_norm_eps=1e-6, attn_implementation="eager")
+
+
+def _cases():
+  rope = {"rope_type": "default", "rope_theta": 10000.0}
+  llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8}
+  mine = dict(vocab_size=48, d_model=32, d_ff=64, n_layers=2, n_heads=4, n_kv_heads=2,
+              head_dim=8, max_seq_len=64, norm_eps=1e-6)
+  return {
+      "llama_gqa": (lambda: transformers.LlamaForCausalLM(
+          transformers.LlamaConfig(**_COMMON, rope_parameters=rope)),
+                    ModelConfig(**mine)),
+      "llama3_rope_scaling": (lambda: transformers.LlamaForCausalLM(
+          transformers.LlamaConfig(**_COMMON, rope_parameters=llama3)),
+                              ModelConfig(**mine, rope_theta=500000.0, rope_scaling=dict(
+                                  factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8))),
+      "qwen2_bias": (lambda: transformers.Qwen2ForCausalLM(
+          transformers.Qwen2Config(**_COMMON, rope_parameters=rope)),
+                     ModelConfig(**mine, qkv_bias=True)),
+      "qwen3_qk_norm": (lambda: transformers.Qwen3ForCausalLM(
+          transformers.Qwen3Config(**_COMMON, rope_parameters=rope)),
+                        ModelConfig(**mine, qk_norm=True)),
+      # Sliding window 4 < T=10 on layer 0, so the window mask is exercised.
+      "gemma2": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+          **_COMMON, rope_parameters=rope, hidden_activation="gelu_pytorch_tanh",
+          query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+          final_logit_softcapping=3.0, sliding_window=4, tie_word_embeddings=True,
+          pad_token_id=0)),
+                 ModelConfig(**mine, tie_embeddings=True, norm_offset=True, embed_scale=True,
+                             post_norms=True, activation="gelu_tanh",
+                             query_pre_attn_scalar=12.0, attn_logit_softcap=2.0,
+                             final_logit_softcap=3.0, sliding_window=4,
+                             layer_types=("sliding", "full"))),
+  }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_matches_hf_reference(name):
+  make_hf, config = _cases()[name]
+  torch.manual_seed(0)
+  hf = make_hf().eval()
+  _randomize_torch(hf, seed=1)
+  model = init_model(config, seed=0)
+  _load_hf(model, hf)
+  tokens, mask = _batch(config.vocab_size)
+  with torch.no_grad():
+    want = hf(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+              attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
+  got = np.asarray(model.logits(model(jnp.asarray(tokens), jnp.asarray(mask))))
+  real = mask.astype(bool)
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_causal():
+  model = init_model(preset("tiny"), seed=0)
+  tokens, _ = _batch(32)
+  mask = np.ones_like(tokens)
+  h1 = model(jnp.asarray(tokens), jnp.asarray(mask))
+  tokens2 = tokens.copy()
+  tokens2[:, 6] = (tokens2[:, 6] + 1) % 32
+  h2 = model(jnp.asarray(tokens2), jnp.asarray(mask))
+  np.testing.assert_allclose(h1[:, :6], h2[:, :6], atol=1e-6)
+  assert np.abs(np.asarray(h1[:, 6:] - h2[:, 6:])).max() > 1e-3
+
+
+def test_padding_invariance_right_and_left():
+  model = init_model(preset("tiny"), seed=0)
+  seq = jnp.arange(1, 6, dtype=jnp.int32)[None]                      # [1, 5]
+  ref = model(seq, jnp.ones_like(seq))
+  for pad in (1, 4):
+    zeros = jnp.zeros((1, pad), jnp.int32)
+    right = model(jnp.concatenate([seq, zeros], 1),
+                  jnp.concatenate([jnp.ones_like(seq), zeros], 1))
+    np.testing.assert_allclose(right[:, :5], ref, atol=1e-5)
+    left = model(jnp.concatenate([zeros, seq], 1),
+                 jnp.concatenate([zeros, jnp.ones_like(seq)], 1))
+    np.testing.assert_allclose(left[:, pad:], ref, atol=1e-5)
+    assert np.isfinite(np.asarray(left)).all()  # fully padded query rows
+
+
+def test_remat_same_value_and_grad():
+  tokens, mask = _batch(32)
+  tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+
+  def loss(model):
+    return jnp.sum(model(tokens, mask) ** 2)
+
+  outs = []
+  for remat in (False, True):
+    model = init_model(ModelConfig(remat=remat), seed=0)
+    outs.append(nnx.value_and_grad(loss)(model))
+  np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               nnx.state(outs[0][1]), nnx.state(outs[1][1]))
+
+
+def test_config_round_trip_and_presets():
+  for name, config in PRESETS.items():
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert hash(ModelConfig.from_dict(config.to_dict())) == hash(config)
+  assert 95e6 < preset("100m").num_params() < 105e6
+  assert 8.0e9 < preset("llama3-8b").num_params() < 8.1e9
+  with pytest.raises(ValueError):
+    ModelConfig.from_dict({"d_modle": 3})
+
+
+RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
+         ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
+         ("head_dim", None), ("norm", None))
+EXPECTED = {
+    "embed.embedding": P("tensor", "fsdp"),
+    "layers.0.attn.q": P("fsdp", "tensor", None),
+    "layers.0.attn.k": P("fsdp", "tensor", None),
+    "layers.0.attn.o": P("tensor", None, "fsdp"),
+    "layers.0.attn.q_bias": P("tensor", None),
+    "layers.0.mlp.gate": P("fsdp", "tensor"),
+    "layers.0.mlp.down": P("tensor", "fsdp"),
+    "layers.0.attn_norm.scale": P(None),
+    "lm_head": P("fsdp", "tensor"),
+}
+
+
+def test_sharded_construction_and_forward():
+  config = ModelConfig(qkv_bias=True)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 32, (4, 8)), jnp.int32)
+  mask = jnp.asarray(np.arange(8)[None] < np.array([8, 5, 3, 8])[:, None])
+  want = init_model(config, seed=0)(tokens, mask)
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+    model = init_model(config, seed=0)
+    state = nnx.state(model)
+    specs = nnx.get_partition_spec(state)
+  flat_state = dict(nnx.to_flat_state(state))
+  flat_specs = dict(nnx.to_flat_state(specs))
+  for path, var in flat_state.items():
+    spec = flat_specs[path].get_value()
+    assert var[...].sharding.spec == spec, (path, var[...].sharding.spec, spec)
+  by_name = {".".join(map(str, k)): v for k, v in flat_state.items()}
+  for name, spec in EXPECTED.items():
+    assert by_name[name][...].sharding.spec == spec, name
+
+  graphdef = nnx.graphdef(model)
+  batch_sharding = jax.NamedSharding(mesh, P(("data", "fsdp")))
+
+  @jax.jit
+  def forward(state, tokens, mask):
+    return nnx.merge(graphdef, state)(tokens, mask)
+
+  with jax.set_mesh(mesh):
+    got = forward(state, jax.device_put(tokens, batch_sharding),
+                  jax.device_put(mask, batch_sharding))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
