@@ -111,14 +111,8 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
   records = read_records(path, split=split)
   valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
   tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length)
-  examples = []
-  for record in valid:
-    try:
-      examples.append(tokenize.tokenize_example(record, fmt, tokenizer, tcfg))
-    except formats.DataError:
-      if on_error == "raise":
-        raise
-      skipped += 1
+  examples, bad = tokenize.tokenize_records(valid, fmt, tokenizer, tcfg, on_error=on_error)
+  skipped += bad
   if not examples:
     raise formats.DataError(f"{path}: no usable records")
   return examples, skipped
@@ -127,7 +121,8 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
 def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_reference: bool):
   """(graphdef, abstract_state, state_shardings, init_fn) with nothing allocated yet."""
   def init_fn():
-    model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
+    with nnx.logical_axis_rules(tuple(rules)):
+      model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
     return state_lib.create_state(model, tx, seed=seed, keep_reference=keep_reference)[1]
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
