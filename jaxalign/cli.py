@@ -36,6 +36,8 @@ def _train(argv: list[str]) -> int:
       flag_values=fv, lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+  flags.DEFINE_integer("stop_after_steps", None, "Leave after this many steps of this "
+                       "invocation, with a checkpoint; rerun to continue.", flag_values=fv)
   try:
     fv(["jaxalign train"] + argv)
     if fv["config"].value is None:
@@ -56,7 +58,8 @@ def _train(argv: list[str]) -> int:
   except config_lib.ConfigError as e:
     return _die("train", str(e))
   try:
-    result = loop.train(config, fv.workdir, progress=fv.progress)
+    result = loop.train(config, fv.workdir, progress=fv.progress,
+                        stop_after=fv.stop_after_steps)
   except config_lib.ConfigError as e:
     return _die("train", str(e))
   except DataError as e:

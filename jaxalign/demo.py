@@ -3,13 +3,23 @@
   jaxalign demo --workdir runs/demo
 
 1. Generates the task's data as JSONL files under DIR/data (the real file path).
-2. SFT: trains a tiny transformer from scratch on correct answers, stopped
-   early on purpose so it still makes mistakes.
+   The SFT demonstrations come from a careless annotator: 70% of answers below
+   100 are written zero-padded ("085"), which the task's checker counts wrong.
+2. SFT: trains a tiny transformer from scratch on those demonstrations. It
+   learns the arithmetic and the annotator's habit, so most of its answers
+   below 100 come out padded.
 3. Pairs: for each training prompt, chosen = the right answer, rejected = the
-   SFT model's own greedy answer when it is wrong (on-policy negatives, judged
-   by the task's checker), else a plausible wrong answer from the task.
-4. DPO from the SFT checkpoint, with the SFT model as the reference.
+   SFT model's own greedy answer when the checker says it is wrong (on-policy
+   negatives), else a plausible arithmetic mistake from the task.
+4. DPO from the SFT checkpoint, with the SFT model as the (precomputed) reference.
 5. Greedy accuracy on held-out problems, before and after; DIR/summary.json.
+
+Why the annotator habit: with clean demonstrations, a model this small is
+limited by arithmetic skill rather than by preferences, and plain DPO on its
+mistakes does not raise greedy accuracy (measured: 43% -> 37..44% over a few
+learning rates and betas). Preference optimization moves probability between
+answers the model can already produce; the habit makes that the bottleneck, as
+in real demonstrations with systematic errors.
 """
 
 import json
@@ -28,6 +38,8 @@ from jaxalign.train import loop
 
 TASK = toy.ArithmeticTask(max_operand=99, ops=("+",), seed=0)
 MAX_NEW_TOKENS = 5
+# Fraction of answers below 100 that the SFT demonstrations zero-pad ("085").
+PAD_NOISE = 0.7
 
 
 def base_config(seed: int = 0) -> ml_collections.ConfigDict:
@@ -52,7 +64,7 @@ def sft_config(data_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
   c.loss.name = "sft"
   c.loss.hparams = ml_collections.ConfigDict()
   c.data.train_path = os.path.join(data_dir, "sft.jsonl")
-  c.total_steps = 300
+  c.total_steps = 1000
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 20
   c.optim.weight_decay = 0.0
@@ -67,7 +79,7 @@ def dpo_config(data_dir: str, sft_dir: str, seed: int = 0) -> ml_collections.Con
   c.init_from = sft_dir
   c.data.train_path = os.path.join(data_dir, "pairs.jsonl")
   c.total_steps = 150
-  c.optim.lr = 5e-4
+  c.optim.lr = 3e-4
   c.optim.warmup_steps = 10
   return c
 
@@ -98,7 +110,7 @@ def on_policy_pairs(prompts, answers, completions, seed: int) -> list[dict]:
 
 
 def run_demo(workdir: str, *, seed: int = 0, num_train: int = 4000, num_eval: int = 500,
-             progress: bool = True) -> dict:
+             pad_noise: float = PAD_NOISE, progress: bool = True) -> dict:
   """Runs the whole demo; returns (and writes to DIR/summary.json) the summary."""
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
@@ -106,7 +118,7 @@ def run_demo(workdir: str, *, seed: int = 0, num_train: int = 4000, num_eval: in
   os.makedirs(data_dir, exist_ok=True)
   tokenizer = toy.build_tokenizer()
 
-  sft_records = TASK.sft_records(num_train, split="train", seed=seed)
+  sft_records = TASK.sft_records(num_train, split="train", seed=seed, pad_noise=pad_noise)
   _write_jsonl(os.path.join(data_dir, "sft.jsonl"), sft_records)
   eval_problems = TASK.problems(num_eval, split="eval", seed=seed + 1)
   eval_prompts = [p.prompt for p in eval_problems]
@@ -117,7 +129,7 @@ def run_demo(workdir: str, *, seed: int = 0, num_train: int = 4000, num_eval: in
   sft_acc, _ = _evaluate(sft_dir, sft_cfg, tokenizer, eval_prompts)
 
   # On-policy negatives from the SFT model on (a subset of) the training prompts.
-  pair_problems = TASK.problems(num_train // 2, split="train", seed=seed + 2)
+  pair_problems = TASK.problems(num_train, split="train", seed=seed + 2)
   _, train_completions = _evaluate(sft_dir, sft_cfg, tokenizer,
                                    [p.prompt for p in pair_problems])
   pairs = on_policy_pairs([p.prompt for p in pair_problems], [p.answer for p in pair_problems],

@@ -82,6 +82,17 @@ def test_sft_is_token_mean_nll():
 def test_registry_specs():
   assert losses.get("dpo").needs_ref and losses.get("dpo").num_sequences == 2
   assert not losses.get("sft").needs_ref
-  assert set(losses.get("dpo").hparam_names()) == {"beta", "label_smoothing"}
+  assert set(losses.get("dpo").hparam_names()) == {"beta", "label_smoothing", "rpo_alpha"}
   with pytest.raises(KeyError, match="known"):
     losses.get("nope")
+
+
+def test_rpo_alpha_adds_the_chosen_token_mean_nll():
+  c, r = jnp.array([-4.0, -6.0]), jnp.array([-5.0, -1.0])
+  lengths = jnp.array([2, 3])
+  plain, _ = dpo_loss(c, r, c, r)
+  with_nll, metrics = dpo_loss(c, r, c, r, lengths, lengths, rpo_alpha=0.5)
+  np.testing.assert_allclose(metrics["nll_loss"], 10.0 / 5.0, rtol=1e-6)
+  np.testing.assert_allclose(with_nll, plain + 0.5 * 2.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="chosen_lengths"):
+    dpo_loss(c, r, c, r, rpo_alpha=1.0)

@@ -184,10 +184,22 @@ class ArithmeticTask:
   # --- record generators ------------------------------------------------------
 
   def sft_records(self, n: int, split: str = "train", seed: int = 0, *,
-                  chat: bool = False) -> list[Record]:
-    """n records ``{"prompt", "completion"}`` with the correct answer."""
-    return [_fmt({"prompt": p.prompt, "completion": p.answer}, chat, ("completion",))
-            for p in self.problems(n, split, seed)]
+                  chat: bool = False, pad_noise: float = 0.0) -> list[Record]:
+    """n records ``{"prompt", "completion"}``.
+
+    With ``pad_noise`` > 0, each answer below 100 has that probability of being
+    demonstrated zero-padded to three digits ("085" for 85): a systematic
+    annotator habit that an SFT model picks up, that `is_correct` rejects, and
+    that preference data can correct.
+    """
+    rng = np.random.default_rng([seed, 5])
+    out = []
+    for p in self.problems(n, split, seed):
+      answer = p.answer
+      if 0 <= int(answer) < 100 and rng.random() < pad_noise:
+        answer = answer.zfill(3)
+      out.append(_fmt({"prompt": p.prompt, "completion": answer}, chat, ("completion",)))
+    return out
 
   def pairwise_records(self, n: int, seed: int = 0, split: str = "train", *,
                        chat: bool = False) -> list[Record]:

@@ -39,9 +39,8 @@ class LossSpec:
 
 
 def _call_pairwise(fn, logps, ref_logps, lengths, weights, **hparams):
-  del lengths
   return fn(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1],
-            weights=weights, **hparams)
+            lengths[:, 0], lengths[:, 1], weights=weights, **hparams)
 
 
 def _call_sft(fn, logps, ref_logps, lengths, weights, **hparams):

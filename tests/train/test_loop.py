@@ -1,0 +1,119 @@
+"""The sharded train loop end to end: mesh invariance, accumulation, references, resume."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxalign import checkpoint as ckpt
+from jaxalign.train import loop
+from tests.train.helpers import read_metrics, tiny_config
+
+MESHES = [(8, 1, 1), (1, 4, 2), (2, 2, 2)]
+
+
+def _losses(workdir):
+  return np.array([m["loss"] for m in read_metrics(workdir)])
+
+
+def test_same_losses_on_one_device_and_on_8_device_meshes(tmp_path):
+  one = tiny_config(**{"mesh.shape": (1, 1, 1)})
+  loop.train(one, str(tmp_path / "one"), progress=False, devices=jax.devices()[:1])
+  reference = _losses(tmp_path / "one")
+  assert len(reference) == 5
+  for shape in MESHES:
+    workdir = tmp_path / ("mesh" + "x".join(map(str, shape)))
+    loop.train(tiny_config(**{"mesh.shape": shape}), str(workdir), progress=False)
+    np.testing.assert_allclose(_losses(workdir), reference, rtol=1e-5, atol=1e-6,
+                               err_msg=f"mesh {shape}")
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  loop.train(tiny_config(), str(tmp_path / "full"), progress=False)
+  loop.train(tiny_config(**{"optim.grad_accum_steps": 2, "mesh.shape": (1, 4, 2)}),
+             str(tmp_path / "accum"), progress=False)
+  np.testing.assert_allclose(_losses(tmp_path / "accum"), _losses(tmp_path / "full"),
+                             rtol=1e-5, atol=1e-6)
+  full, accum = read_metrics(tmp_path / "full")[-1], read_metrics(tmp_path / "accum")[-1]
+  for key in ("rewards/accuracies", "rewards/margins", "grad_norm", "num_tokens/real"):
+    np.testing.assert_allclose(accum[key], full[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_precomputed_and_frozen_references_agree(tmp_path):
+  loop.train(tiny_config(**{"reference.mode": "precompute"}), str(tmp_path / "pre"),
+             progress=False)
+  loop.train(tiny_config(**{"reference.mode": "frozen"}), str(tmp_path / "frozen"),
+             progress=False)
+  assert (tmp_path / "pre" / "ref_logps.npy").exists()
+  assert not (tmp_path / "frozen" / "ref_logps.npy").exists()
+  first = read_metrics(tmp_path / "pre")[0]
+  # Step 1 starts at policy == reference: DPO is exactly log 2 there.
+  np.testing.assert_allclose(first["loss"], np.log(2.0), rtol=1e-6)
+  np.testing.assert_allclose(_losses(tmp_path / "frozen"), _losses(tmp_path / "pre"),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_sft_loss_goes_down_and_checkpoints_exist(tmp_path):
+  cfg = tiny_config("sft", total_steps=30, log_every=5, **{"optim.lr": 3e-3,
+                                                           "checkpoint.every": 10})
+  result = loop.train(cfg, str(tmp_path), progress=False)
+  losses = _losses(tmp_path)
+  assert result.final_step == 30
+  assert losses[-1] < 0.7 * losses[0]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "30"]  # keep=2
+  assert (tmp_path / "tensorboard").is_dir()
+  assert all("step" in m for m in read_metrics(tmp_path))
+
+
+def _params(workdir, cfg):
+  _, params, _ = loop.load_run_params(str(workdir), cfg)
+  return jax.tree.leaves(jax.device_get(params))
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+  cfg = tiny_config(total_steps=10, **{"checkpoint.every": 5})
+  loop.train(cfg, str(tmp_path / "straight"), progress=False)
+
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text(
+      "from tests.train.helpers import tiny_config\n"
+      "def get_config():\n"
+      "  return tiny_config(total_steps=10, **{'checkpoint.every': 5})\n")
+  cmd = [sys.executable, "-m", "jaxalign.cli", "train", f"--config={cfg_file}",
+         f"--workdir={tmp_path / 'resumed'}", "--noprogress"]
+  env = {**os.environ, "PYTHONPATH": os.getcwd()}
+  first = subprocess.run(cmd + ["--stop_after_steps=5"], env=env, capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["5"]
+  second = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  assert second.returncode == 0, second.stderr
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["10", "5"]
+
+  straight, resumed = _params(tmp_path / "straight", cfg), _params(tmp_path / "resumed", cfg)
+  assert len(straight) == len(resumed) > 0
+  for a, b in zip(straight, resumed):
+    np.testing.assert_array_equal(a, b)
+  # The data order continued too: same per-step losses after the restart.
+  np.testing.assert_array_equal(_losses(tmp_path / "resumed")[5:], _losses(tmp_path / "straight")[5:])
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  cfg = tiny_config(total_steps=6, **{"optim.lr": 1e30, "optim.clip_norm": 0.0,
+                                      "optim.warmup_steps": 1, "checkpoint.every": 1})
+  with pytest.raises(loop.NonFiniteError, match="last good checkpoint: step 1"):
+    loop.train(cfg, str(tmp_path), progress=False)
+  checkpointer = ckpt.Checkpointer(str(tmp_path / "checkpoints"), every=1, keep=2)
+  assert checkpointer.latest_step() == 1
+  checkpointer.close()
+  assert all(np.isfinite(x).all() for x in _params(tmp_path, cfg))
+
+
+def test_skip_nonfinite_counts_and_does_not_update(tmp_path):
+  cfg = tiny_config(total_steps=4, skip_nonfinite=True,
+                    **{"optim.lr": 1e30, "optim.clip_norm": 0.0, "optim.warmup_steps": 1})
+  result = loop.train(cfg, str(tmp_path), progress=False)
+  assert result.final_step == 4
+  assert result.last_metrics["nonfinite_steps"] >= 1
