@@ -64,7 +64,7 @@ def sft_config(data_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
   c.loss.name = "sft"
   c.loss.hparams = ml_collections.ConfigDict()
   c.data.train_path = os.path.join(data_dir, "sft.jsonl")
-  c.total_steps = 1000
+  c.total_steps = 2000
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 20
   c.optim.weight_decay = 0.0
@@ -79,7 +79,7 @@ def dpo_config(data_dir: str, sft_dir: str, seed: int = 0) -> ml_collections.Con
   c.init_from = sft_dir
   c.data.train_path = os.path.join(data_dir, "pairs.jsonl")
   c.total_steps = 150
-  c.optim.lr = 3e-4
+  c.optim.lr = 1e-4
   c.optim.warmup_steps = 10
   return c
 

@@ -1,0 +1,88 @@
+"""The command line: usage errors exit 2 with one line naming the key, before any work."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxalign import cli
+
+CONFIG = "tests/train/tiny_cli_config.py"
+
+
+def _run(capsys, *args):
+  status = cli.main(list(args))
+  captured = capsys.readouterr()
+  return status, captured.err.strip().splitlines()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.optim.lrr=1e-5", "lrr"),                        # misspelt key
+    ("--config.optim.lr=abc", "optim.lr"),                      # wrong type
+    ("--config.mesh.shape=(3,-1,1)", "config.mesh.shape"),      # 3 does not divide 8
+    ("--config.data.batch_size=12", "config.data.batch_size"),  # not a multiple of 8 shards
+    ("--config.data.max_length=4096", "config.data.max_length"),  # over max_seq_len
+    ("--config.loss.name=nope", "config.loss.name"),
+    ("--config.reference.mode=sometimes", "config.reference.mode"),
+])
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, override,
+                                                             expected):
+  workdir = tmp_path / "run"
+  status, err = _run(capsys, "train", f"--config={CONFIG}", f"--workdir={workdir}", override)
+  assert status == 2
+  assert len(err) == 1 and err[0].startswith("jaxalign train: error:"), err
+  assert expected in err[0]
+  assert not workdir.exists()
+
+
+def test_unknown_loss_hyperparameter_is_named(tmp_path, capsys):
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text("from tests.train.helpers import tiny_config\n"
+                 "def get_config():\n"
+                 "  c = tiny_config()\n"
+                 "  c.loss.hparams.gamma = 1.0\n"
+                 "  return c\n")
+  status, err = _run(capsys, "train", f"--config={cfg}", f"--workdir={tmp_path / 'run'}")
+  assert status == 2 and "config.loss.hparams.gamma" in err[0]
+
+
+def test_missing_workdir_and_unknown_command(capsys):
+  status, err = _run(capsys, "train", f"--config={CONFIG}")
+  assert status == 2 and "--workdir" in err[0]
+  status, err = _run(capsys, "fly")
+  assert status == 2
+
+
+def test_bad_data_row_names_file_row_and_field(tmp_path, capsys):
+  data = tmp_path / "pairs.jsonl"
+  data.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+                  '{"prompt": "1+2=", "chosen": "3"}\n')
+  status, err = _run(capsys, "train", f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}",
+                     f"--config.data.train_path={data}")
+  assert status == 1
+  assert f"{data}:2: rejected: missing field" in err[0]
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "jaxalign.cli", "train", f"--config={CONFIG}",
+         f"--workdir={workdir}", "--noprogress", "--config.total_steps=100000",
+         "--config.checkpoint.every=100000", "--config.log_every=1"]
+  proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline and proc.poll() is None:
+    if metrics.exists() and metrics.read_text().count("\n") >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "stopped by SIGTERM" in err
+  steps = [int(s) for s in os.listdir(workdir / "checkpoints")]
+  assert len(steps) == 1 and 3 <= steps[0] < 100000
