@@ -31,15 +31,18 @@ def _train(argv: list[str]) -> int:
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
+  full_argv = ["jaxalign train"] + argv
+  # sys_argv: the override flags are discovered from this list, not sys.argv,
+  # so main() also works when called from Python.
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "Path to a configs/*.py recipe (optionally :arg).",
-      flag_values=fv, lock_config=True)
+      flag_values=fv, lock_config=True, sys_argv=full_argv)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
   flags.DEFINE_integer("stop_after_steps", None, "Leave after this many steps of this "
                        "invocation, with a checkpoint; rerun to continue.", flag_values=fv)
   try:
-    fv(["jaxalign train"] + argv)
+    fv(full_argv)
     if fv["config"].value is None:
       raise flags.Error("--config is required")
     if not fv.workdir:

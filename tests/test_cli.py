@@ -62,7 +62,7 @@ def test_bad_data_row_names_file_row_and_field(tmp_path, capsys):
                   '{"prompt": "1+2=", "chosen": "3"}\n')
   status, err = _run(capsys, "train", f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}",
                      f"--config.data.train_path={data}")
-  assert status == 1
+  assert status == 1, err
   assert f"{data}:2: rejected: missing field" in err[0]
 
 
@@ -85,4 +85,5 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
   assert proc.returncode == 0, err
   assert "stopped by SIGTERM" in err
   steps = [int(s) for s in os.listdir(workdir / "checkpoints")]
+  assert steps, err
   assert len(steps) == 1 and 3 <= steps[0] < 100000

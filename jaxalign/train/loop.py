@@ -178,6 +178,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     stop_after: leave after this many steps of this invocation, with a checkpoint
       (for time-sliced schedulers); the run continues on the next call.
   """
+  # SIGTERM is caught from here on: one arriving while data loads or the step
+  # compiles stops the run at the first step boundary, with a checkpoint.
+  with _Preemption() as preempt:
+    return _train(config, workdir, progress=progress, devices=devices,
+                  stop_after=stop_after, preempt=preempt)
+
+
+def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunResult:
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, len(devices))
   workdir = os.path.abspath(workdir)
@@ -276,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   stopped = False
   window_tokens, window_start = 0, time.perf_counter()
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  with _Preemption() as preempt, jax.set_mesh(mesh):
+  with jax.set_mesh(mesh):
     end = config.total_steps if stop_after is None else min(config.total_steps,
                                                             start + stop_after)
     for step in range(start, end):
@@ -288,8 +296,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       done = step + 1
       bar.update(1)
 
+      # Read the flag once: a SIGTERM landing later in this iteration must not
+      # stop the loop without the save decided here.
+      stop = preempt.requested
       is_log_step = done % config.log_every == 0 or done == end
-      will_save = checkpointer.should_save(done) or done == end or preempt.requested
+      will_save = checkpointer.should_save(done) or done == end or stop
       if is_log_step or will_save:
         metrics, num_nonfinite = jax.device_get((metrics, state.num_nonfinite))
         if int(num_nonfinite) > good_nonfinite and not config.skip_nonfinite:
@@ -311,8 +322,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
               refresh=False)
       if will_save:
         checkpointer.save(done, state, data_iter, resolved,
-                          force=done == end or preempt.requested)
-      if preempt.requested:
+                          force=done == end or stop)
+      if stop:
         log.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
         stopped = True
         break

@@ -78,15 +78,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
                for k, v in metrics.items()}
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
 
-  grad_norm = optax.global_norm(grads)
-  is_finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  param_norm = optax.tree.norm(params)
+  # The new parameters are checked too, so a saved checkpoint is always finite.
+  is_finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+               & jnp.isfinite(param_norm))
   if skip_nonfinite:
     keep = lambda new, old: jax.tree.map(  # noqa: E731
         lambda a, b: jnp.where(is_finite, a, b), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-  metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+  metrics = {**metrics, "grad_norm": grad_norm, "param_norm": param_norm,
+             "learning_rate": schedule(state.step)}
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,
       num_nonfinite=state.num_nonfinite + (~is_finite).astype(jnp.int32))
