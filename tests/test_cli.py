@@ -1,6 +1,7 @@
 """The command line: usage errors exit 2 with one line naming the key, before any work."""
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import pytest
 
 from jaxalign import cli
 
-CONFIG = "tests/train/tiny_cli_config.py"
+REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+
+CONFIG = str(pathlib.Path(__file__).resolve().parent / "train" / "tiny_cli_config.py")
 
 
 def _run(capsys, *args):
@@ -71,7 +74,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
   cmd = [sys.executable, "-m", "jaxalign.cli", "train", f"--config={CONFIG}",
          f"--workdir={workdir}", "--noprogress", "--config.total_steps=100000",
          "--config.checkpoint.every=100000", "--config.log_every=1"]
-  proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()},
+  proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": REPO_ROOT},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.monotonic() + 120

@@ -1,6 +1,7 @@
 """The sharded train loop end to end: mesh invariance, accumulation, references, resume."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import pytest
 from jaxalign import checkpoint as ckpt
 from jaxalign.train import loop
 from tests.train.helpers import read_metrics, tiny_config
+
+REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 MESHES = [(8, 1, 1), (1, 4, 2), (2, 2, 2)]
 
@@ -84,7 +87,7 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
       "  return tiny_config(total_steps=10, **{'checkpoint.every': 5})\n")
   cmd = [sys.executable, "-m", "jaxalign.cli", "train", f"--config={cfg_file}",
          f"--workdir={tmp_path / 'resumed'}", "--noprogress"]
-  env = {**os.environ, "PYTHONPATH": os.getcwd()}
+  env = {**os.environ, "PYTHONPATH": REPO_ROOT}
   first = subprocess.run(cmd + ["--stop_after_steps=5"], env=env, capture_output=True, text=True)
   assert first.returncode == 0, first.stderr
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["5"]
@@ -120,3 +123,11 @@ def test_skip_nonfinite_counts_and_does_not_update(tmp_path):
   result = loop.train(cfg, str(tmp_path), progress=False)
   assert result.final_step == 4
   assert result.last_metrics["nonfinite_steps"] >= 1
+
+
+def test_bf16_compute_keeps_float32_master_weights(tmp_path):
+  cfg = tiny_config(**{"model.overrides.dtype": "bfloat16"})
+  result = loop.train(cfg, str(tmp_path), progress=False)
+  assert np.isfinite(result.last_metrics["loss"])
+  leaves = _params(tmp_path, cfg)
+  assert leaves and all(x.dtype == np.float32 for x in leaves)
