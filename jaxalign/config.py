@@ -27,6 +27,10 @@ DEFAULT_RULES = (
 )
 
 
+# Every logical axis name the model and the batch use; each needs a rule.
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
+
 class ConfigError(ValueError):
   """A config key holds a value that cannot work; the message names the key."""
 
@@ -134,6 +138,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for a in axes:
       if a not in MESH_AXES:
         _fail(f"sharding_rules[{i}]", f"unknown mesh axis {a!r} for {name!r}")
+  for name in LOGICAL_AXES:
+    if name not in rule_names:
+      _fail("sharding_rules", f"no rule for logical axis {name!r} "
+            f"(use ({name!r}, None) to replicate it)")
 
   try:
     spec = losses.get(c.loss.name)
@@ -186,6 +194,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("optim.lr", "must be positive")
   if c.optim.schedule not in ("cosine", "constant"):
     _fail("optim.schedule", f"must be 'cosine' or 'constant', got {c.optim.schedule!r}")
+
+  from jaxalign import sharding  # local: sharding imports this module
+  sharding.check_partition_specs(
+      sharding.model_partition_specs(model_cfg, tuple(tuple(r) for r in c.sharding_rules)))
 
   # Every sharded parameter dimension must divide by its mesh axes.
   rules = dict((n, t) for n, t in c.sharding_rules)

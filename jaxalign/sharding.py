@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxalign.config import MESH_AXES, resolve_mesh_shape
+from jaxalign.config import MESH_AXES, ConfigError, resolve_mesh_shape
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -28,6 +28,27 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Rules):
     specs = nnx.get_partition_spec(abstract_state)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def check_partition_specs(specs) -> None:
+  """Raises ConfigError when a spec maps two dimensions of one array to one mesh axis."""
+  for path, spec in jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, P))[0]:
+    used = [a for dim in spec if dim is not None
+            for a in ((dim,) if isinstance(dim, str) else dim)]
+    if len(used) != len(set(used)):
+      raise ConfigError(
+          f"config.sharding_rules: {jax.tree_util.keystr(path)} gets {spec}, which uses a "
+          "mesh axis for two of its dimensions")
+
+
+def model_partition_specs(model_cfg, rules: Rules):
+  """Each parameter's PartitionSpec under `rules`, from an abstract model (nothing allocated)."""
+  from jaxalign.models import transformer  # local: sharding stays importable from config
+
+  abstract = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  with nnx.logical_axis_rules(tuple(rules)):
+    return nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
 
 
 def batch_axes(rules: Rules) -> tuple[str, ...] | str | None:

@@ -90,3 +90,23 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
   steps = [int(s) for s in os.listdir(workdir / "checkpoints")]
   assert steps, err
   assert len(steps) == 1 and 3 <= steps[0] < 100000
+
+
+def test_rules_that_reuse_a_mesh_axis_in_one_array_fail_before_compiling(tmp_path, capsys):
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text("from tests.train.helpers import tiny_config\n"
+                 "def get_config():\n"
+                 "  c = tiny_config(**{'mesh.shape': (1, 4, 2)})\n"
+                 "  c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'tensor'),\n"
+                 "                      ('mlp', 'tensor'), ('heads', 'tensor'),\n"
+                 "                      ('kv_heads', None), ('vocab', None),\n"
+                 "                      ('head_dim', None), ('norm', None))\n"
+                 "  return c\n")
+  status, err = _run(capsys, "train", f"--config={cfg}", f"--workdir={tmp_path / 'run'}")
+  assert status == 2 and "config.sharding_rules" in err[0], err
+
+
+def test_a_logical_axis_without_a_rule_is_named(tmp_path, capsys):
+  status, err = _run(capsys, "train", f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}",
+                     "--config.sharding_rules=(('batch', 'data'),)")
+  assert status == 2 and "no rule for logical axis" in err[0], err
