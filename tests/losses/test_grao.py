@@ -1,0 +1,303 @@
+"""GRAO loss math, tested from shared/LOSSES.md section 5 (f) and a NumPy transcription."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.losses.grao import grao_advantages, grao_loss
+
+_OPTIONS = ("beta", "lam", "group_includes_reference", "reference_reward", "std_eps",
+            "zero_std")
+
+
+@functools.partial(jax.jit, static_argnames=_OPTIONS)
+def _run(logps, lengths, mask, rewards, answer_logps, answer_lengths, answer_rewards=None,
+         weights=None, **options):
+  """Loss, metrics and d loss / d (group_logps, answer_logps), in one compile.
+
+  Compiling the whole value-and-grad once per shape is much faster on CPU than
+  dispatching it op by op; test_jit_equals_eager compares it with the plain call.
+  """
+  def f(x, y):
+    return grao_loss(x, lengths, mask, rewards, y, answer_lengths, answer_rewards,
+                     weights=weights, **options)
+  (loss, metrics), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+      logps, answer_logps)
+  return loss, metrics, grads
+
+
+def _numpy_grao(logps, lengths, mask, rewards, answer_logps, answer_lengths,
+                answer_rewards, beta, lam, incl, eps, zero_std="eps"):
+  """Independent transcription of Eq. 2-4, one unpadded group at a time (float64).
+
+  J = (1/G) sum_i [A_i S^(o_i) + beta A_y S^(y) + lam A_i (S^(o_i) - S^(y))],
+  A = (R - mu) / (sigma + eps), population std, y in the set when incl.
+  Returns the loss (mean of -J) and per-row (exploration, imitation, alignment).
+  """
+  rows = []
+  for b in range(len(answer_logps)):
+    keep = np.asarray(mask[b], bool)
+    r = np.asarray(rewards[b], np.float64)[keep]
+    s = np.asarray(logps[b], np.float64)[keep] / np.asarray(lengths[b], np.float64)[keep]
+    s_y = float(answer_logps[b]) / float(answer_lengths[b])
+    r_y = float(answer_rewards[b])
+    pool = np.append(r, r_y) if incl else r
+    mu, sigma = pool.mean(), pool.std()
+    if zero_std == "zero" and sigma == 0:
+      adv, adv_y = np.zeros_like(r), 0.0
+    else:
+      adv, adv_y = (r - mu) / (sigma + eps), (r_y - mu) / (sigma + eps)
+    g = len(r)
+    exploration = np.sum(adv * s) / g
+    imitation = beta * adv_y * s_y
+    alignment = lam * np.sum(adv * (s - s_y)) / g
+    rows.append((exploration, imitation, alignment))
+  rows = np.array(rows)
+  return -rows.sum(-1).mean(), rows
+
+
+def _random_batch(seed, b=5, g=6, ternary=True, ragged=True):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, 12, size=(b, g)).astype(np.float32)
+  logps = (-rng.uniform(0.2, 3.0, size=(b, g)) * lengths).astype(np.float32)
+  if ternary:
+    rewards = rng.integers(-1, 2, size=(b, g)).astype(np.float32)
+  else:
+    rewards = rng.normal(0, 2, size=(b, g)).astype(np.float32)
+  mask = np.ones((b, g), bool)
+  if ragged:
+    sizes = rng.integers(2, g + 1, size=b)
+    sizes[0] = g
+    mask = np.arange(g)[None, :] < sizes[:, None]
+  answer_lengths = rng.integers(1, 12, size=b).astype(np.float32)
+  answer_logps = (-rng.uniform(0.2, 3.0, size=b) * answer_lengths).astype(np.float32)
+  answer_rewards = rng.normal(0, 1, size=b).astype(np.float32)
+  return logps, lengths, mask, rewards, answer_logps, answer_lengths, answer_rewards
+
+
+def _garbage_in_padding(logps, lengths, mask, rewards):
+  """Padding slots hold NaN log-probs and rewards and 0 lengths: must not leak."""
+  return (np.where(mask, logps, np.nan).astype(np.float32), np.where(mask, lengths, 0),
+          np.where(mask, rewards, np.nan).astype(np.float32))
+
+
+@pytest.mark.parametrize("incl", [True, False])
+@pytest.mark.parametrize("reference_reward", ["zero", "judge"])
+@pytest.mark.parametrize("ternary", [True, False])
+def test_matches_numpy_transcription_on_ragged_groups(incl, reference_reward, ternary):
+  logps, lengths, mask, rewards, a_logps, a_lengths, a_rewards = _random_batch(
+      3, ternary=ternary)
+  ref_r = a_rewards if reference_reward == "judge" else np.zeros_like(a_rewards)
+  beta, lam = 0.5, 0.6
+  expected, rows = _numpy_grao(logps, lengths, mask, rewards, a_logps, a_lengths, ref_r,
+                               beta, lam, incl, 1e-6)
+  p_logps, p_lengths, p_rewards = _garbage_in_padding(logps, lengths, mask, rewards)
+  loss, metrics = grao_loss(p_logps, p_lengths, mask, p_rewards, a_logps, a_lengths,
+                            a_rewards, beta=beta, lam=lam, group_includes_reference=incl,
+                            reference_reward=reference_reward)
+  np.testing.assert_allclose(loss, expected, rtol=1e-4, atol=1e-5)
+  for i, name in enumerate(["exploration", "imitation", "alignment"]):
+    np.testing.assert_allclose(metrics[f"loss/{name}"], -rows[:, i].mean(),
+                               rtol=1e-4, atol=1e-5)
+  grads = jax.grad(lambda x: grao_loss(x, p_lengths, mask, p_rewards, a_logps, a_lengths,
+                                       a_rewards, group_includes_reference=incl,
+                                       reference_reward=reference_reward)[0])(p_logps)
+  assert np.all(np.isfinite(grads))
+  assert np.all(np.asarray(grads)[~mask] == 0)
+
+
+def test_ragged_mask_equals_unpadded_rows():
+  logps, lengths, mask, rewards, a_logps, a_lengths, a_rewards = _random_batch(7)
+  p_logps, p_lengths, p_rewards = _garbage_in_padding(logps, lengths, mask, rewards)
+  loss, _ = grao_loss(p_logps, p_lengths, mask, p_rewards, a_logps, a_lengths)
+  per_row = []
+  for b in range(len(a_logps)):
+    keep = mask[b]
+    row_loss, _ = grao_loss(logps[b:b + 1, keep], lengths[b:b + 1, keep],
+                            np.ones((1, keep.sum()), bool), rewards[b:b + 1, keep],
+                            a_logps[b:b + 1], a_lengths[b:b + 1])
+    per_row.append(row_loss)
+  np.testing.assert_allclose(loss, np.mean(per_row), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -1.0, 0.1, 1e3])
+def test_equal_rewards_give_zero_loss_and_zero_gradient(value):
+  # (f)1: G+1, every reward (the answer's too) equal -> every A = 0. 0.1 is not
+  # representable, so a naive mean leaves rounding noise / (sigma + eps).
+  logps, lengths, mask, _, a_logps, a_lengths, _ = _random_batch(1)
+  rewards = np.full(mask.shape, value, np.float32)
+  a_rewards = np.full(a_logps.shape, value, np.float32)
+  f = lambda x, y: grao_loss(x, lengths, mask, rewards, y, a_lengths, a_rewards,  # noqa: E731
+                             reference_reward="judge")
+  (loss, metrics), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+      jnp.asarray(logps), jnp.asarray(a_logps))
+  assert loss == 0.0
+  assert all(np.all(np.asarray(g) == 0) for g in grads)
+  assert metrics["frac_zero_std_groups"] == 1.0
+  assert metrics["adv/ref"] == 0.0
+
+
+def test_zero_variance_groups_in_group_only_mode_are_finite():
+  logps, lengths, mask, _, a_logps, a_lengths, _ = _random_batch(2)
+  rewards = -np.ones(mask.shape, np.float32)  # every sample loses, R(y, y) = 0
+  for zero_std in ["eps", "zero"]:
+    f = lambda x, y, z=zero_std: grao_loss(  # noqa: E731
+        x, lengths, mask, rewards, y, a_lengths, group_includes_reference=False,
+        zero_std=z)
+    (loss, metrics), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(logps), jnp.asarray(a_logps))
+    assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
+    assert metrics["frac_zero_std_groups"] == 1.0
+    if zero_std == "zero":  # the group is dropped, as GRPO does
+      assert loss == 0.0 and all(np.all(np.asarray(g) == 0) for g in grads)
+    else:  # Eq. 4 with the eps guard: A_y = (0 - (-1)) / 1e-6
+      np.testing.assert_allclose(metrics["adv/ref"], 1e6, rtol=1e-5)
+      assert np.all(np.asarray(grads[0]) == 0)
+
+
+def test_beta_lam_zero_is_group_normalised_reinforce():
+  # (f)2: loss = -(1/G) sum_i A_i S^(o_i).
+  logps, lengths, mask, rewards, a_logps, a_lengths, _ = _random_batch(4, ragged=False,
+                                                                       ternary=False)
+  loss, _ = grao_loss(logps, lengths, mask, rewards, a_logps, a_lengths, beta=0.0, lam=0.0)
+  r = np.concatenate([rewards, np.zeros((len(rewards), 1))], -1).astype(np.float64)
+  adv = (rewards - r.mean(-1, keepdims=True)) / (r.std(-1, keepdims=True) + 1e-6)
+  expected = -np.mean(np.mean(adv * logps / lengths, -1))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_group_only_alignment_gradient_is_lam_times_exploration():
+  # (f)3: with sum_i A_i = 0 the -lam A_i S^(y) part cancels.
+  logps, lengths, mask, rewards, a_logps, a_lengths, _ = _random_batch(5, ternary=False)
+  lam = 0.6
+
+  def term(name):
+    return lambda x, y: grao_loss(x, lengths, mask, rewards, y, a_lengths, lam=lam,
+                                  group_includes_reference=False)[1][f"loss/{name}"]
+
+  g_align = jax.grad(term("alignment"), argnums=(0, 1))(jnp.asarray(logps),
+                                                        jnp.asarray(a_logps))
+  g_expl = jax.grad(term("exploration"), argnums=(0, 1))(jnp.asarray(logps),
+                                                         jnp.asarray(a_logps))
+  np.testing.assert_allclose(g_align[0], lam * np.asarray(g_expl[0]), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(g_align[1], 0.0, atol=1e-6)
+  assert np.all(np.asarray(g_expl[1]) == 0)
+  # Under G+1 it does not: the regulariser also moves the answer.
+  g_incl = jax.grad(lambda y: grao_loss(logps, lengths, mask, rewards, y, a_lengths,
+                                        beta=0.0)[1]["loss/alignment"])(jnp.asarray(a_logps))
+  assert np.any(np.abs(np.asarray(g_incl)) > 1e-3)
+
+
+@pytest.mark.parametrize("incl", [True, False])
+@pytest.mark.parametrize("scale,shift", [(3.0, 0.0), (0.25, 0.0), (1.0, 5.0), (2.0, -7.0)])
+def test_reward_affine_invariance(incl, scale, shift):
+  # (f)4: the answer's reward transforms with the samples' (reference_reward="judge").
+  logps, lengths, mask, rewards, a_logps, a_lengths, a_rewards = _random_batch(
+      6, ternary=False)
+  kw = dict(group_includes_reference=incl, reference_reward="judge")
+  base, m0 = grao_loss(logps, lengths, mask, rewards, a_logps, a_lengths, a_rewards, **kw)
+  moved, m1 = grao_loss(logps, lengths, mask, scale * rewards + shift, a_logps, a_lengths,
+                        scale * a_rewards + shift, **kw)
+  np.testing.assert_allclose(moved, base, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(m1["adv/ref"], m0["adv/ref"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("incl", [True, False])
+def test_gradient_signs_follow_the_advantages(incl):
+  # (f)5: descent raises S^ of a sample with A > 0 and of y when A_y > 0.
+  logps, lengths, mask, rewards, a_logps, a_lengths, a_rewards = _random_batch(
+      8, ternary=False, ragged=False)
+  a_rewards[:2] = 10.0    # the answer beats its group: A_y > 0
+  a_rewards[2:] = -10.0   # loses: A_y < 0
+  kw = dict(group_includes_reference=incl, reference_reward="judge")
+  adv, adv_y, _, _ = grao_advantages(rewards, mask, a_rewards, group_includes_reference=incl)
+  g_s, g_y = jax.grad(lambda x, y: grao_loss(x, lengths, mask, rewards, y, a_lengths,
+                                             a_rewards, **kw)[0], argnums=(0, 1))(
+                                                 jnp.asarray(logps), jnp.asarray(a_logps))
+  np.testing.assert_array_equal(np.sign(g_s), -np.sign(adv))
+  np.testing.assert_array_equal(np.sign(g_y), -np.sign(adv_y))
+  assert np.all(np.asarray(adv_y)[:2] > 0) and np.all(np.asarray(adv_y)[2:] < 0)
+
+
+@pytest.mark.parametrize("reward,sign", [(-1.0, 1.0), (1.0, -1.0)])
+def test_all_lose_and_all_win_closed_forms(reward, sign):
+  # (f)6: G = 8, answer reward 0; G+1 gives A_y = +-sqrt(G), A_o = -+1/sqrt(G).
+  g = 8
+  rewards = np.full((1, g), reward, np.float32)
+  mask = np.ones((1, g), bool)
+  adv, adv_y, _, sigma = grao_advantages(rewards, mask, np.zeros(1, np.float32))
+  np.testing.assert_allclose(adv_y, [sign * np.sqrt(g)], rtol=1e-5)   # 2.8284...
+  np.testing.assert_allclose(adv, -sign / np.sqrt(g) * np.ones((1, g)), rtol=1e-5)
+  np.testing.assert_allclose(np.sum(adv), -adv_y[0], rtol=1e-5)
+  assert sigma[0] > 0
+  lengths = np.full((1, g), 4.0, np.float32)
+  _, metrics = grao_loss(np.full((1, g), -8.0, np.float32), lengths, mask, rewards,
+                         np.array([-2.0], np.float32), np.array([2.0], np.float32))
+  np.testing.assert_allclose(metrics["adv/ref"], sign * np.sqrt(g), rtol=1e-5)
+  assert metrics["frac_zero_std_groups"] == 0.0
+  assert metrics["reward/win_rate"] == (1.0 if reward > 0 else 0.0)
+
+
+def test_jit_equals_eager_and_metrics():
+  args = _random_batch(9)
+  eager = grao_loss(*args, reference_reward="judge")
+  jitted = jax.jit(grao_loss, static_argnames="reference_reward")(
+      *args, reference_reward="judge")
+  np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-6)
+  for key in eager[1]:
+    np.testing.assert_allclose(jitted[1][key], eager[1][key], rtol=1e-6, atol=1e-7)
+  logps, lengths, mask, rewards, *_ = args
+  metrics = eager[1]
+  np.testing.assert_allclose(metrics["reward/mean"], rewards[mask].mean(), rtol=1e-6)
+  np.testing.assert_allclose(metrics["completion_length/mean"], lengths[mask].mean(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["reward/win_rate"], (rewards[mask] > 0).mean(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      eager[0], metrics["loss/exploration"] + metrics["loss/imitation"]
+      + metrics["loss/alignment"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("magnitude", [1e4, -1e4])
+def test_finite_at_extreme_inputs(magnitude):
+  logps, lengths, mask, rewards, a_logps, a_lengths, a_rewards = _random_batch(10)
+  big = np.full_like(logps, magnitude)
+  f = lambda x, y: grao_loss(x, lengths, mask, 1e4 * rewards, y, a_lengths,  # noqa: E731
+                             1e4 * a_rewards, reference_reward="judge")[0]
+  loss, grads = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(big),
+                                                      jnp.full_like(a_logps, magnitude))
+  assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_weights_drop_padding_rows_and_empty_groups_are_finite():
+  logps, lengths, mask, rewards, a_logps, a_lengths, _ = _random_batch(11)
+  full, m_full = grao_loss(logps[:3], lengths[:3], mask[:3], rewards[:3], a_logps[:3],
+                           a_lengths[:3])
+  mask_pad = mask.copy()
+  mask_pad[3:] = False  # padding rows: no sample at all
+  w = np.array([1, 1, 1, 0, 0], np.float32)
+  for incl in [True, False]:
+    f = lambda x, i=incl: grao_loss(x, lengths, mask_pad, rewards, a_logps,  # noqa: E731
+                                    a_lengths, weights=w, group_includes_reference=i)
+    (padded, m_pad), grads = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logps))
+    assert np.isfinite(padded) and np.all(np.isfinite(grads))
+    if incl:
+      np.testing.assert_allclose(padded, full, rtol=1e-6)
+      np.testing.assert_allclose(m_pad["reward/mean"], m_full["reward/mean"], rtol=1e-6)
+  # An empty group with weight 1 contributes exactly 0.
+  only_empty, m = grao_loss(logps[3:], lengths[3:], mask_pad[3:], rewards[3:], a_logps[3:],
+                            a_lengths[3:], group_includes_reference=False)
+  assert only_empty == 0.0 and m["adv/ref"] == 0.0
+
+
+def test_bad_options_raise():
+  args = _random_batch(12)
+  with pytest.raises(ValueError, match="answer_rewards"):
+    grao_loss(*args[:6], reference_reward="judge")
+  with pytest.raises(ValueError, match="reference_reward"):
+    grao_loss(*args, reference_reward="model")
+  with pytest.raises(ValueError, match="zero_std"):
+    grao_loss(*args, zero_std="nan")
