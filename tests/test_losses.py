@@ -80,9 +80,10 @@ def test_sft_is_token_mean_nll():
 
 
 def test_registry_specs():
-  assert losses.get("dpo").needs_ref and losses.get("dpo").num_sequences == 2
+  assert losses.get("dpo").needs_ref and losses.get("dpo").data == "pairwise"
   assert not losses.get("sft").needs_ref
-  assert set(losses.get("dpo").hparam_names()) == {"beta", "label_smoothing", "rpo_alpha"}
+  assert set(losses.get("dpo").hparam_names()) == {
+      "beta", "label_smoothing", "rpo_alpha", "variant", "reference_free", "ipo_length_norm"}
   with pytest.raises(KeyError, match="known"):
     losses.get("nope")
 

@@ -29,7 +29,8 @@ from jaxalign.train.metrics import MetricWriter
 
 log = logging.getLogger("jaxalign")
 
-BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps")
+# Host-side bookkeeping columns of a batch that never go to the device.
+HOST_ONLY_KEYS = ("index", "valid")
 
 
 class NonFiniteError(RuntimeError):
@@ -118,12 +119,15 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
   return examples, skipped
 
 
-def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_reference: bool):
+def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_reference: bool,
+                          init_loss_state=None):
   """(graphdef, abstract_state, state_shardings, init_fn) with nothing allocated yet."""
   def init_fn():
     with nnx.logical_axis_rules(tuple(rules)):
       model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
-    return state_lib.create_state(model, tx, seed=seed, keep_reference=keep_reference)[1]
+    loss_state = init_loss_state() if init_loss_state is not None else None
+    return state_lib.create_state(model, tx, seed=seed, keep_reference=keep_reference,
+                                  loss_state=loss_state)[1]
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
     abstract_model = nnx.eval_shape(
@@ -222,7 +226,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
       clip_norm=config.optim.clip_norm)
   graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=frozen_ref)
+      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=frozen_ref,
+      init_loss_state=spec.init_state)
 
   checkpointer = ckpt.Checkpointer(
       os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
@@ -291,7 +296,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       host_batch = next(data_iter)
       window_tokens += int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
       batch = sharding.host_to_global(
-          {k: v for k, v in host_batch.items() if k in BATCH_KEYS}, batch_sharding)
+          {k: v for k, v in host_batch.items() if k not in HOST_ONLY_KEYS}, batch_sharding)
       state, metrics = step_fn(state, batch)
       done = step + 1
       bar.update(1)

@@ -27,7 +27,8 @@ def split_model(model: nnx.Module):
 
 
 def create_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int,
-                 keep_reference: bool) -> tuple[nnx.GraphDef, TrainState]:
+                 keep_reference: bool, loss_state: Any = None
+                 ) -> tuple[nnx.GraphDef, TrainState]:
   """A fresh TrainState from a built model; `keep_reference` keeps a frozen copy."""
   graphdef, params, frozen = split_model(model)
   state = TrainState(
@@ -39,5 +40,6 @@ def create_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: i
       num_nonfinite=jnp.zeros((), jnp.int32),
       # A real copy: the step donates `params`, so the reference cannot alias it.
       ref_params=jax.tree.map(jnp.copy, params) if keep_reference else None,
+      loss_state=loss_state,
   )
   return graphdef, state

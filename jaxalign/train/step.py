@@ -15,8 +15,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxalign import logprobs
+from jaxalign import logprobs, losses
 from jaxalign.train.state import TrainState
+
+
+# Columns that describe the sequences themselves; every other column goes to the loss.
+SEQUENCE_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps")
 
 
 def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int):
@@ -30,23 +34,26 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int):
   return sums.reshape(b, s), counts.reshape(b, s)
 
 
-def _micro_step(params, frozen, ref_params, batch, *, graphdef, loss_call: Callable,
-                chunk_size: int):
-  """Loss, metrics and gradients of one micro-batch."""
+def _micro_step(params, frozen, ref_params, loss_state, batch, *, graphdef,
+                loss_call: Callable, chunk_size: int):
+  """Loss metrics, gradients and the loss's new running state for one micro-batch."""
   if ref_params is not None:
     ref_logps, _ = batch_logps(graphdef, ref_params, frozen, batch, chunk_size=chunk_size)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   else:
     ref_logps = batch.get("ref_logps")
+  extra = {k: v for k, v in batch.items() if k not in SEQUENCE_KEYS}
 
   def objective(p):
     logps, counts = batch_logps(graphdef, p, frozen, batch, chunk_size=chunk_size)
-    return loss_call(logps, ref_logps, counts)
+    inputs = losses.LossInputs(logps=logps, ref_logps=ref_logps, lengths=counts, batch=extra)
+    loss, metrics, new_state = loss_call(inputs, loss_state)
+    return loss, (metrics, new_state)
 
-  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  (loss, (metrics, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
   metrics = {**metrics, "loss": loss,
              "num_tokens/real": batch["attention_mask"].sum().astype(jnp.float32)}
-  return metrics, grads
+  return metrics, grads, new_state
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
@@ -57,22 +64,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
 
   Micro-batches hold equal numbers of examples, so the mean of their per-example
   means is the full-batch mean: accumulation does not bias losses or metrics.
+  A loss's running state is threaded through the micro-batches in order.
   """
   micro = functools.partial(_micro_step, state.params, state.frozen, state.ref_params,
                             graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size)
   if accum_steps == 1:
-    metrics, grads = micro(batch)
+    metrics, grads, loss_state = micro(state.loss_state, batch)
   else:
     split = jax.tree.map(
         lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
     def body(carry, mb):
-      metrics, grads = micro(mb)
-      return jax.tree.map(jnp.add, carry, (metrics, grads)), None
+      sums, loss_state = carry
+      metrics, grads, loss_state = micro(loss_state, mb)
+      return (jax.tree.map(jnp.add, sums, (metrics, grads)), loss_state), None
 
-    zeros = jax.tree.map(jnp.zeros_like,
-                         jax.eval_shape(micro, jax.tree.map(lambda x: x[0], split)))
-    (metrics, grads), _ = jax.lax.scan(body, zeros, split)
+    first = jax.tree.map(lambda x: x[0], split)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, state.loss_state, first)[:2])
+    ((metrics, grads), loss_state), _ = jax.lax.scan(body, (zeros, state.loss_state), split)
     # Sums over micro-batches -> means, except counts which stay sums.
     metrics = {k: v if k.startswith("num_tokens") else v / accum_steps
                for k, v in metrics.items()}
@@ -89,21 +98,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
     keep = lambda new, old: jax.tree.map(  # noqa: E731
         lambda a, b: jnp.where(is_finite, a, b), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    loss_state = keep(loss_state, state.loss_state)
   metrics = {**metrics, "grad_norm": grad_norm, "param_norm": param_norm,
              "learning_rate": schedule(state.step)}
   new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state,
+      step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state,
       num_nonfinite=state.num_nonfinite + (~is_finite).astype(jnp.int32))
   return new_state, metrics
 
 
-def make_loss_call(spec, hparams: dict[str, Any]) -> Callable:
-  """Binds a registry entry and its hyperparameters: (logps, ref, counts) -> (loss, metrics)."""
+def make_loss_call(spec: losses.LossSpec, hparams: dict[str, Any]) -> Callable:
+  """Binds a registry entry and its hyperparameters: (inputs, state) -> (loss, metrics, state)."""
   return functools.partial(_loss_call, spec.call, spec.fn, dict(hparams))
 
 
-def _loss_call(call, fn, hparams, logps, ref_logps, counts):
-  return call(fn, logps, ref_logps, counts, None, **hparams)
+def _loss_call(call, fn, hparams, inputs, loss_state):
+  return call(fn, inputs, loss_state, **hparams)
 
 
 def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps,

@@ -39,9 +39,9 @@ def test_step_compiles_once_and_params_follow_the_rules():
   traces = []
   spec = losses.get("dpo")
 
-  def counting_loss(logps, ref, counts):
+  def counting_loss(inputs, loss_state):
     traces.append(1)  # runs at trace time only
-    return spec.call(spec.fn, logps, ref, counts, None, beta=0.1)
+    return spec.call(spec.fn, inputs, loss_state, beta=0.1)
 
   step_fn = step_lib.jit_train_step(
       graphdef=graphdef, tx=tx, schedule=sched, loss_call=counting_loss, chunk_size=16,
