@@ -16,7 +16,7 @@ USAGE = """usage: jaxalign <command> [flags]
 
 commands:
   train   --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
-  demo    [--workdir DIR] [--seed N]   SFT then DPO on the bundled arithmetic task
+  demo    [--workdir DIR] [--seed N] [--method M]   SFT then alignment on the bundled task
 """
 
 
@@ -91,15 +91,21 @@ def _demo(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="jaxalign demo", description=__doc__)
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--method", default="dpo",
+                      help="dpo | ipo | ln_dpo | bco | d2o | grao | aft (default dpo); "
+                      "methods run in one workdir share its SFT model")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  if os.path.exists(os.path.join(args.workdir, "sft")) or os.path.exists(
-      os.path.join(args.workdir, "dpo")):
-    return _die("demo", f"{args.workdir} already holds a demo run; pass a new --workdir")
 
   from jaxalign import demo
 
-  summary = demo.run_demo(args.workdir, seed=args.seed, progress=not args.no_progress)
+  if args.method not in demo.METHODS:
+    return _die("demo", f"unknown method {args.method!r}; known: {sorted(demo.METHODS)}")
+  if os.path.exists(os.path.join(args.workdir, args.method)):
+    return _die("demo", f"{args.workdir} already holds a {args.method} demo run; pass a new "
+                "--workdir")
+  summary = demo.run_demo(args.workdir, method=args.method, seed=args.seed,
+                          progress=not args.no_progress)
   print()
   print(demo.format_table(summary))
   print(f"summary: {os.path.join(os.path.abspath(args.workdir), 'summary.json')}")

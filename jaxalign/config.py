@@ -65,10 +65,14 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.batch_size = 8       # global, in examples (pairs for DPO)
   c.data.shuffle = True
   c.data.on_error = "raise"   # "raise" | "skip"
+  # Groups (negatives' samples, completions) are padded to this many slots with a
+  # group_mask; None: every record must have the same number.
+  c.data.group_size = ml_collections.FieldReference(None, field_type=int)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dpo"
   c.loss.hparams = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0))
+  c.loss.options = ml_collections.ConfigDict()   # the loss's host-side `prepare` options
 
   c.reference = ml_collections.ConfigDict()
   c.reference.mode = "precompute"   # "precompute" | "frozen"
@@ -152,6 +156,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if key not in allowed:
       _fail(f"loss.hparams.{key}", f"not a hyperparameter of {c.loss.name!r}; "
             f"it takes {sorted(allowed)}")
+  options = set(spec.option_names())
+  for key in c.loss.options.keys():
+    if key not in options:
+      _fail(f"loss.options.{key}", f"not an option of {c.loss.name!r}; "
+            f"it takes {sorted(options)}")
+  if c.data.group_size is not None and c.data.group_size < 1:
+    _fail("data.group_size", "must be >= 1 (or None)")
   if c.reference.mode not in ("precompute", "frozen"):
     _fail("reference.mode", f"must be 'precompute' or 'frozen', got {c.reference.mode!r}")
 

@@ -71,17 +71,28 @@ def sft_config(data_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-def dpo_config(data_dir: str, sft_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
+def aligned_config(method: str, data_dir: str, sft_dir: str,
+                   seed: int = 0) -> ml_collections.ConfigDict:
+  """The alignment stage of `method`, starting from the SFT checkpoint."""
+  if method not in METHODS:
+    raise ValueError(f"unknown demo method {method!r}; known: {sorted(METHODS)}")
+  spec = METHODS[method]
   c = base_config(seed)
-  c.loss.name = "dpo"
-  c.loss.hparams = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0))
+  c.loss.name = spec["loss"]
+  c.loss.hparams = ml_collections.ConfigDict(spec["hparams"])
+  c.loss.options = ml_collections.ConfigDict(spec.get("options", {}))
   c.reference.mode = "precompute"
   c.init_from = sft_dir
-  c.data.train_path = os.path.join(data_dir, "pairs.jsonl")
-  c.total_steps = 150
-  c.optim.lr = 1e-4
+  c.data.train_path = os.path.join(data_dir, f"{method}.jsonl")
+  c.data.batch_size = spec.get("batch_size", 64)
+  c.total_steps = spec.get("steps", 150)
+  c.optim.lr = spec.get("lr", 1e-4)
   c.optim.warmup_steps = 10
   return c
+
+
+def dpo_config(data_dir: str, sft_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
+  return aligned_config("dpo", data_dir, sft_dir, seed)
 
 
 def _write_jsonl(path: str, records) -> None:
@@ -90,70 +101,144 @@ def _write_jsonl(path: str, records) -> None:
       f.write(json.dumps(r) + "\n")
 
 
-def _evaluate(run_dir: str, config, tokenizer, prompts) -> tuple[float, list[str]]:
+def _complete(run_dir: str, config, tokenizer, prompts, *, temperature: float = 0.0,
+              seed: int = 0) -> list[str]:
   graphdef, params, frozen = loop.load_run_params(run_dir, config)
-  completions = eval_lib.greedy_complete(graphdef, params, frozen, tokenizer, prompts,
-                                         max_new_tokens=MAX_NEW_TOKENS)
+  return eval_lib.complete(graphdef, params, frozen, tokenizer, prompts,
+                           max_new_tokens=MAX_NEW_TOKENS, temperature=temperature, seed=seed)
+
+
+def _evaluate(run_dir: str, config, tokenizer, prompts) -> tuple[float, list[str]]:
+  completions = _complete(run_dir, config, tokenizer, prompts)
   return eval_lib.accuracy(completions, prompts, TASK.is_correct), completions
+
+
+def _mistake(problem, completion: str, rng) -> str:
+  """The model's answer when it is wrong (and non-empty), else a task mistake."""
+  text = completion.strip()
+  if text and not TASK.is_correct(problem.prompt, completion):
+    return text
+  return TASK.wrong_answers(problem, 1, rng)[0]
 
 
 def on_policy_pairs(prompts, answers, completions, seed: int) -> list[dict]:
   """Chosen = right answer; rejected = the model's wrong answer, else a task mistake."""
   rng = np.random.default_rng(seed)
-  pairs = []
-  for prompt, answer, completion in zip(prompts, answers, completions):
-    rejected = completion.strip()
-    if TASK.is_correct(prompt, completion) or not rejected:
-      rejected = TASK.wrong_answers(TASK.parse_prompt(prompt), 1, rng)[0]
-    pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
-  return pairs
+  return [{"prompt": p, "chosen": a, "rejected": _mistake(TASK.parse_prompt(p), c, rng)}
+          for p, a, c in zip(prompts, answers, completions)]
 
 
-def run_demo(workdir: str, *, seed: int = 0, num_train: int = 4000, num_eval: int = 500,
-             pad_noise: float = PAD_NOISE, progress: bool = True) -> dict:
-  """Runs the whole demo; returns (and writes to DIR/summary.json) the summary."""
+def build_records(method: str, problems, sample, seed: int) -> list[dict]:
+  """The method's training records from the SFT model, judged by the task's checker.
+
+  Args:
+    method: a key of METHODS.
+    problems: training problems (prompt + right answer).
+    sample: sample(prompts, temperature, seed) -> completions from the SFT model.
+    seed: seeds sampling and the task's mistakes.
+  """
+  rng = np.random.default_rng(seed)
+  prompts = [p.prompt for p in problems]
+  greedy = sample(prompts, 0.0, seed)
+  fmt = METHODS[method]["format"]
+  if fmt == "pairwise":
+    return on_policy_pairs(prompts, [p.answer for p in problems], greedy, seed)
+  if fmt == "unpaired":
+    # Each pair split into one desirable and one undesirable example (BCO paper).
+    out = []
+    for pair in on_policy_pairs(prompts, [p.answer for p in problems], greedy, seed):
+      out.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+      out.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return out
+  k = METHODS[method]["group"]
+  samples = [sample(prompts, 1.0, seed + 1 + i) for i in range(k)]   # k x [N]
+  if fmt == "negatives":
+    # D2O: the human negative plus K self-generated samples, no positives.
+    return [{"prompt": p.prompt, "rejected": _mistake(p, greedy[i], rng),
+             "samples": [s[i].strip() or "0" for s in samples]}
+            for i, p in enumerate(problems)]
+  if fmt == "groups":
+    out = []
+    for i, p in enumerate(problems):
+      completions = [s[i].strip() or "0" for s in samples]
+      # GRAO's ternary judge against the reference answer y: a right answer ties
+      # with y (0), a wrong one loses (-1); R(y, y) = 0 (reference_reward="zero").
+      rewards = [0.0 if TASK.is_correct(p.prompt, c) else -1.0 for c in completions]
+      out.append({"prompt": p.prompt, "reference": p.answer, "completions": completions,
+                  "rewards": rewards})
+    return out
+  if fmt == "ranked":
+    out = []
+    for i, p in enumerate(problems):
+      completions = [s[i].strip() or "0" for s in samples]
+      labels = [TASK.is_correct(p.prompt, c) for c in completions]
+      out.append({"prompt": p.prompt, "reference": p.answer, "completions": completions,
+                  "labels": labels})
+    return out
+  raise ValueError(f"no demo data builder for format {fmt!r}")
+
+
+# The demo recipe of each method: its loss, data format and hyperparameters.
+METHODS: dict[str, dict] = {
+    "dpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1)),
+    "ipo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="ipo")),
+    "ln_dpo": dict(loss="ln_dpo", format="pairwise", hparams=dict(beta=0.1)),
+    "bco": dict(loss="bco", format="unpaired", hparams=dict(beta=0.1),
+                options=dict(udm="model", prompt_sample_size=1024)),
+    "d2o": dict(loss="d2o", format="negatives", group=4, hparams=dict(beta=0.1, alpha=0.1)),
+    "grao": dict(loss="grao", format="groups", group=4, hparams=dict(beta=0.5, lam=0.6)),
+    "aft": dict(loss="aft", format="ranked", group=4, hparams=dict()),
+}
+
+
+def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int = 4000,
+             num_eval: int = 500, pad_noise: float = PAD_NOISE, progress: bool = True) -> dict:
+  """Runs the whole demo; returns (and writes to DIR/summary.json) the summary.
+
+  An SFT run already in DIR/sft (from an earlier demo with the same seed) is
+  reused, so several methods can be compared on one SFT model.
+  """
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   data_dir = os.path.join(workdir, "data")
   os.makedirs(data_dir, exist_ok=True)
   tokenizer = toy.build_tokenizer()
-
-  sft_records = TASK.sft_records(num_train, split="train", seed=seed, pad_noise=pad_noise)
-  _write_jsonl(os.path.join(data_dir, "sft.jsonl"), sft_records)
-  eval_problems = TASK.problems(num_eval, split="eval", seed=seed + 1)
-  eval_prompts = [p.prompt for p in eval_problems]
+  eval_prompts = [p.prompt for p in TASK.problems(num_eval, split="eval", seed=seed + 1)]
 
   sft_dir = os.path.join(workdir, "sft")
   sft_cfg = sft_config(data_dir, seed)
-  loop.train(sft_cfg, sft_dir, progress=progress)
+  if not os.path.isdir(os.path.join(sft_dir, "checkpoints")):
+    sft_records = TASK.sft_records(num_train, split="train", seed=seed, pad_noise=pad_noise)
+    _write_jsonl(os.path.join(data_dir, "sft.jsonl"), sft_records)
+    loop.train(sft_cfg, sft_dir, progress=progress)
   sft_acc, _ = _evaluate(sft_dir, sft_cfg, tokenizer, eval_prompts)
 
-  # On-policy negatives from the SFT model on (a subset of) the training prompts.
-  pair_problems = TASK.problems(num_train, split="train", seed=seed + 2)
-  _, train_completions = _evaluate(sft_dir, sft_cfg, tokenizer,
-                                   [p.prompt for p in pair_problems])
-  pairs = on_policy_pairs([p.prompt for p in pair_problems], [p.answer for p in pair_problems],
-                          train_completions, seed)
-  _write_jsonl(os.path.join(data_dir, "pairs.jsonl"), pairs)
+  # The method's data, built from the SFT model's own answers on training prompts.
+  problems = TASK.problems(num_train, split="train", seed=seed + 2)
+  sample = lambda prompts, temperature, s: _complete(  # noqa: E731
+      sft_dir, sft_cfg, tokenizer, prompts, temperature=temperature, seed=s)
+  _write_jsonl(os.path.join(data_dir, f"{method}.jsonl"),
+               build_records(method, problems, sample, seed))
 
-  dpo_dir = os.path.join(workdir, "dpo")
-  dpo_cfg = dpo_config(data_dir, sft_dir, seed)
-  result = loop.train(dpo_cfg, dpo_dir, progress=progress)
-  aligned_acc, _ = _evaluate(dpo_dir, dpo_cfg, tokenizer, eval_prompts)
+  run_dir = os.path.join(workdir, method)
+  cfg = aligned_config(method, data_dir, sft_dir, seed)
+  result = loop.train(cfg, run_dir, progress=progress)
+  aligned_acc, _ = _evaluate(run_dir, cfg, tokenizer, eval_prompts)
 
   summary = {
-      "method": "dpo",
+      "method": method,
       "sft_accuracy": sft_acc,
       "aligned_accuracy": aligned_acc,
       "improvement_points": 100.0 * (aligned_acc - sft_acc),
       "num_eval_problems": num_eval,
       "seed": seed,
-      "dpo_final_metrics": result.last_metrics,
+      "final_metrics": result.last_metrics,
       "wall_time_sec": time.perf_counter() - start,
       "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
   }
   if jax.process_index() == 0:
-    ckpt.write_json(os.path.join(workdir, "summary.json"), summary)
+    ckpt.write_json(os.path.join(workdir, f"summary_{method}.json"), summary)
+    ckpt.write_json(os.path.join(workdir, "summary.json"), summary)  # the latest run
   return summary
 
 

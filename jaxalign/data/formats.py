@@ -7,6 +7,18 @@ A *format* names the fields a loss consumes:
   unpaired   {prompt, completion, label: bool}
   negatives  {prompt, rejected, samples: list}
   groups     {prompt, reference, completions: list, rewards: list[float]}
+  ranked     {prompt, completions: list, labels: list[bool] | ranks: list[int],
+              reference?}                                   (AFT)
+
+Optional fields: unpaired ``embedding: list[float]`` (finite, float32-representable;
+a prompt embedding for BCO's underlying-distribution matching); ranked
+``reference`` (the reference answer / chain of thought for AFT's SFT term). A
+ranked record has exactly one of ``labels`` (True = positive, correct) and
+``ranks`` (integers >= 1, 1 = best, a lower rank is better, ties allowed; equal
+ranks form no pair, as in LOSSES.md §6), of the same length as ``completions``.
+`validate_records` also checks that such columns agree across records (all
+ranked records use labels or all use ranks; embeddings present in all unpaired
+records or none, all of one dimension), so examples stack into batches.
 
 Every text field is either a string or chat messages (a list of
 ``{"role", "content"}`` dicts). A record is *conversational* when any text field
@@ -33,6 +45,7 @@ Record = dict[str, Any]
 Messages = list[dict[str, str]]
 
 TEXT, TEXT_LIST, BOOL, FLOAT_LIST = "text", "text_list", "bool", "float_list"
+BOOL_LIST, RANK_LIST, EMBEDDING = "bool_list", "rank_list", "embedding"
 
 # format -> {field: kind}; prompt is always first.
 FORMATS: dict[str, dict[str, str]] = {
@@ -42,10 +55,23 @@ FORMATS: dict[str, dict[str, str]] = {
     "negatives": {"prompt": TEXT, "rejected": TEXT, "samples": TEXT_LIST},
     "groups": {"prompt": TEXT, "reference": TEXT, "completions": TEXT_LIST,
                "rewards": FLOAT_LIST},
+    "ranked": {"prompt": TEXT, "completions": TEXT_LIST},
 }
 
+# format -> {field: kind} for fields that may be absent.
+OPTIONAL_FIELDS: dict[str, dict[str, str]] = {
+    "unpaired": {"embedding": EMBEDDING},
+    "ranked": {"labels": BOOL_LIST, "ranks": RANK_LIST, "reference": TEXT},
+}
+
+# format -> fields of which exactly one must be present.
+_EXACTLY_ONE = {"ranked": ("labels", "ranks")}
+
 # Fields holding equal-length lists: (list field, must match this list field).
-_MATCHING_LENGTHS = {"groups": (("rewards", "completions"),)}
+_MATCHING_LENGTHS = {"groups": (("rewards", "completions"),),
+                     "ranked": (("labels", "completions"), ("ranks", "completions"))}
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 PROVENANCE = ("source_file", "row")
 
@@ -156,6 +182,34 @@ def _check_float_list(value: Any, field: str) -> list[float]:
   return out
 
 
+def _check_bool_list(value: Any, field: str) -> list[bool]:
+  if not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0:
+    raise _FieldError(field, "expected a non-empty list of bools")
+  return [_check_bool(v, f"{field}[{i}]") for i, v in enumerate(value)]
+
+
+def _check_rank_list(value: Any, field: str) -> list[int]:
+  if not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0:
+    raise _FieldError(field, "expected a non-empty list of integer ranks")
+  out = []
+  for i, v in enumerate(value):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+      raise _FieldError(f"{field}[{i}]",
+                        f"expected an integer rank, got {type(v).__name__} {v!r:.40}")
+    if not 1 <= int(v) <= np.iinfo(np.int32).max:
+      raise _FieldError(f"{field}[{i}]", f"rank must be >= 1 (1 = best), got {int(v)}")
+    out.append(int(v))
+  return out
+
+
+def _check_embedding(value: Any, field: str) -> list[float]:
+  out = _check_float_list(value, field)
+  for i, x in enumerate(out):
+    if abs(x) > _FLOAT32_MAX:
+      raise _FieldError(f"{field}[{i}]", f"not finite in float32 ({x!r:.40})")
+  return out
+
+
 def _is_conversational(record: Record, fields: dict[str, str]) -> bool:
   for name, kind in fields.items():
     value = record.get(name)
@@ -188,8 +242,9 @@ def validate_record(record: Any, fmt: str, *, file: str | None = None,
     row: 1-based row for error messages (default: ``record["row"]``).
 
   Returns:
-    A new dict: the format's fields (normalized: label -> bool, rewards ->
-    list[float], conversational text -> message lists) plus all other keys.
+    A new dict: the format's fields (normalized: label/labels -> bool, rewards
+    and embedding -> list[float], ranks -> list[int], conversational text ->
+    message lists) plus all other keys.
 
   Raises:
     DataError: ``"{file}:{row}: {field}: {problem}"``.
@@ -207,6 +262,16 @@ def validate_record(record: Any, fmt: str, *, file: str | None = None,
     for name in fields:
       if name not in record:
         raise _FieldError(name, "missing field")
+    one_of = _EXACTLY_ONE.get(fmt)
+    if one_of:
+      present = [f for f in one_of if f in record]
+      if len(present) != 1:
+        need = " or ".join(one_of)
+        raise _FieldError(present[-1] if present else one_of[0],
+                          f"expected exactly one of {need}, got "
+                          f"{'both' if present else 'neither'}")
+    optional = OPTIONAL_FIELDS.get(fmt, {})
+    fields = {**fields, **{k: v for k, v in optional.items() if k in record}}
     chat = _is_conversational(record, fields)
     out = dict(record)
     for name, kind in fields.items():
@@ -219,12 +284,38 @@ def validate_record(record: Any, fmt: str, *, file: str | None = None,
         out[name] = _check_bool(value, name)
       elif kind == FLOAT_LIST:
         out[name] = _check_float_list(value, name)
+      elif kind == BOOL_LIST:
+        out[name] = _check_bool_list(value, name)
+      elif kind == RANK_LIST:
+        out[name] = _check_rank_list(value, name)
+      elif kind == EMBEDDING:
+        out[name] = _check_embedding(value, name)
     for name, other in _MATCHING_LENGTHS.get(fmt, ()):
-      if len(out[name]) != len(out[other]):
+      if name in out and len(out[name]) != len(out[other]):
         raise _FieldError(name, f"length {len(out[name])} != len({other}) {len(out[other])}")
   except _FieldError as e:
     raise DataError(f"{file}:{row}: {e.field}: {e.problem}") from None
   return out
+
+
+def _column_signature(record: Record, fmt: str) -> tuple:
+  """What decides a record's tokenized columns beyond its format (must agree)."""
+  if fmt == "ranked":
+    return ("labels" in record,)
+  if fmt == "unpaired":
+    return (len(record["embedding"]) if "embedding" in record else None,)
+  return ()
+
+
+def _signature_mismatch(sig: tuple, schema: tuple, fmt: str) -> tuple[str, str]:
+  if fmt == "ranked":
+    has, want = ("labels", "ranks") if sig[0] else ("ranks", "labels")
+    return has, f"earlier records use {want}; all records must use the same one"
+  if sig[0] is None:
+    return "embedding", "missing field (earlier records have one)"
+  if schema[0] is None:
+    return "embedding", "unexpected field (earlier records have none)"
+  return "embedding", f"length {sig[0]} != {schema[0]} of earlier records"
 
 
 def validate_records(records: Iterable[Any], fmt: str, *,
@@ -237,6 +328,9 @@ def validate_records(records: Iterable[Any], fmt: str, *,
       else ``<memory>`` and the 1-based position.
     fmt: one of ``FORMATS``.
     on_error: "raise" stops at the first bad record; "skip" logs and drops it.
+      A record whose optional columns disagree with the first valid record's
+      (ranked labels vs. ranks; unpaired embedding presence or dimension) is
+      a bad record too.
 
   Returns:
     (valid records, number skipped).
@@ -244,10 +338,19 @@ def validate_records(records: Iterable[Any], fmt: str, *,
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
   valid, skipped = [], 0
+  schema: tuple | None = None  # the first valid record's optional-column signature
   for i, record in enumerate(records):
     row = None if isinstance(record, dict) and "row" in record else i + 1
     try:
-      valid.append(validate_record(record, fmt, row=row))
+      out = validate_record(record, fmt, row=row)
+      sig = _column_signature(out, fmt)
+      if schema is None:
+        schema = sig
+      elif sig != schema:
+        file, where = _where(out, None, row)
+        field, problem = _signature_mismatch(sig, schema, fmt)
+        raise DataError(f"{file}:{where}: {field}: {problem}")
+      valid.append(out)
     except DataError as e:
       if on_error == "raise":
         raise

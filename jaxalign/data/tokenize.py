@@ -1,12 +1,31 @@
 """Validated records -> fixed-shape numpy examples with attention and loss masks.
 
-Each example holds S sequences of length T = ``max_length``:
+Every example holds ``tokens``, ``attention_mask``, ``loss_mask``: int32 [S, T]
+(T = ``max_length``), sequence s of the example in row s, plus per-format
+columns. G below is ``cfg.group_size`` when set, else the record's own number of
+group responses (then examples of different G do not stack into one batch).
 
-  sft        S = 1      [completion]
-  pairwise   S = 2      [chosen, rejected]
-  unpaired   S = 1      [completion]            + label   int32 []
-  negatives  S = 1 + k  [rejected, samples...]
-  groups     S = 1 + g  [reference, completions...] + rewards float32 [g]
+  format     S      sequence index -> content        extra columns
+  sft        1      0 completion                     -
+  pairwise   2      0 chosen, 1 rejected             -
+  unpaired   1      0 completion                     label int32 [];
+                                                     embedding float32 [E] (only
+                                                     if the record has one)
+  negatives  1 + G  0 the human negative (rejected), group_mask int32 [G]
+                    1..G samples
+  groups     1 + G  0 reference answer,              rewards float32 [G],
+                    1..G completions                 group_mask int32 [G]
+  ranked     1 + G  0 reference (an all-padding      has_reference int32 [],
+                    sequence when absent),           labels int32 [G] (1 positive,
+                    1..G completions                 0 negative) or ranks int32 [G]
+                                                     (1 = best), group_mask int32 [G]
+
+Group slot j (column j of ``group_mask``/``rewards``/``labels``/``ranks``) is
+sequence 1 + j. ``group_mask`` is 1 on real slots; with ``group_size`` set, a
+record with fewer responses is padded to G slots: a padding slot (and an absent
+ranked reference) is tokens = pad id, attention_mask = loss_mask = 0, and its
+per-slot columns are 0 (rewards 0.0, labels 0, ranks 0). More responses than
+``group_size`` is a DataError naming the list field.
 
 Sequence = prompt tokens + response tokens, right-padded. A text prompt is
 ``bos + tokens(prompt)``; a message prompt is the chat template rendered with
@@ -40,15 +59,23 @@ class TokenizeConfig:
     max_length: T, total tokens per sequence (prompt + response + padding).
     max_prompt_length: prompts longer than this keep their last tokens.
     add_eos: append ``eos_token_id`` to every response.
+    group_size: pad the group formats (negatives, groups, ranked) to exactly
+      this many group slots, marked by ``group_mask``; None keeps each record's
+      own count (``group_mask`` all ones).
   """
   max_length: int
   max_prompt_length: int
   add_eos: bool = True
+  group_size: int | None = None
 
   def __post_init__(self):
     if not 0 < self.max_prompt_length < self.max_length:
       raise ValueError("need 0 < max_prompt_length < max_length, got "
                        f"{self.max_prompt_length} and {self.max_length}")
+    if self.group_size is not None and (isinstance(self.group_size, bool)
+                                        or int(self.group_size) != self.group_size
+                                        or self.group_size < 1):
+      raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -82,8 +109,14 @@ def _sequence_ids(tokenizer: Any, prompt: str | list, response: str | list,
   return prompt_ids, encode_text(tokenizer, response[-1]["content"]) + eos
 
 
+# Group formats: (head field, group list field); the head is sequence 0.
+GROUP_FIELDS = {"negatives": ("rejected", "samples"),
+                "groups": ("reference", "completions"),
+                "ranked": ("reference", "completions")}
+
+
 def _responses(record: Record, fmt: str) -> list[tuple[str, Any]]:
-  """(field name, response) for each of the S sequences, in order."""
+  """(field name, response or None for a padding sequence) per sequence, in order."""
   if fmt == "sft" or fmt == "unpaired":
     return [("completion", record["completion"])]
   if fmt == "pairwise":
@@ -93,6 +126,9 @@ def _responses(record: Record, fmt: str) -> list[tuple[str, Any]]:
         (f"samples[{i}]", s) for i, s in enumerate(record["samples"])]
   if fmt == "groups":
     return [("reference", record["reference"])] + [
+        (f"completions[{i}]", c) for i, c in enumerate(record["completions"])]
+  if fmt == "ranked":
+    return [("reference", record.get("reference"))] + [
         (f"completions[{i}]", c) for i, c in enumerate(record["completions"])]
   raise ValueError(f"unknown data format {fmt!r}")
 
@@ -111,10 +147,13 @@ def tokenize_example(record: Record, fmt: str, tokenizer: Any,
     ``tokens``, ``attention_mask``, ``loss_mask``: int32 [S, T] where T =
     cfg.max_length; attention_mask is 1 on real tokens (right padding);
     loss_mask is 1 on response tokens (incl. EOS), 0 on prompt and padding.
-    Plus ``label`` int32 [] (unpaired) or ``rewards`` float32 [g] (groups).
+    Plus the format's extra columns (module docstring): ``label``/``embedding``
+    (unpaired), ``group_mask`` (negatives, groups, ranked), ``rewards``
+    (groups), ``has_reference`` and ``labels`` or ``ranks`` (ranked).
 
   Raises:
-    DataError: ``"{file}:{row}: {field}: empty response after truncation ..."``.
+    DataError: ``"{file}:{row}: {field}: empty response after truncation ..."``,
+      or ``"{file}:{row}: {list field}: N responses > group_size G"``.
   """
   T, P = cfg.max_length, cfg.max_prompt_length
   eos = []
@@ -125,20 +164,32 @@ def tokenize_example(record: Record, fmt: str, tokenizer: Any,
   pad = tokenizer.pad_token_id
   pad = (tokenizer.eos_token_id or 0) if pad is None else pad
 
+  def where() -> str:
+    return f"{record.get('source_file', '<memory>')}:{record.get('row', '?')}"
+
   responses = _responses(record, fmt)
+  n_group = len(responses) - 1
+  G = n_group
+  if fmt in GROUP_FIELDS and cfg.group_size is not None:
+    G = cfg.group_size
+    if n_group > G:
+      raise DataError(f"{where()}: {GROUP_FIELDS[fmt][1]}: {n_group} responses > "
+                      f"group_size {G}")
+    responses = responses + [("<padding>", None)] * (G - n_group)
   S = len(responses)
   tokens = np.full((S, T), pad, np.int32)
   attention_mask = np.zeros((S, T), np.int32)
   loss_mask = np.zeros((S, T), np.int32)
   shared_prompt = _prompt_ids(tokenizer, record["prompt"])
   for s, (field, response) in enumerate(responses):
+    if response is None:  # padding sequence: all pad, both masks 0
+      continue
     prompt, resp = _sequence_ids(tokenizer, record["prompt"], response,
                                  shared_prompt, eos)
     prompt = prompt[-P:]                  # keep the prompt's end
     resp = resp[:T - len(prompt)]         # cut the response's end
     if not resp:
-      file, row = record.get("source_file", "<memory>"), record.get("row", "?")
-      raise DataError(f"{file}:{row}: {field}: empty response after truncation "
+      raise DataError(f"{where()}: {field}: empty response after truncation "
                       f"(prompt {len(prompt)} tokens, max_length {T})")
     n, m = len(prompt), len(resp)
     tokens[s, :n + m] = prompt + resp
@@ -147,8 +198,21 @@ def tokenize_example(record: Record, fmt: str, tokenizer: Any,
   out = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
   if fmt == "unpaired":
     out["label"] = np.asarray(record["label"], np.int32)
-  if fmt == "groups":
-    out["rewards"] = np.asarray(record["rewards"], np.float32)
+    if "embedding" in record:
+      out["embedding"] = np.asarray(record["embedding"], np.float32)
+  if fmt in GROUP_FIELDS:
+    def per_slot(values, dtype):
+      col = np.zeros((G,), dtype)
+      col[:n_group] = np.asarray(values, dtype)
+      return col
+    out["group_mask"] = per_slot(np.ones(n_group), np.int32)
+    if fmt == "groups":
+      out["rewards"] = per_slot(record["rewards"], np.float32)
+    if fmt == "ranked":
+      out["has_reference"] = np.asarray(record.get("reference") is not None, np.int32)
+      for name in ("labels", "ranks"):
+        if name in record:
+          out[name] = per_slot(record[name], np.int32)
   return out
 
 

@@ -4,7 +4,7 @@ A problem is a prompt like ``"37+48="`` whose answer is ``"85"``. The problem
 space (every ``a op b`` with operands in ``[0, max_operand]``) is split into
 train and held-out eval problems by a stable hash, so eval problems are never
 trained on. Record generators produce data in every format of
-`jaxalign.data.formats` (sft, pairwise, unpaired, negatives, groups), and
+`jaxalign.data.formats` (sft, pairwise, unpaired, negatives, groups, ranked), and
 `build_tokenizer` builds a tiny character-level tokenizer locally, so demos and
 tests need no download.
 """
@@ -222,37 +222,85 @@ class ArithmeticTask:
                       chat, ("completion",)))
     return out
 
+  def _group_size(self, k: int, ragged: bool, rng: np.random.Generator) -> int:
+    """k, or (ragged) uniform in [1, k]."""
+    if k < 1:
+      raise ValueError(f"group size must be >= 1, got {k}")
+    return int(rng.integers(1, k + 1)) if ragged else k
+
+  def _mixed_completions(self, p: Problem, g: int, rng: np.random.Generator) -> list[str]:
+    """g answers, right and wrong mixed: with g >= 2 at least one of each
+    (number right uniform in [1, g-1], randomly placed); g = 1 is right w.p. 1/2."""
+    wrong = self.wrong_answers(p, g, rng)
+    if g == 1:
+      return [p.answer if rng.random() < 0.5 else wrong[0]]
+    n_right = int(rng.integers(1, g))
+    right = set(rng.permutation(g)[:n_right].tolist())
+    return [p.answer if i in right else w for i, w in enumerate(wrong)]
+
   def negative_records(self, n: int, k: int, seed: int = 0, split: str = "train",
-                       *, chat: bool = False) -> list[Record]:
+                       *, chat: bool = False, ragged: bool = False) -> list[Record]:
     """n records ``{"prompt", "rejected", "samples": [k]}``.
 
     ``rejected`` is a wrong answer; ``samples`` imitate policy samples: each is the
-    right answer with probability 1/2, else a wrong one.
+    right answer with probability 1/2, else a wrong one. ``ragged=True`` draws
+    each record's number of samples uniformly in [1, k].
     """
     rng = np.random.default_rng([seed, 4])
     out = []
     for p in self.problems(n, split, seed):
-      wrong = self.wrong_answers(p, k + 1, rng)
+      kk = self._group_size(k, ragged, rng)
+      wrong = self.wrong_answers(p, kk + 1, rng)
       samples = [p.answer if rng.random() < 0.5 else w for w in wrong[1:]]
       out.append(_fmt({"prompt": p.prompt, "rejected": wrong[0], "samples": samples},
                       chat, ("rejected",)))
     return out
 
   def group_records(self, n: int, g: int, seed: int = 0, split: str = "train",
-                    *, chat: bool = False) -> list[Record]:
+                    *, chat: bool = False, ragged: bool = False) -> list[Record]:
     """n records ``{"prompt", "reference", "completions": [g], "rewards": [g]}``.
 
-    Each completion is right with probability 1/2; reward is 1.0 if right else 0.0.
+    Completions mix right and wrong answers (with g >= 2 at least one of each,
+    so every group's rewards have non-zero variance); reward is 1.0 if right
+    else 0.0. ``ragged=True`` draws each record's group size uniformly in [1, g]
+    (a group of 1 has zero reward variance).
     """
     rng = np.random.default_rng([seed, 5])
     out = []
     for p in self.problems(n, split, seed):
-      wrong = self.wrong_answers(p, g, rng)
-      completions = [p.answer if rng.random() < 0.5 else w for w in wrong]
+      completions = self._mixed_completions(p, self._group_size(g, ragged, rng), rng)
       rewards = [1.0 if self.is_correct(p.prompt, c) else 0.0 for c in completions]
       out.append(_fmt({"prompt": p.prompt, "reference": p.answer,
                        "completions": completions, "rewards": rewards},
                       chat, ("reference",)))
+    return out
+
+  def ranked_records(self, n: int, g: int, seed: int = 0, split: str = "train",
+                     *, chat: bool = False, with_reference: bool = True,
+                     ragged: bool = False, ranks: bool = False) -> list[Record]:
+    """n AFT records ``{"prompt", "completions": [g], "labels": [g], "reference"}``.
+
+    Completions mix right and wrong answers (with g >= 2 at least one of each,
+    randomly placed); ``labels[i]`` is whether completion i is right;
+    ``reference`` (omitted when ``with_reference=False``) is the right answer.
+    ``ranks=True`` gives ``ranks`` instead of ``labels``: right answers rank 1,
+    wrong ones by distance to the answer (dense ranks 2, 3, ...; equal distance,
+    equal rank). ``ragged=True`` draws each group size uniformly in [1, g].
+    """
+    rng = np.random.default_rng([seed, 6])
+    out = []
+    for p in self.problems(n, split, seed):
+      completions = self._mixed_completions(p, self._group_size(g, ragged, rng), rng)
+      record: Record = {"prompt": p.prompt, "completions": completions}
+      if ranks:
+        dist = [abs(int(c) - int(p.answer)) for c in completions]
+        order = sorted(set(dist) | {0})  # 0 = right answer -> rank 1
+        record["ranks"] = [1 + order.index(x) for x in dist]
+      else:
+        record["labels"] = [self.is_correct(p.prompt, c) for c in completions]
+      if with_reference:
+        record["reference"] = p.answer
+      out.append(_fmt(record, chat, ("reference",) if with_reference else ()))
     return out
 
 

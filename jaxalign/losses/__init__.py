@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
-from jaxalign.losses import dpo, ln_dpo, sft
+from jaxalign.losses import aft, bco, d2o, dpo, grao, ln_dpo, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +40,34 @@ class LossSpec:
     call: adapts the step's arrays to `fn`'s signature:
       call(fn, inputs: LossInputs, state, **hparams) -> (loss, metrics, new_state).
     init_state: () -> the loss's running state (None for stateless losses).
+    prepare: host-side step run once before training, adding columns to the
+      tokenized examples: prepare(examples, *, prompt_embeddings, seed,
+      **options) -> examples, where `prompt_embeddings()` lazily returns the
+      reference model's mean-pooled prompt hidden states [N, D]. Its keyword
+      options come from `config.loss.options`.
   """
   fn: Callable
   data: str
   needs_ref: bool
   call: Callable
   init_state: Callable[[], Any] | None = None
+  prepare: Callable | None = None
 
   def hparam_names(self) -> tuple[str, ...]:
     """Keyword-only hyperparameters the loss accepts (for config validation)."""
-    params = inspect.signature(self.fn).parameters.values()
-    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
-                 and p.name not in ("weights", "state"))
+    return _keyword_only(self.fn, exclude=("weights", "state", "update_state"))
+
+  def option_names(self) -> tuple[str, ...]:
+    """Keyword options of `prepare` (config.loss.options)."""
+    if self.prepare is None:
+      return ()
+    return _keyword_only(self.prepare, exclude=("prompt_embeddings", "seed"))
+
+
+def _keyword_only(fn: Callable, exclude: tuple[str, ...]) -> tuple[str, ...]:
+  params = inspect.signature(fn).parameters.values()
+  return tuple(p.name for p in params
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in exclude)
 
 
 def _stateless(adapter: Callable) -> Callable:
@@ -73,11 +89,45 @@ def _call_sft(fn, x: LossInputs, **hparams):
   return fn(x.logps[:, 0], x.lengths[:, 0], **hparams)
 
 
+def _call_bco(fn, x: LossInputs, state, **hparams):
+  return fn(x.logps[:, 0], x.ref_logps[:, 0], x.batch["label"],
+            x.batch.get("udm_weights"), state=state, **hparams)
+
+
+@_stateless
+def _call_d2o(fn, x: LossInputs, **hparams):
+  # Sequence 0 is the human negative, 1..K the self-generated samples.
+  return fn(x.logps[:, 1:], x.ref_logps[:, 1:], x.batch["group_mask"],
+            x.logps[:, 0], x.ref_logps[:, 0], x.lengths[:, 1:], x.lengths[:, 0], **hparams)
+
+
+@_stateless
+def _call_grao(fn, x: LossInputs, **hparams):
+  # Sequence 0 is the dataset's reference answer, 1..G the sampled completions.
+  return fn(x.logps[:, 1:], x.lengths[:, 1:], x.batch["group_mask"], x.batch["rewards"],
+            x.logps[:, 0], x.lengths[:, 0], **hparams)
+
+
+@_stateless
+def _call_aft(fn, x: LossInputs, **hparams):
+  # Sequence 0 is the reference chain of thought (padding when absent), 1..G candidates.
+  labels = x.batch.get("labels")
+  ranks = x.batch.get("ranks")
+  is_positive = labels if labels is not None else ranks == 1
+  return fn(x.logps[:, 1:], x.lengths[:, 1:], x.batch["group_mask"], is_positive,
+            x.logps[:, 0], x.lengths[:, 0], ranks, **hparams)
+
+
 LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft.sft_loss, data="sft", needs_ref=False, call=_call_sft),
     "dpo": LossSpec(dpo.dpo_loss, data="pairwise", needs_ref=True, call=_call_pairwise),
     "ln_dpo": LossSpec(ln_dpo.ln_dpo_loss, data="pairwise", needs_ref=True,
                        call=_call_pairwise),
+    "bco": LossSpec(bco.bco_loss, data="unpaired", needs_ref=True, call=_call_bco,
+                    init_state=bco.init_bco_state, prepare=bco.prepare_udm),
+    "d2o": LossSpec(d2o.d2o_loss, data="negatives", needs_ref=True, call=_call_d2o),
+    "grao": LossSpec(grao.grao_loss, data="groups", needs_ref=False, call=_call_grao),
+    "aft": LossSpec(aft.aft_loss, data="ranked", needs_ref=False, call=_call_aft),
 }
 
 

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # TRL RunningMoments' initial count: tiny, so the first update sets the mean to
 # the first batch's mean, yet never zero, so nothing divides by zero.
@@ -450,3 +451,48 @@ def udm_weights(
   return density_ratio_weights(predict_desirable_prob(params, embeddings),
                                min_density_ratio=min_density_ratio,
                                max_density_ratio=max_density_ratio)
+
+
+def prepare_udm(examples: list[dict], *, prompt_embeddings, seed: int = 0, udm: str = "off",
+                prompt_sample_size: int = 1024, min_density_ratio: float = 0.5,
+                max_density_ratio: float = 10.0) -> list[dict]:
+  """Host side, once before training: adds a `udm_weights` column when UDM is on.
+
+  Args:
+    examples: tokenized unpaired examples (`label` [], optional `embedding` [E]).
+    prompt_embeddings: zero-argument callable returning [N, D] prompt embeddings
+      from the reference model (mean-pooled hidden states), computed only if needed.
+    seed: seeds the per-class prompt sample.
+    udm: "off" (every weight 1, TRL's default without an embedding function),
+      "model" (reference-model embeddings) or "column" (each record's `embedding`).
+    prompt_sample_size: prompts drawn per class, with replacement, to fit the
+      classifier (TRL `prompt_sample_size`).
+    min_density_ratio, max_density_ratio: clip bounds of p / (1 - p).
+
+  Returns:
+    The examples, each with `udm_weights` [] float32 (1.0 when udm is "off").
+  """
+  if udm == "off":
+    return [{**ex, "udm_weights": np.float32(1.0)} for ex in examples]
+  if udm == "column":
+    if any("embedding" not in ex for ex in examples):
+      raise ValueError("loss.options.udm='column' needs an `embedding` field in every record")
+    emb = np.stack([np.asarray(ex["embedding"], np.float32) for ex in examples])
+  elif udm == "model":
+    emb = np.asarray(prompt_embeddings(), np.float32)
+  else:
+    raise ValueError(f"loss.options.udm must be 'off', 'model' or 'column', got {udm!r}")
+  labels = np.asarray([int(ex["label"]) for ex in examples])
+  rng = np.random.default_rng(seed)
+  sample = []
+  for cls in (1, 0):
+    members = np.flatnonzero(labels == cls)
+    if members.size == 0:
+      raise ValueError("UDM needs both desirable and undesirable examples")
+    sample.append(rng.choice(members, size=prompt_sample_size, replace=True))
+  idx = np.concatenate(sample)
+  params = fit_udm_classifier(jnp.asarray(emb[idx]), jnp.asarray(labels[idx]))
+  weights = np.asarray(udm_weights(params, jnp.asarray(emb),
+                                   min_density_ratio=min_density_ratio,
+                                   max_density_ratio=max_density_ratio), np.float32)
+  return [{**ex, "udm_weights": w} for ex, w in zip(examples, weights)]

@@ -69,8 +69,9 @@ def ofs_update_state(
     the next OfsState.
   """
   _check_swap_interval(swap_interval)
-  fast_sum = state.fast_loss_sum + jax.lax.stop_gradient(fast_dpo_loss).astype(jnp.float32)
-  slow_sum = state.slow_loss_sum + jax.lax.stop_gradient(slow_dpo_loss).astype(jnp.float32)
+  as_f32 = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))  # noqa: E731
+  fast_sum = state.fast_loss_sum + as_f32(fast_dpo_loss)
+  slow_sum = state.slow_loss_sum + as_f32(slow_dpo_loss)
   count = state.count + 1
   is_check = count >= swap_interval
   # Both sums cover the same steps, so comparing sums compares means.

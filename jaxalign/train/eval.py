@@ -1,4 +1,4 @@
-"""Greedy decoding for evaluation on verifiable tasks.
+"""Greedy decoding and sampling for evaluation and for building on-policy data.
 
 This recomputes the whole prefix each step (no KV cache): fine for the short
 answers of the demo task. The KV-cache sampling engine is `jaxalign.sampling`'s
@@ -14,10 +14,15 @@ import numpy as np
 from flax import nnx
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id"))
-def _greedy(params, frozen, tokens, attention_mask, *, graphdef, max_new_tokens: int,
-            eos_id: int):
-  """tokens [N, P] left-padded prompts -> [N, max_new_tokens] greedy continuations."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id",
+                                             "temperature"))
+def _decode(params, frozen, tokens, attention_mask, key, *, graphdef, max_new_tokens: int,
+            eos_id: int, temperature: float):
+  """tokens [N, P] left-padded prompts -> [N, max_new_tokens] continuations.
+
+  temperature 0 is greedy (argmax); otherwise softmax sampling at that
+  temperature with `key` (same key, same output).
+  """
   model = nnx.merge(graphdef, params, frozen)
   n, p = tokens.shape
   buf = jnp.concatenate([tokens, jnp.zeros((n, max_new_tokens), tokens.dtype)], axis=1)
@@ -30,7 +35,11 @@ def _greedy(params, frozen, tokens, attention_mask, *, graphdef, max_new_tokens:
     hidden = model(buf, mask)                                   # [N, P+M, D]
     last = jax.lax.dynamic_index_in_dim(hidden, p + i - 1, axis=1, keepdims=False)  # [N, D]
     logits = last.astype(jnp.float32) @ model.head_weight().astype(jnp.float32)     # [N, V]
-    nxt = jnp.where(done, eos_id, jnp.argmax(logits, axis=-1).astype(buf.dtype))
+    if temperature > 0:
+      choice = jax.random.categorical(jax.random.fold_in(key, i), logits / temperature)
+    else:
+      choice = jnp.argmax(logits, axis=-1)
+    nxt = jnp.where(done, eos_id, choice.astype(buf.dtype))
     buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, p + i, axis=1)
     mask = jax.lax.dynamic_update_index_in_dim(mask, jnp.ones_like(nxt, mask.dtype), p + i, axis=1)
     return buf, mask, done | (nxt == eos_id)
@@ -39,14 +48,19 @@ def _greedy(params, frozen, tokens, attention_mask, *, graphdef, max_new_tokens:
   return buf[:, p:]
 
 
-def greedy_complete(graphdef, params, frozen, tokenizer, prompts: Sequence[str], *,
-                    max_new_tokens: int, batch_size: int = 256) -> list[str]:
-  """Greedy completions of text prompts (the tokenizer's bos prepended, as in training)."""
+def complete(graphdef, params, frozen, tokenizer, prompts: Sequence[str], *,
+             max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+             batch_size: int = 256) -> list[str]:
+  """Completions of text prompts (the tokenizer's bos prepended, as in training).
+
+  Greedy when temperature is 0, else sampled; the same seed gives the same text.
+  """
   eos_id = tokenizer.eos_token_id
   pad_id = tokenizer.pad_token_id
   bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
   encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
   width = max(len(e) for e in encoded)
+  key = jax.random.PRNGKey(seed)
   out: list[str] = []
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
@@ -57,14 +71,23 @@ def greedy_complete(graphdef, params, frozen, tokenizer, prompts: Sequence[str],
     for i, e in enumerate(chunk):
       tokens[i, width - len(e):] = e    # left padding: every prompt ends at `width`
       mask[i, width - len(e):] = 1
-    gen = np.asarray(_greedy(params, frozen, jnp.asarray(tokens), jnp.asarray(mask),
-                             graphdef=graphdef, max_new_tokens=max_new_tokens, eos_id=eos_id))
+    gen = np.asarray(_decode(params, frozen, jnp.asarray(tokens), jnp.asarray(mask),
+                             jax.random.fold_in(key, start), graphdef=graphdef,
+                             max_new_tokens=max_new_tokens, eos_id=eos_id,
+                             temperature=float(temperature)))
     for row in gen[:rows]:
       ids = list(row)
       if eos_id in ids:
         ids = ids[:ids.index(eos_id)]
       out.append(tokenizer.decode(ids, skip_special_tokens=True))
   return out
+
+
+def greedy_complete(graphdef, params, frozen, tokenizer, prompts: Sequence[str], *,
+                    max_new_tokens: int, batch_size: int = 256) -> list[str]:
+  """Greedy completions (see `complete`)."""
+  return complete(graphdef, params, frozen, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size)
 
 
 def accuracy(completions: Sequence[str], prompts: Sequence[str],

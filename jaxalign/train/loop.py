@@ -5,6 +5,7 @@ syncs with the devices only every `log_every` steps and at checkpoints.
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -86,8 +87,9 @@ def load_tokenizer(name: str, workdir: str | None = None):
 def read_records(path: str, *, split: str) -> list[dict]:
   """Records from a file, a `datasets` dataset, or the bundled task.
 
-  "toy:FORMAT?n=N&seed=S" generates N records of FORMAT ("sft", "pairwise")
-  from the bundled arithmetic task (train split), e.g. "toy:pairwise?n=2000".
+  "toy:FORMAT?n=N&seed=S[&k=K][&g=G]" generates N records of FORMAT ("sft",
+  "pairwise", "unpaired", "negatives" with K samples, "groups" or "ranked" of G) from the
+  bundled arithmetic task (train split), e.g. "toy:pairwise?n=2000".
   """
   if not path:
     raise config_lib.ConfigError("config.data.train_path: no training data given")
@@ -97,21 +99,34 @@ def read_records(path: str, *, split: str) -> list[dict]:
     fmt, _, query = path[len("toy:"):].partition("?")
     args = {k: int(v[-1]) for k, v in parse_qs(query).items()}
     task = toy.ArithmeticTask()
-    makers = {"sft": task.sft_records, "pairwise": task.pairwise_records}
-    if fmt not in makers or set(args) - {"n", "seed"}:
-      raise config_lib.ConfigError(f"config.data.train_path: bad toy source {path!r}; use "
-                                   "toy:sft?n=N&seed=S or toy:pairwise?n=N&seed=S")
-    records = makers[fmt](args.get("n", 1000), seed=args.get("seed", 0))
+    n, seed = args.pop("n", 1000), args.pop("seed", 0)
+    makers = {
+        "sft": lambda: task.sft_records(n, seed=seed),
+        "pairwise": lambda: task.pairwise_records(n, seed=seed),
+        "unpaired": lambda: task.unpaired_records(n, seed=seed),
+        "negatives": lambda: task.negative_records(n, args.pop("k", 4), seed=seed),
+        "groups": lambda: task.group_records(n, args.pop("g", 4), seed=seed),
+        "ranked": lambda: task.ranked_records(n, args.pop("g", 4), seed=seed),
+    }
+    if fmt not in makers:
+      raise config_lib.ConfigError(f"config.data.train_path: bad toy source {path!r}; formats: "
+                                   f"{sorted(makers)}, e.g. toy:pairwise?n=2000&seed=0")
+    records = makers[fmt]()
+    if args:
+      raise config_lib.ConfigError(f"config.data.train_path: unknown toy parameters "
+                                   f"{sorted(args)} in {path!r}")
     return [{**r, "source_file": path, "row": i + 1} for i, r in enumerate(records)]
   return sources.load_records(path, split=split)
 
 
 def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
-                  max_prompt_length: int, on_error: str) -> tuple[list[dict], int]:
+                  max_prompt_length: int, on_error: str,
+                  group_size: int | None = None) -> tuple[list[dict], int]:
   """Reads, validates and tokenizes every record; returns (examples, num_skipped)."""
   records = read_records(path, split=split)
   valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
-  tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length)
+  tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
+                                 group_size=group_size)
   examples, bad = tokenize.tokenize_records(valid, fmt, tokenizer, tcfg, on_error=on_error)
   skipped += bad
   if not examples:
@@ -140,33 +155,35 @@ def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_referen
   return graphdef, abstract_state, shardings, init_fn
 
 
-def precompute_reference(examples, *, graphdef, params, frozen, mesh, rules, batch_size: int,
-                         chunk_size: int, params_shardings, frozen_shardings) -> np.ndarray:
-  """Summed reference log-probs [N, S] for every example, in dataset order.
+def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str) -> np.ndarray:
+  """Runs a jitted `fn(batch) -> [B, ...]` over every example once, in dataset order.
 
-  Each process reads its own block of the data; the per-row results and their
-  dataset indices come back replicated, so every process fills the full table.
+  Each process reads its own block of the data; `fn`'s results, with the
+  dataset indices, come back replicated, so every process fills the full table.
   """
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  fn = step_lib.reference_logps_fn(
-      graphdef=graphdef, chunk_size=chunk_size, params_shardings=params_shardings,
-      frozen_shardings=frozen_shardings, batch_sharding=batch_sharding,
-      replicated=sharding.replicated(mesh))
-  num_seq = examples[0]["tokens"].shape[0]
-  table = np.full((len(examples), num_seq), np.nan, np.float32)
+  replicated = sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(batch_sharding,), out_shardings=replicated)
+  def run(batch):
+    return fn(batch), batch["index"], batch["valid"]
+
+  table = None
+  filled = np.zeros(len(examples), bool)
   process_batch = batch_size // jax.process_count()
-  for batch in tqdm(list(pipeline.ordered_batches(examples, process_batch)),
-                    desc="reference log-probs", leave=False,
-                    disable=jax.process_index() != 0):
+  for batch in tqdm(list(pipeline.ordered_batches(examples, process_batch)), desc=desc,
+                    leave=False, disable=jax.process_index() != 0):
     arrays = {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}
     arrays["index"] = np.asarray(batch["index"], np.int32)
     arrays["valid"] = np.asarray(batch["valid"], np.int32)
-    logps, index, valid = jax.device_get(
-        fn(params, frozen, sharding.host_to_global(arrays, batch_sharding)))
+    values, index, valid = jax.device_get(run(sharding.host_to_global(arrays, batch_sharding)))
     keep = np.asarray(valid).astype(bool)
-    table[np.asarray(index)[keep]] = np.asarray(logps)[keep]
-  if np.isnan(table).any():
-    raise RuntimeError("reference log-probs are missing for some examples")
+    if table is None:
+      table = np.zeros((len(examples),) + values.shape[1:], np.float32)
+    table[np.asarray(index)[keep]] = np.asarray(values)[keep]
+    filled[np.asarray(index)[keep]] = True
+  if not filled.all():
+    raise RuntimeError(f"{desc}: no value for {int((~filled).sum())} examples")
   return table
 
 
@@ -214,7 +231,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   examples, num_skipped = load_examples(
       config.data.train_path, spec.data, tokenizer, split=config.data.split,
       max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
-      on_error=config.data.on_error)
+      on_error=config.data.on_error, group_size=config.data.group_size)
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
 
@@ -253,17 +270,27 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         if resume_step is not None:
           raise RuntimeError(f"{ref_path} is missing but checkpoints exist: the reference "
                              "can no longer be recomputed from the initial policy")
-        table = precompute_reference(
-            examples, graphdef=graphdef, params=state.params, frozen=state.frozen, mesh=mesh,
-            rules=rules, batch_size=config.data.batch_size,
-            chunk_size=config.logprob_chunk_size,
-            params_shardings=state_shardings.params, frozen_shardings=state_shardings.frozen)
+        table = map_examples(
+            examples, functools.partial(step_lib.batch_logps_only, graphdef, state.params,
+                                        state.frozen, chunk_size=config.logprob_chunk_size),
+            mesh=mesh, rules=rules, batch_size=config.data.batch_size,
+            desc="reference log-probs")
         if is_main:
           np.save(ref_path + ".tmp.npy", table, allow_pickle=False)
           os.replace(ref_path + ".tmp.npy", ref_path)
       if len(table) != len(examples):
         raise RuntimeError(f"{ref_path} has {len(table)} rows, the data has {len(examples)}")
       examples = [{**ex, "ref_logps": row} for ex, row in zip(examples, table)]
+
+    # The loss's own host-side preparation (e.g. BCO's UDM weights), once.
+    if spec.prepare is not None:
+      examples = spec.prepare(
+          examples, seed=config.seed, **config.loss.options.to_dict(),
+          prompt_embeddings=lambda: map_examples(
+              examples, functools.partial(step_lib.prompt_embeddings, graphdef, state.params,
+                                          state.frozen),
+              mesh=mesh, rules=rules, batch_size=config.data.batch_size,
+              desc="prompt embeddings"))
 
   dataset = pipeline.make_dataset(examples, seed=config.seed, batch_size=process_batch,
                                   shuffle=config.data.shuffle, repeat=True)

@@ -126,11 +126,20 @@ def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def reference_logps_fn(*, graphdef, chunk_size, params_shardings, frozen_shardings,
-                       batch_sharding, replicated):
-  """Jitted (params, frozen, batch) -> (log-probs [B, S], index [B], valid [B]), replicated."""
-  def fn(params, frozen, batch):
-    logps, _ = batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size)
-    return logps, batch["index"], batch["valid"]
-  return jax.jit(fn, in_shardings=(params_shardings, frozen_shardings, batch_sharding),
-                 out_shardings=replicated)
+def batch_logps_only(graphdef, params, frozen, batch, *, chunk_size: int) -> jax.Array:
+  """[B, S] summed log-probs (for precomputing reference columns)."""
+  return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size)[0]
+
+
+def prompt_embeddings(graphdef, params, frozen, batch) -> jax.Array:
+  """[B, D] mean of the final hidden states over each example's prompt tokens.
+
+  The prompt is read from sequence 0 (every sequence of an example shares it):
+  real tokens that are not scored response tokens.
+  """
+  model = nnx.merge(graphdef, params, frozen)
+  tokens, attention = batch["tokens"][:, 0], batch["attention_mask"][:, 0]
+  hidden = model(tokens, attention)                                     # [B, T, D]
+  prompt = (attention.astype(bool) & ~batch["loss_mask"][:, 0].astype(bool))
+  m = prompt.astype(jnp.float32)[..., None]
+  return (hidden.astype(jnp.float32) * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxalign.data.formats import FORMATS, DataError, validate_record, validate_records
+from jaxalign.data.formats import (FORMATS, OPTIONAL_FIELDS, DataError, validate_record,
+                                   validate_records)
 
 
 def _bad(record, fmt, match):
@@ -73,7 +74,9 @@ _value = st.recursive(
                                st.dictionaries(st.sampled_from(["role", "content", "x"]), c,
                                                max_size=3)),
     max_leaves=8)
-_keys = st.sampled_from(sorted({k for f in FORMATS.values() for k in f} | {"messages", "x"}))
+_keys = st.sampled_from(sorted({k for f in FORMATS.values() for k in f}
+                              | {k for f in OPTIONAL_FIELDS.values() for k in f}
+                              | {"messages", "x"}))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -94,13 +97,21 @@ _VALID = {
     "unpaired": {"prompt": "p", "completion": "c", "label": True},
     "negatives": {"prompt": "p", "rejected": "r", "samples": ["a", "b"]},
     "groups": {"prompt": "p", "reference": "r", "completions": ["a", "b"], "rewards": [1.0, 0.0]},
+    "ranked": {"prompt": "p", "completions": ["a", "b"], "labels": [True, False],
+               "reference": "r"},
 }
+_VALID_EXTRA = [  # optional-field variants, fuzzed as well
+    ("ranked", {"prompt": "p", "completions": ["a", "b", "c"], "ranks": [1, 2, 2]}),
+    ("unpaired", {"prompt": "p", "completion": "c", "label": False, "embedding": [0.5, -1.0]}),
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(fmt=st.sampled_from(sorted(FORMATS)), data=st.data())
-def test_fuzz_one_mutated_field(fmt, data):
-  record = dict(_VALID[fmt])
+@given(case=st.sampled_from(sorted(_VALID.items()) + _VALID_EXTRA), data=st.data())
+def test_fuzz_one_mutated_field(case, data):
+  fmt, record = case
+  validate_record(record, fmt)
+  record = dict(record)
   key = data.draw(st.sampled_from(sorted(record)))
   if data.draw(st.booleans()):
     record[key] = data.draw(_value)
@@ -109,4 +120,62 @@ def test_fuzz_one_mutated_field(fmt, data):
   try:
     validate_record(record, fmt, file="fuzz", row=2)
   except DataError as e:
-    assert any(str(e).startswith(f"fuzz:2: {f}") for f in FORMATS[fmt]), str(e)
+    fields = list(FORMATS[fmt]) + list(OPTIONAL_FIELDS.get(fmt, ()))
+    assert any(str(e).startswith(f"fuzz:2: {f}") for f in fields), str(e)
+
+
+def test_ranked_valid_and_normalized():
+  r = validate_record({"prompt": "p", "completions": ["a", "b"], "labels": [1, False]}, "ranked")
+  assert r["labels"] == [True, False] and "reference" not in r
+  r = validate_record({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [2, 1, 2],
+                       "reference": [{"role": "assistant", "content": "r"}]}, "ranked")
+  assert r["ranks"] == [2, 1, 2]  # ties allowed; 1 = best
+  assert r["prompt"] == [{"role": "user", "content": "p"}]
+  assert r["completions"][0] == [{"role": "assistant", "content": "a"}]
+
+
+def test_ranked_errors():
+  base = {"prompt": "p", "completions": ["a", "b"]}
+  _bad(base, "ranked", r"^f\.jsonl:7: labels: expected exactly one of labels or ranks, got neither$")
+  _bad({**base, "labels": [True, False], "ranks": [1, 2]}, "ranked",
+       r"^f\.jsonl:7: ranks: expected exactly one of labels or ranks, got both$")
+  _bad({**base, "labels": [True]}, "ranked",
+       r"^f\.jsonl:7: labels: length 1 != len\(completions\) 2$")
+  _bad({**base, "ranks": [1, 2, 3]}, "ranked",
+       r"^f\.jsonl:7: ranks: length 3 != len\(completions\) 2$")
+  _bad({**base, "labels": [True, "no"]}, "ranked", r"^f\.jsonl:7: labels\[1\]: expected a bool")
+  _bad({**base, "labels": [True, 2]}, "ranked", r"^f\.jsonl:7: labels\[1\]: expected a bool")
+  _bad({**base, "ranks": [1, 1.5]}, "ranked", r"^f\.jsonl:7: ranks\[1\]: expected an integer rank")
+  _bad({**base, "ranks": [True, 1]}, "ranked", r"^f\.jsonl:7: ranks\[0\]: expected an integer rank")
+  _bad({**base, "ranks": [1, 0]}, "ranked", r"^f\.jsonl:7: ranks\[1\]: rank must be >= 1")
+  _bad({**base, "ranks": []}, "ranked", r"^f\.jsonl:7: ranks: expected a non-empty list")
+  _bad({**base, "ranks": [1, 2], "reference": ""}, "ranked", r"^f\.jsonl:7: reference: empty")
+  _bad({"prompt": "p", "completions": [], "labels": []}, "ranked", r"^f\.jsonl:7: completions:")
+
+
+def test_unpaired_embedding():
+  r = validate_record({"prompt": "p", "completion": "c", "label": True,
+                       "embedding": [1, 0.5, -2]}, "unpaired")
+  assert r["embedding"] == [1.0, 0.5, -2.0]
+  base = {"prompt": "p", "completion": "c", "label": True}
+  _bad({**base, "embedding": [1.0, math.inf]}, "unpaired", r"^f\.jsonl:7: embedding\[1\]: not finite")
+  _bad({**base, "embedding": [1e300]}, "unpaired",
+       r"^f\.jsonl:7: embedding\[0\]: not finite in float32")
+  _bad({**base, "embedding": ["x"]}, "unpaired", r"^f\.jsonl:7: embedding\[0\]: expected a number")
+  _bad({**base, "embedding": []}, "unpaired", r"^f\.jsonl:7: embedding: expected a non-empty")
+
+
+def test_validate_records_columns_agree():
+  u = {"prompt": "p", "completion": "c", "label": True}
+  with pytest.raises(DataError, match=r"^<memory>:2: embedding: length 3 != 2 of earlier"):
+    validate_records([{**u, "embedding": [1, 2]}, {**u, "embedding": [1, 2, 3]}], "unpaired")
+  with pytest.raises(DataError, match=r"^<memory>:2: embedding: missing field"):
+    validate_records([{**u, "embedding": [1, 2]}, u], "unpaired")
+  with pytest.raises(DataError, match=r"^<memory>:3: embedding: unexpected field"):
+    validate_records([u, u, {**u, "embedding": [1.0]}], "unpaired")
+  r = {"prompt": "p", "completions": ["a"]}
+  with pytest.raises(DataError, match=r"^<memory>:2: ranks: earlier records use labels"):
+    validate_records([{**r, "labels": [True]}, {**r, "ranks": [1]}], "ranked")
+  valid, skipped = validate_records([{**r, "ranks": [1]}, {**r, "labels": [True]},
+                                     {**r, "ranks": [2]}], "ranked", on_error="skip")
+  assert [v["ranks"] for v in valid] == [[1], [2]] and skipped == 1

@@ -1,9 +1,11 @@
 """Tests for tokenization: exact masks, truncation policy, chat template path."""
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jaxalign.data import toy
-from jaxalign.data.formats import DataError, validate_record
+from jaxalign.data.formats import DataError, validate_record, validate_records
 from jaxalign.data.tokenize import (TokenizeConfig, bucket_lengths, tokenize_example,
                                     tokenize_records)
 
@@ -91,3 +93,174 @@ def test_bucket_lengths():
   np.testing.assert_array_equal(bucket_lengths([1, 16, 17, 64], [64, 16, 32]), [16, 16, 32, 64])
   with pytest.raises(ValueError):
     bucket_lengths([65], [16, 64])
+
+
+def _seq(*ids, T=8):
+  return list(ids) + [0] * (T - len(ids))
+
+
+PROMPT = [BOS, d(1), PLUS, d(2), EQ]  # "1+2="
+PAD_ROW = [0] * 8
+
+
+def test_negatives_layout_and_padding(tok):
+  rec = {"prompt": "1+2=", "rejected": "4", "samples": ["3", "5"]}
+  ex = tokenize_example(rec, "negatives", tok, TokenizeConfig(8, 6))
+  np.testing.assert_array_equal(ex["tokens"], [_seq(*PROMPT, d(4), EOS), _seq(*PROMPT, d(3), EOS),
+                                               _seq(*PROMPT, d(5), EOS)])
+  np.testing.assert_array_equal(ex["group_mask"], [1, 1])
+  ex = tokenize_example(rec, "negatives", tok, TokenizeConfig(8, 6, group_size=4))
+  assert ex["tokens"].shape == (5, 8) and ex["group_mask"].dtype == np.int32
+  np.testing.assert_array_equal(ex["group_mask"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(ex["tokens"][3:], [PAD_ROW] * 2)
+  np.testing.assert_array_equal(ex["attention_mask"][3:], [PAD_ROW] * 2)
+  np.testing.assert_array_equal(ex["loss_mask"][3:], [PAD_ROW] * 2)
+  np.testing.assert_array_equal(ex["loss_mask"][2], [0] * 5 + [1, 1, 0])
+  assert set(ex) == {"tokens", "attention_mask", "loss_mask", "group_mask"}
+
+
+def test_groups_padding_columns(tok):
+  rec = {"prompt": "1+2=", "reference": "3", "completions": ["3", "7"], "rewards": [1.0, -0.5]}
+  ex = tokenize_example(rec, "groups", tok, TokenizeConfig(8, 6, group_size=3))
+  np.testing.assert_array_equal(ex["tokens"], [_seq(*PROMPT, d(3), EOS), _seq(*PROMPT, d(3), EOS),
+                                               _seq(*PROMPT, d(7), EOS), PAD_ROW])
+  np.testing.assert_array_equal(ex["rewards"], np.array([1.0, -0.5, 0.0], np.float32))
+  np.testing.assert_array_equal(ex["group_mask"], [1, 1, 0])
+  assert ex["rewards"].dtype == np.float32
+  ex = tokenize_example(rec, "groups", tok, TokenizeConfig(8, 6))  # group_size None
+  np.testing.assert_array_equal(ex["group_mask"], [1, 1])
+  assert ex["tokens"].shape == (3, 8) and ex["rewards"].shape == (2,)
+
+
+def test_ranked_layout_exact(tok):
+  rec = validate_record({"prompt": "1+2=", "completions": ["3", "4"], "labels": [True, False],
+                         "reference": "3"}, "ranked")
+  ex = tokenize_example(rec, "ranked", tok, TokenizeConfig(8, 6, group_size=3))
+  np.testing.assert_array_equal(ex["tokens"], [_seq(*PROMPT, d(3), EOS), _seq(*PROMPT, d(3), EOS),
+                                               _seq(*PROMPT, d(4), EOS), PAD_ROW])
+  np.testing.assert_array_equal(ex["loss_mask"], [[0] * 5 + [1, 1, 0]] * 3 + [PAD_ROW])
+  np.testing.assert_array_equal(ex["attention_mask"], [[1] * 7 + [0]] * 3 + [PAD_ROW])
+  np.testing.assert_array_equal(ex["labels"], [1, 0, 0])
+  np.testing.assert_array_equal(ex["group_mask"], [1, 1, 0])
+  assert ex["has_reference"].shape == () and ex["has_reference"] == 1
+  assert "ranks" not in ex
+  assert all(v.dtype == np.int32 for v in ex.values())
+  # No reference: slot 0 is all padding; ranks instead of labels.
+  rec = validate_record({"prompt": "1+2=", "completions": ["3", "4", "13"], "ranks": [1, 2, 2]},
+                        "ranked")
+  ex = tokenize_example(rec, "ranked", tok, TokenizeConfig(8, 6))
+  np.testing.assert_array_equal(ex["tokens"][0], PAD_ROW)
+  np.testing.assert_array_equal(ex["attention_mask"][0], PAD_ROW)
+  np.testing.assert_array_equal(ex["loss_mask"][0], PAD_ROW)
+  np.testing.assert_array_equal(ex["tokens"][3], _seq(*PROMPT, d(1), d(3), EOS))
+  assert ex["has_reference"] == 0 and "labels" not in ex
+  np.testing.assert_array_equal(ex["ranks"], [1, 2, 2])
+  np.testing.assert_array_equal(ex["group_mask"], [1, 1, 1])
+  ex = tokenize_example(rec, "ranked", tok, TokenizeConfig(8, 6, group_size=5))
+  np.testing.assert_array_equal(ex["ranks"], [1, 2, 2, 0, 0])
+  np.testing.assert_array_equal(ex["group_mask"], [1, 1, 1, 0, 0])
+
+
+def test_ranked_chat(tok):
+  rec = validate_record({"prompt": [{"role": "user", "content": "1+2="}], "completions": ["3"],
+                         "labels": [True]}, "ranked")
+  ex = tokenize_example(rec, "ranked", tok, TokenizeConfig(12, 10))
+  prompt = [BOS, USER, d(1), PLUS, d(2), EQ, END, ASSISTANT]
+  np.testing.assert_array_equal(ex["tokens"], [[0] * 12, prompt + [d(3), EOS, 0, 0]])
+
+
+def test_group_larger_than_group_size_names_field(tok):
+  cfg = TokenizeConfig(8, 6, group_size=2)
+  cases = [("negatives", {"prompt": "1=", "rejected": "2", "samples": ["1", "2", "3"]}, "samples"),
+           ("groups", {"prompt": "1=", "reference": "1", "completions": ["1", "2", "3"],
+                       "rewards": [1.0, 0.0, 0.0]}, "completions"),
+           ("ranked", {"prompt": "1=", "completions": ["1", "2", "3"], "ranks": [1, 2, 3]},
+            "completions")]
+  for fmt, rec, field in cases:
+    rec = {**rec, "source_file": "g.jsonl", "row": 9}
+    with pytest.raises(DataError, match=rf"^g\.jsonl:9: {field}: 3 responses > group_size 2$"):
+      tokenize_example(rec, fmt, tok, cfg)
+  examples, skipped = tokenize_records([cases[0][1], {**cases[0][1], "samples": ["1"]}],
+                                       "negatives", tok, cfg, on_error="skip")
+  assert skipped == 1 and examples[0]["group_mask"].tolist() == [1, 0]
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="group_size"):
+      TokenizeConfig(8, 6, group_size=bad)
+
+
+def test_unpaired_embedding_column(tok):
+  rec = validate_record({"prompt": "1=", "completion": "1", "label": True,
+                         "embedding": [0.25, -1, 3]}, "unpaired")
+  ex = tokenize_example(rec, "unpaired", tok, TokenizeConfig(8, 6))
+  assert ex["embedding"].dtype == np.float32 and ex["embedding"].shape == (3,)
+  np.testing.assert_array_equal(ex["embedding"], [0.25, -1.0, 3.0])
+  ex = tokenize_example({"prompt": "1=", "completion": "1", "label": True}, "unpaired", tok,
+                        TokenizeConfig(8, 6))
+  assert "embedding" not in ex
+
+
+@pytest.mark.parametrize("fmt", ["negatives", "groups", "ranked"])
+def test_ragged_toy_pads_to_one_shape(tok, fmt):
+  task = toy.ArithmeticTask()
+  k = 4
+  recs = {"negatives": lambda: task.negative_records(30, k=k, ragged=True),
+          "groups": lambda: task.group_records(30, g=k, ragged=True),
+          "ranked": lambda: task.ranked_records(30, g=k, ragged=True,
+                                                with_reference=False)}[fmt]()
+  recs, _ = validate_records(recs, fmt)
+  examples, _ = tokenize_records(recs, fmt, tok, TokenizeConfig(16, 10, group_size=k))
+  field = {"negatives": "samples", "groups": "completions", "ranked": "completions"}[fmt]
+  sizes = {len(r[field]) for r in recs}
+  assert len(sizes) > 1 and sizes <= set(range(1, k + 1))
+  for r, ex in zip(recs, examples):
+    n = len(r[field])
+    assert ex["tokens"].shape == (1 + k, 16)
+    np.testing.assert_array_equal(ex["group_mask"], [1] * n + [0] * (k - n))
+    # A slot is real iff it has attended (and scored) tokens.
+    np.testing.assert_array_equal(ex["attention_mask"][1:].any(-1), ex["group_mask"] == 1)
+    np.testing.assert_array_equal(ex["loss_mask"][1:].any(-1), ex["group_mask"] == 1)
+    assert (ex["tokens"][1 + n:] == tok.pad_token_id).all()
+    if fmt == "groups":
+      np.testing.assert_array_equal(ex["rewards"][:n], r["rewards"])
+      assert (ex["rewards"][n:] == 0).all()
+    if fmt == "ranked":
+      assert ex["has_reference"] == 0 and not ex["attention_mask"][0].any()
+      np.testing.assert_array_equal(ex["labels"], [int(x) for x in r["labels"]] + [0] * (k - n))
+  stacked = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+  assert stacked["group_mask"].shape == (30, k)
+
+_answer = st.text("0123456789", min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(completions=st.lists(_answer, min_size=1, max_size=5), data=st.data(),
+       reference=st.one_of(st.none(), _answer), group_size=st.one_of(st.none(), st.integers(1, 5)))
+def test_fuzz_ranked_layout(tok, completions, data, reference, group_size):
+  n = len(completions)
+  rec = {"prompt": "12+3=", "completions": completions}
+  if data.draw(st.booleans()):
+    rec["labels"] = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    col = "labels"
+  else:
+    rec["ranks"] = data.draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    col = "ranks"
+  if reference is not None:
+    rec["reference"] = reference
+  rec = validate_record(rec, "ranked")
+  cfg = TokenizeConfig(12, 8, group_size=group_size)
+  if group_size is not None and n > group_size:
+    with pytest.raises(DataError, match=r": completions: \d+ responses > group_size"):
+      tokenize_example(rec, "ranked", tok, cfg)
+    return
+  ex = tokenize_example(rec, "ranked", tok, cfg)
+  G = n if group_size is None else group_size
+  assert ex["tokens"].shape == ex["attention_mask"].shape == ex["loss_mask"].shape == (1 + G, 12)
+  assert ex[col].shape == ex["group_mask"].shape == (G,)
+  assert ex["has_reference"] == (reference is not None)
+  real = np.r_[reference is not None, np.arange(G) < n]
+  np.testing.assert_array_equal(ex["loss_mask"].any(-1), real)
+  np.testing.assert_array_equal(ex["attention_mask"].any(-1), real)
+  np.testing.assert_array_equal(ex["group_mask"], real[1:])
+  np.testing.assert_array_equal(ex[col][:n], np.asarray(rec[col], np.int32))
+  assert (ex[col][n:] == 0).all() and (ex["tokens"][~real] == 0).all()
+  assert (ex["loss_mask"] <= ex["attention_mask"]).all()

@@ -71,3 +71,46 @@ def test_tokenizer_vocab_and_roundtrip(tmp_path, monkeypatch):
   text = tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
   assert text == "<bos><|user|>1+2=<|end|><|assistant|>"
   assert tok2.pad_token_id == 0 and len(tok2) == len(tok)
+
+
+def test_groups_mix_right_and_wrong(task):
+  for r in task.group_records(50, g=4, seed=1):
+    assert 0.0 < sum(r["rewards"]) < 4.0  # non-zero reward variance in every group
+  right_first = [r["rewards"][0] for r in task.group_records(50, g=4, seed=2)]
+  assert 0 < sum(right_first) < 50  # right answers are randomly placed
+
+
+def test_ranked_records(task):
+  from jaxalign.data.formats import validate_records
+  recs = task.ranked_records(40, g=3, seed=0)
+  assert validate_records(recs, "ranked")[1] == 0
+  for r in recs:
+    assert len(r["completions"]) == len(r["labels"]) == 3
+    assert r["labels"] == [task.is_correct(r["prompt"], c) for c in r["completions"]]
+    assert any(r["labels"]) and not all(r["labels"])
+    assert task.is_correct(r["prompt"], r["reference"])
+  assert 0 < sum(r["labels"][0] for r in recs) < 40
+  assert recs == task.ranked_records(40, g=3, seed=0)
+  no_ref = task.ranked_records(3, g=2, with_reference=False, chat=True)
+  assert all("reference" not in r and r["prompt"][0]["role"] == "user" for r in no_ref)
+  chat = task.ranked_records(2, g=2, chat=True)[0]
+  assert chat["reference"][0]["role"] == "assistant"
+  for r in task.ranked_records(20, g=4, ranks=True):
+    assert "labels" not in r and len(r["ranks"]) == 4
+    for c, k in zip(r["completions"], r["ranks"]):
+      assert (k == 1) == task.is_correct(r["prompt"], c)
+    assert validate_records([r], "ranked")[1] == 0
+
+
+def test_ragged_sizes(task):
+  sizes = {len(r["samples"]) for r in task.negative_records(60, k=3, ragged=True)}
+  assert sizes == {1, 2, 3}
+  sizes = {len(r["completions"]) for r in task.group_records(60, g=3, ragged=True)}
+  assert sizes == {1, 2, 3}
+  recs = task.ranked_records(60, g=3, ragged=True)
+  assert {len(r["completions"]) for r in recs} == {1, 2, 3}
+  assert all(len(r["labels"]) == len(r["completions"]) for r in recs)
+  # ragged=False keeps the old negative_records stream
+  assert task.negative_records(5, k=3) == task.negative_records(5, k=3, ragged=False)
+  with pytest.raises(ValueError):
+    task.group_records(1, g=0)
