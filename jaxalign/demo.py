@@ -186,7 +186,8 @@ METHODS: dict[str, dict] = {
     "bco": dict(loss="bco", format="unpaired", hparams=dict(beta=0.1),
                 options=dict(udm="model", prompt_sample_size=1024)),
     "d2o": dict(loss="d2o", format="negatives", group=4, hparams=dict(beta=0.1, alpha=0.1)),
-    "grao": dict(loss="grao", format="groups", group=4, hparams=dict(beta=0.5, lam=0.6)),
+    "grao": dict(loss="grao", format="groups", group=4, hparams=dict(beta=0.5, lam=0.6),
+                 lr=3e-5),
     "aft": dict(loss="aft", format="ranked", group=4, hparams=dict()),
 }
 
