@@ -1,0 +1,22 @@
+"""Every shipped recipe loads through the CLI's config machinery and validates."""
+
+import pathlib
+
+import jax
+import pytest
+from ml_collections import config_flags  # noqa: F401  (the CLI's loader)
+from absl import flags
+
+from jaxalign import config as config_lib
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_recipe_loads_and_validates(path):
+  fv = flags.FlagValues()
+  argv = ["prog", f"--config={path}"]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  config_lib.validate(fv.config, jax.device_count())
