@@ -264,7 +264,7 @@ def lora_delta(adapter, *, lora_keys: tuple[str, str] = ("lora_a", "lora_b")):
   (already additive, e.g. biases or full-parameter deltas).
   """
   a_key, b_key = lora_keys
-  if isinstance(adapter, dict) or hasattr(adapter, "items"):
+  if hasattr(adapter, "items"):   # dict, nnx.State and other mappings
     if a_key in adapter and b_key in adapter:
       a = jnp.asarray(adapter[a_key])
       b = jnp.asarray(adapter[b_key])

@@ -9,37 +9,48 @@ import pytest
 
 from jaxalign.losses.grao import grao_advantages, grao_loss
 
+
 # Compiled helpers: one XLA compile per (shape, static option) instead of
 # op-by-op dispatch; test_jit_equals_eager_and_metrics checks them against the
 # plain function. beta and lam are traced so varying them does not recompile.
+# Backend optimisation level 0 roughly halves CPU compile time for these tiny
+# graphs (results are compared at float32 tolerances).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _STATIC = ("group_includes_reference", "reference_reward", "zero_std")
+_STATIC_DEFAULTS = dict(group_includes_reference=True, reference_reward="zero",
+                        zero_std="eps", terms=False)
 _TERMS = ("loss", "loss/exploration", "loss/imitation", "loss/alignment")
 _advantages = jax.jit(grao_advantages, static_argnames=("group_includes_reference",))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("terms",),
+                   compiler_options=_FAST_COMPILE)
 def _compiled(logps, lengths, mask, rewards, answer_logps, answer_lengths, answer_rewards,
-              weights, beta, lam, **static):
-  def terms(x, y):
+              weights, beta, lam, terms=False, **static):
+  names = _TERMS if terms else _TERMS[:1]
+
+  def f(x, y):
     loss, metrics = grao_loss(x, lengths, mask, rewards, y, answer_lengths, answer_rewards,
                               beta=beta, lam=lam, weights=weights, **static)
-    return jnp.stack([loss] + [metrics[k] for k in _TERMS[1:]]), (loss, metrics)
-  jac, (loss, metrics) = jax.jacrev(terms, argnums=(0, 1), has_aux=True)(
-      logps, answer_logps)
-  return loss, metrics, {k: (jac[0][i], jac[1][i]) for i, k in enumerate(_TERMS)}
+    return jnp.stack([loss] + [metrics[k] for k in names[1:]]), (loss, metrics)
+  jac, (loss, metrics) = jax.jacrev(f, argnums=(0, 1), has_aux=True)(logps, answer_logps)
+  return loss, metrics, {k: (jac[0][i], jac[1][i]) for i, k in enumerate(names)}
 
 
 def _run(logps, lengths, mask, rewards, answer_logps, answer_lengths, answer_rewards=None,
          weights=None, beta=0.5, lam=0.6, **static):
-  """grao_loss's value and metrics, and the gradients of the loss and of each term.
+  """grao_loss's value and metrics, and gradients.
 
   Returns (loss, metrics, grads) with grads[name] = (d name / d group_logps,
-  d name / d answer_logps) for name in _TERMS.
+  d name / d answer_logps) for name "loss", and with terms=True also for each
+  term loss/{exploration,imitation,alignment}.
   """
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
   b = len(answer_logps)
   answer_rewards = jnp.zeros(b) if answer_rewards is None else answer_rewards
   weights = jnp.ones(b) if weights is None else weights
+  # Spell every static option out: jit's cache keys on the keywords as passed.
+  static = {**_STATIC_DEFAULTS, **static}
   return _compiled(f32(logps), f32(lengths), jnp.asarray(mask, bool), f32(rewards),
                    f32(answer_logps), f32(answer_lengths), f32(answer_rewards), f32(weights),
                    f32(beta), f32(lam), **static)
@@ -192,13 +203,13 @@ def test_group_only_alignment_gradient_is_lam_times_exploration():
   # (f)3: with sum_i A_i = 0 the -lam A_i S^(y) part cancels.
   args = _random_batch(5, ternary=False)
   lam = 0.6
-  _, _, grads = _run(*args[:6], lam=lam, group_includes_reference=False)
+  _, _, grads = _run(*args[:6], lam=lam, group_includes_reference=False, terms=True)
   g_align, g_expl = grads["loss/alignment"], grads["loss/exploration"]
   np.testing.assert_allclose(g_align[0], lam * np.asarray(g_expl[0]), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(g_align[1], 0.0, atol=1e-6)
   assert np.all(np.asarray(g_expl[1]) == 0)
   # Under G+1 it does not: the regulariser also moves the answer.
-  _, _, grads = _run(*args[:6], lam=lam)
+  _, _, grads = _run(*args[:6], lam=lam, terms=True)
   assert np.any(np.abs(np.asarray(grads["loss/alignment"][1])) > 1e-3)
 
 

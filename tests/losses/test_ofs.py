@@ -20,8 +20,13 @@ LOG2 = np.log(2.0)
 
 
 # One XLA compile per (shape, static option) instead of op-by-op dispatch;
-# test_jit_equals_eager compares it with the plain function.
-@functools.partial(jax.jit, static_argnames=("swap_interval", "detach_other"))
+# test_jit_equals_eager compares it with the plain function. Backend
+# optimisation level 0 roughly halves CPU compile time for these tiny graphs.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.partial(jax.jit, static_argnames=("swap_interval", "detach_other"),
+                   compiler_options=_FAST_COMPILE)
 def _compiled(logps, ref_chosen, ref_rejected, state, alpha, beta, fs_beta, weights,
               swap_interval, detach_other):
   def f(fc, fr, sc, sr):
@@ -36,7 +41,7 @@ def _compiled(logps, ref_chosen, ref_rejected, state, alpha, beta, fs_beta, weig
 
 
 def _run(fast_c, fast_r, slow_c, slow_r, ref_c, ref_r, *, state=None, alpha=0.5, beta=0.1,
-         fs_beta=None, weights=None, swap_interval=4, detach_other=True):
+         fs_beta=None, weights=None, swap_interval=2, detach_other=True):
   """ofs_dpo_loss's (loss, metrics, new_state, grads w.r.t. fast_c, fast_r, slow_c, slow_r)."""
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
   state = ofs_init_state() if state is None else state
@@ -92,8 +97,8 @@ def test_fs_term_is_log2_when_modules_are_equal():
 def test_gradient_at_the_reference_is_the_same_for_both_roles(fast_is_leader):
   # (f)2 with fs_beta = beta: d/dS(y_w) = -(1 + alpha) beta / 2, d/dS(y_l) the opposite
   # (per pair; the batch mean divides by B).
-  x = np.array([-5.0, -7.0, -3.0], np.float32)
-  y = np.array([-6.0, -2.0, -9.0], np.float32)
+  x = np.array([-5.0, -7.0, -3.0, -1.0, -12.0, -4.0], np.float32)
+  y = np.array([-6.0, -2.0, -9.0, -1.5, -30.0, -4.0], np.float32)
   alpha, beta = 0.3, 0.2
   _, _, _, (g_fc, g_fr, g_sc, g_sr) = _run(x, y, x, y, x, y, alpha=alpha, beta=beta,
                                            state=_leader_state(fast_is_leader))
@@ -107,10 +112,10 @@ def test_alpha_zero_is_two_independent_dpo_runs():
   # (f)3: no coupling; each adapter gets exactly its own DPO gradient.
   fc, fr, sc, sr, rc, rr = _random_logps(2)
   loss, m, _, (g_fc, g_fr, g_sc, g_sr) = _run(fc, fr, sc, sr, rc, rr, alpha=0.0, beta=0.1)
-  dpo_fast, dpo_fast_grads = jax.value_and_grad(
-      lambda c, r: dpo_loss(c, r, rc, rr, beta=0.1)[0], argnums=(0, 1))(fc, fr)
-  dpo_slow, dpo_slow_grads = jax.value_and_grad(
-      lambda c, r: dpo_loss(c, r, rc, rr, beta=0.1)[0], argnums=(0, 1))(sc, sr)
+  dpo = jax.jit(jax.value_and_grad(lambda c, r: dpo_loss(c, r, rc, rr, beta=0.1)[0],
+                                   argnums=(0, 1)))
+  dpo_fast, dpo_fast_grads = dpo(fc, fr)
+  dpo_slow, dpo_slow_grads = dpo(sc, sr)
   np.testing.assert_allclose(loss, dpo_fast + dpo_slow, rtol=1e-6)
   np.testing.assert_allclose(m["loss/dpo_fast"], dpo_fast, rtol=1e-6)
   for got, want in zip((g_fc, g_fr, g_sc, g_sr), dpo_fast_grads + dpo_slow_grads):
@@ -131,7 +136,7 @@ def test_zero_adapters_start_every_dpo_term_at_log2():
 
 def test_chaser_objective_is_unbounded_below():
   # (f)5: once the chaser overtakes by d, its objective ~ L_DPO - alpha beta d.
-  z = np.zeros(2, np.float32)
+  z = np.zeros(6, np.float32)
   alpha, beta = 0.5, 0.1
   for d in [1e3, 1e4]:
     slow_c = z + d   # m_S - m_F = d
@@ -164,10 +169,10 @@ def test_each_adapter_gets_only_its_own_objective_gradient(fast_is_leader):
   kw = dict(alpha=0.7, beta=0.2)
   _, _, _, (g_fc, g_fr, g_sc, g_sr) = _run(fc, fr, sc, sr, rc, rr,
                                            state=_leader_state(fast_is_leader), **kw)
-  own_fast = jax.grad(lambda c, r: ofs_module_loss(
-      c, r, sc, sr, rc, rr, is_leader=fast_is_leader, **kw)[0], argnums=(0, 1))(fc, fr)
-  own_slow = jax.grad(lambda c, r: ofs_module_loss(
-      c, r, fc, fr, rc, rr, is_leader=not fast_is_leader, **kw)[0], argnums=(0, 1))(sc, sr)
+  own = jax.jit(jax.grad(lambda c, r, oc, orr, leads: ofs_module_loss(
+      c, r, oc, orr, rc, rr, is_leader=leads, **kw)[0], argnums=(0, 1)))
+  own_fast = own(fc, fr, sc, sr, fast_is_leader)
+  own_slow = own(sc, sr, fc, fr, not fast_is_leader)
   for got, want in zip((g_fc, g_fr, g_sc, g_sr), own_fast + own_slow):
     np.testing.assert_allclose(got, want, rtol=1e-6)
   # detach_other=False couples them: the gradients change.
@@ -225,8 +230,8 @@ def test_loss_threads_the_state_through_steps():
 def test_jit_equals_eager():
   fc, fr, sc, sr, rc, rr = _random_logps(7)
   state = _leader_state(False)
-  eager = ofs_dpo_loss(fc, fr, sc, sr, rc, rr, state=state, alpha=0.5, swap_interval=4)
-  jitted = _run(fc, fr, sc, sr, rc, rr, state=state, alpha=0.5, swap_interval=4)
+  eager = ofs_dpo_loss(fc, fr, sc, sr, rc, rr, state=state, alpha=0.5, swap_interval=2)
+  jitted = _run(fc, fr, sc, sr, rc, rr, state=state, alpha=0.5, swap_interval=2)
   np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-6)
   assert set(jitted[1]) == set(eager[1])
   for key in eager[1]:
@@ -236,7 +241,7 @@ def test_jit_equals_eager():
 
 
 def test_finite_at_extreme_inputs():
-  z = np.zeros(3, np.float32)
+  z = np.zeros(6, np.float32)
   for big in [1e4, -1e4]:
     for state in [_leader_state(True), _leader_state(False)]:
       loss, m, _, grads = _run(z + big, z, z, z + big, z, z - big, state=state, alpha=0.5)

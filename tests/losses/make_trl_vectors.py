@@ -1,0 +1,448 @@
+"""Generates tests/losses/trl_vectors.json: TRL's own loss outputs on fixed inputs.
+
+The file in the repo was produced by TRL 0.28.0 (transformers 5.1.0) and TRL
+1.16.0 (transformers 5.23.0), each with torch 2.13.0 (CPU), float64 tensors. jaxalign never imports TRL: the tests in
+test_trl_conformance.py only read the JSON. Re-run this script only to refresh
+the vectors or to add a TRL version.
+
+How to run (from the repo root; PyPI access needed, the project venv untouched):
+
+  python3 -m venv /tmp/trlvenv && . /tmp/trlvenv/bin/activate
+  pip install torch==2.13.0          # first: otherwise pip pulls a CUDA build
+  pip install "trl==0.28.0" "transformers==5.1.0" joblib
+  # transformers 5.1.0: with later ones (e.g. 5.23) TRL 0.28's optional-import
+  # checks misfire (`import weave`); joblib: BCOTrainer's module imports it.
+  python tests/losses/make_trl_vectors.py      # writes the TRL 0.28.0 cases
+
+  python3 -m venv /tmp/trlvenv2 && . /tmp/trlvenv2/bin/activate
+  pip install torch==2.13.0 && pip install "trl==1.16.0"
+  python tests/losses/make_trl_vectors.py      # merges in the TRL 1.16.0 cases
+
+Each run replaces the cases of the TRL version it runs under and keeps the
+others. The inputs come from a fixed NumPy seed, independent of TRL, and are
+rounded to float32 values so jaxalign (float32) and TRL (float64) see exactly
+the same numbers.
+
+What is called (LOSSES.md section 9). No model is built: TRL's trainer methods
+are called as unbound functions on a minimal stand-in `self` that carries
+exactly the attributes those methods read, copied from a real TRL config
+object as the trainer's __init__ does; the model forward is a stub returning
+the given per-sequence log-probs. So TRL's loss *and* metric code runs as is.
+
+  * TRL <= 0.28 (`DPOTrainer.get_batch_loss_metrics`, which calls the real
+    `DPOTrainer.dpo_loss`; reference log-probs passed precomputed in the batch):
+    sigmoid, cDPO (sigmoid + label_smoothing), robust, ipo, hinge,
+    reference_free, bco_pair with the running-mean shift over 2 batches (the
+    real `RunningMoments` on the stand-in). For ipo, 0.28's
+    `concatenated_forward` divides every sequence's summed log-prob by its
+    completion length (`all_logps / loss_mask.sum(-1)`, policy and reference
+    alike); the stub applies that one division.
+  * TRL 0.28 `trl.experimental.bco.BCOTrainer.get_batch_loss_metrics` (real
+    `bco_loss`, `_get_prompt_embeddings`, `_get_udm_weight`,
+    `_get_chosen_prob`; the embedding model and the fitted classifier are
+    stubs whose predicted p(desirable) is given): unpaired BCO over 2 training
+    batches plus 1 eval batch, without and with UDM weights.
+  * TRL >= 1.4 (`DPOTrainer._compute_loss`, a stub model whose per-token
+    log-probs sum to the given sequence log-probs, `precompute_ref_log_probs`):
+    sigmoid_norm (LN-DPO), ipo, sigmoid, robust, hinge, bco_pair (no shift).
+    TRL 1.4.0's `sigmoid_norm` branch is textually identical to 1.16.0's.
+"""
+
+import argparse
+import json
+import math
+import os
+import types
+from collections import defaultdict
+
+import numpy as np
+import torch
+import trl
+from packaging.version import Version
+
+SEED = 20260724
+B = 8
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trl_vectors.json")
+TORCH_DTYPE = torch.float64
+
+
+# ----------------------------------------------------------------- inputs
+
+
+def _f32(x):
+  """float32-representable float64 values, as a plain list."""
+  return [float(v) for v in np.asarray(x, np.float32)]
+
+
+def _paired_batch(rng):
+  ref_chosen = np.asarray(rng.uniform(-250.0, -30.0, B))
+  ref_rejected = np.asarray(rng.uniform(-250.0, -30.0, B))
+  return {
+      "chosen_logps": _f32(ref_chosen + rng.normal(0.0, 6.0, B)),
+      "rejected_logps": _f32(ref_rejected + rng.normal(0.0, 6.0, B)),
+      "ref_chosen_logps": _f32(ref_chosen),
+      "ref_rejected_logps": _f32(ref_rejected),
+      "chosen_lengths": [int(v) for v in rng.integers(5, 120, B)],
+      "rejected_lengths": [int(v) for v in rng.integers(5, 120, B)],
+  }
+
+
+def _unpaired_batch(rng, n_desirable):
+  ref = np.asarray(rng.uniform(-250.0, -30.0, B))
+  labels = np.zeros(B, bool)
+  labels[rng.permutation(B)[:n_desirable]] = True
+  # p(desirable prompt) from the UDM classifier; spans both clip bounds.
+  p = np.asarray([0.02, 0.2, 0.4, 0.5, 0.62, 0.8, 0.93, 0.995])[rng.permutation(B)]
+  return {
+      "logps": _f32(ref + rng.normal(0.0, 6.0, B)),
+      "ref_logps": _f32(ref),
+      "labels": [bool(v) for v in labels],
+      "p_desirable": _f32(p),
+  }
+
+
+def make_inputs():
+  rng = np.random.default_rng(SEED)
+  return {
+      "paired": [_paired_batch(rng), _paired_batch(rng)],
+      # Unequal desirable counts (5 then 3) so pooled and per-class means differ.
+      "unpaired": [_unpaired_batch(rng, 5), _unpaired_batch(rng, 3), _unpaired_batch(rng, 4)],
+  }
+
+
+def _t(x):
+  return torch.tensor(x, dtype=TORCH_DTYPE)
+
+
+# ---------------------------------------------------------------- stand-ins
+
+
+class _Accelerator:
+  """Single-process stand-in for accelerate.Accelerator (what the methods call)."""
+  device = torch.device("cpu")
+  use_distributed = False
+  process_index = 0
+  num_processes = 1
+
+  def gather_for_metrics(self, x):
+    return x
+
+  def gather(self, x):
+    return x
+
+  def pad_across_processes(self, x, **_):
+    return x
+
+  def reduce(self, x, reduction="mean"):
+    return x
+
+
+def _config(config_cls, **kw):
+  return config_cls(output_dir="/tmp/trl_vectors_unused", report_to=[], use_cpu=True,
+                    bf16=False, **kw)
+
+
+# ------------------------------------------------------------ TRL <= 0.28 DPO
+
+
+def _dpo_v028_standin(args):
+  """The attributes DPOTrainer (0.28) __init__ sets and get_batch_loss_metrics /
+  dpo_loss read."""
+  from trl.trainer.dpo_config import FDivergenceConstants
+  from trl.trainer.dpo_trainer import DPOTrainer
+  from trl.trainer.utils import RunningMoments
+
+  s = types.SimpleNamespace()
+  s.args = args
+  s.accelerator = _Accelerator()
+  s.beta = args.beta
+  s.label_smoothing = args.label_smoothing
+  s.loss_type = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
+  s.loss_weights = args.loss_weights
+  s.use_weighting = args.use_weighting
+  s.aux_loss_enabled = False
+  s.reference_free = args.reference_free
+  s.f_divergence_type = args.f_divergence_type
+  s.f_divergence_params = {
+      FDivergenceConstants.ALPHA_DIVERGENCE_COEF_KEY: args.f_alpha_divergence_coef}
+  s.running = RunningMoments(accelerator=s.accelerator)  # bco_pair's shift
+  s.dpo_loss = types.MethodType(DPOTrainer.dpo_loss, s)
+  return s, DPOTrainer
+
+
+def _dpo_v028_step(s, trainer_cls, batch):
+  ipo = "ipo" in s.loss_type
+  c, r = _t(batch["chosen_logps"]), _t(batch["rejected_logps"])
+  rc, rr = _t(batch["ref_chosen_logps"]), _t(batch["ref_rejected_logps"])
+  if ipo:  # concatenated_forward (0.28): all_logps / loss_mask.sum(-1), policy and ref
+    lc, lr = _t(batch["chosen_lengths"]), _t(batch["rejected_lengths"])
+    c, r, rc, rr = c / lc, r / lr, rc / lc, rr / lr
+
+  def concatenated_forward(model, batch, is_ref_model=False):
+    return {"chosen_logps": c, "rejected_logps": r,
+            "mean_chosen_logits": torch.zeros(B, dtype=TORCH_DTYPE),
+            "mean_rejected_logits": torch.zeros(B, dtype=TORCH_DTYPE)}
+
+  s.concatenated_forward = concatenated_forward
+  loss, metrics = trainer_cls.get_batch_loss_metrics(
+      s, None, {"ref_chosen_logps": rc, "ref_rejected_logps": rr}, train_eval="train")
+  out = {"loss": float(loss)}
+  for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected"):
+    out[k] = float(metrics[k])
+  if "bco_pair" in s.loss_type:
+    out["delta"] = float(s.running.mean)
+  return out
+
+
+DPO_V028_CASES = [
+    # name, jaxalign kwargs, TRL DPOConfig kwargs, steps
+    ("sigmoid", dict(variant="sigmoid", beta=0.1),
+     dict(loss_type="sigmoid", beta=0.1), 1),
+    ("cdpo_eps0.1", dict(variant="sigmoid", beta=0.1, label_smoothing=0.1),
+     dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.1), 1),
+    ("robust_eps0.1", dict(variant="robust", beta=0.1, label_smoothing=0.1),
+     dict(loss_type="robust", beta=0.1, label_smoothing=0.1), 1),
+    ("ipo_tau0.1", dict(variant="ipo", beta=0.1, ipo_length_norm=True),
+     dict(loss_type="ipo", beta=0.1), 1),
+    ("hinge_beta0.5", dict(variant="hinge", beta=0.5),
+     dict(loss_type="hinge", beta=0.5), 1),
+    ("reference_free", dict(variant="sigmoid", beta=0.05, reference_free=True),
+     dict(loss_type="sigmoid", beta=0.05, reference_free=True), 1),
+    ("bco_pair_delta", dict(beta=0.1),
+     dict(loss_type="bco_pair", beta=0.1), 2),
+]
+
+
+def cases_v028(inputs):
+  from trl import DPOConfig
+  cases = []
+  for name, jax_kw, trl_kw, steps in DPO_V028_CASES:
+    args = _config(DPOConfig, **trl_kw)
+    s, trainer_cls = _dpo_v028_standin(args)
+    step_records = []
+    for i in range(steps):
+      batch = inputs["paired"][i]
+      step_records.append({"inputs": batch, "trl": _dpo_v028_step(s, trainer_cls, batch)})
+    loss_name = "bco_pair_loss" if trl_kw["loss_type"] == "bco_pair" else "dpo_loss"
+    cases.append({
+        "name": f"trl{trl.__version__}/{name}",
+        "trl_version": trl.__version__,
+        "trl_call": "DPOTrainer.get_batch_loss_metrics -> DPOTrainer.dpo_loss",
+        "trl_setting": {k: v for k, v in trl_kw.items()},
+        "jaxalign": {"fn": loss_name, "kwargs": jax_kw,
+                     "state": "init_bco_state()" if loss_name == "bco_pair_loss" else None},
+        "steps": step_records,
+    })
+  cases.extend(_bco_unpaired_v028(inputs))
+  return cases
+
+
+# -------------------------------------------------------- TRL 0.28 unpaired BCO
+
+
+def _bco_unpaired_v028(inputs):
+  from trl.experimental.bco import BCOConfig, BCOTrainer
+  from trl.trainer.utils import RunningMoments
+
+  cases = []
+  for udm in (False, True):
+    args = _config(BCOConfig, beta=0.1)
+    s = types.SimpleNamespace()
+    s.args = args
+    s.accelerator = _Accelerator()
+    s.beta = args.beta
+    s.aux_loss_enabled = False
+    s.running = RunningMoments(accelerator=s.accelerator)
+    s.match_underlying_distribution = udm  # a property of the real class
+    s.processing_class = types.SimpleNamespace(pad_token_id=0)
+    s.embedding_tokenizer = types.SimpleNamespace(pad_token_id=-1) if udm else None
+    for meth in ("bco_loss", "_get_prompt_embeddings", "_vectorize_prompt", "_get_udm_weight",
+                 "_get_chosen_prob"):
+      setattr(s, meth, types.MethodType(getattr(BCOTrainer, meth), s))
+    # The fitted LogisticRegression, stubbed: the one-dim "embedding" is p itself.
+    s.clf = types.SimpleNamespace(
+        predict_proba=lambda e: np.stack([1.0 - e[:, 0], e[:, 0]], axis=1).astype(np.float64))
+
+    step_records = []
+    for i, do_train in enumerate((True, True, False)):
+      batch = inputs["unpaired"][i]
+      logps, ref = _t(batch["logps"]), _t(batch["ref_logps"])
+      labels = batch["labels"]
+      chosen_idx = [j for j in range(B) if labels[j] is True]
+      rejected_idx = [j for j in range(B) if labels[j] is False]
+
+      def forward(model, b, logps=logps, ci=chosen_idx, ri=rejected_idx):
+        # BCOTrainer.forward's return: policy logps and summed logits, split by label.
+        return (logps[ci], logps[ri], torch.zeros(len(ci), dtype=TORCH_DTYPE),
+                torch.zeros(len(ri), dtype=TORCH_DTYPE))
+
+      s.forward = forward
+      p = _t(batch["p_desirable"])
+      s.embedding_func = lambda input_ids, attention_mask, p=p: p[:, None]
+      trl_batch = {"reference_logps": ref, "label": labels,
+                   "embedding_input_ids": torch.ones(B, 3, dtype=torch.long),
+                   "embedding_attention_mask": torch.ones(B, 3, dtype=torch.long)}
+      loss, metrics = BCOTrainer.get_batch_loss_metrics(s, None, trl_batch, do_train=do_train)
+      out = {"loss": float(loss), "delta": float(metrics["delta"])}
+      for side in ("chosen", "rejected"):
+        n = metrics[f"count/{side}"]
+        out[f"count/{side}"] = float(n)
+        out[f"rewards/{side}"] = float(metrics[f"rewards/{side}_sum"]) / n
+        out[f"logps/{side}"] = float(metrics[f"logps/{side}_sum"]) / n
+      out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+      if udm:
+        w = BCOTrainer._get_udm_weight(s, p[rejected_idx][:, None])
+        out["udm/weight_mean"] = float(w.mean())
+      step_records.append({"inputs": batch if udm else {k: v for k, v in batch.items()
+                                                      if k != "p_desirable"},
+                           "update_state": do_train, "trl": out})
+    cases.append({
+        "name": f"trl{trl.__version__}/bco_unpaired" + ("_udm" if udm else ""),
+        "trl_version": trl.__version__,
+        "trl_call": "trl.experimental.bco.BCOTrainer.get_batch_loss_metrics -> bco_loss"
+                    + (" (UDM: _get_udm_weight, _get_chosen_prob)" if udm else ""),
+        "trl_setting": {"beta": 0.1, "min_density_ratio": args.min_density_ratio,
+                        "max_density_ratio": args.max_density_ratio,
+                        "udm": udm, "steps": "train, train, eval (do_train=False)"},
+        "jaxalign": {"fn": "bco_loss", "kwargs": {"beta": 0.1}, "state": "init_bco_state()",
+                     "udm_weights": "density_ratio_weights(p_desirable)" if udm else None},
+        "steps": step_records,
+    })
+  return cases
+
+
+# ------------------------------------------------------------ TRL >= 1.4 DPO
+
+
+def _dpo_v1_step(args, batch):
+  from trl.trainer.dpo_trainer import DPOTrainer
+
+  s = types.SimpleNamespace()
+  s.args = args
+  s.model = types.SimpleNamespace(training=True)
+  s.accelerator = _Accelerator()
+  s.beta = args.beta
+  s.precompute_ref_logps = True
+  s.loss_types = args.loss_type
+  s.loss_weights = args.loss_weights or [1.0] * len(s.loss_types)
+  s.ld_alpha = args.ld_alpha
+  s.f_divergence_type = args.f_divergence_type
+  s.f_alpha_divergence_coef = args.f_alpha_divergence_coef
+  s.label_smoothing = args.label_smoothing
+  s.use_weighting = args.use_weighting
+  s.aux_loss_enabled = False
+  s._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+  s._total_train_tokens = 0
+  s._tp_size = 1
+
+  # Sequences [prompt (2 tokens) | completion | padding]; batch is [chosen; rejected].
+  lengths = list(batch["chosen_lengths"]) + list(batch["rejected_lengths"])
+  seq_logps = list(batch["chosen_logps"]) + list(batch["rejected_logps"])
+  prompt = 2
+  T = prompt + max(lengths)
+  completion_mask = torch.zeros(2 * B, T, dtype=torch.long)
+  attention_mask = torch.zeros(2 * B, T, dtype=torch.long)
+  for j, n in enumerate(lengths):
+    completion_mask[j, prompt:prompt + n] = 1
+    attention_mask[j, :prompt + n] = 1
+  shift_mask = completion_mask[:, 1:].to(TORCH_DTYPE)
+  # Per-token log-probs, each completion token S/|y|: they sum to S.
+  per_token = shift_mask * (_t(seq_logps) / _t(lengths))[:, None]
+
+  class _Model:
+    def __call__(self, **kw):
+      z = torch.zeros(2 * B, T - 1, dtype=TORCH_DTYPE)
+      return types.SimpleNamespace(log_probs=per_token, entropy=z, mean_logits=z,
+                                   is_top1=torch.zeros(2 * B, T - 1, dtype=torch.bool))
+
+  inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long),
+            "attention_mask": attention_mask, "completion_mask": completion_mask,
+            "ref_chosen_logps": _t(batch["ref_chosen_logps"]),
+            "ref_rejected_logps": _t(batch["ref_rejected_logps"])}
+  loss = DPOTrainer._compute_loss(s, _Model(), inputs, False)
+  out = {"loss": float(loss)}
+  for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected"):
+    (out[k],) = s._metrics["train"][k]
+  return out
+
+
+DPO_V1_CASES = [
+    ("sigmoid_norm_beta2", "ln_dpo_loss", dict(beta=2.0),
+     dict(loss_type=["sigmoid_norm"], beta=2.0)),
+    ("ipo_tau0.1", "dpo_loss", dict(variant="ipo", beta=0.1, ipo_length_norm=True),
+     dict(loss_type=["ipo"], beta=0.1)),
+    ("sigmoid", "dpo_loss", dict(variant="sigmoid", beta=0.1),
+     dict(loss_type=["sigmoid"], beta=0.1)),
+    ("robust_eps0.1", "dpo_loss", dict(variant="robust", beta=0.1, label_smoothing=0.1),
+     dict(loss_type=["robust"], beta=0.1, label_smoothing=0.1)),
+    ("hinge_beta0.5", "dpo_loss", dict(variant="hinge", beta=0.5),
+     dict(loss_type=["hinge"], beta=0.5)),
+    ("bco_pair_no_delta", "bco_pair_loss", dict(beta=0.1),
+     dict(loss_type=["bco_pair"], beta=0.1)),
+]
+
+
+def cases_v1(inputs):
+  from trl import DPOConfig
+  cases = []
+  for name, fn, jax_kw, trl_kw in DPO_V1_CASES:
+    args = _config(DPOConfig, precompute_ref_log_probs=True, **trl_kw)
+    batch = inputs["paired"][0]
+    cases.append({
+        "name": f"trl{trl.__version__}/{name}",
+        "trl_version": trl.__version__,
+        "trl_call": "DPOTrainer._compute_loss (stub model, precomputed ref log-probs)",
+        "trl_setting": trl_kw,
+        "jaxalign": {"fn": fn, "kwargs": jax_kw, "state": None},
+        "steps": [{"inputs": batch, "trl": _dpo_v1_step(args, batch)}],
+    })
+  return cases
+
+
+# --------------------------------------------------------------------- main
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=OUT)
+  out_path = parser.parse_args().out
+
+  version = Version(trl.__version__)
+  inputs = make_inputs()
+  if version < Version("0.29"):
+    new_cases = cases_v028(inputs)
+  elif version >= Version("1.4"):
+    new_cases = cases_v1(inputs)
+  else:
+    raise SystemExit(f"TRL {version}: this script covers <= 0.28 and >= 1.4 only")
+
+  data = {"cases": []}
+  if os.path.exists(out_path):
+    with open(out_path) as f:
+      data = json.load(f)
+  kept = [c for c in data["cases"] if c["trl_version"] != trl.__version__]
+  versions = dict(data.get("trl_versions", {}))
+  versions[trl.__version__] = {"torch": torch.__version__, "dtype": "float64"}
+  for c in new_cases:
+    for st in c["steps"]:
+      for k, v in st["trl"].items():
+        if not math.isfinite(v):
+          raise SystemExit(f"{c['name']}: non-finite {k}={v}")
+  data = {
+      "about": ("TRL conformance vectors for jaxalign losses (shared/LOSSES.md section 9), "
+                "made by tests/losses/make_trl_vectors.py; read by test_trl_conformance.py."),
+      "seed": SEED,
+      "trl_versions": dict(sorted(versions.items(), key=lambda kv: Version(kv[0]))),
+      "cases": sorted(kept + new_cases,
+                      key=lambda c: (Version(c["trl_version"]), c["name"])),
+  }
+  with open(out_path, "w") as f:
+    json.dump(data, f, indent=1)
+    f.write("\n")
+  print(f"TRL {trl.__version__}: wrote {len(new_cases)} cases to {out_path}")
+
+
+if __name__ == "__main__":
+  main()
