@@ -27,4 +27,4 @@ def test_demo_aligned_beats_sft_by_10_points(tmp_path):
   assert summary["aligned_accuracy"] >= summary["sft_accuracy"] + 0.10, summary
   # A second run into the same directory is refused instead of mixing runs.
   again = _demo(workdir)
-  assert again.returncode == 2 and "already holds a demo run" in again.stderr
+  assert again.returncode == 2 and "already holds a dpo demo run" in again.stderr

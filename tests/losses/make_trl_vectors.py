@@ -1,7 +1,8 @@
 """Generates tests/losses/trl_vectors.json: TRL's own loss outputs on fixed inputs.
 
 The file in the repo was produced by TRL 0.28.0 (transformers 5.1.0) and TRL
-1.16.0 (transformers 5.23.0), each with torch 2.13.0 (CPU), float64 tensors. jaxalign never imports TRL: the tests in
+"""Generates tests/losses/trl_vectors.json: TRL's own loss outputs on fixed inputs.
+
 test_trl_conformance.py only read the JSON. Re-run this script only to refresh
 the vectors or to add a TRL version.
 
@@ -57,6 +58,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import transformers
 import trl
 from packaging.version import Version
 
@@ -424,7 +426,8 @@ def main():
       data = json.load(f)
   kept = [c for c in data["cases"] if c["trl_version"] != trl.__version__]
   versions = dict(data.get("trl_versions", {}))
-  versions[trl.__version__] = {"torch": torch.__version__, "dtype": "float64"}
+  versions[trl.__version__] = {"torch": torch.__version__,
+                               "transformers": transformers.__version__, "dtype": "float64"}
   for c in new_cases:
     for st in c["steps"]:
       for k, v in st["trl"].items():
