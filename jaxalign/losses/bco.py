@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.losses._common import pair_metrics, weighted_mean
+
 # TRL RunningMoments' initial count: tiny, so the first update sets the mean to
 # the first batch's mean, yet never zero, so nothing divides by zero.
 _INITIAL_COUNT = 1e-24
@@ -294,17 +296,10 @@ def bco_pair_loss(
   # softplus(-z) == -log_sigmoid(z), finite for large |z|.
   per_pair = (jax.nn.softplus(-(chosen_rewards - delta))
               + jax.nn.softplus(rejected_rewards - delta))           # [B]
-  margins = chosen_rewards - rejected_rewards                        # [B]
 
-  denom = jnp.maximum(w.sum(), 1.0)
-  mean = lambda x: (w * x).sum() / denom  # noqa: E731
+  mean = weighted_mean(w, per_pair)
   metrics = {
-      "rewards/chosen": mean(chosen_rewards),
-      "rewards/rejected": mean(rejected_rewards),
-      "rewards/margins": mean(margins),
-      "rewards/accuracies": mean((margins > 0).astype(jnp.float32)),
-      "logps/chosen": mean(chosen_logps),
-      "logps/rejected": mean(rejected_logps),
+      **pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, mean),
       "delta": delta,
   }
   return mean(per_pair), metrics, new_state

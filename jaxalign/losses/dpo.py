@@ -12,6 +12,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses._common import pair_metrics, weighted_mean
+
 VARIANTS = ("sigmoid", "robust", "ipo", "hinge")
 
 
@@ -148,21 +150,13 @@ def dpo_loss(
       h = chosen_logratios - rejected_logratios
     per_pair = jnp.square(h - 1.0 / (2.0 * beta))                    # [B]
 
-  w = jnp.ones_like(per_pair) if weights is None else weights.astype(jnp.float32)
-  denom = jnp.maximum(w.sum(), 1.0)
-  mean = lambda x: (w * x).sum() / denom  # noqa: E731
-  metrics = {
-      "rewards/chosen": mean(chosen_rewards),
-      "rewards/rejected": mean(rejected_rewards),
-      "rewards/margins": mean(margins),
-      "rewards/accuracies": mean((margins > 0).astype(jnp.float32)),  # strict, as TRL
-      "logps/chosen": mean(chosen_logps),
-      "logps/rejected": mean(rejected_logps),
-  }
+  mean = weighted_mean(weights, per_pair)
+  metrics = pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, mean)
   loss = mean(per_pair)
   if rpo_alpha:
     if chosen_lengths is None:
       raise ValueError("rpo_alpha > 0 needs chosen_lengths")
+    w = jnp.ones_like(chosen_logps) if weights is None else weights.astype(jnp.float32)
     num_tokens = jnp.maximum((w * chosen_lengths.astype(jnp.float32)).sum(), 1.0)
     nll = -(w * chosen_logps).sum() / num_tokens
     metrics["nll_loss"] = nll

@@ -8,6 +8,8 @@ is TRL's `loss_type="sigmoid_norm"` (>= v1.4.0).
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses._common import pair_metrics, weighted_mean
+
 
 def ln_dpo_loss(
     chosen_logps: jax.Array,
@@ -59,17 +61,9 @@ def ln_dpo_loss(
   # softplus(-z) == -log_sigmoid(z), finite for large |z|.
   per_pair = jax.nn.softplus(-margins_per_token)                            # [B]
 
-  w = jnp.ones_like(per_pair) if weights is None else weights.astype(jnp.float32)
-  denom = jnp.maximum(w.sum(), 1.0)
-  mean = lambda x: (w * x).sum() / denom  # noqa: E731
-  margins = chosen_rewards - rejected_rewards                               # [B]
+  mean = weighted_mean(weights, per_pair)
   metrics = {
-      "rewards/chosen": mean(chosen_rewards),
-      "rewards/rejected": mean(rejected_rewards),
-      "rewards/margins": mean(margins),
-      "rewards/accuracies": mean((margins > 0).astype(jnp.float32)),  # strict, as TRL
-      "logps/chosen": mean(chosen_logps),
-      "logps/rejected": mean(rejected_logps),
+      **pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, mean),
       "rewards_per_token/chosen": mean(chosen_rewards_per_token),
       "rewards_per_token/rejected": mean(rejected_rewards_per_token),
       "rewards_per_token/margins": mean(margins_per_token),

@@ -1,8 +1,8 @@
 """Generates tests/losses/trl_vectors.json: TRL's own loss outputs on fixed inputs.
 
 The file in the repo was produced by TRL 0.28.0 (transformers 5.1.0) and TRL
-"""Generates tests/losses/trl_vectors.json: TRL's own loss outputs on fixed inputs.
-
+1.16.0 (transformers 5.23.0), each with torch 2.13.0 (CPU), float64 tensors.
+jaxalign never imports TRL: the tests in
 test_trl_conformance.py only read the JSON. Re-run this script only to refresh
 the vectors or to add a TRL version.
 
@@ -39,7 +39,7 @@ the given per-sequence log-probs. So TRL's loss *and* metric code runs as is.
     completion length (`all_logps / loss_mask.sum(-1)`, policy and reference
     alike); the stub applies that one division.
   * TRL 0.28 `trl.experimental.bco.BCOTrainer.get_batch_loss_metrics` (real
-    `bco_loss`, `_get_prompt_embeddings`, `_get_udm_weight`,
+    `bco_loss`, `_get_prompt_embeddings`, `_vectorize_prompt`, `_get_udm_weight`,
     `_get_chosen_prob`; the embedding model and the fitted classifier are
     stubs whose predicted p(desirable) is given): unpaired BCO over 2 training
     batches plus 1 eval batch, without and with UDM weights.
