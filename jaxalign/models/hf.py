@@ -1,0 +1,703 @@
+"""Hugging Face interop: config.json + safetensors <-> Transformer, both directions.
+
+Supported architectures: LlamaForCausalLM (incl. Llama 3.1 "llama3" rope
+scaling), MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+Gemma2ForCausalLM and Gemma3ForCausalLM (text; only where local and global
+layers share one rope, see `config_from_hf`).
+
+Every parameter is a fixed relayout of one HF tensor (the table in
+jaxalign/models/transformer.py): the HF tensor is reshaped into a "view" (one HF
+axis may split into several, e.g. [H*Dh] -> [H, Dh]) and the view transposed
+into our axis order. Import reads, for each device, only the HF rows its shard
+needs, straight from the memory-mapped safetensors files; export streams one
+tensor at a time into safetensors files. Neither ever holds the whole model in
+one host buffer.
+
+  model, model_cfg = from_pretrained("path/to/Llama-3.1-8B", mesh=mesh)
+  export(model, model_cfg, "out/", architecture="LlamaForCausalLM", tokenizer=tok)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from jaxalign.config import DEFAULT_RULES
+from jaxalign.models.transformer import ModelConfig, Transformer
+
+# architecture -> (model_type, default tie_word_embeddings).
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "LlamaForCausalLM": ("llama", False),
+    "MistralForCausalLM": ("mistral", False),
+    "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),
+    "Gemma2ForCausalLM": ("gemma2", True),
+    "Gemma3ForCausalLM": ("gemma3_text", True),
+}
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Tensors some checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_tanh": "gelu_tanh"}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "F64": np.float64}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
+
+
+def _unsupported(arch: str, feature: str) -> ValueError:
+  return ValueError(f"{arch}: unsupported: {feature}")
+
+
+# ---------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _architecture(hf_config: dict[str, Any]) -> str:
+  archs = hf_config.get("architectures") or []
+  if archs:
+    arch = archs[0]
+  else:  # config.json without "architectures": go by model_type
+    by_type = {t: a for a, (t, _) in ARCHITECTURES.items()}
+    arch = by_type.get(hf_config.get("model_type"), f"model_type={hf_config.get('model_type')!r}")
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
+  return arch
+
+
+def _rope(arch: str, hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+  """(rope_theta, rope_scaling) from legacy keys or transformers>=5 `rope_parameters`."""
+  params = hf.get("rope_parameters")
+  if params is not None and ("full_attention" in params or "sliding_attention" in params):
+    # Gemma3: one rope per layer type; we have one rope for all layers.
+    kinds = [params[k] for k in ("full_attention", "sliding_attention") if k in params]
+    if any(k != kinds[0] for k in kinds[1:]):
+      raise _unsupported(arch, f"different rope for sliding and full layers ({params})")
+    params = kinds[0]
+  if params is None:
+    theta = float(hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling")
+    if arch == "Gemma3ForCausalLM":
+      local = float(hf.get("rope_local_base_freq", 10000.0))
+      if local != theta:
+        raise _unsupported(arch, f"a second rope theta for local layers "
+                                 f"(rope_local_base_freq={local}, rope_theta={theta})")
+  else:
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = params
+  if scaling is None:
+    return theta, None
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind != "llama3":
+    raise _unsupported(arch, f"rope_type={kind!r} (have 'default' and 'llama3')")
+  if arch == "Gemma3ForCausalLM":
+    raise _unsupported(arch, "rope scaling on only the full-attention layers")
+  keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  missing = [k for k in keys if k not in scaling]
+  if missing:
+    raise ValueError(f"{arch}: rope_scaling 'llama3' lacks {missing}")
+  return theta, {k: (int(scaling[k]) if k.startswith("original") else float(scaling[k]))
+                 for k in keys}
+
+
+def _layer_types(arch: str, hf: dict[str, Any], n_layers: int) -> tuple[str, ...] | None:
+  types = hf.get("layer_types")
+  if types is None:
+    if arch == "Gemma2ForCausalLM":
+      types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+    elif arch == "Gemma3ForCausalLM":
+      pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+      types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+               for i in range(n_layers)]
+    else:
+      return None
+  names = {"full_attention": "full", "sliding_attention": "sliding"}
+  bad = sorted(set(types) - set(names))
+  if bad:
+    raise _unsupported(arch, f"layer types {bad}")
+  return tuple(names[t] for t in types)
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
+  """A float32 ModelConfig from a transformers config.json dict.
+
+  Raises:
+    ValueError naming the architecture or the feature when it is not one of
+    ARCHITECTURES or uses something the Transformer lacks (e.g. Gemma3's
+    separate local rope theta, which every released Gemma3 has; o_proj/MLP
+    biases; rope types other than "default"/"llama3"; Qwen sliding windows).
+  """
+  hf = hf_config
+  arch = _architecture(hf)
+  _, default_tie = ARCHITECTURES[arch]
+  is_gemma = arch in _GEMMA
+  H = int(hf["num_attention_heads"])
+  D = int(hf["hidden_size"])
+  L = int(hf["num_hidden_layers"])
+  act_name = (hf.get("hidden_activation") if is_gemma else None) or hf.get("hidden_act", "silu")
+  if act_name not in _ACTIVATIONS:
+    raise _unsupported(arch, f"activation {act_name!r}")
+  if hf.get("mlp_bias"):
+    raise _unsupported(arch, "mlp_bias=True")
+  if hf.get("attention_bias") and arch != "Qwen2ForCausalLM":
+    raise _unsupported(arch, "attention_bias=True (o_proj bias)")
+  if hf.get("use_bidirectional_attention"):
+    raise _unsupported(arch, "use_bidirectional_attention=True")
+  theta, scaling = _rope(arch, hf)
+
+  sliding_window, layer_types = None, None
+  if arch == "MistralForCausalLM":
+    sliding_window = hf.get("sliding_window")
+  elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if hf.get("use_sliding_window"):
+      raise _unsupported(arch, "use_sliding_window=True")
+  elif is_gemma:
+    sliding_window = hf.get("sliding_window")
+    layer_types = _layer_types(arch, hf, L)
+    if sliding_window is None:
+      if "sliding" in layer_types:
+        raise ValueError(f"{arch}: sliding layers but sliding_window is null")
+      layer_types = None
+  if hf.get("layer_types") is not None and not is_gemma:
+    types = _layer_types(arch, hf, L)
+    if types is not None and "sliding" in types and arch != "MistralForCausalLM":
+      raise _unsupported(arch, "sliding-window layers")
+
+  return ModelConfig(
+      vocab_size=int(hf["vocab_size"]),
+      d_model=D,
+      n_layers=L,
+      n_heads=H,
+      n_kv_heads=int(hf.get("num_key_value_heads") or H),
+      head_dim=int(hf.get("head_dim") or D // H),
+      d_ff=int(hf["intermediate_size"]),
+      max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", default_tie)),
+      qkv_bias=arch == "Qwen2ForCausalLM",
+      qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+      norm_offset=is_gemma,
+      embed_scale=is_gemma,
+      post_norms=is_gemma,
+      activation=_ACTIVATIONS[act_name],
+      query_pre_attn_scalar=(float(hf["query_pre_attn_scalar"])
+                             if is_gemma and hf.get("query_pre_attn_scalar") is not None
+                             else None),
+      # transformers' Gemma3 attention never applies attn_logit_softcapping
+      # (released Gemma3 configs set it null); match the reference, not the key.
+      attn_logit_softcap=(hf.get("attn_logit_softcapping")
+                          if arch == "Gemma2ForCausalLM" else None),
+      final_logit_softcap=(hf.get("final_logit_softcapping") if is_gemma else None),
+      sliding_window=None if sliding_window is None else int(sliding_window),
+      layer_types=layer_types,
+  )
+
+
+def _int_if_integral(x: float) -> float | int:
+  return int(x) if float(x).is_integer() else x
+
+
+def infer_architecture(config: ModelConfig) -> str:
+  """The one HF architecture whose features match `config` (for export)."""
+  if config.post_norms:
+    return "Gemma3ForCausalLM" if config.qk_norm else "Gemma2ForCausalLM"
+  if config.qk_norm:
+    return "Qwen3ForCausalLM"
+  if config.qkv_bias:
+    return "Qwen2ForCausalLM"
+  if config.sliding_window is not None:
+    return "MistralForCausalLM"
+  return "LlamaForCausalLM"
+
+
+def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
+  """A config.json dict that transformers (4.x and 5.x) and vLLM load as `config`.
+
+  Raises:
+    ValueError naming the switch when `architecture` cannot express `config`
+    (e.g. qkv_bias as Llama, a mixed sliding pattern as Mistral).
+  """
+  c, arch = config, architecture
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
+  model_type, _ = ARCHITECTURES[arch]
+  is_gemma = arch in _GEMMA
+  want = dict(
+      qkv_bias=arch == "Qwen2ForCausalLM",
+      qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+      norm_offset=is_gemma, embed_scale=is_gemma, post_norms=is_gemma,
+      activation="gelu_tanh" if is_gemma else "silu")
+  for key, value in want.items():
+    if getattr(c, key) != value:
+      raise ValueError(f"{arch} cannot express ModelConfig.{key}={getattr(c, key)!r} "
+                       f"(it has {value!r}); try {infer_architecture(c)}")
+  if arch == "Gemma3ForCausalLM" and c.attn_logit_softcap is not None:
+    raise ValueError(f"{arch} cannot express ModelConfig.attn_logit_softcap="
+                     f"{c.attn_logit_softcap} (transformers' Gemma3 does not apply it)")
+  if not is_gemma:
+    for key in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+      if getattr(c, key) is not None:
+        raise ValueError(f"{arch} cannot express ModelConfig.{key}={getattr(c, key)!r}")
+  if c.sliding_window is not None and arch != "MistralForCausalLM" and not is_gemma:
+    raise ValueError(f"{arch} cannot express ModelConfig.sliding_window={c.sliding_window}")
+  if arch == "MistralForCausalLM" and c.layer_types is not None and len(set(c.layer_types)) > 1:
+    raise ValueError(f"{arch} cannot express mixed layer_types={c.layer_types}")
+
+  hf: dict[str, Any] = {
+      "architectures": [arch],
+      "model_type": model_type,
+      "vocab_size": c.vocab_size,
+      "hidden_size": c.d_model,
+      "intermediate_size": c.d_ff,
+      "num_hidden_layers": c.n_layers,
+      "num_attention_heads": c.n_heads,
+      "num_key_value_heads": c.n_kv_heads,
+      "head_dim": c.head_dim,
+      "max_position_embeddings": c.max_seq_len,
+      "rms_norm_eps": c.norm_eps,
+      "tie_word_embeddings": c.tie_embeddings,
+      "rope_theta": c.rope_theta,
+      "rope_scaling": (None if c.rope_scaling is None
+                       else {**c.rope_scaling, "rope_type": "llama3"}),
+      "attention_dropout": 0.0,
+      "torch_dtype": str(np.dtype(c.param_dtype)),
+      "use_cache": True,
+  }
+  if is_gemma:
+    if c.sliding_window is None:
+      types = ("full",) * c.n_layers
+    else:
+      types = c.layer_types or ("sliding",) * c.n_layers
+    hf.update({
+        "hidden_activation": "gelu_pytorch_tanh",
+        # transformers validates an int; every released Gemma has an integral one.
+        "query_pre_attn_scalar": _int_if_integral(
+            c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar),
+        "attn_logit_softcapping": c.attn_logit_softcap,
+        "final_logit_softcapping": c.final_logit_softcap,
+        # Unused by all-full models, but transformers wants a number.
+        "sliding_window": c.sliding_window or c.max_seq_len,
+        "layer_types": [f"{t}_attention" for t in types],
+        "attention_bias": False,
+    })
+    if arch == "Gemma3ForCausalLM":
+      hf["rope_local_base_freq"] = c.rope_theta
+  else:
+    hf.update({"hidden_act": "silu", "attention_bias": arch == "Qwen2ForCausalLM"})
+    if arch == "LlamaForCausalLM":
+      hf.update({"mlp_bias": False, "pretraining_tp": 1})
+    if arch == "MistralForCausalLM":
+      hf["sliding_window"] = c.sliding_window
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+      hf.update({"use_sliding_window": False, "sliding_window": None,
+                 "max_window_layers": c.n_layers})
+  return hf
+
+
+# ---------------------------------------------------------------------------
+# Parameter <-> tensor mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How one HF tensor becomes one parameter.
+
+  groups[j]: sizes of the view axes HF axis j splits into (their product is
+  the HF size); perm: our axis i is view axis perm[i].
+  """
+  name: str
+  groups: tuple[tuple[int, ...], ...]
+  perm: tuple[int, ...]
+
+  @property
+  def hf_shape(self) -> tuple[int, ...]:
+    return tuple(math.prod(g) for g in self.groups)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    view = [s for g in self.groups for s in g]
+    return tuple(view[p] for p in self.perm)
+
+  def to_hf(self, value: np.ndarray) -> np.ndarray:
+    """Our full array -> the HF tensor."""
+    return np.transpose(value, np.argsort(self.perm)).reshape(self.hf_shape)
+
+  def read(self, tensor, index: tuple[slice, ...]) -> np.ndarray:
+    """Our array's block `index`, reading only the HF rows it needs.
+
+    Args:
+      tensor: a safetensors slice (or any array) indexable by HF-axis slices.
+      index: one slice per our axis (as make_array_from_callback passes).
+    """
+    view_sizes = [s for g in self.groups for s in g]
+    view_slices: list[slice] = [slice(None)] * len(view_sizes)
+    for axis, sl in enumerate(index):
+      view_slices[self.perm[axis]] = sl
+    view_slices = [slice(*sl.indices(n)) for sl, n in zip(view_slices, view_sizes)]
+    hf_index, post_index, block_shape = [], [], []
+    v = 0
+    for g in self.groups:
+      outer, inner = view_slices[v], view_slices[v + 1:v + len(g)]
+      stride = math.prod(g[1:])
+      # Whole rows of the outer view axis; inner view axes cut after reading.
+      hf_index.append(slice(outer.start * stride, outer.stop * stride))
+      block_shape += [outer.stop - outer.start, *g[1:]]
+      post_index += [slice(None), *inner]
+      v += len(g)
+    block = np.asarray(tensor[tuple(hf_index)]).reshape(block_shape)
+    return np.transpose(block[tuple(post_index)], self.perm)
+
+
+def _layouts(c: ModelConfig) -> dict[tuple, _Layout]:
+  """Our flat-state path -> the HF tensor layout, for every parameter of `c`."""
+  D, H, KV, Dh, F, V = (c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff,
+                        c.vocab_size)
+  same = lambda name, *shape: _Layout(name, tuple((s,) for s in shape),
+                                      tuple(range(len(shape))))
+  out = {("embed", "embedding"): same("model.embed_tokens.weight", V, D),
+         ("final_norm", "scale"): same("model.norm.weight", D)}
+  if not c.tie_embeddings:
+    out[("lm_head",)] = _Layout("lm_head.weight", ((V,), (D,)), (1, 0))
+  for i in range(c.n_layers):
+    p = f"model.layers.{i}."
+    a = p + "self_attn."
+    lay = {
+        ("attn", "q"): _Layout(a + "q_proj.weight", ((H, Dh), (D,)), (2, 0, 1)),
+        ("attn", "k"): _Layout(a + "k_proj.weight", ((KV, Dh), (D,)), (2, 0, 1)),
+        ("attn", "v"): _Layout(a + "v_proj.weight", ((KV, Dh), (D,)), (2, 0, 1)),
+        ("attn", "o"): _Layout(a + "o_proj.weight", ((D,), (H, Dh)), (1, 2, 0)),
+        ("attn_norm", "scale"): same(p + "input_layernorm.weight", D),
+        ("mlp", "gate"): _Layout(p + "mlp.gate_proj.weight", ((F,), (D,)), (1, 0)),
+        ("mlp", "up"): _Layout(p + "mlp.up_proj.weight", ((F,), (D,)), (1, 0)),
+        ("mlp", "down"): _Layout(p + "mlp.down_proj.weight", ((D,), (F,)), (1, 0)),
+    }
+    if c.qkv_bias:
+      for n, heads in (("q", H), ("k", KV), ("v", KV)):
+        lay[("attn", f"{n}_bias")] = _Layout(a + f"{n}_proj.bias", ((heads, Dh),), (0, 1))
+    if c.qk_norm:
+      lay[("attn", "q_norm", "scale")] = same(a + "q_norm.weight", Dh)
+      lay[("attn", "k_norm", "scale")] = same(a + "k_norm.weight", Dh)
+    if c.post_norms:  # Gemma's sandwich names
+      lay[("post_attn_norm", "scale")] = same(p + "post_attention_layernorm.weight", D)
+      lay[("mlp_norm", "scale")] = same(p + "pre_feedforward_layernorm.weight", D)
+      lay[("post_mlp_norm", "scale")] = same(p + "post_feedforward_layernorm.weight", D)
+    else:
+      lay[("mlp_norm", "scale")] = same(p + "post_attention_layernorm.weight", D)
+    out.update({("layers", i, *k): v for k, v in lay.items()})
+  return out
+
+
+def hf_names(config: ModelConfig) -> dict[str, str]:
+  """Our dotted parameter path -> HF tensor name, for every parameter of `config`."""
+  return {".".join(map(str, k)): v.name for k, v in _layouts(config).items()}
+
+
+# ---------------------------------------------------------------------------
+# Import
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """HF tensor name -> the safetensors file holding it."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(index):
+    return {k: os.path.join(path, f) for k, f in _read_json(index)["weight_map"].items()}
+  if os.path.exists(single):
+    from safetensors import safe_open
+    with safe_open(single, framework="numpy") as f:
+      return {k: single for k in f.keys()}
+  raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def abstract_model(config: ModelConfig, *, mesh=None, rules=DEFAULT_RULES):
+  """(graphdef, abstract state with shardings): a Transformer with nothing allocated.
+
+  With `mesh`, each leaf's sharding comes from its logical axis names under
+  `rules`; without, everything sits on the first device.
+  """
+  if mesh is None:
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    device = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, state)
+  else:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+      model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+      graphdef, state = nnx.split(model)
+      specs = nnx.get_partition_spec(state)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                             is_leaf=lambda x: isinstance(x, P))
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       state, shardings)
+  return graphdef, state
+
+
+def load_state(path: str, config: ModelConfig, abstract_state):
+  """The parameters of the HF checkpoint in `path`, placed per `abstract_state`.
+
+  Each device's block is read from the memory-mapped safetensors files
+  (`safe_open(..., framework="numpy").get_slice`) and cast to the abstract
+  dtype; a process touches only the rows of its own devices' blocks.
+
+  Args:
+    path: directory with model.safetensors or model.safetensors.index.json.
+    config: the ModelConfig `abstract_state` was built from.
+    abstract_state: nnx.State of jax.ShapeDtypeStruct with `.sharding` set
+      (from `abstract_model`, or the params of a train state).
+
+  Raises:
+    ValueError naming the HF tensor when one is missing, has the wrong shape,
+    or the checkpoint holds a tensor this model has no place for.
+  """
+  from safetensors import safe_open
+
+  layouts = _layouts(config)
+  files = _weight_files(path)
+  flat = nnx.to_flat_state(abstract_state)
+  used = set()
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(safe_open(f, framework="numpy"))
+               for f in sorted(set(files.values()))}
+    values = []
+    for key, leaf in flat:
+      if key not in layouts:
+        raise ValueError(f"no HF tensor for parameter {'.'.join(map(str, key))}")
+      lay = layouts[key]
+      if lay.name not in files:
+        raise ValueError(f"{path}: missing tensor {lay.name!r}")
+      used.add(lay.name)
+      tensor = handles[files[lay.name]].get_slice(lay.name)
+      if tuple(tensor.get_shape()) != lay.hf_shape:
+        raise ValueError(f"{path}: tensor {lay.name!r} has shape {tuple(tensor.get_shape())}, "
+                         f"the config wants {lay.hf_shape}")
+      abstract = leaf.get_value() if hasattr(leaf, "get_value") else leaf
+      values.append(_place(tensor, lay, abstract))
+    extra = sorted(n for n in set(files) - used
+                   if not n.endswith(_IGNORED_SUFFIXES)
+                   and not (n == "lm_head.weight" and config.tie_embeddings))
+    if extra:
+      raise ValueError(f"{path}: tensors with no place in the model: {extra[:8]}"
+                       + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
+  return nnx.from_flat_state([(k, leaf.replace(v) if hasattr(leaf, "replace") else v)
+                              for (k, leaf), v in zip(flat, values)])
+
+
+def _place(tensor, lay: _Layout, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+  """One global array built from per-device blocks of `tensor`."""
+  blocks: dict[tuple, np.ndarray] = {}  # replicated blocks are read once
+
+  def block(index):
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in blocks:
+      blocks[key] = lay.read(tensor, index).astype(abstract.dtype)
+    return blocks[key]
+
+  return jax.make_array_from_callback(abstract.shape, abstract.sharding, block)
+
+
+def from_pretrained(path: str, *, mesh=None, rules=DEFAULT_RULES,
+                    dtype: str | None = None) -> tuple[Transformer, ModelConfig]:
+  """A Transformer with the weights of the HF checkpoint directory `path`.
+
+  Args:
+    path: a directory with config.json and safetensors weights, or a hub name
+      (downloaded through huggingface_hub's cache).
+    mesh: place each parameter sharded on it per the logical-axis `rules`;
+      None: everything on the first device.
+    rules: logical axis name -> mesh axes (jaxalign.config.DEFAULT_RULES).
+    dtype: parameter and compute dtype (e.g. "bfloat16"); None: float32.
+
+  Returns:
+    (model, model_config).
+  """
+  if not os.path.isdir(path):  # a hub name: fetch config, weights and tokenizer once
+    from huggingface_hub import snapshot_download
+    path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                   "*.txt", "*.jinja"])
+  config = config_from_hf(_read_json(os.path.join(path, "config.json")))
+  if dtype is not None:
+    config = dataclasses.replace(config, dtype=str(np.dtype(dtype)),
+                                 param_dtype=str(np.dtype(dtype)))
+  graphdef, abstract = abstract_model(config, mesh=mesh, rules=rules)
+  state = load_state(path, config, abstract)
+  return nnx.merge(graphdef, state), config
+
+
+def load_tokenizer(path: str):
+  """The tokenizer (and chat template) saved in `path`, via transformers."""
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+# ---------------------------------------------------------------------------
+# Export
+
+
+def _host_value(x) -> np.ndarray:
+  """A full host copy of one (possibly sharded, multi-process) array."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _write_safetensors(path: str, names: Sequence[str], shapes, dtypes, fetch) -> None:
+  """Writes one safetensors file, fetching and writing one tensor at a time."""
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape, dt in zip(names, shapes, dtypes):
+    size = math.prod(shape) * np.dtype(dt).itemsize
+    header[name] = {"dtype": _ST_NAMES[np.dtype(dt)], "shape": list(shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for name, shape, dt in zip(names, shapes, dtypes):
+      value = np.ascontiguousarray(fetch(name), dtype=dt)
+      if value.shape != tuple(shape):
+        raise ValueError(f"{name}: shape {value.shape}, expected {tuple(shape)}")
+      f.write(value.tobytes())
+  os.replace(tmp, path)
+
+
+def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
+           architecture: str | None = None, tokenizer=None,
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+           dtype: str | None = None) -> str:
+  """Writes a transformers-loadable checkpoint directory.
+
+  Args:
+    params_state_or_model: a Transformer, or its nnx.State of parameters.
+    model_config: the ModelConfig of those parameters.
+    out_dir: created if needed (safetensors files already there are removed);
+      gets config.json, model.safetensors (or
+      model-0000k-of-0000n.safetensors + model.safetensors.index.json when
+      the weights exceed max_shard_bytes) and the tokenizer's files.
+    architecture: one of ARCHITECTURES; None: `infer_architecture`.
+    tokenizer: a transformers tokenizer to save beside the weights.
+    max_shard_bytes: largest safetensors file (a bigger single tensor gets a
+      file of its own).
+    dtype: cast the weights to this dtype (e.g. "bfloat16"); None: as stored.
+
+  Returns:
+    out_dir. In a multi-process run every process must call this; process 0 writes.
+  """
+  if isinstance(params_state_or_model, nnx.Module):
+    state = nnx.state(params_state_or_model, nnx.Param)
+  else:
+    state = params_state_or_model
+  architecture = architecture or infer_architecture(model_config)
+  hf_config = config_to_hf(model_config, architecture)
+  layouts = _layouts(model_config)
+  flat = dict(nnx.to_flat_state(state))
+  missing = sorted(".".join(map(str, k)) for k in set(layouts) - set(flat))
+  unknown = sorted(".".join(map(str, k)) for k in set(flat) - set(layouts))
+  if missing or unknown:
+    raise ValueError(f"params do not match the config: missing {missing}, unknown {unknown}")
+  by_name = {lay.name: (lay, flat[key]) for key, lay in layouts.items()}
+  value_of = lambda leaf: leaf.get_value() if hasattr(leaf, "get_value") else leaf
+  out_dtype = lambda leaf: np.dtype(dtype or value_of(leaf).dtype)
+  if dtype is not None:
+    hf_config["torch_dtype"] = str(np.dtype(dtype))
+
+  # Shards in the HF order of the mapping (layer by layer).
+  shards: list[list[str]] = [[]]
+  shard_bytes = 0
+  for name, (lay, leaf) in by_name.items():
+    size = math.prod(lay.hf_shape) * out_dtype(leaf).itemsize
+    if shards[-1] and shard_bytes + size > max_shard_bytes:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(name)
+    shard_bytes += size
+
+  def fetch(name):
+    lay, leaf = by_name[name]
+    return lay.to_hf(_host_value(value_of(leaf)))
+
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # a previous export's shards would confuse loaders
+      if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+        os.remove(os.path.join(out_dir, stale))
+  files = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  for file, names in zip(files, shards):
+    if is_writer:
+      _write_safetensors(
+          os.path.join(out_dir, file), names, [by_name[n][0].hf_shape for n in names],
+          [out_dtype(by_name[n][1]) for n in names], fetch)
+    else:  # other processes join the gathers of non-addressable arrays
+      for n in names:
+        fetch(n)
+  if not is_writer:
+    return out_dir
+  if len(shards) > 1:
+    total = sum(math.prod(lay.hf_shape) * out_dtype(leaf).itemsize
+                for lay, leaf in by_name.values())
+    index = {"metadata": {"total_size": total},
+             "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump(index, f, indent=2)
+  if tokenizer is not None:
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+      if getattr(tokenizer, key, None) is not None:
+        hf_config[key] = getattr(tokenizer, key)
+    tokenizer.save_pretrained(out_dir)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    json.dump({k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if k in hf_config}, f, indent=2)
+  return out_dir
+
+
+def export_checkpoint(run_dir: str, out_dir: str, *, architecture: str | None = None,
+                      mesh=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      dtype: str | None = None) -> str:
+  """Exports the latest checkpoint of the jaxalign run in `run_dir` (see `export`).
+
+  The model config comes from the resolved config saved with the checkpoint;
+  the tokenizer from `run_dir/tokenizer` when present. `architecture` None:
+  the architecture of the run's `config.model.hf_path` if it has one, else
+  `infer_architecture`.
+  """
+  import ml_collections
+
+  from jaxalign import config as config_lib
+  from jaxalign.train import loop
+
+  config = ml_collections.ConfigDict(loop.resolved_config(run_dir))
+  model_cfg = config_lib.model_config(config)
+  if architecture is None:
+    hf_path = config.model.get("hf_path", "") if "model" in config else ""
+    if hf_path and os.path.exists(os.path.join(hf_path, "config.json")):
+      architecture = _architecture(_read_json(os.path.join(hf_path, "config.json")))
+  _, params, _ = loop.load_run_params(run_dir, config, mesh=mesh)
+  tok_dir = os.path.join(run_dir, "tokenizer")
+  tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+  return export(params, model_cfg, out_dir, architecture=architecture, tokenizer=tokenizer,
+                max_shard_bytes=max_shard_bytes, dtype=dtype)
