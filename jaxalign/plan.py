@@ -1,0 +1,367 @@
+"""Ahead-of-time plan of one training step: memory, FLOPs and fit, without running it.
+
+`plan(config, topology="v5p:4x4x4")` builds the abstract train state and an
+abstract batch (shapes, dtypes and shardings only: no weights are allocated),
+then lowers and compiles THE train step -- `step.jit_train_step` with the
+arguments the host loop gives it -- for a TPU slice described by
+`jax.experimental.topologies` (needs `libtpu`, the `tpu` extra; no TPU is
+needed) or for local CPU devices (`devices="cpu:8"`). The compiled executable
+reports per-device memory and XLA's cost estimate exactly as the real slice
+would; an out-of-memory is the compiler's own RESOURCE_EXHAUSTED error, which
+`plan` turns into `fits=False`.
+
+Figures (all per device unless named otherwise):
+  memory: arguments (state + batch), outputs, aliased (donated state reused
+    for the new state), temporaries and generated code, from
+    `compiled.memory_analysis()`; total = arguments + outputs - aliased +
+    temporaries + generated code, compared with the chip's HBM.
+  flops_per_step: `compiled.cost_analysis()["flops"]` of the partitioned
+    (per-device) program, times the device count for the whole step. It counts
+    what XLA runs: rematerialized forwards included.
+  model_flops_per_token: 6 * N for the policy's forward and backward, plus
+    2 * N when a frozen reference copy runs a forward in the step
+    (reference.mode="frozen"); N = ModelConfig.num_params() (embeddings
+    included, attention-score FLOPs left out: the usual "6N" convention).
+    model_flops_per_step = model_flops_per_token * tokens_per_step, where
+    tokens_per_step = batch_size * S * max_length (padding included: the
+    planner cannot know the data).
+  predicted step time / MFU: from XLA's own time estimate when the cost
+    analysis carries one ("optimal_seconds"); otherwise a roofline from XLA's
+    counts, max(flops / peak, bytes accessed / HBM bandwidth), marked as such.
+    MFU = model_flops_per_step / (step time * devices * peak bf16 FLOP/s).
+    On CPU there is no known peak, so neither is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxalign import config as config_lib
+from jaxalign import losses, sharding
+from jaxalign.train import optim, step as step_lib
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Public per-chip figures (Cloud TPU docs): dense bf16 peak, HBM size and bandwidth."""
+  name: str
+  peak_flops: float      # bf16 FLOP/s
+  hbm_bytes: int
+  hbm_bandwidth: float   # bytes/s
+
+
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", 275e12, 32 * GiB, 1.2e12),
+    "v5e": Chip("v5e", 197e12, 16 * GiB, 0.819e12),
+    "v5p": Chip("v5p", 459e12, 95 * GiB, 2.765e12),
+    "v6e": Chip("v6e", 918e12, 32 * GiB, 1.64e12),
+}
+
+# Sequences per example and extra batch columns ([B, ...] trailing shape, dtype)
+# of each data format, as jaxalign.data.tokenize produces them. G: group size.
+_FORMAT_SEQUENCES = {"sft": 1, "pairwise": 2, "unpaired": 1}
+_GROUP_FORMATS = ("negatives", "groups", "ranked")
+# Columns a loss's host-side `prepare` adds (bco.prepare_udm: udm_weights).
+_PREPARED_COLUMNS = {"bco": {"udm_weights": ((), jnp.float32)}}
+DEFAULT_GROUP_SIZE = 4
+
+
+class PlanError(RuntimeError):
+  """The plan cannot be made here (no libtpu, unknown topology, too few devices)."""
+
+
+def chip_of(topology: str) -> Chip | None:
+  """The Chip named by a topology's prefix ("v5p:4x4x4" -> v5p); None if unknown."""
+  kind = re.sub(r"^\d+x", "", topology).split(":", 1)[0].lower().replace("litepod", "e")
+  return CHIPS.get(kind)
+
+
+def tpu_devices(topology: str) -> list:
+  """The abstract (compile-only) devices of a TPU slice, e.g. "v5p:4x4x4".
+
+  A multi-slice topology is written "2xv5e:16x16" (two v5e-256 slices).
+  """
+  try:
+    import libtpu  # noqa: F401  pylint: disable=unused-import
+  except ImportError:
+    raise PlanError("planning for a TPU topology needs libtpu (pip install 'jaxalign[tpu]' "
+                    "or the libtpu wheel matching jax); no TPU is needed") from None
+  from jax.experimental import topologies
+  # Without TPU metadata libtpu logs a warning about worker hostnames; give it one.
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  m = re.fullmatch(r"(?:(\d+)x)?(v\w+:[\dx]+)", topology)
+  if not m:
+    raise PlanError(f"topology {topology!r}: expected e.g. 'v5p:4x4x4', 'v6e:16x16' or "
+                    "'2xv5e:16x16'")
+  num_slices, name = int(m.group(1) or 1), m.group(2)
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs)
+  except Exception as e:  # noqa: BLE001  libtpu's own message says what is wrong
+    raise PlanError(f"topology {topology!r}: {str(e).strip().splitlines()[0]}") from None
+  return list(desc.devices)
+
+
+def local_devices(spec: str) -> list:
+  """"cpu:8" -> the first 8 local CPU devices ("cpu" alone: all of them)."""
+  platform, _, count = spec.partition(":")
+  try:
+    devs = jax.devices(platform)
+  except RuntimeError as e:
+    raise PlanError(f"devices {spec!r}: {e}") from None
+  n = int(count) if count else len(devs)
+  if len(devs) < n:
+    raise PlanError(f"devices {spec!r}: only {len(devs)} {platform} devices here (set "
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+  return devs[:n]
+
+
+def _make_mesh(config, devs):
+  """config.mesh over `devs`; over several slices the "data" axis spans them (DCN)."""
+  num_slices = len({getattr(d, "slice_index", 0) for d in devs})
+  if num_slices == 1:
+    return sharding.make_mesh(config.mesh.shape, devs)
+  from jax.experimental import mesh_utils
+  shape = config_lib.resolve_mesh_shape(config.mesh.shape, len(devs))
+  if shape[0] % num_slices:
+    raise config_lib.ConfigError(
+        f"config.mesh.shape: {tuple(shape)} over {num_slices} slices needs a 'data' size "
+        f"divisible by {num_slices} (data parallelism runs across slices)")
+  per_slice = (shape[0] // num_slices, *shape[1:])
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devs)
+  return jax.sharding.Mesh(grid, config_lib.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(config_lib.MESH_AXES))
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict[str, Any]:
+  """The global batch the step receives, as ShapeDtypeStructs with its sharding."""
+  spec = losses.get(config.loss.name)
+  B, T = config.data.batch_size, config.data.max_length
+  extra: dict[str, tuple[tuple[int, ...], Any]] = {}
+  if spec.data in _GROUP_FORMATS:
+    G = config.data.group_size or DEFAULT_GROUP_SIZE
+    S = 1 + G
+    extra["group_mask"] = ((G,), jnp.int32)
+    if spec.data == "groups":
+      extra["rewards"] = ((G,), jnp.float32)
+    if spec.data == "ranked":
+      extra["has_reference"] = ((), jnp.int32)
+      extra["labels"] = ((G,), jnp.int32)
+  else:
+    S = _FORMAT_SEQUENCES[spec.data]
+  if spec.data == "unpaired":
+    extra["label"] = ((), jnp.int32)
+  extra.update(_PREPARED_COLUMNS.get(config.loss.name, {}) if spec.prepare else {})
+  if spec.needs_ref and config.reference.mode == "precompute":
+    extra["ref_logps"] = ((S,), jnp.float32)
+  batch = {k: jax.ShapeDtypeStruct((B, S, T), jnp.int32, sharding=batch_sharding)
+           for k in ("tokens", "attention_mask", "loss_mask")}
+  for k, (shape, dtype) in extra.items():
+    batch[k] = jax.ShapeDtypeStruct((B, *shape), dtype, sharding=batch_sharding)
+  return batch
+
+
+def _shape_overrides(config) -> bool:
+  return bool(set(config.model.overrides.keys()) - {"dtype", "param_dtype", "remat"})
+
+
+def model_flops_per_token(num_params: int, *, frozen_reference: bool) -> int:
+  """6N for the policy's forward + backward, + 2N for a frozen reference forward."""
+  return 6 * num_params + (2 * num_params if frozen_reference else 0)
+
+
+def _cost(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
+         devices: str | None = None, verbose: bool = False) -> dict[str, Any]:
+  """Compiles the real train step for a TPU topology or local devices; returns its figures.
+
+  Args:
+    config: a recipe (validated here for the target's device count).
+    topology: a TPU slice name, e.g. "v5p:4x4x4" (needs libtpu).
+    devices: "cpu:8" etc.; default (no topology) all local devices.
+    verbose: print the table (`format_plan`) as well.
+
+  Returns:
+    A flat dict: target, num_devices, mesh, num_params, tokens_per_step,
+    memory_* (bytes per device), hbm_bytes, fits, flops_per_device,
+    flops_per_step, model_flops_per_token, model_flops_per_step,
+    predicted_step_seconds, predicted_mfu, estimate (how they were obtained),
+    lower_seconds, compile_seconds, error (the compiler's message when it did not fit).
+
+  Raises:
+    PlanError: libtpu missing, bad topology, too few local devices.
+    ConfigError: the config cannot run on that many devices.
+  """
+  if topology and devices:
+    raise PlanError("give a topology or devices, not both")
+  if topology:
+    devs, chip, target = tpu_devices(topology), chip_of(topology), topology
+  else:
+    devices = devices or f"{jax.default_backend()}"
+    devs, chip, target = local_devices(devices), None, devices
+  config_lib.validate(config, len(devs))
+
+  from jaxalign.train import loop  # local: loop imports the data stack
+  mesh = _make_mesh(config, devs)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  model_cfg = config_lib.model_config(config)
+  spec = losses.get(config.loss.name)
+  frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
+  tx, schedule = optim.make_optimizer(
+      lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
+      total_steps=config.total_steps, schedule=config.optim.schedule,
+      min_lr_ratio=config.optim.min_lr_ratio, weight_decay=config.optim.weight_decay,
+      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
+      clip_norm=config.optim.clip_norm)
+  graphdef, abstract_state, state_shardings, _ = loop.build_model_and_state(
+      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=frozen_ref,
+      init_loss_state=spec.init_state)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  batch = abstract_batch(config, batch_sharding)
+  step_fn = step_lib.jit_train_step(
+      graphdef=graphdef, tx=tx, schedule=schedule,
+      loss_call=step_lib.make_loss_call(spec, config.loss.hparams.to_dict()),
+      chunk_size=config.logprob_chunk_size, accum_steps=config.optim.grad_accum_steps,
+      skip_nonfinite=config.skip_nonfinite, state_shardings=state_shardings,
+      batch_sharding=batch_sharding, replicated=sharding.replicated(mesh))
+
+  n = len(devs)
+  num_params = model_cfg.num_params()
+  B, S, T = batch["tokens"].shape
+  tokens = B * S * T
+  per_token = model_flops_per_token(num_params, frozen_reference=frozen_ref)
+  out: dict[str, Any] = {
+      "target": target, "num_devices": n,
+      "device_kind": getattr(devs[0], "device_kind", devs[0].platform),
+      "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+      "loss": config.loss.name, "num_params": num_params,
+      "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
+      "batch_shape": [B, S, T], "tokens_per_step": tokens,
+      "model_flops_per_token": per_token, "model_flops_per_step": per_token * tokens,
+      "hbm_bytes": chip.hbm_bytes if chip else None,
+  }
+
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = step_fn.lower(abstract_state, batch)
+  out["lower_seconds"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001  XlaRuntimeError; re-raised unless it is an OOM
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+      raise
+    out.update(compile_seconds=time.perf_counter() - t0, fits=False,
+               error=msg.strip().splitlines()[0][:2000])
+    if verbose:
+      print(format_plan(out))
+    return out
+  out["compile_seconds"] = time.perf_counter() - t0
+
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    code = mem.generated_code_size_in_bytes
+    out.update(memory_arguments=args, memory_outputs=outs, memory_aliased=alias,
+               memory_temporaries=temp, memory_generated_code=code,
+               memory_total=args + outs - alias + temp + code)
+  else:
+    out["memory_total"] = None
+  total = out["memory_total"]
+  out["fits"] = bool(chip is None or total is None or total <= chip.hbm_bytes)
+  out["hbm_fraction"] = total / chip.hbm_bytes if chip and total else None
+
+  cost = _cost(compiled)
+  flops = float(cost.get("flops", 0.0))
+  bytes_accessed = float(cost.get("bytes accessed", 0.0))
+  out.update(flops_per_device=flops, flops_per_step=flops * n,
+             bytes_accessed_per_device=bytes_accessed)
+  seconds, estimate = None, None
+  if cost.get("optimal_seconds", 0) > 0:
+    seconds, estimate = float(cost["optimal_seconds"]), "xla optimal_seconds"
+  elif chip is not None and flops > 0:
+    seconds = max(flops / chip.peak_flops, bytes_accessed / chip.hbm_bandwidth)
+    estimate = ("roofline from XLA's flops and bytes accessed (this XLA gives no time "
+                "estimate)")
+  else:
+    estimate = "none: no time estimate from XLA and no known peak for this device"
+  out["predicted_step_seconds"] = seconds
+  out["predicted_mfu"] = (per_token * tokens / (seconds * n * chip.peak_flops)
+                          if seconds and chip else None)
+  out["predicted_tokens_per_second"] = tokens / seconds if seconds else None
+  out["estimate"] = estimate
+  if verbose:
+    print(format_plan(out))
+  return out
+
+
+def _gib(x) -> str:
+  if x is None:
+    return "-"
+  return f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 2**20:.2f} MiB"
+
+
+def _num(x, unit="") -> str:
+  if x is None:
+    return "-"
+  for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= scale:
+      return f"{x / scale:.2f} {prefix}{unit}"
+  return f"{x:.3g} {unit}".strip()
+
+
+def format_plan(p: dict[str, Any]) -> str:
+  """A short human table of `plan`'s result."""
+  mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+  lines = [
+      f"plan: {p['model']} {p['loss']} on {p['target']} ({p['num_devices']} x "
+      f"{p['device_kind']}), mesh {mesh}",
+      f"  params {_num(p['num_params'])}   batch {p['batch_shape']} (B, S, T) = "
+      f"{p['tokens_per_step']} tokens/step",
+      f"  lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
+  ]
+  if p.get("error"):
+    lines.append(f"  DOES NOT FIT: {p['error']}")
+    return "\n".join(lines)
+  hbm = p.get("hbm_bytes")
+  lines += [
+      "  memory per device:",
+      f"    arguments        {_gib(p.get('memory_arguments'))}",
+      f"    outputs          {_gib(p.get('memory_outputs'))}  "
+      f"(aliased to donated arguments: {_gib(p.get('memory_aliased'))})",
+      f"    temporaries      {_gib(p.get('memory_temporaries'))}",
+      f"    generated code   {_gib(p.get('memory_generated_code'))}",
+      f"    total            {_gib(p.get('memory_total'))}"
+      + (f" of {_gib(hbm)} HBM ({100 * p['hbm_fraction']:.0f}%)" if hbm else ""),
+      f"  fits: {p['fits']}",
+      f"  FLOPs per step (XLA)      {_num(p['flops_per_step'], 'FLOP')} "
+      f"({_num(p['flops_per_device'], 'FLOP')} per device)",
+      f"  model FLOPs per token     {_num(p['model_flops_per_token'], 'FLOP')} "
+      f"(per step {_num(p['model_flops_per_step'], 'FLOP')})",
+  ]
+  if p.get("predicted_step_seconds"):
+    mfu = p.get("predicted_mfu")
+    lines.append(f"  predicted step time {p['predicted_step_seconds'] * 1e3:.1f} ms, "
+                 f"{_num(p['predicted_tokens_per_second'])} tokens/s"
+                 + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+  lines.append(f"  estimate: {p['estimate']}")
+  return "\n".join(lines)

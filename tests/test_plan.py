@@ -1,0 +1,155 @@
+"""jaxalign.plan: the real train step compiled ahead of time, figures read back.
+
+The CPU tests run everywhere (8 fake devices from conftest). The TPU tests need
+libtpu (the `tpu` extra; no TPU): each real-scale recipe in configs/ is
+compiled for the slice it names in TOPOLOGY and must fit in its HBM.
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import pytest
+
+from jaxalign import config as config_lib
+from jaxalign import plan as plan_lib
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+REAL_SCALE = ("llama3_8b_dpo", "qwen25_7b_bco", "gemma2_9b_ln_dpo", "llama3_70b_dpo")
+
+
+def _load_recipe(name):
+  spec = importlib.util.spec_from_file_location(f"recipe_{name}", CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _tiny_dpo():
+  c = config_lib.defaults()   # tiny model, DPO, precomputed reference, batch 8 x 2 x 64
+  c.data.batch_size = 8
+  return c
+
+
+def test_tiny_dpo_on_cpu8_gives_sane_figures():
+  c = _tiny_dpo()
+  p = plan_lib.plan(c, devices="cpu:8")
+  n = config_lib.model_config(c).num_params()
+  assert p["num_devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert p["batch_shape"] == [8, 2, 64] and p["tokens_per_step"] == 8 * 2 * 64
+  assert p["memory_total"] > 0 and p["memory_arguments"] > 0 and p["memory_temporaries"] > 0
+  assert p["flops_per_device"] > 0 and p["flops_per_step"] == p["flops_per_device"] * 8
+  assert p["fits"] is True and "error" not in p
+  # Precomputed reference: the policy's forward + backward only.
+  assert p["num_params"] == n
+  assert p["model_flops_per_token"] == 6 * n
+  assert p["model_flops_per_step"] == 6 * n * 8 * 2 * 64
+  # Forward + backward of the tiny model cost more than 2N per token, and the
+  # compiled step should be within a small factor of 6N (attention, logits, optimizer).
+  assert 0.5 < p["flops_per_step"] / p["model_flops_per_step"] < 5
+  assert p["predicted_mfu"] is None and "none" in p["estimate"]   # no CPU peak
+  text = plan_lib.format_plan(p)
+  assert "fits: True" in text and "temporaries" in text
+
+
+def test_model_flops_formula_counts_a_frozen_reference_forward():
+  assert plan_lib.model_flops_per_token(1000, frozen_reference=False) == 6000
+  assert plan_lib.model_flops_per_token(1000, frozen_reference=True) == 8000
+
+
+def test_abstract_batch_follows_the_loss_format():
+  mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  c = _tiny_dpo()
+  b = plan_lib.abstract_batch(c, sharding)
+  assert b["tokens"].shape == (8, 2, 64) and b["ref_logps"].shape == (8, 2)
+  assert b["tokens"].sharding == sharding
+  c.reference.mode = "frozen"
+  assert "ref_logps" not in plan_lib.abstract_batch(c, sharding)
+  c.loss.name, c.loss.hparams = "bco", c.loss.hparams.__class__(dict(beta=0.1))
+  c.reference.mode = "precompute"
+  b = plan_lib.abstract_batch(c, sharding)
+  assert b["tokens"].shape == (8, 1, 64)
+  assert set(b) == {"tokens", "attention_mask", "loss_mask", "label", "udm_weights",
+                    "ref_logps"}
+  c.loss.name, c.data.group_size = "grao", 3
+  b = plan_lib.abstract_batch(c, sharding)
+  assert b["tokens"].shape == (8, 4, 64) and b["rewards"].shape == (8, 3)
+
+
+def test_100m_plan_allocates_no_weights():
+  c = config_lib.defaults()
+  c.model.preset = "100m"
+  c.data.max_length, c.data.max_prompt_length, c.data.batch_size = 32, 16, 8
+  before = sum(a.nbytes for a in jax.live_arrays())
+  p = plan_lib.plan(c, devices="cpu:8")
+  after = sum(a.nbytes for a in jax.live_arrays())
+  assert after - before < 1 << 20          # 100M float32 params would be 400 MB
+  n = p["num_params"]
+  assert 99e6 < n < 101e6
+  # Each device holds 1/8 of the float32 params and both AdamW moments (12 B/param).
+  assert p["memory_arguments"] >= 12 * n / 8
+  assert p["fits"]
+
+
+def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)   # import libtpu -> ImportError
+  with pytest.raises(plan_lib.PlanError, match="libtpu"):
+    plan_lib.plan(_tiny_dpo(), topology="v5p:2x2x2")
+
+
+def test_too_few_cpu_devices_is_a_clear_error():
+  with pytest.raises(plan_lib.PlanError, match="device_count"):
+    plan_lib.plan(_tiny_dpo(), devices="cpu:1024")
+
+
+def test_chip_table():
+  assert plan_lib.chip_of("v5p:4x4x4").hbm_bytes == 95 * 2**30
+  assert plan_lib.chip_of("v5litepod:16x16").name == "v5e"
+  assert plan_lib.chip_of("2xv6e:16x16").name == "v6e"
+  assert plan_lib.chip_of("v9z:2x2") is None
+
+
+# --- TPU: compiled for abstract TPU devices; needs libtpu, not a TPU. ---
+
+def test_tiny_dpo_compiles_for_a_tpu_slice():
+  pytest.importorskip("libtpu")
+  p = plan_lib.plan(_tiny_dpo(), topology="v5p:2x2x2")
+  assert p["num_devices"] == 8 and p["device_kind"].startswith("TPU")
+  assert p["fits"] and 0 < p["memory_total"] < p["hbm_bytes"]
+  assert p["flops_per_step"] > 0 and p["predicted_step_seconds"] > 0
+
+
+def test_multislice_topology_puts_data_across_slices():
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.mesh.shape = (2, -1, 1)
+  p = plan_lib.plan(c, topology="2xv5e:2x2")
+  assert p["num_devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert p["fits"]
+  c.mesh.shape = (1, -1, 1)
+  with pytest.raises(config_lib.ConfigError, match="slices"):
+    plan_lib.plan(c, topology="2xv5e:2x2")
+
+
+def test_a_step_that_does_not_fit_reports_it():
+  pytest.importorskip("libtpu")
+  c = config_lib.defaults()
+  c.model.preset = "100m"
+  c.model.overrides = c.model.overrides.__class__(dict(n_layers=2))
+  c.data.max_length, c.data.max_prompt_length, c.data.batch_size = 2048, 1024, 256
+  # 64 pairs of 2 x 2048 tokens per 16 GiB chip: float32 attention scores alone
+  # take 64 * 2 * 12 heads * 2048^2 * 4 B = 25 GiB.
+  p = plan_lib.plan(c, topology="v5e:2x2")
+  assert p["fits"] is False
+
+
+@pytest.mark.parametrize("name", REAL_SCALE)
+def test_real_scale_recipe_fits_its_slice(name):
+  pytest.importorskip("libtpu")
+  recipe = _load_recipe(name)
+  p = plan_lib.plan(recipe.get_config(), topology=recipe.TOPOLOGY)
+  assert p["fits"], plan_lib.format_plan(p)
+  assert p["memory_total"] <= p["hbm_bytes"]
+  assert p["flops_per_step"] > 0
