@@ -15,6 +15,14 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, unwritable directory).
+
+  Earlier complete checkpoints are untouched; the message names the directory
+  and the latest complete step.
+  """
+
+
 class Checkpointer:
   """Async save every `every` steps, keep the newest `keep`, restore the latest."""
 
@@ -24,8 +32,42 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data", "config"), options=options)
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, item_names=("state", "data", "config"), options=options)
+    except OSError as e:
+      raise CheckpointWriteError(f"checkpoint directory {self.directory} is not writable: "
+                                 f"{e}") from e
+
+  def check_writable(self) -> None:
+    """Raises CheckpointWriteError now if nothing can be written to the directory.
+
+    Before training, rather than at the first save hours later (where an async
+    write to an unusable directory ends in Orbax's 5-minute signal timeout).
+    """
+    probe = os.path.join(self.directory, f".write_probe.{jax.process_index()}")
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      with open(probe, "w"):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointWriteError(f"checkpoint directory {self.directory} is not writable: "
+                                 f"{e}") from e
+
+  def _write_error(self, e: Exception, what: str) -> CheckpointWriteError:
+    try:
+      # Let an earlier async save still in flight complete: it is the one to keep.
+      self._manager.wait_until_finished()
+    except Exception:  # noqa: BLE001  it failed too; the error names what is left
+      pass
+    try:
+      latest = self._manager.latest_step()
+    except Exception:  # noqa: BLE001  the directory itself may be gone
+      latest = None
+    return CheckpointWriteError(
+        f"{what} in {self.directory} failed: {type(e).__name__}: {e}; latest complete "
+        f"checkpoint: {'none' if latest is None else f'step {latest}'}")
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -45,7 +87,12 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if not (force or self.should_save(step)):
       return False
-    return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    # An async write that failed in the background (disk full) surfaces here, at
+    # the next save, or in wait()/close().
+    try:
+      return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    except Exception as e:  # noqa: BLE001  tensorstore reports I/O errors as ValueError
+      raise self._write_error(e, f"saving checkpoint step {step}") from e
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restores the state into the shardings of `abstract_state`, and `data_iter` in place."""
@@ -60,10 +107,13 @@ class Checkpointer:
     return restored["config"]
 
   def wait(self):
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  see save()
+      raise self._write_error(e, "writing a checkpoint") from e
 
   def close(self):
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

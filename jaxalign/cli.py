@@ -17,6 +17,9 @@ USAGE = """usage: jaxalign <command> [flags]
 commands:
   train   --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
   demo    [--workdir DIR] [--seed N] [--method M]   SFT then alignment on the bundled task
+  plan    --config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) [--config.a.b=v ...]
+          compile the real step ahead of time: per-device memory, FLOPs, predicted MFU
+  export  --checkpoint RUN_DIR --out HF_DIR   write a transformers-loadable model
 """
 
 
@@ -49,7 +52,7 @@ def _train(argv: list[str]) -> int:
       raise flags.Error("--workdir is required")
     config = config_flag.value
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    return _die("train", _flag_message(e))
+    return _die("train", _flag_message(e, argv))
 
   import jax
   from jaxalign import config as config_lib
@@ -63,11 +66,13 @@ def _train(argv: list[str]) -> int:
   try:
     result = loop.train(config, fv.workdir, progress=fv.progress,
                         stop_after=fv.stop_after_steps)
-  except config_lib.ConfigError as e:
+  except config_lib.ConfigError as e:  # includes loop.ResumeMismatchError
     return _die("train", str(e))
   except DataError as e:
     return _die("train", str(e), status=1)
   except loop.NonFiniteError as e:
+    return _die("train", str(e), status=1)
+  except OSError as e:  # e.g. checkpoint.CheckpointWriteError (disk full), a missing file
     return _die("train", str(e), status=1)
   if result.stopped_by_signal:
     print(f"stopped by SIGTERM at step {result.final_step}; checkpoint saved in "
@@ -78,8 +83,67 @@ def _train(argv: list[str]) -> int:
   return 0
 
 
-def _flag_message(e: Exception) -> str:
+def _plan(argv: list[str]) -> int:
+  from absl import flags
+  from ml_collections import config_flags
+
+  fv = flags.FlagValues()
+  full_argv = ["jaxalign plan"] + argv
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Path to a configs/*.py recipe.", flag_values=fv, lock_config=True,
+      sys_argv=full_argv)
+  flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4 (needs libtpu).",
+                      flag_values=fv)
+  flags.DEFINE_string("devices", None, "Local devices instead, e.g. cpu:8.", flag_values=fv)
+  try:
+    fv(full_argv)
+    if fv["config"].value is None:
+      raise flags.Error("--config is required")
+    if (fv.topology is None) == (fv.devices is None):
+      raise flags.Error("give exactly one of --topology or --devices")
+    config = config_flag.value
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    return _die("plan", _flag_message(e, argv))
+
+  from jaxalign import config as config_lib
+  from jaxalign import plan as plan_lib
+
+  try:
+    result = plan_lib.plan(config, topology=fv.topology, devices=fv.devices)
+  except (config_lib.ConfigError, plan_lib.PlanError) as e:
+    return _die("plan", str(e))
+  print(plan_lib.format_plan(result))
+  return 0 if result["fits"] else 1
+
+
+def _export(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="jaxalign export")
+  parser.add_argument("--checkpoint", required=True, help="a jaxalign run directory")
+  parser.add_argument("--out", required=True, help="output directory (HF format)")
+  parser.add_argument("--architecture", default=None,
+                      help="e.g. LlamaForCausalLM (default: from the run's hf_path or inferred)")
+  args = parser.parse_args(argv)
+  from jaxalign.models import hf
+
+  try:
+    hf.export_checkpoint(args.checkpoint, args.out, architecture=args.architecture)
+  except (ValueError, FileNotFoundError) as e:
+    return _die("export", str(e), status=1)
+  print(f"exported {args.checkpoint} to {os.path.abspath(args.out)}")
+  return 0
+
+
+def _flag_message(e: Exception, argv: list[str]) -> str:
   """absl/ml_collections errors carry the key; keep the informative first line."""
+  if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
+    e = e.args[0]  # how ml_collections reports an unknown key in an override
+  if isinstance(e, KeyError) and e.args:
+    # KeyError("'lrr'\nDid you mean \"lr\" instead of \"lrr\"?")
+    lines = [line.strip() for line in str(e.args[0]).splitlines() if line.strip()]
+    key = lines[0].strip("'\"") if lines else "?"
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and key in a.split("=")[0].split(".")), "--config")
+    return "; ".join([f"{flag}: unknown config key {key!r}"] + lines[1:])
   text = str(e).strip()
   for line in text.splitlines():
     if line.strip() and not line.startswith("Traceback"):
@@ -123,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     return _train(rest)
   if command == "demo":
     return _demo(rest)
+  if command == "plan":
+    return _plan(rest)
+  if command == "export":
+    return _export(rest)
   print(USAGE, file=sys.stderr)
   return _die(command, f"unknown command {command!r}")
 

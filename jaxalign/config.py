@@ -44,6 +44,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval_every = 0            # 0: no periodic eval
   c.init_from = ""            # a run directory (or checkpoint step dir) to take params from
   c.skip_nonfinite = False    # True: skip steps with a non-finite loss/grad, count them
+  # True: resume even though loss.name/hparams/options differ from the checkpoint's
+  # (a deliberate change); the model shape and data format must still match.
+  c.allow_config_change = False
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"

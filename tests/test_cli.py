@@ -110,3 +110,22 @@ def test_a_logical_axis_without_a_rule_is_named(tmp_path, capsys):
   status, err = _run(capsys, "train", f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}",
                      "--config.sharding_rules=(('batch', 'data'),)")
   assert status == 2 and "no rule for logical axis" in err[0], err
+
+
+def test_plan_prints_memory_and_flops_for_cpu8(capsys):
+  status = cli.main(["plan", f"--config={CONFIG}", "--devices=cpu:8"])
+  out = capsys.readouterr().out
+  assert status == 0
+  assert "memory per device" in out and "fits: True" in out and "FLOPs per step" in out
+
+
+def test_export_writes_a_transformers_loadable_model(tmp_path, capsys):
+  from jaxalign.train import loop
+  from tests.train.helpers import tiny_config
+  import transformers
+
+  loop.train(tiny_config(total_steps=2), str(tmp_path / "run"), progress=False)
+  assert cli.main(["export", f"--checkpoint={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}"]) == 0
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "hf", output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]

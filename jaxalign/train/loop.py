@@ -38,6 +38,10 @@ class NonFiniteError(RuntimeError):
   """The loss or a gradient was not finite; the last good checkpoint is kept."""
 
 
+class ResumeMismatchError(config_lib.ConfigError):
+  """The config's objective or model shape differs from the checkpoint it would resume."""
+
+
 @dataclasses.dataclass
 class RunResult:
   workdir: str
@@ -76,7 +80,11 @@ def load_tokenizer(name: str, workdir: str | None = None):
     tok = toy.build_tokenizer()
   else:
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(name)  # trust_remote_code stays off
+    try:
+      tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+      raise config_lib.ConfigError(
+          f"config.data.tokenizer: cannot load {name!r}: {_first_line(e)}") from None
   if tok.pad_token_id is None:
     tok.pad_token = tok.eos_token
   if workdir is not None and jax.process_index() == 0:
@@ -116,7 +124,40 @@ def read_records(path: str, *, split: str) -> list[dict]:
       raise config_lib.ConfigError(f"config.data.train_path: unknown toy parameters "
                                    f"{sorted(args)} in {path!r}")
     return [{**r, "source_file": path, "row": i + 1} for i, r in enumerate(records)]
-  return sources.load_records(path, split=split)
+  try:
+    return sources.load_records(path, split=split)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(f"config.data.train_path: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_group_sizes(records: list[dict], fmt: str, *, on_error: str) -> tuple[list[dict], int]:
+  """Without data.group_size every record of a group format needs the same number
+  of responses, or its examples would not stack into one batch mid-run.
+
+  The first record fixes the number; returns (records that match, number skipped).
+  """
+  if fmt not in tokenize.GROUP_FIELDS or not records:
+    return records, 0
+  field = tokenize.GROUP_FIELDS[fmt][1]
+  want = len(records[0][field])
+  kept, skipped = [], 0
+  for r in records:
+    if len(r[field]) == want:
+      kept.append(r)
+      continue
+    error = formats.DataError(
+        f"{r.get('source_file', '<memory>')}:{r.get('row', '?')}: {field}: {len(r[field])} "
+        f"responses, earlier records have {want}; set config.data.group_size to pad groups")
+    if on_error == "raise":
+      raise error
+    skipped += 1
+    log.warning("skipping record: %s", error)
+  return kept, skipped
 
 
 def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
@@ -125,6 +166,9 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
   """Reads, validates and tokenizes every record; returns (examples, num_skipped)."""
   records = read_records(path, split=split)
   valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
+  if group_size is None:
+    valid, bad = check_group_sizes(valid, fmt, on_error=on_error)
+    skipped += bad
   tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                  group_size=group_size)
   examples, bad = tokenize.tokenize_records(valid, fmt, tokenizer, tcfg, on_error=on_error)
@@ -155,7 +199,8 @@ def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_referen
   return graphdef, abstract_state, shardings, init_fn
 
 
-def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str) -> np.ndarray:
+def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
+                 progress: bool = True) -> np.ndarray:
   """Runs a jitted `fn(batch) -> [B, ...]` over every example once, in dataset order.
 
   Each process reads its own block of the data; `fn`'s results, with the
@@ -172,7 +217,7 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str) -> np
   filled = np.zeros(len(examples), bool)
   process_batch = batch_size // jax.process_count()
   for batch in tqdm(list(pipeline.ordered_batches(examples, process_batch)), desc=desc,
-                    leave=False, disable=jax.process_index() != 0):
+                    leave=False, disable=not progress or jax.process_index() != 0):
     arrays = {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}
     arrays["index"] = np.asarray(batch["index"], np.int32)
     arrays["valid"] = np.asarray(batch["valid"], np.int32)
@@ -210,8 +255,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, len(devices))
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise config_lib.ConfigError(f"config.init_from: {config.init_from} is not a directory")
 
   # Mesh and the pieces fixed by the config.
   mesh = sharding.make_mesh(config.mesh.shape, devices)
@@ -222,8 +268,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
   precompute_ref = spec.needs_ref and config.reference.mode == "precompute"
 
-  # Data: read, validate and tokenize everything before any compile.
-  tokenizer = load_tokenizer(config.data.tokenizer, workdir)
+  # Data: read, validate and tokenize everything before any compile, and before
+  # anything is written: a bad config or bad data leaves no workdir behind.
+  tokenizer = load_tokenizer(config.data.tokenizer)
   if len(tokenizer) > model_cfg.vocab_size:
     raise config_lib.ConfigError(
         f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
@@ -234,6 +281,12 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       on_error=config.data.on_error, group_size=config.data.group_size)
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    ckpt.write_json(os.path.join(workdir, "data_stats.json"), {
+        "train_path": config.data.train_path, "records": len(examples) + num_skipped,
+        "examples": len(examples), "skipped": num_skipped})
 
   # State: abstract first, then real and already sharded.
   tx, schedule = optim.make_optimizer(
@@ -249,7 +302,11 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   checkpointer = ckpt.Checkpointer(
       os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  checkpointer.check_writable()
   resume_step = checkpointer.latest_step()
+  if resume_step is not None:
+    check_resume_config(checkpointer.restore_config(resume_step), config,
+                        where=f"step {resume_step} in {checkpointer.directory}")
   process_batch = config.data.batch_size // jax.process_count()
 
   with jax.set_mesh(mesh):
@@ -274,7 +331,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
             examples, functools.partial(step_lib.batch_logps_only, graphdef, state.params,
                                         state.frozen, chunk_size=config.logprob_chunk_size),
             mesh=mesh, rules=rules, batch_size=config.data.batch_size,
-            desc="reference log-probs")
+            desc="reference log-probs", progress=progress)
         if is_main:
           np.save(ref_path + ".tmp.npy", table, allow_pickle=False)
           os.replace(ref_path + ".tmp.npy", ref_path)
@@ -290,7 +347,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
               examples, functools.partial(step_lib.prompt_embeddings, graphdef, state.params,
                                           state.frozen),
               mesh=mesh, rules=rules, batch_size=config.data.batch_size,
-              desc="prompt embeddings"))
+              desc="prompt embeddings", progress=progress))
 
   dataset = pipeline.make_dataset(examples, seed=config.seed, batch_size=process_batch,
                                   shuffle=config.data.shuffle, repeat=True)
@@ -337,10 +394,11 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         metrics, num_nonfinite = jax.device_get((metrics, state.num_nonfinite))
         if int(num_nonfinite) > good_nonfinite and not config.skip_nonfinite:
           checkpointer.wait()
+          good = checkpointer.latest_step()
           raise NonFiniteError(
               f"non-finite loss or gradient at or before step {done} (loss={metrics['loss']}); "
-              f"last good checkpoint: step {checkpointer.latest_step()} in "
-              f"{checkpointer.directory}")
+              + (f"last good checkpoint: step {good} in {checkpointer.directory}"
+                 if good is not None else "no checkpoint was written before it"))
         elapsed = time.perf_counter() - window_start
         last = {k: float(v) for k, v in metrics.items()}
         last["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
@@ -364,6 +422,75 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   writer.close()
   return RunResult(workdir=workdir, final_step=int(jax.device_get(state.step)),
                    last_metrics=last, stopped_by_signal=stopped)
+
+
+# Resolved-config keys compared before resuming: the objective may change only
+# with config.allow_config_change; the state's structure (model architecture,
+# data format, a frozen reference copy) never. ModelConfig.dtype and .remat are
+# compute choices and may change freely.
+OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options")
+FREE_MODEL_FIELDS = ("dtype", "remat")
+
+
+def _flat(d, prefix: str) -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}.{k}"))
+  return out
+
+
+def _structure(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Config facts that fix the train state's shapes: model fields, data format, reference."""
+  model = config_lib.model_config(c).to_dict()
+  out = {f"model.{k}": (tuple(v) if isinstance(v, list) else v)
+         for k, v in model.items() if k not in FREE_MODEL_FIELDS}
+  out["data format"] = losses.get(c.loss.name).data
+  out["reference.mode"] = c.reference.mode
+  return out
+
+
+def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict, *,
+                        where: str) -> None:
+  """Refuses to resume when the objective or the state's shapes changed since `saved`.
+
+  Raises:
+    ResumeMismatchError: one line naming each differing key as `key old -> new`.
+  """
+  old_cfg = ml_collections.ConfigDict(saved)
+  try:
+    old_structure = _structure(old_cfg)
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise ResumeMismatchError(f"cannot resume from {where}: its saved config does not "
+                              f"describe a model this version can build ({_first_line(e)})")
+  new_structure = _structure(config)
+  shape_diffs = [f"{k} {old_structure.get(k)!r} -> {new_structure.get(k)!r}"
+                 for k in sorted(set(old_structure) | set(new_structure))
+                 if old_structure.get(k) != new_structure.get(k)]
+  old_obj, new_obj = {}, {}
+  for key in OBJECTIVE_KEYS:
+    section, _, name = key.partition(".")
+    old_obj.update(_flat(saved.get(section, {}).get(name, "<absent>"), key))
+    new_obj.update(_flat(config.to_dict()[section][name], key))
+  for d in (old_obj, new_obj):  # JSON turned tuples into lists
+    d.update({k: tuple(v) for k, v in d.items() if isinstance(v, list)})
+  objective_diffs = [f"{k} {old_obj.get(k, '<absent>')!r} -> {new_obj.get(k, '<absent>')!r}"
+                     for k in sorted(set(old_obj) | set(new_obj))
+                     if old_obj.get(k, "<absent>") != new_obj.get(k, "<absent>")]
+  if shape_diffs:
+    raise ResumeMismatchError(
+        f"cannot resume from {where}: the model or data format differs from the "
+        f"checkpoint's: {', '.join(shape_diffs + objective_diffs)}; use a new workdir "
+        "(or config.init_from to start from its parameters)")
+  if objective_diffs and not config.get("allow_config_change", False):
+    raise ResumeMismatchError(
+        f"cannot resume from {where}: the objective differs from the checkpoint's: "
+        f"{', '.join(objective_diffs)}; set config.allow_config_change=True to change "
+        "it deliberately")
+  if objective_diffs:
+    log.warning("resuming from %s with a changed objective: %s", where,
+                ", ".join(objective_diffs))
 
 
 def _checkpoint_dir(path: str) -> str:

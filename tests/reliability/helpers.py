@@ -1,0 +1,80 @@
+"""Shared pieces of the fault-injection tests: CLI runs, checkpoint reads, compile spying."""
+
+import contextlib
+import os
+import pathlib
+import sys
+
+import jax
+import numpy as np
+from jax import monitoring
+
+from jaxalign import checkpoint as ckpt
+from jaxalign import cli
+from jaxalign.train import loop
+
+REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
+RECIPES = str(pathlib.Path(__file__).resolve().parent / "recipes.py")
+TINY_CLI_CONFIG = str(pathlib.Path(REPO_ROOT) / "tests" / "train" / "tiny_cli_config.py")
+
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def cli_command(*args: str) -> list[str]:
+  """`python -m jaxalign.cli train ...` for a subprocess run."""
+  return [sys.executable, "-m", "jaxalign.cli", "train", *args]
+
+
+def cli_env() -> dict[str, str]:
+  # XLA_FLAGS (8 CPU devices) and JAX_PLATFORMS come from tests/conftest.py.
+  return {**os.environ, "PYTHONPATH": REPO_ROOT}
+
+
+def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
+  """`jaxalign train ARGS` in this process: (exit status, non-empty stderr lines)."""
+  status = cli.main(["train", *args])
+  err = capsys.readouterr().err
+  return status, [line for line in err.splitlines() if line.strip()]
+
+
+def params(workdir, config) -> list[np.ndarray]:
+  """The trainable parameters of a run's latest checkpoint, as host arrays."""
+  _, p, _ = loop.load_run_params(str(workdir), config)
+  return jax.tree.leaves(jax.device_get(p))
+
+
+def assert_bit_identical(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+  assert len(a) == len(b) > 0
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def complete_steps(workdir) -> list[int]:
+  """The checkpoint steps Orbax would restore from (complete ones only)."""
+  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=100)
+  try:
+    return sorted(checkpointer.all_steps())
+  finally:
+    checkpointer.close()
+
+
+@contextlib.contextmanager
+def compile_events():
+  """Collects the JAX lowering/compilation events fired inside the block.
+
+  Tracing alone (`jax.eval_shape`, which validation uses for abstract shapes) is
+  not compiling and is not collected.
+  """
+  events: list[str] = []
+
+  def listener(event: str, duration: float, **kwargs):
+    del duration, kwargs
+    if event in COMPILE_EVENTS:
+      events.append(event)
+
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    monitoring.unregister_event_duration_listener(listener)

@@ -1,0 +1,113 @@
+"""Disk full at save time: a clear error naming the checkpoint directory; the previous
+checkpoint stays complete and loads bit-identical to a clean run's.
+
+Running as root makes a read-only directory writable anyway, so the fault is
+injected where Orbax writes: synchronously (the manager's save raises) or in the
+background thread of an async save (the file write raises ENOSPC), which surfaces
+at the next save or when the run closes.
+"""
+
+import errno
+
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxalign import checkpoint as ckpt
+from jaxalign.train import loop
+from tests.reliability.helpers import (TINY_CLI_CONFIG, assert_bit_identical, complete_steps,
+                                       params, run_cli)
+from tests.train.helpers import tiny_config
+
+TOTAL_STEPS = 6
+EVERY = 2  # saves at 2 (fine), 4 (disk full), 6
+
+
+def _config():
+  return tiny_config(total_steps=TOTAL_STEPS, **{"checkpoint.every": EVERY})
+
+
+def _disk_full(*_, path="") -> OSError:
+  return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _fail_sync_saves_after_the_first(monkeypatch):
+  original = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step > EVERY:
+      raise _disk_full(path=self.directory)
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+
+def _fail_async_writes_after_the_first(monkeypatch):
+  # The config item is written by JsonCheckpointHandler in the background thread.
+  original = ocp.handlers.JsonCheckpointHandler._save_fn
+  calls = []
+
+  async def write(self, item, directory):
+    calls.append(directory)
+    if len(calls) > 1:
+      raise _disk_full(path=directory)
+    return await original(self, item, directory)
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", write)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("clean") / "run"
+  loop.train(_config(), str(workdir), progress=False, stop_after=EVERY)
+  return workdir
+
+
+@pytest.mark.parametrize("inject", [_fail_sync_saves_after_the_first,
+                                    _fail_async_writes_after_the_first])
+def test_disk_full_at_save_names_the_directory_and_keeps_the_previous_checkpoint(
+    tmp_path, capsys, monkeypatch, clean_run, inject):
+  inject(monkeypatch)
+  workdir = tmp_path / "run"
+  status, err = run_cli(capsys, f"--config={TINY_CLI_CONFIG}", f"--workdir={workdir}",
+                        "--noprogress", f"--config.total_steps={TOTAL_STEPS}",
+                        f"--config.checkpoint.every={EVERY}")
+  monkeypatch.undo()
+  assert status == 1, err
+  last = err[-1]  # Orbax may log the background failure before our line
+  assert last.startswith("jaxalign train: error: "), err
+  assert f"in {workdir / 'checkpoints'} failed: OSError: [Errno 28] No space left" in last
+  assert f"latest complete checkpoint: step {EVERY}" in last
+  assert complete_steps(workdir) == [EVERY]
+  assert_bit_identical(params(workdir, _config()), params(clean_run, _config()))
+
+
+def test_unusable_checkpoint_directory_fails_before_training(tmp_path, capsys):
+  # A file where the checkpoints directory should be: no write can succeed there.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("not a directory")
+  status, err = run_cli(capsys, f"--config={TINY_CLI_CONFIG}", f"--workdir={workdir}",
+                        "--noprogress", f"--config.total_steps={TOTAL_STEPS}")
+  assert status == 1, err
+  assert err == [f"jaxalign train: error: checkpoint directory {workdir / 'checkpoints'} is not "
+                 f"writable: [Errno 17] File exists: '{workdir / 'checkpoints'}'"]
+  assert not (workdir / "metrics.jsonl").exists()  # stopped before the first step
+
+
+def test_read_only_checkpoint_directory_fails_before_training(tmp_path, monkeypatch):
+  # As root a read-only directory stays writable, so the refusal is simulated at open().
+  directory = tmp_path / "checkpoints"
+  real_open = open
+
+  def read_only_open(file, mode="r", *args, **kwargs):
+    if str(file).startswith(str(directory)) and any(m in mode for m in "wax+"):
+      raise PermissionError(errno.EACCES, "Permission denied", str(file))
+    return real_open(file, mode, *args, **kwargs)
+
+  checkpointer = ckpt.Checkpointer(str(directory), every=1, keep=1)
+  monkeypatch.setattr("builtins.open", read_only_open)
+  with pytest.raises(ckpt.CheckpointWriteError,
+                     match=f"checkpoint directory {directory} is not writable: .*Permission"):
+    checkpointer.check_writable()
+  monkeypatch.undo()
+  checkpointer.close()
