@@ -76,6 +76,9 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 PROVENANCE = ("source_file", "row")
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class DataError(ValueError):
   """A malformed data record; the message starts with ``file:row: field:``."""
 
@@ -178,6 +181,8 @@ def _check_float_list(value: Any, field: str) -> list[float]:
       x = math.inf
     if not math.isfinite(x):
       raise _FieldError(f"{field}[{i}]", f"not finite ({v!r:.40})")
+    if abs(x) > _FLOAT32_MAX:  # the batch holds float32: it would become inf there
+      raise _FieldError(f"{field}[{i}]", f"not finite in float32 ({v!r:.40})")
     out.append(x)
   return out
 

@@ -179,3 +179,9 @@ def test_validate_records_columns_agree():
   valid, skipped = validate_records([{**r, "ranks": [1]}, {**r, "labels": [True]},
                                      {**r, "ranks": [2]}], "ranked", on_error="skip")
   assert [v["ranks"] for v in valid] == [[1], [2]] and skipped == 1
+
+
+def test_rewards_outside_float32_range_are_bad_data():
+  record = {"prompt": "1+1=", "reference": "2", "completions": ["2"], "rewards": [1e39]}
+  with pytest.raises(DataError, match=r"f\.jsonl:3: rewards\[0\]: not finite in float32"):
+    validate_record(record, "groups", file="f.jsonl", row=3)
