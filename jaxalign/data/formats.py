@@ -262,6 +262,8 @@ def validate_record(record: Any, fmt: str, *, file: str | None = None,
   try:
     if not isinstance(record, dict):
       raise _FieldError("<record>", f"expected a dict, got {type(record).__name__}")
+    if "_invalid" in record:  # an unreadable line kept by sources.read_jsonl(on_error="skip")
+      raise _FieldError("<line>", record["_invalid"])
     if fmt == "sft" and "messages" in record and "prompt" not in record:
       record = _split_messages(record)
     for name in fields:

@@ -22,22 +22,34 @@ def _with_provenance(obj: Any, file: str, row: int) -> Record:
   return {**obj, "source_file": file, "row": row}
 
 
-def read_jsonl(path: str) -> list[Record]:
-  """One JSON object per line; blank lines are skipped (but still counted)."""
+def read_jsonl(path: str, *, on_error: str = "raise") -> list[Record]:
+  """One JSON object per line; blank lines are skipped (but still counted).
+
+  With on_error="skip" a line that is not valid UTF-8, not JSON or not an
+  object becomes a marker record (`_invalid` holds the problem) that
+  validation counts and drops like any other bad row.
+  """
   out = []
   with open(path, "rb") as f:
     for row, raw in enumerate(f, start=1):
       try:
         line = raw.decode("utf-8")
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataError(f"{path}:{row}: invalid JSON: {e}") from None
+        out.append(_with_provenance(obj, path, row))
       except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{row}: invalid UTF-8: {e}") from None
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{row}: invalid JSON: {e}") from None
-      out.append(_with_provenance(obj, path, row))
+        if on_error != "skip":
+          raise DataError(f"{path}:{row}: invalid UTF-8: {e}") from None
+        out.append({"_invalid": f"invalid UTF-8: {e}", "source_file": path, "row": row})
+      except DataError as e:
+        if on_error != "skip":
+          raise
+        problem = str(e).split(f"{path}:{row}: ", 1)[-1]
+        out.append({"_invalid": problem, "source_file": path, "row": row})
   return out
 
 
@@ -71,7 +83,8 @@ def _from_hf(ds: Any, name: str, split: str) -> list[Record]:
   return [_with_provenance(r, name, i + 1) for i, r in enumerate(ds)]
 
 
-def load_records(path: str | os.PathLike, *, split: str = "train") -> list[Record]:
+def load_records(path: str | os.PathLike, *, split: str = "train",
+                 on_error: str = "raise") -> list[Record]:
   """Loads raw records with provenance.
 
   Args:
@@ -79,6 +92,8 @@ def load_records(path: str | os.PathLike, *, split: str = "train") -> list[Recor
       ``datasets.Dataset(Dict).save_to_disk``; or anything
       ``datasets.load_dataset`` accepts (hub name, data directory, script).
     split: split to take from a DatasetDict / ``load_dataset``.
+    on_error: "skip" turns unreadable JSONL lines into marker records that
+      validation drops and counts (see `read_jsonl`); "raise" stops at them.
 
   Returns:
     A list of dicts, each with the file's keys plus ``source_file`` and ``row``.
@@ -90,7 +105,7 @@ def load_records(path: str | os.PathLike, *, split: str = "train") -> list[Recor
   lower = path.lower()
   if os.path.isfile(path):
     if lower.endswith(".jsonl"):
-      return read_jsonl(path)
+      return read_jsonl(path, on_error=on_error)
     if lower.endswith(".json"):
       return read_json(path)
     if lower.endswith(".parquet"):

@@ -92,7 +92,7 @@ def load_tokenizer(name: str, workdir: str | None = None):
   return tok
 
 
-def read_records(path: str, *, split: str) -> list[dict]:
+def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict]:
   """Records from a file, a `datasets` dataset, or the bundled task.
 
   "toy:FORMAT?n=N&seed=S[&k=K][&g=G]" generates N records of FORMAT ("sft",
@@ -125,7 +125,7 @@ def read_records(path: str, *, split: str) -> list[dict]:
                                    f"{sorted(args)} in {path!r}")
     return [{**r, "source_file": path, "row": i + 1} for i, r in enumerate(records)]
   try:
-    return sources.load_records(path, split=split)
+    return sources.load_records(path, split=split, on_error=on_error)
   except FileNotFoundError as e:
     raise config_lib.ConfigError(f"config.data.train_path: {_first_line(e)}") from None
 
@@ -164,7 +164,7 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
                   max_prompt_length: int, on_error: str,
                   group_size: int | None = None) -> tuple[list[dict], int]:
   """Reads, validates and tokenizes every record; returns (examples, num_skipped)."""
-  records = read_records(path, split=split)
+  records = read_records(path, split=split, on_error=on_error)
   valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
   if group_size is None:
     valid, bad = check_group_sizes(valid, fmt, on_error=on_error)

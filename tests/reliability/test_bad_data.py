@@ -153,3 +153,15 @@ def test_skip_policy_counts_logs_and_trains_to_the_end(tmp_path, capsys, caplog,
   metrics = read_metrics(workdir)
   assert [m["step"] for m in metrics] == list(range(1, TOTAL_STEPS + 1))
   assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_skip_policy_also_skips_unreadable_lines(tmp_path, capsys):
+  data = tmp_path / "pairs.jsonl"
+  _write_jsonl(data, _good_rows("pairwise"))
+  with open(data, "ab") as f:
+    for line, _ in BAD_LINES.values():
+      f.write(line)
+  status, err = run_cli(capsys, *_args(tmp_path, data, "dpo", "--config.data.on_error=skip"))
+  assert status == 0, err
+  stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+  assert stats["skipped"] == len(BAD_LINES)
