@@ -224,12 +224,7 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   model_cfg = config_lib.model_config(config)
   spec = losses.get(config.loss.name)
   frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
-  tx, schedule = optim.make_optimizer(
-      lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
-      total_steps=config.total_steps, schedule=config.optim.schedule,
-      min_lr_ratio=config.optim.min_lr_ratio, weight_decay=config.optim.weight_decay,
-      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-      clip_norm=config.optim.clip_norm)
+  tx, schedule = optim.optimizer_from_config(config.optim, total_steps=config.total_steps)
   graphdef, abstract_state, state_shardings, _ = loop.build_model_and_state(
       model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=frozen_ref,
       init_loss_state=spec.init_state)

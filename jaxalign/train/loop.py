@@ -289,12 +289,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         "examples": len(examples), "skipped": num_skipped})
 
   # State: abstract first, then real and already sharded.
-  tx, schedule = optim.make_optimizer(
-      lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
-      total_steps=config.total_steps, schedule=config.optim.schedule,
-      min_lr_ratio=config.optim.min_lr_ratio, weight_decay=config.optim.weight_decay,
-      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-      clip_norm=config.optim.clip_norm)
+  tx, schedule = optim.optimizer_from_config(config.optim, total_steps=config.total_steps)
   graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
       model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=frozen_ref,
       init_loss_state=spec.init_state)

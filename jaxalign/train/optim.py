@@ -27,3 +27,13 @@ def make_optimizer(*, lr: float, warmup_steps: int, total_steps: int, schedule: 
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts), sched
+
+
+def optimizer_from_config(optim_config, *, total_steps: int
+                          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`make_optimizer` with the values of a config's `optim` section (the CLI boundary)."""
+  c = optim_config
+  return make_optimizer(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=total_steps,
+                        schedule=c.schedule, min_lr_ratio=c.min_lr_ratio,
+                        weight_decay=c.weight_decay, b1=c.b1, b2=c.b2, eps=c.eps,
+                        clip_norm=c.clip_norm)
