@@ -13,7 +13,7 @@ per-token log-ratio; DPO's 0.1 would be far too small, see ln_dpo_loss).
   jaxalign plan --config configs/gemma2_9b_ln_dpo.py --topology v6e:16x16
   # Train on the slice (every worker runs the same command; see docs/scaling.md):
   jaxalign train --config configs/gemma2_9b_ln_dpo.py --workdir gs://BUCKET/runs/gemma2_ln_dpo \
-      --config.init_from=gs://BUCKET/gemma-2-9b-it   # imported HF weights
+      --config.model.hf_path=google/gemma-2-9b-it   # or a local HF directory
 
 Data: on-policy Gemma-2 UltraFeedback pairs scored by ArmoRM
 (princeton-nlp/gemma2-ultrafeedback-armorm) from the Hugging Face hub.

@@ -15,7 +15,7 @@ precomputed.
   jaxalign plan --config configs/llama3_70b_dpo.py --topology v5p:8x8x4
   # Train on the slice (every worker runs the same command; see docs/scaling.md):
   jaxalign train --config configs/llama3_70b_dpo.py --workdir gs://BUCKET/runs/llama3_70b_dpo \
-      --config.init_from=gs://BUCKET/llama3.1-70b-instruct   # imported HF weights
+      --config.model.hf_path=meta-llama/Llama-3.1-70B-Instruct   # or a local HF directory
 
 Data: UltraFeedback binarized preference pairs from the Hugging Face hub.
 """

@@ -10,7 +10,7 @@ precomputed once (no second copy of the model in the step).
   jaxalign plan --config configs/llama3_8b_dpo.py --topology v5p:4x4x4
   # Train on the slice (every worker runs the same command; see docs/scaling.md):
   jaxalign train --config configs/llama3_8b_dpo.py --workdir gs://BUCKET/runs/llama3_8b_dpo \
-      --config.init_from=gs://BUCKET/llama3.1-8b-instruct   # imported HF weights
+      --config.model.hf_path=meta-llama/Llama-3.1-8B-Instruct   # or a local HF directory
 
 Data: UltraFeedback binarized preference pairs from the Hugging Face hub.
 """

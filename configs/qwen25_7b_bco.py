@@ -11,7 +11,7 @@ precomputed; UDM off (TRL's default without an embedding model).
   jaxalign plan --config configs/qwen25_7b_bco.py --topology v6e:8x8
   # Train on the slice (every worker runs the same command; see docs/scaling.md):
   jaxalign train --config configs/qwen25_7b_bco.py --workdir gs://BUCKET/runs/qwen25_7b_bco \
-      --config.init_from=gs://BUCKET/qwen2.5-7b-instruct   # imported HF weights
+      --config.model.hf_path=Qwen/Qwen2.5-7B-Instruct   # or a local HF directory
 
 Data: KTO-style unpaired labels (trl-lib/kto-mix-14k) from the Hugging Face hub.
 """

@@ -51,7 +51,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"
   c.model.overrides = ml_collections.ConfigDict()   # ModelConfig fields over the preset
-  c.model.hf_path = ""        # reserved for the HF import (separate issue)
+  # A Hugging Face checkpoint (local directory or hub name) to start from: its
+  # config.json replaces the preset (overrides still apply), its weights the random
+  # init, its tokenizer the default one (when data.tokenizer is empty).
+  c.model.hf_path = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)   # -1: all remaining devices
@@ -173,6 +176,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("model.preset", f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
   try:
     model_cfg = model_config(c)
+  except HfConfigError as e:
+    _fail("model.hf_path", str(e))
   except (TypeError, ValueError) as e:
     _fail("model.overrides", str(e))
   for key in ("dtype", "param_dtype"):
@@ -225,11 +230,37 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
             f"{size} devices on mesh axes {axes} (rule {logical!r})")
 
 
-def model_config(c: ml_collections.ConfigDict):
-  """The ModelConfig named by `c.model` (preset plus field overrides)."""
-  from jaxalign.models import transformer
+class HfConfigError(ValueError):
+  """model.hf_path names no readable Hugging Face checkpoint of a supported architecture."""
 
-  base = transformer.preset(c.model.preset).to_dict()
+
+def hf_model_dir(c: ml_collections.ConfigDict) -> str:
+  """The local directory of `c.model.hf_path` ("" when unset); hub names are fetched once."""
+  from jaxalign.models import hf
+
+  path = c.model.get("hf_path", "")
+  if not path:
+    return ""
+  try:
+    return hf.resolve_path(path)
+  except Exception as e:  # noqa: BLE001  hub/IO errors of any kind become one line
+    raise HfConfigError(f"cannot read {path!r}: {str(e).splitlines()[0] if str(e) else e!r}"
+                        ) from None
+
+
+def model_config(c: ml_collections.ConfigDict):
+  """The ModelConfig named by `c.model`: the preset, or the config.json of
+  `hf_path` when set, plus field overrides."""
+  from jaxalign.models import hf, transformer
+
+  hf_dir = hf_model_dir(c)
+  if hf_dir:
+    try:
+      base = hf.config_from_hf(hf.read_config(hf_dir)).to_dict()
+    except (OSError, ValueError, KeyError) as e:
+      raise HfConfigError(f"{hf_dir}: {e}") from None
+  else:
+    base = transformer.preset(c.model.preset).to_dict()
   over = c.model.overrides.to_dict()
   unknown = set(over) - set(base)
   if unknown:

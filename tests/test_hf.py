@@ -281,3 +281,59 @@ def test_export_trained_checkpoint(tmp_path):
   np.testing.assert_array_equal(
       _flat(reloaded)["lm_head"],
       np.asarray(jnp.asarray(got["lm_head"]).astype(jnp.bfloat16).astype(jnp.float32)))
+
+
+def test_train_from_hf_path(tmp_path):
+  """`model.hf_path` gives the run its architecture, weights and tokenizer: the
+  reference log-probs the run precomputes from its starting weights equal
+  transformers' log-probs of the same sequences; a bad path is a config error."""
+  import ml_collections
+
+  from jaxalign import config as config_lib
+  from jaxalign.data import toy
+  from jaxalign.train import loop
+  from tests.train.helpers import tiny_config
+
+  src = str(tmp_path / "hf")
+  model = _hf_model("qwen2")
+  model.save_pretrained(src)
+  toy.build_tokenizer().save_pretrained(src)
+  config = tiny_config("dpo", total_steps=2, **{"checkpoint.every": 2})
+  config.model.overrides = ml_collections.ConfigDict()  # everything from config.json
+  config.model.hf_path = src
+  config.data.tokenizer = ""  # -> the tokenizer saved beside the weights
+  run = str(tmp_path / "run")
+  loop.train(config, run, progress=False)
+
+  assert loop.resolved_config(run)["model"]["hf_path"] == src
+  tokenizer = loop.load_tokenizer(os.path.join(run, "tokenizer"))
+  assert tokenizer.get_vocab() == toy.build_tokenizer().get_vocab()
+  examples, _ = loop.load_examples(
+      config.data.train_path, "pairwise", tokenizer, split="train",
+      max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+      on_error="raise")
+  tokens = np.stack([ex["tokens"] for ex in examples])            # [N, 2, T]
+  attention = np.stack([ex["attention_mask"] for ex in examples])
+  scored = np.stack([ex["loss_mask"] for ex in examples])
+  n, s, t = tokens.shape
+  logits = _hf_logits(model, tokens.reshape(n * s, t), attention.reshape(n * s, t))
+  logp = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+  token_logp = np.take_along_axis(logp[:, :-1], tokens.reshape(n * s, t)[:, 1:, None], -1)[..., 0]
+  want = (token_logp * scored.reshape(n * s, t)[:, 1:]).sum(-1).reshape(n, s)
+  got = np.load(os.path.join(run, "ref_logps.npy"))
+  print(f"\nhf_path run: max |ref logp diff| vs transformers {np.abs(got - want).max():.2e}")
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+  # Exporting the aligned run gives the same architecture back, loadable by transformers.
+  out = hf.export_checkpoint(run, str(tmp_path / "out"))
+  assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [
+      "Qwen2ForCausalLM"]
+  graphdef, params, frozen = loop.load_run_params(run, config)
+  trained = nnx.merge(graphdef, params, frozen)
+  batch, mask = _batch(trained.config.vocab_size)
+  assert _max_diff(_hf_logits(_load_exported(out), batch, mask),
+                   _our_logits(trained, batch, mask), mask) <= TOL
+
+  config.model.hf_path = str(tmp_path / "missing")
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.hf_path"):
+    config_lib.validate(config, 8)

@@ -513,6 +513,28 @@ def _place(tensor, lay: _Layout, abstract: jax.ShapeDtypeStruct) -> jax.Array:
   return jax.make_array_from_callback(abstract.shape, abstract.sharding, block)
 
 
+def resolve_path(path_or_name: str) -> str:
+  """A local checkpoint directory; a hub name is fetched once into huggingface_hub's cache.
+
+  Only configs, safetensors weights and tokenizer files are fetched (never code).
+  """
+  if os.path.isdir(path_or_name):
+    return path_or_name
+  if path_or_name.startswith(("/", ".", "~")) or path_or_name.count("/") > 1:
+    raise FileNotFoundError(f"{path_or_name} is not a directory (nor a hub name 'org/model')")
+  from huggingface_hub import snapshot_download
+  return snapshot_download(path_or_name, allow_patterns=[
+      "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+
+
+def read_config(path: str) -> dict[str, Any]:
+  """config.json of the checkpoint directory `path`."""
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{path} has no config.json")
+  return _read_json(config_path)
+
+
 def from_pretrained(path: str, *, mesh=None, rules=DEFAULT_RULES,
                     dtype: str | None = None) -> tuple[Transformer, ModelConfig]:
   """A Transformer with the weights of the HF checkpoint directory `path`.
@@ -528,11 +550,8 @@ def from_pretrained(path: str, *, mesh=None, rules=DEFAULT_RULES,
   Returns:
     (model, model_config).
   """
-  if not os.path.isdir(path):  # a hub name: fetch config, weights and tokenizer once
-    from huggingface_hub import snapshot_download
-    path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                   "*.txt", "*.jinja"])
-  config = config_from_hf(_read_json(os.path.join(path, "config.json")))
+  path = resolve_path(path)
+  config = config_from_hf(read_config(path))
   if dtype is not None:
     config = dataclasses.replace(config, dtype=str(np.dtype(dtype)),
                                  param_dtype=str(np.dtype(dtype)))

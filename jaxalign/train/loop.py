@@ -24,7 +24,7 @@ from jaxalign import config as config_lib
 from jaxalign import losses
 from jaxalign import sharding
 from jaxalign.data import formats, pipeline, sources, tokenize
-from jaxalign.models import transformer
+from jaxalign.models import hf, transformer
 from jaxalign.train import optim, state as state_lib, step as step_lib
 from jaxalign.train.metrics import MetricWriter
 
@@ -199,6 +199,23 @@ def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_referen
   return graphdef, abstract_state, shardings, init_fn
 
 
+def initial_state(init_fn, tx, shardings, params=None, *, keep_reference: bool):
+  """The step-0 TrainState, sharded; with `params`, built around them.
+
+  The random parameters `init_fn` would make are unused when `params` is given,
+  so XLA drops them: no random copy of a large model is ever allocated.
+  """
+  if params is None:
+    return jax.jit(init_fn, out_shardings=shardings)()
+
+  def from_params(p):
+    state = init_fn()
+    return state.replace(params=p, opt_state=tx.init(p),
+                         ref_params=jax.tree.map(jnp.copy, p) if keep_reference else None)
+
+  return jax.jit(from_params, out_shardings=shardings)(params)
+
+
 def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
                  progress: bool = True) -> np.ndarray:
   """Runs a jitted `fn(batch) -> [B, ...]` over every example once, in dataset order.
@@ -263,6 +280,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   model_cfg = config_lib.model_config(config)
+  hf_dir = config_lib.hf_model_dir(config)
   spec = losses.get(config.loss.name)
   hparams = config.loss.hparams.to_dict()
   frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
@@ -270,7 +288,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
 
   # Data: read, validate and tokenize everything before any compile, and before
   # anything is written: a bad config or bad data leaves no workdir behind.
-  tokenizer = load_tokenizer(config.data.tokenizer)
+  tokenizer = load_tokenizer(config.data.tokenizer or hf_dir)
   if len(tokenizer) > model_cfg.vocab_size:
     raise config_lib.ConfigError(
         f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
@@ -305,13 +323,14 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   process_batch = config.data.batch_size // jax.process_count()
 
   with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    # Starting parameters: a resumed run's come from its checkpoint (below), else
+    # init_from's checkpoint, else the HF checkpoint, else the seeded random init.
+    params = None
     if resume_step is None and config.init_from:
       params = ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_state.params)
-      state = state.replace(params=params, opt_state=jax.jit(
-          tx.init, out_shardings=state_shardings.opt_state)(params))
-      if frozen_ref:
-        state = state.replace(ref_params=jax.tree.map(jnp.copy, params))
+    elif resume_step is None and hf_dir:
+      params = hf.load_state(hf_dir, model_cfg, abstract_state.params)
+    state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref)
 
     # Reference log-probs of the initial policy, computed once and kept beside the run.
     if precompute_ref:
