@@ -47,10 +47,15 @@ def _families():
                   t.MistralConfig(**_COMMON, rope_parameters=_ROPE, sliding_window=4)),
       "gemma2": (t.Gemma2ForCausalLM,
                  t.Gemma2Config(**_COMMON, **_GEMMA, rope_parameters=_ROPE)),
-      # Only with one rope for local and global layers (see hf.config_from_hf).
       "gemma3": (t.Gemma3ForCausalLM, t.Gemma3TextConfig(
           **_COMMON, **_GEMMA, rope_parameters={"sliding_attention": _ROPE,
                                                 "full_attention": _ROPE})),
+      # As released Gemma3 (4B+): local layers 10k unscaled, global 1M scaled linearly.
+      "gemma3_local_rope": (t.Gemma3ForCausalLM, t.Gemma3TextConfig(
+          **_COMMON, **_GEMMA, rope_parameters={
+              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+              "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                 "rope_theta": 1000000.0}})),
   }
 
 
@@ -201,14 +206,22 @@ def test_legacy_config_keys():
           "original_max_position_embeddings": 8192, "rope_type": "llama3"}})
   from jaxalign.models.transformer import preset
   assert cfg == preset("llama3-8b")
+  gemma3 = hf.config_from_hf(  # google/gemma-3-4b-it's text config keys
+      transformers.Gemma3TextConfig(**_COMMON, **_GEMMA).to_dict()
+      | {"architectures": ["Gemma3ForCausalLM"], "rope_parameters": None,
+         "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+         "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+  assert (gemma3.rope_theta, gemma3.local_rope_theta, gemma3.rope_scaling) == (
+      1000000.0, 10000.0, {"rope_type": "linear", "factor": 8.0})
 
 
 def test_unsupported_architecture_and_features(tmp_path):
   with pytest.raises(ValueError, match="GPT2LMHeadModel"):
     hf.config_from_hf({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
-  # Every released Gemma3 uses rope_local_base_freq 10k next to rope_theta 1M.
   gemma3 = transformers.Gemma3TextConfig(**_COMMON).to_dict()
-  with pytest.raises(ValueError, match="Gemma3ForCausalLM: unsupported: different rope"):
+  gemma3["rope_parameters"]["sliding_attention"] = {"rope_type": "linear", "factor": 2.0,
+                                                    "rope_theta": 1e4}
+  with pytest.raises(ValueError, match="Gemma3ForCausalLM: unsupported: a scaled rope"):
     hf.config_from_hf(gemma3 | {"architectures": ["Gemma3ForCausalLM"]})
   with pytest.raises(ValueError, match="unsupported: rope_type='yarn'"):
     hf.config_from_hf(transformers.Qwen2Config(**_COMMON).to_dict() | {

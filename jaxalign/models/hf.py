@@ -74,41 +74,46 @@ def _architecture(hf_config: dict[str, Any]) -> str:
   return arch
 
 
-def _rope(arch: str, hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-  """(rope_theta, rope_scaling) from legacy keys or transformers>=5 `rope_parameters`."""
-  params = hf.get("rope_parameters")
-  if params is not None and ("full_attention" in params or "sliding_attention" in params):
-    # Gemma3: one rope per layer type; we have one rope for all layers.
-    kinds = [params[k] for k in ("full_attention", "sliding_attention") if k in params]
-    if any(k != kinds[0] for k in kinds[1:]):
-      raise _unsupported(arch, f"different rope for sliding and full layers ({params})")
-    params = kinds[0]
-  if params is None:
-    theta = float(hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling")
-    if arch == "Gemma3ForCausalLM":
-      local = float(hf.get("rope_local_base_freq", 10000.0))
-      if local != theta:
-        raise _unsupported(arch, f"a second rope theta for local layers "
-                                 f"(rope_local_base_freq={local}, rope_theta={theta})")
-  else:
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = params
+def _scaling(arch: str, scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+  """ModelConfig.rope_scaling from an HF rope dict (None for the default rope)."""
   if scaling is None:
-    return theta, None
+    return None
   kind = scaling.get("rope_type", scaling.get("type", "default"))
   if kind == "default":
-    return theta, None
+    return None
+  if kind == "linear":
+    return {"rope_type": "linear", "factor": float(scaling["factor"])}
   if kind != "llama3":
-    raise _unsupported(arch, f"rope_type={kind!r} (have 'default' and 'llama3')")
-  if arch == "Gemma3ForCausalLM":
-    raise _unsupported(arch, "rope scaling on only the full-attention layers")
+    raise _unsupported(arch, f"rope_type={kind!r} (have 'default', 'linear' and 'llama3')")
   keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
   missing = [k for k in keys if k not in scaling]
   if missing:
     raise ValueError(f"{arch}: rope_scaling 'llama3' lacks {missing}")
-  return theta, {k: (int(scaling[k]) if k.startswith("original") else float(scaling[k]))
-                 for k in keys}
+  return {k: (int(scaling[k]) if k.startswith("original") else float(scaling[k]))
+          for k in keys}
+
+
+def _rope(arch: str, hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float | None]:
+  """(rope_theta, rope_scaling, local_rope_theta) from legacy keys or
+  transformers>=5 `rope_parameters` (per layer type for Gemma3)."""
+  params = hf.get("rope_parameters")
+  default_theta = float(hf.get("rope_theta", 10000.0))
+  if params is not None and ("full_attention" in params or "sliding_attention" in params):
+    full = params.get("full_attention") or {}
+    local = params.get("sliding_attention") or {}
+    if _scaling(arch, local) is not None:
+      raise _unsupported(arch, f"a scaled rope on the sliding layers ({local})")
+    theta = float(full.get("rope_theta", default_theta))
+    return (theta, _scaling(arch, full),
+            float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))))
+  if params is None:
+    theta, scaling = default_theta, hf.get("rope_scaling")
+  else:
+    theta, scaling = float(params.get("rope_theta", default_theta)), params
+  local_theta = None
+  if arch == "Gemma3ForCausalLM":  # sliding layers: own base, never scaled
+    local_theta = float(hf.get("rope_local_base_freq", 10000.0))
+  return theta, _scaling(arch, scaling), local_theta
 
 
 def _layer_types(arch: str, hf: dict[str, Any], n_layers: int) -> tuple[str, ...] | None:
@@ -134,8 +139,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 
   Raises:
     ValueError naming the architecture or the feature when it is not one of
-    ARCHITECTURES or uses something the Transformer lacks (e.g. Gemma3's
-    separate local rope theta, which every released Gemma3 has; o_proj/MLP
+    ARCHITECTURES or uses something the Transformer lacks (e.g. o_proj/MLP
     biases; rope types other than "default"/"llama3"; Qwen sliding windows).
   """
   hf = hf_config
@@ -154,7 +158,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     raise _unsupported(arch, "attention_bias=True (o_proj bias)")
   if hf.get("use_bidirectional_attention"):
     raise _unsupported(arch, "use_bidirectional_attention=True")
-  theta, scaling = _rope(arch, hf)
+  theta, scaling, local_theta = _rope(arch, hf)
 
   sliding_window, layer_types = None, None
   if arch == "MistralForCausalLM":
@@ -185,6 +189,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
       max_seq_len=int(hf.get("max_position_embeddings", 2048)),
       rope_theta=theta,
       rope_scaling=scaling,
+      local_rope_theta=local_theta,
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", default_tie)),
       qkv_bias=arch == "Qwen2ForCausalLM",
@@ -251,6 +256,13 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
     for key in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
       if getattr(c, key) is not None:
         raise ValueError(f"{arch} cannot express ModelConfig.{key}={getattr(c, key)!r}")
+  if c.local_rope_theta is not None and arch != "Gemma3ForCausalLM":
+    raise ValueError(f"{arch} cannot express ModelConfig.local_rope_theta="
+                     f"{c.local_rope_theta} (only Gemma3 has a rope for local layers)")
+  if (arch == "Gemma3ForCausalLM" and c.rope_scaling is not None
+      and c.local_rope_theta is None):
+    raise ValueError(f"{arch} scales only the full-attention layers' rope; set "
+                     "ModelConfig.local_rope_theta")
   if c.sliding_window is not None and arch != "MistralForCausalLM" and not is_gemma:
     raise ValueError(f"{arch} cannot express ModelConfig.sliding_window={c.sliding_window}")
   if arch == "MistralForCausalLM" and c.layer_types is not None and len(set(c.layer_types)) > 1:
@@ -271,7 +283,7 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
       "tie_word_embeddings": c.tie_embeddings,
       "rope_theta": c.rope_theta,
       "rope_scaling": (None if c.rope_scaling is None
-                       else {**c.rope_scaling, "rope_type": "llama3"}),
+                       else {"rope_type": "llama3", **c.rope_scaling}),
       "attention_dropout": 0.0,
       "torch_dtype": str(np.dtype(c.param_dtype)),
       "use_cache": True,
@@ -294,7 +306,8 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
         "attention_bias": False,
     })
     if arch == "Gemma3ForCausalLM":
-      hf["rope_local_base_freq"] = c.rope_theta
+      hf["rope_local_base_freq"] = (c.rope_theta if c.local_rope_theta is None
+                                    else c.local_rope_theta)
   else:
     hf.update({"hidden_act": "silu", "attention_bias": arch == "Qwen2ForCausalLM"})
     if arch == "LlamaForCausalLM":

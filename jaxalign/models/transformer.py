@@ -47,7 +47,8 @@ class ModelConfig:
   The defaults are the "tiny" preset. Flags name the family they come from:
   qkv_bias (Qwen2), qk_norm (Qwen3), norm_offset / embed_scale / post_norms /
   softcaps / query_pre_attn_scalar / gelu_tanh (Gemma2), sliding_window
-  (Mistral, Gemma2), rope_scaling (Llama 3.1 "llama3" type).
+  (Mistral, Gemma2), rope_scaling (Llama 3.1 "llama3" type, or "linear"),
+  local_rope_theta (Gemma3: sliding layers use their own unscaled rope).
   """
   vocab_size: int = 32
   d_model: int = 64
@@ -59,8 +60,12 @@ class ModelConfig:
   max_seq_len: int = 64
   rope_theta: float = 10000.0
   # {"factor", "low_freq_factor", "high_freq_factor",
-  #  "original_max_position_embeddings"} of the Llama 3.1 "llama3" rope type.
+  #  "original_max_position_embeddings"} of the Llama 3.1 "llama3" rope type
+  # (no "rope_type" key), or {"rope_type": "linear", "factor"}: positions / factor.
   rope_scaling: dict[str, Any] | None = None
+  # Rope base of the sliding-window layers, unscaled (Gemma3's
+  # rope_local_base_freq); None: every layer uses rope_theta and rope_scaling.
+  local_rope_theta: float | None = None
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   qkv_bias: bool = False
@@ -221,13 +226,22 @@ class RMSNorm(nnx.Module):
     return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> jax.Array:
-  """[Dh/2] float32 inverse frequencies, with Llama 3.1 scaling if configured."""
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> jax.Array:
+  """[Dh/2] float32 inverse frequencies, with the configured scaling.
+
+  local=True: those of the sliding-window layers when `local_rope_theta` is set
+  (unscaled, from that base).
+  """
   dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  if local and config.local_rope_theta is not None:
+    return 1.0 / (config.local_rope_theta ** exponents)
+  inv_freq = 1.0 / (config.rope_theta ** exponents)
   rs = config.rope_scaling
   if rs is None:
     return inv_freq
+  if rs.get("rope_type", "llama3") == "linear":
+    return inv_freq / rs["factor"]
   factor = rs["factor"]
   low, high = rs["low_freq_factor"], rs["high_freq_factor"]
   old_len = rs["original_max_position_embeddings"]
@@ -431,9 +445,11 @@ class Transformer(nnx.Module):
       # HF Gemma rounds the normalizer to the activation dtype first.
       x = x * jnp.asarray(c.d_model ** 0.5, dtype=dt)
     inv_freq = rope_inv_freq(c)
+    local_inv_freq = rope_inv_freq(c, local=True)
     run = nnx.remat(_run_block) if c.remat else _run_block
-    for block in self.layers:
-      x = run(block, x, positions, key_mask, inv_freq)
+    for i, block in enumerate(self.layers):
+      layer_inv_freq = local_inv_freq if c.window_of(i) is not None else inv_freq
+      x = run(block, x, positions, key_mask, layer_inv_freq)
     return self.final_norm(x)
 
   def head_weight(self) -> jax.Array:
