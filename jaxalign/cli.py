@@ -20,6 +20,9 @@ commands:
   plan    --config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) [--config.a.b=v ...]
           compile the real step ahead of time: per-device memory, FLOPs, predicted MFU
   export  --checkpoint RUN_DIR --out HF_DIR   write a transformers-loadable model
+  generate-candidates --checkpoint RUN_DIR --questions FILE --k K --out FILE
+          [--temperature T] [--max-new-tokens M] [--reward arithmetic|exact_match] [--seed N]
+          k labelled samples per question: the AFT training set (ranked format)
 """
 
 
@@ -133,6 +136,41 @@ def _export(argv: list[str]) -> int:
   return 0
 
 
+def _generate_candidates(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="jaxalign generate-candidates")
+  parser.add_argument("--checkpoint", required=True, help="a jaxalign run directory (SFT/VFT)")
+  parser.add_argument("--questions", required=True,
+                      help="JSONL/Parquet of {prompt, reference?} (or a toy: source)")
+  parser.add_argument("--k", type=int, required=True, help="samples per question")
+  parser.add_argument("--out", required=True, help="output JSONL (ranked format, for aft)")
+  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--top-p", type=float, default=1.0)
+  parser.add_argument("--top-k", type=int, default=0)
+  parser.add_argument("--max-new-tokens", type=int, default=32)
+  parser.add_argument("--batch-size", type=int, default=256, help="prompts per engine call")
+  parser.add_argument("--reward", default="arithmetic",
+                      help="checker: a jaxalign.rewards name (value > 0 = correct)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  from jaxalign.data.formats import DataError
+  from jaxalign.train import candidates
+
+  sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size)
+  try:
+    stats = candidates.generate_candidates(args.checkpoint, args.questions, args.out, k=args.k,
+                                           sampling=sampling, reward=args.reward,
+                                           seed=args.seed)
+  except (ValueError, KeyError, FileNotFoundError) as e:  # DataError is a ValueError
+    return _die("generate-candidates", str(e.args[0]) if isinstance(e, KeyError) else str(e),
+                status=1 if isinstance(e, (DataError, FileNotFoundError)) else 2)
+  print(f"wrote {stats['written']} questions, {stats['candidates']} candidates "
+        f"({100 * stats['positive_fraction']:.1f}% correct, {stats['dropped_empty']} empty "
+        f"dropped) to {os.path.abspath(args.out)}; train aft on it with "
+        f"--config.data.group_size={args.k}")
+  return 0
+
+
 def _flag_message(e: Exception, argv: list[str]) -> str:
   """absl/ml_collections errors carry the key; keep the informative first line."""
   if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
@@ -156,8 +194,9 @@ def _demo(argv: list[str]) -> int:
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--method", default="dpo",
-                      help="dpo | ipo | ln_dpo | bco | d2o | grao | aft (default dpo); "
-                      "methods run in one workdir share its SFT model")
+                      help="dpo | ipo | ln_dpo | bco | d2o | grao (online) | grao_offline | "
+                      "aft | iterative_dpo (default dpo); methods run in one workdir share "
+                      "its SFT model")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
 
@@ -191,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     return _plan(rest)
   if command == "export":
     return _export(rest)
+  if command == "generate-candidates":
+    return _generate_candidates(rest)
   print(USAGE, file=sys.stderr)
   return _die(command, f"unknown command {command!r}")
 
