@@ -519,6 +519,20 @@ class Transformer(nnx.Module):
                     index=cache.index + tokens.shape[1])
     return self.final_norm(x), cache
 
+  def next_token_logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, D] hidden -> [B, V] float32 logits, final softcap applied.
+
+    Contracts with the tied embedding as stored ([V, D]), so a decode loop
+    does not transpose (copy) the table at every step as `head_weight()` would.
+    """
+    if self.lm_head is None:
+      w, eq = self.embed.embedding[...], "bd,vd->bv"
+    else:
+      w, eq = self.lm_head[...], "bd,dv->bv"
+    logits = jnp.einsum(eq, hidden, w.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return _softcap(logits, self.config.final_logit_softcap)
+
   def head_weight(self) -> jax.Array:
     """[D, V] output projection (the embedding transposed when tied)."""
     if self.lm_head is None:

@@ -160,18 +160,19 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, *, greedy: bool,
 
 def _last_logits(model: transformer.Transformer, hidden: jax.Array) -> jax.Array:
   """[R, T, D] hidden -> [R, V] float32 logits of the last position."""
-  return model.logits(hidden[:, -1:])[:, 0]
+  return model.next_token_logits(hidden[:, -1])
 
 
-def _generate_program(params, frozen, tokens, mask, key, temperature, top_p, *,
+def _generate_program(params, frozen, tokens, mask, key, temperature, top_p, stops, *,
                       graphdef, max_new_tokens: int, n: int, greedy: bool, top_k: int,
-                      use_top_p: bool, stop_tokens: tuple[int, ...],
-                      row_sharding: NamedSharding | None):
+                      use_top_p: bool, row_sharding: NamedSharding | None):
   """The whole generation on device for one bucket.
 
   Args:
     tokens, mask: [Bb, P] int32 left-padded prompts (bucket-padded rows last).
     key: PRNG key; temperature, top_p: [] float32.
+    stops: [K] int32 stop token ids, -1 for none (an argument, not a static:
+      changing the stop tokens does not recompile).
 
   Returns:
     tokens [Bb*n, M] int32, lengths [Bb*n] int32, steps [] int32.
@@ -200,7 +201,6 @@ def _generate_program(params, frozen, tokens, mask, key, temperature, top_p, *,
                         mask=constrain(cache.mask))
   row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows))
   step_keys = lambda t: jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
-  stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
   first = sample(logits, step_keys(0))                                # [R]
   out = jnp.zeros((rows, max_new_tokens), jnp.int32).at[:, 0].set(first)
@@ -227,7 +227,7 @@ def _generate_program(params, frozen, tokens, mask, key, temperature, top_p, *,
 
 
 _STATIC = ("graphdef", "max_new_tokens", "n", "greedy", "top_k", "use_top_p",
-           "stop_tokens", "row_sharding")
+           "row_sharding")
 _jit_generate = jax.jit(_generate_program, static_argnames=_STATIC)
 
 
@@ -330,11 +330,13 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
   if prompt_sharding is not None:
     tokens, mask = jax.device_put((tokens, mask), prompt_sharding)
 
+  stops = np.full(bucket(len(sp.stop_tokens), minimum=4), -1, np.int32)
+  stops[:len(sp.stop_tokens)] = sp.stop_tokens
   out, lengths, steps = _jit_generate(
-      params, frozen, tokens, mask, key, jnp.float32(max(sp.temperature, 1e-6)),
-      jnp.float32(sp.top_p), graphdef=graphdef, max_new_tokens=sp.max_new_tokens,
+      params, frozen, tokens, mask, key, np.float32(max(sp.temperature, 1e-6)),
+      np.float32(sp.top_p), stops, graphdef=graphdef, max_new_tokens=sp.max_new_tokens,
       n=sp.n, greedy=sp.greedy, top_k=sp.top_k, use_top_p=sp.top_p < 1.0,
-      stop_tokens=sp.stop_tokens, row_sharding=row_sharding)
+      row_sharding=row_sharding)
   rows = num_prompts * sp.n
   return Completions(tokens=out[:rows], lengths=lengths[:rows],
                      prompt_index=jnp.arange(rows, dtype=jnp.int32) // sp.n,

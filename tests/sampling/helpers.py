@@ -58,16 +58,16 @@ def _full_forward_logits(params, rest, tokens, mask, *, graphdef):
 
 
 def reference_greedy(model: transformer.Transformer, prompt: list[int], steps: int,
-                     stop_tokens=()) -> list[int]:
+                     stop_tokens=(), width: int = 24) -> list[int]:
   """Argmax decoding by a full forward (no cache) over the sequence at each step.
 
-  The sequence sits unpadded at the start of a fixed buffer (right padding
-  cannot influence earlier positions under causal attention), so this
-  compiles once. Fails if the top two logits are too close for an argmax
+  The sequence sits unpadded at the start of a fixed [1, width] buffer (right
+  padding cannot influence earlier positions under causal attention), so this
+  compiles once per model config. Fails if the top two logits are too close for an argmax
   comparison to mean anything.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  width = len(prompt) + steps
+  width = max(width, len(prompt) + steps)
   tokens = np.zeros((1, width), np.int32)
   tokens[0, :len(prompt)] = prompt
   out = []
