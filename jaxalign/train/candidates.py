@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxalign import config as config_lib
 from jaxalign import rewards
 from jaxalign import sharding
 from jaxalign.data import formats
@@ -78,7 +79,10 @@ def generate_candidates(checkpoint: str, questions_path: str, out_path: str, *, 
   questions = read_questions(questions_path)
   tok_dir = os.path.join(checkpoint, "tokenizer")
   tokenizer = loop.load_tokenizer(tok_dir if os.path.isdir(tok_dir) else config.data.tokenizer)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  try:
+    mesh = sharding.make_mesh(config.mesh.shape)
+  except config_lib.ConfigError:  # trained on another device count: use them all
+    mesh = sharding.make_mesh((1, -1, 1))
   graphdef, params, frozen = loop.load_run_params(checkpoint, config, mesh=mesh)
   prompts = [q["prompt"] for q in questions]
   key = jax.random.fold_in(jax.random.PRNGKey(seed), CANDIDATE_STREAM)

@@ -248,7 +248,8 @@ class _D2oExpand:
     head = _head(host_batch)
     _, _, prompt_ids = rollout.example_prompts(head["tokens"], head["attention_mask"],
                                                head["loss_mask"], self.src.max_prompt_length)
-    index = np.asarray(host_batch["index"])
+    # Grain numbers elements across epochs (epoch e of N examples: e*N + i).
+    index = np.asarray(host_batch["index"]) % len(self.examples)
     k, m = self.src.samples_per_prompt, self.sp.max_new_tokens
     seqs = rollout.response_sequences(
         prompt_ids, self.tokens[index].reshape(-1, m), self.lengths[index].reshape(-1), n=k,
