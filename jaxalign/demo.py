@@ -208,7 +208,7 @@ METHODS: dict[str, dict] = {
     "grao": dict(loss="grao", format="prompts", hparams=dict(beta=0.5, lam=0.6),
                  online=dict(samples_per_prompt=8), reward=("arithmetic", dict(correct=0.0,
                                                                               wrong=-1.0)),
-                 batch_size=32, steps=100, lr=3e-5),
+                 batch_size=32, steps=100, lr=1e-4),  # measured: lr 3e-5 reaches 79%, 1e-4 89%
     # GRAO on groups sampled once from the SFT model before training (offline).
     "grao_offline": dict(loss="grao", format="groups", group=4,
                          hparams=dict(beta=0.5, lam=0.6), lr=3e-5),

@@ -11,8 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jaxalign.data import tokenize
-from jaxalign.sampling import SamplingParams, generate
+from jaxalign.sampling import SamplingParams, files, generate
 
 
 def sampling_params(sampling, *, n: int, eos_id: int | None) -> SamplingParams:
@@ -87,20 +86,6 @@ def example_prompts(tokens: np.ndarray, attention_mask: np.ndarray, loss_mask: n
   return out, mask, ids
 
 
-def text_prompts(tokenizer, prompts: Sequence, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Text (or chat) prompts rendered as training renders them, left-padded [N, P].
-
-  Longer prompts keep their last `width` tokens, as training truncates them.
-  """
-  ids = [tokenize._prompt_ids(tokenizer, p)[-width:] for p in prompts]  # noqa: SLF001
-  out = np.zeros((len(ids), width), np.int32)
-  mask = np.zeros((len(ids), width), np.int32)
-  for i, p in enumerate(ids):
-    out[i, width - len(p):] = p
-    mask[i, width - len(p):] = 1
-  return out, mask
-
-
 def response_sequences(prompt_ids: Sequence[np.ndarray], completions: np.ndarray,
                        lengths: np.ndarray, *, n: int, max_length: int, pad_id: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,11 +129,13 @@ def sample_texts(graphdef, params, frozen, tokenizer, prompts: Sequence, *, samp
                  ) -> list[list[str]]:
   """n sampled completion texts per prompt (every process passes the same prompts).
 
-  Prompts go in fixed-size chunks (the last one padded by repeating a prompt),
-  so the engine compiles once; chunk c uses `fold_in(key, c)`.
+  Prompts are rendered and truncated as training does, and go in fixed-size
+  chunks (the last one padded by repeating a prompt), so the engine compiles
+  once; chunk c uses `fold_in(key, c)`.
   """
   sp = sampling_params(sampling, n=n, eos_id=tokenizer.eos_token_id)
-  tokens, mask = text_prompts(tokenizer, prompts, width)
+  ids, _ = files.encode_prompts(tokenizer, list(prompts), width)
+  tokens, mask = files.left_pad(ids, tokenizer.pad_token_id or 0)
   out: list[list[str]] = []
   for c, start in enumerate(range(0, len(prompts), batch_size)):
     rows = min(batch_size, len(prompts) - start)
