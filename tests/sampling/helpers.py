@@ -89,8 +89,10 @@ def reference_greedy(model: transformer.Transformer, prompt: list[int], steps: i
 def reference_probs(model: transformer.Transformer, sequence: list[int],
                     temperature: float = 1.0) -> np.ndarray:
   """[V] float64 next-token softmax(logits / temperature) by a full forward."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tokens = np.asarray([sequence], np.int32)
-  logits = np.asarray(model.logits(model(tokens, np.ones_like(tokens)))[0, -1], np.float64)
+  logits = np.asarray(_full_forward_logits(params, rest, tokens, np.ones_like(tokens),
+                                           graphdef=graphdef)[0, -1], np.float64)
   z = logits / temperature
   p = np.exp(z - z.max())
   return p / p.sum()
