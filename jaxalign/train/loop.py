@@ -249,7 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     stop_after: leave after this many steps of this invocation, with a checkpoint
       (for time-sliced schedulers); the run continues on the next call.
   """
-  if config.iterative.rounds > 0:  # rounds of whole runs, each through this function
+  if config.get("iterative", {}).get("rounds", 0) > 0:  # rounds of runs, each through here
     from jaxalign.train import iterative
     return iterative.train_rounds(config, workdir, progress=progress, devices=devices,
                                   stop_after=stop_after)

@@ -259,4 +259,5 @@ class _D2oExpand:
 
 def source_for(config: ml_collections.ConfigDict) -> Any:
   """The loop's OnlineSource for `config`, or None for offline training."""
-  return OnlineSource.from_config(config) if config.online.enabled else None
+  online = config.get("online")
+  return OnlineSource.from_config(config) if online and online.get("enabled") else None
