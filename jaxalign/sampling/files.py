@@ -38,10 +38,14 @@ def _where(record: dict, path: str, i: int) -> str:
 
 def read_prompts(path: str) -> list[dict]:
   """Records with a valid ``prompt`` field; bad rows raise DataError naming file:row."""
+  from jaxalign.config import ConfigError
   from jaxalign.data.formats import DataError
   from jaxalign.train import loop
 
-  records = loop.read_records(path, split="train")
+  try:
+    records = loop.read_records(path, split="train")
+  except ConfigError as e:  # worded for config.data.train_path; this is --prompts
+    raise FileNotFoundError(str(e).replace("config.data.train_path", "prompts")) from None
   if not records:
     raise DataError(f"{path}: no prompts")
   for i, r in enumerate(records):

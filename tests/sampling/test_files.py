@@ -78,6 +78,12 @@ def test_bad_prompt_rows_are_named(run_dir, tmp_path, line, match):
   assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_missing_prompts_file_is_named(run_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="prompts: .*nope.jsonl"):
+    files.generate_file(run_dir, str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"),
+                        SamplingParams(max_new_tokens=2))
+
+
 def test_not_a_run_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a jaxalign run directory"):
     files.generate_file(str(tmp_path), "x.jsonl", str(tmp_path / "o.jsonl"),
