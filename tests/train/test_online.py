@@ -11,6 +11,7 @@ import pytest
 from jaxalign import config as config_lib
 from jaxalign import rewards
 from jaxalign import sharding
+from jaxalign.data import pipeline, toy
 from jaxalign.train import loop
 from jaxalign.train import online as online_lib
 from tests.train.helpers import read_metrics, tiny_config
@@ -20,12 +21,16 @@ GRAO_METRICS = ("loss", "loss/exploration", "loss/imitation", "loss/alignment", 
                 "completion_length/mean", "rollout/seconds", "grad_norm")
 
 
-def constant_reward(prompt, completion, reference):
-  del prompt, completion, reference
-  return 0.5
+def parity_reward(prompt, completion, reference):
+  """Zero-variance groups for prompts that start with an even digit (every sample and,
+  with reference_reward="judge", the answer score 0.5); the others are never constant:
+  the answer scores 1 and a sample of the untrained policy is not the answer."""
+  if prompt[:1] in "02468":
+    return 0.5
+  return 1.0 if completion == reference else 0.0
 
 
-rewards.register("test_constant", rewards.per_example(constant_reward))
+rewards.register("test_parity", rewards.per_example(parity_reward))
 
 
 def online_config(loss="grao", **overrides):
@@ -39,8 +44,8 @@ def online_config(loss="grao", **overrides):
   c.online.samples_per_prompt = 3
   c.sampling.max_new_tokens = 4
   if loss == "grao":
-    # A length-based reward: varies within a group even for an untrained model.
-    c.reward.name = "tests.rewards.test_rewards:length_reward"
+    c.reward.name = "test_parity"
+    c.loss.hparams = ml_collections.ConfigDict(dict(reference_reward="judge"))
   else:
     c.reference.mode = "frozen"
     c.sampling.batch_size = 8
@@ -71,7 +76,19 @@ def grao_run(tmp_path_factory):
   return workdir
 
 
-def test_online_grao_trains_with_finite_metrics(grao_run):
+def _expected_zero_std_fractions(steps: int) -> list[float]:
+  """Per step, the fraction of the batch's prompts starting with an even digit.
+
+  The batches are the loop's: the pipeline shuffles positions by seed and length only.
+  """
+  prompts = [r["prompt"] for r in toy.ArithmeticTask().sft_records(16, seed=0)]
+  it = iter(pipeline.make_dataset([{"i": np.int64(i)} for i in range(16)], seed=0,
+                                  batch_size=8))
+  return [float(np.mean([prompts[i][0] in "02468" for i in next(it)["i"]]))
+          for _ in range(steps)]
+
+
+def test_online_grao_trains_with_finite_metrics_and_zero_variance_groups(grao_run):
   rows = read_metrics(grao_run)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   for r in rows:
@@ -79,8 +96,11 @@ def test_online_grao_trains_with_finite_metrics(grao_run):
       assert np.isfinite(r[key]), (key, r)
   # Samples come from the policy: lengths are those of real completions (1..4 tokens).
   assert all(1.0 <= r["completion_length/mean"] <= 4.0 for r in rows)
-  assert any(r["reward/std"] > 0 for r in rows)
   assert any(r["loss/exploration"] != 0 for r in rows)
+  # Exactly the constant-reward groups are detected as zero-variance (and stay finite).
+  expected = _expected_zero_std_fractions(4)
+  assert [r["frac_zero_std_groups"] for r in rows] == expected
+  assert any(0 < f < 1 for f in expected)
 
 
 def test_online_grao_resumes_bit_identically(grao_run, tmp_path):
@@ -93,17 +113,6 @@ def test_online_grao_resumes_bit_identically(grao_run, tmp_path):
     np.testing.assert_array_equal([r[key] for r in resumed], [r[key] for r in straight], key)
   for a, b in zip(_params(grao_run, cfg), _params(tmp_path, cfg)):
     np.testing.assert_array_equal(a, b)
-
-
-def test_zero_variance_groups_give_zero_loss_and_no_update(tmp_path):
-  # Every completion and (reference_reward="judge") the answer get the same reward.
-  cfg = online_config(total_steps=2, **{"reward.name": "test_constant"})
-  cfg.loss.hparams = ml_collections.ConfigDict(dict(reference_reward="judge"))
-  _train(cfg, str(tmp_path))
-  for r in read_metrics(tmp_path):
-    assert r["frac_zero_std_groups"] == 1.0
-    assert r["loss"] == 0.0 and r["grad_norm"] == 0.0 and r["adv/ref"] == 0.0
-    assert r["reward/ref"] == 0.5
 
 
 def test_d2o_samples_at_step_0_and_again_every_n_steps(tmp_path):
@@ -166,24 +175,23 @@ def test_iterative_rounds_checkpoint_and_resume_at_the_right_round(grao_run, tmp
   cfg.iterative.update(dict(rounds=2, samples_per_prompt=3, steps_per_round=2))
   cfg.sampling.max_new_tokens = 4
   cfg.reward.name = "tests.rewards.test_rewards:length_reward"
-  first = _train(cfg, str(tmp_path), stop_after=3)   # round 0, then 1 step of round 1
-  assert first.final_step == 1
-  assert _steps(tmp_path / "round_0") == [1, 2] and _steps(tmp_path / "round_1") == [1]
-  pairs = [json.loads(line) for line in open(tmp_path / "round_1" / "pairs.jsonl")]
-  assert pairs and all(p["reward_chosen"] > p["reward_rejected"] for p in pairs)
-  assert all(len(p["chosen"]) > len(p["rejected"]) for p in pairs)  # the length reward
-  # Round 1 samples the policy round 0 trained, and trains from it.
-  assert loop.resolved_config(str(tmp_path / "round_1"))["init_from"] == str(
-      tmp_path / "round_0")
+  first = _train(cfg, str(tmp_path), stop_after=2)   # round 0 only
+  assert first.final_step == 2
+  assert _steps(tmp_path / "round_0") == [1, 2] and not (tmp_path / "round_1").exists()
 
   last = _train(cfg, str(tmp_path))
   assert last.final_step == 2
-  # Round 0 was not run again; round 1 continued from its step-1 checkpoint with
-  # the pairs it had drawn (no new sampling: one line per round in rounds.jsonl).
+  # Round 0 was not run again; round 1 sampled from its policy and trained from it.
   assert _steps(tmp_path / "round_0") == [1, 2] and _steps(tmp_path / "round_1") == [1, 2]
-  assert [json.loads(line) for line in open(tmp_path / "round_1" / "pairs.jsonl")] == pairs
   assert [json.loads(line)["round"] for line in open(tmp_path / "rounds.jsonl")] == [0, 1]
-  assert _train(cfg, str(tmp_path)).final_step == 2   # all done: nothing runs
+  pairs = [json.loads(line) for line in open(tmp_path / "round_1" / "pairs.jsonl")]
+  assert pairs and all(p["reward_chosen"] > p["reward_rejected"] for p in pairs)
+  assert all(len(p["chosen"]) > len(p["rejected"]) for p in pairs)  # the length reward
+  assert loop.resolved_config(str(tmp_path / "round_1"))["init_from"] == str(
+      tmp_path / "round_0")
+  assert _train(cfg, str(tmp_path)).final_step == 2   # all done: nothing runs again
+  assert _steps(tmp_path / "round_1") == [1, 2]
+  assert len(open(tmp_path / "rounds.jsonl").readlines()) == 2
 
 
 def test_generate_candidates_writes_aft_training_data(grao_run, tmp_path):
