@@ -273,6 +273,13 @@ def _validate_reward(c: ml_collections.ConfigDict, why: str) -> None:
       if key not in names:
         _fail(f"reward.options.{key}", f"not an option of reward {c.reward.name!r}; it "
               f"takes {sorted(names)}")
+  if c.reward.name == "reward_model":
+    import os  # local: only this check touches the file system
+    from jaxalign.rewards import model as reward_model
+    path = c.reward.options.get("path", "")
+    if not path or not os.path.isfile(os.path.join(path, reward_model.CONFIG_FILE)):
+      _fail("reward.options.path", f"{path!r} is not a saved reward model (no "
+            f"{reward_model.CONFIG_FILE}; see jaxalign.rewards.model.save_reward_model)")
 
 
 def _validate_sampling(c: ml_collections.ConfigDict, spec) -> None:

@@ -51,11 +51,21 @@ def test_registry_gives_batched_functions_with_options():
   assert set(rewards.option_names("reward_model")) == {"path", "batch_size", "max_length"}
 
 
+@rewards.batched_reward
+def batched_length(prompts, completions, references, *, offset=0.0):
+  del prompts, references
+  return np.array([len(c) + offset for c in completions])
+
+
 def test_module_function_rewards_and_registration():
   name = "tests.rewards.test_rewards:length_reward"
   fn = rewards.get(name, scale=2.0)
   np.testing.assert_array_equal(rewards.score(fn, ["p", "p"], ["ab", "abcd"], [None, None]),
                                 [4.0, 8.0])
+  batched = rewards.get("tests.rewards.test_rewards:batched_length", offset=0.5)
+  np.testing.assert_array_equal(rewards.score(batched, ["p", "p"], ["a", "abc"], [None] * 2),
+                                [1.5, 3.5])
+  assert rewards.option_names("tests.rewards.test_rewards:batched_length") == ("offset",)
   rewards.register("test_len", rewards.per_example(length_reward))
   assert rewards.score(rewards.get("test_len"), ["p"], ["abc"], [None])[0] == 3.0
   with pytest.raises(KeyError, match="unknown reward 'nope'"):
@@ -88,6 +98,8 @@ def _online_config(**reward):
     (dict(name=""), "config.reward.name: online grao needs a reward"),
     (dict(name="bogus"), "config.reward.name: unknown reward 'bogus'"),
     (dict(name="exact_match", options=dict(corect=1.0)), "config.reward.options.corect"),
+    (dict(name="reward_model", options=dict(path="/nonexistent")),
+     "config.reward.options.path: '/nonexistent' is not a saved reward model"),
 ])
 def test_config_names_the_bad_reward_key(reward, key):
   with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
