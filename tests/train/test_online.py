@@ -208,6 +208,13 @@ def test_generate_candidates_writes_aft_training_data(grao_run, tmp_path):
                    "--max-new-tokens=4", "--reward=exact_match"]) == 0
   records = [json.loads(line) for line in open(out)]
   assert len(records) >= 8
+  # The same samples as `jaxalign generate` with the same seed, then labelled.
+  sampled = tmp_path / "generated.jsonl"
+  assert cli.main(["generate", f"--checkpoint={grao_run}", f"--prompts={questions}", "--n=3",
+                   f"--out={sampled}", "--max-new-tokens=4"]) == 0
+  generated = {r["prompt"]: [c for c in r["completions"] if c.strip()]
+               for r in map(json.loads, open(sampled))}
+  assert all(generated[r["prompt"]] == r["completions"] for r in records)
   for r in records:
     assert 1 <= len(r["completions"]) == len(r["labels"]) <= 3
     assert r["labels"] == [rewards.verifiable.exact_match(r["prompt"], c, r["reference"]) > 0
