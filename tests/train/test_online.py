@@ -36,25 +36,16 @@ rewards.register("test_parity", rewards.per_example(parity_reward))
 def online_config(loss="grao", **overrides):
   # One device: the loop and the engine are mesh-agnostic, and compiling for the
   # 8-device mesh costs several times more (jaxalign/sampling's tests cover it).
-  c = tiny_config("sft", total_steps=4, **{"data.train_path": "toy:sft?n=16&seed=0",
-                                           "checkpoint.every": 2, "mesh.shape": (1, 1, 1)})
-  c.loss.name = loss
-  c.loss.hparams = ml_collections.ConfigDict()
-  c.online.enabled = True
-  c.online.samples_per_prompt = 3
-  c.sampling.max_new_tokens = 4
+  base = {"total_steps": 4, "data.train_path": "toy:sft?n=16&seed=0", "checkpoint.every": 2,
+          "mesh.shape": (1, 1, 1), "loss.name": loss, "online.enabled": True,
+          "online.samples_per_prompt": 3, "sampling.max_new_tokens": 4}
   if loss == "grao":
-    c.reward.name = "test_parity"
-    c.loss.hparams = ml_collections.ConfigDict(dict(reference_reward="judge"))
+    base["reward.name"] = "test_parity"
   else:
-    c.reference.mode = "frozen"
-    c.sampling.batch_size = 8
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    base.update({"reference.mode": "frozen", "sampling.batch_size": 8})
+  c = tiny_config("sft", **{**base, **overrides})
+  c.loss.hparams = ml_collections.ConfigDict(
+      dict(reference_reward="judge") if loss == "grao" else {})
   return c
 
 
