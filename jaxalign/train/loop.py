@@ -442,7 +442,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
 # with config.allow_config_change; the state's structure (model architecture,
 # data format, a frozen reference copy) never. ModelConfig.dtype and .remat are
 # compute choices and may change freely.
-OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options")
+OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options", "reward.name", "reward.options",
+                  "online.regenerate_every", "sampling.max_new_tokens", "sampling.temperature",
+                  "sampling.top_k", "sampling.top_p")
 FREE_MODEL_FIELDS = ("dtype", "remat")
 
 
@@ -488,6 +490,8 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
   old_obj, new_obj = {}, {}
   for key in OBJECTIVE_KEYS:
     section, _, name = key.partition(".")
+    if section not in saved:  # a checkpoint from before the section existed
+      continue
     old_obj.update(_flat(saved.get(section, {}).get(name, "<absent>"), key))
     new_obj.update(_flat(config.to_dict()[section][name], key))
   for d in (old_obj, new_obj):  # JSON turned tuples into lists

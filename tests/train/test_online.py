@@ -146,6 +146,21 @@ def test_bad_online_configs_name_the_key(overrides, key):
     config_lib.validate(online_config("d2o", **overrides), 1)
 
 
+def test_resume_refuses_a_changed_reward_or_sampling():
+  saved = online_config().to_dict()
+  loop.check_resume_config(saved, online_config(), where="here")
+  for key, value in (("reward.name", "exact_match"), ("sampling.temperature", 0.5)):
+    with pytest.raises(loop.ResumeMismatchError, match=key.replace(".", r"\.")):
+      loop.check_resume_config(saved, online_config(**{key: value}), where="here")
+  with pytest.raises(loop.ResumeMismatchError, match="online.samples_per_prompt 3 -> 5"):
+    loop.check_resume_config(saved, online_config(**{"online.samples_per_prompt": 5}),
+                             where="here")
+  # Checkpoints written before these sections existed still resume.
+  old = {k: v for k, v in saved.items() if k not in ("reward", "online", "sampling")}
+  loop.check_resume_config(old, online_config("grao", **{"online.enabled": False}),
+                           where="here")
+
+
 def test_grao_data_without_a_reference_names_the_row(tmp_path):
   path = tmp_path / "prompts.jsonl"
   path.write_text('{"prompt": "1+1=", "reference": "2"}\n{"prompt": "2+2="}\n')
