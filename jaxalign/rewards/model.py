@@ -83,15 +83,6 @@ def load_reward_model(directory: str) -> RewardModel:
   return nnx.merge(graphdef, state)
 
 
-def reward_model_from_run(run_params, config: transformer.ModelConfig, *,
-                          seed: int = 0) -> RewardModel:
-  """A RewardModel whose backbone takes a policy's trained parameters (e.g. the
-  SFT run's, from `loop.load_run_params`), with a fresh head to be trained."""
-  model = RewardModel(config, rngs=nnx.Rngs(seed))
-  nnx.update(model.backbone, run_params)
-  return model
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _score(state, tokens, attention_mask, *, graphdef):
   return nnx.merge(graphdef, state)(tokens, attention_mask)
