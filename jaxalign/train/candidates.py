@@ -6,9 +6,9 @@
       --config.data.train_path=aft.jsonl --config.data.group_size=4 ...
 
 Questions are `jaxalign generate` prompt records (a `prompt`: text or chat
-messages) with optionally a `reference` (the reference answer / chain of
-thought: AFT's SFT term trains on it, and the "exact_match" checker compares
-against it). Sampling is `jaxalign.sampling.files.generate_file`'s; each
+messages) with optionally a `reference` (or, as in sft records, a
+`completion`): the reference answer / chain of thought that AFT's SFT term
+trains on and the "exact_match" checker compares against. Sampling is `jaxalign.sampling.files.generate_file`'s; each
 completion is then labelled by a checker: a reward (`jaxalign.rewards`;
 default "arithmetic", the bundled task's checker) whose value > 0 means
 correct. The output is JSONL in the `ranked` format that `aft` reads:
@@ -36,11 +36,16 @@ def _text(prompt) -> str:
   return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
+def _reference(record: dict):
+  """The question's reference answer: `reference`, or `completion` (sft records)."""
+  return record.get("reference", record.get("completion"))
+
+
 def label_candidates(records: list[dict], checker) -> tuple[list[dict], int]:
   """`jaxalign generate` output records -> ranked records; returns (records, empties dropped)."""
   k = max(len(r["completions"]) for r in records)
   prompts = [_text(r["prompt"]) for r in records for _ in r["completions"]]
-  refs = [r.get("reference") for r in records for _ in r["completions"]]
+  refs = [_reference(r) for r in records for _ in r["completions"]]
   flat = [c for r in records for c in r["completions"]]
   scores = rewards.score(checker, prompts, flat, refs)
   out, dropped, pos = [], 0, 0
@@ -53,8 +58,8 @@ def label_candidates(records: list[dict], checker) -> tuple[list[dict], int]:
       continue
     ranked = {"prompt": r["prompt"], "completions": [group[j] for j in keep],
               "labels": [bool(s[j] > 0) for j in keep]}
-    if r.get("reference") is not None:
-      ranked["reference"] = r["reference"]
+    if _reference(r) is not None:
+      ranked["reference"] = _reference(r)
     out.append(ranked)
   return out, dropped
 
