@@ -1,12 +1,15 @@
-"""GRAO (offline groups): sampled completions with exact-match rewards plus the reference answer, on the bundled arithmetic task.
+"""Online GRAO on the bundled arithmetic task: 8 completions per prompt sampled from the live policy at every step, scored by the task's checker against the reference answer.
 
   jaxalign demo --workdir runs/demo --method grao
-      # SFT (reused if runs/demo/sft exists), grao data from the SFT model's own
-      # answers, grao training, and held-out greedy accuracy before and after.
+      # SFT (reused if runs/demo/sft exists), online grao training, and held-out
+      # greedy accuracy before and after.
   jaxalign train --config configs/grao_demo.py:runs/demo --workdir runs/grao
-      # the grao stage alone, on the SFT model and data that the demo wrote.
+      # the grao stage alone, from the SFT model in runs/demo/sft; its prompts and
+      # reference answers come from the bundled task (toy:sft, no annotator habit).
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["grao"].
+The recipe (loss hyperparameters, group size, reward, steps, learning rate) is
+jaxalign.demo.METHODS["grao"]; the offline form (groups sampled once before
+training) is METHODS["grao_offline"] (`jaxalign demo --method grao_offline`).
 """
 
 from jaxalign import demo

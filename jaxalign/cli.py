@@ -1,4 +1,4 @@
-"""`jaxalign train | demo`: the command line, and the only place that sees flags.
+"""`jaxalign train | demo | generate | ...`: the command line, and the only place that sees flags.
 
   jaxalign train --config configs/dpo_toy.py --workdir runs/x --config.optim.lr=1e-5
   jaxalign demo [--workdir DIR] [--seed N]
@@ -20,6 +20,11 @@ commands:
   plan    --config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) [--config.a.b=v ...]
           compile the real step ahead of time: per-device memory, FLOPs, predicted MFU
   export  --checkpoint RUN_DIR --out HF_DIR   write a transformers-loadable model
+  generate --checkpoint RUN_DIR --prompts FILE --out FILE [--n N] [--temperature T]
+          [--top-k K] [--top-p P] [--max-new-tokens M] [--seed S]   sample completions
+  generate-candidates --checkpoint RUN_DIR --questions FILE --k K --out FILE
+          [--temperature T] [--max-new-tokens M] [--reward arithmetic|exact_match] [--seed N]
+          k labelled samples per question: the AFT training set (ranked format)
 """
 
 
@@ -133,6 +138,76 @@ def _export(argv: list[str]) -> int:
   return 0
 
 
+def _sampling_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+  parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+  parser.add_argument("--top-k", type=int, default=0, help="0: off")
+  parser.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+  parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+  parser.add_argument("--batch-size", type=int, default=64, help="prompts per engine call")
+  parser.add_argument("--seed", type=int, default=0)
+
+
+def _generate(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="jaxalign generate")
+  parser.add_argument("--checkpoint", required=True, help="a jaxalign run directory")
+  parser.add_argument("--prompts", required=True,
+                      help="JSONL/Parquet of {prompt} records (text or chat messages)")
+  parser.add_argument("--out", required=True, help="output JSONL (one record per prompt)")
+  parser.add_argument("--n", type=int, default=1, help="completions per prompt")
+  parser.add_argument("--max-prompt-length", type=int, default=None,
+                      help="prompt tokens kept (default: the run's data.max_prompt_length)")
+  _sampling_flags(parser, max_new_tokens=64)
+  args = parser.parse_args(argv)
+  from jaxalign.data.formats import DataError
+  from jaxalign.sampling import SamplingParams, files
+
+  try:
+    sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, n=args.n)
+    stats = files.generate_file(args.checkpoint, args.prompts, args.out, sp, seed=args.seed,
+                                batch_size=args.batch_size,
+                                max_prompt_length=args.max_prompt_length)
+  except (DataError, FileNotFoundError) as e:
+    return _die("generate", str(e), status=1)
+  except ValueError as e:
+    return _die("generate", str(e))
+  print(f"wrote {stats['completions']} completions of {stats['prompts']} prompts "
+        f"({stats['generated_tokens']} tokens, {100 * stats['stopped']:.0f}% stopped, "
+        f"{stats['seconds']:.1f} s) to {os.path.abspath(args.out)}")
+  return 0
+
+
+def _generate_candidates(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="jaxalign generate-candidates")
+  parser.add_argument("--checkpoint", required=True, help="a jaxalign run directory (SFT/VFT)")
+  parser.add_argument("--questions", required=True,
+                      help="JSONL/Parquet of {prompt, reference?} (or a toy: source)")
+  parser.add_argument("--k", type=int, required=True, help="samples per question")
+  parser.add_argument("--out", required=True, help="output JSONL (ranked format, for aft)")
+  parser.add_argument("--reward", default="arithmetic",
+                      help="checker: a jaxalign.rewards name (value > 0 = correct)")
+  _sampling_flags(parser, max_new_tokens=32)
+  args = parser.parse_args(argv)
+  from jaxalign.data.formats import DataError
+  from jaxalign.train import candidates
+
+  sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size)
+  try:
+    stats = candidates.generate_candidates(args.checkpoint, args.questions, args.out, k=args.k,
+                                           sampling=sampling, reward=args.reward,
+                                           seed=args.seed)
+  except (DataError, FileNotFoundError) as e:
+    return _die("generate-candidates", str(e), status=1)
+  except (ValueError, KeyError) as e:  # bad flag values, an unknown checker
+    return _die("generate-candidates", str(e.args[0]) if isinstance(e, KeyError) else str(e))
+  print(f"wrote {stats['written']} questions, {stats['candidates']} candidates "
+        f"({100 * stats['positive_fraction']:.1f}% correct, {stats['dropped_empty']} empty "
+        f"dropped) to {os.path.abspath(args.out)}; train aft on it with "
+        f"--config.data.group_size={args.k}")
+  return 0
+
+
 def _flag_message(e: Exception, argv: list[str]) -> str:
   """absl/ml_collections errors carry the key; keep the informative first line."""
   if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
@@ -156,8 +231,9 @@ def _demo(argv: list[str]) -> int:
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--method", default="dpo",
-                      help="dpo | ipo | ln_dpo | bco | d2o | grao | aft (default dpo); "
-                      "methods run in one workdir share its SFT model")
+                      help="dpo | ipo | ln_dpo | bco | d2o | grao (online) | grao_offline | "
+                      "aft | iterative_dpo (default dpo); methods run in one workdir share "
+                      "its SFT model")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
 
@@ -191,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     return _plan(rest)
   if command == "export":
     return _export(rest)
+  if command == "generate":
+    return _generate(rest)
+  if command == "generate-candidates":
+    return _generate_candidates(rest)
   print(USAGE, file=sys.stderr)
   return _die(command, f"unknown command {command!r}")
 

@@ -97,6 +97,37 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.logprob_chunk_size = 8192
 
+  # Sampling from the policy: online methods, iterative rounds, generate-candidates.
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.max_new_tokens = 16
+  c.sampling.temperature = 1.0      # 0: greedy
+  c.sampling.top_k = 0              # 0: off
+  c.sampling.top_p = 1.0            # 1.0: off
+  c.sampling.batch_size = 256       # prompts per engine call when sampling a whole dataset
+
+  # Online training (grao, d2o): completions sampled inside the run. The data
+  # file then holds prompts with their reference answer (grao: {prompt,
+  # reference}) or human negative (d2o: {prompt, rejected}).
+  c.online = ml_collections.ConfigDict()
+  c.online.enabled = False
+  c.online.samples_per_prompt = 4   # G (grao) / K (d2o)
+  # d2o: 0 samples once from the initial (reference) policy; N > 0 resamples
+  # every prompt's K samples from the current policy every N steps.
+  c.online.regenerate_every = 0
+
+  # The reward that scores sampled completions (online grao, iterative rounds).
+  c.reward = ml_collections.ConfigDict()
+  c.reward.name = ""                # a jaxalign.rewards name or "module:function"
+  c.reward.options = ml_collections.ConfigDict()
+
+  # Iterative self-alignment: rounds of sample -> score -> best-vs-worst pairs ->
+  # train (a pairwise loss) from the previous round's policy; 0 rounds: off.
+  c.iterative = ml_collections.ConfigDict()
+  c.iterative.rounds = 0
+  c.iterative.samples_per_prompt = 4
+  c.iterative.steps_per_round = 100
+  c.iterative.prompts_per_round = 0  # 0: every prompt of the data file each round
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50
   c.checkpoint.keep = 2
@@ -214,6 +245,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.optim.schedule not in ("cosine", "constant"):
     _fail("optim.schedule", f"must be 'cosine' or 'constant', got {c.optim.schedule!r}")
 
+  _validate_sampling(c, spec)
+
   from jaxalign import sharding  # local: sharding imports this module
   sharding.check_partition_specs(
       sharding.model_partition_specs(model_cfg, tuple(tuple(r) for r in c.sharding_rules)))
@@ -228,6 +261,81 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if getattr(model_cfg, field) % size:
       _fail("mesh.shape", f"model.{field}={getattr(model_cfg, field)} is not divisible by "
             f"{size} devices on mesh axes {axes} (rule {logical!r})")
+
+
+def _validate_reward(c: ml_collections.ConfigDict, why: str) -> None:
+  from jaxalign import rewards  # local: keeps config import light
+
+  if not c.reward.name:
+    _fail("reward.name", f"{why} needs a reward (e.g. 'exact_match', 'arithmetic', "
+          "'reward_model' or 'module:function')")
+  try:
+    names = rewards.option_names(c.reward.name)
+  except KeyError as e:
+    _fail("reward.name", str(e.args[0]))
+  if names is not None:
+    for key in c.reward.options.keys():
+      if key not in names:
+        _fail(f"reward.options.{key}", f"not an option of reward {c.reward.name!r}; it "
+              f"takes {sorted(names)}")
+  if c.reward.name == "reward_model":
+    import os  # local: only this check touches the file system
+    from jaxalign.rewards import model as reward_model
+    path = c.reward.options.get("path", "")
+    if not path or not os.path.isfile(os.path.join(path, reward_model.CONFIG_FILE)):
+      _fail("reward.options.path", f"{path!r} is not a saved reward model (no "
+            f"{reward_model.CONFIG_FILE}; see jaxalign.rewards.model.save_reward_model)")
+
+
+def _validate_sampling(c: ml_collections.ConfigDict, spec) -> None:
+  """The online, iterative and sampling sections (only what is switched on)."""
+  online, iterative = c.online.enabled, c.iterative.rounds > 0
+  if not (online or iterative):
+    return
+  s = c.sampling
+  if s.max_new_tokens < 1:
+    _fail("sampling.max_new_tokens", "must be >= 1")
+  if not s.temperature >= 0:
+    _fail("sampling.temperature", f"must be >= 0 (0: greedy), got {s.temperature}")
+  if s.top_k < 0:
+    _fail("sampling.top_k", "must be >= 0 (0: off)")
+  if not 0 < s.top_p <= 1:
+    _fail("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+  if s.batch_size < 1:
+    _fail("sampling.batch_size", "must be >= 1")
+  if c.data.max_prompt_length + s.max_new_tokens > c.data.max_length:
+    _fail("sampling.max_new_tokens", f"data.max_prompt_length ({c.data.max_prompt_length}) + "
+          f"sampling.max_new_tokens ({s.max_new_tokens}) must fit data.max_length "
+          f"({c.data.max_length})")
+  if online and iterative:
+    _fail("iterative.rounds", "iterative rounds and online.enabled exclude each other")
+  if online:
+    if c.loss.name not in ("grao", "d2o"):
+      _fail("online.enabled", f"online sampling is for 'grao' and 'd2o', not {c.loss.name!r}")
+    if c.online.samples_per_prompt < 1:
+      _fail("online.samples_per_prompt", "must be >= 1")
+    if c.online.regenerate_every < 0:
+      _fail("online.regenerate_every", "must be >= 0 (0: sample once at the start)")
+    if c.online.regenerate_every and c.loss.name != "d2o":
+      _fail("online.regenerate_every", "only d2o keeps samples between steps (grao samples "
+            "every step)")
+    if c.loss.name == "d2o" and c.reference.mode != "frozen":
+      _fail("reference.mode", "online d2o scores freshly sampled responses under the "
+            "reference: use reference.mode='frozen'")
+    if c.loss.name == "grao":
+      _validate_reward(c, "online grao")
+  if iterative:
+    if spec.data != "pairwise":
+      _fail("loss.name", f"iterative rounds build preference pairs; {c.loss.name!r} reads "
+            f"{spec.data!r} data (use e.g. 'dpo')")
+    if c.iterative.samples_per_prompt < 2:
+      _fail("iterative.samples_per_prompt", "must be >= 2 (best vs worst)")
+    for key in ("steps_per_round",):
+      if c.iterative[key] < 1:
+        _fail(f"iterative.{key}", "must be >= 1")
+    if c.iterative.prompts_per_round < 0:
+      _fail("iterative.prompts_per_round", "must be >= 0 (0: all)")
+    _validate_reward(c, "iterative rounds")
 
 
 class HfConfigError(ValueError):

@@ -38,6 +38,7 @@ from jaxalign.train import loop
 
 TASK = toy.ArithmeticTask(max_operand=99, ops=("+",), seed=0)
 MAX_NEW_TOKENS = 5
+NUM_TRAIN = 4000
 # Fraction of answers below 100 that the SFT demonstrations zero-pad ("085").
 PAD_NOISE = 0.7
 
@@ -88,6 +89,19 @@ def aligned_config(method: str, data_dir: str, sft_dir: str,
   c.total_steps = spec.get("steps", 150)
   c.optim.lr = spec.get("lr", 1e-4)
   c.optim.warmup_steps = 10
+  if spec["format"] == "prompts":
+    # Sampled during training: the data is only prompts and their right answers
+    # (the bundled task's train split, no annotator habit), the reward the checker.
+    c.data.train_path = f"toy:sft?n={NUM_TRAIN}&seed={seed + 2}"
+    c.sampling.max_new_tokens = MAX_NEW_TOKENS
+    c.sampling.temperature = spec.get("temperature", 1.0)
+    c.reward.name, reward_options = spec["reward"]
+    c.reward.options = ml_collections.ConfigDict(reward_options)
+    if "online" in spec:
+      c.online.enabled = True
+      c.online.samples_per_prompt = spec["online"]["samples_per_prompt"]
+    if "iterative" in spec:
+      c.iterative.update(spec["iterative"])
   return c
 
 
@@ -137,10 +151,12 @@ def build_records(method: str, problems, sample, seed: int) -> list[dict]:
     sample: sample(prompts, temperature, seed) -> completions from the SFT model.
     seed: seeds sampling and the task's mistakes.
   """
+  fmt = METHODS[method]["format"]
+  if fmt == "prompts":  # online / iterative methods sample during training
+    return [{"prompt": p.prompt, "reference": p.answer} for p in problems]
   rng = np.random.default_rng(seed)
   prompts = [p.prompt for p in problems]
   greedy = sample(prompts, 0.0, seed)
-  fmt = METHODS[method]["format"]
   if fmt == "pairwise":
     return on_policy_pairs(prompts, [p.answer for p in problems], greedy, seed)
   if fmt == "unpaired":
@@ -186,13 +202,30 @@ METHODS: dict[str, dict] = {
     "bco": dict(loss="bco", format="unpaired", hparams=dict(beta=0.1),
                 options=dict(udm="model", prompt_sample_size=1024)),
     "d2o": dict(loss="d2o", format="negatives", group=4, hparams=dict(beta=0.1, alpha=0.1)),
-    "grao": dict(loss="grao", format="groups", group=4, hparams=dict(beta=0.5, lam=0.6),
-                 lr=3e-5),
+    # Online GRAO: 8 completions per prompt sampled from the live policy at every
+    # step; the ternary judge of the paper as exact match against the reference
+    # answer: a right answer ties with it (0), a wrong one loses (-1).
+    "grao": dict(loss="grao", format="prompts", hparams=dict(beta=0.5, lam=0.6),
+                 online=dict(samples_per_prompt=8), reward=("arithmetic", dict(correct=0.0,
+                                                                              wrong=-1.0)),
+                 batch_size=32, steps=100, lr=1e-4),  # measured: lr 3e-5 reaches 79%, 1e-4 89%
+    # GRAO on groups sampled once from the SFT model before training (offline).
+    "grao_offline": dict(loss="grao", format="groups", group=4,
+                         hparams=dict(beta=0.5, lam=0.6), lr=3e-5),
+    # Iterative DPO: rounds of sampling 4 answers per prompt from the current
+    # policy (temperature 0.7), best vs worst by the task's checker, DPO with the
+    # chosen answers' NLL (rpo_alpha, as iterative RPO, Pang et al. 2024) from
+    # that policy. Plain DPO on such pairs (measured: 56% -> 40% -> 12% over
+    # two rounds of 75 steps on 2000 prompts) lowers the chosen answers too and
+    # breaks digits the pairs do not disagree on.
+    "iterative_dpo": dict(loss="dpo", format="prompts", hparams=dict(beta=0.1, rpo_alpha=1.0),
+                          iterative=dict(rounds=2, samples_per_prompt=4, steps_per_round=50),
+                          temperature=0.7, reward=("arithmetic", dict())),
     "aft": dict(loss="aft", format="ranked", group=4, hparams=dict()),
 }
 
 
-def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int = 4000,
+def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int = NUM_TRAIN,
              num_eval: int = 500, pad_noise: float = PAD_NOISE, progress: bool = True) -> dict:
   """Runs the whole demo; returns (and writes to DIR/summary.json) the summary.
 
@@ -218,12 +251,16 @@ def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int
   problems = TASK.problems(num_train, split="train", seed=seed + 2)
   sample = lambda prompts, temperature, s: _complete(  # noqa: E731
       sft_dir, sft_cfg, tokenizer, prompts, temperature=temperature, seed=s)
-  _write_jsonl(os.path.join(data_dir, f"{method}.jsonl"),
-               build_records(method, problems, sample, seed))
+  if METHODS[method]["format"] != "prompts":  # those read the task's prompts directly
+    _write_jsonl(os.path.join(data_dir, f"{method}.jsonl"),
+                 build_records(method, problems, sample, seed))
 
   run_dir = os.path.join(workdir, method)
   cfg = aligned_config(method, data_dir, sft_dir, seed)
   result = loop.train(cfg, run_dir, progress=progress)
+  if cfg.iterative.rounds:
+    from jaxalign.train import iterative
+    run_dir = iterative.final_run_dir(run_dir, cfg)
   aligned_acc, _ = _evaluate(run_dir, cfg, tokenizer, eval_prompts)
 
   summary = {

@@ -105,7 +105,7 @@ def _call_d2o(fn, x: LossInputs, **hparams):
 def _call_grao(fn, x: LossInputs, **hparams):
   # Sequence 0 is the dataset's reference answer, 1..G the sampled completions.
   return fn(x.logps[:, 1:], x.lengths[:, 1:], x.batch["group_mask"], x.batch["rewards"],
-            x.logps[:, 0], x.lengths[:, 0], **hparams)
+            x.logps[:, 0], x.lengths[:, 0], x.batch.get("answer_rewards"), **hparams)
 
 
 @_stateless

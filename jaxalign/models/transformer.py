@@ -32,6 +32,7 @@ import dataclasses
 import math
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -306,8 +307,14 @@ class Attention(nnx.Module):
     self.window = window
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
-               inv_freq: jax.Array) -> jax.Array:
-    """x: [B, T, D]; positions: [B, T]; key_mask: [B, T] bool. Returns [B, T, D]."""
+               inv_freq: jax.Array, cache: tuple | None = None):
+    """x: [B, T, D]; positions: [B, T]; key_mask: [B, T] bool. Returns [B, T, D].
+
+    With ``cache = (k [B, S, KV, Dh], v, index [] int32)`` the T new keys and
+    values are written at slots index..index+T-1, queries attend to every
+    cache slot up to their own, ``key_mask`` is [B, S] over the cache slots,
+    and the result is ``([B, T, D], (new_k, new_v))``.
+    """
     dt = self.dtype
     B, T, _ = x.shape
     q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
@@ -321,14 +328,21 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    q_offset = 0
+    if cache is not None:
+      k_cache, v_cache, q_offset = cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), q_offset, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), q_offset, 1)
     # Query head h uses kv head h // n_rep (HF repeat_kv order).
     G = k.shape[2]
     q = q.reshape(B, T, G, self.n_rep, q.shape[-1])                   # [B, T, G, R, Dh]
     logits = jnp.einsum("btgrk,bsgk->bgrts", q, k,
                         preferred_element_type=jnp.float32) * self.scale
     logits = _softcap(logits, self.softcap)
-    q_idx = jnp.arange(T)[:, None]
-    k_idx = jnp.arange(T)[None, :]
+    # Slot indices; left padding keeps real tokens contiguous, so slot
+    # distance is position distance (the window is the same either way).
+    q_idx = q_offset + jnp.arange(T)[:, None]
+    k_idx = jnp.arange(k.shape[1])[None, :]
     allowed = k_idx <= q_idx                                           # [T, S]
     if self.window is not None:
       allowed &= k_idx > q_idx - self.window
@@ -337,7 +351,10 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("bgrts,bsgk->btgrk", probs, v)
     out = out.reshape(B, T, G * self.n_rep, -1)                        # [B, T, H, Dh]
-    return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    if cache is not None:
+      return out, (k, v)
+    return out
 
 
 class MLP(nnx.Module):
@@ -379,14 +396,20 @@ class Block(nnx.Module):
     self.post_mlp_norm = norm() if c.post_norms else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
-               inv_freq: jax.Array) -> jax.Array:
-    h = self.attn(self.attn_norm(x), positions, key_mask, inv_freq)
+               inv_freq: jax.Array, cache: tuple | None = None):
+    """[B, T, D] -> [B, T, D]; with a cache (see Attention) also the new (k, v)."""
+    new_kv = None
+    h = self.attn(self.attn_norm(x), positions, key_mask, inv_freq, cache=cache)
+    if cache is not None:
+      h, new_kv = h
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x = x + h
     h = self.mlp(self.mlp_norm(x))
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
+    if cache is not None:
+      return x + h, new_kv
     return x + h
 
 
@@ -401,6 +424,19 @@ class Embed(nnx.Module):
                rngs: nnx.Rngs):
     self.embedding = _param(rngs, _normal(stddev), (vocab_size, d_model),
                             ("vocab", "embed"), param_dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for S slots; slots < index are filled.
+
+  Real tokens of a row are contiguous (left-padded prompt, then generated
+  tokens), so a row's rope position is the number of real tokens before it.
+  """
+  k: tuple[jax.Array, ...]   # per layer [B, S, KV, Dh], compute dtype
+  v: tuple[jax.Array, ...]   # per layer [B, S, KV, Dh]
+  mask: jax.Array            # [B, S] bool: slot holds a real token
+  index: jax.Array           # [] int32: next slot to write
 
 
 class Transformer(nnx.Module):
@@ -436,21 +472,84 @@ class Transformer(nnx.Module):
       meaningless.
     """
     c = self.config
-    dt = jnp.dtype(c.dtype)
     key_mask = attention_mask.astype(bool)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) - 1, 0)
-    x = self.embed.embedding[...][tokens].astype(dt)                   # [B, T, D]
+    x = self._embed(tokens)                                            # [B, T, D]
+    run = nnx.remat(_run_block) if c.remat else _run_block
+    for block, inv_freq in zip(self.layers, self._layer_inv_freqs()):
+      x = run(block, x, positions, key_mask, inv_freq)
+    return self.final_norm(x)
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    """[B, T] ids -> [B, T, D] embeddings in the compute dtype."""
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    x = self.embed.embedding[...][tokens].astype(dt)
     if c.embed_scale:
       # HF Gemma rounds the normalizer to the activation dtype first.
       x = x * jnp.asarray(c.d_model ** 0.5, dtype=dt)
-    inv_freq = rope_inv_freq(c)
-    local_inv_freq = rope_inv_freq(c, local=True)
-    run = nnx.remat(_run_block) if c.remat else _run_block
-    for i, block in enumerate(self.layers):
-      layer_inv_freq = local_inv_freq if c.window_of(i) is not None else inv_freq
-      x = run(block, x, positions, key_mask, layer_inv_freq)
-    return self.final_norm(x)
+    return x
+
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    """An empty KVCache of `length` slots for `batch` rows."""
+    c = self.config
+    shape = (batch, length, c.n_kv_heads, c.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, jnp.dtype(c.dtype)) for _ in self.layers)
+    return KVCache(k=zeros(), v=zeros(), mask=jnp.zeros((batch, length), bool),
+                   index=jnp.zeros((), jnp.int32))
+
+  def _layer_inv_freqs(self) -> list[jax.Array]:
+    """Each layer's rope inverse frequencies (sliding layers may have their own)."""
+    c = self.config
+    inv_freq, local = rope_inv_freq(c), rope_inv_freq(c, local=True)
+    return [local if c.window_of(i) is not None else inv_freq for i in range(c.n_layers)]
+
+  def decode(self, tokens: jax.Array, attention_mask: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Appends T tokens to `cache` and returns their hidden states (inference only).
+
+    Prefill is one call with the left-padded prompts on an empty cache; each
+    decode step is a call with T = 1. The hidden states equal `__call__`'s on
+    the whole sequence so far (up to float rounding).
+
+    Args:
+      tokens: [B, T] int ids, written at cache slots index..index+T-1.
+      attention_mask: [B, T] bool/int, 1 for real tokens. Padding may only
+        come before a row's first real token (left padding).
+      cache: from `init_cache` or a previous `decode`; needs index + T <= S.
+
+    Returns:
+      hidden: [B, T, D] after the final norm.
+      cache: with the new keys and values, index advanced by T.
+    """
+    new_mask = attention_mask.astype(bool)
+    seen = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]      # [B, 1]
+    positions = jnp.maximum(seen + jnp.cumsum(new_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, new_mask, cache.index, 1)
+    x = self._embed(tokens)                                            # [B, T, D]
+    new_k, new_v = [], []
+    for block, inv_freq, k, v in zip(self.layers, self._layer_inv_freqs(), cache.k, cache.v):
+      x, (k, v) = block(x, positions, key_mask, inv_freq, cache=(k, v, cache.index))
+      new_k.append(k)
+      new_v.append(v)
+    cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask,
+                    index=cache.index + tokens.shape[1])
+    return self.final_norm(x), cache
+
+  def next_token_logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, D] hidden -> [B, V] float32 logits, final softcap applied.
+
+    Contracts with the tied embedding as stored ([V, D]), so a decode loop
+    does not transpose (copy) the table at every step as `head_weight()` would.
+    """
+    if self.lm_head is None:
+      w, eq = self.embed.embedding[...], "bd,vd->bv"
+    else:
+      w, eq = self.lm_head[...], "bd,dv->bv"
+    logits = jnp.einsum(eq, hidden, w.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return _softcap(logits, self.config.final_logit_softcap)
 
   def head_weight(self) -> jax.Array:
     """[D, V] output projection (the embedding transposed when tied)."""

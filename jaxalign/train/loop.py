@@ -161,10 +161,15 @@ def check_group_sizes(records: list[dict], fmt: str, *, on_error: str) -> tuple[
 
 
 def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
-                  max_prompt_length: int, on_error: str,
-                  group_size: int | None = None) -> tuple[list[dict], int]:
-  """Reads, validates and tokenizes every record; returns (examples, num_skipped)."""
+                  max_prompt_length: int, on_error: str, group_size: int | None = None,
+                  map_record=None) -> tuple[list[dict], int]:
+  """Reads, validates and tokenizes every record; returns (examples, num_skipped).
+
+  `map_record` (record -> record of `fmt`) runs on each raw record before validation.
+  """
   records = read_records(path, split=split, on_error=on_error)
+  if map_record is not None:
+    records = [map_record(r) for r in records]
   valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
   if group_size is None:
     valid, bad = check_group_sizes(valid, fmt, on_error=on_error)
@@ -261,6 +266,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     stop_after: leave after this many steps of this invocation, with a checkpoint
       (for time-sliced schedulers); the run continues on the next call.
   """
+  if config.get("iterative", {}).get("rounds", 0) > 0:  # rounds of runs, each through here
+    from jaxalign.train import iterative
+    return iterative.train_rounds(config, workdir, progress=progress, devices=devices,
+                                  stop_after=stop_after)
   # SIGTERM is caught from here on: one arriving while data loads or the step
   # compiles stops the run at the first step boundary, with a checkpoint.
   with _Preemption() as preempt:
@@ -285,6 +294,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   hparams = config.loss.hparams.to_dict()
   frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
   precompute_ref = spec.needs_ref and config.reference.mode == "precompute"
+  # Online methods sample their groups inside the run (jaxalign.train.online).
+  from jaxalign.train import online as online_lib
+  online = online_lib.source_for(config)
 
   # Data: read, validate and tokenize everything before any compile, and before
   # anything is written: a bad config or bad data leaves no workdir behind.
@@ -294,9 +306,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
         f"{model_cfg.vocab_size}")
   examples, num_skipped = load_examples(
-      config.data.train_path, spec.data, tokenizer, split=config.data.split,
-      max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
-      on_error=config.data.on_error, group_size=config.data.group_size)
+      config.data.train_path, online.data_format if online else spec.data, tokenizer,
+      split=config.data.split, max_length=config.data.max_length,
+      max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
+      group_size=config.data.group_size, map_record=online.map_record if online else None)
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
   os.makedirs(workdir, exist_ok=True)
@@ -364,7 +377,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
               desc="prompt embeddings", progress=progress))
 
   dataset = pipeline.make_dataset(examples, seed=config.seed, batch_size=process_batch,
-                                  shuffle=config.data.shuffle, repeat=True)
+                                  shuffle=config.data.shuffle, repeat=True,
+                                  add_index=online is not None)
   data_iter = iter(dataset)
   if resume_step is not None:
     state = checkpointer.restore(resume_step, abstract_state, data_iter)
@@ -377,6 +391,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       skip_nonfinite=config.skip_nonfinite, state_shardings=state_shardings,
       batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh))
 
+  expand = online.bind(graphdef=graphdef, tokenizer=tokenizer, workdir=workdir,
+                       examples=examples) if online else None
   resolved = config.to_dict()
   writer = MetricWriter(workdir, process_index=jax.process_index())
   start = int(resume_step or 0)
@@ -391,7 +407,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
     end = config.total_steps if stop_after is None else min(config.total_steps,
                                                             start + stop_after)
     for step in range(start, end):
-      host_batch = next(data_iter)
+      host_batch, host_metrics = next(data_iter), {}
+      if expand is not None:  # online: sample from the live policy, score, group
+        host_batch, host_metrics = expand(state, host_batch, step)
       window_tokens += int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
       batch = sharding.host_to_global(
           {k: v for k, v in host_batch.items() if k not in HOST_ONLY_KEYS}, batch_sharding)
@@ -417,6 +435,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         last = {k: float(v) for k, v in metrics.items()}
         last["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
         last["nonfinite_steps"] = float(num_nonfinite)
+        last.update(host_metrics)
         window_tokens, window_start = 0, time.perf_counter()
         if is_log_step:
           writer.write(done, last)
@@ -442,7 +461,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
 # with config.allow_config_change; the state's structure (model architecture,
 # data format, a frozen reference copy) never. ModelConfig.dtype and .remat are
 # compute choices and may change freely.
-OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options")
+OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options", "reward.name", "reward.options",
+                  "online.regenerate_every", "sampling.max_new_tokens", "sampling.temperature",
+                  "sampling.top_k", "sampling.top_p")
 FREE_MODEL_FIELDS = ("dtype", "remat")
 
 
@@ -462,6 +483,9 @@ def _structure(c: ml_collections.ConfigDict) -> dict[str, Any]:
          for k, v in model.items() if k not in FREE_MODEL_FIELDS}
   out["data format"] = losses.get(c.loss.name).data
   out["reference.mode"] = c.reference.mode
+  online = c.get("online")
+  if online is not None and online.get("enabled"):
+    out["online.samples_per_prompt"] = online.get("samples_per_prompt")
   return out
 
 
@@ -485,6 +509,8 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
   old_obj, new_obj = {}, {}
   for key in OBJECTIVE_KEYS:
     section, _, name = key.partition(".")
+    if section not in saved:  # a checkpoint from before the section existed
+      continue
     old_obj.update(_flat(saved.get(section, {}).get(name, "<absent>"), key))
     new_obj.update(_flat(config.to_dict()[section][name], key))
   for d in (old_obj, new_obj):  # JSON turned tuples into lists

@@ -1,0 +1,98 @@
+"""Tiny models and an independent reference decoder for the sampling tests."""
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxalign.models import transformer
+
+LLAMA = transformer.ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4,
+                                n_kv_heads=2, head_dim=8, d_ff=64)
+# Every Gemma2 switch, a window shorter than the sequences, alternating layers.
+GEMMA = transformer.ModelConfig(
+    vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+    tie_embeddings=True, norm_offset=True, embed_scale=True, post_norms=True,
+    activation="gelu_tanh", query_pre_attn_scalar=8.0, attn_logit_softcap=10.0,
+    final_logit_softcap=30.0, sliding_window=3, layer_types=("sliding", "full"))
+# Qwen3-style q/k norm plus Qwen2 biases, Mistral-style window on every layer.
+QWEN = transformer.ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4,
+                               n_kv_heads=1, head_dim=8, d_ff=64, qk_norm=True,
+                               qkv_bias=True, sliding_window=4)
+
+
+def make_model(config: transformer.ModelConfig, *, seed: int = 0,
+               scale: float = 4.0) -> transformer.Transformer:
+  """A random model whose weights are scaled up so its logits are peaked.
+
+  At the default init (std 0.02) next-token logits are nearly uniform and an
+  argmax could flip on float rounding; scaled weights keep greedy decoding a
+  meaningful comparison.
+  """
+  model = transformer.init_model(config, seed)
+  rng = np.random.default_rng(seed)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # Biases start at zero; give them values so they matter.
+  params = jax.tree.map(
+      lambda x: x * scale if np.any(np.asarray(x)) else
+      jax.numpy.asarray(rng.normal(0, 0.5, x.shape), x.dtype), params)
+  return nnx.merge(graphdef, params, rest)
+
+
+def left_pad(prompts: list[list[int]], width: int | None = None):
+  """(tokens, mask) int32 [B, width], prompts right-aligned; pad id 0."""
+  width = width or max(map(len, prompts))
+  tokens = np.zeros((len(prompts), width), np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, width - len(p):] = p
+    mask[i, width - len(p):] = 1
+  return tokens, mask
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _full_forward_logits(params, rest, tokens, mask, *, graphdef):
+  model = nnx.merge(graphdef, params, rest)
+  return model.logits(model(tokens, mask))                        # [1, L, V]
+
+
+def reference_greedy(model: transformer.Transformer, prompt: list[int], steps: int,
+                     stop_tokens=(), width: int = 24) -> list[int]:
+  """Argmax decoding by a full forward (no cache) over the sequence at each step.
+
+  The sequence sits unpadded at the start of a fixed [1, width] buffer (right
+  padding cannot influence earlier positions under causal attention), so this
+  compiles once per model config. Fails if the top two logits are too close for an argmax
+  comparison to mean anything.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  width = max(width, len(prompt) + steps)
+  tokens = np.zeros((1, width), np.int32)
+  tokens[0, :len(prompt)] = prompt
+  out = []
+  for i in range(steps):
+    length = len(prompt) + i
+    mask = (np.arange(width) < length).astype(np.int32)[None]
+    logits = np.asarray(_full_forward_logits(params, rest, tokens, mask,
+                                             graphdef=graphdef)[0, length - 1])
+    top2 = np.sort(logits)[-2:]
+    assert top2[1] - top2[0] > 1e-3, f"near-tie in the reference logits {top2}"
+    tok = int(np.argmax(logits))
+    out.append(tok)
+    if tok in stop_tokens or i == steps - 1:
+      break
+    tokens[0, length] = tok
+  return out
+
+
+def reference_probs(model: transformer.Transformer, sequence: list[int],
+                    temperature: float = 1.0) -> np.ndarray:
+  """[V] float64 next-token softmax(logits / temperature) by a full forward."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = np.asarray([sequence], np.int32)
+  logits = np.asarray(_full_forward_logits(params, rest, tokens, np.ones_like(tokens),
+                                           graphdef=graphdef)[0, -1], np.float64)
+  z = logits / temperature
+  p = np.exp(z - z.max())
+  return p / p.sum()
