@@ -1,5 +1,6 @@
 """Tiny models and an independent reference decoder for the sampling tests."""
 
+import dataclasses
 import functools
 
 import jax
@@ -16,6 +17,10 @@ GEMMA = transformer.ModelConfig(
     tie_embeddings=True, norm_offset=True, embed_scale=True, post_norms=True,
     activation="gelu_tanh", query_pre_attn_scalar=8.0, attn_logit_softcap=10.0,
     final_logit_softcap=30.0, sliding_window=3, layer_types=("sliding", "full"))
+# Gemma3: q/k norm, sliding layers with their own rope base, linear scaling on full ones.
+GEMMA3 = dataclasses.replace(
+    GEMMA, qk_norm=True, attn_logit_softcap=None, rope_theta=1e6, local_rope_theta=1e4,
+    rope_scaling={"rope_type": "linear", "factor": 8.0})
 # Qwen3-style q/k norm plus Qwen2 biases, Mistral-style window on every layer.
 QWEN = transformer.ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4,
                                n_kv_heads=1, head_dim=8, d_ff=64, qk_norm=True,

@@ -2,14 +2,17 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from tests.sampling import helpers
 
 
-def test_prefill_then_steps_equal_one_full_forward():
-  # Gemma2's sliding window (3 < the 13 tokens), softcaps and norms all on.
-  model = helpers.make_model(helpers.GEMMA, seed=11, scale=1.0)
+@pytest.mark.parametrize("config", [helpers.GEMMA, helpers.GEMMA3], ids=["gemma2", "gemma3"])
+def test_prefill_then_steps_equal_one_full_forward(config):
+  # Gemma2's sliding window (3 < the 13 tokens), softcaps and norms all on;
+  # Gemma3's per-layer-type rope.
+  model = helpers.make_model(config, seed=11, scale=1.0)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 32, n).tolist() for n in (5, 2, 7)]
   tokens, mask = helpers.left_pad(prompts, width=8)               # [3, 8]
