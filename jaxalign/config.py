@@ -279,6 +279,9 @@ def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
   if spec.modules and lc.rank == 0:
     _fail("lora.rank", f"{c.loss.name!r} trains LoRA modules {spec.modules}: set "
           "lora.rank > 0")
+  if spec.modules and c.optim.grad_accum_steps > 1:
+    _fail("optim.grad_accum_steps", f"{c.loss.name!r} updates its role state once per "
+          "optimizer step; gradient accumulation would count micro-batches: use 1")
   if spec.modules and not 0.0 < c.optim.slow_lr_ratio:
     _fail("optim.slow_lr_ratio", f"must be positive, got {c.optim.slow_lr_ratio!r}")
 

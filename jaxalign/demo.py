@@ -88,6 +88,12 @@ def aligned_config(method: str, data_dir: str, sft_dir: str,
   c.total_steps = spec.get("steps", 150)
   c.optim.lr = spec.get("lr", 1e-4)
   c.optim.warmup_steps = 10
+  for key, value in spec.get("config", {}).items():   # e.g. LoRA settings
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
   return c
 
 
@@ -189,6 +195,12 @@ METHODS: dict[str, dict] = {
     "grao": dict(loss="grao", format="groups", group=4, hparams=dict(beta=0.5, lam=0.6),
                  lr=3e-5),
     "aft": dict(loss="aft", format="ranked", group=4, hparams=dict()),
+    # Two LoRA modules (fast, slow) on the frozen SFT model; see demo_continual.py
+    # for the two-domain forgetting comparison with COFS-DPO.
+    "ofs_dpo": dict(loss="ofs_dpo", format="pairwise", lr=1e-3,
+                    hparams=dict(beta=0.1, alpha=0.1, swap_interval=10),
+                    config={"lora.rank": 8, "lora.alpha": 16.0,
+                            "lora.targets": ("q", "k", "v", "o", "gate", "up", "down")}),
 }
 
 
