@@ -197,7 +197,7 @@ METHODS: dict[str, dict] = {
     "aft": dict(loss="aft", format="ranked", group=4, hparams=dict()),
     # Two LoRA modules (fast, slow) on the frozen SFT model; see demo_continual.py
     # for the two-domain forgetting comparison with COFS-DPO.
-    "ofs_dpo": dict(loss="ofs_dpo", format="pairwise", lr=1e-3,
+    "ofs_dpo": dict(loss="ofs_dpo", format="pairwise", lr=1e-4,
                     hparams=dict(beta=0.1, alpha=0.1, swap_interval=10),
                     config={"lora.rank": 8, "lora.alpha": 16.0,
                             "lora.targets": ("q", "k", "v", "o", "gate", "up", "down")}),

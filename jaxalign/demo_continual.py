@@ -73,7 +73,9 @@ def continual_config(method: str, workdir: str, seed: int = 0) -> ml_collections
   c.data.domain_eval_paths = tuple(os.path.join(data_dir, f"val_{t}.jsonl")
                                    for t in range(2))
   c.total_steps = STEPS
-  c.optim.lr = 1e-3
+  # LoRA-DPO on domain 1, greedy addition accuracy (SFT 36.3%): lr 1e-4 42.0%,
+  # 3e-4 34.7%, 1e-3 27.7% (seed 0, 300 held-out problems).
+  c.optim.lr = 1e-4
   c.optim.warmup_steps = 10
   _set(c, LORA)
   if method == "dpo":

@@ -18,8 +18,10 @@ LOG2 = float(np.float32(np.log(2.0)))
 def _ofs_config(**over):
   c = tiny_config(**{"lora.rank": 4, "lora.alpha": 8.0, "reference.mode": "frozen",
                      "total_steps": 6, "checkpoint.every": 3, "optim.warmup_steps": 0,
-                     "optim.lr": 1e-2, "optim.schedule": "constant",
-                     # The slow module at twice the fast LR overtakes it: a role swap.
+                     "optim.lr": 1e-3, "optim.schedule": "constant",
+                     # One batch of 8 pairs seen every step, and the slow module at
+                     # twice the fast LR: it lowers its DPO loss faster, a role swap.
+                     "data.train_path": "toy:pairwise?n=8&seed=0",
                      "optim.slow_lr_ratio": 2.0, **over})
   c.loss.name = "ofs_dpo"
   c.loss.hparams = ml_collections.ConfigDict(dict(beta=0.1, alpha=0.5, swap_interval=2))
