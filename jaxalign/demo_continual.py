@@ -173,12 +173,15 @@ def run_continual(workdir: str, *, seed: int = 0, num_train: int = 2000, num_val
     base = continual.base_params(mcfg, mesh)
     mods = continual.load_modules(mcfg, run_dir, 1, mesh)
     names = {"dpo": ["sequential DPO (LoRA)"],
-             "cofs_dpo": ["sequential OFS-DPO", "COFS-DPO"]}[method]
+             "cofs_dpo": ["sequential OFS-DPO", "COFS-DPO", "COFS-DPO, uniform weights"]
+             }[method]
     for name in names:
       rows[name] = []
       for t in range(2):
-        if name == "COFS-DPO":
+        if name == "COFS-DPO":   # weights searched on the validation pairs
           weights = continual.stage_weights(run_dir, t)
+        elif name.startswith("COFS"):   # fixed weights, for comparison
+          weights = [1.0 / (t + 1)] * (t + 1)
         else:   # the latest fast module alone
           weights = [0.0] * t + [1.0]
         params = continual.combined_model(base, mods[:t + 1], weights, scale=scale)
@@ -197,14 +200,14 @@ def run_continual(workdir: str, *, seed: int = 0, num_train: int = 2000, num_val
 def format_matrix(summary: dict) -> str:
   """One table: rows = method after stage, columns = per-domain accuracies."""
   d1, d2 = summary["domains"]
-  head = (f"{'model':<34} {d1 + ' pref':>14} {d2 + ' pref':>17} "
+  head = (f"{'model':<44} {d1 + ' pref':>14} {d2 + ' pref':>17} "
           f"{d1 + ' greedy':>16} {d2 + ' greedy':>19}  weights")
   lines = [head, "-" * len(head)]
   for name, stages in summary["rows"].items():
     for t, res in enumerate(stages):
       label = name if name == "SFT" else f"{name}, after {summary['domains'][t]}"
       w = res[0].get("weights")
-      lines.append(f"{label:<34} {100 * res[0]['preference']:>13.1f}% "
+      lines.append(f"{label:<44} {100 * res[0]['preference']:>13.1f}% "
                    f"{100 * res[1]['preference']:>16.1f}% {100 * res[0]['greedy']:>15.1f}% "
                    f"{100 * res[1]['greedy']:>18.1f}%  {'' if w is None else w}")
   lines.append(f"held-out test: {summary['num_test']} problems per domain; "

@@ -4,7 +4,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -100,9 +99,6 @@ def test_cofs_dpo_over_two_domains(tmp_path):
   assert len(record[1]["grid"]) == 3 and abs(sum(record[1]["weights"]) - 1) < 1e-9
   assert max(r["score"] for r in record[1]["grid"]) == next(
       r["score"] for r in record[1]["grid"] if r["weights"] == record[1]["weights"])
-  # A rerun finds every stage done and trains nothing.
-  again = loop.train(c, work, progress=False, devices=jax.devices()[:1])
-  assert again.final_step == 2
 
 
 def test_continual_config_errors():
