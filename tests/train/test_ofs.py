@@ -17,6 +17,7 @@ LOG2 = float(np.float32(np.log(2.0)))
 
 def _ofs_config(**over):
   c = tiny_config(**{"lora.rank": 4, "lora.alpha": 8.0, "reference.mode": "frozen",
+                     "mesh.shape": (1, 1, 1),
                      "total_steps": 6, "checkpoint.every": 3, "optim.warmup_steps": 0,
                      "optim.lr": 1e-3, "optim.schedule": "constant",
                      # One batch of 8 pairs seen every step, and the slow module at
@@ -30,10 +31,11 @@ def _ofs_config(**over):
 
 def test_ofs_dpo_swaps_roles_and_resumes_bit_for_bit(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  loop.train(_ofs_config(), straight, progress=False)
+  one = jax.devices()[:1]   # the mesh (1, 1, 1): faster on fake CPU devices
+  loop.train(_ofs_config(), straight, progress=False, devices=one)
   # Stopped at step 3, mid role-check interval: the accumulators must survive.
-  loop.train(_ofs_config(), resumed, progress=False, stop_after=3)
-  loop.train(_ofs_config(), resumed, progress=False)
+  loop.train(_ofs_config(), resumed, progress=False, stop_after=3, devices=one)
+  loop.train(_ofs_config(), resumed, progress=False, devices=one)
   a, b = read_metrics(straight), read_metrics(resumed)
   assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
   # Resume from step 3 (both modules, both optimizers, the OFS state) == straight run.
@@ -78,11 +80,11 @@ def test_ofs_dpo_swaps_roles_and_resumes_bit_for_bit(tmp_path):
 def test_ofs_dpo_needs_lora_and_its_hyperparameters():
   c = _ofs_config(**{"lora.rank": 0})
   with pytest.raises(config_lib.ConfigError, match="config.lora.rank"):
-    config_lib.validate(c, 8)
+    config_lib.validate(c, 1)
   c = _ofs_config()
   del c.loss.hparams["swap_interval"]
   with pytest.raises(config_lib.ConfigError, match="config.loss.hparams.swap_interval"):
-    config_lib.validate(c, 8)
+    config_lib.validate(c, 1)
   c = _ofs_config(**{"optim.grad_accum_steps": 2, "data.batch_size": 16})
   with pytest.raises(config_lib.ConfigError, match="config.optim.grad_accum_steps"):
-    config_lib.validate(c, 8)
+    config_lib.validate(c, 1)
