@@ -17,6 +17,7 @@ USAGE = """usage: jaxalign <command> [flags]
 commands:
   train   --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
   demo    [--workdir DIR] [--seed N] [--method M]   SFT then alignment on the bundled task
+          (--method continual: two domains, forgetting matrix of DPO / OFS-DPO / COFS-DPO)
   plan    --config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) [--config.a.b=v ...]
           compile the real step ahead of time: per-device memory, FLOPs, predicted MFU
   export  --checkpoint RUN_DIR --out HF_DIR   write a transformers-loadable model
@@ -232,13 +233,22 @@ def _demo(argv: list[str]) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--method", default="dpo",
                       help="dpo | ipo | ln_dpo | bco | d2o | grao (online) | grao_offline | "
-                      "aft | iterative_dpo (default dpo); methods run in one workdir share "
-                      "its SFT model")
+                      "aft | iterative_dpo | ofs_dpo (default dpo); methods run in one workdir "
+                      "share its SFT model. continual: addition then subtraction with "
+                      "sequential DPO, OFS-DPO and COFS-DPO, printing a forgetting matrix")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
 
   from jaxalign import demo
 
+  if args.method == "continual":
+    from jaxalign import demo_continual
+    summary = demo_continual.run_continual(args.workdir, seed=args.seed,
+                                           progress=not args.no_progress)
+    print()
+    print(demo_continual.format_matrix(summary))
+    print(f"matrix: {os.path.join(os.path.abspath(args.workdir), 'forgetting.json')}")
+    return 0
   if args.method not in demo.METHODS:
     return _die("demo", f"unknown method {args.method!r}; known: {sorted(demo.METHODS)}")
   if os.path.exists(os.path.join(args.workdir, args.method)):

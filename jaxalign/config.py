@@ -24,6 +24,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("lora_rank", None),
 )
 
 
@@ -74,11 +75,31 @@ def defaults() -> ml_collections.ConfigDict:
   # Groups (negatives' samples, completions) are padded to this many slots with a
   # group_mask; None: every record must have the same number.
   c.data.group_size = ml_collections.FieldReference(None, field_type=int)
+  # Continual (COFS-DPO style) training: training sources in order, one stage of
+  # total_steps each; () trains once on train_path. domain_eval_paths: held-out
+  # pairwise sets, one per domain, for the COFS weight search.
+  c.data.domains = ()
+  c.data.domain_eval_paths = ()
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dpo"
   c.loss.hparams = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0))
   c.loss.options = ml_collections.ConfigDict()   # the loss's host-side `prepare` options
+
+  # LoRA adapters (models/lora.py); rank 0 trains every parameter.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.0
+  c.lora.targets = ("q", "k", "v", "o")   # subset of q, k, v, o, gate, up, down
+  c.lora.init_adapters = ""   # an adapter directory (lora.save_adapters) to start from
+
+  # COFS-DPO: how stored per-domain fast adapters combine (train/continual.py).
+  c.cofs = ml_collections.ConfigDict()
+  c.cofs.enabled = False
+  c.cofs.weights = ()         # one per domain; (): searched on data.domain_eval_paths
+  c.cofs.space = "delta"      # "delta" (sum of w_t A_t B_t) | "factors"
+  c.cofs.grid = 10            # weight-search resolution: steps of 1/grid on the simplex
 
   c.reference = ml_collections.ConfigDict()
   c.reference.mode = "precompute"   # "precompute" | "frozen"
@@ -94,6 +115,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.clip_norm = 1.0
   c.optim.grad_accum_steps = 1
+  # OFS-DPO: the slow adapter's learning rate / the fast adapter's (same schedule).
+  c.optim.slow_lr_ratio = 0.5
 
   c.logprob_chunk_size = 8192
 
@@ -179,7 +202,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for a in axes:
       if a not in MESH_AXES:
         _fail(f"sharding_rules[{i}]", f"unknown mesh axis {a!r} for {name!r}")
+  lora_on = "lora" in c and c.lora.rank > 0
   for name in LOGICAL_AXES:
+    if name == "lora_rank" and not lora_on:
+      continue
     if name not in rule_names:
       _fail("sharding_rules", f"no rule for logical axis {name!r} "
             f"(use ({name!r}, None) to replicate it)")
@@ -193,6 +219,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if key not in allowed:
       _fail(f"loss.hparams.{key}", f"not a hyperparameter of {c.loss.name!r}; "
             f"it takes {sorted(allowed)}")
+  for key in spec.required_hparams():
+    if key not in c.loss.hparams:
+      _fail(f"loss.hparams.{key}", f"required by {c.loss.name!r} (no default)")
   options = set(spec.option_names())
   for key in c.loss.options.keys():
     if key not in options:
@@ -246,6 +275,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("optim.schedule", f"must be 'cosine' or 'constant', got {c.optim.schedule!r}")
 
   _validate_sampling(c, spec)
+  _validate_lora(c, spec)
 
   from jaxalign import sharding  # local: sharding imports this module
   sharding.check_partition_specs(
@@ -261,6 +291,56 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if getattr(model_cfg, field) % size:
       _fail("mesh.shape", f"model.{field}={getattr(model_cfg, field)} is not divisible by "
             f"{size} devices on mesh axes {axes} (rule {logical!r})")
+
+
+def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
+  """config.lora, the OFS-DPO learning-rate ratio and the continual keys."""
+  from jaxalign.models import lora  # local: keeps config import light
+
+  lc = c.lora
+  if isinstance(lc.rank, bool) or not isinstance(lc.rank, int) or lc.rank < 0:
+    _fail("lora.rank", f"must be an int >= 0 (0 = no adapters), got {lc.rank!r}")
+  if lc.rank > 0:
+    if not lc.alpha > 0:
+      _fail("lora.alpha", f"must be positive, got {lc.alpha!r}")
+    if not 0.0 <= lc.dropout < 1.0:
+      _fail("lora.dropout", f"must be in [0, 1), got {lc.dropout!r}")
+    targets = tuple(lc.targets)
+    if not targets:
+      _fail("lora.targets", f"must name at least one of {lora.TARGETS}")
+    bad = [t for t in targets if t not in lora.TARGETS]
+    if bad or len(set(targets)) != len(targets):
+      _fail("lora.targets", f"must be distinct names from {lora.TARGETS}, got {targets}")
+  elif lc.init_adapters:
+    _fail("lora.init_adapters", "needs lora.rank > 0")
+  if spec.modules and lc.rank == 0:
+    _fail("lora.rank", f"{c.loss.name!r} trains LoRA modules {spec.modules}: set "
+          "lora.rank > 0")
+  if spec.modules and c.optim.grad_accum_steps > 1:
+    _fail("optim.grad_accum_steps", f"{c.loss.name!r} updates its role state once per "
+          "optimizer step; gradient accumulation would count micro-batches: use 1")
+  if spec.modules and not 0.0 < c.optim.slow_lr_ratio:
+    _fail("optim.slow_lr_ratio", f"must be positive, got {c.optim.slow_lr_ratio!r}")
+
+  domains = tuple(c.data.domains)
+  evals = tuple(c.data.domain_eval_paths)
+  if domains and c.lora.rank == 0:
+    _fail("data.domains", "continual training stores LoRA modules: set lora.rank > 0")
+  if evals and len(evals) != len(domains):
+    _fail("data.domain_eval_paths", f"needs one path per domain ({len(domains)}), "
+          f"got {len(evals)}")
+  if c.cofs.enabled:
+    if not domains:
+      _fail("cofs.enabled", "COFS-DPO combines per-domain modules: set data.domains")
+    weights = tuple(c.cofs.weights)
+    if weights and len(weights) != len(domains):
+      _fail("cofs.weights", f"needs one weight per domain ({len(domains)}), got {len(weights)}")
+    if not weights and not evals:
+      _fail("cofs.weights", "give the weights, or data.domain_eval_paths to search them on")
+    if c.cofs.space not in ("delta", "factors"):
+      _fail("cofs.space", f"must be 'delta' or 'factors', got {c.cofs.space!r}")
+    if c.cofs.grid < 1:
+      _fail("cofs.grid", f"must be >= 1, got {c.cofs.grid}")
 
 
 def _validate_reward(c: ml_collections.ConfigDict, why: str) -> None:

@@ -102,6 +102,12 @@ def aligned_config(method: str, data_dir: str, sft_dir: str,
       c.online.samples_per_prompt = spec["online"]["samples_per_prompt"]
     if "iterative" in spec:
       c.iterative.update(spec["iterative"])
+  for key, value in spec.get("config", {}).items():   # e.g. LoRA settings
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
   return c
 
 
@@ -222,6 +228,12 @@ METHODS: dict[str, dict] = {
                           iterative=dict(rounds=2, samples_per_prompt=4, steps_per_round=50),
                           temperature=0.7, reward=("arithmetic", dict())),
     "aft": dict(loss="aft", format="ranked", group=4, hparams=dict()),
+    # Two LoRA modules (fast, slow) on the frozen SFT model; see demo_continual.py
+    # for the two-domain forgetting comparison with COFS-DPO.
+    "ofs_dpo": dict(loss="ofs_dpo", format="pairwise", lr=1e-4,
+                    hparams=dict(beta=0.1, alpha=0.1, swap_interval=10),
+                    config={"lora.rank": 8, "lora.alpha": 16.0,
+                            "lora.targets": ("q", "k", "v", "o", "gate", "up", "down")}),
 }
 
 

@@ -347,6 +347,21 @@ def test_train_from_hf_path(tmp_path):
   assert _max_diff(_hf_logits(_load_exported(out), batch, mask),
                    _our_logits(trained, batch, mask), mask) <= TOL
 
+  # LoRA on the published checkpoint: its weights are the frozen base, and the
+  # export merges the trained adapters into them.
+  config.lora.rank, config.lora.alpha = 4, 8.0
+  config.reference.mode = "frozen"
+  lora_run = str(tmp_path / "lora_run")
+  loop.train(config, lora_run, progress=False)
+  graphdef, merged, frozen = loop.load_run_params(lora_run, config)
+  aligned = nnx.merge(graphdef, merged, frozen)
+  out = hf.export_checkpoint(lora_run, str(tmp_path / "lora_out"))
+  exported = _load_exported(out)
+  assert _max_diff(_hf_logits(exported, batch, mask), _our_logits(aligned, batch, mask),
+                   mask) <= TOL
+  assert _max_diff(_hf_logits(exported, batch, mask), _hf_logits(model, batch, mask),
+                   mask) > 1e-5  # the adapters did change the model
+
   config.model.hf_path = str(tmp_path / "missing")
   with pytest.raises(config_lib.ConfigError, match=r"config\.model\.hf_path"):
     config_lib.validate(config, 8)

@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
-from jaxalign.losses import aft, bco, d2o, dpo, grao, ln_dpo, sft
+from jaxalign.losses import aft, bco, d2o, dpo, grao, ln_dpo, ofs, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,10 @@ class LossSpec:
       **options) -> examples, where `prompt_embeddings()` lazily returns the
       reference model's mean-pooled prompt hidden states [N, D]. Its keyword
       options come from `config.loss.options`.
+    modules: names of the LoRA adapters the loss trains side by side on one
+      frozen base (OFS-DPO: ("fast", "slow")), each with its own forward and
+      optimizer; `inputs.logps` then holds the modules' [B, S] blocks side by
+      side ([B, len(modules) * S], in this order). () for one policy.
   """
   fn: Callable
   data: str
@@ -52,10 +56,16 @@ class LossSpec:
   call: Callable
   init_state: Callable[[], Any] | None = None
   prepare: Callable | None = None
+  modules: tuple[str, ...] = ()
 
   def hparam_names(self) -> tuple[str, ...]:
     """Keyword-only hyperparameters the loss accepts (for config validation)."""
     return _keyword_only(self.fn, exclude=("weights", "state", "update_state"))
+
+  def required_hparams(self) -> tuple[str, ...]:
+    """Hyperparameters without a default: the config must give them."""
+    params = inspect.signature(self.fn).parameters
+    return tuple(n for n in self.hparam_names() if params[n].default is inspect.Parameter.empty)
 
   def option_names(self) -> tuple[str, ...]:
     """Keyword options of `prepare` (config.loss.options)."""
@@ -118,6 +128,12 @@ def _call_aft(fn, x: LossInputs, **hparams):
             x.logps[:, 0], x.lengths[:, 0], ranks, **hparams)
 
 
+def _call_ofs(fn, x: LossInputs, state, **hparams):
+  # logps: [B, 4] = fast (chosen, rejected) then slow (chosen, rejected).
+  return fn(x.logps[:, 0], x.logps[:, 1], x.logps[:, 2], x.logps[:, 3],
+            x.ref_logps[:, 0], x.ref_logps[:, 1], state=state, **hparams)
+
+
 LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft.sft_loss, data="sft", needs_ref=False, call=_call_sft),
     "dpo": LossSpec(dpo.dpo_loss, data="pairwise", needs_ref=True, call=_call_pairwise),
@@ -128,6 +144,8 @@ LOSSES: dict[str, LossSpec] = {
     "d2o": LossSpec(d2o.d2o_loss, data="negatives", needs_ref=True, call=_call_d2o),
     "grao": LossSpec(grao.grao_loss, data="groups", needs_ref=False, call=_call_grao),
     "aft": LossSpec(aft.aft_loss, data="ranked", needs_ref=False, call=_call_aft),
+    "ofs_dpo": LossSpec(ofs.ofs_dpo_loss, data="pairwise", needs_ref=True, call=_call_ofs,
+                        init_state=ofs.ofs_init_state, modules=("fast", "slow")),
 }
 
 

@@ -222,7 +222,7 @@ def ofs_dpo_loss(
   Returns:
     loss: scalar L_fast + L_slow.
     metrics: {fast,slow}/rewards/{chosen,rejected,margins,accuracies},
-      loss/{dpo_fast,dpo_slow,fs_leader,fs_chaser,fast,slow},
+      loss/{dpo_fast,dpo_slow,fs_leader,fs_chaser,fs,fast,slow},
       role/fast_is_leader (the roles used in this step).
     new_state: `ofs_update_state(state, L_DPO(fast), L_DPO(slow))`.
   """
@@ -246,6 +246,8 @@ def ofs_dpo_loss(
       "loss/dpo_slow": slow_m["loss/dpo"],
       "loss/fs_leader": jnp.where(fast_is_leader, fast_m["loss/fs"], slow_m["loss/fs"]),
       "loss/fs_chaser": jnp.where(fast_is_leader, slow_m["loss/fs"], fast_m["loss/fs"]),
+      # L_FS = l(fs_beta (m_F - m_S)): the two roles' copies share this value.
+      "loss/fs": jnp.where(fast_is_leader, fast_m["loss/fs"], slow_m["loss/fs"]),
       "loss/fast": fast_loss,
       "loss/slow": slow_loss,
       "role/fast_is_leader": fast_is_leader.astype(jnp.float32),

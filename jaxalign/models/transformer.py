@@ -200,6 +200,17 @@ def _normal(stddev: float):
   return jax.nn.initializers.normal(stddev)
 
 
+def _project(module: nnx.Module, name: str, equation: str, x: jax.Array) -> jax.Array:
+  """x times the weight `module.<name>`, plus the delta of its LoRA adapter if any.
+
+  Every adaptable projection (q, k, v, o, gate, up, down) goes through here;
+  jaxalign.models.lora attaches an adapter as the attribute `<name>_lora`.
+  """
+  y = jnp.einsum(equation, x, getattr(module, name)[...].astype(module.dtype))
+  adapter = getattr(module, name + "_lora", None)
+  return y if adapter is None else y + adapter(x).astype(y.dtype)
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
@@ -317,9 +328,9 @@ class Attention(nnx.Module):
     """
     dt = self.dtype
     B, T, _ = x.shape
-    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
-    k = jnp.einsum("btd,dgk->btgk", x, self.k[...].astype(dt))
-    v = jnp.einsum("btd,dgk->btgk", x, self.v[...].astype(dt))
+    q = _project(self, "q", "btd,dhk->bthk", x)
+    k = _project(self, "k", "btd,dgk->btgk", x)
+    v = _project(self, "v", "btd,dgk->btgk", x)
     if self.q_bias is not None:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -351,7 +362,7 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("bgrts,bsgk->btgrk", probs, v)
     out = out.reshape(B, T, G * self.n_rep, -1)                        # [B, T, H, Dh]
-    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    out = _project(self, "o", "bthk,hkd->btd", out)
     if cache is not None:
       return out, (k, v)
     return out
@@ -370,14 +381,13 @@ class MLP(nnx.Module):
     self.dtype = jnp.dtype(config.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    dt = self.dtype
-    g = x @ self.gate[...].astype(dt)
-    u = x @ self.up[...].astype(dt)
+    g = _project(self, "gate", "...d,df->...f", x)
+    u = _project(self, "up", "...d,df->...f", x)
     if self.activation == "silu":
       a = jax.nn.silu(g)
     else:
       a = jax.nn.gelu(g, approximate=True)
-    return (a * u) @ self.down[...].astype(dt)
+    return _project(self, "down", "...f,fd->...d", a * u)
 
 
 class Block(nnx.Module):

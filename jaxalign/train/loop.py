@@ -24,7 +24,7 @@ from jaxalign import config as config_lib
 from jaxalign import losses
 from jaxalign import sharding
 from jaxalign.data import formats, pipeline, sources, tokenize
-from jaxalign.models import hf, transformer
+from jaxalign.models import hf, lora, transformer
 from jaxalign.train import optim, state as state_lib, step as step_lib
 from jaxalign.train.metrics import MetricWriter
 
@@ -95,9 +95,10 @@ def load_tokenizer(name: str, workdir: str | None = None):
 def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict]:
   """Records from a file, a `datasets` dataset, or the bundled task.
 
-  "toy:FORMAT?n=N&seed=S[&k=K][&g=G]" generates N records of FORMAT ("sft",
+  "toy:FORMAT?n=N&seed=S[&k=K][&g=G][&ops=OPS]" generates N records of FORMAT ("sft",
   "pairwise", "unpaired", "negatives" with K samples, "groups" or "ranked" of G) from the
-  bundled arithmetic task (train split), e.g. "toy:pairwise?n=2000".
+  bundled arithmetic task (train split), e.g. "toy:pairwise?n=2000"; OPS restricts the
+  operators (default "+"), e.g. "ops=-" for subtraction problems only, "ops=+-" for both.
   """
   if not path:
     raise config_lib.ConfigError("config.data.train_path: no training data given")
@@ -105,8 +106,15 @@ def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict
     from urllib.parse import parse_qs
     from jaxalign.data import toy
     fmt, _, query = path[len("toy:"):].partition("?")
-    args = {k: int(v[-1]) for k, v in parse_qs(query).items()}
-    task = toy.ArithmeticTask()
+    # A literal "+" would read as a space in a query string.
+    args = parse_qs(query.replace("+", "%2B"))
+    ops = tuple(args.pop("ops", ["+"])[-1])
+    try:
+      args = {k: int(v[-1]) for k, v in args.items()}
+      task = toy.ArithmeticTask(ops=ops)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.data.train_path: bad toy source {path!r}: "
+                                   f"{_first_line(e)}") from None
     n, seed = args.pop("n", 1000), args.pop("seed", 0)
     makers = {
         "sft": lambda: task.sft_records(n, seed=seed),
@@ -184,18 +192,28 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
 
 
 def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_reference: bool,
-                          init_loss_state=None):
-  """(graphdef, abstract_state, state_shardings, init_fn) with nothing allocated yet."""
+                          init_loss_state=None, lora_config: lora.LoraConfig | None = None,
+                          modules: tuple[str, ...] = ()):
+  """(graphdef, abstract_state, state_shardings, init_fn) with nothing allocated yet.
+
+  With `lora_config` enabled the model carries adapters: params are the
+  adapters ({name: adapters} per `modules`), frozen the base.
+  """
+  def make_model():
+    model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
+    if lora_config is not None and lora_config.enabled:
+      lora.add_adapters(model, lora_config, seed=seed)
+    return model
+
   def init_fn():
     with nnx.logical_axis_rules(tuple(rules)):
-      model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
+      model = make_model()
     loss_state = init_loss_state() if init_loss_state is not None else None
     return state_lib.create_state(model, tx, seed=seed, keep_reference=keep_reference,
-                                  loss_state=loss_state)[1]
+                                  loss_state=loss_state, modules=modules)[1]
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
-    abstract_model = nnx.eval_shape(
-        lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+    abstract_model = nnx.eval_shape(make_model)
     graphdef, _, _ = state_lib.split_model(abstract_model)
     abstract_state = jax.eval_shape(init_fn)
   shardings = sharding.state_shardings(abstract_state, mesh, rules)
@@ -270,6 +288,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     from jaxalign.train import iterative
     return iterative.train_rounds(config, workdir, progress=progress, devices=devices,
                                   stop_after=stop_after)
+  if config.data.get("domains"):   # one stage per domain: train/continual.py
+    from jaxalign.train import continual
+    return continual.train(config, workdir, progress=progress, devices=devices)
   # SIGTERM is caught from here on: one arriving while data loads or the step
   # compiles stops the run at the first step boundary, with a checkpoint.
   with _Preemption() as preempt:
@@ -297,6 +318,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   # Online methods sample their groups inside the run (jaxalign.train.online).
   from jaxalign.train import online as online_lib
   online = online_lib.source_for(config)
+  lora_cfg = lora.config_from(config.get("lora"))
+  modules = spec.modules
 
   # Data: read, validate and tokenize everything before any compile, and before
   # anything is written: a bad config or bad data leaves no workdir behind.
@@ -320,10 +343,20 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         "examples": len(examples), "skipped": num_skipped})
 
   # State: abstract first, then real and already sharded.
-  tx, schedule = optim.optimizer_from_config(config.optim, total_steps=config.total_steps)
+  if modules:
+    tx, schedule = optim.modules_optimizer_from_config(
+        config.optim, total_steps=config.total_steps, modules=modules)
+  else:
+    tx, schedule = optim.optimizer_from_config(config.optim, total_steps=config.total_steps)
+  # With LoRA a frozen reference is the base with adapters off: no copy of it.
   graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=frozen_ref,
-      init_loss_state=spec.init_state)
+      model_cfg, tx, mesh, rules, seed=config.seed,
+      keep_reference=frozen_ref and not lora_cfg.enabled, init_loss_state=spec.init_state,
+      lora_config=lora_cfg, modules=modules)
+  # LoRA checkpoints hold the adapters, their optimizer state, step, RNG and loss
+  # state; the base always comes from the config's source (seed or init_from).
+  saved_part = ((lambda s: s.replace(frozen=None)) if lora_cfg.enabled
+                else (lambda s: s))
 
   checkpointer = ckpt.Checkpointer(
       os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
@@ -338,12 +371,18 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   with jax.set_mesh(mesh):
     # Starting parameters: a resumed run's come from its checkpoint (below), else
     # init_from's checkpoint, else the HF checkpoint, else the seeded random init.
-    params = None
-    if resume_step is None and config.init_from:
-      params = ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_state.params)
-    elif resume_step is None and hf_dir:
-      params = hf.load_state(hf_dir, model_cfg, abstract_state.params)
-    state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref)
+    # With LoRA those are the frozen base, and the adapters start fresh.
+    if lora_cfg.enabled:
+      state = jax.jit(init_fn, out_shardings=state_shardings)()
+      state = _lora_init(state, config, abstract_state, tx, state_shardings, modules,
+                         fresh=resume_step is None)
+    else:
+      params = None
+      if resume_step is None and config.init_from:
+        params = ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_state.params)
+      elif resume_step is None and hf_dir:
+        params = hf.load_state(hf_dir, model_cfg, abstract_state.params)
+      state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref)
 
     # Reference log-probs of the initial policy, computed once and kept beside the run.
     if precompute_ref:
@@ -354,8 +393,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         if resume_step is not None:
           raise RuntimeError(f"{ref_path} is missing but checkpoints exist: the reference "
                              "can no longer be recomputed from the initial policy")
+        # The initial policy; OFS-DPO's modules start identical, the first stands for both.
+        policy = state.params[modules[0]] if modules else state.params
         table = map_examples(
-            examples, functools.partial(step_lib.batch_logps_only, graphdef, state.params,
+            examples, functools.partial(step_lib.batch_logps_only, graphdef, policy,
                                         state.frozen, chunk_size=config.logprob_chunk_size),
             mesh=mesh, rules=rules, batch_size=config.data.batch_size,
             desc="reference log-probs", progress=progress)
@@ -381,7 +422,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
                                   add_index=online is not None)
   data_iter = iter(dataset)
   if resume_step is not None:
-    state = checkpointer.restore(resume_step, abstract_state, data_iter)
+    restored = checkpointer.restore(resume_step, saved_part(abstract_state), data_iter)
+    state = restored.replace(frozen=state.frozen) if lora_cfg.enabled else restored
     log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
 
   step_fn = step_lib.jit_train_step(
@@ -389,7 +431,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       loss_call=step_lib.make_loss_call(spec, hparams),
       chunk_size=config.logprob_chunk_size, accum_steps=config.optim.grad_accum_steps,
       skip_nonfinite=config.skip_nonfinite, state_shardings=state_shardings,
-      batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh))
+      batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh),
+      ref_graphdef=lora.base_graphdef(model_cfg) if lora_cfg.enabled and frozen_ref else None,
+      modules=modules, module_lr_scales=optim.module_lr_scales(config.optim, modules),
+      lora_dropout=lora_cfg.enabled and lora_cfg.dropout > 0)
 
   expand = online.bind(graphdef=graphdef, tokenizer=tokenizer, workdir=workdir,
                        examples=examples) if online else None
@@ -444,7 +489,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
               "rewards/accuracies", "learning_rate", "grad_norm", "tokens_per_sec") if k in last},
               refresh=False)
       if will_save:
-        checkpointer.save(done, state, data_iter, resolved,
+        checkpointer.save(done, saved_part(state), data_iter, resolved,
                           force=done == end or stop)
       if stop:
         log.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
@@ -486,6 +531,10 @@ def _structure(c: ml_collections.ConfigDict) -> dict[str, Any]:
   online = c.get("online")
   if online is not None and online.get("enabled"):
     out["online.samples_per_prompt"] = online.get("samples_per_prompt")
+  lora_cfg = lora.config_from(c.get("lora"))
+  if lora_cfg.enabled:  # absent (older configs) and rank 0 read the same
+    out["lora.rank"], out["lora.targets"] = lora_cfg.rank, lora_cfg.targets
+    out["loss modules"] = losses.get(c.loss.name).modules
   return out
 
 
@@ -539,18 +588,56 @@ def _checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
+def _lora_base(config, abstract_frozen, frozen):
+  """The frozen base of a LoRA run: init_from's parameters, else the HF checkpoint
+  of model.hf_path, else the seed init `frozen`."""
+  if config.init_from:
+    return ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_frozen)
+  hf_dir = config_lib.hf_model_dir(config)
+  if hf_dir:
+    return hf.load_state(hf_dir, config_lib.model_config(config), abstract_frozen)
+  return frozen
+
+
+def _lora_init(state, config, abstract_state, tx, state_shardings, modules, *, fresh: bool):
+  """A LoRA state's base from the config's source; on a fresh run, adapters from
+  lora.init_adapters (every module starts from the same stored adapter)."""
+  state = state.replace(frozen=_lora_base(config, abstract_state.frozen, state.frozen))
+  if fresh and config.lora.init_adapters:
+    one = abstract_state.params[modules[0]] if modules else abstract_state.params
+    adapters = lora.load_adapters(config.lora.init_adapters, one)
+    params = ({m: jax.tree.map(jnp.copy, adapters) for m in modules} if modules
+              else adapters)
+    state = state.replace(params=params, opt_state=jax.jit(
+        tx.init, out_shardings=state_shardings.opt_state)(params))
+  return state
+
+
 def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None):
-  """(graphdef, params, frozen) of the latest checkpoint of a finished run."""
+  """(graphdef, params, frozen) of the latest checkpoint of a finished run.
+
+  A LoRA run's model comes back merged: the base graph and base + adapter
+  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen.
+  """
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   model_cfg = config_lib.model_config(config)
   tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
+  lora_cfg = lora.config_from(config.get("lora"))
+  modules = losses.get(config.loss.name).modules if lora_cfg.enabled else ()
   graphdef, abstract_state, _, init_fn = build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False)
+      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False,
+      lora_config=lora_cfg, modules=modules)
+  base_graphdef = lora.base_graphdef(model_cfg) if lora_cfg.enabled else None
   with jax.set_mesh(mesh):
     params = ckpt.restore_params(_checkpoint_dir(workdir), abstract_state.params)
     frozen = jax.jit(lambda: init_fn().frozen,
                      out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))()
+    if lora_cfg.enabled:
+      base = _lora_base(config, abstract_state.frozen, frozen)
+      adapters = params[modules[0]] if modules else params
+      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(base, adapters)
+      return base_graphdef, merged, nnx.State({})
   return graphdef, params, frozen
 
 

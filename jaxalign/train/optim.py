@@ -37,3 +37,29 @@ def optimizer_from_config(optim_config, *, total_steps: int
                         schedule=c.schedule, min_lr_ratio=c.min_lr_ratio,
                         weight_decay=c.weight_decay, b1=c.b1, b2=c.b2, eps=c.eps,
                         clip_norm=c.clip_norm)
+
+
+def module_lr_scales(optim_config, modules: tuple[str, ...]) -> dict[str, float]:
+  """Learning rate of each LoRA module relative to optim.lr: OFS-DPO's slow module
+  runs at optim.slow_lr_ratio, every other module (the fast one) at 1."""
+  return {m: (float(optim_config.slow_lr_ratio) if m == "slow" else 1.0) for m in modules}
+
+
+def modules_optimizer_from_config(optim_config, *, total_steps: int,
+                                  modules: tuple[str, ...]
+                                  ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """One optimizer per module of params {name: adapters}, each with its own
+  clipping, moments and learning rate (the schedule scaled per `module_lr_scales`).
+
+  Returns the combined transformation and the unscaled schedule (for logging).
+  """
+  scales = module_lr_scales(optim_config, modules)
+  parts = {}
+  for name in modules:
+    c = optim_config
+    parts[name], _ = make_optimizer(
+        lr=c.lr * scales[name], warmup_steps=c.warmup_steps, total_steps=total_steps,
+        schedule=c.schedule, min_lr_ratio=c.min_lr_ratio, weight_decay=c.weight_decay,
+        b1=c.b1, b2=c.b2, eps=c.eps, clip_norm=c.clip_norm)
+  _, schedule = optimizer_from_config(optim_config, total_steps=total_steps)
+  return optax.multi_transform(parts, {m: m for m in modules}), schedule

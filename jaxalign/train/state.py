@@ -22,15 +22,28 @@ class TrainState:
 
 
 def split_model(model: nnx.Module):
-  """(graphdef, params, frozen): trainable nnx.Param vs every other variable."""
+  """(graphdef, params, frozen): trainable nnx.Param vs every other variable.
+
+  With LoRA adapters attached only the adapters (nnx.LoRAParam) are trainable;
+  the whole base goes to `frozen`.
+  """
+  from jaxalign.models import lora
+  if lora.has_adapters(model):
+    return nnx.split(model, nnx.LoRAParam, ...)
   return nnx.split(model, nnx.Param, ...)
 
 
 def create_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int,
-                 keep_reference: bool, loss_state: Any = None
+                 keep_reference: bool, loss_state: Any = None, modules: tuple[str, ...] = ()
                  ) -> tuple[nnx.GraphDef, TrainState]:
-  """A fresh TrainState from a built model; `keep_reference` keeps a frozen copy."""
+  """A fresh TrainState from a built model; `keep_reference` keeps a frozen copy.
+
+  `modules` (e.g. OFS-DPO's ("fast", "slow")): params become {name: adapters},
+  identical copies of the model's adapters, one per module.
+  """
   graphdef, params, frozen = split_model(model)
+  if modules:
+    params = {m: jax.tree.map(jnp.copy, params) for m in modules}
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from jaxalign import logprobs, losses
+from jaxalign.models import lora
 from jaxalign.train.state import TrainState
 
 
@@ -23,9 +24,14 @@ from jaxalign.train.state import TrainState
 SEQUENCE_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps")
 
 
-def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int):
-  """Per-sequence summed log-probs [B, S] and scored-token counts [B, S]."""
+def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None):
+  """Per-sequence summed log-probs [B, S] and scored-token counts [B, S].
+
+  `dropout_key`: the LoRA adapters' dropout key for this forward (None: none).
+  """
   model = nnx.merge(graphdef, params, frozen)
+  if dropout_key is not None:
+    lora.set_dropout_key(model, dropout_key)
   b, s, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
   sums, counts = logprobs.sequence_logps(
@@ -34,18 +40,37 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int):
   return sums.reshape(b, s), counts.reshape(b, s)
 
 
-def _micro_step(params, frozen, ref_params, loss_state, batch, *, graphdef,
-                loss_call: Callable, chunk_size: int):
+def _policy_logps(graphdef, params, frozen, batch, *, chunk_size, modules, dropout_key):
+  """[B, S] log-probs and counts; with `modules`, each module's [B, S] side by side."""
+  if not modules:
+    return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size,
+                       dropout_key=dropout_key)
+  outs = [batch_logps(graphdef, params[m], frozen, batch, chunk_size=chunk_size,
+                      dropout_key=None if dropout_key is None
+                      else jax.random.fold_in(dropout_key, i))
+          for i, m in enumerate(modules)]
+  return jnp.concatenate([o[0] for o in outs], axis=1), outs[0][1]
+
+
+def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None, *, graphdef,
+                loss_call: Callable, chunk_size: int, ref_graphdef=None,
+                modules: tuple[str, ...] = ()):
   """Loss metrics, gradients and the loss's new running state for one micro-batch."""
   if ref_params is not None:
     ref_logps, _ = batch_logps(graphdef, ref_params, frozen, batch, chunk_size=chunk_size)
+    ref_logps = jax.lax.stop_gradient(ref_logps)
+  elif ref_graphdef is not None:
+    # LoRA: the reference is the base with adapters off -- the frozen weights alone.
+    ref_logps, _ = batch_logps(ref_graphdef, frozen, nnx.State({}), batch,
+                               chunk_size=chunk_size)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   else:
     ref_logps = batch.get("ref_logps")
   extra = {k: v for k, v in batch.items() if k not in SEQUENCE_KEYS}
 
   def objective(p):
-    logps, counts = batch_logps(graphdef, p, frozen, batch, chunk_size=chunk_size)
+    logps, counts = _policy_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,
+                                  modules=modules, dropout_key=dropout_key)
     inputs = losses.LossInputs(logps=logps, ref_logps=ref_logps, lengths=counts, batch=extra)
     loss, metrics, new_state = loss_call(inputs, loss_state)
     return loss, (metrics, new_state)
@@ -58,30 +83,44 @@ def _micro_step(params, frozen, ref_params, loss_state, batch, *, graphdef,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
                schedule: optax.Schedule, loss_call: Callable, chunk_size: int,
-               accum_steps: int = 1, skip_nonfinite: bool = False
+               accum_steps: int = 1, skip_nonfinite: bool = False, ref_graphdef=None,
+               modules: tuple[str, ...] = (), module_lr_scales: dict | None = None,
+               lora_dropout: bool = False
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch (split into `accum_steps` micro-batches).
 
   Micro-batches hold equal numbers of examples, so the mean of their per-example
   means is the full-batch mean: accumulation does not bias losses or metrics.
   A loss's running state is threaded through the micro-batches in order.
+
+  LoRA: `ref_graphdef` (the base graph) computes the reference from the frozen
+  base alone; `modules` names the adapters of a multi-module loss (params
+  {name: adapters}, one forward each), `module_lr_scales` their learning rate
+  relative to `schedule` (metrics lr/<name>); `lora_dropout` draws the
+  adapters' dropout masks from fold_in(state.rng, step[, micro-batch]).
   """
   micro = functools.partial(_micro_step, state.params, state.frozen, state.ref_params,
-                            graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size)
+                            graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size,
+                            ref_graphdef=ref_graphdef, modules=modules)
+  step_key = jax.random.fold_in(state.rng, state.step) if lora_dropout else None
   if accum_steps == 1:
-    metrics, grads, loss_state = micro(state.loss_state, batch)
+    metrics, grads, loss_state = micro(state.loss_state, batch, step_key)
   else:
     split = jax.tree.map(
         lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
-    def body(carry, mb):
+    def body(carry, xs):
+      mb, i = xs
       sums, loss_state = carry
-      metrics, grads, loss_state = micro(loss_state, mb)
+      key = None if step_key is None else jax.random.fold_in(step_key, i)
+      metrics, grads, loss_state = micro(loss_state, mb, key)
       return (jax.tree.map(jnp.add, sums, (metrics, grads)), loss_state), None
 
     first = jax.tree.map(lambda x: x[0], split)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, state.loss_state, first)[:2])
-    ((metrics, grads), loss_state), _ = jax.lax.scan(body, (zeros, state.loss_state), split)
+    zeros = jax.tree.map(jnp.zeros_like,
+                         jax.eval_shape(micro, state.loss_state, first, step_key)[:2])
+    ((metrics, grads), loss_state), _ = jax.lax.scan(
+        body, (zeros, state.loss_state), (split, jnp.arange(accum_steps)))
     # Sums over micro-batches -> means, except counts which stay sums.
     metrics = {k: v if k.startswith("num_tokens") else v / accum_steps
                for k, v in metrics.items()}
@@ -101,6 +140,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
     loss_state = keep(loss_state, state.loss_state)
   metrics = {**metrics, "grad_norm": grad_norm, "param_norm": param_norm,
              "learning_rate": schedule(state.step)}
+  for name in modules:
+    scale = (module_lr_scales or {}).get(name, 1.0)
+    metrics[f"lr/{name}"] = schedule(state.step) * scale
+    metrics[f"{name}/grad_norm"] = optax.tree.norm(grads[name])
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state,
       num_nonfinite=state.num_nonfinite + (~is_finite).astype(jnp.int32))
@@ -117,11 +160,14 @@ def _loss_call(call, fn, hparams, inputs, loss_state):
 
 
 def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps,
-                   skip_nonfinite, state_shardings, batch_sharding, replicated):
+                   skip_nonfinite, state_shardings, batch_sharding, replicated,
+                   ref_graphdef=None, modules=(), module_lr_scales=None, lora_dropout=False):
   """The one jitted step, with explicit shardings and the state donated."""
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                          loss_call=loss_call, chunk_size=chunk_size, accum_steps=accum_steps,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, ref_graphdef=ref_graphdef,
+                         modules=modules, module_lr_scales=module_lr_scales,
+                         lora_dropout=lora_dropout)
   return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 

@@ -8,7 +8,7 @@ from jaxalign import losses
 from jaxalign.train import loop
 from tests.train.helpers import read_metrics, tiny_config
 
-# method -> (loss, hparams, data source, options, metric that must rise)
+# method -> (loss, hparams, data source, options, metric that must rise[, config overrides])
 CASES = {
     "dpo": ("dpo", dict(beta=0.1), "toy:pairwise?n=64", {}, "rewards/margins"),
     "ipo": ("dpo", dict(beta=0.1, variant="ipo"), "toy:pairwise?n=64", {}, "rewards/margins"),
@@ -23,6 +23,9 @@ CASES = {
     "d2o": ("d2o", dict(beta=0.1, alpha=0.1), "toy:negatives?n=64&k=3", {}, "rewards/margins"),
     "grao": ("grao", dict(), "toy:groups?n=64&g=3", {}, "-loss"),
     "aft": ("aft", dict(), "toy:ranked?n=64&g=3", {}, "-loss"),
+    "ofs_dpo": ("ofs_dpo", dict(beta=0.1, alpha=0.1, swap_interval=4), "toy:pairwise?n=64", {},
+                "fast/rewards/margins", {"lora.rank": 4, "lora.alpha": 8.0,
+                                         "reference.mode": "frozen"}),
 }
 
 
@@ -32,9 +35,10 @@ def test_every_registered_loss_has_a_case():
 
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_method_trains_and_moves_its_metric(method, tmp_path):
-  loss, hparams, source, options, metric = CASES[method]
+  loss, hparams, source, options, metric, *over = CASES[method]
   cfg = tiny_config(total_steps=12, log_every=1, **{"optim.lr": 3e-3, "optim.warmup_steps": 1,
-                                                     "data.train_path": source})
+                                                     "data.train_path": source,
+                                                     **(over[0] if over else {})})
   cfg.loss.name = loss
   cfg.loss.hparams = ml_collections.ConfigDict(hparams)
   cfg.loss.options = ml_collections.ConfigDict(options)

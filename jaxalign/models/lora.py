@@ -1,0 +1,251 @@
+"""LoRA adapters on the Transformer's projections (Hu et al. 2021).
+
+A targeted projection y = x W (W: [d_in..., d_out...]) becomes
+
+  y = x W + (alpha / rank) * dropout(x) A B,   A: [d_in, r] random, B: [r, d_out] zero,
+
+with the input and output axes of W flattened (q: [D] -> [H*Dh], o: [H*Dh] -> [D]),
+so A @ B reshapes to W's shape and `merge` adds it to the base weight. A and B
+are `nnx.LoRAParam`s, a Param subclass: splitting the model with that filter
+(`jaxalign.train.state.split_model`) puts only the adapters in the trainable
+params and the whole base in `frozen`. They carry logical axis names (A:
+(in, "lora_rank"), B: ("lora_rank", out), where a flattened H*Dh axis keeps the
+name "heads"/"kv_heads": heads-major, so the split over heads is unchanged) and
+are sharded by the same rules as the base.
+
+Adapters are attached after the base model is built (`add_adapters`), as the
+attribute `<name>_lora` of the Attention/MLP module owning weight `<name>`;
+the forward adds their delta in one place (`transformer._project`). The model
+with adapters switched off is the base graph: `base_graphdef` merged with the
+frozen base params alone (no copy of the weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.losses.ofs import lora_delta
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+_ATTENTION = ("q", "k", "v", "o")
+# name -> (number of input axes of W, logical name of the flattened input,
+#          logical name of the flattened output).
+_AXES = {
+    "q": (1, "embed", "heads"), "k": (1, "embed", "kv_heads"),
+    "v": (1, "embed", "kv_heads"), "o": (2, "heads", "embed"),
+    "gate": (1, "embed", "mlp"), "up": (1, "embed", "mlp"), "down": (1, "mlp", "embed"),
+}
+SUFFIX = "_lora"
+# Folded into the model seed for A's init, so the base init is unchanged.
+_INIT_STREAM = 0x10A
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Adapter settings (config.lora). rank 0: no adapters."""
+  rank: int = 0
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+def config_from(c) -> LoraConfig:
+  """LoraConfig from a config's `lora` section (absent in old configs: off)."""
+  if c is None:
+    return LoraConfig()
+  return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
+                    targets=tuple(c.targets))
+
+
+class LoRA(nnx.Module):
+  """One adapter pair on a weight with `in_ndim` input axes and output shape `out_shape`."""
+
+  def __init__(self, d_in: int, out_shape: tuple[int, ...], *, in_ndim: int,
+               names: tuple[str, str], config: LoraConfig, index: int, key: jax.Array,
+               param_dtype):
+    d_out = int(np.prod(out_shape))
+    has_mesh = not jax.sharding.get_abstract_mesh().empty
+    # PEFT's default: kaiming-uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
+    bound = 1.0 / np.sqrt(d_in)
+    a = jax.random.uniform(key, (d_in, config.rank), param_dtype, -bound, bound)
+    self.lora_a = nnx.LoRAParam(a, out_sharding=(names[0], "lora_rank"),
+                                eager_sharding=has_mesh)
+    self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, d_out), param_dtype),
+                                out_sharding=("lora_rank", names[1]), eager_sharding=has_mesh)
+    self.in_ndim = in_ndim
+    self.out_shape = tuple(out_shape)
+    self.scale = config.scale
+    self.dropout = config.dropout
+    self.index = index            # folds the dropout key: each adapter its own mask
+    self.dropout_key = None       # set per forward by `set_dropout_key`; None: no dropout
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., d_in...] (the projection's input) -> [..., out_shape...] delta."""
+    lead = x.shape[:x.ndim - self.in_ndim]
+    h = x.reshape(*lead, -1)                                           # [..., d_in]
+    if self.dropout > 0 and self.dropout_key is not None:
+      key = jax.random.fold_in(self.dropout_key, self.index)
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
+      h = jnp.where(keep, h / (1.0 - self.dropout), 0).astype(h.dtype)
+    h = h @ self.lora_a[...].astype(x.dtype)                           # [..., r]
+    d = (h @ self.lora_b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+    return d.reshape(*lead, *self.out_shape)
+
+
+def add_adapters(model: nnx.Module, config: LoraConfig, *, seed: int) -> nnx.Module:
+  """Attaches an adapter to every targeted projection of `model` (in place); returns it.
+
+  Must run where the model was built (same mesh and logical-axis rules) so the
+  adapters are sharded like the base.
+  """
+  from jaxalign.models import transformer
+
+  if not config.enabled:
+    return model
+  base_key = jax.random.fold_in(jax.random.PRNGKey(seed), _INIT_STREAM)
+  index = 0
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, transformer.Attention):
+      names = [t for t in config.targets if t in _ATTENTION]
+    elif isinstance(module, transformer.MLP):
+      names = [t for t in config.targets if t not in _ATTENTION]
+    else:
+      continue
+    for name in names:
+      weight = getattr(module, name)
+      in_ndim, in_name, out_name = _AXES[name]
+      shape = weight.shape
+      setattr(module, name + SUFFIX, LoRA(
+          int(np.prod(shape[:in_ndim])), shape[in_ndim:], in_ndim=in_ndim,
+          names=(in_name, out_name), config=config, index=index,
+          key=jax.random.fold_in(base_key, index), param_dtype=weight.dtype))
+      index += 1
+  return model
+
+
+def has_adapters(model: nnx.Module) -> bool:
+  return any(isinstance(m, LoRA) for _, m in nnx.iter_modules(model))
+
+
+def set_dropout_key(model: nnx.Module, key: jax.Array | None) -> None:
+  """Gives every adapter of a merged model the dropout key of this forward."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, LoRA):
+      module.dropout_key = None if key is None else nnx.data(key)
+
+
+def base_graphdef(model_cfg) -> nnx.GraphDef:
+  """The graph of the model without adapters: merged with the frozen base params
+  alone it is the reference (adapters switched off). Call it outside `jax.set_mesh`."""
+  from jaxalign.models import transformer
+  abstract = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param, ...)[0]
+
+
+def _pure(tree) -> Any:
+  return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+def adapter_deltas(adapters) -> dict:
+  """{..., "<name>_lora": {"delta": A @ B [d_in, d_out]}} (unscaled) of an adapter state."""
+  return lora_delta(_pure(adapters))
+
+
+def merge_deltas(base, deltas, *, scale: float) -> nnx.State:
+  """Base params + scale * delta reshaped onto each adapted weight.
+
+  Args:
+    base: nnx.State of the base Params (the `frozen` of a LoRA state).
+    deltas: nested dict with {"delta": [d_in, d_out]} under each "<name>_lora"
+      (from `adapter_deltas`, or `cofs_combine(..., space="delta")`).
+    scale: alpha / rank.
+
+  Returns:
+    an nnx.State of the base's structure: the merged model's parameters.
+  """
+  flat_deltas = {}
+
+  def walk(node, path):
+    if isinstance(node, dict):
+      if "delta" in node:
+        flat_deltas[path] = node["delta"]
+      for k, v in node.items():
+        if k != "delta":
+          walk(v, path + (k,))
+  walk(_pure(deltas), ())
+
+  out, used = [], set()
+  for path, leaf in nnx.to_flat_state(base):
+    adapter_path = path[:-1] + (str(path[-1]) + SUFFIX,)
+    if adapter_path in flat_deltas:
+      used.add(adapter_path)
+      w = leaf.get_value()
+      d = jnp.asarray(flat_deltas[adapter_path], jnp.float32).reshape(w.shape)
+      merged = (w.astype(jnp.float32) + jnp.float32(scale) * d).astype(w.dtype)
+      leaf = leaf.replace(merged)
+    out.append((path, leaf))
+  unused = sorted(".".join(map(str, p)) for p in set(flat_deltas) - used)
+  if unused:
+    raise ValueError(f"adapters with no base weight: {unused}")
+  return nnx.from_flat_state(out)
+
+
+def merge(base, adapters, *, scale: float) -> nnx.State:
+  """The base params with each adapter folded in: W + scale * A @ B (float32, HIGHEST)."""
+  return merge_deltas(base, adapter_deltas(adapters), scale=scale)
+
+
+# ---------------------------------------------------------------------------
+# Adapter-only files (a stored module: COFS-DPO's per-domain fast adapters).
+
+
+def save_adapters(path: str, adapters) -> str:
+  """Writes an adapter state (Orbax, no pickle) to the new directory `path`."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, _pure(adapters), force=True)
+  return path
+
+
+def load_adapters(path: str, abstract_adapters):
+  """Reads `save_adapters`' directory into the structure and shardings of `abstract_adapters`."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"config.lora.init_adapters: {path} is not a directory")
+  target = _pure(abstract_adapters)
+  target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+      target)
+  with ocp.StandardCheckpointer() as ckptr:
+    pure = ckptr.restore(path, target)
+  if isinstance(abstract_adapters, nnx.State):
+    state = jax.tree.map(lambda x: x, abstract_adapters)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+  return pure
+
+
+def combine(domain_adapters: Sequence, weights, *, space: str = "delta"):
+  """COFS-DPO's linear combination of stored adapters, as a delta tree for `merge_deltas`."""
+  from jaxalign.losses.ofs import cofs_combine
+  combined = cofs_combine([_pure(a) for a in domain_adapters], weights, space=space)
+  return combined if space == "delta" else lora_delta(combined)

@@ -1,0 +1,245 @@
+"""LoRA adapters: frozen base, adapter-only gradients and checkpoints, the reference
+is the base with adapters off (no copy of it), merge == unmerged forward, export."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import checkpoint as ckpt
+from jaxalign import config as config_lib
+from jaxalign import losses, sharding
+from jaxalign.models import lora, transformer
+from jaxalign.train import loop, optim, step as step_lib
+from tests.train.helpers import read_metrics, tiny_config
+
+LOG2 = np.float32(np.log(2.0))
+
+
+def _batch(rng, b=8, s=2, t=12, vocab=32):
+  tokens = rng.integers(4, vocab, size=(b, s, t)).astype(np.int32)
+  attention = np.ones((b, s, t), np.int32)
+  attention[:, :, -2:] = 0
+  loss_mask = attention.copy()
+  loss_mask[:, :, :4] = 0
+  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def _setup(*, rank=4, frozen_ref=True, dropout=0.0, targets=("q", "k", "v", "o", "gate",
+                                                              "up", "down"), shape=(1, 4, 2)):
+  """A jitted DPO step on the tiny model, with (rank > 0) or without LoRA."""
+  cfg = tiny_config(**{"mesh.shape": shape})
+  mesh = sharding.make_mesh(cfg.mesh.shape, jax.devices()[:int(np.prod(shape))])
+  rules = tuple(tuple(r) for r in cfg.sharding_rules)
+  model_cfg = config_lib.model_config(cfg)
+  lcfg = lora.LoraConfig(rank=rank, alpha=8.0, dropout=dropout, targets=targets)
+  tx, sched = optim.make_optimizer(lr=1e-2, warmup_steps=0, total_steps=10, clip_norm=0.0)
+  graphdef, abstract, shardings, init_fn = loop.build_model_and_state(
+      model_cfg, tx, mesh, rules, seed=0, keep_reference=frozen_ref and rank == 0,
+      lora_config=lcfg)
+  with jax.set_mesh(mesh):
+    state = jax.jit(init_fn, out_shardings=shardings)()
+  step_fn = step_lib.jit_train_step(
+      graphdef=graphdef, tx=tx, schedule=sched,
+      loss_call=step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1}), chunk_size=16,
+      accum_steps=1, skip_nonfinite=False, state_shardings=shardings,
+      batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh),
+      ref_graphdef=lora.base_graphdef(model_cfg) if rank and frozen_ref else None,
+      lora_dropout=dropout > 0)
+  return dict(mesh=mesh, rules=rules, model_cfg=model_cfg, lcfg=lcfg, graphdef=graphdef,
+              abstract=abstract, state=state, step_fn=step_fn)
+
+
+def saved_state_tree(state_dir: str):
+  """The tree of a checkpoint's saved train state, read from Orbax's metadata."""
+  import orbax.checkpoint as ocp
+  return ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_frozen_base_adapter_only_grads_reference_is_base_and_no_second_copy():
+  # One device: whole-array memory accounting. Dropout on: none of the below may
+  # depend on it, and its masks come from (rng, step).
+  s = _setup(shape=(1, 1, 1), dropout=0.5)
+  state, mesh = s["state"], s["mesh"]
+  # Only adapters are trainable (and in the optimizer state); all of the base is frozen.
+  flat_params = nnx.to_flat_state(state.params)
+  assert flat_params and all(isinstance(v, nnx.LoRAParam) for _, v in flat_params)
+  assert {p[-1] for p, _ in flat_params} == {"lora_a", "lora_b"}
+  assert len(flat_params) == 2 * 7 * s["model_cfg"].n_layers
+  assert all(type(v) is nnx.Param for _, v in nnx.to_flat_state(state.frozen))
+  base_before = jax.device_get(state.frozen)
+  rng = np.random.default_rng(0)
+  batches = [_batch(rng) for _ in range(3)]
+  with jax.set_mesh(mesh):
+    bs = sharding.batch_sharding(mesh, s["rules"])
+    compiled = s["step_fn"].lower(state, sharding.host_to_global(batches[0], bs)).compile()
+    state, m0 = compiled(state, sharding.host_to_global(batches[0], bs))
+    for b in batches[1:]:
+      state, m = compiled(state, sharding.host_to_global(b, bs))
+
+  # XLA's memory analysis of the compiled step: the arguments are the base, the
+  # adapters, their two Adam moments and the batch -- no reference copy of the
+  # base (full DPO with a frozen reference holds it twice, plus two moments).
+  mem = compiled.memory_analysis()
+  base, adapters = _nbytes(state.frozen), _nbytes(state.params)
+  print(f"\nLoRA step: base {base} B, adapters {adapters} B, arguments "
+        f"{mem.argument_size_in_bytes} B, temp {mem.temp_size_in_bytes} B")
+  extra = 3 * adapters + _nbytes(batches[0]) + 1024        # + step, rng, counters
+  assert extra < base       # so the bound below leaves no room for a second base
+  assert base <= mem.argument_size_in_bytes <= base + extra
+
+  # B = 0: policy == base == reference, so step 0's DPO loss is log 2 exactly.
+  assert np.float32(m0["loss"]) == LOG2 and float(m0["rewards/margins"]) == 0.0
+  assert float(m["grad_norm"]) > 0 and float(m["loss"]) != float(LOG2)
+  for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(state.frozen))):
+    np.testing.assert_array_equal(a, b)   # bit-identical base after training
+  b_norm = sum(float(jnp.abs(v.get_value()).sum()) for p, v in nnx.to_flat_state(state.params)
+               if p[-1] == "lora_b")
+  assert b_norm > 0
+
+  # Dropout: the same rng and step give the same masks, another step other masks.
+  copy = lambda st: jax.tree.map(jnp.copy, st)  # noqa: E731  the step donates its input
+  with jax.set_mesh(mesh):
+    batch = sharding.host_to_global(batches[0], bs)
+    again = [float(compiled(copy(state), batch)[1]["loss"]) for _ in range(2)]
+    other = float(compiled(copy(state).replace(step=state.step + 1), batch)[1]["loss"])
+  assert again[0] == again[1] and other != again[0]
+
+
+def test_adapters_follow_the_sharding_rules():
+  cfg = tiny_config(**{"mesh.shape": (1, 4, 2), "lora.rank": 4})
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  rules = tuple(tuple(r) for r in cfg.sharding_rules)
+  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
+  _, abstract, shardings, _ = loop.build_model_and_state(
+      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=False,
+      lora_config=lora.LoraConfig(rank=4, targets=lora.TARGETS))
+  attn, mlp = shardings.params["layers"][0]["attn"], shardings.params["layers"][0]["mlp"]
+  P = jax.sharding.PartitionSpec
+  assert attn["q_lora"]["lora_a"].get_value().spec == P("fsdp", None)
+  assert attn["q_lora"]["lora_b"].get_value().spec == P(None, "tensor")
+  assert attn["o_lora"]["lora_a"].get_value().spec == P("tensor", None)
+  assert mlp["down_lora"]["lora_b"].get_value().spec == P(None, "fsdp")
+  # The base keeps its own sharding; the Adam moments follow the adapters'.
+  assert shardings.frozen["layers"][0]["attn"]["q"].get_value().spec == P("fsdp", "tensor", None)
+
+
+def test_merge_equals_unmerged_forward_and_zero_b_equals_base():
+  cfg = transformer.ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4,
+                                n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=16)
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=lora.TARGETS)
+  model = lora.add_adapters(transformer.Transformer(cfg, rngs=nnx.Rngs(0)), lcfg, seed=0)
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (3, 10)), jnp.int32)
+  mask = jnp.ones((3, 10), jnp.int32).at[1, 7:].set(0)
+  base_graph = lora.base_graphdef(cfg)
+
+  @jax.jit
+  def logits(adapters, base):
+    m = nnx.merge(base_graph, base) if adapters is None else nnx.merge(graphdef, adapters, base)
+    return m.logits(m(tokens, mask))
+
+  want_base = np.asarray(logits(None, base))
+  # Zero B: the adapted model is the base.
+  np.testing.assert_array_equal(np.asarray(logits(adapters, base)), want_base)
+  # Random B on every target, then merged weights vs the two-path forward.
+  key = jax.random.PRNGKey(1)
+  leaves, treedef = jax.tree.flatten(adapters)
+  adapters = jax.tree.unflatten(treedef, [
+      0.05 * jax.random.normal(jax.random.fold_in(key, i), x.shape) for i, x in enumerate(leaves)])
+  unmerged = np.asarray(logits(adapters, base))
+  merged_params = jax.jit(functools.partial(lora.merge, scale=lcfg.scale))(base, adapters)
+  got = np.asarray(logits(None, merged_params))
+  assert np.abs(unmerged - want_base).max() > 1e-2   # the adapters matter
+  np.testing.assert_allclose(got, unmerged, atol=2e-5, rtol=0)
+  # Merging never touches a weight without an adapter.
+  for (p, a), (_, b) in zip(nnx.to_flat_state(base), nnx.to_flat_state(merged_params)):
+    if p[-1] in ("scale", "embedding", "lm_head"):
+      np.testing.assert_array_equal(a.get_value(), b.get_value())
+
+
+def test_lora_run_resumes_checkpoints_adapters_only_and_exports(tmp_path):
+  """A LoRA run from an SFT base (init_from): 2 steps straight equal 1 + resume 1;
+  the checkpoint holds no base; export writes the merged model for transformers."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  sft = str(tmp_path / "sft")
+  loop.train(tiny_config("sft", total_steps=1), sft, progress=False)
+  # Warm-up makes step 1's LR 0; step 2 moves the adapters.
+  over = {"lora.rank": 4, "lora.targets": ("q", "v", "o", "up", "down"), "lora.alpha": 8.0,
+          "init_from": sft, "reference.mode": "frozen", "total_steps": 2,
+          "checkpoint.every": 1, "optim.warmup_steps": 1, "optim.lr": 1e-2}
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  loop.train(tiny_config(**over), straight, progress=False)
+  loop.train(tiny_config(**over), resumed, progress=False, stop_after=1)
+  loop.train(tiny_config(**over), resumed, progress=False)
+  a, b = read_metrics(straight), read_metrics(resumed)
+  assert [m["step"] for m in b] == [1, 2]
+  assert a[0]["loss"] == float(LOG2)
+  for x, y in zip(a, b):
+    assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"], (x, y)
+
+  # Adapter-only: the saved state holds the adapters and their optimizer state, no base.
+  saved = saved_state_tree(os.path.join(straight, "checkpoints", "2", "state"))
+  assert saved["frozen"] is None and saved["ref_params"] is None
+  adapter_leaves = jax.tree.leaves(saved["params"])
+  assert len(adapter_leaves) == 2 * 5   # (A, B) per target, one layer
+  assert {p[-2].key for p, _ in jax.tree_util.tree_flatten_with_path(saved["params"])[0]} == {
+      "lora_a", "lora_b"}
+  config = tiny_config(**over)
+
+  # The LoRA forward (base + adapters, unmerged) vs transformers on the merged export.
+  from jaxalign.models import hf
+  out = hf.export_checkpoint(straight, str(tmp_path / "hf"))
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
+  lgraph, abstract, _, _ = loop.build_model_and_state(
+      config_lib.model_config(config), tx, mesh, rules, seed=0, keep_reference=False,
+      lora_config=lora.config_from(config.lora))
+  with jax.set_mesh(mesh):
+    adapters = ckpt.restore_params(os.path.join(straight, "checkpoints"), abstract.params)
+    base = ckpt.restore_params(os.path.join(sft, "checkpoints"), abstract.frozen)
+  model = nnx.merge(lgraph, adapters, base)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 25, size=(3, 10)).astype(np.int32)
+  mask = np.ones((3, 10), np.int32)
+  mask[1, 7:] = 0
+  ours = np.asarray(model.logits(model(jnp.asarray(tokens), jnp.asarray(mask))))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      out, attn_implementation="eager", dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                      attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                      position_ids=torch.from_numpy(
+                          np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int64))).logits.numpy()
+  real = mask.astype(bool)
+  diff = float(np.abs(ours[real] - theirs[real]).max())
+  # The adapters moved the model away from the SFT base.
+  base_model = nnx.merge(lora.base_graphdef(config_lib.model_config(config)), base)
+  moved = float(np.abs(ours - np.asarray(base_model.logits(base_model(
+      jnp.asarray(tokens), jnp.asarray(mask))))).max())
+  print(f"\nLoRA export: max |logit diff| vs transformers {diff:.2e} (adapters moved "
+        f"logits by {moved:.2e})")
+  assert diff <= 1e-4 and moved > 1e-4
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lora.rank", -1, "config.lora.rank"),
+    ("lora.targets", ("q", "ffn"), "config.lora.targets"),
+    ("lora.targets", (), "config.lora.targets"),
+    ("lora.dropout", 1.0, "config.lora.dropout"),
+    ("lora.alpha", 0.0, "config.lora.alpha"),
+])
+def test_bad_lora_config_is_named(key, value, match):
+  c = tiny_config(**{"lora.rank": 4, key: value})
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(c, 8)
