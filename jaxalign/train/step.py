@@ -23,29 +23,34 @@ from jaxalign.train.state import TrainState
 SEQUENCE_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps")
 
 
-def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int):
-  """Per-sequence summed log-probs [B, S] and scored-token counts [B, S]."""
+def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, batch_axes=None):
+  """Per-sequence summed log-probs [B, S] and scored-token counts [B, S].
+
+  batch_axes: mesh axes B is split over, kept on the log-prob chunks (logprobs.py).
+  """
   model = nnx.merge(graphdef, params, frozen)
   b, s, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
   sums, counts = logprobs.sequence_logps(
       model, flat(batch["tokens"]), flat(batch["attention_mask"]), flat(batch["loss_mask"]),
-      chunk_size=chunk_size)
+      chunk_size=chunk_size, batch_axes=batch_axes)
   return sums.reshape(b, s), counts.reshape(b, s)
 
 
 def _micro_step(params, frozen, ref_params, loss_state, batch, *, graphdef,
-                loss_call: Callable, chunk_size: int):
+                loss_call: Callable, chunk_size: int, batch_axes=None):
   """Loss metrics, gradients and the loss's new running state for one micro-batch."""
   if ref_params is not None:
-    ref_logps, _ = batch_logps(graphdef, ref_params, frozen, batch, chunk_size=chunk_size)
+    ref_logps, _ = batch_logps(graphdef, ref_params, frozen, batch, chunk_size=chunk_size,
+                               batch_axes=batch_axes)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   else:
     ref_logps = batch.get("ref_logps")
   extra = {k: v for k, v in batch.items() if k not in SEQUENCE_KEYS}
 
   def objective(p):
-    logps, counts = batch_logps(graphdef, p, frozen, batch, chunk_size=chunk_size)
+    logps, counts = batch_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,
+                                batch_axes=batch_axes)
     inputs = losses.LossInputs(logps=logps, ref_logps=ref_logps, lengths=counts, batch=extra)
     loss, metrics, new_state = loss_call(inputs, loss_state)
     return loss, (metrics, new_state)
@@ -58,7 +63,7 @@ def _micro_step(params, frozen, ref_params, loss_state, batch, *, graphdef,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
                schedule: optax.Schedule, loss_call: Callable, chunk_size: int,
-               accum_steps: int = 1, skip_nonfinite: bool = False
+               accum_steps: int = 1, skip_nonfinite: bool = False, batch_axes=None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch (split into `accum_steps` micro-batches).
 
@@ -67,7 +72,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
   A loss's running state is threaded through the micro-batches in order.
   """
   micro = functools.partial(_micro_step, state.params, state.frozen, state.ref_params,
-                            graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size)
+                            graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size,
+                            batch_axes=batch_axes)
   if accum_steps == 1:
     metrics, grads, loss_state = micro(state.loss_state, batch)
   else:
@@ -118,17 +124,29 @@ def _loss_call(call, fn, hparams, inputs, loss_state):
 
 def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps,
                    skip_nonfinite, state_shardings, batch_sharding, replicated):
-  """The one jitted step, with explicit shardings and the state donated."""
+  """The one jitted step, with explicit shardings and the state donated.
+
+  The log-prob chunks stay split like the batch's leading dimension.
+  """
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                          loss_call=loss_call, chunk_size=chunk_size, accum_steps=accum_steps,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite,
+                         batch_axes=leading_axes(batch_sharding))
   return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def batch_logps_only(graphdef, params, frozen, batch, *, chunk_size: int) -> jax.Array:
+def leading_axes(batch_sharding):
+  """Mesh axes of a NamedSharding's leading dimension (None if not split or not named)."""
+  spec = getattr(batch_sharding, "spec", None)
+  return spec[0] if spec else None
+
+
+def batch_logps_only(graphdef, params, frozen, batch, *, chunk_size: int,
+                     batch_axes=None) -> jax.Array:
   """[B, S] summed log-probs (for precomputing reference columns)."""
-  return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size)[0]
+  return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size,
+                     batch_axes=batch_axes)[0]
 
 
 def prompt_embeddings(graphdef, params, frozen, batch) -> jax.Array:
