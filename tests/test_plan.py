@@ -112,7 +112,10 @@ def test_chip_table():
 
 
 # --- TPU: compiled for abstract TPU devices; needs libtpu, not a TPU. ---
+# Marked `tpu`: the README's `pytest` deselects them (pyproject addopts);
+# `pytest -m tpu` runs them (.ci/run does, after installing the tpu extra).
 
+@pytest.mark.tpu
 def test_tiny_dpo_compiles_for_a_tpu_slice():
   pytest.importorskip("libtpu")
   p = plan_lib.plan(_tiny_dpo(), topology="v5p:2x2x2")
@@ -121,6 +124,7 @@ def test_tiny_dpo_compiles_for_a_tpu_slice():
   assert p["flops_per_step"] > 0 and p["predicted_step_seconds"] > 0
 
 
+@pytest.mark.tpu
 def test_multislice_topology_puts_data_across_slices():
   pytest.importorskip("libtpu")
   c = _tiny_dpo()
@@ -133,6 +137,7 @@ def test_multislice_topology_puts_data_across_slices():
     plan_lib.plan(c, topology="2xv5e:2x2")
 
 
+@pytest.mark.tpu
 def test_a_step_that_does_not_fit_reports_it():
   pytest.importorskip("libtpu")
   c = config_lib.defaults()
@@ -145,6 +150,7 @@ def test_a_step_that_does_not_fit_reports_it():
   assert p["fits"] is False
 
 
+@pytest.mark.tpu
 @pytest.mark.parametrize("name", REAL_SCALE)
 def test_real_scale_recipe_fits_its_slice(name):
   pytest.importorskip("libtpu")
