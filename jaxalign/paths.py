@@ -60,7 +60,9 @@ def save_npy(path: str, array: np.ndarray) -> None:
 
 
 def load_npy(path: str) -> np.ndarray:
-  return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
+  """np.load without pickle; a URL's bytes are read through epath first."""
+  source = io.BytesIO(epath.Path(path).read_bytes()) if is_remote(path) else path
+  return np.load(source, allow_pickle=False)
 
 
 def save_pretrained(obj, path: str) -> None:
