@@ -152,9 +152,9 @@ def test_a_step_that_does_not_fit_reports_it():
 
 
 @pytest.mark.tpu
-# Each compile takes minutes of one core (Llama-8B on v5p-64: ~7 CPU minutes,
-# 13 GiB of host memory); CI runs the 8B recipe and leaves the others, marked
-# tpu_long, to `pytest -m tpu` (docs/performance.md has the times).
+# Each compile takes minutes of one core (4-9 CPU minutes, up to 13 GiB of host
+# memory); CI runs the 8B recipe and leaves the others, marked tpu_long, to
+# `pytest -m tpu` (docs/performance.md has the times).
 @pytest.mark.parametrize("name", [
     name if name == "llama3_8b_dpo" else pytest.param(name, marks=pytest.mark.tpu_long)
     for name in REAL_SCALE])
