@@ -7,12 +7,14 @@ tensorstore, the iterator state and the config through JSON.
 """
 
 import json
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxalign import paths
 
 
 class CheckpointWriteError(OSError):
@@ -27,7 +29,7 @@ class Checkpointer:
   """Async save every `every` steps, keep the newest `keep`, restore the latest."""
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)   # local, or gs:// (tensorstore + epath)
     self.every = every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -45,12 +47,11 @@ class Checkpointer:
     Before training, rather than at the first save hours later (where an async
     write to an unusable directory ends in Orbax's 5-minute signal timeout).
     """
-    probe = os.path.join(self.directory, f".write_probe.{jax.process_index()}")
+    probe = epath.Path(paths.join(self.directory, f".write_probe.{jax.process_index()}"))
     try:
-      os.makedirs(self.directory, exist_ok=True)
-      with open(probe, "w"):
-        pass
-      os.remove(probe)
+      paths.makedirs(self.directory)
+      probe.write_text("")
+      probe.unlink()
     except OSError as e:
       raise CheckpointWriteError(f"checkpoint directory {self.directory} is not writable: "
                                  f"{e}") from e
@@ -123,8 +124,8 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
   `run_dir` is a run's checkpoint directory; the latest step is used unless
   `step` is given. Optimizer state and everything else are not read.
   """
-  run_dir = os.path.abspath(run_dir)
-  if not os.path.isdir(run_dir):
+  run_dir = paths.resolve(run_dir)
+  if not paths.isdir(run_dir):
     raise FileNotFoundError(f"init_from: {run_dir} is not a directory")
   manager = ocp.CheckpointManager(run_dir, item_names=("state", "data", "config"))
   step = manager.latest_step() if step is None else step
@@ -142,8 +143,5 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
 
 
 def write_json(path: str, obj) -> None:
-  """Writes JSON atomically (temp file + rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Writes JSON atomically (temp file + rename); `path` may be a gs:// URL."""
+  paths.write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())

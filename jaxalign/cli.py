@@ -16,6 +16,8 @@ USAGE = """usage: jaxalign <command> [flags]
 
 commands:
   train   --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
+          [--coordinator HOST:PORT --num_processes N --process_id I | --distributed]
+          one process of a multi-process job (see docs/scaling.md)
   demo    [--workdir DIR] [--seed N] [--method M]   SFT then alignment on the bundled task
           (--method continual: two domains, forgetting matrix of DPO / OFS-DPO / COFS-DPO)
   plan    --config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) [--config.a.b=v ...]
@@ -50,6 +52,7 @@ def _train(argv: list[str]) -> int:
   flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
   flags.DEFINE_integer("stop_after_steps", None, "Leave after this many steps of this "
                        "invocation, with a checkpoint; rerun to continue.", flag_values=fv)
+  _define_distributed_flags(fv)
   try:
     fv(full_argv)
     if fv["config"].value is None:
@@ -57,10 +60,15 @@ def _train(argv: list[str]) -> int:
     if not fv.workdir:
       raise flags.Error("--workdir is required")
     config = config_flag.value
+    cluster = _cluster(fv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     return _die("train", _flag_message(e, argv))
 
+  from jaxalign import distributed
+  distributed.initialize(cluster)   # before anything asks JAX for devices
   import jax
+  if cluster.is_multiprocess:
+    logging.getLogger("jaxalign").warning("%s", distributed.describe())
   from jaxalign import config as config_lib
   from jaxalign.data.formats import DataError
   from jaxalign.train import loop
@@ -87,6 +95,27 @@ def _train(argv: list[str]) -> int:
     print(f"done: step {result.final_step}, loss {result.last_metrics.get('loss', float('nan')):.4f}"
           f", workdir {result.workdir}")
   return 0
+
+
+def _define_distributed_flags(fv) -> None:
+  from absl import flags
+  flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0's coordinator service, "
+                      "to join a multi-process job (env JAXALIGN_COORDINATOR).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Processes in the job (env "
+                       "JAXALIGN_NUM_PROCESSES).", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 (env "
+                       "JAXALIGN_PROCESS_ID).", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "Join a multi-process job, detecting coordinator, "
+                    "count and id from the cluster (Cloud TPU, SLURM, Open MPI).", flag_values=fv)
+  flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to "
+                       "join.", flag_values=fv)
+
+
+def _cluster(fv):
+  from jaxalign import distributed
+  return distributed.resolve(coordinator=fv.coordinator, num_processes=fv.num_processes,
+                             process_id=fv.process_id, auto=fv.distributed,
+                             timeout_s=fv.distributed_timeout)
 
 
 def _plan(argv: list[str]) -> int:

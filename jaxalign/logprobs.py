@@ -4,13 +4,48 @@ Full float32 [N, T, V] logits never exist, forward or backward: `token_logps`
 scans the vocabulary in chunks of `chunk_size` columns with an online
 logsumexp, and its custom VJP recomputes each chunk's logits in the backward
 pass. Peak extra memory is O(N * T * chunk_size) instead of O(N * T * V).
+
+Under a mesh, `batch_axes` names the mesh axes the rows are split over (the
+step passes its batch sharding's). The flattened hidden states, every chunk's
+logits and the backward's per-row arrays are then pinned to that split with
+`with_sharding_constraint`: without it XLA's propagation may choose to gather
+the whole global batch onto every device for the chunk matmul against a
+vocabulary- or embed-sharded head (Llama-3.1-8B DPO on v5p-64: 74 GiB per chip
+with, 22 GiB without that gather). Outside a mesh, or with one device, the
+constraint is skipped and nothing changes.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+BatchAxes = str | tuple[str, ...] | None
+
+
+def _mesh_batch_axes(batch_axes: BatchAxes) -> BatchAxes:
+  """`batch_axes` if the current (abstract) mesh has them with more than one device, else None."""
+  if not batch_axes:
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  names = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  if any(a not in mesh.axis_names for a in names):
+    raise ValueError(f"batch axes {names} are not all axes of the mesh {mesh.axis_names}")
+  if math.prod(mesh.shape[a] for a in names) == 1:
+    return None
+  return names  # a tuple: hashable, as custom_vjp's static arguments must be
+
+
+def _rows(x: jax.Array, batch_axes: BatchAxes) -> jax.Array:
+  """Pins x's leading (row) dimension to the batch axes; the rest unconstrained-replicated."""
+  if batch_axes is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(batch_axes, *(None,) * (x.ndim - 1)))
 
 
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -22,7 +57,7 @@ def _chunk_layout(vocab: int, chunk_size: int) -> tuple[int, int]:
   return chunk, -(-vocab // chunk)
 
 
-def _chunk(h, head_w, i, chunk, cap):
+def _chunk(h, head_w, i, chunk, cap, batch_axes):
   """Logits of vocabulary chunk i.
 
   The last chunk starts at V - chunk (so no padded copy of the head is made)
@@ -37,20 +72,21 @@ def _chunk(h, head_w, i, chunk, cap):
   vocab = head_w.shape[1]
   start = jnp.minimum(i * chunk, vocab - chunk)
   w = jax.lax.dynamic_slice_in_dim(head_w, start, chunk, axis=1).astype(h.dtype)
-  z = jnp.dot(h, w, preferred_element_type=jnp.float32)                # [M, C]
+  z = _rows(jnp.dot(h, w, preferred_element_type=jnp.float32), batch_axes)  # [M, C]
   valid = start + jnp.arange(chunk) >= i * chunk                        # [C]
-  logits = jnp.where(valid, _softcap(z, cap), -jnp.inf)
+  logits = _rows(jnp.where(valid, _softcap(z, cap), -jnp.inf), batch_axes)
   return start, w, z, logits, valid
 
 
-def _forward(h, head_w, targets, chunk_size, cap):
+def _forward(h, head_w, targets, chunk_size, cap, batch_axes):
   """h: [M, D]; head_w: [D, V]; targets: [M]. Returns (logps [M], lse [M])."""
   M = h.shape[0]
+  h, targets = _rows(h, batch_axes), _rows(targets, batch_axes)
   chunk, num_chunks = _chunk_layout(head_w.shape[1], chunk_size)
 
   def body(carry, i):
     running_max, running_sum, target_logit = carry
-    start, _, _, logits, valid = _chunk(h, head_w, i, chunk, cap)
+    start, _, _, logits, valid = _chunk(h, head_w, i, chunk, cap, batch_axes)
     new_max = jnp.maximum(running_max, logits.max(axis=-1))
     running_sum = (running_sum * jnp.exp(running_max - new_max)
                    + jnp.exp(logits - new_max[:, None]).sum(axis=-1))
@@ -60,49 +96,53 @@ def _forward(h, head_w, targets, chunk_size, cap):
     # -inf picks (invalid overlap columns) are excluded by in_chunk & valid.
     hit = in_chunk & valid[jnp.clip(local, 0, chunk - 1)]
     target_logit = jnp.where(hit, picked, target_logit)
-    return (new_max, running_sum, target_logit), None
+    carry = (new_max, running_sum, target_logit)
+    return tuple(_rows(c, batch_axes) for c in carry), None
 
-  init = (jnp.full((M,), -jnp.inf, jnp.float32), jnp.zeros((M,), jnp.float32),
-          jnp.zeros((M,), jnp.float32))
+  init = tuple(_rows(c, batch_axes) for c in (
+      jnp.full((M,), -jnp.inf, jnp.float32), jnp.zeros((M,), jnp.float32),
+      jnp.zeros((M,), jnp.float32)))
   (running_max, running_sum, target_logit), _ = jax.lax.scan(
       body, init, jnp.arange(num_chunks))
   lse = running_max + jnp.log(running_sum)
   return target_logit - lse, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _token_logps_flat(h, head_w, targets, chunk_size, cap):
-  return _forward(h, head_w, targets, chunk_size, cap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_logps_flat(h, head_w, targets, chunk_size, cap, batch_axes):
+  return _forward(h, head_w, targets, chunk_size, cap, batch_axes)[0]
 
 
-def _fwd(h, head_w, targets, chunk_size, cap):
-  logps, lse = _forward(h, head_w, targets, chunk_size, cap)
+def _fwd(h, head_w, targets, chunk_size, cap, batch_axes):
+  logps, lse = _forward(h, head_w, targets, chunk_size, cap, batch_axes)
   return logps, (h, head_w, targets, lse)
 
 
-def _bwd(chunk_size, cap, res, g):
+def _bwd(chunk_size, cap, batch_axes, res, g):
   """d logp_m / d logit_mv = onehot(target_m) - softmax_mv, recomputed per chunk."""
   h, head_w, targets, lse = res
   chunk, num_chunks = _chunk_layout(head_w.shape[1], chunk_size)
-  g = g.astype(jnp.float32)
+  g = _rows(g.astype(jnp.float32), batch_axes)
+  h, targets, lse = (_rows(x, batch_axes) for x in (h, targets, lse))
 
   def body(carry, i):
     dh, dw = carry
-    start, w, z, logits, valid = _chunk(h, head_w, i, chunk, cap)
+    start, w, z, logits, valid = _chunk(h, head_w, i, chunk, cap, batch_axes)
     probs = jnp.exp(logits - lse[:, None])                              # [M, C]; 0 if invalid
     onehot = ((targets - start)[:, None] == jnp.arange(chunk)) & valid
     dlogits = g[:, None] * (onehot.astype(jnp.float32) - probs)
     if cap is not None:
       dlogits = dlogits * (1.0 - jnp.square(jnp.tanh(z / cap)))
-    dz = dlogits.astype(h.dtype)
-    dh = dh + jnp.dot(dz, w.T, preferred_element_type=jnp.float32)
+    dz = _rows(dlogits.astype(h.dtype), batch_axes)
+    dh = _rows(dh + jnp.dot(dz, w.T, preferred_element_type=jnp.float32), batch_axes)
     dw_chunk = jnp.dot(h.T, dz, preferred_element_type=jnp.float32)     # [D, C]
     # Overlapping last chunk: invalid columns carry zero gradient, so add.
     dw = jax.lax.dynamic_update_slice_in_dim(
         dw, jax.lax.dynamic_slice_in_dim(dw, start, chunk, axis=1) + dw_chunk, start, axis=1)
     return (dh, dw), None
 
-  init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(head_w.shape, jnp.float32))
+  init = (_rows(jnp.zeros(h.shape, jnp.float32), batch_axes),
+          jnp.zeros(head_w.shape, jnp.float32))
   (dh, dw), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
   return dh.astype(h.dtype), dw.astype(head_w.dtype), None
 
@@ -117,6 +157,7 @@ def token_logps(
     *,
     chunk_size: int = 8192,
     final_logit_softcap: float | None = None,
+    batch_axes: BatchAxes = None,
 ) -> jax.Array:
   """log softmax(softcap(hidden @ head_w))[targets], chunked over the vocabulary.
 
@@ -127,6 +168,8 @@ def token_logps(
     targets: [N, T] int token ids in [0, V).
     chunk_size: vocabulary columns per chunk; V need not be divisible by it.
     final_logit_softcap: Gemma2's cap * tanh(logits / cap), or None.
+    batch_axes: mesh axes that N is split over (e.g. ("data", "fsdp")); keeps
+      the chunk arrays split the same way under a mesh. None: no constraint.
 
   Returns:
     [N, T] float32 log-probabilities. Differentiable w.r.t. hidden and head_w;
@@ -135,7 +178,8 @@ def token_logps(
   N, T, D = hidden.shape
   logps = _token_logps_flat(hidden.reshape(N * T, D), head_w,
                             targets.reshape(N * T).astype(jnp.int32),
-                            int(chunk_size), final_logit_softcap)
+                            int(chunk_size), final_logit_softcap,
+                            _mesh_batch_axes(batch_axes))
   return logps.reshape(N, T)
 
 
@@ -147,6 +191,7 @@ def sequence_logps_from_hidden(
     *,
     chunk_size: int = 8192,
     final_logit_softcap: float | None = None,
+    batch_axes: BatchAxes = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Summed log-probs of the scored tokens of each row.
 
@@ -160,6 +205,7 @@ def sequence_logps_from_hidden(
     loss_mask: [N, T] bool/int, 1 where token t is a scored response token.
     chunk_size: vocabulary chunk, see token_logps.
     final_logit_softcap: see token_logps.
+    batch_axes: see token_logps.
 
   Returns:
     logps_sum: [N] float32 sum over scored tokens of log p(token_t | tokens_<t).
@@ -170,7 +216,8 @@ def sequence_logps_from_hidden(
   mask = jnp.concatenate([loss_mask[:, 1:].astype(bool),
                           jnp.zeros_like(loss_mask[:, :1], dtype=bool)], axis=1)
   logps = token_logps(hidden, head_w, targets, chunk_size=chunk_size,
-                      final_logit_softcap=final_logit_softcap)          # [N, T]
+                      final_logit_softcap=final_logit_softcap,
+                      batch_axes=batch_axes)                            # [N, T]
   logps_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   return logps_sum, mask.sum(axis=1).astype(jnp.int32)
 
@@ -182,6 +229,7 @@ def sequence_logps(
     loss_mask: jax.Array,
     *,
     chunk_size: int = 8192,
+    batch_axes: BatchAxes = None,
 ) -> tuple[jax.Array, jax.Array]:
   """One forward of `model` over all N rows, then sequence_logps_from_hidden.
 
@@ -192,6 +240,7 @@ def sequence_logps(
     attention_mask: [N, T], 1 for real tokens.
     loss_mask: [N, T], 1 for scored response tokens; and-ed with attention_mask.
     chunk_size: vocabulary chunk, see token_logps.
+    batch_axes: mesh axes N is split over, see token_logps.
 
   Returns:
     logps_sum: [N] float32; num_tokens: [N] int32.
@@ -200,4 +249,4 @@ def sequence_logps(
   loss_mask = loss_mask.astype(bool) & attention_mask.astype(bool)
   return sequence_logps_from_hidden(
       hidden, model.head_weight(), tokens, loss_mask, chunk_size=chunk_size,
-      final_logit_softcap=model.config.final_logit_softcap)
+      final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)

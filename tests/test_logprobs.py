@@ -103,3 +103,44 @@ def test_value_and_grad_memory_is_chunked():
   temp = compiled.memory_analysis().temp_size_in_bytes
   full_logits = B * T_ * V_ * 4
   assert temp < 0.25 * full_logits, (temp, full_logits)
+
+
+def _sharding_constraints(fn, *args) -> int:
+  return str(jax.make_jaxpr(fn)(*args)).count("sharding_constraint")
+
+
+def test_batch_axes_pin_the_chunks_under_a_mesh_and_change_no_value():
+  """Under a mesh the chunk arrays are constrained to the batch axes; values and grads
+  are those of the unconstrained (no mesh) computation."""
+  rows, t = 8, 4
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  hidden = jax.random.normal(k1, (rows, t, D))
+  head_w = jax.random.normal(k2, (D, V))
+  targets = jax.random.randint(k3, (rows, t), 0, V)
+
+  def loss(h, w, axes):
+    return jnp.sum(logprobs.token_logps(h, w, targets, chunk_size=16, batch_axes=axes) ** 2)
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1))
+  want = jax.jit(grad, static_argnums=2)(hidden, head_w, None)
+  # No mesh: batch_axes is ignored (nothing to constrain to).
+  assert _sharding_constraints(lambda h, w: grad(h, w, ("data", "fsdp")), hidden, head_w) == 0
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  with jax.set_mesh(mesh):
+    h_sharded = jax.device_put(hidden, spec)
+    assert _sharding_constraints(lambda h, w: grad(h, w, ("data", "fsdp")), h_sharded,
+                                 head_w) > 0
+    got = jax.jit(grad, static_argnums=2)(h_sharded, head_w, ("data", "fsdp"))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  # One device along the batch axes: no constraint either.
+  single = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(single):
+    assert _sharding_constraints(lambda h, w: grad(h, w, ("data", "fsdp")), hidden,
+                                 head_w) == 0
+    with pytest.raises(ValueError, match="not all axes"):
+      logprobs.token_logps(hidden, head_w, targets, batch_axes=("batch",))

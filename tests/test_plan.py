@@ -112,7 +112,11 @@ def test_chip_table():
 
 
 # --- TPU: compiled for abstract TPU devices; needs libtpu, not a TPU. ---
+# Marked `tpu`: the README's `pytest` deselects them (pyproject addopts);
+# `pytest -m tpu` runs them all; .ci/run, after installing the tpu extra, runs
+# `pytest -m "tpu and not tpu_long"`.
 
+@pytest.mark.tpu
 def test_tiny_dpo_compiles_for_a_tpu_slice():
   pytest.importorskip("libtpu")
   p = plan_lib.plan(_tiny_dpo(), topology="v5p:2x2x2")
@@ -121,6 +125,7 @@ def test_tiny_dpo_compiles_for_a_tpu_slice():
   assert p["flops_per_step"] > 0 and p["predicted_step_seconds"] > 0
 
 
+@pytest.mark.tpu
 def test_multislice_topology_puts_data_across_slices():
   pytest.importorskip("libtpu")
   c = _tiny_dpo()
@@ -133,6 +138,7 @@ def test_multislice_topology_puts_data_across_slices():
     plan_lib.plan(c, topology="2xv5e:2x2")
 
 
+@pytest.mark.tpu
 def test_a_step_that_does_not_fit_reports_it():
   pytest.importorskip("libtpu")
   c = config_lib.defaults()
@@ -145,7 +151,13 @@ def test_a_step_that_does_not_fit_reports_it():
   assert p["fits"] is False
 
 
-@pytest.mark.parametrize("name", REAL_SCALE)
+@pytest.mark.tpu
+# Each compile takes minutes of one core (4-9 CPU minutes, up to 13 GiB of host
+# memory); CI runs the 8B recipe and leaves the others, marked tpu_long, to
+# `pytest -m tpu` (docs/performance.md has the times).
+@pytest.mark.parametrize("name", [
+    name if name == "llama3_8b_dpo" else pytest.param(name, marks=pytest.mark.tpu_long)
+    for name in REAL_SCALE])
 def test_real_scale_recipe_fits_its_slice(name):
   pytest.importorskip("libtpu")
   recipe = _load_recipe(name)

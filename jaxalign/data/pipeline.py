@@ -1,4 +1,4 @@
-"""Grain input pipeline: shard per process, shuffle(seed), repeat, map, batch.
+"""Grain input pipeline: map, shuffle(seed), repeat, batch, then each process its batches.
 
 ``make_dataset`` returns a ``grain.IterDataset`` whose iterator is
 checkpointable (``get_state``/``set_state``, JSON-serializable state; saved with
@@ -49,22 +49,26 @@ def make_dataset(
 ) -> grain.IterDataset:
   """Builds the per-process training input pipeline.
 
-  Order: source -> map(transform) -> map_with_index(add "index") -> this
-  process's strided slice -> shuffle(seed, reshuffled each epoch) -> repeat ->
-  batch(drop_remainder) -> to_iter_dataset. All steps are lazy, so transform
-  runs only on elements this process reads.
+  Order: source -> map(transform) -> map_with_index(add "index") ->
+  shuffle(seed, reshuffled each epoch) -> repeat -> batch(batch_size) -> every
+  process_count-th batch from process_index on -> to_iter_dataset. The shuffle
+  and the batches are the same in every process; process p takes batches
+  p, p + P, p + 2P, ... of them. So global batch k (the P per-process batches
+  of step k, in process order) is the same examples whatever P is: a run on 2
+  processes sees the data of a run on 1 process with the same global batch.
+  All steps are lazy and random-access, so a process transforms and reads only
+  its own elements.
 
   Args:
     records_or_examples: random-access sequence of dicts (records or examples).
     seed: shuffle seed; same seed => same batches.
-    batch_size: examples per batch for THIS process.
-    shuffle: globally shuffle this process's slice (reshuffled every epoch).
+    batch_size: examples per batch for THIS process (global batch / process_count).
+    shuffle: globally shuffle the data (reshuffled every epoch).
     repeat: repeat epochs; with ``num_epochs=None`` forever.
     num_epochs: number of epochs when ``repeat`` (None = infinite).
     process_index, process_count: default ``jax.process_index()/process_count()``.
-      Each process reads records ``process_index::process_count`` of the first
-      ``process_count * (N // process_count)``, so all processes see the same
-      number of examples (up to process_count - 1 records are dropped).
+      Every process gets the same number of batches: a last global batch that
+      would be incomplete is dropped, like the last partial batch of one process.
     transform: ``example -> example`` map, e.g. `tokenize.make_tokenize_fn`.
     add_index: attach ``"index"`` int64, the position in records_or_examples,
       for joining with precomputed tables (kept after ``transform``).
@@ -76,23 +80,20 @@ def make_dataset(
   """
   pi, pc = _process(process_index, process_count)
   n = len(records_or_examples)
-  per_process = n // pc
-  if per_process == 0:
-    raise ValueError(f"{n} records cannot be split across {pc} processes")
-  if n % pc:
-    log.warning("dropping %d of %d records so %d processes get equal shares",
-                n % pc, n, pc)
+  if n == 0:
+    raise ValueError("no examples to make a dataset of")
   ds = grain.MapDataset.source(records_or_examples)
   if transform is not None:
     ds = ds.map(transform)
   if add_index:
     ds = ds.map_with_index(_add_index)
-  ds = ds.slice(slice(pi, per_process * pc, pc))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat(num_epochs)
   ds = ds.batch(batch_size, drop_remainder=True)
+  # Batches p, p + P, ... of a whole number of global batches.
+  ds = ds.slice(slice(pi, pc * (len(ds) // pc), pc))
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
   return ds.to_iter_dataset(read_options)

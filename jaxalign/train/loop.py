@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses
+from jaxalign import paths
 from jaxalign import sharding
 from jaxalign.data import formats, pipeline, sources, tokenize
 from jaxalign.models import hf, lora, transformer
@@ -88,7 +89,7 @@ def load_tokenizer(name: str, workdir: str | None = None):
   if tok.pad_token_id is None:
     tok.pad_token = tok.eos_token
   if workdir is not None and jax.process_index() == 0:
-    tok.save_pretrained(os.path.join(workdir, "tokenizer"))
+    paths.save_pretrained(tok, paths.join(workdir, "tokenizer"))
   return tok
 
 
@@ -240,18 +241,20 @@ def initial_state(init_fn, tx, shardings, params=None, *, keep_reference: bool):
 
 
 def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
-                 progress: bool = True) -> np.ndarray:
-  """Runs a jitted `fn(batch) -> [B, ...]` over every example once, in dataset order.
+                 progress: bool = True, operands=()) -> np.ndarray:
+  """Runs a jitted `fn(*operands, batch) -> [B, ...]` over every example once, in order.
 
   Each process reads its own block of the data; `fn`'s results, with the
   dataset indices, come back replicated, so every process fills the full table.
+  `operands` (e.g. the params) are passed to the jitted function, not closed
+  over: an array spanning other processes' devices cannot be a constant.
   """
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
 
-  @functools.partial(jax.jit, in_shardings=(batch_sharding,), out_shardings=replicated)
-  def run(batch):
-    return fn(batch), batch["index"], batch["valid"]
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def run(operands, batch):
+    return fn(*operands, batch), batch["index"], batch["valid"]
 
   table = None
   filled = np.zeros(len(examples), bool)
@@ -261,7 +264,8 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
     arrays = {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}
     arrays["index"] = np.asarray(batch["index"], np.int32)
     arrays["valid"] = np.asarray(batch["valid"], np.int32)
-    values, index, valid = jax.device_get(run(sharding.host_to_global(arrays, batch_sharding)))
+    values, index, valid = jax.device_get(
+        run(operands, sharding.host_to_global(arrays, batch_sharding)))
     keep = np.asarray(valid).astype(bool)
     if table is None:
       table = np.zeros((len(examples),) + values.shape[1:], np.float32)
@@ -301,9 +305,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunResult:
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, len(devices))
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)   # a local directory or a gs:// URL
   is_main = jax.process_index() == 0
-  if config.init_from and not os.path.isdir(config.init_from):
+  if config.init_from and not paths.isdir(config.init_from):
     raise config_lib.ConfigError(f"config.init_from: {config.init_from} is not a directory")
 
   # Mesh and the pieces fixed by the config.
@@ -335,10 +339,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       group_size=config.data.group_size, map_record=online.map_record if online else None)
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if is_main:
-    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-    ckpt.write_json(os.path.join(workdir, "data_stats.json"), {
+    paths.save_pretrained(tokenizer, paths.join(workdir, "tokenizer"))
+    ckpt.write_json(paths.join(workdir, "data_stats.json"), {
         "train_path": config.data.train_path, "records": len(examples) + num_skipped,
         "examples": len(examples), "skipped": num_skipped})
 
@@ -359,7 +363,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
                 else (lambda s: s))
 
   checkpointer = ckpt.Checkpointer(
-      os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+      paths.join(workdir, "checkpoints"), every=config.checkpoint.every,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   checkpointer.check_writable()
   resume_step = checkpointer.latest_step()
@@ -386,9 +390,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
 
     # Reference log-probs of the initial policy, computed once and kept beside the run.
     if precompute_ref:
-      ref_path = os.path.join(workdir, "ref_logps.npy")
-      if os.path.exists(ref_path):
-        table = np.load(ref_path, allow_pickle=False)
+      ref_path = paths.join(workdir, "ref_logps.npy")
+      if paths.exists(ref_path):
+        table = paths.load_npy(ref_path)
       else:
         if resume_step is not None:
           raise RuntimeError(f"{ref_path} is missing but checkpoints exist: the reference "
@@ -396,13 +400,14 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         # The initial policy; OFS-DPO's modules start identical, the first stands for both.
         policy = state.params[modules[0]] if modules else state.params
         table = map_examples(
-            examples, functools.partial(step_lib.batch_logps_only, graphdef, policy,
-                                        state.frozen, chunk_size=config.logprob_chunk_size),
-            mesh=mesh, rules=rules, batch_size=config.data.batch_size,
+            examples, functools.partial(step_lib.batch_logps_only, graphdef,
+                                        chunk_size=config.logprob_chunk_size,
+                                        batch_axes=sharding.batch_axes(rules)),
+            operands=(policy, state.frozen), mesh=mesh, rules=rules,
+            batch_size=config.data.batch_size,
             desc="reference log-probs", progress=progress)
         if is_main:
-          np.save(ref_path + ".tmp.npy", table, allow_pickle=False)
-          os.replace(ref_path + ".tmp.npy", ref_path)
+          paths.save_npy(ref_path, table)
       if len(table) != len(examples):
         raise RuntimeError(f"{ref_path} has {len(table)} rows, the data has {len(examples)}")
       examples = [{**ex, "ref_logps": row} for ex, row in zip(examples, table)]
@@ -412,10 +417,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       examples = spec.prepare(
           examples, seed=config.seed, **config.loss.options.to_dict(),
           prompt_embeddings=lambda: map_examples(
-              examples, functools.partial(step_lib.prompt_embeddings, graphdef, state.params,
-                                          state.frozen),
-              mesh=mesh, rules=rules, batch_size=config.data.batch_size,
-              desc="prompt embeddings", progress=progress))
+              examples, functools.partial(step_lib.prompt_embeddings, graphdef),
+              operands=(state.params, state.frozen), mesh=mesh, rules=rules,
+              batch_size=config.data.batch_size, desc="prompt embeddings", progress=progress))
 
   dataset = pipeline.make_dataset(examples, seed=config.seed, batch_size=process_batch,
                                   shuffle=config.data.shuffle, repeat=True,
@@ -584,8 +588,8 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
 
 def _checkpoint_dir(path: str) -> str:
   """A run directory or its checkpoints/ subdirectory -> the checkpoints directory."""
-  sub = os.path.join(path, "checkpoints")
-  return sub if os.path.isdir(sub) else path
+  sub = paths.join(path, "checkpoints")
+  return sub if paths.isdir(sub) else path
 
 
 def _lora_base(config, abstract_frozen, frozen):
@@ -643,7 +647,7 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None):
 
 def resolved_config(workdir: str) -> dict[str, Any]:
   """The config saved with a run's latest checkpoint."""
-  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
+  checkpointer = ckpt.Checkpointer(paths.join(workdir, "checkpoints"), every=1, keep=1)
   try:
     return checkpointer.restore_config(checkpointer.latest_step())
   finally:

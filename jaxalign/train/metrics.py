@@ -1,8 +1,20 @@
-"""Host-side metric sinks: DIR/metrics.jsonl and TensorBoard event files."""
+"""Host-side metric sinks: DIR/metrics.jsonl and TensorBoard event files.
+
+DIR may be a gs:// URL. Objects in a bucket cannot be appended to, so there
+metrics.jsonl is rewritten whole at each logged step (earlier rows are read
+back first, so a resumed run keeps them). TensorBoard event files go to gs://
+through tensorboardX only when google-cloud-storage is installed; otherwise
+they are skipped with a warning that says so.
+"""
 
 import json
+import logging
 import math
 import os
+
+from jaxalign import paths
+
+log = logging.getLogger("jaxalign")
 
 
 class MetricWriter:
@@ -12,13 +24,27 @@ class MetricWriter:
     self._active = process_index == 0
     self._jsonl = None
     self._tb = None
+    self._remote_path = None
+    self._remote_text = ""
     if not self._active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if paths.is_remote(workdir):
+      paths.makedirs(workdir)
+      self._remote_path = paths.join(workdir, "metrics.jsonl")
+      if paths.exists(self._remote_path):
+        from etils import epath
+        self._remote_text = epath.Path(self._remote_path).read_text()
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if tensorboard:
       from tensorboardX import SummaryWriter  # local: only the writing process needs it
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      if paths.is_remote(workdir) and not _tensorboardx_can_write(workdir):
+        log.warning("TensorBoard events not written to %s: tensorboardX needs "
+                    "google-cloud-storage for gs:// (boto3 for s3://), not installed here; "
+                    "metrics.jsonl is written", workdir)
+      else:
+        self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._active:
@@ -27,8 +53,12 @@ class MetricWriter:
     for k, v in scalars.items():
       v = float(v)
       row[k] = v if math.isfinite(v) else str(v)  # JSON has no NaN/inf
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    if self._remote_path is not None:
+      self._remote_text += json.dumps(row) + "\n"
+      paths.write_bytes_atomic(self._remote_path, self._remote_text.encode())
+    else:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
@@ -38,3 +68,10 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _tensorboardx_can_write(url: str) -> bool:
+  """Whether tensorboardX has a writer for this URL scheme (gs: google-cloud-storage)."""
+  from tensorboardX import record_writer
+  scheme = url.split("://")[0]
+  return {"gs": record_writer.GCS_ENABLED, "s3": record_writer.S3_ENABLED}.get(scheme, False)

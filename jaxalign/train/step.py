@@ -24,10 +24,12 @@ from jaxalign.train.state import TrainState
 SEQUENCE_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps")
 
 
-def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None):
+def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None,
+                batch_axes=None):
   """Per-sequence summed log-probs [B, S] and scored-token counts [B, S].
 
   `dropout_key`: the LoRA adapters' dropout key for this forward (None: none).
+  batch_axes: mesh axes B is split over, kept on the log-prob chunks (logprobs.py).
   """
   model = nnx.merge(graphdef, params, frozen)
   if dropout_key is not None:
@@ -36,33 +38,35 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
   flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
   sums, counts = logprobs.sequence_logps(
       model, flat(batch["tokens"]), flat(batch["attention_mask"]), flat(batch["loss_mask"]),
-      chunk_size=chunk_size)
+      chunk_size=chunk_size, batch_axes=batch_axes)
   return sums.reshape(b, s), counts.reshape(b, s)
 
 
-def _policy_logps(graphdef, params, frozen, batch, *, chunk_size, modules, dropout_key):
+def _policy_logps(graphdef, params, frozen, batch, *, chunk_size, modules, dropout_key,
+                  batch_axes=None):
   """[B, S] log-probs and counts; with `modules`, each module's [B, S] side by side."""
   if not modules:
     return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size,
-                       dropout_key=dropout_key)
+                       dropout_key=dropout_key, batch_axes=batch_axes)
   outs = [batch_logps(graphdef, params[m], frozen, batch, chunk_size=chunk_size,
                       dropout_key=None if dropout_key is None
-                      else jax.random.fold_in(dropout_key, i))
+                      else jax.random.fold_in(dropout_key, i), batch_axes=batch_axes)
           for i, m in enumerate(modules)]
   return jnp.concatenate([o[0] for o in outs], axis=1), outs[0][1]
 
 
 def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None, *, graphdef,
                 loss_call: Callable, chunk_size: int, ref_graphdef=None,
-                modules: tuple[str, ...] = ()):
+                modules: tuple[str, ...] = (), batch_axes=None):
   """Loss metrics, gradients and the loss's new running state for one micro-batch."""
   if ref_params is not None:
-    ref_logps, _ = batch_logps(graphdef, ref_params, frozen, batch, chunk_size=chunk_size)
+    ref_logps, _ = batch_logps(graphdef, ref_params, frozen, batch, chunk_size=chunk_size,
+                               batch_axes=batch_axes)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   elif ref_graphdef is not None:
     # LoRA: the reference is the base with adapters off -- the frozen weights alone.
     ref_logps, _ = batch_logps(ref_graphdef, frozen, nnx.State({}), batch,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, batch_axes=batch_axes)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   else:
     ref_logps = batch.get("ref_logps")
@@ -70,7 +74,8 @@ def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None,
 
   def objective(p):
     logps, counts = _policy_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,
-                                  modules=modules, dropout_key=dropout_key)
+                                  modules=modules, dropout_key=dropout_key,
+                                  batch_axes=batch_axes)
     inputs = losses.LossInputs(logps=logps, ref_logps=ref_logps, lengths=counts, batch=extra)
     loss, metrics, new_state = loss_call(inputs, loss_state)
     return loss, (metrics, new_state)
@@ -85,7 +90,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
                schedule: optax.Schedule, loss_call: Callable, chunk_size: int,
                accum_steps: int = 1, skip_nonfinite: bool = False, ref_graphdef=None,
                modules: tuple[str, ...] = (), module_lr_scales: dict | None = None,
-               lora_dropout: bool = False
+               lora_dropout: bool = False, batch_axes=None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch (split into `accum_steps` micro-batches).
 
@@ -101,7 +106,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
   """
   micro = functools.partial(_micro_step, state.params, state.frozen, state.ref_params,
                             graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size,
-                            ref_graphdef=ref_graphdef, modules=modules)
+                            ref_graphdef=ref_graphdef, modules=modules, batch_axes=batch_axes)
   step_key = jax.random.fold_in(state.rng, state.step) if lora_dropout else None
   if accum_steps == 1:
     metrics, grads, loss_state = micro(state.loss_state, batch, step_key)
@@ -162,19 +167,30 @@ def _loss_call(call, fn, hparams, inputs, loss_state):
 def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps,
                    skip_nonfinite, state_shardings, batch_sharding, replicated,
                    ref_graphdef=None, modules=(), module_lr_scales=None, lora_dropout=False):
-  """The one jitted step, with explicit shardings and the state donated."""
+  """The one jitted step, with explicit shardings and the state donated.
+
+  The log-prob chunks stay split like the batch's leading dimension.
+  """
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                          loss_call=loss_call, chunk_size=chunk_size, accum_steps=accum_steps,
                          skip_nonfinite=skip_nonfinite, ref_graphdef=ref_graphdef,
                          modules=modules, module_lr_scales=module_lr_scales,
-                         lora_dropout=lora_dropout)
+                         lora_dropout=lora_dropout, batch_axes=leading_axes(batch_sharding))
   return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def batch_logps_only(graphdef, params, frozen, batch, *, chunk_size: int) -> jax.Array:
+def leading_axes(batch_sharding):
+  """Mesh axes of a NamedSharding's leading dimension (None if not split or not named)."""
+  spec = getattr(batch_sharding, "spec", None)
+  return spec[0] if spec else None
+
+
+def batch_logps_only(graphdef, params, frozen, batch, *, chunk_size: int,
+                     batch_axes=None) -> jax.Array:
   """[B, S] summed log-probs (for precomputing reference columns)."""
-  return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size)[0]
+  return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size,
+                     batch_axes=batch_axes)[0]
 
 
 def prompt_embeddings(graphdef, params, frozen, batch) -> jax.Array:

@@ -104,3 +104,19 @@ def test_ordered_batches_pad_and_mask():
   assert [len(p) for p in per] == [1, 1, 1]  # ceil(ceil(10/3)/4) each
   got = sorted(int(i) for p in per for b in p for i in b["index"][b["valid"]])
   assert got == list(range(10))
+
+
+@pytest.mark.parametrize("pc", [2, 3])
+def test_global_batches_do_not_depend_on_the_process_count(pc):
+  """Step k's global batch (the processes' batches in process order) is the batch of a
+  single process reading the same global batch size: multi-process runs see the data
+  of the single-process run."""
+  def global_batches(count, steps=10):
+    its = [iter(make_dataset(_examples(), seed=4, batch_size=B * 3 // count,
+                             process_index=p, process_count=count)) for p in range(count)]
+    return [sum((_ids([next(it)])[0] for it in its), []) for _ in range(steps)]
+
+  assert global_batches(pc) == global_batches(1)
+  finite = [list(make_dataset(_examples(), seed=0, batch_size=5, repeat=False,
+                              process_index=p, process_count=pc)) for p in range(pc)]
+  assert len({len(f) for f in finite}) == 1   # equal step counts: no process waits forever

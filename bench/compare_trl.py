@@ -1,0 +1,257 @@
+"""The same tiny DPO training run in TRL (PyTorch, CPU) and in jaxalign: tokens/s and ratio.
+
+  python bench/compare_trl.py --trl-python /work/venv-trl/bin/python
+  python bench/compare_trl.py --trl-python VENV/bin/python --steps 20 --d-model 512
+
+TRL is never a jaxalign dependency: it runs in a subprocess with the python of
+a separate environment (`python -m venv V && V/bin/pip install torch==2.13.0
+trl`), which runs this same file in worker mode (no jax imported there).
+
+Both sides get the same run:
+  model: a Llama-shaped decoder (jaxalign ModelConfig -> the equivalent
+    transformers LlamaConfig via jaxalign.models.hf.config_to_hf), float32,
+    random init (each framework its own; throughput does not depend on values).
+  data: the same random token ids: B pairs per step, prompt P tokens, chosen
+    and rejected responses T - P tokens each including EOS, so every sequence
+    is exactly T tokens and no token is padding.
+  objective: sigmoid DPO, beta 0.1, reference log-probs precomputed before the
+    timed steps (TRL: precompute_ref_log_probs=True; jaxalign: reference.mode
+    "precompute" columns), AdamW, one optimizer step per batch.
+Timing: `--warmup` steps (compilation in jaxalign, allocator warm-up in
+PyTorch), then `--steps` steps timed on the wall clock, host data handling of
+each framework included (TRL's collator and dataloader; jaxalign's host batch
+to global array). Tokens/s = real tokens (2 * B * T per step) / time per step.
+With `--repeats R` the two runs alternate R times and the fastest of each is
+reported (a shared machine's load changes over minutes).
+Not a test: it prints both figures and their ratio, and one `JSON {...}` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAD, EOS = "<pad>", "</s>"
+
+
+def make_data(num_pairs: int, *, vocab: int, prompt_len: int, length: int, seed: int):
+  """Token ids: prompt [N, P], chosen / rejected [N, T - P] whose last id is EOS (vocab - 1)."""
+  rng = np.random.default_rng(seed)
+  resp = length - prompt_len
+  prompt = rng.integers(3, vocab - 2, size=(num_pairs, prompt_len))
+  chosen = rng.integers(3, vocab - 2, size=(num_pairs, resp))
+  rejected = rng.integers(3, vocab - 2, size=(num_pairs, resp))
+  chosen[:, -1] = rejected[:, -1] = vocab - 1
+  return prompt, chosen, rejected
+
+
+# --- TRL worker (runs in the TRL environment; imports no jax) ----------------
+
+def trl_worker(spec_path: str) -> None:
+  import torch
+  from datasets import Dataset
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                            TrainerCallback)
+  import trl
+  from trl import DPOConfig, DPOTrainer
+
+  spec = json.load(open(spec_path))
+  vocab, B = spec["vocab"], spec["batch"]
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count())
+  # A word-level tokenizer: "w<i>" is id i, so text round-trips to the same ids.
+  words = {f"w{i}": i for i in range(vocab - 2)}
+  words[PAD], words[EOS] = vocab - 2, vocab - 1
+  tok = Tokenizer(models.WordLevel(words, unk_token=PAD))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+
+  def text(ids):
+    return " ".join(EOS if i == vocab - 1 else f"w{i}" for i in ids)
+
+  data = np.load(spec["data"])
+  # The prompt ends with a space: TRL tokenizes prompt + completion as one string.
+  rows = [{"prompt": text(p) + " ", "chosen": text(c), "rejected": text(r)}
+          for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"])]
+  hf = dict(spec["hf_config"])
+  hf.pop("architectures", None)
+  hf.pop("torch_dtype", None)
+  hf.pop("dtype", None)
+  model = LlamaForCausalLM(LlamaConfig(**hf)).float()
+  total_steps = spec["warmup"] + spec["steps"]
+  args = DPOConfig(
+      output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, max_steps=total_steps,
+      learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, beta=0.1,
+      loss_type=["sigmoid"], precompute_ref_log_probs=True, max_length=spec["length"],
+      logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True,
+      dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=False,
+      remove_unused_columns=False)
+  times: list[float] = []
+
+  class Clock(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+      times.append(time.perf_counter())
+
+  trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=tokenizer, callbacks=[Clock()])
+  ex = trainer.train_dataset[0]
+  seq = len(ex["prompt_ids"]) + len(ex["chosen_ids"])
+  assert seq == spec["length"], f"TRL tokenized a sequence to {seq} tokens, not {spec['length']}"
+  assert list(ex["prompt_ids"]) == [int(i) for i in data["prompt"][0]]
+  trainer.train()
+  timed = times[spec["warmup"] - 1:] if spec["warmup"] else [times[0]] + times
+  step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
+  print("RESULT " + json.dumps({
+      "framework": "trl", "trl": trl.__version__, "torch": torch.__version__,
+      "threads": torch.get_num_threads(),
+      "params": sum(p.numel() for p in model.parameters()), "step_s": step_s,
+      "tokens_per_s": 2 * B * spec["length"] / step_s}))
+
+
+def run_trl(trl_python: str, spec_path: str) -> dict:
+  """The TRL side in its own environment's python; its RESULT line as a dict."""
+  proc = subprocess.run([trl_python, os.path.abspath(__file__), "--_trl-worker", spec_path],
+                        capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    sys.exit(f"TRL run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+             f"{proc.stderr[-3000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+# --- jaxalign (this environment) ----------------------------------------------
+
+def run_jaxalign(model_cfg, prompt, chosen, rejected, *, batch: int, warmup: int,
+                 steps: int) -> dict:
+  import jax
+  from jaxalign import losses, sharding
+  from jaxalign.train import loop, optim, step as step_lib
+
+  devices = jax.devices()[:1]
+  mesh = sharding.make_mesh((1, 1, 1), devices)
+  rules = tuple(tuple(r) for r in __import__("jaxalign.config").config.DEFAULT_RULES)
+  tx, schedule = optim.make_optimizer(lr=1e-4, warmup_steps=1, total_steps=10**6)
+  graphdef, _, state_shardings, init_fn = loop.build_model_and_state(
+      model_cfg, tx, mesh, rules, seed=0, keep_reference=False)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step_fn = step_lib.jit_train_step(
+      graphdef=graphdef, tx=tx, schedule=schedule,
+      loss_call=step_lib.make_loss_call(losses.get("dpo"), dict(beta=0.1,
+                                                                 label_smoothing=0.0)),
+      chunk_size=8192, accum_steps=1, skip_nonfinite=False, state_shardings=state_shardings,
+      batch_sharding=batch_sharding, replicated=sharding.replicated(mesh))
+
+  P, R = prompt.shape[1], chosen.shape[1]
+  T = P + R
+  loss_mask = np.zeros((batch, 2, T), np.int32)
+  loss_mask[:, :, P:] = 1
+  attention = np.ones((batch, 2, T), np.int32)
+
+  def host_batch(i):
+    sl = slice(i * batch, (i + 1) * batch)
+    tokens = np.stack([np.concatenate([prompt[sl], chosen[sl]], 1),
+                       np.concatenate([prompt[sl], rejected[sl]], 1)], axis=1).astype(np.int32)
+    # Precomputed reference columns (values do not change the work done).
+    ref = np.full((batch, 2), -float(R) * np.log(model_cfg.vocab_size), np.float32)
+    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask,
+            "ref_logps": ref}
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    for i in range(warmup):
+      state, metrics = step_fn(state, sharding.host_to_global(host_batch(i), batch_sharding))
+    jax.block_until_ready((state, metrics))
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+      state, metrics = step_fn(state, sharding.host_to_global(host_batch(i), batch_sharding))
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - t0) / steps
+  return {"framework": "jaxalign", "jax": jax.__version__, "params": model_cfg.num_params(),
+          "step_s": step_s, "tokens_per_s": 2 * batch * T / step_s,
+          "loss": float(metrics["loss"])}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--trl-python", help="python of an environment with trl and torch")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--batch", type=int, default=8, help="pairs per step")
+  ap.add_argument("--length", type=int, default=128, help="tokens per sequence")
+  ap.add_argument("--prompt-length", type=int, default=32)
+  ap.add_argument("--vocab", type=int, default=2048)
+  ap.add_argument("--d-model", type=int, default=256)
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--heads", type=int, default=4)
+  ap.add_argument("--kv-heads", type=int, default=2)
+  ap.add_argument("--d-ff", type=int, default=688)
+  ap.add_argument("--repeats", type=int, default=1,
+                  help="alternate TRL and jaxalign this many times; report the best of each")
+  ap.add_argument("--_trl-worker", dest="trl_worker", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.trl_worker:
+    return trl_worker(args.trl_worker)
+  if not args.trl_python:
+    ap.error("--trl-python is required (the python of the TRL environment)")
+
+  sys.path.insert(0, ROOT)
+  from jaxalign.models import hf
+  from jaxalign.models.transformer import ModelConfig
+
+  model_cfg = ModelConfig(
+      vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+      n_kv_heads=args.kv_heads, head_dim=args.d_model // args.heads, d_ff=args.d_ff,
+      max_seq_len=args.length, rope_theta=10000.0, norm_eps=1e-5)
+  num_pairs = args.batch * (args.warmup + args.steps)
+  prompt, chosen, rejected = make_data(num_pairs, vocab=args.vocab, prompt_len=args.prompt_length,
+                                       length=args.length, seed=0)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    data_path = os.path.join(tmp, "data.npz")
+    np.savez(data_path, prompt=prompt, chosen=chosen, rejected=rejected)
+    spec_path = os.path.join(tmp, "spec.json")
+    json.dump({"hf_config": hf.config_to_hf(model_cfg, "LlamaForCausalLM"), "data": data_path,
+               "vocab": args.vocab, "batch": args.batch, "length": args.length,
+               "warmup": args.warmup, "steps": args.steps}, open(spec_path, "w"))
+    trl_runs, jx_runs = [], []
+    for r in range(args.repeats):   # alternate, so a change in machine load hits both
+      print(f"[{r + 1}/{args.repeats}] TRL ({args.trl_python}) ...", file=sys.stderr)
+      trl_runs.append(run_trl(args.trl_python, spec_path))
+      print(f"[{r + 1}/{args.repeats}] jaxalign ...", file=sys.stderr)
+      jx_runs.append(run_jaxalign(model_cfg, prompt, chosen, rejected, batch=args.batch,
+                                  warmup=args.warmup, steps=args.steps))
+  # Best (fastest) repeat of each: the one least disturbed by other load.
+  trl_result = min(trl_runs, key=lambda x: x["step_s"])
+  jx = min(jx_runs, key=lambda x: x["step_s"])
+
+  ratio = jx["tokens_per_s"] / trl_result["tokens_per_s"]
+  print(f"\nDPO step, {model_cfg.num_params() / 1e6:.2f}M params (d_model {args.d_model}, "
+        f"{args.layers} layers, vocab {args.vocab}), {args.batch} pairs x 2 x {args.length} "
+        f"tokens, float32, CPU ({os.cpu_count()} cores); {args.steps} timed steps after "
+        f"{args.warmup} warm-up")
+  print(f"  TRL {trl_result['trl']} (torch {trl_result['torch']}, "
+        f"{trl_result['threads']} threads, {trl_result['params'] / 1e6:.2f}M params): "
+        f"{trl_result['step_s'] * 1e3:8.1f} ms/step {trl_result['tokens_per_s']:9.0f} tokens/s")
+  print(f"  jaxalign (jax {jx['jax']}):{'':>38}{jx['step_s'] * 1e3:8.1f} ms/step "
+        f"{jx['tokens_per_s']:9.0f} tokens/s")
+  print(f"  ratio jaxalign / TRL: {ratio:.2f}x   (best of {args.repeats}; all step ms: TRL "
+        + ", ".join(f"{x['step_s'] * 1e3:.1f}" for x in trl_runs) + "; jaxalign "
+        + ", ".join(f"{x['step_s'] * 1e3:.1f}" for x in jx_runs) + ")")
+  print("JSON " + json.dumps({"bench": "compare_trl", "date": time.strftime("%Y-%m-%d"),
+                              "args": {k: v for k, v in vars(args).items() if k != "trl_worker"},
+                              "trl": trl_result, "jaxalign": jx, "ratio": ratio,
+                              "trl_runs": trl_runs, "jaxalign_runs": jx_runs,
+                              "loadavg": os.getloadavg()}))
+
+
+if __name__ == "__main__":
+  main()
