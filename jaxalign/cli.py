@@ -37,6 +37,20 @@ def _die(command: str, message: str, status: int = 2) -> int:
   return status
 
 
+def _config_value(config_flag):
+  """The --config ConfigDict; a file that failed to load raises OSError here.
+
+  (ml_collections defers a load failure to the first attribute access.)
+  """
+  config = config_flag.value
+  try:
+    config.to_dict  # noqa: B018  the deferred error surfaces on access
+  except OSError as e:  # its last line says why (e.g. no such file)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raise OSError(f"--config: {lines[-1] if lines else e}") from None
+  return config
+
+
 def _train(argv: list[str]) -> int:
   from absl import flags
   from ml_collections import config_flags
@@ -59,7 +73,7 @@ def _train(argv: list[str]) -> int:
       raise flags.Error("--config is required")
     if not fv.workdir:
       raise flags.Error("--workdir is required")
-    config = config_flag.value
+    config = _config_value(config_flag)
     cluster = _cluster(fv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     return _die("train", _flag_message(e, argv))
@@ -136,7 +150,7 @@ def _plan(argv: list[str]) -> int:
       raise flags.Error("--config is required")
     if (fv.topology is None) == (fv.devices is None):
       raise flags.Error("give exactly one of --topology or --devices")
-    config = config_flag.value
+    config = _config_value(config_flag)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     return _die("plan", _flag_message(e, argv))
 

@@ -49,6 +49,7 @@ def test_the_compile_spy_sees_a_compile():
     ("--config.data.train_path=/nonexistent/pairs.jsonl", "config.data.train_path:"),
     ("--config.data.tokenizer=/nonexistent/tokenizer", "config.data.tokenizer: cannot load"),
     ("--config.init_from=/nonexistent/run", "config.init_from: /nonexistent/run is not"),
+    ("--config.model.hf_path=/nonexistent/hf", "config.model.hf_path: cannot read"),
     ("--config.data.on_error=ignore", "config.data.on_error"),
     ("--config.checkpoint.every=0", "config.checkpoint.every"),
 ])
@@ -64,3 +65,12 @@ def test_bad_config_exits_2_with_one_line_compiles_and_writes_nothing(
   assert expected in err[0], err[0]
   assert not events, f"compiled before failing: {events}"
   assert not workdir.exists()
+
+
+def test_missing_config_file_exits_2_with_one_line(tmp_path, capsys):
+  status, err = run_cli(capsys, "--config=/nonexistent/recipe.py",
+                        f"--workdir={tmp_path / 'run'}", "--noprogress")
+  assert status == 2, err
+  assert err == ["jaxalign train: error: --config: [Errno 2] No such file or directory: "
+                 "'/nonexistent/recipe.py'"], err
+  assert not (tmp_path / "run").exists()
