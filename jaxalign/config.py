@@ -7,6 +7,7 @@ offending key. Code below the CLI receives plain values, never the ConfigDict.
 """
 
 import math
+from typing import Any
 
 import ml_collections
 
@@ -177,6 +178,18 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
   if math.prod(shape) != num_devices:
     _fail("mesh.shape", f"{shape} uses {math.prod(shape)} devices but {num_devices} are available")
   return shape
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
+                    ) -> ml_collections.ConfigDict:
+  """Sets each dotted key ("optim.lr", "lora.rank", ...) of `overrides` in `c`; returns `c`."""
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:

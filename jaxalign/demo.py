@@ -102,13 +102,7 @@ def aligned_config(method: str, data_dir: str, sft_dir: str,
       c.online.samples_per_prompt = spec["online"]["samples_per_prompt"]
     if "iterative" in spec:
       c.iterative.update(spec["iterative"])
-  for key, value in spec.get("config", {}).items():   # e.g. LoRA settings
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.apply_overrides(c, spec.get("config", {}))   # e.g. LoRA settings
 
 
 def dpo_config(data_dir: str, sft_dir: str, seed: int = 0) -> ml_collections.ConfigDict:

@@ -54,13 +54,7 @@ def sft_config(data_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
 
 
 def _set(c, overrides: dict):
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.apply_overrides(c, overrides)
 
 
 def continual_config(method: str, workdir: str, seed: int = 0) -> ml_collections.ConfigDict:

@@ -15,18 +15,12 @@ from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.models import lora, transformer
 from jaxalign.train import loop, optim, step as step_lib
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import random_batch, read_metrics, tiny_config
 
 LOG2 = np.float32(np.log(2.0))
 
 
-def _batch(rng, b=8, s=2, t=12, vocab=32):
-  tokens = rng.integers(4, vocab, size=(b, s, t)).astype(np.int32)
-  attention = np.ones((b, s, t), np.int32)
-  attention[:, :, -2:] = 0
-  loss_mask = attention.copy()
-  loss_mask[:, :, :4] = 0
-  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+_batch = random_batch
 
 
 def _setup(*, rank=4, frozen_ref=True, dropout=0.0, targets=("q", "k", "v", "o", "gate",

@@ -4,6 +4,7 @@ import json
 import os
 
 import ml_collections
+import numpy as np
 
 from jaxalign import config as config_lib
 
@@ -30,15 +31,19 @@ def tiny_config(loss: str = "dpo", **overrides) -> ml_collections.ConfigDict:
   c.total_steps = 5
   c.log_every = 1
   c.checkpoint.every = 5
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.apply_overrides(c, overrides)
 
 
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def random_batch(rng, b=8, s=2, t=12, vocab=32) -> dict:
+  """A [b, s, t] batch of random tokens: the last 2 positions padding, the first 4 prompt."""
+  tokens = rng.integers(4, vocab, size=(b, s, t)).astype(np.int32)
+  attention = np.ones((b, s, t), np.int32)
+  attention[:, :, -2:] = 0
+  loss_mask = attention.copy()
+  loss_mask[:, :, :4] = 0
+  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}

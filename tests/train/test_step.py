@@ -10,7 +10,7 @@ from flax import nnx
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.train import loop, optim, step as step_lib
-from tests.train.helpers import tiny_config
+from tests.train.helpers import random_batch, tiny_config
 
 
 def _setup(shape=(2, 2, 2)):
@@ -25,13 +25,7 @@ def _setup(shape=(2, 2, 2)):
   return cfg, mesh, rules, tx, sched, graphdef, abstract, shardings, state
 
 
-def _batch(rng, b=8, s=2, t=12, vocab=32):
-  tokens = rng.integers(4, vocab, size=(b, s, t)).astype(np.int32)
-  attention = np.ones((b, s, t), np.int32)
-  attention[:, :, -2:] = 0
-  loss_mask = attention.copy()
-  loss_mask[:, :, :4] = 0
-  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+_batch = random_batch
 
 
 def test_step_compiles_once_and_params_follow_the_rules():
