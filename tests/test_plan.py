@@ -113,8 +113,7 @@ def test_chip_table():
 
 # --- TPU: compiled for abstract TPU devices; needs libtpu, not a TPU. ---
 # Marked `tpu`: the README's `pytest` deselects them (pyproject addopts);
-# `pytest -m tpu` runs them all; .ci/run, after installing the tpu extra, runs
-# `pytest -m "tpu and not tpu_long"`.
+# `pytest -m tpu` runs them all, as .ci/run does after installing the tpu extra.
 
 @pytest.mark.tpu
 def test_tiny_dpo_compiles_for_a_tpu_slice():
@@ -153,11 +152,8 @@ def test_a_step_that_does_not_fit_reports_it():
 
 @pytest.mark.tpu
 # Each compile takes minutes of one core (4-9 CPU minutes, up to 13 GiB of host
-# memory); CI runs the 8B recipe and leaves the others, marked tpu_long, to
-# `pytest -m tpu` (docs/performance.md has the times).
-@pytest.mark.parametrize("name", [
-    name if name == "llama3_8b_dpo" else pytest.param(name, marks=pytest.mark.tpu_long)
-    for name in REAL_SCALE])
+# memory); CI runs them all after the README suite (docs/performance.md has the times).
+@pytest.mark.parametrize("name", REAL_SCALE)
 def test_real_scale_recipe_fits_its_slice(name):
   pytest.importorskip("libtpu")
   recipe = _load_recipe(name)
