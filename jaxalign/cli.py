@@ -312,20 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE)
     return 0 if argv else 2
   command, rest = argv[0], argv[1:]
-  if command == "train":
-    return _train(rest)
-  if command == "demo":
-    return _demo(rest)
-  if command == "plan":
-    return _plan(rest)
-  if command == "export":
-    return _export(rest)
-  if command == "generate":
-    return _generate(rest)
-  if command == "generate-candidates":
-    return _generate_candidates(rest)
-  print(USAGE, file=sys.stderr)
-  return _die(command, f"unknown command {command!r}")
+  commands = {"train": _train, "demo": _demo, "plan": _plan, "export": _export,
+              "generate": _generate, "generate-candidates": _generate_candidates}
+  if command not in commands:
+    print(USAGE, file=sys.stderr)
+    return _die(command, f"unknown command {command!r}")
+  return commands[command](rest)
 
 
 if __name__ == "__main__":
