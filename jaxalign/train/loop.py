@@ -508,12 +508,12 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
 
 # Resolved-config keys compared before resuming: the objective may change only
 # with config.allow_config_change; the state's structure (model architecture,
-# data format, a frozen reference copy) never. ModelConfig.dtype and .remat are
-# compute choices and may change freely.
+# data format, a frozen reference copy) never. ModelConfig.dtype, .remat
+# and .attention are compute choices and may change freely.
 OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options", "reward.name", "reward.options",
                   "online.regenerate_every", "sampling.max_new_tokens", "sampling.temperature",
                   "sampling.top_k", "sampling.top_p")
-FREE_MODEL_FIELDS = ("dtype", "remat")
+FREE_MODEL_FIELDS = ("dtype", "remat", "attention")
 
 
 def _flat(d, prefix: str) -> dict[str, Any]:
