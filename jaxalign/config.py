@@ -57,6 +57,9 @@ def defaults() -> ml_collections.ConfigDict:
   # config.json replaces the preset (overrides still apply), its weights the random
   # init, its tokenizer the default one (when data.tokenizer is empty).
   c.model.hf_path = ""
+  # Attention kernel (jaxalign.models.attention): "auto" (splash on TPU, cudnn on
+  # GPU, xla on CPU) | "xla" | "cudnn" | "splash"; a compute choice, free on resume.
+  c.model.attention = "auto"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)   # -1: all remaining devices
@@ -245,6 +248,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.reference.mode not in ("precompute", "frozen"):
     _fail("reference.mode", f"must be 'precompute' or 'frozen', got {c.reference.mode!r}")
 
+  from jaxalign.models import attention  # local: keeps config import light
+  if c.model.get("attention", "auto") not in attention.IMPLEMENTATIONS:
+    _fail("model.attention", f"must be one of {attention.IMPLEMENTATIONS}, got "
+          f"{c.model.attention!r}")
   if c.model.preset not in transformer.PRESETS:
     _fail("model.preset", f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
   try:
@@ -466,4 +473,5 @@ def model_config(c: ml_collections.ConfigDict):
   unknown = set(over) - set(base)
   if unknown:
     raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
-  return transformer.ModelConfig.from_dict({**base, **over})
+  attention = {"attention": c.model.get("attention", "auto")}
+  return transformer.ModelConfig.from_dict({**base, **attention, **over})

@@ -18,17 +18,24 @@ Figures (all per device unless named otherwise):
   flops_per_step: `compiled.cost_analysis()["flops"]` of the partitioned
     (per-device) program, times the device count for the whole step. It counts
     what XLA runs: rematerialized forwards included.
-  model_flops_per_token: 6 * N for the policy's forward and backward, plus
-    2 * N when a frozen reference copy runs a forward in the step
-    (reference.mode="frozen"); N = ModelConfig.num_params() (embeddings
-    included, attention-score FLOPs left out: the usual "6N" convention).
-    model_flops_per_step = model_flops_per_token * tokens_per_step, where
-    tokens_per_step = batch_size * S * max_length (padding included: the
-    planner cannot know the data).
-  predicted step time / MFU: from XLA's own time estimate when the cost
-    analysis carries one ("optimal_seconds"); otherwise a roofline from XLA's
-    counts, max(flops / peak, bytes accessed / HBM bandwidth), marked as such.
-    MFU = model_flops_per_step / (step time * devices * peak bf16 FLOP/s).
+  model_flops_per_step: jaxalign.flops.model_flops (6N per token for the
+    policy's forward and backward, + 2N for a frozen reference's forward, N the
+    matmul parameters, plus the causal/window-aware attention-score FLOPs;
+    docs/performance.md) over batch_size * S sequences of max_length tokens
+    (every token counted real: the planner cannot know the data);
+    model_flops_per_token = model_flops_per_step / tokens_per_step.
+  attention kernel: a fused kernel (splash on TPU, cudnn on GPU) is opaque to
+    XLA's cost analysis, which then counts none of its FLOPs or time. When the
+    step uses one, its FLOPs are counted analytically
+    (jaxalign.flops.attention_kernel_flops: masked blocks skipped, backward
+    2.5 x forward) and its time estimated as a roofline at
+    flops.KERNEL_EFFICIENCY of the chip's peak; both are reported apart from
+    the XLA-visible figures and the time is added to the step's.
+  predicted step time / MFU: XLA's own time estimate when the cost analysis
+    carries one ("optimal_seconds"); otherwise a roofline from XLA's counts,
+    max(flops / peak, bytes accessed / HBM bandwidth), marked as such; plus the
+    kernel time above. MFU = model_flops_per_step / (step time * devices * peak
+    bf16 FLOP/s), so work hidden from XLA can never raise it.
     On CPU there is no known peak, so neither is given.
 """
 
@@ -46,7 +53,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxalign import config as config_lib
+from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
+from jaxalign.models import attention as attention_lib
 from jaxalign.train import optim, step as step_lib
 
 GiB = 1024 ** 3
@@ -176,11 +185,6 @@ def _shape_overrides(config) -> bool:
   return bool(set(config.model.overrides.keys()) - {"dtype", "param_dtype", "remat"})
 
 
-def model_flops_per_token(num_params: int, *, frozen_reference: bool) -> int:
-  """6N for the policy's forward + backward, + 2N for a frozen reference forward."""
-  return 6 * num_params + (2 * num_params if frozen_reference else 0)
-
-
 def _cost(compiled) -> dict[str, float]:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
@@ -241,7 +245,8 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   num_params = model_cfg.num_params()
   B, S, T = batch["tokens"].shape
   tokens = B * S * T
-  per_token = model_flops_per_token(num_params, frozen_reference=frozen_ref)
+  lengths = [T] * (B * S)
+  model_flops = flops_lib.model_flops(model_cfg, lengths, frozen_reference=frozen_ref)
   out: dict[str, Any] = {
       "target": target, "num_devices": n,
       "device_kind": getattr(devs[0], "device_kind", devs[0].platform),
@@ -249,7 +254,7 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
       "loss": config.loss.name, "num_params": num_params,
       "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
-      "model_flops_per_token": per_token, "model_flops_per_step": per_token * tokens,
+      "model_flops_per_token": model_flops / tokens, "model_flops_per_step": model_flops,
       "hbm_bytes": chip.hbm_bytes if chip else None,
   }
 
@@ -299,14 +304,35 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
                 "estimate)")
   else:
     estimate = "none: no time estimate from XLA and no known peak for this device"
+  out.update(_attention_kernel_part(model_cfg, devs[0].platform, lengths, n, chip,
+                                    frozen_reference=frozen_ref))
+  out["xla_step_seconds"] = seconds
+  if seconds is not None and out["kernel_flops_per_step"]:
+    seconds = seconds + out["kernel_seconds"] if out["kernel_seconds"] is not None else None
   out["predicted_step_seconds"] = seconds
-  out["predicted_mfu"] = (per_token * tokens / (seconds * n * chip.peak_flops)
+  out["predicted_mfu"] = (model_flops / (seconds * n * chip.peak_flops)
                           if seconds and chip else None)
   out["predicted_tokens_per_second"] = tokens / seconds if seconds else None
   out["estimate"] = estimate
   if verbose:
     print(format_plan(out))
   return out
+
+
+def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip | None, *,
+                           frozen_reference: bool) -> dict[str, Any]:
+  """The attention kernel the step uses and, when XLA cannot see it, its FLOPs and time."""
+  impl, _ = attention_lib.choose(
+      model_cfg.attention, platform, seq_len=lengths[0], kv_len=lengths[0],
+      dtype=model_cfg.dtype, softcap=model_cfg.attn_logit_softcap, decode=False)
+  opaque = impl in ("splash", "cudnn") and platform in ("tpu", "gpu")
+  kernel = (flops_lib.attention_kernel_flops(
+      model_cfg, lengths, frozen_reference=frozen_reference,
+      recompute_forward=flops_lib.remat_on(model_cfg)) if opaque else 0.0)
+  kernel_seconds = (kernel / n / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY)
+                    if opaque and chip else None)
+  return {"attention": impl, "kernel_flops_per_step": kernel,
+          "kernel_flops_per_device": kernel / n, "kernel_seconds": kernel_seconds}
 
 
 def _gib(x) -> str:
@@ -350,6 +376,10 @@ def format_plan(p: dict[str, Any]) -> str:
       f"  fits: {p['fits']}",
       f"  FLOPs per step (XLA)      {_num(p['flops_per_step'], 'FLOP')} "
       f"({_num(p['flops_per_device'], 'FLOP')} per device)",
+      f"  attention kernel          {p['attention']}"
+      + (f": + {_num(p['kernel_flops_per_step'], 'FLOP')} per step invisible to XLA, "
+         f"counted analytically ({_num(p['kernel_flops_per_device'], 'FLOP')} per device)"
+         if p["kernel_flops_per_step"] else " (its FLOPs are in XLA's count)"),
       f"  model FLOPs per token     {_num(p['model_flops_per_token'], 'FLOP')} "
       f"(per step {_num(p['model_flops_per_step'], 'FLOP')})",
   ]
@@ -358,5 +388,9 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append(f"  predicted step time {p['predicted_step_seconds'] * 1e3:.1f} ms, "
                  f"{_num(p['predicted_tokens_per_second'])} tokens/s"
                  + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+    if p.get("kernel_seconds"):
+      lines.append(f"    = XLA-visible {p['xla_step_seconds'] * 1e3:.1f} ms + attention "
+                   f"kernel {p['kernel_seconds'] * 1e3:.1f} ms (roofline at "
+                   f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak)")
   lines.append(f"  estimate: {p['estimate']}")
   return "\n".join(lines)

@@ -30,6 +30,7 @@ def _run(capsys, *args):
     ("--config.data.max_length=4096", "config.data.max_length"),  # over max_seq_len
     ("--config.loss.name=nope", "config.loss.name"),
     ("--config.reference.mode=sometimes", "config.reference.mode"),
+    ("--config.model.attention=flash", "config.model.attention"),
 ])
 def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, override,
                                                              expected):

@@ -13,6 +13,7 @@ import jax
 import pytest
 
 from jaxalign import config as config_lib
+from jaxalign import flops as flops_lib
 from jaxalign import plan as plan_lib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -41,21 +42,21 @@ def test_tiny_dpo_on_cpu8_gives_sane_figures():
   assert p["memory_total"] > 0 and p["memory_arguments"] > 0 and p["memory_temporaries"] > 0
   assert p["flops_per_device"] > 0 and p["flops_per_step"] == p["flops_per_device"] * 8
   assert p["fits"] is True and "error" not in p
-  # Precomputed reference: the policy's forward + backward only.
+  # Precomputed reference: the policy's forward + backward only: 6N per token, N
+  # without the untied 32 x 64 input table, plus 3x the causal attention forward
+  # (4 * 4 heads * 16 dims per pair, 64 * 65 / 2 pairs, 2 layers) per sequence.
   assert p["num_params"] == n
-  assert p["model_flops_per_token"] == 6 * n
-  assert p["model_flops_per_step"] == 6 * n * 8 * 2 * 64
+  attention = 3 * 2 * 4 * 4 * 16 * (64 * 65 // 2) * 8 * 2
+  assert p["model_flops_per_step"] == 6 * (n - 32 * 64) * 8 * 2 * 64 + attention
+  assert p["model_flops_per_token"] == p["model_flops_per_step"] / (8 * 2 * 64)
+  # On CPU attention runs as XLA ops: nothing is hidden from the cost analysis.
+  assert p["attention"] == "xla" and p["kernel_flops_per_step"] == 0
   # Forward + backward of the tiny model cost more than 2N per token, and the
   # compiled step should be within a small factor of 6N (attention, logits, optimizer).
   assert 0.5 < p["flops_per_step"] / p["model_flops_per_step"] < 5
   assert p["predicted_mfu"] is None and "none" in p["estimate"]   # no CPU peak
   text = plan_lib.format_plan(p)
   assert "fits: True" in text and "temporaries" in text
-
-
-def test_model_flops_formula_counts_a_frozen_reference_forward():
-  assert plan_lib.model_flops_per_token(1000, frozen_reference=False) == 6000
-  assert plan_lib.model_flops_per_token(1000, frozen_reference=True) == 8000
 
 
 def test_abstract_batch_follows_the_loss_format():
@@ -122,6 +123,29 @@ def test_tiny_dpo_compiles_for_a_tpu_slice():
   assert p["num_devices"] == 8 and p["device_kind"].startswith("TPU")
   assert p["fits"] and 0 < p["memory_total"] < p["hbm_bytes"]
   assert p["flops_per_step"] > 0 and p["predicted_step_seconds"] > 0
+
+
+@pytest.mark.tpu
+def test_splash_step_compiles_for_a_tpu_slice_and_its_kernel_is_counted():
+  pytest.importorskip("libtpu")
+  plans = {}
+  for impl in ("xla", "splash"):
+    c = _tiny_dpo()
+    c.model.attention = impl
+    c.model.overrides = c.model.overrides.__class__(dict(max_seq_len=128))
+    c.data.max_length, c.data.max_prompt_length = 128, 64
+    plans[impl] = plan_lib.plan(c, topology="v5p:2x2x2")
+  p, ref = plans["splash"], plans["xla"]
+  assert p["fits"] and p["attention"] == "splash" and ref["attention"] == "xla"
+  cfg = config_lib.model_config(c)
+  assert p["kernel_flops_per_step"] == flops_lib.attention_kernel_flops(cfg, [128] * 16) > 0
+  assert ref["kernel_flops_per_step"] == 0
+  # The kernel is invisible to XLA: its count drops below the einsum step's...
+  assert p["flops_per_step"] < ref["flops_per_step"]
+  # ...so its time is added, and the model FLOPs (the MFU numerator) do not change.
+  assert p["predicted_step_seconds"] == pytest.approx(p["xla_step_seconds"] + p["kernel_seconds"])
+  assert p["model_flops_per_step"] == ref["model_flops_per_step"]
+  assert "invisible to XLA" in plan_lib.format_plan(p)
 
 
 @pytest.mark.tpu

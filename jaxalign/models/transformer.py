@@ -37,8 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Large negative, finite: a fully masked row gives a uniform softmax, not NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from jaxalign.models import attention as attention_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +84,11 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  # Attention kernel: "auto" | "xla" | "cudnn" | "splash" (jaxalign.models.attention).
+  attention: str = "auto"
 
   def __post_init__(self):
+    attention_lib.check_implementation(self.attention)
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                        f"n_kv_heads={self.n_kv_heads}")
@@ -316,10 +318,14 @@ class Attention(nnx.Module):
                   else Dh) ** -0.5
     self.softcap = c.attn_logit_softcap
     self.window = window
+    self.implementation = c.attention
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
-               inv_freq: jax.Array, cache: tuple | None = None):
+               inv_freq: jax.Array, cache: tuple | None = None,
+               segment_ids: jax.Array | None = None):
     """x: [B, T, D]; positions: [B, T]; key_mask: [B, T] bool. Returns [B, T, D].
+
+    segment_ids: [B, T] int >= 0 (packed sequences): no attention across segments.
 
     With ``cache = (k [B, S, KV, Dh], v, index [] int32)`` the T new keys and
     values are written at slots index..index+T-1, queries attend to every
@@ -327,7 +333,6 @@ class Attention(nnx.Module):
     and the result is ``([B, T, D], (new_k, new_v))``.
     """
     dt = self.dtype
-    B, T, _ = x.shape
     q = _project(self, "q", "btd,dhk->bthk", x)
     k = _project(self, "k", "btd,dgk->btgk", x)
     v = _project(self, "v", "btd,dgk->btgk", x)
@@ -344,24 +349,11 @@ class Attention(nnx.Module):
       k_cache, v_cache, q_offset = cache
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), q_offset, 1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), q_offset, 1)
-    # Query head h uses kv head h // n_rep (HF repeat_kv order).
-    G = k.shape[2]
-    q = q.reshape(B, T, G, self.n_rep, q.shape[-1])                   # [B, T, G, R, Dh]
-    logits = jnp.einsum("btgrk,bsgk->bgrts", q, k,
-                        preferred_element_type=jnp.float32) * self.scale
-    logits = _softcap(logits, self.softcap)
-    # Slot indices; left padding keeps real tokens contiguous, so slot
-    # distance is position distance (the window is the same either way).
-    q_idx = q_offset + jnp.arange(T)[:, None]
-    k_idx = jnp.arange(k.shape[1])[None, :]
-    allowed = k_idx <= q_idx                                           # [T, S]
-    if self.window is not None:
-      allowed &= k_idx > q_idx - self.window
-    allowed = allowed[None] & key_mask[:, None, :]                     # [B, T, S]
-    logits = jnp.where(allowed[:, None, None], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v)
-    out = out.reshape(B, T, G * self.n_rep, -1)                        # [B, T, H, Dh]
+    out = attention_lib.attention(
+        q, k, v, scale=self.scale, softcap=self.softcap, window=self.window,
+        key_mask=key_mask, q_offset=q_offset if cache is not None else None,
+        q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+        implementation=self.implementation)                            # [B, T, H, Dh]
     out = _project(self, "o", "bthk,hkd->btd", out)
     if cache is not None:
       return out, (k, v)
@@ -406,10 +398,12 @@ class Block(nnx.Module):
     self.post_mlp_norm = norm() if c.post_norms else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
-               inv_freq: jax.Array, cache: tuple | None = None):
+               inv_freq: jax.Array, cache: tuple | None = None,
+               segment_ids: jax.Array | None = None):
     """[B, T, D] -> [B, T, D]; with a cache (see Attention) also the new (k, v)."""
     new_kv = None
-    h = self.attn(self.attn_norm(x), positions, key_mask, inv_freq, cache=cache)
+    h = self.attn(self.attn_norm(x), positions, key_mask, inv_freq, cache=cache,
+                  segment_ids=segment_ids)
     if cache is not None:
       h, new_kv = h
     if self.post_attn_norm is not None:
@@ -423,8 +417,8 @@ class Block(nnx.Module):
     return x + h
 
 
-def _run_block(block: Block, x, positions, key_mask, inv_freq):
-  return block(x, positions, key_mask, inv_freq)
+def _run_block(block: Block, x, positions, key_mask, inv_freq, segment_ids=None):
+  return block(x, positions, key_mask, inv_freq, segment_ids=segment_ids)
 
 
 class Embed(nnx.Module):
@@ -468,7 +462,8 @@ class Transformer(nnx.Module):
                             ("embed", "vocab"), pd)
 
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """Hidden states after the final norm.
 
     Args:
@@ -476,6 +471,8 @@ class Transformer(nnx.Module):
       attention_mask: [B, T] bool/int, 1 for real tokens (left or right padding).
       positions: [B, T] int rope positions; default cumsum(attention_mask) - 1,
         clipped at 0, so a sequence's first real token is position 0.
+      segment_ids: [B, T] int >= 0: tokens attend only within their segment
+        (packed sequences; give their positions too). None: one segment per row.
 
     Returns:
       [B, T, D] in the compute dtype. Rows at padding positions are finite but
@@ -488,7 +485,7 @@ class Transformer(nnx.Module):
     x = self._embed(tokens)                                            # [B, T, D]
     run = nnx.remat(_run_block) if c.remat else _run_block
     for block, inv_freq in zip(self.layers, self._layer_inv_freqs()):
-      x = run(block, x, positions, key_mask, inv_freq)
+      x = run(block, x, positions, key_mask, inv_freq, segment_ids)
     return self.final_norm(x)
 
   def _embed(self, tokens: jax.Array) -> jax.Array:

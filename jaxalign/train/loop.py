@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
+from jaxalign import flops as flops_lib
 from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
@@ -451,6 +452,11 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
              disable=not (progress and is_main), dynamic_ncols=True)
   stopped = False
   window_tokens, window_start = 0, time.perf_counter()
+  # perf/model_tflops_per_device and perf/mfu over real tokens (docs/performance.md).
+  perf = flops_lib.Utilization.for_devices(model_cfg, devices, frozen_reference=frozen_ref,
+                                           lora=lora_cfg.enabled,
+                                           policy_passes=max(1, len(modules)))
+  window_flops = 0.0
   batch_sharding = sharding.batch_sharding(mesh, rules)
   with jax.set_mesh(mesh):
     end = config.total_steps if stop_after is None else min(config.total_steps,
@@ -460,6 +466,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       if expand is not None:  # online: sample from the live policy, score, group
         host_batch, host_metrics = expand(state, host_batch, step)
       window_tokens += int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
+      window_flops += perf.batch_flops(host_batch["attention_mask"]) * jax.process_count()
       batch = sharding.host_to_global(
           {k: v for k, v in host_batch.items() if k not in HOST_ONLY_KEYS}, batch_sharding)
       state, metrics = step_fn(state, batch)
@@ -483,9 +490,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
         elapsed = time.perf_counter() - window_start
         last = {k: float(v) for k, v in metrics.items()}
         last["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+        last.update(perf.metrics(window_flops, elapsed))
         last["nonfinite_steps"] = float(num_nonfinite)
         last.update(host_metrics)
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         if is_log_step:
           writer.write(done, last)
           bar.set_postfix({k: f"{last[k]:.3g}" for k in (
@@ -508,12 +516,12 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
 
 # Resolved-config keys compared before resuming: the objective may change only
 # with config.allow_config_change; the state's structure (model architecture,
-# data format, a frozen reference copy) never. ModelConfig.dtype and .remat are
-# compute choices and may change freely.
+# data format, a frozen reference copy) never. ModelConfig.dtype, .remat
+# and .attention are compute choices and may change freely.
 OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options", "reward.name", "reward.options",
                   "online.regenerate_every", "sampling.max_new_tokens", "sampling.temperature",
                   "sampling.top_k", "sampling.top_p")
-FREE_MODEL_FIELDS = ("dtype", "remat")
+FREE_MODEL_FIELDS = ("dtype", "remat", "attention")
 
 
 def _flat(d, prefix: str) -> dict[str, Any]:
