@@ -11,6 +11,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+
+from jaxalign import cli_support, runerrors
 
 USAGE = """usage: jaxalign <command> [flags]
 
@@ -32,6 +35,8 @@ commands:
 
 
 def _die(command: str, message: str, status: int = 2) -> int:
+  if runerrors.debug_enabled():   # --verbose / JAXALIGN_DEBUG=1: the full traceback too
+    traceback.print_exc()
   first_line = str(message).strip().splitlines()[0] if str(message).strip() else "error"
   print(f"jaxalign {command}: error: {first_line}", file=sys.stderr)
   return status
@@ -56,6 +61,7 @@ def _train(argv: list[str]) -> int:
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
+  argv, model_overrides = cli_support.split_model_overrides(argv)
   full_argv = ["jaxalign train"] + argv
   # sys_argv: the override flags are discovered from this list, not sys.argv,
   # so main() also works when called from Python.
@@ -74,9 +80,12 @@ def _train(argv: list[str]) -> int:
     if not fv.workdir:
       raise flags.Error("--workdir is required")
     config = _config_value(config_flag)
+    cli_support.apply_model_overrides(config, model_overrides)
     cluster = _cluster(fv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    return _die("train", _flag_message(e, argv))
+    return _die("train", _flag_message(e, argv + [f for f, _, _ in model_overrides]))
+  except Exception as e:  # noqa: BLE001  the recipe file raised (or does not parse)
+    return _die("train", cli_support.config_file_error(e, argv) or _flag_message(e, argv))
 
   from jaxalign import distributed
   distributed.initialize(cluster)   # before anything asks JAX for devices
@@ -84,6 +93,7 @@ def _train(argv: list[str]) -> int:
   if cluster.is_multiprocess:
     logging.getLogger("jaxalign").warning("%s", distributed.describe())
   from jaxalign import config as config_lib
+  from jaxalign import guards
   from jaxalign.data.formats import DataError
   from jaxalign.train import loop
 
@@ -98,13 +108,20 @@ def _train(argv: list[str]) -> int:
     return _die("train", str(e))
   except DataError as e:
     return _die("train", str(e), status=1)
-  except loop.NonFiniteError as e:
-    return _die("train", str(e), status=1)
+  except (loop.NonFiniteError, runerrors.RunError, guards.DivergenceError) as e:
+    return _die("train", str(e), status=1)   # RunError includes runlock.LockedError
   except OSError as e:  # e.g. checkpoint.CheckpointWriteError (disk full), a missing file
     return _die("train", str(e), status=1)
+  if result.already_complete:
+    print(f"already complete: step {result.final_step} of {config.total_steps} in "
+          f"{result.workdir}; raise --config.total_steps to train further")
+    return 0
   if result.stopped_by_signal:
-    print(f"stopped by SIGTERM at step {result.final_step}; checkpoint saved in "
+    print(f"stopped by {result.signal_name} at step {result.final_step}; checkpoint saved in "
           f"{result.workdir}/checkpoints", file=sys.stderr)
+    if result.signal_name == "SIGINT":
+      from jaxalign.train import signals
+      return signals.INTERRUPTED_STATUS   # 130, the shell's status for Ctrl-C
   else:
     print(f"done: step {result.final_step}, loss {result.last_metrics.get('loss', float('nan')):.4f}"
           f", workdir {result.workdir}")
@@ -137,6 +154,7 @@ def _plan(argv: list[str]) -> int:
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
+  argv, model_overrides = cli_support.split_model_overrides(argv)
   full_argv = ["jaxalign plan"] + argv
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "Path to a configs/*.py recipe.", flag_values=fv, lock_config=True,
@@ -151,8 +169,11 @@ def _plan(argv: list[str]) -> int:
     if (fv.topology is None) == (fv.devices is None):
       raise flags.Error("give exactly one of --topology or --devices")
     config = _config_value(config_flag)
+    cli_support.apply_model_overrides(config, model_overrides)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    return _die("plan", _flag_message(e, argv))
+    return _die("plan", _flag_message(e, argv + [f for f, _, _ in model_overrides]))
+  except Exception as e:  # noqa: BLE001  the recipe file raised (or does not parse)
+    return _die("plan", cli_support.config_file_error(e, argv) or _flag_message(e, argv))
 
   from jaxalign import config as config_lib
   from jaxalign import plan as plan_lib
@@ -254,6 +275,9 @@ def _generate_candidates(argv: list[str]) -> int:
 
 def _flag_message(e: Exception, argv: list[str]) -> str:
   """absl/ml_collections errors carry the key; keep the informative first line."""
+  recipe_error = cli_support.config_file_error(e, argv)
+  if recipe_error:   # the recipe file itself raised: its file and line
+    return recipe_error
   if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
     e = e.args[0]  # how ml_collections reports an unknown key in an override
   if isinstance(e, KeyError) and e.args:
@@ -307,6 +331,9 @@ def _demo(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if "--verbose" in argv:   # full tracebacks with each one-line error
+    argv.remove("--verbose")
+    os.environ["JAXALIGN_DEBUG"] = "1"
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE)
@@ -317,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
   if command not in commands:
     print(USAGE, file=sys.stderr)
     return _die(command, f"unknown command {command!r}")
-  return commands[command](rest)
+  cli_support.quiet_startup(command, rest)
+  try:
+    return commands[command](rest)
+  except KeyboardInterrupt:   # Ctrl-C before the run's own handler is installed
+    return _die(command, "interrupted", status=130)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint.every = 50
   c.checkpoint.keep = 2
   c.checkpoint.async_save = True
+  # True: when the latest checkpoint is corrupt, resume from the newest one that loads.
+  c.checkpoint.fallback = False
+  # Stop a finite blow-up of the loss / gradient / parameter norms (jaxalign.guards).
+  from jaxalign import guards  # local: keeps config import light
+  c.divergence = guards.divergence_defaults()
   return c
 
 
@@ -243,6 +248,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if key not in options:
       _fail(f"loss.options.{key}", f"not an option of {c.loss.name!r}; "
             f"it takes {sorted(options)}")
+  from jaxalign import guards  # local: NaN/inf anywhere, declared ranges, optimizer ranges
+  guards.check_config_values(c, spec)
   if c.data.group_size is not None and c.data.group_size < 1:
     _fail("data.group_size", "must be >= 1 (or None)")
   if c.reference.mode not in ("precompute", "frozen"):

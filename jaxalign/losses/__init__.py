@@ -45,6 +45,8 @@ class LossSpec:
       **options) -> examples, where `prompt_embeddings()` lazily returns the
       reference model's mean-pooled prompt hidden states [N, D]. Its keyword
       options come from `config.loss.options`.
+    hparam_bounds: the interval each numeric hyperparameter must lie in
+      (e.g. {"beta": "(0, inf)"}); a value outside it fails config validation.
     modules: names of the LoRA adapters the loss trains side by side on one
       frozen base (OFS-DPO: ("fast", "slow")), each with its own forward and
       optimizer; `inputs.logps` then holds the modules' [B, S] blocks side by
@@ -57,6 +59,9 @@ class LossSpec:
   init_state: Callable[[], Any] | None = None
   prepare: Callable | None = None
   modules: tuple[str, ...] = ()
+  # Hyperparameter -> allowed interval in interval notation ("(0, inf)", "[0, 0.5)"),
+  # checked before compiling by jaxalign.guards; names not listed are unchecked.
+  hparam_bounds: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def hparam_names(self) -> tuple[str, ...]:
     """Keyword-only hyperparameters the loss accepts (for config validation)."""
@@ -147,6 +152,23 @@ LOSSES: dict[str, LossSpec] = {
     "ofs_dpo": LossSpec(ofs.ofs_dpo_loss, data="pairwise", needs_ref=True, call=_call_ofs,
                         init_state=ofs.ofs_init_state, modules=("fast", "slow")),
 }
+
+# Each built-in loss's hyperparameter ranges (beta <= 0 trains a constant or reverses
+# the preference; label smoothing of 0.5 or more flips which response is preferred).
+_BOUNDS = {
+    "dpo": {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "rpo_alpha": "[0, inf)"},
+    "ln_dpo": {"beta": "(0, inf)"},
+    "bco": {"beta": "(0, inf)", "min_density_ratio": "(0, inf)",
+            "max_density_ratio": "(0, inf)"},
+    "d2o": {"beta": "(0, inf)", "alpha": "[0, inf)"},
+    "grao": {"beta": "[0, inf)", "lam": "[0, inf)", "std_eps": "(0, inf)"},
+    "aft": {"vft_weight": "[0, inf)"},
+    "ofs_dpo": {"beta": "(0, inf)", "fs_beta": "(0, inf)", "alpha": "[0, inf)",
+                "swap_interval": "[1, inf)"},
+}
+LOSSES = {name: (dataclasses.replace(spec, hparam_bounds=_BOUNDS[name])
+                 if name in _BOUNDS and not spec.hparam_bounds else spec)
+          for name, spec in LOSSES.items()}
 
 
 def get(name: str) -> LossSpec:

@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
+from jaxalign import fingerprint, guards, runlock
 from jaxalign import flops as flops_lib
 from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
 from jaxalign.data import formats, pipeline, sources, tokenize
 from jaxalign.models import hf, lora, transformer
-from jaxalign.train import optim, state as state_lib, step as step_lib
+from jaxalign.train import optim, signals, state as state_lib, step as step_lib
 from jaxalign.train.metrics import MetricWriter
 
 log = logging.getLogger("jaxalign")
@@ -50,29 +51,12 @@ class RunResult:
   final_step: int
   last_metrics: dict[str, float]
   stopped_by_signal: bool = False
+  signal_name: str = ""      # "SIGTERM" or "SIGINT" when stopped by a signal
+  already_complete: bool = False   # the workdir's run had already reached total_steps
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks at each step boundary."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no signal handling
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+# SIGTERM and SIGINT: stop at the next step boundary with a checkpoint.
+_Preemption = signals.Preemption
 
 
 def load_tokenizer(name: str, workdir: str | None = None):
@@ -298,12 +282,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     return continual.train(config, workdir, progress=progress, devices=devices)
   # SIGTERM is caught from here on: one arriving while data loads or the step
   # compiles stops the run at the first step boundary, with a checkpoint.
-  with _Preemption() as preempt:
+  with _Preemption() as preempt, runlock.RunLock() as lock:
     return _train(config, workdir, progress=progress, devices=devices,
-                  stop_after=stop_after, preempt=preempt)
+                  stop_after=stop_after, preempt=preempt, lock=lock)
 
 
-def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunResult:
+def _train(config, workdir, *, progress, devices, stop_after, preempt,
+           lock=None) -> RunResult:
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, len(devices))
   workdir = paths.resolve(workdir)   # a local directory or a gs:// URL
@@ -340,7 +325,16 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
       group_size=config.data.group_size, map_record=online.map_record if online else None)
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
+  data_fp = fingerprint.compute(examples, tokenizer, train_path=config.data.train_path,
+                                settings=fingerprint.settings_from_config(
+                                    config, online.data_format if online else spec.data))
+  data_changed = fingerprint.check_resume(workdir, data_fp,
+                                          allow_change=config.allow_config_change)
   paths.makedirs(workdir)
+  if lock is not None and is_main:
+    lock.acquire(workdir)   # runlock.LockedError when another live run holds it
+  if is_main and (data_changed or not fingerprint.has_checkpoints(workdir)):
+    fingerprint.write(paths.join(workdir, fingerprint.RUN_FILE), data_fp)
   if is_main:
     paths.save_pretrained(tokenizer, paths.join(workdir, "tokenizer"))
     ckpt.write_json(paths.join(workdir, "data_stats.json"), {
@@ -371,6 +365,13 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   if resume_step is not None:
     check_resume_config(checkpointer.restore_config(resume_step), config,
                         where=f"step {resume_step} in {checkpointer.directory}")
+  ref_table = None
+  if precompute_ref:   # None: compute it from the initial policy (below)
+    ref_table = fingerprint.reference_plan(
+        paths.join(workdir, "ref_logps.npy"), data_fp, resuming=resume_step is not None,
+        allow_change=config.allow_config_change, data_changed=data_changed)
+  # The initial policy is needed on a fresh run, and on a resume whose reference is recomputed.
+  fresh_init = resume_step is None or (precompute_ref and ref_table is None)
   process_batch = config.data.batch_size // jax.process_count()
 
   with jax.set_mesh(mesh):
@@ -380,24 +381,20 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
     if lora_cfg.enabled:
       state = jax.jit(init_fn, out_shardings=state_shardings)()
       state = _lora_init(state, config, abstract_state, tx, state_shardings, modules,
-                         fresh=resume_step is None)
+                         fresh=fresh_init)
     else:
       params = None
-      if resume_step is None and config.init_from:
+      if fresh_init and config.init_from:
         params = ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_state.params)
-      elif resume_step is None and hf_dir:
+      elif fresh_init and hf_dir:
         params = hf.load_state(hf_dir, model_cfg, abstract_state.params)
       state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref)
 
     # Reference log-probs of the initial policy, computed once and kept beside the run.
     if precompute_ref:
       ref_path = paths.join(workdir, "ref_logps.npy")
-      if paths.exists(ref_path):
-        table = paths.load_npy(ref_path)
-      else:
-        if resume_step is not None:
-          raise RuntimeError(f"{ref_path} is missing but checkpoints exist: the reference "
-                             "can no longer be recomputed from the initial policy")
+      table = ref_table
+      if table is None:
         # The initial policy; OFS-DPO's modules start identical, the first stands for both.
         policy = state.params[modules[0]] if modules else state.params
         table = map_examples(
@@ -409,8 +406,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
             desc="reference log-probs", progress=progress)
         if is_main:
           paths.save_npy(ref_path, table)
-      if len(table) != len(examples):
-        raise RuntimeError(f"{ref_path} has {len(table)} rows, the data has {len(examples)}")
+          fingerprint.write(fingerprint.reference_fingerprint_path(ref_path), data_fp)
       examples = [{**ex, "ref_logps": row} for ex, row in zip(examples, table)]
 
     # The loss's own host-side preparation (e.g. BCO's UDM weights), once.
@@ -426,8 +422,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
                                   shuffle=config.data.shuffle, repeat=True,
                                   add_index=online is not None)
   data_iter = iter(dataset)
-  if resume_step is not None:
-    restored = checkpointer.restore(resume_step, saved_part(abstract_state), data_iter)
+  if resume_step is not None:   # on changed data the iterator starts over
+    restored = checkpointer.restore(resume_step, saved_part(abstract_state),
+                                    None if data_changed else data_iter)
     state = restored.replace(frozen=state.frozen) if lora_cfg.enabled else restored
     log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
 
@@ -444,8 +441,15 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
   expand = online.bind(graphdef=graphdef, tokenizer=tokenizer, workdir=workdir,
                        examples=examples) if online else None
   resolved = config.to_dict()
-  writer = MetricWriter(workdir, process_index=jax.process_index())
   start = int(resume_step or 0)
+  if start >= config.total_steps:
+    checkpointer.close()
+    return RunResult(workdir=workdir, final_step=start, last_metrics={},
+                     already_complete=True)
+  # resume_step: rows a killed run logged past its last checkpoint are dropped.
+  writer = MetricWriter(workdir, process_index=jax.process_index(), resume_step=start)
+  divergence = guards.DivergenceGuard.from_config(config)
+  preempt.wait_for_writes = checkpointer.wait
   last: dict[str, float] = {}
   good_nonfinite = int(jax.device_get(state.num_nonfinite))
   bar = tqdm(total=config.total_steps, initial=start, desc=config.loss.name,
@@ -487,6 +491,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
               f"non-finite loss or gradient at or before step {done} (loss={metrics['loss']}); "
               + (f"last good checkpoint: step {good} in {checkpointer.directory}"
                  if good is not None else "no checkpoint was written before it"))
+        divergence.check(done, metrics, checkpointer)   # guards.DivergenceError
         elapsed = time.perf_counter() - window_start
         last = {k: float(v) for k, v in metrics.items()}
         last["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
@@ -501,17 +506,20 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt) -> RunRes
               "rewards/accuracies", "learning_rate", "grad_norm", "tokens_per_sec") if k in last},
               refresh=False)
       if will_save:
+        preempt.in_save = True
         checkpointer.save(done, saved_part(state), data_iter, resolved,
                           force=done == end or stop)
+        preempt.in_save = False
       if stop:
-        log.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
+        log.warning("%s: saved a checkpoint at step %d and stopped", preempt.signal_name, done)
         stopped = True
         break
   bar.close()
   checkpointer.close()
   writer.close()
   return RunResult(workdir=workdir, final_step=int(jax.device_get(state.step)),
-                   last_metrics=last, stopped_by_signal=stopped)
+                   last_metrics=last, stopped_by_signal=stopped,
+                   signal_name=preempt.signal_name if stopped else "")
 
 
 # Resolved-config keys compared before resuming: the objective may change only

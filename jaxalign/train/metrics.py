@@ -20,7 +20,11 @@ log = logging.getLogger("jaxalign")
 class MetricWriter:
   """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, process_index: int = 0):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, process_index: int = 0,
+               resume_step: int | None = None):
+    """`resume_step`: the step a resumed run restarts from; rows logged after it (by a
+    run killed past its last checkpoint) are dropped from metrics.jsonl, and
+    TensorBoard is told to purge them (its purge_step)."""
     self._active = process_index == 0
     self._jsonl = None
     self._tb = None
@@ -34,9 +38,18 @@ class MetricWriter:
       if paths.exists(self._remote_path):
         from etils import epath
         self._remote_text = epath.Path(self._remote_path).read_text()
+        if resume_step is not None:
+          self._remote_text = _rows_up_to(self._remote_text, resume_step)
     else:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None and os.path.exists(path):
+        with open(path) as f:
+          text = f.read()
+        kept = _rows_up_to(text, resume_step)
+        if kept != text:
+          paths.write_bytes_atomic(path, kept.encode())
+      self._jsonl = open(path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter  # local: only the writing process needs it
       if paths.is_remote(workdir) and not _tensorboardx_can_write(workdir):
@@ -44,7 +57,8 @@ class MetricWriter:
                     "google-cloud-storage for gs:// (boto3 for s3://), not installed here; "
                     "metrics.jsonl is written", workdir)
       else:
-        self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=(
+            resume_step + 1 if resume_step else None))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._active:
@@ -68,6 +82,19 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _rows_up_to(text: str, step: int) -> str:
+  """The metrics.jsonl lines whose step is <= `step` (unreadable lines are kept)."""
+  kept = []
+  for line in text.splitlines(keepends=True):
+    try:
+      row_step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+      row_step = None
+    if not isinstance(row_step, int) or row_step <= step:
+      kept.append(line)
+  return "".join(kept)
 
 
 def _tensorboardx_can_write(url: str) -> bool:

@@ -1,0 +1,143 @@
+"""Pieces of the command line kept out of cli.py: model-field overrides on any recipe,
+one-line errors for recipe files that do not load, quiet startup, --verbose.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import logging
+import os
+import re
+import traceback
+
+MODEL_OVERRIDE_PREFIX = "--config.model.overrides."
+
+
+def split_model_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """Takes `--config.model.overrides.FIELD=VALUE` out of `argv`.
+
+  ml_collections can only override keys a recipe already defines, and most recipes
+  define no `model.overrides` at all; these flags are applied by `apply_model_overrides`
+  instead, for every ModelConfig field. Returns (the other args, [(flag, field, value)]).
+  """
+  rest, items = [], []
+  for arg in argv:
+    if arg.startswith(MODEL_OVERRIDE_PREFIX) and "=" in arg:
+      flag, _, value = arg.partition("=")
+      field = flag[len(MODEL_OVERRIDE_PREFIX):]
+      if field and "." not in field:
+        items.append((flag, field, value))
+        continue
+    rest.append(arg)
+  return rest, items
+
+
+def _parse(value: str, type_name: str):
+  if type_name == "str":
+    return value
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    if "str" in type_name:
+      return value
+    raise ValueError(f"cannot parse {value!r} as {type_name}") from None
+  if isinstance(parsed, list):
+    parsed = tuple(parsed)
+  checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "bool": lambda v: isinstance(v, bool)}
+  base = type_name.split("|")[0].strip()
+  if parsed is None and "None" in type_name:
+    return None
+  if base in checks and not checks[base](parsed):
+    raise ValueError(f"expected {type_name}, got {value!r}")
+  return float(parsed) if base == "float" else parsed
+
+
+def apply_model_overrides(config, items: list[tuple[str, str, str]]) -> None:
+  """Sets each (flag, field, value) in `config.model.overrides`, typed per ModelConfig.
+
+  Raises:
+    KeyError: an unknown field, with a suggestion (the CLI prints it as one line).
+    ValueError: a value of the wrong type, naming the flag.
+  """
+  if not items:
+    return
+  from jaxalign.models import transformer
+  fields = {f.name: str(f.type) for f in dataclasses.fields(transformer.ModelConfig)}
+  overrides = config.model.overrides
+  for flag, field, value in items:
+    if field not in fields:
+      close = difflib.get_close_matches(field, fields, n=1)
+      hint = f'\nDid you mean "{close[0]}" instead of "{field}"?' if close else ""
+      raise KeyError(f"'{field}'{hint}")
+    try:
+      parsed = _parse(value, fields[field])
+    except ValueError as e:
+      raise ValueError(f"{flag}: {e}") from None
+    with overrides.unlocked():
+      if field in overrides:
+        del overrides[field]   # a recipe's own value may have another type (int for float)
+      overrides[field] = parsed
+
+
+_TRACE_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def config_file_error(e: BaseException, argv: list[str]) -> str | None:
+  """'FILE:LINE: Type: message' for a recipe file that does not parse or raises; else None."""
+  config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_path is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+    config_path = argv[argv.index("--config") + 1]
+  if config_path is None:
+    return None
+  config_file = os.path.abspath(config_path.split(":")[0])
+  if isinstance(e, SyntaxError) and e.filename:
+    return f"{e.filename}:{e.lineno}: SyntaxError: {e.msg}"
+  text = str(e)
+  if "Error whilst parsing config file" in text:  # ml_collections' re-raised ValueError/TypeError
+    frames = _TRACE_FRAME.findall(text)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    where = [f for f in frames if os.path.abspath(f[0]) == config_file] or frames
+    if where:
+      return f"{where[-1][0]}:{where[-1][1]}: {lines[-1].strip()}"
+    return f"{config_path}: {lines[-1].strip()}"
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == config_file]
+  if frames:
+    return f"{frames[-1].filename}:{frames[-1].lineno}: {type(e).__name__}: {e}"
+  return None
+
+
+def quiet_startup(command: str, argv: list[str]) -> None:
+  """Silences startup noise that is no concern of the user.
+
+  transformers' "PyTorch was not found" advisory (jaxalign never needs PyTorch), and,
+  with libtpu installed on a machine without a TPU, libtpu's TPU_WORKER_HOSTNAMES
+  errors: such a machine then runs JAX on its other backends (JAX_PLATFORMS is left
+  alone when set, and `plan --topology` keeps the TPU compiler it needs).
+  """
+  logging.getLogger("transformers").addFilter(
+      lambda record: "PyTorch was not found" not in record.getMessage())
+  if os.environ.get("JAX_PLATFORMS") or (command == "plan" and any(
+      a.startswith("--topology") for a in argv)):
+    return
+  if importlib.util.find_spec("libtpu") is None or _has_tpu_device():
+    return
+  if any(importlib.util.find_spec(n) is not None
+         for n in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+    return   # a GPU machine: JAX's own backend choice stands
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _has_tpu_device() -> bool:
+  if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"):
+    return True
+  try:
+    entries = os.listdir("/dev")
+  except OSError:
+    return True
+  return any(name.startswith("accel") for name in entries) or os.path.isdir("/dev/vfio")
