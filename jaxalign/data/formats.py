@@ -5,6 +5,7 @@ A *format* names the fields a loss consumes:
   sft        {prompt, completion}
   pairwise   {prompt, chosen, rejected}
   unpaired   {prompt, completion, label: bool}
+  unpaired_kl  the same (KTO; tokenize.py adds the KL sequences)
   negatives  {prompt, rejected, samples: list}
   groups     {prompt, reference, completions: list, rewards: list[float]}
   ranked     {prompt, completions: list, labels: list[bool] | ranks: list[int],
@@ -28,6 +29,11 @@ turn) so the tokenizer sees one kind or the other. Response message lists must
 end with an assistant turn. An sft record may also be ``{"messages": [...]}``,
 split into prompt = all but the last turn and completion = the last turn.
 
+TRL's conventions load too (`conventions.py`): a pairwise record without
+``prompt`` gets the implicit one (the common prefix of chosen and rejected),
+and an unpaired format reads pairwise records as two examples each (chosen ->
+label True, rejected -> label False).
+
 Validated records keep every other key (e.g. provenance ``source_file``/``row``).
 """
 
@@ -38,6 +44,8 @@ import math
 from typing import Any, Iterable, Literal
 
 import numpy as np
+
+from jaxalign.data import conventions
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,8 @@ FORMATS: dict[str, dict[str, str]] = {
     "sft": {"prompt": TEXT, "completion": TEXT},
     "pairwise": {"prompt": TEXT, "chosen": TEXT, "rejected": TEXT},
     "unpaired": {"prompt": TEXT, "completion": TEXT, "label": BOOL},
+    # KTO: unpaired records; tokenization adds each example's mismatched KL sequence.
+    "unpaired_kl": {"prompt": TEXT, "completion": TEXT, "label": BOOL},
     "negatives": {"prompt": TEXT, "rejected": TEXT, "samples": TEXT_LIST},
     "groups": {"prompt": TEXT, "reference": TEXT, "completions": TEXT_LIST,
                "rewards": FLOAT_LIST},
@@ -344,6 +354,7 @@ def validate_records(records: Iterable[Any], fmt: str, *,
   """
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+  records = conventions.normalize_records(list(records), fmt)
   valid, skipped = [], 0
   schema: tuple | None = None  # the first valid record's optional-column signature
   for i, record in enumerate(records):
