@@ -11,7 +11,8 @@ A *format* names the fields a loss consumes:
   ranked     {prompt, completions: list, labels: list[bool] | ranks: list[int],
               reference?}                                   (AFT)
 
-Optional fields: unpaired ``embedding: list[float]`` (finite, float32-representable;
+Optional fields: pairwise ``margin: float`` (reward-model training: the score
+gap the pair must clear, TRL's ``margin`` column); unpaired ``embedding: list[float]`` (finite, float32-representable;
 a prompt embedding for BCO's underlying-distribution matching); ranked
 ``reference`` (the reference answer / chain of thought for AFT's SFT term). A
 ranked record has exactly one of ``labels`` (True = positive, correct) and
@@ -53,6 +54,7 @@ Record = dict[str, Any]
 Messages = list[dict[str, str]]
 
 TEXT, TEXT_LIST, BOOL, FLOAT_LIST = "text", "text_list", "bool", "float_list"
+FLOAT = "float"
 BOOL_LIST, RANK_LIST, EMBEDDING = "bool_list", "rank_list", "embedding"
 
 # format -> {field: kind}; prompt is always first.
@@ -70,6 +72,7 @@ FORMATS: dict[str, dict[str, str]] = {
 
 # format -> {field: kind} for fields that may be absent.
 OPTIONAL_FIELDS: dict[str, dict[str, str]] = {
+    "pairwise": {"margin": FLOAT},   # reward-model training's per-pair margin (TRL)
     "unpaired": {"embedding": EMBEDDING},
     "ranked": {"labels": BOOL_LIST, "ranks": RANK_LIST, "reference": TEXT},
 }
@@ -197,6 +200,13 @@ def _check_float_list(value: Any, field: str) -> list[float]:
   return out
 
 
+def _check_float(value: Any, field: str) -> float:
+  try:
+    return _check_float_list([value], field)[0]
+  except _FieldError as e:
+    raise _FieldError(field, e.problem) from None
+
+
 def _check_bool_list(value: Any, field: str) -> list[bool]:
   if not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0:
     raise _FieldError(field, "expected a non-empty list of bools")
@@ -301,6 +311,8 @@ def validate_record(record: Any, fmt: str, *, file: str | None = None,
         out[name] = _check_bool(value, name)
       elif kind == FLOAT_LIST:
         out[name] = _check_float_list(value, name)
+      elif kind == FLOAT:
+        out[name] = _check_float(value, name)
       elif kind == BOOL_LIST:
         out[name] = _check_bool_list(value, name)
       elif kind == RANK_LIST:
@@ -321,6 +333,8 @@ def _column_signature(record: Record, fmt: str) -> tuple:
     return ("labels" in record,)
   if fmt == "unpaired":
     return (len(record["embedding"]) if "embedding" in record else None,)
+  if fmt == "pairwise":
+    return ("margin" in record,)
   return ()
 
 
@@ -328,6 +342,9 @@ def _signature_mismatch(sig: tuple, schema: tuple, fmt: str) -> tuple[str, str]:
   if fmt == "ranked":
     has, want = ("labels", "ranks") if sig[0] else ("ranks", "labels")
     return has, f"earlier records use {want}; all records must use the same one"
+  if fmt == "pairwise":
+    return "margin", ("unexpected field (earlier records have none)" if sig[0]
+                      else "missing field (earlier records have one)")
   if sig[0] is None:
     return "embedding", "missing field (earlier records have one)"
   if schema[0] is None:

@@ -7,7 +7,8 @@ group responses (then examples of different G do not stack into one batch).
 
   format     S      sequence index -> content        extra columns
   sft        1      0 completion                     -
-  pairwise   2      0 chosen, 1 rejected             -
+  pairwise   2      0 chosen, 1 rejected             margin float32 [] (only if
+                                                     the record has one)
   unpaired   1      0 completion                     label int32 [];
                                                      embedding float32 [E] (only
                                                      if the record has one)
@@ -203,6 +204,8 @@ def tokenize_example(record: Record, fmt: str, tokenizer: Any,
     attention_mask[s, :n + m] = 1
     loss_mask[s, n:n + m] = 1
   out = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+  if fmt == "pairwise" and "margin" in record:
+    out["margin"] = np.asarray(record["margin"], np.float32)
   if fmt in ("unpaired", "unpaired_kl"):
     out["label"] = np.asarray(record["label"], np.int32)
     if "embedding" in record:
