@@ -107,6 +107,11 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.reference = ml_collections.ConfigDict()
   c.reference.mode = "precompute"   # "precompute" | "frozen"
+  # TR-DPO: every sync_steps optimizer updates, ref <- sync_alpha * policy +
+  # (1 - sync_alpha) * ref (1.0: hard copy); 0 = never. Needs reference.mode="frozen".
+  # TRL's ref_model_sync_steps / ref_model_mixup_alpha (defaults 512 / 0.6).
+  c.reference.sync_steps = 0
+  c.reference.sync_alpha = 0.6
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -303,6 +308,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
 
   _validate_sampling(c, spec)
   _validate_lora(c, spec)
+  _validate_reference_sync(c, spec)
+  if spec.data == "unpaired_kl" and d.batch_size < 2:
+    _fail("data.batch_size", f"{c.loss.name!r} estimates its KL reference point from "
+          "mismatched pairs within a batch: it needs at least 2 examples per batch")
 
   from jaxalign import sharding  # local: sharding imports this module
   sharding.check_partition_specs(
@@ -368,6 +377,27 @@ def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
       _fail("cofs.space", f"must be 'delta' or 'factors', got {c.cofs.space!r}")
     if c.cofs.grid < 1:
       _fail("cofs.grid", f"must be >= 1, got {c.cofs.grid}")
+
+
+def _validate_reference_sync(c: ml_collections.ConfigDict, spec) -> None:
+  """TR-DPO's reference.sync_steps / sync_alpha (train/ref_sync.py)."""
+  ref = c.reference
+  steps = ref.get("sync_steps", 0)
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    _fail("reference.sync_steps", f"must be an int >= 0 (0 = no sync), got {steps!r}")
+  if not steps:
+    return
+  alpha = ref.get("sync_alpha", 0.6)
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+    _fail("reference.sync_alpha", f"must be in (0, 1] (1 = hard copy), got {alpha!r}")
+  if not spec.needs_ref:
+    _fail("reference.sync_steps", f"{c.loss.name!r} uses no reference model to sync")
+  if ref.mode == "precompute":
+    _fail("reference.sync_steps", "TR-DPO sync moves the reference during training, so its "
+          "log-probs cannot be precomputed: set reference.mode='frozen' (or sync_steps=0)")
+  if spec.modules:
+    _fail("reference.sync_steps", f"{c.loss.name!r} trains LoRA modules against the base; "
+          "reference sync is not supported there")
 
 
 def _validate_reward(c: ml_collections.ConfigDict, why: str) -> None:

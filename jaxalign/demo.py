@@ -201,6 +201,12 @@ METHODS: dict[str, dict] = {
     "ln_dpo": dict(loss="ln_dpo", format="pairwise", hparams=dict(beta=0.1)),
     "bco": dict(loss="bco", format="unpaired", hparams=dict(beta=0.1),
                 options=dict(udm="model", prompt_sample_size=1024)),
+    # KTO: the same pairs split into desirable/undesirable examples, shuffled so
+    # that a batch's KL sequences pair different prompts (tokenize.add_kl_sequences
+    # rotates completions within each batch-sized block of the file).
+    "kto": dict(loss="kto", format="unpaired", hparams=dict(beta=0.1), shuffle_records=True),
+    "apo_zero_unpaired": dict(loss="apo_zero_unpaired", format="unpaired",
+                              hparams=dict(beta=0.1), shuffle_records=True),
     "d2o": dict(loss="d2o", format="negatives", group=4, hparams=dict(beta=0.1, alpha=0.1)),
     # Online GRAO: 8 completions per prompt sampled from the live policy at every
     # step; the ternary judge of the paper as exact match against the reference
@@ -258,8 +264,10 @@ def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int
   sample = lambda prompts, temperature, s: _complete(  # noqa: E731
       sft_dir, sft_cfg, tokenizer, prompts, temperature=temperature, seed=s)
   if METHODS[method]["format"] != "prompts":  # those read the task's prompts directly
-    _write_jsonl(os.path.join(data_dir, f"{method}.jsonl"),
-                 build_records(method, problems, sample, seed))
+    records = build_records(method, problems, sample, seed)
+    if METHODS[method].get("shuffle_records"):
+      records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
+    _write_jsonl(os.path.join(data_dir, f"{method}.jsonl"), records)
 
   run_dir = os.path.join(workdir, method)
   cfg = aligned_config(method, data_dir, sft_dir, seed)

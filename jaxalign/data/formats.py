@@ -5,12 +5,14 @@ A *format* names the fields a loss consumes:
   sft        {prompt, completion}
   pairwise   {prompt, chosen, rejected}
   unpaired   {prompt, completion, label: bool}
+  unpaired_kl  the same (KTO; tokenize.py adds the KL sequences)
   negatives  {prompt, rejected, samples: list}
   groups     {prompt, reference, completions: list, rewards: list[float]}
   ranked     {prompt, completions: list, labels: list[bool] | ranks: list[int],
               reference?}                                   (AFT)
 
-Optional fields: unpaired ``embedding: list[float]`` (finite, float32-representable;
+Optional fields: pairwise ``margin: float`` (reward-model training: the score
+gap the pair must clear, TRL's ``margin`` column); unpaired ``embedding: list[float]`` (finite, float32-representable;
 a prompt embedding for BCO's underlying-distribution matching); ranked
 ``reference`` (the reference answer / chain of thought for AFT's SFT term). A
 ranked record has exactly one of ``labels`` (True = positive, correct) and
@@ -28,6 +30,11 @@ turn) so the tokenizer sees one kind or the other. Response message lists must
 end with an assistant turn. An sft record may also be ``{"messages": [...]}``,
 split into prompt = all but the last turn and completion = the last turn.
 
+TRL's conventions load too (`conventions.py`): a pairwise record without
+``prompt`` gets the implicit one (the common prefix of chosen and rejected),
+and an unpaired format reads pairwise records as two examples each (chosen ->
+label True, rejected -> label False).
+
 Validated records keep every other key (e.g. provenance ``source_file``/``row``).
 """
 
@@ -39,12 +46,15 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
+from jaxalign.data import conventions
+
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 Messages = list[dict[str, str]]
 
 TEXT, TEXT_LIST, BOOL, FLOAT_LIST = "text", "text_list", "bool", "float_list"
+FLOAT = "float"
 BOOL_LIST, RANK_LIST, EMBEDDING = "bool_list", "rank_list", "embedding"
 
 # format -> {field: kind}; prompt is always first.
@@ -52,6 +62,8 @@ FORMATS: dict[str, dict[str, str]] = {
     "sft": {"prompt": TEXT, "completion": TEXT},
     "pairwise": {"prompt": TEXT, "chosen": TEXT, "rejected": TEXT},
     "unpaired": {"prompt": TEXT, "completion": TEXT, "label": BOOL},
+    # KTO: unpaired records; tokenization adds each example's mismatched KL sequence.
+    "unpaired_kl": {"prompt": TEXT, "completion": TEXT, "label": BOOL},
     "negatives": {"prompt": TEXT, "rejected": TEXT, "samples": TEXT_LIST},
     "groups": {"prompt": TEXT, "reference": TEXT, "completions": TEXT_LIST,
                "rewards": FLOAT_LIST},
@@ -60,6 +72,7 @@ FORMATS: dict[str, dict[str, str]] = {
 
 # format -> {field: kind} for fields that may be absent.
 OPTIONAL_FIELDS: dict[str, dict[str, str]] = {
+    "pairwise": {"margin": FLOAT},   # reward-model training's per-pair margin (TRL)
     "unpaired": {"embedding": EMBEDDING},
     "ranked": {"labels": BOOL_LIST, "ranks": RANK_LIST, "reference": TEXT},
 }
@@ -187,6 +200,13 @@ def _check_float_list(value: Any, field: str) -> list[float]:
   return out
 
 
+def _check_float(value: Any, field: str) -> float:
+  try:
+    return _check_float_list([value], field)[0]
+  except _FieldError as e:
+    raise _FieldError(field, e.problem) from None
+
+
 def _check_bool_list(value: Any, field: str) -> list[bool]:
   if not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0:
     raise _FieldError(field, "expected a non-empty list of bools")
@@ -291,6 +311,8 @@ def validate_record(record: Any, fmt: str, *, file: str | None = None,
         out[name] = _check_bool(value, name)
       elif kind == FLOAT_LIST:
         out[name] = _check_float_list(value, name)
+      elif kind == FLOAT:
+        out[name] = _check_float(value, name)
       elif kind == BOOL_LIST:
         out[name] = _check_bool_list(value, name)
       elif kind == RANK_LIST:
@@ -311,6 +333,8 @@ def _column_signature(record: Record, fmt: str) -> tuple:
     return ("labels" in record,)
   if fmt == "unpaired":
     return (len(record["embedding"]) if "embedding" in record else None,)
+  if fmt == "pairwise":
+    return ("margin" in record,)
   return ()
 
 
@@ -318,6 +342,9 @@ def _signature_mismatch(sig: tuple, schema: tuple, fmt: str) -> tuple[str, str]:
   if fmt == "ranked":
     has, want = ("labels", "ranks") if sig[0] else ("ranks", "labels")
     return has, f"earlier records use {want}; all records must use the same one"
+  if fmt == "pairwise":
+    return "margin", ("unexpected field (earlier records have none)" if sig[0]
+                      else "missing field (earlier records have one)")
   if sig[0] is None:
     return "embedding", "missing field (earlier records have one)"
   if schema[0] is None:
@@ -344,6 +371,7 @@ def validate_records(records: Iterable[Any], fmt: str, *,
   """
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+  records = conventions.normalize_records(list(records), fmt)
   valid, skipped = [], 0
   schema: tuple | None = None  # the first valid record's optional-column signature
   for i, record in enumerate(records):

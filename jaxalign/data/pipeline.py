@@ -46,6 +46,7 @@ def make_dataset(
     transform: Callable[[Example], Example] | None = None,
     add_index: bool = False,
     read_options: grain.ReadOptions | None = None,
+    keep_blocks: bool = False,
 ) -> grain.IterDataset:
   """Builds the per-process training input pipeline.
 
@@ -73,6 +74,11 @@ def make_dataset(
     add_index: attach ``"index"`` int64, the position in records_or_examples,
       for joining with precomputed tables (kept after ``transform``).
     read_options: Grain threading; default 2 threads, small prefetch buffer.
+    keep_blocks: batch b is always examples [b * batch_size, (b + 1) *
+      batch_size) (a partial last block is dropped); the shuffle permutes
+      whole blocks. For examples paired within their block (KTO's KL
+      sequences, `tokenize.add_kl_sequences` with chunk_size = batch_size),
+      so each pairing stays inside one training batch.
 
   Returns:
     IterDataset of dicts of numpy arrays with leading dim batch_size, e.g.
@@ -82,6 +88,10 @@ def make_dataset(
   n = len(records_or_examples)
   if n == 0:
     raise ValueError("no examples to make a dataset of")
+  if keep_blocks:
+    return _block_dataset(records_or_examples, seed=seed, batch_size=batch_size,
+                          shuffle=shuffle, repeat=repeat, num_epochs=num_epochs, pi=pi, pc=pc,
+                          transform=transform, add_index=add_index, read_options=read_options)
   ds = grain.MapDataset.source(records_or_examples)
   if transform is not None:
     ds = ds.map(transform)
@@ -93,6 +103,32 @@ def make_dataset(
     ds = ds.repeat(num_epochs)
   ds = ds.batch(batch_size, drop_remainder=True)
   # Batches p, p + P, ... of a whole number of global batches.
+  ds = ds.slice(slice(pi, pc * (len(ds) // pc), pc))
+  if read_options is None:
+    read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+  return ds.to_iter_dataset(read_options)
+
+
+def _block_dataset(examples, *, seed, batch_size, shuffle, repeat, num_epochs, pi, pc,
+                   transform, add_index, read_options) -> grain.IterDataset:
+  """make_dataset(keep_blocks=True): blocks of consecutive examples, shuffled as units."""
+  num_blocks = len(examples) // batch_size
+  if num_blocks == 0:
+    raise ValueError(f"{len(examples)} examples make no batch of {batch_size}")
+
+  def block(b: int) -> Example:
+    rows = []
+    for i in range(b * batch_size, (b + 1) * batch_size):
+      row = examples[i] if transform is None else transform(examples[i])
+      rows.append(_add_index(i, row) if add_index else row)
+    return _stack(rows)
+
+  ds = grain.MapDataset.range(num_blocks)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(num_epochs)
+  ds = ds.map(block)
   ds = ds.slice(slice(pi, pc * (len(ds) // pc), pc))
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)

@@ -7,10 +7,14 @@ group responses (then examples of different G do not stack into one batch).
 
   format     S      sequence index -> content        extra columns
   sft        1      0 completion                     -
-  pairwise   2      0 chosen, 1 rejected             -
+  pairwise   2      0 chosen, 1 rejected             margin float32 [] (only if
+                                                     the record has one)
   unpaired   1      0 completion                     label int32 [];
                                                      embedding float32 [E] (only
                                                      if the record has one)
+  unpaired_kl 2     0 completion, 1 KL sequence:     label int32 []
+                    its prompt + the completion of
+                    the previous example of its chunk
   negatives  1 + G  0 the human negative (rejected), group_mask int32 [G]
                     1..G samples
   groups     1 + G  0 reference answer,              rewards float32 [G],
@@ -62,11 +66,15 @@ class TokenizeConfig:
     group_size: pad the group formats (negatives, groups, ranked) to exactly
       this many group slots, marked by ``group_mask``; None keeps each record's
       own count (``group_mask`` all ones).
+    kl_chunk_size: unpaired_kl: the KL sequences pair examples within chunks
+      of this many consecutive examples (the per-process batch, kept together
+      by ``pipeline.make_dataset(keep_blocks=True)``); 0: one chunk of all.
   """
   max_length: int
   max_prompt_length: int
   add_eos: bool = True
   group_size: int | None = None
+  kl_chunk_size: int = 0
 
   def __post_init__(self):
     if not 0 < self.max_prompt_length < self.max_length:
@@ -117,7 +125,7 @@ GROUP_FIELDS = {"negatives": ("rejected", "samples"),
 
 def _responses(record: Record, fmt: str) -> list[tuple[str, Any]]:
   """(field name, response or None for a padding sequence) per sequence, in order."""
-  if fmt == "sft" or fmt == "unpaired":
+  if fmt in ("sft", "unpaired", "unpaired_kl"):
     return [("completion", record["completion"])]
   if fmt == "pairwise":
     return [("chosen", record["chosen"]), ("rejected", record["rejected"])]
@@ -196,7 +204,9 @@ def tokenize_example(record: Record, fmt: str, tokenizer: Any,
     attention_mask[s, :n + m] = 1
     loss_mask[s, n:n + m] = 1
   out = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
-  if fmt == "unpaired":
+  if fmt == "pairwise" and "margin" in record:
+    out["margin"] = np.asarray(record["margin"], np.float32)
+  if fmt in ("unpaired", "unpaired_kl"):
     out["label"] = np.asarray(record["label"], np.int32)
     if "embedding" in record:
       out["embedding"] = np.asarray(record["embedding"], np.float32)
@@ -239,7 +249,47 @@ def tokenize_records(records: Iterable[Record], fmt: str, tokenizer: Any,
         raise
       skipped += 1
       formats.log.warning("skipping record: %s", e)
+  if fmt == "unpaired_kl":
+    pad = tokenizer.pad_token_id
+    pad = (tokenizer.eos_token_id or 0) if pad is None else pad
+    examples = add_kl_sequences(examples, cfg.kl_chunk_size or max(len(examples), 1),
+                                pad_id=pad)
   return examples, skipped
+
+
+def add_kl_sequences(examples: Sequence[Example], chunk_size: int, *,
+                     pad_id: int) -> list[Example]:
+  """Unpaired examples [1, T] -> [2, T]: sequence 1 is the example's KL sequence.
+
+  In each chunk of ``chunk_size`` consecutive examples the completions rotate
+  by one (TRL KTOTrainer: (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})): example
+  j's KL sequence is its own prompt tokens followed by the response tokens of
+  example j-1 (the first takes the last's), cut at the end to T. Done on
+  tokens, as TRL rotates token ids, after any skipped record is gone, so the
+  chunks are exactly the pipeline's batches. The prompt keeps at most
+  max_prompt_length < T tokens, so every KL sequence scores at least one token.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  out = []
+  for start in range(0, len(examples), chunk_size):
+    chunk = examples[start:start + chunk_size]
+    for j, ex in enumerate(chunk):
+      other = chunk[j - 1]
+      tokens, attn, loss = ex["tokens"][0], ex["attention_mask"][0], ex["loss_mask"][0]
+      T = tokens.shape[0]
+      prompt = tokens[(attn == 1) & (loss == 0)]
+      resp = other["tokens"][0][other["loss_mask"][0] == 1][:T - len(prompt)]
+      n, m = len(prompt), len(resp)
+      kl = np.full((T,), pad_id, np.int32)
+      kl_attn, kl_loss = np.zeros((T,), np.int32), np.zeros((T,), np.int32)
+      kl[:n], kl[n:n + m] = prompt, resp
+      kl_attn[:n + m] = 1
+      kl_loss[n:n + m] = 1
+      out.append({**ex, "tokens": np.stack([tokens, kl]),
+                  "attention_mask": np.stack([attn, kl_attn]),
+                  "loss_mask": np.stack([loss, kl_loss])})
+  return out
 
 
 def bucket_lengths(lengths: Sequence[int] | np.ndarray,

@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
-from jaxalign.losses import aft, bco, d2o, dpo, grao, ln_dpo, ofs, sft
+from jaxalign.losses import aft, bco, d2o, dpo, grao, kto, ln_dpo, ofs, reward, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +110,24 @@ def _call_bco(fn, x: LossInputs, state, **hparams):
 
 
 @_stateless
+def _call_kto(fn, x: LossInputs, **hparams):
+  # Sequence 0 is the example's completion, 1 its mismatched KL sequence.
+  return fn(x.logps[:, 0], x.ref_logps[:, 0], x.batch["label"], x.logps[:, 1],
+            x.ref_logps[:, 1], **hparams)
+
+
+@_stateless
+def _call_unpaired(fn, x: LossInputs, **hparams):
+  return fn(x.logps[:, 0], x.ref_logps[:, 0], x.batch["label"], **hparams)
+
+
+@_stateless
+def _call_reward(fn, x: LossInputs, **hparams):
+  # logps holds the reward model's scores [B, 2] (chosen, rejected); see train/reward.py.
+  return fn(x.logps[:, 0], x.logps[:, 1], x.batch.get("margin"), **hparams)
+
+
+@_stateless
 def _call_d2o(fn, x: LossInputs, **hparams):
   # Sequence 0 is the human negative, 1..K the self-generated samples.
   return fn(x.logps[:, 1:], x.ref_logps[:, 1:], x.batch["group_mask"],
@@ -146,6 +164,13 @@ LOSSES: dict[str, LossSpec] = {
                        call=_call_pairwise),
     "bco": LossSpec(bco.bco_loss, data="unpaired", needs_ref=True, call=_call_bco,
                     init_state=bco.init_bco_state, prepare=bco.prepare_udm),
+    "kto": LossSpec(kto.kto_loss, data="unpaired_kl", needs_ref=True, call=_call_kto),
+    "apo_zero_unpaired": LossSpec(kto.apo_zero_unpaired_loss, data="unpaired", needs_ref=True,
+                                  call=_call_unpaired),
+    # Bradley-Terry reward-model training: its own trainer (jaxalign/train/reward.py)
+    # scores sequences with the scalar head, not the LM log-probs of the train step.
+    "reward_model": LossSpec(reward.bradley_terry_loss, data="pairwise", needs_ref=False,
+                             call=_call_reward),
     "d2o": LossSpec(d2o.d2o_loss, data="negatives", needs_ref=True, call=_call_d2o),
     "grao": LossSpec(grao.grao_loss, data="groups", needs_ref=False, call=_call_grao),
     "aft": LossSpec(aft.aft_loss, data="ranked", needs_ref=False, call=_call_aft),

@@ -156,10 +156,12 @@ def check_group_sizes(records: list[dict], fmt: str, *, on_error: str) -> tuple[
 
 def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
                   max_prompt_length: int, on_error: str, group_size: int | None = None,
-                  map_record=None) -> tuple[list[dict], int]:
+                  map_record=None, kl_chunk_size: int = 0) -> tuple[list[dict], int]:
   """Reads, validates and tokenizes every record; returns (examples, num_skipped).
 
   `map_record` (record -> record of `fmt`) runs on each raw record before validation.
+  `kl_chunk_size`: unpaired_kl (KTO) pairs its KL sequences within chunks of this
+  many examples, the per-process batch (tokenize.add_kl_sequences).
   """
   records = read_records(path, split=split, on_error=on_error)
   if map_record is not None:
@@ -169,7 +171,7 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
     valid, bad = check_group_sizes(valid, fmt, on_error=on_error)
     skipped += bad
   tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
-                                 group_size=group_size)
+                                 group_size=group_size, kl_chunk_size=kl_chunk_size)
   examples, bad = tokenize.tokenize_records(valid, fmt, tokenizer, tcfg, on_error=on_error)
   skipped += bad
   if not examples:
@@ -277,6 +279,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     from jaxalign.train import iterative
     return iterative.train_rounds(config, workdir, progress=progress, devices=devices,
                                   stop_after=stop_after)
+  if config.loss.name == "reward_model":   # a scalar-head model: train/reward.py
+    from jaxalign.train import reward
+    return reward.train(config, workdir, progress=progress, devices=devices)
   if config.data.get("domains"):   # one stage per domain: train/continual.py
     from jaxalign.train import continual
     return continual.train(config, workdir, progress=progress, devices=devices)
@@ -310,6 +315,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   online = online_lib.source_for(config)
   lora_cfg = lora.config_from(config.get("lora"))
   modules = spec.modules
+  # TR-DPO reference sync (train/ref_sync.py); validate() allows it with "frozen" only.
+  sync_steps = config.reference.get("sync_steps", 0)
+  ref_sync = ((sync_steps, float(config.reference.sync_alpha))
+              if frozen_ref and sync_steps else None)
 
   # Data: read, validate and tokenize everything before any compile, and before
   # anything is written: a bad config or bad data leaves no workdir behind.
@@ -322,7 +331,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       config.data.train_path, online.data_format if online else spec.data, tokenizer,
       split=config.data.split, max_length=config.data.max_length,
       max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
-      group_size=config.data.group_size, map_record=online.map_record if online else None)
+      group_size=config.data.group_size, map_record=online.map_record if online else None,
+      kl_chunk_size=config.data.batch_size // jax.process_count())
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
   data_fp = fingerprint.compute(examples, tokenizer, train_path=config.data.train_path,
@@ -347,10 +357,11 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
         config.optim, total_steps=config.total_steps, modules=modules)
   else:
     tx, schedule = optim.optimizer_from_config(config.optim, total_steps=config.total_steps)
-  # With LoRA a frozen reference is the base with adapters off: no copy of it.
+  # With LoRA a frozen reference is the base with adapters off: no copy of it
+  # (a synced one is the base plus a reference copy of the adapters).
   graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
       model_cfg, tx, mesh, rules, seed=config.seed,
-      keep_reference=frozen_ref and not lora_cfg.enabled, init_loss_state=spec.init_state,
+      keep_reference=frozen_ref and (not lora_cfg.enabled or ref_sync is not None), init_loss_state=spec.init_state,
       lora_config=lora_cfg, modules=modules)
   # LoRA checkpoints hold the adapters, their optimizer state, step, RNG and loss
   # state; the base always comes from the config's source (seed or init_from).
@@ -420,7 +431,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
 
   dataset = pipeline.make_dataset(examples, seed=config.seed, batch_size=process_batch,
                                   shuffle=config.data.shuffle, repeat=True,
-                                  add_index=online is not None)
+                                  add_index=online is not None,
+                                  keep_blocks=spec.data == "unpaired_kl")  # KTO's KL pairs
   data_iter = iter(dataset)
   if resume_step is not None:   # on changed data the iterator starts over
     restored = checkpointer.restore(resume_step, saved_part(abstract_state),
@@ -434,9 +446,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       chunk_size=config.logprob_chunk_size, accum_steps=config.optim.grad_accum_steps,
       skip_nonfinite=config.skip_nonfinite, state_shardings=state_shardings,
       batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh),
-      ref_graphdef=lora.base_graphdef(model_cfg) if lora_cfg.enabled and frozen_ref else None,
+      ref_graphdef=(lora.base_graphdef(model_cfg)
+                    if lora_cfg.enabled and frozen_ref and ref_sync is None else None),
       modules=modules, module_lr_scales=optim.module_lr_scales(config.optim, modules),
-      lora_dropout=lora_cfg.enabled and lora_cfg.dropout > 0)
+      lora_dropout=lora_cfg.enabled and lora_cfg.dropout > 0, ref_sync=ref_sync)
 
   expand = online.bind(graphdef=graphdef, tokenizer=tokenizer, workdir=workdir,
                        examples=examples) if online else None
@@ -548,6 +561,8 @@ def _structure(c: ml_collections.ConfigDict) -> dict[str, Any]:
          for k, v in model.items() if k not in FREE_MODEL_FIELDS}
   out["data format"] = losses.get(c.loss.name).data
   out["reference.mode"] = c.reference.mode
+  if c.reference.get("sync_steps", 0):  # absent (older configs) and 0 read the same
+    out["reference.sync"] = (c.reference.sync_steps, c.reference.get("sync_alpha"))
   online = c.get("online")
   if online is not None and online.get("enabled"):
     out["online.samples_per_prompt"] = online.get("samples_per_prompt")
@@ -630,6 +645,8 @@ def _lora_init(state, config, abstract_state, tx, state_shardings, modules, *, f
               else adapters)
     state = state.replace(params=params, opt_state=jax.jit(
         tx.init, out_shardings=state_shardings.opt_state)(params))
+    if state.ref_params is not None:  # a synced reference starts as the policy
+      state = state.replace(ref_params=jax.tree.map(jnp.copy, params))
   return state
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxalign import logprobs, losses
 from jaxalign.models import lora
+from jaxalign.train import ref_sync as ref_sync_lib
 from jaxalign.train.state import TrainState
 
 
@@ -90,7 +91,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
                schedule: optax.Schedule, loss_call: Callable, chunk_size: int,
                accum_steps: int = 1, skip_nonfinite: bool = False, ref_graphdef=None,
                modules: tuple[str, ...] = (), module_lr_scales: dict | None = None,
-               lora_dropout: bool = False, batch_axes=None
+               lora_dropout: bool = False, batch_axes=None,
+               ref_sync: tuple[int, float] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from a global batch (split into `accum_steps` micro-batches).
 
@@ -103,6 +105,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
   {name: adapters}, one forward each), `module_lr_scales` their learning rate
   relative to `schedule` (metrics lr/<name>); `lora_dropout` draws the
   adapters' dropout masks from fold_in(state.rng, step[, micro-batch]).
+  `ref_sync` = (every, alpha): TR-DPO, state.ref_params moves toward the updated
+  policy every `every` updates (train/ref_sync.py).
   """
   micro = functools.partial(_micro_step, state.params, state.frozen, state.ref_params,
                             graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size,
@@ -149,8 +153,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
     scale = (module_lr_scales or {}).get(name, 1.0)
     metrics[f"lr/{name}"] = schedule(state.step) * scale
     metrics[f"{name}/grad_norm"] = optax.tree.norm(grads[name])
+  ref_params = state.ref_params
+  if ref_sync is not None:
+    ref_params = ref_sync_lib.sync_reference(ref_params, params, state.step + 1,
+                                             every=ref_sync[0], alpha=ref_sync[1])
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state,
+      ref_params=ref_params,
       num_nonfinite=state.num_nonfinite + (~is_finite).astype(jnp.int32))
   return new_state, metrics
 
@@ -166,7 +175,8 @@ def _loss_call(call, fn, hparams, inputs, loss_state):
 
 def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps,
                    skip_nonfinite, state_shardings, batch_sharding, replicated,
-                   ref_graphdef=None, modules=(), module_lr_scales=None, lora_dropout=False):
+                   ref_graphdef=None, modules=(), module_lr_scales=None, lora_dropout=False,
+                   ref_sync=None):
   """The one jitted step, with explicit shardings and the state donated.
 
   The log-prob chunks stay split like the batch's leading dimension.
@@ -175,7 +185,8 @@ def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps
                          loss_call=loss_call, chunk_size=chunk_size, accum_steps=accum_steps,
                          skip_nonfinite=skip_nonfinite, ref_graphdef=ref_graphdef,
                          modules=modules, module_lr_scales=module_lr_scales,
-                         lora_dropout=lora_dropout, batch_axes=leading_axes(batch_sharding))
+                         lora_dropout=lora_dropout, batch_axes=leading_axes(batch_sharding),
+                         ref_sync=ref_sync)
   return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
