@@ -188,6 +188,11 @@ _BOUNDS = {
     "d2o": {"beta": "(0, inf)", "alpha": "[0, inf)"},
     "grao": {"beta": "[0, inf)", "lam": "[0, inf)", "std_eps": "(0, inf)"},
     "aft": {"vft_weight": "[0, inf)"},
+    "kto": {"beta": "(0, inf)", "desirable_weight": "(0, inf)",
+            "undesirable_weight": "(0, inf)"},
+    "apo_zero_unpaired": {"beta": "(0, inf)", "desirable_weight": "(0, inf)",
+                          "undesirable_weight": "(0, inf)"},
+    "reward_model": {"center_rewards_coefficient": "[0, inf)"},
     "ofs_dpo": {"beta": "(0, inf)", "fs_beta": "(0, inf)", "alpha": "[0, inf)",
                 "swap_interval": "[1, inf)"},
 }
