@@ -91,7 +91,9 @@ def test_frozen_base_adapter_only_grads_reference_is_base_and_no_second_copy():
   assert base <= mem.argument_size_in_bytes <= base + extra
 
   # B = 0: policy == base == reference, so step 0's DPO loss is log 2 exactly.
-  assert np.float32(m0["loss"]) == LOG2 and float(m0["rewards/margins"]) == 0.0
+  # The policy (B = 0) and the base-only reference are two compiled forwards:
+  # equal up to float32 rounding of the attention kernel's fusion.
+  assert np.float32(m0["loss"]) == LOG2 and abs(float(m0["rewards/margins"])) < 1e-6
   assert float(m["grad_norm"]) > 0 and float(m["loss"]) != float(LOG2)
   for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(state.frozen))):
     np.testing.assert_array_equal(a, b)   # bit-identical base after training
