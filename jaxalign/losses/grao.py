@@ -77,8 +77,11 @@ def grao_advantages(
     dev = jnp.where((sigma > 0)[:, None], dev, 0.0)
     dev_answer = jnp.where(sigma > 0, dev_answer, 0.0)
   group_adv = dev / denom[:, None]
-  # With no sample there is no group to be relative to.
-  answer_adv = jnp.where(has_samples, dev_answer / denom, 0.0)
+  # With no sample there is no group to be relative to. A set with sigma = 0
+  # (all rewards equal) carries no relative signal: under G-only the answer's
+  # deviation from the samples' mean divided by std_eps alone would be ~1/std_eps
+  # (1e6 with the default), so its advantage is 0 there, in both guards.
+  answer_adv = jnp.where(has_samples & (sigma > 0), dev_answer / denom, 0.0)
   return group_adv, answer_adv, mu_c + pivot, sigma
 
 
@@ -125,7 +128,9 @@ def grao_loss(
       ternary judge. "judge": use answer_rewards.
     std_eps: added to the group std (zero_std="eps").
     zero_std: "eps" (default): A = (R - mu) / (sigma + std_eps); under G+1 a
-      zero-variance group has every A exactly 0; under G-only A_y ~ 1/std_eps.
+      zero-variance group has every A exactly 0; under G-only the samples' A are
+      0 and so is A_y (not (R_y - mu) / std_eps ~ 1e6: an equal-reward group
+      carries no relative signal).
       "zero": a zero-variance group gets every A (and A_y) = 0.
     weights: optional [B] row weights (0 for padding rows).
 

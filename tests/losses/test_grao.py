@@ -65,7 +65,8 @@ def _numpy_grao(logps, lengths, mask, rewards, answer_logps, answer_lengths,
   """Independent transcription of Eq. 2-4, one unpadded group at a time (float64).
 
   J = (1/G) sum_i [A_i S^(o_i) + beta A_y S^(y) + lam A_i (S^(o_i) - S^(y))],
-  A = (R - mu) / (sigma + eps), population std, y in the set when incl.
+  A = (R - mu) / (sigma + eps), population std, y in the set when incl; A = 0 for
+  a set whose rewards are all equal.
   Returns the loss (mean of -J) and per-row (exploration, imitation, alignment).
   """
   rows = []
@@ -77,7 +78,9 @@ def _numpy_grao(logps, lengths, mask, rewards, answer_logps, answer_lengths,
     r_y = float(answer_rewards[b])
     pool = np.append(r, r_y) if incl else r
     mu, sigma = pool.mean(), pool.std()
-    if zero_std == "zero" and sigma == 0:
+    # sigma == 0 (all rewards of the set equal): no relative signal, every A is 0;
+    # under "eps" with y in the set that is already (r - mu) = 0 exactly.
+    if sigma == 0:
       adv, adv_y = np.zeros_like(r), 0.0
     else:
       adv, adv_y = (r - mu) / (sigma + eps), (r_y - mu) / (sigma + eps)
@@ -181,10 +184,26 @@ def test_zero_variance_groups_in_group_only_mode_are_finite(zero_std):
   assert _all_finite(loss, *grads["loss"])
   assert metrics["frac_zero_std_groups"] == 1.0
   assert np.all(np.asarray(grads["loss"][0]) == 0)  # no sample beats another
-  if zero_std == "zero":  # the group is dropped, as GRPO does
-    assert loss == 0.0 and np.all(np.asarray(grads["loss"][1]) == 0)
-  else:  # Eq. 4 with the eps guard: A_y = (0 - (-1)) / 1e-6
-    np.testing.assert_allclose(metrics["adv/ref"], 1e6, rtol=1e-5)
+  # Both guards drop the group: with the eps guard Eq. 4 read literally would give
+  # A_y = (0 - (-1)) / 1e-6 = 1e6 (an audit finding); an equal-reward group has no
+  # relative signal, so A_y is 0 too and the answer's imitation term gets no weight.
+  assert metrics["adv/ref"] == 0.0
+  assert loss == 0.0 and np.all(np.asarray(grads["loss"][1]) == 0)
+
+
+def test_group_only_advantages_are_zero_for_equal_rewards_with_small_eps():
+  # The audit case directly on grao_advantages: G-only, default std_eps, the answer
+  # differs from the (constant) samples; nothing may come out near 1 / std_eps.
+  rewards = jnp.asarray([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+  mask = jnp.ones((2, 3), bool)
+  answer = jnp.asarray([0.0, 0.0])
+  adv, adv_y, _, sigma = grao_advantages(rewards, mask, answer,
+                                         group_includes_reference=False)
+  assert float(sigma[0]) == 0.0
+  assert np.all(np.asarray(adv[0]) == 0) and float(adv_y[0]) == 0.0
+  # A group with spread keeps Eq. 4's A_y = (R_y - mu) / (sigma + eps).
+  mu, sd = 2.0 / 3.0, np.std([0.0, 1.0, 1.0])
+  np.testing.assert_allclose(float(adv_y[1]), (0.0 - mu) / (sd + 1e-6), rtol=1e-5)
 
 
 def test_beta_lam_zero_is_group_normalised_reinforce():
