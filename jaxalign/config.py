@@ -259,6 +259,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("data.group_size", "must be >= 1 (or None)")
   if c.reference.mode not in ("precompute", "frozen"):
     _fail("reference.mode", f"must be 'precompute' or 'frozen', got {c.reference.mode!r}")
+  if (spec.needs_ref and c.reference.mode == "precompute"
+      and "tail_logps" in spec.column_names(c.loss.hparams.to_dict())):
+    _fail("reference.mode", "loss.hparams.ld_alpha (LD-DPO) weights the reference's tail "
+          "tokens too, which the precomputed table does not hold: set reference.mode='frozen'")
 
   from jaxalign.models import attention  # local: keeps config import light
   if c.model.get("attention", "auto") not in attention.IMPLEMENTATIONS:

@@ -93,6 +93,10 @@ def check_loss_hparams(name: str, spec, hparams: Mapping) -> None:
             f"got {value!r}")
     if not in_interval(float(value), interval):
       _fail(f"loss.hparams.{key}", f"must be in {interval} for {name!r}, got {value!r}")
+  check = getattr(spec, "check_hparams", None)
+  problem = check(dict(hparams)) if check is not None else None
+  if problem is not None:
+    _fail(f"loss.hparams.{problem[0]}", problem[1])
 
 
 def check_optim(optim) -> None:

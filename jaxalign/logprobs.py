@@ -183,6 +183,44 @@ def token_logps(
   return logps.reshape(N, T)
 
 
+def token_log_sum_sq_probs(
+    hidden: jax.Array,
+    head_w: jax.Array,
+    *,
+    chunk_size: int = 8192,
+    final_logit_softcap: float | None = None,
+    batch_axes: BatchAxes = None,
+) -> jax.Array:
+  """log sum_v p_v^2 per position (WPO's weight normaliser), chunked, no gradient.
+
+  = logsumexp(2 z) - 2 logsumexp(z) over the vocabulary, z the (softcapped)
+  logits; one extra pass over the vocabulary chunks, never [N, T, V].
+
+  Returns:
+    [N, T] float32, a constant w.r.t. the parameters.
+  """
+  N, T, D = hidden.shape
+  h = _rows(jax.lax.stop_gradient(hidden).reshape(N * T, D), _mesh_batch_axes(batch_axes))
+  head_w = jax.lax.stop_gradient(head_w)
+  ax = _mesh_batch_axes(batch_axes)
+  chunk, num_chunks = _chunk_layout(head_w.shape[1], int(chunk_size))
+
+  def body(carry, i):
+    m1, s1, m2, s2 = carry
+    _, _, _, logits, _ = _chunk(h, head_w, i, chunk, final_logit_softcap, ax)
+    n1 = jnp.maximum(m1, logits.max(-1))
+    s1 = s1 * jnp.exp(m1 - n1) + jnp.exp(logits - n1[:, None]).sum(-1)
+    n2 = jnp.maximum(m2, 2.0 * logits.max(-1))
+    s2 = s2 * jnp.exp(m2 - n2) + jnp.exp(2.0 * logits - n2[:, None]).sum(-1)
+    return (n1, s1, n2, s2), None
+
+  neg = jnp.full((N * T,), -jnp.inf, jnp.float32)
+  zero = jnp.zeros((N * T,), jnp.float32)
+  (m1, s1, m2, s2), _ = jax.lax.scan(body, (neg, zero, neg, zero), jnp.arange(num_chunks))
+  out = (m2 + jnp.log(s2)) - 2.0 * (m1 + jnp.log(s1))
+  return out.reshape(N, T)
+
+
 def sequence_logps_from_hidden(
     hidden: jax.Array,
     head_w: jax.Array,
@@ -192,6 +230,7 @@ def sequence_logps_from_hidden(
     chunk_size: int = 8192,
     final_logit_softcap: float | None = None,
     batch_axes: BatchAxes = None,
+    token_outputs: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Summed log-probs of the scored tokens of each row.
 
@@ -206,6 +245,10 @@ def sequence_logps_from_hidden(
     chunk_size: vocabulary chunk, see token_logps.
     final_logit_softcap: see token_logps.
     batch_axes: see token_logps.
+    token_outputs: when a dict, filled with the per-position arrays behind the
+      sums: "logps" [N, T] (position t-1 predicts token t, as summed), "mask"
+      [N, T] bool (scored), and "log_sum_sq" [N, T] if the dict asks for it by
+      holding that key (token_log_sum_sq_probs, same positions).
 
   Returns:
     logps_sum: [N] float32 sum over scored tokens of log p(token_t | tokens_<t).
@@ -219,6 +262,12 @@ def sequence_logps_from_hidden(
                       final_logit_softcap=final_logit_softcap,
                       batch_axes=batch_axes)                            # [N, T]
   logps_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
+  if token_outputs is not None:
+    if "log_sum_sq" in token_outputs:
+      token_outputs["log_sum_sq"] = token_log_sum_sq_probs(
+          hidden, head_w, chunk_size=chunk_size, final_logit_softcap=final_logit_softcap,
+          batch_axes=batch_axes)
+    token_outputs["logps"], token_outputs["mask"] = logps, mask
   return logps_sum, mask.sum(axis=1).astype(jnp.int32)
 
 
@@ -230,6 +279,7 @@ def sequence_logps(
     *,
     chunk_size: int = 8192,
     batch_axes: BatchAxes = None,
+    token_outputs: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """One forward of `model` over all N rows, then sequence_logps_from_hidden.
 
@@ -249,4 +299,5 @@ def sequence_logps(
   loss_mask = loss_mask.astype(bool) & attention_mask.astype(bool)
   return sequence_logps_from_hidden(
       hidden, model.head_weight(), tokens, loss_mask, chunk_size=chunk_size,
-      final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
+      final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes,
+      token_outputs=token_outputs)

@@ -83,7 +83,17 @@ def test_registry_specs():
   assert losses.get("dpo").needs_ref and losses.get("dpo").data == "pairwise"
   assert not losses.get("sft").needs_ref
   assert set(losses.get("dpo").hparam_names()) == {
-      "beta", "label_smoothing", "rpo_alpha", "variant", "reference_free", "ipo_length_norm"}
+      "beta", "label_smoothing", "rpo_alpha", "variant", "reference_free", "ipo_length_norm",
+      "loss_weights", "ld_alpha", "use_weighting", "discopop_tau"}
+  # The reference-free pairwise losses: no reference forward, no precomputed table.
+  for name in ("cpo", "simpo", "orpo"):
+    assert not losses.get(name).needs_ref and losses.get(name).data == "pairwise"
+  assert losses.get("bco_pair").init_state is not None
+  # The step computes LD-DPO's / WPO's columns only when asked for.
+  dpo_spec = losses.get("dpo")
+  assert dpo_spec.column_names({"beta": 0.1}) == ()
+  assert dpo_spec.column_names({"ld_alpha": 0.5, "use_weighting": True}) == (
+      "tail_logps", "wpo_logps")
   with pytest.raises(KeyError, match="known"):
     losses.get("nope")
 

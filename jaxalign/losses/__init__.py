@@ -10,7 +10,8 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
-from jaxalign.losses import aft, bco, d2o, dpo, grao, kto, ln_dpo, ofs, reward, sft
+from jaxalign.losses import (aft, bco, cpo, d2o, dpo, grao, kto, ln_dpo, ofs, orpo, reward,
+                             sft, simpo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +23,17 @@ class LossInputs:
     ref_logps: [B, S] the same under the reference model; None if not needed.
     lengths: [B, S] scored-token counts (0 for padding sequences).
     batch: the batch's other columns ("label", "rewards", ...), [B, ...].
+    columns: extra per-sequence quantities [B, S] the step computed from the
+      policy's token log-probs, by name (those `LossSpec.columns` asked for;
+      COLUMNS in jaxalign/train/step.py says what each is).
+    ref_columns: the same under the reference model (None without one).
   """
   logps: Any
   ref_logps: Any
   lengths: Any
   batch: dict
+  columns: dict = dataclasses.field(default_factory=dict)
+  ref_columns: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,9 @@ class LossSpec:
       frozen base (OFS-DPO: ("fast", "slow")), each with its own forward and
       optimizer; `inputs.logps` then holds the modules' [B, S] blocks side by
       side ([B, len(modules) * S], in this order). () for one policy.
+    columns: hparams -> names of extra per-sequence columns the step must
+      compute from token log-probs for these hyperparameters (e.g. LD-DPO's
+      "tail_logps"); they arrive in `LossInputs.columns` / `ref_columns`.
   """
   fn: Callable
   data: str
@@ -62,6 +72,14 @@ class LossSpec:
   # Hyperparameter -> allowed interval in interval notation ("(0, inf)", "[0, 0.5)"),
   # checked before compiling by jaxalign.guards; names not listed are unchecked.
   hparam_bounds: dict[str, str] = dataclasses.field(default_factory=dict)
+  columns: Callable[[dict], tuple[str, ...]] | None = None
+  # hparams -> (key, problem) for a setting that is not a number in an interval
+  # (e.g. an unknown variant name), or None; checked before compiling.
+  check_hparams: Callable[[dict], tuple[str, str] | None] | None = None
+
+  def column_names(self, hparams: dict) -> tuple[str, ...]:
+    """The per-token columns the step computes for `hparams` (see `columns`)."""
+    return tuple(self.columns(dict(hparams))) if self.columns is not None else ()
 
   def hparam_names(self) -> tuple[str, ...]:
     """Keyword-only hyperparameters the loss accepts (for config validation)."""
@@ -93,10 +111,62 @@ def _stateless(adapter: Callable) -> Callable:
   return call
 
 
+def _pairwise_arrays(x: LossInputs) -> dict:
+  """The pairwise inputs by argument name; reference ones only when there is a reference."""
+  out = {"chosen_logps": x.logps[:, 0], "rejected_logps": x.logps[:, 1],
+         "chosen_lengths": x.lengths[:, 0], "rejected_lengths": x.lengths[:, 1]}
+  if x.ref_logps is not None:
+    out["ref_chosen_logps"] = x.ref_logps[:, 0]
+    out["ref_rejected_logps"] = x.ref_logps[:, 1]
+  for prefix, cols in (("", x.columns), ("ref_", x.ref_columns)):
+    for name, col in (cols or {}).items():
+      out[f"{prefix}chosen_{name}"] = col[:, 0]
+      out[f"{prefix}rejected_{name}"] = col[:, 1]
+  return out
+
+
+def _positional_names(fn: Callable) -> tuple[tuple[str, bool], ...]:
+  """(name, required) of `fn`'s positional parameters."""
+  return tuple((p.name, p.default is inspect.Parameter.empty)
+               for p in inspect.signature(fn).parameters.values()
+               if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                             inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
 @_stateless
 def _call_pairwise(fn, x: LossInputs, **hparams):
+  """Pairwise adapter by argument name: a loss takes what its signature names.
+
+  Reference-free losses (no ref_* parameters, needs_ref=False) get no reference
+  arrays, and none is computed for them; a loss that names a reference argument
+  without one gets a one-line error at trace time.
+  """
+  arrays = _pairwise_arrays(x)
+  kwargs = {}
+  for name, required in _positional_names(fn):
+    if name in arrays:
+      kwargs[name] = arrays[name]
+    elif required:
+      why = (" (the step computes no reference log-probs for a loss registered with "
+             "needs_ref=False)" if name.startswith("ref_") else "")
+      raise ValueError(f"pairwise loss {getattr(fn, '__name__', fn)!r} needs {name!r}, "
+                       f"which the step does not provide{why}")
+  return fn(**kwargs, **hparams)
+
+
+def _call_bco_pair(fn, x: LossInputs, state, **hparams):
   return fn(x.logps[:, 0], x.logps[:, 1], x.ref_logps[:, 0], x.ref_logps[:, 1],
-            x.lengths[:, 0], x.lengths[:, 1], **hparams)
+            state=state, **hparams)
+
+
+def _dpo_columns(hparams: dict) -> tuple[str, ...]:
+  """LD-DPO needs each sequence's tail log-prob, WPO its per-token weight mean."""
+  cols = ()
+  if hparams.get("ld_alpha") is not None:
+    cols += ("tail_logps",)
+  if hparams.get("use_weighting"):
+    cols += ("wpo_logps",)
+  return cols
 
 
 @_stateless
@@ -159,7 +229,17 @@ def _call_ofs(fn, x: LossInputs, state, **hparams):
 
 LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft.sft_loss, data="sft", needs_ref=False, call=_call_sft),
-    "dpo": LossSpec(dpo.dpo_loss, data="pairwise", needs_ref=True, call=_call_pairwise),
+    "dpo": LossSpec(dpo.dpo_loss, data="pairwise", needs_ref=True, call=_call_pairwise,
+                    columns=_dpo_columns, check_hparams=dpo.check_hparams),
+    # Paired BCO with the running reward shift (TRL <= 0.28 DPOTrainer "bco_pair";
+    # the shift-free TRL >= 0.29 form is dpo variant "bco_pair").
+    "bco_pair": LossSpec(bco.bco_pair_loss, data="pairwise", needs_ref=True,
+                         call=_call_bco_pair, init_state=bco.init_bco_state),
+    # Reference-free pairwise losses: no reference forward, no ref_logps.npy.
+    "cpo": LossSpec(cpo.cpo_loss, data="pairwise", needs_ref=False, call=_call_pairwise),
+    "simpo": LossSpec(simpo.simpo_loss, data="pairwise", needs_ref=False,
+                      call=_call_pairwise),
+    "orpo": LossSpec(orpo.orpo_loss, data="pairwise", needs_ref=False, call=_call_pairwise),
     "ln_dpo": LossSpec(ln_dpo.ln_dpo_loss, data="pairwise", needs_ref=True,
                        call=_call_pairwise),
     "bco": LossSpec(bco.bco_loss, data="unpaired", needs_ref=True, call=_call_bco,
@@ -181,7 +261,14 @@ LOSSES: dict[str, LossSpec] = {
 # Each built-in loss's hyperparameter ranges (beta <= 0 trains a constant or reverses
 # the preference; label smoothing of 0.5 or more flips which response is preferred).
 _BOUNDS = {
-    "dpo": {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "rpo_alpha": "[0, inf)"},
+    "dpo": {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "rpo_alpha": "[0, inf)",
+            "ld_alpha": "[0, 1]", "discopop_tau": "(0, inf)"},
+    "bco_pair": {"beta": "(0, inf)"},
+    "cpo": {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "simpo_gamma": "[0, inf)",
+            "cpo_alpha": "[0, inf)"},
+    "simpo": {"beta": "(0, inf)", "gamma": "[0, inf)", "label_smoothing": "[0, 0.5)",
+              "sft_weight": "[0, inf)"},
+    "orpo": {"beta": "[0, inf)"},
     "ln_dpo": {"beta": "(0, inf)"},
     "bco": {"beta": "(0, inf)", "min_density_ratio": "(0, inf)",
             "max_density_ratio": "(0, inf)"},

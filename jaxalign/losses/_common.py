@@ -26,3 +26,20 @@ def pair_metrics(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
       "logps/chosen": mean(chosen_logps),
       "logps/rejected": mean(rejected_logps),
   }
+
+
+def logratio(logps, ref_logps) -> jax.Array:
+  """logps - ref_logps [B] as float32, the difference taken in the inputs' precision.
+
+  Sequence log-probs are large (-250) and their difference small: a float64
+  (NumPy, or JAX with x64) pair is subtracted before the float32 cast, so the
+  log-ratio keeps its digits; float32 inputs are unchanged. The reference side
+  carries no gradient.
+  """
+  if isinstance(ref_logps, jax.Array):
+    ref_logps = jax.lax.stop_gradient(ref_logps)
+  return jnp.asarray(logps - ref_logps).astype(jnp.float32)
+
+
+def as_f32(x) -> jax.Array:
+  return jnp.asarray(x).astype(jnp.float32)

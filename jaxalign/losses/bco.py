@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.losses._common import pair_metrics, weighted_mean
+from jaxalign.losses._common import logratio, pair_metrics, weighted_mean
 
 # TRL RunningMoments' initial count: tiny, so the first update sets the mean to
 # the first batch's mean, yet never zero, so nothing divides by zero.
@@ -247,6 +247,7 @@ def bco_pair_loss(
     state: BcoState | None = None,
     beta: float = 0.1,
     update_state: bool = True,
+    shift_count: str = "rewards",
     weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], BcoState | None]:
   """Paired BCO, TRL DPOTrainer `loss_type="bco_pair"`.
@@ -255,10 +256,16 @@ def bco_pair_loss(
   pairs. With `state` (TRL <= v0.28) delta is the running mean of all 2B
   rewards, updated before use; with `state=None` (TRL >= v0.29) delta = 0.
 
-  TRL <= v0.28 feeds its running mean the *scalar* batch mean (count 1 per
-  step); here the 2B rewards are pooled with their counts. delta is the same
-  whenever every batch holds the same number of valid pairs; `var` and `count`
-  in the state differ.
+  How the running mean counts (`shift_count`):
+    * "rewards" (default): every one of the 2B rewards is one sample, pooled
+      with its row weight: TRL's current BCOTrainer counting (RunningMoments
+      over all rewards). delta is then the mean of every reward seen, however
+      they were batched, padded or split into micro-batches.
+    * "batch": TRL <= v0.28 DPOTrainer, which feeds its RunningMoments the
+      *scalar* batch mean (one sample per step, variance 0 within it). Use it
+      to reproduce TRL 0.28 exactly (delta, var and count).
+  delta is the same in both whenever every batch holds the same number of valid
+  pairs; `var` and `count` differ.
 
   Args:
     chosen_logps: [B] summed log pi_theta(y_w | x).
@@ -268,6 +275,7 @@ def bco_pair_loss(
     state: running reward moments, or None for the shift-free form.
     beta: inverse temperature on the log-ratio.
     update_state: as in `bco_loss`.
+    shift_count: "rewards" or "batch", see above.
     weights: optional [B] row weights (0 for padding rows).
 
   Returns:
@@ -276,14 +284,15 @@ def bco_pair_loss(
       delta.
     new_state: updated moments (None when state is None).
   """
-  chosen_logps = chosen_logps.astype(jnp.float32)
-  rejected_logps = rejected_logps.astype(jnp.float32)
-  ref_chosen_logps = jax.lax.stop_gradient(ref_chosen_logps.astype(jnp.float32))
-  ref_rejected_logps = jax.lax.stop_gradient(ref_rejected_logps.astype(jnp.float32))
+  if shift_count not in ("rewards", "batch"):
+    raise ValueError(f"shift_count must be 'rewards' or 'batch', got {shift_count!r}")
+  # Log-ratios in the inputs' precision, then float32 (see _common.logratio).
+  chosen_rewards = beta * logratio(chosen_logps, ref_chosen_logps)     # [B]
+  rejected_rewards = beta * logratio(rejected_logps, ref_rejected_logps)  # [B]
+  chosen_logps = jnp.asarray(chosen_logps).astype(jnp.float32)
+  rejected_logps = jnp.asarray(rejected_logps).astype(jnp.float32)
   w = jnp.ones_like(chosen_logps) if weights is None else weights.astype(jnp.float32)
 
-  chosen_rewards = beta * (chosen_logps - ref_chosen_logps)          # [B]
-  rejected_rewards = beta * (rejected_logps - ref_rejected_logps)    # [B]
   new_state = state
   if state is None:
     delta = jnp.zeros((), jnp.float32)
@@ -291,7 +300,12 @@ def bco_pair_loss(
     if update_state:
       s_w, n_w, q_w = reward_batch_sums(chosen_rewards, w)
       s_l, n_l, q_l = reward_batch_sums(rejected_rewards, w)
-      new_state = update_bco_state(state, s_w + s_l, n_w + n_l, q_w + q_l)
+      if shift_count == "rewards":
+        new_state = update_bco_state(state, s_w + s_l, n_w + n_l, q_w + q_l)
+      else:  # TRL 0.28: the scalar mean of the 2B rewards is one sample
+        m = (s_w + s_l) / jnp.maximum(n_w + n_l, 1e-24)
+        one = (n_w + n_l > 0).astype(jnp.float32)   # an all-padding batch adds nothing
+        new_state = update_bco_state(state, one * m, one, one * m * m)
     delta = jax.lax.stop_gradient(new_state.mean)
   # softplus(-z) == -log_sigmoid(z), finite for large |z|.
   per_pair = (jax.nn.softplus(-(chosen_rewards - delta))

@@ -25,30 +25,69 @@ from jaxalign.train.state import TrainState
 SEQUENCE_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps")
 
 
+def _tail_logps(logps, mask):
+  """LD-DPO: [B, S] summed log-probs of the scored tokens past the example's shortest
+  response (for a pair: past min(|y_w|, |y_l|)), TRL's tail mask."""
+  pos = jnp.cumsum(mask.astype(jnp.int32), axis=-1)                   # [B, S, T]
+  shared = mask.sum(-1).min(axis=1)                                    # [B]
+  tail = mask & (pos > shared[:, None, None])
+  return jnp.where(tail, logps, 0.0).sum(-1)
+
+
+def _wpo_logps(logps, mask, log_sum_sq):
+  """WPO: [B, S] per-token mean of log p_t - log sum_v p_v^2 (no gradient)."""
+  aligned = jnp.where(mask, jax.lax.stop_gradient(logps) - log_sum_sq, 0.0)
+  return aligned.sum(-1) / jnp.maximum(mask.sum(-1), 1).astype(jnp.float32)
+
+
+# Per-sequence columns a loss may ask for (LossSpec.columns), computed from the
+# forward's token log-probs: name -> (function of [B, S, T] arrays, needs log_sum_sq).
+COLUMNS = {
+    "tail_logps": (lambda o: _tail_logps(o["logps"], o["mask"]), False),
+    "wpo_logps": (lambda o: _wpo_logps(o["logps"], o["mask"], o["log_sum_sq"]), True),
+}
+
+
 def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None,
-                batch_axes=None):
+                batch_axes=None, columns: tuple[str, ...] = ()):
   """Per-sequence summed log-probs [B, S] and scored-token counts [B, S].
 
   `dropout_key`: the LoRA adapters' dropout key for this forward (None: none).
   batch_axes: mesh axes B is split over, kept on the log-prob chunks (logprobs.py).
+  columns: names in COLUMNS; then a third value, {name: [B, S]}, is returned.
   """
   model = nnx.merge(graphdef, params, frozen)
   if dropout_key is not None:
     lora.set_dropout_key(model, dropout_key)
   b, s, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
+  for name in columns:
+    if name not in COLUMNS:
+      raise ValueError(f"unknown per-sequence column {name!r}; known: {sorted(COLUMNS)}")
+  token_outputs = None
+  if columns:
+    token_outputs = {"log_sum_sq": None} if any(COLUMNS[c][1] for c in columns) else {}
   sums, counts = logprobs.sequence_logps(
       model, flat(batch["tokens"]), flat(batch["attention_mask"]), flat(batch["loss_mask"]),
-      chunk_size=chunk_size, batch_axes=batch_axes)
-  return sums.reshape(b, s), counts.reshape(b, s)
+      chunk_size=chunk_size, batch_axes=batch_axes, token_outputs=token_outputs)
+  if not columns:
+    return sums.reshape(b, s), counts.reshape(b, s)
+  per_seq = {k: v.reshape(b, s, t) for k, v in token_outputs.items()}
+  return (sums.reshape(b, s), counts.reshape(b, s),
+          {name: COLUMNS[name][0](per_seq) for name in columns})
 
 
 def _policy_logps(graphdef, params, frozen, batch, *, chunk_size, modules, dropout_key,
-                  batch_axes=None):
-  """[B, S] log-probs and counts; with `modules`, each module's [B, S] side by side."""
+                  batch_axes=None, columns=()):
+  """[B, S] log-probs and counts; with `modules`, each module's [B, S] side by side.
+
+  With `columns` (single policy only) a third value holds them, as batch_logps.
+  """
   if not modules:
     return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size,
-                       dropout_key=dropout_key, batch_axes=batch_axes)
+                       dropout_key=dropout_key, batch_axes=batch_axes, columns=columns)
+  if columns:
+    raise ValueError("per-sequence loss columns are not supported with LoRA modules")
   outs = [batch_logps(graphdef, params[m], frozen, batch, chunk_size=chunk_size,
                       dropout_key=None if dropout_key is None
                       else jax.random.fold_in(dropout_key, i), batch_axes=batch_axes)
@@ -59,25 +98,35 @@ def _policy_logps(graphdef, params, frozen, batch, *, chunk_size, modules, dropo
 def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None, *, graphdef,
                 loss_call: Callable, chunk_size: int, ref_graphdef=None,
                 modules: tuple[str, ...] = (), batch_axes=None):
-  """Loss metrics, gradients and the loss's new running state for one micro-batch."""
+  """Loss metrics, gradients and the loss's new running state for one micro-batch.
+
+  No reference forward runs unless there is a reference (ref_params, the LoRA
+  base graph, or a precomputed column): a reference-free loss gets ref_logps None.
+  """
+  columns = tuple(getattr(loss_call, "columns", ()))
+  ref_columns = None
+
+  def ref_forward(gd, p, f):
+    out = batch_logps(gd, p, f, batch, chunk_size=chunk_size, batch_axes=batch_axes,
+                      columns=columns)
+    return jax.lax.stop_gradient(out[0]), (jax.lax.stop_gradient(out[2]) if columns else None)
+
   if ref_params is not None:
-    ref_logps, _ = batch_logps(graphdef, ref_params, frozen, batch, chunk_size=chunk_size,
-                               batch_axes=batch_axes)
-    ref_logps = jax.lax.stop_gradient(ref_logps)
+    ref_logps, ref_columns = ref_forward(graphdef, ref_params, frozen)
   elif ref_graphdef is not None:
     # LoRA: the reference is the base with adapters off -- the frozen weights alone.
-    ref_logps, _ = batch_logps(ref_graphdef, frozen, nnx.State({}), batch,
-                               chunk_size=chunk_size, batch_axes=batch_axes)
-    ref_logps = jax.lax.stop_gradient(ref_logps)
+    ref_logps, ref_columns = ref_forward(ref_graphdef, frozen, nnx.State({}))
   else:
     ref_logps = batch.get("ref_logps")
   extra = {k: v for k, v in batch.items() if k not in SEQUENCE_KEYS}
 
   def objective(p):
-    logps, counts = _policy_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,
-                                  modules=modules, dropout_key=dropout_key,
-                                  batch_axes=batch_axes)
-    inputs = losses.LossInputs(logps=logps, ref_logps=ref_logps, lengths=counts, batch=extra)
+    out = _policy_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,
+                        modules=modules, dropout_key=dropout_key,
+                        batch_axes=batch_axes, columns=columns)
+    logps, counts = out[0], out[1]
+    inputs = losses.LossInputs(logps=logps, ref_logps=ref_logps, lengths=counts, batch=extra,
+                               columns=out[2] if columns else {}, ref_columns=ref_columns)
     loss, metrics, new_state = loss_call(inputs, loss_state)
     return loss, (metrics, new_state)
 
@@ -164,9 +213,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
   return new_state, metrics
 
 
+class _LossCall(functools.partial):
+  """functools.partial carrying `columns`: the per-sequence columns the step computes."""
+  columns: tuple[str, ...] = ()
+
+
 def make_loss_call(spec: losses.LossSpec, hparams: dict[str, Any]) -> Callable:
-  """Binds a registry entry and its hyperparameters: (inputs, state) -> (loss, metrics, state)."""
-  return functools.partial(_loss_call, spec.call, spec.fn, dict(hparams))
+  """Binds a registry entry and its hyperparameters: (inputs, state) -> (loss, metrics, state).
+
+  The result's `columns` names the extra per-sequence columns (COLUMNS) the step
+  computes for this loss and these hyperparameters.
+  """
+  call = _LossCall(_loss_call, spec.call, spec.fn, dict(hparams))
+  call.columns = spec.column_names(hparams)
+  return call
 
 
 def _loss_call(call, fn, hparams, inputs, loss_state):

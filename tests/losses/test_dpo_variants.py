@@ -329,7 +329,7 @@ def test_invalid_settings_raise_at_trace_time():
   with pytest.raises(ValueError, match="unknown DPO variant"):
     dpo_loss(x, x, x, x, variant="sppo")
   with pytest.raises(ValueError, match="unknown DPO variant"):
-    jax.jit(functools.partial(dpo_loss, variant="sigmoid_norm"))(x, x, x, x)
+    jax.jit(functools.partial(dpo_loss, variant="simpo"))(x, x, x, x)
   with pytest.raises(ValueError, match="0.5"):
     dpo_loss(x, x, x, x, variant="robust", label_smoothing=0.5)
   with pytest.raises(ValueError, match="lengths"):
