@@ -1,12 +1,21 @@
-"""Every registered method trains end to end on the bundled task, and moves its metric."""
+"""Every registered method trains on the bundled task: end to end (CASES, moving its
+metric), or, for the pairwise losses added later, one real jitted train step whose loss
+equals the pure function on independently computed log-probs (STEP_CASES)."""
 
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
-from jaxalign import losses
-from jaxalign.train import loop
-from tests.train.helpers import read_metrics, tiny_config
+from jaxalign import config as config_lib
+from jaxalign import losses, sharding
+from jaxalign.train import loop, optim, step as step_lib
+from tests.train.helpers import random_batch, read_metrics, tiny_config
 
 # method -> (loss, hparams, data source, options, metric that must rise[, config overrides])
 CASES = {
@@ -32,9 +41,141 @@ CASES = {
 }
 
 
+# Step-level cases: method -> (loss, hparams). One jitted step each (cheap), checked
+# against the pure loss on log-probs from a plain full-softmax forward.
+STEP_CASES = {
+    "simpo": ("simpo", dict(beta=2.0, gamma=0.5)),
+    "cpo": ("cpo", dict(beta=0.1, cpo_alpha=1.0)),
+    "cpo_simpo": ("cpo", dict(beta=2.0, loss_type="simpo", simpo_gamma=0.5, cpo_alpha=0.0)),
+    "orpo": ("orpo", dict(beta=0.1)),
+    "bco_pair": ("bco_pair", dict(beta=0.1)),
+    "exo_pair": ("dpo", dict(beta=0.1, variant="exo_pair", label_smoothing=1e-3)),
+    "nca_pair": ("dpo", dict(beta=0.1, variant="nca_pair")),
+    "sppo_hard": ("dpo", dict(beta=0.1, variant="sppo_hard")),
+    "aot": ("dpo", dict(beta=0.1, variant="aot")),
+    "aot_unpaired": ("dpo", dict(beta=0.1, variant="aot_unpaired")),
+    "apo_zero": ("dpo", dict(beta=0.1, variant="apo_zero")),
+    "apo_down": ("dpo", dict(beta=0.1, variant="apo_down")),
+    "discopop": ("dpo", dict(beta=0.1, variant="discopop")),
+    "sigmoid_norm": ("dpo", dict(beta=1.0, variant="sigmoid_norm")),
+    "multi_sigmoid_sft": ("dpo", dict(beta=0.1, variant=("sigmoid", "sft"),
+                                      loss_weights=(1.0, 0.5))),
+    "ld_dpo": ("dpo", dict(beta=0.1, ld_alpha=0.3)),
+    "wpo": ("dpo", dict(beta=0.1, use_weighting=True)),
+    "ld_wpo_ipo": ("dpo", dict(beta=0.1, variant="ipo", ld_alpha=0.5, use_weighting=True)),
+}
+
+
 def test_every_registered_loss_has_a_case():
   # reward_model trains a scalar-head model with its own trainer (train/reward.py).
-  assert {c[0] for c in CASES.values()} >= set(losses.LOSSES) - {"sft", "reward_model"}
+  covered = {c[0] for c in CASES.values()} | {c[0] for c in STEP_CASES.values()}
+  assert covered >= set(losses.LOSSES) - {"sft", "reward_model"}
+
+
+def _plain_token_logps(graphdef, params, frozen, batch):
+  """Full-softmax per-token log-probs [B, S, T], log sum p^2 [B, S, T] and scored mask,
+  written independently of logprobs.py (no chunking, no custom gradient)."""
+  model = nnx.merge(graphdef, params, frozen)
+  b, s, t = batch["tokens"].shape
+  tokens = batch["tokens"].reshape(b * s, t)
+  hidden = model(tokens, batch["attention_mask"].reshape(b * s, t))
+  logits = jnp.dot(hidden.astype(jnp.float32), model.head_weight().astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)[:, :-1]            # [N, T-1, V]
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  logps = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
+  log_sum_sq = jax.scipy.special.logsumexp(2.0 * logp_all, axis=-1)
+  mask = (batch["loss_mask"] * batch["attention_mask"]).reshape(b * s, t)[:, 1:].astype(bool)
+  shape = (b, s, t - 1)
+  return (np.asarray(logps, np.float64).reshape(shape),
+          np.asarray(log_sum_sq, np.float64).reshape(shape), np.asarray(mask).reshape(shape))
+
+
+def _independent_inputs(logps, log_sum_sq, mask):
+  """Sums, lengths, LD-DPO tails and WPO means per sequence, in NumPy."""
+  sums = (logps * mask).sum(-1)
+  lengths = mask.sum(-1)
+  shared = lengths.min(axis=1)                                             # [B]
+  pos = np.cumsum(mask, axis=-1)
+  tail = ((logps * (mask & (pos > shared[:, None, None]))).sum(-1))
+  wpo = ((logps - log_sum_sq) * mask).sum(-1) / np.maximum(lengths, 1)
+  return sums, lengths, tail, wpo
+
+
+@pytest.mark.parametrize("method", sorted(STEP_CASES))
+def test_step_loss_equals_the_pure_loss(method):
+  loss_name, hparams = STEP_CASES[method]
+  spec = losses.get(loss_name)
+  cfg = tiny_config(**{"mesh.shape": (1, 8, 1)})
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  rules = tuple(tuple(r) for r in cfg.sharding_rules)
+  tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
+  graphdef, _, shardings, init_fn = loop.build_model_and_state(
+      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=spec.needs_ref,
+      init_loss_state=spec.init_state)
+  batch = random_batch(np.random.default_rng(5))
+  batch["loss_mask"][:3, 1, -5:-2] = 0     # unequal pair lengths: LD-DPO tails are non-empty
+  with jax.set_mesh(mesh):
+    state = jax.jit(init_fn, out_shardings=shardings)()
+    if spec.needs_ref:   # a reference that differs from the policy: log-ratios are not 0
+      state = state.replace(ref_params=jax.tree.map(lambda x: x * 0.8, state.ref_params))
+    else:
+      assert state.ref_params is None
+    expected_inputs = [_independent_inputs(*_plain_token_logps(graphdef, p, state.frozen,
+                                                               batch))
+                       for p in ([state.params] + ([state.ref_params] if spec.needs_ref
+                                                   else []))]
+    loss_state = state.loss_state
+    call = step_lib.make_loss_call(spec, hparams)
+    step_fn = step_lib.jit_train_step(
+        graphdef=graphdef, tx=tx, schedule=sched, loss_call=call, chunk_size=16,
+        accum_steps=1, skip_nonfinite=False, state_shardings=shardings,
+        batch_sharding=sharding.batch_sharding(mesh, rules),
+        replicated=sharding.replicated(mesh))
+    _, metrics = step_fn(state, sharding.host_to_global(
+        batch, sharding.batch_sharding(mesh, rules)))
+  (sums, lengths, tail, wpo), *ref = expected_inputs
+  f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
+  kw = dict(chosen_logps=f32(sums[:, 0]), rejected_logps=f32(sums[:, 1]),
+            chosen_lengths=jnp.asarray(lengths[:, 0]), rejected_lengths=jnp.asarray(lengths[:, 1]))
+  if ref:
+    r_sums, _, r_tail, _ = ref[0]
+    kw.update(ref_chosen_logps=f32(r_sums[:, 0]), ref_rejected_logps=f32(r_sums[:, 1]))
+  if hparams.get("ld_alpha") is not None:
+    kw.update(chosen_tail_logps=f32(tail[:, 0]), rejected_tail_logps=f32(tail[:, 1]),
+              ref_chosen_tail_logps=f32(r_tail[:, 0]), ref_rejected_tail_logps=f32(r_tail[:, 1]))
+    assert np.any(tail != 0)
+  if hparams.get("use_weighting"):
+    kw.update(chosen_wpo_logps=f32(wpo[:, 0]), rejected_wpo_logps=f32(wpo[:, 1]))
+  if spec.init_state is not None:
+    expected, _, _ = spec.fn(kw.pop("chosen_logps"), kw.pop("rejected_logps"),
+                             kw.pop("ref_chosen_logps"), kw.pop("ref_rejected_logps"),
+                             state=spec.init_state(), **hparams)
+  else:
+    expected, _ = spec.fn(**kw, **hparams)
+  assert np.isfinite(float(metrics["loss"]))
+  np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_free_loss_trains_without_a_reference(tmp_path):
+  """simpo (needs_ref=False) with the default reference.mode='precompute': the run
+  trains and no reference table is computed or written."""
+  cfg = tiny_config(total_steps=1, **{"data.train_path": "toy:pairwise?n=16"})
+  cfg.loss.name = "simpo"
+  cfg.loss.hparams = ml_collections.ConfigDict(dict(beta=2.0, gamma=0.5))
+  assert cfg.reference.mode == "precompute"
+  loop.train(cfg, str(tmp_path), progress=False)
+  assert np.isfinite(read_metrics(tmp_path)[0]["loss"])
+  assert not os.path.exists(os.path.join(tmp_path, "ref_logps.npy"))
+
+
+def test_pairwise_adapter_without_reference_is_a_clear_error():
+  """A loss that needs reference arrays, fed without them (needs_ref=False), fails with
+  one message naming the argument, not an index error on None."""
+  spec = losses.get("dpo")
+  x = losses.LossInputs(logps=jnp.zeros((2, 2)), ref_logps=None,
+                        lengths=jnp.ones((2, 2), jnp.int32), batch={})
+  with pytest.raises(ValueError, match="ref_chosen_logps.*needs_ref=False"):
+    spec.call(spec.fn, x, None, beta=0.1)
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
