@@ -180,10 +180,12 @@ def _dpo_v028_step(s, trainer_cls, batch):
     lc, lr = _t(batch["chosen_lengths"]), _t(batch["rejected_lengths"])
     c, r, rc, rr = c / lc, r / lr, rc / lc, rr / lr
 
+  n = len(c)
+
   def concatenated_forward(model, batch, is_ref_model=False):
     return {"chosen_logps": c, "rejected_logps": r,
-            "mean_chosen_logits": torch.zeros(B, dtype=TORCH_DTYPE),
-            "mean_rejected_logits": torch.zeros(B, dtype=TORCH_DTYPE)}
+            "mean_chosen_logits": torch.zeros(n, dtype=TORCH_DTYPE),
+            "mean_rejected_logits": torch.zeros(n, dtype=TORCH_DTYPE)}
 
   s.concatenated_forward = concatenated_forward
   loss, metrics = trainer_cls.get_batch_loss_metrics(
@@ -194,6 +196,8 @@ def _dpo_v028_step(s, trainer_cls, batch):
     out[k] = float(metrics[k])
   if "bco_pair" in s.loss_type:
     out["delta"] = float(s.running.mean)
+    out["state/var"] = float(s.running.var)
+    out["state/count"] = float(s.running.count)
   return out
 
 
@@ -213,6 +217,10 @@ DPO_V028_CASES = [
      dict(loss_type="sigmoid", beta=0.05, reference_free=True), 1),
     ("bco_pair_delta", dict(beta=0.1),
      dict(loss_type="bco_pair", beta=0.1), 2),
+    # Batches of 8, 3 and 8 pairs: TRL 0.28 counts each batch's mean once, so delta
+    # is the mean of the three batch means (jaxalign shift_count="batch").
+    ("bco_pair_delta_unequal", dict(beta=0.1, shift_count="batch"),
+     dict(loss_type="bco_pair", beta=0.1), 3),
 ]
 
 
@@ -224,7 +232,9 @@ def cases_v028(inputs):
     s, trainer_cls = _dpo_v028_standin(args)
     step_records = []
     for i in range(steps):
-      batch = inputs["paired"][i]
+      batch = inputs["paired"][i % 2]
+      if name == "bco_pair_delta_unequal" and i == 1:
+        batch = {k: v[:3] for k, v in batch.items()}
       step_records.append({"inputs": batch, "trl": _dpo_v028_step(s, trainer_cls, batch)})
     loss_name = "bco_pair_loss" if trl_kw["loss_type"] == "bco_pair" else "dpo_loss"
     cases.append({
@@ -318,7 +328,14 @@ def _bco_unpaired_v028(inputs):
 
 
 def _dpo_v1_step(args, batch):
+  """TRL >= 1.4 DPOTrainer._compute_loss on `batch` (any number of rows).
+
+  The stub model gives every completion token of a sequence the same log-prob
+  S/|y| (so they sum to S) and, for WPO, the same log sum_v p_v^2, given as
+  batch["chosen_log_sum_sq"] / ["rejected_log_sum_sq"] (0 when absent).
+  """
   from trl.trainer.dpo_trainer import DPOTrainer
+  B = len(batch["chosen_logps"])
 
   s = types.SimpleNamespace()
   s.args = args
@@ -351,17 +368,38 @@ def _dpo_v1_step(args, batch):
   shift_mask = completion_mask[:, 1:].to(TORCH_DTYPE)
   # Per-token log-probs, each completion token S/|y|: they sum to S.
   per_token = shift_mask * (_t(seq_logps) / _t(lengths))[:, None]
+  lssp = list(batch.get("chosen_log_sum_sq", [0.0] * B)) + list(
+      batch.get("rejected_log_sum_sq", [0.0] * B))
+  log_sum_sq = shift_mask * _t(lssp)[:, None]
 
   class _Model:
     def __call__(self, **kw):
       z = torch.zeros(2 * B, T - 1, dtype=TORCH_DTYPE)
       return types.SimpleNamespace(log_probs=per_token, entropy=z, mean_logits=z,
+                                   log_sum_sq_probs=log_sum_sq,
                                    is_top1=torch.zeros(2 * B, T - 1, dtype=torch.bool))
 
+  # The precomputed reference as TRL's _compute_ref_log_probs forms it from per-token
+  # log-probs (the same stub layout): LD-weighted with ld_alpha; policy == reference
+  # inputs (ties) then give log-ratios of exactly 0, as in TRL itself.
+  ref_seq = list(batch["ref_chosen_logps"]) + list(batch["ref_rejected_logps"])
+  ref_per_token = shift_mask * (_t(ref_seq) / _t(lengths))[:, None]
+  if args.ld_alpha is None:
+    ref_logps = ref_per_token.sum(dim=1)
+  else:
+    shift_completion = completion_mask[:, 1:]
+    comp_pos = shift_completion.cumsum(dim=1)
+    chosen_lens, rejected_lens = shift_completion.sum(dim=1).chunk(2, dim=0)
+    shared = torch.minimum(chosen_lens, rejected_lens)
+    shared = torch.cat([shared, shared], dim=0).unsqueeze(1)
+    shared_mask = (comp_pos > 0) & (comp_pos <= shared)
+    tail_mask = comp_pos > shared
+    ref_logps = ((ref_per_token * shared_mask).sum(dim=1)
+                 + args.ld_alpha * (ref_per_token * tail_mask).sum(dim=1))
+  ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
   inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long),
             "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "ref_chosen_logps": _t(batch["ref_chosen_logps"]),
-            "ref_rejected_logps": _t(batch["ref_rejected_logps"])}
+            "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
   loss = DPOTrainer._compute_loss(s, _Model(), inputs, False)
   out = {"loss": float(loss)}
   for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -403,6 +441,231 @@ def cases_v1(inputs):
   return cases
 
 
+# ------------------------------------- TRL >= 1.16: the other pairwise losses
+
+TYPES_SEED = 20261202
+
+
+def _lengths_pair(rng, n):
+  return ([int(v) for v in rng.integers(5, 120, n)], [int(v) for v in rng.integers(5, 120, n)])
+
+
+def make_type_inputs():
+  """Input sets for the loss-type cases: 3 random seeds, ties (policy == reference)
+  and extreme log-ratios (|rho| of 300 to 600). Every log-prob is negative (ORPO and
+  CPO read them as probabilities) and float32-exact."""
+  rng = np.random.default_rng(TYPES_SEED)
+  sets = {}
+  for k in range(3):
+    ref_c, ref_r = rng.uniform(-250.0, -30.0, B), rng.uniform(-250.0, -30.0, B)
+    lc, lr = _lengths_pair(rng, B)
+    sets[f"seed{k}"] = {
+        "chosen_logps": ref_c + rng.normal(0.0, 6.0, B),
+        "rejected_logps": ref_r + rng.normal(0.0, 6.0, B),
+        "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r,
+        "chosen_lengths": lc, "rejected_lengths": lr}
+  ref_c, ref_r = rng.uniform(-250.0, -30.0, B), rng.uniform(-250.0, -30.0, B)
+  lc, lr = _lengths_pair(rng, B)
+  sets["ties"] = {"chosen_logps": ref_c, "rejected_logps": ref_r, "ref_chosen_logps": ref_c,
+                  "ref_rejected_logps": ref_r, "chosen_lengths": lc, "rejected_lengths": lr}
+  ref_c, ref_r = rng.uniform(-1000.0, -700.0, B), rng.uniform(-1000.0, -700.0, B)
+  sign = np.where(np.arange(B) % 2 == 0, 1.0, -1.0)
+  lc, lr = _lengths_pair(rng, B)
+  sets["extreme"] = {
+      "chosen_logps": ref_c + sign * rng.uniform(300.0, 600.0, B),
+      "rejected_logps": ref_r - sign * rng.uniform(300.0, 600.0, B),
+      "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r,
+      "chosen_lengths": lc, "rejected_lengths": lr}
+  out = {}
+  for name, x in sets.items():
+    x = {k: (_f32(v) if "logps" in k else v) for k, v in x.items()}
+    # WPO: a per-sequence log sum_v p_v^2 (the stub gives every token the same one).
+    x["chosen_log_sum_sq"] = _f32(rng.uniform(-3.0, -0.2, B))
+    x["rejected_log_sum_sq"] = _f32(rng.uniform(-3.0, -0.2, B))
+    out[name] = x
+  return out
+
+
+def _ld_columns(x, ld_alpha):  # noqa: ARG001  (alpha is applied by the losses)
+  """LD-DPO inputs for the uniform-token stub: the tail (tokens past the shorter
+  response) holds (|y| - shared) / |y| of each sequence's log-prob, reference too.
+  Returns jaxalign's tail columns (TRL forms its LD-weighted reference in _dpo_v1_step)."""
+  lc, lr = np.asarray(x["chosen_lengths"], float), np.asarray(x["rejected_lengths"], float)
+  shared = np.minimum(lc, lr)
+  cols = {}
+  for side, n in (("chosen", lc), ("rejected", lr)):
+    frac = (n - shared) / n
+    cols[f"{side}_tail_logps"] = _f32(np.asarray(x[f"{side}_logps"]) * frac)
+    cols[f"ref_{side}_tail_logps"] = _f32(np.asarray(x[f"ref_{side}_logps"]) * frac)
+  return cols
+
+
+def _wpo_columns(x):
+  cols = {}
+  for side in ("chosen", "rejected"):
+    per_token = np.asarray(x[f"{side}_logps"], np.float64) / np.asarray(x[f"{side}_lengths"])
+    cols[f"{side}_wpo_logps"] = _f32(per_token - np.asarray(x[f"{side}_log_sum_sq"]))
+  return cols
+
+
+def _rows(x, i):
+  return {k: v[i:i + 1] for k, v in x.items()}
+
+
+# name, jaxalign kwargs of dpo_loss, TRL DPOConfig kwargs, per-example (not batch-coupled)
+DPO_TYPE_CASES = [
+    ("sigmoid_norm", dict(variant="sigmoid_norm", beta=1.0),
+     dict(loss_type=["sigmoid_norm"], beta=1.0), True),
+    ("exo_pair", dict(variant="exo_pair", beta=0.1, label_smoothing=1e-3),
+     dict(loss_type=["exo_pair"], beta=0.1, label_smoothing=1e-3), True),
+    ("nca_pair", dict(variant="nca_pair", beta=0.1), dict(loss_type=["nca_pair"], beta=0.1), True),
+    ("bco_pair", dict(variant="bco_pair", beta=0.1), dict(loss_type=["bco_pair"], beta=0.1), True),
+    ("sppo_hard", dict(variant="sppo_hard", beta=0.1),
+     dict(loss_type=["sppo_hard"], beta=0.1), True),
+    ("aot", dict(variant="aot", beta=0.1), dict(loss_type=["aot"], beta=0.1), False),
+    ("aot_eps0.1", dict(variant="aot", beta=0.1, label_smoothing=0.1),
+     dict(loss_type=["aot"], beta=0.1, label_smoothing=0.1), False),
+    ("aot_unpaired", dict(variant="aot_unpaired", beta=0.1),
+     dict(loss_type=["aot_unpaired"], beta=0.1), False),
+    ("apo_zero", dict(variant="apo_zero", beta=0.1), dict(loss_type=["apo_zero"], beta=0.1), True),
+    ("apo_down", dict(variant="apo_down", beta=0.1), dict(loss_type=["apo_down"], beta=0.1), True),
+    ("discopop", dict(variant="discopop", beta=0.1, discopop_tau=0.05),
+     dict(loss_type=["discopop"], beta=0.1, discopop_tau=0.05), True),
+    ("sft", dict(variant="sft", beta=0.1), dict(loss_type=["sft"], beta=0.1), True),
+    ("multi_sigmoid_sft", dict(variant=["sigmoid", "sft"], loss_weights=[1.0, 0.5], beta=0.1),
+     dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], beta=0.1), True),
+    ("multi_apo_bco_ipo", dict(variant=["apo_zero", "bco_pair", "ipo"],
+                               loss_weights=[0.5, 1.0, 2.0], beta=0.1),
+     dict(loss_type=["apo_zero", "bco_pair", "ipo"], loss_weights=[0.5, 1.0, 2.0], beta=0.1),
+     True),
+    ("ld_alpha0.5", dict(variant="sigmoid", beta=0.1, ld_alpha=0.5),
+     dict(loss_type=["sigmoid"], beta=0.1, ld_alpha=0.5), True),
+    ("wpo", dict(variant="sigmoid", beta=0.1, use_weighting=True),
+     dict(loss_type=["sigmoid"], beta=0.1, use_weighting=True), True),
+    ("wpo_ld_ipo", dict(variant="ipo", beta=0.1, use_weighting=True, ld_alpha=0.3),
+     dict(loss_type=["ipo"], beta=0.1, use_weighting=True, ld_alpha=0.3), True),
+]
+
+
+def _dpo_type_case(name, jax_kw, trl_kw, per_example, set_name, x):
+  from trl import DPOConfig
+  args = _config(DPOConfig, precompute_ref_log_probs=True, **trl_kw)
+  jax_inputs = {k: v for k, v in x.items() if not k.endswith("_log_sum_sq")}
+  trl_x = dict(x)
+  if trl_kw.get("ld_alpha") is not None:
+    jax_inputs.update(_ld_columns(x, trl_kw["ld_alpha"]))
+  if trl_kw.get("use_weighting"):
+    jax_inputs.update(_wpo_columns(x))
+  out = _dpo_v1_step(args, trl_x)
+  if per_example:
+    out["per_example"] = [_dpo_v1_step(args, _rows(trl_x, i))["loss"] for i in range(B)]
+  return {
+      "name": f"trl{trl.__version__}/{name}/{set_name}",
+      "trl_version": trl.__version__,
+      "trl_call": "DPOTrainer._compute_loss (stub model, precomputed ref log-probs); "
+                  "per_example: the same on each row alone",
+      "trl_setting": trl_kw,
+      "jaxalign": {"fn": "dpo_loss", "kwargs": jax_kw, "state": None},
+      "steps": [{"inputs": jax_inputs, "trl": out}],
+  }
+
+
+def _cpo_standin(args, cls_name):
+  from trl.experimental.cpo import CPOTrainer
+  from trl.experimental.orpo import ORPOTrainer
+  s = types.SimpleNamespace()
+  s.args = args
+  s.accelerator = _Accelerator()
+  s.beta = args.beta
+  s.aux_loss_enabled = False
+  if cls_name == "cpo":
+    s.label_smoothing = args.label_smoothing
+    s.loss_type = args.loss_type
+    s.cpo_alpha = args.cpo_alpha
+    s.simpo_gamma = args.simpo_gamma
+    s.alpha = args.alpha
+    s.cpo_loss = types.MethodType(CPOTrainer.cpo_loss, s)
+    return s, CPOTrainer
+  s.odds_ratio_loss = types.MethodType(ORPOTrainer.odds_ratio_loss, s)
+  return s, ORPOTrainer
+
+
+def _cpo_step(s, trainer_cls, x, average):
+  """get_batch_loss_metrics with a stub concatenated_forward: the (mean) log-probs as
+  TRL's get_batch_logps returns them, and the chosen NLL = token-mean cross entropy."""
+  c, r = _t(x["chosen_logps"]), _t(x["rejected_logps"])
+  lc, lr = _t(x["chosen_lengths"]), _t(x["rejected_lengths"])
+  nll = -c.sum() / lc.sum()
+  if average:
+    c, r = c / lc, r / lr
+  n = len(c)
+  z = torch.zeros(n, 1, 1, dtype=TORCH_DTYPE)
+  s.concatenated_forward = lambda model, batch: (c, r, z, z, nll)
+  loss, metrics = trainer_cls.get_batch_loss_metrics(s, None, {}, train_eval="train")
+  keys = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+          "logps/chosen", "logps/rejected", "nll_loss"]
+  if trainer_cls.__name__ == "ORPOTrainer":
+    keys += ["log_odds_ratio", "log_odds_chosen"]
+  out = {"loss": float(loss)}
+  for k in keys:
+    out[k] = float(metrics[k])
+  return out
+
+
+# name, jaxalign fn, its kwargs, "cpo" | "orpo", TRL config kwargs
+CPO_CASES = [
+    ("cpo_sigmoid", "cpo_loss", dict(beta=0.1, cpo_alpha=1.0), "cpo",
+     dict(loss_type="sigmoid", beta=0.1, cpo_alpha=1.0)),
+    ("cpo_sigmoid_eps0.1", "cpo_loss", dict(beta=0.1, cpo_alpha=1.0, label_smoothing=0.1),
+     "cpo", dict(loss_type="sigmoid", beta=0.1, cpo_alpha=1.0, label_smoothing=0.1)),
+    ("cpo_hinge", "cpo_loss", dict(beta=0.1, loss_type="hinge", cpo_alpha=0.5), "cpo",
+     dict(loss_type="hinge", beta=0.1, cpo_alpha=0.5)),
+    ("cpo_ipo", "cpo_loss", dict(beta=0.1, loss_type="ipo", cpo_alpha=1.0), "cpo",
+     dict(loss_type="ipo", beta=0.1, cpo_alpha=1.0)),
+    ("cpo_simpo", "cpo_loss", dict(beta=2.0, loss_type="simpo", simpo_gamma=0.5, cpo_alpha=0.3),
+     "cpo", dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3)),
+    ("simpo", "simpo_loss", dict(beta=2.0, gamma=0.5), "cpo",
+     dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0)),
+    ("orpo", "orpo_loss", dict(beta=0.1), "orpo", dict(beta=0.1)),
+]
+
+
+def _cpo_case(name, fn, jax_kw, kind, trl_kw, set_name, x):
+  if kind == "cpo":
+    from trl.experimental.cpo import CPOConfig as cfg_cls
+    call = "trl.experimental.cpo.CPOTrainer.get_batch_loss_metrics -> cpo_loss"
+  else:
+    from trl.experimental.orpo import ORPOConfig as cfg_cls
+    call = "trl.experimental.orpo.ORPOTrainer.get_batch_loss_metrics -> odds_ratio_loss"
+  args = _config(cfg_cls, **trl_kw)
+  s, cls = _cpo_standin(args, kind)
+  average = kind == "orpo" or trl_kw.get("loss_type") in ("ipo", "simpo")
+  out = _cpo_step(s, cls, x, average)
+  if kind == "cpo" and trl_kw["cpo_alpha"] == 0.0:
+    out.pop("nll_loss")    # TRL logs 0 (it skips the NLL); jaxalign logs none
+  out["per_example"] = [_cpo_step(s, cls, _rows(x, i), average)["loss"] for i in range(B)]
+  inputs = {k: v for k, v in x.items() if not k.startswith("ref_") and "log_sum_sq" not in k}
+  return {
+      "name": f"trl{trl.__version__}/{name}/{set_name}",
+      "trl_version": trl.__version__,
+      "trl_call": call + " (stub concatenated_forward); per_example: each row alone",
+      "trl_setting": trl_kw,
+      "jaxalign": {"fn": fn, "kwargs": jax_kw, "state": None},
+      "steps": [{"inputs": inputs, "trl": out}],
+  }
+
+
+def cases_v1_types():
+  sets = make_type_inputs()
+  cases = []
+  for set_name, x in sets.items():
+    for name, jax_kw, trl_kw, per_example in DPO_TYPE_CASES:
+      cases.append(_dpo_type_case(name, jax_kw, trl_kw, per_example, set_name, x))
+    for name, fn, jax_kw, kind, trl_kw in CPO_CASES:
+      cases.append(_cpo_case(name, fn, jax_kw, kind, trl_kw, set_name, x))
+  return cases
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -415,6 +678,8 @@ def main():
   inputs = make_inputs()
   if version < Version("0.29"):
     new_cases = cases_v028(inputs)
+  elif version >= Version("1.16"):
+    new_cases = cases_v1(inputs) + cases_v1_types()
   elif version >= Version("1.4"):
     new_cases = cases_v1(inputs)
   else:
@@ -431,7 +696,7 @@ def main():
   for c in new_cases:
     for st in c["steps"]:
       for k, v in st["trl"].items():
-        if not math.isfinite(v):
+        if not all(math.isfinite(u) for u in (v if isinstance(v, list) else [v])):
           raise SystemExit(f"{c['name']}: non-finite {k}={v}")
   data = {
       "about": ("TRL conformance vectors for jaxalign losses (shared/LOSSES.md section 9), "

@@ -23,6 +23,16 @@ Cases (LOSSES.md §9 table; every case id starts with the TRL version):
                                         -> bco_pair_loss(state=init_bco_state())
   bco_pair_no_delta         1.16        loss_type="bco_pair" (no shift) -> bco_pair_loss(state=None)
   sigmoid_norm_beta2        1.16        loss_type="sigmoid_norm", beta=2.0 -> ln_dpo_loss
+  bco_pair_delta_unequal    0.28        as bco_pair_delta over batches of 8, 3, 8 pairs
+                                        -> bco_pair_loss(shift_count="batch"): delta, var, count
+  <type>/<inputs>           1.16        DPOTrainer loss_type=[<type>] (sigmoid_norm, exo_pair,
+                                        nca_pair, bco_pair, sppo_hard, aot, aot_unpaired,
+                                        apo_zero, apo_down, discopop, sft), two multi-loss
+                                        lists with loss_weights, ld_alpha, use_weighting (WPO)
+                                        -> dpo_loss(variant=...); CPOTrainer (sigmoid, hinge,
+                                        ipo, simpo) -> cpo_loss / simpo_loss; ORPOTrainer ->
+                                        orpo_loss. <inputs>: seed0-2, ties, extreme. Loss,
+                                        metrics and per-example losses (TRL on each row alone)
   bco_unpaired[_udm]        0.28        trl.experimental.bco.BCOTrainer, beta=0.1; steps train,
                                         train, eval; UDM clip [0.5, 10] -> bco_loss(state=...,
                                         udm_weights=density_ratio_weights(p_desirable))
@@ -44,8 +54,11 @@ import numpy as np
 import pytest
 
 from jaxalign.losses.bco import bco_loss, bco_pair_loss, density_ratio_weights, init_bco_state
+from jaxalign.losses.cpo import cpo_loss
 from jaxalign.losses.dpo import dpo_loss
 from jaxalign.losses.ln_dpo import ln_dpo_loss
+from jaxalign.losses.orpo import orpo_loss
+from jaxalign.losses.simpo import simpo_loss
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -80,20 +93,48 @@ def _lengths(inputs):
           jnp.asarray(inputs["rejected_lengths"], jnp.int32))
 
 
+# The columns of LD-DPO / WPO cases, passed to dpo_loss by name.
+_COLUMN_ARGS = ("chosen_tail_logps", "rejected_tail_logps", "ref_chosen_tail_logps",
+                "ref_rejected_tail_logps", "chosen_wpo_logps", "rejected_wpo_logps")
+_REFERENCE_FREE = {"cpo_loss": cpo_loss, "simpo_loss": simpo_loss, "orpo_loss": orpo_loss}
+
+
+def _call_stateless(fn, x, kw, weights=None):
+  if fn == "dpo_loss":
+    cols = {k: _f32(x[k]) for k in _COLUMN_ARGS if k in x}
+    return dpo_loss(*_paired_args(x), *_lengths(x), **cols, **kw, weights=weights)
+  return _REFERENCE_FREE[fn](_f32(x["chosen_logps"]), _f32(x["rejected_logps"]), *_lengths(x),
+                             **kw, weights=weights)
+
+
+def per_example_losses(case):
+  """jaxalign's per-example losses of a one-step case: the loss with one-hot row
+  weights (sum(w x) / max(sum(w), 1) is then that row's value)."""
+  x = case["steps"][0]["inputs"]
+  n = len(x["chosen_logps"])
+  return [float(_call_stateless(case["jaxalign"]["fn"], x, case["jaxalign"]["kwargs"],
+                                jnp.asarray(np.eye(n, dtype=np.float32)[i]))[0])
+          for i in range(n)]
+
+
 def run_jaxalign(case):
-  """[(loss, metrics)] per step of `case`, state threaded through the steps."""
+  """[(loss, metrics)] per step of `case`, state threaded through the steps.
+
+  For bco_pair_loss the metrics also hold the running state as state/{var,count}."""
   spec = case["jaxalign"]
   fn, kw = spec["fn"], dict(spec["kwargs"])
   state = init_bco_state() if spec["state"] else None
   results = []
   for step in case["steps"]:
     x = step["inputs"]
-    if fn == "dpo_loss":
-      loss, metrics = dpo_loss(*_paired_args(x), *_lengths(x), **kw)
+    if fn == "dpo_loss" or fn in _REFERENCE_FREE:
+      loss, metrics = _call_stateless(fn, x, kw)
     elif fn == "ln_dpo_loss":
       loss, metrics = ln_dpo_loss(*_paired_args(x), *_lengths(x), **kw)
     elif fn == "bco_pair_loss":
       loss, metrics, state = bco_pair_loss(*_paired_args(x), state=state, **kw)
+      if state is not None:
+        metrics = {**metrics, "state/var": state.var, "state/count": state.count}
     elif fn == "bco_loss":
       udm = (density_ratio_weights(_f32(x["p_desirable"]))
              if spec.get("udm_weights") else None)
@@ -135,16 +176,60 @@ def test_loss_matches_trl(name):
                                        f"{case['trl_setting']})")
 
 
+@pytest.mark.parametrize("name", [_param(n) for n in CASES
+                                  if "per_example" in CASES[n]["steps"][0]["trl"]])
+def test_per_example_losses_match_trl(name):
+  """Each row's loss = TRL's loss on that row alone (the batch-coupled AOT losses and
+  the multi-step cases have none)."""
+  case = CASES[name]
+  np.testing.assert_allclose(per_example_losses(case), case["steps"][0]["trl"]["per_example"],
+                             rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def _state_compared(case) -> bool:
+  """TRL 0.28's RunningMoments var/count are jaxalign's with shift_count='batch' only."""
+  return case["jaxalign"]["kwargs"].get("shift_count") == "batch"
+
+
 @pytest.mark.parametrize("name", [_param(n, METRIC_XFAILS) for n in CASES])
 def test_metrics_match_trl(name):
   """rewards/*, logps/*, and delta / counts / UDM weight mean where TRL has them."""
   case = CASES[name]
   for i, (step, (_, metrics)) in enumerate(zip(case["steps"], run_jaxalign(case))):
     for key, expected in step["trl"].items():
-      if key == "loss":
+      if key in ("loss", "per_example"):
+        continue
+      if key.startswith("state/") and not _state_compared(case):
         continue
       np.testing.assert_allclose(metrics[key], expected, rtol=RTOL, atol=ATOL,
                                  err_msg=f"{name} step {i} metric {key}")
+
+
+def test_vectors_cover_the_other_trl_loss_types():
+  """Every TRL 1.16 pairwise loss type, CPO (each loss_type), SimPO and ORPO, on 3 seeds,
+  ties and extreme log-ratios."""
+  for name in ("sigmoid_norm", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "multi_sigmoid_sft",
+               "multi_apo_bco_ipo", "ld_alpha0.5", "wpo", "wpo_ld_ipo", "cpo_sigmoid",
+               "cpo_hinge", "cpo_ipo", "cpo_simpo", "simpo", "orpo"):
+    for inputs in ("seed0", "seed1", "seed2", "ties", "extreme"):
+      assert f"trl1.16.0/{name}/{inputs}" in CASES
+  assert "trl0.28.0/bco_pair_delta_unequal" in CASES
+
+
+def test_bco_pair_counting_default_differs_from_trl028_on_unequal_batches():
+  """The default shift_count='rewards' weighs each reward once, so with batches of 8, 3
+  and 8 pairs its delta is not TRL 0.28's mean of batch means (shift_count='batch')."""
+  case = CASES["trl0.28.0/bco_pair_delta_unequal"]
+  state = init_bco_state()
+  seen = []
+  for step in case["steps"]:
+    _, metrics, state = bco_pair_loss(*_paired_args(step["inputs"]), state=state, beta=0.1)
+    x = step["inputs"]
+    seen += [0.1 * (c - rc) for c, rc in zip(x["chosen_logps"], x["ref_chosen_logps"])]
+    seen += [0.1 * (r - rr) for r, rr in zip(x["rejected_logps"], x["ref_rejected_logps"])]
+  np.testing.assert_allclose(float(metrics["delta"]), np.mean(seen), rtol=1e-5)
+  assert abs(float(metrics["delta"]) - case["steps"][-1]["trl"]["delta"]) > 1e-3
 
 
 def test_reference_free_trl028_rewards_use_the_real_reference():
