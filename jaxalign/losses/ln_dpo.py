@@ -8,7 +8,7 @@ is TRL's `loss_type="sigmoid_norm"` (>= v1.4.0).
 import jax
 import jax.numpy as jnp
 
-from jaxalign.losses._common import pair_metrics, weighted_mean
+from jaxalign.losses._common import logratio, pair_metrics, weighted_mean
 
 
 def ln_dpo_loss(
@@ -45,16 +45,16 @@ def ln_dpo_loss(
       rewards_per_token/{chosen,rejected,margins} (beta * rho / |y|, what the
       loss sees) and length/{chosen,rejected} (mean scored tokens, unclamped).
   """
-  chosen_logps = chosen_logps.astype(jnp.float32)
-  rejected_logps = rejected_logps.astype(jnp.float32)
-  # The reference is a constant: never let a gradient reach it.
-  ref_chosen_logps = jax.lax.stop_gradient(ref_chosen_logps.astype(jnp.float32))
-  ref_rejected_logps = jax.lax.stop_gradient(ref_rejected_logps.astype(jnp.float32))
+  # Log-ratios in the inputs' precision, then float32; no gradient reaches the reference.
+  chosen_logratios = logratio(chosen_logps, ref_chosen_logps)               # [B]
+  rejected_logratios = logratio(rejected_logps, ref_rejected_logps)         # [B]
+  chosen_logps = jnp.asarray(chosen_logps).astype(jnp.float32)
+  rejected_logps = jnp.asarray(rejected_logps).astype(jnp.float32)
   chosen_len = jnp.maximum(chosen_lengths.astype(jnp.float32), 1.0)        # [B]
   rejected_len = jnp.maximum(rejected_lengths.astype(jnp.float32), 1.0)    # [B]
 
-  chosen_rewards = beta * (chosen_logps - ref_chosen_logps)                 # [B]
-  rejected_rewards = beta * (rejected_logps - ref_rejected_logps)           # [B]
+  chosen_rewards = beta * chosen_logratios                                  # [B]
+  rejected_rewards = beta * rejected_logratios                              # [B]
   chosen_rewards_per_token = chosen_rewards / chosen_len                    # [B]
   rejected_rewards_per_token = rejected_rewards / rejected_len              # [B]
   margins_per_token = chosen_rewards_per_token - rejected_rewards_per_token  # [B]

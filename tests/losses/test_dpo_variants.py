@@ -466,3 +466,33 @@ def test_ln_dpo_beta_is_required():
   x = jnp.zeros(2)
   with pytest.raises(TypeError, match="beta"):
     ln_dpo_loss(x, x, x, x, x, x)
+
+
+def test_float64_inputs_keep_near_zero_losses_exact():
+  """Log-ratios are taken before the float32 cast: float64 sequence log-probs of about
+  -2500 (long responses) with DPO margins of 12 to 16 give per-example losses of 1e-7 to
+  1e-5 that match a float64 transcription at rtol 1e-5. Casting first rounds each
+  log-prob by up to 1.2e-4 (float32's spacing at 2500), i.e. ~1e-4 relative on the loss."""
+  from jaxalign.losses.bco import bco_pair_loss
+  rng = np.random.default_rng(11)
+  n, beta = 6, 1.0
+  ref_c = -2500.0 - rng.uniform(0, 1, n) * np.pi
+  ref_r = -2400.0 - rng.uniform(0, 1, n) * np.e
+  h_target = rng.uniform(12.0, 16.0, n)
+  pol_c = ref_c + 0.5 * h_target
+  pol_r = ref_r - 0.5 * h_target
+  h = (pol_c - ref_c) - (pol_r - ref_r)
+  expected = np.log1p(np.exp(-beta * h))                      # float64, 1e-7 .. 1e-5
+  onehot = np.eye(n, dtype=np.float32)
+  got = [float(dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta,
+                        weights=jnp.asarray(onehot[i]))[0]) for i in range(n)]
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  f32 = [jnp.asarray(v, jnp.float32) for v in (pol_c, pol_r, ref_c, ref_r)]
+  cast_first = [float(dpo_loss(*f32, beta=beta, weights=jnp.asarray(onehot[i]))[0])
+                for i in range(n)]
+  assert np.max(np.abs(np.asarray(cast_first) / expected - 1.0)) > 2e-5  # the audit finding
+  # The same rule in paired BCO: rewards from float64 log-ratios.
+  loss, _, _ = bco_pair_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1)
+  rc, rr = 0.1 * (pol_c - ref_c), 0.1 * (pol_r - ref_r)
+  np.testing.assert_allclose(float(loss), np.mean(np.log1p(np.exp(-rc)) + np.log1p(np.exp(rr))),
+                             rtol=1e-5)

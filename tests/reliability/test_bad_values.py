@@ -59,6 +59,70 @@ def test_bad_value_exits_2_with_one_line_compiles_and_writes_nothing(tmp_path, c
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    # the new losses' declared ranges
+    (["--config.loss.name=simpo", "--config.loss.hparams.beta=0.0"],
+     "config.loss.hparams.beta: must be in (0, inf) for 'simpo'"),
+    (["--config.loss.name=cpo", "--config.loss.hparams.label_smoothing=0.5"],
+     "config.loss.hparams.label_smoothing: must be in [0, 0.5) for 'cpo'"),
+])
+def test_new_pairwise_loss_settings_exit_2_before_compiling(tmp_path, capsys, overrides,
+                                                            expected):
+  workdir = tmp_path / "run"
+  with compile_events() as events:
+    status, err = run_cli(capsys, f"--config={TINY_CLI_CONFIG}", f"--workdir={workdir}",
+                          "--noprogress", *overrides)
+  assert status == 2, err
+  assert len(err) == 1 and expected in err[0], err
+  assert not events, f"compiled before failing: {events}"
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("loss, hparams, expected", [
+    ("dpo", dict(variant="exo_pair"),
+     "config.loss.hparams.label_smoothing: variant 'exo_pair' needs label_smoothing > 0"),
+    ("dpo", dict(variant="sppo"), "config.loss.hparams.variant: unknown DPO variant 'sppo'"),
+    ("dpo", dict(variant="hinge", label_smoothing=0.1),
+     "config.loss.hparams.label_smoothing: label_smoothing=0.1 has no effect"),
+    ("dpo", dict(variant="aot", use_weighting=True),
+     "config.loss.hparams.use_weighting: use_weighting (WPO) does not apply to 'aot'"),
+    ("dpo", dict(discopop_tau=0.0), "config.loss.hparams.discopop_tau: must be in (0, inf)"),
+    ("bco_pair", dict(beta=-1.0), "config.loss.hparams.beta: must be in (0, inf) for 'bco_pair'"),
+    ("orpo", dict(beta=-0.1), "config.loss.hparams.beta: must be in [0, inf) for 'orpo'"),
+    ("simpo", dict(gamma=-1.0), "config.loss.hparams.gamma: must be in [0, inf) for 'simpo'"),
+    ("cpo", dict(cpo_alpha=-1.0), "config.loss.hparams.cpo_alpha: must be in [0, inf)"),
+])
+def test_new_pairwise_loss_hparams_fail_at_validation(loss, hparams, expected):
+  import ml_collections
+  from jaxalign import config as config_lib
+  from tests.train.helpers import tiny_config
+  cfg = tiny_config()
+  cfg.loss.name = loss
+  cfg.loss.hparams = ml_collections.ConfigDict(hparams)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cfg, 8)
+  assert expected in str(e.value), str(e.value)
+
+
+def test_ld_alpha_out_of_range_and_with_a_precomputed_reference_fail_at_validation():
+  import ml_collections
+  from jaxalign import config as config_lib
+  from tests.train.helpers import tiny_config
+  cfg = tiny_config()
+  cfg.loss.hparams = ml_collections.ConfigDict(dict(beta=0.1, ld_alpha=1.5))
+  with pytest.raises(config_lib.ConfigError, match=r"loss.hparams.ld_alpha: must be in \[0, 1\]"):
+    config_lib.validate(cfg, 8)
+  cfg.loss.hparams = ml_collections.ConfigDict(dict(beta=0.1, ld_alpha=0.5))
+  with pytest.raises(config_lib.ConfigError, match="config.reference.mode: .*ld_alpha"):
+    config_lib.validate(cfg, 8)
+  cfg.reference.mode = "frozen"
+  config_lib.validate(cfg, 8)
+  cfg.loss.hparams = ml_collections.ConfigDict(dict(beta=0.1, variant=["sigmoid", "sft"],
+                                                    loss_weights=[1.0]))
+  with pytest.raises(config_lib.ConfigError, match="loss.hparams.loss_weights: .*one weight"):
+    config_lib.validate(cfg, 8)
+
+
 @pytest.mark.parametrize("source, expected", [
     ("def get_config(:\n  pass\n", ":1: SyntaxError: "),
     ("import ml_collections\n\n\ndef get_config():\n  raise ValueError('no such recipe')\n",
