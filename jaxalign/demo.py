@@ -199,6 +199,19 @@ METHODS: dict[str, dict] = {
     "dpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1)),
     "ipo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="ipo")),
     "ln_dpo": dict(loss="ln_dpo", format="pairwise", hparams=dict(beta=0.1)),
+    # Reference-free pairwise losses (no reference forward, no ref_logps.npy).
+    # SimPO: per-token mean log-probs, beta 2.0 and gamma 0.5 as the paper's and TRL's.
+    "simpo": dict(loss="simpo", format="pairwise", hparams=dict(beta=2.0, gamma=0.5)),
+    # ORPO: chosen NLL + lambda (beta) times the odds-ratio term, lambda 0.1 (paper, TRL).
+    "orpo": dict(loss="orpo", format="pairwise", hparams=dict(beta=0.1)),
+    # CPO: reference-free sigmoid + the chosen NLL (cpo_alpha 1, TRL's default).
+    "cpo": dict(loss="cpo", format="pairwise", hparams=dict(beta=0.1, cpo_alpha=1.0)),
+    # TRL's other DPO loss types, on the same pairs and reference.
+    "sppo_hard": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="sppo_hard")),
+    "exo_pair": dict(loss="dpo", format="pairwise",
+                     hparams=dict(beta=0.1, variant="exo_pair", label_smoothing=1e-3)),
+    "apo_zero": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="apo_zero")),
+    "nca_pair": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="nca_pair")),
     "bco": dict(loss="bco", format="unpaired", hparams=dict(beta=0.1),
                 options=dict(udm="model", prompt_sample_size=1024)),
     # KTO: the same pairs split into desirable/undesirable examples, shuffled so
