@@ -125,6 +125,10 @@ def _pairwise_arrays(x: LossInputs) -> dict:
   return out
 
 
+_PAIRWISE_NAMES = frozenset({"chosen_logps", "rejected_logps", "ref_chosen_logps",
+                             "ref_rejected_logps", "chosen_lengths", "rejected_lengths"})
+
+
 def _positional_names(fn: Callable) -> tuple[tuple[str, bool], ...]:
   """(name, required) of `fn`'s positional parameters."""
   return tuple((p.name, p.default is inspect.Parameter.empty)
@@ -142,8 +146,18 @@ def _call_pairwise(fn, x: LossInputs, **hparams):
   without one gets a one-line error at trace time.
   """
   arrays = _pairwise_arrays(x)
+  names = _positional_names(fn)
+  if not any(name in _PAIRWISE_NAMES for name, _ in names):
+    # A signature in other words (a user's own loss): the historical positional order.
+    if x.ref_logps is None:
+      raise ValueError(f"pairwise loss {getattr(fn, '__name__', fn)!r} takes positional "
+                       "reference log-probs, but the step computes none for a loss "
+                       "registered with needs_ref=False; name its arguments chosen_logps, "
+                       "rejected_logps, chosen_lengths, rejected_lengths to go without")
+    return fn(x.logps[:, 0], x.logps[:, 1], x.ref_logps[:, 0], x.ref_logps[:, 1],
+              x.lengths[:, 0], x.lengths[:, 1], **hparams)
   kwargs = {}
-  for name, required in _positional_names(fn):
+  for name, required in names:
     if name in arrays:
       kwargs[name] = arrays[name]
     elif required:

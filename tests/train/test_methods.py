@@ -177,6 +177,16 @@ def test_pairwise_adapter_without_reference_is_a_clear_error():
   with pytest.raises(ValueError, match="ref_chosen_logps.*needs_ref=False"):
     spec.call(spec.fn, x, None, beta=0.1)
 
+  def my_loss(c, r, rc, rr, lc, lr, *, scale=1.0):   # a user's own names: positional order
+    return scale * jnp.mean(c - r - rc + rr + 0 * lc * lr), {}
+
+  with_ref = losses.LossInputs(logps=jnp.asarray([[1.0, 0.0]]), ref_logps=jnp.asarray([[0.5, 0.0]]),
+                               lengths=jnp.ones((1, 2), jnp.int32), batch={})
+  loss, _, _ = spec.call(my_loss, with_ref, None, scale=2.0)
+  assert float(loss) == 1.0
+  with pytest.raises(ValueError, match="needs_ref=False"):
+    spec.call(my_loss, x, None)
+
 
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_method_trains_and_moves_its_metric(method, tmp_path):
