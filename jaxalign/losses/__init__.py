@@ -173,6 +173,16 @@ def _call_bco_pair(fn, x: LossInputs, state, **hparams):
             state=state, **hparams)
 
 
+def _choice(key: str, allowed: tuple[str, ...], default: str):
+  """check_hparams for one string setting that must be one of `allowed`."""
+  def check(hparams: dict):
+    value = hparams.get(key, default)
+    if value not in allowed:
+      return key, f"must be one of {list(allowed)}, got {value!r}"
+    return None
+  return check
+
+
 def _dpo_columns(hparams: dict) -> tuple[str, ...]:
   """LD-DPO needs each sequence's tail log-prob, WPO its per-token weight mean."""
   cols = ()
@@ -248,9 +258,11 @@ LOSSES: dict[str, LossSpec] = {
     # Paired BCO with the running reward shift (TRL <= 0.28 DPOTrainer "bco_pair";
     # the shift-free TRL >= 0.29 form is dpo variant "bco_pair").
     "bco_pair": LossSpec(bco.bco_pair_loss, data="pairwise", needs_ref=True,
-                         call=_call_bco_pair, init_state=bco.init_bco_state),
+                         call=_call_bco_pair, init_state=bco.init_bco_state,
+                         check_hparams=_choice("shift_count", ("rewards", "batch"), "rewards")),
     # Reference-free pairwise losses: no reference forward, no ref_logps.npy.
-    "cpo": LossSpec(cpo.cpo_loss, data="pairwise", needs_ref=False, call=_call_pairwise),
+    "cpo": LossSpec(cpo.cpo_loss, data="pairwise", needs_ref=False, call=_call_pairwise,
+                    check_hparams=_choice("loss_type", cpo.LOSS_TYPES, "sigmoid")),
     "simpo": LossSpec(simpo.simpo_loss, data="pairwise", needs_ref=False,
                       call=_call_pairwise),
     "orpo": LossSpec(orpo.orpo_loss, data="pairwise", needs_ref=False, call=_call_pairwise),

@@ -91,6 +91,9 @@ def test_new_pairwise_loss_settings_exit_2_before_compiling(tmp_path, capsys, ov
     ("orpo", dict(beta=-0.1), "config.loss.hparams.beta: must be in [0, inf) for 'orpo'"),
     ("simpo", dict(gamma=-1.0), "config.loss.hparams.gamma: must be in [0, inf) for 'simpo'"),
     ("cpo", dict(cpo_alpha=-1.0), "config.loss.hparams.cpo_alpha: must be in [0, inf)"),
+    ("cpo", dict(loss_type="sppo"), "config.loss.hparams.loss_type: must be one of"),
+    ("bco_pair", dict(shift_count="pairs"), "config.loss.hparams.shift_count: must be one of "
+     "['rewards', 'batch']"),
 ])
 def test_new_pairwise_loss_hparams_fail_at_validation(loss, hparams, expected):
   import ml_collections
