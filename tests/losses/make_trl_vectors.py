@@ -1,7 +1,8 @@
 """Generates tests/losses/trl_vectors.json: TRL's own loss outputs on fixed inputs.
 
 The file in the repo was produced by TRL 0.28.0 (transformers 5.1.0) and TRL
-1.16.0 (transformers 5.23.0), each with torch 2.13.0 (CPU), float64 tensors.
+1.16.0 (transformers 5.24.0), each with torch 2.13.0 (CPU), float64 tensors
+(side venvs /work/trlvenv-b and /work/trlvenv-a, made as below).
 jaxalign never imports TRL: the tests in
 test_trl_conformance.py only read the JSON. Re-run this script only to refresh
 the vectors or to add a TRL version.
@@ -47,6 +48,20 @@ the given per-sequence log-probs. So TRL's loss *and* metric code runs as is.
     log-probs sum to the given sequence log-probs, `precompute_ref_log_probs`):
     sigmoid_norm (LN-DPO), ipo, sigmoid, robust, hinge, bco_pair (no shift).
     TRL 1.4.0's `sigmoid_norm` branch is textually identical to 1.16.0's.
+  * TRL >= 1.16 only (cases_v1_types, inputs from TYPES_SEED: 3 random seeds,
+    ties = policy equal to reference, extreme log-ratios of 300 to 600):
+    every other `loss_type` of DPOTrainer (exo_pair, nca_pair, bco_pair,
+    sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft,
+    sigmoid_norm), two weighted lists (`loss_type=[...]`, `loss_weights`),
+    `ld_alpha` and `use_weighting` (the stub model also returns
+    `log_sum_sq_probs`), through `_compute_loss`; and
+    `trl.experimental.cpo.CPOTrainer` (sigmoid, hinge, ipo, simpo) and
+    `trl.experimental.orpo.ORPOTrainer` through `get_batch_loss_metrics` with a
+    stub `concatenated_forward` returning the (mean) log-probs and the chosen
+    token-mean NLL. Per-example losses: the same TRL call on each row alone
+    (none for AOT, whose rows are coupled by sorting).
+  * TRL 0.28 `bco_pair` over batches of 8, 3 and 8 pairs, with its
+    RunningMoments var and count (jaxalign `shift_count="batch"`).
 """
 
 import argparse
