@@ -1,4 +1,5 @@
-"""ORPO (Hong et al. 2024): chosen NLL plus the odds-ratio term, reference-free, on the bundled arithmetic task.
+"""ORPO (Hong et al. 2024): chosen NLL plus the odds-ratio term, reference-free,
+on the bundled arithmetic task.
 
   jaxalign demo --workdir runs/demo --method orpo
       # SFT (reused if runs/demo/sft exists), orpo data from the SFT model's own

@@ -1,4 +1,5 @@
-"""SimPO (Meng et al. 2024): reference-free, length-normalised, target margin gamma, on the bundled arithmetic task.
+"""SimPO (Meng et al. 2024): reference-free, length-normalised, target margin gamma,
+on the bundled arithmetic task.
 
   jaxalign demo --workdir runs/demo --method simpo
       # SFT (reused if runs/demo/sft exists), simpo data from the SFT model's own
