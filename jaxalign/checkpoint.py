@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxalign import paths
+from jaxalign import paths, runerrors
 
 
 class CheckpointWriteError(OSError):
@@ -23,6 +23,25 @@ class CheckpointWriteError(OSError):
   Earlier complete checkpoints are untouched; the message names the directory
   and the latest complete step.
   """
+
+
+class CorruptCheckpointError(runerrors.RunError):
+  """A complete-looking checkpoint step could not be read back (truncated array
+  file, garbage in the data-iterator JSON, a broken manifest)."""
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+def _problem(e: BaseException) -> str:
+  """The first line of a restore error, without tensorstore's JSON spec dumps."""
+  text = str(e).strip()
+  text = text.splitlines()[0] if text else ""
+  text = text.split(" [tensorstore_spec")[0]
+  if len(text) > 300:
+    text = text[:300] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class Checkpointer:
@@ -95,17 +114,58 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001  tensorstore reports I/O errors as ValueError
       raise self._write_error(e, f"saving checkpoint step {step}") from e
 
+  def _corrupt(self, step: int, e: BaseException) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"checkpoint step {step} in {self.directory} cannot be read ({_problem(e)})", step=step)
+
   def restore(self, step: int, abstract_state, data_iter=None):
-    """Restores the state into the shardings of `abstract_state`, and `data_iter` in place."""
+    """Restores the state into the shardings of `abstract_state`, and `data_iter` in place.
+
+    Raises:
+      CorruptCheckpointError: the step's files cannot be read back.
+    """
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001  tensorstore, JSON and Orbax errors alike
+      raise self._corrupt(step, e) from e
     return restored["state"]
 
   def restore_config(self, step: int) -> dict[str, Any]:
-    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
+    """The resolved config saved with `step` (CorruptCheckpointError if unreadable)."""
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      config = restored["config"]
+    except Exception as e:  # noqa: BLE001  see restore()
+      raise self._corrupt(step, e) from e
+    if not isinstance(config, dict):
+      raise self._corrupt(step, TypeError(f"saved config is a {type(config).__name__}"))
+    return config
+
+  def set_aside(self, steps: list[int]) -> str:
+    """Moves unreadable `steps` out of the directory (to DIR.corrupt/STEP); returns that folder.
+
+    They are kept for inspection, never listed or loaded again, and their step
+    numbers are free for the resumed run's own checkpoints.
+    """
+    aside = f"{self.directory.rstrip('/')}.corrupt"
+    if jax.process_index() == 0:
+      paths.makedirs(aside)
+      for step in steps:
+        target = epath.Path(aside) / str(step)
+        n = 1
+        while target.exists():
+          target = epath.Path(aside) / f"{step}.{n}"
+          n += 1
+        epath.Path(paths.join(self.directory, str(step))).rename(target)
+    if jax.process_count() > 1:   # every process sees the moved steps before reloading
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("jaxalign_checkpoint_set_aside")
+    self._manager.reload()
+    return aside
 
   def wait(self):
     try:
