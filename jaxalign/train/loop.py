@@ -78,6 +78,50 @@ def load_tokenizer(name: str, workdir: str | None = None):
   return tok
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_tokenizer(tokenizer, config: ml_collections.ConfigDict, vocab_size: int,
+                    hf_dir: str = "") -> None:
+  """Refuses a tokenizer that does not fit the model, before anything is compiled.
+
+  With `model.hf_path` set, `data.tokenizer` must be that checkpoint's own tokenizer
+  (the same vocabulary, specials, template and pipeline; compared by content, so
+  another copy of it is fine) unless `data.allow_other_tokenizer` says the choice
+  is deliberate; a checkpoint without a tokenizer has nothing to compare. Every
+  special token's id must be inside the model's vocabulary.
+
+  Raises:
+    ConfigError: one line naming data.tokenizer (and model.hf_path).
+  """
+  name = config.data.tokenizer
+  if (hf_dir and name and name != config.model.hf_path
+      and os.path.abspath(name) != os.path.abspath(hf_dir)
+      and not config.data.get("allow_other_tokenizer", False)
+      and any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES)):
+    own = load_tokenizer(hf_dir)
+    if fingerprint.tokenizer_hash(own) != fingerprint.tokenizer_hash(tokenizer):
+      raise config_lib.ConfigError(
+          f"config.data.tokenizer: {name!r} is not the tokenizer of config.model.hf_path="
+          f"{config.model.hf_path!r} ({len(tokenizer)} vs {len(own)} tokens); clear "
+          "data.tokenizer to use the checkpoint's own, or set "
+          "config.data.allow_other_tokenizer=True if the choice is deliberate")
+  if len(tokenizer) > vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
+        f"{vocab_size}")
+  specials = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.all_special_tokens}
+  for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+    value = getattr(tokenizer, attr, None)
+    if value is not None:
+      specials.setdefault(attr[:-len("_token_id")], value)
+  for tok, idx in sorted(specials.items()):
+    if idx is not None and not 0 <= int(idx) < vocab_size:
+      raise config_lib.ConfigError(
+          f"config.data.tokenizer: special token {tok!r} has id {idx}, outside the model's "
+          f"vocabulary of {vocab_size} (config.model vocab_size)")
+
+
 def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict]:
   """Records from a file, a `datasets` dataset, or the bundled task.
 
@@ -323,10 +367,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   # Data: read, validate and tokenize everything before any compile, and before
   # anything is written: a bad config or bad data leaves no workdir behind.
   tokenizer = load_tokenizer(config.data.tokenizer or hf_dir)
-  if len(tokenizer) > model_cfg.vocab_size:
-    raise config_lib.ConfigError(
-        f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
-        f"{model_cfg.vocab_size}")
+  check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
   examples, num_skipped = load_examples(
       config.data.train_path, online.data_format if online else spec.data, tokenizer,
       split=config.data.split, max_length=config.data.max_length,
