@@ -79,9 +79,10 @@ def test_corrupt_latest_checkpoint_is_one_line_naming_it_and_the_previous_good_s
   assert complete_steps(run_copy) == [1, 2]   # nothing moved or deleted without the switch
 
 
+@pytest.mark.parametrize("fault", ["truncated array file", "garbage saved config"])
 def test_fallback_resumes_from_the_previous_good_step_and_sets_the_bad_one_aside(
-    finished_run, run_copy, capsys, caplog):
-  _corrupt(run_copy / "checkpoints" / "2", "truncated array file")
+    finished_run, run_copy, capsys, caplog, fault):
+  _corrupt(run_copy / "checkpoints" / "2", fault)   # found at the state restore / config check
   status, err = run_cli(capsys, f"--config={RECIPES}", f"--workdir={run_copy}", "--noprogress",
                         *OVERRIDES, "--config.checkpoint.fallback=True")
   assert status == 0, err
