@@ -253,10 +253,17 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
       target)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                   partial_restore=True)))
-  manager.close()
+  try:
+    with _restore_reports():
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                       partial_restore=True)))
+  except Exception as e:  # noqa: BLE001  see Checkpointer.restore
+    _quiet_closed_loop_callbacks()
+    raise CorruptCheckpointError(f"checkpoint step {step} in {run_dir} cannot be read "
+                                 f"({_problem(e)})", step=step) from e
+  finally:
+    manager.close()
   return restored["state"]["params"]
 
 

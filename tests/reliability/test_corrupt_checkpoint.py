@@ -99,3 +99,15 @@ def test_fallback_key_is_validated(tmp_path, capsys):
                         "--config.checkpoint.fallback=maybe")
   assert status == 2 and len(err) == 1 and "checkpoint.fallback" in err[0], err
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fault", ["truncated array file", "garbage saved config"])
+def test_export_of_a_corrupt_checkpoint_is_one_line(run_copy, tmp_path, capsys, fault):
+  from jaxalign import cli
+  _corrupt(run_copy / "checkpoints" / "2", fault)
+  status = cli.main(["export", f"--checkpoint={run_copy}", f"--out={tmp_path / 'hf'}"])
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert status == 1, err
+  assert len(err) == 1 and err[0].startswith(
+      "jaxalign export: error: checkpoint step 2 in "), err
+  assert "cannot be read (" in err[0], err
