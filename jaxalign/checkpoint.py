@@ -6,7 +6,10 @@ never listed as a step and never loaded. Nothing is pickled: arrays go through
 tensorstore, the iterator state and the config through JSON.
 """
 
+import contextlib
+import io
 import json
+import sys
 from typing import Any
 
 import grain
@@ -14,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxalign import paths
+from jaxalign import paths, runerrors
 
 
 class CheckpointWriteError(OSError):
@@ -23,6 +26,78 @@ class CheckpointWriteError(OSError):
   Earlier complete checkpoints are untouched; the message names the directory
   and the latest complete step.
   """
+
+
+class CorruptCheckpointError(runerrors.RunError):
+  """A complete-looking checkpoint step could not be read back (truncated array
+  file, garbage in the data-iterator JSON, a broken manifest)."""
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+def _problem(e: BaseException) -> str:
+  """The first line of a restore error, without tensorstore's JSON spec dumps."""
+  text = str(e).strip()
+  text = text.splitlines()[0] if text else ""
+  text = text.split(" [tensorstore_spec")[0]
+  if len(text) > 300:
+    text = text[:300] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the "Event loop is closed" reports that follow a failed restore.
+
+  Tensorstore reads still in flight when one read fails call back into Orbax's
+  event loop after it is closed; Python would print each as an ignored exception
+  with its traceback, under the one-line error, though nothing is wrong any more.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "jaxalign_quiet", False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  hook.jaxalign_quiet = True
+  sys.unraisablehook = hook
+
+
+_CLOSED_LOOP_NOISE = ("Traceback (most recent call last):", "asyncio/base_events.py",
+                      "self._check_closed()", "raise RuntimeError('Event loop is closed')",
+                      "RuntimeError: Event loop is closed", "RuntimeError", "Event loop is closed")
+
+
+@contextlib.contextmanager
+def _restore_reports():
+  """Holds back what Python prints to stderr during a restore; if the restore fails,
+  the "Event loop is closed" tracebacks of the reads still in flight are dropped
+  (each printed by tensorstore's callback thread), the rest is printed as it came.
+  With JAXALIGN_DEBUG=1 (--verbose) nothing is held back."""
+  if runerrors.debug_enabled():
+    yield
+    return
+  real, held = sys.stderr, io.StringIO()
+  sys.stderr = held
+  failed = False
+  try:
+    yield
+  except BaseException:
+    failed = True
+    raise
+  finally:
+    sys.stderr = real
+    text = held.getvalue()
+    if failed and "Event loop is closed" in text:
+      text = "".join(line for line in text.splitlines(keepends=True)
+                     if line.strip() and not any(n in line for n in _CLOSED_LOOP_NOISE)
+                     and line.strip().strip("^~ ") and not line.startswith("    "))
+    real.write(text)
 
 
 class Checkpointer:
@@ -95,17 +170,60 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001  tensorstore reports I/O errors as ValueError
       raise self._write_error(e, f"saving checkpoint step {step}") from e
 
+  def _corrupt(self, step: int, e: BaseException) -> CorruptCheckpointError:
+    _quiet_closed_loop_callbacks()
+    return CorruptCheckpointError(
+        f"checkpoint step {step} in {self.directory} cannot be read ({_problem(e)})", step=step)
+
   def restore(self, step: int, abstract_state, data_iter=None):
-    """Restores the state into the shardings of `abstract_state`, and `data_iter` in place."""
+    """Restores the state into the shardings of `abstract_state`, and `data_iter` in place.
+
+    Raises:
+      CorruptCheckpointError: the step's files cannot be read back.
+    """
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      with _restore_reports():
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001  tensorstore, JSON and Orbax errors alike
+      raise self._corrupt(step, e) from e
     return restored["state"]
 
   def restore_config(self, step: int) -> dict[str, Any]:
-    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
+    """The resolved config saved with `step` (CorruptCheckpointError if unreadable)."""
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      config = restored["config"]
+    except Exception as e:  # noqa: BLE001  see restore()
+      raise self._corrupt(step, e) from e
+    if not isinstance(config, dict):
+      raise self._corrupt(step, TypeError(f"saved config is a {type(config).__name__}"))
+    return config
+
+  def set_aside(self, steps: list[int]) -> str:
+    """Moves unreadable `steps` out of the directory (to DIR.corrupt/STEP); returns that folder.
+
+    They are kept for inspection, never listed or loaded again, and their step
+    numbers are free for the resumed run's own checkpoints.
+    """
+    aside = f"{self.directory.rstrip('/')}.corrupt"
+    if jax.process_index() == 0:
+      paths.makedirs(aside)
+      for step in steps:
+        target = epath.Path(aside) / str(step)
+        n = 1
+        while target.exists():
+          target = epath.Path(aside) / f"{step}.{n}"
+          n += 1
+        epath.Path(paths.join(self.directory, str(step))).rename(target)
+    if jax.process_count() > 1:   # every process sees the moved steps before reloading
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("jaxalign_checkpoint_set_aside")
+    self._manager.reload()
+    return aside
 
   def wait(self):
     try:
@@ -135,10 +253,17 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
       target)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                   partial_restore=True)))
-  manager.close()
+  try:
+    with _restore_reports():
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                       partial_restore=True)))
+  except Exception as e:  # noqa: BLE001  see Checkpointer.restore
+    _quiet_closed_loop_callbacks()
+    raise CorruptCheckpointError(f"checkpoint step {step} in {run_dir} cannot be read "
+                                 f"({_problem(e)})", step=step) from e
+  finally:
+    manager.close()
   return restored["state"]["params"]
 
 

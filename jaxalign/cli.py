@@ -197,7 +197,7 @@ def _export(argv: list[str]) -> int:
 
   try:
     hf.export_checkpoint(args.checkpoint, args.out, architecture=args.architecture)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, runerrors.RunError) as e:   # a corrupt checkpoint
     return _die("export", str(e), status=1)
   print(f"exported {args.checkpoint} to {os.path.abspath(args.out)}")
   return 0
@@ -232,7 +232,7 @@ def _generate(argv: list[str]) -> int:
     stats = files.generate_file(args.checkpoint, args.prompts, args.out, sp, seed=args.seed,
                                 batch_size=args.batch_size,
                                 max_prompt_length=args.max_prompt_length)
-  except (DataError, FileNotFoundError) as e:
+  except (DataError, FileNotFoundError, runerrors.RunError) as e:
     return _die("generate", str(e), status=1)
   except ValueError as e:
     return _die("generate", str(e))
@@ -262,7 +262,7 @@ def _generate_candidates(argv: list[str]) -> int:
     stats = candidates.generate_candidates(args.checkpoint, args.questions, args.out, k=args.k,
                                            sampling=sampling, reward=args.reward,
                                            seed=args.seed)
-  except (DataError, FileNotFoundError) as e:
+  except (DataError, FileNotFoundError, runerrors.RunError) as e:
     return _die("generate-candidates", str(e), status=1)
   except (ValueError, KeyError) as e:  # bad flag values, an unknown checker
     return _die("generate-candidates", str(e.args[0]) if isinstance(e, KeyError) else str(e))

@@ -71,6 +71,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.eval_path = ""
   c.data.split = "train"
   c.data.tokenizer = ""       # tokenizer dir or hub name; "toy" = the bundled one
+  # With model.hf_path set, a data.tokenizer other than that checkpoint's own is
+  # refused unless this says it is deliberate (the ids must then mean what the
+  # checkpoint's embeddings were trained on).
+  c.data.allow_other_tokenizer = False
   c.data.max_length = 64
   c.data.max_prompt_length = 32
   c.data.batch_size = 8       # global, in examples (pairs for DPO)

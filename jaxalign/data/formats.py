@@ -23,7 +23,7 @@ ranked records use labels or all use ranks; embeddings present in all unpaired
 records or none, all of one dimension), so examples stack into batches.
 
 Every text field is either a string or chat messages (a list of
-``{"role", "content"}`` dicts). A record is *conversational* when any text field
+``{"role", "content"}`` dicts, each role one of ``CHAT_ROLES``). A record is *conversational* when any text field
 is a message list; validation then normalizes all of its text fields to message
 lists (a string prompt becomes one user turn, a string response one assistant
 turn) so the tokenizer sees one kind or the other. Response message lists must
@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 Messages = list[dict[str, str]]
+
+# The roles every chat template (the toy one included) renders as themselves. A
+# template meeting another role renders it as something else without a word (the
+# toy template as a user turn), so any other role is bad data. Tool turns are not
+# supported in training data.
+CHAT_ROLES = ("system", "user", "assistant")
 
 TEXT, TEXT_LIST, BOOL, FLOAT_LIST = "text", "text_list", "bool", "float_list"
 FLOAT = "float"
@@ -142,6 +148,10 @@ def _check_messages(value: Any, field: str, *, response: bool) -> Messages:
       if key not in m:
         raise _FieldError(f, f"missing key {key!r}")
     role = _check_str(m["role"], f + ".role")
+    if role not in CHAT_ROLES:
+      raise _FieldError(f + ".role", f"unknown role {role!r}; chat templates take "
+                        f"{list(CHAT_ROLES)} (rename it, e.g. ShareGPT's human -> user, "
+                        "gpt -> assistant)")
     content = _check_str(m["content"], f + ".content", allow_empty=True)
     out.append({"role": role, "content": content})
   if response:

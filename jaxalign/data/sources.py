@@ -88,7 +88,9 @@ def load_records(path: str | os.PathLike, *, split: str = "train",
   """Loads raw records with provenance.
 
   Args:
-    path: ``.jsonl`` / ``.json`` / ``.parquet`` file; a directory written by
+    path: ``.jsonl`` / ``.json`` / ``.parquet`` file; a directory of such files
+      (the split's files, found as ``datasets`` finds them, each read with its own
+      file and row; their fields must agree); a directory written by
       ``datasets.Dataset(Dict).save_to_disk``; or anything
       ``datasets.load_dataset`` accepts (hub name, data directory, script).
     split: split to take from a DatasetDict / ``load_dataset``.
@@ -115,4 +117,54 @@ def load_records(path: str | os.PathLike, *, split: str = "train",
   saved = ("dataset_info.json", "state.json", "dataset_dict.json")
   if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in saved):
     return _from_hf(datasets.load_from_disk(path), path, split)
+  if os.path.isdir(path):
+    files = _split_files(path, split)
+    if files and all(f.lower().endswith(_READERS) for f in files):
+      return read_directory(path, files, on_error=on_error)
   return _from_hf(datasets.load_dataset(path, split=split), path, split)
+
+
+_READERS = (".jsonl", ".json", ".parquet")
+_PROVENANCE = ("source_file", "row", "_invalid")
+
+
+def _split_files(path: str, split: str) -> list[str]:
+  """The data files of `split` in directory `path`, found as `datasets.load_dataset`
+  finds them (train.jsonl / test.jsonl, train-0000.parquet, or every file for "train")."""
+  from datasets import data_files
+  try:
+    patterns = data_files.get_data_patterns(path)
+  except data_files.EmptyDatasetError:
+    return []
+  resolved = data_files.DataFilesDict.from_patterns(patterns, base_path=path)
+  if split not in resolved:
+    raise DataError(f"{path}: no split {split!r}; available: {sorted(resolved)}")
+  return sorted(str(f) for f in resolved[split])
+
+
+def read_directory(path: str, files: list[str], *, on_error: str = "raise") -> list[Record]:
+  """Records of several data files, each keeping its own file and row.
+
+  Raises:
+    DataError: the files' fields differ (one line naming a file of each kind), or
+      a malformed line (`{file}:{row}: ...`).
+  """
+  per_file, fields = [], {}
+  for f in files:
+    records = load_records(f, on_error=on_error)
+    per_file.append(records)
+    names = set()
+    for r in records:
+      names.update(k for k in r if k not in _PROVENANCE)
+    fields[f] = tuple(sorted(names))
+  kinds: dict[tuple[str, ...], list[str]] = {}
+  for f, names in fields.items():
+    if names:   # an empty file has no schema to disagree with
+      kinds.setdefault(names, []).append(f)
+  if len(kinds) > 1:
+    described = "; ".join(
+        f"{os.path.relpath(fs[0], path)}{f' (and {len(fs) - 1} more)' if len(fs) > 1 else ''}"
+        f" has {list(names)}" for names, fs in kinds.items())
+    raise DataError(f"{path}: its data files have different fields: {described}; "
+                    "give one schema per directory")
+  return [r for records in per_file for r in records]

@@ -32,7 +32,10 @@ per-slot columns are 0 (rewards 0.0, labels 0, ranks 0). More responses than
 ``group_size`` is a DataError naming the list field.
 
 Sequence = prompt tokens + response tokens, right-padded. A text prompt is
-``bos + tokens(prompt)``; a message prompt is the chat template rendered with
+tokenized the way the tokenizer itself does (``tokenizer(prompt)``, as TRL does):
+it starts with a BOS only if the tokenizer adds one (its own leading special
+tokens; trailing ones, such as an EOS some tokenizers append, are left to the
+response); a message prompt is the chat template rendered with
 ``add_generation_prompt=True``. A response is ``tokens(text) + eos`` (for a
 message response, the last assistant turn's content; earlier turns of a
 multi-turn response are rendered into that sequence's prompt). Truncation keeps
@@ -94,16 +97,36 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
   return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def _encode_own(tokenizer: Any, text: str) -> list[int]:
+  """Token ids of ``text`` with the special tokens the tokenizer itself adds."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None:
+    return backend.encode(text, add_special_tokens=True).ids
+  return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def text_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+  """A text prompt's ids: the tokenizer's own leading special tokens (a BOS if it
+  adds one, nothing if it does not), then the text's tokens."""
+  plain = encode_text(tokenizer, text)
+  own = _encode_own(tokenizer, text)
+  for start in range(len(own) - len(plain) + 1):
+    if own[start:start + len(plain)] == plain:
+      return own[:start] + plain
+  return own   # the specials changed the text's own tokens: the tokenizer's rendering
+
+
 def _render_prompt(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
   text = tokenizer.apply_chat_template(list(messages), tokenize=False,
                                        add_generation_prompt=True)
   return encode_text(tokenizer, text)
 
 
-def _prompt_ids(tokenizer: Any, prompt: str | list) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: str | list) -> list[int]:
+  """A prompt's ids as training renders them (text: `text_prompt_ids`; messages:
+  the chat template with the generation prompt)."""
   if isinstance(prompt, str):
-    bos = tokenizer.bos_token_id
-    return ([] if bos is None else [bos]) + encode_text(tokenizer, prompt)
+    return text_prompt_ids(tokenizer, prompt)
   return _render_prompt(tokenizer, prompt)
 
 
@@ -188,7 +211,7 @@ def tokenize_example(record: Record, fmt: str, tokenizer: Any,
   tokens = np.full((S, T), pad, np.int32)
   attention_mask = np.zeros((S, T), np.int32)
   loss_mask = np.zeros((S, T), np.int32)
-  shared_prompt = _prompt_ids(tokenizer, record["prompt"])
+  shared_prompt = prompt_ids(tokenizer, record["prompt"])
   for s, (field, response) in enumerate(responses):
     if response is None:  # padding sequence: all pad, both masks 0
       continue

@@ -319,13 +319,14 @@ def build_tokenizer(model_max_length: int = 64):
 
   Vocabulary (25 ids): ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, ``<unk>``=3, the
   chat markers ``<|system|> <|user|> <|assistant|> <|end|>``, digits, ``+-*=``,
-  space, newline and ``:``. Has pad/bos/eos/unk tokens and a chat template;
+  space, newline and ``:``. Has pad/bos/eos/unk tokens, adds ``<bos>`` to plain
+  text itself (``tok(text)``), and has a chat template;
   ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` round-trips offline.
 
   Returns:
     A ``transformers.PreTrainedTokenizerFast``.
   """
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
   from transformers import PreTrainedTokenizerFast
 
   specials = (PAD, BOS, EOS, UNK) + CHAT_TOKENS
@@ -334,6 +335,10 @@ def build_tokenizer(model_max_length: int = 64):
   backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
   backend.decoder = decoders.Fuse()
   backend.add_special_tokens(list(specials))
+  # It adds its BOS itself (as Llama's does), so `tok(text)` starts with <bos>: text
+  # prompts are tokenized the tokenizer's own way (data/tokenize.py).
+  backend.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
   tok = PreTrainedTokenizerFast(
       tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS,
       unk_token=UNK, model_max_length=model_max_length, padding_side="right")

@@ -100,7 +100,7 @@ def encode_pairs(tokenizer, prompts: Sequence, completions: Sequence[str], *,
   tokens = np.full((len(prompts), max_length), pad, np.int32)
   mask = np.zeros((len(prompts), max_length), np.int32)
   for i, (p, c) in enumerate(zip(prompts, completions)):
-    ids = (tokenize._prompt_ids(tokenizer, p)  # noqa: SLF001  the training rendering
+    ids = (tokenize.prompt_ids(tokenizer, p)  # the training rendering
            + tokenize.encode_text(tokenizer, c) + eos)[-max_length:]
     tokens[i, :len(ids)] = ids
     mask[i, :len(ids)] = 1

@@ -80,7 +80,7 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[li
 
   ids, truncated = [], 0
   for p in prompts:
-    full = list(tokenize._prompt_ids(tokenizer, p))  # noqa: SLF001  training's rendering
+    full = list(tokenize.prompt_ids(tokenizer, p))  # training's rendering
     truncated += len(full) > max_prompt_length
     ids.append(full[-max_prompt_length:])
   return ids, truncated

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.data import tokenize
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id",
                                              "temperature"))
@@ -51,14 +53,13 @@ def _decode(params, frozen, tokens, attention_mask, key, *, graphdef, max_new_to
 def complete(graphdef, params, frozen, tokenizer, prompts: Sequence[str], *,
              max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
              batch_size: int = 256) -> list[str]:
-  """Completions of text prompts (the tokenizer's bos prepended, as in training).
+  """Completions of text prompts (tokenized as in training: `tokenize.text_prompt_ids`).
 
   Greedy when temperature is 0, else sampled; the same seed gives the same text.
   """
   eos_id = tokenizer.eos_token_id
   pad_id = tokenizer.pad_token_id
-  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-  encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+  encoded = [tokenize.text_prompt_ids(tokenizer, p) for p in prompts]
   width = max(len(e) for e in encoded)
   key = jax.random.PRNGKey(seed)
   out: list[str] = []

@@ -78,6 +78,50 @@ def load_tokenizer(name: str, workdir: str | None = None):
   return tok
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_tokenizer(tokenizer, config: ml_collections.ConfigDict, vocab_size: int,
+                    hf_dir: str = "") -> None:
+  """Refuses a tokenizer that does not fit the model, before anything is compiled.
+
+  With `model.hf_path` set, `data.tokenizer` must be that checkpoint's own tokenizer
+  (the same vocabulary, specials, template and pipeline; compared by content, so
+  another copy of it is fine) unless `data.allow_other_tokenizer` says the choice
+  is deliberate; a checkpoint without a tokenizer has nothing to compare. Every
+  special token's id must be inside the model's vocabulary.
+
+  Raises:
+    ConfigError: one line naming data.tokenizer (and model.hf_path).
+  """
+  name = config.data.tokenizer
+  if (hf_dir and name and name != config.model.hf_path
+      and os.path.abspath(name) != os.path.abspath(hf_dir)
+      and not config.data.get("allow_other_tokenizer", False)
+      and any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES)):
+    own = load_tokenizer(hf_dir)
+    if fingerprint.tokenizer_hash(own) != fingerprint.tokenizer_hash(tokenizer):
+      raise config_lib.ConfigError(
+          f"config.data.tokenizer: {name!r} is not the tokenizer of config.model.hf_path="
+          f"{config.model.hf_path!r} ({len(tokenizer)} vs {len(own)} tokens); clear "
+          "data.tokenizer to use the checkpoint's own, or set "
+          "config.data.allow_other_tokenizer=True if the choice is deliberate")
+  if len(tokenizer) > vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
+        f"{vocab_size}")
+  specials = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.all_special_tokens}
+  for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+    value = getattr(tokenizer, attr, None)
+    if value is not None:
+      specials.setdefault(attr[:-len("_token_id")], value)
+  for tok, idx in sorted(specials.items()):
+    if idx is not None and not 0 <= int(idx) < vocab_size:
+      raise config_lib.ConfigError(
+          f"config.data.tokenizer: special token {tok!r} has id {idx}, outside the model's "
+          f"vocabulary of {vocab_size} (config.model vocab_size)")
+
+
 def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict]:
   """Records from a file, a `datasets` dataset, or the bundled task.
 
@@ -323,10 +367,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   # Data: read, validate and tokenize everything before any compile, and before
   # anything is written: a bad config or bad data leaves no workdir behind.
   tokenizer = load_tokenizer(config.data.tokenizer or hf_dir)
-  if len(tokenizer) > model_cfg.vocab_size:
-    raise config_lib.ConfigError(
-        f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
-        f"{model_cfg.vocab_size}")
+  check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
   examples, num_skipped = load_examples(
       config.data.train_path, online.data_format if online else spec.data, tokenizer,
       split=config.data.split, max_length=config.data.max_length,
@@ -372,10 +413,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       paths.join(workdir, "checkpoints"), every=config.checkpoint.every,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   checkpointer.check_writable()
-  resume_step = checkpointer.latest_step()
-  if resume_step is not None:
-    check_resume_config(checkpointer.restore_config(resume_step), config,
-                        where=f"step {resume_step} in {checkpointer.directory}")
+  fallback = bool(config.checkpoint.get("fallback", False))
+  resume_step = _resume_step(checkpointer, config, saved_part(abstract_state), fallback=fallback)
   ref_table = None
   if precompute_ref:   # None: compute it from the initial policy (below)
     ref_table = fingerprint.reference_plan(
@@ -435,8 +474,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
                                   keep_blocks=spec.data == "unpaired_kl")  # KTO's KL pairs
   data_iter = iter(dataset)
   if resume_step is not None:   # on changed data the iterator starts over
-    restored = checkpointer.restore(resume_step, saved_part(abstract_state),
-                                    None if data_changed else data_iter)
+    restored, resume_step = _restore(checkpointer, resume_step, saved_part(abstract_state),
+                                     None if data_changed else data_iter, config,
+                                     fallback=fallback)
     state = restored.replace(frozen=state.frozen) if lora_cfg.enabled else restored
     log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
 
@@ -615,6 +655,91 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
   if objective_diffs:
     log.warning("resuming from %s with a changed objective: %s", where,
                 ", ".join(objective_diffs))
+
+
+def _earlier_steps(checkpointer: ckpt.Checkpointer, step: int) -> list[int]:
+  return sorted((s for s in checkpointer.all_steps() if s < step), reverse=True)
+
+
+def _previous_good(checkpointer: ckpt.Checkpointer, step: int, abstract_state,
+                   data_iter=None) -> int | None:
+  """The newest step before `step` whose config, state (and data iterator) load."""
+  for earlier in _earlier_steps(checkpointer, step):
+    try:
+      checkpointer.restore_config(earlier)
+      checkpointer.restore(earlier, abstract_state, data_iter)
+      return earlier
+    except ckpt.CorruptCheckpointError:
+      continue
+  return None
+
+
+def _corrupt_error(e: ckpt.CorruptCheckpointError, checkpointer: ckpt.Checkpointer,
+                   abstract_state, data_iter=None) -> ckpt.CorruptCheckpointError:
+  """`e` completed with the previous good step and the way to fall back to it."""
+  good = _previous_good(checkpointer, e.step, abstract_state, data_iter)
+  if good is None:
+    hint = (f"no earlier checkpoint loads; move {paths.join(checkpointer.directory, str(e.step))} "
+            "away to start over, or use a new workdir")
+  else:
+    hint = (f"previous good checkpoint: step {good}; rerun with "
+            f"--config.checkpoint.fallback=True to resume from it (the unreadable steps are "
+            f"moved to {checkpointer.directory}.corrupt)")
+  return ckpt.CorruptCheckpointError(f"{e}; {hint}", step=e.step)
+
+
+def _resume_step(checkpointer: ckpt.Checkpointer, config, abstract_state, *,
+                 fallback: bool) -> int | None:
+  """The step to resume from (None: a fresh run), its saved config checked against `config`.
+
+  An unreadable saved config is a corrupt step: without `fallback` that stops the
+  run (CorruptCheckpointError naming the previous good step); with it the newest
+  earlier step whose config loads is taken.
+  """
+  latest = checkpointer.latest_step()
+  if latest is None:
+    return None
+  for step in [latest] + _earlier_steps(checkpointer, latest):
+    try:
+      saved = checkpointer.restore_config(step)
+    except ckpt.CorruptCheckpointError as e:
+      if not fallback:
+        raise _corrupt_error(e, checkpointer, abstract_state) from e
+      log.warning("%s; checkpoint.fallback: trying the step before it", e)
+      continue
+    check_resume_config(saved, config, where=f"step {step} in {checkpointer.directory}")
+    return step
+  raise ckpt.CorruptCheckpointError(
+      f"no checkpoint in {checkpointer.directory} can be read; use a new workdir", step=latest)
+
+
+def _restore(checkpointer: ckpt.Checkpointer, step: int, abstract_state, data_iter, config, *,
+             fallback: bool):
+  """(state, step) restored from `step`; with `fallback`, from the newest step that loads.
+
+  Steps after the one restored (unreadable ones) are moved aside to DIR.corrupt/
+  with a warning, so the resumed run's own checkpoints take their numbers.
+  """
+  for candidate in [step] + _earlier_steps(checkpointer, step):
+    try:
+      if candidate != step:   # `step`'s config was checked by _resume_step
+        check_resume_config(checkpointer.restore_config(candidate), config,
+                            where=f"step {candidate} in {checkpointer.directory}")
+      state = checkpointer.restore(candidate, abstract_state, data_iter)
+      break
+    except ckpt.CorruptCheckpointError as e:
+      if not fallback:
+        raise _corrupt_error(e, checkpointer, abstract_state, data_iter) from e
+      log.warning("%s; checkpoint.fallback: trying the step before it", e)
+  else:
+    raise ckpt.CorruptCheckpointError(
+        f"no checkpoint in {checkpointer.directory} can be read; use a new workdir", step=step)
+  bad = [s for s in checkpointer.all_steps() if s > candidate]
+  if bad:
+    aside = checkpointer.set_aside(bad)
+    log.warning("checkpoint.fallback: resumed from step %d; the unreadable steps %s are moved "
+                "to %s", candidate, bad, aside)
+  return state, candidate
 
 
 def _checkpoint_dir(path: str) -> str:

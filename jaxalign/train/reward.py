@@ -105,7 +105,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   rules = tuple(tuple(r) for r in config.sharding_rules)
   model_cfg = config_lib.model_config(config)
   spec = losses.get(config.loss.name)
-  tokenizer = loop.load_tokenizer(config.data.tokenizer or config_lib.hf_model_dir(config))
+  hf_dir = config_lib.hf_model_dir(config)
+  tokenizer = loop.load_tokenizer(config.data.tokenizer or hf_dir)
+  loop.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
   load = functools.partial(loop.load_examples, fmt="pairwise", tokenizer=tokenizer,
                            split=config.data.split, max_length=config.data.max_length,
                            max_prompt_length=config.data.max_prompt_length,
