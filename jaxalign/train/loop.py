@@ -390,33 +390,34 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
     if precompute_ref:
       ref_path = paths.join(workdir, "ref_logps.npy")
       table = ref_table
-      if table is None:
+      need_eval = eval_examples is not None and eval_table is None
+      if table is None or need_eval:
         # The initial policy; OFS-DPO's modules start identical, the first stands for both.
         policy = state.params[modules[0]] if modules else state.params
-        table = map_examples(
-            examples, functools.partial(step_lib.batch_logps_only, graphdef,
-                                        chunk_size=config.logprob_chunk_size,
-                                        batch_axes=sharding.batch_axes(rules)),
-            operands=(policy, state.frozen), mesh=mesh, rules=rules,
-            batch_size=config.data.batch_size,
-            desc="reference log-probs", progress=progress)
-        if is_main:
-          paths.save_npy(ref_path, table)
-          fingerprint.write(fingerprint.reference_fingerprint_path(ref_path), data_fp)
-      examples = [{**ex, "ref_logps": row} for ex, row in zip(examples, table)]
-      if eval_examples is not None:   # the held-out set's, from the same initial policy
-        if eval_table is None:
-          policy = state.params[modules[0]] if modules else state.params
-          eval_table = map_examples(
-              eval_examples, functools.partial(step_lib.batch_logps_only, graphdef,
+        initial_logps = functools.partial(
+            map_examples, fn=functools.partial(step_lib.batch_logps_only, graphdef,
                                                chunk_size=config.logprob_chunk_size,
                                                batch_axes=sharding.batch_axes(rules)),
-              operands=(policy, state.frozen), mesh=mesh, rules=rules,
-              batch_size=config.data.batch_size, desc="eval reference log-probs",
-              progress=progress)
-          if is_main:
-            paths.save_npy(eval_ref_path, eval_table)
-            fingerprint.write(fingerprint.reference_fingerprint_path(eval_ref_path), eval_fp)
+            operands=(policy, state.frozen), mesh=mesh, rules=rules,
+            batch_size=config.data.batch_size, progress=progress)
+        if (table is None and need_eval
+            and examples[0]["tokens"].shape == eval_examples[0]["tokens"].shape):
+          # One pass, one compile, over both sets: rows do not interact.
+          both = initial_logps(examples + eval_examples, desc="reference log-probs")
+          table, eval_table = both[:len(examples)], both[len(examples):]
+        else:
+          if table is None:
+            table = initial_logps(examples, desc="reference log-probs")
+          if need_eval:
+            eval_table = initial_logps(eval_examples, desc="eval reference log-probs")
+        if is_main and ref_table is None:
+          paths.save_npy(ref_path, table)
+          fingerprint.write(fingerprint.reference_fingerprint_path(ref_path), data_fp)
+        if is_main and need_eval:
+          paths.save_npy(eval_ref_path, eval_table)
+          fingerprint.write(fingerprint.reference_fingerprint_path(eval_ref_path), eval_fp)
+      examples = [{**ex, "ref_logps": row} for ex, row in zip(examples, table)]
+      if eval_examples is not None:   # the held-out set's, from the same initial policy
         eval_examples = [{**ex, "ref_logps": row} for ex, row in zip(eval_examples, eval_table)]
 
     # The loss's own host-side preparation (e.g. BCO's UDM weights), once.
