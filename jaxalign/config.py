@@ -349,9 +349,9 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
     _fail("data.eval_path", f"must be a path string, got {path!r}")
   if every and not path:
     _fail("eval_every", "evaluates on a held-out set: set data.eval_path")
-  if path and c.loss.name == "reward_model":
-    _fail("data.eval_path", "the reward-model trainer (train/reward.py) has no held-out "
-          "evaluation; leave it empty")
+  if every and c.loss.name == "reward_model":
+    _fail("eval_every", "the reward-model trainer (train/reward.py) scores data.eval_path "
+          "once, at the end (rm_eval.json); use 0")
 
 
 def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
