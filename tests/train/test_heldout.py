@@ -6,8 +6,8 @@
 - a short DPO run writes eval/* rows at eval_every and at the end, and its final
   eval/loss equals dpo_loss applied to log-probs of the eval set computed here with
   jaxalign.logprobs (policy: the run's final params; reference: the seed init);
-- a wrong-format or too small eval set, and eval_every without data, are config
-  errors naming the key before anything is built.
+- a wrong-format, missing or too small eval set, eval_every without one, and the
+  removed mesh.axes exit 2 from the CLI naming the key, before any compile.
 """
 
 import jax
@@ -22,6 +22,7 @@ from jaxalign import logprobs, sharding
 from jaxalign.losses import dpo
 from jaxalign.models import transformer
 from jaxalign.train import build as build_lib, heldout, loop, state as state_lib
+from tests.reliability.helpers import TINY_CLI_CONFIG, compile_events, run_cli
 from tests.train.helpers import read_metrics, tiny_config
 
 # A loss per kind of batch -> (toy source of its format, extra config). Pairwise:
@@ -123,17 +124,24 @@ def test_a_run_logs_eval_rows_and_the_loss_of_the_eval_sets_logps(tmp_path):
   assert rows[1]["eval/loss"] != pytest.approx(np.log(2.0))   # the policy did move
 
 
-@pytest.mark.parametrize("path, message", [
-    ("toy:sft?n=16", "config.data.eval_path: not usable as 'pairwise' data"),
-    ("toy:pairwise?n=4", "config.data.eval_path: 4 usable examples make no batch"),
-    ("/no/such/file.jsonl", "config.data.eval_path: not usable"),
+@pytest.mark.parametrize("override, expected", [
+    ("--config.data.eval_path=toy:sft?n=16",
+     "config.data.eval_path: not usable as 'pairwise' data for loss 'dpo'"),
+    ("--config.data.eval_path=toy:pairwise?n=4",
+     "config.data.eval_path: 4 usable examples make no batch of data.batch_size=8"),
+    ("--config.data.eval_path=/no/such/file.jsonl", "config.data.eval_path: not usable"),
+    ("--config.eval_every=2", "config.eval_every: evaluates on a held-out set"),
+    ("--config.mesh.axes=('data','fsdp','tensor')", "--config.mesh.axes: unknown config key"),
 ])
-def test_a_bad_eval_set_is_a_config_error_before_anything_is_built(tmp_path, path, message):
-  config = _config("dpo")
-  config.data.eval_path = path
-  with pytest.raises(config_lib.ConfigError, match=message):
-    loop.train(config, str(tmp_path / "run"), progress=False)
-  assert not (tmp_path / "run").exists()
+def test_a_bad_eval_config_exits_2_naming_the_key_before_any_compile(
+    tmp_path, capsys, override, expected):
+  workdir = tmp_path / "run"
+  with compile_events() as events:
+    status, err = run_cli(capsys, f"--config={TINY_CLI_CONFIG}", f"--workdir={workdir}",
+                          "--noprogress", override)
+  assert status == 2 and len(err) == 1 and expected in err[0], err
+  assert not events, f"compiled before failing: {events}"
+  assert not workdir.exists()
 
 
 def test_eval_keys_are_checked_and_mesh_axes_is_gone(caplog):
