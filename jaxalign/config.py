@@ -6,6 +6,7 @@ fail there) and calls `validate()`, which raises `ConfigError` naming the
 offending key. Code below the CLI receives plain values, never the ConfigDict.
 """
 
+import logging
 import math
 from typing import Any
 
@@ -43,7 +44,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 100
   c.log_every = 10
-  c.eval_every = 0            # 0: no periodic eval
+  # Held-out evaluation (train/heldout.py) on data.eval_path: every eval_every steps
+  # (0: only at the end of training) and at the end; metrics eval/loss, eval/rewards/...
+  c.eval_every = 0
   c.init_from = ""            # a run directory (or checkpoint step dir) to take params from
   c.skip_nonfinite = False    # True: skip steps with a non-finite loss/grad, count them
   # True: resume even though loss.name/hparams/options differ from the checkpoint's
@@ -62,13 +65,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.attention = "auto"
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (1, -1, 1)   # -1: all remaining devices
-  c.mesh.axes = MESH_AXES
+  c.mesh.shape = (1, -1, 1)   # -1: all remaining devices, over the axes MESH_AXES
   c.sharding_rules = DEFAULT_RULES
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = ""      # .jsonl / .parquet / datasets dir or hub name
-  c.data.eval_path = ""
+  c.data.eval_path = ""       # held-out set in the loss's format ("": no evaluation)
   c.data.split = "train"
   c.data.tokenizer = ""       # tokenizer dir or hub name; "toy" = the bundled one
   # With model.hf_path set, a data.tokenizer other than that checkpoint's own is
@@ -216,8 +218,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   """
   from jaxalign.models import transformer  # local: keeps config import light
 
-  if tuple(c.mesh.axes) != MESH_AXES:
-    _fail("mesh.axes", f"must be {MESH_AXES}, got {tuple(c.mesh.axes)}")
+  # mesh.axes had one legal value and is gone; configs saved by earlier versions
+  # (resume, export, generate, init_from read them back) still carry it.
+  if "axes" in c.mesh:
+    if tuple(c.mesh.axes) != MESH_AXES:
+      _fail("mesh.axes", f"is no longer an option (the axes are always {MESH_AXES}); "
+            f"got {tuple(c.mesh.axes)}")
+    logging.getLogger("jaxalign").warning(
+        "config.mesh.axes is deprecated and ignored (the axes are always %s)", MESH_AXES)
   if len(tuple(c.mesh.shape)) != len(MESH_AXES):
     _fail("mesh.shape", f"needs {len(MESH_AXES)} sizes for {MESH_AXES}")
   mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh.shape, num_devices)))
@@ -314,6 +322,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.optim.schedule not in ("cosine", "constant"):
     _fail("optim.schedule", f"must be 'cosine' or 'constant', got {c.optim.schedule!r}")
 
+  _validate_eval(c)
   _validate_sampling(c, spec)
   _validate_lora(c, spec)
   _validate_reference_sync(c, spec)
@@ -335,6 +344,22 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if getattr(model_cfg, field) % size:
       _fail("mesh.shape", f"model.{field}={getattr(model_cfg, field)} is not divisible by "
             f"{size} devices on mesh axes {axes} (rule {logical!r})")
+
+
+def _validate_eval(c: ml_collections.ConfigDict) -> None:
+  """eval_every and data.eval_path (the held-out set itself is checked when it is read,
+  before anything compiles: train/loop.py load_eval_set)."""
+  every = c.get("eval_every", 0)
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    _fail("eval_every", f"must be an int >= 0 (0: evaluate at the end only), got {every!r}")
+  path = c.data.get("eval_path", "")
+  if not isinstance(path, str):
+    _fail("data.eval_path", f"must be a path string, got {path!r}")
+  if every and not path:
+    _fail("eval_every", "evaluates on a held-out set: set data.eval_path")
+  if every and c.loss.name == "reward_model":
+    _fail("eval_every", "the reward-model trainer (train/reward.py) scores data.eval_path "
+          "once, at the end (rm_eval.json); use 0")
 
 
 def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:

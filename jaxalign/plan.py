@@ -2,8 +2,9 @@
 
 `plan(config, topology="v5p:4x4x4")` builds the abstract train state and an
 abstract batch (shapes, dtypes and shardings only: no weights are allocated),
-then lowers and compiles THE train step -- `step.jit_train_step` with the
-arguments the host loop gives it -- for a TPU slice described by
+then lowers and compiles THE train step -- `jaxalign.train.build.build`, the
+builder `jaxalign train` uses, so LoRA adapters, OFS-DPO modules and their
+optimizers are planned as they run -- for a TPU slice described by
 `jax.experimental.topologies` (needs `libtpu`, the `tpu` extra; no TPU is
 needed) or for local CPU devices (`devices="cpu:8"`). The compiled executable
 reports per-device memory and XLA's cost estimate exactly as the real slice
@@ -56,7 +57,7 @@ from jaxalign import config as config_lib
 from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
 from jaxalign.models import attention as attention_lib
-from jaxalign.train import optim, step as step_lib
+from jaxalign.train import build as build_lib
 
 GiB = 1024 ** 3
 
@@ -192,6 +193,37 @@ def _cost(compiled) -> dict[str, float]:
   return dict(cost or {})
 
 
+def _target(topology: str | None, devices: str | None):
+  """(devices, chip or None, target name) of a plan."""
+  if topology and devices:
+    raise PlanError("give a topology or devices, not both")
+  if topology:
+    return tpu_devices(topology), chip_of(topology), topology
+  devices = devices or f"{jax.default_backend()}"
+  return local_devices(devices), None, devices
+
+
+def build_for(config: ml_collections.ConfigDict, devs) -> tuple[build_lib.Built, dict]:
+  """(the run's Built, the abstract global batch) on `devs`: the train step exactly as
+  `jaxalign train` builds it (jaxalign.train.build), LoRA adapters, OFS-DPO modules
+  and their optimizers included.
+
+  Raises:
+    ConfigError: the config cannot run on that many devices.
+  """
+  config_lib.validate(config, len(devs))
+  built = build_lib.build(config, _make_mesh(config, devs))
+  return built, abstract_batch(config, built.batch_sharding)
+
+
+def lower_step(config: ml_collections.ConfigDict, *, topology: str | None = None,
+               devices: str | None = None):
+  """The planned train step, lowered (not compiled) for the target: `jax.stages.Lowered`."""
+  built, batch = build_for(config, _target(topology, devices)[0])
+  with jax.set_mesh(built.mesh):
+    return built.step_fn.lower(built.abstract_state, batch)
+
+
 def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
          devices: str | None = None, verbose: bool = False) -> dict[str, Any]:
   """Compiles the real train step for a TPU topology or local devices; returns its figures.
@@ -203,7 +235,8 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     verbose: print the table (`format_plan`) as well.
 
   Returns:
-    A flat dict: target, num_devices, mesh, num_params, tokens_per_step,
+    A flat dict: target, num_devices, mesh, num_params, trainable_params, lora
+    (its settings, None without adapters), tokens_per_step,
     memory_* (bytes per device), hbm_bytes, fits, flops_per_device,
     flops_per_step, model_flops_per_token, model_flops_per_step,
     predicted_step_seconds, predicted_mfu, estimate (how they were obtained),
@@ -213,33 +246,11 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     PlanError: libtpu missing, bad topology, too few local devices.
     ConfigError: the config cannot run on that many devices.
   """
-  if topology and devices:
-    raise PlanError("give a topology or devices, not both")
-  if topology:
-    devs, chip, target = tpu_devices(topology), chip_of(topology), topology
-  else:
-    devices = devices or f"{jax.default_backend()}"
-    devs, chip, target = local_devices(devices), None, devices
-  config_lib.validate(config, len(devs))
-
-  from jaxalign.train import loop  # local: loop imports the data stack
-  mesh = _make_mesh(config, devs)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model_cfg = config_lib.model_config(config)
-  spec = losses.get(config.loss.name)
-  frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
-  tx, schedule = optim.optimizer_from_config(config.optim, total_steps=config.total_steps)
-  graphdef, abstract_state, state_shardings, _ = loop.build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=frozen_ref,
-      init_loss_state=spec.init_state)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  batch = abstract_batch(config, batch_sharding)
-  step_fn = step_lib.jit_train_step(
-      graphdef=graphdef, tx=tx, schedule=schedule,
-      loss_call=step_lib.make_loss_call(spec, config.loss.hparams.to_dict()),
-      chunk_size=config.logprob_chunk_size, accum_steps=config.optim.grad_accum_steps,
-      skip_nonfinite=config.skip_nonfinite, state_shardings=state_shardings,
-      batch_sharding=batch_sharding, replicated=sharding.replicated(mesh))
+  devs, chip, target = _target(topology, devices)
+  built, batch = build_for(config, devs)
+  mesh, model_cfg = built.mesh, built.model_cfg
+  frozen_ref = built.frozen_ref
+  step_fn, abstract_state = built.step_fn, built.abstract_state
 
   n = len(devs)
   num_params = model_cfg.num_params()
@@ -252,6 +263,11 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
       "device_kind": getattr(devs[0], "device_kind", devs[0].platform),
       "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
       "loss": config.loss.name, "num_params": num_params,
+      "trainable_params": sum(int(math.prod(a.shape))
+                              for a in jax.tree.leaves(abstract_state.params)),
+      "lora": (f"rank {built.lora_cfg.rank} on {','.join(built.lora_cfg.targets)}"
+               + (f", modules {'+'.join(built.modules)}" if built.modules else "")
+               if built.lora_cfg.enabled else None),
       "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
       "model_flops_per_token": model_flops / tokens, "model_flops_per_step": model_flops,
@@ -356,7 +372,9 @@ def format_plan(p: dict[str, Any]) -> str:
   lines = [
       f"plan: {p['model']} {p['loss']} on {p['target']} ({p['num_devices']} x "
       f"{p['device_kind']}), mesh {mesh}",
-      f"  params {_num(p['num_params'])}   batch {p['batch_shape']} (B, S, T) = "
+      f"  params {_num(p['num_params'])} (trainable {_num(p.get('trainable_params'))}"
+      + (f": LoRA {p['lora']})" if p.get("lora") else ")")
+      + f"   batch {p['batch_shape']} (B, S, T) = "
       f"{p['tokens_per_step']} tokens/step",
       f"  lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
   ]

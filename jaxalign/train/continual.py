@@ -40,10 +40,11 @@ from flax import nnx
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
-from jaxalign import losses, sharding
+from jaxalign import sharding
 from jaxalign.data import pipeline
 from jaxalign.models import lora
-from jaxalign.train import loop, optim, step as step_lib
+from jaxalign.train import build as build_lib
+from jaxalign.train import loop, step as step_lib
 
 log = logging.getLogger("jaxalign")
 
@@ -71,14 +72,8 @@ def stage_config(config: ml_collections.ConfigDict, t: int, workdir: str
 
 def _abstract_adapters(config, mesh):
   """(model config, abstract adapter state with shardings, abstract frozen base, init_fn)."""
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model_cfg = config_lib.model_config(config)
-  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
-  modules = losses.get(config.loss.name).modules
-  _, abstract, _, init_fn = loop.build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False,
-      lora_config=lora.config_from(config.lora), modules=modules)
-  return model_cfg, abstract, modules, init_fn
+  built = build_lib.build(config, mesh)   # the stage runs' own state (train/build.py)
+  return built.model_cfg, built.abstract_state, built.modules, built.init_fn
 
 
 def fast_module(run_dir: str, config, mesh):

@@ -27,8 +27,9 @@ from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
 from jaxalign.data import formats, pipeline, sources, tokenize
-from jaxalign.models import hf, lora, transformer
-from jaxalign.train import optim, signals, state as state_lib, step as step_lib
+from jaxalign.models import hf, lora
+from jaxalign.train import build as build_lib
+from jaxalign.train import heldout, optim, signals, step as step_lib
 from jaxalign.train.metrics import MetricWriter
 
 log = logging.getLogger("jaxalign")
@@ -223,52 +224,38 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
   return examples, skipped
 
 
-def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_reference: bool,
-                          init_loss_state=None, lora_config: lora.LoraConfig | None = None,
-                          modules: tuple[str, ...] = ()):
-  """(graphdef, abstract_state, state_shardings, init_fn) with nothing allocated yet.
+def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
+  """data.eval_path's examples in the loss's format `fmt`, tokenized like the training set.
 
-  With `lora_config` enabled the model carries adapters: params are the
-  adapters ({name: adapters} per `modules`), frozen the base.
+  Raises:
+    ConfigError: naming config.data.eval_path, when it cannot be read, is not `fmt`
+      data, or has fewer examples than one global batch.
   """
-  def make_model():
-    model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
-    if lora_config is not None and lora_config.enabled:
-      lora.add_adapters(model, lora_config, seed=seed)
-    return model
+  d = config.data
+  train_key = "config.data.train_path: "   # read_records' messages name the training key
+  try:
+    examples, skipped = load_examples(
+        d.eval_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
+        kl_chunk_size=d.batch_size // jax.process_count())
+  except (config_lib.ConfigError, formats.DataError) as e:
+    text = str(e)
+    text = text[len(train_key):] if text.startswith(train_key) else text
+    raise config_lib.ConfigError(
+        f"config.data.eval_path: not usable as {fmt!r} data for loss {config.loss.name!r}: "
+        f"{_first_line(ValueError(text))}") from None
+  if skipped:
+    log.warning("skipped %d malformed records of %s", skipped, d.eval_path)
+  if heldout.num_batches(len(examples), d.batch_size) == 0:
+    raise config_lib.ConfigError(
+        f"config.data.eval_path: {len(examples)} usable examples make no batch of "
+        f"data.batch_size={d.batch_size}")
+  return examples
 
-  def init_fn():
-    with nnx.logical_axis_rules(tuple(rules)):
-      model = make_model()
-    loss_state = init_loss_state() if init_loss_state is not None else None
-    return state_lib.create_state(model, tx, seed=seed, keep_reference=keep_reference,
-                                  loss_state=loss_state, modules=modules)[1]
 
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
-    abstract_model = nnx.eval_shape(make_model)
-    graphdef, _, _ = state_lib.split_model(abstract_model)
-    abstract_state = jax.eval_shape(init_fn)
-  shardings = sharding.state_shardings(abstract_state, mesh, rules)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  return graphdef, abstract_state, shardings, init_fn
-
-
-def initial_state(init_fn, tx, shardings, params=None, *, keep_reference: bool):
-  """The step-0 TrainState, sharded; with `params`, built around them.
-
-  The random parameters `init_fn` would make are unused when `params` is given,
-  so XLA drops them: no random copy of a large model is ever allocated.
-  """
-  if params is None:
-    return jax.jit(init_fn, out_shardings=shardings)()
-
-  def from_params(p):
-    state = init_fn()
-    return state.replace(params=p, opt_state=tx.init(p),
-                         ref_params=jax.tree.map(jnp.copy, p) if keep_reference else None)
-
-  return jax.jit(from_params, out_shardings=shardings)(params)
+# Assembled in train/build.py; kept here under their old names for callers.
+build_model_and_state = build_lib.build_model_and_state
+initial_state = build_lib.initial_state
 
 
 def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
@@ -351,7 +338,6 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   model_cfg = config_lib.model_config(config)
   hf_dir = config_lib.hf_model_dir(config)
   spec = losses.get(config.loss.name)
-  hparams = config.loss.hparams.to_dict()
   frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
   precompute_ref = spec.needs_ref and config.reference.mode == "precompute"
   # Online methods sample their groups inside the run (jaxalign.train.online).
@@ -359,10 +345,6 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   online = online_lib.source_for(config)
   lora_cfg = lora.config_from(config.get("lora"))
   modules = spec.modules
-  # TR-DPO reference sync (train/ref_sync.py); validate() allows it with "frozen" only.
-  sync_steps = config.reference.get("sync_steps", 0)
-  ref_sync = ((sync_steps, float(config.reference.sync_alpha))
-              if frozen_ref and sync_steps else None)
 
   # Data: read, validate and tokenize everything before any compile, and before
   # anything is written: a bad config or bad data leaves no workdir behind.
@@ -376,6 +358,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       kl_chunk_size=config.data.batch_size // jax.process_count())
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
+  # The held-out set is in the loss's own format (for online methods too: fixed samples).
+  eval_examples = (load_eval_set(config, spec.data, tokenizer) if config.data.eval_path
+                   else None)
   data_fp = fingerprint.compute(examples, tokenizer, train_path=config.data.train_path,
                                 settings=fingerprint.settings_from_config(
                                     config, online.data_format if online else spec.data))
@@ -392,22 +377,14 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
         "train_path": config.data.train_path, "records": len(examples) + num_skipped,
         "examples": len(examples), "skipped": num_skipped})
 
-  # State: abstract first, then real and already sharded.
-  if modules:
-    tx, schedule = optim.modules_optimizer_from_config(
-        config.optim, total_steps=config.total_steps, modules=modules)
-  else:
-    tx, schedule = optim.optimizer_from_config(config.optim, total_steps=config.total_steps)
-  # With LoRA a frozen reference is the base with adapters off: no copy of it
-  # (a synced one is the base plus a reference copy of the adapters).
-  graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed,
-      keep_reference=frozen_ref and (not lora_cfg.enabled or ref_sync is not None), init_loss_state=spec.init_state,
-      lora_config=lora_cfg, modules=modules)
+  # State, optimizer and jitted steps: abstract first (train/build.py, as `plan` builds
+  # them), then the real state, already sharded.
+  built = build_lib.build(config, mesh, model_cfg=model_cfg)
+  tx, graphdef, init_fn = built.tx, built.graphdef, built.init_fn
+  abstract_state, state_shardings = built.abstract_state, built.state_shardings
   # LoRA checkpoints hold the adapters, their optimizer state, step, RNG and loss
   # state; the base always comes from the config's source (seed or init_from).
-  saved_part = ((lambda s: s.replace(frozen=None)) if lora_cfg.enabled
-                else (lambda s: s))
+  saved_part = built.saved_part
 
   checkpointer = ckpt.Checkpointer(
       paths.join(workdir, "checkpoints"), every=config.checkpoint.every,
@@ -420,8 +397,16 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
     ref_table = fingerprint.reference_plan(
         paths.join(workdir, "ref_logps.npy"), data_fp, resuming=resume_step is not None,
         allow_change=config.allow_config_change, data_changed=data_changed)
+  eval_ref_path, eval_fp, eval_table = paths.join(workdir, heldout.REF_FILE), None, None
+  if precompute_ref and eval_examples is not None:
+    eval_fp = fingerprint.compute(eval_examples, tokenizer, train_path=config.data.eval_path,
+                                  settings=fingerprint.settings_from_config(config, spec.data))
+    # The eval set does not steer training: a missing or stale table is recomputed.
+    eval_table = fingerprint.reference_plan(eval_ref_path, eval_fp, resuming=False,
+                                            allow_change=True, data_changed=False)
   # The initial policy is needed on a fresh run, and on a resume whose reference is recomputed.
-  fresh_init = resume_step is None or (precompute_ref and ref_table is None)
+  fresh_init = resume_step is None or (precompute_ref and (
+      ref_table is None or (eval_examples is not None and eval_table is None)))
   process_batch = config.data.batch_size // jax.process_count()
 
   with jax.set_mesh(mesh):
@@ -444,20 +429,35 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
     if precompute_ref:
       ref_path = paths.join(workdir, "ref_logps.npy")
       table = ref_table
-      if table is None:
+      need_eval = eval_examples is not None and eval_table is None
+      if table is None or need_eval:
         # The initial policy; OFS-DPO's modules start identical, the first stands for both.
         policy = state.params[modules[0]] if modules else state.params
-        table = map_examples(
-            examples, functools.partial(step_lib.batch_logps_only, graphdef,
-                                        chunk_size=config.logprob_chunk_size,
-                                        batch_axes=sharding.batch_axes(rules)),
+        initial_logps = functools.partial(
+            map_examples, fn=functools.partial(step_lib.batch_logps_only, graphdef,
+                                               chunk_size=config.logprob_chunk_size,
+                                               batch_axes=sharding.batch_axes(rules)),
             operands=(policy, state.frozen), mesh=mesh, rules=rules,
-            batch_size=config.data.batch_size,
-            desc="reference log-probs", progress=progress)
-        if is_main:
+            batch_size=config.data.batch_size, progress=progress)
+        if (table is None and need_eval
+            and examples[0]["tokens"].shape == eval_examples[0]["tokens"].shape):
+          # One pass, one compile, over both sets: rows do not interact.
+          both = initial_logps(examples + eval_examples, desc="reference log-probs")
+          table, eval_table = both[:len(examples)], both[len(examples):]
+        else:
+          if table is None:
+            table = initial_logps(examples, desc="reference log-probs")
+          if need_eval:
+            eval_table = initial_logps(eval_examples, desc="eval reference log-probs")
+        if is_main and ref_table is None:
           paths.save_npy(ref_path, table)
           fingerprint.write(fingerprint.reference_fingerprint_path(ref_path), data_fp)
+        if is_main and need_eval:
+          paths.save_npy(eval_ref_path, eval_table)
+          fingerprint.write(fingerprint.reference_fingerprint_path(eval_ref_path), eval_fp)
       examples = [{**ex, "ref_logps": row} for ex, row in zip(examples, table)]
+      if eval_examples is not None:   # the held-out set's, from the same initial policy
+        eval_examples = [{**ex, "ref_logps": row} for ex, row in zip(eval_examples, eval_table)]
 
     # The loss's own host-side preparation (e.g. BCO's UDM weights), once.
     if spec.prepare is not None:
@@ -467,6 +467,14 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
               examples, functools.partial(step_lib.prompt_embeddings, graphdef),
               operands=(state.params, state.frozen), mesh=mesh, rules=rules,
               batch_size=config.data.batch_size, desc="prompt embeddings", progress=progress))
+      if eval_examples is not None:
+        eval_examples = spec.prepare(
+            eval_examples, seed=config.seed, **config.loss.options.to_dict(),
+            prompt_embeddings=lambda: map_examples(
+                eval_examples, functools.partial(step_lib.prompt_embeddings, graphdef),
+                operands=(state.params, state.frozen), mesh=mesh, rules=rules,
+                batch_size=config.data.batch_size, desc="eval prompt embeddings",
+                progress=progress))
 
   dataset = pipeline.make_dataset(examples, seed=config.seed, batch_size=process_batch,
                                   shuffle=config.data.shuffle, repeat=True,
@@ -480,16 +488,11 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
     state = restored.replace(frozen=state.frozen) if lora_cfg.enabled else restored
     log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
 
-  step_fn = step_lib.jit_train_step(
-      graphdef=graphdef, tx=tx, schedule=schedule,
-      loss_call=step_lib.make_loss_call(spec, hparams),
-      chunk_size=config.logprob_chunk_size, accum_steps=config.optim.grad_accum_steps,
-      skip_nonfinite=config.skip_nonfinite, state_shardings=state_shardings,
-      batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh),
-      ref_graphdef=(lora.base_graphdef(model_cfg)
-                    if lora_cfg.enabled and frozen_ref and ref_sync is None else None),
-      modules=modules, module_lr_scales=optim.module_lr_scales(config.optim, modules),
-      lora_dropout=lora_cfg.enabled and lora_cfg.dropout > 0, ref_sync=ref_sync)
+  step_fn = built.step_fn
+  held_out = (heldout.HeldOut(eval_examples, built.eval_fn, batch_size=config.data.batch_size,
+                              batch_sharding=built.batch_sharding,
+                              keep_blocks=spec.data == "unpaired_kl")
+              if eval_examples is not None else None)
 
   expand = online.bind(graphdef=graphdef, tokenizer=tokenizer, workdir=workdir,
                        examples=examples) if online else None
@@ -534,6 +537,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       # stop the loop without the save decided here.
       stop = preempt.requested
       is_log_step = done % config.log_every == 0 or done == end
+      eval_metrics = {}
+      if held_out is not None and ((config.eval_every and done % config.eval_every == 0)
+                                   or done == config.total_steps):
+        eval_metrics = held_out.evaluate(state)
       will_save = checkpointer.should_save(done) or done == end or stop
       if is_log_step or will_save:
         metrics, num_nonfinite = jax.device_get((metrics, state.num_nonfinite))
@@ -552,12 +559,13 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
         last["nonfinite_steps"] = float(num_nonfinite)
         last.update(host_metrics)
         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-        if is_log_step:
-          writer.write(done, last)
-          bar.set_postfix({k: f"{last[k]:.3g}" for k in (
-              "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-              "rewards/accuracies", "learning_rate", "grad_norm", "tokens_per_sec") if k in last},
-              refresh=False)
+      last.update(eval_metrics)
+      if is_log_step or eval_metrics:   # an eval step between log steps: eval/* alone
+        writer.write(done, last if is_log_step else eval_metrics)
+        bar.set_postfix({k: f"{last[k]:.3g}" for k in (
+            "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies", "eval/loss", "eval/rewards/accuracies", "learning_rate",
+            "grad_norm", "tokens_per_sec") if k in last}, refresh=False)
       if will_save:
         preempt.in_save = True
         checkpointer.save(done, saved_part(state), data_iter, resolved,

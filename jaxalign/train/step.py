@@ -95,10 +95,10 @@ def _policy_logps(graphdef, params, frozen, batch, *, chunk_size, modules, dropo
   return jnp.concatenate([o[0] for o in outs], axis=1), outs[0][1]
 
 
-def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None, *, graphdef,
-                loss_call: Callable, chunk_size: int, ref_graphdef=None,
-                modules: tuple[str, ...] = (), batch_axes=None):
-  """Loss metrics, gradients and the loss's new running state for one micro-batch.
+def _objective_of(frozen, ref_params, loss_state, batch, dropout_key=None, *, graphdef,
+                  loss_call: Callable, chunk_size: int, ref_graphdef=None,
+                  modules: tuple[str, ...] = (), batch_axes=None):
+  """params -> (loss, (metrics, new loss state)) on `batch`; the reference is fixed.
 
   No reference forward runs unless there is a reference (ref_params, the LoRA
   base graph, or a precomputed column): a reference-free loss gets ref_logps None.
@@ -130,6 +130,16 @@ def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None,
     loss, metrics, new_state = loss_call(inputs, loss_state)
     return loss, (metrics, new_state)
 
+  return objective
+
+
+def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None, *, graphdef,
+                loss_call: Callable, chunk_size: int, ref_graphdef=None,
+                modules: tuple[str, ...] = (), batch_axes=None):
+  """Loss metrics, gradients and the loss's new running state for one micro-batch."""
+  objective = _objective_of(frozen, ref_params, loss_state, batch, dropout_key,
+                            graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size,
+                            ref_graphdef=ref_graphdef, modules=modules, batch_axes=batch_axes)
   (loss, (metrics, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
   metrics = {**metrics, "loss": loss,
              "num_tokens/real": batch["attention_mask"].sum().astype(jnp.float32)}
@@ -249,6 +259,32 @@ def jit_train_step(*, graphdef, tx, schedule, loss_call, chunk_size, accum_steps
                          ref_sync=ref_sync)
   return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, loss_call: Callable,
+              chunk_size: int, ref_graphdef=None, modules: tuple[str, ...] = (),
+              batch_axes=None) -> dict[str, jax.Array]:
+  """The training loss and its metrics on a held-out batch: no gradients, no update.
+
+  The same objective as `train_step` (reference, OFS modules, the loss's running
+  state as it stands, which is not advanced), without LoRA dropout.
+  Returns the loss's metrics plus "loss" and "num_tokens/real".
+  """
+  objective = _objective_of(state.frozen, state.ref_params, state.loss_state, batch, None,
+                            graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size,
+                            ref_graphdef=ref_graphdef, modules=modules, batch_axes=batch_axes)
+  loss, (metrics, _) = objective(state.params)
+  return {**metrics, "loss": loss,
+          "num_tokens/real": batch["attention_mask"].sum().astype(jnp.float32)}
+
+
+def jit_eval_step(*, graphdef, loss_call, chunk_size, state_shardings, batch_sharding,
+                  replicated, ref_graphdef=None, modules=()):
+  """`eval_step` jitted with the train step's shardings; nothing is donated."""
+  fn = functools.partial(eval_step, graphdef=graphdef, loss_call=loss_call,
+                         chunk_size=chunk_size, ref_graphdef=ref_graphdef, modules=modules,
+                         batch_axes=leading_axes(batch_sharding))
+  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
 
 
 def leading_axes(batch_sharding):
