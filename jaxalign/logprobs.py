@@ -250,3 +250,59 @@ def sequence_logps(
   return sequence_logps_from_hidden(
       hidden, model.head_weight(), tokens, loss_mask, chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
+
+
+def packed_sequence_logps(
+    model,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    loss_mask: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    slot: jax.Array,
+    num_slots: int,
+    *,
+    chunk_size: int = 8192,
+    batch_axes: BatchAxes = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence summed log-probs of packed rows (jaxalign.data.packing).
+
+  Each group's rows hold up to `num_slots` sequences end to end; attention
+  stays inside a segment and positions restart at each sequence, so every
+  token's log-prob is the one it has in its own padded row. Token log-probs
+  are summed per slot, inside each group.
+
+  Args:
+    model: a jaxalign Transformer.
+    tokens, attention_mask, loss_mask, segment_ids, positions: [G, R, L] int;
+      loss_mask is 0 on each sequence's first token.
+    slot: [G, R, L] int in [0, num_slots]: the sequence of the group a token
+      belongs to; num_slots on padding.
+    num_slots: sequences per group (B_g * S).
+    chunk_size: vocabulary chunk, see token_logps.
+    batch_axes: mesh axes G is split over, see token_logps.
+
+  Returns:
+    logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
+  """
+  G, R, L = tokens.shape
+  flat = lambda x: x.reshape(G * R, L)  # noqa: E731  one forward over all rows
+  hidden = model(flat(tokens), flat(attention_mask), positions=flat(positions),
+                 segment_ids=flat(segment_ids))                         # [G*R, L, D]
+  # Token t of a row is predicted from position t - 1 (same segment: t is scored
+  # only if it is not a segment's first token).
+  toks = flat(tokens)
+  targets = jnp.concatenate([toks[:, 1:], jnp.zeros_like(toks[:, :1])], axis=1)
+  mask = flat(loss_mask).astype(bool) & flat(attention_mask).astype(bool)
+  mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+  where = flat(slot)
+  where = jnp.concatenate([where[:, 1:], jnp.full_like(where[:, :1], num_slots)], axis=1)
+  logps = token_logps(hidden, model.head_weight(), targets, chunk_size=chunk_size,
+                      final_logit_softcap=model.config.final_logit_softcap,
+                      batch_axes=batch_axes)                            # [G*R, L]
+  values = jnp.where(mask, logps, 0.0).reshape(G, R * L)
+  where = jnp.where(mask, where, num_slots).reshape(G, R * L)
+  seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
+  sums = seg_sum(values, where)[:, :num_slots]
+  counts = seg_sum(mask.reshape(G, R * L).astype(jnp.int32), where)[:, :num_slots]
+  return sums, counts

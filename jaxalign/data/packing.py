@@ -1,0 +1,234 @@
+"""Packed batches: the sequences of a step's examples laid end to end in rows.
+
+A padded batch holds ``tokens``/``attention_mask``/``loss_mask`` [B, S, T]:
+every sequence padded to T. `pack_batch` turns it into rows of a fixed length
+L >= T that hold several sequences each, so the forward computes (almost) only
+real tokens. The step still sees exactly the same B examples, in the same
+order: packing changes the layout of one batch, never which examples a step
+holds, so the number of examples per optimizer step is the configured one and
+a packed run sees the data of the padded run.
+
+Layout. The B examples of a process's batch are split into ``num_groups``
+contiguous groups of B_g = B / num_groups examples (one group per batch shard
+and micro-batch, so a group's rows and its examples land on the same device
+and in the same micro-batch). Each group's B_g * S sequences are packed
+first-fit-decreasing into R rows of L tokens; R, the same for every group of
+the step, is the smallest of a few fixed ``buckets`` (rows per group) that
+holds the fullest group. The largest bucket is B_g * S (one sequence per row),
+so every batch fits and no example is ever dropped or moved to another step.
+Columns (G = num_groups):
+
+  packed_tokens          int32 [G, R, L]  token ids, pad id after the last sequence
+  packed_attention_mask  int32 [G, R, L]  1 on real tokens
+  packed_loss_mask       int32 [G, R, L]  1 on scored tokens; a sequence's first
+                                          token is never scored (as unpacked)
+  packed_segment_ids     int32 [G, R, L]  0, 1, ... per sequence of the row;
+                                          the padding tail its own id
+  packed_positions       int32 [G, R, L]  0 at each sequence's first token
+  packed_slot            int32 [G, R, L]  b_local * S + s of the token's sequence
+                                          (b_local in [0, B_g)); B_g * S on padding
+  packed_lengths         int32 [B, S]     real tokens per sequence (its shape
+                                          gives B and S to the step)
+
+Every other column ([B, ...]: labels, rewards, ref_logps, ...) is kept as is.
+Attention inside a row stays within a segment (segment ids through every
+kernel path) and positions restart at each sequence, so each sequence's
+log-probs are those of its padded row; the step sums token log-probs per slot
+and hands the loss the same [B, S] log-probs and counts as the padded layout.
+An empty example slot (``valid`` False: the padded tail of a precompute pass)
+places no tokens: its log-probs and counts are 0.
+
+Packing is a pure function of the batch, so the run's data order and its
+checkpointed iterator are those of the padded run: resume is bit-exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+SEQUENCE_COLUMNS = ("tokens", "attention_mask", "loss_mask")
+PACKED_KEYS = ("packed_tokens", "packed_attention_mask", "packed_loss_mask",
+               "packed_segment_ids", "packed_positions", "packed_slot", "packed_lengths")
+
+
+def is_packed(batch) -> bool:
+  return "packed_tokens" in batch
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSpec:
+  """How one process's batches are packed.
+
+  Attributes:
+    num_groups: groups per process batch (batch shards on this process x
+      gradient-accumulation micro-batches); divides the process batch.
+    row_length: L, tokens per row (>= the padded length T).
+    buckets: allowed rows per group, ascending; the last is B_g * S.
+    pad_id: token id written on padding.
+  """
+  num_groups: int
+  row_length: int
+  buckets: tuple[int, ...]
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.num_groups < 1 or self.row_length < 1 or not self.buckets:
+      raise ValueError(f"bad pack spec {self}")
+    if list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+      raise ValueError(f"buckets must be ascending positive ints, got {self.buckets}")
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """Bins (lists of item indices) packing `lengths` into bins of `capacity`.
+
+  Items by decreasing length (ties by index, so the result is deterministic),
+  each into the first bin with room. Items of length 0 are left out.
+  """
+  order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
+  room: list[int] = []
+  bins: list[list[int]] = []
+  for i in order:
+    n = int(lengths[i])
+    if n > capacity:
+      raise ValueError(f"a sequence of {n} tokens does not fit a row of {capacity}")
+    for r, free in enumerate(room):
+      if n <= free:
+        room[r] -= n
+        bins[r].append(i)
+        break
+    else:
+      room.append(capacity - n)
+      bins.append([i])
+  return bins
+
+
+def _group_bins(lengths: np.ndarray, num_groups: int, row_length: int) -> list[list[list[int]]]:
+  """lengths [B, S] -> per group, its rows as lists of local flat slots b_local * S + s."""
+  B, S = lengths.shape
+  per = B // num_groups
+  return [first_fit_decreasing(lengths[g * per:(g + 1) * per].reshape(-1).tolist(), row_length)
+          for g in range(num_groups)]
+
+
+def rows_needed(lengths: np.ndarray, num_groups: int, row_length: int) -> int:
+  """Rows per group the fullest group of a batch with sequence lengths [B, S] needs."""
+  return max(len(b) for b in _group_bins(np.asarray(lengths), num_groups, row_length))
+
+
+def sequence_lengths(batch: dict) -> np.ndarray:
+  """[B, S] real tokens per sequence, from a padded or a packed batch."""
+  if is_packed(batch):
+    return np.asarray(batch["packed_lengths"])
+  return np.asarray(batch["attention_mask"]).sum(axis=-1)
+
+
+def pack_batch(batch: dict, spec: PackSpec, *, valid: np.ndarray | None = None,
+               agree: Callable[[int], int] | None = None) -> dict:
+  """A padded host batch ([B, S, T] sequence columns) -> the packed layout above.
+
+  Args:
+    batch: numpy columns with leading dim B; tokens/attention_mask/loss_mask
+      [B, S, T], right padded.
+    spec: groups, row length and buckets.
+    valid: [B] bool; False slots are left empty (default all True).
+    agree: rows needed by this process -> rows needed by all processes (the
+      max over processes, so every process picks the same bucket); None on
+      one process.
+
+  Returns:
+    the packed columns plus every non-sequence column of `batch`.
+  """
+  tokens = np.asarray(batch["tokens"])
+  attention = np.asarray(batch["attention_mask"]).astype(bool)
+  loss = np.asarray(batch["loss_mask"]).astype(bool) & attention
+  B, S, T = tokens.shape
+  G, L = spec.num_groups, spec.row_length
+  if B % G:
+    raise ValueError(f"batch of {B} examples does not split into {G} pack groups")
+  if T > L:
+    raise ValueError(f"row length {L} is shorter than the padded length {T}")
+  lengths = attention.sum(axis=-1).astype(np.int32)                  # [B, S]
+  # Right padding: a sequence is its first `length` tokens.
+  if np.any(attention & (np.arange(T) >= lengths[..., None])):
+    raise ValueError("packing needs right-padded sequences (attention_mask 1...1 0...0)")
+  if valid is not None:
+    lengths = np.where(np.asarray(valid, bool)[:, None], lengths, 0)
+  bins = _group_bins(lengths, G, L)
+  need = max(len(b) for b in bins)
+  if agree is not None:
+    need = int(agree(need))
+  rows = next((r for r in spec.buckets if r >= need), None)
+  if rows is None:
+    raise ValueError(f"{need} rows per group exceed the largest bucket {spec.buckets[-1]}")
+  per = B // G
+  dump = per * S
+  out_tok = np.full((G, rows, L), spec.pad_id, np.int32)
+  out_att = np.zeros((G, rows, L), np.int32)
+  out_loss = np.zeros((G, rows, L), np.int32)
+  out_seg = np.zeros((G, rows, L), np.int32)
+  out_pos = np.zeros((G, rows, L), np.int32)
+  out_slot = np.full((G, rows, L), dump, np.int32)
+  flat_tok = tokens.reshape(B * S, T)
+  flat_loss = loss.reshape(B * S, T)
+  flat_len = lengths.reshape(B * S)
+  for g, group in enumerate(bins):
+    for r, row in enumerate(group):
+      at = 0
+      for seg, local in enumerate(row):
+        i = g * dump + local
+        n = int(flat_len[i])
+        out_tok[g, r, at:at + n] = flat_tok[i, :n]
+        out_att[g, r, at:at + n] = 1
+        out_loss[g, r, at:at + n] = flat_loss[i, :n]
+        out_loss[g, r, at] = 0            # nothing predicts a sequence's first token
+        out_seg[g, r, at:at + n] = seg
+        out_pos[g, r, at:at + n] = np.arange(n)
+        out_slot[g, r, at:at + n] = local
+        at += n
+      out_seg[g, r, at:] = len(row)
+  out = {k: v for k, v in batch.items() if k not in SEQUENCE_COLUMNS}
+  out.update(packed_tokens=out_tok, packed_attention_mask=out_att, packed_loss_mask=out_loss,
+             packed_segment_ids=out_seg, packed_positions=out_pos, packed_slot=out_slot,
+             packed_lengths=lengths)
+  return out
+
+
+def plan_buckets(lengths: np.ndarray, *, batch_size: int, num_groups: int, row_length: int,
+                 num_buckets: int, seed: int, global_groups: int | None = None,
+                 samples: int = 64) -> tuple[int, ...]:
+  """A few bucket sizes (rows per group) fitted to the data's lengths.
+
+  Simulates `samples` steps of `batch_size` examples drawn at random (seeded)
+  from the dataset, each split into `global_groups` groups (all processes'),
+  and takes the rows the fullest group of each step needs. The buckets are
+  quantiles of that (evenly spaced from the median to the maximum seen) plus
+  B_g * S, which always fits; a step beyond the simulated maximum uses that
+  last bucket, correct but no faster than padding.
+
+  Args:
+    lengths: [N, S] real tokens of each sequence of every example.
+    batch_size: examples per process batch.
+    num_groups: pack groups per process batch.
+    row_length: L.
+    num_buckets: at most this many buckets (>= 1; 1 = B_g * S alone).
+    seed: the draws' seed.
+    global_groups: groups per global step (default num_groups).
+    samples: simulated steps.
+  """
+  lengths = np.asarray(lengths)
+  N, S = lengths.shape
+  per = batch_size // num_groups
+  full = per * S
+  if num_buckets <= 1 or N == 0:
+    return (full,)
+  global_groups = global_groups or num_groups
+  rng = np.random.default_rng(seed)
+  need = []
+  for _ in range(samples):
+    idx = rng.choice(N, size=per * global_groups, replace=N < per * global_groups)
+    need.append(rows_needed(lengths[idx], global_groups, row_length))
+  qs = np.linspace(0.5, 1.0, num_buckets - 1)
+  picks = {int(np.ceil(np.quantile(need, q))) for q in qs}
+  return tuple(sorted(p for p in picks if p < full)) + (full,)
