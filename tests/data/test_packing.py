@@ -5,10 +5,12 @@ data format, on sequences of wildly different lengths (2 to T tokens, some
 rows ending in padding, some groups with padding slots).
 """
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxalign import config as config_lib
@@ -38,11 +40,9 @@ def _extras(rng, loss_name, b, s):
   g = s - 1
   if loss_name in ("bco", "kto", "apo_zero_unpaired"):
     return {"label": (np.arange(b) % 2).astype(np.int32)}
-  if loss_name == "d2o":
-    return {"group_mask": np.ones((b, g), np.int32)}
-  if loss_name in ("grao", "aft"):
+  if loss_name in ("d2o", "grao", "aft"):
     mask = np.ones((b, g), np.int32)
-    mask[::2, -1] = 0
+    mask[::2, -1] = 0         # the padding sequences of _wild_batch(group_padding=True)
     out = {"group_mask": mask}
     if loss_name == "grao":
       out["rewards"] = (rng.uniform(size=(b, g)) * mask).astype(np.float32)
@@ -52,9 +52,11 @@ def _extras(rng, loss_name, b, s):
   return {}
 
 
-# loss -> (sequences per example, padding group slots)
-CASES = {"sft": (1, False), "dpo": (2, False), "bco": (1, False), "kto": (2, False),
-         "d2o": (4, False), "grao": (4, True), "aft": (4, True)}
+# One loss per data format (sft, pairwise, unpaired, unpaired_kl, negatives, groups,
+# ranked) and the other pairwise/unpaired ones; all read their columns of one
+# [B, 4] batch (sequence 0, then 1..3 with padding slots in the group formats).
+LOSS_NAMES = ("sft", "dpo", "ln_dpo", "bco", "kto", "apo_zero_unpaired", "d2o", "grao", "aft")
+B, S = 16, 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,23 +72,6 @@ def _setup():
   # A reference a little away from the policy, so ref log-probs differ from the policy's.
   ref = jax.tree.map(lambda x: x * 1.1, state.ref_params)
   return mesh, rules, graphdef, state.replace(ref_params=ref)
-
-
-def _micro(loss_name, batch, *, accum=1):
-  """Metrics and gradients of one step on `batch`, sharded over 8 devices."""
-  mesh, rules, graphdef, state = _setup()
-  spec = losses.get(loss_name)
-  call = step_lib.make_loss_call(spec, {})
-  loss_state = spec.init_state() if spec.init_state else None
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  fn = jax.jit(functools.partial(
-      step_lib._micro_step, graphdef=graphdef, loss_call=call, chunk_size=16,
-      batch_axes=sharding.batch_axes(rules)))
-  with jax.set_mesh(mesh):
-    metrics, grads, _ = fn(state.params, state.frozen,
-                           state.ref_params if spec.needs_ref else None, loss_state,
-                           sharding.host_to_global(batch, batch_sharding))
-  return jax.device_get(metrics), jax.device_get(grads)
 
 
 def _pack(batch, num_groups, buckets=None):
@@ -142,23 +127,106 @@ def test_buckets_are_few_ascending_and_end_with_the_full_group():
                                          num_buckets=3, seed=0)
 
 
-def _assert_same(a, b):
-  (ma, ga), (mb, gb) = a, b
-  assert set(ma) == set(mb)
-  for k in ma:
-    np.testing.assert_allclose(mb[k], ma[k], rtol=1e-5, atol=1e-5, err_msg=k)
-  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+
+
+@functools.lru_cache(maxsize=None)
+def _logps_and_vjp():
+  """jit((params, frozen, ref, batch, cotangent) -> policy [B, S] logps, counts, ref logps,
+  and the policy gradient of <cotangent, logps>): the step's batch_logps, both layouts."""
+  mesh, rules, graphdef, state = _setup()
+  axes = sharding.batch_axes(rules)
+
+  def fn(params, frozen, ref_params, batch, cotangent):
+    policy = lambda p: step_lib.batch_logps(graphdef, p, frozen, batch, chunk_size=16,  # noqa: E731
+                                            batch_axes=axes)
+    (logps, counts), vjp = jax.vjp(policy, params)
+    ref, _ = step_lib.batch_logps(graphdef, ref_params, frozen, batch, chunk_size=16,
+                                  batch_axes=axes)
+    (grads,) = vjp((cotangent, np.zeros(counts.shape, jax.dtypes.float0)))
+    return logps, counts, ref, grads
+
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _wild_batches():
+  rng = np.random.default_rng(3)
+  padded = _wild_batch(rng, B, S, group_padding=True)
+  return padded, _pack(padded, 8)   # one group per device, 2 examples each
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_values(layout: str, loss_name: str):
+  """(loss, metrics, grads) of one step of `loss_name` on the padded or packed layout,
+  sharded on 8 devices: the policy and frozen-reference forwards, the loss, and the
+  gradient through the log-probs."""
+  mesh, rules, graphdef, state = _setup()
+  padded, packed = _wild_batches()
+  host = {"padded": padded, "packed": packed}[layout]
+  spec = losses.get(loss_name)
+  extra = _extras(np.random.default_rng(4), loss_name, B, S)
+  call = step_lib.make_loss_call(spec, {n: 0.1 for n in spec.required_hparams()})
+  loss_state = spec.init_state() if spec.init_state else None
+  fn = _logps_and_vjp()
+  with jax.set_mesh(mesh):
+    batch = sharding.host_to_global(host, sharding.batch_sharding(mesh, rules))
+    zero = np.zeros((B, S), np.float32)   # host cotangents: one compile for both calls
+    logps, counts, ref, _ = fn(state.params, state.frozen, state.ref_params, batch, zero)
+
+    def objective(lp):
+      inputs = losses.LossInputs(logps=lp, ref_logps=ref, lengths=counts, batch=extra)
+      loss, metrics, _ = call(inputs, loss_state)
+      return loss, metrics
+
+    (loss, metrics), d_logps = jax.jit(jax.value_and_grad(objective, has_aux=True))(logps)
+    grads = fn(state.params, state.frozen, state.ref_params, batch, np.asarray(d_logps))[3]
+  return jax.device_get((loss, metrics, grads, logps, counts, ref))
+
+
+def test_packed_logps_equal_padded_logps():
+  a, b = _layout_values("padded", "sft"), _layout_values("packed", "sft")
+  for x, y in zip(a[3:], b[3:]):   # policy logps, counts, reference logps: [B, S]
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+  assert (a[4][::2, -1] == 0).all()          # padding slots score nothing
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_packed_loss_metrics_and_gradients_equal_padded(loss_name):
+  padded = _layout_values("padded", loss_name)
+  packed = _layout_values("packed", loss_name)
+  np.testing.assert_allclose(packed[0], padded[0], rtol=1e-5, atol=1e-6)
+  assert set(packed[1]) == set(padded[1])
+  for k in padded[1]:
+    np.testing.assert_allclose(packed[1][k], padded[1][k], rtol=1e-5, atol=1e-5, err_msg=k)
+  for x, y in zip(jax.tree.leaves(padded[2]), jax.tree.leaves(packed[2])):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_name", sorted(CASES))
-def test_packed_step_equals_padded_step(loss_name):
-  s, group_padding = CASES[loss_name]
-  rng = np.random.default_rng(hash(loss_name) % 2**32)
-  b = 16
-  batch = {**_wild_batch(rng, b, s, group_padding=group_padding),
-           **_extras(rng, loss_name, b, s)}
-  packed = _pack(batch, 8)    # one group per device: 2 examples each
-  rows = packed["packed_tokens"].shape[1]
-  assert rows < 2 * s or (s == 1 and rows <= 2)
-  _assert_same(_micro(loss_name, batch), _micro(loss_name, packed))
+def test_packed_accumulated_train_step_equals_padded_step():
+  """The whole jitted step (frozen reference, metrics, update) on 8 devices: packed in
+  16 groups split over 2 micro-batches == padded in one."""
+  mesh, rules, graphdef, state = _setup()
+  rng = np.random.default_rng(5)
+  padded = _wild_batch(rng, 32, 2)
+  packed = _pack(padded, 16)
+  tx = optax.sgd(1.0)
+  state = state.replace(opt_state=tx.init(state.params))
+  call = step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1})
+  outs = []
+  for batch, accum in ((padded, 1), (packed, 2)):
+    fn = step_lib.jit_train_step(
+        graphdef=graphdef, tx=tx, schedule=optax.constant_schedule(1.0), loss_call=call,
+        chunk_size=16, accum_steps=accum, skip_nonfinite=False,
+        state_shardings=jax.tree.map(lambda x: x.sharding, state),
+        batch_sharding=sharding.batch_sharding(mesh, rules),
+        replicated=sharding.replicated(mesh))
+    with jax.set_mesh(mesh):
+      new, metrics = fn(jax.tree.map(jnp.copy, state),
+                        sharding.host_to_global(batch, sharding.batch_sharding(mesh, rules)))
+    outs.append(jax.device_get((new.params, metrics)))
+  (p1, m1), (p2, m2) = outs
+  assert set(m1) == set(m2)
+  for k in m1:
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
