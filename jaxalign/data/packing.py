@@ -232,3 +232,51 @@ def plan_buckets(lengths: np.ndarray, *, batch_size: int, num_groups: int, row_l
   qs = np.linspace(0.5, 1.0, num_buckets - 1)
   picks = {int(np.ceil(np.quantile(need, q))) for q in qs}
   return tuple(sorted(p for p in picks if p < full)) + (full,)
+
+
+def sequence_mask(batch: dict) -> np.ndarray:
+  """[B, S, T'] real-token mask of each sequence (padded or packed batch), for counting."""
+  if not is_packed(batch):
+    return np.asarray(batch["attention_mask"])
+  lengths = sequence_lengths(batch)
+  return np.arange(max(int(lengths.max(initial=0)), 1)) < lengths[..., None]
+
+
+def _agree_across_processes(need: int) -> int:
+  """The max of `need` over all processes (one tiny host collective per step)."""
+  import jax  # local: this module is numpy-only otherwise
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(need))))
+
+
+def make_packer(examples: Sequence[dict], *, process_batch: int, num_groups: int,
+                global_groups: int, row_length: int, num_buckets: int, seed: int,
+                pad_id: int, process_count: int = 1) -> tuple[PackSpec, Callable[..., dict]]:
+  """(spec, batch -> packed batch) for a run, its buckets fitted to `examples`' lengths.
+
+  Args:
+    examples: the tokenized examples (``attention_mask`` [S, T]).
+    process_batch: examples per process batch.
+    num_groups: pack groups per process batch (divides process_batch).
+    global_groups: pack groups of the whole step (all processes).
+    row_length: L; at least the examples' T.
+    num_buckets: at most this many row counts (compiles of the step).
+    seed: seeds the bucket simulation (deterministic per run).
+    pad_id: the tokenizer's pad id.
+    process_count: > 1: the processes agree on each step's bucket.
+  """
+  if process_batch % num_groups:
+    raise ValueError(f"the process batch {process_batch} does not split into "
+                     f"{num_groups} pack groups")
+  lengths = np.stack([np.asarray(e["attention_mask"]).sum(axis=-1) for e in examples])
+  buckets = plan_buckets(lengths, batch_size=process_batch, num_groups=num_groups,
+                         row_length=row_length, num_buckets=num_buckets, seed=seed,
+                         global_groups=global_groups)
+  spec = PackSpec(num_groups=num_groups, row_length=row_length, buckets=buckets,
+                  pad_id=pad_id)
+  agree = _agree_across_processes if process_count > 1 else None
+
+  def pack(batch: dict, valid: np.ndarray | None = None) -> dict:
+    return pack_batch(batch, spec, valid=valid, agree=agree)
+
+  return spec, pack
