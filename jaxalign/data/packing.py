@@ -159,10 +159,10 @@ def pack_batch(batch: dict, spec: PackSpec, *, valid: np.ndarray | None = None,
   need = max(len(b) for b in bins)
   if agree is not None:
     need = int(agree(need))
-  rows = next((r for r in spec.buckets if r >= need), None)
-  if rows is None:
-    raise ValueError(f"{need} rows per group exceed the largest bucket {spec.buckets[-1]}")
   per = B // G
+  # Past the largest bucket (a batch with more sequences per example than the
+  # buckets were fitted to, e.g. after online sampling): one row per sequence fits.
+  rows = next((r for r in spec.buckets if r >= need), max(need, per * S))
   dump = per * S
   out_tok = np.full((G, rows, L), spec.pad_id, np.int32)
   out_att = np.zeros((G, rows, L), np.int32)
