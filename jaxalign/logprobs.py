@@ -306,3 +306,51 @@ def packed_sequence_logps(
   sums = seg_sum(values, where)[:, :num_slots]
   counts = seg_sum(mask.reshape(G, R * L).astype(jnp.int32), where)[:, :num_slots]
   return sums, counts
+
+
+def shared_prompt_logps(
+    model,
+    prompt: jax.Array,
+    prompt_mask: jax.Array,
+    response: jax.Array,
+    response_mask: jax.Array,
+    response_loss: jax.Array,
+    *,
+    chunk_size: int = 8192,
+    batch_axes: BatchAxes = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence summed log-probs with each example's prompt computed once.
+
+  The prompts run once into a KV cache; the S responses of an example then
+  attend to that cache and to themselves, with positions continuing after the
+  prompt, so each response's log-probs are those of prompt + response in one
+  row, and gradients reach the prompt's tokens from every response. A
+  response's first token is predicted from the prompt's last hidden state.
+
+  Args:
+    model: a jaxalign Transformer (uses init_cache and decode).
+    prompt, prompt_mask: [B, P] int, left-padded, at least one real token each.
+    response, response_mask, response_loss: [B, S, R] int, right-padded.
+    chunk_size, batch_axes: see token_logps.
+
+  Returns:
+    logps_sum: [B, S] float32; num_tokens: [B, S] int32.
+  """
+  B, P = prompt.shape
+  _, S, R = response.shape
+  cache = model.init_cache(B, P + R)
+  h_prompt, cache = model.decode(prompt, prompt_mask, cache)             # [B, P, D]
+  per_response = lambda x: jnp.repeat(x, S, axis=0)  # noqa: E731  [B, ...] -> [B*S, ...]
+  cache = cache.replace(k=tuple(map(per_response, cache.k)),
+                        v=tuple(map(per_response, cache.v)), mask=per_response(cache.mask))
+  flat = lambda x: x.reshape(B * S, R)  # noqa: E731
+  h_resp, _ = model.decode(flat(response), flat(response_mask), cache)   # [B*S, R, D]
+  # Token t of a response is predicted from response position t - 1; token 0 from
+  # the prompt's last position.
+  hidden = jnp.concatenate([per_response(h_prompt[:, -1:]), h_resp[:, :-1]], axis=1)
+  mask = flat(response_loss).astype(bool) & flat(response_mask).astype(bool)
+  logps = token_logps(hidden, model.head_weight(), flat(response), chunk_size=chunk_size,
+                      final_logit_softcap=model.config.final_logit_softcap,
+                      batch_axes=batch_axes)                            # [B*S, R]
+  sums = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
+  return sums.reshape(B, S), mask.sum(axis=1).astype(jnp.int32).reshape(B, S)

@@ -121,6 +121,8 @@ def sequence_lengths(batch: dict) -> np.ndarray:
   """[B, S] real tokens per sequence, from a padded or a packed batch."""
   if is_packed(batch):
     return np.asarray(batch["packed_lengths"])
+  if "shared_lengths" in batch:
+    return np.asarray(batch["shared_lengths"])
   return np.asarray(batch["attention_mask"]).sum(axis=-1)
 
 
@@ -236,7 +238,7 @@ def plan_buckets(lengths: np.ndarray, *, batch_size: int, num_groups: int, row_l
 
 def sequence_mask(batch: dict) -> np.ndarray:
   """[B, S, T'] real-token mask of each sequence (padded or packed batch), for counting."""
-  if not is_packed(batch):
+  if not is_packed(batch) and "shared_lengths" not in batch:
     return np.asarray(batch["attention_mask"])
   lengths = sequence_lengths(batch)
   return np.arange(max(int(lengths.max(initial=0)), 1)) < lengths[..., None]
@@ -280,3 +282,91 @@ def make_packer(examples: Sequence[dict], *, process_batch: int, num_groups: int
     return pack_batch(batch, spec, valid=valid, agree=agree)
 
   return spec, pack
+
+
+# --- shared prompt (data.share_prompt) ------------------------------------------------
+SHARED_KEYS = ("shared_prompt", "shared_prompt_mask", "shared_response",
+               "shared_response_mask", "shared_response_loss", "shared_lengths")
+
+
+def is_shared(batch) -> bool:
+  return "shared_prompt" in batch
+
+
+def share_prompt_batch(batch: dict, *, prompt_length: int, response_step: int,
+                       max_response: int, valid: np.ndarray | None = None) -> dict:
+  """A padded batch -> its prompts once and its responses after them.
+
+  Every sequence of an example is its prompt (the real tokens before the first
+  scored one) then its response; the prompt must be the same for all of an
+  example's non-empty sequences (not so for multi-turn message responses,
+  whose earlier turns join each sequence's prompt).
+
+  Columns:
+    shared_prompt, shared_prompt_mask     int32 [B, P]     left-padded prompts
+    shared_response, shared_response_mask int32 [B, S, R]  right-padded responses
+    shared_response_loss                  int32 [B, S, R]  scored response tokens
+    shared_lengths                        int32 [B, S]     prompt + response
+                                                            tokens (0: empty)
+  P = prompt_length; R = the batch's longest response rounded up to a multiple
+  of `response_step` (at most `max_response`): a few shapes, one compile each.
+
+  Raises:
+    ValueError: an example's sequences have different prompts, or one has no
+      prompt token (nothing would predict its first response token).
+  """
+  tokens = np.asarray(batch["tokens"])
+  attention = np.asarray(batch["attention_mask"]).astype(bool)
+  loss = np.asarray(batch["loss_mask"]).astype(bool) & attention
+  B, S, T = tokens.shape
+  lengths = attention.sum(-1)
+  if valid is not None:
+    lengths = np.where(np.asarray(valid, bool)[:, None], lengths, 0)
+  # The prompt: real tokens before the first scored one.
+  first = np.where(loss.any(-1), loss.argmax(-1), lengths)
+  resp_len = np.where(lengths > 0, lengths - first, 0)
+  longest = int(resp_len.max(initial=1))
+  R = min(max_response, -(-max(longest, 1) // response_step) * response_step)
+  P = prompt_length
+  prompt = np.zeros((B, P), np.int32)
+  prompt_mask = np.zeros((B, P), np.int32)
+  resp = np.zeros((B, S, R), np.int32)
+  resp_mask = np.zeros((B, S, R), np.int32)
+  resp_loss = np.zeros((B, S, R), np.int32)
+  for b in range(B):
+    ids = None
+    for s in range(S):
+      n, f = int(lengths[b, s]), int(first[b, s])
+      if n == 0:
+        continue
+      p = tokens[b, s, :f]
+      if ids is None:
+        ids = p
+        if not 0 < f <= P:
+          raise ValueError(f"example {b}: a prompt of {f} tokens cannot be shared "
+                           f"(needs 1..{P})")
+        prompt[b, P - f:], prompt_mask[b, P - f:] = p, 1
+      elif len(p) != len(ids) or np.any(p != ids):
+        raise ValueError(f"example {b}: sequence {s} has another prompt than sequence 0; "
+                         "data.share_prompt needs one prompt per example")
+      m = n - f
+      resp[b, s, :m] = tokens[b, s, f:n]
+      resp_mask[b, s, :m] = 1
+      resp_loss[b, s, :m] = loss[b, s, f:n]
+  out = {k: v for k, v in batch.items() if k not in SEQUENCE_COLUMNS}
+  out.update(shared_prompt=prompt, shared_prompt_mask=prompt_mask, shared_response=resp,
+             shared_response_mask=resp_mask, shared_response_loss=resp_loss,
+             shared_lengths=lengths.astype(np.int32))
+  return out
+
+
+def make_sharer(*, prompt_length: int, max_length: int, response_buckets: int = 4
+                ) -> Callable[..., dict]:
+  """batch[, valid] -> shared-prompt batch, for a run of these lengths."""
+  step = max(1, -(-(max_length - 1) // response_buckets))
+
+  def share(batch: dict, valid: np.ndarray | None = None) -> dict:
+    return share_prompt_batch(batch, prompt_length=prompt_length, response_step=step,
+                              max_response=max_length - 1, valid=valid)
+
+  return share

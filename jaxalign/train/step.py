@@ -23,7 +23,8 @@ from jaxalign.train.state import TrainState
 
 
 # Columns that describe the sequences themselves; every other column goes to the loss.
-SEQUENCE_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps") + packing.PACKED_KEYS
+SEQUENCE_KEYS = (("tokens", "attention_mask", "loss_mask", "ref_logps") + packing.PACKED_KEYS
+                 + packing.SHARED_KEYS)
 
 
 def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None,
@@ -38,6 +39,11 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
     lora.set_dropout_key(model, dropout_key)
   if packing.is_packed(batch):
     return _packed_batch_logps(model, batch, chunk_size=chunk_size, batch_axes=batch_axes)
+  if packing.is_shared(batch):   # data.share_prompt
+    return logprobs.shared_prompt_logps(
+        model, batch["shared_prompt"], batch["shared_prompt_mask"], batch["shared_response"],
+        batch["shared_response_mask"], batch["shared_response_loss"], chunk_size=chunk_size,
+        batch_axes=batch_axes)
   b, s, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
   sums, counts = logprobs.sequence_logps(
@@ -59,7 +65,10 @@ def _packed_batch_logps(model, batch, *, chunk_size, batch_axes):
 
 
 def real_tokens(batch) -> jax.Array:
-  """Real (non-padding) tokens of a padded or a packed batch."""
+  """Real (non-padding) tokens of a padded, packed or shared-prompt batch (a shared
+  prompt counted once per sequence, as in the padded layout)."""
+  if packing.is_shared(batch):
+    return batch["shared_lengths"].sum().astype(jnp.float32)
   key = "packed_attention_mask" if packing.is_packed(batch) else "attention_mask"
   return batch[key].sum().astype(jnp.float32)
 # ------------------------------------------------------------------------------

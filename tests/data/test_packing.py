@@ -230,3 +230,68 @@ def test_packed_accumulated_train_step_equals_padded_step():
     np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+# --- data.share_prompt -----------------------------------------------------------------
+def _shared_prompt_batch(rng, b, s):
+  """[b, s, T]: one prompt per example (1..6 tokens), responses of 1..T-prompt tokens,
+  the last sequence of every other example a padding slot."""
+  tokens = np.zeros((b, s, T), np.int32)
+  attention = np.zeros((b, s, T), np.int32)
+  loss_mask = np.zeros((b, s, T), np.int32)
+  for i in range(b):
+    n = int(rng.integers(1, 7))
+    prompt = rng.integers(4, VOCAB, size=n)
+    for j in range(s):
+      if i % 2 == 0 and j == s - 1:
+        continue
+      m = int(rng.choice([1, 2, T - n]))
+      tokens[i, j, :n], tokens[i, j, n:n + m] = prompt, rng.integers(4, VOCAB, size=m)
+      attention[i, j, :n + m] = 1
+      loss_mask[i, j, n:n + m] = 1
+  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_values(layout: str, loss_name: str):
+  mesh, rules, graphdef, state = _setup()
+  padded = _shared_prompt_batch(np.random.default_rng(6), B, S)
+  host = padded if layout == "padded" else packing.make_sharer(
+      prompt_length=8, max_length=T)(padded)
+  spec = losses.get(loss_name)
+  extra = _extras(np.random.default_rng(4), loss_name, B, S)
+  call = step_lib.make_loss_call(spec, {n: 0.1 for n in spec.required_hparams()})
+  fn = _logps_and_vjp()
+  with jax.set_mesh(mesh):
+    batch = sharding.host_to_global(host, sharding.batch_sharding(mesh, rules))
+    logps, counts, ref, _ = fn(state.params, state.frozen, state.ref_params, batch,
+                               np.zeros((B, S), np.float32))
+
+    def objective(lp):
+      inputs = losses.LossInputs(logps=lp, ref_logps=ref, lengths=counts, batch=extra)
+      loss, metrics, _ = call(inputs, None)
+      return loss, metrics
+
+    (loss, metrics), d_logps = jax.jit(jax.value_and_grad(objective, has_aux=True))(logps)
+    grads = fn(state.params, state.frozen, state.ref_params, batch, np.asarray(d_logps))[3]
+  return jax.device_get((loss, metrics, grads, logps, counts, ref))
+
+
+@pytest.mark.parametrize("loss_name", ["dpo", "grao"])
+def test_shared_prompt_equals_separate_sequences(loss_name):
+  """Pairs (DPO reads sequences 0, 1) and groups (GRAO, with padding slots): the
+  prompt once + responses == each sequence on its own, on 8 devices."""
+  a, b = _shared_values("padded", loss_name), _shared_values("shared", loss_name)
+  for x, y in zip(a[3:], b[3:]):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(b[0], a[0], rtol=1e-5, atol=1e-6)
+  for k in a[1]:
+    np.testing.assert_allclose(b[1][k], a[1][k], rtol=1e-5, atol=1e-5, err_msg=k)
+  for x, y in zip(jax.tree.leaves(a[2]), jax.tree.leaves(b[2])):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_share_prompt_refuses_examples_with_different_prompts():
+  batch = _wild_batch(np.random.default_rng(0), 4, 2)
+  with pytest.raises(ValueError, match="another prompt"):
+    packing.make_sharer(prompt_length=8, max_length=T)(batch)
