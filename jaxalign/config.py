@@ -86,6 +86,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.packing = False
   c.data.pack_length = 0
   c.data.pack_buckets = 3
+  # Shared prompt: each example's prompt runs once into a KV cache and all of its
+  # responses attend to it (pairs and groups; not combined with packing yet).
+  c.data.share_prompt = False
   # Continual (COFS-DPO style) training: training sources in order, one stage of
   # total_steps each; () trains once on train_path. domain_eval_paths: held-out
   # pairwise sets, one per domain, for the COFS weight search.
@@ -306,6 +309,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
       _fail("data.pack_buckets", f"must be >= 1, got {d.pack_buckets}")
     if c.loss.name == "reward_model":
       _fail("data.packing", "the reward-model trainer scores padded rows; set it False")
+  if not isinstance(d.get("share_prompt", False), bool):
+    _fail("data.share_prompt", f"must be True or False, got {d.share_prompt!r}")
+  if d.get("share_prompt", False):
+    if d.get("packing", False):
+      _fail("data.share_prompt", "is not combined with data.packing yet; set one of them")
+    if spec.data in ("sft", "unpaired") or c.loss.name == "reward_model":
+      _fail("data.share_prompt", f"{c.loss.name!r} has one sequence per example: "
+            "nothing to share")
   batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
   accum = c.optim.grad_accum_steps
   if accum < 1:

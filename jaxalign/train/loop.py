@@ -389,6 +389,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   fresh_init = resume_step is None or (precompute_ref and ref_table is None)
   process_batch = config.data.batch_size // jax.process_count()
   pack = _packer(config, examples, tokenizer, process_batch, mesh) if config.data.packing else None
+  if config.data.get("share_prompt", False):   # the prompt once per example
+    pack = packing.make_sharer(prompt_length=config.data.max_prompt_length,
+                               max_length=config.data.max_length)
 
   with jax.set_mesh(mesh):
     # Starting parameters: a resumed run's come from its checkpoint (below), else
@@ -487,7 +490,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       host_batch, host_metrics = next(data_iter), {}
       if expand is not None:  # online: sample from the live policy, score, group
         host_batch, host_metrics = expand(state, host_batch, step)
-      if pack is not None:    # data.packing: the same examples, laid end to end in rows
+      if pack is not None:    # data.packing / share_prompt: the same examples, new layout
         host_batch = pack(host_batch)
       real = packing.sequence_mask(host_batch)
       window_tokens += int(real.sum()) * jax.process_count()

@@ -39,9 +39,26 @@ def test_packed_run_equals_padded_run_and_resumes(tmp_path):
 def test_packing_keys_are_validated():
   with pytest.raises(config_lib.ConfigError, match="config.data.pack_length"):
     config_lib.validate(_config(**{"data.packing": True, "data.pack_length": 5}), 8)
+  with pytest.raises(config_lib.ConfigError, match="config.data.share_prompt"):
+    config_lib.validate(_config(**{"data.packing": True, "data.share_prompt": True}), 8)
   with pytest.raises(config_lib.ConfigError, match="config.data.pack_buckets"):
     config_lib.validate(_config(**{"data.packing": True, "data.pack_buckets": 0}), 8)
   reward = _config(**{"data.packing": True})
   reward.loss.name, reward.loss.hparams = "reward_model", {}
   with pytest.raises(config_lib.ConfigError, match="config.data.packing"):
     config_lib.validate(reward, 8)
+
+
+def test_shared_prompt_run_equals_padded_run(tmp_path):
+  cfg = lambda **o: _config(**{"total_steps": 2, **o})  # noqa: E731
+  loop.train(cfg(), str(tmp_path / "padded"), progress=False)
+  loop.train(cfg(**{"data.share_prompt": True}), str(tmp_path / "shared"), progress=False)
+  padded, shared = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "shared")
+  assert len(padded) == len(shared) == 2
+  for a, b in zip(padded, shared):
+    for k in a:
+      if k not in TIMING:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(np.load(tmp_path / "shared" / "ref_logps.npy"),
+                             np.load(tmp_path / "padded" / "ref_logps.npy"),
+                             rtol=1e-5, atol=1e-5)
