@@ -85,6 +85,16 @@ def defaults() -> ml_collections.ConfigDict:
   # Groups (negatives' samples, completions) are padded to this many slots with a
   # group_mask; None: every record must have the same number.
   c.data.group_size = ml_collections.FieldReference(None, field_type=int)
+  # Packed batches (jaxalign/data/packing.py): a step's sequences laid end to end in
+  # rows of pack_length tokens (0: max_length), attention kept inside each sequence;
+  # the same examples per step and the same numbers as padding, less compute.
+  # pack_buckets: at most this many row counts per step (one compile each).
+  c.data.packing = False
+  c.data.pack_length = 0
+  c.data.pack_buckets = 3
+  # Shared prompt: each example's prompt runs once into a KV cache and all of its
+  # responses attend to it (pairs and groups; not combined with packing yet).
+  c.data.share_prompt = False
   # Continual (COFS-DPO style) training: training sources in order, one stage of
   # total_steps each; () trains once on train_path. domain_eval_paths: held-out
   # pairwise sets, one per domain, for the COFS weight search.
@@ -302,6 +312,27 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("data.max_prompt_length", f"must be in (0, data.max_length={d.max_length})")
   if d.on_error not in ("raise", "skip"):
     _fail("data.on_error", f"must be 'raise' or 'skip', got {d.on_error!r}")
+  if not isinstance(d.get("packing", False), bool):
+    _fail("data.packing", f"must be True or False, got {d.packing!r}")
+  if d.get("packing", False):
+    if d.pack_length != 0 and d.pack_length < d.max_length:
+      _fail("data.pack_length", f"{d.pack_length} must be 0 (= data.max_length) or at least "
+            f"data.max_length={d.max_length}: a row must hold the longest sequence")
+    if d.pack_length > model_cfg.max_seq_len:
+      _fail("data.pack_length", f"{d.pack_length} exceeds the model's max_seq_len "
+            f"{model_cfg.max_seq_len}")
+    if d.pack_buckets < 1:
+      _fail("data.pack_buckets", f"must be >= 1, got {d.pack_buckets}")
+    if c.loss.name == "reward_model":
+      _fail("data.packing", "the reward-model trainer scores padded rows; set it False")
+  if not isinstance(d.get("share_prompt", False), bool):
+    _fail("data.share_prompt", f"must be True or False, got {d.share_prompt!r}")
+  if d.get("share_prompt", False):
+    if d.get("packing", False):
+      _fail("data.share_prompt", "is not combined with data.packing yet; set one of them")
+    if spec.data in ("sft", "unpaired") or c.loss.name == "reward_model":
+      _fail("data.share_prompt", f"{c.loss.name!r} has one sequence per example: "
+            "nothing to share")
   batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
   accum = c.optim.grad_accum_steps
   if accum < 1:

@@ -301,3 +301,107 @@ def sequence_logps(
       hidden, model.head_weight(), tokens, loss_mask, chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes,
       token_outputs=token_outputs)
+
+
+def packed_sequence_logps(
+    model,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    loss_mask: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    slot: jax.Array,
+    num_slots: int,
+    *,
+    chunk_size: int = 8192,
+    batch_axes: BatchAxes = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence summed log-probs of packed rows (jaxalign.data.packing).
+
+  Each group's rows hold up to `num_slots` sequences end to end; attention
+  stays inside a segment and positions restart at each sequence, so every
+  token's log-prob is the one it has in its own padded row. Token log-probs
+  are summed per slot, inside each group.
+
+  Args:
+    model: a jaxalign Transformer.
+    tokens, attention_mask, loss_mask, segment_ids, positions: [G, R, L] int;
+      loss_mask is 0 on each sequence's first token.
+    slot: [G, R, L] int in [0, num_slots]: the sequence of the group a token
+      belongs to; num_slots on padding.
+    num_slots: sequences per group (B_g * S).
+    chunk_size: vocabulary chunk, see token_logps.
+    batch_axes: mesh axes G is split over, see token_logps.
+
+  Returns:
+    logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
+  """
+  G, R, L = tokens.shape
+  flat = lambda x: x.reshape(G * R, L)  # noqa: E731  one forward over all rows
+  hidden = model(flat(tokens), flat(attention_mask), positions=flat(positions),
+                 segment_ids=flat(segment_ids))                         # [G*R, L, D]
+  # Token t of a row is predicted from position t - 1 (same segment: t is scored
+  # only if it is not a segment's first token).
+  toks = flat(tokens)
+  targets = jnp.concatenate([toks[:, 1:], jnp.zeros_like(toks[:, :1])], axis=1)
+  mask = flat(loss_mask).astype(bool) & flat(attention_mask).astype(bool)
+  mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+  where = flat(slot)
+  where = jnp.concatenate([where[:, 1:], jnp.full_like(where[:, :1], num_slots)], axis=1)
+  logps = token_logps(hidden, model.head_weight(), targets, chunk_size=chunk_size,
+                      final_logit_softcap=model.config.final_logit_softcap,
+                      batch_axes=batch_axes)                            # [G*R, L]
+  values = jnp.where(mask, logps, 0.0).reshape(G, R * L)
+  where = jnp.where(mask, where, num_slots).reshape(G, R * L)
+  seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
+  sums = seg_sum(values, where)[:, :num_slots]
+  counts = seg_sum(mask.reshape(G, R * L).astype(jnp.int32), where)[:, :num_slots]
+  return sums, counts
+
+
+def shared_prompt_logps(
+    model,
+    prompt: jax.Array,
+    prompt_mask: jax.Array,
+    response: jax.Array,
+    response_mask: jax.Array,
+    response_loss: jax.Array,
+    *,
+    chunk_size: int = 8192,
+    batch_axes: BatchAxes = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence summed log-probs with each example's prompt computed once.
+
+  The prompts run once into a KV cache; the S responses of an example then
+  attend to that cache and to themselves, with positions continuing after the
+  prompt, so each response's log-probs are those of prompt + response in one
+  row, and gradients reach the prompt's tokens from every response. A
+  response's first token is predicted from the prompt's last hidden state.
+
+  Args:
+    model: a jaxalign Transformer (uses init_cache and decode).
+    prompt, prompt_mask: [B, P] int, left-padded, at least one real token each.
+    response, response_mask, response_loss: [B, S, R] int, right-padded.
+    chunk_size, batch_axes: see token_logps.
+
+  Returns:
+    logps_sum: [B, S] float32; num_tokens: [B, S] int32.
+  """
+  B, P = prompt.shape
+  _, S, R = response.shape
+  cache = model.init_cache(B, P + R)
+  h_prompt, cache = model.decode(prompt, prompt_mask, cache)             # [B, P, D]
+  per_response = lambda x: jnp.repeat(x, S, axis=0)  # noqa: E731  [B, ...] -> [B*S, ...]
+  cache = cache.replace(k=tuple(map(per_response, cache.k)),
+                        v=tuple(map(per_response, cache.v)), mask=per_response(cache.mask))
+  flat = lambda x: x.reshape(B * S, R)  # noqa: E731
+  h_resp, _ = model.decode(flat(response), flat(response_mask), cache)   # [B*S, R, D]
+  # Token t of a response is predicted from response position t - 1; token 0 from
+  # the prompt's last position.
+  hidden = jnp.concatenate([per_response(h_prompt[:, -1:]), h_resp[:, :-1]], axis=1)
+  mask = flat(response_loss).astype(bool) & flat(response_mask).astype(bool)
+  logps = token_logps(hidden, model.head_weight(), flat(response), chunk_size=chunk_size,
+                      final_logit_softcap=model.config.final_logit_softcap,
+                      batch_axes=batch_axes)                            # [B*S, R]
+  sums = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
+  return sums.reshape(B, S), mask.sum(axis=1).astype(jnp.int32).reshape(B, S)

@@ -26,7 +26,7 @@ from jaxalign import flops as flops_lib
 from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
-from jaxalign.data import formats, pipeline, sources, tokenize
+from jaxalign.data import formats, packing, pipeline, sources, tokenize
 from jaxalign.models import hf, lora
 from jaxalign.train import build as build_lib
 from jaxalign.train import heldout, optim, signals, step as step_lib
@@ -259,13 +259,15 @@ initial_state = build_lib.initial_state
 
 
 def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
-                 progress: bool = True, operands=()) -> np.ndarray:
+                 progress: bool = True, operands=(), pack=None) -> np.ndarray:
   """Runs a jitted `fn(*operands, batch) -> [B, ...]` over every example once, in order.
 
   Each process reads its own block of the data; `fn`'s results, with the
   dataset indices, come back replicated, so every process fills the full table.
   `operands` (e.g. the params) are passed to the jitted function, not closed
   over: an array spanning other processes' devices cannot be a constant.
+  `pack` (data.packing): batch, valid -> the packed batch `fn` reads; the
+  padded tail's empty slots then place no tokens.
   """
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
@@ -280,6 +282,8 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
   for batch in tqdm(list(pipeline.ordered_batches(examples, process_batch)), desc=desc,
                     leave=False, disable=not progress or jax.process_index() != 0):
     arrays = {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}
+    if pack is not None:
+      arrays = pack(arrays, np.asarray(batch["valid"], bool))
     arrays["index"] = np.asarray(batch["index"], np.int32)
     arrays["valid"] = np.asarray(batch["valid"], np.int32)
     values, index, valid = jax.device_get(
@@ -408,6 +412,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   fresh_init = resume_step is None or (precompute_ref and (
       ref_table is None or (eval_examples is not None and eval_table is None)))
   process_batch = config.data.batch_size // jax.process_count()
+  pack = _packer(config, examples, tokenizer, process_batch, mesh) if config.data.packing else None
+  if config.data.get("share_prompt", False):   # the prompt once per example
+    pack = packing.make_sharer(prompt_length=config.data.max_prompt_length,
+                               max_length=config.data.max_length)
 
   with jax.set_mesh(mesh):
     # Starting parameters: a resumed run's come from its checkpoint (below), else
@@ -438,8 +446,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
                                                chunk_size=config.logprob_chunk_size,
                                                batch_axes=sharding.batch_axes(rules)),
             operands=(policy, state.frozen), mesh=mesh, rules=rules,
-            batch_size=config.data.batch_size, progress=progress)
-        if (table is None and need_eval
+            batch_size=config.data.batch_size, progress=progress, pack=pack)
+        if (table is None and need_eval and pack is None
             and examples[0]["tokens"].shape == eval_examples[0]["tokens"].shape):
           # One pass, one compile, over both sets: rows do not interact.
           both = initial_logps(examples + eval_examples, desc="reference log-probs")
@@ -525,8 +533,11 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       host_batch, host_metrics = next(data_iter), {}
       if expand is not None:  # online: sample from the live policy, score, group
         host_batch, host_metrics = expand(state, host_batch, step)
-      window_tokens += int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
-      window_flops += perf.batch_flops(host_batch["attention_mask"]) * jax.process_count()
+      if pack is not None:    # data.packing / share_prompt: the same examples, new layout
+        host_batch = pack(host_batch)
+      real = packing.sequence_mask(host_batch)
+      window_tokens += int(real.sum()) * jax.process_count()
+      window_flops += perf.batch_flops(real) * jax.process_count()
       batch = sharding.host_to_global(
           {k: v for k, v in host_batch.items() if k not in HOST_ONLY_KEYS}, batch_sharding)
       state, metrics = step_fn(state, batch)
@@ -581,6 +592,30 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   return RunResult(workdir=workdir, final_step=int(jax.device_get(state.step)),
                    last_metrics=last, stopped_by_signal=stopped,
                    signal_name=preempt.signal_name if stopped else "")
+
+
+def _packer(config, examples, tokenizer, process_batch, mesh):
+  """data.packing: the run's batch -> packed batch function (jaxalign/data/packing.py).
+
+  One pack group per batch shard and micro-batch, so each group's rows sit on
+  the device, and in the micro-batch, of its examples.
+  """
+  axes = sharding.batch_axes(tuple(tuple(r) for r in config.sharding_rules)) or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  global_groups = int(np.prod([mesh.shape[a] for a in axes])) * config.optim.grad_accum_steps
+  if global_groups % jax.process_count():
+    raise config_lib.ConfigError(
+        f"config.data.packing: {global_groups} pack groups (batch shards x grad_accum_steps) "
+        f"do not split over {jax.process_count()} processes")
+  pad = tokenizer.pad_token_id
+  _, pack = packing.make_packer(
+      examples, process_batch=process_batch, num_groups=global_groups // jax.process_count(),
+      global_groups=global_groups,
+      row_length=config.data.pack_length or config.data.max_length,
+      num_buckets=config.data.pack_buckets, seed=config.seed,
+      pad_id=(tokenizer.eos_token_id or 0) if pad is None else pad,
+      process_count=jax.process_count())
+  return pack
 
 
 # Resolved-config keys compared before resuming: the objective may change only

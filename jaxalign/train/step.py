@@ -16,13 +16,15 @@ import optax
 from flax import nnx
 
 from jaxalign import logprobs, losses
+from jaxalign.data import packing
 from jaxalign.models import lora
 from jaxalign.train import ref_sync as ref_sync_lib
 from jaxalign.train.state import TrainState
 
 
 # Columns that describe the sequences themselves; every other column goes to the loss.
-SEQUENCE_KEYS = ("tokens", "attention_mask", "loss_mask", "ref_logps")
+SEQUENCE_KEYS = (("tokens", "attention_mask", "loss_mask", "ref_logps") + packing.PACKED_KEYS
+                 + packing.SHARED_KEYS)
 
 
 def _tail_logps(logps, mask):
@@ -59,6 +61,13 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
   model = nnx.merge(graphdef, params, frozen)
   if dropout_key is not None:
     lora.set_dropout_key(model, dropout_key)
+  if packing.is_packed(batch):
+    return _packed_batch_logps(model, batch, chunk_size=chunk_size, batch_axes=batch_axes)
+  if packing.is_shared(batch):   # data.share_prompt
+    return logprobs.shared_prompt_logps(
+        model, batch["shared_prompt"], batch["shared_prompt_mask"], batch["shared_response"],
+        batch["shared_response_mask"], batch["shared_response_loss"], chunk_size=chunk_size,
+        batch_axes=batch_axes)
   b, s, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
   for name in columns:
@@ -75,6 +84,28 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
   per_seq = {k: v.reshape(b, s, t) for k, v in token_outputs.items()}
   return (sums.reshape(b, s), counts.reshape(b, s),
           {name: COLUMNS[name][0](per_seq) for name in columns})
+
+
+# --- packed batches (data.packing; layout in jaxalign/data/packing.py) -------------
+def _packed_batch_logps(model, batch, *, chunk_size, batch_axes):
+  """[B, S] log-probs and counts of a packed batch: its G groups' slots, in example order."""
+  b, s = batch["packed_lengths"].shape
+  g = batch["packed_tokens"].shape[0]
+  sums, counts = logprobs.packed_sequence_logps(
+      model, batch["packed_tokens"], batch["packed_attention_mask"], batch["packed_loss_mask"],
+      batch["packed_segment_ids"], batch["packed_positions"], batch["packed_slot"],
+      (b // g) * s, chunk_size=chunk_size, batch_axes=batch_axes)     # [G, B_g * S]
+  return sums.reshape(b, s), counts.reshape(b, s)
+
+
+def real_tokens(batch) -> jax.Array:
+  """Real (non-padding) tokens of a padded, packed or shared-prompt batch (a shared
+  prompt counted once per sequence, as in the padded layout)."""
+  if packing.is_shared(batch):
+    return batch["shared_lengths"].sum().astype(jnp.float32)
+  key = "packed_attention_mask" if packing.is_packed(batch) else "attention_mask"
+  return batch[key].sum().astype(jnp.float32)
+# ------------------------------------------------------------------------------
 
 
 def _policy_logps(graphdef, params, frozen, batch, *, chunk_size, modules, dropout_key,
@@ -142,7 +173,7 @@ def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None,
                             ref_graphdef=ref_graphdef, modules=modules, batch_axes=batch_axes)
   (loss, (metrics, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
   metrics = {**metrics, "loss": loss,
-             "num_tokens/real": batch["attention_mask"].sum().astype(jnp.float32)}
+             "num_tokens/real": real_tokens(batch)}
   return metrics, grads, new_state
 
 

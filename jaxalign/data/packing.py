@@ -1,0 +1,372 @@
+"""Packed batches: the sequences of a step's examples laid end to end in rows.
+
+A padded batch holds ``tokens``/``attention_mask``/``loss_mask`` [B, S, T]:
+every sequence padded to T. `pack_batch` turns it into rows of a fixed length
+L >= T that hold several sequences each, so the forward computes (almost) only
+real tokens. The step still sees exactly the same B examples, in the same
+order: packing changes the layout of one batch, never which examples a step
+holds, so the number of examples per optimizer step is the configured one and
+a packed run sees the data of the padded run.
+
+Layout. The B examples of a process's batch are split into ``num_groups``
+contiguous groups of B_g = B / num_groups examples (one group per batch shard
+and micro-batch, so a group's rows and its examples land on the same device
+and in the same micro-batch). Each group's B_g * S sequences are packed
+first-fit-decreasing into R rows of L tokens; R, the same for every group of
+the step, is the smallest of a few fixed ``buckets`` (rows per group) that
+holds the fullest group. The largest bucket is B_g * S (one sequence per row),
+so every batch fits and no example is ever dropped or moved to another step.
+Columns (G = num_groups):
+
+  packed_tokens          int32 [G, R, L]  token ids, pad id after the last sequence
+  packed_attention_mask  int32 [G, R, L]  1 on real tokens
+  packed_loss_mask       int32 [G, R, L]  1 on scored tokens; a sequence's first
+                                          token is never scored (as unpacked)
+  packed_segment_ids     int32 [G, R, L]  0, 1, ... per sequence of the row;
+                                          the padding tail its own id
+  packed_positions       int32 [G, R, L]  0 at each sequence's first token
+  packed_slot            int32 [G, R, L]  b_local * S + s of the token's sequence
+                                          (b_local in [0, B_g)); B_g * S on padding
+  packed_lengths         int32 [B, S]     real tokens per sequence (its shape
+                                          gives B and S to the step)
+
+Every other column ([B, ...]: labels, rewards, ref_logps, ...) is kept as is.
+Attention inside a row stays within a segment (segment ids through every
+kernel path) and positions restart at each sequence, so each sequence's
+log-probs are those of its padded row; the step sums token log-probs per slot
+and hands the loss the same [B, S] log-probs and counts as the padded layout.
+An empty example slot (``valid`` False: the padded tail of a precompute pass)
+places no tokens: its log-probs and counts are 0.
+
+Packing is a pure function of the batch, so the run's data order and its
+checkpointed iterator are those of the padded run: resume is bit-exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+SEQUENCE_COLUMNS = ("tokens", "attention_mask", "loss_mask")
+PACKED_KEYS = ("packed_tokens", "packed_attention_mask", "packed_loss_mask",
+               "packed_segment_ids", "packed_positions", "packed_slot", "packed_lengths")
+
+
+def is_packed(batch) -> bool:
+  return "packed_tokens" in batch
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSpec:
+  """How one process's batches are packed.
+
+  Attributes:
+    num_groups: groups per process batch (batch shards on this process x
+      gradient-accumulation micro-batches); divides the process batch.
+    row_length: L, tokens per row (>= the padded length T).
+    buckets: allowed rows per group, ascending; the last is B_g * S.
+    pad_id: token id written on padding.
+  """
+  num_groups: int
+  row_length: int
+  buckets: tuple[int, ...]
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.num_groups < 1 or self.row_length < 1 or not self.buckets:
+      raise ValueError(f"bad pack spec {self}")
+    if list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+      raise ValueError(f"buckets must be ascending positive ints, got {self.buckets}")
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """Bins (lists of item indices) packing `lengths` into bins of `capacity`.
+
+  Items by decreasing length (ties by index, so the result is deterministic),
+  each into the first bin with room. Items of length 0 are left out.
+  """
+  order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
+  room: list[int] = []
+  bins: list[list[int]] = []
+  for i in order:
+    n = int(lengths[i])
+    if n > capacity:
+      raise ValueError(f"a sequence of {n} tokens does not fit a row of {capacity}")
+    for r, free in enumerate(room):
+      if n <= free:
+        room[r] -= n
+        bins[r].append(i)
+        break
+    else:
+      room.append(capacity - n)
+      bins.append([i])
+  return bins
+
+
+def _group_bins(lengths: np.ndarray, num_groups: int, row_length: int) -> list[list[list[int]]]:
+  """lengths [B, S] -> per group, its rows as lists of local flat slots b_local * S + s."""
+  B, S = lengths.shape
+  per = B // num_groups
+  return [first_fit_decreasing(lengths[g * per:(g + 1) * per].reshape(-1).tolist(), row_length)
+          for g in range(num_groups)]
+
+
+def rows_needed(lengths: np.ndarray, num_groups: int, row_length: int) -> int:
+  """Rows per group the fullest group of a batch with sequence lengths [B, S] needs."""
+  return max(len(b) for b in _group_bins(np.asarray(lengths), num_groups, row_length))
+
+
+def sequence_lengths(batch: dict) -> np.ndarray:
+  """[B, S] real tokens per sequence, from a padded or a packed batch."""
+  if is_packed(batch):
+    return np.asarray(batch["packed_lengths"])
+  if "shared_lengths" in batch:
+    return np.asarray(batch["shared_lengths"])
+  return np.asarray(batch["attention_mask"]).sum(axis=-1)
+
+
+def pack_batch(batch: dict, spec: PackSpec, *, valid: np.ndarray | None = None,
+               agree: Callable[[int], int] | None = None) -> dict:
+  """A padded host batch ([B, S, T] sequence columns) -> the packed layout above.
+
+  Args:
+    batch: numpy columns with leading dim B; tokens/attention_mask/loss_mask
+      [B, S, T], right padded.
+    spec: groups, row length and buckets.
+    valid: [B] bool; False slots are left empty (default all True).
+    agree: rows needed by this process -> rows needed by all processes (the
+      max over processes, so every process picks the same bucket); None on
+      one process.
+
+  Returns:
+    the packed columns plus every non-sequence column of `batch`.
+  """
+  tokens = np.asarray(batch["tokens"])
+  attention = np.asarray(batch["attention_mask"]).astype(bool)
+  loss = np.asarray(batch["loss_mask"]).astype(bool) & attention
+  B, S, T = tokens.shape
+  G, L = spec.num_groups, spec.row_length
+  if B % G:
+    raise ValueError(f"batch of {B} examples does not split into {G} pack groups")
+  if T > L:
+    raise ValueError(f"row length {L} is shorter than the padded length {T}")
+  lengths = attention.sum(axis=-1).astype(np.int32)                  # [B, S]
+  # Right padding: a sequence is its first `length` tokens.
+  if np.any(attention & (np.arange(T) >= lengths[..., None])):
+    raise ValueError("packing needs right-padded sequences (attention_mask 1...1 0...0)")
+  if valid is not None:
+    lengths = np.where(np.asarray(valid, bool)[:, None], lengths, 0)
+  bins = _group_bins(lengths, G, L)
+  need = max(len(b) for b in bins)
+  if agree is not None:
+    need = int(agree(need))
+  per = B // G
+  # Past the largest bucket (a batch with more sequences per example than the
+  # buckets were fitted to, e.g. after online sampling): one row per sequence fits.
+  rows = next((r for r in spec.buckets if r >= need), max(need, per * S))
+  dump = per * S
+  out_tok = np.full((G, rows, L), spec.pad_id, np.int32)
+  out_att = np.zeros((G, rows, L), np.int32)
+  out_loss = np.zeros((G, rows, L), np.int32)
+  out_seg = np.zeros((G, rows, L), np.int32)
+  out_pos = np.zeros((G, rows, L), np.int32)
+  out_slot = np.full((G, rows, L), dump, np.int32)
+  flat_tok = tokens.reshape(B * S, T)
+  flat_loss = loss.reshape(B * S, T)
+  flat_len = lengths.reshape(B * S)
+  for g, group in enumerate(bins):
+    for r, row in enumerate(group):
+      at = 0
+      for seg, local in enumerate(row):
+        i = g * dump + local
+        n = int(flat_len[i])
+        out_tok[g, r, at:at + n] = flat_tok[i, :n]
+        out_att[g, r, at:at + n] = 1
+        out_loss[g, r, at:at + n] = flat_loss[i, :n]
+        out_loss[g, r, at] = 0            # nothing predicts a sequence's first token
+        out_seg[g, r, at:at + n] = seg
+        out_pos[g, r, at:at + n] = np.arange(n)
+        out_slot[g, r, at:at + n] = local
+        at += n
+      out_seg[g, r, at:] = len(row)
+  out = {k: v for k, v in batch.items() if k not in SEQUENCE_COLUMNS}
+  out.update(packed_tokens=out_tok, packed_attention_mask=out_att, packed_loss_mask=out_loss,
+             packed_segment_ids=out_seg, packed_positions=out_pos, packed_slot=out_slot,
+             packed_lengths=lengths)
+  return out
+
+
+def plan_buckets(lengths: np.ndarray, *, batch_size: int, num_groups: int, row_length: int,
+                 num_buckets: int, seed: int, global_groups: int | None = None,
+                 samples: int = 64) -> tuple[int, ...]:
+  """A few bucket sizes (rows per group) fitted to the data's lengths.
+
+  Simulates `samples` steps of `batch_size` examples drawn at random (seeded)
+  from the dataset, each split into `global_groups` groups (all processes'),
+  and takes the rows the fullest group of each step needs. The buckets are
+  quantiles of that (evenly spaced from the median to the maximum seen) plus
+  B_g * S, which always fits; a step beyond the simulated maximum uses that
+  last bucket, correct but no faster than padding.
+
+  Args:
+    lengths: [N, S] real tokens of each sequence of every example.
+    batch_size: examples per process batch.
+    num_groups: pack groups per process batch.
+    row_length: L.
+    num_buckets: at most this many buckets (>= 1; 1 = B_g * S alone).
+    seed: the draws' seed.
+    global_groups: groups per global step (default num_groups).
+    samples: simulated steps.
+  """
+  lengths = np.asarray(lengths)
+  N, S = lengths.shape
+  per = batch_size // num_groups
+  full = per * S
+  if num_buckets <= 1 or N == 0:
+    return (full,)
+  global_groups = global_groups or num_groups
+  rng = np.random.default_rng(seed)
+  need = []
+  for _ in range(samples):
+    idx = rng.choice(N, size=per * global_groups, replace=N < per * global_groups)
+    need.append(rows_needed(lengths[idx], global_groups, row_length))
+  qs = np.linspace(0.5, 1.0, num_buckets - 1)
+  picks = {int(np.ceil(np.quantile(need, q))) for q in qs}
+  return tuple(sorted(p for p in picks if p < full)) + (full,)
+
+
+def sequence_mask(batch: dict) -> np.ndarray:
+  """[B, S, T'] real-token mask of each sequence (padded or packed batch), for counting."""
+  if not is_packed(batch) and "shared_lengths" not in batch:
+    return np.asarray(batch["attention_mask"])
+  lengths = sequence_lengths(batch)
+  return np.arange(max(int(lengths.max(initial=0)), 1)) < lengths[..., None]
+
+
+def _agree_across_processes(need: int) -> int:
+  """The max of `need` over all processes (one tiny host collective per step)."""
+  import jax  # local: this module is numpy-only otherwise
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(need))))
+
+
+def make_packer(examples: Sequence[dict], *, process_batch: int, num_groups: int,
+                global_groups: int, row_length: int, num_buckets: int, seed: int,
+                pad_id: int, process_count: int = 1) -> tuple[PackSpec, Callable[..., dict]]:
+  """(spec, batch -> packed batch) for a run, its buckets fitted to `examples`' lengths.
+
+  Args:
+    examples: the tokenized examples (``attention_mask`` [S, T]).
+    process_batch: examples per process batch.
+    num_groups: pack groups per process batch (divides process_batch).
+    global_groups: pack groups of the whole step (all processes).
+    row_length: L; at least the examples' T.
+    num_buckets: at most this many row counts (compiles of the step).
+    seed: seeds the bucket simulation (deterministic per run).
+    pad_id: the tokenizer's pad id.
+    process_count: > 1: the processes agree on each step's bucket.
+  """
+  if process_batch % num_groups:
+    raise ValueError(f"the process batch {process_batch} does not split into "
+                     f"{num_groups} pack groups")
+  lengths = np.stack([np.asarray(e["attention_mask"]).sum(axis=-1) for e in examples])
+  buckets = plan_buckets(lengths, batch_size=process_batch, num_groups=num_groups,
+                         row_length=row_length, num_buckets=num_buckets, seed=seed,
+                         global_groups=global_groups)
+  spec = PackSpec(num_groups=num_groups, row_length=row_length, buckets=buckets,
+                  pad_id=pad_id)
+  agree = _agree_across_processes if process_count > 1 else None
+
+  def pack(batch: dict, valid: np.ndarray | None = None) -> dict:
+    return pack_batch(batch, spec, valid=valid, agree=agree)
+
+  return spec, pack
+
+
+# --- shared prompt (data.share_prompt) ------------------------------------------------
+SHARED_KEYS = ("shared_prompt", "shared_prompt_mask", "shared_response",
+               "shared_response_mask", "shared_response_loss", "shared_lengths")
+
+
+def is_shared(batch) -> bool:
+  return "shared_prompt" in batch
+
+
+def share_prompt_batch(batch: dict, *, prompt_length: int, response_step: int,
+                       max_response: int, valid: np.ndarray | None = None) -> dict:
+  """A padded batch -> its prompts once and its responses after them.
+
+  Every sequence of an example is its prompt (the real tokens before the first
+  scored one) then its response; the prompt must be the same for all of an
+  example's non-empty sequences (not so for multi-turn message responses,
+  whose earlier turns join each sequence's prompt).
+
+  Columns:
+    shared_prompt, shared_prompt_mask     int32 [B, P]     left-padded prompts
+    shared_response, shared_response_mask int32 [B, S, R]  right-padded responses
+    shared_response_loss                  int32 [B, S, R]  scored response tokens
+    shared_lengths                        int32 [B, S]     prompt + response
+                                                            tokens (0: empty)
+  P = prompt_length; R = the batch's longest response rounded up to a multiple
+  of `response_step` (at most `max_response`): a few shapes, one compile each.
+
+  Raises:
+    ValueError: an example's sequences have different prompts, or one has no
+      prompt token (nothing would predict its first response token).
+  """
+  tokens = np.asarray(batch["tokens"])
+  attention = np.asarray(batch["attention_mask"]).astype(bool)
+  loss = np.asarray(batch["loss_mask"]).astype(bool) & attention
+  B, S, T = tokens.shape
+  lengths = attention.sum(-1)
+  if valid is not None:
+    lengths = np.where(np.asarray(valid, bool)[:, None], lengths, 0)
+  # The prompt: real tokens before the first scored one.
+  first = np.where(loss.any(-1), loss.argmax(-1), lengths)
+  resp_len = np.where(lengths > 0, lengths - first, 0)
+  longest = int(resp_len.max(initial=1))
+  R = min(max_response, -(-max(longest, 1) // response_step) * response_step)
+  P = prompt_length
+  prompt = np.zeros((B, P), np.int32)
+  prompt_mask = np.zeros((B, P), np.int32)
+  resp = np.zeros((B, S, R), np.int32)
+  resp_mask = np.zeros((B, S, R), np.int32)
+  resp_loss = np.zeros((B, S, R), np.int32)
+  for b in range(B):
+    ids = None
+    for s in range(S):
+      n, f = int(lengths[b, s]), int(first[b, s])
+      if n == 0:
+        continue
+      p = tokens[b, s, :f]
+      if ids is None:
+        ids = p
+        if not 0 < f <= P:
+          raise ValueError(f"example {b}: a prompt of {f} tokens cannot be shared "
+                           f"(needs 1..{P})")
+        prompt[b, P - f:], prompt_mask[b, P - f:] = p, 1
+      elif len(p) != len(ids) or np.any(p != ids):
+        raise ValueError(f"example {b}: sequence {s} has another prompt than sequence 0; "
+                         "data.share_prompt needs one prompt per example")
+      m = n - f
+      resp[b, s, :m] = tokens[b, s, f:n]
+      resp_mask[b, s, :m] = 1
+      resp_loss[b, s, :m] = loss[b, s, f:n]
+  out = {k: v for k, v in batch.items() if k not in SEQUENCE_COLUMNS}
+  out.update(shared_prompt=prompt, shared_prompt_mask=prompt_mask, shared_response=resp,
+             shared_response_mask=resp_mask, shared_response_loss=resp_loss,
+             shared_lengths=lengths.astype(np.int32))
+  return out
+
+
+def make_sharer(*, prompt_length: int, max_length: int, response_buckets: int = 4
+                ) -> Callable[..., dict]:
+  """batch[, valid] -> shared-prompt batch, for a run of these lengths."""
+  step = max(1, -(-(max_length - 1) // response_buckets))
+
+  def share(batch: dict, valid: np.ndarray | None = None) -> dict:
+    return share_prompt_batch(batch, prompt_length=prompt_length, response_step=step,
+                              max_response=max_length - 1, valid=valid)
+
+  return share

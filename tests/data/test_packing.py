@@ -1,0 +1,297 @@
+"""Packed batches (data.packing): layout, and one step equal to the padded layout's.
+
+The equalities run the real sharded step on 8 fake CPU devices, for every
+data format, on sequences of wildly different lengths (2 to T tokens, some
+rows ending in padding, some groups with padding slots).
+"""
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxalign import config as config_lib
+from jaxalign import losses, sharding
+from jaxalign.data import packing
+from jaxalign.train import loop, optim, step as step_lib
+from tests.train.helpers import tiny_config
+
+T, VOCAB = 12, 32
+
+
+def _wild_batch(rng, b, s, *, group_padding=False):
+  """[b, s, T] right-padded sequences of 2..T tokens (prompt 1..n-1, the rest scored)."""
+  tokens = rng.integers(4, VOCAB, size=(b, s, T)).astype(np.int32)
+  lengths = rng.choice([2, 3, T - 1, T, 5, 7], size=(b, s))
+  if group_padding:  # the last slot of every other example is a padding sequence
+    lengths[::2, -1] = 0
+  pos = np.arange(T)
+  attention = (pos < lengths[..., None]).astype(np.int32)
+  prompt = np.maximum(1, (lengths * rng.uniform(0.1, 0.7, size=(b, s))).astype(int))
+  loss_mask = (attention.astype(bool) & (pos >= prompt[..., None])).astype(np.int32)
+  tokens = np.where(attention.astype(bool), tokens, 0)
+  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def _extras(rng, loss_name, b, s):
+  g = s - 1
+  if loss_name in ("bco", "kto", "apo_zero_unpaired"):
+    return {"label": (np.arange(b) % 2).astype(np.int32)}
+  if loss_name in ("d2o", "grao", "aft"):
+    mask = np.ones((b, g), np.int32)
+    mask[::2, -1] = 0         # the padding sequences of _wild_batch(group_padding=True)
+    out = {"group_mask": mask}
+    if loss_name == "grao":
+      out["rewards"] = (rng.uniform(size=(b, g)) * mask).astype(np.float32)
+    else:
+      out["labels"] = ((np.arange(g)[None] + np.arange(b)[:, None]) % 2 * mask).astype(np.int32)
+    return out
+  return {}
+
+
+# One loss per data format (sft, pairwise, unpaired, unpaired_kl, negatives, groups,
+# ranked) and the other pairwise/unpaired ones; all read their columns of one
+# [B, 4] batch (sequence 0, then 1..3 with padding slots in the group formats).
+LOSS_NAMES = ("sft", "dpo", "ln_dpo", "bco", "kto", "apo_zero_unpaired", "d2o", "grao", "aft")
+B, S = 16, 4
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  cfg = tiny_config(**{"mesh.shape": (1, 8, 1)})
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  rules = tuple(tuple(r) for r in cfg.sharding_rules)
+  tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
+  graphdef, abstract, shardings, init_fn = loop.build_model_and_state(
+      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
+  with jax.set_mesh(mesh):
+    state = jax.jit(init_fn, out_shardings=shardings)()
+  # A reference a little away from the policy, so ref log-probs differ from the policy's.
+  ref = jax.tree.map(lambda x: x * 1.1, state.ref_params)
+  return mesh, rules, graphdef, state.replace(ref_params=ref)
+
+
+def _pack(batch, num_groups, buckets=None):
+  b, s, _ = batch["tokens"].shape
+  full = b // num_groups * s
+  return packing.pack_batch(batch, packing.PackSpec(num_groups=num_groups, row_length=T,
+                                                    buckets=buckets or tuple(range(1, full + 1))))
+
+
+def test_pack_layout_holds_every_token_once_in_order():
+  rng = np.random.default_rng(0)
+  batch = _wild_batch(rng, 8, 2)
+  packed = _pack(batch, 4, buckets=(2, 3, 4))
+  G, R, L = packed["packed_tokens"].shape
+  assert (G, L) == (4, T) and R in (2, 3, 4) and R < 4   # fewer rows than sequences
+  per = 2
+  for g in range(G):
+    for local in range(per * 2):
+      b, s = g * per + local // 2, local % 2
+      at = packed["packed_slot"][g] == local
+      n = int(batch["attention_mask"][b, s].sum())
+      assert at.sum() == n and len(np.unique(np.nonzero(at)[0])) == 1   # one row
+      row = np.nonzero(at.any(axis=1))[0][0]
+      np.testing.assert_array_equal(packed["packed_tokens"][g][at], batch["tokens"][b, s, :n])
+      np.testing.assert_array_equal(packed["packed_positions"][g][at], np.arange(n))
+      assert len(np.unique(packed["packed_segment_ids"][g, row][at[row]])) == 1
+      want = batch["loss_mask"][b, s, :n].copy()
+      want[0] = 0
+      np.testing.assert_array_equal(packed["packed_loss_mask"][g][at], want)
+  np.testing.assert_array_equal(packed["packed_lengths"], batch["attention_mask"].sum(-1))
+  assert packed["packed_attention_mask"].sum() == batch["attention_mask"].sum()
+  assert "tokens" not in packed
+
+
+def test_pack_is_deterministic_and_leaves_invalid_slots_empty():
+  batch = _wild_batch(np.random.default_rng(1), 8, 2)
+  a, b = _pack(batch, 2), _pack(batch, 2)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  valid = np.array([True] * 5 + [False] * 3)
+  spec = packing.PackSpec(num_groups=2, row_length=T, buckets=(8,))
+  p = packing.pack_batch(batch, spec, valid=valid)
+  assert not np.isin(p["packed_slot"][1], [2, 3, 4, 5, 6, 7]).any()   # examples 5..7
+  assert (p["packed_lengths"][5:] == 0).all()
+
+
+def test_buckets_are_few_ascending_and_end_with_the_full_group():
+  lengths = np.random.default_rng(0).integers(2, T + 1, size=(100, 2))
+  buckets = packing.plan_buckets(lengths, batch_size=16, num_groups=4, row_length=T,
+                                 num_buckets=3, seed=0)
+  assert len(buckets) <= 3 and buckets[-1] == 8 and list(buckets) == sorted(set(buckets))
+  assert buckets == packing.plan_buckets(lengths, batch_size=16, num_groups=4, row_length=T,
+                                         num_buckets=3, seed=0)
+
+
+
+
+@functools.lru_cache(maxsize=None)
+def _logps_and_vjp():
+  """jit((params, frozen, ref, batch, cotangent) -> policy [B, S] logps, counts, ref logps,
+  and the policy gradient of <cotangent, logps>): the step's batch_logps, both layouts."""
+  mesh, rules, graphdef, state = _setup()
+  axes = sharding.batch_axes(rules)
+
+  def fn(params, frozen, ref_params, batch, cotangent):
+    policy = lambda p: step_lib.batch_logps(graphdef, p, frozen, batch, chunk_size=16,  # noqa: E731
+                                            batch_axes=axes)
+    (logps, counts), vjp = jax.vjp(policy, params)
+    ref, _ = step_lib.batch_logps(graphdef, ref_params, frozen, batch, chunk_size=16,
+                                  batch_axes=axes)
+    (grads,) = vjp((cotangent, np.zeros(counts.shape, jax.dtypes.float0)))
+    return logps, counts, ref, grads
+
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _wild_batches():
+  rng = np.random.default_rng(3)
+  padded = _wild_batch(rng, B, S, group_padding=True)
+  return padded, _pack(padded, 8)   # one group per device, 2 examples each
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_values(layout: str, loss_name: str):
+  """(loss, metrics, grads) of one step of `loss_name` on the padded or packed layout,
+  sharded on 8 devices: the policy and frozen-reference forwards, the loss, and the
+  gradient through the log-probs."""
+  mesh, rules, graphdef, state = _setup()
+  padded, packed = _wild_batches()
+  host = {"padded": padded, "packed": packed}[layout]
+  spec = losses.get(loss_name)
+  extra = _extras(np.random.default_rng(4), loss_name, B, S)
+  call = step_lib.make_loss_call(spec, {n: 0.1 for n in spec.required_hparams()})
+  loss_state = spec.init_state() if spec.init_state else None
+  fn = _logps_and_vjp()
+  with jax.set_mesh(mesh):
+    batch = sharding.host_to_global(host, sharding.batch_sharding(mesh, rules))
+    zero = np.zeros((B, S), np.float32)   # host cotangents: one compile for both calls
+    logps, counts, ref, _ = fn(state.params, state.frozen, state.ref_params, batch, zero)
+
+    def objective(lp):
+      inputs = losses.LossInputs(logps=lp, ref_logps=ref, lengths=counts, batch=extra)
+      loss, metrics, _ = call(inputs, loss_state)
+      return loss, metrics
+
+    (loss, metrics), d_logps = jax.jit(jax.value_and_grad(objective, has_aux=True))(logps)
+    grads = fn(state.params, state.frozen, state.ref_params, batch, np.asarray(d_logps))[3]
+  return jax.device_get((loss, metrics, grads, logps, counts, ref))
+
+
+def test_packed_logps_equal_padded_logps():
+  a, b = _layout_values("padded", "sft"), _layout_values("packed", "sft")
+  for x, y in zip(a[3:], b[3:]):   # policy logps, counts, reference logps: [B, S]
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+  assert (a[4][::2, -1] == 0).all()          # padding slots score nothing
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_packed_loss_metrics_and_gradients_equal_padded(loss_name):
+  padded = _layout_values("padded", loss_name)
+  packed = _layout_values("packed", loss_name)
+  np.testing.assert_allclose(packed[0], padded[0], rtol=1e-5, atol=1e-6)
+  assert set(packed[1]) == set(padded[1])
+  for k in padded[1]:
+    np.testing.assert_allclose(packed[1][k], padded[1][k], rtol=1e-5, atol=1e-5, err_msg=k)
+  for x, y in zip(jax.tree.leaves(padded[2]), jax.tree.leaves(packed[2])):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_accumulated_train_step_equals_padded_step():
+  """The whole jitted step (frozen reference, metrics, update) on 8 devices: packed in
+  16 groups split over 2 micro-batches == padded in one."""
+  mesh, rules, graphdef, state = _setup()
+  rng = np.random.default_rng(5)
+  padded = _wild_batch(rng, 32, 2)
+  packed = _pack(padded, 16)
+  tx = optax.sgd(1.0)
+  state = state.replace(opt_state=tx.init(state.params))
+  call = step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1})
+  outs = []
+  for batch, accum in ((padded, 1), (packed, 2)):
+    fn = step_lib.jit_train_step(
+        graphdef=graphdef, tx=tx, schedule=optax.constant_schedule(1.0), loss_call=call,
+        chunk_size=16, accum_steps=accum, skip_nonfinite=False,
+        state_shardings=jax.tree.map(lambda x: x.sharding, state),
+        batch_sharding=sharding.batch_sharding(mesh, rules),
+        replicated=sharding.replicated(mesh))
+    with jax.set_mesh(mesh):
+      new, metrics = fn(jax.tree.map(jnp.copy, state),
+                        sharding.host_to_global(batch, sharding.batch_sharding(mesh, rules)))
+    outs.append(jax.device_get((new.params, metrics)))
+  (p1, m1), (p2, m2) = outs
+  assert set(m1) == set(m2)
+  for k in m1:
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+# --- data.share_prompt -----------------------------------------------------------------
+def _shared_prompt_batch(rng, b, s):
+  """[b, s, T]: one prompt per example (1..6 tokens), responses of 1..T-prompt tokens,
+  the last sequence of every other example a padding slot."""
+  tokens = np.zeros((b, s, T), np.int32)
+  attention = np.zeros((b, s, T), np.int32)
+  loss_mask = np.zeros((b, s, T), np.int32)
+  for i in range(b):
+    n = int(rng.integers(1, 7))
+    prompt = rng.integers(4, VOCAB, size=n)
+    for j in range(s):
+      if i % 2 == 0 and j == s - 1:
+        continue
+      m = int(rng.choice([1, 2, T - n]))
+      tokens[i, j, :n], tokens[i, j, n:n + m] = prompt, rng.integers(4, VOCAB, size=m)
+      attention[i, j, :n + m] = 1
+      loss_mask[i, j, n:n + m] = 1
+  return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_values(layout: str, loss_name: str):
+  mesh, rules, graphdef, state = _setup()
+  padded = _shared_prompt_batch(np.random.default_rng(6), B, S)
+  host = padded if layout == "padded" else packing.make_sharer(
+      prompt_length=8, max_length=T)(padded)
+  spec = losses.get(loss_name)
+  extra = _extras(np.random.default_rng(4), loss_name, B, S)
+  call = step_lib.make_loss_call(spec, {n: 0.1 for n in spec.required_hparams()})
+  fn = _logps_and_vjp()
+  with jax.set_mesh(mesh):
+    batch = sharding.host_to_global(host, sharding.batch_sharding(mesh, rules))
+    logps, counts, ref, _ = fn(state.params, state.frozen, state.ref_params, batch,
+                               np.zeros((B, S), np.float32))
+
+    def objective(lp):
+      inputs = losses.LossInputs(logps=lp, ref_logps=ref, lengths=counts, batch=extra)
+      loss, metrics, _ = call(inputs, None)
+      return loss, metrics
+
+    (loss, metrics), d_logps = jax.jit(jax.value_and_grad(objective, has_aux=True))(logps)
+    grads = fn(state.params, state.frozen, state.ref_params, batch, np.asarray(d_logps))[3]
+  return jax.device_get((loss, metrics, grads, logps, counts, ref))
+
+
+@pytest.mark.parametrize("loss_name", ["dpo", "grao"])
+def test_shared_prompt_equals_separate_sequences(loss_name):
+  """Pairs (DPO reads sequences 0, 1) and groups (GRAO, with padding slots): the
+  prompt once + responses == each sequence on its own, on 8 devices."""
+  a, b = _shared_values("padded", loss_name), _shared_values("shared", loss_name)
+  for x, y in zip(a[3:], b[3:]):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(b[0], a[0], rtol=1e-5, atol=1e-6)
+  for k in a[1]:
+    np.testing.assert_allclose(b[1][k], a[1][k], rtol=1e-5, atol=1e-5, err_msg=k)
+  for x, y in zip(jax.tree.leaves(a[2]), jax.tree.leaves(b[2])):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_share_prompt_refuses_examples_with_different_prompts():
+  batch = _wild_batch(np.random.default_rng(0), 4, 2)
+  with pytest.raises(ValueError, match="another prompt"):
+    packing.make_sharer(prompt_length=8, max_length=T)(batch)
