@@ -777,9 +777,11 @@ def unstack_layers(config: ModelConfig, tree: dict) -> dict:
 
 
 def convert_layout(model: Transformer, *, scan_layers: bool) -> Transformer:
-  """The same model (base parameters) in the scanned or the unrolled layout."""
+  """The same model in the scanned or the unrolled layout (base parameters only:
+  LoRA adapters are left out; move them with `stack_layers` on a pure dict)."""
   config = dataclasses.replace(model.config, scan_layers=scan_layers)
-  tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+  tree = nnx.to_pure_dict(nnx.state(model, base))
   if model.config.scan_layers:
     tree = unstack_layers(model.config, tree)
   if scan_layers:
