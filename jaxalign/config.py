@@ -27,6 +27,7 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("norm", None),
     ("lora_rank", None),
+    ("layers", None),          # the stacked (scanned) layers axis: never split
 )
 
 
@@ -63,6 +64,10 @@ def defaults() -> ml_collections.ConfigDict:
   # Attention kernel (jaxalign.models.attention): "auto" (splash on TPU, cudnn on
   # GPU, xla on CPU) | "xla" | "cudnn" | "splash"; a compute choice, free on resume.
   c.model.attention = "auto"
+  # One lax.scan over stacked layers (compiles one layer body; the default) or a
+  # Python loop over layers (debugging). The two store parameters differently
+  # (a leading "layers" axis), so a checkpoint resumes only in its own layout.
+  c.model.scan_layers = True
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)   # -1: all remaining devices, over the axes MESH_AXES
@@ -290,6 +295,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.model.get("attention", "auto") not in attention.IMPLEMENTATIONS:
     _fail("model.attention", f"must be one of {attention.IMPLEMENTATIONS}, got "
           f"{c.model.attention!r}")
+  scan = c.model.get("scan_layers", True)
+  if not isinstance(scan, bool):
+    _fail("model.scan_layers", f"must be True or False, got {scan!r}")
+  if "remat" in c.model.overrides:
+    try:
+      transformer.normalize_remat(c.model.overrides.remat)
+    except ValueError as e:
+      _fail("model.overrides.remat", str(e))
   if c.model.preset not in transformer.PRESETS:
     _fail("model.preset", f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
   try:
@@ -574,5 +587,6 @@ def model_config(c: ml_collections.ConfigDict):
   unknown = set(over) - set(base)
   if unknown:
     raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
-  attention = {"attention": c.model.get("attention", "auto")}
-  return transformer.ModelConfig.from_dict({**base, **attention, **over})
+  chosen = {"attention": c.model.get("attention", "auto"),
+            "scan_layers": c.model.get("scan_layers", True)}
+  return transformer.ModelConfig.from_dict({**base, **chosen, **over})

@@ -145,15 +145,15 @@ def test_import_export_matches_transformers(name, tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-EXPECTED_SPECS = {  # DEFAULT_RULES on a ("data", "fsdp", "tensor") mesh
+EXPECTED_SPECS = {  # DEFAULT_RULES on a ("data", "fsdp", "tensor") mesh; layers scanned
     "embed.embedding": P("tensor", "fsdp"),
-    "layers.0.attn.q": P("fsdp", "tensor", None),
-    "layers.0.attn.k": P("fsdp", "tensor", None),
-    "layers.0.attn.o": P("tensor", None, "fsdp"),
-    "layers.0.attn.q_bias": P("tensor", None),
-    "layers.0.mlp.gate": P("fsdp", "tensor"),
-    "layers.0.mlp.down": P("tensor", "fsdp"),
-    "layers.0.attn_norm.scale": P(None),
+    "layers.0.attn.q": P(None, "fsdp", "tensor", None),
+    "layers.0.attn.k": P(None, "fsdp", "tensor", None),
+    "layers.0.attn.o": P(None, "tensor", None, "fsdp"),
+    "layers.0.attn.q_bias": P(None, "tensor", None),
+    "layers.0.mlp.gate": P(None, "fsdp", "tensor"),
+    "layers.0.mlp.down": P(None, "tensor", "fsdp"),
+    "layers.0.attn_norm.scale": P(None, None),
     "lm_head": P("fsdp", "tensor"),
 }
 # Splits head_dim instead of heads: each device then needs part of every HF row group.
@@ -178,7 +178,7 @@ def test_sharded_import(rules, tmp_path):
     for name, spec in EXPECTED_SPECS.items():
       assert got[name].sharding.spec == spec, name
   else:
-    assert got["layers.0.attn.q"].sharding.spec == P("fsdp", None, "tensor")
+    assert got["layers.0.attn.q"].sharding.spec == P(None, "fsdp", None, "tensor")
   want_values = _flat(single)
   for name, arr in got.items():
     np.testing.assert_array_equal(np.asarray(arr), want_values[name], err_msg=name)
@@ -365,3 +365,36 @@ def test_train_from_hf_path(tmp_path):
   config.model.hf_path = str(tmp_path / "missing")
   with pytest.raises(config_lib.ConfigError, match=r"config\.model\.hf_path"):
     config_lib.validate(config, 8)
+
+
+def test_gemma3_period_of_six_with_a_tail_in_both_layouts(tmp_path):
+  """7 Gemma3 layers (5 local : 1 global, then 1 local): one scanned group of 6 and
+  an unrolled tail; import matches transformers in both layouts, and an unrolled
+  export re-imports scanned to the same weights."""
+  from jaxalign.models import transformer
+  t = transformers
+  cfg = t.Gemma3TextConfig(**{**_COMMON, "num_hidden_layers": 7},
+                           **{k: v for k, v in _GEMMA.items() if k != "layer_types"},
+                           rope_parameters={"sliding_attention": _ROPE,
+                                            "full_attention": {"rope_type": "default",
+                                                               "rope_theta": 1e6}})
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(0)
+  ref = t.Gemma3ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    g = torch.Generator().manual_seed(1)
+    for pname, p in ref.named_parameters():
+      p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+  ref.save_pretrained(tmp_path / "hf")
+  tokens, mask = _batch(48)
+  want = _hf_logits(ref, tokens, mask)
+  scanned, config = hf.from_pretrained(str(tmp_path / "hf"))
+  assert config.scan_groups() == (6, 1, 1)
+  unrolled, _ = hf.from_pretrained(str(tmp_path / "hf"), scan_layers=False)
+  for model in (scanned, unrolled):
+    assert _max_diff(_our_logits(model, tokens, mask), want, mask) <= TOL
+  out = hf.export(unrolled, unrolled.config, str(tmp_path / "out"))
+  again, _ = hf.from_pretrained(out)
+  back = transformer.unstack_layers(config, nnx.to_pure_dict(nnx.state(again, nnx.Param)))
+  want_tree = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, back, want_tree)

@@ -120,12 +120,14 @@ def test_adapters_follow_the_sharding_rules():
       lora_config=lora.LoraConfig(rank=4, targets=lora.TARGETS))
   attn, mlp = shardings.params["layers"][0]["attn"], shardings.params["layers"][0]["mlp"]
   P = jax.sharding.PartitionSpec
-  assert attn["q_lora"]["lora_a"].get_value().spec == P("fsdp", None)
-  assert attn["q_lora"]["lora_b"].get_value().spec == P(None, "tensor")
-  assert attn["o_lora"]["lora_a"].get_value().spec == P("tensor", None)
-  assert mlp["down_lora"]["lora_b"].get_value().spec == P(None, "fsdp")
+  # Scanned layers: adapters are stacked like the base, the layers axis unsplit.
+  assert attn["q_lora"]["lora_a"].get_value().spec == P(None, "fsdp", None)
+  assert attn["q_lora"]["lora_b"].get_value().spec == P(None, None, "tensor")
+  assert attn["o_lora"]["lora_a"].get_value().spec == P(None, "tensor", None)
+  assert mlp["down_lora"]["lora_b"].get_value().spec == P(None, None, "fsdp")
   # The base keeps its own sharding; the Adam moments follow the adapters'.
-  assert shardings.frozen["layers"][0]["attn"]["q"].get_value().spec == P("fsdp", "tensor", None)
+  assert (shardings.frozen["layers"][0]["attn"]["q"].get_value().spec
+          == P(None, "fsdp", "tensor", None))
 
 
 def test_merge_equals_unmerged_forward_and_zero_b_equals_base():
@@ -239,3 +241,34 @@ def test_bad_lora_config_is_named(key, value, match):
   c = tiny_config(**{"lora.rank": 4, key: value})
   with pytest.raises(config_lib.ConfigError, match=match):
     config_lib.validate(c, 8)
+
+
+def test_stacked_adapters_equal_unrolled_adapters():
+  """Scanned layers carry [G, ...] adapters; with the same values (stacked) the
+  forward equals the unrolled model's with per-layer adapters."""
+  import dataclasses
+  cfg = transformer.ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4,
+                                n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=16)
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=lora.TARGETS)
+  unrolled = lora.add_adapters(transformer.Transformer(
+      dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(0)), lcfg, seed=0)
+  scanned = lora.add_adapters(transformer.Transformer(cfg, rngs=nnx.Rngs(0)), lcfg, seed=0)
+  assert scanned.layers[0].attn.q_lora.lora_a.shape == (2, 32, 4)
+  tree = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  # B = 0 at init: give every adapter a nonzero B so the adapters matter.
+  rng = np.random.default_rng(0)
+  tree = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray(rng.normal(size=x.shape), x.dtype) * 0.1
+      if "lora_b" in jax.tree_util.keystr(p) else x, tree)
+  unrolled_state = nnx.state(unrolled, nnx.Param)
+  nnx.replace_by_pure_dict(unrolled_state, tree)
+  nnx.update(unrolled, unrolled_state)
+  scanned_state = nnx.state(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(scanned_state, transformer.stack_layers(cfg, tree))
+  nnx.update(scanned, scanned_state)
+  tokens = jnp.asarray(rng.integers(0, 32, (3, 10)), jnp.int32)
+  mask = jnp.ones((3, 10), jnp.int32)
+  base = transformer.convert_layout(unrolled, scan_layers=False)   # adapters dropped
+  want = np.asarray(unrolled(tokens, mask))
+  assert np.abs(want - np.asarray(base(tokens, mask))).max() > 1e-3
+  np.testing.assert_allclose(np.asarray(scanned(tokens, mask)), want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,6 @@
 """Transformer: equivalence with HF PyTorch models, causality, padding, sharding."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxalign.models.transformer import ModelConfig, PRESETS, Transformer, init_model, preset
+from jaxalign.models.transformer import (REMAT_POLICIES, ModelConfig, PRESETS, Transformer,
+                                         convert_layout, init_model, preset,
+                                         unstack_layers)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,7 +40,8 @@ def _randomize_torch(model, seed):
 
 
 def _load_hf(model: Transformer, hf) -> None:
-  """Test-local HF state_dict -> Transformer copy (the later hf.py does the same)."""
+  """Test-local HF state_dict -> unrolled Transformer copy (hf.py does the same)."""
+  assert not model.config.scan_layers
   c = model.config
   sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
   D, H, KV, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
@@ -122,16 +127,18 @@ def test_matches_hf_reference(name):
   torch.manual_seed(0)
   hf = make_hf().eval()
   _randomize_torch(hf, seed=1)
-  model = init_model(config, seed=0)
-  _load_hf(model, hf)
+  unrolled = init_model(dataclasses.replace(config, scan_layers=False), seed=0)
+  _load_hf(unrolled, hf)
   tokens, mask = _batch(config.vocab_size)
   with torch.no_grad():
     want = hf(input_ids=torch.from_numpy(tokens.astype(np.int64)),
               attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
-  got = np.asarray(model.logits(model(jnp.asarray(tokens), jnp.asarray(mask))))
   real = mask.astype(bool)
-  assert np.isfinite(got).all()
-  np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+  # The unrolled blocks, and the same weights stacked and run by the layer scan.
+  for model in (unrolled, convert_layout(unrolled, scan_layers=True)):
+    got = np.asarray(model.logits(model(jnp.asarray(tokens), jnp.asarray(mask))))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
 
 
 def test_causal():
@@ -161,20 +168,83 @@ def test_padding_invariance_right_and_left():
     assert np.isfinite(np.asarray(left)).all()  # fully padded query rows
 
 
-def test_remat_same_value_and_grad():
-  tokens, mask = _batch(32)
-  tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+def _value_and_grads(model, tokens, mask):
+  """Loss sum(h^2) and its gradients (one jitted program; eager op-by-op float32
+  differs from any compiled program by ~1e-4), in the unrolled layout."""
+  graphdef, state = nnx.split(model)
+  loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens, mask) ** 2)
+  value, grads = jax.jit(jax.value_and_grad(loss))(state)
+  grads = nnx.to_pure_dict(grads)
+  if model.config.scan_layers:
+    grads = unstack_layers(model.config, grads)
+  return value, grads
 
-  def loss(model):
-    return jnp.sum(model(tokens, mask) ** 2)
 
-  outs = []
-  for remat in (False, True):
-    model = init_model(ModelConfig(remat=remat), seed=0)
-    outs.append(nnx.value_and_grad(loss)(model))
-  np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               nnx.state(outs[0][1]), nnx.state(outs[1][1]))
+def _assert_same(a, b, tol=1e-4):
+  """Same loss and gradients, up to float32 rounding relative to each gradient's scale
+  (a recomputed forward fuses differently: ~3e-5 here; a wrong gradient is O(1))."""
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      x, y, rtol=0, atol=tol * float(np.abs(y).max()) + 1e-7), a[1], b[1])
+
+
+# Llama-shaped (period 1), Gemma2-shaped (local/global: period 2), and
+# 3 layers of period 2 (one scanned group + an unrolled tail), Gemma3's rope.
+LAYOUT_CASES = {
+    "llama": ModelConfig(),
+    "gemma2": ModelConfig(sliding_window=4, layer_types=("sliding", "full"), post_norms=True,
+                          norm_offset=True, attn_logit_softcap=5.0),
+    "tail": ModelConfig(n_layers=3, sliding_window=4, layer_types=("sliding", "full", "sliding"),
+                        local_rope_theta=100.0, qk_norm=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_scanned_equals_unrolled_logits_and_grads(name):
+  config = LAYOUT_CASES[name]
+  tokens, mask = map(jnp.asarray, _batch(32))
+  scanned = init_model(config, seed=0)
+  period, groups, tail = config.scan_groups()
+  assert (period, groups, tail) == {"llama": (1, 2, 0), "gemma2": (2, 1, 0),
+                                    "tail": (2, 1, 1)}[name]
+  assert scanned.layers[0].attn.q.shape[0] == groups      # stacked: a leading layers axis
+  unrolled = convert_layout(scanned, scan_layers=False)
+  assert len(unrolled.layers) == config.n_layers
+  np.testing.assert_allclose(np.asarray(scanned.logits(scanned(tokens, mask))),
+                             np.asarray(unrolled.logits(unrolled(tokens, mask))),
+                             rtol=1e-5, atol=1e-5)
+  _assert_same(_value_and_grads(scanned, tokens, mask), _value_and_grads(unrolled, tokens, mask))
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_every_remat_policy_gives_the_same_value_and_grad(scan):
+  tokens, mask = map(jnp.asarray, _batch(32))
+  config = ModelConfig(scan_layers=scan)
+  want = _value_and_grads(init_model(config, seed=0), tokens, mask)
+  # Unrolled: each block is checkpointed alone; two policies suffice there.
+  policies = REMAT_POLICIES[1:] + (True,) if scan else ("full", "minimal")
+  for policy in policies:     # True: the old boolean, read as "full"
+    model = init_model(dataclasses.replace(config, remat=policy), seed=0)
+    _assert_same(_value_and_grads(model, tokens, mask), want)
+
+
+def test_remat_policies_are_applied():
+  """Each policy changes what the backward recomputes (the jaxpr differs from none)."""
+  tokens, mask = map(jnp.asarray, _batch(32))
+  texts = {}
+  for policy in REMAT_POLICIES:
+    model = init_model(ModelConfig(remat=policy), seed=0)
+    graphdef, state = nnx.split(model)
+    loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens, mask) ** 2)
+    texts[policy] = str(jax.make_jaxpr(jax.grad(loss))(state))
+  assert "checkpoint" not in texts["none"] and "remat" not in texts["none"]
+  assert len(set(texts.values())) == len(REMAT_POLICIES)
+  assert "q_proj" in texts["minimal"]        # the checkpoint_name tags reach the program
+
+
+def test_bad_remat_value_is_refused():
+  with pytest.raises(ValueError, match="remat"):
+    ModelConfig(remat="everything")
 
 
 def test_config_round_trip_and_presets():
@@ -189,16 +259,16 @@ def test_config_round_trip_and_presets():
 
 RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
          ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
-         ("head_dim", None), ("norm", None))
-EXPECTED = {
+         ("head_dim", None), ("norm", None), ("layers", None))
+EXPECTED = {   # scanned: every layer parameter has a leading, unsplit layers axis
     "embed.embedding": P("tensor", "fsdp"),
-    "layers.0.attn.q": P("fsdp", "tensor", None),
-    "layers.0.attn.k": P("fsdp", "tensor", None),
-    "layers.0.attn.o": P("tensor", None, "fsdp"),
-    "layers.0.attn.q_bias": P("tensor", None),
-    "layers.0.mlp.gate": P("fsdp", "tensor"),
-    "layers.0.mlp.down": P("tensor", "fsdp"),
-    "layers.0.attn_norm.scale": P(None),
+    "layers.0.attn.q": P(None, "fsdp", "tensor", None),
+    "layers.0.attn.k": P(None, "fsdp", "tensor", None),
+    "layers.0.attn.o": P(None, "tensor", None, "fsdp"),
+    "layers.0.attn.q_bias": P(None, "tensor", None),
+    "layers.0.mlp.gate": P(None, "fsdp", "tensor"),
+    "layers.0.mlp.down": P(None, "tensor", "fsdp"),
+    "layers.0.attn_norm.scale": P(None, None),
     "lm_head": P("fsdp", "tensor"),
 }
 

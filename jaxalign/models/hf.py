@@ -374,48 +374,84 @@ class _Layout:
     return np.transpose(block[tuple(post_index)], self.perm)
 
 
-def _layouts(c: ModelConfig) -> dict[tuple, _Layout]:
-  """Our flat-state path -> the HF tensor layout, for every parameter of `c`."""
-  D, H, KV, Dh, F, V = (c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff,
-                        c.vocab_size)
+@dataclasses.dataclass(frozen=True)
+class _Stacked:
+  """A scanned parameter [G, ...]: entry g is the HF tensor of layouts[g]."""
+  layouts: tuple[_Layout, ...]
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(lay.name for lay in self.layouts)
+
+
+def _layer_layouts(c: ModelConfig, i: int) -> dict[tuple, _Layout]:
+  """Layer i's parameter paths (within its Block) -> HF tensor layouts."""
+  D, H, KV, Dh, F = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
   same = lambda name, *shape: _Layout(name, tuple((s,) for s in shape),
                                       tuple(range(len(shape))))
-  out = {("embed", "embedding"): same("model.embed_tokens.weight", V, D),
-         ("final_norm", "scale"): same("model.norm.weight", D)}
+  p = f"model.layers.{i}."
+  a = p + "self_attn."
+  lay = {
+      ("attn", "q"): _Layout(a + "q_proj.weight", ((H, Dh), (D,)), (2, 0, 1)),
+      ("attn", "k"): _Layout(a + "k_proj.weight", ((KV, Dh), (D,)), (2, 0, 1)),
+      ("attn", "v"): _Layout(a + "v_proj.weight", ((KV, Dh), (D,)), (2, 0, 1)),
+      ("attn", "o"): _Layout(a + "o_proj.weight", ((D,), (H, Dh)), (1, 2, 0)),
+      ("attn_norm", "scale"): same(p + "input_layernorm.weight", D),
+      ("mlp", "gate"): _Layout(p + "mlp.gate_proj.weight", ((F,), (D,)), (1, 0)),
+      ("mlp", "up"): _Layout(p + "mlp.up_proj.weight", ((F,), (D,)), (1, 0)),
+      ("mlp", "down"): _Layout(p + "mlp.down_proj.weight", ((D,), (F,)), (1, 0)),
+  }
+  if c.qkv_bias:
+    for n, heads in (("q", H), ("k", KV), ("v", KV)):
+      lay[("attn", f"{n}_bias")] = _Layout(a + f"{n}_proj.bias", ((heads, Dh),), (0, 1))
+  if c.qk_norm:
+    lay[("attn", "q_norm", "scale")] = same(a + "q_norm.weight", Dh)
+    lay[("attn", "k_norm", "scale")] = same(a + "k_norm.weight", Dh)
+  if c.post_norms:  # Gemma's sandwich names
+    lay[("post_attn_norm", "scale")] = same(p + "post_attention_layernorm.weight", D)
+    lay[("mlp_norm", "scale")] = same(p + "pre_feedforward_layernorm.weight", D)
+    lay[("post_mlp_norm", "scale")] = same(p + "post_feedforward_layernorm.weight", D)
+  else:
+    lay[("mlp_norm", "scale")] = same(p + "post_attention_layernorm.weight", D)
+  return lay
+
+
+def _layouts(c: ModelConfig) -> dict[tuple, _Layout | _Stacked]:
+  """Our flat-state path -> the HF tensor layout (or, for a scanned parameter,
+  one layout per stacked layer), for every parameter of `c`."""
+  D, V = c.d_model, c.vocab_size
+  same = lambda name, *shape: _Layout(name, tuple((s,) for s in shape),
+                                      tuple(range(len(shape))))
+  out: dict[tuple, _Layout | _Stacked] = {
+      ("embed", "embedding"): same("model.embed_tokens.weight", V, D),
+      ("final_norm", "scale"): same("model.norm.weight", D)}
   if not c.tie_embeddings:
     out[("lm_head",)] = _Layout("lm_head.weight", ((V,), (D,)), (1, 0))
-  for i in range(c.n_layers):
-    p = f"model.layers.{i}."
-    a = p + "self_attn."
-    lay = {
-        ("attn", "q"): _Layout(a + "q_proj.weight", ((H, Dh), (D,)), (2, 0, 1)),
-        ("attn", "k"): _Layout(a + "k_proj.weight", ((KV, Dh), (D,)), (2, 0, 1)),
-        ("attn", "v"): _Layout(a + "v_proj.weight", ((KV, Dh), (D,)), (2, 0, 1)),
-        ("attn", "o"): _Layout(a + "o_proj.weight", ((D,), (H, Dh)), (1, 2, 0)),
-        ("attn_norm", "scale"): same(p + "input_layernorm.weight", D),
-        ("mlp", "gate"): _Layout(p + "mlp.gate_proj.weight", ((F,), (D,)), (1, 0)),
-        ("mlp", "up"): _Layout(p + "mlp.up_proj.weight", ((F,), (D,)), (1, 0)),
-        ("mlp", "down"): _Layout(p + "mlp.down_proj.weight", ((D,), (F,)), (1, 0)),
-    }
-    if c.qkv_bias:
-      for n, heads in (("q", H), ("k", KV), ("v", KV)):
-        lay[("attn", f"{n}_bias")] = _Layout(a + f"{n}_proj.bias", ((heads, Dh),), (0, 1))
-    if c.qk_norm:
-      lay[("attn", "q_norm", "scale")] = same(a + "q_norm.weight", Dh)
-      lay[("attn", "k_norm", "scale")] = same(a + "k_norm.weight", Dh)
-    if c.post_norms:  # Gemma's sandwich names
-      lay[("post_attn_norm", "scale")] = same(p + "post_attention_layernorm.weight", D)
-      lay[("mlp_norm", "scale")] = same(p + "pre_feedforward_layernorm.weight", D)
-      lay[("post_mlp_norm", "scale")] = same(p + "post_feedforward_layernorm.weight", D)
-    else:
-      lay[("mlp_norm", "scale")] = same(p + "post_attention_layernorm.weight", D)
-    out.update({("layers", i, *k): v for k, v in lay.items()})
+  if not c.scan_layers:
+    for i in range(c.n_layers):
+      out.update({("layers", i, *k): v for k, v in _layer_layouts(c, i).items()})
+    return out
+  period, groups, tail = c.scan_groups()
+  for j in range(period):
+    per_layer = [_layer_layouts(c, g * period + j) for g in range(groups)]
+    out.update({("layers", j, *k): _Stacked(tuple(lay[k] for lay in per_layer))
+                for k in per_layer[0]})
+  for t in range(tail):
+    out.update({("tail", t, *k): v
+                for k, v in _layer_layouts(c, groups * period + t).items()})
   return out
 
 
 def hf_names(config: ModelConfig) -> dict[str, str]:
-  """Our dotted parameter path -> HF tensor name, for every parameter of `config`."""
-  return {".".join(map(str, k)): v.name for k, v in _layouts(config).items()}
+  """HF tensor name -> our dotted parameter path ("[g]" appended for stacked layer g)."""
+  out = {}
+  for k, v in _layouts(config).items():
+    path = ".".join(map(str, k))
+    if isinstance(v, _Stacked):
+      out.update({name: f"{path}[{g}]" for g, name in enumerate(v.names)})
+    else:
+      out[v.name] = path
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -489,11 +525,7 @@ def load_state(path: str, config: ModelConfig, abstract_state):
   with contextlib.ExitStack() as stack:
     handles = {f: stack.enter_context(safe_open(f, framework="numpy"))
                for f in sorted(set(files.values()))}
-    values = []
-    for key, leaf in flat:
-      if key not in layouts:
-        raise ValueError(f"no HF tensor for parameter {'.'.join(map(str, key))}")
-      lay = layouts[key]
+    def tensor_of(lay: _Layout):
       if lay.name not in files:
         raise ValueError(f"{path}: missing tensor {lay.name!r}")
       used.add(lay.name)
@@ -501,8 +533,18 @@ def load_state(path: str, config: ModelConfig, abstract_state):
       if tuple(tensor.get_shape()) != lay.hf_shape:
         raise ValueError(f"{path}: tensor {lay.name!r} has shape {tuple(tensor.get_shape())}, "
                          f"the config wants {lay.hf_shape}")
+      return tensor
+
+    values = []
+    for key, leaf in flat:
+      if key not in layouts:
+        raise ValueError(f"no HF tensor for parameter {'.'.join(map(str, key))}")
+      lay = layouts[key]
       abstract = leaf.get_value() if hasattr(leaf, "get_value") else leaf
-      values.append(_place(tensor, lay, abstract))
+      if isinstance(lay, _Stacked):
+        values.append(_place_stacked([tensor_of(x) for x in lay.layouts], lay, abstract))
+      else:
+        values.append(_place(tensor_of(lay), lay, abstract))
     extra = sorted(n for n in set(files) - used
                    if not n.endswith(_IGNORED_SUFFIXES)
                    and not (n == "lm_head.weight" and config.tie_embeddings))
@@ -521,6 +563,21 @@ def _place(tensor, lay: _Layout, abstract: jax.ShapeDtypeStruct) -> jax.Array:
     key = tuple((s.start, s.stop, s.step) for s in index)
     if key not in blocks:
       blocks[key] = lay.read(tensor, index).astype(abstract.dtype)
+    return blocks[key]
+
+  return jax.make_array_from_callback(abstract.shape, abstract.sharding, block)
+
+
+def _place_stacked(tensors, lay: _Stacked, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+  """One [G, ...] global array: block rows g come from the HF tensor of layer entry g."""
+  blocks: dict[tuple, np.ndarray] = {}
+
+  def block(index):
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in blocks:
+      entries = range(*index[0].indices(len(tensors)))
+      blocks[key] = np.stack([lay.layouts[g].read(tensors[g], index[1:]) for g in entries]
+                             ).astype(abstract.dtype)
     return blocks[key]
 
   return jax.make_array_from_callback(abstract.shape, abstract.sharding, block)
@@ -549,7 +606,8 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def from_pretrained(path: str, *, mesh=None, rules=DEFAULT_RULES,
-                    dtype: str | None = None) -> tuple[Transformer, ModelConfig]:
+                    dtype: str | None = None,
+                    scan_layers: bool = True) -> tuple[Transformer, ModelConfig]:
   """A Transformer with the weights of the HF checkpoint directory `path`.
 
   Args:
@@ -559,12 +617,13 @@ def from_pretrained(path: str, *, mesh=None, rules=DEFAULT_RULES,
       None: everything on the first device.
     rules: logical axis name -> mesh axes (jaxalign.config.DEFAULT_RULES).
     dtype: parameter and compute dtype (e.g. "bfloat16"); None: float32.
+    scan_layers: the stacked (scanned) parameter layout, or one entry per layer.
 
   Returns:
     (model, model_config).
   """
   path = resolve_path(path)
-  config = config_from_hf(read_config(path))
+  config = dataclasses.replace(config_from_hf(read_config(path)), scan_layers=scan_layers)
   if dtype is not None:
     config = dataclasses.replace(config, dtype=str(np.dtype(dtype)),
                                  param_dtype=str(np.dtype(dtype)))
@@ -614,6 +673,14 @@ def _write_safetensors(path: str, names: Sequence[str], shapes, dtypes, fetch) -
   os.replace(tmp, path)
 
 
+def _hf_order(name: str) -> tuple:
+  """Sort key: embeddings, then layer by layer (numerically), then the rest."""
+  if name.startswith("model.layers."):
+    layer, rest = name[len("model.layers."):].split(".", 1)
+    return (1, int(layer), rest)
+  return (0 if "embed" in name else 2, 0, name)
+
+
 def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
            architecture: str | None = None, tokenizer=None,
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -648,7 +715,14 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
   unknown = sorted(".".join(map(str, k)) for k in set(flat) - set(layouts))
   if missing or unknown:
     raise ValueError(f"params do not match the config: missing {missing}, unknown {unknown}")
-  by_name = {lay.name: (lay, flat[key]) for key, lay in layouts.items()}
+  # HF name -> (layout, our leaf, stacked entry or None).
+  by_name = {}
+  for key, lay in layouts.items():
+    if isinstance(lay, _Stacked):
+      by_name.update({x.name: (x, flat[key], g) for g, x in enumerate(lay.layouts)})
+    else:
+      by_name[lay.name] = (lay, flat[key], None)
+  by_name = dict(sorted(by_name.items(), key=lambda kv: _hf_order(kv[0])))
   value_of = lambda leaf: leaf.get_value() if hasattr(leaf, "get_value") else leaf
   out_dtype = lambda leaf: np.dtype(dtype or value_of(leaf).dtype)
   if dtype is not None:
@@ -657,7 +731,7 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
   # Shards in the HF order of the mapping (layer by layer).
   shards: list[list[str]] = [[]]
   shard_bytes = 0
-  for name, (lay, leaf) in by_name.items():
+  for name, (lay, leaf, _) in by_name.items():
     size = math.prod(lay.hf_shape) * out_dtype(leaf).itemsize
     if shards[-1] and shard_bytes + size > max_shard_bytes:
       shards.append([])
@@ -666,8 +740,10 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
     shard_bytes += size
 
   def fetch(name):
-    lay, leaf = by_name[name]
-    return lay.to_hf(_host_value(value_of(leaf)))
+    lay, leaf, entry = by_name[name]
+    value = value_of(leaf)
+    # A scanned parameter: gather only layer `entry`'s slice to the host.
+    return lay.to_hf(_host_value(value if entry is None else value[entry]))
 
   is_writer = jax.process_index() == 0
   if is_writer:
@@ -689,7 +765,7 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
     return out_dir
   if len(shards) > 1:
     total = sum(math.prod(lay.hf_shape) * out_dtype(leaf).itemsize
-                for lay, leaf in by_name.values())
+                for lay, leaf, _ in by_name.values())
     index = {"metadata": {"total_size": total},
              "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:

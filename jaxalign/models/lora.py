@@ -79,16 +79,19 @@ class LoRA(nnx.Module):
 
   def __init__(self, d_in: int, out_shape: tuple[int, ...], *, in_ndim: int,
                names: tuple[str, str], config: LoraConfig, index: int, key: jax.Array,
-               param_dtype):
+               param_dtype, stack: int | None = None):
     d_out = int(np.prod(out_shape))
     has_mesh = not jax.sharding.get_abstract_mesh().empty
+    # Stacked (scanned) layers: a leading "layers" axis, sliced off by the scan.
+    lead, lead_names = ((), ()) if stack is None else ((stack,), ("layers",))
     # PEFT's default: kaiming-uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
     bound = 1.0 / np.sqrt(d_in)
-    a = jax.random.uniform(key, (d_in, config.rank), param_dtype, -bound, bound)
-    self.lora_a = nnx.LoRAParam(a, out_sharding=(names[0], "lora_rank"),
+    a = jax.random.uniform(key, (*lead, d_in, config.rank), param_dtype, -bound, bound)
+    self.lora_a = nnx.LoRAParam(a, out_sharding=(*lead_names, names[0], "lora_rank"),
                                 eager_sharding=has_mesh)
-    self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, d_out), param_dtype),
-                                out_sharding=("lora_rank", names[1]), eager_sharding=has_mesh)
+    self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, config.rank, d_out), param_dtype),
+                                out_sharding=(*lead_names, "lora_rank", names[1]),
+                                eager_sharding=has_mesh)
     self.in_ndim = in_ndim
     self.out_shape = tuple(out_shape)
     self.scale = config.scale
@@ -97,7 +100,10 @@ class LoRA(nnx.Module):
     self.dropout_key = None       # set per forward by `set_dropout_key`; None: no dropout
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [..., d_in...] (the projection's input) -> [..., out_shape...] delta."""
+    """x: [..., d_in...] (the projection's input) -> [..., out_shape...] delta.
+
+    Inside the layer scan the adapter holds one layer's A [d_in, r], B [r, d_out].
+    """
     lead = x.shape[:x.ndim - self.in_ndim]
     h = x.reshape(*lead, -1)                                           # [..., d_in]
     if self.dropout > 0 and self.dropout_key is not None:
@@ -128,14 +134,15 @@ def add_adapters(model: nnx.Module, config: LoraConfig, *, seed: int) -> nnx.Mod
       names = [t for t in config.targets if t not in _ATTENTION]
     else:
       continue
+    stack = module.stack       # scanned layers: one adapter pair per stacked layer
     for name in names:
       weight = getattr(module, name)
       in_ndim, in_name, out_name = _AXES[name]
-      shape = weight.shape
+      shape = weight.shape if stack is None else weight.shape[1:]
       setattr(module, name + SUFFIX, LoRA(
           int(np.prod(shape[:in_ndim])), shape[in_ndim:], in_ndim=in_ndim,
           names=(in_name, out_name), config=config, index=index,
-          key=jax.random.fold_in(base_key, index), param_dtype=weight.dtype))
+          key=jax.random.fold_in(base_key, index), param_dtype=weight.dtype, stack=stack))
       index += 1
   return model
 

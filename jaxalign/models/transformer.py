@@ -21,6 +21,16 @@ The module tree and parameter shapes map 1:1 onto the Hugging Face checkpoints
   model.norm.weight                           final_norm.scale              [D]
   lm_head.weight [V, D] (untied only)         lm_head                       [D, V]
 
+With ``scan_layers`` (the default) the blocks are stacked: ``layers[j]`` is
+one Block whose parameters have a leading ``layers`` axis of G = n_layers // P
+entries, entry g holding layer g*P + j, where P is the smallest period of the
+per-layer differences (1 for Llama/Qwen/Mistral, 2 for Gemma 2's local/global
+pairs, 6 for Gemma 3's 5 local : 1 global). The forward is one ``lax.scan`` over
+the G groups, so XLA compiles one group body instead of n_layers copies; layers
+past G*P (n_layers not a multiple of P) are plain blocks in ``tail``. With
+``scan_layers=False`` ``layers[i]`` is layer i, unrolled (for debugging; same
+logits and gradients, see `stack_layers` / `unstack_layers`).
+
 Every parameter carries logical axis names (``out_sharding`` metadata); under
 ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)`` variables are
 sharded eagerly at construction. The forward has no per-op sharding: meshes use
@@ -36,8 +46,34 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.models import attention as attention_lib
+
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+# The activations tagged with jax.ad_checkpoint.checkpoint_name in the forward;
+# "minimal" saves exactly these (projection outputs) and recomputes the rest.
+SAVED_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down")
+
+
+def normalize_remat(value) -> str:
+  """A remat setting as a policy name; raises ValueError naming the valid ones."""
+  if value is True:
+    return "full"
+  if value is False or value is None:
+    return "none"
+  if not isinstance(value, str) or value not in REMAT_POLICIES:
+    raise ValueError(f"remat={value!r}; want one of {REMAT_POLICIES} (or True/False)")
+  return value
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy of a remat name (None: save nothing, i.e. "full")."""
+  cp = jax.checkpoint_policies
+  return {"full": None, "dots": cp.dots_saveable,
+          "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+          "minimal": cp.save_only_these_names(*SAVED_NAMES)}[normalize_remat(name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +119,21 @@ class ModelConfig:
   layer_types: tuple[str, ...] | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  # Rematerialization policy of each block (or scanned group of blocks):
+  # "none" | "full" | "dots" | "dots_no_batch" | "minimal" (REMAT_POLICIES);
+  # True / False are read as "full" / "none".
+  remat: str = "none"
+  # One lax.scan over stacked layers (True) or a Python loop over layers (False);
+  # the two have different parameter layouts (see the module docstring).
+  scan_layers: bool = True
   # Attention kernel: "auto" | "xla" | "cudnn" | "splash" (jaxalign.models.attention).
   attention: str = "auto"
 
   def __post_init__(self):
     attention_lib.check_implementation(self.attention)
+    object.__setattr__(self, "remat", normalize_remat(self.remat))
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"scan_layers={self.scan_layers!r}; want True or False")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                        f"n_kv_heads={self.n_kv_heads}")
@@ -121,6 +166,20 @@ class ModelConfig:
     if self.layer_types is None or self.layer_types[layer] == "sliding":
       return self.sliding_window
     return None
+
+  def layer_period(self) -> int:
+    """Smallest P with layer i configured as layer i + P (window and rope) for all i."""
+    windows = [self.window_of(i) for i in range(self.n_layers)]
+    for period in range(1, self.n_layers):
+      if all(windows[i] == windows[i + period] for i in range(self.n_layers - period)):
+        return period
+    return max(self.n_layers, 1)
+
+  def scan_groups(self) -> tuple[int, int, int]:
+    """(period P, scanned groups G, unrolled tail layers) of the scanned layout."""
+    period = self.layer_period()
+    groups = self.n_layers // period
+    return period, groups, self.n_layers - groups * period
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -189,8 +248,13 @@ def preset(name: str) -> ModelConfig:
 
 
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...],
-           dtype) -> nnx.Param:
-  """A Param carrying logical axis names; sharded eagerly when a mesh is set."""
+           dtype, stack: int | None = None) -> nnx.Param:
+  """A Param carrying logical axis names; sharded eagerly when a mesh is set.
+
+  stack: G stacked layers: the value gets a leading axis of G, named "layers".
+  """
+  if stack is not None:
+    shape, names = (stack, *shape), ("layers", *names)
   value = init(rngs.params(), shape, dtype)
   # Flax shards eagerly by default and then insists on a mesh; without one the
   # names are kept as metadata only (get_partition_spec still reads them).
@@ -202,7 +266,8 @@ def _normal(stddev: float):
   return jax.nn.initializers.normal(stddev)
 
 
-def _project(module: nnx.Module, name: str, equation: str, x: jax.Array) -> jax.Array:
+def _project(module: nnx.Module, name: str, equation: str, x: jax.Array,
+             tag: str) -> jax.Array:
   """x times the weight `module.<name>`, plus the delta of its LoRA adapter if any.
 
   Every adaptable projection (q, k, v, o, gate, up, down) goes through here;
@@ -210,7 +275,8 @@ def _project(module: nnx.Module, name: str, equation: str, x: jax.Array) -> jax.
   """
   y = jnp.einsum(equation, x, getattr(module, name)[...].astype(module.dtype))
   adapter = getattr(module, name + "_lora", None)
-  return y if adapter is None else y + adapter(x).astype(y.dtype)
+  y = y if adapter is None else y + adapter(x).astype(y.dtype)
+  return checkpoint_name(y, tag)     # what the "minimal" remat policy saves
 
 
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -225,9 +291,9 @@ class RMSNorm(nnx.Module):
   """
 
   def __init__(self, dim: int, *, eps: float, offset: bool, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, stack: int | None = None):
     init = jax.nn.initializers.zeros if offset else jax.nn.initializers.ones
-    self.scale = _param(rngs, init, (dim,), ("norm",), param_dtype)
+    self.scale = _param(rngs, init, (dim,), ("norm",), param_dtype, stack)
     self.eps = eps
     self.offset = offset
     self.dtype = dtype
@@ -291,25 +357,28 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 class Attention(nnx.Module):
   """Grouped-query attention with rope, optional q/k norm, bias, softcap, window."""
 
-  def __init__(self, config: ModelConfig, *, window: int | None, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, window: int | None, rngs: nnx.Rngs,
+               stack: int | None = None):
     c = config
     pd, self.dtype = jnp.dtype(c.param_dtype), jnp.dtype(c.dtype)
     D, H, KV, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
     std = 0.02
-    self.q = _param(rngs, _normal(std), (D, H, Dh), ("embed", "heads", "head_dim"), pd)
-    self.k = _param(rngs, _normal(std), (D, KV, Dh), ("embed", "kv_heads", "head_dim"), pd)
-    self.v = _param(rngs, _normal(std), (D, KV, Dh), ("embed", "kv_heads", "head_dim"), pd)
-    self.o = _param(rngs, _normal(std), (H, Dh, D), ("heads", "head_dim", "embed"), pd)
+    param = lambda init, shape, names: _param(rngs, init, shape, names, pd, stack)
+    self.q = param(_normal(std), (D, H, Dh), ("embed", "heads", "head_dim"))
+    self.k = param(_normal(std), (D, KV, Dh), ("embed", "kv_heads", "head_dim"))
+    self.v = param(_normal(std), (D, KV, Dh), ("embed", "kv_heads", "head_dim"))
+    self.o = param(_normal(std), (H, Dh, D), ("heads", "head_dim", "embed"))
+    self.stack = stack    # leading layers axis of every parameter (None: one layer)
     zeros = jax.nn.initializers.zeros
     if c.qkv_bias:
-      self.q_bias = _param(rngs, zeros, (H, Dh), ("heads", "head_dim"), pd)
-      self.k_bias = _param(rngs, zeros, (KV, Dh), ("kv_heads", "head_dim"), pd)
-      self.v_bias = _param(rngs, zeros, (KV, Dh), ("kv_heads", "head_dim"), pd)
+      self.q_bias = param(zeros, (H, Dh), ("heads", "head_dim"))
+      self.k_bias = param(zeros, (KV, Dh), ("kv_heads", "head_dim"))
+      self.v_bias = param(zeros, (KV, Dh), ("kv_heads", "head_dim"))
     else:
       self.q_bias = self.k_bias = self.v_bias = None
     if c.qk_norm:
       norm = lambda: RMSNorm(Dh, eps=c.norm_eps, offset=c.norm_offset,
-                             dtype=self.dtype, param_dtype=pd, rngs=rngs)
+                             dtype=self.dtype, param_dtype=pd, rngs=rngs, stack=stack)
       self.q_norm, self.k_norm = norm(), norm()
     else:
       self.q_norm = self.k_norm = None
@@ -333,9 +402,9 @@ class Attention(nnx.Module):
     and the result is ``([B, T, D], (new_k, new_v))``.
     """
     dt = self.dtype
-    q = _project(self, "q", "btd,dhk->bthk", x)
-    k = _project(self, "k", "btd,dgk->btgk", x)
-    v = _project(self, "v", "btd,dgk->btgk", x)
+    q = _project(self, "q", "btd,dhk->bthk", x, "q_proj")
+    k = _project(self, "k", "btd,dgk->btgk", x, "k_proj")
+    v = _project(self, "v", "btd,dgk->btgk", x, "v_proj")
     if self.q_bias is not None:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -354,7 +423,7 @@ class Attention(nnx.Module):
         key_mask=key_mask, q_offset=q_offset if cache is not None else None,
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
         implementation=self.implementation)                            # [B, T, H, Dh]
-    out = _project(self, "o", "bthk,hkd->btd", out)
+    out = _project(self, "o", "bthk,hkd->btd", out, "o_proj")
     if cache is not None:
       return out, (k, v)
     return out
@@ -363,38 +432,41 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """Gated MLP: down(act(gate(x)) * up(x))."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
     pd = jnp.dtype(config.param_dtype)
     D, F = config.d_model, config.d_ff
-    self.gate = _param(rngs, _normal(0.02), (D, F), ("embed", "mlp"), pd)
-    self.up = _param(rngs, _normal(0.02), (D, F), ("embed", "mlp"), pd)
-    self.down = _param(rngs, _normal(0.02), (F, D), ("mlp", "embed"), pd)
+    self.gate = _param(rngs, _normal(0.02), (D, F), ("embed", "mlp"), pd, stack)
+    self.up = _param(rngs, _normal(0.02), (D, F), ("embed", "mlp"), pd, stack)
+    self.down = _param(rngs, _normal(0.02), (F, D), ("mlp", "embed"), pd, stack)
+    self.stack = stack
     self.activation = config.activation
     self.dtype = jnp.dtype(config.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    g = _project(self, "gate", "...d,df->...f", x)
-    u = _project(self, "up", "...d,df->...f", x)
+    g = _project(self, "gate", "...d,df->...f", x, "mlp_gate")
+    u = _project(self, "up", "...d,df->...f", x, "mlp_up")
     if self.activation == "silu":
       a = jax.nn.silu(g)
     else:
       a = jax.nn.gelu(g, approximate=True)
-    return _project(self, "down", "...f,fd->...d", a * u)
+    return _project(self, "down", "...f,fd->...d", a * u, "mlp_down")
 
 
 class Block(nnx.Module):
   """Pre-norm decoder block; Gemma2's post-norms ("sandwich") when configured."""
 
-  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs,
+               stack: int | None = None):
+    """Layer `layer`'s block; with `stack`, G such layers (layer, layer + P, ...) stacked."""
     c = config
     norm = lambda: RMSNorm(c.d_model, eps=c.norm_eps, offset=c.norm_offset,
                            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
-                           rngs=rngs)
+                           rngs=rngs, stack=stack)
     self.attn_norm = norm()
-    self.attn = Attention(c, window=c.window_of(layer), rngs=rngs)
+    self.attn = Attention(c, window=c.window_of(layer), rngs=rngs, stack=stack)
     self.post_attn_norm = norm() if c.post_norms else None
     self.mlp_norm = norm()
-    self.mlp = MLP(c, rngs=rngs)
+    self.mlp = MLP(c, rngs=rngs, stack=stack)
     self.post_mlp_norm = norm() if c.post_norms else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
@@ -417,8 +489,16 @@ class Block(nnx.Module):
     return x + h
 
 
-def _run_block(block: Block, x, positions, key_mask, inv_freq, segment_ids=None):
-  return block(x, positions, key_mask, inv_freq, segment_ids=segment_ids)
+def _fold_dropout_keys(module: nnx.Module, layer: jax.Array) -> None:
+  """Gives each LoRA adapter of one scanned group its own dropout key per group.
+
+  Stacked adapters share one `index`; folding in the group index keeps their
+  dropout masks independent across layers, as unrolled adapters' are.
+  """
+  for _, m in nnx.iter_modules(module):
+    key = getattr(m, "dropout_key", None)
+    if key is not None:
+      m.dropout_key = nnx.data(jax.random.fold_in(key, layer))
 
 
 class Embed(nnx.Module):
@@ -437,8 +517,8 @@ class KVCache:
   Real tokens of a row are contiguous (left-padded prompt, then generated
   tokens), so a row's rope position is the number of real tokens before it.
   """
-  k: tuple[jax.Array, ...]   # per layer [B, S, KV, Dh], compute dtype
-  v: tuple[jax.Array, ...]   # per layer [B, S, KV, Dh]
+  k: jax.Array               # [L, B, S, KV, Dh] compute dtype, layer-major
+  v: jax.Array               # [L, B, S, KV, Dh]
   mask: jax.Array            # [B, S] bool: slot holds a real token
   index: jax.Array           # [] int32: next slot to write
 
@@ -452,7 +532,13 @@ class Transformer(nnx.Module):
     pd = jnp.dtype(c.param_dtype)
     self.embed = Embed(c.vocab_size, c.d_model, stddev=1.0 if c.tie_embeddings else 0.02,
                        param_dtype=pd, rngs=rngs)
-    self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.n_layers)])
+    if c.scan_layers:
+      period, groups, tail = c.scan_groups()
+      self.layers = nnx.List([Block(c, j, stack=groups, rngs=rngs) for j in range(period)])
+      self.tail = nnx.List([Block(c, groups * period + t, rngs=rngs) for t in range(tail)])
+    else:
+      self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.n_layers)])
+      self.tail = nnx.List([])
     self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, offset=c.norm_offset,
                               dtype=jnp.dtype(c.dtype), param_dtype=pd, rngs=rngs)
     if c.tie_embeddings:
@@ -478,15 +564,95 @@ class Transformer(nnx.Module):
       [B, T, D] in the compute dtype. Rows at padding positions are finite but
       meaningless.
     """
-    c = self.config
     key_mask = attention_mask.astype(bool)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) - 1, 0)
     x = self._embed(tokens)                                            # [B, T, D]
-    run = nnx.remat(_run_block) if c.remat else _run_block
-    for block, inv_freq in zip(self.layers, self._layer_inv_freqs()):
-      x = run(block, x, positions, key_mask, inv_freq, segment_ids)
+    x, _ = self._run_layers(x, positions, key_mask, segment_ids=segment_ids)
     return self.final_norm(x)
+
+  def _run_layers(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, *,
+                  segment_ids: jax.Array | None = None,
+                  cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+    """Every block in order: a lax.scan over the stacked groups, then the tail.
+
+    Args:
+      x: [B, T, D]; positions: [B, T]; key_mask: [B, T] (or [B, S] with a cache).
+      cache: (k [L, B, S, KV, Dh], v, index) to decode with (no remat then).
+
+    Returns:
+      (x [B, T, D], (new_k, new_v) [L, B, S, KV, Dh] or None).
+    """
+    c = self.config
+    policy = None if cache is not None else c.remat
+    inv_freqs = self._layer_inv_freqs()
+
+    def run_block(block, x, inv_freq, kv):
+      if kv is None:
+        return block(x, positions, key_mask, inv_freq, segment_ids=segment_ids), None
+      return block(x, positions, key_mask, inv_freq, cache=(*kv, cache[2]))
+
+    def checkpointed(fn):
+      if policy in (None, "none"):
+        return fn
+      # prevent_cse=False is safe inside lax.scan (what jax recommends there).
+      return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=not c.scan_layers)
+
+    new_k, new_v = [], []
+    def unrolled(block, i, x):
+      """Layer i as its own block (rematerialized alone)."""
+      graphdef_i, state_i = nnx.split(block)
+      kv = None if cache is None else (cache[0][i], cache[1][i])
+      run = checkpointed(lambda state, x, kv: run_block(nnx.merge(graphdef_i, state), x,
+                                                         inv_freqs[i], kv))
+      x, kv = run(state_i, x, kv)
+      if kv is not None:
+        new_k.append(kv[0][None])
+        new_v.append(kv[1][None])
+      return x
+
+    if not c.scan_layers:
+      for i, block in enumerate(self.layers):
+        x = unrolled(block, i, x)
+      return x, (None if cache is None else (jnp.concatenate(new_k), jnp.concatenate(new_v)))
+
+    period, groups, tail = c.scan_groups()
+    graphdef, stacked, rest = nnx.split(self.layers, nnx.Param, ...)
+
+    def group(stacked_g, x, g, kv_g):
+      blocks = nnx.merge(graphdef, stacked_g, rest)
+      _fold_dropout_keys(blocks, g)
+      out_k, out_v = [], []
+      for j, block in enumerate(blocks):
+        x, kv = run_block(block, x, inv_freqs[j], None if kv_g is None
+                          else (kv_g[0][j], kv_g[1][j]))
+        if kv is not None:
+          out_k.append(kv[0])
+          out_v.append(kv[1])
+      return x, (None if kv_g is None else (jnp.stack(out_k), jnp.stack(out_v)))
+
+    group = checkpointed(group)
+
+    def body(x, xs):
+      stacked_g, g, kv_g = xs
+      return group(stacked_g, x, g, kv_g)
+
+    kv_groups = None
+    if cache is not None:
+      shape = (groups, period) + cache[0].shape[1:]
+      kv_groups = (cache[0][:groups * period].reshape(shape),
+                   cache[1][:groups * period].reshape(shape))
+    x, kv_out = jax.lax.scan(body, x, (stacked, jnp.arange(groups), kv_groups))
+    if kv_out is not None:
+      new_k.append(kv_out[0].reshape((groups * period,) + cache[0].shape[1:]))
+      new_v.append(kv_out[1].reshape((groups * period,) + cache[1].shape[1:]))
+    for t, block in enumerate(self.tail):
+      x = unrolled(block, groups * period + t, x)
+    if cache is None:
+      return x, None
+    if len(new_k) == 1:
+      return x, (new_k[0], new_v[0])
+    return x, (jnp.concatenate(new_k), jnp.concatenate(new_v))
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     """[B, T] ids -> [B, T, D] embeddings in the compute dtype."""
@@ -501,10 +667,9 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, length: int) -> KVCache:
     """An empty KVCache of `length` slots for `batch` rows."""
     c = self.config
-    shape = (batch, length, c.n_kv_heads, c.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, jnp.dtype(c.dtype)) for _ in self.layers)
-    return KVCache(k=zeros(), v=zeros(), mask=jnp.zeros((batch, length), bool),
-                   index=jnp.zeros((), jnp.int32))
+    shape = (c.n_layers, batch, length, c.n_kv_heads, c.head_dim)
+    return KVCache(k=jnp.zeros(shape, jnp.dtype(c.dtype)), v=jnp.zeros(shape, jnp.dtype(c.dtype)),
+                   mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
   def _layer_inv_freqs(self) -> list[jax.Array]:
     """Each layer's rope inverse frequencies (sliding layers may have their own)."""
@@ -535,13 +700,9 @@ class Transformer(nnx.Module):
     positions = jnp.maximum(seen + jnp.cumsum(new_mask.astype(jnp.int32), axis=-1) - 1, 0)
     key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, new_mask, cache.index, 1)
     x = self._embed(tokens)                                            # [B, T, D]
-    new_k, new_v = [], []
-    for block, inv_freq, k, v in zip(self.layers, self._layer_inv_freqs(), cache.k, cache.v):
-      x, (k, v) = block(x, positions, key_mask, inv_freq, cache=(k, v, cache.index))
-      new_k.append(k)
-      new_v.append(v)
-    cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask,
-                    index=cache.index + tokens.shape[1])
+    x, (new_k, new_v) = self._run_layers(x, positions, key_mask,
+                                         cache=(cache.k, cache.v, cache.index))
+    cache = KVCache(k=new_k, v=new_v, mask=key_mask, index=cache.index + tokens.shape[1])
     return self.final_norm(x), cache
 
   def next_token_logits(self, hidden: jax.Array) -> jax.Array:
@@ -578,3 +739,53 @@ class Transformer(nnx.Module):
 def init_model(config: ModelConfig, seed: int) -> Transformer:
   """A randomly initialized Transformer (sharded if built under a mesh + rules)."""
   return Transformer(config, rngs=nnx.Rngs(params=seed))
+
+
+def _layer_slots(config: ModelConfig) -> list[tuple[str, int, int | None]]:
+  """Where layer i lives in the scanned layout: (list name, entry, stacked index)."""
+  period, groups, tail = config.scan_groups()
+  slots = [("layers", i % period, i // period) for i in range(groups * period)]
+  return slots + [("tail", t, None) for t in range(tail)]
+
+
+def stack_layers(config: ModelConfig, tree: dict) -> dict:
+  """Unrolled params (a pure dict, `nnx.to_pure_dict`) -> the scanned layout's.
+
+  Anything under a layer (base weights, LoRA adapters) moves with it; other
+  entries are kept. `config.scan_layers` itself is not read.
+  """
+  period, groups, tail = config.scan_groups()
+  layers = tree["layers"]
+  out = {k: v for k, v in tree.items() if k not in ("layers", "tail")}
+  out["layers"] = {j: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *[layers[g * period + j] for g in range(groups)])
+                   for j in range(period)}
+  if tail:   # (an empty list has no entry in a pure dict)
+    out["tail"] = {t: layers[groups * period + t] for t in range(tail)}
+  return out
+
+
+def unstack_layers(config: ModelConfig, tree: dict) -> dict:
+  """The inverse of `stack_layers`: scanned params -> one entry per layer."""
+  out = {k: v for k, v in tree.items() if k not in ("layers", "tail")}
+  layers = {}
+  for i, (name, entry, index) in enumerate(_layer_slots(config)):
+    sub = tree[name][entry]
+    layers[i] = sub if index is None else jax.tree.map(lambda x, g=index: x[g], sub)
+  out["layers"] = layers
+  return out
+
+
+def convert_layout(model: Transformer, *, scan_layers: bool) -> Transformer:
+  """The same model in the scanned or the unrolled layout (base parameters only:
+  LoRA adapters are left out; move them with `stack_layers` on a pure dict)."""
+  config = dataclasses.replace(model.config, scan_layers=scan_layers)
+  base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+  tree = nnx.to_pure_dict(nnx.state(model, base))
+  if model.config.scan_layers:
+    tree = unstack_layers(model.config, tree)
+  if scan_layers:
+    tree = stack_layers(config, tree)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, tree)
+  return nnx.merge(graphdef, state)

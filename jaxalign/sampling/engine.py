@@ -183,21 +183,22 @@ def _generate_program(params, frozen, tokens, mask, key, temperature, top_p, sto
   sample = functools.partial(sample_tokens, greedy=greedy, temperature=temperature,
                              top_k=top_k, top_p=top_p, use_top_p=use_top_p)
 
-  def constrain(x):
+  def constrain(x, axis=0):
+    """Rows (axis `axis`: 1 on the [L, B, S, KV, Dh] caches) split over the batch axes."""
     if row_sharding is None:
       return x
-    spec = P(row_sharding.spec[0], *([P.UNCONSTRAINED] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(row_sharding.mesh, spec))
+    spec = [P.UNCONSTRAINED] * x.ndim
+    spec[axis] = row_sharding.spec[0]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(row_sharding.mesh, P(*spec)))
 
   # Prefill each distinct prompt once, then copy its cache to its n rows.
   cache = model.init_cache(num_prompts, prompt_len + max_new_tokens)
   hidden, cache = model.decode(tokens, mask, cache)
   logits = jnp.repeat(_last_logits(model, hidden), n, axis=0)         # [R, V]
   if n > 1:
-    cache = cache.replace(k=tuple(jnp.repeat(x, n, axis=0) for x in cache.k),
-                          v=tuple(jnp.repeat(x, n, axis=0) for x in cache.v),
+    cache = cache.replace(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
                           mask=jnp.repeat(cache.mask, n, axis=0))
-  cache = cache.replace(k=tuple(map(constrain, cache.k)), v=tuple(map(constrain, cache.v)),
+  cache = cache.replace(k=constrain(cache.k, 1), v=constrain(cache.v, 1),
                         mask=constrain(cache.mask))
   row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows))
   step_keys = lambda t: jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)

@@ -669,6 +669,10 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise ResumeMismatchError(f"cannot resume from {where}: its saved config does not "
                               f"describe a model this version can build ({_first_line(e)})")
+  model_saved = saved.get("model") or {}
+  if "scan_layers" not in model_saved and "scan_layers" not in (model_saved.get("overrides") or {}):
+    # Saved before the layers were scanned: its parameters have the unrolled layout.
+    old_structure["model.scan_layers"] = False
   new_structure = _structure(config)
   shape_diffs = [f"{k} {old_structure.get(k)!r} -> {new_structure.get(k)!r}"
                  for k in sorted(set(old_structure) | set(new_structure))
