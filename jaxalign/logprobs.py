@@ -392,8 +392,9 @@ def shared_prompt_logps(
   cache = model.init_cache(B, P + R)
   h_prompt, cache = model.decode(prompt, prompt_mask, cache)             # [B, P, D]
   per_response = lambda x: jnp.repeat(x, S, axis=0)  # noqa: E731  [B, ...] -> [B*S, ...]
-  cache = cache.replace(k=tuple(map(per_response, cache.k)),
-                        v=tuple(map(per_response, cache.v)), mask=per_response(cache.mask))
+  per_layer_batch = lambda x: jnp.repeat(x, S, axis=1)  # noqa: E731  [L, B, ...] -> [L, B*S, ...]
+  cache = cache.replace(k=per_layer_batch(cache.k), v=per_layer_batch(cache.v),
+                        mask=per_response(cache.mask))
   flat = lambda x: x.reshape(B * S, R)  # noqa: E731
   h_resp, _ = model.decode(flat(response), flat(response_mask), cache)   # [B*S, R, D]
   # Token t of a response is predicted from response position t - 1; token 0 from
