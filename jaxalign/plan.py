@@ -322,6 +322,17 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     estimate = "none: no time estimate from XLA and no known peak for this device"
   out.update(_attention_kernel_part(model_cfg, devs[0].platform, lengths, n, chip,
                                     frozen_reference=frozen_ref))
+  # XLA's cost analysis counts a loop body once, whatever its trip count: with
+  # the layers scanned G > 1 times its FLOPs and time miss (G - 1) / G of the
+  # layers' work, so no time or MFU is predicted from them (memory is exact).
+  groups = model_cfg.scan_groups()[1] if getattr(model_cfg, "scan_layers", False) else 1
+  out["scan_iterations"] = groups
+  if groups > 1 and seconds is not None:
+    seconds = None
+    estimate = (f"none: XLA's cost analysis counts the scanned layer body once, not "
+                f"{groups} times, so its FLOPs and time undercount the step; "
+                f"--config.model.scan_layers=False gives XLA's estimate of the same step "
+                f"(unrolled, slower to compile)")
   out["xla_step_seconds"] = seconds
   if seconds is not None and out["kernel_flops_per_step"]:
     seconds = seconds + out["kernel_seconds"] if out["kernel_seconds"] is not None else None
@@ -393,7 +404,9 @@ def format_plan(p: dict[str, Any]) -> str:
       + (f" of {_gib(hbm)} HBM ({100 * p['hbm_fraction']:.0f}%)" if hbm else ""),
       f"  fits: {p['fits']}",
       f"  FLOPs per step (XLA)      {_num(p['flops_per_step'], 'FLOP')} "
-      f"({_num(p['flops_per_device'], 'FLOP')} per device)",
+      + (f"(the scanned layer body counted once of {p['scan_iterations']}) "
+         if p.get("scan_iterations", 1) > 1 else "")
+      + f"({_num(p['flops_per_device'], 'FLOP')} per device)",
       f"  attention kernel          {p['attention']}"
       + (f": + {_num(p['kernel_flops_per_step'], 'FLOP')} per step invisible to XLA, "
          f"counted analytically ({_num(p['kernel_flops_per_device'], 'FLOP')} per device)"

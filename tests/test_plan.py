@@ -119,10 +119,34 @@ def test_chip_table():
 @pytest.mark.tpu
 def test_tiny_dpo_compiles_for_a_tpu_slice():
   pytest.importorskip("libtpu")
-  p = plan_lib.plan(_tiny_dpo(), topology="v5p:2x2x2")
+  c = _tiny_dpo()
+  c.model.scan_layers = False
+  p = plan_lib.plan(c, topology="v5p:2x2x2")
   assert p["num_devices"] == 8 and p["device_kind"].startswith("TPU")
   assert p["fits"] and 0 < p["memory_total"] < p["hbm_bytes"]
   assert p["flops_per_step"] > 0 and p["predicted_step_seconds"] > 0
+  assert 0 < p["predicted_mfu"] < 1
+
+
+@pytest.mark.tpu
+def test_scanned_layers_give_no_predicted_time_from_a_body_counted_once():
+  pytest.importorskip("libtpu")
+  plans = {}
+  for scan in (True, False):
+    c = _tiny_dpo()
+    c.model.scan_layers = scan
+    c.model.overrides = c.model.overrides.__class__(dict(n_layers=4))
+    plans[scan] = plan_lib.plan(c, topology="v5p:2x2x2")
+  scanned, unrolled = plans[True], plans[False]
+  assert scanned["scan_iterations"] == 4 and unrolled["scan_iterations"] == 1
+  # XLA counts the scan body once: its FLOPs fall below the unrolled step's...
+  assert scanned["flops_per_step"] < 0.8 * unrolled["flops_per_step"]
+  # ...so no time or MFU is predicted from them, and the plan says why.
+  assert scanned["predicted_step_seconds"] is None and scanned["predicted_mfu"] is None
+  assert "counts the scanned layer body once" in scanned["estimate"]
+  assert "counted once of 4" in plan_lib.format_plan(scanned)
+  assert unrolled["predicted_mfu"] is not None
+  assert scanned["model_flops_per_step"] == unrolled["model_flops_per_step"]
 
 
 @pytest.mark.tpu
@@ -132,6 +156,7 @@ def test_splash_step_compiles_for_a_tpu_slice_and_its_kernel_is_counted():
   for impl in ("xla", "splash"):
     c = _tiny_dpo()
     c.model.attention = impl
+    c.model.scan_layers = False   # XLA's time estimate needs every layer visible
     c.model.overrides = c.model.overrides.__class__(dict(max_seq_len=128))
     c.data.max_length, c.data.max_prompt_length = 128, 64
     plans[impl] = plan_lib.plan(c, topology="v5p:2x2x2")
