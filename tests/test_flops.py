@@ -22,7 +22,8 @@ B, T = 2, 64
 def _cfg(**kw):
   return transformer.ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4,
                                  n_kv_heads=2, head_dim=32, d_ff=256, max_seq_len=T,
-                                 attention="xla", **kw)
+                                 attention="xla", scan_layers=False, **kw)
+  # Unrolled: XLA's cost analysis counts a scanned (loop) body once, not per layer.
 
 
 def _masked_square_flops(cfg):
