@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jaxalign import sharding
 from jaxalign.config import DEFAULT_RULES
 from jaxalign.models import hf
+from jaxalign.data import reading
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -319,9 +320,9 @@ def test_train_from_hf_path(tmp_path):
   loop.train(config, run, progress=False)
 
   assert loop.resolved_config(run)["model"]["hf_path"] == src
-  tokenizer = loop.load_tokenizer(os.path.join(run, "tokenizer"))
+  tokenizer = reading.load_tokenizer(os.path.join(run, "tokenizer"))
   assert tokenizer.get_vocab() == toy.build_tokenizer().get_vocab()
-  examples, _ = loop.load_examples(
+  examples, _ = reading.load_examples(
       config.data.train_path, "pairwise", tokenizer, split="train",
       max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
       on_error="raise")

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jaxalign.sampling.engine import SamplingParams, generate
+from jaxalign.data import reading
 
 PROVENANCE_KEYS = ("source_file", "row")
 
@@ -40,10 +41,9 @@ def read_prompts(path: str) -> list[dict]:
   """Records with a valid ``prompt`` field; bad rows raise DataError naming file:row."""
   from jaxalign.config import ConfigError
   from jaxalign.data.formats import DataError
-  from jaxalign.train import loop
 
   try:
-    records = loop.read_records(path, split="train")
+    records = reading.read_records(path, split="train")
   except ConfigError as e:  # worded for config.data.train_path; this is --prompts
     raise FileNotFoundError(str(e).replace("config.data.train_path", "prompts")) from None
   if not records:
@@ -138,7 +138,7 @@ def generate_file(checkpoint: str, prompts_path: str, out_path: str, sp: Samplin
   config = ml_collections.ConfigDict(loop.resolved_config(checkpoint))
   records = read_prompts(prompts_path)
   tok_dir = os.path.join(checkpoint, "tokenizer")
-  tokenizer = loop.load_tokenizer(tok_dir if os.path.isdir(tok_dir) else config.data.tokenizer)
+  tokenizer = reading.load_tokenizer(tok_dir if os.path.isdir(tok_dir) else config.data.tokenizer)
   if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in sp.stop_tokens:
     sp = dataclasses.replace(sp, stop_tokens=sp.stop_tokens + (tokenizer.eos_token_id,))
   width = int(max_prompt_length or config.data.max_prompt_length)

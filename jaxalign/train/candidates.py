@@ -29,6 +29,7 @@ from jaxalign.data import formats
 from jaxalign.sampling import SamplingParams
 from jaxalign.sampling import files
 from jaxalign.train import loop
+from jaxalign.data import reading
 
 
 def _text(prompt) -> str:
@@ -97,7 +98,7 @@ def generate_candidates(checkpoint: str, questions_path: str, out_path: str, *, 
   os.remove(samples_path)
   config = ml_collections.ConfigDict(loop.resolved_config(checkpoint))
   tok_dir = os.path.join(checkpoint, "tokenizer")
-  tokenizer = loop.load_tokenizer(tok_dir if os.path.isdir(tok_dir) else config.data.tokenizer)
+  tokenizer = reading.load_tokenizer(tok_dir if os.path.isdir(tok_dir) else config.data.tokenizer)
   checker = checker_fn(tokenizer=tokenizer, **(reward_options or {}))
   records, dropped = label_candidates(samples, checker)
   formats.validate_records(records, "ranked")  # what the aft reader will accept

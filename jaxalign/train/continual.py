@@ -45,6 +45,7 @@ from jaxalign.data import pipeline
 from jaxalign.models import lora
 from jaxalign.train import build as build_lib
 from jaxalign.train import loop, step as step_lib
+from jaxalign.data import reading
 
 log = logging.getLogger("jaxalign")
 
@@ -113,7 +114,7 @@ class PreferenceScorer:
     self.mesh = mesh
     self.batch_size = d.batch_size
     self.examples = [
-        loop.load_examples(p, "pairwise", tokenizer, split=d.split, max_length=d.max_length,
+        reading.load_examples(p, "pairwise", tokenizer, split=d.split, max_length=d.max_length,
                            max_prompt_length=d.max_prompt_length, on_error=d.on_error)[0]
         for p in paths]
     graphdef = lora.base_graphdef(config_lib.model_config(config))
@@ -187,7 +188,7 @@ def cofs_weights(config, workdir: str, t: int, mesh, scorer: PreferenceScorer | 
   if weights:
     return {"stage": t, "weights": list(weights[:t + 1]), "searched": False}
   if scorer is None:
-    tokenizer = loop.load_tokenizer(config.data.tokenizer)
+    tokenizer = reading.load_tokenizer(config.data.tokenizer)
     scorer = PreferenceScorer(config, mesh, tokenizer, config.data.domain_eval_paths)
   base = base_params(config, mesh)
   mods = load_modules(config, workdir, t, mesh)

@@ -35,6 +35,7 @@ from jaxalign import config as config_lib
 from jaxalign import rewards
 from jaxalign.data import formats
 from jaxalign.train import loop, rollout
+from jaxalign.data import reading
 
 log = logging.getLogger("jaxalign")
 
@@ -74,7 +75,7 @@ def _steps_done(run_dir: str) -> int:
 
 def read_prompts(config: ml_collections.ConfigDict) -> list[dict]:
   """{prompt, reference} records of the data file (reference: or completion)."""
-  records = loop.read_records(config.data.train_path, split=config.data.split,
+  records = reading.read_records(config.data.train_path, split=config.data.split,
                               on_error=config.data.on_error)
   mapped = []
   for r in records:
@@ -172,7 +173,7 @@ def train_rounds(config: ml_collections.ConfigDict, workdir: str, *, progress: b
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh.shape, devices)
-  tokenizer = loop.load_tokenizer(config.data.tokenizer)
+  tokenizer = reading.load_tokenizer(config.data.tokenizer)
   records = read_prompts(config)
   steps = config.iterative.steps_per_round
   result = None

@@ -7,8 +7,6 @@ syncs with the devices only every `log_every` steps and at checkpoints.
 import dataclasses
 import functools
 import logging
-import os
-import signal
 import time
 from typing import Any
 
@@ -26,7 +24,7 @@ from jaxalign import flops as flops_lib
 from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
-from jaxalign.data import formats, packing, pipeline, sources, tokenize
+from jaxalign.data import formats, packing, pipeline, reading
 from jaxalign.models import hf, lora
 from jaxalign.train import build as build_lib
 from jaxalign.train import heldout, optim, signals, step as step_lib
@@ -60,170 +58,6 @@ class RunResult:
 _Preemption = signals.Preemption
 
 
-def load_tokenizer(name: str, workdir: str | None = None):
-  """"toy" (the bundled task's tokenizer), a local directory or a hub name."""
-  if name in ("", "toy"):
-    from jaxalign.data import toy
-    tok = toy.build_tokenizer()
-  else:
-    from transformers import AutoTokenizer
-    try:
-      tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-      raise config_lib.ConfigError(
-          f"config.data.tokenizer: cannot load {name!r}: {_first_line(e)}") from None
-  if tok.pad_token_id is None:
-    tok.pad_token = tok.eos_token
-  if workdir is not None and jax.process_index() == 0:
-    paths.save_pretrained(tok, paths.join(workdir, "tokenizer"))
-  return tok
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def check_tokenizer(tokenizer, config: ml_collections.ConfigDict, vocab_size: int,
-                    hf_dir: str = "") -> None:
-  """Refuses a tokenizer that does not fit the model, before anything is compiled.
-
-  With `model.hf_path` set, `data.tokenizer` must be that checkpoint's own tokenizer
-  (the same vocabulary, specials, template and pipeline; compared by content, so
-  another copy of it is fine) unless `data.allow_other_tokenizer` says the choice
-  is deliberate; a checkpoint without a tokenizer has nothing to compare. Every
-  special token's id must be inside the model's vocabulary.
-
-  Raises:
-    ConfigError: one line naming data.tokenizer (and model.hf_path).
-  """
-  name = config.data.tokenizer
-  if (hf_dir and name and name != config.model.hf_path
-      and os.path.abspath(name) != os.path.abspath(hf_dir)
-      and not config.data.get("allow_other_tokenizer", False)
-      and any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES)):
-    own = load_tokenizer(hf_dir)
-    if fingerprint.tokenizer_hash(own) != fingerprint.tokenizer_hash(tokenizer):
-      raise config_lib.ConfigError(
-          f"config.data.tokenizer: {name!r} is not the tokenizer of config.model.hf_path="
-          f"{config.model.hf_path!r} ({len(tokenizer)} vs {len(own)} tokens); clear "
-          "data.tokenizer to use the checkpoint's own, or set "
-          "config.data.allow_other_tokenizer=True if the choice is deliberate")
-  if len(tokenizer) > vocab_size:
-    raise config_lib.ConfigError(
-        f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
-        f"{vocab_size}")
-  specials = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.all_special_tokens}
-  for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-    value = getattr(tokenizer, attr, None)
-    if value is not None:
-      specials.setdefault(attr[:-len("_token_id")], value)
-  for tok, idx in sorted(specials.items()):
-    if idx is not None and not 0 <= int(idx) < vocab_size:
-      raise config_lib.ConfigError(
-          f"config.data.tokenizer: special token {tok!r} has id {idx}, outside the model's "
-          f"vocabulary of {vocab_size} (config.model vocab_size)")
-
-
-def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict]:
-  """Records from a file, a `datasets` dataset, or the bundled task.
-
-  "toy:FORMAT?n=N&seed=S[&k=K][&g=G][&ops=OPS]" generates N records of FORMAT ("sft",
-  "pairwise", "unpaired", "negatives" with K samples, "groups" or "ranked" of G) from the
-  bundled arithmetic task (train split), e.g. "toy:pairwise?n=2000"; OPS restricts the
-  operators (default "+"), e.g. "ops=-" for subtraction problems only, "ops=+-" for both.
-  """
-  if not path:
-    raise config_lib.ConfigError("config.data.train_path: no training data given")
-  if path.startswith("toy:"):
-    from urllib.parse import parse_qs
-    from jaxalign.data import toy
-    fmt, _, query = path[len("toy:"):].partition("?")
-    # A literal "+" would read as a space in a query string.
-    args = parse_qs(query.replace("+", "%2B"))
-    ops = tuple(args.pop("ops", ["+"])[-1])
-    try:
-      args = {k: int(v[-1]) for k, v in args.items()}
-      task = toy.ArithmeticTask(ops=ops)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"config.data.train_path: bad toy source {path!r}: "
-                                   f"{_first_line(e)}") from None
-    n, seed = args.pop("n", 1000), args.pop("seed", 0)
-    makers = {
-        "sft": lambda: task.sft_records(n, seed=seed),
-        "pairwise": lambda: task.pairwise_records(n, seed=seed),
-        "unpaired": lambda: task.unpaired_records(n, seed=seed),
-        "negatives": lambda: task.negative_records(n, args.pop("k", 4), seed=seed),
-        "groups": lambda: task.group_records(n, args.pop("g", 4), seed=seed),
-        "ranked": lambda: task.ranked_records(n, args.pop("g", 4), seed=seed),
-    }
-    if fmt not in makers:
-      raise config_lib.ConfigError(f"config.data.train_path: bad toy source {path!r}; formats: "
-                                   f"{sorted(makers)}, e.g. toy:pairwise?n=2000&seed=0")
-    records = makers[fmt]()
-    if args:
-      raise config_lib.ConfigError(f"config.data.train_path: unknown toy parameters "
-                                   f"{sorted(args)} in {path!r}")
-    return [{**r, "source_file": path, "row": i + 1} for i, r in enumerate(records)]
-  try:
-    return sources.load_records(path, split=split, on_error=on_error)
-  except FileNotFoundError as e:
-    raise config_lib.ConfigError(f"config.data.train_path: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
-
-
-def check_group_sizes(records: list[dict], fmt: str, *, on_error: str) -> tuple[list[dict], int]:
-  """Without data.group_size every record of a group format needs the same number
-  of responses, or its examples would not stack into one batch mid-run.
-
-  The first record fixes the number; returns (records that match, number skipped).
-  """
-  if fmt not in tokenize.GROUP_FIELDS or not records:
-    return records, 0
-  field = tokenize.GROUP_FIELDS[fmt][1]
-  want = len(records[0][field])
-  kept, skipped = [], 0
-  for r in records:
-    if len(r[field]) == want:
-      kept.append(r)
-      continue
-    error = formats.DataError(
-        f"{r.get('source_file', '<memory>')}:{r.get('row', '?')}: {field}: {len(r[field])} "
-        f"responses, earlier records have {want}; set config.data.group_size to pad groups")
-    if on_error == "raise":
-      raise error
-    skipped += 1
-    log.warning("skipping record: %s", error)
-  return kept, skipped
-
-
-def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
-                  max_prompt_length: int, on_error: str, group_size: int | None = None,
-                  map_record=None, kl_chunk_size: int = 0) -> tuple[list[dict], int]:
-  """Reads, validates and tokenizes every record; returns (examples, num_skipped).
-
-  `map_record` (record -> record of `fmt`) runs on each raw record before validation.
-  `kl_chunk_size`: unpaired_kl (KTO) pairs its KL sequences within chunks of this
-  many examples, the per-process batch (tokenize.add_kl_sequences).
-  """
-  records = read_records(path, split=split, on_error=on_error)
-  if map_record is not None:
-    records = [map_record(r) for r in records]
-  valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
-  if group_size is None:
-    valid, bad = check_group_sizes(valid, fmt, on_error=on_error)
-    skipped += bad
-  tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
-                                 group_size=group_size, kl_chunk_size=kl_chunk_size)
-  examples, bad = tokenize.tokenize_records(valid, fmt, tokenizer, tcfg, on_error=on_error)
-  skipped += bad
-  if not examples:
-    raise formats.DataError(f"{path}: no usable records")
-  return examples, skipped
-
-
 def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
   """data.eval_path's examples in the loss's format `fmt`, tokenized like the training set.
 
@@ -234,7 +68,7 @@ def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
   d = config.data
   train_key = "config.data.train_path: "   # read_records' messages name the training key
   try:
-    examples, skipped = load_examples(
+    examples, skipped = reading.load_examples(
         d.eval_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
         max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
         kl_chunk_size=d.batch_size // jax.process_count())
@@ -243,7 +77,7 @@ def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
     text = text[len(train_key):] if text.startswith(train_key) else text
     raise config_lib.ConfigError(
         f"config.data.eval_path: not usable as {fmt!r} data for loss {config.loss.name!r}: "
-        f"{_first_line(ValueError(text))}") from None
+        f"{reading.first_line(ValueError(text))}") from None
   if skipped:
     log.warning("skipped %d malformed records of %s", skipped, d.eval_path)
   if heldout.num_batches(len(examples), d.batch_size) == 0:
@@ -352,9 +186,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
 
   # Data: read, validate and tokenize everything before any compile, and before
   # anything is written: a bad config or bad data leaves no workdir behind.
-  tokenizer = load_tokenizer(config.data.tokenizer or hf_dir)
-  check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
-  examples, num_skipped = load_examples(
+  tokenizer = reading.load_tokenizer(config.data.tokenizer or hf_dir)
+  reading.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
+  examples, num_skipped = reading.load_examples(
       config.data.train_path, online.data_format if online else spec.data, tokenizer,
       split=config.data.split, max_length=config.data.max_length,
       max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
@@ -668,7 +502,7 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
     old_structure = _structure(old_cfg)
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise ResumeMismatchError(f"cannot resume from {where}: its saved config does not "
-                              f"describe a model this version can build ({_first_line(e)})")
+                              f"describe a model this version can build ({reading.first_line(e)})")
   model_saved = saved.get("model") or {}
   if "scan_layers" not in model_saved and "scan_layers" not in (model_saved.get("overrides") or {}):
     # Saved before the layers were scanned: its parameters have the unrolled layout.

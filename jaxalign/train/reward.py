@@ -40,6 +40,7 @@ from jaxalign.data import pipeline
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import optim
 from jaxalign.train.metrics import MetricWriter
+from jaxalign.data import reading
 
 log = logging.getLogger("jaxalign")
 
@@ -106,9 +107,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   model_cfg = config_lib.model_config(config)
   spec = losses.get(config.loss.name)
   hf_dir = config_lib.hf_model_dir(config)
-  tokenizer = loop.load_tokenizer(config.data.tokenizer or hf_dir)
-  loop.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
-  load = functools.partial(loop.load_examples, fmt="pairwise", tokenizer=tokenizer,
+  tokenizer = reading.load_tokenizer(config.data.tokenizer or hf_dir)
+  reading.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
+  load = functools.partial(reading.load_examples, fmt="pairwise", tokenizer=tokenizer,
                            split=config.data.split, max_length=config.data.max_length,
                            max_prompt_length=config.data.max_prompt_length,
                            on_error=config.data.on_error)

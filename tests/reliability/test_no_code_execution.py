@@ -11,6 +11,7 @@ import pytest
 
 import jaxalign
 from jaxalign.train import loop
+from jaxalign.data import reading
 from tests.reliability.helpers import complete_steps, params
 from tests.train.helpers import tiny_config
 
@@ -131,6 +132,6 @@ def test_train_tokenizer_loads_without_remote_code(monkeypatch):
     return toy.build_tokenizer()
 
   monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
-  loop.load_tokenizer("someone/some-tokenizer")
+  reading.load_tokenizer("someone/some-tokenizer")
   assert seen["name"] == "someone/some-tokenizer"
   assert seen["trust_remote_code"] is False

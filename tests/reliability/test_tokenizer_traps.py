@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from jaxalign import config as config_lib
 from jaxalign.data import tokenize
-from jaxalign.train import loop
+from jaxalign.data import reading
 from tests.reliability.helpers import RECIPES, run_cli
 from tests.train.helpers import tiny_config
 
@@ -77,18 +77,18 @@ def test_the_checkpoints_own_tokenizer_or_a_deliberate_other_one_passes(tmp_path
   hf = _hf_dir(tmp_path)
   config = tiny_config()
   config.model.hf_path = str(hf)
-  toy = loop.load_tokenizer("toy")
+  toy = reading.load_tokenizer("toy")
   with pytest.raises(config_lib.ConfigError, match=r"^config\.data\.tokenizer: 'toy' is not"):
-    loop.check_tokenizer(toy, config, 32, str(hf))
+    reading.check_tokenizer(toy, config, 32, str(hf))
   config.data.allow_other_tokenizer = True
-  loop.check_tokenizer(toy, config, 32, str(hf))
+  reading.check_tokenizer(toy, config, 32, str(hf))
   config.data.allow_other_tokenizer = False
   copy = tmp_path / "copy"                      # the same tokenizer under another path
-  loop.load_tokenizer(str(hf)).save_pretrained(str(copy))
+  reading.load_tokenizer(str(hf)).save_pretrained(str(copy))
   config.data.tokenizer = str(copy)
-  loop.check_tokenizer(loop.load_tokenizer(str(copy)), config, 32, str(hf))
+  reading.check_tokenizer(reading.load_tokenizer(str(copy)), config, 32, str(hf))
   config.data.tokenizer = ""                     # the default: the checkpoint's own
-  loop.check_tokenizer(loop.load_tokenizer(str(hf)), config, 32, str(hf))
+  reading.check_tokenizer(reading.load_tokenizer(str(hf)), config, 32, str(hf))
 
 
 def test_special_token_ids_must_fit_the_model_vocabulary(tmp_path):
@@ -97,5 +97,5 @@ def test_special_token_ids_must_fit_the_model_vocabulary(tmp_path):
   with pytest.raises(config_lib.ConfigError,
                      match=r"^config\.data\.tokenizer: special token '</s>' has id 40, outside "
                      r"the model's vocabulary of 32"):
-    loop.check_tokenizer(tok, config, 32)
-  loop.check_tokenizer(tok, config, 41)
+    reading.check_tokenizer(tok, config, 32)
+  reading.check_tokenizer(tok, config, 41)

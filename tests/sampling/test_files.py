@@ -10,6 +10,7 @@ from jaxalign.data.formats import DataError
 from jaxalign.sampling import files
 from jaxalign.sampling.engine import SamplingParams
 from jaxalign.train import eval as eval_lib, loop
+from jaxalign.data import reading
 from tests.train.helpers import tiny_config
 
 TEXT_PROMPTS = ["12+7=", "3+45=", "60+1="]
@@ -45,7 +46,7 @@ def test_greedy_file_matches_the_recompute_loop(run_dir, tmp_path):
   assert stats["prompts"] == 4 and stats["completions"] == 8
   config = ml_collections.ConfigDict(loop.resolved_config(run_dir))
   graphdef, params, frozen = loop.load_run_params(run_dir, config)
-  tokenizer = loop.load_tokenizer("toy")
+  tokenizer = reading.load_tokenizer("toy")
   ref = eval_lib.complete(graphdef, params, frozen, tokenizer, TEXT_PROMPTS, max_new_tokens=4,
                           batch_size=4)
   for r, want in zip(rows, ref):

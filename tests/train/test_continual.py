@@ -12,18 +12,19 @@ from flax import nnx
 from jaxalign import config as config_lib
 from jaxalign.models import lora, transformer
 from jaxalign.train import continual, loop
+from jaxalign.data import reading
 from tests.train.helpers import read_metrics, tiny_config
 
 
 def test_toy_source_op_filter():
-  minus = loop.read_records("toy:pairwise?n=16&seed=1&ops=-", split="train")
-  plus = loop.read_records("toy:pairwise?n=16&seed=1&ops=+", split="train")
+  minus = reading.read_records("toy:pairwise?n=16&seed=1&ops=-", split="train")
+  plus = reading.read_records("toy:pairwise?n=16&seed=1&ops=+", split="train")
   assert all("-" in r["prompt"] and "+" not in r["prompt"] for r in minus)
   assert all("+" in r["prompt"] and "-" not in r["prompt"] for r in plus)
-  both = loop.read_records("toy:sft?n=64&seed=1&ops=+-", split="train")
+  both = reading.read_records("toy:sft?n=64&seed=1&ops=+-", split="train")
   assert {"+", "-"} <= {c for r in both for c in r["prompt"]}
   with pytest.raises(config_lib.ConfigError, match="config.data.train_path.*ops"):
-    loop.read_records("toy:pairwise?n=4&ops=/", split="train")
+    reading.read_records("toy:pairwise?n=4&ops=/", split="train")
 
 
 def test_simplex_grid_and_search():

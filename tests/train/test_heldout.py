@@ -22,6 +22,7 @@ from jaxalign import logprobs, sharding
 from jaxalign.losses import dpo
 from jaxalign.models import transformer
 from jaxalign.train import build as build_lib, heldout, loop, state as state_lib
+from jaxalign.data import reading
 from tests.reliability.helpers import TINY_CLI_CONFIG, compile_events, run_cli
 from tests.train.helpers import read_metrics, tiny_config
 
@@ -59,7 +60,7 @@ def test_eval_step_gives_the_train_steps_metrics_in_every_format(loss):
   mesh = sharding.make_mesh(config.mesh.shape, jax.devices()[:1])
   built = build_lib.build(config, mesh)
   spec = built.spec
-  examples = loop.load_eval_set(config, spec.data, loop.load_tokenizer("toy"))
+  examples = loop.load_eval_set(config, spec.data, reading.load_tokenizer("toy"))
   rng = np.random.default_rng(0)
   if built.precompute_ref:   # any reference column: both steps read the same one
     examples = [{**ex, "ref_logps": rng.normal(-20, 2, ex["tokens"].shape[0]).astype(np.float32)}
@@ -95,8 +96,8 @@ def test_a_run_logs_eval_rows_and_the_loss_of_the_eval_sets_logps(tmp_path):
   assert (tmp_path / heldout.REF_FILE).exists()
 
   # Independently: the eval set's log-probs under the final policy and the seed init.
-  tok = loop.load_tokenizer("toy")
-  examples, _ = loop.load_examples(config.data.eval_path, "pairwise", tok, split="train",
+  tok = reading.load_tokenizer("toy")
+  examples, _ = reading.load_examples(config.data.eval_path, "pairwise", tok, split="train",
                                    max_length=12, max_prompt_length=8, on_error="raise")
   cols = {k: jnp.asarray(np.stack([ex[k] for ex in examples]).reshape(32, 12))
           for k in ("tokens", "attention_mask", "loss_mask")}
