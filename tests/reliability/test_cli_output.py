@@ -93,3 +93,97 @@ def test_ctrl_c_during_a_run_saves_a_checkpoint_and_exits_130(tmp_path):
   steps = complete_steps(workdir)
   assert len(steps) == 1 and 2 <= steps[0] < 100000, (steps, err)
   assert f"stopped by SIGINT at step {steps[0]}; checkpoint saved in {workdir}" in err, err
+
+
+def _interrupts(monkeypatch, wait=None, in_save=False):
+  """A Preemption in this (main) thread whose os._exit raises SystemExit instead."""
+  from jaxalign.train import signals
+
+  def fake_exit(code):
+    raise SystemExit(code)
+
+  monkeypatch.setattr(signals.os, "_exit", fake_exit)
+  preempt = signals.Preemption()
+  preempt.wait_for_writes = wait
+  preempt.in_save = in_save
+  return preempt
+
+
+def test_second_ctrl_c_waits_for_the_write_in_flight_then_exits_130(monkeypatch, capsys):
+  waited = []
+  with _interrupts(monkeypatch, wait=lambda: waited.append(True)) as preempt:
+    signal.raise_signal(signal.SIGINT)
+    assert preempt.requested and preempt.signal_name == "SIGINT" and not waited
+    with pytest.raises(SystemExit) as exit_info:
+      signal.raise_signal(signal.SIGINT)
+  assert exit_info.value.code == 130 and waited == [True]
+  err = capsys.readouterr().err
+  assert "waiting for the checkpoint write in flight" in err
+  assert "discarded" not in err and "rerun to resume" in err
+
+
+def test_third_ctrl_c_during_the_wait_leaves_without_it(monkeypatch, capsys):
+  def wait():   # a third Ctrl-C arrives while the write is still in flight
+    signal.raise_signal(signal.SIGINT)
+    raise AssertionError("the third interrupt should have exited")
+
+  with _interrupts(monkeypatch, wait=wait):
+    signal.raise_signal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_info:
+      signal.raise_signal(signal.SIGINT)
+  assert exit_info.value.code == 130
+  err = capsys.readouterr().err
+  assert "an unfinished checkpoint write is discarded" in err
+
+
+def test_second_ctrl_c_inside_a_save_call_does_not_wait(monkeypatch, capsys):
+  waited = []
+  with _interrupts(monkeypatch, wait=lambda: waited.append(True), in_save=True):
+    signal.raise_signal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_info:
+      signal.raise_signal(signal.SIGINT)
+  assert exit_info.value.code == 130 and not waited
+  assert "discarded" in capsys.readouterr().err
+
+
+def test_two_quick_ctrl_c_during_checkpoint_writes_leave_no_torn_step(tmp_path):
+  """A checkpoint every step, two SIGINTs back to back: exit 130 without a traceback,
+  and every step Orbax lists restores (an interrupted write is never listed)."""
+  import jax
+  import ml_collections
+  import numpy as np
+  from jaxalign import checkpoint as ckpt, config as config_lib, sharding
+  from jaxalign.train import build as build_lib, loop, optim
+
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      cli_command(f"--config={RECIPES}", f"--workdir={workdir}", "--noprogress",
+                  "--config.total_steps=100000", "--config.checkpoint.every=1",
+                  "--config.checkpoint.keep=100000"),
+      env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and proc.poll() is None:
+    if metrics.exists() and metrics.read_text().count("\n") >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.communicate()
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+  assert "interrupted: exiting now" in err, err
+  steps = complete_steps(workdir)
+  assert steps, err
+  config = ml_collections.ConfigDict(loop.resolved_config(str(workdir)))
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
+  _, abstract_state, _, _ = build_lib.build_model_and_state(
+      config_lib.model_config(config), tx, mesh, tuple(tuple(r) for r in config.sharding_rules),
+      seed=config.seed, keep_reference=False)
+  with jax.set_mesh(mesh):
+    for step in steps:   # every listed step is whole: its parameters read back
+      params = ckpt.restore_params(str(workdir / "checkpoints"), abstract_state.params, step=step)
+      assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
