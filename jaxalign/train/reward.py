@@ -1,7 +1,7 @@
 """Reward-model training: Bradley-Terry on pairwise data -> a `RewardModel` directory.
 
   config.loss.name = "reward_model"   (hparams: center_rewards_coefficient)
-  jaxalign train --config configs/reward_model_demo.py:runs/demo --workdir runs/rm
+  jaxalign train --config configs/reward_model_demo.py:runs/demo --workdir runs/demo/reward_model
 
 The model is `jaxalign.rewards.model.RewardModel` (the decoder plus a scalar
 head on the last real token). Its backbone starts from `config.init_from` (a
