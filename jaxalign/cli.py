@@ -300,7 +300,7 @@ def _demo(argv: list[str]) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--method", default="dpo",
                       help="dpo | ipo | ln_dpo | simpo | orpo | cpo | sppo_hard | exo_pair | "
-                      "apo_zero | nca_pair | bco | kto | d2o | grao (online) | grao_rm (online, learned reward) | grao_offline | "
+                      "apo_zero | nca_pair | aot | aot_unpaired | apo_down | discopop | dpo_sft_mix | ld_dpo | wpo | tr_dpo | bco_pair | cpo_simpo | bco | kto | d2o | grao (online) | grao_rm (online, learned reward) | grao_offline | "
                       "aft | iterative_dpo | ofs_dpo (default dpo); methods run in one workdir "
                       "share its SFT model. continual: addition then subtraction with "
                       "sequential DPO, OFS-DPO and COFS-DPO, printing a forgetting matrix")

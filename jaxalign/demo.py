@@ -248,6 +248,32 @@ METHODS: dict[str, dict] = {
                      hparams=dict(beta=0.1, variant="exo_pair", label_smoothing=1e-3)),
     "apo_zero": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="apo_zero")),
     "nca_pair": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="nca_pair")),
+    "aot": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="aot")),
+    "aot_unpaired": dict(loss="dpo", format="pairwise",
+                         hparams=dict(beta=0.1, variant="aot_unpaired")),
+    "apo_down": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="apo_down")),
+    "discopop": dict(loss="dpo", format="pairwise",
+                     hparams=dict(beta=0.1, variant="discopop", discopop_tau=0.05)),
+    # TRL 1.x's weighted combination of loss types (MPO-style: sigmoid + sft NLL).
+    "dpo_sft_mix": dict(loss="dpo", format="pairwise",
+                        hparams=dict(beta=0.1, variant=("sigmoid", "sft"),
+                                     loss_weights=(1.0, 0.5))),
+    # LD-DPO (Liu et al. 2024): the tail of the longer response past the shorter
+    # one's length weighted by alpha. Needs the frozen reference (no precompute).
+    "ld_dpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, ld_alpha=0.5),
+                   config={"reference.mode": "frozen"}),
+    # WPO (Zhou et al. 2024): each pair weighted by its length-normalized policy probability.
+    "wpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, use_weighting=True)),
+    # TR-DPO (Gorbatovski et al. 2024): the reference moves toward the policy every
+    # 16 updates with mixing 0.6 (soft update); needs the frozen reference.
+    "tr_dpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1),
+                   config={"reference.mode": "frozen", "reference.sync_steps": 16,
+                           "reference.sync_alpha": 0.6}),
+    "bco_pair": dict(loss="bco_pair", format="pairwise", hparams=dict(beta=0.1)),
+    # CPO with its SimPO loss type (length-normalized, margin gamma, plus the NLL).
+    "cpo_simpo": dict(loss="cpo", format="pairwise",
+                      hparams=dict(beta=2.0, loss_type="simpo", simpo_gamma=0.5,
+                                   cpo_alpha=1.0)),
     "bco": dict(loss="bco", format="unpaired", hparams=dict(beta=0.1),
                 options=dict(udm="model", prompt_sample_size=1024)),
     # KTO: the same pairs split into desirable/undesirable examples, shuffled so
