@@ -299,11 +299,14 @@ def _demo(argv: list[str]) -> int:
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--method", default="dpo",
-                      help="dpo | ipo | ln_dpo | simpo | orpo | cpo | sppo_hard | exo_pair | "
-                      "apo_zero | nca_pair | aot | aot_unpaired | apo_down | discopop | dpo_sft_mix | ld_dpo | wpo | tr_dpo | bco_pair | cpo_simpo | bco | kto | d2o | grao (online) | grao_rm (online, learned reward) | grao_offline | "
-                      "aft | iterative_dpo | ofs_dpo (default dpo); methods run in one workdir "
-                      "share its SFT model. continual: addition then subtraction with "
-                      "sequential DPO, OFS-DPO and COFS-DPO, printing a forgetting matrix")
+                      help="dpo | ipo | ln_dpo | simpo | orpo | cpo | cpo_simpo | sppo_hard | "
+                      "exo_pair | apo_zero | apo_down | nca_pair | aot | aot_unpaired | discopop | "
+                      "dpo_sft_mix | ld_dpo | wpo | tr_dpo | bco_pair | bco | kto | "
+                      "apo_zero_unpaired | d2o | grao (online) | grao_rm (online, a reward model "
+                      "trained first) | grao_offline | aft | iterative_dpo | ofs_dpo (default "
+                      "dpo); methods run in one workdir share its SFT model. continual: addition "
+                      "then subtraction with sequential DPO, OFS-DPO and COFS-DPO, printing a "
+                      "forgetting matrix")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
 
