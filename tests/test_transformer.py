@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxalign.models.transformer import (REMAT_POLICIES, ModelConfig, PRESETS, Transformer,
                                          convert_layout, init_model, preset,
-                                         unstack_layers)
+                                         stack_layers, unstack_layers)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -214,6 +214,22 @@ def test_scanned_equals_unrolled_logits_and_grads(name):
                              np.asarray(unrolled.logits(unrolled(tokens, mask))),
                              rtol=1e-5, atol=1e-5)
   _assert_same(_value_and_grads(scanned, tokens, mask), _value_and_grads(unrolled, tokens, mask))
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_a_seed_gives_the_same_model_in_both_layouts(name):
+  """Stacked entry g of slot j is drawn with unrolled layer g*P + j's keys, so
+  `scan_layers` never changes a seeded run (its init, hence its training)."""
+  config = LAYOUT_CASES[name]
+  scanned = nnx.to_pure_dict(nnx.state(init_model(config, seed=5), nnx.Param))
+  unrolled = init_model(dataclasses.replace(config, scan_layers=False), seed=5)
+  want = stack_layers(config, nnx.to_pure_dict(nnx.state(unrolled, nnx.Param)))
+  assert jax.tree.structure(scanned) == jax.tree.structure(want)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               scanned, want)
+  other = nnx.to_pure_dict(nnx.state(init_model(config, seed=6), nnx.Param))
+  assert not np.array_equal(np.asarray(other["layers"][0]["attn"]["q"]),
+                            np.asarray(scanned["layers"][0]["attn"]["q"]))
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])

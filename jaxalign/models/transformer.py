@@ -29,7 +29,9 @@ pairs, 6 for Gemma 3's 5 local : 1 global). The forward is one ``lax.scan`` over
 the G groups, so XLA compiles one group body instead of n_layers copies; layers
 past G*P (n_layers not a multiple of P) are plain blocks in ``tail``. With
 ``scan_layers=False`` ``layers[i]`` is layer i, unrolled (for debugging; same
-logits and gradients, see `stack_layers` / `unstack_layers`).
+logits and gradients, see `stack_layers` / `unstack_layers`). A seed gives the
+same model in both layouts: stacked entry g is drawn with the keys layer g*P + j
+draws when unrolled (`_UnrolledOrderKeys`), so the switch never changes a run.
 
 Every parameter carries logical axis names (``out_sharding`` metadata); under
 ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)`` variables are
@@ -253,9 +255,13 @@ def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None
 
   stack: G stacked layers: the value gets a leading axis of G, named "layers".
   """
+  key = rngs.params()
   if stack is not None:
     shape, names = (stack, *shape), ("layers", *names)
-  value = init(rngs.params(), shape, dtype)
+  if stack is not None and jnp.shape(key) == (stack,):   # one key per stacked layer
+    value = jax.vmap(lambda k: init(k, shape[1:], dtype))(key)
+  else:
+    value = init(key, shape, dtype)
   # Flax shards eagerly by default and then insists on a mesh; without one the
   # names are kept as metadata only (get_partition_spec still reads them).
   has_mesh = not jax.sharding.get_abstract_mesh().empty
@@ -523,6 +529,33 @@ class KVCache:
   index: jax.Array           # [] int32: next slot to write
 
 
+class _CountDraws:
+  """Stands in for Rngs to count the keys one Block draws (traced, nothing computed)."""
+
+  def __init__(self):
+    self.draws = 0
+
+  def params(self):
+    self.draws += 1
+    return jax.random.key(0)
+
+
+class _UnrolledOrderKeys:
+  """Stands in for Rngs while the stacked Block of period slot `slot` is built: its
+  p-th draw is the [groups] keys that layers g * period + slot (g < groups) make as
+  their p-th draw in the unrolled layout, which draws layer after layer from
+  `stream` starting at count `start`, `per_layer` keys each."""
+
+  def __init__(self, stream, start, *, per_layer: int, period: int, slot: int, groups: int):
+    self._key, self._draw = stream.key[...], 0
+    self._first = start + (jnp.arange(groups, dtype=jnp.uint32) * period + slot) * per_layer
+
+  def params(self):
+    counts = self._first + self._draw
+    self._draw += 1
+    return jax.vmap(lambda c: jax.random.fold_in(self._key, c))(counts)
+
+
 class Transformer(nnx.Module):
   """Decoder-only transformer; see the module docstring for the HF mapping."""
 
@@ -534,7 +567,14 @@ class Transformer(nnx.Module):
                        param_dtype=pd, rngs=rngs)
     if c.scan_layers:
       period, groups, tail = c.scan_groups()
-      self.layers = nnx.List([Block(c, j, stack=groups, rngs=rngs) for j in range(period)])
+      counter = _CountDraws()
+      jax.eval_shape(lambda: Block(c, 0, rngs=counter) and None)
+      stream, start = rngs.params, rngs.params.count[...]
+      self.layers = nnx.List([
+          Block(c, j, stack=groups, rngs=_UnrolledOrderKeys(
+              stream, start, per_layer=counter.draws, period=period, slot=j, groups=groups))
+          for j in range(period)])
+      stream.count[...] = start + groups * period * counter.draws   # as if drawn unrolled
       self.tail = nnx.List([Block(c, groups * period + t, rngs=rngs) for t in range(tail)])
     else:
       self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.n_layers)])
