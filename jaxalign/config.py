@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from jaxalign import losses
+from jaxalign.errors import ConfigError, HfConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -33,10 +34,6 @@ DEFAULT_RULES = (
 
 # Every logical axis name the model and the batch use; each needs a rule.
 LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
-
-
-class ConfigError(ValueError):
-  """A config key holds a value that cannot work; the message names the key."""
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -550,10 +547,6 @@ def _validate_sampling(c: ml_collections.ConfigDict, spec) -> None:
     if c.iterative.prompts_per_round < 0:
       _fail("iterative.prompts_per_round", "must be >= 0 (0: all)")
     _validate_reward(c, "iterative rounds")
-
-
-class HfConfigError(ValueError):
-  """model.hf_path names no readable Hugging Face checkpoint of a supported architecture."""
 
 
 def hf_model_dir(c: ml_collections.ConfigDict) -> str:

@@ -57,6 +57,7 @@ from jaxalign import config as config_lib
 from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
 from jaxalign.models import attention as attention_lib
+from jaxalign.errors import PlanError
 from jaxalign.train import build as build_lib
 
 GiB = 1024 ** 3
@@ -85,10 +86,6 @@ _GROUP_FORMATS = ("negatives", "groups", "ranked")
 # Columns a loss's host-side `prepare` adds (bco.prepare_udm: udm_weights).
 _PREPARED_COLUMNS = {"bco": {"udm_weights": ((), jnp.float32)}}
 DEFAULT_GROUP_SIZE = 4
-
-
-class PlanError(RuntimeError):
-  """The plan cannot be made here (no libtpu, unknown topology, too few devices)."""
 
 
 def chip_of(topology: str) -> Chip | None:

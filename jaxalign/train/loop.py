@@ -25,6 +25,7 @@ from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
 from jaxalign.data import formats, packing, pipeline, reading
+from jaxalign.errors import NonFiniteError, ResumeMismatchError
 from jaxalign.models import hf, lora
 from jaxalign.train import build as build_lib
 from jaxalign.train import heldout, optim, signals, step as step_lib
@@ -34,14 +35,6 @@ log = logging.getLogger("jaxalign")
 
 # Host-side bookkeeping columns of a batch that never go to the device.
 HOST_ONLY_KEYS = ("index", "valid")
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or a gradient was not finite; the last good checkpoint is kept."""
-
-
-class ResumeMismatchError(config_lib.ConfigError):
-  """The config's objective or model shape differs from the checkpoint it would resume."""
 
 
 @dataclasses.dataclass
