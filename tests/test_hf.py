@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxalign import sharding
-from jaxalign.config import DEFAULT_RULES
+from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models import hf
 from jaxalign.data import reading
 

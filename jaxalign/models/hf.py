@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from jaxalign.config import DEFAULT_RULES
+from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models.transformer import ModelConfig, Transformer
 
 # architecture -> (model_type, default tie_word_embeddings).
@@ -615,7 +615,7 @@ def from_pretrained(path: str, *, mesh=None, rules=DEFAULT_RULES,
       (downloaded through huggingface_hub's cache).
     mesh: place each parameter sharded on it per the logical-axis `rules`;
       None: everything on the first device.
-    rules: logical axis name -> mesh axes (jaxalign.config.DEFAULT_RULES).
+    rules: logical axis name -> mesh axes (jaxalign.sharding.DEFAULT_RULES).
     dtype: parameter and compute dtype (e.g. "bfloat16"); None: float32.
     scan_layers: the stacked (scanned) parameter layout, or one entry per layer.
 
