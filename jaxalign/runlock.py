@@ -23,7 +23,7 @@ import os
 import socket
 import time
 
-from jaxalign.errors import LockedError, RunError
+from jaxalign.errors import LockedError
 
 log = logging.getLogger("jaxalign")
 

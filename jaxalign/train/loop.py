@@ -4,7 +4,6 @@ Reads top to bottom. Everything inside `step_fn` is traced once; the host
 syncs with the devices only every `log_every` steps and at checkpoints.
 """
 
-import dataclasses
 import functools
 import logging
 import time
@@ -14,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxalign import checkpoint as ckpt
@@ -28,23 +26,14 @@ from jaxalign.data import formats, packing, pipeline, reading
 from jaxalign.errors import NonFiniteError, ResumeMismatchError
 from jaxalign.models import hf, lora
 from jaxalign.train import build as build_lib
-from jaxalign.train import heldout, optim, signals, step as step_lib
+from jaxalign.train import heldout, rundir, signals, step as step_lib
+from jaxalign.train.rundir import RunResult, load_run_params, resolved_config  # noqa: F401  (old import path)
 from jaxalign.train.metrics import MetricWriter
 
 log = logging.getLogger("jaxalign")
 
 # Host-side bookkeeping columns of a batch that never go to the device.
 HOST_ONLY_KEYS = ("index", "valid")
-
-
-@dataclasses.dataclass
-class RunResult:
-  workdir: str
-  final_step: int
-  last_metrics: dict[str, float]
-  stopped_by_signal: bool = False
-  signal_name: str = ""      # "SIGTERM" or "SIGINT" when stopped by a signal
-  already_complete: bool = False   # the workdir's run had already reached total_steps
 
 
 # SIGTERM and SIGINT: stop at the next step boundary with a checkpoint.
@@ -255,7 +244,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
     else:
       params = None
       if fresh_init and config.init_from:
-        params = ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_state.params)
+        params = ckpt.restore_params(rundir.checkpoint_dir(config.init_from), abstract_state.params)
       elif fresh_init and hf_dir:
         params = hf.load_state(hf_dir, model_cfg, abstract_state.params)
       state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref)
@@ -616,27 +605,10 @@ def _restore(checkpointer: ckpt.Checkpointer, step: int, abstract_state, data_it
   return state, candidate
 
 
-def _checkpoint_dir(path: str) -> str:
-  """A run directory or its checkpoints/ subdirectory -> the checkpoints directory."""
-  sub = paths.join(path, "checkpoints")
-  return sub if paths.isdir(sub) else path
-
-
-def _lora_base(config, abstract_frozen, frozen):
-  """The frozen base of a LoRA run: init_from's parameters, else the HF checkpoint
-  of model.hf_path, else the seed init `frozen`."""
-  if config.init_from:
-    return ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_frozen)
-  hf_dir = config_lib.hf_model_dir(config)
-  if hf_dir:
-    return hf.load_state(hf_dir, config_lib.model_config(config), abstract_frozen)
-  return frozen
-
-
 def _lora_init(state, config, abstract_state, tx, state_shardings, modules, *, fresh: bool):
   """A LoRA state's base from the config's source; on a fresh run, adapters from
   lora.init_adapters (every module starts from the same stored adapter)."""
-  state = state.replace(frozen=_lora_base(config, abstract_state.frozen, state.frozen))
+  state = state.replace(frozen=rundir.lora_base(config, abstract_state.frozen, state.frozen))
   if fresh and config.lora.init_adapters:
     one = abstract_state.params[modules[0]] if modules else abstract_state.params
     adapters = lora.load_adapters(config.lora.init_adapters, one)
@@ -649,38 +621,3 @@ def _lora_init(state, config, abstract_state, tx, state_shardings, modules, *, f
   return state
 
 
-def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None):
-  """(graphdef, params, frozen) of the latest checkpoint of a finished run.
-
-  A LoRA run's model comes back merged: the base graph and base + adapter
-  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen.
-  """
-  mesh = mesh or sharding.make_mesh(config.mesh.shape)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model_cfg = config_lib.model_config(config)
-  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
-  lora_cfg = lora.config_from(config.get("lora"))
-  modules = losses.get(config.loss.name).modules if lora_cfg.enabled else ()
-  graphdef, abstract_state, _, init_fn = build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False,
-      lora_config=lora_cfg, modules=modules)
-  base_graphdef = lora.base_graphdef(model_cfg) if lora_cfg.enabled else None
-  with jax.set_mesh(mesh):
-    params = ckpt.restore_params(_checkpoint_dir(workdir), abstract_state.params)
-    frozen = jax.jit(lambda: init_fn().frozen,
-                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))()
-    if lora_cfg.enabled:
-      base = _lora_base(config, abstract_state.frozen, frozen)
-      adapters = params[modules[0]] if modules else params
-      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(base, adapters)
-      return base_graphdef, merged, nnx.State({})
-  return graphdef, params, frozen
-
-
-def resolved_config(workdir: str) -> dict[str, Any]:
-  """The config saved with a run's latest checkpoint."""
-  checkpointer = ckpt.Checkpointer(paths.join(workdir, "checkpoints"), every=1, keep=1)
-  try:
-    return checkpointer.restore_config(checkpointer.latest_step())
-  finally:
-    checkpointer.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import config as config_lib, sharding
+from jaxalign import sharding
 from jaxalign.models import transformer
 from jaxalign.sampling import engine
 from jaxalign.sampling.engine import SamplingParams
