@@ -12,7 +12,7 @@ from jaxalign import config as config_lib
 from jaxalign import rewards
 from jaxalign import sharding
 from jaxalign.data import pipeline, toy
-from jaxalign.train import loop, rundir
+from jaxalign.train import loop, resume, rundir
 from jaxalign.train import online as online_lib
 from tests.train.helpers import read_metrics, tiny_config
 
@@ -148,16 +148,16 @@ def test_bad_online_configs_name_the_key(overrides, key):
 
 def test_resume_refuses_a_changed_reward_or_sampling():
   saved = online_config().to_dict()
-  loop.check_resume_config(saved, online_config(), where="here")
+  resume.check_resume_config(saved, online_config(), where="here")
   for key, value in (("reward.name", "exact_match"), ("sampling.temperature", 0.5)):
     with pytest.raises(loop.ResumeMismatchError, match=key.replace(".", r"\.")):
-      loop.check_resume_config(saved, online_config(**{key: value}), where="here")
+      resume.check_resume_config(saved, online_config(**{key: value}), where="here")
   with pytest.raises(loop.ResumeMismatchError, match="online.samples_per_prompt 3 -> 5"):
-    loop.check_resume_config(saved, online_config(**{"online.samples_per_prompt": 5}),
+    resume.check_resume_config(saved, online_config(**{"online.samples_per_prompt": 5}),
                              where="here")
   # Checkpoints written before these sections existed still resume.
   old = {k: v for k, v in saved.items() if k not in ("reward", "online", "sampling")}
-  loop.check_resume_config(old, online_config("grao", **{"online.enabled": False}),
+  resume.check_resume_config(old, online_config("grao", **{"online.enabled": False}),
                            where="here")
 
 
