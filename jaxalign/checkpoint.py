@@ -17,24 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxalign import paths, runerrors
-
-
-class CheckpointWriteError(OSError):
-  """A checkpoint could not be written (disk full, unwritable directory).
-
-  Earlier complete checkpoints are untouched; the message names the directory
-  and the latest complete step.
-  """
-
-
-class CorruptCheckpointError(runerrors.RunError):
-  """A complete-looking checkpoint step could not be read back (truncated array
-  file, garbage in the data-iterator JSON, a broken manifest)."""
-
-  def __init__(self, message: str, *, step: int):
-    super().__init__(message)
-    self.step = step
+from jaxalign import errors, paths
+from jaxalign.errors import CheckpointWriteError, CorruptCheckpointError
 
 
 def _problem(e: BaseException) -> str:
@@ -79,7 +63,7 @@ def _restore_reports():
   the "Event loop is closed" tracebacks of the reads still in flight are dropped
   (each printed by tensorstore's callback thread), the rest is printed as it came.
   With JAXALIGN_DEBUG=1 (--verbose) nothing is held back."""
-  if runerrors.debug_enabled():
+  if errors.debug_enabled():
     yield
     return
   real, held = sys.stderr, io.StringIO()

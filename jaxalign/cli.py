@@ -193,10 +193,10 @@ def _export(argv: list[str]) -> int:
   parser.add_argument("--architecture", default=None,
                       help="e.g. LlamaForCausalLM (default: from the run's hf_path or inferred)")
   args = parser.parse_args(argv)
-  from jaxalign.models import hf
+  from jaxalign.train import rundir
 
   try:
-    hf.export_checkpoint(args.checkpoint, args.out, architecture=args.architecture)
+    rundir.export_checkpoint(args.checkpoint, args.out, architecture=args.architecture)
   except (ValueError, FileNotFoundError, runerrors.RunError) as e:   # a corrupt checkpoint
     return _die("export", str(e), status=1)
   print(f"exported {args.checkpoint} to {os.path.abspath(args.out)}")

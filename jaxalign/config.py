@@ -12,31 +12,13 @@ from typing import Any
 
 import ml_collections
 
-from jaxalign import losses
+from jaxalign import guards, losses, rewards, sharding
+from jaxalign.models import attention, hf, lora, transformer
+from jaxalign.rewards import model as reward_model
+from jaxalign.errors import ConfigError, HfConfigError
+# Mesh axes and logical-axis rules live in sharding.py; re-exported under their old names.
+from jaxalign.sharding import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES, resolve_mesh_shape
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axis name -> mesh axis (or axes, or None). One table for the model.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vocab", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("lora_rank", None),
-    ("layers", None),          # the stacked (scanned) layers axis: never split
-)
-
-
-# Every logical axis name the model and the batch use; each needs a rule.
-LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
-
-
-class ConfigError(ValueError):
-  """A config key holds a value that cannot work; the message names the key."""
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -188,30 +170,12 @@ def defaults() -> ml_collections.ConfigDict:
   # True: when the latest checkpoint is corrupt, resume from the newest one that loads.
   c.checkpoint.fallback = False
   # Stop a finite blow-up of the loss / gradient / parameter norms (jaxalign.guards).
-  from jaxalign import guards  # local: keeps config import light
   c.divergence = guards.divergence_defaults()
   return c
 
 
 def _fail(key: str, problem: str):
   raise ConfigError(f"config.{key}: {problem}")
-
-
-def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
-  """Replaces one -1 in `shape` by what fills `num_devices`; raises ConfigError."""
-  shape = tuple(int(s) for s in shape)
-  if shape.count(-1) > 1:
-    _fail("mesh.shape", f"at most one -1 is allowed, got {shape}")
-  if any(s == 0 or s < -1 for s in shape):
-    _fail("mesh.shape", f"sizes must be positive or -1, got {shape}")
-  known = math.prod(s for s in shape if s != -1)
-  if num_devices % known:
-    _fail("mesh.shape", f"{shape} does not divide the {num_devices} available devices")
-  if -1 in shape:
-    shape = tuple(num_devices // known if s == -1 else s for s in shape)
-  if math.prod(shape) != num_devices:
-    _fail("mesh.shape", f"{shape} uses {math.prod(shape)} devices but {num_devices} are available")
-  return shape
 
 
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
@@ -231,7 +195,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
 
   Runs before anything is built or compiled.
   """
-  from jaxalign.models import transformer  # local: keeps config import light
 
   # mesh.axes had one legal value and is gone; configs saved by earlier versions
   # (resume, export, generate, init_from read them back) still carry it.
@@ -280,7 +243,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if key not in options:
       _fail(f"loss.options.{key}", f"not an option of {c.loss.name!r}; "
             f"it takes {sorted(options)}")
-  from jaxalign import guards  # local: NaN/inf anywhere, declared ranges, optimizer ranges
   guards.check_config_values(c, spec)
   if c.data.group_size is not None and c.data.group_size < 1:
     _fail("data.group_size", "must be >= 1 (or None)")
@@ -291,7 +253,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("reference.mode", "loss.hparams.ld_alpha (LD-DPO) weights the reference's tail "
           "tokens too, which the precomputed table does not hold: set reference.mode='frozen'")
 
-  from jaxalign.models import attention  # local: keeps config import light
   if c.model.get("attention", "auto") not in attention.IMPLEMENTATIONS:
     _fail("model.attention", f"must be one of {attention.IMPLEMENTATIONS}, got "
           f"{c.model.attention!r}")
@@ -374,9 +335,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("data.batch_size", f"{c.loss.name!r} estimates its KL reference point from "
           "mismatched pairs within a batch: it needs at least 2 examples per batch")
 
-  from jaxalign import sharding  # local: sharding imports this module
   sharding.check_partition_specs(
-      sharding.model_partition_specs(model_cfg, tuple(tuple(r) for r in c.sharding_rules)))
+      transformer.partition_specs(model_cfg, tuple(tuple(r) for r in c.sharding_rules)))
 
   # Every sharded parameter dimension must divide by its mesh axes.
   rules = dict((n, t) for n, t in c.sharding_rules)
@@ -408,7 +368,6 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
 
 def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
   """config.lora, the OFS-DPO learning-rate ratio and the continual keys."""
-  from jaxalign.models import lora  # local: keeps config import light
 
   lc = c.lora
   if isinstance(lc.rank, bool) or not isinstance(lc.rank, int) or lc.rank < 0:
@@ -478,7 +437,6 @@ def _validate_reference_sync(c: ml_collections.ConfigDict, spec) -> None:
 
 
 def _validate_reward(c: ml_collections.ConfigDict, why: str) -> None:
-  from jaxalign import rewards  # local: keeps config import light
 
   if not c.reward.name:
     _fail("reward.name", f"{why} needs a reward (e.g. 'exact_match', 'arithmetic', "
@@ -494,7 +452,6 @@ def _validate_reward(c: ml_collections.ConfigDict, why: str) -> None:
               f"takes {sorted(names)}")
   if c.reward.name == "reward_model":
     import os  # local: only this check touches the file system
-    from jaxalign.rewards import model as reward_model
     path = c.reward.options.get("path", "")
     if not path or not os.path.isfile(os.path.join(path, reward_model.CONFIG_FILE)):
       _fail("reward.options.path", f"{path!r} is not a saved reward model (no "
@@ -552,14 +509,8 @@ def _validate_sampling(c: ml_collections.ConfigDict, spec) -> None:
     _validate_reward(c, "iterative rounds")
 
 
-class HfConfigError(ValueError):
-  """model.hf_path names no readable Hugging Face checkpoint of a supported architecture."""
-
-
 def hf_model_dir(c: ml_collections.ConfigDict) -> str:
   """The local directory of `c.model.hf_path` ("" when unset); hub names are fetched once."""
-  from jaxalign.models import hf
-
   path = c.model.get("hf_path", "")
   if not path:
     return ""
@@ -573,7 +524,6 @@ def hf_model_dir(c: ml_collections.ConfigDict) -> str:
 def model_config(c: ml_collections.ConfigDict):
   """The ModelConfig named by `c.model`: the preset, or the config.json of
   `hf_path` when set, plus field overrides."""
-  from jaxalign.models import hf, transformer
 
   hf_dir = hf_model_dir(c)
   if hf_dir:

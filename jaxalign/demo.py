@@ -34,7 +34,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign.data import toy
 from jaxalign.train import eval as eval_lib
-from jaxalign.train import loop
+from jaxalign.train import loop, rundir
 
 TASK = toy.ArithmeticTask(max_operand=99, ops=("+",), seed=0)
 MAX_NEW_TOKENS = 5
@@ -153,7 +153,7 @@ def _write_jsonl(path: str, records) -> None:
 
 def _complete(run_dir: str, config, tokenizer, prompts, *, temperature: float = 0.0,
               seed: int = 0) -> list[str]:
-  graphdef, params, frozen = loop.load_run_params(run_dir, config)
+  graphdef, params, frozen = rundir.load_run_params(run_dir, config)
   return eval_lib.complete(graphdef, params, frozen, tokenizer, prompts,
                            max_new_tokens=MAX_NEW_TOKENS, temperature=temperature, seed=seed)
 

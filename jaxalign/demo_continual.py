@@ -35,7 +35,7 @@ from jaxalign import config as config_lib
 from jaxalign import sharding
 from jaxalign.data import toy
 from jaxalign.models import lora
-from jaxalign.train import continual, eval as eval_lib, loop
+from jaxalign.train import continual, eval as eval_lib, loop, rundir
 from jaxalign import demo
 
 OPS = ("+", "-")
@@ -145,7 +145,7 @@ def run_continual(workdir: str, *, seed: int = 0, num_train: int = 2000, num_val
     _write_jsonl(os.path.join(data_dir, "sft.jsonl"),
                  BOTH.sft_records(num_train * 2, split="train", seed=seed, pad_noise=pad_noise))
     loop.train(sft_cfg, sft_dir, progress=progress)
-  sft_graph, sft_params, sft_frozen = loop.load_run_params(sft_dir, sft_cfg)
+  sft_graph, sft_params, sft_frozen = rundir.load_run_params(sft_dir, sft_cfg)
   sample = lambda prompts: eval_lib.complete(  # noqa: E731
       sft_graph, sft_params, sft_frozen, tokenizer, prompts, max_new_tokens=demo.MAX_NEW_TOKENS)
   tests = build_data(workdir, sample, seed=seed, num_train=num_train, num_val=num_val,

@@ -21,13 +21,11 @@ import os
 
 import jax
 
+from jaxalign.errors import DistributedError
+
 ENV_COORDINATOR = "JAXALIGN_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXALIGN_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXALIGN_PROCESS_ID"
-
-
-class DistributedError(ValueError):
-  """The multi-process flags are incomplete or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True)

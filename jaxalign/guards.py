@@ -23,12 +23,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxalign.errors import ConfigError, DivergenceError
+
 _INTERVAL = re.compile(r"^\s*([\[(])\s*([-+]?(?:inf|[0-9.eE+-]+))\s*,\s*"
                        r"([-+]?(?:inf|[0-9.eE+-]+))\s*([\])])\s*$")
-
-
-class DivergenceError(RuntimeError):
-  """The loss, gradient norm or parameter norm blew up; the last good checkpoint is kept."""
 
 
 def parse_interval(text: str) -> tuple[float, float, bool, bool]:
@@ -47,7 +45,6 @@ def in_interval(value: float, text: str) -> bool:
 
 
 def _fail(key: str, problem: str):
-  from jaxalign.config import ConfigError
   raise ConfigError(f"config.{key}: {problem}")
 
 

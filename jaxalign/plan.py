@@ -57,6 +57,7 @@ from jaxalign import config as config_lib
 from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
 from jaxalign.models import attention as attention_lib
+from jaxalign.errors import PlanError
 from jaxalign.train import build as build_lib
 
 GiB = 1024 ** 3
@@ -85,10 +86,6 @@ _GROUP_FORMATS = ("negatives", "groups", "ranked")
 # Columns a loss's host-side `prepare` adds (bco.prepare_udm: udm_weights).
 _PREPARED_COLUMNS = {"bco": {"udm_weights": ((), jnp.float32)}}
 DEFAULT_GROUP_SIZE = 4
-
-
-class PlanError(RuntimeError):
-  """The plan cannot be made here (no libtpu, unknown topology, too few devices)."""
 
 
 def chip_of(topology: str) -> Chip | None:
@@ -143,15 +140,15 @@ def _make_mesh(config, devs):
   if num_slices == 1:
     return sharding.make_mesh(config.mesh.shape, devs)
   from jax.experimental import mesh_utils
-  shape = config_lib.resolve_mesh_shape(config.mesh.shape, len(devs))
+  shape = sharding.resolve_mesh_shape(config.mesh.shape, len(devs))
   if shape[0] % num_slices:
     raise config_lib.ConfigError(
         f"config.mesh.shape: {tuple(shape)} over {num_slices} slices needs a 'data' size "
         f"divisible by {num_slices} (data parallelism runs across slices)")
   per_slice = (shape[0] // num_slices, *shape[1:])
   grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devs)
-  return jax.sharding.Mesh(grid, config_lib.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(config_lib.MESH_AXES))
+  return jax.sharding.Mesh(grid, sharding.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict[str, Any]:

@@ -1,19 +1,10 @@
 """Run errors: a fault found while running (not a bad config), reported in one line.
 
 `jaxalign train` prints `RunError`'s message on one stderr line and exits 1. With
-`--verbose` or JAXALIGN_DEBUG=1 the CLI prints the full traceback as well.
+`--verbose` or JAXALIGN_DEBUG=1 the CLI prints the full traceback as well. The
+types live in jaxalign/errors.py; this module keeps their old import path.
 """
 
-import os
+from jaxalign.errors import RunError, debug_enabled
 
-
-class RunError(RuntimeError):
-  """A run cannot go on (a file it needs is missing or corrupt, the data changed).
-
-  The message names the file or checkpoint step and what to do.
-  """
-
-
-def debug_enabled() -> bool:
-  """Whether full tracebacks were asked for (JAXALIGN_DEBUG=1 or the CLI's --verbose)."""
-  return os.environ.get("JAXALIGN_DEBUG", "") not in ("", "0", "false", "False")
+__all__ = ["RunError", "debug_enabled"]

@@ -23,15 +23,11 @@ import os
 import socket
 import time
 
-from jaxalign.runerrors import RunError
+from jaxalign.errors import LockedError
 
 log = logging.getLogger("jaxalign")
 
 LOCK_FILE = "run.lock"
-
-
-class LockedError(RunError):
-  """Another live run holds the workdir; the message names it."""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,14 +1,57 @@
-"""Mesh from config, and logical-axis rules turned into NamedShardings."""
+"""Mesh axes and logical-axis rules, the mesh from a shape, rules turned into NamedShardings.
 
+Imports nothing of jaxalign but errors: models, data and config build on it.
+"""
+
+import math
 from typing import Sequence
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxalign.config import MESH_AXES, ConfigError, resolve_mesh_shape
+from jaxalign.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or axes, or None). One table for the model.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("lora_rank", None),
+    ("layers", None),          # the stacked (scanned) layers axis: never split
+)
+
+
+# Every logical axis name the model and the batch use; each needs a rule.
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
+  """Replaces one -1 in `shape` by what fills `num_devices`; raises ConfigError."""
+  shape = tuple(int(s) for s in shape)
+  if shape.count(-1) > 1:
+    raise ConfigError(f"config.mesh.shape: at most one -1 is allowed, got {shape}")
+  if any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f"config.mesh.shape: sizes must be positive or -1, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if num_devices % known:
+    raise ConfigError(f"config.mesh.shape: {shape} does not divide the {num_devices} "
+                      "available devices")
+  if -1 in shape:
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ConfigError(f"config.mesh.shape: {shape} uses {math.prod(shape)} devices but "
+                      f"{num_devices} are available")
+  return shape
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -40,15 +83,6 @@ def check_partition_specs(specs) -> None:
       raise ConfigError(
           f"config.sharding_rules: {jax.tree_util.keystr(path)} gets {spec}, which uses a "
           "mesh axis for two of its dimensions")
-
-
-def model_partition_specs(model_cfg, rules: Rules):
-  """Each parameter's PartitionSpec under `rules`, from an abstract model (nothing allocated)."""
-  from jaxalign.models import transformer  # local: sharding stays importable from config
-
-  abstract = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)))
-  with nnx.logical_axis_rules(tuple(rules)):
-    return nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
 
 
 def batch_axes(rules: Rules) -> tuple[str, ...] | str | None:

@@ -14,8 +14,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxalign import sharding
-from jaxalign.config import DEFAULT_RULES
+from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models import hf
+from jaxalign.train import rundir
 from jaxalign.data import reading
 
 torch = pytest.importorskip("torch")
@@ -265,12 +266,12 @@ def test_export_trained_checkpoint(tmp_path):
   run = str(tmp_path / "run")
   config = tiny_config("sft", total_steps=2, log_every=1, **{"checkpoint.every": 2})
   loop.train(config, run, progress=False)
-  out = hf.export_checkpoint(run, str(tmp_path / "out"))
+  out = rundir.export_checkpoint(run, str(tmp_path / "out"))
   assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
   assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [
       "LlamaForCausalLM"]
 
-  graphdef, params, frozen = loop.load_run_params(run, config)
+  graphdef, params, frozen = rundir.load_run_params(run, config)
   trained = nnx.merge(graphdef, params, frozen)
   tokens, mask = _batch(trained.config.vocab_size)
   ours = _our_logits(trained, tokens, mask)
@@ -319,7 +320,7 @@ def test_train_from_hf_path(tmp_path):
   run = str(tmp_path / "run")
   loop.train(config, run, progress=False)
 
-  assert loop.resolved_config(run)["model"]["hf_path"] == src
+  assert rundir.resolved_config(run)["model"]["hf_path"] == src
   tokenizer = reading.load_tokenizer(os.path.join(run, "tokenizer"))
   assert tokenizer.get_vocab() == toy.build_tokenizer().get_vocab()
   examples, _ = reading.load_examples(
@@ -339,10 +340,10 @@ def test_train_from_hf_path(tmp_path):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
   # Exporting the aligned run gives the same architecture back, loadable by transformers.
-  out = hf.export_checkpoint(run, str(tmp_path / "out"))
+  out = rundir.export_checkpoint(run, str(tmp_path / "out"))
   assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [
       "Qwen2ForCausalLM"]
-  graphdef, params, frozen = loop.load_run_params(run, config)
+  graphdef, params, frozen = rundir.load_run_params(run, config)
   trained = nnx.merge(graphdef, params, frozen)
   batch, mask = _batch(trained.config.vocab_size)
   assert _max_diff(_hf_logits(_load_exported(out), batch, mask),
@@ -354,9 +355,9 @@ def test_train_from_hf_path(tmp_path):
   config.reference.mode = "frozen"
   lora_run = str(tmp_path / "lora_run")
   loop.train(config, lora_run, progress=False)
-  graphdef, merged, frozen = loop.load_run_params(lora_run, config)
+  graphdef, merged, frozen = rundir.load_run_params(lora_run, config)
   aligned = nnx.merge(graphdef, merged, frozen)
-  out = hf.export_checkpoint(lora_run, str(tmp_path / "lora_out"))
+  out = rundir.export_checkpoint(lora_run, str(tmp_path / "lora_out"))
   exported = _load_exported(out)
   assert _max_diff(_hf_logits(exported, batch, mask), _our_logits(aligned, batch, mask),
                    mask) <= TOL

@@ -14,7 +14,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.models import lora, transformer
-from jaxalign.train import loop, optim, step as step_lib
+from jaxalign.train import loop, optim, rundir, step as step_lib
 from tests.train.helpers import random_batch, read_metrics, tiny_config
 
 LOG2 = np.float32(np.log(2.0))
@@ -195,8 +195,7 @@ def test_lora_run_resumes_checkpoints_adapters_only_and_exports(tmp_path):
   config = tiny_config(**over)
 
   # The LoRA forward (base + adapters, unmerged) vs transformers on the merged export.
-  from jaxalign.models import hf
-  out = hf.export_checkpoint(straight, str(tmp_path / "hf"))
+  out = rundir.export_checkpoint(straight, str(tmp_path / "hf"))
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)

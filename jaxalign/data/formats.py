@@ -47,6 +47,7 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from jaxalign.data import conventions
+from jaxalign.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,6 @@ PROVENANCE = ("source_file", "row")
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class DataError(ValueError):
-  """A malformed data record; the message starts with ``file:row: field:``."""
 
 
 class _FieldError(Exception):

@@ -8,9 +8,9 @@ import os
 import jax
 import ml_collections
 
-from jaxalign import config as config_lib
 from jaxalign import fingerprint, paths
 from jaxalign.data import formats, sources, tokenize
+from jaxalign.errors import ConfigError
 
 log = logging.getLogger("jaxalign")
 
@@ -25,7 +25,7 @@ def load_tokenizer(name: str, workdir: str | None = None):
     try:
       tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as e:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.data.tokenizer: cannot load {name!r}: {first_line(e)}") from None
   if tok.pad_token_id is None:
     tok.pad_token = tok.eos_token
@@ -57,13 +57,13 @@ def check_tokenizer(tokenizer, config: ml_collections.ConfigDict, vocab_size: in
       and any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES)):
     own = load_tokenizer(hf_dir)
     if fingerprint.tokenizer_hash(own) != fingerprint.tokenizer_hash(tokenizer):
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.data.tokenizer: {name!r} is not the tokenizer of config.model.hf_path="
           f"{config.model.hf_path!r} ({len(tokenizer)} vs {len(own)} tokens); clear "
           "data.tokenizer to use the checkpoint's own, or set "
           "config.data.allow_other_tokenizer=True if the choice is deliberate")
   if len(tokenizer) > vocab_size:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"config.model: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
         f"{vocab_size}")
   specials = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.all_special_tokens}
@@ -73,7 +73,7 @@ def check_tokenizer(tokenizer, config: ml_collections.ConfigDict, vocab_size: in
       specials.setdefault(attr[:-len("_token_id")], value)
   for tok, idx in sorted(specials.items()):
     if idx is not None and not 0 <= int(idx) < vocab_size:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.data.tokenizer: special token {tok!r} has id {idx}, outside the model's "
           f"vocabulary of {vocab_size} (config.model vocab_size)")
 
@@ -87,7 +87,7 @@ def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict
   operators (default "+"), e.g. "ops=-" for subtraction problems only, "ops=+-" for both.
   """
   if not path:
-    raise config_lib.ConfigError("config.data.train_path: no training data given")
+    raise ConfigError("config.data.train_path: no training data given")
   if path.startswith("toy:"):
     from urllib.parse import parse_qs
     from jaxalign.data import toy
@@ -99,7 +99,7 @@ def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict
       args = {k: int(v[-1]) for k, v in args.items()}
       task = toy.ArithmeticTask(ops=ops)
     except ValueError as e:
-      raise config_lib.ConfigError(f"config.data.train_path: bad toy source {path!r}: "
+      raise ConfigError(f"config.data.train_path: bad toy source {path!r}: "
                                    f"{first_line(e)}") from None
     n, seed = args.pop("n", 1000), args.pop("seed", 0)
     makers = {
@@ -111,17 +111,17 @@ def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict
         "ranked": lambda: task.ranked_records(n, args.pop("g", 4), seed=seed),
     }
     if fmt not in makers:
-      raise config_lib.ConfigError(f"config.data.train_path: bad toy source {path!r}; formats: "
+      raise ConfigError(f"config.data.train_path: bad toy source {path!r}; formats: "
                                    f"{sorted(makers)}, e.g. toy:pairwise?n=2000&seed=0")
     records = makers[fmt]()
     if args:
-      raise config_lib.ConfigError(f"config.data.train_path: unknown toy parameters "
+      raise ConfigError(f"config.data.train_path: unknown toy parameters "
                                    f"{sorted(args)} in {path!r}")
     return [{**r, "source_file": path, "row": i + 1} for i, r in enumerate(records)]
   try:
     return sources.load_records(path, split=split, on_error=on_error)
   except FileNotFoundError as e:
-    raise config_lib.ConfigError(f"config.data.train_path: {first_line(e)}") from None
+    raise ConfigError(f"config.data.train_path: {first_line(e)}") from None
 
 
 def first_line(e: Exception) -> str:

@@ -10,15 +10,12 @@ in which the *other* module plays the reference. One module holds the leader
 explicit state transition (`OfsState`, `ofs_update_state`).
 """
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxalign.losses.dpo import dpo_loss
-
-_SPACES = ("delta", "factors")
-
 
 class OfsState(NamedTuple):
   """Role flag and role-check accumulators; checkpointed with the train state.
@@ -255,74 +252,6 @@ def ofs_dpo_loss(
   new_state = ofs_update_state(state, fast_m["loss/dpo"], slow_m["loss/dpo"],
                                swap_interval=swap_interval)
   return fast_loss + slow_loss, metrics, new_state
-
-
-def lora_delta(adapter, *, lora_keys: tuple[str, str] = ("lora_a", "lora_b")):
-  """What a LoRA adapter adds to the base weights: each {a, b} pair -> a @ b.
-
-  Walks nested mappings; a mapping holding both `lora_keys` (a: [..., d_in, r],
-  b: [..., r, d_out], as Flax's LoRA) becomes {"delta": a @ b} ([..., d_in,
-  d_out], leading axes such as scanned layers broadcast); other leaves are kept
-  (already additive, e.g. biases or full-parameter deltas).
-  """
-  a_key, b_key = lora_keys
-  if hasattr(adapter, "items"):   # dict, nnx.State and other mappings
-    if a_key in adapter and b_key in adapter:
-      a = jnp.asarray(adapter[a_key])
-      b = jnp.asarray(adapter[b_key])
-      delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST).astype(a.dtype)
-      rest = {k: lora_delta(v, lora_keys=lora_keys) for k, v in adapter.items()
-              if k not in lora_keys}
-      return {"delta": delta, **rest}
-    return {k: lora_delta(v, lora_keys=lora_keys) for k, v in adapter.items()}
-  if isinstance(adapter, (list, tuple)):
-    return type(adapter)(lora_delta(v, lora_keys=lora_keys) for v in adapter)
-  return adapter
-
-
-def cofs_combine(
-    domain_adapters: Sequence,
-    weights: jax.Array | Sequence[float],
-    *,
-    space: str = "delta",
-    lora_keys: tuple[str, str] = ("lora_a", "lora_b"),
-):
-  """COFS-DPO: linear combination sum_t w_t theta_F^(t) of per-domain fast adapters.
-
-  Args:
-    domain_adapters: T pytrees with one structure, domain t's (best) fast
-      adapter after training on it.
-    weights: [T] combination weights w_t (how to choose them is not
-      established: fixed, or searched on held-out data by the caller).
-    space: "delta" (default, a jaxalign choice): linear in what each adapter
-      adds to the base, sum_t w_t a_t @ b_t per LoRA pair (see `lora_delta`);
-      the result holds {"delta": ...} in place of each pair, to merge into the
-      base weights. "factors": every leaf combined as is (A and B separately),
-      an adapter of the input's structure whose delta (sum w a)(sum w b) is
-      bilinear in the weights.
-    lora_keys: the names of the LoRA factor pair in "delta" space.
-
-  Returns:
-    the combined pytree; one-hot weights e_t give domain t's adapter ("factors")
-    or its delta ("delta") exactly. Leaves keep their dtype (float32 compute).
-  """
-  if space not in _SPACES:
-    raise ValueError(f"space must be one of {_SPACES}, got {space!r}")
-  num_domains = len(domain_adapters)
-  if num_domains == 0:
-    raise ValueError("cofs_combine needs at least one adapter")
-  weights = jnp.asarray(weights, jnp.float32)
-  if weights.shape != (num_domains,):
-    raise ValueError(f"weights must have shape ({num_domains},), got {weights.shape}")
-  if space == "delta":
-    domain_adapters = [lora_delta(a, lora_keys=lora_keys) for a in domain_adapters]
-
-  def combine(*leaves):
-    out = sum(weights[t] * jnp.asarray(leaf, jnp.float32) for t, leaf in enumerate(leaves))
-    return out.astype(jnp.result_type(leaves[0]))
-
-  return jax.tree.map(combine, *domain_adapters)
 
 
 def _check_swap_interval(swap_interval) -> None:

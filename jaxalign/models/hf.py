@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from jaxalign.config import DEFAULT_RULES
+from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models.transformer import ModelConfig, Transformer
 
 # architecture -> (model_type, default tie_word_embeddings).
@@ -62,7 +62,7 @@ def _unsupported(arch: str, feature: str) -> ValueError:
 # config.json <-> ModelConfig
 
 
-def _architecture(hf_config: dict[str, Any]) -> str:
+def architecture_of(hf_config: dict[str, Any]) -> str:
   archs = hf_config.get("architectures") or []
   if archs:
     arch = archs[0]
@@ -143,7 +143,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     biases; rope types other than "default"/"llama3"; Qwen sliding windows).
   """
   hf = hf_config
-  arch = _architecture(hf)
+  arch = architecture_of(hf)
   _, default_tie = ARCHITECTURES[arch]
   is_gemma = arch in _GEMMA
   H = int(hf["num_attention_heads"])
@@ -615,7 +615,7 @@ def from_pretrained(path: str, *, mesh=None, rules=DEFAULT_RULES,
       (downloaded through huggingface_hub's cache).
     mesh: place each parameter sharded on it per the logical-axis `rules`;
       None: everything on the first device.
-    rules: logical axis name -> mesh axes (jaxalign.config.DEFAULT_RULES).
+    rules: logical axis name -> mesh axes (jaxalign.sharding.DEFAULT_RULES).
     dtype: parameter and compute dtype (e.g. "bfloat16"); None: float32.
     scan_layers: the stacked (scanned) parameter layout, or one entry per layer.
 
@@ -781,31 +781,3 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
     json.dump({k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if k in hf_config}, f, indent=2)
   return out_dir
-
-
-def export_checkpoint(run_dir: str, out_dir: str, *, architecture: str | None = None,
-                      mesh=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      dtype: str | None = None) -> str:
-  """Exports the latest checkpoint of the jaxalign run in `run_dir` (see `export`).
-
-  The model config comes from the resolved config saved with the checkpoint;
-  the tokenizer from `run_dir/tokenizer` when present. `architecture` None:
-  the architecture of the run's `config.model.hf_path` if it has one, else
-  `infer_architecture`.
-  """
-  import ml_collections
-
-  from jaxalign import config as config_lib
-  from jaxalign.train import loop
-
-  config = ml_collections.ConfigDict(loop.resolved_config(run_dir))
-  model_cfg = config_lib.model_config(config)
-  if architecture is None:
-    hf_path = config.model.get("hf_path", "") if "model" in config else ""
-    if hf_path and os.path.exists(os.path.join(hf_path, "config.json")):
-      architecture = _architecture(_read_json(os.path.join(hf_path, "config.json")))
-  _, params, _ = loop.load_run_params(run_dir, config, mesh=mesh)
-  tok_dir = os.path.join(run_dir, "tokenizer")
-  tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
-  return export(params, model_cfg, out_dir, architecture=architecture, tokenizer=tokenizer,
-                max_shard_bytes=max_shard_bytes, dtype=dtype)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.losses.ofs import lora_delta
+from jaxalign.models import transformer
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _ATTENTION = ("q", "k", "v", "o")
@@ -121,8 +121,6 @@ def add_adapters(model: nnx.Module, config: LoraConfig, *, seed: int) -> nnx.Mod
   Must run where the model was built (same mesh and logical-axis rules) so the
   adapters are sharded like the base.
   """
-  from jaxalign.models import transformer
-
   if not config.enabled:
     return model
   base_key = jax.random.fold_in(jax.random.PRNGKey(seed), _INIT_STREAM)
@@ -161,9 +159,79 @@ def set_dropout_key(model: nnx.Module, key: jax.Array | None) -> None:
 def base_graphdef(model_cfg) -> nnx.GraphDef:
   """The graph of the model without adapters: merged with the frozen base params
   alone it is the reference (adapters switched off). Call it outside `jax.set_mesh`."""
-  from jaxalign.models import transformer
   abstract = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)))
   return nnx.split(abstract, nnx.Param, ...)[0]
+
+
+def lora_delta(adapter, *, lora_keys: tuple[str, str] = ("lora_a", "lora_b")):
+  """What a LoRA adapter adds to the base weights: each {a, b} pair -> a @ b.
+
+  Walks nested mappings; a mapping holding both `lora_keys` (a: [..., d_in, r],
+  b: [..., r, d_out], as Flax's LoRA) becomes {"delta": a @ b} ([..., d_in,
+  d_out], leading axes such as scanned layers broadcast); other leaves are kept
+  (already additive, e.g. biases or full-parameter deltas).
+  """
+  a_key, b_key = lora_keys
+  if hasattr(adapter, "items"):   # dict, nnx.State and other mappings
+    if a_key in adapter and b_key in adapter:
+      a = jnp.asarray(adapter[a_key])
+      b = jnp.asarray(adapter[b_key])
+      delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST).astype(a.dtype)
+      rest = {k: lora_delta(v, lora_keys=lora_keys) for k, v in adapter.items()
+              if k not in lora_keys}
+      return {"delta": delta, **rest}
+    return {k: lora_delta(v, lora_keys=lora_keys) for k, v in adapter.items()}
+  if isinstance(adapter, (list, tuple)):
+    return type(adapter)(lora_delta(v, lora_keys=lora_keys) for v in adapter)
+  return adapter
+
+
+_SPACES = ("delta", "factors")
+
+
+def cofs_combine(
+    domain_adapters: Sequence,
+    weights: jax.Array | Sequence[float],
+    *,
+    space: str = "delta",
+    lora_keys: tuple[str, str] = ("lora_a", "lora_b"),
+):
+  """COFS-DPO: linear combination sum_t w_t theta_F^(t) of per-domain fast adapters.
+
+  Args:
+    domain_adapters: T pytrees with one structure, domain t's (best) fast
+      adapter after training on it.
+    weights: [T] combination weights w_t (how to choose them is not
+      established: fixed, or searched on held-out data by the caller).
+    space: "delta" (default, a jaxalign choice): linear in what each adapter
+      adds to the base, sum_t w_t a_t @ b_t per LoRA pair (see `lora_delta`);
+      the result holds {"delta": ...} in place of each pair, to merge into the
+      base weights. "factors": every leaf combined as is (A and B separately),
+      an adapter of the input's structure whose delta (sum w a)(sum w b) is
+      bilinear in the weights.
+    lora_keys: the names of the LoRA factor pair in "delta" space.
+
+  Returns:
+    the combined pytree; one-hot weights e_t give domain t's adapter ("factors")
+    or its delta ("delta") exactly. Leaves keep their dtype (float32 compute).
+  """
+  if space not in _SPACES:
+    raise ValueError(f"space must be one of {_SPACES}, got {space!r}")
+  num_domains = len(domain_adapters)
+  if num_domains == 0:
+    raise ValueError("cofs_combine needs at least one adapter")
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.shape != (num_domains,):
+    raise ValueError(f"weights must have shape ({num_domains},), got {weights.shape}")
+  if space == "delta":
+    domain_adapters = [lora_delta(a, lora_keys=lora_keys) for a in domain_adapters]
+
+  def combine(*leaves):
+    out = sum(weights[t] * jnp.asarray(leaf, jnp.float32) for t, leaf in enumerate(leaves))
+    return out.astype(jnp.result_type(leaves[0]))
+
+  return jax.tree.map(combine, *domain_adapters)
 
 
 def _pure(tree) -> Any:
@@ -253,6 +321,5 @@ def load_adapters(path: str, abstract_adapters):
 
 def combine(domain_adapters: Sequence, weights, *, space: str = "delta"):
   """COFS-DPO's linear combination of stored adapters, as a delta tree for `merge_deltas`."""
-  from jaxalign.losses.ofs import cofs_combine
   combined = cofs_combine([_pure(a) for a in domain_adapters], weights, space=space)
   return combined if space == "delta" else lora_delta(combined)

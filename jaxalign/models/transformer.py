@@ -781,6 +781,14 @@ def init_model(config: ModelConfig, seed: int) -> Transformer:
   return Transformer(config, rngs=nnx.Rngs(params=seed))
 
 
+def partition_specs(config: ModelConfig, rules) -> Any:
+  """Each parameter's PartitionSpec under logical-axis `rules`, from an abstract model
+  (nothing allocated)."""
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  with nnx.logical_axis_rules(tuple(rules)):
+    return nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
+
+
 def _layer_slots(config: ModelConfig) -> list[tuple[str, int, int | None]]:
   """Where layer i lives in the scanned layout: (list name, entry, stacked index)."""
   period, groups, tail = config.scan_groups()

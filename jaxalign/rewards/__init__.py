@@ -23,13 +23,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jaxalign.errors import RewardError
 from jaxalign.rewards import verifiable
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Any]], np.ndarray]
-
-
-class RewardError(ValueError):
-  """A reward function returned something that is not one finite float per completion."""
 
 
 def per_example(fn: Callable[..., float]) -> Callable[..., RewardFn]:

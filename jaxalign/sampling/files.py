@@ -129,13 +129,13 @@ def generate_file(checkpoint: str, prompts_path: str, out_path: str, sp: Samplin
   """
   import ml_collections
 
-  from jaxalign.train import loop
+  from jaxalign.train import rundir
 
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not os.path.isdir(os.path.join(checkpoint, "checkpoints")):
     raise FileNotFoundError(f"{checkpoint}: not a jaxalign run directory (no checkpoints/)")
-  config = ml_collections.ConfigDict(loop.resolved_config(checkpoint))
+  config = ml_collections.ConfigDict(rundir.resolved_config(checkpoint))
   records = read_prompts(prompts_path)
   tok_dir = os.path.join(checkpoint, "tokenizer")
   tokenizer = reading.load_tokenizer(tok_dir if os.path.isdir(tok_dir) else config.data.tokenizer)
@@ -145,7 +145,7 @@ def generate_file(checkpoint: str, prompts_path: str, out_path: str, sp: Samplin
   ids, truncated = encode_prompts(tokenizer, [r["prompt"] for r in records], width)
 
   mesh = _run_mesh(config)
-  graphdef, params, frozen = loop.load_run_params(checkpoint, config, mesh=mesh)
+  graphdef, params, frozen = rundir.load_run_params(checkpoint, config, mesh=mesh)
   key = jax.random.PRNGKey(seed)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   from jaxalign import sharding

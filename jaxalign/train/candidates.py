@@ -28,7 +28,7 @@ from jaxalign import rewards
 from jaxalign.data import formats
 from jaxalign.sampling import SamplingParams
 from jaxalign.sampling import files
-from jaxalign.train import loop
+from jaxalign.train import rundir
 from jaxalign.data import reading
 
 
@@ -96,7 +96,7 @@ def generate_candidates(checkpoint: str, questions_path: str, out_path: str, *, 
   with open(samples_path) as f:
     samples = [json.loads(line) for line in f]
   os.remove(samples_path)
-  config = ml_collections.ConfigDict(loop.resolved_config(checkpoint))
+  config = ml_collections.ConfigDict(rundir.resolved_config(checkpoint))
   tok_dir = os.path.join(checkpoint, "tokenizer")
   tokenizer = reading.load_tokenizer(tok_dir if os.path.isdir(tok_dir) else config.data.tokenizer)
   checker = checker_fn(tokenizer=tokenizer, **(reward_options or {}))

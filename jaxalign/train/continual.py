@@ -44,7 +44,7 @@ from jaxalign import sharding
 from jaxalign.data import pipeline
 from jaxalign.models import lora
 from jaxalign.train import build as build_lib
-from jaxalign.train import loop, step as step_lib
+from jaxalign.train import loop, rundir, step as step_lib
 from jaxalign.data import reading
 
 log = logging.getLogger("jaxalign")
@@ -81,7 +81,7 @@ def fast_module(run_dir: str, config, mesh):
   """The fast module (adapter state) of the latest checkpoint of a LoRA run."""
   _, abstract, modules, _ = _abstract_adapters(config, mesh)
   with jax.set_mesh(mesh):
-    params = ckpt.restore_params(loop._checkpoint_dir(run_dir), abstract.params)
+    params = ckpt.restore_params(rundir.checkpoint_dir(run_dir), abstract.params)
   return params[modules[0]] if modules else params
 
 
@@ -91,7 +91,7 @@ def base_params(config, mesh):
   with jax.set_mesh(mesh):
     frozen = jax.jit(lambda: init_fn().frozen,
                      out_shardings=jax.tree.map(lambda a: a.sharding, abstract.frozen))()
-    return loop._lora_base(config, abstract.frozen, frozen)
+    return rundir.lora_base(config, abstract.frozen, frozen)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "space"))
@@ -149,7 +149,7 @@ def search_weights(score, num: int, grid: int) -> tuple[tuple[float, ...], list[
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          devices=None) -> loop.RunResult:
+          devices=None) -> rundir.RunResult:
   """Trains every domain of config.data.domains in turn (resuming what exists)."""
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, len(devices))

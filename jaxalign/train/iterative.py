@@ -34,7 +34,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import rewards
 from jaxalign.data import formats
-from jaxalign.train import loop, rollout
+from jaxalign.train import loop, rollout, rundir
 from jaxalign.data import reading
 
 log = logging.getLogger("jaxalign")
@@ -126,7 +126,7 @@ def build_round_pairs(config: ml_collections.ConfigDict, workdir: str, r: int, r
   if not c.init_from:
     raise config_lib.ConfigError("config.init_from: iterative rounds sample from a trained "
                                  "policy; give its run directory (e.g. the SFT run)")
-  graphdef, params, frozen = loop.load_run_params(c.init_from, config, mesh=mesh)
+  graphdef, params, frozen = rundir.load_run_params(c.init_from, config, mesh=mesh)
   it = config.iterative
   rng = np.random.default_rng([config.seed, r])
   order = rng.permutation(len(records))
@@ -166,7 +166,7 @@ def build_round_pairs(config: ml_collections.ConfigDict, workdir: str, r: int, r
 
 
 def train_rounds(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-                 devices=None, stop_after: int | None = None) -> loop.RunResult:
+                 devices=None, stop_after: int | None = None) -> rundir.RunResult:
   """Runs (or resumes) every round; returns the last round's RunResult."""
   from jaxalign import sharding
 
@@ -195,5 +195,5 @@ def train_rounds(config: ml_collections.ConfigDict, workdir: str, *, progress: b
       return result
   if result is None:  # every round was already done
     last = final_run_dir(workdir, config)
-    return loop.RunResult(workdir=last, final_step=_steps_done(last), last_metrics={})
+    return rundir.RunResult(workdir=last, final_step=_steps_done(last), last_metrics={})
   return result

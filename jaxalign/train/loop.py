@@ -4,17 +4,14 @@ Reads top to bottom. Everything inside `step_fn` is traced once; the host
 syncs with the devices only every `log_every` steps and at checkpoints.
 """
 
-import dataclasses
 import functools
 import logging
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxalign import checkpoint as ckpt
@@ -25,33 +22,17 @@ from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
 from jaxalign.data import formats, packing, pipeline, reading
+from jaxalign.errors import NonFiniteError, ResumeMismatchError  # noqa: F401  (old import path)
 from jaxalign.models import hf, lora
 from jaxalign.train import build as build_lib
-from jaxalign.train import heldout, optim, signals, step as step_lib
+from jaxalign.train import heldout, resume, rundir, signals, step as step_lib
+from jaxalign.train.rundir import RunResult, load_run_params, resolved_config  # noqa: F401  (old import path)
 from jaxalign.train.metrics import MetricWriter
 
 log = logging.getLogger("jaxalign")
 
 # Host-side bookkeeping columns of a batch that never go to the device.
 HOST_ONLY_KEYS = ("index", "valid")
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or a gradient was not finite; the last good checkpoint is kept."""
-
-
-class ResumeMismatchError(config_lib.ConfigError):
-  """The config's objective or model shape differs from the checkpoint it would resume."""
-
-
-@dataclasses.dataclass
-class RunResult:
-  workdir: str
-  final_step: int
-  last_metrics: dict[str, float]
-  stopped_by_signal: bool = False
-  signal_name: str = ""      # "SIGTERM" or "SIGINT" when stopped by a signal
-  already_complete: bool = False   # the workdir's run had already reached total_steps
 
 
 # SIGTERM and SIGINT: stop at the next step boundary with a checkpoint.
@@ -229,7 +210,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   checkpointer.check_writable()
   fallback = bool(config.checkpoint.get("fallback", False))
-  resume_step = _resume_step(checkpointer, config, saved_part(abstract_state), fallback=fallback)
+  resume_step = resume.resume_step(checkpointer, config, saved_part(abstract_state),
+                                   fallback=fallback)
   ref_table = None
   if precompute_ref:   # None: compute it from the initial policy (below)
     ref_table = fingerprint.reference_plan(
@@ -262,7 +244,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
     else:
       params = None
       if fresh_init and config.init_from:
-        params = ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_state.params)
+        params = ckpt.restore_params(rundir.checkpoint_dir(config.init_from), abstract_state.params)
       elif fresh_init and hf_dir:
         params = hf.load_state(hf_dir, model_cfg, abstract_state.params)
       state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref)
@@ -324,9 +306,10 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
                                   keep_blocks=spec.data == "unpaired_kl")  # KTO's KL pairs
   data_iter = iter(dataset)
   if resume_step is not None:   # on changed data the iterator starts over
-    restored, resume_step = _restore(checkpointer, resume_step, saved_part(abstract_state),
-                                     None if data_changed else data_iter, config,
-                                     fallback=fallback)
+    restored, resume_step = resume.restore(checkpointer, resume_step,
+                                           saved_part(abstract_state),
+                                           None if data_changed else data_iter, config,
+                                           fallback=fallback)
     state = restored.replace(frozen=state.frozen) if lora_cfg.enabled else restored
     log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
 
@@ -452,198 +435,10 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
   return pack
 
 
-# Resolved-config keys compared before resuming: the objective may change only
-# with config.allow_config_change; the state's structure (model architecture,
-# data format, a frozen reference copy) never. ModelConfig.dtype, .remat
-# and .attention are compute choices and may change freely.
-OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options", "reward.name", "reward.options",
-                  "online.regenerate_every", "sampling.max_new_tokens", "sampling.temperature",
-                  "sampling.top_k", "sampling.top_p")
-FREE_MODEL_FIELDS = ("dtype", "remat", "attention")
-
-
-def _flat(d, prefix: str) -> dict[str, Any]:
-  if not isinstance(d, dict):
-    return {prefix: d}
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}.{k}"))
-  return out
-
-
-def _structure(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Config facts that fix the train state's shapes: model fields, data format, reference."""
-  model = config_lib.model_config(c).to_dict()
-  out = {f"model.{k}": (tuple(v) if isinstance(v, list) else v)
-         for k, v in model.items() if k not in FREE_MODEL_FIELDS}
-  out["data format"] = losses.get(c.loss.name).data
-  out["reference.mode"] = c.reference.mode
-  if c.reference.get("sync_steps", 0):  # absent (older configs) and 0 read the same
-    out["reference.sync"] = (c.reference.sync_steps, c.reference.get("sync_alpha"))
-  online = c.get("online")
-  if online is not None and online.get("enabled"):
-    out["online.samples_per_prompt"] = online.get("samples_per_prompt")
-  lora_cfg = lora.config_from(c.get("lora"))
-  if lora_cfg.enabled:  # absent (older configs) and rank 0 read the same
-    out["lora.rank"], out["lora.targets"] = lora_cfg.rank, lora_cfg.targets
-    out["loss modules"] = losses.get(c.loss.name).modules
-  return out
-
-
-def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict, *,
-                        where: str) -> None:
-  """Refuses to resume when the objective or the state's shapes changed since `saved`.
-
-  Raises:
-    ResumeMismatchError: one line naming each differing key as `key old -> new`.
-  """
-  old_cfg = ml_collections.ConfigDict(saved)
-  try:
-    old_structure = _structure(old_cfg)
-  except (KeyError, TypeError, ValueError, AttributeError) as e:
-    raise ResumeMismatchError(f"cannot resume from {where}: its saved config does not "
-                              f"describe a model this version can build ({reading.first_line(e)})")
-  model_saved = saved.get("model") or {}
-  if "scan_layers" not in model_saved and "scan_layers" not in (model_saved.get("overrides") or {}):
-    # Saved before the layers were scanned: its parameters have the unrolled layout.
-    old_structure["model.scan_layers"] = False
-  new_structure = _structure(config)
-  shape_diffs = [f"{k} {old_structure.get(k)!r} -> {new_structure.get(k)!r}"
-                 for k in sorted(set(old_structure) | set(new_structure))
-                 if old_structure.get(k) != new_structure.get(k)]
-  old_obj, new_obj = {}, {}
-  for key in OBJECTIVE_KEYS:
-    section, _, name = key.partition(".")
-    if section not in saved:  # a checkpoint from before the section existed
-      continue
-    old_obj.update(_flat(saved.get(section, {}).get(name, "<absent>"), key))
-    new_obj.update(_flat(config.to_dict()[section][name], key))
-  for d in (old_obj, new_obj):  # JSON turned tuples into lists
-    d.update({k: tuple(v) for k, v in d.items() if isinstance(v, list)})
-  objective_diffs = [f"{k} {old_obj.get(k, '<absent>')!r} -> {new_obj.get(k, '<absent>')!r}"
-                     for k in sorted(set(old_obj) | set(new_obj))
-                     if old_obj.get(k, "<absent>") != new_obj.get(k, "<absent>")]
-  if shape_diffs:
-    raise ResumeMismatchError(
-        f"cannot resume from {where}: the model or data format differs from the "
-        f"checkpoint's: {', '.join(shape_diffs + objective_diffs)}; use a new workdir "
-        "(or config.init_from to start from its parameters)")
-  if objective_diffs and not config.get("allow_config_change", False):
-    raise ResumeMismatchError(
-        f"cannot resume from {where}: the objective differs from the checkpoint's: "
-        f"{', '.join(objective_diffs)}; set config.allow_config_change=True to change "
-        "it deliberately")
-  if objective_diffs:
-    log.warning("resuming from %s with a changed objective: %s", where,
-                ", ".join(objective_diffs))
-
-
-def _earlier_steps(checkpointer: ckpt.Checkpointer, step: int) -> list[int]:
-  return sorted((s for s in checkpointer.all_steps() if s < step), reverse=True)
-
-
-def _previous_good(checkpointer: ckpt.Checkpointer, step: int, abstract_state,
-                   data_iter=None) -> int | None:
-  """The newest step before `step` whose config, state (and data iterator) load."""
-  for earlier in _earlier_steps(checkpointer, step):
-    try:
-      checkpointer.restore_config(earlier)
-      checkpointer.restore(earlier, abstract_state, data_iter)
-      return earlier
-    except ckpt.CorruptCheckpointError:
-      continue
-  return None
-
-
-def _corrupt_error(e: ckpt.CorruptCheckpointError, checkpointer: ckpt.Checkpointer,
-                   abstract_state, data_iter=None) -> ckpt.CorruptCheckpointError:
-  """`e` completed with the previous good step and the way to fall back to it."""
-  good = _previous_good(checkpointer, e.step, abstract_state, data_iter)
-  if good is None:
-    hint = (f"no earlier checkpoint loads; move {paths.join(checkpointer.directory, str(e.step))} "
-            "away to start over, or use a new workdir")
-  else:
-    hint = (f"previous good checkpoint: step {good}; rerun with "
-            f"--config.checkpoint.fallback=True to resume from it (the unreadable steps are "
-            f"moved to {checkpointer.directory}.corrupt)")
-  return ckpt.CorruptCheckpointError(f"{e}; {hint}", step=e.step)
-
-
-def _resume_step(checkpointer: ckpt.Checkpointer, config, abstract_state, *,
-                 fallback: bool) -> int | None:
-  """The step to resume from (None: a fresh run), its saved config checked against `config`.
-
-  An unreadable saved config is a corrupt step: without `fallback` that stops the
-  run (CorruptCheckpointError naming the previous good step); with it the newest
-  earlier step whose config loads is taken.
-  """
-  latest = checkpointer.latest_step()
-  if latest is None:
-    return None
-  for step in [latest] + _earlier_steps(checkpointer, latest):
-    try:
-      saved = checkpointer.restore_config(step)
-    except ckpt.CorruptCheckpointError as e:
-      if not fallback:
-        raise _corrupt_error(e, checkpointer, abstract_state) from e
-      log.warning("%s; checkpoint.fallback: trying the step before it", e)
-      continue
-    check_resume_config(saved, config, where=f"step {step} in {checkpointer.directory}")
-    return step
-  raise ckpt.CorruptCheckpointError(
-      f"no checkpoint in {checkpointer.directory} can be read; use a new workdir", step=latest)
-
-
-def _restore(checkpointer: ckpt.Checkpointer, step: int, abstract_state, data_iter, config, *,
-             fallback: bool):
-  """(state, step) restored from `step`; with `fallback`, from the newest step that loads.
-
-  Steps after the one restored (unreadable ones) are moved aside to DIR.corrupt/
-  with a warning, so the resumed run's own checkpoints take their numbers.
-  """
-  for candidate in [step] + _earlier_steps(checkpointer, step):
-    try:
-      if candidate != step:   # `step`'s config was checked by _resume_step
-        check_resume_config(checkpointer.restore_config(candidate), config,
-                            where=f"step {candidate} in {checkpointer.directory}")
-      state = checkpointer.restore(candidate, abstract_state, data_iter)
-      break
-    except ckpt.CorruptCheckpointError as e:
-      if not fallback:
-        raise _corrupt_error(e, checkpointer, abstract_state, data_iter) from e
-      log.warning("%s; checkpoint.fallback: trying the step before it", e)
-  else:
-    raise ckpt.CorruptCheckpointError(
-        f"no checkpoint in {checkpointer.directory} can be read; use a new workdir", step=step)
-  bad = [s for s in checkpointer.all_steps() if s > candidate]
-  if bad:
-    aside = checkpointer.set_aside(bad)
-    log.warning("checkpoint.fallback: resumed from step %d; the unreadable steps %s are moved "
-                "to %s", candidate, bad, aside)
-  return state, candidate
-
-
-def _checkpoint_dir(path: str) -> str:
-  """A run directory or its checkpoints/ subdirectory -> the checkpoints directory."""
-  sub = paths.join(path, "checkpoints")
-  return sub if paths.isdir(sub) else path
-
-
-def _lora_base(config, abstract_frozen, frozen):
-  """The frozen base of a LoRA run: init_from's parameters, else the HF checkpoint
-  of model.hf_path, else the seed init `frozen`."""
-  if config.init_from:
-    return ckpt.restore_params(_checkpoint_dir(config.init_from), abstract_frozen)
-  hf_dir = config_lib.hf_model_dir(config)
-  if hf_dir:
-    return hf.load_state(hf_dir, config_lib.model_config(config), abstract_frozen)
-  return frozen
-
-
 def _lora_init(state, config, abstract_state, tx, state_shardings, modules, *, fresh: bool):
   """A LoRA state's base from the config's source; on a fresh run, adapters from
   lora.init_adapters (every module starts from the same stored adapter)."""
-  state = state.replace(frozen=_lora_base(config, abstract_state.frozen, state.frozen))
+  state = state.replace(frozen=rundir.lora_base(config, abstract_state.frozen, state.frozen))
   if fresh and config.lora.init_adapters:
     one = abstract_state.params[modules[0]] if modules else abstract_state.params
     adapters = lora.load_adapters(config.lora.init_adapters, one)
@@ -656,38 +451,3 @@ def _lora_init(state, config, abstract_state, tx, state_shardings, modules, *, f
   return state
 
 
-def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None):
-  """(graphdef, params, frozen) of the latest checkpoint of a finished run.
-
-  A LoRA run's model comes back merged: the base graph and base + adapter
-  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen.
-  """
-  mesh = mesh or sharding.make_mesh(config.mesh.shape)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model_cfg = config_lib.model_config(config)
-  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
-  lora_cfg = lora.config_from(config.get("lora"))
-  modules = losses.get(config.loss.name).modules if lora_cfg.enabled else ()
-  graphdef, abstract_state, _, init_fn = build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False,
-      lora_config=lora_cfg, modules=modules)
-  base_graphdef = lora.base_graphdef(model_cfg) if lora_cfg.enabled else None
-  with jax.set_mesh(mesh):
-    params = ckpt.restore_params(_checkpoint_dir(workdir), abstract_state.params)
-    frozen = jax.jit(lambda: init_fn().frozen,
-                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))()
-    if lora_cfg.enabled:
-      base = _lora_base(config, abstract_state.frozen, frozen)
-      adapters = params[modules[0]] if modules else params
-      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(base, adapters)
-      return base_graphdef, merged, nnx.State({})
-  return graphdef, params, frozen
-
-
-def resolved_config(workdir: str) -> dict[str, Any]:
-  """The config saved with a run's latest checkpoint."""
-  checkpointer = ckpt.Checkpointer(paths.join(workdir, "checkpoints"), every=1, keep=1)
-  try:
-    return checkpointer.restore_config(checkpointer.latest_step())
-  finally:
-    checkpointer.close()

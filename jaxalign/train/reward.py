@@ -38,7 +38,7 @@ from jaxalign import config as config_lib
 from jaxalign import losses, paths, sharding
 from jaxalign.data import pipeline
 from jaxalign.rewards import model as reward_model
-from jaxalign.train import optim
+from jaxalign.train import optim, rundir
 from jaxalign.train.metrics import MetricWriter
 from jaxalign.data import reading
 
@@ -90,9 +90,7 @@ def pair_accuracy(model: reward_model.RewardModel, examples, *, batch_size: int)
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
           devices=None):
-  """Trains a reward model per `config` in `workdir`; returns loop.RunResult."""
-  from jaxalign.train import loop  # local: loop dispatches here
-
+  """Trains a reward model per `config` in `workdir`; returns rundir.RunResult."""
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, len(devices))
   if config.get("lora", {}).get("rank", 0):
@@ -134,7 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       return nnx.split(make_model(), nnx.Param, ...)[1:]
     params, rest = jax.jit(init, out_shardings=(param_shardings, rest_shardings))()
     if config.init_from:  # the backbone from a run's checkpoint (its params)
-      backbone = ckpt.restore_params(loop._checkpoint_dir(config.init_from),  # noqa: SLF001
+      backbone = ckpt.restore_params(rundir.checkpoint_dir(config.init_from),
                                      abstract_params["backbone"])
       params["backbone"] = backbone
     opt_state = jax.jit(tx.init)(params)
@@ -175,7 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       ckpt.write_json(paths.join(workdir, EVAL_FILE),
                       {"eval_path": config.data.eval_path, "pairs": len(eval_examples),
                        "accuracy": acc})
-  return loop.RunResult(workdir=workdir, final_step=config.total_steps, last_metrics=last)
+  return rundir.RunResult(workdir=workdir, final_step=config.total_steps, last_metrics=last)
 
 
 def _bound_loss(call, fn, hparams, inputs, loss_state):

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxalign.models import lora
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -27,7 +29,6 @@ def split_model(model: nnx.Module):
   With LoRA adapters attached only the adapters (nnx.LoRAParam) are trainable;
   the whole base goes to `frozen`.
   """
-  from jaxalign.models import lora
   if lora.has_adapters(model):
     return nnx.split(model, nnx.LoRAParam, ...)
   return nnx.split(model, nnx.Param, ...)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from jaxalign.losses.dpo import dpo_loss
-from jaxalign.losses.ofs import (OfsState, cofs_combine, lora_delta, ofs_dpo_loss,
+from jaxalign.models.lora import cofs_combine, lora_delta
+from jaxalign.losses.ofs import (OfsState, ofs_dpo_loss,
                                  ofs_fs_terms, ofs_init_state, ofs_module_loss,
                                  ofs_update_state)
 

@@ -11,7 +11,7 @@ from jax import monitoring
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import cli
-from jaxalign.train import loop
+from jaxalign.train import rundir
 
 REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 RECIPES = str(pathlib.Path(__file__).resolve().parent / "recipes.py")
@@ -40,7 +40,7 @@ def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
 
 def params(workdir, config) -> list[np.ndarray]:
   """The trainable parameters of a run's latest checkpoint, as host arrays."""
-  _, p, _ = loop.load_run_params(str(workdir), config)
+  _, p, _ = rundir.load_run_params(str(workdir), config)
   return jax.tree.leaves(jax.device_get(p))
 
 

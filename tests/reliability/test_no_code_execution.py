@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxalign
-from jaxalign.train import loop
+from jaxalign.train import loop, rundir
 from jaxalign.data import reading
 from tests.reliability.helpers import complete_steps, params
 from tests.train.helpers import tiny_config
@@ -75,7 +75,7 @@ def test_resume_and_load_succeed_with_pickle_disabled(run_dir, tmp_path, monkeyp
   result = loop.train(_config(), str(workdir), progress=False)
   assert result.final_step == 3 and complete_steps(workdir) == [2, 3]
   assert all(np.isfinite(x).all() for x in params(workdir, _config()))
-  assert loop.resolved_config(str(workdir))["loss"]["name"] == "dpo"
+  assert rundir.resolved_config(str(workdir))["loss"]["name"] == "dpo"
   assert (str(workdir / "ref_logps.npy"), False) in loads
   assert all(allow is False for _, allow in loads), loads
 

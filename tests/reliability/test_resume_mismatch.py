@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from jaxalign.train import loop
+from jaxalign.train import loop, rundir
 from tests.reliability.helpers import RECIPES, complete_steps, run_cli
 from tests.train.helpers import tiny_config
 
@@ -84,5 +84,5 @@ def test_allow_config_change_resumes_with_the_new_objective(stopped_run, tmp_pat
   assert any("changed objective: loss.hparams.beta 0.1 -> 0.5" in r.getMessage()
              for r in caplog.records)
   # The new checkpoint records the new objective.
-  assert loop.resolved_config(str(workdir))["loss"]["hparams"]["beta"] == 0.5
+  assert rundir.resolved_config(str(workdir))["loss"]["hparams"]["beta"] == 0.5
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import config as config_lib, sharding
+from jaxalign import sharding
 from jaxalign.models import transformer
 from jaxalign.sampling import engine
 from jaxalign.sampling.engine import SamplingParams
@@ -184,7 +184,7 @@ def test_filter_logits_support():
 
 
 def test_sharded_on_the_training_mesh_equals_one_device():
-  rules = config_lib.DEFAULT_RULES
+  rules = sharding.DEFAULT_RULES
   mesh = sharding.make_mesh((2, 2, 2))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     graphdef, params, frozen = _split(helpers.make_model(helpers.LLAMA, seed=3, scale=1.5))

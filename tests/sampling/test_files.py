@@ -9,7 +9,7 @@ import pytest
 from jaxalign.data.formats import DataError
 from jaxalign.sampling import files
 from jaxalign.sampling.engine import SamplingParams
-from jaxalign.train import eval as eval_lib, loop
+from jaxalign.train import eval as eval_lib, loop, rundir
 from jaxalign.data import reading
 from tests.train.helpers import tiny_config
 
@@ -44,8 +44,8 @@ def test_greedy_file_matches_the_recompute_loop(run_dir, tmp_path):
   assert rows[3]["prompt"] == chat
   assert all("source_file" not in r and len(r["completions"]) == 2 for r in rows)
   assert stats["prompts"] == 4 and stats["completions"] == 8
-  config = ml_collections.ConfigDict(loop.resolved_config(run_dir))
-  graphdef, params, frozen = loop.load_run_params(run_dir, config)
+  config = ml_collections.ConfigDict(rundir.resolved_config(run_dir))
+  graphdef, params, frozen = rundir.load_run_params(run_dir, config)
   tokenizer = reading.load_tokenizer("toy")
   ref = eval_lib.complete(graphdef, params, frozen, tokenizer, TEXT_PROMPTS, max_new_tokens=4,
                           batch_size=4)

@@ -21,7 +21,7 @@ from jaxalign import config as config_lib
 from jaxalign import logprobs, sharding
 from jaxalign.losses import dpo
 from jaxalign.models import transformer
-from jaxalign.train import build as build_lib, heldout, loop, state as state_lib
+from jaxalign.train import build as build_lib, heldout, loop, rundir, state as state_lib
 from jaxalign.data import reading
 from tests.reliability.helpers import TINY_CLI_CONFIG, compile_events, run_cli
 from tests.train.helpers import read_metrics, tiny_config
@@ -109,7 +109,7 @@ def test_a_run_logs_eval_rows_and_the_loss_of_the_eval_sets_logps(tmp_path):
                                       chunk_size=8192)
     return sums.reshape(16, 2)
 
-  graphdef, params, frozen = loop.load_run_params(str(tmp_path), config)
+  graphdef, params, frozen = rundir.load_run_params(str(tmp_path), config)
   params, frozen = jax.device_get((params, frozen))   # one device, no mesh
   policy = np.asarray(seq_logps(params, frozen))
   _, ref_params, ref_frozen = state_lib.split_model(
@@ -156,7 +156,7 @@ def test_eval_keys_are_checked_and_mesh_axes_is_gone(caplog):
   assert "axes" not in config_lib.defaults().mesh
   # A config saved by an earlier version still carries the fixed axes: accepted, with a line.
   old = tiny_config()
-  old.mesh.axes = config_lib.MESH_AXES
+  old.mesh.axes = sharding.MESH_AXES
   config_lib.validate(old, 8)
   assert "mesh.axes is deprecated" in caplog.text
   old.mesh.axes = ("fsdp", "data", "tensor")

@@ -12,7 +12,7 @@ from jaxalign import config as config_lib
 from jaxalign import rewards
 from jaxalign import sharding
 from jaxalign.data import pipeline, toy
-from jaxalign.train import loop
+from jaxalign.train import loop, resume, rundir
 from jaxalign.train import online as online_lib
 from tests.train.helpers import read_metrics, tiny_config
 
@@ -55,7 +55,7 @@ def _train(cfg, workdir, **kwargs):
 
 def _params(workdir, cfg):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  _, params, _ = loop.load_run_params(str(workdir), cfg, mesh=mesh)
+  _, params, _ = rundir.load_run_params(str(workdir), cfg, mesh=mesh)
   return jax.tree.leaves(jax.device_get(params))
 
 
@@ -148,16 +148,16 @@ def test_bad_online_configs_name_the_key(overrides, key):
 
 def test_resume_refuses_a_changed_reward_or_sampling():
   saved = online_config().to_dict()
-  loop.check_resume_config(saved, online_config(), where="here")
+  resume.check_resume_config(saved, online_config(), where="here")
   for key, value in (("reward.name", "exact_match"), ("sampling.temperature", 0.5)):
     with pytest.raises(loop.ResumeMismatchError, match=key.replace(".", r"\.")):
-      loop.check_resume_config(saved, online_config(**{key: value}), where="here")
+      resume.check_resume_config(saved, online_config(**{key: value}), where="here")
   with pytest.raises(loop.ResumeMismatchError, match="online.samples_per_prompt 3 -> 5"):
-    loop.check_resume_config(saved, online_config(**{"online.samples_per_prompt": 5}),
+    resume.check_resume_config(saved, online_config(**{"online.samples_per_prompt": 5}),
                              where="here")
   # Checkpoints written before these sections existed still resume.
   old = {k: v for k, v in saved.items() if k not in ("reward", "online", "sampling")}
-  loop.check_resume_config(old, online_config("grao", **{"online.enabled": False}),
+  resume.check_resume_config(old, online_config("grao", **{"online.enabled": False}),
                            where="here")
 
 
@@ -193,7 +193,7 @@ def test_iterative_rounds_checkpoint_and_resume_at_the_right_round(grao_run, tmp
   pairs = [json.loads(line) for line in open(tmp_path / "round_1" / "pairs.jsonl")]
   assert pairs and all(p["reward_chosen"] > p["reward_rejected"] for p in pairs)
   assert all(len(p["chosen"]) > len(p["rejected"]) for p in pairs)  # the length reward
-  assert loop.resolved_config(str(tmp_path / "round_1"))["init_from"] == str(
+  assert rundir.resolved_config(str(tmp_path / "round_1"))["init_from"] == str(
       tmp_path / "round_0")
   assert _train(cfg, str(tmp_path)).final_step == 2   # all done: nothing runs again
   assert _steps(tmp_path / "round_1") == [1, 2]

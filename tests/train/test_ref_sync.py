@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxalign import cli, config as config_lib, losses, sharding
-from jaxalign.train import loop, optim, step as step_lib
+from jaxalign.train import loop, optim, rundir, step as step_lib
 from tests.train.helpers import random_batch, read_metrics, tiny_config
 
 CONFIG = str(pathlib.Path(__file__).resolve().parent / "tiny_cli_config.py")
@@ -87,8 +87,8 @@ def test_resume_between_syncs_equals_the_uninterrupted_run(tmp_path):
   assert not np.allclose(nosync[2:], straight[2:])   # the sync changed the objective
   for name in ("straight", "resumed"):
     assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir())[-1] == "6"
-  a = loop.load_run_params(str(tmp_path / "straight"), cfg)[1]
-  b = loop.load_run_params(str(tmp_path / "resumed"), cfg)[1]
+  a = rundir.load_run_params(str(tmp_path / "straight"), cfg)[1]
+  b = rundir.load_run_params(str(tmp_path / "resumed"), cfg)[1]
   for x, y in zip(_leaves(a), _leaves(b)):
     np.testing.assert_array_equal(x, y)
 

@@ -1,0 +1,88 @@
+"""Every exception type jaxalign raises on purpose, in one module at the bottom layer.
+
+Any module may import this one (it imports nothing of jaxalign). The types are
+also re-exported from the modules that raise them (`jaxalign.config.ConfigError`,
+`jaxalign.data.formats.DataError`, `jaxalign.checkpoint.CorruptCheckpointError`,
+...), so those import paths keep working.
+
+Two families the CLI tells apart:
+- a bad input (`ConfigError`, `DataError`, ...: ValueError) is reported before
+  anything is compiled or written, naming the config key or the file:row:field;
+- a run fault (`RunError`: a needed file is missing or corrupt, the workdir is
+  locked) is found while running; `jaxalign train` prints it on one line.
+"""
+
+import os
+
+
+# Bad input, found before compiling.
+
+class ConfigError(ValueError):
+  """A config key holds a value that cannot work; the message names the key."""
+
+
+class ResumeMismatchError(ConfigError):
+  """The config's objective or model shape differs from the checkpoint it would resume."""
+
+
+class HfConfigError(ValueError):
+  """model.hf_path names no readable Hugging Face checkpoint of a supported architecture."""
+
+
+class DataError(ValueError):
+  """A malformed data record; the message starts with ``file:row: field:``."""
+
+
+class DistributedError(ValueError):
+  """The multi-process flags are incomplete or inconsistent."""
+
+
+class RewardError(ValueError):
+  """A reward function returned something that is not one finite float per completion."""
+
+
+# Faults found while running.
+
+class RunError(RuntimeError):
+  """A run cannot go on (a file it needs is missing or corrupt, the data changed).
+
+  The message names the file or checkpoint step and what to do.
+  """
+
+
+class LockedError(RunError):
+  """Another live run holds the workdir; the message names it."""
+
+
+class CorruptCheckpointError(RunError):
+  """A complete-looking checkpoint step could not be read back (truncated array
+  file, garbage in the data-iterator JSON, a broken manifest)."""
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, unwritable directory).
+
+  Earlier complete checkpoints are untouched; the message names the directory
+  and the latest complete step.
+  """
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or a gradient was not finite; the last good checkpoint is kept."""
+
+
+class DivergenceError(RuntimeError):
+  """The loss, gradient norm or parameter norm blew up; the last good checkpoint is kept."""
+
+
+class PlanError(RuntimeError):
+  """The plan cannot be made here (no libtpu, unknown topology, too few devices)."""
+
+
+def debug_enabled() -> bool:
+  """Whether full tracebacks were asked for (JAXALIGN_DEBUG=1 or the CLI's --verbose)."""
+  return os.environ.get("JAXALIGN_DEBUG", "") not in ("", "0", "false", "False")

@@ -1,0 +1,114 @@
+"""The run directory: what a finished (or running) run leaves, and how to read it back.
+
+  workdir/checkpoints/<step>/   the saved part of the train state, the resolved config
+  workdir/tokenizer/            the run's tokenizer, when it saved one
+
+`resolved_config` and `load_run_params` are what `jaxalign export`, `generate`,
+iterative rounds and continual stages read; `lora_base` is the frozen base a
+LoRA run trains on and merges into. Below train/loop (which writes runs) and
+above train/build (which assembles the state the checkpoint is read into).
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from jaxalign import checkpoint as ckpt
+from jaxalign import config as config_lib
+from jaxalign import losses, paths, sharding
+from jaxalign.models import hf, lora
+from jaxalign.train import build as build_lib
+from jaxalign.train import optim
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `train` returns: where the run is, its last step and its last logged metrics."""
+  workdir: str
+  final_step: int
+  last_metrics: dict[str, float]
+  stopped_by_signal: bool = False
+  signal_name: str = ""      # "SIGTERM" or "SIGINT" when stopped by a signal
+  already_complete: bool = False   # the workdir's run had already reached total_steps
+
+
+def checkpoint_dir(path: str) -> str:
+  """A run directory or its checkpoints/ subdirectory -> the checkpoints directory."""
+  sub = paths.join(path, "checkpoints")
+  return sub if paths.isdir(sub) else path
+
+
+def lora_base(config, abstract_frozen, frozen):
+  """The frozen base of a LoRA run: init_from's parameters, else the HF checkpoint
+  of model.hf_path, else the seed init `frozen`."""
+  if config.init_from:
+    return ckpt.restore_params(checkpoint_dir(config.init_from), abstract_frozen)
+  hf_dir = config_lib.hf_model_dir(config)
+  if hf_dir:
+    return hf.load_state(hf_dir, config_lib.model_config(config), abstract_frozen)
+  return frozen
+
+
+def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None):
+  """(graphdef, params, frozen) of the latest checkpoint of a finished run.
+
+  A LoRA run's model comes back merged: the base graph and base + adapter
+  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen.
+  """
+  mesh = mesh or sharding.make_mesh(config.mesh.shape)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  model_cfg = config_lib.model_config(config)
+  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
+  lora_cfg = lora.config_from(config.get("lora"))
+  modules = losses.get(config.loss.name).modules if lora_cfg.enabled else ()
+  graphdef, abstract_state, _, init_fn = build_lib.build_model_and_state(
+      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False,
+      lora_config=lora_cfg, modules=modules)
+  base_graphdef = lora.base_graphdef(model_cfg) if lora_cfg.enabled else None
+  with jax.set_mesh(mesh):
+    params = ckpt.restore_params(checkpoint_dir(workdir), abstract_state.params)
+    frozen = jax.jit(lambda: init_fn().frozen,
+                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))()
+    if lora_cfg.enabled:
+      base = lora_base(config, abstract_state.frozen, frozen)
+      adapters = params[modules[0]] if modules else params
+      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(base, adapters)
+      return base_graphdef, merged, nnx.State({})
+  return graphdef, params, frozen
+
+
+def resolved_config(workdir: str) -> dict[str, Any]:
+  """The config saved with a run's latest checkpoint."""
+  checkpointer = ckpt.Checkpointer(paths.join(workdir, "checkpoints"), every=1, keep=1)
+  try:
+    return checkpointer.restore_config(checkpointer.latest_step())
+  finally:
+    checkpointer.close()
+
+
+def export_checkpoint(run_dir: str, out_dir: str, *, architecture: str | None = None,
+                      mesh=None, max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
+                      dtype: str | None = None) -> str:
+  """Exports the latest checkpoint of the jaxalign run in `run_dir` (see `models.hf.export`).
+
+  The model config comes from the resolved config saved with the checkpoint;
+  the tokenizer from `run_dir/tokenizer` when present. `architecture` None:
+  the architecture of the run's `config.model.hf_path` if it has one, else
+  `infer_architecture`.
+  """
+  config = ml_collections.ConfigDict(resolved_config(run_dir))
+  model_cfg = config_lib.model_config(config)
+  if architecture is None:
+    hf_path = config.model.get("hf_path", "") if "model" in config else ""
+    if hf_path and os.path.exists(os.path.join(hf_path, "config.json")):
+      architecture = hf.architecture_of(hf.read_config(hf_path))
+  _, params, _ = load_run_params(run_dir, config, mesh=mesh)
+  tok_dir = os.path.join(run_dir, "tokenizer")
+  tokenizer = hf.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+  return hf.export(params, model_cfg, out_dir, architecture=architecture, tokenizer=tokenizer,
+                   max_shard_bytes=max_shard_bytes, dtype=dtype)
