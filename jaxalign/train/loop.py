@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     from jaxalign.train import iterative
     return iterative.train_rounds(config, workdir, progress=progress, devices=devices,
                                   stop_after=stop_after)
-  if config.loss.name == "reward_model":   # a scalar-head model: train/reward.py
+  if losses.get(config.loss.name).trainer == "reward_model":   # scalar head: train/reward.py
     from jaxalign.train import reward
     return reward.train(config, workdir, progress=progress, devices=devices)
   if config.data.get("domains"):   # one stage per domain: train/continual.py
