@@ -26,19 +26,26 @@ DPOP = f"{REPO_ROOT}/losses/dpo_positive.py:dpo_positive_loss"
 
 def _state_with_other_reference():
   """A tiny model's train state whose reference differs from the policy."""
-  cfg = tiny_config()
-  mesh = sharding.make_mesh(cfg.mesh.shape)
+  cfg = tiny_config(**{"mesh.shape": (1, 1, 1)})
+  mesh = sharding.make_mesh(cfg.mesh.shape, jax.devices()[:1])   # one device: quick compiles
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
   tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
   graphdef, _, shardings, init_fn = loop.build_model_and_state(
       config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
+  def perturb(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree.unflatten(treedef, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype)
+                                        for p, k in zip(leaves, keys)])
   with jax.set_mesh(mesh):
     state = jax.jit(init_fn, out_shardings=shardings)()
-    keys = iter(jax.random.split(jax.random.key(7), 100))
-    ref = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape, p.dtype),
-                       state.ref_params)
-    state = state.replace(ref_params=ref)
+    state = state.replace(ref_params=jax.jit(perturb)(state.ref_params))
   return mesh, graphdef, tx, sched, state
+
+
+@pytest.fixture(scope="module")
+def other_reference():
+  return _state_with_other_reference()
 
 
 def _step(mesh, graphdef, tx, sched, state, spec, hparams, batch):
@@ -50,11 +57,11 @@ def _step(mesh, graphdef, tx, sched, state, spec, hparams, batch):
   return jax.device_get(new_state.params), jax.device_get(metrics)
 
 
-def test_dpo_positive_with_lam_zero_is_builtin_dpo_at_step_level():
-  mesh, graphdef, tx, sched, state = _state_with_other_reference()
+def test_dpo_positive_with_lam_zero_is_builtin_dpo_at_step_level(other_reference):
+  mesh, graphdef, tx, sched, state = other_reference
   batch = random_batch(np.random.default_rng(3))
   user = losses.get(DPOP)
-  for eps in (0.0, 0.2):
+  for eps in (0.1,):   # cDPO smoothing included: any eps gives the same z-function
     p_ref, m_ref = _step(mesh, graphdef, tx, sched, state, losses.get("dpo"),
                          {"beta": 0.1, "label_smoothing": eps}, batch)
     p_new, m_new = _step(mesh, graphdef, tx, sched, state, user,
@@ -68,16 +75,15 @@ def test_dpo_positive_with_lam_zero_is_builtin_dpo_at_step_level():
       np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
 
 
-def test_dpo_positive_penalty_matches_the_paper_formula():
-  mesh, graphdef, tx, sched, state = _state_with_other_reference()
+def test_dpo_positive_penalty_matches_the_paper_formula(other_reference):
+  mesh, graphdef, tx, sched, state = other_reference
   # The noisy weights as the policy: it scores the chosen responses below the reference.
   state = state.replace(params=state.ref_params, ref_params=state.params)
   batch = random_batch(np.random.default_rng(4))
+  logps = jax.jit(functools.partial(step_lib.batch_logps_only, graphdef, chunk_size=16))
   with jax.set_mesh(mesh):
-    pol = np.asarray(step_lib.batch_logps_only(graphdef, state.params, state.frozen, batch,
-                                               chunk_size=16), np.float64)
-    ref = np.asarray(step_lib.batch_logps_only(graphdef, state.ref_params, state.frozen,
-                                               batch, chunk_size=16), np.float64)
+    pol = np.asarray(logps(state.params, state.frozen, batch), np.float64)
+    ref = np.asarray(logps(state.ref_params, state.frozen, batch), np.float64)
   beta, lam = 0.1, 5.0
   # Pal et al. 2024 eq. 3, in float64 NumPy.
   z = beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
@@ -87,8 +93,8 @@ def test_dpo_positive_penalty_matches_the_paper_formula():
   _, m = _step(mesh, graphdef, tx, sched, state, losses.get(DPOP),
                {"beta": beta, "lam": lam}, batch)
   np.testing.assert_allclose(m["loss"], expected, rtol=1e-5)
-  _, m_dpo = _step(mesh, graphdef, tx, sched, state, losses.get("dpo"), {"beta": beta}, batch)
-  assert float(m["loss"]) > float(m_dpo["loss"]) + 1e-4
+  dpo_value = np.mean(np.log1p(np.exp(-beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])))))
+  assert float(m["loss"]) > dpo_value + 1e-4     # the penalty changed the loss
 
 
 # --- keyword binding for every data format ------------------------------------------
@@ -301,3 +307,17 @@ def test_losses_folder_is_neither_installed_nor_collected():
   assert "jaxalign.losses" in found and not [p for p in found if p.split(".")[0] == "losses"]
   assert meta["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
   assert not [p for p in os.listdir(REPO_ROOT / "losses") if p.startswith("test_")]
+
+
+def test_the_readme_example_is_a_working_loss(tmp_path):
+  # losses/README.md's example, run as written: it is cDPO, so it equals built-in dpo.
+  text = (REPO_ROOT / "losses" / "README.md").read_text()
+  code = text.split("```python\n", 1)[1].split("```", 1)[0]
+  (tmp_path / "my_loss.py").write_text(code)
+  spec = losses.get(f"{tmp_path}/my_loss.py:my_loss")
+  assert spec.hparam_bounds == {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)"}
+  x = _inputs("pairwise")
+  got, _, _ = spec.call(spec.fn, x, None, beta=0.3, label_smoothing=0.1)
+  dpo = losses.get("dpo")
+  want, _, _ = dpo.call(dpo.fn, x, None, beta=0.3, label_smoothing=0.1)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
