@@ -350,7 +350,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   preempt.wait_for_writes = checkpointer.wait
   last: dict[str, float] = {}
   good_nonfinite = int(jax.device_get(state.num_nonfinite))
-  bar = tqdm(total=config.total_steps, initial=start, desc=config.loss.name,
+  bar = tqdm(total=config.total_steps, initial=start, desc=spec.name or config.loss.name,
              disable=not (progress and is_main), dynamic_ncols=True)
   stopped = False
   window_tokens, window_start = 0, time.perf_counter()

@@ -107,10 +107,11 @@ def _inputs(data, *, with_ref=True, b=4):
   s = {"sft": 1, "pairwise": 2, "unpaired": 1, "unpaired_kl": 2}.get(data, 4)
   rng = np.random.default_rng(0)
   f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
-  batch = {"label": jnp.asarray([1, 0, 1, 0]), "group_mask": jnp.ones((b, s - 1), jnp.int32),
-           "rewards": f(b, s - 1), "answer_rewards": f(b), "labels": jnp.asarray(
-               rng.integers(0, 2, (b, s - 1))), "ranks": jnp.asarray(rng.integers(1, 3, (b, s - 1))),
-           "udm_weights": f(b), "margin": f(b)}
+  g = (b, s - 1)
+  batch = {"label": jnp.asarray([1, 0, 1, 0]), "group_mask": jnp.ones(g, jnp.int32),
+           "rewards": f(*g), "answer_rewards": f(b), "udm_weights": f(b), "margin": f(b),
+           "labels": jnp.asarray(rng.integers(0, 2, g)),
+           "ranks": jnp.asarray(rng.integers(1, 3, g))}
   return losses.LossInputs(logps=f(b, s), ref_logps=f(b, s) if with_ref else None,
                            lengths=jnp.asarray(rng.integers(1, 9, (b, s))), batch=batch)
 

@@ -83,4 +83,5 @@ def test_a_reference_free_user_loss_computes_no_reference(tmp_path, capsys, monk
   assert not list(run.rglob("ref_logps*")), list(run.rglob("*"))
   rows = [r for r in _metrics(run) if "loss" in r]
   assert [r["step"] for r in rows] == [1, 2]
-  assert loop.resolved_config(str(run))["loss"]["name"] == f"{tmp_path}/free.py:length_normed_margin"
+  saved = loop.resolved_config(str(run))["loss"]["name"]
+  assert saved == f"{tmp_path}/free.py:length_normed_margin"
