@@ -105,7 +105,10 @@ def _apply_loss_hparams(config, items: list[tuple[str, str, str]]) -> None:
     type_name = ("float" if isinstance(old, float) else
                  "int" if isinstance(old, int) and not isinstance(old, bool) else
                  "bool" if isinstance(old, bool) else "str" if isinstance(old, str) else "any")
-    if type_name == "any":
+    if type_name in ("float", "any") and value.strip().lower().lstrip("+-") in (
+        "inf", "infinity", "nan"):
+      parsed = float(value)    # as ml_collections reads them; validate then refuses them
+    elif type_name == "any":
       try:
         parsed = ast.literal_eval(value)
       except (ValueError, SyntaxError):
