@@ -14,24 +14,31 @@ import re
 import traceback
 
 MODEL_OVERRIDE_PREFIX = "--config.model.overrides."
+LOSS_HPARAM_PREFIX = "--config.loss.hparams."
 
 
 def split_model_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
-  """Takes `--config.model.overrides.FIELD=VALUE` out of `argv`.
+  """Takes `--config.model.overrides.FIELD=VALUE` and `--config.loss.hparams.KEY=VALUE`
+  out of `argv`.
 
   ml_collections can only override keys a recipe already defines, and most recipes
-  define no `model.overrides` at all; these flags are applied by `apply_model_overrides`
-  instead, for every ModelConfig field. Returns (the other args, [(flag, field, value)]).
+  define no `model.overrides` at all, nor the hyperparameters of a loss other than
+  their own (e.g. `--config.loss.name=losses/dpo_positive.py:dpo_positive_loss
+  --config.loss.hparams.lam=5.0`); these flags are applied by `apply_model_overrides`
+  instead (config.validate then checks the loss takes them). Returns (the other
+  args, [(flag, field, value)]).
   """
   rest, items = [], []
   for arg in argv:
-    if arg.startswith(MODEL_OVERRIDE_PREFIX) and "=" in arg:
-      flag, _, value = arg.partition("=")
-      field = flag[len(MODEL_OVERRIDE_PREFIX):]
-      if field and "." not in field:
-        items.append((flag, field, value))
-        continue
-    rest.append(arg)
+    for prefix in (MODEL_OVERRIDE_PREFIX, LOSS_HPARAM_PREFIX):
+      if arg.startswith(prefix) and "=" in arg:
+        flag, _, value = arg.partition("=")
+        field = flag[len(prefix):]
+        if field and "." not in field:
+          items.append((flag, field, value))
+          break
+    else:
+      rest.append(arg)
   return rest, items
 
 
@@ -64,6 +71,9 @@ def apply_model_overrides(config, items: list[tuple[str, str, str]]) -> None:
     KeyError: an unknown field, with a suggestion (the CLI prints it as one line).
     ValueError: a value of the wrong type, naming the flag.
   """
+  hparams = [i for i in items if i[0].startswith(LOSS_HPARAM_PREFIX)]
+  items = [i for i in items if not i[0].startswith(LOSS_HPARAM_PREFIX)]
+  _apply_loss_hparams(config, hparams)
   if not items:
     return
   from jaxalign.models import transformer
@@ -82,6 +92,37 @@ def apply_model_overrides(config, items: list[tuple[str, str, str]]) -> None:
       if field in overrides:
         del overrides[field]   # a recipe's own value may have another type (int for float)
       overrides[field] = parsed
+
+
+def _apply_loss_hparams(config, items: list[tuple[str, str, str]]) -> None:
+  """Sets each (flag, key, value) in `config.loss.hparams`: typed like the recipe's own
+  value when it has one, else as a Python literal (a bare word stays a string)."""
+  if not items:
+    return
+  hparams = config.loss.hparams
+  for flag, key, value in items:
+    old = hparams.get(key) if key in hparams else None
+    type_name = ("float" if isinstance(old, float) else
+                 "int" if isinstance(old, int) and not isinstance(old, bool) else
+                 "bool" if isinstance(old, bool) else "str" if isinstance(old, str) else "any")
+    if type_name in ("float", "any") and value.strip().lower().lstrip("+-") in (
+        "inf", "infinity", "nan"):
+      parsed = float(value)    # as ml_collections reads them; validate then refuses them
+    elif type_name == "any":
+      try:
+        parsed = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        parsed = value
+      parsed = tuple(parsed) if isinstance(parsed, list) else parsed
+    else:
+      try:
+        parsed = _parse(value, type_name)
+      except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    with hparams.unlocked():
+      if key in hparams:
+        del hparams[key]
+      hparams[key] = parsed
 
 
 _TRACE_FRAME = re.compile(r'File "([^"]+)", line (\d+)')

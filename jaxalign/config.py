@@ -178,6 +178,29 @@ def _fail(key: str, problem: str):
   raise ConfigError(f"config.{key}: {problem}")
 
 
+def loss_spec(c: ml_collections.ConfigDict):
+  """The LossSpec `c.loss.name` names (jaxalign.losses.get, the one resolver).
+
+  A file reference ("path/to/file.py:function") is recorded with its absolute
+  path in `c.loss.name`, so the run's saved config re-imports the same loss from
+  any working directory (resume, export, generate, plan).
+
+  Raises:
+    ConfigError: naming config.loss.name, when it names no usable loss (no such
+      file or function, a syntax error, a function that is not a registered loss).
+  """
+  try:
+    spec = losses.get(c.loss.name)
+  except KeyError as e:  # LossLookupError: one line
+    _fail("loss.name", str(e))
+  except ValueError as e:  # register(...) refused the function when its file ran
+    _fail("loss.name", f"{c.loss.name!r}: {str(e).splitlines()[0]}")
+  canonical = losses.canonical_name(c.loss.name)
+  if canonical != c.loss.name:
+    c.loss.name = canonical
+  return spec
+
+
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
                     ) -> ml_collections.ConfigDict:
   """Sets each dotted key ("optim.lr", "lora.rank", ...) of `overrides` in `c`; returns `c`."""
@@ -226,10 +249,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
       _fail("sharding_rules", f"no rule for logical axis {name!r} "
             f"(use ({name!r}, None) to replicate it)")
 
-  try:
-    spec = losses.get(c.loss.name)
-  except KeyError as e:
-    _fail("loss.name", str(e.args[0]))
+  spec = loss_spec(c)
   allowed = set(spec.hparam_names())
   for key in c.loss.hparams.keys():
     if key not in allowed:
@@ -297,14 +317,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
             f"{model_cfg.max_seq_len}")
     if d.pack_buckets < 1:
       _fail("data.pack_buckets", f"must be >= 1, got {d.pack_buckets}")
-    if c.loss.name == "reward_model":
+    if spec.trainer == "reward_model":
       _fail("data.packing", "the reward-model trainer scores padded rows; set it False")
   if not isinstance(d.get("share_prompt", False), bool):
     _fail("data.share_prompt", f"must be True or False, got {d.share_prompt!r}")
   if d.get("share_prompt", False):
     if d.get("packing", False):
       _fail("data.share_prompt", "is not combined with data.packing yet; set one of them")
-    if spec.data in ("sft", "unpaired") or c.loss.name == "reward_model":
+    if spec.data in ("sft", "unpaired") or spec.trainer == "reward_model":
       _fail("data.share_prompt", f"{c.loss.name!r} has one sequence per example: "
             "nothing to share")
   batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -327,7 +347,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.optim.schedule not in ("cosine", "constant"):
     _fail("optim.schedule", f"must be 'cosine' or 'constant', got {c.optim.schedule!r}")
 
-  _validate_eval(c)
+  _validate_eval(c, spec)
   _validate_sampling(c, spec)
   _validate_lora(c, spec)
   _validate_reference_sync(c, spec)
@@ -350,7 +370,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
             f"{size} devices on mesh axes {axes} (rule {logical!r})")
 
 
-def _validate_eval(c: ml_collections.ConfigDict) -> None:
+def _validate_eval(c: ml_collections.ConfigDict, spec) -> None:
   """eval_every and data.eval_path (the held-out set itself is checked when it is read,
   before anything compiles: train/loop.py load_eval_set)."""
   every = c.get("eval_every", 0)
@@ -361,7 +381,7 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
     _fail("data.eval_path", f"must be a path string, got {path!r}")
   if every and not path:
     _fail("eval_every", "evaluates on a held-out set: set data.eval_path")
-  if every and c.loss.name == "reward_model":
+  if every and spec.trainer == "reward_model":
     _fail("eval_every", "the reward-model trainer (train/reward.py) scores data.eval_path "
           "once, at the end (rm_eval.json); use 0")
 
@@ -481,19 +501,20 @@ def _validate_sampling(c: ml_collections.ConfigDict, spec) -> None:
   if online and iterative:
     _fail("iterative.rounds", "iterative rounds and online.enabled exclude each other")
   if online:
-    if c.loss.name not in ("grao", "d2o"):
-      _fail("online.enabled", f"online sampling is for 'grao' and 'd2o', not {c.loss.name!r}")
+    if spec.online is None:
+      _fail("online.enabled", "online sampling is for losses on 'groups' or 'negatives' "
+            f"data (e.g. 'grao', 'd2o'), not {c.loss.name!r}")
     if c.online.samples_per_prompt < 1:
       _fail("online.samples_per_prompt", "must be >= 1")
     if c.online.regenerate_every < 0:
       _fail("online.regenerate_every", "must be >= 0 (0: sample once at the start)")
-    if c.online.regenerate_every and c.loss.name != "d2o":
-      _fail("online.regenerate_every", "only d2o keeps samples between steps (grao samples "
-            "every step)")
-    if c.loss.name == "d2o" and c.reference.mode != "frozen":
+    if c.online.regenerate_every and spec.online != "d2o":
+      _fail("online.regenerate_every", "only d2o-style negatives are kept between steps "
+            "(grao-style groups are sampled every step)")
+    if spec.online == "d2o" and spec.needs_ref and c.reference.mode != "frozen":
       _fail("reference.mode", "online d2o scores freshly sampled responses under the "
             "reference: use reference.mode='frozen'")
-    if c.loss.name == "grao":
+    if spec.online == "grao":
       _validate_reward(c, "online grao")
   if iterative:
     if spec.data != "pairwise":

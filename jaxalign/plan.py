@@ -84,7 +84,6 @@ CHIPS: dict[str, Chip] = {
 _FORMAT_SEQUENCES = {"sft": 1, "pairwise": 2, "unpaired": 1}
 _GROUP_FORMATS = ("negatives", "groups", "ranked")
 # Columns a loss's host-side `prepare` adds (bco.prepare_udm: udm_weights).
-_PREPARED_COLUMNS = {"bco": {"udm_weights": ((), jnp.float32)}}
 DEFAULT_GROUP_SIZE = 4
 
 
@@ -169,7 +168,7 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict[st
     S = _FORMAT_SEQUENCES[spec.data]
   if spec.data == "unpaired":
     extra["label"] = ((), jnp.int32)
-  extra.update(_PREPARED_COLUMNS.get(config.loss.name, {}) if spec.prepare else {})
+  extra.update(spec.prepared_columns if spec.prepare else {})
   if spec.needs_ref and config.reference.mode == "precompute":
     extra["ref_logps"] = ((S,), jnp.float32)
   batch = {k: jax.ShapeDtypeStruct((B, S, T), jnp.int32, sharding=batch_sharding)

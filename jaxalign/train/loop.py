@@ -129,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     from jaxalign.train import iterative
     return iterative.train_rounds(config, workdir, progress=progress, devices=devices,
                                   stop_after=stop_after)
-  if config.loss.name == "reward_model":   # a scalar-head model: train/reward.py
+  if losses.get(config.loss.name).trainer == "reward_model":   # scalar head: train/reward.py
     from jaxalign.train import reward
     return reward.train(config, workdir, progress=progress, devices=devices)
   if config.data.get("domains"):   # one stage per domain: train/continual.py
@@ -333,7 +333,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   preempt.wait_for_writes = checkpointer.wait
   last: dict[str, float] = {}
   good_nonfinite = int(jax.device_get(state.num_nonfinite))
-  bar = tqdm(total=config.total_steps, initial=start, desc=config.loss.name,
+  bar = tqdm(total=config.total_steps, initial=start, desc=spec.name or config.loss.name,
              disable=not (progress and is_main), dynamic_ncols=True)
   stopped = False
   window_tokens, window_start = 0, time.perf_counter()

@@ -40,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxalign import rewards
+from jaxalign import losses, rewards
 from jaxalign.train import rollout
 
 log = logging.getLogger("jaxalign")
@@ -61,7 +61,7 @@ class OnlineSource:
   """What the train loop needs to run an online method (see the module docstring).
 
   Attributes:
-    method: "grao" or "d2o" (config.loss.name).
+    method: "grao" or "d2o": the loss's online scheme (LossSpec.online).
     samples_per_prompt: G / K.
     regenerate_every: D²O: 0 samples once at step 0, N every N steps.
     sampling: config.sampling as a plain dict.
@@ -83,7 +83,7 @@ class OnlineSource:
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> "OnlineSource":
     return cls(
-        method=c.loss.name, samples_per_prompt=int(c.online.samples_per_prompt),
+        method=losses.get(c.loss.name).online, samples_per_prompt=int(c.online.samples_per_prompt),
         regenerate_every=int(c.online.regenerate_every), sampling=c.sampling.to_dict(),
         reward_name=c.reward.name, reward_options=c.reward.options.to_dict(),
         judge_answer=c.loss.hparams.to_dict().get("reference_reward") == "judge",
