@@ -135,29 +135,33 @@ def decode(data: bytes, layout: list[list]) -> dict[str, np.ndarray]:
   return out
 
 
-# The job the workers share; set before the pool forks, so the records and the
-# tokenizer are inherited rather than pickled.
+# The job's fixed part (format, tokenizer, settings, output), set once per worker
+# process by `_init_worker` (and in this process when there are no workers).
 _JOB: dict[str, Any] = {}
 
 
-def _tokenize_shard(i: int) -> dict[str, Any]:
-  """Tokenizes and writes shard i; returns its sidecar (rows, skipped, layout, ...)."""
+def _init_worker(job: dict[str, Any]) -> None:
+  _JOB.clear()
+  _JOB.update(job)
+
+
+def _tokenize_shard(task: tuple[int, list[dict]]) -> dict[str, Any]:
+  """Tokenizes and writes shard i of `records`; returns its sidecar (rows, layout, ...)."""
   from array_record.python.array_record_module import ArrayRecordWriter
+  i, records = task
   job = _JOB
-  lo, hi = i * job["shard_size"], min((i + 1) * job["shard_size"], len(job["records"]))
-  examples, skipped = tokenize.tokenize_records(
-      job["records"][lo:hi], job["fmt"], job["tokenizer"], job["tcfg"],
-      on_error=job["on_error"])
+  examples, skipped = tokenize.tokenize_records(records, job["fmt"], job["tokenizer"],
+                                                job["tcfg"], on_error=job["on_error"])
   layout = _layout(examples[0]) if examples else None
   path = os.path.join(job["out"], _shard_name(i, job["num_shards"]))
   tmp = path + ".tmp"
   writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
-  for j, ex in enumerate(examples):
+  for ex in examples:
     if _layout(ex) != layout:
-      record = job["records"][lo + j]
+      writer.close()
       raise formats.DataError(
-          f"{record.get('source_file', '<memory>')}:{record.get('row', '?')}: its columns "
-          f"{_layout(ex)} differ from the first example's {layout} in shard {i}")
+          f"{job['source']}: shard {i}: an example's columns {_layout(ex)} differ from the "
+          f"first example's {layout}; the records' optional fields disagree")
     writer.write(encode(ex, layout))
   writer.close()
   os.replace(tmp, path)
@@ -231,18 +235,24 @@ def prepare(source: str, out: str, fmt: str, tokenizer: Any, *, max_length: int,
     if meta is not None:
       metas[i] = meta
   todo = [i for i in range(num_shards) if i not in metas]
-  _JOB.update(records=valid, fmt=fmt, tokenizer=tokenizer, tcfg=tcfg, on_error=on_error,
-              out=out, shard_size=shard_size, num_shards=num_shards, key=key)
-  try:
-    if workers > 1 and len(todo) > 1:
-      with multiprocessing.get_context("fork").Pool(min(workers, len(todo))) as pool:
-        for meta in pool.imap_unordered(_tokenize_shard, todo):
-          metas[int(meta["file"].split("-")[1])] = meta
-    else:
-      for i in todo:
-        metas[i] = _tokenize_shard(i)
-  finally:
-    _JOB.clear()
+  job = dict(fmt=fmt, tokenizer=tokenizer, tcfg=tcfg, on_error=on_error, out=out,
+             num_shards=num_shards, key=key, source=source)
+  tasks = ((i, valid[i * shard_size:(i + 1) * shard_size]) for i in todo)
+  if workers > 1 and len(todo) > 1:
+    # spawn, not fork: the caller may have started JAX's threads. Each worker gets the
+    # tokenizer once and its shards' records as they are handed out.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(job,)) as pool:
+      for meta in pool.imap_unordered(_tokenize_shard, tasks):
+        metas[int(meta["file"].split("-")[1])] = meta
+  else:
+    _init_worker(job)
+    try:
+      for task in tasks:
+        meta = _tokenize_shard(task)
+        metas[task[0]] = meta
+    finally:
+      _JOB.clear()
   layouts = {json.dumps(m["layout"]) for m in metas.values() if m["layout"] is not None}
   if len(layouts) > 1:
     raise formats.DataError(f"{source}: the shards' examples have different columns "
@@ -368,11 +378,27 @@ def open_examples(path: str, fmt: str, tokenizer: Any, *, max_length: int,
 
 def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
                   max_prompt_length: int, on_error: str, group_size: int | None = None,
-                  map_record=None, kl_chunk_size: int = 0, key: str = "config.data.train_path"
-                  ) -> tuple[Sequence[dict], int]:
-  """A run's (examples, num_skipped): a prepared set opened lazily, else
-  `reading.load_examples` (read, validate and tokenize the source)."""
+                  map_record=None, kl_chunk_size: int = 0, key: str = "config.data.train_path",
+                  lazy: bool = False, lazy_ok: bool = True) -> tuple[Sequence[dict], int]:
+  """A run's (examples, num_skipped): a prepared set opened lazily; with `lazy`, a
+  .jsonl file indexed and read row by row (data/lazy.py); else
+  `reading.load_examples` (read, validate and tokenize the whole source).
+
+  `lazy_ok` False: the run needs every example up front (packing), so `lazy` is
+  not honoured.
+  """
   if not is_prepared(path):
+    if lazy:
+      from jaxalign.data import lazy as lazy_lib
+      why = ("" if lazy_lib.can_read_lazily(path, fmt) and map_record is None and lazy_ok
+             else "packing/share_prompt fit their plan to every example" if not lazy_ok
+             else "online methods rewrite records" if map_record is not None
+             else f"only .jsonl files of formats {lazy_lib.LAZY_FORMATS} are read lazily")
+      if not why:
+        return lazy_lib.open_jsonl(path, fmt, tokenizer, max_length=max_length,
+                                   max_prompt_length=max_prompt_length, on_error=on_error,
+                                   group_size=group_size, log=log)
+      log.warning("config.data.lazy: reading %s eagerly: %s", path, why)
     return reading.load_examples(path, fmt, tokenizer, split=split, max_length=max_length,
                                  max_prompt_length=max_prompt_length, on_error=on_error,
                                  group_size=group_size, map_record=map_record,

@@ -194,7 +194,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       split=config.data.split, max_length=config.data.max_length,
       max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
       group_size=config.data.group_size, map_record=online.map_record if online else None,
-      kl_chunk_size=config.data.batch_size // jax.process_count())
+      kl_chunk_size=config.data.batch_size // jax.process_count(),
+      lazy=config.data.get("lazy", False),
+      lazy_ok=not (config.data.packing or config.data.get("share_prompt", False)))
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
   # The held-out set is in the loss's own format (for online methods too: fixed samples).
