@@ -21,6 +21,9 @@ commands:
   train   --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
           [--coordinator HOST:PORT --num_processes N --process_id I | --distributed]
           one process of a multi-process job (see docs/scaling.md)
+  prepare --config configs/X.py --out DIR [--workers N] [--shard_size N] [--config.a.b=v ...]
+          tokenize config.data.train_path once into ArrayRecord shards + manifest;
+          train on it with --config.data.train_path=DIR (resumable: a rerun keeps done shards)
   demo    [--workdir DIR] [--seed N] [--method M]   SFT then alignment on the bundled task
           (--method continual: two domains, forgetting matrix of DPO / OFS-DPO / COFS-DPO)
   plan    --config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) [--config.a.b=v ...]
@@ -125,6 +128,51 @@ def _train(argv: list[str]) -> int:
   else:
     print(f"done: step {result.final_step}, loss {result.last_metrics.get('loss', float('nan')):.4f}"
           f", workdir {result.workdir}")
+  return 0
+
+
+def _prepare(argv: list[str]) -> int:
+  from absl import flags
+  from ml_collections import config_flags
+
+  fv = flags.FlagValues()
+  argv, model_overrides = cli_support.split_model_overrides(argv)
+  full_argv = ["jaxalign prepare"] + argv
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "The training recipe whose data to prepare.", flag_values=fv,
+      lock_config=True, sys_argv=full_argv)
+  flags.DEFINE_string("out", None, "Output directory of the prepared dataset.", flag_values=fv)
+  flags.DEFINE_integer("workers", 1, "Tokenizing worker processes.", flag_values=fv)
+  flags.DEFINE_integer("shard_size", 10_000, "Examples per shard file.", flag_values=fv)
+  try:
+    fv(full_argv)
+    if fv["config"].value is None:
+      raise flags.Error("--config is required")
+    if not fv.out:
+      raise flags.Error("--out is required")
+    config = _config_value(config_flag)
+    cli_support.apply_model_overrides(config, model_overrides)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    return _die("prepare", _flag_message(e, argv + [f for f, _, _ in model_overrides]))
+  except Exception as e:  # noqa: BLE001  the recipe file raised (or does not parse)
+    return _die("prepare", cli_support.config_file_error(e, argv) or _flag_message(e, argv))
+
+  import jax
+  from jaxalign import config as config_lib
+  from jaxalign.data import prepared
+  from jaxalign.data.formats import DataError
+  try:
+    config_lib.validate(config, jax.device_count())
+    manifest = prepared.prepare_from_config(config, fv.out, shard_size=fv.shard_size,
+                                            workers=fv.workers)
+  except config_lib.ConfigError as e:
+    return _die("prepare", str(e))
+  except (DataError, OSError) as e:
+    return _die("prepare", str(e), status=1)
+  print(f"prepared {manifest['examples']} examples ({manifest['skipped']} skipped) in "
+        f"{len(manifest['shards'])} shards ({manifest['written_shards']} written, "
+        f"{manifest['reused_shards']} kept) in {manifest['seconds']:.1f} s: "
+        f"{os.path.abspath(fv.out)}; train with --config.data.train_path={fv.out}")
   return 0
 
 
@@ -343,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE)
     return 0 if argv else 2
   command, rest = argv[0], argv[1:]
-  commands = {"train": _train, "demo": _demo, "plan": _plan, "export": _export,
+  commands = {"train": _train, "prepare": _prepare, "demo": _demo, "plan": _plan, "export": _export,
               "generate": _generate, "generate-candidates": _generate_candidates}
   if command not in commands:
     print(USAGE, file=sys.stderr)

@@ -75,7 +75,8 @@ def compute(examples: list[dict], tokenizer: Any, *, train_path: str,
       "version": VERSION,
       "train_path": str(train_path),
       "rows": len(examples),
-      "examples": examples_hash(examples),
+      # A prepared set carries the hash its `prepare` computed over the same examples.
+      "examples": getattr(examples, "content_hash", None) or examples_hash(examples),
       "tokenizer": tokenizer_hash(tokenizer),
       "tokenization": {k: (list(v) if isinstance(v, tuple) else v)
                        for k, v in sorted(settings.items())},

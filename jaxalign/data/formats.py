@@ -359,6 +359,21 @@ def _signature_mismatch(sig: tuple, schema: tuple, fmt: str) -> tuple[str, str]:
   return "embedding", f"length {sig[0]} != {schema[0]} of earlier records"
 
 
+def check_columns(record: Record, fmt: str, schema: tuple | None) -> tuple:
+  """A validated record's optional-column signature, checked against `schema`, the
+  first valid record's (None: this is the first); for streaming validation.
+
+  Raises:
+    DataError: ``"{file}:{row}: {field}: ..."`` as `validate_records` words it.
+  """
+  sig = _column_signature(record, fmt)
+  if schema is not None and sig != schema:
+    file, where = _where(record, None, None)
+    field, problem = _signature_mismatch(sig, schema, fmt)
+    raise DataError(f"{file}:{where}: {field}: {problem}")
+  return sig
+
+
 def validate_records(records: Iterable[Any], fmt: str, *,
                      on_error: Literal["raise", "skip"] = "raise"
                      ) -> tuple[list[Record], int]:

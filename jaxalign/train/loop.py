@@ -21,7 +21,7 @@ from jaxalign import flops as flops_lib
 from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
-from jaxalign.data import formats, packing, pipeline, reading
+from jaxalign.data import formats, packing, pipeline, prepared, reading, tables
 from jaxalign.errors import NonFiniteError, ResumeMismatchError  # noqa: F401  (old import path)
 from jaxalign.models import hf, lora
 from jaxalign.train import build as build_lib
@@ -49,10 +49,10 @@ def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
   d = config.data
   train_key = "config.data.train_path: "   # read_records' messages name the training key
   try:
-    examples, skipped = reading.load_examples(
+    examples, skipped = prepared.load_examples(
         d.eval_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
         max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
-        kl_chunk_size=d.batch_size // jax.process_count())
+        kl_chunk_size=d.batch_size // jax.process_count(), key="config.data.eval_path")
   except (config_lib.ConfigError, formats.DataError) as e:
     text = str(e)
     text = text[len(train_key):] if text.startswith(train_key) else text
@@ -169,12 +169,15 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   # anything is written: a bad config or bad data leaves no workdir behind.
   tokenizer = reading.load_tokenizer(config.data.tokenizer or hf_dir)
   reading.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
-  examples, num_skipped = reading.load_examples(
+  # A prepared (tokenized) set is opened lazily: no tokenizer work (data/prepared.py).
+  examples, num_skipped = prepared.load_examples(
       config.data.train_path, online.data_format if online else spec.data, tokenizer,
       split=config.data.split, max_length=config.data.max_length,
       max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
       group_size=config.data.group_size, map_record=online.map_record if online else None,
-      kl_chunk_size=config.data.batch_size // jax.process_count())
+      kl_chunk_size=config.data.batch_size // jax.process_count(),
+      lazy=config.data.get("lazy", False),
+      lazy_ok=not (config.data.packing or config.data.get("share_prompt", False)))
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
   # The held-out set is in the loss's own format (for online methods too: fixed samples).
@@ -263,8 +266,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
                                                batch_axes=sharding.batch_axes(rules)),
             operands=(policy, state.frozen), mesh=mesh, rules=rules,
             batch_size=config.data.batch_size, progress=progress, pack=pack)
-        if (table is None and need_eval and pack is None
-            and examples[0]["tokens"].shape == eval_examples[0]["tokens"].shape):
+        if (table is None and need_eval and pack is None and isinstance(examples, list)
+            and isinstance(eval_examples, list) and examples[0]["tokens"].shape == eval_examples[0]["tokens"].shape):
           # One pass, one compile, over both sets: rows do not interact.
           both = initial_logps(examples + eval_examples, desc="reference log-probs")
           table, eval_table = both[:len(examples)], both[len(examples):]
@@ -279,9 +282,9 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
         if is_main and need_eval:
           paths.save_npy(eval_ref_path, eval_table)
           fingerprint.write(fingerprint.reference_fingerprint_path(eval_ref_path), eval_fp)
-      examples = [{**ex, "ref_logps": row} for ex, row in zip(examples, table)]
+      examples = tables.with_column(examples, "ref_logps", table)   # row i by example id
       if eval_examples is not None:   # the held-out set's, from the same initial policy
-        eval_examples = [{**ex, "ref_logps": row} for ex, row in zip(eval_examples, eval_table)]
+        eval_examples = tables.with_column(eval_examples, "ref_logps", eval_table)
 
     # The loss's own host-side preparation (e.g. BCO's UDM weights), once.
     if spec.prepare is not None:

@@ -1,0 +1,438 @@
+"""Prepared datasets: a source tokenized once into ArrayRecord shards, read back lazily.
+
+`jaxalign prepare` reads a source, validates it exactly as training does
+(`reading.read_records`, `formats.validate_records`, the group-size check), then
+tokenizes it in shards of `shard_size` validated records, optionally in worker
+processes, one ArrayRecord file per shard:
+
+  DIR/manifest.json                  written last; its presence means complete
+  DIR/shard-00003-of-00010.arrayrecord
+  DIR/shard-00003-of-00010.json      the shard's rows, bytes and sha256, after the file
+
+A record is one example: its columns' raw bytes, concatenated in the manifest's
+column order, each of a fixed dtype and shape (the same for every example). A
+rerun with the same source and settings keeps every shard whose sidecar matches
+its file (resumable); the manifest holds the tokenizer's fingerprint
+(`fingerprint.tokenizer_hash`), the tokenization settings, the record layout, the
+source's content hash, the example count, the skipped count, the shard list and
+`content_hash`: `fingerprint.examples_hash` of the examples in order, the very
+value a run on the raw source stores, so a run's data fingerprint is the same
+from either.
+
+`open_examples` is the training side: a random-access sequence over the shards
+(`grain.sources.ArrayRecordDataSource`), which `pipeline.make_dataset` wraps in
+`grain.MapDataset.source`, so a process decodes only the records it reads. It
+refuses (ConfigError, one line) a manifest made with another tokenizer or other
+settings, and names the file of an absent or truncated shard (DataError).
+
+What prepare itself keeps in memory: the source's validated records (not their
+tokens). Not supported yet: unpaired_kl data (its KL sequences pair examples
+within the run's batches) and online methods (they rewrite records first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxalign import config as config_lib
+from jaxalign import fingerprint
+from jaxalign.data import formats, reading, tokenize
+
+log = logging.getLogger("jaxalign")
+
+MANIFEST = "manifest.json"
+KIND = "jaxalign-prepared-dataset"
+VERSION = 1
+RECORD_FORMAT = "arrayrecord"
+# One record per chunk: random reads decode one example, not a group of them.
+_WRITER_OPTIONS = "group_size:1"
+
+
+def is_prepared(path: str) -> bool:
+  """Whether `path` is a directory written by `prepare` (it has a manifest)."""
+  return bool(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def settings(fmt: str, tokenizer: Any, *, max_length: int, max_prompt_length: int,
+             group_size: int | None, on_error: str, split: str) -> dict[str, Any]:
+  """What decides the examples besides the source: compared when a run opens a set."""
+  return {"format": fmt, "max_length": int(max_length),
+          "max_prompt_length": int(max_prompt_length),
+          "group_size": None if group_size is None else int(group_size),
+          "on_error": on_error, "split": split,
+          "tokenizer_hash": fingerprint.tokenizer_hash(tokenizer)}
+
+
+def source_hash(path: str) -> str:
+  """sha256 of a source's bytes: a file, every file under a directory (by relative
+  path), or the name itself for a generated (toy:) or hub source."""
+  h = hashlib.sha256()
+  if os.path.isfile(path):
+    files = [(os.path.basename(path), path)]
+  elif os.path.isdir(path):
+    files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+                   for d, _, names in os.walk(path) for f in names)
+  else:
+    h.update(f"name|{path}".encode())
+    return h.hexdigest()
+  for rel, full in files:
+    h.update(f"file|{rel}|".encode())
+    with open(full, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()
+
+
+def _shard_name(i: int, n: int) -> str:
+  return f"shard-{i:05d}-of-{n:05d}.arrayrecord"
+
+
+def _sidecar(path: str) -> str:
+  return path[:-len(".arrayrecord")] + ".json"
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _layout(example: dict) -> list[list]:
+  """[[column, dtype, shape], ...] in a fixed (sorted) order."""
+  return [[k, np.asarray(example[k]).dtype.str, list(np.shape(example[k]))]
+          for k in sorted(example)]
+
+
+def encode(example: dict, layout: list[list]) -> bytes:
+  return b"".join(np.ascontiguousarray(example[k], dtype=np.dtype(d)).tobytes()
+                  for k, d, _ in layout)
+
+
+def decode(data: bytes, layout: list[list]) -> dict[str, np.ndarray]:
+  out, offset = {}, 0
+  for k, d, shape in layout:
+    dtype = np.dtype(d)
+    count = int(np.prod(shape, dtype=np.int64))
+    out[k] = np.frombuffer(data, dtype, count, offset).reshape(shape)
+    offset += count * dtype.itemsize
+  return out
+
+
+# The job's fixed part (format, tokenizer, settings, output), set once per worker
+# process by `_init_worker` (and in this process when there are no workers).
+_JOB: dict[str, Any] = {}
+
+
+def _init_worker(job: dict[str, Any]) -> None:
+  _JOB.clear()
+  _JOB.update(job)
+
+
+def _tokenize_shard(task: tuple[int, list[dict]]) -> dict[str, Any]:
+  """Tokenizes and writes shard i of `records`; returns its sidecar (rows, layout, ...)."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  i, records = task
+  job = _JOB
+  examples, skipped = tokenize.tokenize_records(records, job["fmt"], job["tokenizer"],
+                                                job["tcfg"], on_error=job["on_error"])
+  layout = _layout(examples[0]) if examples else None
+  path = os.path.join(job["out"], _shard_name(i, job["num_shards"]))
+  tmp = path + ".tmp"
+  writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+  for ex in examples:
+    if _layout(ex) != layout:
+      writer.close()
+      raise formats.DataError(
+          f"{job['source']}: shard {i}: an example's columns {_layout(ex)} differ from the "
+          f"first example's {layout}; the records' optional fields disagree")
+    writer.write(encode(ex, layout))
+  writer.close()
+  os.replace(tmp, path)
+  meta = {"job": job["key"], "file": os.path.basename(path), "rows": len(examples),
+          "skipped": skipped, "layout": layout, "bytes": os.path.getsize(path),
+          "sha256": _file_sha256(path)}
+  _write_json(_sidecar(path), meta)
+  return meta
+
+
+def _complete_shard(out: str, i: int, num_shards: int, key: str) -> dict[str, Any] | None:
+  """The sidecar of shard i when the shard is complete and made by this job, else None."""
+  path = os.path.join(out, _shard_name(i, num_shards))
+  try:
+    with open(_sidecar(path)) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if meta.get("job") != key or not os.path.isfile(path):
+    return None
+  if os.path.getsize(path) != meta.get("bytes") or _file_sha256(path) != meta.get("sha256"):
+    return None
+  return meta
+
+
+def prepare(source: str, out: str, fmt: str, tokenizer: Any, *, max_length: int,
+            max_prompt_length: int, group_size: int | None = None, on_error: str = "raise",
+            split: str = "train", shard_size: int = 10_000, workers: int = 1,
+            tokenizer_name: str = "") -> dict[str, Any]:
+  """Tokenizes `source` into shards under `out` and writes its manifest; returns it.
+
+  The manifest also carries "reused_shards"/"written_shards" of this call (not
+  saved) for the caller to report.
+
+  Raises:
+    ConfigError: a format prepare does not handle (unpaired_kl), bad shard_size/workers.
+    DataError: a malformed record, `{file}:{row}: {field}: ...` (with on_error="raise").
+  """
+  if fmt == "unpaired_kl":
+    raise config_lib.ConfigError(
+        "jaxalign prepare: unpaired_kl data (KTO) pairs its KL sequences within the run's "
+        "batches; train it from the raw source")
+  if shard_size < 1 or workers < 1:
+    raise config_lib.ConfigError(f"jaxalign prepare: need shard_size >= 1 and workers >= 1, "
+                                 f"got {shard_size} and {workers}")
+  start = time.perf_counter()
+  tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
+                                 group_size=group_size)
+  sets = settings(fmt, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                  group_size=group_size, on_error=on_error, split=split)
+  src_hash = source_hash(source)
+  # The same validation, in the same order, as a run on the raw source.
+  records = reading.read_records(source, split=split, on_error=on_error)
+  valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
+  del records
+  if group_size is None:
+    valid, bad = reading.check_group_sizes(valid, fmt, on_error=on_error)
+    skipped += bad
+  if not valid:
+    raise formats.DataError(f"{source}: no usable records")
+  key = hashlib.sha256(json.dumps({"settings": sets, "source": src_hash, "rows": len(valid),
+                                   "shard_size": shard_size}, sort_keys=True).encode()
+                       ).hexdigest()
+  os.makedirs(out, exist_ok=True)
+  if os.path.exists(os.path.join(out, MANIFEST)):
+    os.remove(os.path.join(out, MANIFEST))   # incomplete again until rewritten
+  num_shards = -(-len(valid) // shard_size)
+  metas: dict[int, dict] = {}
+  for i in range(num_shards):
+    meta = _complete_shard(out, i, num_shards, key)
+    if meta is not None:
+      metas[i] = meta
+  todo = [i for i in range(num_shards) if i not in metas]
+  job = dict(fmt=fmt, tokenizer=tokenizer, tcfg=tcfg, on_error=on_error, out=out,
+             num_shards=num_shards, key=key, source=source)
+  tasks = ((i, valid[i * shard_size:(i + 1) * shard_size]) for i in todo)
+  if workers > 1 and len(todo) > 1:
+    # spawn, not fork: the caller may have started JAX's threads. Each worker gets the
+    # tokenizer once and its shards' records as they are handed out.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(job,)) as pool:
+      for meta in pool.imap_unordered(_tokenize_shard, tasks):
+        metas[int(meta["file"].split("-")[1])] = meta
+  else:
+    _init_worker(job)
+    try:
+      for task in tasks:
+        meta = _tokenize_shard(task)
+        metas[task[0]] = meta
+    finally:
+      _JOB.clear()
+  layouts = {json.dumps(m["layout"]) for m in metas.values() if m["layout"] is not None}
+  if len(layouts) > 1:
+    raise formats.DataError(f"{source}: the shards' examples have different columns "
+                            f"({sorted(layouts)}); the records' optional fields disagree")
+  if not layouts:
+    raise formats.DataError(f"{source}: no usable records")
+  shards = [{k: metas[i][k] for k in ("file", "rows", "bytes", "sha256")}
+            for i in range(num_shards)]
+  manifest = {
+      "kind": KIND, "version": VERSION, "record_format": RECORD_FORMAT,
+      "source": source, "source_hash": src_hash, "tokenizer": tokenizer_name,
+      "settings": sets, "layout": json.loads(layouts.pop()),
+      "examples": sum(s["rows"] for s in shards),
+      "skipped": skipped + sum(metas[i]["skipped"] for i in range(num_shards)),
+      "shard_size": shard_size, "shards": shards,
+  }
+  manifest["content_hash"] = fingerprint.examples_hash(
+      PreparedExamples(out, manifest, check_sizes=False))
+  _write_json(os.path.join(out, MANIFEST), manifest)
+  return {**manifest, "reused_shards": num_shards - len(todo), "written_shards": len(todo),
+          "seconds": time.perf_counter() - start}
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+  """DIR/manifest.json; DataError naming it when unreadable or not a prepared set."""
+  file = os.path.join(path, MANIFEST)
+  try:
+    with open(file) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    raise formats.DataError(f"{file}: not a readable manifest ({e})") from None
+  if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+    raise formats.DataError(f"{file}: not a jaxalign prepared-dataset manifest")
+  if manifest.get("version") != VERSION or manifest.get("record_format") != RECORD_FORMAT:
+    raise formats.DataError(f"{file}: version {manifest.get('version')} / record format "
+                            f"{manifest.get('record_format')!r}, this jaxalign reads version "
+                            f"{VERSION} / {RECORD_FORMAT!r}; rerun jaxalign prepare")
+  return manifest
+
+
+class PreparedExamples(Sequence):
+  """Random-access examples of a prepared set: item i is decoded from its shard on read.
+
+  Picklable (Grain worker processes): it holds paths and the layout, and the
+  ArrayRecord readers open lazily in each process.
+  """
+
+  def __init__(self, path: str, manifest: dict[str, Any] | None = None, *,
+               check_sizes: bool = True):
+    self.path = path
+    self.manifest = read_manifest(path) if manifest is None else manifest
+    self.layout = self.manifest["layout"]
+    self.content_hash = self.manifest.get("content_hash")
+    files = []
+    for shard in self.manifest["shards"]:
+      file = os.path.join(path, shard["file"])
+      if check_sizes:
+        if not os.path.isfile(file):
+          raise formats.DataError(f"{file}: shard missing from prepared dataset {path} "
+                                  f"(listed in its {MANIFEST}); rerun jaxalign prepare")
+        size = os.path.getsize(file)
+        if size != shard["bytes"]:
+          raise formats.DataError(f"{file}: {size} bytes, the manifest says {shard['bytes']} "
+                                  f"(truncated or rewritten); rerun jaxalign prepare")
+      if shard["rows"]:
+        files.append(file)
+    self._files = files
+    self._len = int(sum(s["rows"] for s in self.manifest["shards"]))
+    self._source = None
+
+  def _reader(self):
+    if self._source is None:
+      import grain
+      self._source = grain.sources.ArrayRecordDataSource(self._files)
+    return self._source
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(self._len))]
+    i = int(i)
+    if i < 0:
+      i += self._len
+    if not 0 <= i < self._len:
+      raise IndexError(f"example {i} of {self._len}")
+    return decode(self._reader()[i], self.layout)
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None}
+
+  def __repr__(self) -> str:
+    return f"PreparedExamples({self.path!r}, {self._len} examples)"
+
+
+def open_examples(path: str, fmt: str, tokenizer: Any, *, max_length: int,
+                  max_prompt_length: int, group_size: int | None, on_error: str, split: str,
+                  key: str = "config.data.train_path") -> tuple[PreparedExamples, int]:
+  """(examples, records skipped at prepare time) of prepared set `path`, for this run.
+
+  Raises:
+    ConfigError: one line naming `key` when the set was made with another
+      tokenizer or other settings than the run's.
+    DataError: an unreadable manifest, or an absent or truncated shard, naming the file.
+  """
+  manifest = read_manifest(path)
+  want = settings(fmt, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                  group_size=group_size, on_error=on_error, split=split)
+  have = manifest.get("settings", {})
+  diffs = [f"{k} {have.get(k)!r} (prepared) vs {want[k]!r} (this run)"
+           for k in sorted(want) if k != "tokenizer_hash" and have.get(k) != want[k]]
+  if have.get("tokenizer_hash") != want["tokenizer_hash"]:
+    diffs.append(f"tokenizer hash {str(have.get('tokenizer_hash'))[:12]} (prepared, "
+                 f"{manifest.get('tokenizer') or '?'}) vs {want['tokenizer_hash'][:12]} "
+                 "(this run)")
+  if diffs:
+    raise config_lib.ConfigError(
+        f"{key}: prepared dataset {path} does not match this run: {', '.join(diffs)}; rerun "
+        "jaxalign prepare with this run's config")
+  return PreparedExamples(path, manifest), int(manifest.get("skipped", 0))
+
+
+def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
+                  max_prompt_length: int, on_error: str, group_size: int | None = None,
+                  map_record=None, kl_chunk_size: int = 0, key: str = "config.data.train_path",
+                  lazy: bool = False, lazy_ok: bool = True) -> tuple[Sequence[dict], int]:
+  """A run's (examples, num_skipped): a prepared set opened lazily; with `lazy`, a
+  .jsonl file indexed and read row by row (data/lazy.py); else
+  `reading.load_examples` (read, validate and tokenize the whole source).
+
+  `lazy_ok` False: the run needs every example up front (packing), so `lazy` is
+  not honoured.
+  """
+  if not is_prepared(path):
+    if lazy:
+      from jaxalign.data import lazy as lazy_lib
+      why = ("" if lazy_lib.can_read_lazily(path, fmt) and map_record is None and lazy_ok
+             else "packing/share_prompt fit their plan to every example" if not lazy_ok
+             else "online methods rewrite records" if map_record is not None
+             else f"only .jsonl files of formats {lazy_lib.LAZY_FORMATS} are read lazily")
+      if not why:
+        return lazy_lib.open_jsonl(path, fmt, tokenizer, max_length=max_length,
+                                   max_prompt_length=max_prompt_length, on_error=on_error,
+                                   group_size=group_size, log=log)
+      log.warning("config.data.lazy: reading %s eagerly: %s", path, why)
+    return reading.load_examples(path, fmt, tokenizer, split=split, max_length=max_length,
+                                 max_prompt_length=max_prompt_length, on_error=on_error,
+                                 group_size=group_size, map_record=map_record,
+                                 kl_chunk_size=kl_chunk_size)
+  if map_record is not None:
+    raise config_lib.ConfigError(f"{key}: {path} is a prepared (tokenized) dataset; online "
+                                 "methods rewrite raw records first: give the raw source")
+  if fmt == "unpaired_kl":
+    raise config_lib.ConfigError(f"{key}: {path} is a prepared dataset; unpaired_kl data "
+                                 "(KTO) pairs its KL sequences within the run's batches: give "
+                                 "the raw source")
+  return open_examples(path, fmt, tokenizer, max_length=max_length,
+                       max_prompt_length=max_prompt_length, group_size=group_size,
+                       on_error=on_error, split=split, key=key)
+
+
+def prepare_from_config(config, out: str, *, shard_size: int = 10_000, workers: int = 1
+                        ) -> dict[str, Any]:
+  """`jaxalign prepare`: config.data.train_path tokenized as the run of `config` would."""
+  from jaxalign import losses
+  online = config.get("online")
+  if online is not None and online.get("enabled"):
+    raise config_lib.ConfigError("config.online.enabled: online methods rewrite raw records "
+                                 "during the run; they train from the raw source")
+  d = config.data
+  if is_prepared(d.train_path):
+    raise config_lib.ConfigError(f"config.data.train_path: {d.train_path} is already a "
+                                 "prepared dataset")
+  if os.path.abspath(out) == os.path.abspath(d.train_path or "."):
+    raise config_lib.ConfigError("--out: must differ from config.data.train_path")
+  hf_dir = config_lib.hf_model_dir(config)
+  name = d.tokenizer or hf_dir
+  tokenizer = reading.load_tokenizer(name)
+  return prepare(d.train_path, out, losses.get(config.loss.name).data, tokenizer,
+                 max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                 group_size=d.group_size, on_error=d.on_error, split=d.split,
+                 shard_size=shard_size, workers=workers, tokenizer_name=name or "toy")
