@@ -132,8 +132,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       return nnx.split(make_model(), nnx.Param, ...)[1:]
     params, rest = jax.jit(init, out_shardings=(param_shardings, rest_shardings))()
     if config.init_from:  # the backbone from a run's checkpoint (its params)
-      backbone = ckpt.restore_params(rundir.checkpoint_dir(config.init_from),
-                                     abstract_params["backbone"])
+      # Restored into the concrete mesh's shardings (the eval_shape'd ones are abstract).
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_params["backbone"], param_shardings["backbone"])
+      backbone = ckpt.restore_params(rundir.checkpoint_dir(config.init_from), target)
       params["backbone"] = backbone
     opt_state = jax.jit(tx.init)(params)
 
