@@ -6,8 +6,6 @@ never listed as a step and never loaded. Nothing is pickled: arrays go through
 tensorstore, the iterator state and the config through JSON.
 """
 
-import contextlib
-import io
 import json
 import sys
 from typing import Any
@@ -35,8 +33,10 @@ def _quiet_closed_loop_callbacks() -> None:
   """Drops the "Event loop is closed" reports that follow a failed restore.
 
   Tensorstore reads still in flight when one read fails call back into Orbax's
-  event loop after it is closed; Python would print each as an ignored exception
-  with its traceback, under the one-line error, though nothing is wrong any more.
+  event loop after it is closed; Python reports each through sys.unraisablehook
+  with its traceback, around the one-line error, though nothing is wrong any more.
+  They can come as soon as the loop closes, before the error has left Orbax, so
+  the hook goes in before the first restore and stays (it drops nothing else).
   """
   previous = sys.unraisablehook
   if getattr(previous, "jaxalign_quiet", False):
@@ -44,44 +44,13 @@ def _quiet_closed_loop_callbacks() -> None:
 
   def hook(unraisable):
     if (isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"):
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and not errors.debug_enabled()):
       return
     previous(unraisable)
 
   hook.jaxalign_quiet = True
   sys.unraisablehook = hook
-
-
-_CLOSED_LOOP_NOISE = ("Traceback (most recent call last):", "asyncio/base_events.py",
-                      "self._check_closed()", "raise RuntimeError('Event loop is closed')",
-                      "RuntimeError: Event loop is closed", "RuntimeError", "Event loop is closed")
-
-
-@contextlib.contextmanager
-def _restore_reports():
-  """Holds back what Python prints to stderr during a restore; if the restore fails,
-  the "Event loop is closed" tracebacks of the reads still in flight are dropped
-  (each printed by tensorstore's callback thread), the rest is printed as it came.
-  With JAXALIGN_DEBUG=1 (--verbose) nothing is held back."""
-  if errors.debug_enabled():
-    yield
-    return
-  real, held = sys.stderr, io.StringIO()
-  sys.stderr = held
-  failed = False
-  try:
-    yield
-  except BaseException:
-    failed = True
-    raise
-  finally:
-    sys.stderr = real
-    text = held.getvalue()
-    if failed and "Event loop is closed" in text:
-      text = "".join(line for line in text.splitlines(keepends=True)
-                     if line.strip() and not any(n in line for n in _CLOSED_LOOP_NOISE)
-                     and line.strip().strip("^~ ") and not line.startswith("    "))
-    real.write(text)
 
 
 class Checkpointer:
@@ -155,7 +124,6 @@ class Checkpointer:
       raise self._write_error(e, f"saving checkpoint step {step}") from e
 
   def _corrupt(self, step: int, e: BaseException) -> CorruptCheckpointError:
-    _quiet_closed_loop_callbacks()
     return CorruptCheckpointError(
         f"checkpoint step {step} in {self.directory} cannot be read ({_problem(e)})", step=step)
 
@@ -168,9 +136,9 @@ class Checkpointer:
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    _quiet_closed_loop_callbacks()
     try:
-      with _restore_reports():
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001  tensorstore, JSON and Orbax errors alike
       raise self._corrupt(step, e) from e
     return restored["state"]
@@ -237,13 +205,12 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
       target)
+  _quiet_closed_loop_callbacks()
   try:
-    with _restore_reports():
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                       partial_restore=True)))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                     partial_restore=True)))
   except Exception as e:  # noqa: BLE001  see Checkpointer.restore
-    _quiet_closed_loop_callbacks()
     raise CorruptCheckpointError(f"checkpoint step {step} in {run_dir} cannot be read "
                                  f"({_problem(e)})", step=step) from e
   finally:
