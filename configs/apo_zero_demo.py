@@ -6,10 +6,10 @@
   jaxalign train --config configs/apo_zero_demo.py:runs/demo --workdir runs/apo_zero
       # the apo_zero stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["apo_zero"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["apo_zero"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

@@ -9,10 +9,10 @@
       # fast module stored in runs/cofs/modules/, and the combination weights
       # searched on the held-out validation pairs (runs/cofs/cofs.json).
 
-The recipe is jaxalign.demo_continual.continual_config("cofs_dpo").
+The recipe is jaxalign.workflows.demo_continual.continual_config("cofs_dpo").
 """
 
-from jaxalign import demo_continual
+from jaxalign.workflows import demo_continual
 
 
 def get_config(arg: str = "runs/continual"):

@@ -6,10 +6,10 @@
   jaxalign train --config configs/d2o_demo.py:runs/demo --workdir runs/d2o
       # the d2o stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["d2o"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["d2o"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

@@ -6,10 +6,10 @@
   jaxalign train --config configs/exo_pair_demo.py:runs/demo --workdir runs/exo_pair
       # the exo_pair stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["exo_pair"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["exo_pair"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

@@ -8,11 +8,11 @@
       # reference answers come from the bundled task (toy:sft, no annotator habit).
 
 The recipe (loss hyperparameters, group size, reward, steps, learning rate) is
-jaxalign.demo.METHODS["grao"]; the offline form (groups sampled once before
+jaxalign.workflows.demo.METHODS["grao"]; the offline form (groups sampled once before
 training) is METHODS["grao_offline"] (`jaxalign demo --method grao_offline`).
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

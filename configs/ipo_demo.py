@@ -6,10 +6,10 @@
   jaxalign train --config configs/ipo_demo.py:runs/demo --workdir runs/ipo
       # the ipo stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["ipo"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["ipo"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

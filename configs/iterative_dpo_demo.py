@@ -8,10 +8,10 @@
       # runs/it_dpo/round_R (its pairs in pairs.jsonl), statistics in rounds.jsonl.
 
 The recipe (rounds, samples per prompt, steps per round, beta) is
-jaxalign.demo.METHODS["iterative_dpo"].
+jaxalign.workflows.demo.METHODS["iterative_dpo"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

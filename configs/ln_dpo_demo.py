@@ -6,10 +6,10 @@
   jaxalign train --config configs/ln_dpo_demo.py:runs/demo --workdir runs/ln_dpo
       # the ln_dpo stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["ln_dpo"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["ln_dpo"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

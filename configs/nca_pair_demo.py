@@ -6,10 +6,10 @@
   jaxalign train --config configs/nca_pair_demo.py:runs/demo --workdir runs/nca_pair
       # the nca_pair stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["nca_pair"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["nca_pair"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

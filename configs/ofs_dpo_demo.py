@@ -8,12 +8,12 @@
       # the OFS-DPO stage alone, on the SFT model and data that the demo wrote.
 
 The recipe (loss hyperparameters, LoRA settings, steps, learning rate) is
-jaxalign.demo.METHODS["ofs_dpo"]; the slow module's learning rate is
+jaxalign.workflows.demo.METHODS["ofs_dpo"]; the slow module's learning rate is
 optim.slow_lr_ratio times the fast one's. Metrics per module: fast/..., slow/...,
 loss/fs, role/fast_is_leader, lr/fast, lr/slow.
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

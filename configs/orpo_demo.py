@@ -7,10 +7,10 @@ on the bundled arithmetic task.
   jaxalign train --config configs/orpo_demo.py:runs/demo --workdir runs/orpo
       # the orpo stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["orpo"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["orpo"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

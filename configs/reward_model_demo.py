@@ -9,10 +9,10 @@
 
 The model directory it writes (WORKDIR/reward_model) is what
 `config.reward.name = "reward_model"` with `reward.options.path` loads. The
-recipe is jaxalign.demo.REWARD_MODEL.
+recipe is jaxalign.workflows.demo.REWARD_MODEL.
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

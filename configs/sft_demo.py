@@ -4,7 +4,7 @@
   jaxalign train --config configs/sft_demo.py:runs/demo --workdir runs/sft
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

@@ -7,10 +7,10 @@ on the bundled arithmetic task.
   jaxalign train --config configs/simpo_demo.py:runs/demo --workdir runs/simpo
       # the simpo stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["simpo"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["simpo"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

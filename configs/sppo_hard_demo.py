@@ -6,10 +6,10 @@
   jaxalign train --config configs/sppo_hard_demo.py:runs/demo --workdir runs/sppo_hard
       # the sppo_hard stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.demo.METHODS["sppo_hard"].
+The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["sppo_hard"].
 """
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def get_config(arg: str = "runs/demo"):

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from jaxalign import cli_support, runerrors
+from jaxalign import cli_support, errors, runerrors
 
 USAGE = """usage: jaxalign <command> [flags]
 
@@ -98,20 +98,20 @@ def _train(argv: list[str]) -> int:
   from jaxalign import config as config_lib
   from jaxalign import guards
   from jaxalign.data.formats import DataError
-  from jaxalign.train import loop
+  from jaxalign.workflows import run
 
   try:
     config_lib.validate(config, jax.device_count())
   except config_lib.ConfigError as e:
     return _die("train", str(e))
   try:
-    result = loop.train(config, fv.workdir, progress=fv.progress,
-                        stop_after=fv.stop_after_steps)
-  except config_lib.ConfigError as e:  # includes loop.ResumeMismatchError
+    result = run.train(config, fv.workdir, progress=fv.progress,
+                       stop_after=fv.stop_after_steps)
+  except config_lib.ConfigError as e:  # includes errors.ResumeMismatchError
     return _die("train", str(e))
   except DataError as e:
     return _die("train", str(e), status=1)
-  except (loop.NonFiniteError, runerrors.RunError, guards.DivergenceError) as e:
+  except (errors.NonFiniteError, runerrors.RunError, guards.DivergenceError) as e:
     return _die("train", str(e), status=1)   # RunError includes runlock.LockedError
   except OSError as e:  # e.g. checkpoint.CheckpointWriteError (disk full), a missing file
     return _die("train", str(e), status=1)
@@ -159,12 +159,12 @@ def _prepare(argv: list[str]) -> int:
 
   import jax
   from jaxalign import config as config_lib
-  from jaxalign.data import prepared
   from jaxalign.data.formats import DataError
+  from jaxalign.workflows import prepare as prepare_lib
   try:
     config_lib.validate(config, jax.device_count())
-    manifest = prepared.prepare_from_config(config, fv.out, shard_size=fv.shard_size,
-                                            workers=fv.workers)
+    manifest = prepare_lib.prepare_from_config(config, fv.out, shard_size=fv.shard_size,
+                                               workers=fv.workers)
   except config_lib.ConfigError as e:
     return _die("prepare", str(e))
   except (DataError, OSError) as e:
@@ -272,14 +272,15 @@ def _generate(argv: list[str]) -> int:
   _sampling_flags(parser, max_new_tokens=64)
   args = parser.parse_args(argv)
   from jaxalign.data.formats import DataError
-  from jaxalign.sampling import SamplingParams, files
+  from jaxalign.sampling import SamplingParams
+  from jaxalign.workflows import generate as generate_lib
 
   try:
     sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, n=args.n)
-    stats = files.generate_file(args.checkpoint, args.prompts, args.out, sp, seed=args.seed,
-                                batch_size=args.batch_size,
-                                max_prompt_length=args.max_prompt_length)
+    stats = generate_lib.generate_file(args.checkpoint, args.prompts, args.out, sp,
+                                       seed=args.seed, batch_size=args.batch_size,
+                                       max_prompt_length=args.max_prompt_length)
   except (DataError, FileNotFoundError, runerrors.RunError) as e:
     return _die("generate", str(e), status=1)
   except ValueError as e:
@@ -302,7 +303,7 @@ def _generate_candidates(argv: list[str]) -> int:
   _sampling_flags(parser, max_new_tokens=32)
   args = parser.parse_args(argv)
   from jaxalign.data.formats import DataError
-  from jaxalign.train import candidates
+  from jaxalign.workflows import candidates
 
   sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size)
@@ -358,10 +359,10 @@ def _demo(argv: list[str]) -> int:
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
 
-  from jaxalign import demo
+  from jaxalign.workflows import demo
 
   if args.method == "continual":
-    from jaxalign import demo_continual
+    from jaxalign.workflows import demo_continual
     summary = demo_continual.run_continual(args.workdir, seed=args.seed,
                                            progress=not args.no_progress)
     print()

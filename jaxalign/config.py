@@ -104,7 +104,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.lora.targets = ("q", "k", "v", "o")   # subset of q, k, v, o, gate, up, down
   c.lora.init_adapters = ""   # an adapter directory (lora.save_adapters) to start from
 
-  # COFS-DPO: how stored per-domain fast adapters combine (train/continual.py).
+  # COFS-DPO: how stored per-domain fast adapters combine (workflows/continual.py).
   c.cofs = ml_collections.ConfigDict()
   c.cofs.enabled = False
   c.cofs.weights = ()         # one per domain; (): searched on data.domain_eval_paths
@@ -566,3 +566,16 @@ def model_config(c: ml_collections.ConfigDict):
   chosen = {"attention": c.model.get("attention", "auto"),
             "scan_layers": c.model.get("scan_layers", True)}
   return transformer.ModelConfig.from_dict({**base, **chosen, **over})
+
+
+def run_mode(config: ml_collections.ConfigDict) -> str:
+  """Which trainer a recipe needs: "iterative" (iterative.rounds > 0), "continual"
+  (data.domains), "reward_model" (a loss whose trainer is the reward model's) or
+  "run" (one policy run). jaxalign.workflows.run.train dispatches on it."""
+  if config.get("iterative", {}).get("rounds", 0) > 0:
+    return "iterative"
+  if config.data.get("domains"):
+    return "continual"
+  if losses.get(config.loss.name).trainer == "reward_model":
+    return "reward_model"
+  return "run"

@@ -20,6 +20,10 @@ import logging
 from typing import Any, Iterable
 
 import numpy as np
+from etils import epath
+
+from jaxalign import paths
+from jaxalign.errors import RunError
 
 log = logging.getLogger("jaxalign")
 
@@ -118,28 +122,22 @@ def same_data(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 def read(path: str) -> dict[str, Any] | None:
   """A stored fingerprint, or None when there is none (a run from before fingerprints)."""
-  from jaxalign import paths
   if not paths.exists(path):
     return None
-  from etils import epath
   try:
     return json.loads(epath.Path(path).read_text())
   except (ValueError, UnicodeDecodeError) as e:
-    from jaxalign import runerrors
-    raise runerrors.RunError(f"{path}: not a readable fingerprint ({e}); delete it to "
+    raise RunError(f"{path}: not a readable fingerprint ({e}); delete it to "
                              "accept the data as it is now") from None
 
 
 def write(path: str, fingerprint: dict[str, Any]) -> None:
-  from jaxalign import checkpoint as ckpt
-  ckpt.write_json(path, fingerprint)
+  paths.write_bytes_atomic(path, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
 
 
 def has_checkpoints(workdir: str) -> bool:
   """Whether WORKDIR/checkpoints holds a complete step (Orbax names them by number;
   a torn write keeps a temporary name)."""
-  from etils import epath
-  from jaxalign import paths
   directory = epath.Path(paths.join(workdir, "checkpoints"))
   if not directory.is_dir():
     return False
@@ -156,7 +154,6 @@ def check_resume(workdir: str, current: dict[str, Any], *, allow_change: bool) -
   Raises:
     RunError: the data changed and `allow_change` is off; one line naming what.
   """
-  from jaxalign import paths, runerrors
   if not has_checkpoints(workdir):
     return False
   saved = read(paths.join(workdir, RUN_FILE))
@@ -168,7 +165,7 @@ def check_resume(workdir: str, current: dict[str, Any], *, allow_change: bool) -
     return False
   what = ", ".join(diff(saved, current))
   if not allow_change:
-    raise runerrors.RunError(
+    raise RunError(
         f"cannot resume {workdir}: the data differs from the run's "
         f"({paths.join(workdir, RUN_FILE)}): {what}; restore the data, use a new workdir, or "
         "set config.allow_config_change=True to continue on the new data (the reference "
@@ -190,14 +187,13 @@ def reference_plan(ref_path: str, current: dict[str, Any], *, resuming: bool,
     RunError: on a resume without `allow_change`, the file is missing, truncated,
       has the wrong row count or was made for other data.
   """
-  from jaxalign import paths, runerrors
   fp_path = reference_fingerprint_path(ref_path)
   fix = ("rerun with --config.allow_config_change=True to recompute it from the initial "
          "policy (config.init_from / model.hf_path / the seed)")
 
   def refuse_or_recompute(problem: str):
     if resuming and not allow_change:
-      raise runerrors.RunError(f"{ref_path}: {problem}; {fix}")
+      raise RunError(f"{ref_path}: {problem}; {fix}")
     log.warning("%s: %s; recomputing the reference log-probs", ref_path, problem)
     return None
 

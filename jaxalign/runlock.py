@@ -23,6 +23,7 @@ import os
 import socket
 import time
 
+from jaxalign import paths
 from jaxalign.errors import LockedError
 
 log = logging.getLogger("jaxalign")
@@ -59,7 +60,6 @@ class RunLock:
     self.path: str | None = None
 
   def acquire(self, workdir: str) -> None:
-    from jaxalign import paths
     if paths.is_remote(workdir):
       log.warning("%s is a bucket URL: the workdir is not locked, so make sure no other "
                   "run uses it at the same time", workdir)

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from jaxalign import demo
+from jaxalign.workflows import demo
 
 
 def _demo(workdir):

@@ -246,7 +246,6 @@ def sequence_mask(batch: dict) -> np.ndarray:
 
 def _agree_across_processes(need: int) -> int:
   """The max of `need` over all processes (one tiny host collective per step)."""
-  import jax  # local: this module is numpy-only otherwise
   from jax.experimental import multihost_utils
   return int(np.max(multihost_utils.process_allgather(np.int32(need))))
 

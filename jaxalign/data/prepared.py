@@ -42,9 +42,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxalign import config as config_lib
 from jaxalign import fingerprint
-from jaxalign.data import formats, reading, tokenize
+from jaxalign.errors import ConfigError
+from jaxalign.data import formats, lazy as lazy_lib, reading, tokenize
 
 log = logging.getLogger("jaxalign")
 
@@ -201,12 +201,12 @@ def prepare(source: str, out: str, fmt: str, tokenizer: Any, *, max_length: int,
     DataError: a malformed record, `{file}:{row}: {field}: ...` (with on_error="raise").
   """
   if fmt == "unpaired_kl":
-    raise config_lib.ConfigError(
+    raise ConfigError(
         "jaxalign prepare: unpaired_kl data (KTO) pairs its KL sequences within the run's "
         "batches; train it from the raw source")
   if shard_size < 1 or workers < 1:
-    raise config_lib.ConfigError(f"jaxalign prepare: need shard_size >= 1 and workers >= 1, "
-                                 f"got {shard_size} and {workers}")
+    raise ConfigError(f"jaxalign prepare: need shard_size >= 1 and workers >= 1, "
+                      f"got {shard_size} and {workers}")
   start = time.perf_counter()
   tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                  group_size=group_size)
@@ -370,7 +370,7 @@ def open_examples(path: str, fmt: str, tokenizer: Any, *, max_length: int,
                  f"{manifest.get('tokenizer') or '?'}) vs {want['tokenizer_hash'][:12]} "
                  "(this run)")
   if diffs:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"{key}: prepared dataset {path} does not match this run: {', '.join(diffs)}; rerun "
         "jaxalign prepare with this run's config")
   return PreparedExamples(path, manifest), int(manifest.get("skipped", 0))
@@ -389,7 +389,6 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
   """
   if not is_prepared(path):
     if lazy:
-      from jaxalign.data import lazy as lazy_lib
       why = ("" if lazy_lib.can_read_lazily(path, fmt) and map_record is None and lazy_ok
              else "packing/share_prompt fit their plan to every example" if not lazy_ok
              else "online methods rewrite records" if map_record is not None
@@ -404,35 +403,12 @@ def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int
                                  group_size=group_size, map_record=map_record,
                                  kl_chunk_size=kl_chunk_size)
   if map_record is not None:
-    raise config_lib.ConfigError(f"{key}: {path} is a prepared (tokenized) dataset; online "
-                                 "methods rewrite raw records first: give the raw source")
+    raise ConfigError(f"{key}: {path} is a prepared (tokenized) dataset; online "
+                      "methods rewrite raw records first: give the raw source")
   if fmt == "unpaired_kl":
-    raise config_lib.ConfigError(f"{key}: {path} is a prepared dataset; unpaired_kl data "
-                                 "(KTO) pairs its KL sequences within the run's batches: give "
-                                 "the raw source")
+    raise ConfigError(f"{key}: {path} is a prepared dataset; unpaired_kl data "
+                      "(KTO) pairs its KL sequences within the run's batches: give "
+                      "the raw source")
   return open_examples(path, fmt, tokenizer, max_length=max_length,
                        max_prompt_length=max_prompt_length, group_size=group_size,
                        on_error=on_error, split=split, key=key)
-
-
-def prepare_from_config(config, out: str, *, shard_size: int = 10_000, workers: int = 1
-                        ) -> dict[str, Any]:
-  """`jaxalign prepare`: config.data.train_path tokenized as the run of `config` would."""
-  from jaxalign import losses
-  online = config.get("online")
-  if online is not None and online.get("enabled"):
-    raise config_lib.ConfigError("config.online.enabled: online methods rewrite raw records "
-                                 "during the run; they train from the raw source")
-  d = config.data
-  if is_prepared(d.train_path):
-    raise config_lib.ConfigError(f"config.data.train_path: {d.train_path} is already a "
-                                 "prepared dataset")
-  if os.path.abspath(out) == os.path.abspath(d.train_path or "."):
-    raise config_lib.ConfigError("--out: must differ from config.data.train_path")
-  hf_dir = config_lib.hf_model_dir(config)
-  name = d.tokenizer or hf_dir
-  tokenizer = reading.load_tokenizer(name)
-  return prepare(d.train_path, out, losses.get(config.loss.name).data, tokenizer,
-                 max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                 group_size=d.group_size, on_error=d.on_error, split=d.split,
-                 shard_size=shard_size, workers=workers, tokenizer_name=name or "toy")

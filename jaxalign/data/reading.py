@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from jaxalign import fingerprint, paths
-from jaxalign.data import formats, sources, tokenize
+from jaxalign.data import formats, sources, tokenize, toy
 from jaxalign.errors import ConfigError
 
 log = logging.getLogger("jaxalign")
@@ -18,7 +18,6 @@ log = logging.getLogger("jaxalign")
 def load_tokenizer(name: str, workdir: str | None = None):
   """"toy" (the bundled task's tokenizer), a local directory or a hub name."""
   if name in ("", "toy"):
-    from jaxalign.data import toy
     tok = toy.build_tokenizer()
   else:
     from transformers import AutoTokenizer
@@ -90,7 +89,6 @@ def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict
     raise ConfigError("config.data.train_path: no training data given")
   if path.startswith("toy:"):
     from urllib.parse import parse_qs
-    from jaxalign.data import toy
     fmt, _, query = path[len("toy:"):].partition("?")
     # A literal "+" would read as a space in a query string.
     args = parse_qs(query.replace("+", "%2B"))

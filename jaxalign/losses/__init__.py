@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from jaxalign import guards
+
 from jaxalign.losses import (aft, bco, cpo, d2o, dpo, grao, kto, ln_dpo, ofs, orpo, reward,
                              sft, simpo)
 
@@ -441,7 +443,6 @@ def _check_user_loss(fn: Callable, data: str, needs_ref: bool, ranges: dict) -> 
                        "(no reference pass is computed); drop the argument or set "
                        "needs_ref=True")
   hparams = _keyword_only(fn, exclude=())
-  from jaxalign import guards  # parse_interval only: guards imports no loss code
   for key, interval in ranges.items():
     if key not in hparams:
       raise ValueError(f"{label}: ranges names {key!r}, which is not a keyword-only "

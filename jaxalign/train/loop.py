@@ -25,7 +25,7 @@ from jaxalign.data import formats, packing, pipeline, prepared, reading, tables
 from jaxalign.errors import NonFiniteError, ResumeMismatchError  # noqa: F401  (old import path)
 from jaxalign.models import hf, lora
 from jaxalign.train import build as build_lib
-from jaxalign.train import heldout, resume, rundir, signals, step as step_lib
+from jaxalign.train import heldout, online as online_lib, resume, rundir, signals, step as step_lib
 from jaxalign.train.rundir import RunResult, load_run_params, resolved_config  # noqa: F401  (old import path)
 from jaxalign.train.metrics import MetricWriter
 
@@ -115,7 +115,10 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
           devices=None, stop_after: int | None = None) -> RunResult:
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint if any.
+  """One policy run of `config` in `workdir`, resuming from its latest checkpoint if any.
+
+  Other run modes (iterative rounds, data.domains stages, reward models) are
+  dispatched by jaxalign.workflows.run.train, which calls this for each run.
 
   Args:
     config: a validated recipe (see jaxalign.config.defaults()).
@@ -125,16 +128,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     stop_after: leave after this many steps of this invocation, with a checkpoint
       (for time-sliced schedulers); the run continues on the next call.
   """
-  if config.get("iterative", {}).get("rounds", 0) > 0:  # rounds of runs, each through here
-    from jaxalign.train import iterative
-    return iterative.train_rounds(config, workdir, progress=progress, devices=devices,
-                                  stop_after=stop_after)
-  if losses.get(config.loss.name).trainer == "reward_model":   # scalar head: train/reward.py
-    from jaxalign.train import reward
-    return reward.train(config, workdir, progress=progress, devices=devices)
-  if config.data.get("domains"):   # one stage per domain: train/continual.py
-    from jaxalign.train import continual
-    return continual.train(config, workdir, progress=progress, devices=devices)
+  if config_lib.run_mode(config) != "run":
+    raise ValueError(f"loop.train runs one policy run; a {config_lib.run_mode(config)} recipe "
+                     "trains through jaxalign.workflows.run.train")
   # SIGTERM is caught from here on: one arriving while data loads or the step
   # compiles stops the run at the first step boundary, with a checkpoint.
   with _Preemption() as preempt, runlock.RunLock() as lock:
@@ -160,7 +156,6 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
   precompute_ref = spec.needs_ref and config.reference.mode == "precompute"
   # Online methods sample their groups inside the run (jaxalign.train.online).
-  from jaxalign.train import online as online_lib
   online = online_lib.source_for(config)
   lora_cfg = lora.config_from(config.get("lora"))
   modules = spec.modules

@@ -2,12 +2,11 @@
 
 import json
 
-import jax
 import ml_collections
 import pytest
 
 from jaxalign.data.formats import DataError
-from jaxalign.sampling import files
+from jaxalign.workflows import generate as generate_lib
 from jaxalign.sampling.engine import SamplingParams
 from jaxalign.train import eval as eval_lib, loop, rundir
 from jaxalign.data import reading
@@ -37,7 +36,7 @@ def test_greedy_file_matches_the_recompute_loop(run_dir, tmp_path):
   _write(prompts, [{"prompt": p, "id": i} for i, p in enumerate(TEXT_PROMPTS)]
          + [{"prompt": chat, "id": 3}])
   out = tmp_path / "o.jsonl"
-  stats = files.generate_file(run_dir, str(prompts), str(out),
+  stats = generate_lib.generate_file(run_dir, str(prompts), str(out),
                               SamplingParams(max_new_tokens=4, temperature=0.0, n=2))
   rows = [json.loads(line) for line in open(out)]
   assert [r["id"] for r in rows] == [0, 1, 2, 3]
@@ -60,8 +59,8 @@ def test_sampling_is_seeded(run_dir, tmp_path):
   _write(prompts, [{"prompt": p} for p in TEXT_PROMPTS])
   sp = SamplingParams(max_new_tokens=4, temperature=1.5, n=3)
   read = lambda p: [json.loads(line)["completions"] for line in open(p)]
-  files.generate_file(run_dir, str(prompts), str(tmp_path / "a.jsonl"), sp, seed=1)
-  files.generate_file(run_dir, str(prompts), str(tmp_path / "b.jsonl"), sp, seed=1)
+  generate_lib.generate_file(run_dir, str(prompts), str(tmp_path / "a.jsonl"), sp, seed=1)
+  generate_lib.generate_file(run_dir, str(prompts), str(tmp_path / "b.jsonl"), sp, seed=1)
   assert read(tmp_path / "a.jsonl") == read(tmp_path / "b.jsonl")
 
 
@@ -74,18 +73,18 @@ def test_bad_prompt_rows_are_named(run_dir, tmp_path, line, match):
   prompts = tmp_path / "p.jsonl"
   _write(prompts, ['{"prompt": "1+1="}', line])
   with pytest.raises(DataError, match=match):
-    files.generate_file(run_dir, str(prompts), str(tmp_path / "o.jsonl"),
+    generate_lib.generate_file(run_dir, str(prompts), str(tmp_path / "o.jsonl"),
                         SamplingParams(max_new_tokens=2))
   assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_missing_prompts_file_is_named(run_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="prompts: .*nope.jsonl"):
-    files.generate_file(run_dir, str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"),
+    generate_lib.generate_file(run_dir, str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"),
                         SamplingParams(max_new_tokens=2))
 
 
 def test_not_a_run_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a jaxalign run directory"):
-    files.generate_file(str(tmp_path), "x.jsonl", str(tmp_path / "o.jsonl"),
+    generate_lib.generate_file(str(tmp_path), "x.jsonl", str(tmp_path / "o.jsonl"),
                         SamplingParams(max_new_tokens=2))

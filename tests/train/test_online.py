@@ -14,6 +14,7 @@ from jaxalign import sharding
 from jaxalign.data import pipeline, toy
 from jaxalign.train import loop, resume, rundir
 from jaxalign.train import online as online_lib
+from jaxalign.workflows import run
 from tests.train.helpers import read_metrics, tiny_config
 
 GRAO_METRICS = ("loss", "loss/exploration", "loss/imitation", "loss/alignment", "reward/mean",
@@ -50,7 +51,7 @@ def online_config(loss="grao", **overrides):
 
 
 def _train(cfg, workdir, **kwargs):
-  return loop.train(cfg, workdir, progress=False, devices=jax.devices()[:1], **kwargs)
+  return run.train(cfg, workdir, progress=False, devices=jax.devices()[:1], **kwargs)
 
 
 def _params(workdir, cfg):

@@ -13,7 +13,7 @@
 3. Sequential LoRA-DPO over domain 1 then 2 (DIR/dpo), and OFS-DPO with COFS
    weight search (DIR/cofs_dpo). Sequential OFS-DPO is the same OFS-DPO stage
    runs, deployed as the latest fast module: COFS only changes which model is
-   evaluated (by design, see jaxalign/train/continual.py), so it is not trained twice.
+   evaluated (by design, see jaxalign/workflows/continual.py), so it is not trained twice.
 4. The forgetting matrix: held-out preference accuracy (log pi(chosen) >
    log pi(rejected)) and greedy accuracy on each domain's test problems, for
    the SFT model and after each stage, per method; DIR/forgetting.json.
@@ -27,7 +27,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from jaxalign import checkpoint as ckpt
@@ -35,8 +34,9 @@ from jaxalign import config as config_lib
 from jaxalign import sharding
 from jaxalign.data import toy
 from jaxalign.models import lora
-from jaxalign.train import continual, eval as eval_lib, loop, rundir
-from jaxalign import demo
+from jaxalign.train import eval as eval_lib, loop, rundir
+from jaxalign.workflows import continual, run
+from jaxalign.workflows import demo
 
 OPS = ("+", "-")
 DOMAIN_NAMES = ("addition", "subtraction")
@@ -163,7 +163,7 @@ def run_continual(workdir: str, *, seed: int = 0, num_train: int = 2000, num_val
   for method in ("dpo", "cofs_dpo"):
     mcfg = continual_config(method, workdir, seed)
     run_dir = os.path.join(workdir, method)
-    loop.train(mcfg, run_dir, progress=progress)
+    run.train(mcfg, run_dir, progress=progress)
     base = continual.base_params(mcfg, mesh)
     mods = continual.load_modules(mcfg, run_dir, 1, mesh)
     names = {"dpo": ["sequential DPO (LoRA)"],

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxalign import config as config_lib
 from jaxalign.models import lora, transformer
-from jaxalign.train import continual, loop
+from jaxalign.workflows import continual, run
 from jaxalign.data import reading
 from tests.train.helpers import read_metrics, tiny_config
 
@@ -85,7 +85,7 @@ def test_cofs_dpo_over_two_domains(tmp_path):
   c.cofs.enabled = True
   c.cofs.grid = 2
   work = str(tmp_path / "cofs")
-  result = loop.train(c, work, progress=False, devices=jax.devices()[:1])
+  result = run.train(c, work, progress=False, devices=jax.devices()[:1])
   assert result.final_step == 2
   for t in range(2):
     assert os.path.isdir(continual.module_dir(work, t))

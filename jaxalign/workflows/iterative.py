@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
-from jaxalign import rewards
+from jaxalign import rewards, sharding
 from jaxalign.data import formats
 from jaxalign.train import loop, rollout, rundir
 from jaxalign.data import reading
@@ -168,8 +168,6 @@ def build_round_pairs(config: ml_collections.ConfigDict, workdir: str, r: int, r
 def train_rounds(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                  devices=None, stop_after: int | None = None) -> rundir.RunResult:
   """Runs (or resumes) every round; returns the last round's RunResult."""
-  from jaxalign import sharding
-
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh.shape, devices)

@@ -8,7 +8,7 @@
 Questions are `jaxalign generate` prompt records (a `prompt`: text or chat
 messages) with optionally a `reference` (or, as in sft records, a
 `completion`): the reference answer / chain of thought that AFT's SFT term
-trains on and the "exact_match" checker compares against. Sampling is `jaxalign.sampling.files.generate_file`'s; each
+trains on and the "exact_match" checker compares against. Sampling is `jaxalign.workflows.generate.generate_file`'s; each
 completion is then labelled by a checker: a reward (`jaxalign.rewards`;
 default "arithmetic", the bundled task's checker) whose value > 0 means
 correct. The output is JSONL in the `ranked` format that `aft` reads:
@@ -27,7 +27,7 @@ import numpy as np
 from jaxalign import rewards
 from jaxalign.data import formats
 from jaxalign.sampling import SamplingParams
-from jaxalign.sampling import files
+from jaxalign.workflows import generate as generate_lib
 from jaxalign.train import rundir
 from jaxalign.data import reading
 
@@ -89,7 +89,7 @@ def generate_candidates(checkpoint: str, questions_path: str, out_path: str, *, 
                       temperature=float(sampling["temperature"]), top_k=int(sampling["top_k"]),
                       top_p=float(sampling["top_p"]), n=k)
   samples_path = out_path + ".samples.jsonl"
-  files.generate_file(checkpoint, questions_path, samples_path, sp, seed=seed,
+  generate_lib.generate_file(checkpoint, questions_path, samples_path, sp, seed=seed,
                       batch_size=int(sampling.get("batch_size", 256)))
   if jax.process_count() > 1:
     raise RuntimeError("generate-candidates runs on one host")

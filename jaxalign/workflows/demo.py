@@ -35,6 +35,7 @@ from jaxalign import config as config_lib
 from jaxalign.data import toy
 from jaxalign.train import eval as eval_lib
 from jaxalign.train import loop, rundir
+from jaxalign.workflows import iterative, run
 
 TASK = toy.ArithmeticTask(max_operand=99, ops=("+",), seed=0)
 MAX_NEW_TOKENS = 5
@@ -359,15 +360,14 @@ def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int
       _write_jsonl(rm_cfg.data.train_path, reward_model_records(problems, sample, seed))
       _write_jsonl(rm_cfg.data.eval_path, TASK.pairwise_records(
           REWARD_MODEL["eval_pairs"], seed=seed + 1, split="eval"))
-      loop.train(rm_cfg, rm_dir, progress=progress)
+      run.train(rm_cfg, rm_dir, progress=progress)
     with open(os.path.join(rm_dir, "rm_eval.json")) as f:
       extra["reward_model_eval_accuracy"] = json.load(f)["accuracy"]
 
   run_dir = os.path.join(workdir, method)
   cfg = aligned_config(method, data_dir, sft_dir, seed)
-  result = loop.train(cfg, run_dir, progress=progress)
+  result = run.train(cfg, run_dir, progress=progress)
   if cfg.iterative.rounds:
-    from jaxalign.train import iterative
     run_dir = iterative.final_run_dir(run_dir, cfg)
   aligned_acc, _ = _evaluate(run_dir, cfg, tokenizer, eval_prompts)
 
