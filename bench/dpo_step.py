@@ -3,6 +3,13 @@
   python bench/dpo_step.py              # CPU: tiny and ~100M at small batch (< 3 min)
   python bench/dpo_step.py --steps 10   # more timed steps
   python bench/dpo_step.py --only 100m  # one config
+  python bench/dpo_step.py --layers scan   # only the scanned model (default: both)
+
+Each config runs with the layers scanned (`model.scan_layers=True`, the
+default) and unrolled (a Python loop over layers) in the same process: both
+are compiled first, then timed in `--rounds` interleaved rounds (scan,
+unrolled, scan, ...; best round of each kept), and the table ends with the
+scanned / unrolled tokens/s ratio per config and the load average.
 
 On a GPU it also runs ~100M at a larger batch and a ~1.2B (Llama-3.2-1B
 shaped) model at sequence length 2048, both bf16 with float32 master weights
@@ -73,9 +80,10 @@ GPU_CASES = (
 )
 
 
-def make_config(case: Case, num_devices: int):
+def make_config(case: Case, num_devices: int, scan: bool = True):
   c = config_lib.defaults()
   c.model.preset = case.preset
+  c.model.scan_layers = scan
   c.model.overrides.update(dict(case.overrides, dtype=case.dtype, param_dtype="float32",
                                 remat=case.remat))
   c.data.max_length = case.length
@@ -119,8 +127,9 @@ def matmul_peak(dtype: str, device, *, n: int, reps: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
-def run_case(case: Case, devices, *, steps: int, warmup: int, peak: float) -> dict:
-  c = make_config(case, len(devices))
+def build_case(case: Case, devices, *, scan: bool) -> dict:
+  """The real train state and THE compiled step of `case`, layers scanned or not."""
+  c = make_config(case, len(devices), scan)
   mesh = sharding.make_mesh(c.mesh.shape, devices)
   rules = tuple(tuple(r) for r in c.sharding_rules)
   model_cfg = config_lib.model_config(c)
@@ -142,19 +151,32 @@ def run_case(case: Case, devices, *, steps: int, warmup: int, peak: float) -> di
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
+  return {"case": case, "scan": scan, "mesh": mesh, "model_cfg": model_cfg,
+          "state": state, "batches": batches, "host_batches": host_batches,
+          "compiled": compiled, "compile_s": compile_s, "elapsed": [], "loss": None}
+
+
+def time_round(b: dict, *, steps: int, warmup: int) -> None:
+  """Runs `warmup` then times `steps` steps of a built case; appends the elapsed time."""
+  compiled, batches, state = b["compiled"], b["batches"], b["state"]
+  with jax.set_mesh(b["mesh"]):
     for i in range(warmup):
       state, metrics = compiled(state, batches[i % 2])
-    jax.block_until_ready((state, metrics))
+    jax.block_until_ready(state)
     t0 = time.perf_counter()
     for i in range(steps):
       state, metrics = compiled(state, batches[i % 2])
     jax.block_until_ready((state, metrics))
-    elapsed = time.perf_counter() - t0
-  loss = float(metrics["loss"])
+    b["elapsed"].append(time.perf_counter() - t0)
+  b["state"], b["loss"] = state, float(metrics["loss"])
 
+
+def summarize(b: dict, devices, *, steps: int, peak: float) -> dict:
+  case, host_batches, compiled = b["case"], b["host_batches"], b["compiled"]
+  elapsed = min(b["elapsed"])
   real = sum(int(host_batches[i % 2]["attention_mask"].sum()) for i in range(steps))
   total = steps * case.batch * 2 * case.length
-  n = model_cfg.num_params()
+  n = b["model_cfg"].num_params()
   step_s = elapsed / steps
   mem_stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
   if mem_stats and "peak_bytes_in_use" in mem_stats:
@@ -165,16 +187,18 @@ def run_case(case: Case, devices, *, steps: int, warmup: int, peak: float) -> di
            + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
     mem_source = "compiled"
   return {
-      "name": case.name, "params": n, "batch_pairs": case.batch, "seq_len": case.length,
+      "name": case.name, "layers": "scan" if b["scan"] else "unrolled",
+      "params": n, "batch_pairs": case.batch, "seq_len": case.length,
       "dtype": case.dtype, "remat": case.remat, "devices": len(devices),
-      "compile_s": compile_s, "step_s": step_s,
+      "compile_s": b["compile_s"], "step_s": step_s,
+      "round_step_s": [e / steps for e in b["elapsed"]],
       "tokens_per_s_real": real / elapsed, "tokens_per_s_all": total / elapsed,
       "padding_frac": 1 - real / total,
       "model_flops_per_s": 6 * n * total / elapsed,
       "mfu": 6 * n * total / elapsed / peak,
       "mfu_real": 6 * n * real / elapsed / peak,
       "peak_mem_bytes_per_device": int(mem), "mem_source": mem_source,
-      "loss": loss,
+      "loss": b["loss"],
   }
 
 
@@ -183,7 +207,12 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--only", default="", help="comma-separated case names")
+  ap.add_argument("--layers", choices=("both", "scan", "unrolled"), default="both",
+                  help="scanned layers, the unrolled Python loop, or both in this run")
+  ap.add_argument("--rounds", type=int, default=2,
+                  help="interleaved timing rounds per layout (the best is reported)")
   args = ap.parse_args(argv)
+  layouts = {"both": (True, False), "scan": (True,), "unrolled": (False,)}[args.layers]
 
   devices = jax.devices()
   backend = devices[0].platform
@@ -199,21 +228,28 @@ def main(argv=None):
 
   results = []
   for case in cases:
-    r = run_case(case, devices, steps=args.steps, warmup=args.warmup, peak=peaks[case.dtype])
-    results.append(r)
-    print(f"  {case.name}: {r['tokens_per_s_real']:.0f} real tokens/s", file=sys.stderr)
+    built = [build_case(case, devices, scan=scan) for scan in layouts]
+    for _ in range(args.rounds):
+      for b in built:
+        time_round(b, steps=args.steps, warmup=args.warmup)
+    for b in built:
+      r = summarize(b, devices, steps=args.steps, peak=peaks[case.dtype])
+      results.append(r)
+      print(f"  {case.name} ({r['layers']}): {r['tokens_per_s_real']:.0f} real tokens/s",
+            file=sys.stderr)
+    del built
 
   cpu = platform.processor() or platform.machine()
   machine = f"{backend} x{len(devices)} ({devices[0].device_kind}; {cpu}, {os.cpu_count()} cores)"
   print(f"\nDPO train step on {machine}; peak matmul "
         + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
-  header = (f"{'config':<14}{'params':>9}{'B x 2 x T':>13}{'dtype':>10}{'compile s':>10}"
+  header = (f"{'config':<14}{'layers':>9}{'params':>9}{'B x 2 x T':>13}{'dtype':>10}{'compile s':>10}"
             f"{'step ms':>10}{'real tok/s':>12}{'pad %':>7}{'MFU %':>7}{'MFU real %':>11}"
             f"{'mem/dev':>11}")
   print(header)
   print("-" * len(header))
   for r in results:
-    print(f"{r['name']:<14}{r['params'] / 1e6:>8.1f}M{r['batch_pairs']:>6} x 2 x {r['seq_len']:<4}"
+    print(f"{r['name']:<14}{r['layers']:>9}{r['params'] / 1e6:>8.1f}M{r['batch_pairs']:>6} x 2 x {r['seq_len']:<4}"
           f"{r['dtype']:>8}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}"
           f"{r['tokens_per_s_real']:>12.0f}{100 * r['padding_frac']:>7.1f}"
           f"{100 * r['mfu']:>7.1f}{100 * r['mfu_real']:>11.1f}"
@@ -221,9 +257,21 @@ def main(argv=None):
           + ("" if r["mem_source"] == "memory_stats" else "*"))
   if any(r["mem_source"] != "memory_stats" for r in results):
     print("* memory from the compiled step's memory analysis (no device.memory_stats here)")
+  ratios = {}
+  for name in dict.fromkeys(r["name"] for r in results):
+    by = {r["layers"]: r for r in results if r["name"] == name}
+    if {"scan", "unrolled"} <= set(by):
+      ratios[name] = by["scan"]["tokens_per_s_real"] / by["unrolled"]["tokens_per_s_real"]
+      print(f"{name}: scanned / unrolled real tokens/s {ratios[name]:.3f}x "
+            f"(best of {args.rounds} interleaved rounds; compile "
+            f"{by['scan']['compile_s']:.1f} s vs {by['unrolled']['compile_s']:.1f} s)")
+  load = os.getloadavg()
+  print(f"load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
+        f"({os.cpu_count()} cores) at the end of the run")
   print("JSON " + json.dumps({
       "bench": "dpo_step", "date": time.strftime("%Y-%m-%d"), "machine": machine,
-      "jax": jax.__version__, "peak_flops": peaks, "steps": args.steps, "results": results}))
+      "jax": jax.__version__, "peak_flops": peaks, "steps": args.steps, "rounds": args.rounds,
+      "scan_over_unrolled": ratios, "loadavg": load, "results": results}))
 
 
 if __name__ == "__main__":

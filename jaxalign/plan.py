@@ -38,10 +38,23 @@ Figures (all per device unless named otherwise):
     kernel time above. MFU = model_flops_per_step / (step time * devices * peak
     bf16 FLOP/s), so work hidden from XLA can never raise it.
     On CPU there is no known peak, so neither is given.
+  scanned layers: XLA's cost analysis counts a loop body once, whatever its
+    trip count, so the compiled scanned step's FLOPs, bytes and time miss
+    (G - 1) / G of the layers' work (G scanned groups). The plan then compiles
+    two small UNROLLED probes of the same step -- the same config with
+    P + tail and 2P + tail layers (P the scanned period) -- and extrapolates
+    XLA's counts affinely in the number of groups:
+        cost(G) = cost(1 group) + (G - 1) * (cost(2 groups) - cost(1 group)),
+    which is XLA's estimate of the unrolled G-group step whenever its costs are
+    affine in the layer count (FLOPs and bytes are: every layer is the same
+    program). The memory figures stay those of the real scanned program.
+    The estimate models the unrolled program's schedule, not the loop's own
+    (no loop overhead, no cross-iteration prefetch of gathered weights).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -221,7 +234,8 @@ def lower_step(config: ml_collections.ConfigDict, *, topology: str | None = None
 
 
 def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
-         devices: str | None = None, verbose: bool = False) -> dict[str, Any]:
+         devices: str | None = None, verbose: bool = False,
+         scan_estimate: bool | None = None) -> dict[str, Any]:
   """Compiles the real train step for a TPU topology or local devices; returns its figures.
 
   Args:
@@ -229,6 +243,10 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     topology: a TPU slice name, e.g. "v5p:4x4x4" (needs libtpu).
     devices: "cpu:8" etc.; default (no topology) all local devices.
     verbose: print the table (`format_plan`) as well.
+    scan_estimate: for a model scanned over G > 1 groups, extrapolate XLA's
+      costs from two small unrolled probes (module docstring). None: only when
+      a time can be predicted (a TPU chip with a known peak); False: never
+      (then no time or MFU is predicted for a scanned model).
 
   Returns:
     A flat dict: target, num_devices, mesh, num_params, trainable_params, lora
@@ -236,7 +254,10 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     memory_* (bytes per device), hbm_bytes, fits, flops_per_device,
     flops_per_step, model_flops_per_token, model_flops_per_step,
     predicted_step_seconds, predicted_mfu, estimate (how they were obtained),
-    lower_seconds, compile_seconds, error (the compiler's message when it did not fit).
+    lower_seconds, compile_seconds, scan_iterations, compiled_flops_per_device
+    (as XLA counts the compiled program: a scan body once) and, when the
+    scanned costs were extrapolated, scan_probe_layers and
+    scan_probe_compile_seconds; error (the compiler's message when it did not fit).
 
   Raises:
     PlanError: libtpu missing, bad topology, too few local devices.
@@ -303,6 +324,18 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   out["hbm_fraction"] = total / chip.hbm_bytes if chip and total else None
 
   cost = _cost(compiled)
+  out["compiled_flops_per_device"] = float(cost.get("flops", 0.0))
+  # XLA's cost analysis counts a loop body once, whatever its trip count: with
+  # the layers scanned G > 1 times its counts miss (G - 1) / G of the layers'
+  # work. Extrapolate them from two unrolled probes (module docstring).
+  groups = model_cfg.scan_groups()[1] if getattr(model_cfg, "scan_layers", False) else 1
+  out["scan_iterations"] = groups
+  if scan_estimate is None:
+    scan_estimate = chip is not None
+  extrapolated = groups > 1 and scan_estimate
+  if extrapolated:
+    cost, probe = scan_extrapolated_cost(config, devs, model_cfg)
+    out.update(probe)
   flops = float(cost.get("flops", 0.0))
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
   out.update(flops_per_device=flops, flops_per_step=flops * n,
@@ -318,12 +351,12 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     estimate = "none: no time estimate from XLA and no known peak for this device"
   out.update(_attention_kernel_part(model_cfg, devs[0].platform, lengths, n, chip,
                                     frozen_reference=frozen_ref))
-  # XLA's cost analysis counts a loop body once, whatever its trip count: with
-  # the layers scanned G > 1 times its FLOPs and time miss (G - 1) / G of the
-  # layers' work, so no time or MFU is predicted from them (memory is exact).
-  groups = model_cfg.scan_groups()[1] if getattr(model_cfg, "scan_layers", False) else 1
-  out["scan_iterations"] = groups
-  if groups > 1 and seconds is not None:
+  if extrapolated:
+    l1, l2 = out["scan_probe_layers"]
+    estimate = (f"{estimate}; XLA's costs of the unrolled step extrapolated over {groups} scanned "
+                f"groups from unrolled {l1}- and {l2}-layer probes (XLA counts a scan "
+                f"body once)")
+  elif groups > 1 and seconds is not None:
     seconds = None
     estimate = (f"none: XLA's cost analysis counts the scanned layer body once, not "
                 f"{groups} times, so its FLOPs and time undercount the step; "
@@ -340,6 +373,52 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   if verbose:
     print(format_plan(out))
   return out
+
+
+# XLA cost-analysis keys extrapolated over scanned groups (the rest are not read).
+_EXTRAPOLATED_COSTS = ("flops", "bytes accessed", "transcendentals", "optimal_seconds")
+
+
+def probe_config(config: ml_collections.ConfigDict, model_cfg, groups: int):
+  """`config` unrolled (scan_layers=False) with `groups` periods of layers + the tail."""
+  period, _, tail = model_cfg.scan_groups()
+  n_layers = groups * period + tail
+  c = copy.deepcopy(config)
+  over = c.model.overrides.to_dict()
+  over["n_layers"] = n_layers
+  if model_cfg.layer_types is not None:
+    # Layer i of the probe is configured as layer i of the model (period P).
+    over["layer_types"] = list(model_cfg.layer_types[:n_layers])
+  c.model.overrides = ml_collections.ConfigDict(over)
+  c.model.scan_layers = False
+  return c, n_layers
+
+
+def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg
+                           ) -> tuple[dict[str, float], dict[str, Any]]:
+  """XLA's cost of the step unrolled over all G scanned groups, from two probes.
+
+  Compiles the step unrolled with 1 and 2 periods of layers (plus the tail) on
+  the same devices, batch and mesh, and returns
+  cost(1) + (G - 1) * (cost(2) - cost(1)) for each of _EXTRAPOLATED_COSTS present
+  in both, with the probes' layer counts and compile time.
+  """
+  _, groups, _ = model_cfg.scan_groups()
+  costs, layers = [], []
+  t0 = time.perf_counter()
+  for g in (1, 2):
+    c, n_layers = probe_config(config, model_cfg, g)
+    built, batch = build_for(c, devs)
+    with jax.set_mesh(built.mesh):
+      compiled = built.step_fn.lower(built.abstract_state, batch).compile()
+    costs.append(_cost(compiled))
+    layers.append(n_layers)
+    del compiled, built
+  one, two = costs
+  cost = {k: float(one[k]) + (groups - 1) * (float(two[k]) - float(one[k]))
+          for k in _EXTRAPOLATED_COSTS if k in one and k in two}
+  return cost, {"scan_probe_layers": tuple(layers),
+                "scan_probe_compile_seconds": time.perf_counter() - t0}
 
 
 def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip | None, *,
@@ -383,7 +462,10 @@ def format_plan(p: dict[str, Any]) -> str:
       + (f": LoRA {p['lora']})" if p.get("lora") else ")")
       + f"   batch {p['batch_shape']} (B, S, T) = "
       f"{p['tokens_per_step']} tokens/step",
-      f"  lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
+      f"  lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s"
+      + (f" (+ {p['scan_probe_compile_seconds']:.1f} s for the unrolled "
+         f"{p['scan_probe_layers'][0]}- and {p['scan_probe_layers'][1]}-layer cost probes)"
+         if p.get("scan_probe_layers") else ""),
   ]
   if p.get("error"):
     lines.append(f"  DOES NOT FIT: {p['error']}")
@@ -400,7 +482,10 @@ def format_plan(p: dict[str, Any]) -> str:
       + (f" of {_gib(hbm)} HBM ({100 * p['hbm_fraction']:.0f}%)" if hbm else ""),
       f"  fits: {p['fits']}",
       f"  FLOPs per step (XLA)      {_num(p['flops_per_step'], 'FLOP')} "
-      + (f"(the scanned layer body counted once of {p['scan_iterations']}) "
+      + ((f"(extrapolated to {p['scan_iterations']} scanned groups; as compiled, the "
+          f"body counted once: {_num(p['compiled_flops_per_device'] * p['num_devices'], 'FLOP')}) "
+          if p.get("scan_probe_layers") else
+          f"(the scanned layer body counted once of {p['scan_iterations']}) ")
          if p.get("scan_iterations", 1) > 1 else "")
       + f"({_num(p['flops_per_device'], 'FLOP')} per device)",
       f"  attention kernel          {p['attention']}"

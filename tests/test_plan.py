@@ -17,7 +17,8 @@ from jaxalign import flops as flops_lib
 from jaxalign import plan as plan_lib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-REAL_SCALE = ("llama3_8b_dpo", "qwen25_7b_bco", "gemma2_9b_ln_dpo", "llama3_70b_dpo")
+REAL_SCALE = ("llama3_8b_dpo", "llama3_8b_dpo_8k", "qwen25_7b_bco", "gemma2_9b_ln_dpo",
+              "llama3_70b_dpo")
 
 
 def _load_recipe(name):
@@ -94,6 +95,49 @@ def test_100m_plan_allocates_no_weights():
   assert p["fits"]
 
 
+def _layered(scan, n_layers, **overrides):
+  c = _tiny_dpo()
+  c.model.scan_layers = scan
+  c.model.overrides = c.model.overrides.__class__(dict(n_layers=n_layers, **overrides))
+  return c
+
+
+# The scanned step's costs extrapolated from two unrolled probes must match XLA's
+# count of the whole unrolled step (the reference): FLOPs are affine in the layer
+# count, so 0.5% covers fusion differences; bytes accessed within 3%.
+SCAN_FLOPS_RTOL, SCAN_BYTES_RTOL = 0.005, 0.03
+
+
+@pytest.mark.parametrize("n_layers,overrides", [
+    (4, {}),
+    # Gemma-2-like alternation: period 2, two groups and a 1-layer unrolled tail.
+    (5, dict(sliding_window=16,
+             layer_types=["sliding" if i % 2 == 0 else "full" for i in range(5)])),
+])
+def test_scanned_cost_extrapolation_matches_the_unrolled_step(n_layers, overrides):
+  scanned = plan_lib.plan(_layered(True, n_layers, **overrides), devices="cpu:8",
+                          scan_estimate=True)
+  unrolled = plan_lib.plan(_layered(False, n_layers, **overrides), devices="cpu:8")
+  period = 2 if overrides else 1
+  assert scanned["scan_iterations"] == n_layers // period and unrolled["scan_iterations"] == 1
+  tail = n_layers % period
+  assert scanned["scan_probe_layers"] == (period + tail, 2 * period + tail)
+  # As compiled, the scanned step's body is counted once: well below the unrolled step...
+  assert scanned["compiled_flops_per_device"] < 0.9 * unrolled["flops_per_device"]
+  # ...extrapolated over its groups it is the unrolled step's count.
+  assert scanned["flops_per_device"] == pytest.approx(unrolled["flops_per_device"],
+                                                      rel=SCAN_FLOPS_RTOL)
+  assert scanned["bytes_accessed_per_device"] == pytest.approx(
+      unrolled["bytes_accessed_per_device"], rel=SCAN_BYTES_RTOL)
+  assert "extrapolated to" in plan_lib.format_plan(scanned)
+
+
+def test_scanned_plan_on_cpu_skips_the_probes_by_default():
+  p = plan_lib.plan(_layered(True, 4), devices="cpu:8")   # no peak: no time to predict
+  assert p["scan_iterations"] == 4 and "scan_probe_layers" not in p
+  assert p["flops_per_device"] == p["compiled_flops_per_device"]
+
+
 def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)   # import libtpu -> ImportError
   with pytest.raises(plan_lib.PlanError, match="libtpu"):
@@ -128,25 +172,35 @@ def test_tiny_dpo_compiles_for_a_tpu_slice():
   assert 0 < p["predicted_mfu"] < 1
 
 
+# Predicted step time and MFU of the scanned step (extrapolated from unrolled probes)
+# against XLA's estimate of the whole unrolled step, the reference.
+SCAN_TIME_RTOL = 0.03
+
+
 @pytest.mark.tpu
-def test_scanned_layers_give_no_predicted_time_from_a_body_counted_once():
+def test_scanned_step_time_and_mfu_agree_with_the_unrolled_estimate():
   pytest.importorskip("libtpu")
-  plans = {}
-  for scan in (True, False):
-    c = _tiny_dpo()
-    c.model.scan_layers = scan
-    c.model.overrides = c.model.overrides.__class__(dict(n_layers=4))
-    plans[scan] = plan_lib.plan(c, topology="v5p:2x2x2")
-  scanned, unrolled = plans[True], plans[False]
+  unrolled = plan_lib.plan(_layered(False, 4), topology="v5p:2x2x2")
+  scanned = plan_lib.plan(_layered(True, 4), topology="v5p:2x2x2")
+  blind = plan_lib.plan(_layered(True, 4), topology="v5p:2x2x2", scan_estimate=False)
   assert scanned["scan_iterations"] == 4 and unrolled["scan_iterations"] == 1
-  # XLA counts the scan body once: its FLOPs fall below the unrolled step's...
-  assert scanned["flops_per_step"] < 0.8 * unrolled["flops_per_step"]
-  # ...so no time or MFU is predicted from them, and the plan says why.
-  assert scanned["predicted_step_seconds"] is None and scanned["predicted_mfu"] is None
-  assert "counts the scanned layer body once" in scanned["estimate"]
-  assert "counted once of 4" in plan_lib.format_plan(scanned)
-  assert unrolled["predicted_mfu"] is not None
+  # XLA counts the scan body once: as compiled, its FLOPs fall below the unrolled step's...
+  assert scanned["compiled_flops_per_device"] < 0.8 * unrolled["flops_per_device"]
+  # ...so without the probes no time or MFU is predicted, and the plan says why...
+  assert blind["predicted_step_seconds"] is None and blind["predicted_mfu"] is None
+  assert "counts the scanned layer body once" in blind["estimate"]
+  assert "counted once of 4" in plan_lib.format_plan(blind)
+  # ...and with them (the default on a TPU) the estimate is the unrolled one.
+  assert scanned["scan_probe_layers"] == (1, 2)
+  assert scanned["predicted_step_seconds"] == pytest.approx(
+      unrolled["predicted_step_seconds"], rel=SCAN_TIME_RTOL)
+  assert scanned["predicted_mfu"] == pytest.approx(unrolled["predicted_mfu"],
+                                                   rel=SCAN_TIME_RTOL)
+  assert scanned["flops_per_step"] == pytest.approx(unrolled["flops_per_step"],
+                                                    rel=SCAN_FLOPS_RTOL)
   assert scanned["model_flops_per_step"] == unrolled["model_flops_per_step"]
+  # Memory is the scanned program's own, not the probes'.
+  assert scanned["memory_total"] == blind["memory_total"]
 
 
 @pytest.mark.tpu
@@ -206,7 +260,8 @@ def test_a_step_that_does_not_fit_reports_it():
 def test_real_scale_recipe_fits_its_slice(name):
   pytest.importorskip("libtpu")
   recipe = _load_recipe(name)
-  p = plan_lib.plan(recipe.get_config(), topology=recipe.TOPOLOGY)
+  # Fit only: the scanned-cost probes (two more compiles) are not needed for memory.
+  p = plan_lib.plan(recipe.get_config(), topology=recipe.TOPOLOGY, scan_estimate=False)
   assert p["fits"], plan_lib.format_plan(p)
   assert p["memory_total"] <= p["hbm_bytes"]
   assert p["flops_per_step"] > 0
