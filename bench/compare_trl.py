@@ -121,7 +121,7 @@ def run_trl(trl_python: str, spec_path: str) -> dict:
   """The TRL side in its own environment's python; its RESULT line as a dict."""
   proc = subprocess.run([trl_python, os.path.abspath(__file__), "--_trl-worker", spec_path],
                         capture_output=True, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
   if proc.returncode or not lines:
     sys.exit(f"TRL run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
              f"{proc.stderr[-3000:]}")

@@ -45,7 +45,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -243,13 +242,15 @@ def main(argv=None):
   machine = f"{backend} x{len(devices)} ({devices[0].device_kind}; {cpu}, {os.cpu_count()} cores)"
   print(f"\nDPO train step on {machine}; peak matmul "
         + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
-  header = (f"{'config':<14}{'layers':>9}{'params':>9}{'B x 2 x T':>13}{'dtype':>10}{'compile s':>10}"
+  header = (f"{'config':<14}{'layers':>9}{'params':>9}{'B x 2 x T':>13}{'dtype':>10}"
+            f"{'compile s':>10}"
             f"{'step ms':>10}{'real tok/s':>12}{'pad %':>7}{'MFU %':>7}{'MFU real %':>11}"
             f"{'mem/dev':>11}")
   print(header)
   print("-" * len(header))
   for r in results:
-    print(f"{r['name']:<14}{r['layers']:>9}{r['params'] / 1e6:>8.1f}M{r['batch_pairs']:>6} x 2 x {r['seq_len']:<4}"
+    print(f"{r['name']:<14}{r['layers']:>9}{r['params'] / 1e6:>8.1f}M"
+          f"{r['batch_pairs']:>6} x 2 x {r['seq_len']:<4}"
           f"{r['dtype']:>8}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}"
           f"{r['tokens_per_s_real']:>12.0f}{100 * r['padding_frac']:>7.1f}"
           f"{100 * r['mfu']:>7.1f}{100 * r['mfu_real']:>11.1f}"

@@ -126,7 +126,8 @@ def _train(argv: list[str]) -> int:
       from jaxalign.train import signals
       return signals.INTERRUPTED_STATUS   # 130, the shell's status for Ctrl-C
   else:
-    print(f"done: step {result.final_step}, loss {result.last_metrics.get('loss', float('nan')):.4f}"
+    loss = result.last_metrics.get('loss', float('nan'))
+    print(f"done: step {result.final_step}, loss {loss:.4f}"
           f", workdir {result.workdir}")
   return 0
 

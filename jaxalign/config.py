@@ -288,7 +288,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     except ValueError as e:
       _fail("model.overrides.remat", str(e))
   if c.model.preset not in transformer.PRESETS:
-    _fail("model.preset", f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
+    _fail("model.preset",
+          f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
   try:
     model_cfg = model_config(c)
   except HfConfigError as e:

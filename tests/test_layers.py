@@ -1,4 +1,5 @@
-"""The one-way layers of STYLE.md, checked by import-linter against pyproject.toml."""
+"""The one-way layers of STYLE.md (import-linter) and the lint rules (ruff), both as
+configured in pyproject.toml."""
 
 import pathlib
 import shutil
@@ -33,3 +34,9 @@ def test_the_contract_catches_a_lower_layer_importing_a_higher_one(tmp_path):
   proc = _lint(tmp_path)
   assert proc.returncode != 0, proc.stdout
   assert "jaxalign.sharding -> jaxalign.train.loop" in proc.stdout, proc.stdout
+
+
+def test_ruff_is_clean_on_the_package_benchmarks_and_tests():
+  proc = subprocess.run([sys.executable, "-m", "ruff", "check", "jaxalign", "bench", "tests"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -11,22 +11,22 @@ A *format* names the fields a loss consumes:
   ranked     {prompt, completions: list, labels: list[bool] | ranks: list[int],
               reference?}                                   (AFT)
 
-Optional fields: pairwise ``margin: float`` (reward-model training: the score
-gap the pair must clear, TRL's ``margin`` column); unpaired ``embedding: list[float]`` (finite, float32-representable;
-a prompt embedding for BCO's underlying-distribution matching); ranked
-``reference`` (the reference answer / chain of thought for AFT's SFT term). A
-ranked record has exactly one of ``labels`` (True = positive, correct) and
-``ranks`` (integers >= 1, 1 = best, a lower rank is better, ties allowed; equal
-ranks form no pair, as in LOSSES.md §6), of the same length as ``completions``.
-`validate_records` also checks that such columns agree across records (all
-ranked records use labels or all use ranks; embeddings present in all unpaired
-records or none, all of one dimension), so examples stack into batches.
+Optional fields: pairwise ``margin: float`` (reward-model training: the score gap the
+pair must clear, TRL's ``margin`` column); unpaired ``embedding: list[float]`` (finite,
+float32-representable; a prompt embedding for BCO's underlying-distribution matching);
+ranked ``reference`` (the reference answer / chain of thought for AFT's SFT term). A
+ranked record has exactly one of ``labels`` (True = positive, correct) and ``ranks``
+(integers >= 1, 1 = best, a lower rank is better, ties allowed; equal ranks form no
+pair, as in LOSSES.md §6), of the same length as ``completions``. `validate_records`
+also checks that such columns agree across records (all ranked records use labels or all
+use ranks; embeddings present in all unpaired records or none, all of one dimension), so
+examples stack into batches.
 
-Every text field is either a string or chat messages (a list of
-``{"role", "content"}`` dicts, each role one of ``CHAT_ROLES``). A record is *conversational* when any text field
-is a message list; validation then normalizes all of its text fields to message
-lists (a string prompt becomes one user turn, a string response one assistant
-turn) so the tokenizer sees one kind or the other. Response message lists must
+Every text field is either a string or chat messages (a list of ``{"role", "content"}``
+dicts, each role one of ``CHAT_ROLES``). A record is *conversational* when any text
+field is a message list; validation then normalizes all of its text fields to message
+lists (a string prompt becomes one user turn, a string response one assistant turn) so
+the tokenizer sees one kind or the other. Response message lists must
 end with an assistant turn. An sft record may also be ``{"messages": [...]}``,
 split into prompt = all but the last turn and completion = the last turn.
 

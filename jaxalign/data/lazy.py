@@ -118,8 +118,8 @@ def index_jsonl(path: str, fmt: str, *, on_error: str, group_size: int | None,
       want = n if want is None else want
       offsets.extend((start, len(raw)))
       rows.append(row)
-  return (np.frombuffer(offsets, np.int64).reshape(-1, 2).copy(), np.frombuffer(rows, np.int64).copy(),
-          skipped, h.hexdigest())
+  return (np.frombuffer(offsets, np.int64).reshape(-1, 2).copy(),
+          np.frombuffer(rows, np.int64).copy(), skipped, h.hexdigest())
 
 
 class LazyJsonl(Sequence):

@@ -262,7 +262,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
             operands=(policy, state.frozen), mesh=mesh, rules=rules,
             batch_size=config.data.batch_size, progress=progress, pack=pack)
         if (table is None and need_eval and pack is None and isinstance(examples, list)
-            and isinstance(eval_examples, list) and examples[0]["tokens"].shape == eval_examples[0]["tokens"].shape):
+            and isinstance(eval_examples, list)
+            and examples[0]["tokens"].shape == eval_examples[0]["tokens"].shape):
           # One pass, one compile, over both sets: rows do not interact.
           both = initial_logps(examples + eval_examples, desc="reference log-probs")
           table, eval_table = both[:len(examples)], both[len(examples):]

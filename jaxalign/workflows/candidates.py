@@ -5,14 +5,14 @@
   jaxalign train --config configs/aft_demo.py:runs/demo \
       --config.data.train_path=aft.jsonl --config.data.group_size=4 ...
 
-Questions are `jaxalign generate` prompt records (a `prompt`: text or chat
-messages) with optionally a `reference` (or, as in sft records, a
-`completion`): the reference answer / chain of thought that AFT's SFT term
-trains on and the "exact_match" checker compares against. Sampling is `jaxalign.workflows.generate.generate_file`'s; each
-completion is then labelled by a checker: a reward (`jaxalign.rewards`;
-default "arithmetic", the bundled task's checker) whose value > 0 means
-correct. The output is JSONL in the `ranked` format that `aft` reads:
-{prompt, completions: [...], labels: [...], reference?}. Empty completions are
+Questions are `jaxalign generate` prompt records (a `prompt`: text or chat messages)
+with optionally a `reference` (or, as in sft records, a `completion`): the reference
+answer / chain of thought that AFT's SFT term trains on and the "exact_match" checker
+compares against. Sampling is `jaxalign.workflows.generate.generate_file`'s; each
+completion is then labelled by a checker: a reward (`jaxalign.rewards`; default
+"arithmetic", the bundled task's checker) whose value > 0 means correct. The output is
+JSONL in the `ranked` format that `aft` reads: {prompt, completions: [...], labels:
+[...], reference?}. Empty completions are
 dropped (a response must be non-empty), so groups may hold fewer than k:
 train with data.group_size = k.
 """

@@ -5,7 +5,6 @@ data format, on sequences of wildly different lengths (2 to T tokens, some
 rows ending in padding, some groups with padding slots).
 """
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp

@@ -167,7 +167,6 @@ def test_a_user_loss_states_its_own_ranges():
 def _recipes():
   names = []
   for path in sorted(RECIPE_DIR.glob("*.py")):
-    text = path.read_text()
     if "_toy" in path.stem or "_demo" in path.stem:
       names.append(path.name)
   return names

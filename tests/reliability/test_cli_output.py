@@ -2,7 +2,6 @@
 asks for the traceback; no libtpu or transformers start-up noise; Ctrl-C in a run
 is a clean stop with a checkpoint and status 130."""
 
-import os
 import signal
 import subprocess
 import sys

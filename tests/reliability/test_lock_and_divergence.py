@@ -2,7 +2,6 @@
 and the divergence guard (a finite blow-up stops the run like a non-finite one)."""
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -205,7 +205,6 @@ def test_sharded_on_the_training_mesh_equals_one_device():
 
 def test_one_compile_per_bucket():
   model = helpers.make_model(helpers.LLAMA, seed=9)
-  sp = SamplingParams(max_new_tokens=5, temperature=0.0)
   before = engine._jit_generate._cache_size()  # noqa: SLF001
   for batch, width, stops in ((PROMPTS, 7, ()), (PROMPTS[:3], 7, (3,)), (PROMPTS[1:], 8, (1, 2))):
     tokens, mask = helpers.left_pad(batch, width)

@@ -1,8 +1,6 @@
 """Greedy decoding and sampling used by the demo's evaluation and data building."""
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxalign.data import toy

@@ -2,7 +2,6 @@
 metric), or, for the pairwise losses added later, one real jitted train step whose loss
 equals the pure function on independently computed log-probs (STEP_CASES)."""
 
-import functools
 import os
 
 import jax
@@ -119,7 +118,6 @@ def test_step_loss_equals_the_pure_loss(method):
                                                                batch))
                        for p in ([state.params] + ([state.ref_params] if spec.needs_ref
                                                    else []))]
-    loss_state = state.loss_state
     call = step_lib.make_loss_call(spec, hparams)
     step_fn = step_lib.jit_train_step(
         graphdef=graphdef, tx=tx, schedule=sched, loss_call=call, chunk_size=16,

@@ -1,10 +1,8 @@
 """TR-DPO reference sync: the rule inside the real step, resume, config errors."""
 
-import functools
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
