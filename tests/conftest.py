@@ -9,3 +9,19 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One persistent XLA compilation cache for the whole session (every xdist worker and
+# the subprocesses tests start): most tests compile the same tiny steps, and a hit
+# skips XLA's compile (not the trace, so compile-count tests still count). A fresh
+# directory per session unless JAXALIGN_TEST_CACHE names one; JAXALIGN_TEST_CACHE=off
+# disables it.
+_cache = os.environ.get("JAXALIGN_TEST_CACHE", "")
+if _cache != "off":
+  if not _cache:
+    import tempfile
+    _cache = os.path.join(tempfile.gettempdir(), f"jaxalign_test_xla_cache_{os.getppid()}")
+  os.environ["JAXALIGN_TEST_CACHE"] = _cache
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  jax.config.update("jax_compilation_cache_dir", _cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
