@@ -25,3 +25,15 @@ if _cache != "off":
   jax.config.update("jax_compilation_cache_dir", _cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# The longest files start first, so that under xdist's --dist loadfile neither worker
+# is left running one of them alone at the end of the suite.
+_LONGEST_FIRST = ("tests/test_demo.py", "tests/test_multihost.py", "tests/reliability/test_kill.py",
+                  "tests/test_hf.py", "tests/train/test_loop.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

@@ -178,14 +178,14 @@ def test_readme_bf16_flag_is_accepted_by_every_toy_and_demo_recipe(recipe, tmp_p
   # Through the CLI's own parsing; the run is stopped right after validation, so it
   # compiles nothing. The flag must reach the model config as bfloat16.
   from jaxalign import config as config_lib
-  from jaxalign.train import loop
+  from jaxalign.workflows import run
   seen = {}
 
   def stop_after_validation(config, workdir, **kwargs):
     seen["dtype"] = config_lib.model_config(config).dtype
     raise config_lib.ConfigError("stopped by the test after validation")
 
-  monkeypatch.setattr(loop, "train", stop_after_validation)
+  monkeypatch.setattr(run, "train", stop_after_validation)
   status, err = run_cli(capsys, f"--config={RECIPE_DIR / recipe}",
                         f"--workdir={tmp_path / 'run'}", "--noprogress",
                         "--config.model.overrides.dtype=bfloat16")

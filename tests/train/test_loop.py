@@ -22,18 +22,6 @@ def _losses(workdir):
   return np.array([m["loss"] for m in read_metrics(workdir)])
 
 
-def test_same_losses_on_one_device_and_on_8_device_meshes(tmp_path):
-  one = tiny_config(**{"mesh.shape": (1, 1, 1)})
-  loop.train(one, str(tmp_path / "one"), progress=False, devices=jax.devices()[:1])
-  reference = _losses(tmp_path / "one")
-  assert len(reference) == 5
-  for shape in MESHES:
-    workdir = tmp_path / ("mesh" + "x".join(map(str, shape)))
-    loop.train(tiny_config(**{"mesh.shape": shape}), str(workdir), progress=False)
-    np.testing.assert_allclose(_losses(workdir), reference, rtol=1e-5, atol=1e-6,
-                               err_msg=f"mesh {shape}")
-
-
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   loop.train(tiny_config(), str(tmp_path / "full"), progress=False)
   loop.train(tiny_config(**{"optim.grad_accum_steps": 2, "mesh.shape": (1, 4, 2)}),

@@ -12,9 +12,9 @@ from jaxalign.train import loop, optim, step as step_lib
 from tests.train.helpers import random_batch, tiny_config
 
 
-def _setup(shape=(2, 2, 2)):
+def _setup(shape=(2, 2, 2), devices=None):
   cfg = tiny_config(**{"mesh.shape": shape})
-  mesh = sharding.make_mesh(cfg.mesh.shape)
+  mesh = sharding.make_mesh(cfg.mesh.shape, devices)
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
   tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
   graphdef, abstract, shardings, init_fn = loop.build_model_and_state(
@@ -80,3 +80,33 @@ def test_accumulated_step_equals_full_batch_step():
   np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_the_same_steps_on_one_device_and_on_8_device_meshes():
+  """Mesh invariance at step level: 3 steps on 1 device and on three 8-device meshes
+  give the same losses, metrics and parameters."""
+  call = step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1})
+  runs = {}
+  for shape in [(1, 1, 1), (8, 1, 1), (1, 4, 2), (2, 2, 2)]:
+    devices = jax.devices()[:1] if shape == (1, 1, 1) else None
+    cfg, mesh, rules, tx, sched, graphdef, abstract, shardings, state = _setup(shape, devices)
+    step_fn = step_lib.jit_train_step(
+        graphdef=graphdef, tx=tx, schedule=sched, loss_call=call, chunk_size=16,
+        accum_steps=1, skip_nonfinite=False, state_shardings=shardings,
+        batch_sharding=sharding.batch_sharding(mesh, rules),
+        replicated=sharding.replicated(mesh))
+    rng, metrics = np.random.default_rng(3), []
+    with jax.set_mesh(mesh):
+      for _ in range(3):
+        batch = sharding.host_to_global(_batch(rng), sharding.batch_sharding(mesh, rules))
+        state, m = step_fn(state, batch)
+        metrics.append(jax.device_get(m))
+    runs[shape] = (metrics, jax.device_get(state.params))
+  ref_metrics, ref_params = runs.pop((1, 1, 1))
+  for shape, (metrics, params) in runs.items():
+    for a, b in zip(ref_metrics, metrics):
+      for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"mesh {shape}: {key}")
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=f"mesh {shape}")
