@@ -14,15 +14,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # the subprocesses tests start): most tests compile the same tiny steps, and a hit
 # skips XLA's compile (not the trace, so compile-count tests still count). A fresh
 # directory per session unless JAXALIGN_TEST_CACHE names one; JAXALIGN_TEST_CACHE=off
-# disables it.
-_cache = os.environ.get("JAXALIGN_TEST_CACHE", "")
-if _cache != "off":
-  if not _cache:
+# disables it. Not for `-m tpu`: each real-scale TPU compile is its own, and large.
+def pytest_configure(config):
+  cache = os.environ.get("JAXALIGN_TEST_CACHE", "")
+  if cache == "off" or "tpu" in (config.getoption("markexpr") or "").replace("not tpu", ""):
+    return
+  if not cache:
     import tempfile
-    _cache = os.path.join(tempfile.gettempdir(), f"jaxalign_test_xla_cache_{os.getppid()}")
-  os.environ["JAXALIGN_TEST_CACHE"] = _cache
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-  jax.config.update("jax_compilation_cache_dir", _cache)
+    cache = os.path.join(tempfile.gettempdir(), f"jaxalign_test_xla_cache_{os.getpid()}")
+  os.environ["JAXALIGN_TEST_CACHE"] = cache   # xdist workers inherit the controller's
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
