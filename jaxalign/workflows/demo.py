@@ -297,7 +297,10 @@ METHODS: dict[str, dict] = {
     "grao_rm": dict(loss="grao", format="prompts", hparams=dict(beta=0.5, lam=0.6),
                     online=dict(samples_per_prompt=8),
                     reward=("reward_model", dict(max_length=16)),
-                    batch_size=32, steps=100, lr=1e-4),
+                    # lr 1e-4 (the checker GRAO's) exploits the reward model's errors
+                    # (it ranks 66.6% of held-out pairs right): 51.8% -> 7.2% with
+                    # reward/mean above the reference answers'; 2e-5: 51.8% -> 66.4%.
+                    batch_size=32, steps=100, lr=2e-5),
     # GRAO on groups sampled once from the SFT model before training (offline).
     "grao_offline": dict(loss="grao", format="groups", group=4,
                          hparams=dict(beta=0.5, lam=0.6), lr=3e-5),
