@@ -128,9 +128,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     stop_after: leave after this many steps of this invocation, with a checkpoint
       (for time-sliced schedulers); the run continues on the next call.
   """
-  if config_lib.run_mode(config) != "run":
-    raise ValueError(f"loop.train runs one policy run; a {config_lib.run_mode(config)} recipe "
-                     "trains through jaxalign.workflows.run.train")
+  mode = config_lib.run_mode(config)
+  if mode != "run":
+    raise ValueError(f"loop.train runs one policy run; a {mode} recipe trains through "
+                     "jaxalign.workflows.run.train")
   # SIGTERM is caught from here on: one arriving while data loads or the step
   # compiles stops the run at the first step boundary, with a checkpoint.
   with _Preemption() as preempt, runlock.RunLock() as lock:
