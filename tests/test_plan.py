@@ -228,6 +228,23 @@ def test_splash_step_compiles_for_a_tpu_slice_and_its_kernel_is_counted():
 
 
 @pytest.mark.tpu
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_bf16_splash_step_compiles_at_any_process_matmul_precision(precision):
+  """A process-wide "highest" asked Mosaic for fp32 contractions of the bf16 kernel's
+  operands, forward and backward ("Bad lhs type"); the kernel traces at its inputs'
+  own precision, so the bf16 step compiles whatever the process default."""
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.model.attention = "splash"
+  c.model.overrides = c.model.overrides.__class__(
+      dict(max_seq_len=128, dtype="bfloat16", param_dtype="bfloat16"))
+  c.data.max_length, c.data.max_prompt_length = 128, 64
+  with jax.default_matmul_precision(precision):
+    p = plan_lib.plan(c, topology="v5p:2x2x2", scan_estimate=False)
+  assert p["fits"] and p["attention"] == "splash"
+
+
+@pytest.mark.tpu
 def test_multislice_topology_puts_data_across_slices():
   pytest.importorskip("libtpu")
   c = _tiny_dpo()
@@ -261,10 +278,8 @@ def test_real_scale_recipe_fits_its_slice(name):
   pytest.importorskip("libtpu")
   recipe = _load_recipe(name)
   # Fit only: the scanned-cost probes (two more compiles) are not needed for memory.
-  # At the default matmul precision, as `jaxalign plan` runs (conftest sets "highest",
-  # which asks the bf16 splash kernel for fp32 contractions: Mosaic refuses them).
-  with jax.default_matmul_precision("default"):
-    p = plan_lib.plan(recipe.get_config(), topology=recipe.TOPOLOGY, scan_estimate=False)
+  # Under the suite's "highest" matmul precision (conftest), as a user who sets it would.
+  p = plan_lib.plan(recipe.get_config(), topology=recipe.TOPOLOGY, scan_estimate=False)
   assert p["fits"], plan_lib.format_plan(p)
   assert p["memory_total"] <= p["hbm_bytes"]
   assert p["flops_per_step"] > 0

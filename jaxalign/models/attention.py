@@ -221,6 +221,40 @@ def _splash_kernel(heads: int, seq_len: int, window: int | None, softcap: float 
                             interpret=interpret)
 
 
+def _traced_at(fn, precision):
+  """`fn` with its forward and its backward traced under matmul `precision`.
+
+  A Pallas kernel's contractions take the precision in force when its body is
+  traced, and the backward kernels are traced when the step is differentiated,
+  outside any `with` around the forward call; this wraps both.
+  """
+  @jax.custom_vjp
+  def wrapped(*args):
+    with jax.default_matmul_precision(precision):
+      return fn(*args)
+
+  def fwd(*args):
+    with jax.default_matmul_precision(precision):
+      return jax.vjp(fn, *args)   # (out, pullback): the pullback is a pytree of residuals
+
+  def bwd(pullback, g):
+    with jax.default_matmul_precision(precision):
+      return pullback(g)
+
+  wrapped.defvjp(fwd, bwd)
+  return wrapped
+
+
+def _kernel_precision(dtype) -> str | None:
+  """The matmul precision the splash kernel is traced under: the process default
+  for float32 inputs; "default" (one pass at the inputs' width) for narrower ones,
+  since "highest" asks Mosaic for fp32 contractions of bf16 operands, which it
+  refuses ("Bad lhs type")."""
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    return jax.config.jax_default_matmul_precision
+  return "default"
+
+
 def _splash(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segment_ids):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   B, T, H, _ = q.shape
@@ -237,7 +271,8 @@ def _splash(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segm
   def local(q, k, v, seg, kv_seg):
     kernel = _splash_kernel(q.shape[2], T, window, softcap, interpret)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)           # [b, T, h, Dh] -> [b, h, T, Dh]
-    out = jax.vmap(lambda q, k, v, s, ks: kernel(q, k, v, sk.SegmentIds(q=s, kv=ks)))(
+    run = jax.vmap(lambda q, k, v, s, ks: kernel(q, k, v, sk.SegmentIds(q=s, kv=ks)))
+    out = _traced_at(run, _kernel_precision(q.dtype))(
         heads_first(q), heads_first(k), heads_first(v), seg, kv_seg)
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
