@@ -9,8 +9,8 @@ For each model (random weights; the demo model of configs/sft_demo.py and the
 "100m" preset) and the same left-padded greedy prompts, it times:
   engine  jaxalign.sampling.generate: prefill + lax.while_loop decode with a
           KV cache, one compiled program (compile excluded, timed separately).
-  naive   jaxalign.train.eval's recompute loop: a full forward of the whole
-          [B, P + M] buffer for every new token (no cache), jit-compiled.
+  naive   a recompute loop (here, `_recompute_decode`): a full forward of the
+          whole [B, P + M] buffer for every new token (no cache), jit-compiled.
   hf      transformers' `generate` (PyTorch CPU, greedy, use_cache=True) on the
           same weights exported with jaxalign.models.hf.export.
 Every method generates exactly M tokens per row (no stop token; transformers
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -57,13 +58,15 @@ if THREADS:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxalign import config as config_lib, demo  # noqa: E402
+from jaxalign import config as config_lib  # noqa: E402
 from jaxalign.models import hf, transformer  # noqa: E402
 from jaxalign.sampling import SamplingParams, generate  # noqa: E402
-from jaxalign.train import eval as eval_lib, state as state_lib  # noqa: E402
+from jaxalign.train import state as state_lib  # noqa: E402
+from jaxalign.workflows import demo  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +140,33 @@ def run_engine(graphdef, params, frozen, tokens, mask, new_tokens: int, repeats:
   return seconds, cpu, first - seconds, np.asarray(out)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _recompute_decode(params, frozen, tokens, mask, *, graphdef, max_new_tokens: int):
+  """[B, P] left-padded prompts -> [B, M] greedy tokens, no cache, no stop token."""
+  model = nnx.merge(graphdef, params, frozen)
+  b, p = tokens.shape
+  buf = jnp.concatenate([tokens, jnp.zeros((b, max_new_tokens), tokens.dtype)], axis=1)
+  buf_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), mask.dtype)], axis=1)
+
+  def body(i, carry):
+    buf, buf_mask = carry
+    hidden = model(buf, buf_mask)                                          # [B, P+M, D]
+    last = jax.lax.dynamic_index_in_dim(hidden, p + i - 1, axis=1, keepdims=False)
+    nxt = jnp.argmax(model.next_token_logits(last), axis=-1).astype(buf.dtype)
+    buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, p + i, axis=1)
+    buf_mask = jax.lax.dynamic_update_index_in_dim(buf_mask, jnp.ones_like(nxt, mask.dtype),
+                                                   p + i, axis=1)
+    return buf, buf_mask
+
+  buf, _ = jax.lax.fori_loop(0, max_new_tokens, body, (buf, buf_mask))
+  return buf[:, p:]
+
+
 def run_naive(graphdef, params, frozen, tokens, mask, new_tokens: int, repeats: int):
-  args = (params, frozen, jnp.asarray(tokens), jnp.asarray(mask), jax.random.PRNGKey(0))
-  kw = dict(graphdef=graphdef, max_new_tokens=new_tokens, eos_id=-1, temperature=0.0)
+  args = (params, frozen, jnp.asarray(tokens), jnp.asarray(mask))
+  kw = dict(graphdef=graphdef, max_new_tokens=new_tokens)
   t0 = time.perf_counter()
-  compiled = eval_lib._decode.lower(*args, **kw).compile()  # noqa: SLF001
+  compiled = _recompute_decode.lower(*args, **kw).compile()
   compile_s = time.perf_counter() - t0
   seconds, cpu, out = timed(lambda: compiled(*args), repeats)
   return seconds, cpu, compile_s, np.asarray(out)

@@ -31,8 +31,9 @@ def pytest_configure(config):
 
 # The longest files start first, so that under xdist's --dist loadfile neither worker
 # is left running one of them alone at the end of the suite.
-_LONGEST_FIRST = ("tests/test_demo.py", "tests/test_multihost.py", "tests/reliability/test_kill.py",
-                  "tests/test_hf.py", "tests/train/test_loop.py")
+_LONGEST_FIRST = ("tests/workflows/test_demo.py", "tests/test_multihost.py",
+                  "tests/reliability/test_kill.py", "tests/models/test_hf.py",
+                  "tests/train/test_loop.py")
 
 
 def pytest_collection_modifyitems(config, items):

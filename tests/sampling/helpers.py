@@ -1,12 +1,15 @@
-"""Tiny models and an independent reference decoder for the sampling tests."""
+"""Tiny models and independent reference decoders (full recompute, no KV cache) for
+the sampling tests."""
 
 import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.data import tokenize
 from jaxalign.models import transformer
 
 LLAMA = transformer.ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4,
@@ -101,3 +104,46 @@ def reference_probs(model: transformer.Transformer, sequence: list[int],
   z = logits / temperature
   p = np.exp(z - z.max())
   return p / p.sum()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id"))
+def recompute_greedy(params, frozen, tokens, mask, *, graphdef, max_new_tokens: int,
+                     eos_id: int):
+  """[N, P] left-padded prompts -> [N, max_new_tokens] greedy continuations.
+
+  A full forward of the whole [N, P + max_new_tokens] buffer for every new token
+  (no cache); after a row's eos it repeats eos.
+  """
+  model = nnx.merge(graphdef, params, frozen)
+  n, p = tokens.shape
+  buf = jnp.concatenate([tokens, jnp.zeros((n, max_new_tokens), tokens.dtype)], axis=1)
+  buf_mask = jnp.concatenate([mask, jnp.zeros((n, max_new_tokens), mask.dtype)], axis=1)
+
+  def body(i, carry):
+    buf, buf_mask, done = carry
+    logits = model.logits(model(buf, buf_mask))                      # [N, P+M, V]
+    choice = jnp.argmax(logits[:, p + i - 1], axis=-1).astype(buf.dtype)
+    nxt = jnp.where(done, eos_id, choice)
+    buf = buf.at[:, p + i].set(nxt)
+    buf_mask = buf_mask.at[:, p + i].set(1)
+    return buf, buf_mask, done | (nxt == eos_id)
+
+  buf, _, _ = jax.lax.fori_loop(0, max_new_tokens, body,
+                                (buf, buf_mask, jnp.zeros((n,), bool)))
+  return buf[:, p:]
+
+
+def recompute_complete(graphdef, params, frozen, tokenizer, prompts: list[str],
+                       max_new_tokens: int) -> list[str]:
+  """Greedy completion texts of text prompts by `recompute_greedy`, cut before eos."""
+  ids = [tokenize.text_prompt_ids(tokenizer, p) for p in prompts]
+  tokens, mask = left_pad(ids)
+  gen = np.asarray(recompute_greedy(params, frozen, jnp.asarray(tokens), jnp.asarray(mask),
+                                    graphdef=graphdef, max_new_tokens=max_new_tokens,
+                                    eos_id=tokenizer.eos_token_id))
+  out = []
+  for row in gen.tolist():
+    if tokenizer.eos_token_id in row:
+      row = row[:row.index(tokenizer.eos_token_id)]
+    out.append(tokenizer.decode(row, skip_special_tokens=True))
+  return out

@@ -17,7 +17,6 @@ from jaxalign import sharding
 from jaxalign.models import transformer
 from jaxalign.sampling import engine
 from jaxalign.sampling.engine import SamplingParams
-from jaxalign.train import eval as eval_lib
 from tests.sampling import helpers
 
 PROMPTS = [[5, 9, 2, 7], [3], [11, 4, 8, 1, 6, 2, 9], [7, 7]]
@@ -44,14 +43,13 @@ def test_greedy_equals_full_forward_argmax_loop(config):
   assert out.token_lists() == [helpers.reference_greedy(model, p, M) for p in PROMPTS]
 
 
-def test_greedy_equals_eval_recompute_loop():
+def test_greedy_equals_batched_recompute_loop():
   model = helpers.make_model(helpers.GEMMA, seed=1)
   graphdef, params, frozen = _split(model)
   tokens, mask = helpers.left_pad(PROMPTS, width=8)
   out = engine.generate(graphdef, params, frozen, tokens, mask, jax.random.PRNGKey(0), GREEDY)
-  ref = eval_lib._decode(params, frozen, jnp.asarray(tokens), jnp.asarray(mask),  # noqa: SLF001
-                         jax.random.PRNGKey(0), graphdef=graphdef, max_new_tokens=M,
-                         eos_id=-1, temperature=0.0)
+  ref = helpers.recompute_greedy(params, frozen, jnp.asarray(tokens), jnp.asarray(mask),
+                                 graphdef=graphdef, max_new_tokens=M, eos_id=-1)
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref))
 
 

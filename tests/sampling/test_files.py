@@ -8,8 +8,9 @@ import pytest
 from jaxalign.data.formats import DataError
 from jaxalign.workflows import generate as generate_lib
 from jaxalign.sampling.engine import SamplingParams
-from jaxalign.train import eval as eval_lib, loop, rundir
+from jaxalign.train import loop, rundir
 from jaxalign.data import reading
+from tests.sampling import helpers
 from tests.train.helpers import tiny_config
 
 TEXT_PROMPTS = ["12+7=", "3+45=", "60+1="]
@@ -46,8 +47,7 @@ def test_greedy_file_matches_the_recompute_loop(run_dir, tmp_path):
   config = ml_collections.ConfigDict(rundir.resolved_config(run_dir))
   graphdef, params, frozen = rundir.load_run_params(run_dir, config)
   tokenizer = reading.load_tokenizer("toy")
-  ref = eval_lib.complete(graphdef, params, frozen, tokenizer, TEXT_PROMPTS, max_new_tokens=4,
-                          batch_size=4)
+  ref = helpers.recompute_complete(graphdef, params, frozen, tokenizer, TEXT_PROMPTS, 4)
   for r, want in zip(rows, ref):
     assert r["completions"] == [want, want]          # greedy: the n copies agree
     for n, reason in zip(r["num_tokens"], r["finish_reasons"]):

@@ -1,4 +1,5 @@
-"""Greedy decoding and sampling used by the demo's evaluation and data building."""
+"""Completions for the demo's evaluation and data building (the KV-cache engine via
+`eval.complete`) against a naive full-forward loop, and seeded sampling."""
 
 import jax.numpy as jnp
 from flax import nnx
@@ -35,12 +36,15 @@ def test_greedy_matches_a_naive_loop_and_ignores_batch_composition():
   model, graphdef, params, frozen = _model()
   tok = toy.build_tokenizer()
   prompts = ["1+2=", "45+67=", "9+90="]
-  got = eval_lib.greedy_complete(graphdef, params, frozen, tok, prompts, max_new_tokens=6,
-                                 batch_size=4)
+  got = eval_lib.complete(graphdef, params, frozen, tok, prompts, max_new_tokens=6,
+                          batch_size=4)
   assert got == [_naive_greedy(model, tok, p, 6) for p in prompts]
-  alone = eval_lib.greedy_complete(graphdef, params, frozen, tok, prompts[1:2],
-                                   max_new_tokens=6, batch_size=4)
+  alone = eval_lib.complete(graphdef, params, frozen, tok, prompts[1:2], max_new_tokens=6,
+                            batch_size=4)
   assert alone == got[1:2]
+  # Chunks of 2 (the last one padded by repeating a prompt) give the same text.
+  assert eval_lib.complete(graphdef, params, frozen, tok, prompts, max_new_tokens=6,
+                           batch_size=2) == got
 
 
 def test_sampling_is_seeded():
@@ -55,3 +59,9 @@ def test_sampling_is_seeded():
                         temperature=1.0, seed=1, batch_size=8)
   assert a == b and a != c
   assert len(set(a)) > 1  # rows of one batch draw different samples
+
+
+def test_accuracy_is_the_fraction_the_checker_accepts():
+  task = toy.ArithmeticTask(max_operand=99, ops=("+",), seed=0)
+  prompts = ["1+2=", "3+4=", "5+5=", "9+0="]
+  assert eval_lib.accuracy(["3", "7", "11", "9"], prompts, task.is_correct) == 0.75

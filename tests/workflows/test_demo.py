@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+from jaxalign import cli
 from jaxalign.workflows import demo
 
 
@@ -20,7 +21,7 @@ def _demo(workdir):
                          "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_demo_aligned_beats_sft_by_10_points(tmp_path):
+def test_demo_aligned_beats_sft_by_10_points(tmp_path, capsys):
   workdir = tmp_path / "demo"
   run = _demo(workdir)
   assert run.returncode == 0, run.stderr[-2000:]
@@ -29,9 +30,10 @@ def test_demo_aligned_beats_sft_by_10_points(tmp_path):
   assert summary["method"] == "dpo"
   assert summary["devices"] == "1 x cpu"
   assert summary["aligned_accuracy"] >= summary["sft_accuracy"] + 0.10, summary
-  # A second run into the same directory is refused instead of mixing runs.
-  again = _demo(workdir)
-  assert again.returncode == 2 and "already holds a dpo demo run" in again.stderr
+  # A second run into the same directory is refused instead of mixing runs (the CLI
+  # in this process: the refusal comes before any model or device work).
+  assert cli.main(["demo", f"--workdir={workdir}", "--no-progress"]) == 2
+  assert "already holds a dpo demo run" in capsys.readouterr().err
 
 
 def test_grao_rm_scores_with_the_reward_model_the_demo_trains(tmp_path):
