@@ -52,7 +52,8 @@ def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
     examples, skipped = prepared.load_examples(
         d.eval_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
         max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
-        kl_chunk_size=d.batch_size // jax.process_count(), key="config.data.eval_path")
+        kl_chunk_size=d.batch_size // jax.process_count(), key="config.data.eval_path",
+        lazy=d.get("lazy", True))
   except (config_lib.ConfigError, formats.DataError) as e:
     text = str(e)
     text = text[len(train_key):] if text.startswith(train_key) else text
@@ -172,7 +173,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
       group_size=config.data.group_size, map_record=online.map_record if online else None,
       kl_chunk_size=config.data.batch_size // jax.process_count(),
-      lazy=config.data.get("lazy", False),
+      lazy=config.data.get("lazy", True),
       lazy_ok=not (config.data.packing or config.data.get("share_prompt", False)))
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
