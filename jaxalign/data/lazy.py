@@ -49,10 +49,12 @@ unpaired formats (they unpair pairwise records across blocks of rows), online
 methods (their record rewrite), data.packing and share_prompt (their plan is
 fitted to every example's length; `lazy_ok=False`).
 
-The data fingerprint's content hash of a lazy source is the source's sha256
-(`content_hash`: with the tokenizer and settings beside it, it fixes every
-example); an eager run on the same source hashes the tokenized examples instead,
-so switching between the two on a resume reads as a data change.
+The data fingerprint's content hash of a lazy source is its bytes' sha256 and
+split (`content_hash`, `prepared.source_hash`: with the tokenizer and settings
+beside it, it fixes every example), as a prepared set of that source has it, so a
+run may resume on the prepared set of the data it started on; an eager run
+(data.lazy=False, packing) hashes the tokenized examples instead, so switching
+between eager and lazy on a resume reads as a data change.
 """
 
 from __future__ import annotations
@@ -465,24 +467,23 @@ def open_rows(path: str, *, split: str) -> tuple[Sequence[dict], str]:
     FileNotFoundError: a path that is neither a file, a directory nor a dataset name.
   """
   from jaxalign.data import sources
+  content = f"source-sha256:{_source_hash(path)}:{split}"
   if path.startswith("toy:"):
     from jaxalign.data import reading
-    return reading.toy_rows(path), f"name:{path}"
+    return reading.toy_rows(path), content
   if os.path.isfile(path):
-    rows = _file_rows(path)
-    file_hash = getattr(rows, "file_hash", None) or _source_hash(path)
-    return rows, f"sha256:{file_hash}"
+    return _file_rows(path), content
   import datasets
   saved = ("dataset_info.json", "state.json", "dataset_dict.json")
   if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in saved):
     ds = datasets.load_from_disk(path)
-    return ArrowRows(_split(ds, path, split), path), f"sha256:{_source_hash(path)}"
+    return ArrowRows(_split(ds, path, split), path), content
   if os.path.isdir(path):
     files = sources._split_files(path, split)
     if files and all(f.lower().endswith(_READERS) for f in files):
       parts = [_file_rows(f) for f in files]
       _check_directory_fields(path, files, parts)
-      return ConcatRows(parts), f"sha256:{_source_hash(path)}"
+      return ConcatRows(parts), content
   ds = datasets.load_dataset(path, split=split)
   return ArrowRows(ds, path), f"datasets:{path}:{split}:{getattr(ds, '_fingerprint', '')}"
 
@@ -538,7 +539,7 @@ def open_source(path: str, fmt: str, tokenizer: Any, *, split: str = "train",
     log.warning("process %d skipped %d malformed records of %s", pi, mine, path)
   if not len(keep):
     raise DataError(f"{path}: no usable records")
-  return LazyExamples(rows, keep, fmt, tokenizer, cfg, f"lazy-{content}", path), skipped
+  return LazyExamples(rows, keep, fmt, tokenizer, cfg, content, path), skipped
 
 
 def open_jsonl(path: str, fmt: str, tokenizer: Any, *, max_length: int,

@@ -305,7 +305,10 @@ class PreparedExamples(Sequence):
     self.path = path
     self.manifest = read_manifest(path) if manifest is None else manifest
     self.layout = self.manifest["layout"]
-    self.content_hash = self.manifest.get("content_hash")
+    # As a lazy run on the source stores it (lazy.open_rows), so either may resume
+    # the other; the manifest's "content_hash" is the examples' own hash.
+    self.content_hash = (f"source-sha256:{self.manifest['source_hash']}:"
+                         f"{self.manifest['settings'].get('split', 'train')}")
     files = []
     for shard in self.manifest["shards"]:
       file = os.path.join(path, shard["file"])
