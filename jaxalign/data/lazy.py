@@ -438,6 +438,11 @@ class LazyExamples(Sequence):
 LazyJsonl = LazyExamples
 
 
+def source_content_hash(source_hash: str, split: str) -> str:
+  """A lazy run's (and a prepared set's) data content hash: its source's and split's."""
+  return hashlib.sha256(f"source|{source_hash}|{split}".encode()).hexdigest()
+
+
 def _source_hash(path: str) -> str:
   from jaxalign.data import prepared
   return prepared.source_hash(path)
@@ -467,7 +472,7 @@ def open_rows(path: str, *, split: str) -> tuple[Sequence[dict], str]:
     FileNotFoundError: a path that is neither a file, a directory nor a dataset name.
   """
   from jaxalign.data import sources
-  content = f"source-sha256:{_source_hash(path)}:{split}"
+  content = source_content_hash(_source_hash(path), split)
   if path.startswith("toy:"):
     from jaxalign.data import reading
     return reading.toy_rows(path), content
@@ -485,7 +490,8 @@ def open_rows(path: str, *, split: str) -> tuple[Sequence[dict], str]:
       _check_directory_fields(path, files, parts)
       return ConcatRows(parts), content
   ds = datasets.load_dataset(path, split=split)
-  return ArrowRows(ds, path), f"datasets:{path}:{split}:{getattr(ds, '_fingerprint', '')}"
+  return ArrowRows(ds, path), source_content_hash(
+      f"datasets|{path}|{getattr(ds, '_fingerprint', '')}", split)
 
 
 def _split(ds: Any, name: str, split: str) -> Any:

@@ -15,9 +15,10 @@ rerun with the same source and settings keeps every shard whose sidecar matches
 its file (resumable); the manifest holds the tokenizer's fingerprint
 (`fingerprint.tokenizer_hash`), the tokenization settings, the record layout, the
 source's content hash, the example count, the skipped count, the shard list and
-`content_hash`: `fingerprint.examples_hash` of the examples in order, the very
-value a run on the raw source stores, so a run's data fingerprint is the same
-from either.
+`content_hash`: `fingerprint.examples_hash` of the examples in order (the value
+an eager run on the raw source stores). A run on the set stores
+`lazy.source_content_hash` of the source's hash and split, as a (default, lazy)
+run on the raw source does, so a run's data fingerprint is the same from either.
 
 `open_examples` is the training side: a random-access sequence over the shards
 (`grain.sources.ArrayRecordDataSource`), which `pipeline.make_dataset` wraps in
@@ -72,11 +73,12 @@ def settings(fmt: str, tokenizer: Any, *, max_length: int, max_prompt_length: in
 
 
 def source_hash(path: str) -> str:
-  """sha256 of a source's bytes: a file, every file under a directory (by relative
-  path), or the name itself for a generated (toy:) or hub source."""
+  """sha256 of a source's bytes: a file (not its name: the same data moved keeps its
+  hash), every file under a directory (by relative path), or the name itself for a
+  generated (toy:) or hub source."""
   h = hashlib.sha256()
   if os.path.isfile(path):
-    files = [(os.path.basename(path), path)]
+    files = [("", path)]
   elif os.path.isdir(path):
     files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
                    for d, _, names in os.walk(path) for f in names)
@@ -307,8 +309,8 @@ class PreparedExamples(Sequence):
     self.layout = self.manifest["layout"]
     # As a lazy run on the source stores it (lazy.open_rows), so either may resume
     # the other; the manifest's "content_hash" is the examples' own hash.
-    self.content_hash = (f"source-sha256:{self.manifest['source_hash']}:"
-                         f"{self.manifest['settings'].get('split', 'train')}")
+    self.content_hash = lazy_lib.source_content_hash(
+        self.manifest["source_hash"], self.manifest["settings"].get("split", "train"))
     files = []
     for shard in self.manifest["shards"]:
       file = os.path.join(path, shard["file"])
