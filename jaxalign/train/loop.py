@@ -95,8 +95,11 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
   table = None
   filled = np.zeros(len(examples), bool)
   process_batch = batch_size // jax.process_count()
-  for batch in tqdm(list(pipeline.ordered_batches(examples, process_batch)), desc=desc,
-                    leave=False, disable=not progress or jax.process_index() != 0):
+  # A generator, not a list: a lazy source's batches are tokenized as they are run.
+  per_process = -(-len(examples) // jax.process_count())
+  for batch in tqdm(pipeline.ordered_batches(examples, process_batch), desc=desc,
+                    total=-(-per_process // process_batch), leave=False,
+                    disable=not progress or jax.process_index() != 0):
     arrays = {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}
     if pack is not None:
       arrays = pack(arrays, np.asarray(batch["valid"], bool))
