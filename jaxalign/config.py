@@ -69,9 +69,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.batch_size = 8       # global, in examples (pairs for DPO)
   c.data.shuffle = True
   c.data.on_error = "raise"   # "raise" | "skip"
-  # A .jsonl train file indexed in one streaming validation pass and tokenized row by
-  # row inside the Grain pipeline, not held as a list (jaxalign/data/lazy.py).
-  c.data.lazy = False
+  # Train and eval sources indexed in one streaming validation pass and tokenized row
+  # by row inside the Grain pipeline, not held as a list (jaxalign/data/lazy.py);
+  # False: the list of every example (the old path, for comparison).
+  c.data.lazy = True
   # Groups (negatives' samples, completions) are padded to this many slots with a
   # group_mask; None: every record must have the same number.
   c.data.group_size = ml_collections.FieldReference(None, field_type=int)
@@ -308,7 +309,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
           f"{model_cfg.max_seq_len}")
   if not 0 < d.max_prompt_length < d.max_length:
     _fail("data.max_prompt_length", f"must be in (0, data.max_length={d.max_length})")
-  if not isinstance(d.get("lazy", False), bool):
+  if not isinstance(d.get("lazy", True), bool):
     _fail("data.lazy", f"must be True or False, got {d.lazy!r}")
   if d.on_error not in ("raise", "skip"):
     _fail("data.on_error", f"must be 'raise' or 'skip', got {d.on_error!r}")

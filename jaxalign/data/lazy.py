@@ -1,42 +1,72 @@
-"""A JSONL source read lazily: one streaming validation pass, then rows on demand.
+"""Sources read lazily: one streaming validation pass, then rows tokenized on demand.
 
-`data.lazy=True` with a .jsonl training file: instead of a list of every
-tokenized example, `open_jsonl` makes one pass over the file that parses and
-validates each row (the same checks and messages as the eager path:
-`sources.read_jsonl`, `formats.validate_record`, the optional-column and
-group-size agreement) and keeps only the byte offset, length and row number
-of each usable row (24 bytes a row) and the file's sha256. `LazyJsonl[i]` then
-reads row i with one `os.pread`, validates and tokenizes it. `pipeline.make_dataset` wraps it in
+The default path of a run (`prepared.load_examples`): instead of a list of every
+tokenized example, `open_source` builds a random-access view of the source's raw
+rows, makes one streaming pass that validates them (the same checks and
+messages as the eager path: `formats.validate_record` after TRL's conventions,
+the optional-column and group-size agreement) and keeps only the positions of
+the usable rows (an int64 array, 8 bytes a row). `LazyExamples[i]` then reads
+usable row i, validates and tokenizes it. `pipeline.make_dataset` wraps it in
 `grain.MapDataset.source`, so tokenization runs in Grain's read threads, only
-for the elements of this process's batches (the per-process slice comes
-before any read).
+for the elements of this process's batches (the per-process slice comes before
+any read).
 
-Errors: validation is up front, in the streaming pass, in file order: with
-on_error="raise" the first bad row stops the run before anything is compiled,
-with the eager path's one line (`{file}:{row}: {field}: ...`); with "skip" the
-pass counts and drops bad rows, so the dataset's length, the shuffle and the
-resume position are fixed before training. Tokenization cannot fail on a
-validated row (every response ends in an EOS, so none is empty after
-truncation; more responses than group_size is checked in the pass).
+Raw rows, per source (each keeps `source_file` and the eager path's 1-based `row`):
+  .jsonl        byte offset and length of every non-blank line (a pass that only
+                splits lines, 16 bytes a row), read back with `os.pread`.
+  .json         a top-level array is indexed in the same kind of pass: a byte
+                scanner finds each element's span (depth, strings and escapes
+                tracked), so one element is `json.loads`-ed at a time; a file that
+                is not an array is read as JSONL, as the eager path does.
+  .parquet      row groups through `pyarrow.parquet.ParquetFile.read_row_group`
+                (the last few decoded groups are cached per reading thread).
+  datasets      a `save_to_disk` directory (`datasets.load_from_disk`) or a hub
+                name / data directory (`datasets.load_dataset`, the split
+                materialized in datasets' memory-mapped Arrow cache): `ds[i]`,
+                Arrow random access, no Python list. `datasets` streaming has no
+                random access (no global shuffle, no exact resume), so it is not used.
+  directory     of .jsonl/.json/.parquet split files: their rows one after another.
+  toy:          the generator's records (see `reading.toy_rows`).
 
-Not lazy (the eager path is used, with a warning): other file types, the
-unpaired formats (they unpair pairwise records across rows), online methods
-(their record rewrite), data.packing and share_prompt still read every
-example's length (their plan is fitted to all of them).
+Errors: validation is up front, in the streaming pass, before anything is
+compiled, with bounded memory. With several processes the pass is split: each
+process validates a contiguous block of the rows (in file order) and the
+blocks' usable positions, skip counts and first errors are all-gathered, so
+each process parses only its block. With on_error="raise" every process then
+raises the same one line, the eager path's (`{file}:{row}: {field}: ...`):
+the error of the lowest block that has one, which is the first bad row in
+file order. With "skip" each process counts the rows it dropped; the counts are
+summed. Either way the dataset's length, shuffle and resume position are
+fixed before training. Why up front and not at the first bad row met: a skipped
+row met mid-run would change the batches after it, so the same data on a
+different number of processes, or a resumed run, would see other batches.
+Tokenization cannot fail on a validated row (every response ends in an EOS, so
+none is empty after truncation; more responses than group_size is checked in
+the pass).
 
-The data fingerprint's content hash of a lazy source is the file's sha256 (with
-the tokenizer and settings beside it, it fixes every example); an eager run on
-the same file hashes the tokenized examples instead, so switching between the
-two on a resume reads as a data change.
+Still read eagerly (a list of every example), with a log line saying why: the
+unpaired formats (they unpair pairwise records across blocks of rows), online
+methods (their record rewrite), data.packing and share_prompt (their plan is
+fitted to every example's length; `lazy_ok=False`).
+
+The data fingerprint's content hash of a lazy source is its bytes' sha256 and
+split (`content_hash`, `prepared.source_hash`: with the tokenizer and settings
+beside it, it fixes every example), as a prepared set of that source has it, so a
+run may resume on the prepared set of the data it started on; an eager run
+(data.lazy=False, packing) hashes the tokenized examples instead, so switching
+between eager and lazy on a resume reads as a data change.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import re
+import threading
 from array import array
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -45,6 +75,9 @@ from jaxalign.data.formats import DataError
 
 LAZY_FORMATS = ("sft", "pairwise", "negatives", "groups", "ranked")
 
+
+# ---------------------------------------------------------------------------
+# Raw rows: random access to a source's records, with provenance.
 
 def _parse(path: str, row: int, raw: bytes) -> dict | None:
   """One line -> its record with provenance; None for a blank line (as read_jsonl)."""
@@ -58,84 +91,27 @@ def _parse(path: str, row: int, raw: bytes) -> dict | None:
     obj = json.loads(line)
   except json.JSONDecodeError as e:
     raise DataError(f"{path}:{row}: invalid JSON: {e}") from None
+  return _provenance(obj, path, row)
+
+
+def _provenance(obj: Any, path: str, row: int) -> dict:
   if not isinstance(obj, dict):
     raise DataError(f"{path}:{row}: <record>: expected a JSON object, got "
                     f"{type(obj).__name__}")
   return {**obj, "source_file": path, "row": row}
 
 
-def _validate(record: dict, fmt: str) -> dict:
-  return formats.validate_record(conventions.normalize_records([record], fmt)[0], fmt)
+class _FileRows(Sequence):
+  """Rows stored as byte spans of one file ([N, 2] offset, length; [N] row numbers)."""
 
-
-def _check_group(record: dict, fmt: str, want: int | None) -> int | None:
-  """Without group_size every group record needs the first one's number of responses."""
-  if fmt not in tokenize.GROUP_FIELDS:
-    return None
-  field = tokenize.GROUP_FIELDS[fmt][1]
-  n = len(record[field])
-  if want is not None and n != want:
-    raise DataError(f"{record['source_file']}:{record['row']}: {field}: {n} responses, "
-                    f"earlier records have {want}; set config.data.group_size to pad groups")
-  return n
-
-
-def index_jsonl(path: str, fmt: str, *, on_error: str, group_size: int | None,
-                log=None) -> tuple[np.ndarray, np.ndarray, int, str]:
-  """The streaming pass: ([N, 2] byte offset and length, [N] 1-based row of the N
-  usable lines, number skipped, sha256 of the file)."""
-  offsets, rows = array("q"), array("q")
-  skipped, schema, want = 0, None, None
-  h = hashlib.sha256()
-  offset = 0
-  with open(path, "rb") as f:
-    for row, raw in enumerate(f, start=1):
-      h.update(raw)
-      start, offset = offset, offset + len(raw)
-      try:
-        record = _parse(path, row, raw)
-        if record is None:
-          continue
-        record = _validate(record, fmt)
-        sig = formats.check_columns(record, fmt, schema)
-        if group_size is None:
-          n = _check_group(record, fmt, want)
-        elif fmt in tokenize.GROUP_FIELDS and len(
-            record[tokenize.GROUP_FIELDS[fmt][1]]) > group_size:
-          field = tokenize.GROUP_FIELDS[fmt][1]
-          raise DataError(f"{path}:{row}: {field}: {len(record[field])} responses > "
-                          f"group_size {group_size}")
-        else:
-          n = None
-      except DataError as e:
-        if on_error == "raise":
-          raise
-        skipped += 1
-        if log is not None:
-          log.warning("skipping malformed record: %s", e)
-        continue
-      schema = sig if schema is None else schema
-      want = n if want is None else want
-      offsets.extend((start, len(raw)))
-      rows.append(row)
-  return (np.frombuffer(offsets, np.int64).reshape(-1, 2).copy(),
-          np.frombuffer(rows, np.int64).copy(), skipped, h.hexdigest())
-
-
-class LazyJsonl(Sequence):
-  """Item i: usable row i of a JSONL file, read, validated and tokenized on access."""
-
-  def __init__(self, path: str, offsets: np.ndarray, rows: np.ndarray, file_hash: str,
-               fmt: str, tokenizer: Any, cfg: tokenize.TokenizeConfig):
-    self.path, self.offsets, self.rows = path, offsets, rows
-    self.fmt, self.tokenizer, self.cfg = fmt, tokenizer, cfg
-    self.content_hash = f"jsonl-sha256:{file_hash}"   # fingerprint.compute reads this
+  def __init__(self, path: str, spans: np.ndarray, rows: np.ndarray, file_hash: str):
+    self.path, self.spans, self.rows, self.file_hash = path, spans, rows, file_hash
     self._fd = None
 
-  def _line(self, i: int) -> bytes:
+  def _bytes(self, i: int) -> bytes:
     if self._fd is None:
       self._fd = os.open(self.path, os.O_RDONLY)
-    start, length = (int(v) for v in self.offsets[i])
+    start, length = (int(v) for v in self.spans[i])
     data = os.pread(self._fd, length, start)   # thread-safe: no shared file position
     if len(data) != length:
       raise DataError(f"{self.path}:{int(self.rows[i])}: the file changed after it was "
@@ -143,22 +119,17 @@ class LazyJsonl(Sequence):
     return data
 
   def __len__(self) -> int:
-    return len(self.offsets)
+    return len(self.spans)
 
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(len(self)))]
-    i = int(i)
-    if i < 0:
-      i += len(self)
-    if not 0 <= i < len(self):
-      raise IndexError(f"example {i} of {len(self)}")
-    record = _parse(self.path, int(self.rows[i]), self._line(i))
+  def __getitem__(self, i: int) -> dict:
+    record = self._record(int(self.rows[i]), self._bytes(i))
     if record is None:
       raise DataError(f"{self.path}:{int(self.rows[i])}: the file changed after it was "
                       "indexed (blank line); restart the run")
-    return tokenize.tokenize_example(_validate(record, self.fmt), self.fmt, self.tokenizer,
-                                     self.cfg)
+    return record
+
+  def _record(self, row: int, raw: bytes) -> dict | None:
+    return _parse(self.path, row, raw)
 
   def __getstate__(self):
     return {**self.__dict__, "_fd": None}
@@ -170,26 +141,417 @@ class LazyJsonl(Sequence):
       except OSError:
         pass
 
+
+class JsonlRows(_FileRows):
+  """The non-blank lines of a .jsonl file (row = line number)."""
+
+
+class JsonArrayRows(_FileRows):
+  """The elements of a top-level JSON array (row = element index + 1)."""
+
+  def _record(self, row: int, raw: bytes) -> dict:
+    try:
+      obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise DataError(f"{self.path}:{row}: invalid JSON: {e}") from None
+    return _provenance(obj, self.path, row)
+
+
+def index_jsonl(path: str) -> JsonlRows:
+  """The line-splitting pass (no parsing): spans of the non-blank lines, the file's sha256."""
+  spans, rows = array("q"), array("q")
+  h = hashlib.sha256()
+  offset = 0
+  with open(path, "rb") as f:
+    for row, raw in enumerate(f, start=1):
+      h.update(raw)
+      if raw.strip():
+        spans.extend((offset, len(raw)))
+        rows.append(row)
+      offset += len(raw)
+  return JsonlRows(path, np.frombuffer(spans, np.int64).reshape(-1, 2).copy(),
+                   np.frombuffer(rows, np.int64).copy(), h.hexdigest())
+
+
+# A whole string (escapes included) or one structural character.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)
+
+
+def index_json_array(path: str) -> JsonArrayRows:
+  """Spans of the elements of a top-level JSON array, in one streaming byte scan.
+
+  The file is memory-mapped and scanned once for strings and structural
+  characters; element k is the bytes between the array's commas at depth 1, so
+  one element is parsed at a time (its own JSON errors surface, with its row,
+  in the validation pass). A bracket imbalance or data after the array:
+  DataError naming the file and element.
+  """
+  import mmap
+  spans = array("q")
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    if not size:
+      raise DataError(f"{path}:1: invalid JSON: empty file")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+      file_hash = hashlib.sha256(data).hexdigest()
+      depth, start, end = 0, None, None
+      for m in _JSON_TOKENS.finditer(data):
+        c = data[m.start():m.start() + 1]
+        if c == b'"':
+          continue
+        if c in (b"[", b"{"):
+          depth += 1
+          if depth == 1:
+            if c != b"[":
+              raise DataError(f"{path}:1: invalid JSON: not a top-level array")
+            start = m.end()
+        elif c in (b"]", b"}"):
+          depth -= 1
+          if depth == 0:
+            if data[start:m.start()].strip():
+              spans.extend((start, m.start() - start))
+            end = m.end()
+            break
+          if depth < 0:
+            raise DataError(f"{path}:{len(spans) + 1}: invalid JSON: unbalanced {c.decode()}")
+        elif depth == 1:   # a comma between elements
+          spans.extend((start, m.start() - start))
+          start = m.end()
+      if end is None:
+        raise DataError(f"{path}:{len(spans) + 1}: invalid JSON: the array is not closed")
+      if data[end:].strip():
+        raise DataError(f"{path}:{len(spans) + 1}: invalid JSON: data after the array")
+  spans_np = np.frombuffer(spans, np.int64).reshape(-1, 2).copy()
+  return JsonArrayRows(path, spans_np, np.arange(1, len(spans_np) + 1, dtype=np.int64),
+                       file_hash)
+
+
+class ParquetRows(Sequence):
+  """Rows of a Parquet file, read a row group at a time (row = index + 1)."""
+
+  CACHED_GROUPS = 4
+
+  def __init__(self, path: str):
+    import pyarrow.parquet as pq
+    self.path = path
+    meta = pq.ParquetFile(path).metadata
+    self.starts = np.cumsum([0] + [meta.row_group(g).num_rows
+                                   for g in range(meta.num_row_groups)])
+    self._local = threading.local()
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def _group(self, g: int) -> list[dict]:
+    local = self._local
+    if not hasattr(local, "cache"):
+      import pyarrow.parquet as pq
+      local.file, local.cache = pq.ParquetFile(self.path), collections.OrderedDict()
+    if g not in local.cache:
+      local.cache[g] = local.file.read_row_group(g).to_pylist()
+      if len(local.cache) > self.CACHED_GROUPS:
+        local.cache.popitem(last=False)
+    local.cache.move_to_end(g)
+    return local.cache[g]
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    g = int(np.searchsorted(self.starts, i, side="right")) - 1
+    return _provenance(self._group(g)[i - int(self.starts[g])], self.path, i + 1)
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._local = threading.local()
+
+
+class ArrowRows(Sequence):
+  """Rows of a `datasets.Dataset` (memory-mapped Arrow), row = index + 1."""
+
+  def __init__(self, ds: Any, name: str):
+    self.ds, self.name = ds, name
+
+  def __len__(self) -> int:
+    return len(self.ds)
+
+  def __getitem__(self, i: int) -> dict:
+    return _provenance(self.ds[int(i)], self.name, int(i) + 1)
+
+
+class ConcatRows(Sequence):
+  """Several row sources one after another (a directory's split files)."""
+
+  def __init__(self, parts: Sequence[Sequence[dict]]):
+    self.parts = list(parts)
+    self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    k = int(np.searchsorted(self.starts, i, side="right")) - 1
+    return self.parts[k][i - int(self.starts[k])]
+
+
+# ---------------------------------------------------------------------------
+# The validation pass and the lazy examples.
+
+def _validate(record: dict, fmt: str) -> dict:
+  return formats.validate_record(conventions.normalize_records([record], fmt)[0], fmt)
+
+
+def _check_group(record: dict, fmt: str, want: int | None,
+                 group_size: int | None) -> int | None:
+  """Without group_size every group record needs the first one's number of responses;
+  with it, none may have more."""
+  if fmt not in tokenize.GROUP_FIELDS:
+    return None
+  field = tokenize.GROUP_FIELDS[fmt][1]
+  n = len(record[field])
+  where = f"{record.get('source_file', '<memory>')}:{record.get('row', '?')}"
+  if group_size is not None:
+    if n > group_size:
+      raise DataError(f"{where}: {field}: {n} responses > group_size {group_size}")
+    return None
+  if want is not None and n != want:
+    raise DataError(f"{where}: {field}: {n} responses, earlier records have {want}; "
+                    "set config.data.group_size to pad groups")
+  return n
+
+
+class _Checker:
+  """Validates row i of `rows` against the first usable row's schema and group size."""
+
+  def __init__(self, rows, fmt, group_size):
+    self.rows, self.fmt, self.group_size = rows, fmt, group_size
+    self.schema, self.want = None, None
+
+  def check(self, i: int) -> tuple[tuple, int | None]:
+    record = _validate(self.rows[i], self.fmt)
+    sig = formats.check_columns(record, self.fmt, self.schema)
+    return sig, _check_group(record, self.fmt, self.want, self.group_size)
+
+  def fix_reference(self, on_error: str, log) -> int:
+    """Finds the first usable row (every process the same), fixing schema and group
+    size; returns its position (len(rows) if none). With "raise" a bad first row raises."""
+    for i in range(len(self.rows)):
+      try:
+        self.schema, self.want = self.check(i)
+        return i
+      except DataError:
+        if on_error == "raise":
+          raise
+    return len(self.rows)
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=False))
+
+
+def validate_rows(rows: Sequence[dict], fmt: str, *, on_error: str,
+                  group_size: int | None, log=None, process_index: int = 0, process_count: int = 1,
+                  allgather: Callable[[np.ndarray], np.ndarray] | None = None
+                  ) -> tuple[np.ndarray, int, int]:
+  """The validation pass: ([M] positions of the usable rows in order, rows skipped
+  by this process, rows skipped by all), each process validating its own block.
+
+  Raises:
+    DataError: on_error="raise" and a bad row: on every process the first in file order.
+  """
+  if on_error not in ("raise", "skip"):
+    raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+  checker = _Checker(rows, fmt, group_size)
+  first = checker.fix_reference(on_error, log)   # rows before it are bad (skip)
+  n = len(rows)
+  per = -(-(n - first) // process_count) if n > first else 0
+  lo = min(first + process_index * per, n)
+  hi = min(lo + per, n)
+  keep = array("q")
+  skipped, error_at = 0, -1
+  if process_index == 0:
+    skipped = first
+  for i in range(lo, hi):
+    try:
+      if i != first:
+        checker.check(i)
+    except DataError as e:
+      if on_error == "raise":
+        error_at = i
+        break
+      skipped += 1
+      if log is not None:
+        log.warning("skipping malformed record: %s", e)
+      continue
+    keep.append(i)
+  keep_np = np.frombuffer(keep, np.int64).copy()
+  if process_count == 1:
+    if error_at >= 0:
+      checker.check(error_at)   # raises its DataError
+    return keep_np, skipped, skipped
+  gather = allgather or _allgather
+  # One fixed-shape gather of (error row, skipped, kept), then of the padded positions.
+  stats = gather(np.array([error_at, skipped, len(keep_np)], np.int32))   # [P, 3]
+  errors = [int(e) for e in stats[:, 0] if e >= 0]
+  if errors:
+    checker.check(min(errors))   # the same DataError line on every process
+    raise AssertionError("unreachable: the row failed in its own block")
+  width = max(int(stats[:, 2].max()), 1)
+  padded = np.full(width, -1, np.int32)
+  padded[:len(keep_np)] = keep_np
+  blocks = gather(padded)   # [P, width]
+  keep_all = np.concatenate([blocks[p, :int(stats[p, 2])] for p in range(process_count)])
+  return keep_all.astype(np.int64), skipped, int(stats[:, 1].sum())
+
+
+class LazyExamples(Sequence):
+  """Item k: usable row `keep[k]` of `rows`, validated and tokenized on access."""
+
+  def __init__(self, rows: Sequence[dict], keep: np.ndarray, fmt: str, tokenizer: Any,
+               cfg: tokenize.TokenizeConfig, content_hash: str, name: str = ""):
+    self.rows, self.keep, self.fmt, self.tokenizer, self.cfg = rows, keep, fmt, tokenizer, cfg
+    self.content_hash = content_hash   # fingerprint.compute reads this
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self.keep)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    i = int(i)
+    if i < 0:
+      i += len(self)
+    if not 0 <= i < len(self):
+      raise IndexError(f"example {i} of {len(self)}")
+    record = _validate(self.rows[int(self.keep[i])], self.fmt)
+    return tokenize.tokenize_example(record, self.fmt, self.tokenizer, self.cfg)
+
   def __repr__(self) -> str:
-    return f"LazyJsonl({self.path!r}, {len(self)} rows)"
+    return f"LazyExamples({self.name!r}, {len(self)} rows)"
+
+
+# Kept under its old name: a lazily read JSONL file.
+LazyJsonl = LazyExamples
+
+
+def source_content_hash(source_hash: str, split: str) -> str:
+  """A lazy run's (and a prepared set's) data content hash: its source's and split's."""
+  return hashlib.sha256(f"source|{source_hash}|{split}".encode()).hexdigest()
+
+
+def _source_hash(path: str) -> str:
+  from jaxalign.data import prepared
+  return prepared.source_hash(path)
+
+
+_READERS = (".jsonl", ".json", ".parquet")
+
+
+def _file_rows(path: str) -> Sequence[dict]:
+  lower = path.lower()
+  if lower.endswith(".jsonl"):
+    return index_jsonl(path)
+  if lower.endswith(".json"):
+    with open(path, "rb") as f:
+      head = f.read(4096).lstrip()
+    return index_json_array(path) if head.startswith(b"[") else index_jsonl(path)
+  if lower.endswith(".parquet"):
+    return ParquetRows(path)
+  raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
+
+
+def open_rows(path: str, *, split: str) -> tuple[Sequence[dict], str]:
+  """(random-access raw rows, content hash) of any source `sources.load_records` reads.
+
+  Raises:
+    DataError: an unsupported file, a missing split, a malformed JSON array.
+    FileNotFoundError: a path that is neither a file, a directory nor a dataset name.
+  """
+  from jaxalign.data import sources
+  content = source_content_hash(_source_hash(path), split)
+  if path.startswith("toy:"):
+    from jaxalign.data import reading
+    return reading.toy_rows(path), content
+  if os.path.isfile(path):
+    return _file_rows(path), content
+  import datasets
+  saved = ("dataset_info.json", "state.json", "dataset_dict.json")
+  if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in saved):
+    ds = datasets.load_from_disk(path)
+    return ArrowRows(_split(ds, path, split), path), content
+  if os.path.isdir(path):
+    files = sources._split_files(path, split)
+    if files and all(f.lower().endswith(_READERS) for f in files):
+      parts = [_file_rows(f) for f in files]
+      _check_directory_fields(path, files, parts)
+      return ConcatRows(parts), content
+  ds = datasets.load_dataset(path, split=split)
+  return ArrowRows(ds, path), source_content_hash(
+      f"datasets|{path}|{getattr(ds, '_fingerprint', '')}", split)
+
+
+def _split(ds: Any, name: str, split: str) -> Any:
+  import datasets
+  if isinstance(ds, (datasets.DatasetDict, dict)):
+    if split not in ds:
+      raise DataError(f"{name}: no split {split!r}; available: {sorted(ds)}")
+    ds = ds[split]
+  return ds
+
+
+def _check_directory_fields(path: str, files: list[str], parts) -> None:
+  """The eager path's rule (sources.read_directory): the files' fields agree; compared
+  on each file's first row (the validation pass then checks every row)."""
+  kinds: dict[tuple, list[str]] = {}
+  for f, rows in zip(files, parts):
+    if len(rows):
+      names = tuple(sorted(k for k in rows[0] if k not in ("source_file", "row")))
+      kinds.setdefault(names, []).append(f)
+  if len(kinds) > 1:
+    described = "; ".join(
+        f"{os.path.relpath(fs[0], path)}{f' (and {len(fs) - 1} more)' if len(fs) > 1 else ''}"
+        f" has {list(names)}" for names, fs in kinds.items())
+    raise DataError(f"{path}: its data files have different fields: {described}; "
+                    "give one schema per directory")
 
 
 def can_read_lazily(path: str, fmt: str) -> bool:
-  return os.path.isfile(path) and path.lower().endswith(".jsonl") and fmt in LAZY_FORMATS
+  return fmt in LAZY_FORMATS
 
 
-def open_jsonl(path: str, fmt: str, tokenizer: Any, *, max_length: int,
-               max_prompt_length: int, on_error: str, group_size: int | None = None,
-               log=None) -> tuple[LazyJsonl, int]:
-  """(lazy examples, number of rows skipped) of a .jsonl file; see the module docstring.
+def open_source(path: str, fmt: str, tokenizer: Any, *, split: str = "train",
+                max_length: int, max_prompt_length: int, on_error: str,
+                group_size: int | None = None, log=None, process_index: int | None = None, process_count: int | None = None
+                ) -> tuple[LazyExamples, int]:
+  """(lazy examples, rows skipped by all processes) of any source; see the module docstring.
 
   Raises:
     DataError: a malformed row (on_error="raise"), or no usable rows.
   """
+  import jax
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
   cfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                 group_size=group_size)
-  offsets, rows, skipped, file_hash = index_jsonl(path, fmt, on_error=on_error,
-                                                  group_size=group_size, log=log)
-  if not len(offsets):
+  rows, content = open_rows(path, split=split)
+  keep, mine, skipped = validate_rows(rows, fmt, on_error=on_error, group_size=group_size,
+                                      log=log, process_index=pi,
+                                      process_count=pc)
+  if log is not None and pc > 1 and mine:
+    log.warning("process %d skipped %d malformed records of %s", pi, mine, path)
+  if not len(keep):
     raise DataError(f"{path}: no usable records")
-  return LazyJsonl(path, offsets, rows, file_hash, fmt, tokenizer, cfg), skipped
+  return LazyExamples(rows, keep, fmt, tokenizer, cfg, content, path), skipped
+
+
+def open_jsonl(path: str, fmt: str, tokenizer: Any, *, max_length: int,
+               max_prompt_length: int, on_error: str, group_size: int | None = None,
+               log=None) -> tuple[LazyExamples, int]:
+  """`open_source` of a .jsonl file in this process alone."""
+  return open_source(path, fmt, tokenizer, max_length=max_length,
+                     max_prompt_length=max_prompt_length, on_error=on_error,
+                     group_size=group_size, log=log, process_index=0, process_count=1)

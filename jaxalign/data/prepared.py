@@ -15,9 +15,10 @@ rerun with the same source and settings keeps every shard whose sidecar matches
 its file (resumable); the manifest holds the tokenizer's fingerprint
 (`fingerprint.tokenizer_hash`), the tokenization settings, the record layout, the
 source's content hash, the example count, the skipped count, the shard list and
-`content_hash`: `fingerprint.examples_hash` of the examples in order, the very
-value a run on the raw source stores, so a run's data fingerprint is the same
-from either.
+`content_hash`: `fingerprint.examples_hash` of the examples in order (the value
+an eager run on the raw source stores). A run on the set stores
+`lazy.source_content_hash` of the source's hash and split, as a (default, lazy)
+run on the raw source does, so a run's data fingerprint is the same from either.
 
 `open_examples` is the training side: a random-access sequence over the shards
 (`grain.sources.ArrayRecordDataSource`), which `pipeline.make_dataset` wraps in
@@ -72,11 +73,12 @@ def settings(fmt: str, tokenizer: Any, *, max_length: int, max_prompt_length: in
 
 
 def source_hash(path: str) -> str:
-  """sha256 of a source's bytes: a file, every file under a directory (by relative
-  path), or the name itself for a generated (toy:) or hub source."""
+  """sha256 of a source's bytes: a file (not its name: the same data moved keeps its
+  hash), every file under a directory (by relative path), or the name itself for a
+  generated (toy:) or hub source."""
   h = hashlib.sha256()
   if os.path.isfile(path):
-    files = [(os.path.basename(path), path)]
+    files = [("", path)]
   elif os.path.isdir(path):
     files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
                    for d, _, names in os.walk(path) for f in names)
@@ -305,7 +307,10 @@ class PreparedExamples(Sequence):
     self.path = path
     self.manifest = read_manifest(path) if manifest is None else manifest
     self.layout = self.manifest["layout"]
-    self.content_hash = self.manifest.get("content_hash")
+    # As a lazy run on the source stores it (lazy.open_rows), so either may resume
+    # the other; the manifest's "content_hash" is the examples' own hash.
+    self.content_hash = lazy_lib.source_content_hash(
+        self.manifest["source_hash"], self.manifest["settings"].get("split", "train"))
     files = []
     for shard in self.manifest["shards"]:
       file = os.path.join(path, shard["file"])
@@ -379,25 +384,33 @@ def open_examples(path: str, fmt: str, tokenizer: Any, *, max_length: int,
 def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
                   max_prompt_length: int, on_error: str, group_size: int | None = None,
                   map_record=None, kl_chunk_size: int = 0, key: str = "config.data.train_path",
-                  lazy: bool = False, lazy_ok: bool = True) -> tuple[Sequence[dict], int]:
-  """A run's (examples, num_skipped): a prepared set opened lazily; with `lazy`, a
-  .jsonl file indexed and read row by row (data/lazy.py); else
-  `reading.load_examples` (read, validate and tokenize the whole source).
+                  lazy: bool = True, lazy_ok: bool = True) -> tuple[Sequence[dict], int]:
+  """A run's (examples, num_skipped): a prepared set opened lazily; with `lazy` (the
+  default) any other source read lazily (data/lazy.py: one validation pass, rows
+  tokenized on demand); else `reading.load_examples` (a list of every example).
 
-  `lazy_ok` False: the run needs every example up front (packing), so `lazy` is
-  not honoured.
+  The list path is taken, with a log line saying why, only when `lazy` is False,
+  `lazy_ok` is False (the run needs every example up front: packing,
+  share_prompt), an online method rewrites records (`map_record`), or the format
+  is unpaired (pairwise rows are unpaired across blocks of rows).
   """
   if not is_prepared(path):
     if lazy:
-      why = ("" if lazy_lib.can_read_lazily(path, fmt) and map_record is None and lazy_ok
-             else "packing/share_prompt fit their plan to every example" if not lazy_ok
+      why = ("packing/share_prompt fit their plan to every example" if not lazy_ok
              else "online methods rewrite records" if map_record is not None
-             else f"only .jsonl files of formats {lazy_lib.LAZY_FORMATS} are read lazily")
+             else f"only formats {lazy_lib.LAZY_FORMATS} are read lazily"
+             if not lazy_lib.can_read_lazily(path, fmt) else "")
       if not why:
-        return lazy_lib.open_jsonl(path, fmt, tokenizer, max_length=max_length,
-                                   max_prompt_length=max_prompt_length, on_error=on_error,
-                                   group_size=group_size, log=log)
-      log.warning("config.data.lazy: reading %s eagerly: %s", path, why)
+        if not path:
+          reading.read_records(path, split=split)   # raises its ConfigError
+        try:
+          return lazy_lib.open_source(path, fmt, tokenizer, split=split,
+                                      max_length=max_length,
+                                      max_prompt_length=max_prompt_length, on_error=on_error,
+                                      group_size=group_size, log=log)
+        except FileNotFoundError as e:
+          raise ConfigError(f"config.data.train_path: {reading.first_line(e)}") from None
+      log.info("reading %s as a list of every example: %s", path, why)
     return reading.load_examples(path, fmt, tokenizer, split=split, max_length=max_length,
                                  max_prompt_length=max_prompt_length, on_error=on_error,
                                  group_size=group_size, map_record=map_record,

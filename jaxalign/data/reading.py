@@ -122,6 +122,16 @@ def read_records(path: str, *, split: str, on_error: str = "raise") -> list[dict
     raise ConfigError(f"config.data.train_path: {first_line(e)}") from None
 
 
+def toy_rows(path: str) -> list[dict]:
+  """The raw records of a "toy:" source (the lazy path tokenizes them on demand).
+
+  The generator draws its records from one sequential random stream, so row i is
+  not computable without rows 0..i-1: the (small) raw records are generated in full
+  and only their tokenization is lazy.
+  """
+  return read_records(path, split="train")
+
+
 def first_line(e: Exception) -> str:
   text = str(e).strip()
   return text.splitlines()[0] if text else type(e).__name__

@@ -52,7 +52,8 @@ def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
     examples, skipped = prepared.load_examples(
         d.eval_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
         max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
-        kl_chunk_size=d.batch_size // jax.process_count(), key="config.data.eval_path")
+        kl_chunk_size=d.batch_size // jax.process_count(), key="config.data.eval_path",
+        lazy=d.get("lazy", True))
   except (config_lib.ConfigError, formats.DataError) as e:
     text = str(e)
     text = text[len(train_key):] if text.startswith(train_key) else text
@@ -94,8 +95,11 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
   table = None
   filled = np.zeros(len(examples), bool)
   process_batch = batch_size // jax.process_count()
-  for batch in tqdm(list(pipeline.ordered_batches(examples, process_batch)), desc=desc,
-                    leave=False, disable=not progress or jax.process_index() != 0):
+  # A generator, not a list: a lazy source's batches are tokenized as they are run.
+  per_process = -(-len(examples) // jax.process_count())
+  for batch in tqdm(pipeline.ordered_batches(examples, process_batch), desc=desc,
+                    total=-(-per_process // process_batch), leave=False,
+                    disable=not progress or jax.process_index() != 0):
     arrays = {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}
     if pack is not None:
       arrays = pack(arrays, np.asarray(batch["valid"], bool))
@@ -172,7 +176,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
       group_size=config.data.group_size, map_record=online.map_record if online else None,
       kl_chunk_size=config.data.batch_size // jax.process_count(),
-      lazy=config.data.get("lazy", False),
+      lazy=config.data.get("lazy", True),
       lazy_ok=not (config.data.packing or config.data.get("share_prompt", False)))
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)

@@ -111,7 +111,7 @@ def test_each_process_reads_only_the_rows_of_its_own_batches(tmp_path):
 def test_a_lazy_run_equals_the_eager_run_and_resumes_bit_exact(tmp_path):
   _write(tmp_path / "d.jsonl", toy.ArithmeticTask().pairwise_records(64, seed=0))
   over = {"total_steps": 4, "checkpoint.every": 2, "data.train_path": str(tmp_path / "d.jsonl")}
-  eager_cfg, lazy_cfg = tiny_config(**over), tiny_config(**over, **{"data.lazy": True})
+  eager_cfg, lazy_cfg = tiny_config(**over, **{"data.lazy": False}), tiny_config(**over)
   loop.train(eager_cfg, str(tmp_path / "eager"), progress=False)
   loop.train(lazy_cfg, str(tmp_path / "lazy"), progress=False, stop_after=2)
   loop.train(lazy_cfg, str(tmp_path / "lazy"), progress=False)

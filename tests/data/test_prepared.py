@@ -61,7 +61,10 @@ def test_prepared_examples_equal_the_raw_path_and_skip_the_same_rows(tmp_path):
     for k in a:
       assert a[k].dtype == b[k].dtype
       np.testing.assert_array_equal(a[k], b[k])
-  assert prep.content_hash == fingerprint.examples_hash(raw)
+  assert manifest["content_hash"] == fingerprint.examples_hash(raw)
+  lazy_raw, _ = prepared.load_examples(str(tmp_path / "pairs.jsonl"), "pairwise", tok,
+                                       **_settings(cfg))
+  assert prep.content_hash == lazy_raw.content_hash   # what a run's fingerprint stores
   assert manifest["settings"]["tokenizer_hash"] == fingerprint.tokenizer_hash(tok)
   assert manifest["source_hash"] == prepared.source_hash(str(tmp_path / "pairs.jsonl"))
 
