@@ -192,8 +192,9 @@ def main() -> None:
             f"{time.perf_counter() - t:.0f} s", flush=True)
     tok = os.path.join(args.dir, "bpe")
     _bpe(srcs[max(srcs)], tok)
-    print(f"BPE tokenizer: {len(json.load(open(os.path.join(tok, 'tokenizer.json')))['model']['vocab'])} "
-          "tokens", flush=True)
+    with open(os.path.join(tok, "tokenizer.json")) as f:
+      vocab = len(json.load(f)["model"]["vocab"])
+    print(f"BPE tokenizer: {vocab} tokens", flush=True)
     for rows in rows_list:
       r = _run_child("train", srcs[rows], tok, os.path.join(args.dir, f"run_raw_{rows}"))
       q = _run_child("pipeline", srcs[rows], tok)
@@ -214,8 +215,8 @@ def main() -> None:
           f"{r['to_first_step_s']:.1f} s, minus compile {r['compile_s']:.1f} s = "
           f"{r['start_minus_compile_s']:.1f} s; peak RSS {r['peak_rss_mb_first_step']:.0f} MB; "
           f"pipeline alone {q['pipeline_examples_per_s']:.0f} examples/s vs the step's "
-          f"{r['step_examples_per_s']:.0f} ({q['pipeline_examples_per_s'] / r['step_examples_per_s']:.1f}x)",
-          flush=True)
+          f"{r['step_examples_per_s']:.0f} "
+          f"({q['pipeline_examples_per_s'] / r['step_examples_per_s']:.1f}x)", flush=True)
   finally:
     if not args.keep:
       shutil.rmtree(args.dir, ignore_errors=True)

@@ -50,7 +50,7 @@ methods (their record rewrite), data.packing and share_prompt (their plan is
 fitted to every example's length; `lazy_ok=False`).
 
 The data fingerprint's content hash of a lazy source is its bytes' sha256 and
-split (`content_hash`, `prepared.source_hash`: with the tokenizer and settings
+split (`content_hash`, `source_hash`: with the tokenizer and settings
 beside it, it fixes every example), as a prepared set of that source has it, so a
 run may resume on the prepared set of the data it started on; an eager run
 (data.lazy=False, packing) hashes the tokenized examples instead, so switching
@@ -443,9 +443,25 @@ def source_content_hash(source_hash: str, split: str) -> str:
   return hashlib.sha256(f"source|{source_hash}|{split}".encode()).hexdigest()
 
 
-def _source_hash(path: str) -> str:
-  from jaxalign.data import prepared
-  return prepared.source_hash(path)
+def source_hash(path: str) -> str:
+  """sha256 of a source's bytes: a file (not its name: the same data moved keeps its
+  hash), every file under a directory (by relative path), or the name itself for a
+  generated (toy:) or hub source."""
+  h = hashlib.sha256()
+  if os.path.isfile(path):
+    files = [("", path)]
+  elif os.path.isdir(path):
+    files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+                   for d, _, names in os.walk(path) for f in names)
+  else:
+    h.update(f"name|{path}".encode())
+    return h.hexdigest()
+  for rel, full in files:
+    h.update(f"file|{rel}|".encode())
+    with open(full, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()
 
 
 _READERS = (".jsonl", ".json", ".parquet")
@@ -472,7 +488,7 @@ def open_rows(path: str, *, split: str) -> tuple[Sequence[dict], str]:
     FileNotFoundError: a path that is neither a file, a directory nor a dataset name.
   """
   from jaxalign.data import sources
-  content = source_content_hash(_source_hash(path), split)
+  content = source_content_hash(source_hash(path), split)
   if path.startswith("toy:"):
     from jaxalign.data import reading
     return reading.toy_rows(path), content
@@ -525,7 +541,8 @@ def can_read_lazily(path: str, fmt: str) -> bool:
 
 def open_source(path: str, fmt: str, tokenizer: Any, *, split: str = "train",
                 max_length: int, max_prompt_length: int, on_error: str,
-                group_size: int | None = None, log=None, process_index: int | None = None, process_count: int | None = None
+                group_size: int | None = None, log=None,
+                process_index: int | None = None, process_count: int | None = None
                 ) -> tuple[LazyExamples, int]:
   """(lazy examples, rows skipped by all processes) of any source; see the module docstring.
 

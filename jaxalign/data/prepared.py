@@ -72,27 +72,6 @@ def settings(fmt: str, tokenizer: Any, *, max_length: int, max_prompt_length: in
           "tokenizer_hash": fingerprint.tokenizer_hash(tokenizer)}
 
 
-def source_hash(path: str) -> str:
-  """sha256 of a source's bytes: a file (not its name: the same data moved keeps its
-  hash), every file under a directory (by relative path), or the name itself for a
-  generated (toy:) or hub source."""
-  h = hashlib.sha256()
-  if os.path.isfile(path):
-    files = [("", path)]
-  elif os.path.isdir(path):
-    files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
-                   for d, _, names in os.walk(path) for f in names)
-  else:
-    h.update(f"name|{path}".encode())
-    return h.hexdigest()
-  for rel, full in files:
-    h.update(f"file|{rel}|".encode())
-    with open(full, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
-  return h.hexdigest()
-
-
 def _shard_name(i: int, n: int) -> str:
   return f"shard-{i:05d}-of-{n:05d}.arrayrecord"
 
@@ -214,7 +193,7 @@ def prepare(source: str, out: str, fmt: str, tokenizer: Any, *, max_length: int,
                                  group_size=group_size)
   sets = settings(fmt, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                   group_size=group_size, on_error=on_error, split=split)
-  src_hash = source_hash(source)
+  src_hash = lazy_lib.source_hash(source)
   # The same validation, in the same order, as a run on the raw source.
   records = reading.read_records(source, split=split, on_error=on_error)
   valid, skipped = formats.validate_records(records, fmt, on_error=on_error)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxalign import fingerprint
-from jaxalign.data import formats, prepared, reading, toy
+from jaxalign.data import formats, lazy, prepared, reading, toy
 from jaxalign.train import loop
 from jaxalign.workflows import prepare as prepare_lib
 from tests.reliability.helpers import (TINY_CLI_CONFIG, assert_bit_identical, params,
@@ -66,7 +66,7 @@ def test_prepared_examples_equal_the_raw_path_and_skip_the_same_rows(tmp_path):
                                        **_settings(cfg))
   assert prep.content_hash == lazy_raw.content_hash   # what a run's fingerprint stores
   assert manifest["settings"]["tokenizer_hash"] == fingerprint.tokenizer_hash(tok)
-  assert manifest["source_hash"] == prepared.source_hash(str(tmp_path / "pairs.jsonl"))
+  assert manifest["source_hash"] == lazy.source_hash(str(tmp_path / "pairs.jsonl"))
 
 
 def test_a_malformed_row_names_its_file_row_and_field(tmp_path):
