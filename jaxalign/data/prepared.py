@@ -116,6 +116,19 @@ def decode(data: bytes, layout: list[list]) -> dict[str, np.ndarray]:
   return out
 
 
+def decode_batch(data: bytes, layout: list[list], n: int) -> dict[str, np.ndarray]:
+  """`n` records of one layout, joined end to end -> {column: [n, *shape]}."""
+  fields = [(k, np.dtype(d), tuple(shape)) for k, d, shape in layout]
+  size = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for _, dt, shape in fields)
+  rows = np.frombuffer(data, np.uint8).reshape(n, size)
+  out, offset = {}, 0
+  for k, dt, shape in fields:
+    width = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    out[k] = rows[:, offset:offset + width].copy().view(dt).reshape((n, *shape))
+    offset += width
+  return out
+
+
 # The job's fixed part (format, tokenizer, settings, output), set once per worker
 # process by `_init_worker` (and in this process when there are no workers).
 _JOB: dict[str, Any] = {}
@@ -325,6 +338,18 @@ class PreparedExamples(Sequence):
     if not 0 <= i < self._len:
       raise IndexError(f"example {i} of {self._len}")
     return decode(self._reader()[i], self.layout)
+
+  batched_reads = True   # read_batch below: jaxalign.data.pipeline's fast path
+
+  def read_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Examples `indices` stacked ({column: [len(indices), ...]}): one batched read of
+    the shards (ArrayRecord's `__getitems__`) and one decode of the joined bytes,
+    since every record of a set has the same layout. The pipeline's fast path."""
+    indices = [int(i) for i in indices]
+    if any(not 0 <= i < self._len for i in indices):
+      raise IndexError(f"examples {indices} of {self._len}")
+    records = self._reader().__getitems__(indices)
+    return decode_batch(b"".join(records), self.layout, len(indices))
 
   def __getstate__(self):
     return {**self.__dict__, "_source": None}

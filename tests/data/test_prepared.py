@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxalign import fingerprint
-from jaxalign.data import formats, lazy, prepared, reading, toy
+from jaxalign.data import formats, lazy, pipeline, prepared, reading, tables, toy
 from jaxalign.train import loop
 from jaxalign.workflows import prepare as prepare_lib
 from tests.reliability.helpers import (TINY_CLI_CONFIG, assert_bit_identical, params,
@@ -67,6 +67,35 @@ def test_prepared_examples_equal_the_raw_path_and_skip_the_same_rows(tmp_path):
   assert prep.content_hash == lazy_raw.content_hash   # what a run's fingerprint stores
   assert manifest["settings"]["tokenizer_hash"] == fingerprint.tokenizer_hash(tok)
   assert manifest["source_hash"] == lazy.source_hash(str(tmp_path / "pairs.jsonl"))
+
+
+def test_batched_reads_give_the_per_example_pipelines_batches_and_state(data):
+  """A prepared set reads a batch at once (pipeline._index_dataset); the batches, the
+  "index" column, a joined table and a restored iterator equal the per-example path's."""
+  cfg = tiny_config(**{"data.train_path": str(data / "pairs.jsonl")})
+  prep, _ = prepared.load_examples(str(data / "prep"), "pairwise", reading.load_tokenizer("toy"),
+                                   **_settings(cfg))
+  table = np.arange(len(prep) * 2, dtype=np.float32).reshape(len(prep), 2)
+  fast = tables.with_column(prep, "ref_logps", table)
+  slow = tables.with_column([prep[i] for i in range(len(prep))], "ref_logps", table)
+  assert fast.batched_reads and not slow.batched_reads
+
+  def batches(src, n, state=None):
+    it = iter(pipeline.make_dataset(src, seed=3, batch_size=6, add_index=True,
+                                    process_index=1, process_count=2))
+    if state is not None:
+      it.set_state(state)
+    return [next(it) for _ in range(n)], it.get_state()
+
+  (want, _), (got, _) = batches(slow, 7), batches(fast, 7)   # 7 > one epoch of 5
+  for a, b in zip(want, got):
+    assert sorted(a) == sorted(b)
+    for k in a:
+      assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  (_, state) = batches(fast, 3)
+  (resumed, _) = batches(fast, 4, state)
+  for a, b in zip(want[3:], resumed):
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_a_malformed_row_names_its_file_row_and_field(tmp_path):
