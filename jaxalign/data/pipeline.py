@@ -9,6 +9,7 @@ precomputing per-example values such as reference log-probs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Iterator, Sequence
 
@@ -92,15 +93,21 @@ def make_dataset(
     return _block_dataset(records_or_examples, seed=seed, batch_size=batch_size,
                           shuffle=shuffle, repeat=repeat, num_epochs=num_epochs, pi=pi, pc=pc,
                           transform=transform, add_index=add_index, read_options=read_options)
-  if transform is None and getattr(records_or_examples, "batched_reads", False):
-    return _index_dataset(records_or_examples, seed=seed, batch_size=batch_size,
-                          shuffle=shuffle, repeat=repeat, num_epochs=num_epochs, pi=pi, pc=pc,
-                          add_index=add_index, read_options=read_options)
-  ds = grain.MapDataset.source(records_or_examples)
-  if transform is not None:
-    ds = ds.map(transform)
-  if add_index:
-    ds = ds.map_with_index(_add_index)
+  # A source that reads whole batches (`batched_reads`: a prepared set) is ordered
+  # by example number instead: Grain's shuffle and repeat permute indices only, so
+  # batch k holds the same examples, with the same "index" and iterator state,
+  # and each batch is one `read_batch` (not a read, decode and stack per example).
+  by_batch = transform is None and getattr(records_or_examples, "batched_reads", False)
+  if by_batch:
+    # Element = the number Grain gives example i in epoch e (e * n + i), which is
+    # what map_with_index sees below a shuffle and a repeat on the other path.
+    ds = grain.MapDataset.range(n).map_with_index(_position)
+  else:
+    ds = grain.MapDataset.source(records_or_examples)
+    if transform is not None:
+      ds = ds.map(transform)
+    if add_index:
+      ds = ds.map_with_index(_add_index)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
@@ -108,6 +115,8 @@ def make_dataset(
   ds = ds.batch(batch_size, drop_remainder=True)
   # Batches p, p + P, ... of a whole number of global batches.
   ds = ds.slice(slice(pi, pc * (len(ds) // pc), pc))
+  if by_batch:
+    ds = ds.map(functools.partial(_read_batch, records_or_examples, add_index))
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
   return ds.to_iter_dataset(read_options)
@@ -117,33 +126,10 @@ def _position(i: int, _: int) -> int:
   return i
 
 
-def _index_dataset(examples, *, seed, batch_size, shuffle, repeat, num_epochs, pi, pc,
-                   add_index, read_options) -> grain.IterDataset:
-  """make_dataset over a source that reads whole batches (`batched_reads`, e.g. a
-  prepared set): the same shuffle, repeat, batches and process slice, taken over
-  example indices (Grain's shuffle permutes indices only, so batch k holds the
-  examples it holds on the per-example path, and the iterator state is the
-  same), then one `read_batch` per batch instead of a read, a decode and a
-  stack per example."""
-  n = len(examples)
-  # Each element is the number Grain gives example i in epoch e (e * n + i: what
-  # map_with_index sees under a shuffle and a repeat, as on the per-example path).
-  ds = grain.MapDataset.range(n).map_with_index(_position)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
-    ds = ds.repeat(num_epochs)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.slice(slice(pi, pc * (len(ds) // pc), pc))
-
-  def read(numbers: np.ndarray) -> Example:
-    batch = examples.read_batch(np.asarray(numbers, np.int64) % n)
-    return {**batch, "index": np.asarray(numbers, np.int64)} if add_index else batch
-
-  ds = ds.map(read)
-  if read_options is None:
-    read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-  return ds.to_iter_dataset(read_options)
+def _read_batch(examples, add_index: bool, numbers: np.ndarray) -> Example:
+  numbers = np.asarray(numbers, np.int64)
+  batch = examples.read_batch(numbers % len(examples))
+  return {**batch, "index": numbers} if add_index else batch
 
 
 def _block_dataset(examples, *, seed, batch_size, shuffle, repeat, num_epochs, pi, pc,
