@@ -44,17 +44,29 @@ Tokenization cannot fail on a validated row (every response ends in an EOS, so
 none is empty after truncation; more responses than group_size is checked in
 the pass).
 
-Still read eagerly (a list of every example), with a log line saying why: the
-unpaired formats (they unpair pairwise records across blocks of rows), online
-methods (their record rewrite), data.packing and share_prompt (their plan is
-fitted to every example's length; `lazy_ok=False`).
+Every format and run path reads lazily:
+  online methods   their record rewrite (`map_record`) runs on each row as it is
+                   read (`MappedRows`), inside the validation pass and on access,
+                   so a bad row still names its file, row and field.
+  unpaired formats a pass over the rows puts them in the eager path's order
+                   (`unpaired_order`: rows that are not pairwise first, then
+                   TRL's unpairing per block of UNPAIR_BLOCK pairwise rows, chosen
+                   copies then rejected ones), read through `UnpairedRows`
+                   (16 bytes a record); unpaired_kl's KL sequence of example i is
+                   built on access from the previous example of its chunk of
+                   `kl_chunk_size` (the first takes the chunk's last), as
+                   `tokenize.add_kl_sequences` does over the list.
+  packing, share_prompt  need no list: the packer's buckets are fitted to a
+                   seeded sample of lengths (`packing.length_sample`).
+Only data.lazy=False reads a list of every example (`reading.load_examples`,
+the reference path), with a log line saying so.
 
 The data fingerprint's content hash of a lazy source is its bytes' sha256 and
 split (`content_hash`, `source_hash`: with the tokenizer and settings
-beside it, it fixes every example), as a prepared set of that source has it, so a
-run may resume on the prepared set of the data it started on; an eager run
-(data.lazy=False, packing) hashes the tokenized examples instead, so switching
-between eager and lazy on a resume reads as a data change.
+beside it, it fixes every example; for unpaired_kl also the KL chunk size), as a
+prepared set of that source has it, so a run may resume on the prepared set of
+the data it started on; a list run (data.lazy=False) hashes the tokenized
+examples instead, so switching between the two on a resume reads as a data change.
 """
 
 from __future__ import annotations
