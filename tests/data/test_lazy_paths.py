@@ -258,3 +258,19 @@ def test_a_lazy_online_run_equals_the_list_run(tmp_path):
                                 ["tokens"],
                                 np.load(tmp_path / "list" / "online" / "d2o_samples_0.npz")
                                 ["tokens"])
+
+
+def test_a_resume_across_data_lazy_says_which_setting_hashed_the_run(tmp_path):
+  from jaxalign import fingerprint
+  from jaxalign.errors import RunError
+  path = _write(tmp_path / "d.jsonl", toy.ArithmeticTask().pairwise_records(8, seed=0))
+  tok = reading.load_tokenizer("toy")
+  fps = {lazy_read: fingerprint.compute(_load(path, "pairwise", lazy_read=lazy_read)[0], tok,
+                                        train_path=path, settings={})
+         for lazy_read in (True, False)}
+  assert fps[True]["content"] == "source" and fps[False]["content"] == "examples"
+  (tmp_path / "run" / "checkpoints" / "2").mkdir(parents=True)
+  fingerprint.write(str(tmp_path / "run" / fingerprint.RUN_FILE), fps[False])
+  with pytest.raises(RunError, match=r"content hash .*resume with that"):
+    fingerprint.check_resume(str(tmp_path / "run"), fps[True], allow_change=False)
+  assert not fingerprint.check_resume(str(tmp_path / "run"), fps[False], allow_change=False)
