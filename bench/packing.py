@@ -185,7 +185,8 @@ def pairs_case(args, peak) -> dict:
   T, P = int(MAX_LENGTH * args.scale), int(MAX_PROMPT * args.scale)
   c = model_config(T, args.batch, P, "dpo")
   examples = preference_examples(args.batch * 64, scale=args.scale, vocab=2048, seed=0)
-  spec, pack = packing.make_packer(examples, process_batch=args.batch, num_groups=1,
+  spec, pack = packing.make_packer(packing.length_sample(examples, seed=0),
+                                   process_batch=args.batch, num_groups=1,
                                    global_groups=1, row_length=T, num_buckets=args.buckets,
                                    seed=0, pad_id=0)
   padded = [_stack(examples[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches)]

@@ -71,7 +71,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.on_error = "raise"   # "raise" | "skip"
   # Train and eval sources indexed in one streaming validation pass and tokenized row
   # by row inside the Grain pipeline, not held as a list (jaxalign/data/lazy.py);
-  # False: the list of every example (the old path, for comparison).
+  # every format and run path (packing, share_prompt, online, unpaired). False: the list
+  # of every example (reading.load_examples), the reference the lazy path is tested against.
   c.data.lazy = True
   # Groups (negatives' samples, completions) are padded to this many slots with a
   # group_mask; None: every record must have the same number.

@@ -81,6 +81,8 @@ def compute(examples: list[dict], tokenizer: Any, *, train_path: str,
       "rows": len(examples),
       # A prepared set carries the hash its `prepare` computed over the same examples.
       "examples": getattr(examples, "content_hash", None) or examples_hash(examples),
+      # How "examples" was hashed: the source's bytes (lazy, prepared) or the examples.
+      "content": "source" if getattr(examples, "content_hash", None) else "examples",
       "tokenizer": tokenizer_hash(tokenizer),
       "tokenization": {k: (list(v) if isinstance(v, tuple) else v)
                        for k, v in sorted(settings.items())},
@@ -163,7 +165,13 @@ def check_resume(workdir: str, current: dict[str, Any], *, allow_change: bool) -
     return False
   if same_data(saved, current):
     return False
-  what = ", ".join(diff(saved, current))
+  changes = diff(saved, current)
+  what = ", ".join(changes)
+  if (changes and changes[-1].startswith("content hash")
+      and saved.get("content") != current.get("content")):
+    # Hashed the other way (saved by a list read, or before "content" was stored).
+    what += (" (a list read, data.lazy=False, hashes the tokenized examples, a lazy read "
+             "its source: if the run started with the other data.lazy, resume with that)")
   if not allow_change:
     raise RunError(
         f"cannot resume {workdir}: the data differs from the run's "

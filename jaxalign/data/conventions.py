@@ -56,8 +56,19 @@ def extract_prompt(record: Record) -> Record:
   return out
 
 
-def _is_pairwise(record: Any) -> bool:
+def is_pairwise(record: Any) -> bool:
+  """Whether `record` is a pairwise (chosen/rejected) record."""
   return isinstance(record, dict) and "chosen" in record and "rejected" in record
+
+
+def unpair_record(record: Record, desirable: bool) -> Record:
+  """One unpaired copy of a pairwise record: chosen (desirable) or rejected, with
+  the implicit prompt extracted first when it has none (as `normalize_records`)."""
+  if "prompt" not in record:
+    record = extract_prompt(record)
+  field = "chosen" if desirable else "rejected"
+  rest = {k: v for k, v in record.items() if k not in ("chosen", "rejected")}
+  return {**rest, "completion": record[field], "label": desirable}
 
 
 def unpair_records(records: Sequence[Record], *, block: int = UNPAIR_BLOCK) -> list[Record]:
@@ -69,10 +80,8 @@ def unpair_records(records: Sequence[Record], *, block: int = UNPAIR_BLOCK) -> l
   out: list[Record] = []
   for start in range(0, len(records), block):
     rows = records[start:start + block]
-    for label, field in ((True, "chosen"), (False, "rejected")):
-      for r in rows:
-        rest = {k: v for k, v in r.items() if k not in ("chosen", "rejected")}
-        out.append({**rest, "completion": r[field], "label": label})
+    for label in (True, False):
+      out.extend(unpair_record(r, label) for r in rows)
   return out
 
 
@@ -82,11 +91,11 @@ def normalize_records(records: Sequence[Any], fmt: str) -> list[Any]:
   Pairwise records without a prompt get the implicit one; for an unpaired
   format, pairwise records are unpaired (their order as `unpair_records`).
   """
-  records = [extract_prompt(r) if _is_pairwise(r) and "prompt" not in r else r
+  records = [extract_prompt(r) if is_pairwise(r) and "prompt" not in r else r
              for r in records]
-  if fmt in UNPAIRED_FORMATS and any(_is_pairwise(r) for r in records):
-    pairs = [r for r in records if _is_pairwise(r)]
-    rest = [r for r in records if not _is_pairwise(r)]
+  if fmt in UNPAIRED_FORMATS and any(is_pairwise(r) for r in records):
+    pairs = [r for r in records if is_pairwise(r)]
+    rest = [r for r in records if not is_pairwise(r)]
     records = rest + unpair_records(pairs)
   return records
 

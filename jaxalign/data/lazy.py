@@ -44,17 +44,29 @@ Tokenization cannot fail on a validated row (every response ends in an EOS, so
 none is empty after truncation; more responses than group_size is checked in
 the pass).
 
-Still read eagerly (a list of every example), with a log line saying why: the
-unpaired formats (they unpair pairwise records across blocks of rows), online
-methods (their record rewrite), data.packing and share_prompt (their plan is
-fitted to every example's length; `lazy_ok=False`).
+Every format and run path reads lazily:
+  online methods   their record rewrite (`map_record`) runs on each row as it is
+                   read (`MappedRows`), inside the validation pass and on access,
+                   so a bad row still names its file, row and field.
+  unpaired formats a pass over the rows puts them in the eager path's order
+                   (`unpaired_order`: rows that are not pairwise first, then
+                   TRL's unpairing per block of UNPAIR_BLOCK pairwise rows, chosen
+                   copies then rejected ones), read through `UnpairedRows`
+                   (16 bytes a record); unpaired_kl's KL sequence of example i is
+                   built on access from the previous example of its chunk of
+                   `kl_chunk_size` (the first takes the chunk's last), as
+                   `tokenize.add_kl_sequences` does over the list.
+  packing, share_prompt  need no list: the packer's buckets are fitted to a
+                   seeded sample of lengths (`packing.length_sample`).
+Only data.lazy=False reads a list of every example (`reading.load_examples`,
+the reference path), with a log line saying so.
 
 The data fingerprint's content hash of a lazy source is its bytes' sha256 and
 split (`content_hash`, `source_hash`: with the tokenizer and settings
-beside it, it fixes every example), as a prepared set of that source has it, so a
-run may resume on the prepared set of the data it started on; an eager run
-(data.lazy=False, packing) hashes the tokenized examples instead, so switching
-between eager and lazy on a resume reads as a data change.
+beside it, it fixes every example; for unpaired_kl also the KL chunk size), as a
+prepared set of that source has it, so a run may resume on the prepared set of
+the data it started on; a list run (data.lazy=False) hashes the tokenized
+examples instead, so switching between the two on a resume reads as a data change.
 """
 
 from __future__ import annotations
@@ -73,7 +85,7 @@ import numpy as np
 from jaxalign.data import conventions, formats, tokenize
 from jaxalign.data.formats import DataError
 
-LAZY_FORMATS = ("sft", "pairwise", "negatives", "groups", "ranked")
+LAZY_FORMATS = ("sft", "pairwise", "unpaired", "unpaired_kl", "negatives", "groups", "ranked")
 
 
 # ---------------------------------------------------------------------------
@@ -296,6 +308,81 @@ class ConcatRows(Sequence):
     return self.parts[k][i - int(self.starts[k])]
 
 
+class MappedRows(Sequence):
+  """`map_record(rows[i])`: an online method's record rewrite, applied per row on read.
+
+  The rewritten record keeps the row's provenance (`source_file`, `row`), so a
+  bad row still names its file, row and field in the validation pass; an
+  exception of `map_record` itself is a DataError naming the file and row.
+  """
+
+  def __init__(self, rows: Sequence[dict], map_record: Callable[[dict], dict]):
+    self.rows, self.map_record = rows, map_record
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i: int) -> dict:
+    record = self.rows[i]   # a DataError of its own (invalid JSON) passes through
+    try:
+      out = self.map_record(record)
+    except DataError:
+      raise
+    except Exception as e:   # noqa: BLE001  (a user's rewrite: any failure is this row's)
+      raise DataError(f"{record.get('source_file', '<memory>')}:{record.get('row', '?')}: "
+                      f"<record>: {type(e).__name__}: {e}") from None
+    provenance = {k: record[k] for k in ("source_file", "row") if k in record}
+    return {**out, **provenance}
+
+
+class UnpairedRows(Sequence):
+  """The records an unpaired format reads, in the eager path's order.
+
+  `conventions.normalize_records` puts the rows that are not pairwise first (in
+  file order), then the pairwise rows unpaired per block of UNPAIR_BLOCK of
+  them: the block's desirable (chosen) copies, then its undesirable (rejected)
+  ones. `order` [M, 2] holds (row position, copy) per record: copy 0 the row
+  as it is, 1 its chosen copy, 2 its rejected copy (`unpaired_order`).
+  """
+
+  def __init__(self, rows: Sequence[dict], order: np.ndarray):
+    self.rows, self.order = rows, order
+
+  def __len__(self) -> int:
+    return len(self.order)
+
+  def __getitem__(self, k: int) -> dict:
+    position, copy = (int(v) for v in self.order[k])
+    record = self.rows[position]
+    return record if copy == 0 else conventions.unpair_record(record, copy == 1)
+
+
+def unpaired_order(rows: Sequence[dict], *, on_error: str,
+                   block: int = conventions.UNPAIR_BLOCK) -> np.ndarray:
+  """[M, 2] (row position, copy) of `UnpairedRows`, from one pass parsing every row.
+
+  A row that does not parse counts as not pairwise (the eager path's marker
+  record); with on_error="raise" it raises here, at the first such row in file
+  order, as the eager path's read does.
+  """
+  plain, pairs = array("q"), array("q")
+  for i in range(len(rows)):
+    try:
+      is_pair = conventions.is_pairwise(rows[i])
+    except DataError:
+      if on_error == "raise":
+        raise
+      is_pair = False
+    (pairs if is_pair else plain).append(i)
+  plain_np = np.frombuffer(plain, np.int64)
+  pairs_np = np.frombuffer(pairs, np.int64)
+  parts = [np.stack([plain_np, np.zeros_like(plain_np)], 1)]
+  for start in range(0, len(pairs_np), block):
+    chunk = pairs_np[start:start + block]
+    parts += [np.stack([chunk, np.full_like(chunk, copy)], 1) for copy in (1, 2)]
+  return np.concatenate(parts).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------
 # The validation pass and the lazy examples.
 
@@ -427,6 +514,21 @@ class LazyExamples(Sequence):
       i += len(self)
     if not 0 <= i < len(self):
       raise IndexError(f"example {i} of {len(self)}")
+    example = self._example(i)
+    if self.fmt != "unpaired_kl":
+      return example
+    # KTO: the completion of the previous example of its chunk (the first takes the
+    # last's), as tokenize.add_kl_sequences over the eager list does.
+    chunk = self.cfg.kl_chunk_size or len(self)
+    start = i - i % chunk
+    prev = i - 1 if i > start else min(start + chunk, len(self)) - 1
+    pad = self.tokenizer.pad_token_id
+    pad = (self.tokenizer.eos_token_id or 0) if pad is None else pad
+    if prev == i:
+      return tokenize.add_kl_sequences([example], 1, pad_id=pad)[0]
+    return tokenize.add_kl_sequences([self._example(prev), example], 2, pad_id=pad)[1]
+
+  def _example(self, i: int) -> dict:
     record = _validate(self.rows[int(self.keep[i])], self.fmt)
     return tokenize.tokenize_example(record, self.fmt, self.tokenizer, self.cfg)
 
@@ -535,16 +637,19 @@ def _check_directory_fields(path: str, files: list[str], parts) -> None:
                     "give one schema per directory")
 
 
-def can_read_lazily(path: str, fmt: str) -> bool:
-  return fmt in LAZY_FORMATS
-
-
 def open_source(path: str, fmt: str, tokenizer: Any, *, split: str = "train",
                 max_length: int, max_prompt_length: int, on_error: str,
                 group_size: int | None = None, log=None,
-                process_index: int | None = None, process_count: int | None = None
+                process_index: int | None = None, process_count: int | None = None,
+                map_record: Callable[[dict], dict] | None = None, kl_chunk_size: int = 0
                 ) -> tuple[LazyExamples, int]:
   """(lazy examples, rows skipped by all processes) of any source; see the module docstring.
+
+  Args:
+    map_record: record -> record of `fmt` (an online method's rewrite), applied to
+      each raw row when it is read (`MappedRows`).
+    kl_chunk_size: unpaired_kl: its KL sequences pair examples within chunks of
+      this many (the per-process batch); 0: one chunk of all.
 
   Raises:
     DataError: a malformed row (on_error="raise"), or no usable rows.
@@ -553,8 +658,15 @@ def open_source(path: str, fmt: str, tokenizer: Any, *, split: str = "train",
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   cfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
-                                group_size=group_size)
+                                group_size=group_size,
+                                kl_chunk_size=kl_chunk_size if fmt == "unpaired_kl" else 0)
   rows, content = open_rows(path, split=split)
+  if map_record is not None:
+    rows = MappedRows(rows, map_record)
+  if fmt in conventions.UNPAIRED_FORMATS:
+    rows = UnpairedRows(rows, unpaired_order(rows, on_error=on_error))
+  if cfg.kl_chunk_size:   # the KL pairs depend on the chunks: part of what fixes the data
+    content = hashlib.sha256(f"{content}|kl_chunk|{cfg.kl_chunk_size}".encode()).hexdigest()
   keep, mine, skipped = validate_rows(rows, fmt, on_error=on_error, group_size=group_size,
                                       log=log, process_index=pi,
                                       process_count=pc)

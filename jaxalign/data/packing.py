@@ -250,13 +250,40 @@ def _agree_across_processes(need: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(need))))
 
 
-def make_packer(examples: Sequence[dict], *, process_batch: int, num_groups: int,
+# At most this many examples' lengths fit a run's buckets (`length_sample`).
+LENGTH_SAMPLE = 4096
+
+
+def length_sample(examples: Sequence[dict], *, seed: int,
+                  max_examples: int = LENGTH_SAMPLE) -> np.ndarray:
+  """[n, S] real tokens per sequence of a seeded sample of `examples`, for `make_packer`.
+
+  Every example in order when there are at most `max_examples`; else
+  `max_examples` drawn without replacement (sorted positions) by a generator
+  seeded with `seed` alone, so a restarted run (same data, same seed) fits the
+  same buckets and resumes bit-exact. Only the sample is read: a lazy source
+  tokenizes those rows alone, a prepared set decodes their stored arrays. A step
+  whose batch needs more rows than the fitted buckets still packs, in the
+  past-the-buckets row count (`pack_batch`).
+  """
+  n = len(examples)
+  if n <= max_examples:
+    positions = np.arange(n)
+  else:
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7061636B]))  # "pack"
+    positions = np.sort(rng.choice(n, size=max_examples, replace=False))
+  return np.stack([np.asarray(examples[int(i)]["attention_mask"]).sum(axis=-1)
+                   for i in positions]).astype(np.int32)
+
+
+def make_packer(lengths: np.ndarray, *, process_batch: int, num_groups: int,
                 global_groups: int, row_length: int, num_buckets: int, seed: int,
                 pad_id: int, process_count: int = 1) -> tuple[PackSpec, Callable[..., dict]]:
-  """(spec, batch -> packed batch) for a run, its buckets fitted to `examples`' lengths.
+  """(spec, batch -> packed batch) for a run, its buckets fitted to `lengths`.
 
   Args:
-    examples: the tokenized examples (``attention_mask`` [S, T]).
+    lengths: [n, S] real tokens of each sequence of the examples the buckets are
+      fitted to (every example, or `length_sample` of them).
     process_batch: examples per process batch.
     num_groups: pack groups per process batch (divides process_batch).
     global_groups: pack groups of the whole step (all processes).
@@ -269,7 +296,9 @@ def make_packer(examples: Sequence[dict], *, process_batch: int, num_groups: int
   if process_batch % num_groups:
     raise ValueError(f"the process batch {process_batch} does not split into "
                      f"{num_groups} pack groups")
-  lengths = np.stack([np.asarray(e["attention_mask"]).sum(axis=-1) for e in examples])
+  lengths = np.asarray(lengths)
+  if lengths.ndim != 2:
+    raise ValueError(f"lengths must be [n, S], got shape {lengths.shape}")
   buckets = plan_buckets(lengths, batch_size=process_batch, num_groups=num_groups,
                          row_length=row_length, num_buckets=num_buckets, seed=seed,
                          global_groups=global_groups)

@@ -388,37 +388,30 @@ def open_examples(path: str, fmt: str, tokenizer: Any, *, max_length: int,
 def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
                   max_prompt_length: int, on_error: str, group_size: int | None = None,
                   map_record=None, kl_chunk_size: int = 0, key: str = "config.data.train_path",
-                  lazy: bool = True, lazy_ok: bool = True) -> tuple[Sequence[dict], int]:
+                  lazy: bool = True) -> tuple[Sequence[dict], int]:
   """A run's (examples, num_skipped): a prepared set opened lazily; with `lazy` (the
   default) any other source read lazily (data/lazy.py: one validation pass, rows
-  tokenized on demand); else `reading.load_examples` (a list of every example).
-
-  The list path is taken, with a log line saying why, only when `lazy` is False,
-  `lazy_ok` is False (the run needs every example up front: packing,
-  share_prompt), an online method rewrites records (`map_record`), or the format
-  is unpaired (pairwise rows are unpaired across blocks of rows).
+  tokenized on demand, an online method's `map_record` applied per row on read,
+  unpaired formats in the eager path's order); with `lazy` False
+  `reading.load_examples`, the list of every example (data.lazy=False: the
+  reference path the lazy one is tested against).
   """
   if not is_prepared(path):
-    if lazy:
-      why = ("packing/share_prompt fit their plan to every example" if not lazy_ok
-             else "online methods rewrite records" if map_record is not None
-             else f"only formats {lazy_lib.LAZY_FORMATS} are read lazily"
-             if not lazy_lib.can_read_lazily(path, fmt) else "")
-      if not why:
-        if not path:
-          reading.read_records(path, split=split)   # raises its ConfigError
-        try:
-          return lazy_lib.open_source(path, fmt, tokenizer, split=split,
-                                      max_length=max_length,
-                                      max_prompt_length=max_prompt_length, on_error=on_error,
-                                      group_size=group_size, log=log)
-        except FileNotFoundError as e:
-          raise ConfigError(f"config.data.train_path: {reading.first_line(e)}") from None
-      log.info("reading %s as a list of every example: %s", path, why)
-    return reading.load_examples(path, fmt, tokenizer, split=split, max_length=max_length,
-                                 max_prompt_length=max_prompt_length, on_error=on_error,
-                                 group_size=group_size, map_record=map_record,
-                                 kl_chunk_size=kl_chunk_size)
+    if not lazy:
+      log.info("reading %s as a list of every example: data.lazy=False", path)
+      return reading.load_examples(path, fmt, tokenizer, split=split, max_length=max_length,
+                                   max_prompt_length=max_prompt_length, on_error=on_error,
+                                   group_size=group_size, map_record=map_record,
+                                   kl_chunk_size=kl_chunk_size)
+    if not path:
+      reading.read_records(path, split=split)   # raises its ConfigError
+    try:
+      return lazy_lib.open_source(path, fmt, tokenizer, split=split, max_length=max_length,
+                                  max_prompt_length=max_prompt_length, on_error=on_error,
+                                  group_size=group_size, log=log, map_record=map_record,
+                                  kl_chunk_size=kl_chunk_size)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.data.train_path: {reading.first_line(e)}") from None
   if map_record is not None:
     raise ConfigError(f"{key}: {path} is a prepared (tokenized) dataset; online "
                       "methods rewrite raw records first: give the raw source")

@@ -27,13 +27,14 @@ takes sums and counts rather than the rewards themselves.
 """
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.data import tables
 from jaxalign.losses._common import logratio, pair_metrics, weighted_mean
 
 # TRL RunningMoments' initial count: tiny, so the first update sets the mean to
@@ -462,9 +463,10 @@ def udm_weights(
                                max_density_ratio=max_density_ratio)
 
 
-def prepare_udm(examples: list[dict], *, prompt_embeddings, seed: int = 0, udm: str = "off",
-                prompt_sample_size: int = 1024, min_density_ratio: float = 0.5,
-                max_density_ratio: float = 10.0) -> list[dict]:
+def prepare_udm(examples: Sequence[dict], *, prompt_embeddings, seed: int = 0,
+                udm: str = "off", prompt_sample_size: int = 1024,
+                min_density_ratio: float = 0.5,
+                max_density_ratio: float = 10.0) -> Sequence[dict]:
   """Host side, once before training: adds a `udm_weights` column when UDM is on.
 
   Args:
@@ -479,19 +481,26 @@ def prepare_udm(examples: list[dict], *, prompt_embeddings, seed: int = 0, udm: 
     min_density_ratio, max_density_ratio: clip bounds of p / (1 - p).
 
   Returns:
-    The examples, each with `udm_weights` [] float32 (1.0 when udm is "off").
+    The examples, each with `udm_weights` [] float32 (1.0 when udm is "off"): a
+    `tables.with_column` view, so a lazy source stays lazy.
   """
+  n = len(examples)
   if udm == "off":
-    return [{**ex, "udm_weights": np.float32(1.0)} for ex in examples]
-  if udm == "column":
-    if any("embedding" not in ex for ex in examples):
-      raise ValueError("loss.options.udm='column' needs an `embedding` field in every record")
-    emb = np.stack([np.asarray(ex["embedding"], np.float32) for ex in examples])
-  elif udm == "model":
-    emb = np.asarray(prompt_embeddings(), np.float32)
-  else:
+    return tables.with_column(examples, "udm_weights", np.ones(n, np.float32))
+  if udm not in ("model", "column"):
     raise ValueError(f"loss.options.udm must be 'off', 'model' or 'column', got {udm!r}")
-  labels = np.asarray([int(ex["label"]) for ex in examples])
+  # One pass over the examples (a lazy source tokenizes each row once); the result is
+  # a view adding the column, not a list of every example.
+  labels, columns = np.zeros(n, np.int64), []
+  for i, ex in enumerate(examples):
+    labels[i] = int(ex["label"])
+    if udm == "column":
+      if "embedding" not in ex:
+        raise ValueError("loss.options.udm='column' needs an `embedding` field in every "
+                         "record")
+      columns.append(np.asarray(ex["embedding"], np.float32))
+  emb = (np.stack(columns) if udm == "column"
+         else np.asarray(prompt_embeddings(), np.float32))
   rng = np.random.default_rng(seed)
   sample = []
   for cls in (1, 0):
@@ -504,4 +513,4 @@ def prepare_udm(examples: list[dict], *, prompt_embeddings, seed: int = 0, udm: 
   weights = np.asarray(udm_weights(params, jnp.asarray(emb),
                                    min_density_ratio=min_density_ratio,
                                    max_density_ratio=max_density_ratio), np.float32)
-  return [{**ex, "udm_weights": w} for ex, w in zip(examples, weights)]
+  return tables.with_column(examples, "udm_weights", weights)

@@ -14,7 +14,7 @@ eval/rewards/accuracies, ...), plus eval/examples.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import jax
 
@@ -30,32 +30,38 @@ _HOST_ONLY_KEYS = ("index", "valid")
 class HeldOut:
   """The eval set's batches and the jitted eval step; `evaluate(state)` -> eval/* metrics."""
 
-  def __init__(self, examples: list[dict], eval_fn: Callable, *, batch_size: int,
+  def __init__(self, examples: Sequence[dict], eval_fn: Callable, *, batch_size: int,
                batch_sharding, keep_blocks: bool = False):
     """`batch_size`: the global batch; `keep_blocks`: KTO's KL pairs stay in their block
-    (pipeline.make_dataset)."""
+    (pipeline.make_dataset). The batches are read anew at each evaluation (a lazy
+    source tokenizes them then), not kept: no list of every eval example."""
     self.eval_fn = eval_fn
     self.batch_sharding = batch_sharding
     process_batch = batch_size // jax.process_count()
-    dataset = pipeline.make_dataset(examples, seed=0, batch_size=process_batch, shuffle=False,
-                                    repeat=False, keep_blocks=keep_blocks)
-    self.host_batches = [{k: v for k, v in b.items() if k not in _HOST_ONLY_KEYS}
-                         for b in dataset]
-    self.num_examples = len(self.host_batches) * batch_size
-    if not self.host_batches:
+    self.dataset = pipeline.make_dataset(examples, seed=0, batch_size=process_batch,
+                                         shuffle=False, repeat=False, keep_blocks=keep_blocks)
+    # Whole global batches, each process its share (as make_dataset slices them).
+    self.num_batches = (len(examples) // process_batch) // jax.process_count()
+    self.num_examples = self.num_batches * batch_size
+    if not self.num_batches:
       raise ValueError(f"{len(examples)} examples make no batch of {batch_size}")
+
+  def host_batches(self) -> Iterator[dict]:
+    """This process's eval batches, in order, without the host-only columns."""
+    for b in self.dataset:
+      yield {k: v for k, v in b.items() if k not in _HOST_ONLY_KEYS}
 
   def evaluate(self, state) -> dict[str, float]:
     """Means of the eval step's metrics over the eval batches, as host floats.
 
     Sums stay on the devices; one transfer at the end.
     """
-    total = None
-    for host_batch in self.host_batches:
+    total, n = None, 0
+    for host_batch in self.host_batches():
+      n += 1
       metrics = self.eval_fn(state, sharding.host_to_global(host_batch, self.batch_sharding))
       total = metrics if total is None else jax.tree.map(lambda a, b: a + b, total, metrics)
     total = jax.device_get(total)
-    n = len(self.host_batches)
     out = {PREFIX + k: float(v) if k.startswith("num_tokens") else float(v) / n
            for k, v in total.items()}
     out[PREFIX + "examples"] = float(self.num_examples)

@@ -176,8 +176,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
       group_size=config.data.group_size, map_record=online.map_record if online else None,
       kl_chunk_size=config.data.batch_size // jax.process_count(),
-      lazy=config.data.get("lazy", True),
-      lazy_ok=not (config.data.packing or config.data.get("share_prompt", False)))
+      lazy=config.data.get("lazy", True))
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
   # The held-out set is in the loss's own format (for online methods too: fixed samples).
@@ -416,7 +415,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
 
 
 def _packer(config, examples, tokenizer, process_batch, mesh):
-  """data.packing: the run's batch -> packed batch function (jaxalign/data/packing.py).
+  """data.packing: the run's batch -> packed batch function (jaxalign/data/packing.py),
+  its buckets fitted to `packing.length_sample(examples)` (at most LENGTH_SAMPLE rows).
 
   One pack group per batch shard and micro-batch, so each group's rows sit on
   the device, and in the micro-batch, of its examples.
@@ -429,8 +429,11 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
         f"config.data.packing: {global_groups} pack groups (batch shards x grad_accum_steps) "
         f"do not split over {jax.process_count()} processes")
   pad = tokenizer.pad_token_id
+  # The buckets fit a seeded sample's lengths (the same on every process and restart):
+  # a lazy source tokenizes only the sampled rows.
+  lengths = packing.length_sample(examples, seed=config.seed)
   _, pack = packing.make_packer(
-      examples, process_batch=process_batch, num_groups=global_groups // jax.process_count(),
+      lengths, process_batch=process_batch, num_groups=global_groups // jax.process_count(),
       global_groups=global_groups,
       row_length=config.data.pack_length or config.data.max_length,
       num_buckets=config.data.pack_buckets, seed=config.seed,

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -100,7 +100,7 @@ class OnlineSource:
     return {"prompt": record.get("prompt"), "completion": record[head],
             **{k: record[k] for k in ("source_file", "row") if k in record}}
 
-  def bind(self, *, graphdef, tokenizer, workdir: str, examples: list[dict]):
+  def bind(self, *, graphdef, tokenizer, workdir: str, examples: Sequence[dict]):
     """The loop's expand function: (state, host_batch, step) -> (batch, host metrics)."""
     if self.method == "grao":
       return _GraoExpand(self, graphdef, tokenizer)
@@ -175,7 +175,7 @@ class _D2oExpand:
   """D²O's K self-samples per prompt: a table over the data set, (re)sampled on schedule."""
 
   def __init__(self, source: OnlineSource, graphdef, tokenizer, workdir: str,
-               examples: list[dict]):
+               examples: Sequence[dict]):
     self.src, self.graphdef, self.tokenizer = source, graphdef, tokenizer
     self.sp = rollout.sampling_params(source.sampling, n=source.samples_per_prompt,
                                       eos_id=tokenizer.eos_token_id)
@@ -198,8 +198,12 @@ class _D2oExpand:
     # Step 0 samples the reference (the initial policy); later steps the current one.
     params = state.ref_params if step == 0 and state.ref_params is not None else state.params
     key = rollout_key(state.rng, D2O_STREAM, step)
-    heads = {k: np.stack([ex[k][0] for ex in self.examples])
-             for k in ("tokens", "attention_mask", "loss_mask")}
+    # One pass over the examples (a lazy source tokenizes each row once).
+    heads = {k: [] for k in ("tokens", "attention_mask", "loss_mask")}
+    for ex in self.examples:
+      for k, rows in heads.items():
+        rows.append(np.asarray(ex[k])[0])
+    heads = {k: np.stack(rows) for k, rows in heads.items()}
     prompts, mask, _ = rollout.example_prompts(heads["tokens"], heads["attention_mask"],
                                                heads["loss_mask"], self.src.max_prompt_length)
     n, k, m = len(prompts), self.src.samples_per_prompt, self.sp.max_new_tokens

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, paths, sharding
-from jaxalign.data import pipeline
+from jaxalign.data import pipeline, prepared
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import optim, rundir
 from jaxalign.train.metrics import MetricWriter
@@ -106,12 +106,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   hf_dir = config_lib.hf_model_dir(config)
   tokenizer = reading.load_tokenizer(config.data.tokenizer or hf_dir)
   reading.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
-  load = functools.partial(reading.load_examples, fmt="pairwise", tokenizer=tokenizer,
+  # Read lazily like a policy run's data (prepared sets too), or as a list (data.lazy=False).
+  load = functools.partial(prepared.load_examples, fmt="pairwise", tokenizer=tokenizer,
                            split=config.data.split, max_length=config.data.max_length,
                            max_prompt_length=config.data.max_prompt_length,
-                           on_error=config.data.on_error)
+                           on_error=config.data.on_error, lazy=config.data.get("lazy", True))
   examples, skipped = load(config.data.train_path)
-  eval_examples = load(config.data.eval_path)[0] if config.data.eval_path else None
+  eval_examples = (load(config.data.eval_path, key="config.data.eval_path")[0]
+                   if config.data.eval_path else None)
   if skipped:
     log.warning("skipped %d malformed records of %s", skipped, config.data.train_path)
   paths.makedirs(workdir)

@@ -70,11 +70,12 @@ def test_eval_step_gives_the_train_steps_metrics_in_every_format(loss):
   held = heldout.HeldOut(examples, built.eval_fn, batch_size=8,
                          batch_sharding=built.batch_sharding,
                          keep_blocks=spec.data == "unpaired_kl")
-  assert len(held.host_batches) == 1
+  host_batches = list(held.host_batches())
+  assert len(host_batches) == held.num_batches == 1
   with jax.set_mesh(mesh):
     state = built.init_fn()   # eagerly: one compile fewer
     got = held.evaluate(state)
-    batch = sharding.host_to_global(held.host_batches[0], built.batch_sharding)
+    batch = sharding.host_to_global(host_batches[0], built.batch_sharding)
     _, train_metrics = jax.device_get(built.step_fn(state, batch))
   assert got["eval/examples"] == 8
   assert "eval/loss" in got and "eval/grad_norm" not in got
