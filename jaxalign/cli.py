@@ -100,12 +100,12 @@ def _train(argv: list[str]) -> int:
   from jaxalign.data.formats import DataError
   from jaxalign.workflows import run
 
-  try:
-    config_lib.validate(config, jax.device_count())
+  try:   # validated once, into the frozen spec every layer below takes
+    spec = config_lib.resolve(config, jax.device_count())
   except config_lib.ConfigError as e:
     return _die("train", str(e))
   try:
-    result = run.train(config, fv.workdir, progress=fv.progress,
+    result = run.train(spec, fv.workdir, progress=fv.progress,
                        stop_after=fv.stop_after_steps)
   except config_lib.ConfigError as e:  # includes errors.ResumeMismatchError
     return _die("train", str(e))

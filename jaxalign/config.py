@@ -1,11 +1,16 @@
-"""Config defaults shared by every recipe, and validation before compiling.
+"""Config defaults shared by every recipe, validation before compiling, and the run spec.
 
 Recipes in `configs/` start from `defaults()` and change what they need. The
 CLI locks the config, applies `--config.a.b=value` overrides (unknown keys
-fail there) and calls `validate()`, which raises `ConfigError` naming the
-offending key. Code below the CLI receives plain values, never the ConfigDict.
+fail there) and calls `resolve()` once: it runs `validate()`, which raises
+`ConfigError` naming the offending key, and returns a frozen `RunSpec` (the
+config made immutable, its ModelConfig, HF directory, mesh shape, loss, run
+mode, reference and LoRA settings). Everything below takes the spec, so no
+layer validates again or re-reads model.hf_path. Run modes are declared in one
+table, `RUN_MODES`; jaxalign.workflows.run.train dispatches on `RunSpec.mode`.
 """
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -218,10 +223,12 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
   return c
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+def validate(c: ml_collections.ConfigDict, num_devices: int):
   """Raises ConfigError, naming the key, for any value that cannot work.
 
-  Runs before anything is built or compiled.
+  Runs before anything is built or compiled. Returns (the ModelConfig, the local
+  model.hf_path directory or "") it checked the config against, which `resolve`
+  keeps so they are never derived again.
   """
 
   # mesh.axes had one legal value and is gone; configs saved by earlier versions
@@ -293,7 +300,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("model.preset",
           f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
   try:
-    model_cfg = model_config(c)
+    hf_dir = hf_model_dir(c)
+    model_cfg = model_config(c, hf_dir=hf_dir)
   except HfConfigError as e:
     _fail("model.hf_path", str(e))
   except (TypeError, ValueError) as e:
@@ -376,6 +384,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if getattr(model_cfg, field) % size:
       _fail("mesh.shape", f"model.{field}={getattr(model_cfg, field)} is not divisible by "
             f"{size} devices on mesh axes {axes} (rule {logical!r})")
+  return model_cfg, hf_dir
 
 
 def _validate_eval(c: ml_collections.ConfigDict, spec) -> None:
@@ -538,8 +547,13 @@ def _validate_sampling(c: ml_collections.ConfigDict, spec) -> None:
     _validate_reward(c, "iterative rounds")
 
 
-def hf_model_dir(c: ml_collections.ConfigDict) -> str:
-  """The local directory of `c.model.hf_path` ("" when unset); hub names are fetched once."""
+def hf_model_dir(c) -> str:
+  """The local directory of `c.model.hf_path` ("" when unset); hub names are fetched once.
+
+  `c`: a config, or a RunSpec (its directory as resolved, nothing read again).
+  """
+  if isinstance(c, RunSpec):
+    return c.hf_dir
   path = c.model.get("hf_path", "")
   if not path:
     return ""
@@ -550,11 +564,16 @@ def hf_model_dir(c: ml_collections.ConfigDict) -> str:
                         ) from None
 
 
-def model_config(c: ml_collections.ConfigDict):
+def model_config(c, *, hf_dir: str | None = None):
   """The ModelConfig named by `c.model`: the preset, or the config.json of
-  `hf_path` when set, plus field overrides."""
+  `hf_path` when set, plus field overrides.
 
-  hf_dir = hf_model_dir(c)
+  `c`: a config (computed now; `hf_dir`: its hf_model_dir when already known),
+  or a RunSpec (its ModelConfig as resolved, nothing read again).
+  """
+  if isinstance(c, RunSpec):
+    return c.model_cfg
+  hf_dir = hf_model_dir(c) if hf_dir is None else hf_dir
   if hf_dir:
     try:
       base = hf.config_from_hf(hf.read_config(hf_dir)).to_dict()
@@ -571,10 +590,25 @@ def model_config(c: ml_collections.ConfigDict):
   return transformer.ModelConfig.from_dict({**base, **chosen, **over})
 
 
-def run_mode(config: ml_collections.ConfigDict) -> str:
-  """Which trainer a recipe needs: "iterative" (iterative.rounds > 0), "continual"
-  (data.domains), "reward_model" (a loss whose trainer is the reward model's) or
-  "run" (one policy run). jaxalign.workflows.run.train dispatches on it."""
+# Every run mode, declared here once: what in a recipe selects it (the first that
+# applies wins) and the trainer that runs it. jaxalign.workflows.run.train
+# dispatches on the name; two flags refine a mode rather than being one:
+# online (a "run" that samples inside, online.enabled: grao, d2o) and cofs
+# (a "continual" whose stages are combined by COFS-DPO, cofs.enabled).
+RUN_MODES = {
+    "iterative": "iterative.rounds > 0: rounds of sample, score, train (workflows/iterative.py)",
+    "continual": "data.domains: one LoRA stage per domain (workflows/continual.py)",
+    "reward_model": "a loss whose trainer is 'reward_model' (train/reward.py)",
+    "run": "one policy run (train/loop.py)",
+}
+
+
+def run_mode(config) -> str:
+  """Which trainer a recipe needs, a key of RUN_MODES: "iterative" (iterative.rounds > 0),
+  "continual" (data.domains), "reward_model" (a loss whose trainer is the reward
+  model's) or "run" (one policy run). jaxalign.workflows.run.train dispatches on it."""
+  if isinstance(config, RunSpec):
+    return config.mode
   if config.get("iterative", {}).get("rounds", 0) > 0:
     return "iterative"
   if config.data.get("domains"):
@@ -582,3 +616,73 @@ def run_mode(config: ml_collections.ConfigDict) -> str:
   if losses.get(config.loss.name).trainer == "reward_model":
     return "reward_model"
   return "run"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunSpec:
+  """A validated recipe, resolved once (`resolve`): what every layer below the CLI takes.
+
+  Attributes:
+    config: the recipe, immutable (FrozenConfigDict): code below cannot change it.
+    num_devices: the device count it was validated for.
+    model_cfg: its transformer.ModelConfig (preset or model.hf_path's config.json,
+      plus overrides).
+    hf_dir: the local directory of model.hf_path ("" when unset).
+    mesh_shape: config.mesh.shape with -1 filled in for num_devices.
+    rules: the logical-axis sharding rules, as tuples.
+    loss: the LossSpec config.loss.name names (jaxalign.losses.get).
+    mode: a key of RUN_MODES.
+    online: a single run sampling its groups inside (online.enabled).
+    cofs: continual stages combined by COFS-DPO (cofs.enabled).
+    frozen_ref: the reference is computed in the step (reference.mode "frozen").
+    precompute_ref: the reference is a precomputed column ("precompute").
+    lora_cfg: the LoRA settings (rank 0: off).
+  """
+  config: ml_collections.FrozenConfigDict
+  num_devices: int
+  model_cfg: Any
+  hf_dir: str
+  mesh_shape: tuple[int, ...]
+  rules: tuple
+  loss: Any
+  mode: str
+  online: bool
+  cofs: bool
+  frozen_ref: bool
+  precompute_ref: bool
+  lora_cfg: Any
+
+
+def resolve(config, num_devices: int) -> RunSpec:
+  """Validates `config` for `num_devices` devices once and returns its RunSpec.
+
+  A RunSpec passes through unchanged (it was resolved for that device count), so
+  entry points may take either and a call path validates once.
+
+  Raises:
+    ConfigError: as `validate`, naming the key.
+    ValueError: a RunSpec resolved for another device count.
+  """
+  if isinstance(config, RunSpec):
+    if config.num_devices != num_devices:
+      raise ValueError(f"the RunSpec was resolved for {config.num_devices} devices, not "
+                       f"{num_devices}: resolve the config for these devices")
+    return config
+  model_cfg, hf_dir = validate(config, num_devices)
+  mode = run_mode(config)
+  frozen = ml_collections.FrozenConfigDict(config)
+  loss = losses.get(frozen.loss.name)
+  return RunSpec(
+      config=frozen, num_devices=num_devices, model_cfg=model_cfg, hf_dir=hf_dir,
+      mesh_shape=tuple(resolve_mesh_shape(frozen.mesh.shape, num_devices)),
+      rules=tuple(tuple(r) for r in frozen.sharding_rules), loss=loss, mode=mode,
+      online=mode == "run" and bool(frozen.online.enabled),
+      cofs=mode == "continual" and bool(frozen.cofs.enabled),
+      frozen_ref=loss.needs_ref and frozen.reference.mode == "frozen",
+      precompute_ref=loss.needs_ref and frozen.reference.mode == "precompute",
+      lora_cfg=lora.config_from(frozen.get("lora")))
+
+
+def config_of(config_or_spec):
+  """The config of a RunSpec (frozen), or the config itself."""
+  return config_or_spec.config if isinstance(config_or_spec, RunSpec) else config_or_spec

@@ -220,9 +220,9 @@ def build_for(config: ml_collections.ConfigDict, devs) -> tuple[build_lib.Built,
   Raises:
     ConfigError: the config cannot run on that many devices.
   """
-  config_lib.validate(config, len(devs))
-  built = build_lib.build(config, _make_mesh(config, devs))
-  return built, abstract_batch(config, built.batch_sharding)
+  spec = config_lib.resolve(config, len(devs))
+  built = build_lib.build(spec, _make_mesh(spec.config, devs))
+  return built, abstract_batch(spec.config, built.batch_sharding)
 
 
 def lower_step(config: ml_collections.ConfigDict, *, topology: str | None = None,

@@ -1,11 +1,11 @@
 """The one place a run's train state, optimizer and jitted steps are assembled.
 
-`build(config, mesh)` turns a validated config into everything the device side
-of a run needs, with nothing allocated yet: the model graph, the abstract state
-and its shardings, the optimizer (one per LoRA module for OFS-DPO), the jitted
-train step and the jitted held-out eval step. `jaxalign train`
-(train/loop.py) and `jaxalign plan` (plan.py) both call it, so what is planned
-is what runs: a LoRA recipe plans the adapters' step, an OFS-DPO recipe the
+`build(spec, mesh)` turns a resolved config (config.resolve's RunSpec) into
+everything the device side of a run needs, with nothing allocated yet: the model
+graph, the abstract state and its shardings, the optimizer (one per LoRA module
+for OFS-DPO), the jitted train step and the jitted held-out eval step.
+`jaxalign train` (train/loop.py) and `jaxalign plan` (plan.py) both call it, so
+what is planned is what runs: a LoRA recipe plans the adapters' step, an OFS-DPO recipe the
 two modules and their optimizers.
 """
 
@@ -107,18 +107,20 @@ def initial_state(init_fn, tx, shardings, params=None, *, keep_reference: bool):
   return jax.jit(from_params, out_shardings=shardings)(params)
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+def build(config: config_lib.RunSpec | ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
           model_cfg=None) -> Built:
   """State, optimizer and jitted steps of the run `config` describes, on `mesh`.
 
   Args:
-    config: a validated recipe (config.validate for the mesh's device count).
+    config: a RunSpec (config.resolve for the mesh's device count: its ModelConfig
+      is used as resolved), or a validated recipe.
     mesh: the run's mesh (sharding.make_mesh, or plan's multi-slice mesh).
-    model_cfg: the config's ModelConfig when the caller already has it
+    model_cfg: a plain config's ModelConfig when the caller already has it
       (config.model_config reads model.hf_path's config.json otherwise).
   """
-  rules = tuple(tuple(r) for r in config.sharding_rules)
   model_cfg = config_lib.model_config(config) if model_cfg is None else model_cfg
+  config = config_lib.config_of(config)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
   spec = losses.get(config.loss.name)
   lora_cfg = lora.config_from(config.get("lora"))
   modules = spec.modules

@@ -18,7 +18,6 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import fingerprint, guards, runlock
 from jaxalign import flops as flops_lib
-from jaxalign import losses
 from jaxalign import paths
 from jaxalign import sharding
 from jaxalign.data import formats, packing, pipeline, prepared, reading, tables
@@ -117,52 +116,54 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
   return table
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          devices=None, stop_after: int | None = None) -> RunResult:
+def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
+          progress: bool = True, devices=None, stop_after: int | None = None) -> RunResult:
   """One policy run of `config` in `workdir`, resuming from its latest checkpoint if any.
 
   Other run modes (iterative rounds, data.domains stages, reward models) are
   dispatched by jaxalign.workflows.run.train, which calls this for each run.
 
   Args:
-    config: a validated recipe (see jaxalign.config.defaults()).
+    config: a RunSpec (jaxalign.config.resolve), or a recipe (see
+      jaxalign.config.defaults()), resolved here once.
     workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, tokenizer/.
     progress: show a progress bar (process 0 only).
     devices: devices for the mesh (default all).
     stop_after: leave after this many steps of this invocation, with a checkpoint
       (for time-sliced schedulers); the run continues on the next call.
   """
-  mode = config_lib.run_mode(config)
+  mode = config_lib.run_mode(config)   # before validating: a clear error for another mode
   if mode != "run":
     raise ValueError(f"loop.train runs one policy run; a {mode} recipe trains through "
                      "jaxalign.workflows.run.train")
+  devices = jax.devices() if devices is None else list(devices)
+  run_spec = config_lib.resolve(config, len(devices))
   # SIGTERM is caught from here on: one arriving while data loads or the step
   # compiles stops the run at the first step boundary, with a checkpoint.
   with _Preemption() as preempt, runlock.RunLock() as lock:
-    return _train(config, workdir, progress=progress, devices=devices,
+    return _train(run_spec, workdir, progress=progress, devices=devices,
                   stop_after=stop_after, preempt=preempt, lock=lock)
 
 
-def _train(config, workdir, *, progress, devices, stop_after, preempt,
+def _train(run_spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, preempt,
            lock=None) -> RunResult:
-  devices = jax.devices() if devices is None else list(devices)
-  config_lib.validate(config, len(devices))
+  config = run_spec.config   # frozen: nothing below changes the recipe
   workdir = paths.resolve(workdir)   # a local directory or a gs:// URL
   is_main = jax.process_index() == 0
   if config.init_from and not paths.isdir(config.init_from):
     raise config_lib.ConfigError(f"config.init_from: {config.init_from} is not a directory")
 
-  # Mesh and the pieces fixed by the config.
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model_cfg = config_lib.model_config(config)
-  hf_dir = config_lib.hf_model_dir(config)
-  spec = losses.get(config.loss.name)
-  frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
-  precompute_ref = spec.needs_ref and config.reference.mode == "precompute"
+  # Mesh and the pieces fixed by the config, as resolved once (config.resolve).
+  mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
+  rules = run_spec.rules
+  model_cfg = run_spec.model_cfg
+  hf_dir = run_spec.hf_dir
+  spec = run_spec.loss
+  frozen_ref = run_spec.frozen_ref
+  precompute_ref = run_spec.precompute_ref
   # Online methods sample their groups inside the run (jaxalign.train.online).
-  online = online_lib.source_for(config)
-  lora_cfg = lora.config_from(config.get("lora"))
+  online = online_lib.source_for(run_spec)
+  lora_cfg = run_spec.lora_cfg
   modules = spec.modules
 
   # Data: read, validate and tokenize everything before any compile, and before
@@ -200,7 +201,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
 
   # State, optimizer and jitted steps: abstract first (train/build.py, as `plan` builds
   # them), then the real state, already sharded.
-  built = build_lib.build(config, mesh, model_cfg=model_cfg)
+  built = build_lib.build(run_spec, mesh)
   tx, graphdef, init_fn = built.tx, built.graphdef, built.init_fn
   abstract_state, state_shardings = built.abstract_state, built.state_shardings
   # LoRA checkpoints hold the adapters, their optimizer state, step, RNG and loss
@@ -212,7 +213,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   checkpointer.check_writable()
   fallback = bool(config.checkpoint.get("fallback", False))
-  resume_step = resume.resume_step(checkpointer, config, saved_part(abstract_state),
+  resume_step = resume.resume_step(checkpointer, run_spec, saved_part(abstract_state),
                                    fallback=fallback)
   ref_table = None
   if precompute_ref:   # None: compute it from the initial policy (below)
@@ -241,7 +242,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
     # With LoRA those are the frozen base, and the adapters start fresh.
     if lora_cfg.enabled:
       state = jax.jit(init_fn, out_shardings=state_shardings)()
-      state = _lora_init(state, config, abstract_state, tx, state_shardings, modules,
+      state = _lora_init(state, run_spec, abstract_state, tx, state_shardings, modules,
                          fresh=fresh_init)
     else:
       params = None
@@ -311,7 +312,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
   if resume_step is not None:   # on changed data the iterator starts over
     restored, resume_step = resume.restore(checkpointer, resume_step,
                                            saved_part(abstract_state),
-                                           None if data_changed else data_iter, config,
+                                           None if data_changed else data_iter, run_spec,
                                            fallback=fallback)
     state = restored.replace(frozen=state.frozen) if lora_cfg.enabled else restored
     log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
@@ -442,10 +443,11 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
   return pack
 
 
-def _lora_init(state, config, abstract_state, tx, state_shardings, modules, *, fresh: bool):
+def _lora_init(state, run_spec, abstract_state, tx, state_shardings, modules, *, fresh: bool):
   """A LoRA state's base from the config's source; on a fresh run, adapters from
   lora.init_adapters (every module starts from the same stored adapter)."""
-  state = state.replace(frozen=rundir.lora_base(config, abstract_state.frozen, state.frozen))
+  config = run_spec.config
+  state = state.replace(frozen=rundir.lora_base(run_spec, abstract_state.frozen, state.frozen))
   if fresh and config.lora.init_adapters:
     one = abstract_state.params[modules[0]] if modules else abstract_state.params
     adapters = lora.load_adapters(config.lora.init_adapters, one)

@@ -40,6 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxalign import config as config_lib
 from jaxalign import losses, rewards
 from jaxalign.train import rollout
 
@@ -261,7 +262,9 @@ class _D2oExpand:
     return _group_batch(head, seqs), host_metrics
 
 
-def source_for(config: ml_collections.ConfigDict) -> Any:
-  """The loop's OnlineSource for `config`, or None for offline training."""
+def source_for(config) -> Any:
+  """The loop's OnlineSource for `config` (a RunSpec: its online flag), or None offline."""
+  if isinstance(config, config_lib.RunSpec):
+    return OnlineSource.from_config(config.config) if config.online else None
   online = config.get("online")
   return OnlineSource.from_config(config) if online and online.get("enabled") else None

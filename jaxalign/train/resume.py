@@ -41,9 +41,13 @@ def _flat(d, prefix: str) -> dict[str, Any]:
   return out
 
 
-def _structure(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Config facts that fix the train state's shapes: model fields, data format, reference."""
+def _structure(c) -> dict[str, Any]:
+  """Config facts that fix the train state's shapes: model fields, data format, reference.
+
+  `c`: a config, or a RunSpec (its ModelConfig as resolved).
+  """
   model = config_lib.model_config(c).to_dict()
+  c = config_lib.config_of(c)
   out = {f"model.{k}": (tuple(v) if isinstance(v, list) else v)
          for k, v in model.items() if k not in FREE_MODEL_FIELDS}
   out["data format"] = losses.get(c.loss.name).data
@@ -60,9 +64,10 @@ def _structure(c: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
-def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict, *,
-                        where: str) -> None:
+def check_resume_config(saved: dict[str, Any], config, *, where: str) -> None:
   """Refuses to resume when the objective or the state's shapes changed since `saved`.
+
+  `config`: the run's RunSpec (config.resolve) or config.
 
   Raises:
     ResumeMismatchError: one line naming each differing key as `key old -> new`.
@@ -78,6 +83,7 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
     # Saved before the layers were scanned: its parameters have the unrolled layout.
     old_structure["model.scan_layers"] = False
   new_structure = _structure(config)
+  config = config_lib.config_of(config)
   shape_diffs = [f"{k} {old_structure.get(k)!r} -> {new_structure.get(k)!r}"
                  for k in sorted(set(old_structure) | set(new_structure))
                  if old_structure.get(k) != new_structure.get(k)]

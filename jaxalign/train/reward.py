@@ -87,11 +87,13 @@ def pair_accuracy(model: reward_model.RewardModel, examples, *, batch_size: int)
   return wins / max(total, 1)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          devices=None):
-  """Trains a reward model per `config` in `workdir`; returns rundir.RunResult."""
+def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
+          progress: bool = True, devices=None):
+  """Trains a reward model per `config` (a RunSpec, or a recipe resolved here once) in
+  `workdir`; returns rundir.RunResult."""
   devices = jax.devices() if devices is None else list(devices)
-  config_lib.validate(config, len(devices))
+  run_spec = config_lib.resolve(config, len(devices))
+  config = run_spec.config
   if config.get("lora", {}).get("rank", 0):
     raise config_lib.ConfigError("config.lora.rank: reward-model training trains the whole "
                                  "model; set lora.rank=0")
@@ -99,11 +101,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     raise config_lib.ConfigError("config.optim.grad_accum_steps: reward-model training "
                                  "uses 1")
   workdir = paths.resolve(workdir)
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model_cfg = config_lib.model_config(config)
-  spec = losses.get(config.loss.name)
-  hf_dir = config_lib.hf_model_dir(config)
+  mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
+  rules = run_spec.rules
+  model_cfg = run_spec.model_cfg
+  spec = run_spec.loss
+  hf_dir = run_spec.hf_dir
   tokenizer = reading.load_tokenizer(config.data.tokenizer or hf_dir)
   reading.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
   # Read lazily like a policy run's data (prepared sets too), or as a list (data.lazy=False).

@@ -45,24 +45,31 @@ def checkpoint_dir(path: str) -> str:
 
 def lora_base(config, abstract_frozen, frozen):
   """The frozen base of a LoRA run: init_from's parameters, else the HF checkpoint
-  of model.hf_path, else the seed init `frozen`."""
-  if config.init_from:
-    return ckpt.restore_params(checkpoint_dir(config.init_from), abstract_frozen)
+  of model.hf_path, else the seed init `frozen`.
+
+  `config`: a RunSpec (its HF directory and ModelConfig as resolved) or a config.
+  """
+  if config_lib.config_of(config).init_from:
+    return ckpt.restore_params(checkpoint_dir(config_lib.config_of(config).init_from),
+                               abstract_frozen)
   hf_dir = config_lib.hf_model_dir(config)
   if hf_dir:
-    return hf.load_state(hf_dir, config_lib.model_config(config), abstract_frozen)
+    return hf.load_state(hf_dir, config_lib.model_config(config, hf_dir=hf_dir), abstract_frozen)
   return frozen
 
 
-def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None):
+def load_run_params(workdir: str, config, mesh=None, *, model_cfg=None):
   """(graphdef, params, frozen) of the latest checkpoint of a finished run.
 
+  `config`: the run's RunSpec (its ModelConfig as resolved) or config
+  (`model_cfg`: its ModelConfig when the caller already has it).
   A LoRA run's model comes back merged: the base graph and base + adapter
   weights (OFS-DPO: the fast module, the one deployed), with nothing frozen.
   """
+  model_cfg = config_lib.model_config(config) if model_cfg is None else model_cfg
+  spec_or_config, config = config, config_lib.config_of(config)
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  model_cfg = config_lib.model_config(config)
   tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
   lora_cfg = lora.config_from(config.get("lora"))
   modules = losses.get(config.loss.name).modules if lora_cfg.enabled else ()
@@ -75,7 +82,7 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None):
     frozen = jax.jit(lambda: init_fn().frozen,
                      out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))()
     if lora_cfg.enabled:
-      base = lora_base(config, abstract_state.frozen, frozen)
+      base = lora_base(spec_or_config, abstract_state.frozen, frozen)
       adapters = params[modules[0]] if modules else params
       merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(base, adapters)
       return base_graphdef, merged, nnx.State({})
@@ -107,7 +114,7 @@ def export_checkpoint(run_dir: str, out_dir: str, *, architecture: str | None = 
     hf_path = config.model.get("hf_path", "") if "model" in config else ""
     if hf_path and os.path.exists(os.path.join(hf_path, "config.json")):
       architecture = hf.architecture_of(hf.read_config(hf_path))
-  _, params, _ = load_run_params(run_dir, config, mesh=mesh)
+  _, params, _ = load_run_params(run_dir, config, mesh=mesh, model_cfg=model_cfg)
   tok_dir = os.path.join(run_dir, "tokenizer")
   tokenizer = hf.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
   return hf.export(params, model_cfg, out_dir, architecture=architecture, tokenizer=tokenizer,

@@ -110,6 +110,9 @@ class PreferenceScorer:
   log pi(chosen) > log pi(rejected). Compiled once per config."""
 
   def __init__(self, config, mesh, tokenizer, paths):
+    """`config`: a RunSpec (its ModelConfig as resolved) or a config."""
+    graphdef = lora.base_graphdef(config_lib.model_config(config))
+    config = config_lib.config_of(config)
     d = config.data
     self.mesh = mesh
     self.batch_size = d.batch_size
@@ -118,7 +121,6 @@ class PreferenceScorer:
                                max_prompt_length=d.max_prompt_length, on_error=d.on_error,
                                key="config.data.domain_eval_paths", lazy=d.get("lazy", True))[0]
         for p in paths]
-    graphdef = lora.base_graphdef(config_lib.model_config(config))
     self._logps = jax.jit(functools.partial(step_lib.batch_logps_only, graphdef,
                                             chunk_size=config.logprob_chunk_size))
 
@@ -149,27 +151,32 @@ def search_weights(score, num: int, grid: int) -> tuple[tuple[float, ...], list[
   return tuple(best["weights"]), table
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          devices=None) -> rundir.RunResult:
-  """Trains every domain of config.data.domains in turn (resuming what exists)."""
+def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
+          progress: bool = True, devices=None) -> rundir.RunResult:
+  """Trains every domain of config.data.domains in turn (resuming what exists).
+
+  `config`: a RunSpec or a recipe, resolved here once; each stage's own config
+  (stage_config) is resolved once and its spec passed down.
+  """
   devices = jax.devices() if devices is None else list(devices)
-  config_lib.validate(config, len(devices))
+  run_spec = config_lib.resolve(config, len(devices))
+  config = run_spec.config
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
   domains = tuple(config.data.domains)
   record, result = [], None
   for t in range(len(domains)):
-    cfg = stage_config(config, t, workdir)
-    result = loop.train(cfg, stage_dir(workdir, t), progress=progress, devices=devices)
-    if result.final_step < cfg.total_steps:   # stopped by SIGTERM: continue on rerun
+    stage = config_lib.resolve(stage_config(config, t, workdir), len(devices))
+    result = loop.train(stage, stage_dir(workdir, t), progress=progress, devices=devices)
+    if result.final_step < stage.config.total_steps:   # stopped by SIGTERM: continue on rerun
       return result
     if not os.path.isdir(module_dir(workdir, t)):
       if jax.process_index() == 0:
-        lora.save_adapters(module_dir(workdir, t), fast_module(stage_dir(workdir, t), cfg,
+        lora.save_adapters(module_dir(workdir, t), fast_module(stage_dir(workdir, t), stage,
                                                                mesh))
-    if config.cofs.enabled:
-      record.append(cofs_weights(config, workdir, t, mesh))
+    if run_spec.cofs:
+      record.append(cofs_weights(run_spec, workdir, t, mesh))
       if jax.process_index() == 0:
         ckpt.write_json(os.path.join(workdir, "cofs.json"), record)
   return result
@@ -184,15 +191,18 @@ def load_modules(config, workdir: str, upto: int, mesh) -> list:
 
 def cofs_weights(config, workdir: str, t: int, mesh, scorer: PreferenceScorer | None = None
                  ) -> dict:
-  """COFS weights after stage t: given, or searched on the seen domains' held-out sets."""
+  """COFS weights after stage t: given, or searched on the seen domains' held-out sets.
+
+  `config`: the continual run's RunSpec or config."""
+  spec_or_config, config = config, config_lib.config_of(config)
   weights = tuple(config.cofs.weights)
   if weights:
     return {"stage": t, "weights": list(weights[:t + 1]), "searched": False}
   if scorer is None:
     tokenizer = reading.load_tokenizer(config.data.tokenizer)
-    scorer = PreferenceScorer(config, mesh, tokenizer, config.data.domain_eval_paths)
-  base = base_params(config, mesh)
-  mods = load_modules(config, workdir, t, mesh)
+    scorer = PreferenceScorer(spec_or_config, mesh, tokenizer, config.data.domain_eval_paths)
+  base = base_params(spec_or_config, mesh)
+  mods = load_modules(spec_or_config, workdir, t, mesh)
   scale = lora.config_from(config.lora).scale
 
   def score(w):

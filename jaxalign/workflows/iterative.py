@@ -119,14 +119,17 @@ def best_vs_worst(prompts: list, references: list, completions: list[list[str]],
   return out
 
 
-def build_round_pairs(config: ml_collections.ConfigDict, workdir: str, r: int, records,
-                      tokenizer, mesh) -> dict:
-  """Samples from the round's starting policy, scores, writes pairs.jsonl; returns stats."""
+def build_round_pairs(config, workdir: str, r: int, records, tokenizer, mesh) -> dict:
+  """Samples from the round's starting policy, scores, writes pairs.jsonl; returns stats.
+
+  `config`: the iterative run's RunSpec (its ModelConfig as resolved) or config.
+  """
+  spec_or_config, config = config, config_lib.config_of(config)
   c = round_config(config, workdir, r)
   if not c.init_from:
     raise config_lib.ConfigError("config.init_from: iterative rounds sample from a trained "
                                  "policy; give its run directory (e.g. the SFT run)")
-  graphdef, params, frozen = rundir.load_run_params(c.init_from, config, mesh=mesh)
+  graphdef, params, frozen = rundir.load_run_params(c.init_from, spec_or_config, mesh=mesh)
   it = config.iterative
   rng = np.random.default_rng([config.seed, r])
   order = rng.permutation(len(records))
@@ -165,12 +168,18 @@ def build_round_pairs(config: ml_collections.ConfigDict, workdir: str, r: int, r
   return stats
 
 
-def train_rounds(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-                 devices=None, stop_after: int | None = None) -> rundir.RunResult:
-  """Runs (or resumes) every round; returns the last round's RunResult."""
+def train_rounds(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
+                 progress: bool = True, devices=None,
+                 stop_after: int | None = None) -> rundir.RunResult:
+  """Runs (or resumes) every round; returns the last round's RunResult.
+
+  `config`: a RunSpec or a recipe, resolved here once; each round's own config
+  (round_config) is resolved once and its spec passed down.
+  """
   devices = jax.devices() if devices is None else list(devices)
-  config_lib.validate(config, len(devices))
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  run_spec = config_lib.resolve(config, len(devices))
+  config = run_spec.config
+  mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
   tokenizer = reading.load_tokenizer(config.data.tokenizer)
   records = read_prompts(config)
   steps = config.iterative.steps_per_round
@@ -182,11 +191,12 @@ def train_rounds(config: ml_collections.ConfigDict, workdir: str, *, progress: b
     if done >= steps:
       continue
     if not os.path.exists(os.path.join(rdir, "pairs.jsonl")):
-      stats = build_round_pairs(config, workdir, r, records, tokenizer, mesh)
+      stats = build_round_pairs(run_spec, workdir, r, records, tokenizer, mesh)
       log.info("round %d: %d pairs from %d prompts, mean reward %.3f", r, stats["pairs"],
                stats["prompts"], stats["reward/mean"])
-    result = loop.train(round_config(config, workdir, r), rdir, progress=progress,
-                        devices=devices, stop_after=budget)
+    round_spec = config_lib.resolve(round_config(config, workdir, r), len(devices))
+    result = loop.train(round_spec, rdir, progress=progress, devices=devices,
+                        stop_after=budget)
     if budget is not None:
       budget -= result.final_step - done
     if result.stopped_by_signal or result.final_step < steps or budget == 0:
