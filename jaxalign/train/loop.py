@@ -232,7 +232,7 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
       ref_table is None or (eval_examples is not None and eval_table is None)))
   process_batch = config.data.batch_size // jax.process_count()
   pack = _packer(config, examples, tokenizer, process_batch, mesh) if config.data.packing else None
-  if config.data.get("share_prompt", False):   # the prompt once per example
+  if config.data.get("share_prompt", False) and not config.data.packing:   # the prompt once
     pack = packing.make_sharer(prompt_length=config.data.max_prompt_length,
                                max_length=config.data.max_length)
 
@@ -416,7 +416,8 @@ def _train(config, workdir, *, progress, devices, stop_after, preempt,
 
 
 def _packer(config, examples, tokenizer, process_batch, mesh):
-  """data.packing: the run's batch -> packed batch function (jaxalign/data/packing.py).
+  """data.packing: the run's batch -> packed batch function (jaxalign/data/packing.py);
+  with data.share_prompt, rows of units of one prompt and its responses.
 
   One pack group per batch shard and micro-batch, so each group's rows sit on
   the device, and in the micro-batch, of its examples.
@@ -435,7 +436,8 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
       row_length=config.data.pack_length or config.data.max_length,
       num_buckets=config.data.pack_buckets, seed=config.seed,
       pad_id=(tokenizer.eos_token_id or 0) if pad is None else pad,
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      share_prompt=bool(config.data.get("share_prompt", False)))
   return pack
 
 
