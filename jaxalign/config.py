@@ -90,7 +90,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.pack_length = 0
   c.data.pack_buckets = 3
   # Shared prompt: each example's prompt runs once into a KV cache and all of its
-  # responses attend to it (pairs and groups; not combined with packing yet).
+  # responses attend to it (pairs and groups). With packing: rows of units, each an
+  # example's prompt once then its responses (XLA or cuDNN attention; splash falls
+  # back to xla for that mask, one logged line).
   c.data.share_prompt = False
   # Continual (COFS-DPO style) training: training sources in order, one stage of
   # total_steps each; () trains once on train_path. domain_eval_paths: held-out
@@ -338,8 +340,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
   if not isinstance(d.get("share_prompt", False), bool):
     _fail("data.share_prompt", f"must be True or False, got {d.share_prompt!r}")
   if d.get("share_prompt", False):
-    if d.get("packing", False):
-      _fail("data.share_prompt", "is not combined with data.packing yet; set one of them")
     if spec.data in ("sft", "unpaired") or spec.trainer == "reward_model":
       _fail("data.share_prompt", f"{c.loss.name!r} has one sequence per example: "
             "nothing to share")

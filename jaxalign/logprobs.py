@@ -313,6 +313,10 @@ def packed_sequence_logps(
     slot: jax.Array,
     num_slots: int,
     *,
+    part_ids: jax.Array | None = None,
+    first_index: jax.Array | None = None,
+    first_token: jax.Array | None = None,
+    first_loss: jax.Array | None = None,
     chunk_size: int = 8192,
     batch_axes: BatchAxes = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -330,6 +334,14 @@ def packed_sequence_logps(
     slot: [G, R, L] int in [0, num_slots]: the sequence of the group a token
       belongs to; num_slots on padding.
     num_slots: sequences per group (B_g * S).
+    part_ids: [G, R, L] int, packed shared prompts (data.packing with
+      data.share_prompt): 0 on a unit's prompt, s + 1 on its response s, which
+      attends to the prompt and itself. Then a response's first token is not
+      scored in the rows (the token before it may be another response's): it
+      is scored from the prompt's last hidden state, gathered per slot:
+    first_index: [G, num_slots] int r * L + t of the prompt's last token;
+    first_token: [G, num_slots] int the slot's first response token;
+    first_loss: [G, num_slots] int 1 where that token is scored.
     chunk_size: vocabulary chunk, see token_logps.
     batch_axes: mesh axes G is split over, see token_logps.
 
@@ -339,7 +351,8 @@ def packed_sequence_logps(
   G, R, L = tokens.shape
   flat = lambda x: x.reshape(G * R, L)  # noqa: E731  one forward over all rows
   hidden = model(flat(tokens), flat(attention_mask), positions=flat(positions),
-                 segment_ids=flat(segment_ids))                         # [G*R, L, D]
+                 segment_ids=flat(segment_ids),
+                 part_ids=None if part_ids is None else flat(part_ids))  # [G*R, L, D]
   # Token t of a row is predicted from position t - 1 (same segment: t is scored
   # only if it is not a segment's first token).
   toks = flat(tokens)
@@ -356,7 +369,16 @@ def packed_sequence_logps(
   seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
   sums = seg_sum(values, where)[:, :num_slots]
   counts = seg_sum(mask.reshape(G, R * L).astype(jnp.int32), where)[:, :num_slots]
-  return sums, counts
+  if first_index is None:
+    return sums, counts
+  # [G, num_slots, D]: one gathered hidden state per slot, scored like the rest.
+  h_first = jnp.take_along_axis(hidden.reshape(G, R * L, -1), first_index[..., None], axis=1)
+  first = token_logps(h_first, model.head_weight(), first_token, chunk_size=chunk_size,
+                      final_logit_softcap=model.config.final_logit_softcap,
+                      batch_axes=batch_axes)                            # [G, num_slots]
+  scored = first_loss.astype(bool)
+  return (sums + jnp.where(scored, first, 0.0),
+          counts + scored.astype(jnp.int32))
 
 
 def shared_prompt_logps(

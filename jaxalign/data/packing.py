@@ -112,8 +112,60 @@ def _group_bins(lengths: np.ndarray, num_groups: int, row_length: int) -> list[l
           for g in range(num_groups)]
 
 
-def rows_needed(lengths: np.ndarray, num_groups: int, row_length: int) -> int:
-  """Rows per group the fullest group of a batch with sequence lengths [B, S] needs."""
+def shared_units(lengths: np.ndarray, prompts: np.ndarray, row_length: int
+                 ) -> list[tuple[int, list[int], int]]:
+  """The units of packed shared prompts: (example, its sequences s, tokens) each.
+
+  A unit is an example's prompt once, then its responses (prompt + response
+  length minus the prompt each). An example whose prompt and responses exceed
+  a row is split into several units, each with its own copy of the prompt
+  (responses in order, greedily); every sequence fits a row on its own.
+  Sequences with no response token (and empty slots) place nothing.
+
+  Args:
+    lengths: [B, S] prompt + response tokens per sequence (0: empty).
+    prompts: [B] prompt tokens per example.
+    row_length: L.
+  """
+  units = []
+  for b in range(lengths.shape[0]):
+    p = int(prompts[b])
+    current, size = [], p
+    for s in range(lengths.shape[1]):
+      m = int(lengths[b, s]) - p
+      if m <= 0:
+        continue
+      if current and size + m > row_length:
+        units.append((b, current, size))
+        current, size = [], p
+      if p + m > row_length:
+        raise ValueError(f"a sequence of {p + m} tokens does not fit a row of {row_length}")
+      current.append(s)
+      size += m
+    if current:
+      units.append((b, current, size))
+  return units
+
+
+def _group_unit_bins(lengths: np.ndarray, prompts: np.ndarray, num_groups: int,
+                     row_length: int):
+  """Per group: (its units, its rows as lists of unit indices)."""
+  per = lengths.shape[0] // num_groups
+  out = []
+  for g in range(num_groups):
+    units = shared_units(lengths[g * per:(g + 1) * per], prompts[g * per:(g + 1) * per],
+                         row_length)
+    out.append((units, first_fit_decreasing([u[2] for u in units], row_length)))
+  return out
+
+
+def rows_needed(lengths: np.ndarray, num_groups: int, row_length: int,
+                prompts: np.ndarray | None = None) -> int:
+  """Rows per group the fullest group of a batch with sequence lengths [B, S] needs
+  (with `prompts` [B]: packed shared prompts, `shared_units`)."""
+  if prompts is not None:
+    return max(len(b) for _, b in _group_unit_bins(np.asarray(lengths), np.asarray(prompts),
+                                                   num_groups, row_length))
   return max(len(b) for b in _group_bins(np.asarray(lengths), num_groups, row_length))
 
 
@@ -197,9 +249,112 @@ def pack_batch(batch: dict, spec: PackSpec, *, valid: np.ndarray | None = None,
   return out
 
 
+# --- packed shared prompts (data.packing and data.share_prompt) -------------------------
+# The packed columns above plus:
+#   packed_part_ids     int32 [G, R, L]     0 on a unit's prompt (and padding), s + 1 on
+#                                           its sequence s's response
+#   packed_first_index  int32 [G, B_g * S]  r * L + t: the prompt's last token, which
+#                                           predicts the slot's first response token
+#   packed_first_token  int32 [G, B_g * S]  that first response token
+#   packed_first_loss   int32 [G, B_g * S]  1 if it is scored (0 on empty slots)
+# Segment ids number the units (an example's prompt once, then its responses) of a
+# row; positions run 0..p-1 on the prompt and continue from p on every response;
+# packed_slot is B_g * S on prompt tokens (they are nobody's scored tokens), and
+# packed_loss_mask is 0 on each response's first token (scored from
+# packed_first_*: in the row, the token before it is another response's).
+PACKED_SHARED_KEYS = ("packed_part_ids", "packed_first_index", "packed_first_token",
+                      "packed_first_loss")
+
+
+def is_packed_shared(batch) -> bool:
+  return "packed_part_ids" in batch
+
+
+def pack_shared_batch(batch: dict, spec: PackSpec, *, valid: np.ndarray | None = None,
+                      agree: Callable[[int], int] | None = None) -> dict:
+  """A padded host batch -> packed rows of units: each example's prompt once, then
+  its responses (the layout above; `shared_units`, `pack_batch`'s groups and
+  buckets).
+
+  Raises:
+    ValueError: as share_prompt_batch (an example's sequences have different
+      prompts, or one has none).
+  """
+  T = np.asarray(batch["tokens"]).shape[-1]
+  shared = share_prompt_batch(batch, prompt_length=T, response_step=1, max_response=T,
+                              valid=valid)
+  lengths = shared["shared_lengths"]                                   # [B, S]
+  prompts = shared["shared_prompt_mask"].sum(-1)                       # [B]
+  B, S = lengths.shape
+  G, L = spec.num_groups, spec.row_length
+  if B % G:
+    raise ValueError(f"batch of {B} examples does not split into {G} pack groups")
+  if T > L:
+    raise ValueError(f"row length {L} is shorter than the padded length {T}")
+  groups = _group_unit_bins(lengths, prompts, G, L)
+  need = max(len(b) for _, b in groups)
+  if agree is not None:
+    need = int(agree(need))
+  per = B // G
+  dump = per * S
+  # Each unit holds at least one response: per * S rows always fit.
+  rows = next((r for r in spec.buckets if r >= need), max(need, dump))
+  out = {k: np.zeros((G, rows, L), np.int32) for k in (
+      "packed_attention_mask", "packed_loss_mask", "packed_segment_ids", "packed_positions",
+      "packed_part_ids")}
+  out["packed_tokens"] = np.full((G, rows, L), spec.pad_id, np.int32)
+  out["packed_slot"] = np.full((G, rows, L), dump, np.int32)
+  first = {k: np.zeros((G, dump), np.int32) for k in (
+      "packed_first_index", "packed_first_token", "packed_first_loss")}
+  resp, resp_loss = shared["shared_response"], shared["shared_response_loss"]
+  for g, (units, bins) in enumerate(groups):
+    for r, row in enumerate(bins):
+      at = 0
+      for seg, u in enumerate(row):
+        b_local, seqs, size = units[u]
+        b = g * per + b_local
+        p = int(prompts[b])
+        span = slice(at, at + size)
+        out["packed_segment_ids"][g, r, span] = seg
+        out["packed_attention_mask"][g, r, span] = 1
+        out["packed_tokens"][g, r, at:at + p] = shared["shared_prompt"][b, T - p:]
+        out["packed_positions"][g, r, at:at + p] = np.arange(p)
+        last = r * L + at + p - 1                                      # the prompt's last token
+        at += p
+        for s in seqs:
+          m = int(lengths[b, s]) - p
+          local = b_local * S + s
+          out["packed_tokens"][g, r, at:at + m] = resp[b, s, :m]
+          out["packed_loss_mask"][g, r, at + 1:at + m] = resp_loss[b, s, 1:m]
+          out["packed_positions"][g, r, at:at + m] = p + np.arange(m)
+          out["packed_part_ids"][g, r, at:at + m] = s + 1
+          out["packed_slot"][g, r, at:at + m] = local
+          first["packed_first_index"][g, local] = last
+          first["packed_first_token"][g, local] = resp[b, s, 0]
+          first["packed_first_loss"][g, local] = resp_loss[b, s, 0]
+          at += m
+      out["packed_segment_ids"][g, r, at:] = len(row)
+  keep = {k: v for k, v in batch.items() if k not in SEQUENCE_COLUMNS}
+  return {**keep, **out, **first, "packed_lengths": lengths.astype(np.int32)}
+
+
+def example_prompt_lengths(examples: Sequence[dict]) -> np.ndarray:
+  """[N] prompt tokens of each example: the real tokens before the first scored one
+  of its first non-empty sequence (as share_prompt_batch reads them)."""
+  out = np.zeros(len(examples), np.int64)
+  for i, e in enumerate(examples):
+    attention = np.asarray(e["attention_mask"]).astype(bool)
+    loss = np.asarray(e["loss_mask"]).astype(bool) & attention
+    for s in range(attention.shape[0]):
+      if attention[s].any():
+        out[i] = loss[s].argmax() if loss[s].any() else attention[s].sum()
+        break
+  return out
+
+
 def plan_buckets(lengths: np.ndarray, *, batch_size: int, num_groups: int, row_length: int,
                  num_buckets: int, seed: int, global_groups: int | None = None,
-                 samples: int = 64) -> tuple[int, ...]:
+                 samples: int = 64, prompts: np.ndarray | None = None) -> tuple[int, ...]:
   """A few bucket sizes (rows per group) fitted to the data's lengths.
 
   Simulates `samples` steps of `batch_size` examples drawn at random (seeded)
@@ -218,6 +373,7 @@ def plan_buckets(lengths: np.ndarray, *, batch_size: int, num_groups: int, row_l
     seed: the draws' seed.
     global_groups: groups per global step (default num_groups).
     samples: simulated steps.
+    prompts: [N] prompt tokens per example: rows of packed shared prompts.
   """
   lengths = np.asarray(lengths)
   N, S = lengths.shape
@@ -230,7 +386,8 @@ def plan_buckets(lengths: np.ndarray, *, batch_size: int, num_groups: int, row_l
   need = []
   for _ in range(samples):
     idx = rng.choice(N, size=per * global_groups, replace=N < per * global_groups)
-    need.append(rows_needed(lengths[idx], global_groups, row_length))
+    need.append(rows_needed(lengths[idx], global_groups, row_length,
+                            None if prompts is None else np.asarray(prompts)[idx]))
   qs = np.linspace(0.5, 1.0, num_buckets - 1)
   picks = {int(np.ceil(np.quantile(need, q))) for q in qs}
   return tuple(sorted(p for p in picks if p < full)) + (full,)
@@ -266,19 +423,32 @@ def length_sample(examples: Sequence[dict], *, seed: int,
   whose batch needs more rows than the fitted buckets still packs, in the
   past-the-buckets row count (`pack_batch`).
   """
+  return _lengths(sample_examples(examples, seed=seed, max_examples=max_examples))
+
+
+def sample_examples(examples: Sequence[dict], *, seed: int,
+                    max_examples: int = LENGTH_SAMPLE) -> list[dict]:
+  """The examples `length_sample` reads (at most `max_examples`, seeded): a packed
+  shared-prompt run fits its buckets to their lengths and prompt lengths
+  (`example_prompt_lengths`)."""
   n = len(examples)
   if n <= max_examples:
     positions = np.arange(n)
   else:
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7061636B]))  # "pack"
     positions = np.sort(rng.choice(n, size=max_examples, replace=False))
-  return np.stack([np.asarray(examples[int(i)]["attention_mask"]).sum(axis=-1)
-                   for i in positions]).astype(np.int32)
+  return [examples[int(i)] for i in positions]
+
+
+def _lengths(examples: Sequence[dict]) -> np.ndarray:
+  return np.stack([np.asarray(e["attention_mask"]).sum(axis=-1)
+                   for e in examples]).astype(np.int32)
 
 
 def make_packer(lengths: np.ndarray, *, process_batch: int, num_groups: int,
                 global_groups: int, row_length: int, num_buckets: int, seed: int,
-                pad_id: int, process_count: int = 1) -> tuple[PackSpec, Callable[..., dict]]:
+                pad_id: int, process_count: int = 1, prompts: np.ndarray | None = None
+                ) -> tuple[PackSpec, Callable[..., dict]]:
   """(spec, batch -> packed batch) for a run, its buckets fitted to `lengths`.
 
   Args:
@@ -292,6 +462,7 @@ def make_packer(lengths: np.ndarray, *, process_batch: int, num_groups: int,
     seed: seeds the bucket simulation (deterministic per run).
     pad_id: the tokenizer's pad id.
     process_count: > 1: the processes agree on each step's bucket.
+    share_prompt: pack units of one prompt and its responses (pack_shared_batch).
   """
   if process_batch % num_groups:
     raise ValueError(f"the process batch {process_batch} does not split into "
@@ -301,13 +472,16 @@ def make_packer(lengths: np.ndarray, *, process_batch: int, num_groups: int,
     raise ValueError(f"lengths must be [n, S], got shape {lengths.shape}")
   buckets = plan_buckets(lengths, batch_size=process_batch, num_groups=num_groups,
                          row_length=row_length, num_buckets=num_buckets, seed=seed,
-                         global_groups=global_groups)
+                         global_groups=global_groups,
+                         prompts=None if prompts is None else np.asarray(prompts))
   spec = PackSpec(num_groups=num_groups, row_length=row_length, buckets=buckets,
                   pad_id=pad_id)
   agree = _agree_across_processes if process_count > 1 else None
 
+  layout = pack_shared_batch if share_prompt else pack_batch
+
   def pack(batch: dict, valid: np.ndarray | None = None) -> dict:
-    return pack_batch(batch, spec, valid=valid, agree=agree)
+    return layout(batch, spec, valid=valid, agree=agree)
 
   return spec, pack
 

@@ -7,6 +7,8 @@ one decoder layer. Every implementation computes the same function:
                      and s > q_offset + t - window        (sliding window, if any)
                      and key_mask[b, s]                   (padding, if given)
                      and q_segment_ids[b, t] == kv_segment_ids[b, s]   (packing)
+                     and (part_ids[b, s] == 0                 (packed shared prompts:
+                          or part_ids[b, s] == part_ids[b, t])  a prompt, then responses)
   logits = softcap(scale * q . k)          softcap(x) = cap * tanh(x / cap)
   out    = softmax(logits where allowed, else a large negative) @ v
 
@@ -32,7 +34,9 @@ Implementations (`model.attention`):
   auto    splash on TPU, cudnn on GPU, xla elsewhere.
 A call a kernel cannot serve (decode with a KV cache, soft-capping or float32
 on cuDNN, a sequence length that is not a multiple of splash's 128-token
-block) falls back to xla, with one logged line per reason.
+block, part ids on splash, whose static block masks cannot express them)
+falls back to xla, with one logged line per reason. cuDNN takes part ids in
+its boolean mask, as it takes segment ids.
 """
 from __future__ import annotations
 
@@ -76,7 +80,8 @@ def current_platform() -> str:
 
 
 def choose(name: str, platform: str, *, seq_len: int, kv_len: int, dtype,
-           softcap: float | None, decode: bool) -> tuple[str, str | None]:
+           softcap: float | None, decode: bool,
+           parts: bool = False) -> tuple[str, str | None]:
   """(implementation that will run, why it differs from the requested one or None).
 
   The one place that decides; `jaxalign plan` asks it too, to know whether the
@@ -93,6 +98,9 @@ def choose(name: str, platform: str, *, seq_len: int, kv_len: int, dtype,
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       return "xla", f"cudnn needs bfloat16/float16 inputs, got {jnp.dtype(dtype).name}"
     return "cudnn", None
+  if parts:
+    return "xla", ("splash cannot express the packed shared-prompt mask (part ids: "
+                   "data.packing with data.share_prompt)")
   if seq_len != kv_len or seq_len % SPLASH_BLOCK:
     return "xla", (f"splash needs query and key lengths equal and a multiple of "
                    f"{SPLASH_BLOCK}, got {seq_len} and {kv_len}")
@@ -110,6 +118,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
               key_mask: jax.Array | None = None, q_offset: jax.Array | int | None = None,
               q_segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None,
+              part_ids: jax.Array | None = None,
               implementation: str = "xla") -> jax.Array:
   """Causal (optionally windowed, padded, packed) grouped-query attention.
 
@@ -125,6 +134,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       query t sits at slot q_offset + t. None: self-attention, T == S.
     q_segment_ids: [B, T] int >= 0; with kv_segment_ids [B, S], attention never
       crosses segments (packed sequences). Both or neither.
+    part_ids: [B, T] int (self-attention with segment ids only): 0 on a
+      segment's shared prompt, r > 0 on its response r; a query of part r sees
+      the prompt and part r, never another response (packed shared prompts).
     implementation: one of IMPLEMENTATIONS ("auto" resolved per platform).
 
   Returns:
@@ -132,22 +144,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   """
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+  if part_ids is not None and (q_segment_ids is None or q_offset is not None):
+    raise ValueError("part_ids need segment ids and self-attention (no KV cache)")
   impl, reason = choose(implementation, current_platform(), seq_len=q.shape[1],
                         kv_len=k.shape[1], dtype=q.dtype, softcap=softcap,
-                        decode=q_offset is not None)
+                        decode=q_offset is not None, parts=part_ids is not None)
   if reason is not None:
     _log_once(implementation, reason)
   kwargs = dict(scale=scale, softcap=softcap, window=window, key_mask=key_mask,
                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   if impl == "cudnn":
-    return _cudnn(q, k, v, **kwargs)
-  if impl == "splash":
+    return _cudnn(q, k, v, part_ids=part_ids, **kwargs)
+  if impl == "splash":   # choose() never sends part ids here
     return _splash(q, k, v, **kwargs)
-  return _xla(q, k, v, q_offset=0 if q_offset is None else q_offset, **kwargs)
+  return _xla(q, k, v, q_offset=0 if q_offset is None else q_offset, part_ids=part_ids,
+              **kwargs)
 
 
 def allowed_mask(T: int, S: int, *, q_offset=0, window: int | None = None,
-                 key_mask=None, q_segment_ids=None, kv_segment_ids=None) -> jax.Array:
+                 key_mask=None, q_segment_ids=None, kv_segment_ids=None,
+                 part_ids=None) -> jax.Array:
   """[B or 1, T, S] bool: which key slot each query may attend to (module docstring)."""
   q_idx = q_offset + jnp.arange(T)[:, None]
   k_idx = jnp.arange(S)[None, :]
@@ -159,11 +175,14 @@ def allowed_mask(T: int, S: int, *, q_offset=0, window: int | None = None,
     allowed = allowed & key_mask.astype(bool)[:, None, :]
   if q_segment_ids is not None:
     allowed = allowed & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+  if part_ids is not None:
+    allowed = allowed & ((part_ids[:, None, :] == 0)
+                         | (part_ids[:, :, None] == part_ids[:, None, :]))
   return allowed
 
 
 def _xla(q, k, v, *, scale, softcap, window, key_mask, q_offset, q_segment_ids,
-         kv_segment_ids):
+         kv_segment_ids, part_ids=None):
   B, T, H, Dh = q.shape
   G = k.shape[2]
   q = q.reshape(B, T, G, H // G, Dh)                                   # [B, T, G, R, Dh]
@@ -172,14 +191,16 @@ def _xla(q, k, v, *, scale, softcap, window, key_mask, q_offset, q_segment_ids,
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   allowed = allowed_mask(T, k.shape[1], q_offset=q_offset, window=window, key_mask=key_mask,
-                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                         part_ids=part_ids)
   logits = jnp.where(allowed[:, None, None], logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   out = jnp.einsum("bgrts,bsgk->btgrk", probs, v)
   return out.reshape(B, T, H, Dh)
 
 
-def _cudnn(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segment_ids):
+def _cudnn(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segment_ids,
+           part_ids=None):
   del softcap  # choose() never sends a soft-capped call here
   mask = None
   if key_mask is not None or q_segment_ids is not None:
@@ -189,6 +210,9 @@ def _cudnn(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segme
       mask = mask & key_mask.astype(bool)[:, None, :]
     if q_segment_ids is not None:
       mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    if part_ids is not None:
+      mask = mask & ((part_ids[:, None, :] == 0)
+                     | (part_ids[:, :, None] == part_ids[:, None, :]))
     mask = jnp.broadcast_to(mask, (q.shape[0], T, S))[:, None]       # [B, 1, T, S]
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, scale=scale, is_causal=True,

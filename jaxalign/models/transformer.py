@@ -397,10 +397,12 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
                inv_freq: jax.Array, cache: tuple | None = None,
-               segment_ids: jax.Array | None = None):
+               segment_ids: jax.Array | None = None, part_ids: jax.Array | None = None):
     """x: [B, T, D]; positions: [B, T]; key_mask: [B, T] bool. Returns [B, T, D].
 
     segment_ids: [B, T] int >= 0 (packed sequences): no attention across segments.
+    part_ids: [B, T] int (with segment_ids): 0 prompt, r response r; a response
+      sees its segment's prompt and itself (attention.attention).
 
     With ``cache = (k [B, S, KV, Dh], v, index [] int32)`` the T new keys and
     values are written at slots index..index+T-1, queries attend to every
@@ -427,7 +429,7 @@ class Attention(nnx.Module):
     out = attention_lib.attention(
         q, k, v, scale=self.scale, softcap=self.softcap, window=self.window,
         key_mask=key_mask, q_offset=q_offset if cache is not None else None,
-        q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+        q_segment_ids=segment_ids, kv_segment_ids=segment_ids, part_ids=part_ids,
         implementation=self.implementation)                            # [B, T, H, Dh]
     out = _project(self, "o", "bthk,hkd->btd", out, "o_proj")
     if cache is not None:
@@ -477,11 +479,11 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
                inv_freq: jax.Array, cache: tuple | None = None,
-               segment_ids: jax.Array | None = None):
+               segment_ids: jax.Array | None = None, part_ids: jax.Array | None = None):
     """[B, T, D] -> [B, T, D]; with a cache (see Attention) also the new (k, v)."""
     new_kv = None
     h = self.attn(self.attn_norm(x), positions, key_mask, inv_freq, cache=cache,
-                  segment_ids=segment_ids)
+                  segment_ids=segment_ids, part_ids=part_ids)
     if cache is not None:
       h, new_kv = h
     if self.post_attn_norm is not None:
@@ -589,7 +591,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array,
                positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None,
+               part_ids: jax.Array | None = None) -> jax.Array:
     """Hidden states after the final norm.
 
     Args:
@@ -599,6 +602,9 @@ class Transformer(nnx.Module):
         clipped at 0, so a sequence's first real token is position 0.
       segment_ids: [B, T] int >= 0: tokens attend only within their segment
         (packed sequences; give their positions too). None: one segment per row.
+      part_ids: [B, T] int, with segment_ids (packed shared prompts): 0 on a
+        segment's prompt, r > 0 on its response r, which attends to the prompt
+        and to itself only.
 
     Returns:
       [B, T, D] in the compute dtype. Rows at padding positions are finite but
@@ -608,11 +614,13 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) - 1, 0)
     x = self._embed(tokens)                                            # [B, T, D]
-    x, _ = self._run_layers(x, positions, key_mask, segment_ids=segment_ids)
+    x, _ = self._run_layers(x, positions, key_mask, segment_ids=segment_ids,
+                            part_ids=part_ids)
     return self.final_norm(x)
 
   def _run_layers(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, *,
                   segment_ids: jax.Array | None = None,
+                  part_ids: jax.Array | None = None,
                   cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
     """Every block in order: a lax.scan over the stacked groups, then the tail.
 
@@ -629,7 +637,8 @@ class Transformer(nnx.Module):
 
     def run_block(block, x, inv_freq, kv):
       if kv is None:
-        return block(x, positions, key_mask, inv_freq, segment_ids=segment_ids), None
+        return block(x, positions, key_mask, inv_freq, segment_ids=segment_ids,
+                     part_ids=part_ids), None
       return block(x, positions, key_mask, inv_freq, cache=(*kv, cache[2]))
 
     def checkpointed(fn):

@@ -232,7 +232,7 @@ def _train(run_spec: config_lib.RunSpec, workdir, *, progress, devices, stop_aft
       ref_table is None or (eval_examples is not None and eval_table is None)))
   process_batch = config.data.batch_size // jax.process_count()
   pack = _packer(config, examples, tokenizer, process_batch, mesh) if config.data.packing else None
-  if config.data.get("share_prompt", False):   # the prompt once per example
+  if config.data.get("share_prompt", False) and not config.data.packing:   # the prompt once
     pack = packing.make_sharer(prompt_length=config.data.max_prompt_length,
                                max_length=config.data.max_length)
 
@@ -417,7 +417,8 @@ def _train(run_spec: config_lib.RunSpec, workdir, *, progress, devices, stop_aft
 
 def _packer(config, examples, tokenizer, process_batch, mesh):
   """data.packing: the run's batch -> packed batch function (jaxalign/data/packing.py),
-  its buckets fitted to `packing.length_sample(examples)` (at most LENGTH_SAMPLE rows).
+  its buckets fitted to a seeded sample of the examples (at most LENGTH_SAMPLE); with
+  data.share_prompt, rows of units of one prompt and its responses.
 
   One pack group per batch shard and micro-batch, so each group's rows sit on
   the device, and in the micro-batch, of its examples.
@@ -432,14 +433,16 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
   pad = tokenizer.pad_token_id
   # The buckets fit a seeded sample's lengths (the same on every process and restart):
   # a lazy source tokenizes only the sampled rows.
-  lengths = packing.length_sample(examples, seed=config.seed)
+  sample = packing.sample_examples(examples, seed=config.seed)
+  share = bool(config.data.get("share_prompt", False))
   _, pack = packing.make_packer(
-      lengths, process_batch=process_batch, num_groups=global_groups // jax.process_count(),
+      packing.length_sample(sample, seed=config.seed), process_batch=process_batch, num_groups=global_groups // jax.process_count(),
       global_groups=global_groups,
       row_length=config.data.pack_length or config.data.max_length,
       num_buckets=config.data.pack_buckets, seed=config.seed,
       pad_id=(tokenizer.eos_token_id or 0) if pad is None else pad,
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      prompts=packing.example_prompt_lengths(sample) if share else None)
   return pack
 
 

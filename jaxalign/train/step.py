@@ -24,7 +24,7 @@ from jaxalign.train.state import TrainState
 
 # Columns that describe the sequences themselves; every other column goes to the loss.
 SEQUENCE_KEYS = (("tokens", "attention_mask", "loss_mask", "ref_logps") + packing.PACKED_KEYS
-                 + packing.SHARED_KEYS)
+                 + packing.SHARED_KEYS + packing.PACKED_SHARED_KEYS)
 
 
 def _tail_logps(logps, mask):
@@ -91,10 +91,12 @@ def _packed_batch_logps(model, batch, *, chunk_size, batch_axes):
   """[B, S] log-probs and counts of a packed batch: its G groups' slots, in example order."""
   b, s = batch["packed_lengths"].shape
   g = batch["packed_tokens"].shape[0]
+  # data.share_prompt too: units of one prompt and its responses (packing.pack_shared_batch).
+  shared = {k[len("packed_"):]: batch[k] for k in packing.PACKED_SHARED_KEYS if k in batch}
   sums, counts = logprobs.packed_sequence_logps(
       model, batch["packed_tokens"], batch["packed_attention_mask"], batch["packed_loss_mask"],
       batch["packed_segment_ids"], batch["packed_positions"], batch["packed_slot"],
-      (b // g) * s, chunk_size=chunk_size, batch_axes=batch_axes)     # [G, B_g * S]
+      (b // g) * s, chunk_size=chunk_size, batch_axes=batch_axes, **shared)  # [G, B_g * S]
   return sums.reshape(b, s), counts.reshape(b, s)
 
 
@@ -103,6 +105,8 @@ def real_tokens(batch) -> jax.Array:
   prompt counted once per sequence, as in the padded layout)."""
   if packing.is_shared(batch):
     return batch["shared_lengths"].sum().astype(jnp.float32)
+  if packing.is_packed_shared(batch):
+    return batch["packed_lengths"].sum().astype(jnp.float32)
   key = "packed_attention_mask" if packing.is_packed(batch) else "attention_mask"
   return batch[key].sum().astype(jnp.float32)
 # ------------------------------------------------------------------------------

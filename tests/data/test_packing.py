@@ -251,12 +251,24 @@ def _shared_prompt_batch(rng, b, s):
   return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
 
 
+def _pack_shared(batch, num_groups, row_length, buckets=None):
+  b, s, _ = batch["tokens"].shape
+  full = b // num_groups * s
+  spec = packing.PackSpec(num_groups=num_groups, row_length=row_length,
+                          buckets=buckets or tuple(range(1, full + 1)))
+  return packing.pack_shared_batch(batch, spec)
+
+
 @functools.lru_cache(maxsize=None)
 def _shared_values(layout: str, loss_name: str):
   mesh, rules, graphdef, state = _setup()
   padded = _shared_prompt_batch(np.random.default_rng(6), B, S)
-  host = padded if layout == "padded" else packing.make_sharer(
-      prompt_length=8, max_length=T)(padded)
+  if layout == "padded":
+    host = padded
+  elif layout == "shared":
+    host = packing.make_sharer(prompt_length=8, max_length=T)(padded)
+  else:   # "packed_shared": packed rows of 16 holding one prompt and its responses per unit
+    host = _pack_shared(padded, 8, 16)
   spec = losses.get(loss_name)
   extra = _extras(np.random.default_rng(4), loss_name, B, S)
   call = step_lib.make_loss_call(spec, {n: 0.1 for n in spec.required_hparams()})
@@ -276,11 +288,16 @@ def _shared_values(layout: str, loss_name: str):
   return jax.device_get((loss, metrics, grads, logps, counts, ref))
 
 
-@pytest.mark.parametrize("loss_name", ["dpo", "grao"])
-def test_shared_prompt_equals_separate_sequences(loss_name):
-  """Pairs (DPO reads sequences 0, 1) and groups (GRAO, with padding slots): the
-  prompt once + responses == each sequence on its own, on 8 devices."""
-  a, b = _shared_values("padded", loss_name), _shared_values("shared", loss_name)
+@pytest.mark.parametrize("layout,loss_name", [("shared", "dpo"), ("shared", "grao"),
+                                             ("packed_shared", "dpo"),
+                                             ("packed_shared", "grao"),
+                                             ("packed_shared", "d2o")])
+def test_shared_prompt_equals_separate_sequences(layout, loss_name):
+  """Pairs (DPO reads sequences 0, 1) and groups (GRAO, D2O, with padding slots): the
+  prompt once + responses (a KV cache, or packed rows of units) == each sequence on
+  its own, on 8 devices: policy and frozen-reference log-probs, counts, loss,
+  metrics, gradients."""
+  a, b = _shared_values("padded", loss_name), _shared_values(layout, loss_name)
   for x, y in zip(a[3:], b[3:]):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(b[0], a[0], rtol=1e-5, atol=1e-6)
@@ -294,3 +311,59 @@ def test_share_prompt_refuses_examples_with_different_prompts():
   batch = _wild_batch(np.random.default_rng(0), 4, 2)
   with pytest.raises(ValueError, match="another prompt"):
     packing.make_sharer(prompt_length=8, max_length=T)(batch)
+
+
+def test_packed_shared_layout():
+  """Units of one prompt and its responses: every response token once, in its slot,
+  positions continuing after the prompt, the prompt's last token predicting each
+  response's first; long examples split (prompt repeated), rows ending in padding."""
+  padded = _shared_prompt_batch(np.random.default_rng(6), B, S)
+  L = 16
+  packed = _pack_shared(padded, 8, L)
+  G, R, _ = packed["packed_tokens"].shape
+  per = B // G
+  lengths = padded["attention_mask"].sum(-1)
+  prompts = padded["attention_mask"][:, 0].sum(-1) - padded["loss_mask"][:, 0].sum(-1)
+  assert R < per * S and (packed["packed_attention_mask"][..., -1] == 0).any()
+  assert packed["packed_attention_mask"].sum() < lengths.sum()    # prompts once per unit
+  for g in range(G):
+    flat = {k: packed[k][g].reshape(-1) for k in ("packed_tokens", "packed_slot",
+                                                    "packed_positions", "packed_part_ids",
+                                                    "packed_loss_mask")}
+    for local in range(per * S):
+      b, s = g * per + local // S, local % S
+      p, n = int(prompts[b]), int(lengths[b, s])
+      at = np.nonzero(flat["packed_slot"] == local)[0]
+      assert len(at) == max(n - p, 0)
+      if n == 0:
+        assert packed["packed_first_loss"][g, local] == 0
+        continue
+      np.testing.assert_array_equal(flat["packed_tokens"][at], padded["tokens"][b, s, p:n])
+      np.testing.assert_array_equal(flat["packed_positions"][at], np.arange(p, n))
+      assert (flat["packed_part_ids"][at] == s + 1).all()
+      assert flat["packed_loss_mask"][at[0]] == 0 and flat["packed_loss_mask"][at[1:]].all()
+      last = packed["packed_first_index"][g, local]
+      assert flat["packed_tokens"][last] == padded["tokens"][b, s, p - 1]
+      assert flat["packed_positions"][last] == p - 1 and flat["packed_part_ids"][last] == 0
+      assert packed["packed_first_token"][g, local] == padded["tokens"][b, s, p]
+  # Example 0 (three responses of 12 - p tokens) does not fit one row: split units.
+  assert len({int(x) // L for x in packed["packed_first_index"][0, :3]}) == 3
+
+
+def test_packed_shared_buckets_fit_units():
+  padded = _shared_prompt_batch(np.random.default_rng(6), B, S)
+  lengths = padded["attention_mask"].sum(-1)
+  prompts = packing.example_prompt_lengths(
+      [{k: padded[k][i] for k in padded} for i in range(B)])
+  need = packing.rows_needed(lengths, 8, 16, prompts)
+  assert need == _pack_shared(padded, 8, 16)["packed_tokens"].shape[1]
+  assert need <= (B // 8) * S   # the largest bucket (one response per row) always fits
+
+
+def test_splash_falls_back_to_xla_for_part_ids():
+  from jaxalign.models import attention
+  impl, reason = attention.choose("splash", "tpu", seq_len=256, kv_len=256,
+                                  dtype="bfloat16", softcap=None, decode=False, parts=True)
+  assert impl == "xla" and "share_prompt" in reason
+  assert attention.choose("cudnn", "gpu", seq_len=256, kv_len=256, dtype="bfloat16",
+                          softcap=None, decode=False, parts=True) == ("cudnn", None)
