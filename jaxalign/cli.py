@@ -163,8 +163,8 @@ def _prepare(argv: list[str]) -> int:
   from jaxalign.data.formats import DataError
   from jaxalign.workflows import prepare as prepare_lib
   try:
-    config_lib.validate(config, jax.device_count())
-    manifest = prepare_lib.prepare_from_config(config, fv.out, shard_size=fv.shard_size,
+    spec = config_lib.resolve(config, jax.device_count())   # validated once
+    manifest = prepare_lib.prepare_from_config(spec, fv.out, shard_size=fv.shard_size,
                                                workers=fv.workers)
   except config_lib.ConfigError as e:
     return _die("prepare", str(e))

@@ -5,8 +5,8 @@ everything the device side of a run needs, with nothing allocated yet: the model
 graph, the abstract state and its shardings, the optimizer (one per LoRA module
 for OFS-DPO), the jitted train step and the jitted held-out eval step.
 `jaxalign train` (train/loop.py) and `jaxalign plan` (plan.py) both call it, so
-what is planned is what runs: a LoRA recipe plans the adapters' step, an OFS-DPO recipe the
-two modules and their optimizers.
+what is planned is what runs: a LoRA recipe plans the adapters' step, an
+OFS-DPO recipe the two modules and their optimizers.
 """
 
 from __future__ import annotations

@@ -13,7 +13,12 @@ from jaxalign.errors import ConfigError
 
 def prepare_from_config(config, out: str, *, shard_size: int = 10_000, workers: int = 1
                         ) -> dict[str, Any]:
-  """`jaxalign prepare`: config.data.train_path tokenized as the run of `config` would."""
+  """`jaxalign prepare`: config.data.train_path tokenized as the run of `config` would.
+
+  `config`: a RunSpec (config.resolve, as the CLI passes it) or a validated config.
+  """
+  hf_dir = config_lib.hf_model_dir(config)   # a RunSpec's as resolved: not read again
+  config = config_lib.config_of(config)
   online = config.get("online")
   if online is not None and online.get("enabled"):
     raise ConfigError("config.online.enabled: online methods rewrite raw records "
@@ -24,7 +29,6 @@ def prepare_from_config(config, out: str, *, shard_size: int = 10_000, workers: 
                       "prepared dataset")
   if os.path.abspath(out) == os.path.abspath(d.train_path or "."):
     raise ConfigError("--out: must differ from config.data.train_path")
-  hf_dir = config_lib.hf_model_dir(config)
   name = d.tokenizer or hf_dir
   tokenizer = reading.load_tokenizer(name)
   return prepared.prepare(d.train_path, out, losses.get(config.loss.name).data, tokenizer,
