@@ -56,6 +56,17 @@ def make_data(num_pairs: int, *, vocab: int, prompt_len: int, length: int, seed:
 # --- TRL worker (runs in the TRL environment; imports no jax) ----------------
 
 def trl_worker(spec_path: str) -> None:
+  """One TRL DPOTrainer run described by the JSON at `spec_path`; prints a RESULT line.
+
+  The data (npz at spec["data"]) is either fixed-length -- prompt [N, P], chosen
+  and rejected [N, T - P] -- or ragged, padded arrays plus their real lengths
+  prompt_len, chosen_len, rejected_len [N] (bench/packing.py). Ragged data runs
+  in dataset order (train_sampling_strategy "sequential"), so each step gets the
+  batch the caller laid out; TRL pads each batch to its longest sequence (its
+  default collator). Real and computed (padded) tokens of the timed steps are
+  counted on the policy's own forwards (a pre-hook: grad-enabled calls only, so
+  the reference precompute pass is not counted).
+  """
   import torch
   from datasets import Dataset
   from tokenizers import Tokenizer, models, pre_tokenizers
@@ -79,9 +90,14 @@ def trl_worker(spec_path: str) -> None:
     return " ".join(EOS if i == vocab - 1 else f"w{i}" for i in ids)
 
   data = np.load(spec["data"])
+  ragged = "prompt_len" in data
+  n = len(data["prompt"])
+  lens = ({k: data[f"{k}_len"] for k in ("prompt", "chosen", "rejected")} if ragged else
+          {k: np.full(n, data[k].shape[1]) for k in ("prompt", "chosen", "rejected")})
+  ids = {k: [data[k][i, :lens[k][i]] for i in range(n)] for k in lens}
   # The prompt ends with a space: TRL tokenizes prompt + completion as one string.
   rows = [{"prompt": text(p) + " ", "chosen": text(c), "rejected": text(r)}
-          for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"])]
+          for p, c, r in zip(ids["prompt"], ids["chosen"], ids["rejected"])]
   hf = dict(spec["hf_config"])
   hf.pop("architectures", None)
   hf.pop("torch_dtype", None)
@@ -94,27 +110,52 @@ def trl_worker(spec_path: str) -> None:
       loss_type=["sigmoid"], precompute_ref_log_probs=True, max_length=spec["length"],
       logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True,
       dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=False,
-      remove_unused_columns=False)
+      remove_unused_columns=False,
+      train_sampling_strategy="sequential" if ragged else "random")
   times: list[float] = []
+  real: list[int] = []       # per step: non-padding tokens of the policy forward
+  computed: list[int] = []   # per step: tokens it ran over (rows x the batch's longest)
 
   class Clock(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+      real.append(0)
+      computed.append(0)
+
     def on_step_end(self, args, state, control, **kwargs):
       times.append(time.perf_counter())
 
+  def count(module, args, kwargs):
+    if torch.is_grad_enabled() and real:
+      mask = kwargs["attention_mask"]
+      real[-1] += int(mask.sum())
+      computed[-1] += mask.numel()
+
+  model.register_forward_pre_hook(count, with_kwargs=True)
   trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                        processing_class=tokenizer, callbacks=[Clock()])
-  ex = trainer.train_dataset[0]
-  seq = len(ex["prompt_ids"]) + len(ex["chosen_ids"])
-  assert seq == spec["length"], f"TRL tokenized a sequence to {seq} tokens, not {spec['length']}"
-  assert list(ex["prompt_ids"]) == [int(i) for i in data["prompt"][0]]
+  ds = trainer.train_dataset
+  for i in range(n if ragged else 1):   # TRL's tokenization gives back the same ids
+    ex = ds[i]
+    assert list(ex["prompt_ids"]) == [int(t) for t in ids["prompt"][i]], f"prompt {i}"
+    for k in ("chosen", "rejected"):
+      got = len(ex["prompt_ids"]) + len(ex[f"{k}_ids"])
+      want = int(lens["prompt"][i] + lens[k][i])
+      assert got == want, f"TRL tokenized {k} {i} to {got} tokens, not {want}"
   trainer.train()
-  timed = times[spec["warmup"] - 1:] if spec["warmup"] else [times[0]] + times
-  step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
+  warm = spec["warmup"]
+  timed = times[warm - 1:] if warm else [times[0]] + times
+  seconds = timed[-1] - timed[0]
+  step_s = seconds / (len(timed) - 1)
+  timed_steps = slice(warm, None) if warm else slice(1, None)
+  real_timed, computed_timed = sum(real[timed_steps]), sum(computed[timed_steps])
   print("RESULT " + json.dumps({
       "framework": "trl", "trl": trl.__version__, "torch": torch.__version__,
       "threads": torch.get_num_threads(),
       "params": sum(p.numel() for p in model.parameters()), "step_s": step_s,
-      "tokens_per_s": 2 * B * spec["length"] / step_s}))
+      "timed_seconds": seconds, "real_tokens_per_step": real[timed_steps],
+      "computed_tokens_per_step": computed[timed_steps],
+      "padding_fraction": 1 - real_timed / max(computed_timed, 1),
+      "tokens_per_s": real_timed / seconds}))
 
 
 def run_trl(trl_python: str, spec_path: str) -> dict:

@@ -3,6 +3,8 @@
   python bench/packing.py                 # CPU, both cases, ~6 min on 2 busy cores
   python bench/packing.py --case pairs    # DPO pairs: padded vs packed
   python bench/packing.py --case grao     # GRAO groups: unshared vs shared prompt
+  python bench/packing.py --case pairs --trl-python /work/venv-trl/bin/python
+                                          # + the same batches through TRL's DPOTrainer
 
 Not a test: it prints figures. Both layouts run THE jitted step
 (`jaxalign.train.step.jit_train_step`) on the same examples, in the same
@@ -17,7 +19,19 @@ prompts, 0.75 for responses; real preference sets span 10-50x within a batch).
 The recipe truncates the way jaxalign's tokenizer does: prompt <= 512, prompt +
 response <= 1024. On CPU everything is scaled by `--scale` (default 1/4: T =
 256, prompts <= 128), which keeps the ratios of the lengths. Chosen and
-rejected draw their own response lengths. Tokens are random ids.
+rejected draw their own response lengths and share the prompt. Tokens are
+random ids; each sequence ends with EOS (id vocab - 1).
+
+TRL (--trl-python, pairs case). The same batches, in the same order, run
+through TRL's DPOTrainer in a separate environment's python (bench/compare_trl.py's
+worker: no jax there; `python -m venv V && V/bin/pip install torch==2.13.0 trl`):
+the same token ids, the same model shape (jaxalign.models.hf.config_to_hf,
+LlamaForCausalLM), float32, the reference log-probs precomputed, the same pairs
+per step, and TRL's default collator, which pads each batch to its longest
+sequence. One TRL run per round, after the jaxalign layouts' blocks, each its
+own process (PyTorch warms up on every batch once, then times a block of the
+same steps jaxalign times). Its real tokens are counted on the policy's
+forwards and checked against the batches'.
 
 Figures (per layout):
   tokens/s real: non-padding tokens of the sequences per second, as the padded
@@ -27,7 +41,10 @@ Figures (per layout):
     once; jaxalign.flops.model_flops per sequence or prompt, attention
     included) per second / a matmul peak measured in this run (float32,
     n = 2048).
-  computed tokens: tokens the step's forward runs over (rows x row length).
+  computed tokens: tokens the step's forward runs over (rows x row length; TRL:
+    rows x the batch's longest).
+  ratios (with TRL): each jaxalign layout's real tokens/s over TRL's, the median
+    over rounds of the per-round ratio.
 Output: a table, `uptime`, then one line `JSON {...}`.
 """
 
@@ -38,13 +55,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Callable
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import compare_trl  # noqa: E402
 from jaxalign import config as config_lib, flops, losses, sharding  # noqa: E402
 from jaxalign.data import packing  # noqa: E402
 from jaxalign.train import loop, optim, step as step_lib  # noqa: E402
@@ -73,7 +93,11 @@ def preference_examples(n: int, *, scale: float, vocab: int, seed: int) -> list[
     lengths = prompt[i] + response[i]                                      # [2]
     attention = (pos < lengths[:, None]).astype(np.int32)
     loss_mask = (attention.astype(bool) & (pos >= prompt[i])).astype(np.int32)
-    tokens = rng.integers(3, vocab, size=(2, T), dtype=np.int32) * attention
+    # Ids below vocab - 2 (compare_trl's word tokenizer: vocab - 2 pad, vocab - 1 EOS).
+    tokens = rng.integers(3, vocab - 2, size=(2, T), dtype=np.int32)
+    tokens[1, :prompt[i]] = tokens[0, :prompt[i]]                          # one prompt
+    tokens[np.arange(2), lengths - 1] = vocab - 1                          # EOS
+    tokens *= attention
     ref = (-np.log(vocab) * loss_mask[:, 1:].sum(-1)).astype(np.float32)
     out.append({"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask,
                 "ref_logps": ref})
@@ -109,8 +133,14 @@ def model_config(T: int, batch: int, prompt: int, loss: str):
   return c
 
 
-def time_layouts(c, layouts: dict[str, list[dict]], *, steps: int, rounds: int) -> dict:
-  """Seconds per block of `steps` steps of THE jitted step, per layout, per round."""
+def time_layouts(c, layouts: dict[str, list[dict]], *, steps: int, rounds: int,
+                 external: dict[str, Callable[[], float]] | None = None) -> dict:
+  """Seconds per block of `steps` steps of THE jitted step, per layout, per round.
+
+  `external`: name -> a function that times a block of the same steps elsewhere
+  (TRL) and returns its seconds; called once per round after the layouts.
+  """
+  external = external or {}
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh(c.mesh.shape, devices)
   rules = tuple(tuple(r) for r in c.sharding_rules)
@@ -124,7 +154,7 @@ def time_layouts(c, layouts: dict[str, list[dict]], *, steps: int, rounds: int) 
       chunk_size=c.logprob_chunk_size, accum_steps=1, skip_nonfinite=False,
       state_shardings=state_shardings, batch_sharding=batch_sharding,
       replicated=sharding.replicated(mesh))
-  times = {name: [] for name in layouts}
+  times = {name: [] for name in (*layouts, *external)}
   with jax.set_mesh(mesh):
     state = jax.jit(init_fn, out_shardings=state_shardings)()
     on_device = {name: [sharding.host_to_global(b, batch_sharding) for b in bs]
@@ -140,7 +170,58 @@ def time_layouts(c, layouts: dict[str, list[dict]], *, steps: int, rounds: int) 
           state, m = step_fn(state, bs[i % len(bs)])
         jax.block_until_ready(m)
         times[name].append(time.perf_counter() - t0)
+      for name, run in external.items():
+        times[name].append(run())
   return times
+
+
+def trl_timer(trl_python: str, c, padded: list[dict], *, steps: int, tmp: str
+              ) -> tuple[Callable[[], float], list[dict]]:
+  """(run, results): `run()` times the block of `steps` steps over `padded` (batch
+  i % len(padded) at step i, as time_layouts does) in one TRL DPOTrainer run
+  (compare_trl's worker, in `trl_python`) and returns its seconds; `results`
+  collects each run's RESULT dict.
+
+  The dataset is the batches in step order: every batch once (PyTorch's warm-up,
+  as time_layouts' compile pass), then the timed block; TRL runs it in order.
+  """
+  from jaxalign.models import hf
+  n, T = len(padded), c.data.max_length
+  order = list(range(n)) + [i % n for i in range(steps)]
+  prompt, chosen, rejected, p_len, c_len, r_len = [], [], [], [], [], []
+  for i in order:
+    b = padded[i]
+    for tokens, lengths, loss in zip(b["tokens"], b["attention_mask"].sum(-1), b["loss_mask"]):
+      p = int(np.argmax(loss[0]))           # the first scored token: the prompt's end
+      assert p == int(np.argmax(loss[1])) and p > 0
+      pad = lambda x: np.pad(x, (0, T - len(x)))  # noqa: E731
+      prompt.append(pad(tokens[0, :p]))
+      chosen.append(pad(tokens[0, p:lengths[0]]))
+      rejected.append(pad(tokens[1, p:lengths[1]]))
+      p_len.append(p)
+      c_len.append(lengths[0] - p)
+      r_len.append(lengths[1] - p)
+  data_path = os.path.join(tmp, "trl_data.npz")
+  np.savez(data_path, prompt=np.stack(prompt), chosen=np.stack(chosen),
+           rejected=np.stack(rejected), prompt_len=np.array(p_len),
+           chosen_len=np.array(c_len), rejected_len=np.array(r_len))
+  spec_path = os.path.join(tmp, "trl_spec.json")
+  json.dump({"hf_config": hf.config_to_hf(config_lib.model_config(c), "LlamaForCausalLM"),
+             "data": data_path, "vocab": c.model.overrides.vocab_size,
+             "batch": c.data.batch_size, "length": T, "warmup": n, "steps": steps},
+            open(spec_path, "w"))
+  want = [int(padded[i % n]["attention_mask"].sum()) for i in range(steps)]
+  results: list[dict] = []
+
+  def run() -> float:
+    r = compare_trl.run_trl(trl_python, spec_path)
+    if r["real_tokens_per_step"] != want:
+      sys.exit(f"TRL's timed steps saw {r['real_tokens_per_step']} real tokens, the "
+               f"batches hold {want}")
+    results.append(r)
+    return r["timed_seconds"]
+
+  return run, results
 
 
 def _stack(rows):
@@ -155,7 +236,13 @@ def _computed_lengths(b) -> np.ndarray:
   return packing.sequence_lengths(b).reshape(-1)
 
 
-def _summary(c, padded, layouts, times, *, steps, peak) -> dict:
+def _summary(c, padded, layouts, times, *, steps, peak,
+             external_computed: dict[str, float] | None = None) -> dict:
+  """Per layout: step s, real tokens/s, MFU real, computed tokens per step.
+
+  `external_computed`: name -> computed tokens per step of a run outside this
+  process (TRL) on the `padded` batches (its model FLOPs: theirs, real tokens).
+  """
   model_cfg = config_lib.model_config(c)
   per_block = lambda v: sum(v[i % len(v)] for i in range(steps))  # noqa: E731
   real = per_block([int(b["attention_mask"].sum()) for b in padded])
@@ -169,19 +256,32 @@ def _summary(c, padded, layouts, times, *, steps, peak) -> dict:
     out[name] = {"step_s": best / steps, "tokens_per_s_real": real / best,
                  "mfu_real": model_flops / best / peak,
                  "computed_tokens_per_step": float(np.mean(computed))}
+  for name, computed in (external_computed or {}).items():
+    best = float(np.median(times[name]))
+    model_flops = per_block([flops.model_flops(model_cfg, _computed_lengths(b)) for b in padded])
+    out[name] = {"step_s": best / steps, "tokens_per_s_real": real / best,
+                 "mfu_real": model_flops / best / peak, "computed_tokens_per_step": computed}
   return out
 
 
 def _print_table(result, names):
-  print(f"{'layout':8} {'step s':>8} {'real tok/s':>11} {'MFU real':>9} {'computed tok':>13}")
+  print(f"{'layout':14} {'step s':>8} {'real tok/s':>11} {'MFU real':>9} {'computed tok':>13}")
   for name in names:
     r = result[name]
-    print(f"{name:8} {r['step_s']:8.3f} {r['tokens_per_s_real']:11.0f} {r['mfu_real']:9.2%} "
+    print(f"{name:14} {r['step_s']:8.3f} {r['tokens_per_s_real']:11.0f} {r['mfu_real']:9.2%} "
           f"{r['computed_tokens_per_step']:13.0f}")
 
 
+# Layouts of the pairs case: name -> (padded host batches, packer) -> its batches.
+# A new layout (e.g. "packed+shared") is one entry here and a name in --layouts.
+PAIR_LAYOUTS: dict[str, Callable[[list[dict], Callable], list[dict]]] = {
+    "padded": lambda padded, pack: padded,
+    "packed": lambda padded, pack: [pack(b) for b in padded],
+}
+
+
 def pairs_case(args, peak) -> dict:
-  """DPO pairs of UltraFeedback-shaped lengths: padded vs packed."""
+  """DPO pairs of UltraFeedback-shaped lengths: padded vs packed (vs TRL)."""
   T, P = int(MAX_LENGTH * args.scale), int(MAX_PROMPT * args.scale)
   c = model_config(T, args.batch, P, "dpo")
   examples = preference_examples(args.batch * 64, scale=args.scale, vocab=2048, seed=0)
@@ -190,29 +290,58 @@ def pairs_case(args, peak) -> dict:
                                    global_groups=1, row_length=T, num_buckets=args.buckets,
                                    seed=0, pad_id=0)
   padded = [_stack(examples[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches)]
-  layouts = {"padded": padded, "packed": [pack(b) for b in padded]}
-  times = time_layouts(c, layouts, steps=args.steps, rounds=args.rounds)
+  names = args.layouts.split(",")
+  if "padded" not in names:
+    names = ["padded", *names]     # every ratio is against it
+  unknown = set(names) - set(PAIR_LAYOUTS)
+  if unknown:
+    sys.exit(f"--layouts: unknown {sorted(unknown)}; known {sorted(PAIR_LAYOUTS)}")
+  layouts = {name: PAIR_LAYOUTS[name](padded, pack) for name in names}
+  with tempfile.TemporaryDirectory() as tmp:
+    external, trl_runs = {}, []
+    if args.trl_python:
+      external["trl"], trl_runs = trl_timer(args.trl_python, c, padded, steps=args.steps,
+                                            tmp=tmp)
+    times = time_layouts(c, layouts, steps=args.steps, rounds=args.rounds, external=external)
   lengths = np.concatenate([b["attention_mask"].sum(-1).reshape(-1) for b in padded])
+  rows = {name: [int(np.prod(b["packed_tokens"].shape[:2])) if "packed_tokens" in b
+                 else int(np.prod(b["tokens"].shape[:2])) for b in bs]
+          for name, bs in layouts.items()}
+  trl_computed = ({"trl": float(np.mean([x for r in trl_runs
+                                         for x in r["computed_tokens_per_step"]]))}
+                  if trl_runs else None)
   result = {"distribution": {"prompt_mean": PROMPT_MEAN * args.scale,
                              "response_mean": RESPONSE_MEAN * args.scale, "T": T,
                              "real_fraction": float(lengths.sum() / (len(lengths) * T)),
                              "len_p5_p50_p95": [int(x) for x in
                                                 np.percentile(lengths, [5, 50, 95])]},
-            "buckets": list(spec.buckets), "batch_pairs": args.batch,
-            "rows_per_step": {"padded": [2 * args.batch] * len(padded),
-                              "packed": [int(np.prod(b["packed_tokens"].shape[:2]))
-                                         for b in layouts["packed"]]},
-            **_summary(c, padded, layouts, times, steps=args.steps, peak=peak)}
-  ratios = [p / q for p, q in zip(times["padded"], times["packed"])]
-  result["speedup_median"], result["speedup_rounds"] = float(np.median(ratios)), ratios
+            "buckets": list(spec.buckets), "batch_pairs": args.batch, "rows_per_step": rows,
+            "times": times,
+            **_summary(c, padded, layouts, times, steps=args.steps, peak=peak,
+                       external_computed=trl_computed)}
+  ratio = lambda a, b: [x / y for x, y in zip(times[b], times[a])]  # noqa: E731  a/b tok/s
   print(f"[pairs] lengths: prompt mean {PROMPT_MEAN * args.scale:.0f}, response mean "
         f"{RESPONSE_MEAN * args.scale:.0f}, T {T}; real tokens "
         f"{result['distribution']['real_fraction']:.1%} of the padded layout; p5/p50/p95 "
         f"sequence length {result['distribution']['len_p5_p50_p95']}")
   print(f"buckets (rows per step): {list(spec.buckets)} of {2 * args.batch} padded rows")
-  _print_table(result, ("padded", "packed"))
-  print(f"packed / padded real tokens/s: {result['speedup_median']:.2f}x (median of "
-        f"{args.rounds} rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+  _print_table(result, (*layouts, *external))
+  pairs = [(name, "padded") for name in layouts if name != "padded"]
+  if trl_runs:
+    r = trl_runs[0]
+    print(f"trl: TRL {r['trl']}, torch {r['torch']}, {r['threads']} threads, "
+          f"{r['params'] / 1e6:.2f}M params (jaxalign "
+          f"{config_lib.model_config(c).num_params() / 1e6:.2f}M); padding "
+          f"{np.mean([x['padding_fraction'] for x in trl_runs]):.1%} of its computed tokens")
+    pairs += [(name, "trl") for name in layouts]
+  result["ratios"] = {}
+  for a, b in pairs:
+    rs = ratio(a, b)
+    result["ratios"][f"{a}/{b}"] = {"median": float(np.median(rs)), "rounds": rs}
+    print(f"{a} / {b} real tokens/s: {np.median(rs):.2f}x (median of {args.rounds} rounds: "
+          f"{', '.join(f'{x:.2f}' for x in rs)})")
+  result["speedup_median"] = result["ratios"]["packed/padded"]["median"] \
+      if "packed/padded" in result["ratios"] else None
   return result
 
 
@@ -263,6 +392,10 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--batches", type=int, default=2, help="distinct batches cycled")
   ap.add_argument("--buckets", type=int, default=3)
+  ap.add_argument("--layouts", default="padded,packed",
+                  help=f"pairs case: layouts to time, of {sorted(PAIR_LAYOUTS)}")
+  ap.add_argument("--trl-python", help="pairs case: also run the batches through TRL's "
+                  "DPOTrainer with the python of this environment (bench/compare_trl.py)")
   args = ap.parse_args(argv)
   peak = matmul_peak()
   result = {"peak_flops": peak}

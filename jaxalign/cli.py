@@ -28,6 +28,7 @@ commands:
           (--method continual: two domains, forgetting matrix of DPO / OFS-DPO / COFS-DPO)
   plan    --config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) [--config.a.b=v ...]
           compile the real step ahead of time: per-device memory, FLOPs, predicted MFU
+          (data.packing: [--pack_sequence_length N] [--pack_fill F], the data assumed)
   export  --checkpoint RUN_DIR --out HF_DIR   write a transformers-loadable model
   generate --checkpoint RUN_DIR --prompts FILE --out FILE [--n N] [--temperature T]
           [--top-k K] [--top-p P] [--max-new-tokens M] [--seed S]   sample completions
@@ -211,6 +212,11 @@ def _plan(argv: list[str]) -> int:
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4 (needs libtpu).",
                       flag_values=fv)
   flags.DEFINE_string("devices", None, "Local devices instead, e.g. cpu:8.", flag_values=fv)
+  flags.DEFINE_integer("pack_sequence_length", None, "data.packing: real tokens the plan "
+                       "assumes per sequence (default data.max_length: the largest bucket).",
+                       flag_values=fv)
+  flags.DEFINE_float("pack_fill", 1.0, "data.packing: assumed fraction of real tokens in the "
+                     "packed rows.", flag_values=fv)
   try:
     fv(full_argv)
     if fv["config"].value is None:
@@ -228,7 +234,8 @@ def _plan(argv: list[str]) -> int:
   from jaxalign import plan as plan_lib
 
   try:
-    result = plan_lib.plan(config, topology=fv.topology, devices=fv.devices)
+    pack = plan_lib.PackAssumption(fv.pack_sequence_length, fv.pack_fill)
+    result = plan_lib.plan(config, topology=fv.topology, devices=fv.devices, pack=pack)
   except (config_lib.ConfigError, plan_lib.PlanError) as e:
     return _die("plan", str(e))
   print(plan_lib.format_plan(result))

@@ -25,6 +25,16 @@ Figures (all per device unless named otherwise):
     docs/performance.md) over batch_size * S sequences of max_length tokens
     (every token counted real: the planner cannot know the data);
     model_flops_per_token = model_flops_per_step / tokens_per_step.
+  packing (data.packing): the step receives the packed layout
+    (jaxalign/data/packing.py): G = batch shards x grad_accum_steps groups of
+    R rows of L = data.pack_length (0: max_length) tokens. The planner cannot
+    see the data, so it plans a stated `PackAssumption`: every sequence holds
+    `sequence_length` real tokens (default max_length: one sequence per row, R =
+    B_g * S, the largest bucket, which every run compiles and may hit), and R
+    is the fewest rows that hold the group's real tokens at `fill` (and that
+    equal-length sequences can fill). Model FLOPs, tokens_per_step, tokens/s
+    and MFU then count the real tokens only (B * S * sequence_length, each
+    sequence's own causal attention); computed_tokens_per_step = G * R * L.
   attention kernel: a fused kernel (splash on TPU, cudnn on GPU) is opaque to
     XLA's cost analysis, which then counts none of its FLOPs or time. When the
     step uses one, its FLOPs are counted analytically
@@ -69,6 +79,7 @@ import ml_collections
 from jaxalign import config as config_lib
 from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
+from jaxalign.data import packing
 from jaxalign.models import attention as attention_lib
 from jaxalign.errors import PlanError
 from jaxalign.train import build as build_lib
@@ -163,8 +174,71 @@ def _make_mesh(config, devs):
                            axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict[str, Any]:
-  """The global batch the step receives, as ShapeDtypeStructs with its sharding."""
+@dataclasses.dataclass(frozen=True)
+class PackAssumption:
+  """What a packed plan assumes of the data it cannot see (module docstring).
+
+  Attributes:
+    sequence_length: real tokens of every sequence; None: data.max_length
+      (the largest bucket: one sequence per row).
+    fill: real tokens / row tokens of the rows a step uses, in (0, 1].
+  """
+  sequence_length: int | None = None
+  fill: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedShape:
+  """The packed layout a plan compiles: G groups of R rows of L tokens."""
+  groups: int
+  rows: int
+  row_length: int
+  sequence_length: int
+  fill: float
+  largest_bucket: int       # B_g * S
+
+
+def packed_shape(config: ml_collections.ConfigDict, batch_sharding,
+                 assume: PackAssumption | None = None) -> PackedShape:
+  """The packed layout (module docstring) of `config`'s step under `assume`.
+
+  Raises:
+    PlanError: an assumption the layout cannot hold.
+  """
+  assume = assume or PackAssumption()
+  B, T = config.data.batch_size, config.data.max_length
+  S = _sequences(losses.get(config.loss.name), config)
+  L = config.data.pack_length or T
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  G = sharding.batch_shards(batch_sharding.mesh, rules) * config.optim.grad_accum_steps
+  if B % G:
+    raise PlanError(f"data.packing: the batch of {B} examples does not split into {G} pack "
+                    "groups (batch shards x grad_accum_steps)")
+  m = T if assume.sequence_length is None else int(assume.sequence_length)
+  if not 0 < m <= T:
+    raise PlanError(f"packed plan: sequence_length {m} must be in [1, data.max_length={T}]")
+  if not 0 < assume.fill <= 1:
+    raise PlanError(f"packed plan: fill {assume.fill} must be in (0, 1]")
+  full = B // G * S
+  rows = max(math.ceil(full * m / (L * assume.fill)), math.ceil(full / (L // m)))
+  return PackedShape(groups=G, rows=min(rows, full), row_length=L, sequence_length=m,
+                     fill=assume.fill, largest_bucket=full)
+
+
+def _sequences(spec, config) -> int:
+  """Sequences per example of the loss's data format."""
+  if spec.data in _GROUP_FORMATS:
+    return 1 + (config.data.group_size or DEFAULT_GROUP_SIZE)
+  return _FORMAT_SEQUENCES[spec.data]
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_sharding,
+                   pack: PackAssumption | None = None) -> dict[str, Any]:
+  """The global batch the step receives, as ShapeDtypeStructs with its sharding.
+
+  With data.packing, the packed columns of `packed_shape(config, batch_sharding,
+  pack)` in place of tokens/attention_mask/loss_mask.
+  """
   spec = losses.get(config.loss.name)
   B, T = config.data.batch_size, config.data.max_length
   extra: dict[str, tuple[tuple[int, ...], Any]] = {}
@@ -184,8 +258,15 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict[st
   extra.update(spec.prepared_columns if spec.prepare else {})
   if spec.needs_ref and config.reference.mode == "precompute":
     extra["ref_logps"] = ((S,), jnp.float32)
-  batch = {k: jax.ShapeDtypeStruct((B, S, T), jnp.int32, sharding=batch_sharding)
-           for k in ("tokens", "attention_mask", "loss_mask")}
+  if config.data.get("packing", False):
+    p = packed_shape(config, batch_sharding, pack)
+    batch = {k: jax.ShapeDtypeStruct((p.groups, p.rows, p.row_length), jnp.int32,
+                                     sharding=batch_sharding)
+             for k in packing.PACKED_KEYS if k != "packed_lengths"}
+    batch["packed_lengths"] = jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=batch_sharding)
+  else:
+    batch = {k: jax.ShapeDtypeStruct((B, S, T), jnp.int32, sharding=batch_sharding)
+             for k in ("tokens", "attention_mask", "loss_mask")}
   for k, (shape, dtype) in extra.items():
     batch[k] = jax.ShapeDtypeStruct((B, *shape), dtype, sharding=batch_sharding)
   return batch
@@ -212,30 +293,32 @@ def _target(topology: str | None, devices: str | None):
   return local_devices(devices), None, devices
 
 
-def build_for(config: ml_collections.ConfigDict, devs) -> tuple[build_lib.Built, dict]:
+def build_for(config: ml_collections.ConfigDict, devs, pack: PackAssumption | None = None
+              ) -> tuple[build_lib.Built, dict]:
   """(the run's Built, the abstract global batch) on `devs`: the train step exactly as
   `jaxalign train` builds it (jaxalign.train.build), LoRA adapters, OFS-DPO modules
-  and their optimizers included.
+  and their optimizers included. `pack`: the packed plan's assumption (data.packing).
 
   Raises:
     ConfigError: the config cannot run on that many devices.
   """
   spec = config_lib.resolve(config, len(devs))
   built = build_lib.build(spec, _make_mesh(spec.config, devs))
-  return built, abstract_batch(spec.config, built.batch_sharding)
+  return built, abstract_batch(spec.config, built.batch_sharding, pack)
 
 
 def lower_step(config: ml_collections.ConfigDict, *, topology: str | None = None,
-               devices: str | None = None):
+               devices: str | None = None, pack: PackAssumption | None = None):
   """The planned train step, lowered (not compiled) for the target: `jax.stages.Lowered`."""
-  built, batch = build_for(config, _target(topology, devices)[0])
+  built, batch = build_for(config, _target(topology, devices)[0], pack)
   with jax.set_mesh(built.mesh):
     return built.step_fn.lower(built.abstract_state, batch)
 
 
 def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
          devices: str | None = None, verbose: bool = False,
-         scan_estimate: bool | None = None) -> dict[str, Any]:
+         scan_estimate: bool | None = None,
+         pack: PackAssumption | None = None) -> dict[str, Any]:
   """Compiles the real train step for a TPU topology or local devices; returns its figures.
 
   Args:
@@ -247,6 +330,8 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
       costs from two small unrolled probes (module docstring). None: only when
       a time can be predicted (a TPU chip with a known peak); False: never
       (then no time or MFU is predicted for a scanned model).
+    pack: with data.packing, what the plan assumes of the data (PackAssumption;
+      default: the largest bucket); ignored without packing.
 
   Returns:
     A flat dict: target, num_devices, mesh, num_params, trainable_params, lora
@@ -257,23 +342,34 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     lower_seconds, compile_seconds, scan_iterations, compiled_flops_per_device
     (as XLA counts the compiled program: a scan body once) and, when the
     scanned costs were extrapolated, scan_probe_layers and
-    scan_probe_compile_seconds; error (the compiler's message when it did not fit).
+    scan_probe_compile_seconds; error (the compiler's message when it did not fit);
+    with data.packing, packing (the planned layout and its assumption) and
+    computed_tokens_per_step (tokens_per_step and the model FLOPs: real tokens).
 
   Raises:
     PlanError: libtpu missing, bad topology, too few local devices.
     ConfigError: the config cannot run on that many devices.
   """
   devs, chip, target = _target(topology, devices)
-  built, batch = build_for(config, devs)
+  built, batch = build_for(config, devs, pack)
   mesh, model_cfg = built.mesh, built.model_cfg
   frozen_ref = built.frozen_ref
   step_fn, abstract_state = built.step_fn, built.abstract_state
 
   n = len(devs)
   num_params = model_cfg.num_params()
-  B, S, T = batch["tokens"].shape
-  tokens = B * S * T
-  lengths = [T] * (B * S)
+  packed = packing.is_packed(batch)
+  if packed:
+    B, S = batch["packed_lengths"].shape
+    T = config.data.max_length
+    layout = packed_shape(config, built.batch_sharding, pack)
+    lengths = [layout.sequence_length] * (B * S)       # real tokens only
+    computed = math.prod(batch["packed_tokens"].shape)
+  else:
+    B, S, T = batch["tokens"].shape
+    lengths = [T] * (B * S)
+    computed = B * S * T
+  tokens = sum(lengths)
   model_flops = flops_lib.model_flops(model_cfg, lengths, frozen_reference=frozen_ref)
   out: dict[str, Any] = {
       "target": target, "num_devices": n,
@@ -287,6 +383,9 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
                if built.lora_cfg.enabled else None),
       "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
+      "computed_tokens_per_step": computed,
+      "packing": (dict(dataclasses.asdict(layout),
+                       packed_shape=list(batch["packed_tokens"].shape)) if packed else None),
       "model_flops_per_token": model_flops / tokens, "model_flops_per_step": model_flops,
       "hbm_bytes": chip.hbm_bytes if chip else None,
   }
@@ -334,7 +433,7 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     scan_estimate = chip is not None
   extrapolated = groups > 1 and scan_estimate
   if extrapolated:
-    cost, probe = scan_extrapolated_cost(config, devs, model_cfg)
+    cost, probe = scan_extrapolated_cost(config, devs, model_cfg, pack)
     out.update(probe)
   flops = float(cost.get("flops", 0.0))
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
@@ -350,7 +449,9 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   else:
     estimate = "none: no time estimate from XLA and no known peak for this device"
   out.update(_attention_kernel_part(model_cfg, devs[0].platform, lengths, n, chip,
-                                    frozen_reference=frozen_ref))
+                                    frozen_reference=frozen_ref,
+                                    row_length=batch["packed_tokens"].shape[-1] if packed
+                                    else T))
   if extrapolated:
     l1, l2 = out["scan_probe_layers"]
     estimate = (f"{estimate}; XLA's costs of the unrolled step extrapolated over {groups} scanned "
@@ -394,7 +495,8 @@ def probe_config(config: ml_collections.ConfigDict, model_cfg, groups: int):
   return c, n_layers
 
 
-def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg
+def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg,
+                           pack: PackAssumption | None = None
                            ) -> tuple[dict[str, float], dict[str, Any]]:
   """XLA's cost of the step unrolled over all G scanned groups, from two probes.
 
@@ -408,7 +510,7 @@ def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg
   t0 = time.perf_counter()
   for g in (1, 2):
     c, n_layers = probe_config(config, model_cfg, g)
-    built, batch = build_for(c, devs)
+    built, batch = build_for(c, devs, pack)
     with jax.set_mesh(built.mesh):
       compiled = built.step_fn.lower(built.abstract_state, batch).compile()
     costs.append(_cost(compiled))
@@ -422,10 +524,15 @@ def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg
 
 
 def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip | None, *,
-                           frozen_reference: bool) -> dict[str, Any]:
-  """The attention kernel the step uses and, when XLA cannot see it, its FLOPs and time."""
+                           frozen_reference: bool, row_length: int) -> dict[str, Any]:
+  """The attention kernel the step uses and, when XLA cannot see it, its FLOPs and time.
+
+  `lengths`: real tokens of each sequence (a packed row's segments attend only
+  within themselves, so the kernel's unmasked blocks are those of the sequences);
+  `row_length`: the rows' length, the kernel's shape.
+  """
   impl, _ = attention_lib.choose(
-      model_cfg.attention, platform, seq_len=lengths[0], kv_len=lengths[0],
+      model_cfg.attention, platform, seq_len=row_length, kv_len=row_length,
       dtype=model_cfg.dtype, softcap=model_cfg.attn_logit_softcap, decode=False)
   opaque = impl in ("splash", "cudnn") and platform in ("tpu", "gpu")
   kernel = (flops_lib.attention_kernel_flops(
@@ -461,12 +568,20 @@ def format_plan(p: dict[str, Any]) -> str:
       f"  params {_num(p['num_params'])} (trainable {_num(p.get('trainable_params'))}"
       + (f": LoRA {p['lora']})" if p.get("lora") else ")")
       + f"   batch {p['batch_shape']} (B, S, T) = "
-      f"{p['tokens_per_step']} tokens/step",
+      + (f"{p['tokens_per_step']} tokens/step" if not p.get("packing") else
+         f"{p['tokens_per_step']} real tokens/step packed into {p['packing']['packed_shape']} "
+         f"(G, R, L) = {p['computed_tokens_per_step']} computed"),
+
       f"  lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s"
       + (f" (+ {p['scan_probe_compile_seconds']:.1f} s for the unrolled "
          f"{p['scan_probe_layers'][0]}- and {p['scan_probe_layers'][1]}-layer cost probes)"
          if p.get("scan_probe_layers") else ""),
   ]
+  if p.get("packing"):
+    k = p["packing"]
+    lines.append(f"  packing assumed: every sequence {k['sequence_length']} real tokens, rows "
+                 f"{100 * k['fill']:.0f}% full -> {k['rows']} of at most {k['largest_bucket']} "
+                 f"rows per group; model FLOPs, tokens/s and MFU count real tokens")
   if p.get("error"):
     lines.append(f"  DOES NOT FIT: {p['error']}")
     return "\n".join(lines)

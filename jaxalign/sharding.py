@@ -90,6 +90,13 @@ def batch_axes(rules: Rules) -> tuple[str, ...] | str | None:
   return dict((name, target) for name, target in rules).get("batch", ("data", "fsdp"))
 
 
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """Shards of the leading (example) dimension: the product of the batch axes' sizes."""
+  axes = batch_axes(rules) or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(int(mesh.shape[a]) for a in axes)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Leading (example) dimension split over the batch axes, the rest replicated."""
   return NamedSharding(mesh, P(batch_axes(rules)))

@@ -10,11 +10,13 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from jaxalign import config as config_lib
 from jaxalign import flops as flops_lib
 from jaxalign import plan as plan_lib
+from jaxalign.data import packing
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 REAL_SCALE = ("llama3_8b_dpo", "llama3_8b_dpo_8k", "qwen25_7b_bco", "gemma2_9b_ln_dpo",
@@ -156,6 +158,62 @@ def test_chip_table():
   assert plan_lib.chip_of("v9z:2x2") is None
 
 
+def _fsdp8_sharding():
+  mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+
+def _packed_tiny(sequence_length):
+  """The tiny DPO plan with data.packing, and 8 tokenized examples whose every
+  sequence holds `sequence_length` real tokens (the plan's assumption made true)."""
+  c = _tiny_dpo()
+  c.data.packing = True
+  T, P = c.data.max_length, c.data.max_prompt_length
+  pos = np.arange(T)
+  attention = np.broadcast_to(pos < sequence_length, (2, T)).astype(np.int32)
+  examples = [{"tokens": (np.arange(2 * T).reshape(2, T) % 30 + 2).astype(np.int32) * attention,
+               "attention_mask": attention,
+               "loss_mask": (attention * (pos >= min(P, sequence_length - 1))).astype(np.int32),
+               "ref_logps": np.full((2,), -3.0, np.float32)} for _ in range(8)]
+  return c, examples
+
+
+@pytest.mark.parametrize("sequence_length", [20, 64])
+def test_packed_abstract_batch_is_what_the_packer_produces(sequence_length):
+  """Shapes and dtypes of the planned packed batch == jaxalign.data.packing's output
+  for data meeting the assumption (64 = max_length: the largest bucket)."""
+  sharding = _fsdp8_sharding()
+  c, examples = _packed_tiny(sequence_length)
+  assume = plan_lib.PackAssumption(sequence_length=sequence_length)
+  planned = plan_lib.abstract_batch(c, sharding, assume)
+  # The run's packer: one group per batch shard (8 on this mesh), buckets fitted to the data.
+  _, pack = packing.make_packer(examples, process_batch=8, num_groups=8, global_groups=8,
+                                row_length=c.data.max_length, num_buckets=3, seed=0, pad_id=0)
+  real = pack({k: np.stack([e[k] for e in examples]) for k in examples[0]})
+  assert set(planned) == set(real)
+  for k, v in real.items():
+    assert (planned[k].shape, planned[k].dtype) == (v.shape, v.dtype), k
+  assert planned["packed_tokens"].sharding == sharding
+  # 2 sequences of 20 tokens share a 64-token row; of 64, one each (B_g * S = 2 rows).
+  assert planned["packed_tokens"].shape == (8, 1 if sequence_length == 20 else 2, 64)
+
+
+def test_packed_plan_counts_real_tokens():
+  c, _ = _packed_tiny(20)
+  p = plan_lib.plan(c, devices="cpu:8", pack=plan_lib.PackAssumption(sequence_length=20))
+  cfg = config_lib.model_config(c)
+  assert p["tokens_per_step"] == 8 * 2 * 20 and p["computed_tokens_per_step"] == 8 * 1 * 64
+  assert p["model_flops_per_step"] == flops_lib.model_flops(cfg, [20] * 16)
+  assert p["packing"]["rows"] == 1 and p["packing"]["largest_bucket"] == 2
+  assert p["fits"] and p["memory_total"] > 0
+  assert "real tokens/step packed into [8, 1, 64]" in plan_lib.format_plan(p)
+  # A fill the rows cannot reach needs more of them (at most the largest bucket).
+  assert plan_lib.packed_shape(
+      c, _fsdp8_sharding(), plan_lib.PackAssumption(20, fill=0.5)).rows == 2
+  with pytest.raises(plan_lib.PlanError, match="sequence_length"):
+    plan_lib.packed_shape(c, _fsdp8_sharding(), plan_lib.PackAssumption(65))
+
+
 # --- TPU: compiled for abstract TPU devices; needs libtpu, not a TPU. ---
 # Marked `tpu`: the README's `pytest` deselects them (pyproject addopts);
 # `pytest -m tpu` runs them all, as .ci/run does after installing the tpu extra.
@@ -170,6 +228,25 @@ def test_tiny_dpo_compiles_for_a_tpu_slice():
   assert p["fits"] and 0 < p["memory_total"] < p["hbm_bytes"]
   assert p["flops_per_step"] > 0 and p["predicted_step_seconds"] > 0
   assert 0 < p["predicted_mfu"] < 1
+
+
+@pytest.mark.tpu
+def test_tiny_packed_dpo_compiles_for_a_tpu_slice_and_counts_real_tokens():
+  pytest.importorskip("libtpu")
+  padded = _tiny_dpo()
+  padded.model.scan_layers = False
+  c, _ = _packed_tiny(20)
+  c.model.scan_layers = False
+  ref = plan_lib.plan(padded, topology="v5p:2x2x2")
+  p = plan_lib.plan(c, topology="v5p:2x2x2", pack=plan_lib.PackAssumption(sequence_length=20))
+  assert p["fits"] and 0 < p["memory_total"] < p["hbm_bytes"]
+  assert p["packing"]["packed_shape"] == [8, 1, 64] and p["computed_tokens_per_step"] == 512
+  cfg = config_lib.model_config(c)
+  assert p["model_flops_per_step"] == flops_lib.model_flops(cfg, [20] * 16)
+  assert p["predicted_tokens_per_second"] == pytest.approx(320 / p["predicted_step_seconds"])
+  assert 0 < p["predicted_mfu"] < 1
+  # Half the rows of the padded step: XLA counts fewer FLOPs for it.
+  assert p["flops_per_step"] < ref["flops_per_step"]
 
 
 # Predicted step time and MFU of the scanned step (extrapolated from unrolled probes)

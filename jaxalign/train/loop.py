@@ -423,9 +423,8 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
   One pack group per batch shard and micro-batch, so each group's rows sit on
   the device, and in the micro-batch, of its examples.
   """
-  axes = sharding.batch_axes(tuple(tuple(r) for r in config.sharding_rules)) or ()
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  global_groups = int(np.prod([mesh.shape[a] for a in axes])) * config.optim.grad_accum_steps
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  global_groups = sharding.batch_shards(mesh, rules) * config.optim.grad_accum_steps
   if global_groups % jax.process_count():
     raise config_lib.ConfigError(
         f"config.data.packing: {global_groups} pack groups (batch shards x grad_accum_steps) "
