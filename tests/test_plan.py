@@ -187,7 +187,7 @@ def test_packed_abstract_batch_is_what_the_packer_produces(sequence_length):
   assume = plan_lib.PackAssumption(sequence_length=sequence_length)
   planned = plan_lib.abstract_batch(c, sharding, assume)
   # The run's packer: one group per batch shard (8 on this mesh), buckets fitted to the data.
-  _, pack = packing.make_packer(examples, process_batch=8, num_groups=8, global_groups=8,
+  _, pack = packing.make_packer(packing.length_sample(examples, seed=0), process_batch=8, num_groups=8, global_groups=8,
                                 row_length=c.data.max_length, num_buckets=3, seed=0, pad_id=0)
   real = pack({k: np.stack([e[k] for e in examples]) for k in examples[0]})
   assert set(planned) == set(real)

@@ -478,7 +478,7 @@ def make_packer(lengths: np.ndarray, *, process_batch: int, num_groups: int,
                   pad_id=pad_id)
   agree = _agree_across_processes if process_count > 1 else None
 
-  layout = pack_shared_batch if share_prompt else pack_batch
+  layout = pack_batch if prompts is None else pack_shared_batch
 
   def pack(batch: dict, valid: np.ndarray | None = None) -> dict:
     return layout(batch, spec, valid=valid, agree=agree)

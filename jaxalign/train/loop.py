@@ -435,7 +435,8 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
   sample = packing.sample_examples(examples, seed=config.seed)
   share = bool(config.data.get("share_prompt", False))
   _, pack = packing.make_packer(
-      packing.length_sample(sample, seed=config.seed), process_batch=process_batch, num_groups=global_groups // jax.process_count(),
+      packing.length_sample(sample, seed=config.seed), process_batch=process_batch,
+      num_groups=global_groups // jax.process_count(),
       global_groups=global_groups,
       row_length=config.data.pack_length or config.data.max_length,
       num_buckets=config.data.pack_buckets, seed=config.seed,
