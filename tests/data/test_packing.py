@@ -201,13 +201,19 @@ def test_packed_loss_metrics_and_gradients_equal_padded(loss_name):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_accumulated_train_step_equals_padded_step():
+@pytest.mark.parametrize("layout", ["packed", "packed_shared"])
+def test_packed_accumulated_train_step_equals_padded_step(layout):
   """The whole jitted step (frozen reference, metrics, update) on 8 devices: packed in
-  16 groups split over 2 micro-batches == padded in one."""
+  16 groups split over 2 micro-batches == padded in one (packed_shared: rows of
+  units of one prompt and its two responses)."""
   mesh, rules, graphdef, state = _setup()
   rng = np.random.default_rng(5)
-  padded = _wild_batch(rng, 32, 2)
-  packed = _pack(padded, 16)
+  if layout == "packed":
+    padded = _wild_batch(rng, 32, 2)
+    packed = _pack(padded, 16)
+  else:
+    padded = _shared_prompt_batch(rng, 32, 2)
+    packed = _pack_shared(padded, 16, 16)
   tx = optax.sgd(1.0)
   state = state.replace(opt_state=tx.init(state.params))
   call = step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1})

@@ -12,6 +12,20 @@ from tests.train.helpers import read_metrics, tiny_config
 TIMING = ("tokens_per_sec", "perf/model_tflops_per_device", "perf/mfu")
 
 
+def _assert_metrics_equal(padded, packed):
+  assert [m["step"] for m in packed] == [m["step"] for m in padded]
+  for a, b in zip(padded, packed):
+    assert set(a) == set(b)
+    for k in a:
+      # Accuracy is a sign test: while the policy still equals the reference (the
+      # learning rate is 0 at step 0, so at steps 1 and 2) its margins are float
+      # noise (|margin| ~1e-8), and so is its value.
+      noise = k == "rewards/accuracies" and abs(a["rewards/margins"]) < 1e-6
+      if k not in TIMING and not noise:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"step {a['step']} {k}")
+
+
 def _config(**overrides):
   return tiny_config(**{"data.batch_size": 16, "total_steps": 4, "checkpoint.every": 2,
                         **overrides})
@@ -24,13 +38,8 @@ def test_packed_run_equals_padded_run_and_resumes(tmp_path):
   assert first.final_step == 2
   loop.train(packed_cfg, str(tmp_path / "packed"), progress=False)   # resumes at step 2
   padded, packed = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "packed")
-  assert [m["step"] for m in packed] == [m["step"] for m in padded] == [1, 2, 3, 4]
-  for a, b in zip(padded, packed):
-    assert set(a) == set(b)
-    for k in a:
-      if k not in TIMING:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"step {a['step']} {k}")
+  assert [m["step"] for m in padded] == [1, 2, 3, 4]
+  _assert_metrics_equal(padded, packed)
   np.testing.assert_allclose(np.load(tmp_path / "packed" / "ref_logps.npy"),
                              np.load(tmp_path / "padded" / "ref_logps.npy"),
                              rtol=1e-5, atol=1e-5)
@@ -73,16 +82,8 @@ def test_packed_shared_lora_run_equals_padded_run(tmp_path):
   loop.train(cfg(**{"data.packing": True, "data.pack_length": 16, "data.share_prompt": True}),
              str(tmp_path / "packed"), progress=False)
   padded, packed = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "packed")
-  assert len(padded) == len(packed) == 3
-  for a, b in zip(padded, packed):
-    assert set(a) == set(b)
-    for k in a:
-      # Accuracy is a sign test: while the policy still equals the reference its
-      # margins are float noise (|margin| ~1e-8) and so is its value.
-      noise = k == "rewards/accuracies" and abs(a["rewards/margins"]) < 1e-6
-      if k not in TIMING and not noise:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"step {a['step']} {k}")
+  assert len(padded) == 3
+  _assert_metrics_equal(padded, packed)
   assert abs(padded[2]["rewards/margins"]) > 1e-4   # the adapters moved
   np.testing.assert_allclose(np.load(tmp_path / "packed" / "ref_logps.npy"),
                              np.load(tmp_path / "padded" / "ref_logps.npy"),
