@@ -16,6 +16,7 @@ from jaxalign.data import conventions, formats, lazy, packing, prepared, reading
 from jaxalign.train import loop
 from jaxalign.train import online as online_lib
 from tests.train.helpers import read_metrics, tiny_config
+from tests.data.test_lazy import _Spy
 
 ARGS = dict(max_length=12, max_prompt_length=8)
 LIST_LOG = "as a list of every example"
@@ -126,20 +127,6 @@ def test_online_record_rewrite_reads_lazily_and_names_bad_rows(tmp_path, caplog)
     return source.map_record(record)
   with pytest.raises(formats.DataError, match=r"p\.jsonl:3: <record>: KeyError"):
     _load(path, "sft", lazy_read=True, map_record=broken)
-
-
-class _Spy:
-  """A sequence recording which items were read."""
-
-  def __init__(self, examples):
-    self.examples, self.read = examples, []
-
-  def __len__(self):
-    return len(self.examples)
-
-  def __getitem__(self, i):
-    self.read.append(int(i))
-    return self.examples[i]
 
 
 def test_the_length_sample_reads_only_its_rows_and_is_fixed_by_the_seed(tmp_path):
