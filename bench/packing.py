@@ -1,8 +1,8 @@
 """Padded vs packed DPO steps on preference-shaped lengths: real tokens/s and MFU.
 
   python bench/packing.py                 # CPU, both cases, ~6 min on 2 busy cores
-  python bench/packing.py --case pairs    # DPO pairs: padded vs packed
-  python bench/packing.py --case grao     # GRAO groups: unshared vs shared prompt
+  python bench/packing.py --case pairs    # DPO pairs: padded vs packed vs packed+shared
+  python bench/packing.py --case grao     # GRAO groups: unshared vs shared vs packed+shared
   python bench/packing.py --case pairs --trl-python /work/venv-trl/bin/python
                                           # + the same batches through TRL's DPOTrainer
 
@@ -229,10 +229,17 @@ def _stack(rows):
 
 
 def _computed_lengths(b) -> np.ndarray:
-  """Real tokens of each row the forward runs: a shared prompt counts once."""
+  """Real tokens of each part the forward runs: a shared prompt counts once, then
+  each response on its own (its attention to the prompt is not counted)."""
   if packing.is_shared(b):
     return np.concatenate([b["shared_prompt_mask"].sum(-1),
                            b["shared_response_mask"].sum(-1).reshape(-1)])
+  if packing.is_packed_shared(b):   # parts: (row, segment, part id 0 = prompt / s + 1)
+    real = b["packed_attention_mask"].astype(bool)
+    part = b["packed_segment_ids"] * (int(b["packed_part_ids"].max()) + 1) \
+        + b["packed_part_ids"]
+    rows = zip(real.reshape(-1, real.shape[-1]), part.reshape(-1, part.shape[-1]))
+    return np.concatenate([np.unique(p[r], return_counts=True)[1] for r, p in rows])
   return packing.sequence_lengths(b).reshape(-1)
 
 
@@ -272,11 +279,13 @@ def _print_table(result, names):
           f"{r['computed_tokens_per_step']:13.0f}")
 
 
-# Layouts of the pairs case: name -> (padded host batches, packer) -> its batches.
-# A new layout (e.g. "packed+shared") is one entry here and a name in --layouts.
-PAIR_LAYOUTS: dict[str, Callable[[list[dict], Callable], list[dict]]] = {
-    "padded": lambda padded, pack: padded,
-    "packed": lambda padded, pack: [pack(b) for b in padded],
+# Layouts of the pairs case: name -> (padded host batches, packers) -> its batches;
+# packers: "packed" / "packed+shared" -> make_packer's pack. A new layout is one
+# entry here and a name in --layouts.
+PAIR_LAYOUTS: dict[str, Callable[[list[dict], dict], list[dict]]] = {
+    "padded": lambda padded, packers: padded,
+    "packed": lambda padded, packers: [packers["packed"](b) for b in padded],
+    "packed+shared": lambda padded, packers: [packers["packed+shared"](b) for b in padded],
 }
 
 
@@ -285,10 +294,14 @@ def pairs_case(args, peak) -> dict:
   T, P = int(MAX_LENGTH * args.scale), int(MAX_PROMPT * args.scale)
   c = model_config(T, args.batch, P, "dpo")
   examples = preference_examples(args.batch * 64, scale=args.scale, vocab=2048, seed=0)
-  spec, pack = packing.make_packer(packing.length_sample(examples, seed=0),
-                                   process_batch=args.batch, num_groups=1,
-                                   global_groups=1, row_length=T, num_buckets=args.buckets,
-                                   seed=0, pad_id=0)
+  sample = packing.sample_examples(examples, seed=0)
+  specs, packers = {}, {}
+  for name, prompts in (("packed", None),
+                        ("packed+shared", packing.example_prompt_lengths(sample))):
+    specs[name], packers[name] = packing.make_packer(
+        packing.length_sample(sample, seed=0), process_batch=args.batch, num_groups=1,
+        global_groups=1, row_length=T, num_buckets=args.buckets, seed=0, pad_id=0,
+        prompts=prompts)
   padded = [_stack(examples[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches)]
   names = args.layouts.split(",")
   if "padded" not in names:
@@ -296,7 +309,7 @@ def pairs_case(args, peak) -> dict:
   unknown = set(names) - set(PAIR_LAYOUTS)
   if unknown:
     sys.exit(f"--layouts: unknown {sorted(unknown)}; known {sorted(PAIR_LAYOUTS)}")
-  layouts = {name: PAIR_LAYOUTS[name](padded, pack) for name in names}
+  layouts = {name: PAIR_LAYOUTS[name](padded, packers) for name in names}
   with tempfile.TemporaryDirectory() as tmp:
     external, trl_runs = {}, []
     if args.trl_python:
@@ -315,7 +328,7 @@ def pairs_case(args, peak) -> dict:
                              "real_fraction": float(lengths.sum() / (len(lengths) * T)),
                              "len_p5_p50_p95": [int(x) for x in
                                                 np.percentile(lengths, [5, 50, 95])]},
-            "buckets": list(spec.buckets), "batch_pairs": args.batch, "rows_per_step": rows,
+            "buckets": {k: list(v.buckets) for k, v in specs.items()}, "batch_pairs": args.batch, "rows_per_step": rows,
             "times": times,
             **_summary(c, padded, layouts, times, steps=args.steps, peak=peak,
                        external_computed=trl_computed)}
@@ -324,7 +337,8 @@ def pairs_case(args, peak) -> dict:
         f"{RESPONSE_MEAN * args.scale:.0f}, T {T}; real tokens "
         f"{result['distribution']['real_fraction']:.1%} of the padded layout; p5/p50/p95 "
         f"sequence length {result['distribution']['len_p5_p50_p95']}")
-  print(f"buckets (rows per step): {list(spec.buckets)} of {2 * args.batch} padded rows")
+  print(f"buckets (rows per step): " + "; ".join(
+      f"{k} {list(v.buckets)}" for k, v in specs.items()) + f" of {2 * args.batch} padded rows")
   _print_table(result, (*layouts, *external))
   pairs = [(name, "padded") for name in layouts if name != "padded"]
   if trl_runs:
@@ -368,17 +382,25 @@ def grao_case(args, peak) -> dict:
 
   padded = [batch() for _ in range(args.batches)]
   share = packing.make_sharer(prompt_length=P, max_length=T)
-  layouts = {"unshared": padded, "shared": [share(b) for b in padded]}
+  # Packed + shared: rows of one prompt and its G + 1 samples (P + (G + 1) R tokens).
+  pack_spec = packing.PackSpec(num_groups=1, row_length=P + (G + 1) * R,
+                               buckets=(B, B * (G + 1)))
+  layouts = {"unshared": padded, "shared": [share(b) for b in padded],
+             "packed+shared": [packing.pack_shared_batch(b, pack_spec) for b in padded]}
   times = time_layouts(c, layouts, steps=args.steps, rounds=args.rounds)
   result = {"G": G, "prompt": P, "sample": R, "groups_per_step": B,
             **_summary(c, padded, layouts, times, steps=args.steps, peak=peak)}
   ratios = [p / q for p, q in zip(times["unshared"], times["shared"])]
   result["speedup_median"], result["speedup_rounds"] = float(np.median(ratios)), ratios
+  packed_ratios = [p / q for p, q in zip(times["unshared"], times["packed+shared"])]
+  result["packed_shared_speedup_median"] = float(np.median(packed_ratios))
+  result["packed_shared_speedup_rounds"] = packed_ratios
   print(f"[grao] {B} groups per step of 1 + G = {G + 1} sequences: {P}-token prompt, "
         f"{R}-token samples")
-  _print_table(result, ("unshared", "shared"))
-  print(f"shared / unshared real tokens/s: {result['speedup_median']:.2f}x (median of "
-        f"{args.rounds} rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+  _print_table(result, tuple(layouts))
+  for name, rs in (("shared", ratios), ("packed+shared", packed_ratios)):
+    print(f"{name} / unshared real tokens/s: {np.median(rs):.2f}x (median of "
+          f"{args.rounds} rounds: {', '.join(f'{x:.2f}' for x in rs)})")
   return result
 
 
@@ -392,7 +414,7 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--batches", type=int, default=2, help="distinct batches cycled")
   ap.add_argument("--buckets", type=int, default=3)
-  ap.add_argument("--layouts", default="padded,packed",
+  ap.add_argument("--layouts", default="padded,packed,packed+shared",
                   help=f"pairs case: layouts to time, of {sorted(PAIR_LAYOUTS)}")
   ap.add_argument("--trl-python", help="pairs case: also run the batches through TRL's "
                   "DPOTrainer with the python of this environment (bench/compare_trl.py)")

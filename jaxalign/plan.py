@@ -344,7 +344,9 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     scanned costs were extrapolated, scan_probe_layers and
     scan_probe_compile_seconds; error (the compiler's message when it did not fit);
     with data.packing, packing (the planned layout and its assumption) and
-    computed_tokens_per_step (tokens_per_step and the model FLOPs: real tokens).
+    computed_tokens_per_step (tokens_per_step and the model FLOPs: real tokens);
+    share_prompt_planned: False when data.share_prompt is on (planned without
+    it: every sequence with its own prompt), else None.
 
   Raises:
     PlanError: libtpu missing, bad topology, too few local devices.
@@ -388,6 +390,9 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
                        packed_shape=list(batch["packed_tokens"].shape)) if packed else None),
       "model_flops_per_token": model_flops / tokens, "model_flops_per_step": model_flops,
       "hbm_bytes": chip.hbm_bytes if chip else None,
+      # The shared layout's shapes follow each batch's prompts, which a plan never
+      # sees: it plans each sequence with its own prompt (more tokens, an upper bound).
+      "share_prompt_planned": False if config.data.get("share_prompt", False) else None,
   }
 
   t0 = time.perf_counter()
@@ -582,6 +587,9 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append(f"  packing assumed: every sequence {k['sequence_length']} real tokens, rows "
                  f"{100 * k['fill']:.0f}% full -> {k['rows']} of at most {k['largest_bucket']} "
                  f"rows per group; model FLOPs, tokens/s and MFU count real tokens")
+  if p.get("share_prompt_planned") is False:
+    lines.append("  data.share_prompt is not planned: every sequence is planned with its "
+                 "own prompt (more tokens than the run computes: an upper bound)")
   if p.get("error"):
     lines.append(f"  DOES NOT FIT: {p['error']}")
     return "\n".join(lines)

@@ -207,6 +207,11 @@ def test_packed_plan_counts_real_tokens():
   assert p["packing"]["rows"] == 1 and p["packing"]["largest_bucket"] == 2
   assert p["fits"] and p["memory_total"] > 0
   assert "real tokens/step packed into [8, 1, 64]" in plan_lib.format_plan(p)
+  # data.share_prompt is planned without sharing, and the table says so.
+  assert p["share_prompt_planned"] is None
+  assert "data.share_prompt is not planned" not in plan_lib.format_plan(p)
+  assert "data.share_prompt is not planned" in plan_lib.format_plan(
+      {**p, "share_prompt_planned": False})
   # A fill the rows cannot reach needs more of them (at most the largest bucket).
   assert plan_lib.packed_shape(
       c, _fsdp8_sharding(), plan_lib.PackAssumption(20, fill=0.5)).rows == 2

@@ -462,7 +462,9 @@ def make_packer(lengths: np.ndarray, *, process_batch: int, num_groups: int,
     seed: seeds the bucket simulation (deterministic per run).
     pad_id: the tokenizer's pad id.
     process_count: > 1: the processes agree on each step's bucket.
-    share_prompt: pack units of one prompt and its responses (pack_shared_batch).
+    prompts: [n] prompt tokens of the same examples (`example_prompt_lengths`):
+      pack units of one prompt and its responses (pack_shared_batch); None:
+      every sequence on its own (pack_batch).
   """
   if process_batch % num_groups:
     raise ValueError(f"the process batch {process_batch} does not split into "
