@@ -378,8 +378,8 @@ def packed_sequence_logps(
   seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
   sums = seg_sum(values, where)[:, :num_slots]
   counts = seg_sum(mask.reshape(G, R * L).astype(jnp.int32), where)[:, :num_slots]
-  log_sum_sq = functools.partial(
-      token_log_sum_sq_probs, head_w=model.head_weight(), chunk_size=chunk_size,
+  log_sum_sq = lambda h: token_log_sum_sq_probs(  # noqa: E731  only called when asked
+      h, model.head_weight(), chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
   if token_outputs is not None:
     if "log_sum_sq" in token_outputs:
