@@ -319,6 +319,7 @@ def packed_sequence_logps(
     first_loss: jax.Array | None = None,
     chunk_size: int = 8192,
     batch_axes: BatchAxes = None,
+    token_outputs: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-sequence summed log-probs of packed rows (jaxalign.data.packing).
 
@@ -344,6 +345,14 @@ def packed_sequence_logps(
     first_loss: [G, num_slots] int 1 where that token is scored.
     chunk_size: vocabulary chunk, see token_logps.
     batch_axes: mesh axes G is split over, see token_logps.
+    token_outputs: when a dict, filled with the per-token arrays behind the sums
+      (for per-sequence loss columns), the G groups' rows flattened: "logps"
+      [G, R * L] (position t predicts token t + 1, as summed), "mask" [G, R * L]
+      bool (scored), "slot" [G, R * L] (the scored token's slot, num_slots
+      elsewhere), "log_sum_sq" [G, R * L] if the dict holds that key
+      (token_log_sum_sq_probs); with first_index also "first_logps",
+      "first_mask" and ("first_log_sum_sq") [G, num_slots] of each slot's
+      first response token, which precedes the slot's scored tokens in the rows.
 
   Returns:
     logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
@@ -369,6 +378,14 @@ def packed_sequence_logps(
   seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
   sums = seg_sum(values, where)[:, :num_slots]
   counts = seg_sum(mask.reshape(G, R * L).astype(jnp.int32), where)[:, :num_slots]
+  log_sum_sq = lambda h: token_log_sum_sq_probs(  # noqa: E731  only called when asked
+      h, model.head_weight(), chunk_size=chunk_size,
+      final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
+  if token_outputs is not None:
+    if "log_sum_sq" in token_outputs:
+      token_outputs["log_sum_sq"] = log_sum_sq(hidden).reshape(G, R * L)
+    token_outputs.update(logps=logps.reshape(G, R * L), mask=mask.reshape(G, R * L),
+                         slot=where)
   if first_index is None:
     return sums, counts
   # [G, num_slots, D]: one gathered hidden state per slot, scored like the rest.
@@ -377,6 +394,10 @@ def packed_sequence_logps(
                       final_logit_softcap=model.config.final_logit_softcap,
                       batch_axes=batch_axes)                            # [G, num_slots]
   scored = first_loss.astype(bool)
+  if token_outputs is not None:
+    if "log_sum_sq" in token_outputs:
+      token_outputs["first_log_sum_sq"] = log_sum_sq(h_first)
+    token_outputs.update(first_logps=first, first_mask=scored)
   return (sums + jnp.where(scored, first, 0.0),
           counts + scored.astype(jnp.int32))
 
@@ -391,6 +412,7 @@ def shared_prompt_logps(
     *,
     chunk_size: int = 8192,
     batch_axes: BatchAxes = None,
+    token_outputs: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-sequence summed log-probs with each example's prompt computed once.
 
@@ -405,6 +427,9 @@ def shared_prompt_logps(
     prompt, prompt_mask: [B, P] int, left-padded, at least one real token each.
     response, response_mask, response_loss: [B, S, R] int, right-padded.
     chunk_size, batch_axes: see token_logps.
+    token_outputs: when a dict, filled as sequence_logps_from_hidden's, per
+      response: "logps", "mask" and ("log_sum_sq") [B * S, R], position t for
+      response token t.
 
   Returns:
     logps_sum: [B, S] float32; num_tokens: [B, S] int32.
@@ -427,4 +452,10 @@ def shared_prompt_logps(
                       final_logit_softcap=model.config.final_logit_softcap,
                       batch_axes=batch_axes)                            # [B*S, R]
   sums = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
+  if token_outputs is not None:
+    if "log_sum_sq" in token_outputs:
+      token_outputs["log_sum_sq"] = token_log_sum_sq_probs(
+          hidden, model.head_weight(), chunk_size=chunk_size,
+          final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
+    token_outputs["logps"], token_outputs["mask"] = logps, mask
   return sums.reshape(B, S), mask.sum(axis=1).astype(jnp.int32).reshape(B, S)

@@ -201,40 +201,57 @@ def test_packed_loss_metrics_and_gradients_equal_padded(loss_name):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["packed", "packed_shared"])
-def test_packed_accumulated_train_step_equals_padded_step(layout):
-  """The whole jitted step (frozen reference, metrics, update) on 8 devices: packed in
-  16 groups split over 2 micro-batches == padded in one (packed_shared: rows of
-  units of one prompt and its two responses)."""
+@functools.lru_cache(maxsize=None)
+def _step_values(source: str, layout: str, hparams: tuple = (("beta", 0.1),),
+                 gaps: bool = False):
+  """(new params, metrics) of the whole jitted DPO step (frozen reference, metrics,
+  update) on 8 devices, from 32 examples of 2 sequences: `source` "wild"
+  (_wild_batch) or "shared" (_shared_prompt_batch, one prompt per example), laid
+  out "padded" in one micro-batch, or "packed" / "packed_shared" in 16 groups /
+  "shared" (a KV-cached prompt), each over 2 micro-batches. `gaps`: some
+  responses have unscored tokens inside (_with_gaps)."""
   mesh, rules, graphdef, state = _setup()
   rng = np.random.default_rng(5)
-  if layout == "packed":
-    padded = _wild_batch(rng, 32, 2)
-    packed = _pack(padded, 16)
-  else:
-    padded = _shared_prompt_batch(rng, 32, 2)
-    packed = _pack_shared(padded, 16, 16)
+  padded = _wild_batch(rng, 32, 2) if source == "wild" else _shared_prompt_batch(rng, 32, 2)
+  if gaps:
+    padded = _with_gaps(np.random.default_rng(7), padded)
+  host, accum = {
+      "padded": lambda: (padded, 1),
+      "packed": lambda: (_pack(padded, 16), 2),
+      "packed_shared": lambda: (_pack_shared(padded, 16, 16), 2),
+      "shared": lambda: (packing.make_sharer(prompt_length=8, max_length=T)(padded), 2),
+  }[layout]()
   tx = optax.sgd(1.0)
   state = state.replace(opt_state=tx.init(state.params))
-  call = step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1})
-  outs = []
-  for batch, accum in ((padded, 1), (packed, 2)):
-    fn = step_lib.jit_train_step(
-        graphdef=graphdef, tx=tx, schedule=optax.constant_schedule(1.0), loss_call=call,
-        chunk_size=16, accum_steps=accum, skip_nonfinite=False,
-        state_shardings=jax.tree.map(lambda x: x.sharding, state),
-        batch_sharding=sharding.batch_sharding(mesh, rules),
-        replicated=sharding.replicated(mesh))
-    with jax.set_mesh(mesh):
-      new, metrics = fn(jax.tree.map(jnp.copy, state),
-                        sharding.host_to_global(batch, sharding.batch_sharding(mesh, rules)))
-    outs.append(jax.device_get((new.params, metrics)))
-  (p1, m1), (p2, m2) = outs
+  call = step_lib.make_loss_call(losses.get("dpo"), dict(hparams))
+  fn = step_lib.jit_train_step(
+      graphdef=graphdef, tx=tx, schedule=optax.constant_schedule(1.0), loss_call=call,
+      chunk_size=16, accum_steps=accum, skip_nonfinite=False,
+      state_shardings=jax.tree.map(lambda x: x.sharding, state),
+      batch_sharding=sharding.batch_sharding(mesh, rules),
+      replicated=sharding.replicated(mesh))
+  with jax.set_mesh(mesh):
+    new, metrics = fn(jax.tree.map(jnp.copy, state),
+                      sharding.host_to_global(host, sharding.batch_sharding(mesh, rules)))
+  return jax.device_get((new.params, metrics))
+
+
+def _assert_steps_equal(a, b):
+  (p1, m1), (p2, m2) = a, b
   assert set(m1) == set(m2)
   for k in m1:
     np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed_shared"])
+def test_packed_accumulated_train_step_equals_padded_step(layout):
+  """The whole jitted step on 8 devices: packed in 16 groups split over 2
+  micro-batches == padded in one (packed_shared: rows of units of one prompt and
+  its two responses)."""
+  source = "wild" if layout == "packed" else "shared"
+  _assert_steps_equal(_step_values(source, "padded"), _step_values(source, layout))
 
 
 # --- data.share_prompt -----------------------------------------------------------------
@@ -373,3 +390,93 @@ def test_splash_falls_back_to_xla_for_part_ids():
   assert impl == "xla" and "share_prompt" in reason
   assert attention.choose("cudnn", "gpu", seq_len=256, kv_len=256, dtype="bfloat16",
                           softcap=None, decode=False, parts=True) == ("cudnn", None)
+
+
+# --- per-sequence loss columns (LD-DPO's tail_logps, WPO's wpo_logps) -------------------
+def _with_gaps(rng, batch):
+  """`batch` with one scored token past the first unscored in about half the responses
+  of 3+ scored tokens (an unscored token inside a response), prompts kept."""
+  loss_mask = batch["loss_mask"].copy()
+  for idx in np.ndindex(loss_mask.shape[:2]):
+    scored = np.nonzero(loss_mask[idx])[0]
+    if len(scored) >= 3 and rng.uniform() < 0.5:
+      loss_mask[idx][rng.choice(scored[1:])] = 0
+  return {**batch, "loss_mask": loss_mask}
+
+
+COLUMN_NAMES = ("tail_logps", "wpo_logps")
+
+
+@functools.lru_cache(maxsize=None)
+def _column_values(source: str, layout: str):
+  """Unjitted, on one device: policy logps, counts, {column: [B, S]} and the gradient
+  of <c, logps> + sum_k <c_k, column_k> (fixed random cotangents) from batch_logps,
+  on [16, 4] batches with padding slots and gaps (_wild_batch for "wild", one
+  prompt per example for "shared"), in `layout`."""
+  _, _, graphdef, state = _setup()
+  params, frozen = jax.device_get((state.params, state.frozen))
+  rng = np.random.default_rng(8)
+  if source == "wild":
+    padded = _wild_batch(rng, B, S, group_padding=True)
+  else:
+    padded = _shared_prompt_batch(rng, B, S)
+  padded = _with_gaps(rng, padded)
+  host = {
+      "padded": lambda: padded,
+      "packed": lambda: _pack(padded, 8),
+      "packed_shared": lambda: _pack_shared(padded, 8, 16),
+      "shared": lambda: packing.make_sharer(prompt_length=8, max_length=T)(padded),
+  }[layout]()
+  cot = np.random.default_rng(9).normal(size=(1 + len(COLUMN_NAMES), B, S)).astype(np.float32)
+
+  def policy(p):
+    logps, counts, cols = step_lib.batch_logps(graphdef, p, frozen, host, chunk_size=16,
+                                               columns=COLUMN_NAMES)
+    value = (cot[0] * logps).sum() + sum((c * cols[k]).sum()
+                                         for c, k in zip(cot[1:], COLUMN_NAMES))
+    return value, (logps, counts, cols)
+
+  grads, (logps, counts, cols) = jax.grad(policy, has_aux=True)(params)
+  return padded, jax.device_get((logps, counts, cols, grads))
+
+
+@pytest.mark.parametrize("source,layout", [("wild", "packed"), ("shared", "packed_shared"),
+                                           ("shared", "shared")])
+def test_columns_equal_padded_columns(source, layout):
+  """tail_logps and wpo_logps, and the gradient through them, of packed rows (the
+  shared layout: each response's first token scored from the prompt's last state)
+  and of KV-cached shared prompts == the padded layout's, on sequences of 1 to 11
+  scored tokens with gaps and empty slots."""
+  padded, want = _column_values(source, "padded")
+  _, got = _column_values(source, layout)
+  for k in COLUMN_NAMES:
+    np.testing.assert_allclose(got[2][k], want[2][k], rtol=1e-5, atol=1e-5, err_msg=k)
+  for x, y in zip(want[:2], got[:2]):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+  for x, y in zip(jax.tree.leaves(want[3]), jax.tree.leaves(got[3])):   # entries up to ~10
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+  # The batches exercise what the tail depends on: a pair of different lengths,
+  # an empty slot (the whole sequence is tail), and tokens past a gap.
+  counts = want[1]
+  assert (counts.min(1) == 0).any() and (counts.max(1) > counts.min(1) + 3).any()
+  assert np.any(want[2]["tail_logps"] != 0) and np.any(want[2]["tail_logps"] == 0)
+  scored = padded["loss_mask"].sum(-1)
+  span = (np.argmax(np.cumsum(padded["loss_mask"], -1), -1)     # last scored - first + 1
+          - np.argmax(padded["loss_mask"], -1) + 1)
+  assert ((scored > 0) & (scored < span)).any()
+
+
+@pytest.mark.parametrize("hparams", [(("beta", 0.1), ("ld_alpha", 0.5)),
+                                     (("beta", 0.1), ("use_weighting", True))],
+                         ids=["ld_alpha", "wpo"])
+@pytest.mark.parametrize("source,layout", [("wild", "packed"), ("shared", "packed_shared"),
+                                           ("shared", "shared")])
+def test_column_losses_train_step_equals_padded_step(source, layout, hparams):
+  """LD-DPO (ld_alpha: policy and frozen-reference tails) and WPO (use_weighting):
+  the whole jitted step on 8 devices, 2 micro-batches, packed / packed shared /
+  shared prompt == padded: loss, metrics, updated params."""
+  padded = _step_values(source, "padded", hparams, gaps=True)
+  _assert_steps_equal(padded, _step_values(source, layout, hparams, gaps=True))
+  # The columns change the step: it differs from plain DPO's.
+  plain = _step_values(source, "padded", (("beta", 0.1),), gaps=True)
+  assert abs(plain[1]["loss"] - padded[1]["loss"]) > 1e-4

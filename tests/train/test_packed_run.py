@@ -88,3 +88,21 @@ def test_packed_shared_lora_run_equals_padded_run(tmp_path):
   np.testing.assert_allclose(np.load(tmp_path / "packed" / "ref_logps.npy"),
                              np.load(tmp_path / "padded" / "ref_logps.npy"),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_ld_dpo_and_wpo_runs_equal_padded_run(tmp_path):
+  """LD-DPO and WPO together (the step's tail_logps and wpo_logps columns, policy and
+  frozen reference): 3 steps packed, packed with shared prompts, and with shared
+  prompts equal the padded run's."""
+  cfg = lambda **o: _config(**{"total_steps": 3, "reference.mode": "frozen",  # noqa: E731
+                               "loss.hparams.ld_alpha": 0.5,
+                               "loss.hparams.use_weighting": True, **o})
+  loop.train(cfg(), str(tmp_path / "padded"), progress=False)
+  padded = read_metrics(tmp_path / "padded")
+  assert len(padded) == 3 and "wpo/weight_mean" in padded[0]
+  packed = {"data.packing": True, "data.pack_length": 16}
+  for name, overrides in (("packed", packed),
+                          ("packed_shared", {**packed, "data.share_prompt": True}),
+                          ("shared", {"data.share_prompt": True})):
+    loop.train(cfg(**overrides), str(tmp_path / name), progress=False)
+    _assert_metrics_equal(padded, read_metrics(tmp_path / name))
