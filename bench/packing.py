@@ -328,7 +328,8 @@ def pairs_case(args, peak) -> dict:
                              "real_fraction": float(lengths.sum() / (len(lengths) * T)),
                              "len_p5_p50_p95": [int(x) for x in
                                                 np.percentile(lengths, [5, 50, 95])]},
-            "buckets": {k: list(v.buckets) for k, v in specs.items()}, "batch_pairs": args.batch, "rows_per_step": rows,
+            "buckets": {k: list(v.buckets) for k, v in specs.items()},
+            "batch_pairs": args.batch, "rows_per_step": rows,
             "times": times,
             **_summary(c, padded, layouts, times, steps=args.steps, peak=peak,
                        external_computed=trl_computed)}
@@ -337,7 +338,7 @@ def pairs_case(args, peak) -> dict:
         f"{RESPONSE_MEAN * args.scale:.0f}, T {T}; real tokens "
         f"{result['distribution']['real_fraction']:.1%} of the padded layout; p5/p50/p95 "
         f"sequence length {result['distribution']['len_p5_p50_p95']}")
-  print(f"buckets (rows per step): " + "; ".join(
+  print("buckets (rows per step): " + "; ".join(
       f"{k} {list(v.buckets)}" for k, v in specs.items()) + f" of {2 * args.batch} padded rows")
   _print_table(result, (*layouts, *external))
   pairs = [(name, "padded") for name in layouts if name != "padded"]

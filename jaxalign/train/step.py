@@ -382,7 +382,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, loss_
                             ref_graphdef=ref_graphdef, modules=modules, batch_axes=batch_axes)
   loss, (metrics, _) = objective(state.params)
   return {**metrics, "loss": loss,
-          "num_tokens/real": batch["attention_mask"].sum().astype(jnp.float32)}
+          "num_tokens/real": real_tokens(batch)}   # any layout (held-out batches are padded)
 
 
 def jit_eval_step(*, graphdef, loss_call, chunk_size, state_shardings, batch_sharding,
