@@ -6,11 +6,16 @@
   jaxalign train --config configs/nca_pair_demo.py:runs/demo --workdir runs/nca_pair
       # the nca_pair stage alone, on the SFT model and data that the demo wrote.
 
-The recipe (loss hyperparameters, steps, learning rate) is jaxalign.workflows.demo.METHODS["nca_pair"].
+The recipe: demo.stage_config (what every demo stage shares: the SFT model as
+init and precomputed reference, 150 steps at lr 1e-4) and the settings below;
+RECORDS says how `jaxalign demo` builds the stage's data from the SFT model.
 """
 
 from jaxalign.workflows import demo
 
+RECORDS = demo.Records("pairwise")
 
-def get_config(arg: str = "runs/demo"):
-  return demo.aligned_config("nca_pair", data_dir=f"{arg}/data", sft_dir=f"{arg}/sft")
+
+def get_config(arg: str = "runs/demo", seed: int = 0):
+  return demo.stage_config("nca_pair", arg, seed, loss="dpo",
+                           hparams=dict(beta=0.1, variant="nca_pair"))

@@ -377,8 +377,10 @@ def _demo(argv: list[str]) -> int:
     print(demo_continual.format_matrix(summary))
     print(f"matrix: {os.path.join(os.path.abspath(args.workdir), 'forgetting.json')}")
     return 0
-  if args.method not in demo.METHODS:
-    return _die("demo", f"unknown method {args.method!r}; known: {sorted(demo.METHODS)}")
+  try:
+    demo.load_recipe(args.method)   # configs/<method>_demo.py
+  except (ValueError, FileNotFoundError) as e:
+    return _die("demo", str(e))
   if os.path.exists(os.path.join(args.workdir, args.method)):
     return _die("demo", f"{args.workdir} already holds a {args.method} demo run; pass a new "
                 "--workdir")

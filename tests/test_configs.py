@@ -8,14 +8,15 @@ from ml_collections import config_flags  # noqa: F401  (the CLI's loader)
 from absl import flags
 
 from jaxalign import config as config_lib
+from tests.reliability.helpers import recipe_arg
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_recipe_loads_and_validates(path):
+def test_recipe_loads_and_validates(path, tmp_path):
   fv = flags.FlagValues()
-  argv = ["prog", f"--config={path}"]
+  argv = ["prog", f"--config={path}{recipe_arg(path, tmp_path)}"]
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
                                   sys_argv=argv)
   fv(argv)

@@ -12,6 +12,8 @@
    SFT model's own greedy answer when the checker says it is wrong (on-policy
    negatives), else a plausible arithmetic mistake from the task.
 4. DPO from the SFT checkpoint, with the SFT model as the (precomputed) reference.
+   Each method's stage is its recipe, configs/<method>_demo.py (`--method`):
+   get_config(workdir, seed) and RECORDS, how this module builds its data.
 5. Greedy accuracy on held-out problems, before and after; DIR/summary.json.
 
 Why the annotator habit: with clean demonstrations, a model this small is
@@ -22,6 +24,8 @@ answers the model can already produce; the habit makes that the bottleneck, as
 in real demonstrations with systematic errors.
 """
 
+import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -73,43 +77,96 @@ def sft_config(data_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-def aligned_config(method: str, data_dir: str, sft_dir: str,
-                   seed: int = 0) -> ml_collections.ConfigDict:
-  """The alignment stage of `method`, starting from the SFT checkpoint."""
-  if method not in METHODS:
-    raise ValueError(f"unknown demo method {method!r}; known: {sorted(METHODS)}")
-  spec = METHODS[method]
+# The recipes of the alignment stages live in the repository's configs/, one
+# <method>_demo.py each (not an installed package): beside the package in a clone
+# or an editable install (`pip install -e .`).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """How run_demo builds a method's training file from the SFT model (build_records).
+
+  format: "pairwise" | "unpaired" | "negatives" | "groups" | "ranked", or
+    "prompts" (sampled during training: no file, the task's prompts are read directly).
+  group: the SFT model's samples per prompt (negatives, groups, ranked).
+  shuffle: shuffle the file's records, so that a batch's KL sequences (KTO's
+    rotation within each batch-sized block) pair different prompts.
+  """
+  format: str
+  group: int = 0
+  shuffle: bool = False
+
+
+def stage_config(method: str, workdir: str, seed: int, *, loss: str, hparams: dict,
+                 options: dict | None = None) -> ml_collections.ConfigDict:
+  """What every alignment stage shares; configs/<method>_demo.py start here.
+
+  From the SFT checkpoint WORKDIR/sft (also the precomputed reference), on
+  WORKDIR/data/<method>.jsonl, 150 steps at lr 1e-4, batch 64.
+  """
   c = base_config(seed)
-  c.loss.name = spec["loss"]
-  c.loss.hparams = ml_collections.ConfigDict(spec["hparams"])
-  c.loss.options = ml_collections.ConfigDict(spec.get("options", {}))
+  c.loss.name = loss
+  c.loss.hparams = ml_collections.ConfigDict(hparams)
+  c.loss.options = ml_collections.ConfigDict(options or {})
   c.reference.mode = "precompute"
-  c.init_from = sft_dir
-  c.data.train_path = os.path.join(data_dir, f"{method}.jsonl")
-  c.data.batch_size = spec.get("batch_size", 64)
-  c.total_steps = spec.get("steps", 150)
-  c.optim.lr = spec.get("lr", 1e-4)
+  c.init_from = os.path.join(workdir, "sft")
+  c.data.train_path = os.path.join(workdir, "data", f"{method}.jsonl")
+  c.total_steps = 150
+  c.optim.lr = 1e-4
   c.optim.warmup_steps = 10
-  if spec["format"] == "prompts":
-    # Sampled during training: the data is only prompts and their right answers
-    # (the bundled task's train split, no annotator habit), the reward the checker.
-    c.data.train_path = f"toy:sft?n={NUM_TRAIN}&seed={seed + 2}"
-    c.sampling.max_new_tokens = MAX_NEW_TOKENS
-    c.sampling.temperature = spec.get("temperature", 1.0)
-    c.reward.name, reward_options = spec["reward"]
-    if c.reward.name == "reward_model":   # the one run_demo trains first (reward_model_config)
-      reward_options = {**reward_options, "path": reward_model_path(data_dir)}
-    c.reward.options = ml_collections.ConfigDict(reward_options)
-    if "online" in spec:
-      c.online.enabled = True
-      c.online.samples_per_prompt = spec["online"]["samples_per_prompt"]
-    if "iterative" in spec:
-      c.iterative.update(spec["iterative"])
-  return config_lib.apply_overrides(c, spec.get("config", {}))   # e.g. LoRA settings
+  return c
 
 
-def dpo_config(data_dir: str, sft_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
-  return aligned_config("dpo", data_dir, sft_dir, seed)
+def sampled_prompts(c: ml_collections.ConfigDict, seed: int, *, reward: str,
+                    reward_options: dict, temperature: float = 1.0
+                    ) -> ml_collections.ConfigDict:
+  """Sets a stage that samples during training: its data is only prompts and their
+  right answers (the bundled task's train split, no annotator habit), its reward
+  `reward`, with the demo's completion length."""
+  c.data.train_path = f"toy:sft?n={NUM_TRAIN}&seed={seed + 2}"
+  c.sampling.max_new_tokens = MAX_NEW_TOKENS
+  c.sampling.temperature = temperature
+  c.reward.name = reward
+  c.reward.options = ml_collections.ConfigDict(reward_options)
+  return c
+
+
+def _recipe_path(method: str) -> str:
+  return os.path.join(CONFIGS_DIR, f"{method}_demo.py")
+
+
+def _load_module(path: str):
+  name = "jaxalign_recipe_" + os.path.basename(path)[:-len(".py")]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def methods() -> list[str]:
+  """The demo's methods: the configs/*_demo.py that say how their data is built."""
+  if not os.path.isdir(CONFIGS_DIR):
+    raise FileNotFoundError(
+        f"the demo's recipes are read from {CONFIGS_DIR}, which does not exist: run the "
+        "demo from a jaxalign checkout (installed with `pip install -e .`)")
+  names = sorted(f[:-len("_demo.py")] for f in os.listdir(CONFIGS_DIR) if f.endswith("_demo.py"))
+  return [m for m in names if hasattr(_load_module(_recipe_path(m)), "RECORDS")]
+
+
+def load_recipe(method: str):
+  """The module configs/<method>_demo.py: get_config(workdir, seed) and RECORDS."""
+  path = _recipe_path(method)
+  module = _load_module(path) if method.isidentifier() and os.path.isfile(path) else None
+  if module is None or not hasattr(module, "RECORDS"):
+    raise ValueError(f"unknown method {method!r}; known: {methods()}")
+  return module
+
+
+def aligned_config(method: str, workdir: str, seed: int = 0) -> ml_collections.ConfigDict:
+  """The alignment stage of `method` (its configs/ recipe), from WORKDIR/sft."""
+  return load_recipe(method).get_config(workdir, seed)
 
 
 # The reward model of `--method grao_rm`: Bradley-Terry on pairs of the SFT model's
@@ -118,9 +175,9 @@ REWARD_MODEL = dict(steps=400, lr=3e-4, hparams=dict(center_rewards_coefficient=
                     eval_pairs=500)
 
 
-def reward_model_path(data_dir: str) -> str:
+def reward_model_path(workdir: str) -> str:
   """Where run_demo's reward model is written: WORKDIR/reward_model/reward_model."""
-  return os.path.join(os.path.dirname(os.path.abspath(data_dir)), "reward_model", "reward_model")
+  return os.path.join(os.path.abspath(workdir), "reward_model", "reward_model")
 
 
 def reward_model_config(data_dir: str, sft_dir: str, seed: int = 0) -> ml_collections.ConfigDict:
@@ -179,16 +236,16 @@ def on_policy_pairs(prompts, answers, completions, seed: int) -> list[dict]:
           for p, a, c in zip(prompts, answers, completions)]
 
 
-def build_records(method: str, problems, sample, seed: int) -> list[dict]:
+def build_records(spec: Records, problems, sample, seed: int) -> list[dict]:
   """The method's training records from the SFT model, judged by the task's checker.
 
   Args:
-    method: a key of METHODS.
+    spec: how the method's recipe builds its data (its RECORDS).
     problems: training problems (prompt + right answer).
     sample: sample(prompts, temperature, seed) -> completions from the SFT model.
     seed: seeds sampling and the task's mistakes.
   """
-  fmt = METHODS[method]["format"]
+  fmt = spec.format
   if fmt == "prompts":  # online / iterative methods sample during training
     return [{"prompt": p.prompt, "reference": p.answer} for p in problems]
   rng = np.random.default_rng(seed)
@@ -203,7 +260,7 @@ def build_records(method: str, problems, sample, seed: int) -> list[dict]:
       out.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
       out.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
     return out
-  k = METHODS[method]["group"]
+  k = spec.group
   samples = [sample(prompts, 1.0, seed + 1 + i) for i in range(k)]   # k x [N]
   if fmt == "negatives":
     # D2O: the human negative plus K self-generated samples, no positives.
@@ -231,98 +288,6 @@ def build_records(method: str, problems, sample, seed: int) -> list[dict]:
   raise ValueError(f"no demo data builder for format {fmt!r}")
 
 
-# The demo recipe of each method: its loss, data format and hyperparameters.
-METHODS: dict[str, dict] = {
-    "dpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1)),
-    "ipo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="ipo")),
-    "ln_dpo": dict(loss="ln_dpo", format="pairwise", hparams=dict(beta=0.1)),
-    # Reference-free pairwise losses (no reference forward, no ref_logps.npy).
-    # SimPO: per-token mean log-probs, beta 2.0 and gamma 0.5 as the paper's and TRL's.
-    "simpo": dict(loss="simpo", format="pairwise", hparams=dict(beta=2.0, gamma=0.5)),
-    # ORPO: chosen NLL + lambda (beta) times the odds-ratio term, lambda 0.1 (paper, TRL).
-    "orpo": dict(loss="orpo", format="pairwise", hparams=dict(beta=0.1)),
-    # CPO: reference-free sigmoid + the chosen NLL (cpo_alpha 1, TRL's default).
-    "cpo": dict(loss="cpo", format="pairwise", hparams=dict(beta=0.1, cpo_alpha=1.0)),
-    # TRL's other DPO loss types, on the same pairs and reference.
-    "sppo_hard": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="sppo_hard")),
-    "exo_pair": dict(loss="dpo", format="pairwise",
-                     hparams=dict(beta=0.1, variant="exo_pair", label_smoothing=1e-3)),
-    "apo_zero": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="apo_zero")),
-    "nca_pair": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="nca_pair")),
-    "aot": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="aot")),
-    "aot_unpaired": dict(loss="dpo", format="pairwise",
-                         hparams=dict(beta=0.1, variant="aot_unpaired")),
-    "apo_down": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, variant="apo_down")),
-    "discopop": dict(loss="dpo", format="pairwise",
-                     hparams=dict(beta=0.1, variant="discopop", discopop_tau=0.05)),
-    # TRL 1.x's weighted combination of loss types (MPO-style: sigmoid + sft NLL).
-    "dpo_sft_mix": dict(loss="dpo", format="pairwise",
-                        hparams=dict(beta=0.1, variant=("sigmoid", "sft"),
-                                     loss_weights=(1.0, 0.5))),
-    # LD-DPO (Liu et al. 2024): the tail of the longer response past the shorter
-    # one's length weighted by alpha. Needs the frozen reference (no precompute).
-    "ld_dpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, ld_alpha=0.5),
-                   config={"reference.mode": "frozen"}),
-    # WPO (Zhou et al. 2024): each pair weighted by its length-normalized policy probability.
-    "wpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1, use_weighting=True)),
-    # TR-DPO (Gorbatovski et al. 2024): the reference moves toward the policy every
-    # 16 updates with mixing 0.6 (soft update); needs the frozen reference.
-    "tr_dpo": dict(loss="dpo", format="pairwise", hparams=dict(beta=0.1),
-                   config={"reference.mode": "frozen", "reference.sync_steps": 16,
-                           "reference.sync_alpha": 0.6}),
-    "bco_pair": dict(loss="bco_pair", format="pairwise", hparams=dict(beta=0.1)),
-    # CPO with its SimPO loss type (length-normalized, margin gamma, plus the NLL).
-    "cpo_simpo": dict(loss="cpo", format="pairwise",
-                      hparams=dict(beta=2.0, loss_type="simpo", simpo_gamma=0.5,
-                                   cpo_alpha=1.0)),
-    "bco": dict(loss="bco", format="unpaired", hparams=dict(beta=0.1),
-                options=dict(udm="model", prompt_sample_size=1024)),
-    # KTO: the same pairs split into desirable/undesirable examples, shuffled so
-    # that a batch's KL sequences pair different prompts (tokenize.add_kl_sequences
-    # rotates completions within each batch-sized block of the file).
-    "kto": dict(loss="kto", format="unpaired", hparams=dict(beta=0.1), shuffle_records=True),
-    "apo_zero_unpaired": dict(loss="apo_zero_unpaired", format="unpaired",
-                              hparams=dict(beta=0.1), shuffle_records=True),
-    "d2o": dict(loss="d2o", format="negatives", group=4, hparams=dict(beta=0.1, alpha=0.1)),
-    # Online GRAO: 8 completions per prompt sampled from the live policy at every
-    # step; the ternary judge of the paper as exact match against the reference
-    # answer: a right answer ties with it (0), a wrong one loses (-1).
-    "grao": dict(loss="grao", format="prompts", hparams=dict(beta=0.5, lam=0.6),
-                 online=dict(samples_per_prompt=8), reward=("arithmetic", dict(correct=0.0,
-                                                                              wrong=-1.0)),
-                 batch_size=32, steps=100, lr=1e-4),  # measured: lr 3e-5 reaches 79%, 1e-4 89%
-    # Online GRAO scored by a learned reward model instead of the checker: run_demo
-    # first trains one (REWARD_MODEL, Bradley-Terry on the SFT model's answers) in
-    # WORKDIR/reward_model; the checker only measures held-out accuracy.
-    "grao_rm": dict(loss="grao", format="prompts", hparams=dict(beta=0.5, lam=0.6),
-                    online=dict(samples_per_prompt=8),
-                    reward=("reward_model", dict(max_length=16)),
-                    # lr 1e-4 (the checker GRAO's) exploits the reward model's errors
-                    # (it ranks 66.6% of held-out pairs right): 51.8% -> 7.2% with
-                    # reward/mean above the reference answers'; 2e-5: 51.8% -> 66.4%.
-                    batch_size=32, steps=100, lr=2e-5),
-    # GRAO on groups sampled once from the SFT model before training (offline).
-    "grao_offline": dict(loss="grao", format="groups", group=4,
-                         hparams=dict(beta=0.5, lam=0.6), lr=3e-5),
-    # Iterative DPO: rounds of sampling 4 answers per prompt from the current
-    # policy (temperature 0.7), best vs worst by the task's checker, DPO with the
-    # chosen answers' NLL (rpo_alpha, as iterative RPO, Pang et al. 2024) from
-    # that policy. Plain DPO on such pairs (measured: 56% -> 40% -> 12% over
-    # two rounds of 75 steps on 2000 prompts) lowers the chosen answers too and
-    # breaks digits the pairs do not disagree on.
-    "iterative_dpo": dict(loss="dpo", format="prompts", hparams=dict(beta=0.1, rpo_alpha=1.0),
-                          iterative=dict(rounds=2, samples_per_prompt=4, steps_per_round=50),
-                          temperature=0.7, reward=("arithmetic", dict())),
-    "aft": dict(loss="aft", format="ranked", group=4, hparams=dict()),
-    # Two LoRA modules (fast, slow) on the frozen SFT model; see demo_continual.py
-    # for the two-domain forgetting comparison with COFS-DPO.
-    "ofs_dpo": dict(loss="ofs_dpo", format="pairwise", lr=1e-4,
-                    hparams=dict(beta=0.1, alpha=0.1, swap_interval=10),
-                    config={"lora.rank": 8, "lora.alpha": 16.0,
-                            "lora.targets": ("q", "k", "v", "o", "gate", "up", "down")}),
-}
-
-
 def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int = NUM_TRAIN,
              num_eval: int = 500, pad_noise: float = PAD_NOISE, progress: bool = True) -> dict:
   """Runs the whole demo; returns (and writes to DIR/summary.json) the summary.
@@ -332,6 +297,8 @@ def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int
   """
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
+  recipe = load_recipe(method)   # configs/<method>_demo.py; an unknown method fails here
+  cfg = recipe.get_config(workdir, seed)
   data_dir = os.path.join(workdir, "data")
   os.makedirs(data_dir, exist_ok=True)
   tokenizer = toy.build_tokenizer()
@@ -349,15 +316,15 @@ def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int
   problems = TASK.problems(num_train, split="train", seed=seed + 2)
   sample = lambda prompts, temperature, s: _complete(  # noqa: E731
       sft_dir, sft_cfg, tokenizer, prompts, temperature=temperature, seed=s)
-  if METHODS[method]["format"] != "prompts":  # those read the task's prompts directly
-    records = build_records(method, problems, sample, seed)
-    if METHODS[method].get("shuffle_records"):
+  if recipe.RECORDS.format != "prompts":  # those read the task's prompts directly
+    records = build_records(recipe.RECORDS, problems, sample, seed)
+    if recipe.RECORDS.shuffle:
       records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
     _write_jsonl(os.path.join(data_dir, f"{method}.jsonl"), records)
 
   extra = {}
-  if METHODS[method].get("reward", ("",))[0] == "reward_model":
-    rm_dir = os.path.dirname(reward_model_path(data_dir))
+  if cfg.reward.name == "reward_model":
+    rm_dir = os.path.dirname(reward_model_path(workdir))
     rm_cfg = reward_model_config(data_dir, sft_dir, seed)
     if not os.path.isfile(os.path.join(rm_dir, "rm_eval.json")):
       _write_jsonl(rm_cfg.data.train_path, reward_model_records(problems, sample, seed))
@@ -368,7 +335,6 @@ def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int
       extra["reward_model_eval_accuracy"] = json.load(f)["accuracy"]
 
   run_dir = os.path.join(workdir, method)
-  cfg = aligned_config(method, data_dir, sft_dir, seed)
   result = run.train(cfg, run_dir, progress=progress)
   if cfg.iterative.rounds:
     run_dir = iterative.final_run_dir(run_dir, cfg)

@@ -21,6 +21,26 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
 
 
+def recipe_arg(recipe: pathlib.Path, workdir: pathlib.Path) -> str:
+  """The `:arg` a shipped recipe needs to validate on its own ("" for most).
+
+  configs/grao_rm_demo.py scores with the reward model that `jaxalign demo` trains
+  in an earlier stage, and validation checks that it is saved; a seed-initialised
+  one of the demo's model stands for it in `workdir`.
+  """
+  if recipe.name != "grao_rm_demo.py":
+    return ""
+  from flax import nnx
+
+  from jaxalign import config as config_lib
+  from jaxalign.rewards import model as reward_model
+  from jaxalign.workflows import demo
+  model = reward_model.RewardModel(config_lib.model_config(demo.base_config()),
+                                   rngs=nnx.Rngs(0))
+  reward_model.save_reward_model(model, demo.reward_model_path(str(workdir)))
+  return f":{workdir}"
+
+
 def cli_command(*args: str) -> list[str]:
   """`python -m jaxalign.cli train ...` for a subprocess run."""
   return [sys.executable, "-m", "jaxalign.cli", "train", *args]

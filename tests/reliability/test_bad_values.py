@@ -9,7 +9,8 @@ import pathlib
 import pytest
 
 from jaxalign import guards, losses
-from tests.reliability.helpers import REPO_ROOT, TINY_CLI_CONFIG, compile_events, run_cli
+from tests.reliability.helpers import (REPO_ROOT, TINY_CLI_CONFIG, compile_events, recipe_arg,
+                                      run_cli)
 
 RECIPE_DIR = pathlib.Path(REPO_ROOT) / "configs"
 
@@ -186,7 +187,7 @@ def test_readme_bf16_flag_is_accepted_by_every_toy_and_demo_recipe(recipe, tmp_p
     raise config_lib.ConfigError("stopped by the test after validation")
 
   monkeypatch.setattr(run, "train", stop_after_validation)
-  status, err = run_cli(capsys, f"--config={RECIPE_DIR / recipe}",
+  status, err = run_cli(capsys, f"--config={RECIPE_DIR / recipe}{recipe_arg(RECIPE_DIR / recipe, tmp_path)}",
                         f"--workdir={tmp_path / 'run'}", "--noprogress",
                         "--config.model.overrides.dtype=bfloat16")
   assert err == ["jaxalign train: error: stopped by the test after validation"], err

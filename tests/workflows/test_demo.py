@@ -44,7 +44,7 @@ def test_grao_rm_scores_with_the_reward_model_the_demo_trains(tmp_path):
 
   data_dir = str(tmp_path / "data")
   rm_cfg = demo.reward_model_config(data_dir, str(tmp_path / "sft"))
-  grao_cfg = demo.aligned_config("grao_rm", data_dir, str(tmp_path / "sft"))
+  grao_cfg = demo.aligned_config("grao_rm", str(tmp_path))
   assert rm_cfg.loss.name == "reward_model" and rm_cfg.init_from == str(tmp_path / "sft")
   assert grao_cfg.loss.name == "grao" and grao_cfg.online.enabled
   assert grao_cfg.reward.name == "reward_model"

@@ -1,0 +1,21 @@
+"""WPO (Zhou et al. 2024): each pair weighted by its length-normalised policy probability, on
+the bundled arithmetic task.
+
+  jaxalign demo --workdir runs/demo --method wpo
+      # SFT (reused if runs/demo/sft exists), wpo data from the SFT model's own
+      # answers, wpo training, and held-out greedy accuracy before and after.
+  jaxalign train --config configs/wpo_demo.py:runs/demo --workdir runs/wpo
+      # the wpo stage alone, on the SFT model and data that the demo wrote.
+
+The recipe: demo.stage_config (what every demo stage shares: the SFT model as
+init and precomputed reference, 150 steps at lr 1e-4) and the settings below;
+RECORDS says how `jaxalign demo` builds the stage's data from the SFT model.
+"""
+
+from jaxalign.workflows import demo
+
+RECORDS = demo.Records("pairwise")
+
+
+def get_config(arg: str = "runs/demo", seed: int = 0):
+  return demo.stage_config("wpo", arg, seed, loss="dpo", hparams=dict(beta=0.1, use_weighting=True))
