@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from jaxalign import cli_support, errors, runerrors
+from jaxalign import cli_support, errors
 
 USAGE = """usage: jaxalign <command> [flags]
 
@@ -39,7 +39,7 @@ commands:
 
 
 def _die(command: str, message: str, status: int = 2) -> int:
-  if runerrors.debug_enabled():   # --verbose / JAXALIGN_DEBUG=1: the full traceback too
+  if errors.debug_enabled():   # --verbose / JAXALIGN_DEBUG=1: the full traceback too
     traceback.print_exc()
   first_line = str(message).strip().splitlines()[0] if str(message).strip() else "error"
   print(f"jaxalign {command}: error: {first_line}", file=sys.stderr)
@@ -112,7 +112,7 @@ def _train(argv: list[str]) -> int:
     return _die("train", str(e))
   except DataError as e:
     return _die("train", str(e), status=1)
-  except (errors.NonFiniteError, runerrors.RunError, guards.DivergenceError) as e:
+  except (errors.NonFiniteError, errors.RunError, guards.DivergenceError) as e:
     return _die("train", str(e), status=1)   # RunError includes runlock.LockedError
   except OSError as e:  # e.g. checkpoint.CheckpointWriteError (disk full), a missing file
     return _die("train", str(e), status=1)
@@ -253,7 +253,7 @@ def _export(argv: list[str]) -> int:
 
   try:
     rundir.export_checkpoint(args.checkpoint, args.out, architecture=args.architecture)
-  except (ValueError, FileNotFoundError, runerrors.RunError) as e:   # a corrupt checkpoint
+  except (ValueError, FileNotFoundError, errors.RunError) as e:   # a corrupt checkpoint
     return _die("export", str(e), status=1)
   print(f"exported {args.checkpoint} to {os.path.abspath(args.out)}")
   return 0
@@ -289,7 +289,7 @@ def _generate(argv: list[str]) -> int:
     stats = generate_lib.generate_file(args.checkpoint, args.prompts, args.out, sp,
                                        seed=args.seed, batch_size=args.batch_size,
                                        max_prompt_length=args.max_prompt_length)
-  except (DataError, FileNotFoundError, runerrors.RunError) as e:
+  except (DataError, FileNotFoundError, errors.RunError) as e:
     return _die("generate", str(e), status=1)
   except ValueError as e:
     return _die("generate", str(e))
@@ -319,7 +319,7 @@ def _generate_candidates(argv: list[str]) -> int:
     stats = candidates.generate_candidates(args.checkpoint, args.questions, args.out, k=args.k,
                                            sampling=sampling, reward=args.reward,
                                            seed=args.seed)
-  except (DataError, FileNotFoundError, runerrors.RunError) as e:
+  except (DataError, FileNotFoundError, errors.RunError) as e:
     return _die("generate-candidates", str(e), status=1)
   except (ValueError, KeyError) as e:  # bad flag values, an unknown checker
     return _die("generate-candidates", str(e.args[0]) if isinstance(e, KeyError) else str(e))
