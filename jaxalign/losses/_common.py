@@ -1,4 +1,4 @@
-"""Reductions and metric sets shared by the pairwise losses."""
+"""Reductions and metric sets shared by the pairwise and unpaired losses."""
 
 from typing import Callable
 
@@ -43,3 +43,33 @@ def logratio(logps, ref_logps) -> jax.Array:
 
 def as_f32(x) -> jax.Array:
   return jnp.asarray(x).astype(jnp.float32)
+
+
+def unpaired_metrics(rewards: jax.Array, logps: jax.Array, is_desirable: jax.Array,
+                     weights: jax.Array) -> dict[str, jax.Array]:
+  """TRL's metrics of an unpaired batch (BCO, KTO): per-class sums, counts and means.
+
+  rewards, logps, weights [B] float32 (weights 0 on padding rows); is_desirable [B]
+  bool. `rewards/*` and `logps/*` are count-weighted means over each class (0 for
+  an empty class; `count/*` tell), next to the `_sum`s and counts they come from
+  (TRL logs those too). `rewards/margins` is a difference of the class means, as
+  TRL's log() computes it: there are no pairs to take it over.
+  """
+  w_chosen = jnp.where(is_desirable, weights, 0.0)
+  w_rejected = jnp.where(is_desirable, 0.0, weights)
+  count_chosen = jnp.maximum(w_chosen.sum(), 1.0)
+  count_rejected = jnp.maximum(w_rejected.sum(), 1.0)
+  metrics = {
+      "rewards/chosen_sum": (w_chosen * rewards).sum(),
+      "rewards/rejected_sum": (w_rejected * rewards).sum(),
+      "logps/chosen_sum": (w_chosen * logps).sum(),
+      "logps/rejected_sum": (w_rejected * logps).sum(),
+      "count/chosen": w_chosen.sum(),
+      "count/rejected": w_rejected.sum(),
+  }
+  metrics["rewards/chosen"] = metrics["rewards/chosen_sum"] / count_chosen
+  metrics["rewards/rejected"] = metrics["rewards/rejected_sum"] / count_rejected
+  metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+  metrics["logps/chosen"] = metrics["logps/chosen_sum"] / count_chosen
+  metrics["logps/rejected"] = metrics["logps/rejected_sum"] / count_rejected
+  return metrics

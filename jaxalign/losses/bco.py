@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.data import tables
-from jaxalign.losses._common import logratio, pair_metrics, weighted_mean
+from jaxalign.losses._common import logratio, pair_metrics, unpaired_metrics, weighted_mean
 
 # TRL RunningMoments' initial count: tiny, so the first update sets the mean to
 # the first batch's mean, yet never zero, so nothing divides by zero.
@@ -211,31 +211,14 @@ def bco_loss(
                           density_ratio * undesirable_loss)           # [B]
   loss = (w * per_example).sum() / jnp.maximum(w.sum(), 1.0)
 
-  w_chosen = jnp.where(is_desirable, w, 0.0)
-  w_rejected = jnp.where(is_desirable, 0.0, w)
-  count_chosen, count_rejected = w_chosen.sum(), w_rejected.sum()
-  metrics = {
-      "rewards/chosen_sum": (w_chosen * rewards).sum(),
-      "rewards/rejected_sum": (w_rejected * rewards).sum(),
-      "logps/chosen_sum": (w_chosen * logps).sum(),
-      "logps/rejected_sum": (w_rejected * logps).sum(),
-      "count/chosen": count_chosen,
-      "count/rejected": count_rejected,
-  }
-  chosen_mean = lambda x: x / jnp.maximum(count_chosen, 1.0)  # noqa: E731
-  rejected_mean = lambda x: x / jnp.maximum(count_rejected, 1.0)  # noqa: E731
-  metrics["rewards/chosen"] = chosen_mean(metrics["rewards/chosen_sum"])
-  metrics["rewards/rejected"] = rejected_mean(metrics["rewards/rejected_sum"])
-  # A difference of means, as TRL (not a mean of per-pair margins).
-  metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-  metrics["logps/chosen"] = chosen_mean(metrics["logps/chosen_sum"])
-  metrics["logps/rejected"] = rejected_mean(metrics["logps/rejected_sum"])
+  metrics = unpaired_metrics(rewards, logps, is_desirable, w)
   metrics["delta"] = delta
-  if udm_weights is not None:
+  if udm_weights is not None:   # over the undesirable examples, the ones it weights
     at_bound = ((raw <= min_density_ratio) | (raw >= max_density_ratio))
-    metrics["udm/weight_mean"] = rejected_mean((w_rejected * density_ratio).sum())
-    metrics["udm/weight_clip_frac"] = rejected_mean(
-        (w_rejected * at_bound.astype(jnp.float32)).sum())
+    w_rejected = jnp.where(is_desirable, 0.0, w)
+    n_rejected = jnp.maximum(metrics["count/rejected"], 1.0)
+    metrics["udm/weight_mean"] = (w_rejected * density_ratio).sum() / n_rejected
+    metrics["udm/weight_clip_frac"] = (w_rejected * at_bound.astype(jnp.float32)).sum() / n_rejected
   return loss, metrics, new_state
 
 

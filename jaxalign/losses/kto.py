@@ -28,6 +28,8 @@ micro-batch, as TRL does per forward.
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses._common import unpaired_metrics
+
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
@@ -64,26 +66,8 @@ def _unpaired_loss(logps, ref_logps, labels, kl_logps, ref_kl_logps, *, loss_typ
   loss = (w * per_example).sum() / n
 
   rewards = jax.lax.stop_gradient(beta * logratios)
-  w_chosen = jnp.where(is_desirable, w, 0.0)
-  w_rejected = jnp.where(is_desirable, 0.0, w)
-  count_chosen, count_rejected = w_chosen.sum(), w_rejected.sum()
-  metrics = {
-      "rewards/chosen_sum": (w_chosen * rewards).sum(),
-      "rewards/rejected_sum": (w_rejected * rewards).sum(),
-      "logps/chosen_sum": (w_chosen * logps).sum(),
-      "logps/rejected_sum": (w_rejected * logps).sum(),
-      "count/chosen": count_chosen,
-      "count/rejected": count_rejected,
-      "kl": kl,
-  }
-  chosen_mean = lambda x: x / jnp.maximum(count_chosen, 1.0)  # noqa: E731
-  rejected_mean = lambda x: x / jnp.maximum(count_rejected, 1.0)  # noqa: E731
-  metrics["rewards/chosen"] = chosen_mean(metrics["rewards/chosen_sum"])
-  metrics["rewards/rejected"] = rejected_mean(metrics["rewards/rejected_sum"])
-  # A difference of per-class means, as TRL's log() computes it.
-  metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-  metrics["logps/chosen"] = chosen_mean(metrics["logps/chosen_sum"])
-  metrics["logps/rejected"] = rejected_mean(metrics["logps/rejected_sum"])
+  metrics = unpaired_metrics(rewards, logps, is_desirable, w)
+  metrics["kl"] = kl
   return loss, metrics
 
 
