@@ -8,7 +8,7 @@ of the chosen response falls below the reference's:
   z = beta * (rho_w - rho_l - lam * max(0, S_ref(y_w) - S(y_w))),   rho = S - S_ref
   loss = mean_b [(1 - eps) (-log sigmoid(z_b)) + eps (-log sigmoid(-z_b))]
 
-with S the summed response log-probs (LOSSES.md conventions) and eps the
+with S the summed response log-probs (docs/losses.md notation) and eps the
 conservative-DPO label smoothing (0 in the paper; kept so that any DPO recipe's
 hyperparameters carry over). lam = 0 is DPO (cDPO with eps > 0).
 

@@ -17,7 +17,7 @@ float32-representable; a prompt embedding for BCO's underlying-distribution matc
 ranked ``reference`` (the reference answer / chain of thought for AFT's SFT term). A
 ranked record has exactly one of ``labels`` (True = positive, correct) and ``ranks``
 (integers >= 1, 1 = best, a lower rank is better, ties allowed; equal ranks form no
-pair, as in LOSSES.md §6), of the same length as ``completions``. `validate_records`
+pair, as in docs/losses.md `aft`), of the same length as ``completions``. `validate_records`
 also checks that such columns agree across records (all ranked records use labels or all
 use ranks; embeddings present in all unpaired records or none, all of one dimension), so
 examples stack into batches.

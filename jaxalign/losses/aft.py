@@ -1,7 +1,7 @@
 """AFT: Alignment Fine-Tuning with the constraint alignment loss (Wang et al., arXiv 2309.02144v1).
 
 The math, its (mostly secondary) sources and the reconstructions are in
-shared/LOSSES.md, section 6. The pairwise constraint term is a separate public
+docs/losses.md, `aft`. The pairwise constraint term is a separate public
 function, `constraint_alignment_loss`, so that other pairwise losses can reuse
 it: it only needs a score per candidate and which candidate should beat which.
 """

@@ -1,6 +1,6 @@
 """D^2O: Distributional Dispreference Optimization (Duan et al., arXiv 2403.03419).
 
-The math and its invariants are in shared/LOSSES.md, section 4. Not in TRL: the
+The math and its invariants are in docs/losses.md, `d2o`. Not in TRL: the
 loss is tested against its invariants. Data per prompt: one human-annotated
 negative y_l and K responses y_1..y_K sampled from the reference (SFT) policy;
 no human positives.
@@ -47,7 +47,7 @@ def d2o_loss(
     beta: temperature on the mean self-sample log-ratio.
     alpha: temperature on the negative's log-ratio.
     length_norm: use per-token log-ratios rho / |y| instead of sums (an option,
-      LOSSES.md: no source states length normalisation; default sums, as DPO).
+      docs/losses.md: no source states length normalisation; default sums, as DPO).
     weights: optional [B] row weights (0 for padding rows). A prompt with no
       valid sample has no anchor and is left out (weight 0) as well.
 

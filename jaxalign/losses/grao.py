@@ -1,7 +1,7 @@
 """GRAO: Group Relative Alignment Optimization (Wang et al., arXiv 2508.07750v1).
 
 The math, its sources and the decisions taken on the paper's ambiguities are in
-shared/LOSSES.md, section 5. GRAO needs no reference model: "reference" means
+docs/losses.md, `grao`. GRAO needs no reference model: "reference" means
 the dataset's reference answer y, whose inputs are named `answer_*`.
 """
 

@@ -1,6 +1,6 @@
 """LN-DPO: length-normalised DPO (Ahrabian et al., arXiv 2407.15229).
 
-The math and its invariants are in shared/LOSSES.md, section 2. Each side's
+The math and its invariants are in docs/losses.md, `ln_dpo`. Each side's
 log-ratio is divided by its own response length before the DPO sigmoid; this
 is TRL's `loss_type="sigmoid_norm"` (>= v1.4.0).
 """

@@ -1,7 +1,7 @@
 """OFS-DPO and COFS-DPO (Qi et al., arXiv 2406.05534): fast/slow chasing modules.
 
 Only the abstract is the paper's; the formulation here follows a secondary
-source and reconstructions (shared/LOSSES.md, section 7), every choice exposed:
+source and reconstructions (docs/losses.md, `ofs_dpo`), every choice exposed:
 two LoRA modules, a fast one and a slow one (different learning rates), each
 trained with DPO against the frozen reference plus a cross-module regulariser
 in which the *other* module plays the reference. One module holds the leader

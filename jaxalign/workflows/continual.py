@@ -9,7 +9,7 @@ the same frozen base. After each stage its fast module (OFS-DPO's "fast"
 adapter; the adapter of a one-module loss) is stored adapter-only in
 WORKDIR/modules/domain_t.
 
-COFS-DPO (config.cofs.enabled; Qi et al., arXiv 2406.05534, shared/LOSSES.md 7):
+COFS-DPO (config.cofs.enabled; Qi et al., arXiv 2406.05534, docs/losses.md `ofs_dpo`):
 the model after stage t is base + sum_{s<=t} w_s * scale * A_s B_s, the stored
 fast modules combined linearly (`cofs_combine`, space "delta" by default).
 The weights are config.cofs.weights (the first t+1, as given) or searched on

@@ -25,7 +25,7 @@ others. The inputs come from a fixed NumPy seed, independent of TRL, and are
 rounded to float32 values so jaxalign (float32) and TRL (float64) see exactly
 the same numbers.
 
-What is called (LOSSES.md section 9). No model is built: TRL's trainer methods
+What is called (docs/losses.md, "Compared with which TRL"). No model is built: TRL's trainer methods
 are called as unbound functions on a minimal stand-in `self` that carries
 exactly the attributes those methods read, copied from a real TRL config
 object as the trainer's __init__ does; the model forward is a stub returning
@@ -714,7 +714,7 @@ def main():
         if not all(math.isfinite(u) for u in (v if isinstance(v, list) else [v])):
           raise SystemExit(f"{c['name']}: non-finite {k}={v}")
   data = {
-      "about": ("TRL conformance vectors for jaxalign losses (shared/LOSSES.md section 9), "
+      "about": ("TRL conformance vectors for jaxalign losses (docs/losses.md, Compared with which TRL), "
                 "made by tests/losses/make_trl_vectors.py; read by test_trl_conformance.py."),
       "seed": SEED,
       "trl_versions": dict(sorted(versions.items(), key=lambda kv: Version(kv[0]))),

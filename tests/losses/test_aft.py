@@ -1,4 +1,4 @@
-"""AFT constraint alignment loss: shared/LOSSES.md section 6 (f) and a NumPy transcription."""
+"""AFT constraint alignment loss: the `aft` invariants of docs/losses.md and a NumPy transcription."""
 
 import functools
 import itertools

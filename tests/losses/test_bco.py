@@ -1,4 +1,4 @@
-"""BCO loss, running reward moments and UDM classifier (shared/LOSSES.md section 3)."""
+"""BCO loss, running reward moments and UDM classifier (docs/losses.md, `bco`)."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""D^2O loss (shared/LOSSES.md section 4): NumPy transcription and invariants (f)."""
+"""D^2O loss (docs/losses.md, `d2o`): NumPy transcription and its invariants."""
 
 import functools
 

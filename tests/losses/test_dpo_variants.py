@@ -1,6 +1,7 @@
-"""DPO variants and LN-DPO, tested as properties (shared/LOSSES.md §1(f), §2(f), §9).
+"""DPO variants and LN-DPO, tested as properties (docs/losses.md: the `dpo` and `ln_dpo`
+invariants, "Compared with which TRL").
 
-Expected numbers are derived from the formulas in LOSSES.md §1(b)/§2(b); each
+Expected numbers are derived from the `dpo` and `ln_dpo` formulas of docs/losses.md; each
 test says which invariant it checks. The NumPy transcriptions are written from
 those formulas (float64, np.logaddexp), independently of the JAX code.
 """
@@ -36,7 +37,7 @@ def _loss_fn(variant, eps, norm, **kw):
 def _monotone_below(variant, eps, beta):
   """Upper end of the margin range where Inv. 3 holds (from the minimisers of Inv. 5).
 
-  LOSSES.md §1(f)3 exempts IPO above 1/(2 tau); cDPO (eps > 0) likewise has a
+  docs/losses.md, `dpo` invariant 3, exempts IPO above 1/(2 tau); cDPO (eps > 0) likewise has a
   minimiser h* = log((1-eps)/eps)/beta (Inv. 5), so it rises again above h*.
   """
   if variant == "ipo":
@@ -62,7 +63,7 @@ def _np_logistic(z):
 
 
 def _np_dpo_family(c, r, rc, rr, lc, lr, *, beta, eps, variant, reference_free, norm):
-  """LOSSES.md §1(b), one row per variant, mean over the batch."""
+  """The `dpo` formulas of docs/losses.md, one per variant, mean over the batch."""
   c, r, rc, rr, lc, lr = (np.asarray(a, np.float64) for a in (c, r, rc, rr, lc, lr))
   if reference_free:
     rc, rr = np.zeros_like(rc), np.zeros_like(rr)
@@ -81,7 +82,7 @@ def _np_dpo_family(c, r, rc, rr, lc, lr, *, beta, eps, variant, reference_free, 
 
 
 def _np_ln_dpo(c, r, rc, rr, lc, lr, *, beta):
-  """LOSSES.md §2(b) == TRL sigmoid_norm: l(beta (rho_w/|y_w| - rho_l/|y_l|))."""
+  """The `ln_dpo` formula of docs/losses.md == TRL sigmoid_norm: l(beta (rho_w/|y_w| - rho_l/|y_l|))."""
   c, r, rc, rr, lc, lr = (np.asarray(a, np.float64) for a in (c, r, rc, rr, lc, lr))
   return _np_logistic(beta * ((c - rc) / lc - (r - rr) / lr)).mean()
 
@@ -345,7 +346,7 @@ def test_invalid_settings_raise_at_trace_time():
 
 
 def test_ln_dpo_matches_numpy_transcription():
-  """Inv. 4: LOSSES.md §2(b), which is TRL >= 1.4.0 loss_type="sigmoid_norm"."""
+  """`ln_dpo` invariant 4: docs/losses.md's formula is TRL >= 1.4.0 loss_type="sigmoid_norm"."""
   batch = _random_batch(10)
   for beta in (0.5, 2.0, 8.0):
     loss, _ = ln_dpo_loss(*batch, beta=beta)

@@ -1,4 +1,4 @@
-"""GRAO loss math, tested from shared/LOSSES.md section 5 (f) and a NumPy transcription."""
+"""GRAO loss math, tested from the `grao` invariants of docs/losses.md and a NumPy transcription."""
 
 import functools
 

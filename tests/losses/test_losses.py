@@ -1,4 +1,4 @@
-"""Loss math, tested as properties (shared/LOSSES.md section 1 (f))."""
+"""Loss math, tested as properties (docs/losses.md, the `dpo` invariants)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""OFS-DPO / COFS-DPO, tested from shared/LOSSES.md section 7 (f) and a NumPy transcription.
+"""OFS-DPO / COFS-DPO, tested from the `ofs_dpo` invariants of docs/losses.md and a NumPy transcription.
 
 Section 7's formulation is a secondary source plus reconstructions: these tests
 pin jaxalign's documented choices, not the paper's behaviour.

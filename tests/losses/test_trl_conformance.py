@@ -1,4 +1,4 @@
-"""TRL conformance: jaxalign losses vs TRL's own code on the same inputs (LOSSES.md §9).
+"""TRL conformance: jaxalign losses vs TRL's own code on the same inputs (docs/losses.md, "Compared with which TRL").
 
 The expected numbers in trl_vectors.json were produced by TRL's trainer code
 itself (make_trl_vectors.py says how, and with which versions: TRL 0.28.0 and
@@ -6,7 +6,7 @@ TRL 1.16.0, torch 2.13.0 CPU, float64). TRL is not needed here. Inputs are
 float32-exact, jaxalign runs in float32, so the tolerance is float32's:
 rtol 1e-5 (plus atol 1e-6 for metrics that are means of mixed-sign terms).
 
-Cases (LOSSES.md §9 table; every case id starts with the TRL version):
+Cases (docs/losses.md, "Compared with which TRL"; every case id starts with the TRL version):
 
   case (id suffix)          TRL         TRL setting -> jaxalign call
   sigmoid                   0.28, 1.16  loss_type="sigmoid", beta=0.1 -> dpo_loss(variant="sigmoid")

@@ -1,5 +1,5 @@
 """OFS-DPO in the trainer: two LoRA modules on one frozen base, their own learning
-rates, the role-swap state checkpointed with the run (shared/LOSSES.md section 7)."""
+rates, the role-swap state checkpointed with the run (docs/losses.md, `ofs_dpo`)."""
 
 import os
 
@@ -45,7 +45,7 @@ def test_ofs_dpo_swaps_roles_and_resumes_bit_for_bit(tmp_path):
       assert x[key] == y[key], (key, x, y)
 
   # Step 1: both B = 0, so each module equals the reference and the other module:
-  # every DPO term and the regulariser are log 2 (LOSSES.md 7(f) 1 and 4).
+  # every DPO term and the regulariser are log 2 (docs/losses.md, `ofs_dpo` invariants 1 and 4).
   first = a[0]
   assert first["loss/dpo_fast"] == first["loss/dpo_slow"] == LOG2
   assert first["loss/fs"] == first["loss/fs_leader"] == first["loss/fs_chaser"] == LOG2

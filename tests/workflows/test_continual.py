@@ -51,7 +51,7 @@ def test_combination_of_stored_modules():
   base, a0 = _adapters(1)
   _, a1 = _adapters(2)
   flat = lambda s: {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(s)}  # noqa
-  # One-hot weights give one domain's merged model exactly (LOSSES.md 7(f) 6).
+  # One-hot weights give one domain's merged model exactly (docs/losses.md, `ofs_dpo` invariant 6).
   for t, a in enumerate((a0, a1)):
     w = [0.0, 0.0]
     w[t] = 1.0
