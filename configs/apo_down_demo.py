@@ -1,5 +1,5 @@
-"""APO-down (TRL loss_type apo_down: widen the margin while pushing the chosen answer's
-log-ratio down), on the bundled arithmetic task.
+"""APO-down (TRL loss_type apo_down: both answers' likelihood pushed down, the rejected
+one's further), on the bundled arithmetic task.
 
   jaxalign demo --workdir runs/demo --method apo_down
       # SFT (reused if runs/demo/sft exists), apo_down data from the SFT model's own
