@@ -27,7 +27,7 @@ _HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 _NUMBER_KEYS = {"query_pre_attn_scalar": "query_pre_attn_scalar",
                 "attn_logit_softcap": "attn_logit_softcapping",
                 "final_logit_softcap": "final_logit_softcapping"}
-# config.json booleans no family's Transformer has (and attention_bias beyond q/k/v).
+# config.json booleans no family's Transformer has (attention_bias: only as q/k/v biases).
 _REFUSED = ("mlp_bias", "use_bidirectional_attention")
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
@@ -122,7 +122,7 @@ def _layer_types(fam: Family, hf: dict[str, Any], n_layers: int) -> tuple[str, .
   return tuple(_LAYER_TYPES[t] for t in types)
 
 
-def _sliding(fam: Family, hf: dict[str, Any],
+def _sliding_from_hf(fam: Family, hf: dict[str, Any],
              n_layers: int) -> tuple[int | None, tuple[str, ...] | None]:
   """(sliding_window, layer_types) of the ModelConfig."""
   arch = fam.architecture
@@ -142,18 +142,21 @@ def _sliding(fam: Family, hf: dict[str, Any],
   return window, types
 
 
-def _refuse(fam: Family, hf: dict[str, Any]) -> str:
-  """The activation of config.json, after refusing what the Transformer lacks."""
-  arch = fam.architecture
+def _activation(fam: Family, hf: dict[str, Any]) -> str:
+  """ModelConfig.activation of config.json (the family's key, else hidden_act)."""
   act_name = hf.get(fam.activation_key) or hf.get("hidden_act", "silu")
   if act_name not in _ACTIVATIONS:
-    raise _unsupported(arch, f"activation {act_name!r}")
+    raise _unsupported(fam.architecture, f"activation {act_name!r}")
+  return _ACTIVATIONS[act_name]
+
+
+def _refuse(fam: Family, hf: dict[str, Any]) -> None:
+  """Raises on config.json switches the Transformer lacks."""
   for key in (*_REFUSED, *fam.refused):
     if hf.get(key):
-      raise _unsupported(arch, f"{key}=True")
+      raise _unsupported(fam.architecture, f"{key}=True")
   if hf.get("attention_bias") and not fam.qkv_bias:
-    raise _unsupported(arch, "attention_bias=True (o_proj bias)")
-  return _ACTIVATIONS[act_name]
+    raise _unsupported(fam.architecture, "attention_bias=True (o_proj bias)")
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
@@ -166,12 +169,13 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
   """
   hf = hf_config
   fam = family(architecture_of(hf))
-  activation = _refuse(fam, hf)
+  activation = _activation(fam, hf)
+  _refuse(fam, hf)
   H = int(hf["num_attention_heads"])
   D = int(hf["hidden_size"])
   L = int(hf["num_hidden_layers"])
   theta, scaling, local_theta = _rope(fam, hf)
-  sliding_window, layer_types = _sliding(fam, hf, L)
+  sliding_window, layer_types = _sliding_from_hf(fam, hf, L)
   numbers = {field: (float(hf[key]) if field in fam.options and hf.get(key) is not None
                      else None) for field, key in _NUMBER_KEYS.items()}
   return ModelConfig(
@@ -235,29 +239,33 @@ def _int_if_integral(x: float) -> float | int:
 
 
 def _options_to_hf(fam: Family, c: ModelConfig) -> dict[str, Any]:
-  """config.json keys of the family's options (set or not: its loaders want them)."""
-  out: dict[str, Any] = {}
-  for field, key in _NUMBER_KEYS.items():
-    if field in fam.options:
-      out[key] = getattr(c, field)
-  if "query_pre_attn_scalar" in fam.options:
+  """config.json keys of the family's number and rope options (set or not: its
+  loaders want them)."""
+  out: dict[str, Any] = {key: getattr(c, field) for field, key in _NUMBER_KEYS.items()
+                         if field in fam.options}
+  if "query_pre_attn_scalar" in fam.options:  # None: scale by head_dim, written out
     # transformers validates an int; every released Gemma has an integral one.
     out["query_pre_attn_scalar"] = _int_if_integral(
         c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar)
   if "local_rope_theta" in fam.options:
     out["rope_local_base_freq"] = (c.rope_theta if c.local_rope_theta is None
                                    else c.local_rope_theta)
-  if "sliding_window" in fam.options and fam.sliding_period is None:
-    out["sliding_window"] = c.sliding_window
-  elif "sliding_window" in fam.options:
-    if c.sliding_window is None:
-      types = ("full",) * c.n_layers
-    else:
-      types = c.layer_types or ("sliding",) * c.n_layers
-    # Unused by all-full models, but transformers wants a number.
-    out["sliding_window"] = c.sliding_window or c.max_seq_len
-    out["layer_types"] = [f"{t}_attention" for t in types]
   return out
+
+
+def _sliding_to_hf(fam: Family, c: ModelConfig) -> dict[str, Any]:
+  """sliding_window (and per-layer families' layer_types) of config.json."""
+  if "sliding_window" not in fam.options:
+    return {}
+  if fam.sliding_period is None:  # one window on every layer
+    return {"sliding_window": c.sliding_window}
+  if c.sliding_window is None:
+    types = ("full",) * c.n_layers
+  else:
+    types = c.layer_types or ("sliding",) * c.n_layers
+  # Unused by all-full models, but transformers wants a number.
+  return {"sliding_window": c.sliding_window or c.max_seq_len,
+          "layer_types": [f"{t}_attention" for t in types]}
 
 
 def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
@@ -294,5 +302,6 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
       fam.activation_key: _HF_ACTIVATIONS[c.activation],
       "attention_bias": fam.qkv_bias,
       **_options_to_hf(fam, c),
+      **_sliding_to_hf(fam, c),
       **fam.extra(c),
   }
