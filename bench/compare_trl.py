@@ -9,7 +9,7 @@ trl`), which runs this same file in worker mode (no jax imported there).
 
 Both sides get the same run:
   model: a Llama-shaped decoder (jaxalign ModelConfig -> the equivalent
-    transformers LlamaConfig via jaxalign.models.hf.config_to_hf), float32,
+    transformers LlamaConfig via jaxalign.models.hf_config.config_to_hf), float32,
     random init (each framework its own; throughput does not depend on values).
   data: the same random token ids: B pairs per step, prompt P tokens, chosen
     and rejected responses T - P tokens each including EOS, so every sequence
@@ -245,7 +245,7 @@ def main(argv=None):
     ap.error("--trl-python is required (the python of the TRL environment)")
 
   sys.path.insert(0, ROOT)
-  from jaxalign.models import hf
+  from jaxalign.models.hf_config import config_to_hf
   from jaxalign.models.transformer import ModelConfig
 
   model_cfg = ModelConfig(
@@ -260,7 +260,7 @@ def main(argv=None):
     data_path = os.path.join(tmp, "data.npz")
     np.savez(data_path, prompt=prompt, chosen=chosen, rejected=rejected)
     spec_path = os.path.join(tmp, "spec.json")
-    json.dump({"hf_config": hf.config_to_hf(model_cfg, "LlamaForCausalLM"), "data": data_path,
+    json.dump({"hf_config": config_to_hf(model_cfg, "LlamaForCausalLM"), "data": data_path,
                "vocab": args.vocab, "batch": args.batch, "length": args.length,
                "warmup": args.warmup, "steps": args.steps}, open(spec_path, "w"))
     trl_runs, jx_runs = [], []

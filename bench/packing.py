@@ -25,7 +25,7 @@ random ids; each sequence ends with EOS (id vocab - 1).
 TRL (--trl-python, pairs case). The same batches, in the same order, run
 through TRL's DPOTrainer in a separate environment's python (bench/compare_trl.py's
 worker: no jax there; `python -m venv V && V/bin/pip install torch==2.13.0 trl`):
-the same token ids, the same model shape (jaxalign.models.hf.config_to_hf,
+the same token ids, the same model shape (jaxalign.models.hf_config.config_to_hf,
 LlamaForCausalLM), float32, the reference log-probs precomputed, the same pairs
 per step, and TRL's default collator, which pads each batch to its longest
 sequence. One TRL run per round, after the jaxalign layouts' blocks, each its
@@ -185,7 +185,7 @@ def trl_timer(trl_python: str, c, padded: list[dict], *, steps: int, tmp: str
   The dataset is the batches in step order: every batch once (PyTorch's warm-up,
   as time_layouts' compile pass), then the timed block; TRL runs it in order.
   """
-  from jaxalign.models import hf
+  from jaxalign.models.hf_config import config_to_hf
   n, T = len(padded), c.data.max_length
   order = list(range(n)) + [i % n for i in range(steps)]
   prompt, chosen, rejected, p_len, c_len, r_len = [], [], [], [], [], []
@@ -206,7 +206,7 @@ def trl_timer(trl_python: str, c, padded: list[dict], *, steps: int, tmp: str
            rejected=np.stack(rejected), prompt_len=np.array(p_len),
            chosen_len=np.array(c_len), rejected_len=np.array(r_len))
   spec_path = os.path.join(tmp, "trl_spec.json")
-  json.dump({"hf_config": hf.config_to_hf(config_lib.model_config(c), "LlamaForCausalLM"),
+  json.dump({"hf_config": config_to_hf(config_lib.model_config(c), "LlamaForCausalLM"),
              "data": data_path, "vocab": c.model.overrides.vocab_size,
              "batch": c.data.batch_size, "length": T, "warmup": n, "steps": steps},
             open(spec_path, "w"))

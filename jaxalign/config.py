@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 
 from jaxalign import guards, losses, rewards, sharding
-from jaxalign.models import attention, hf, lora, transformer
+from jaxalign.models import attention, hf, hf_config, lora, transformer
 from jaxalign.rewards import model as reward_model
 from jaxalign.errors import ConfigError, HfConfigError
 # Mesh axes and logical-axis rules live in sharding.py; re-exported under their old names.
@@ -576,7 +576,7 @@ def model_config(c, *, hf_dir: str | None = None):
   hf_dir = hf_model_dir(c) if hf_dir is None else hf_dir
   if hf_dir:
     try:
-      base = hf.config_from_hf(hf.read_config(hf_dir)).to_dict()
+      base = hf_config.config_from_hf(hf_config.read_config(hf_dir)).to_dict()
     except (OSError, ValueError, KeyError) as e:
       raise HfConfigError(f"{hf_dir}: {e}") from None
   else:

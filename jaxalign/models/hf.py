@@ -1,9 +1,7 @@
-"""Hugging Face interop: config.json + safetensors <-> Transformer, both directions.
+"""Hugging Face interop: safetensors <-> Transformer parameters, both directions.
 
-Supported architectures: LlamaForCausalLM (incl. Llama 3.1 "llama3" rope
-scaling), MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
-Gemma2ForCausalLM and Gemma3ForCausalLM (text; only where local and global
-layers share one rope, see `config_from_hf`).
+config.json <-> ModelConfig is `hf_config` (by the rows of `families.FAMILIES`);
+this module maps the tensors, by the ModelConfig switches alone.
 
 Every parameter is a fixed relayout of one HF tensor (the table in
 jaxalign/models/transformer.py): the HF tensor is reshaped into a "view" (one HF
@@ -32,292 +30,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jaxalign.sharding import DEFAULT_RULES
+from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture, read_config
 from jaxalign.models.transformer import ModelConfig, Transformer
 
-# architecture -> (model_type, default tie_word_embeddings).
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "LlamaForCausalLM": ("llama", False),
-    "MistralForCausalLM": ("mistral", False),
-    "Qwen2ForCausalLM": ("qwen2", False),
-    "Qwen3ForCausalLM": ("qwen3", False),
-    "Gemma2ForCausalLM": ("gemma2", True),
-    "Gemma3ForCausalLM": ("gemma3_text", True),
-}
-_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_tanh": "gelu_tanh"}
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "F64": np.float64}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
-
-
-def _unsupported(arch: str, feature: str) -> ValueError:
-  return ValueError(f"{arch}: unsupported: {feature}")
-
-
-# ---------------------------------------------------------------------------
-# config.json <-> ModelConfig
-
-
-def architecture_of(hf_config: dict[str, Any]) -> str:
-  archs = hf_config.get("architectures") or []
-  if archs:
-    arch = archs[0]
-  else:  # config.json without "architectures": go by model_type
-    by_type = {t: a for a, (t, _) in ARCHITECTURES.items()}
-    arch = by_type.get(hf_config.get("model_type"), f"model_type={hf_config.get('model_type')!r}")
-  if arch not in ARCHITECTURES:
-    raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
-  return arch
-
-
-def _scaling(arch: str, scaling: dict[str, Any] | None) -> dict[str, Any] | None:
-  """ModelConfig.rope_scaling from an HF rope dict (None for the default rope)."""
-  if scaling is None:
-    return None
-  kind = scaling.get("rope_type", scaling.get("type", "default"))
-  if kind == "default":
-    return None
-  if kind == "linear":
-    return {"rope_type": "linear", "factor": float(scaling["factor"])}
-  if kind != "llama3":
-    raise _unsupported(arch, f"rope_type={kind!r} (have 'default', 'linear' and 'llama3')")
-  keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-  missing = [k for k in keys if k not in scaling]
-  if missing:
-    raise ValueError(f"{arch}: rope_scaling 'llama3' lacks {missing}")
-  return {k: (int(scaling[k]) if k.startswith("original") else float(scaling[k]))
-          for k in keys}
-
-
-def _rope(arch: str, hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float | None]:
-  """(rope_theta, rope_scaling, local_rope_theta) from legacy keys or
-  transformers>=5 `rope_parameters` (per layer type for Gemma3)."""
-  params = hf.get("rope_parameters")
-  default_theta = float(hf.get("rope_theta", 10000.0))
-  if params is not None and ("full_attention" in params or "sliding_attention" in params):
-    full = params.get("full_attention") or {}
-    local = params.get("sliding_attention") or {}
-    if _scaling(arch, local) is not None:
-      raise _unsupported(arch, f"a scaled rope on the sliding layers ({local})")
-    theta = float(full.get("rope_theta", default_theta))
-    return (theta, _scaling(arch, full),
-            float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))))
-  if params is None:
-    theta, scaling = default_theta, hf.get("rope_scaling")
-  else:
-    theta, scaling = float(params.get("rope_theta", default_theta)), params
-  local_theta = None
-  if arch == "Gemma3ForCausalLM":  # sliding layers: own base, never scaled
-    local_theta = float(hf.get("rope_local_base_freq", 10000.0))
-  return theta, _scaling(arch, scaling), local_theta
-
-
-def _layer_types(arch: str, hf: dict[str, Any], n_layers: int) -> tuple[str, ...] | None:
-  types = hf.get("layer_types")
-  if types is None:
-    if arch == "Gemma2ForCausalLM":
-      types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
-    elif arch == "Gemma3ForCausalLM":
-      pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
-      types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
-               for i in range(n_layers)]
-    else:
-      return None
-  names = {"full_attention": "full", "sliding_attention": "sliding"}
-  bad = sorted(set(types) - set(names))
-  if bad:
-    raise _unsupported(arch, f"layer types {bad}")
-  return tuple(names[t] for t in types)
-
-
-def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
-  """A float32 ModelConfig from a transformers config.json dict.
-
-  Raises:
-    ValueError naming the architecture or the feature when it is not one of
-    ARCHITECTURES or uses something the Transformer lacks (e.g. o_proj/MLP
-    biases; rope types other than "default"/"llama3"; Qwen sliding windows).
-  """
-  hf = hf_config
-  arch = architecture_of(hf)
-  _, default_tie = ARCHITECTURES[arch]
-  is_gemma = arch in _GEMMA
-  H = int(hf["num_attention_heads"])
-  D = int(hf["hidden_size"])
-  L = int(hf["num_hidden_layers"])
-  act_name = (hf.get("hidden_activation") if is_gemma else None) or hf.get("hidden_act", "silu")
-  if act_name not in _ACTIVATIONS:
-    raise _unsupported(arch, f"activation {act_name!r}")
-  if hf.get("mlp_bias"):
-    raise _unsupported(arch, "mlp_bias=True")
-  if hf.get("attention_bias") and arch != "Qwen2ForCausalLM":
-    raise _unsupported(arch, "attention_bias=True (o_proj bias)")
-  if hf.get("use_bidirectional_attention"):
-    raise _unsupported(arch, "use_bidirectional_attention=True")
-  theta, scaling, local_theta = _rope(arch, hf)
-
-  sliding_window, layer_types = None, None
-  if arch == "MistralForCausalLM":
-    sliding_window = hf.get("sliding_window")
-  elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-    if hf.get("use_sliding_window"):
-      raise _unsupported(arch, "use_sliding_window=True")
-  elif is_gemma:
-    sliding_window = hf.get("sliding_window")
-    layer_types = _layer_types(arch, hf, L)
-    if sliding_window is None:
-      if "sliding" in layer_types:
-        raise ValueError(f"{arch}: sliding layers but sliding_window is null")
-      layer_types = None
-  if hf.get("layer_types") is not None and not is_gemma:
-    types = _layer_types(arch, hf, L)
-    if types is not None and "sliding" in types and arch != "MistralForCausalLM":
-      raise _unsupported(arch, "sliding-window layers")
-
-  return ModelConfig(
-      vocab_size=int(hf["vocab_size"]),
-      d_model=D,
-      n_layers=L,
-      n_heads=H,
-      n_kv_heads=int(hf.get("num_key_value_heads") or H),
-      head_dim=int(hf.get("head_dim") or D // H),
-      d_ff=int(hf["intermediate_size"]),
-      max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-      rope_theta=theta,
-      rope_scaling=scaling,
-      local_rope_theta=local_theta,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", default_tie)),
-      qkv_bias=arch == "Qwen2ForCausalLM",
-      qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
-      norm_offset=is_gemma,
-      embed_scale=is_gemma,
-      post_norms=is_gemma,
-      activation=_ACTIVATIONS[act_name],
-      query_pre_attn_scalar=(float(hf["query_pre_attn_scalar"])
-                             if is_gemma and hf.get("query_pre_attn_scalar") is not None
-                             else None),
-      # transformers' Gemma3 attention never applies attn_logit_softcapping
-      # (released Gemma3 configs set it null); match the reference, not the key.
-      attn_logit_softcap=(hf.get("attn_logit_softcapping")
-                          if arch == "Gemma2ForCausalLM" else None),
-      final_logit_softcap=(hf.get("final_logit_softcapping") if is_gemma else None),
-      sliding_window=None if sliding_window is None else int(sliding_window),
-      layer_types=layer_types,
-  )
-
-
-def _int_if_integral(x: float) -> float | int:
-  return int(x) if float(x).is_integer() else x
-
-
-def infer_architecture(config: ModelConfig) -> str:
-  """The one HF architecture whose features match `config` (for export)."""
-  if config.post_norms:
-    return "Gemma3ForCausalLM" if config.qk_norm else "Gemma2ForCausalLM"
-  if config.qk_norm:
-    return "Qwen3ForCausalLM"
-  if config.qkv_bias:
-    return "Qwen2ForCausalLM"
-  if config.sliding_window is not None:
-    return "MistralForCausalLM"
-  return "LlamaForCausalLM"
-
-
-def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
-  """A config.json dict that transformers (4.x and 5.x) and vLLM load as `config`.
-
-  Raises:
-    ValueError naming the switch when `architecture` cannot express `config`
-    (e.g. qkv_bias as Llama, a mixed sliding pattern as Mistral).
-  """
-  c, arch = config, architecture
-  if arch not in ARCHITECTURES:
-    raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
-  model_type, _ = ARCHITECTURES[arch]
-  is_gemma = arch in _GEMMA
-  want = dict(
-      qkv_bias=arch == "Qwen2ForCausalLM",
-      qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
-      norm_offset=is_gemma, embed_scale=is_gemma, post_norms=is_gemma,
-      activation="gelu_tanh" if is_gemma else "silu")
-  for key, value in want.items():
-    if getattr(c, key) != value:
-      raise ValueError(f"{arch} cannot express ModelConfig.{key}={getattr(c, key)!r} "
-                       f"(it has {value!r}); try {infer_architecture(c)}")
-  if arch == "Gemma3ForCausalLM" and c.attn_logit_softcap is not None:
-    raise ValueError(f"{arch} cannot express ModelConfig.attn_logit_softcap="
-                     f"{c.attn_logit_softcap} (transformers' Gemma3 does not apply it)")
-  if not is_gemma:
-    for key in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
-      if getattr(c, key) is not None:
-        raise ValueError(f"{arch} cannot express ModelConfig.{key}={getattr(c, key)!r}")
-  if c.local_rope_theta is not None and arch != "Gemma3ForCausalLM":
-    raise ValueError(f"{arch} cannot express ModelConfig.local_rope_theta="
-                     f"{c.local_rope_theta} (only Gemma3 has a rope for local layers)")
-  if (arch == "Gemma3ForCausalLM" and c.rope_scaling is not None
-      and c.local_rope_theta is None):
-    raise ValueError(f"{arch} scales only the full-attention layers' rope; set "
-                     "ModelConfig.local_rope_theta")
-  if c.sliding_window is not None and arch != "MistralForCausalLM" and not is_gemma:
-    raise ValueError(f"{arch} cannot express ModelConfig.sliding_window={c.sliding_window}")
-  if arch == "MistralForCausalLM" and c.layer_types is not None and len(set(c.layer_types)) > 1:
-    raise ValueError(f"{arch} cannot express mixed layer_types={c.layer_types}")
-
-  hf: dict[str, Any] = {
-      "architectures": [arch],
-      "model_type": model_type,
-      "vocab_size": c.vocab_size,
-      "hidden_size": c.d_model,
-      "intermediate_size": c.d_ff,
-      "num_hidden_layers": c.n_layers,
-      "num_attention_heads": c.n_heads,
-      "num_key_value_heads": c.n_kv_heads,
-      "head_dim": c.head_dim,
-      "max_position_embeddings": c.max_seq_len,
-      "rms_norm_eps": c.norm_eps,
-      "tie_word_embeddings": c.tie_embeddings,
-      "rope_theta": c.rope_theta,
-      "rope_scaling": (None if c.rope_scaling is None
-                       else {"rope_type": "llama3", **c.rope_scaling}),
-      "attention_dropout": 0.0,
-      "torch_dtype": str(np.dtype(c.param_dtype)),
-      "use_cache": True,
-  }
-  if is_gemma:
-    if c.sliding_window is None:
-      types = ("full",) * c.n_layers
-    else:
-      types = c.layer_types or ("sliding",) * c.n_layers
-    hf.update({
-        "hidden_activation": "gelu_pytorch_tanh",
-        # transformers validates an int; every released Gemma has an integral one.
-        "query_pre_attn_scalar": _int_if_integral(
-            c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar),
-        "attn_logit_softcapping": c.attn_logit_softcap,
-        "final_logit_softcapping": c.final_logit_softcap,
-        # Unused by all-full models, but transformers wants a number.
-        "sliding_window": c.sliding_window or c.max_seq_len,
-        "layer_types": [f"{t}_attention" for t in types],
-        "attention_bias": False,
-    })
-    if arch == "Gemma3ForCausalLM":
-      hf["rope_local_base_freq"] = (c.rope_theta if c.local_rope_theta is None
-                                    else c.local_rope_theta)
-  else:
-    hf.update({"hidden_act": "silu", "attention_bias": arch == "Qwen2ForCausalLM"})
-    if arch == "LlamaForCausalLM":
-      hf.update({"mlp_bias": False, "pretraining_tp": 1})
-    if arch == "MistralForCausalLM":
-      hf["sliding_window"] = c.sliding_window
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-      hf.update({"use_sliding_window": False, "sliding_window": None,
-                 "max_window_layers": c.n_layers})
-  return hf
 
 
 # ---------------------------------------------------------------------------
@@ -442,25 +163,8 @@ def _layouts(c: ModelConfig) -> dict[tuple, _Layout | _Stacked]:
   return out
 
 
-def hf_names(config: ModelConfig) -> dict[str, str]:
-  """HF tensor name -> our dotted parameter path ("[g]" appended for stacked layer g)."""
-  out = {}
-  for k, v in _layouts(config).items():
-    path = ".".join(map(str, k))
-    if isinstance(v, _Stacked):
-      out.update({name: f"{path}[{g}]" for g, name in enumerate(v.names)})
-    else:
-      out[v.name] = path
-  return out
-
-
 # ---------------------------------------------------------------------------
 # Import
-
-
-def _read_json(path: str) -> dict[str, Any]:
-  with open(path) as f:
-    return json.load(f)
 
 
 def _weight_files(path: str) -> dict[str, str]:
@@ -468,7 +172,9 @@ def _weight_files(path: str) -> dict[str, str]:
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(index):
-    return {k: os.path.join(path, f) for k, f in _read_json(index)["weight_map"].items()}
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {k: os.path.join(path, f) for k, f in weight_map.items()}
   if os.path.exists(single):
     from safetensors import safe_open
     with safe_open(single, framework="numpy") as f:
@@ -497,6 +203,11 @@ def abstract_model(config: ModelConfig, *, mesh=None, rules=DEFAULT_RULES):
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        state, shardings)
   return graphdef, state
+
+
+def _value(leaf):
+  """An nnx Variable's value (a bare array or ShapeDtypeStruct as it is)."""
+  return leaf.get_value() if hasattr(leaf, "get_value") else leaf
 
 
 def load_state(path: str, config: ModelConfig, abstract_state):
@@ -540,7 +251,7 @@ def load_state(path: str, config: ModelConfig, abstract_state):
       if key not in layouts:
         raise ValueError(f"no HF tensor for parameter {'.'.join(map(str, key))}")
       lay = layouts[key]
-      abstract = leaf.get_value() if hasattr(leaf, "get_value") else leaf
+      abstract = _value(leaf)
       if isinstance(lay, _Stacked):
         values.append(_place_stacked([tensor_of(x) for x in lay.layouts], lay, abstract))
       else:
@@ -595,14 +306,6 @@ def resolve_path(path_or_name: str) -> str:
   from huggingface_hub import snapshot_download
   return snapshot_download(path_or_name, allow_patterns=[
       "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-
-
-def read_config(path: str) -> dict[str, Any]:
-  """config.json of the checkpoint directory `path`."""
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{path} has no config.json")
-  return _read_json(config_path)
 
 
 def from_pretrained(path: str, *, mesh=None, rules=DEFAULT_RULES,
@@ -681,6 +384,63 @@ def _hf_order(name: str) -> tuple:
   return (0 if "embed" in name else 2, 0, name)
 
 
+def _tensors_by_name(state, config: ModelConfig) -> dict[str, tuple[_Layout, Any, int | None]]:
+  """HF name -> (layout, our leaf, stacked entry or None), in HF order (layer by layer).
+
+  Raises:
+    ValueError listing the parameters `state` lacks or has beyond `config`.
+  """
+  layouts = _layouts(config)
+  flat = dict(nnx.to_flat_state(state))
+  missing = sorted(".".join(map(str, k)) for k in set(layouts) - set(flat))
+  unknown = sorted(".".join(map(str, k)) for k in set(flat) - set(layouts))
+  if missing or unknown:
+    raise ValueError(f"params do not match the config: missing {missing}, unknown {unknown}")
+  by_name = {}
+  for key, lay in layouts.items():
+    if isinstance(lay, _Stacked):
+      by_name.update({x.name: (x, flat[key], g) for g, x in enumerate(lay.layouts)})
+    else:
+      by_name[lay.name] = (lay, flat[key], None)
+  return dict(sorted(by_name.items(), key=lambda kv: _hf_order(kv[0])))
+
+
+def _shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+  """Consecutive runs of names of at most max_shard_bytes (a bigger tensor: alone)."""
+  shards: list[list[str]] = [[]]
+  shard_bytes = 0
+  for name, size in sizes.items():
+    if shards[-1] and shard_bytes + size > max_shard_bytes:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(name)
+    shard_bytes += size
+  return shards
+
+
+def _clear_weights(out_dir: str) -> None:
+  """Creates out_dir, removing a previous export's shards (they would confuse loaders)."""
+  os.makedirs(out_dir, exist_ok=True)
+  for stale in os.listdir(out_dir):
+    if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+      os.remove(os.path.join(out_dir, stale))
+
+
+def _write_configs(out_dir: str, hf_config: dict[str, Any], tokenizer) -> None:
+  """config.json, generation_config.json and the tokenizer's files (its special ids
+  go into both configs)."""
+  if tokenizer is not None:
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+      if getattr(tokenizer, key, None) is not None:
+        hf_config[key] = getattr(tokenizer, key)
+    tokenizer.save_pretrained(out_dir)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    json.dump({k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if k in hf_config}, f, indent=2)
+
+
 def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
            architecture: str | None = None, tokenizer=None,
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -694,7 +454,7 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
       gets config.json, model.safetensors (or
       model-0000k-of-0000n.safetensors + model.safetensors.index.json when
       the weights exceed max_shard_bytes) and the tokenizer's files.
-    architecture: one of ARCHITECTURES; None: `infer_architecture`.
+    architecture: one of families.FAMILIES; None: `hf_config.infer_architecture`.
     tokenizer: a transformers tokenizer to save beside the weights.
     max_shard_bytes: largest safetensors file (a bigger single tensor gets a
       file of its own).
@@ -707,50 +467,24 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
     state = nnx.state(params_state_or_model, nnx.Param)
   else:
     state = params_state_or_model
-  architecture = architecture or infer_architecture(model_config)
-  hf_config = config_to_hf(model_config, architecture)
-  layouts = _layouts(model_config)
-  flat = dict(nnx.to_flat_state(state))
-  missing = sorted(".".join(map(str, k)) for k in set(layouts) - set(flat))
-  unknown = sorted(".".join(map(str, k)) for k in set(flat) - set(layouts))
-  if missing or unknown:
-    raise ValueError(f"params do not match the config: missing {missing}, unknown {unknown}")
-  # HF name -> (layout, our leaf, stacked entry or None).
-  by_name = {}
-  for key, lay in layouts.items():
-    if isinstance(lay, _Stacked):
-      by_name.update({x.name: (x, flat[key], g) for g, x in enumerate(lay.layouts)})
-    else:
-      by_name[lay.name] = (lay, flat[key], None)
-  by_name = dict(sorted(by_name.items(), key=lambda kv: _hf_order(kv[0])))
-  value_of = lambda leaf: leaf.get_value() if hasattr(leaf, "get_value") else leaf
-  out_dtype = lambda leaf: np.dtype(dtype or value_of(leaf).dtype)
+  hf_config = config_to_hf(model_config, architecture or infer_architecture(model_config))
   if dtype is not None:
     hf_config["torch_dtype"] = str(np.dtype(dtype))
-
-  # Shards in the HF order of the mapping (layer by layer).
-  shards: list[list[str]] = [[]]
-  shard_bytes = 0
-  for name, (lay, leaf, _) in by_name.items():
-    size = math.prod(lay.hf_shape) * out_dtype(leaf).itemsize
-    if shards[-1] and shard_bytes + size > max_shard_bytes:
-      shards.append([])
-      shard_bytes = 0
-    shards[-1].append(name)
-    shard_bytes += size
+  by_name = _tensors_by_name(state, model_config)
+  out_dtype = lambda leaf: np.dtype(dtype or _value(leaf).dtype)
+  sizes = {name: math.prod(lay.hf_shape) * out_dtype(leaf).itemsize
+           for name, (lay, leaf, _) in by_name.items()}
+  shards = _shards(sizes, max_shard_bytes)
 
   def fetch(name):
     lay, leaf, entry = by_name[name]
-    value = value_of(leaf)
+    value = _value(leaf)
     # A scanned parameter: gather only layer `entry`'s slice to the host.
     return lay.to_hf(_host_value(value if entry is None else value[entry]))
 
   is_writer = jax.process_index() == 0
   if is_writer:
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in os.listdir(out_dir):  # a previous export's shards would confuse loaders
-      if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
-        os.remove(os.path.join(out_dir, stale))
+    _clear_weights(out_dir)
   files = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
   for file, names in zip(files, shards):
@@ -764,20 +498,9 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
   if not is_writer:
     return out_dir
   if len(shards) > 1:
-    total = sum(math.prod(lay.hf_shape) * out_dtype(leaf).itemsize
-                for lay, leaf, _ in by_name.values())
-    index = {"metadata": {"total_size": total},
+    index = {"metadata": {"total_size": sum(sizes.values())},
              "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
       json.dump(index, f, indent=2)
-  if tokenizer is not None:
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-      if getattr(tokenizer, key, None) is not None:
-        hf_config[key] = getattr(tokenizer, key)
-    tokenizer.save_pretrained(out_dir)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
-  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump({k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if k in hf_config}, f, indent=2)
+  _write_configs(out_dir, hf_config, tokenizer)
   return out_dir

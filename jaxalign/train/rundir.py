@@ -21,7 +21,7 @@ from flax import nnx
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, paths, sharding
-from jaxalign.models import hf, lora
+from jaxalign.models import hf, hf_config, lora
 from jaxalign.train import build as build_lib
 from jaxalign.train import optim
 
@@ -113,7 +113,7 @@ def export_checkpoint(run_dir: str, out_dir: str, *, architecture: str | None = 
   if architecture is None:
     hf_path = config.model.get("hf_path", "") if "model" in config else ""
     if hf_path and os.path.exists(os.path.join(hf_path, "config.json")):
-      architecture = hf.architecture_of(hf.read_config(hf_path))
+      architecture = hf_config.architecture_of(hf_config.read_config(hf_path))
   _, params, _ = load_run_params(run_dir, config, mesh=mesh, model_cfg=model_cfg)
   tok_dir = os.path.join(run_dir, "tokenizer")
   tokenizer = hf.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None

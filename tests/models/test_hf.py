@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jaxalign import sharding
 from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models import hf
+from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture
 from jaxalign.train import rundir
 from jaxalign.data import reading
 
@@ -191,15 +192,15 @@ def test_sharded_import(rules, tmp_path):
 
 def test_config_round_trip():
   for name, (cls, hf_config) in _families().items():
-    ours = hf.config_from_hf(hf_config.to_dict() | {"architectures": [cls.__name__]})
-    assert hf.infer_architecture(ours) == cls.__name__
-    back = hf.config_to_hf(ours, cls.__name__)
-    assert hf.config_from_hf(back) == ours, name
+    ours = config_from_hf(hf_config.to_dict() | {"architectures": [cls.__name__]})
+    assert infer_architecture(ours) == cls.__name__
+    back = config_to_hf(ours, cls.__name__)
+    assert config_from_hf(back) == ours, name
 
 
 def test_legacy_config_keys():
   """Released config.json files carry rope_theta / rope_scaling, not rope_parameters."""
-  cfg = hf.config_from_hf({
+  cfg = config_from_hf({
       "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
       "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
       "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
@@ -208,7 +209,7 @@ def test_legacy_config_keys():
           "original_max_position_embeddings": 8192, "rope_type": "llama3"}})
   from jaxalign.models.transformer import preset
   assert cfg == preset("llama3-8b")
-  gemma3 = hf.config_from_hf(  # google/gemma-3-4b-it's text config keys
+  gemma3 = config_from_hf(  # google/gemma-3-4b-it's text config keys
       transformers.Gemma3TextConfig(**_COMMON, **_GEMMA).to_dict()
       | {"architectures": ["Gemma3ForCausalLM"], "rope_parameters": None,
          "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
@@ -219,20 +220,20 @@ def test_legacy_config_keys():
 
 def test_unsupported_architecture_and_features(tmp_path):
   with pytest.raises(ValueError, match="GPT2LMHeadModel"):
-    hf.config_from_hf({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    config_from_hf({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
   gemma3 = transformers.Gemma3TextConfig(**_COMMON).to_dict()
   gemma3["rope_parameters"]["sliding_attention"] = {"rope_type": "linear", "factor": 2.0,
                                                     "rope_theta": 1e4}
   with pytest.raises(ValueError, match="Gemma3ForCausalLM: unsupported: a scaled rope"):
-    hf.config_from_hf(gemma3 | {"architectures": ["Gemma3ForCausalLM"]})
+    config_from_hf(gemma3 | {"architectures": ["Gemma3ForCausalLM"]})
   with pytest.raises(ValueError, match="unsupported: rope_type='yarn'"):
-    hf.config_from_hf(transformers.Qwen2Config(**_COMMON).to_dict() | {
+    config_from_hf(transformers.Qwen2Config(**_COMMON).to_dict() | {
         "architectures": ["Qwen2ForCausalLM"],
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
-  config = hf.config_from_hf(transformers.Qwen2Config(**_COMMON).to_dict()
-                             | {"architectures": ["Qwen2ForCausalLM"]})
+  config = config_from_hf(transformers.Qwen2Config(**_COMMON).to_dict()
+                          | {"architectures": ["Qwen2ForCausalLM"]})
   with pytest.raises(ValueError, match="LlamaForCausalLM cannot express ModelConfig.qkv_bias"):
-    hf.config_to_hf(config, "LlamaForCausalLM")
+    config_to_hf(config, "LlamaForCausalLM")
 
 
 def test_missing_and_misshapen_tensors_are_named(tmp_path):
