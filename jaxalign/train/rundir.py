@@ -22,6 +22,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, paths, sharding
 from jaxalign.models import hf, lora
+from jaxalign.rewards import model as reward_model
 from jaxalign.train import build as build_lib
 from jaxalign.train import optim
 
@@ -75,7 +76,8 @@ def load_run_params(workdir: str, config, mesh=None, *, model_cfg=None):
   modules = losses.get(config.loss.name).modules if lora_cfg.enabled else ()
   graphdef, abstract_state, _, init_fn = build_lib.build_model_and_state(
       model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False,
-      lora_config=lora_cfg, modules=modules)
+      lora_config=lora_cfg, modules=modules,
+      scalar_head=reward_model.has_scalar_head(losses.get(config.loss.name)))
   base_graphdef = lora.base_graphdef(model_cfg) if lora_cfg.enabled else None
   with jax.set_mesh(mesh):
     params = ckpt.restore_params(checkpoint_dir(workdir), abstract_state.params)
