@@ -22,7 +22,7 @@ from jaxalign.rewards import model as reward_model
 from jaxalign.train import reward
 from jaxalign.workflows import run
 from tests.reliability.helpers import (assert_bit_identical, cli_command, cli_env,
-                                       complete_steps, params)
+                                       compile_events, complete_steps, params, run_cli)
 from tests.train import tiny_reward_config
 from tests.train.helpers import read_metrics
 
@@ -152,3 +152,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   assert len(steps) == 1 and 3 <= steps[0] < 100000, (steps, err)
   # Stopped short of total_steps: nothing exported yet (the resumed run exports).
   assert not (workdir / reward.OUTPUT_DIR).exists()
+
+
+def test_lora_is_refused_in_validation_naming_the_key(tmp_path, capsys):
+  # Adapters would leave the scalar head frozen: exit 2, one line, nothing compiled.
+  with compile_events() as events:
+    status, err = run_cli(capsys, f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}",
+                          "--config.lora.rank=2")
+  assert status == 2 and len(err) == 1 and "config.lora.rank" in err[0], err
+  assert not events and not (tmp_path / "run").exists()
+
+
+def test_gradient_accumulation_trains_and_exports(tmp_path):
+  config = _config(**{"total_steps": 1, "optim.grad_accum_steps": 2, "data.batch_size": 16,
+                      "data.eval_path": ""})
+  result = run.train(config, str(tmp_path / "run"), progress=False)
+  assert result.final_step == 1 and np.isfinite(result.last_metrics["loss"])
+  assert (tmp_path / "run" / reward.OUTPUT_DIR / reward_model.CONFIG_FILE).exists()
+  assert not (tmp_path / "run" / reward.EVAL_FILE).exists()
