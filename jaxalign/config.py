@@ -597,7 +597,7 @@ def model_config(c, *, hf_dir: str | None = None):
 RUN_MODES = {
     "iterative": "iterative.rounds > 0: rounds of sample, score, train (workflows/iterative.py)",
     "continual": "data.domains: one LoRA stage per domain (workflows/continual.py)",
-    "reward_model": "a loss whose trainer is 'reward_model' (train/reward.py)",
+    "reward_model": "a scalar-head loss: one run (train/loop.py), exported (train/reward.py)",
     "run": "one policy run (train/loop.py)",
 }
 

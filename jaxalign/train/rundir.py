@@ -65,7 +65,8 @@ def load_run_params(workdir: str, config, mesh=None, *, model_cfg=None):
   `config`: the run's RunSpec (its ModelConfig as resolved) or config
   (`model_cfg`: its ModelConfig when the caller already has it).
   A LoRA run's model comes back merged: the base graph and base + adapter
-  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen.
+  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen; a
+  reward-model run's, the rewards.model.RewardModel (backbone and scalar head).
   """
   model_cfg = config_lib.model_config(config) if model_cfg is None else model_cfg
   spec_or_config, config = config, config_lib.config_of(config)
