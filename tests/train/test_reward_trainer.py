@@ -2,8 +2,8 @@
 saves a checkpoint and exits 0, held-out eval runs during training, and the finished run
 writes WORKDIR/reward_model and rm_eval.json (train/reward.py).
 
-The subprocess runs are driven by the run's own progress (metrics rows logged),
-never by a wall-clock deadline; the timeouts only bound a hung run.
+The subprocess runs are driven by the run's own progress (checkpoints committed,
+metrics rows logged), never by a wall-clock deadline; the timeouts only bound a hung run.
 """
 
 import json
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxalign import config as config_lib
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import reward
 from jaxalign.workflows import run
@@ -35,14 +36,7 @@ HANG_S = 300   # only bounds a hung subprocess
 
 
 def _config(**overrides):
-  c = tiny_reward_config.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return c
+  return config_lib.apply_overrides(tiny_reward_config.get_config(), overrides)
 
 
 def _logged(workdir) -> int:
