@@ -398,9 +398,6 @@ def _validate_eval(c: ml_collections.ConfigDict, spec) -> None:
     _fail("data.eval_path", f"must be a path string, got {path!r}")
   if every and not path:
     _fail("eval_every", "evaluates on a held-out set: set data.eval_path")
-  if every and spec.trainer == "reward_model":
-    _fail("eval_every", "the reward-model trainer (train/reward.py) scores data.eval_path "
-          "once, at the end (rm_eval.json); use 0")
 
 
 def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
@@ -410,6 +407,8 @@ def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
   if isinstance(lc.rank, bool) or not isinstance(lc.rank, int) or lc.rank < 0:
     _fail("lora.rank", f"must be an int >= 0 (0 = no adapters), got {lc.rank!r}")
   if lc.rank > 0:
+    if reward_model.has_scalar_head(spec):   # adapters would leave the scalar head frozen
+      _fail("lora.rank", f"{c.loss.name!r} trains the whole reward model; set lora.rank=0")
     if not lc.alpha > 0:
       _fail("lora.alpha", f"must be positive, got {lc.alpha!r}")
     if not 0.0 <= lc.dropout < 1.0:
@@ -598,7 +597,7 @@ def model_config(c, *, hf_dir: str | None = None):
 RUN_MODES = {
     "iterative": "iterative.rounds > 0: rounds of sample, score, train (workflows/iterative.py)",
     "continual": "data.domains: one LoRA stage per domain (workflows/continual.py)",
-    "reward_model": "a loss whose trainer is 'reward_model' (train/reward.py)",
+    "reward_model": "a scalar-head loss: one run (train/loop.py), exported (train/reward.py)",
     "run": "one policy run (train/loop.py)",
 }
 

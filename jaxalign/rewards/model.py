@@ -4,6 +4,11 @@
   values = model(tokens, attention_mask)            # [B] float32
   save_reward_model(model, "rm/"); load_reward_model("rm/")
 
+A loss with a scalar head (`has_scalar_head`: the Bradley-Terry loss of
+`config.loss.name = "reward_model"`) trains this model in place of the LM, in the
+one train loop: the builder makes it, the step's forward yields its scores
+(`sequence_scores`, [B, S]) where a policy loss gets log-probs.
+
 A sequence is scored at its last real token (the final 1 of `attention_mask`,
 so left and right padding both work): r = <h_last, w> + b. As a reward
 function (`config.reward.name = "reward_model"`, options `path`, `batch_size`,
@@ -30,6 +35,14 @@ CONFIG_FILE = "model_config.json"
 STATE_DIR = "state"
 
 
+def has_scalar_head(spec) -> bool:
+  """Whether the loss `spec` (a losses.LossSpec) trains a RewardModel rather than the LM.
+
+  The one test of it: the builder, the step, the loop and validation all ask here.
+  """
+  return spec.trainer == "reward_model"
+
+
 class RewardModel(nnx.Module):
   """Transformer backbone + linear scalar head [D] -> []."""
 
@@ -53,6 +66,18 @@ class RewardModel(nnx.Module):
     h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
     values = h.astype(jnp.float32) @ self.head[...] + self.bias[...]
     return jnp.where(mask.any(-1), values, 0.0)
+
+
+def sequence_scores(model: RewardModel, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(scores, counts) [B, S] of a padded [B, S, T] batch, all B*S rows in one forward.
+
+  scores: each sequence's reward (for a pair: chosen, rejected); counts: its real
+  tokens. They stand where a policy loss gets summed log-probs and scored tokens.
+  """
+  b, s, t = batch["tokens"].shape
+  mask = batch["attention_mask"]
+  values = model(batch["tokens"].reshape(b * s, t), mask.reshape(b * s, t))
+  return values.reshape(b, s), mask.sum(-1)
 
 
 def save_reward_model(model: RewardModel, directory: str) -> None:

@@ -23,6 +23,7 @@ from flax import nnx
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.models import lora, transformer
+from jaxalign.rewards import model as reward_model
 from jaxalign.train import optim, state as state_lib, step as step_lib
 
 
@@ -61,13 +62,17 @@ class Built:
 
 def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_reference: bool,
                           init_loss_state=None, lora_config: lora.LoraConfig | None = None,
-                          modules: tuple[str, ...] = ()):
+                          modules: tuple[str, ...] = (), scalar_head: bool = False):
   """(graphdef, abstract_state, state_shardings, init_fn) with nothing allocated yet.
 
   With `lora_config` enabled the model carries adapters: params are the
-  adapters ({name: adapters} per `modules`), frozen the base.
+  adapters ({name: adapters} per `modules`), frozen the base. With `scalar_head`
+  (a reward-model loss) the model is rewards.model.RewardModel: params
+  {backbone, head, bias}.
   """
   def make_model():
+    if scalar_head:
+      return reward_model.RewardModel(model_cfg, rngs=nnx.Rngs(seed))
     model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
     if lora_config is not None and lora_config.enabled:
       lora.add_adapters(model, lora_config, seed=seed)
@@ -90,17 +95,24 @@ def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_referen
   return graphdef, abstract_state, shardings, init_fn
 
 
-def initial_state(init_fn, tx, shardings, params=None, *, keep_reference: bool):
+def initial_state(init_fn, tx, shardings, params=None, *, keep_reference: bool,
+                  part: str | None = None):
   """The step-0 TrainState, sharded; with `params`, built around them.
 
   The random parameters `init_fn` would make are unused when `params` is given,
   so XLA drops them: no random copy of a large model is ever allocated.
+  `part`: `params` are that entry of the model's params only (a reward model's
+  "backbone"); the rest keeps its seeded init.
   """
   if params is None:
     return jax.jit(init_fn, out_shardings=shardings)()
 
   def from_params(p):
     state = init_fn()
+    if part is not None:
+      whole = state.params
+      whole[part] = p
+      p = whole
     return state.replace(params=p, opt_state=tx.init(p),
                          ref_params=jax.tree.map(jnp.copy, p) if keep_reference else None)
 
@@ -140,7 +152,8 @@ def build(config: config_lib.RunSpec | ml_collections.ConfigDict, mesh: jax.shar
   keep_reference = frozen_ref and (not lora_cfg.enabled or ref_sync is not None)
   graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
       model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=keep_reference,
-      init_loss_state=spec.init_state, lora_config=lora_cfg, modules=modules)
+      init_loss_state=spec.init_state, lora_config=lora_cfg, modules=modules,
+      scalar_head=reward_model.has_scalar_head(spec))
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
   ref_graphdef = (lora.base_graphdef(model_cfg)

@@ -23,6 +23,7 @@ from jaxalign import sharding
 from jaxalign.data import formats, packing, pipeline, prepared, reading, tables
 from jaxalign.errors import NonFiniteError, ResumeMismatchError  # noqa: F401  (old import path)
 from jaxalign.models import hf, lora
+from jaxalign.rewards import model as reward_model
 from jaxalign.train import build as build_lib
 from jaxalign.train import heldout, online as online_lib, resume, rundir, signals, step as step_lib
 from jaxalign.train.rundir import RunResult, load_run_params, resolved_config  # noqa: F401  (old import path)
@@ -121,7 +122,8 @@ def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, 
   """One policy run of `config` in `workdir`, resuming from its latest checkpoint if any.
 
   Other run modes (iterative rounds, data.domains stages, reward models) are
-  dispatched by jaxalign.workflows.run.train, which calls this for each run.
+  dispatched by jaxalign.workflows.run.train, which calls this for each run
+  (`run_loop` for a reward model's).
 
   Args:
     config: a RunSpec (jaxalign.config.resolve), or a recipe (see
@@ -136,6 +138,13 @@ def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, 
   if mode != "run":
     raise ValueError(f"loop.train runs one policy run; a {mode} recipe trains through "
                      "jaxalign.workflows.run.train")
+  return run_loop(config, workdir, progress=progress, devices=devices, stop_after=stop_after)
+
+
+def run_loop(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
+             progress: bool = True, devices=None, stop_after: int | None = None) -> RunResult:
+  """`train` without its mode check: the loop of every objective, a policy loss or a
+  scalar-head (reward-model) loss, which workflows.run.train runs then exports."""
   devices = jax.devices() if devices is None else list(devices)
   run_spec = config_lib.resolve(config, len(devices))
   # SIGTERM is caught from here on: one arriving while data loads or the step
@@ -246,11 +255,15 @@ def _train(run_spec: config_lib.RunSpec, workdir, *, progress, devices, stop_aft
                          fresh=fresh_init)
     else:
       params = None
+      # A reward model's backbone comes from there, its scalar head from the seed.
+      part = "backbone" if reward_model.has_scalar_head(spec) else None
+      target = abstract_state.params if part is None else abstract_state.params[part]
       if fresh_init and config.init_from:
-        params = ckpt.restore_params(rundir.checkpoint_dir(config.init_from), abstract_state.params)
+        params = ckpt.restore_params(rundir.checkpoint_dir(config.init_from), target)
       elif fresh_init and hf_dir:
-        params = hf.load_state(hf_dir, model_cfg, abstract_state.params)
-      state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref)
+        params = hf.load_state(hf_dir, model_cfg, target)
+      state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref,
+                            part=part)
 
     # Reference log-probs of the initial policy, computed once and kept beside the run.
     if precompute_ref:

@@ -22,6 +22,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, paths, sharding
 from jaxalign.models import hf, hf_config, lora
+from jaxalign.rewards import model as reward_model
 from jaxalign.train import build as build_lib
 from jaxalign.train import optim
 
@@ -64,7 +65,8 @@ def load_run_params(workdir: str, config, mesh=None, *, model_cfg=None):
   `config`: the run's RunSpec (its ModelConfig as resolved) or config
   (`model_cfg`: its ModelConfig when the caller already has it).
   A LoRA run's model comes back merged: the base graph and base + adapter
-  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen.
+  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen; a
+  reward-model run's, the rewards.model.RewardModel (backbone and scalar head).
   """
   model_cfg = config_lib.model_config(config) if model_cfg is None else model_cfg
   spec_or_config, config = config, config_lib.config_of(config)
@@ -75,7 +77,8 @@ def load_run_params(workdir: str, config, mesh=None, *, model_cfg=None):
   modules = losses.get(config.loss.name).modules if lora_cfg.enabled else ()
   graphdef, abstract_state, _, init_fn = build_lib.build_model_and_state(
       model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False,
-      lora_config=lora_cfg, modules=modules)
+      lora_config=lora_cfg, modules=modules,
+      scalar_head=reward_model.has_scalar_head(losses.get(config.loss.name)))
   base_graphdef = lora.base_graphdef(model_cfg) if lora_cfg.enabled else None
   with jax.set_mesh(mesh):
     params = ckpt.restore_params(checkpoint_dir(workdir), abstract_state.params)

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxalign import logprobs, losses
 from jaxalign.data import packing
 from jaxalign.models import lora
+from jaxalign.rewards import model as reward_model
 from jaxalign.train import ref_sync as ref_sync_lib
 from jaxalign.train.state import TrainState
 
@@ -111,12 +112,19 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
                 batch_axes=None, columns: tuple[str, ...] = ()):
   """Per-sequence summed log-probs [B, S] and scored-token counts [B, S].
 
+  A scalar-head model (rewards.model.RewardModel, a reward-model loss) gives its
+  scores [B, S] and real-token counts in their place: the rest of the step is the same.
+
   `dropout_key`: the LoRA adapters' dropout key for this forward (None: none).
   batch_axes: mesh axes B is split over, kept on the log-prob chunks (logprobs.py).
   columns: names in COLUMNS; then a third value, {name: [B, S]}, is returned
     (padded, packed and shared-prompt batches alike).
   """
   model = nnx.merge(graphdef, params, frozen)
+  if isinstance(model, reward_model.RewardModel):   # a scalar head: scores stand for log-probs
+    if columns or packing.is_packed(batch) or packing.is_shared(batch):
+      raise ValueError("a scalar-head model scores padded rows and computes no loss columns")
+    return reward_model.sequence_scores(model, batch)
   if dropout_key is not None:
     lora.set_dropout_key(model, dropout_key)
   for name in columns:

@@ -3,7 +3,7 @@
 A recipe is one of config.RUN_MODES: rounds of generate-score-train
 (`iterative.rounds > 0`, workflows/iterative.py), one stage per domain
 (`data.domains`, workflows/continual.py, OFS-DPO and COFS-DPO), a scalar reward
-model (a loss whose trainer is "reward_model", train/reward.py), or one run
+model (one run of train/loop.py, then exported by train/reward.py), or one run
 (train/loop.py; online methods sample inside it). The CLI, the demos and the
 tests all train through `train` here; the layers below it never dispatch to the
 ones above.
@@ -26,7 +26,7 @@ def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, 
 
   Args: as jaxalign.train.loop.train: `config` a RunSpec (config.resolve, as the CLI
   passes it) or a recipe, resolved here once; `stop_after` is honoured by single
-  runs and iterative rounds.
+  runs (reward models too) and iterative rounds.
   """
   devices = jax.devices() if devices is None else list(devices)
   spec = config_lib.resolve(config, len(devices))
@@ -34,7 +34,10 @@ def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, 
       "iterative": lambda: iterative.train_rounds(spec, workdir, progress=progress,
                                                   devices=devices, stop_after=stop_after),
       "continual": lambda: continual.train(spec, workdir, progress=progress, devices=devices),
-      "reward_model": lambda: reward.train(spec, workdir, progress=progress, devices=devices),
+      # The one loop, then the trained model's directory (train/reward.py).
+      "reward_model": lambda: reward.export(spec, loop.run_loop(
+          spec, workdir, progress=progress, devices=devices, stop_after=stop_after),
+          devices=devices),
       "run": lambda: loop.train(spec, workdir, progress=progress, devices=devices,
                                 stop_after=stop_after),
   }

@@ -60,7 +60,7 @@ STEP_CASES = {
 
 
 def test_every_registered_loss_has_a_case():
-  # reward_model trains a scalar-head model with its own trainer (train/reward.py).
+  # reward_model trains a scalar-head model (tests/train/test_reward_trainer.py).
   covered = {c[0] for c in CASES.values()} | {c[0] for c in STEP_CASES.values()}
   assert covered >= set(losses.LOSSES) - {"sft", "reward_model"}
 

@@ -1,4 +1,5 @@
-"""The reward-model trainer (train/reward.py): its backbone starts from `init_from`."""
+"""Reward-model training (the one loop, exported by train/reward.py): its backbone starts
+from `init_from`."""
 
 import jax
 import numpy as np
@@ -6,6 +7,7 @@ from flax import nnx
 
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import loop, reward, rundir
+from jaxalign.workflows import run
 from tests.train.helpers import tiny_config
 
 
@@ -21,7 +23,7 @@ def test_the_backbone_is_the_init_from_runs_model(tmp_path):
 
   rm = tiny_config(total_steps=1, init_from=str(tmp_path / "sft"), **{"optim.lr": 1e-12})
   rm.loss.name, rm.loss.hparams = "reward_model", {}
-  result = reward.train(rm, str(tmp_path / "rm"), progress=False)
+  result = run.train(rm, str(tmp_path / "rm"), progress=False)
   assert result.final_step == 1 and np.isfinite(result.last_metrics["loss"])
   model = reward_model.load_reward_model(str(tmp_path / "rm" / reward.OUTPUT_DIR))
   got, want = _leaves(nnx.state(model.backbone, nnx.Param)), _leaves(sft_params)
