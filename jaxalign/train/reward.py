@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, paths, sharding
-from jaxalign.data import pipeline, prepared
+from jaxalign.data import examples as examples_lib, pipeline
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import optim, rundir
 from jaxalign.train.metrics import MetricWriter
@@ -108,11 +108,11 @@ def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, 
   hf_dir = run_spec.hf_dir
   tokenizer = reading.load_tokenizer(config.data.tokenizer or hf_dir)
   reading.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
-  # Read lazily like a policy run's data (prepared sets too), or as a list (data.lazy=False).
-  load = functools.partial(prepared.load_examples, fmt="pairwise", tokenizer=tokenizer,
+  # Read like a policy run's data: lazily, or a prepared set's shards.
+  load = functools.partial(examples_lib.open_examples, fmt="pairwise", tokenizer=tokenizer,
                            split=config.data.split, max_length=config.data.max_length,
                            max_prompt_length=config.data.max_prompt_length,
-                           on_error=config.data.on_error, lazy=config.data.get("lazy", True))
+                           on_error=config.data.on_error)
   examples, skipped = load(config.data.train_path)
   eval_examples = (load(config.data.eval_path, key="config.data.eval_path")[0]
                    if config.data.eval_path else None)

@@ -18,6 +18,7 @@ from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models import hf
 from jaxalign.train import rundir
 from jaxalign.data import reading
+from tests.data.reference import list_examples
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -323,7 +324,7 @@ def test_train_from_hf_path(tmp_path):
   assert rundir.resolved_config(run)["model"]["hf_path"] == src
   tokenizer = reading.load_tokenizer(os.path.join(run, "tokenizer"))
   assert tokenizer.get_vocab() == toy.build_tokenizer().get_vocab()
-  examples, _ = reading.load_examples(
+  examples, _ = list_examples(
       config.data.train_path, "pairwise", tokenizer, split="train",
       max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
       on_error="raise")
