@@ -15,7 +15,7 @@ whole set before step 1, by design) and checkpoints off until the end.
 
 Each figure comes from a fresh child process (JAX_PLATFORMS=cpu, set by this
 parent), so its peak RSS (VmHWM) is that run's alone:
-  * train: `loop.train` from the raw JSONL (the default lazy path) or a prepared
+  * train: `loop.train` from the raw JSONL (read lazily) or a prepared
     set; peak RSS when the first step returns; "start" = process start to the
     first step's end minus that step's compile (its first call minus a later
     step); the steady step's examples/s = batch / step time.
@@ -130,11 +130,11 @@ def _child_train(path: str, tokenizer: str, workdir: str, steps: int) -> dict:
 
 
 def _child_pipeline(path: str, tokenizer: str, batches: int) -> dict:
-  from jaxalign.data import pipeline, prepared, reading
+  from jaxalign.data import examples as examples_lib, pipeline, reading
   tok = reading.load_tokenizer(tokenizer)
-  examples, _ = prepared.load_examples(path, "pairwise", tok, split="train",
-                                       max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT,
-                                       on_error="raise", group_size=None)
+  examples, _ = examples_lib.open_examples(path, "pairwise", tok, split="train",
+                                           max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT,
+                                           on_error="raise", group_size=None)
   it = iter(pipeline.make_dataset(examples, seed=0, batch_size=BATCH))
   next(it)
   t = time.perf_counter()

@@ -74,11 +74,6 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.batch_size = 8       # global, in examples (pairs for DPO)
   c.data.shuffle = True
   c.data.on_error = "raise"   # "raise" | "skip"
-  # Train and eval sources indexed in one streaming validation pass and tokenized row
-  # by row inside the Grain pipeline, not held as a list (jaxalign/data/lazy.py);
-  # every format and run path (packing, share_prompt, online, unpaired). False: the list
-  # of every example (reading.load_examples), the reference the lazy path is tested against.
-  c.data.lazy = True
   # Groups (negatives' samples, completions) are padded to this many slots with a
   # group_mask; None: every record must have the same number.
   c.data.group_size = ml_collections.FieldReference(None, field_type=int)
@@ -320,8 +315,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
           f"{model_cfg.max_seq_len}")
   if not 0 < d.max_prompt_length < d.max_length:
     _fail("data.max_prompt_length", f"must be in (0, data.max_length={d.max_length})")
-  if not isinstance(d.get("lazy", True), bool):
-    _fail("data.lazy", f"must be True or False, got {d.lazy!r}")
+  # data.lazy=False chose a list of every example, a read path that is gone; configs
+  # saved by earlier versions (resume, export, init_from read them back) carry lazy=True.
+  if d.get("lazy", True) is not True:
+    _fail("data.lazy", "is no longer an option (every source is read lazily, or from its "
+          f"prepared shards: jaxalign/data/examples.py); got {d.lazy!r}")
   if d.on_error not in ("raise", "skip"):
     _fail("data.on_error", f"must be 'raise' or 'skip', got {d.on_error!r}")
   if not isinstance(d.get("packing", False), bool):

@@ -79,9 +79,10 @@ def compute(examples: list[dict], tokenizer: Any, *, train_path: str,
       "version": VERSION,
       "train_path": str(train_path),
       "rows": len(examples),
-      # A prepared set carries the hash its `prepare` computed over the same examples.
+      # What examples.open_examples returns (lazy or prepared) carries its source's hash;
+      # a plain list (older versions' list read, a test's reference) is hashed as examples.
       "examples": getattr(examples, "content_hash", None) or examples_hash(examples),
-      # How "examples" was hashed: the source's bytes (lazy, prepared) or the examples.
+      # How "examples" was hashed: the source's bytes (content: source) or the examples.
       "content": "source" if getattr(examples, "content_hash", None) else "examples",
       "tokenizer": tokenizer_hash(tokenizer),
       "tokenization": {k: (list(v) if isinstance(v, tuple) else v)
@@ -169,9 +170,11 @@ def check_resume(workdir: str, current: dict[str, Any], *, allow_change: bool) -
   what = ", ".join(changes)
   if (changes and changes[-1].startswith("content hash")
       and saved.get("content") != current.get("content")):
-    # Hashed the other way (saved by a list read, or before "content" was stored).
-    what += (" (a list read, data.lazy=False, hashes the tokenized examples, a lazy read "
-             "its source: if the run started with the other data.lazy, resume with that)")
+    # Hashed the other way: saved by an older version's list read (data.lazy=False, or
+    # before "content" was stored), which hashed the tokenized examples.
+    what += (" (the run hashed its tokenized examples, as an older jaxalign's list read, "
+             "data.lazy=False, did; this one hashes the source: if the data is the same, "
+             "resume with that version)")
   if not allow_change:
     raise RunError(
         f"cannot resume {workdir}: the data differs from the run's "

@@ -1,23 +1,27 @@
 """Sources read lazily: one streaming validation pass, then rows tokenized on demand.
 
-The default path of a run (`prepared.load_examples`): instead of a list of every
-tokenized example, `open_source` builds a random-access view of the source's raw
-rows, makes one streaming pass that validates them (the same checks and
-messages as the eager path: `formats.validate_record` after TRL's conventions,
-the optional-column and group-size agreement) and keeps only the positions of
-the usable rows (an int64 array, 8 bytes a row). `LazyExamples[i]` then reads
-usable row i, validates and tokenizes it. `pipeline.make_dataset` wraps it in
-`grain.MapDataset.source`, so tokenization runs in Grain's read threads, only
-for the elements of this process's batches (the per-process slice comes before
-any read).
+How a run reads every source but a prepared set (`examples.open_examples`):
+instead of a list of every tokenized example, `open_source` builds a
+random-access view of the source's raw rows, makes one streaming pass that
+validates them and keeps only the positions of the usable rows (an int64
+array, 8 bytes a row). `LazyExamples[i]` then reads usable row i, validates and
+tokenizes it. `pipeline.make_dataset` wraps it in `grain.MapDataset.source`, so
+tokenization runs in Grain's read threads, only for the elements of this
+process's batches (the per-process slice comes before any read).
 
-Raw rows, per source (each keeps `source_file` and the eager path's 1-based `row`):
+The checks, messages and order are the list reader's, the one `jaxalign
+prepare` uses (`reading.read_records`, then `formats.validate_records`: TRL's
+conventions, `formats.validate_record`, the optional-column agreement; then the
+group-size rule and `tokenize.tokenize_records`); tests/data/reference.py
+composes it into the reference this path is tested against.
+
+Raw rows, per source (each keeps `source_file` and the list reader's 1-based `row`):
   .jsonl        byte offset and length of every non-blank line (a pass that only
                 splits lines, 16 bytes a row), read back with `os.pread`.
   .json         a top-level array is indexed in the same kind of pass: a byte
                 scanner finds each element's span (depth, strings and escapes
                 tracked), so one element is `json.loads`-ed at a time; a file that
-                is not an array is read as JSONL, as the eager path does.
+                is not an array is read as JSONL, as the list reader does.
   .parquet      row groups through `pyarrow.parquet.ParquetFile.read_row_group`
                 (the last few decoded groups are cached per reading thread).
   datasets      a `save_to_disk` directory (`datasets.load_from_disk`) or a hub
@@ -33,7 +37,7 @@ compiled, with bounded memory. With several processes the pass is split: each
 process validates a contiguous block of the rows (in file order) and the
 blocks' usable positions, skip counts and first errors are all-gathered, so
 each process parses only its block. With on_error="raise" every process then
-raises the same one line, the eager path's (`{file}:{row}: {field}: ...`):
+raises the same one line, the list reader's (`{file}:{row}: {field}: ...`):
 the error of the lowest block that has one, which is the first bad row in
 file order. With "skip" each process counts the rows it dropped; the counts are
 summed. Either way the dataset's length, shuffle and resume position are
@@ -48,7 +52,7 @@ Every format and run path reads lazily:
   online methods   their record rewrite (`map_record`) runs on each row as it is
                    read (`MappedRows`), inside the validation pass and on access,
                    so a bad row still names its file, row and field.
-  unpaired formats a pass over the rows puts them in the eager path's order
+  unpaired formats a pass over the rows puts them in the list reader's order
                    (`unpaired_order`: rows that are not pairwise first, then
                    TRL's unpairing per block of UNPAIR_BLOCK pairwise rows, chosen
                    copies then rejected ones), read through `UnpairedRows`
@@ -58,15 +62,13 @@ Every format and run path reads lazily:
                    `tokenize.add_kl_sequences` does over the list.
   packing, share_prompt  need no list: the packer's buckets are fitted to a
                    seeded sample of lengths (`packing.length_sample`).
-Only data.lazy=False reads a list of every example (`reading.load_examples`,
-the reference path), with a log line saying so.
 
 The data fingerprint's content hash of a lazy source is its bytes' sha256 and
 split (`content_hash`, `source_hash`: with the tokenizer and settings
 beside it, it fixes every example; for unpaired_kl also the KL chunk size), as a
 prepared set of that source has it, so a run may resume on the prepared set of
-the data it started on; a list run (data.lazy=False) hashes the tokenized
-examples instead, so switching between the two on a resume reads as a data change.
+the data it started on. (Runs of older versions that read a list of every
+example hashed the tokenized examples: resuming one reads as a data change.)
 """
 
 from __future__ import annotations
@@ -336,7 +338,7 @@ class MappedRows(Sequence):
 
 
 class UnpairedRows(Sequence):
-  """The records an unpaired format reads, in the eager path's order.
+  """The records an unpaired format reads, in the list reader's order.
 
   `conventions.normalize_records` puts the rows that are not pairwise first (in
   file order), then the pairwise rows unpaired per block of UNPAIR_BLOCK of
@@ -361,9 +363,9 @@ def unpaired_order(rows: Sequence[dict], *, on_error: str,
                    block: int = conventions.UNPAIR_BLOCK) -> np.ndarray:
   """[M, 2] (row position, copy) of `UnpairedRows`, from one pass parsing every row.
 
-  A row that does not parse counts as not pairwise (the eager path's marker
+  A row that does not parse counts as not pairwise (the list reader's marker
   record); with on_error="raise" it raises here, at the first such row in file
-  order, as the eager path's read does.
+  order, as the list reader does.
   """
   plain, pairs = array("q"), array("q")
   for i in range(len(rows)):
@@ -518,7 +520,7 @@ class LazyExamples(Sequence):
     if self.fmt != "unpaired_kl":
       return example
     # KTO: the completion of the previous example of its chunk (the first takes the
-    # last's), as tokenize.add_kl_sequences over the eager list does.
+    # last's), as tokenize.add_kl_sequences over a list does.
     chunk = self.cfg.kl_chunk_size or len(self)
     start = i - i % chunk
     prev = i - 1 if i > start else min(start + chunk, len(self)) - 1
@@ -534,10 +536,6 @@ class LazyExamples(Sequence):
 
   def __repr__(self) -> str:
     return f"LazyExamples({self.name!r}, {len(self)} rows)"
-
-
-# Kept under its old name: a lazily read JSONL file.
-LazyJsonl = LazyExamples
 
 
 def source_content_hash(source_hash: str, split: str) -> str:
@@ -622,7 +620,7 @@ def _split(ds: Any, name: str, split: str) -> Any:
 
 
 def _check_directory_fields(path: str, files: list[str], parts) -> None:
-  """The eager path's rule (sources.read_directory): the files' fields agree; compared
+  """The list reader's rule (sources.read_directory): the files' fields agree; compared
   on each file's first row (the validation pass then checks every row)."""
   kinds: dict[tuple, list[str]] = {}
   for f, rows in zip(files, parts):
@@ -676,11 +674,3 @@ def open_source(path: str, fmt: str, tokenizer: Any, *, split: str = "train",
     raise DataError(f"{path}: no usable records")
   return LazyExamples(rows, keep, fmt, tokenizer, cfg, content, path), skipped
 
-
-def open_jsonl(path: str, fmt: str, tokenizer: Any, *, max_length: int,
-               max_prompt_length: int, on_error: str, group_size: int | None = None,
-               log=None) -> tuple[LazyExamples, int]:
-  """`open_source` of a .jsonl file in this process alone."""
-  return open_source(path, fmt, tokenizer, max_length=max_length,
-                     max_prompt_length=max_prompt_length, on_error=on_error,
-                     group_size=group_size, log=log, process_index=0, process_count=1)

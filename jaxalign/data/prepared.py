@@ -15,12 +15,12 @@ rerun with the same source and settings keeps every shard whose sidecar matches
 its file (resumable); the manifest holds the tokenizer's fingerprint
 (`fingerprint.tokenizer_hash`), the tokenization settings, the record layout, the
 source's content hash, the example count, the skipped count, the shard list and
-`content_hash`: `fingerprint.examples_hash` of the examples in order (the value
-an eager run on the raw source stores). A run on the set stores
-`lazy.source_content_hash` of the source's hash and split, as a (default, lazy)
+`content_hash`: `fingerprint.examples_hash` of the examples in order. A run on
+the set stores `lazy.source_content_hash` of the source's hash and split, as a
 run on the raw source does, so a run's data fingerprint is the same from either.
 
-`open_examples` is the training side: a random-access sequence over the shards
+`open_prepared` is the training side (through `examples.open_examples`, the
+entry point of every source): a random-access sequence over the shards
 (one thread-safe `ArrayRecordReader` per shard, opened on first read), which
 `pipeline.make_dataset` reads a batch at a time (`read_batch`), so a process
 decodes only the records it reads. It
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import time
@@ -49,8 +48,6 @@ import numpy as np
 from jaxalign import fingerprint
 from jaxalign.errors import ConfigError
 from jaxalign.data import formats, lazy as lazy_lib, reading, tokenize
-
-log = logging.getLogger("jaxalign")
 
 MANIFEST = "manifest.json"
 KIND = "jaxalign-prepared-dataset"
@@ -382,7 +379,7 @@ class PreparedExamples(Sequence):
     return f"PreparedExamples({self.path!r}, {self._len} examples)"
 
 
-def open_examples(path: str, fmt: str, tokenizer: Any, *, max_length: int,
+def open_prepared(path: str, fmt: str, tokenizer: Any, *, max_length: int,
                   max_prompt_length: int, group_size: int | None, on_error: str, split: str,
                   key: str = "config.data.train_path") -> tuple[PreparedExamples, int]:
   """(examples, records skipped at prepare time) of prepared set `path`, for this run.
@@ -408,41 +405,3 @@ def open_examples(path: str, fmt: str, tokenizer: Any, *, max_length: int,
         "jaxalign prepare with this run's config")
   return PreparedExamples(path, manifest), int(manifest.get("skipped", 0))
 
-
-def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
-                  max_prompt_length: int, on_error: str, group_size: int | None = None,
-                  map_record=None, kl_chunk_size: int = 0, key: str = "config.data.train_path",
-                  lazy: bool = True) -> tuple[Sequence[dict], int]:
-  """A run's (examples, num_skipped): a prepared set opened lazily; with `lazy` (the
-  default) any other source read lazily (data/lazy.py: one validation pass, rows
-  tokenized on demand, an online method's `map_record` applied per row on read,
-  unpaired formats in the eager path's order); with `lazy` False
-  `reading.load_examples`, the list of every example (data.lazy=False: the
-  reference path the lazy one is tested against).
-  """
-  if not is_prepared(path):
-    if not lazy:
-      log.info("reading %s as a list of every example: data.lazy=False", path)
-      return reading.load_examples(path, fmt, tokenizer, split=split, max_length=max_length,
-                                   max_prompt_length=max_prompt_length, on_error=on_error,
-                                   group_size=group_size, map_record=map_record,
-                                   kl_chunk_size=kl_chunk_size)
-    if not path:
-      reading.read_records(path, split=split)   # raises its ConfigError
-    try:
-      return lazy_lib.open_source(path, fmt, tokenizer, split=split, max_length=max_length,
-                                  max_prompt_length=max_prompt_length, on_error=on_error,
-                                  group_size=group_size, log=log, map_record=map_record,
-                                  kl_chunk_size=kl_chunk_size)
-    except FileNotFoundError as e:
-      raise ConfigError(f"config.data.train_path: {reading.first_line(e)}") from None
-  if map_record is not None:
-    raise ConfigError(f"{key}: {path} is a prepared (tokenized) dataset; online "
-                      "methods rewrite raw records first: give the raw source")
-  if fmt == "unpaired_kl":
-    raise ConfigError(f"{key}: {path} is a prepared dataset; unpaired_kl data "
-                      "(KTO) pairs its KL sequences within the run's batches: give "
-                      "the raw source")
-  return open_examples(path, fmt, tokenizer, max_length=max_length,
-                       max_prompt_length=max_prompt_length, group_size=group_size,
-                       on_error=on_error, split=split, key=key)

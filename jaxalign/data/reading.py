@@ -1,5 +1,6 @@
-"""Reading a dataset: the tokenizer, the records of a source (files, `datasets`, the
-bundled `toy:` task), their validation and tokenization into examples.
+"""Reading a dataset: the tokenizer, and the records of a source (files, `datasets`,
+the bundled `toy:` task) as one list, which `jaxalign prepare` validates and
+tokenizes into shards. A run's examples come from `examples.open_examples`.
 """
 
 import logging
@@ -161,27 +162,3 @@ def check_group_sizes(records: list[dict], fmt: str, *, on_error: str) -> tuple[
     log.warning("skipping record: %s", error)
   return kept, skipped
 
-
-def load_examples(path: str, fmt: str, tokenizer, *, split: str, max_length: int,
-                  max_prompt_length: int, on_error: str, group_size: int | None = None,
-                  map_record=None, kl_chunk_size: int = 0) -> tuple[list[dict], int]:
-  """Reads, validates and tokenizes every record; returns (examples, num_skipped).
-
-  `map_record` (record -> record of `fmt`) runs on each raw record before validation.
-  `kl_chunk_size`: unpaired_kl (KTO) pairs its KL sequences within chunks of this
-  many examples, the per-process batch (tokenize.add_kl_sequences).
-  """
-  records = read_records(path, split=split, on_error=on_error)
-  if map_record is not None:
-    records = [map_record(r) for r in records]
-  valid, skipped = formats.validate_records(records, fmt, on_error=on_error)
-  if group_size is None:
-    valid, bad = check_group_sizes(valid, fmt, on_error=on_error)
-    skipped += bad
-  tcfg = tokenize.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
-                                 group_size=group_size, kl_chunk_size=kl_chunk_size)
-  examples, bad = tokenize.tokenize_records(valid, fmt, tokenizer, tcfg, on_error=on_error)
-  skipped += bad
-  if not examples:
-    raise formats.DataError(f"{path}: no usable records")
-  return examples, skipped

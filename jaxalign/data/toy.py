@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import re
 from typing import Any, Sequence
 
@@ -58,10 +57,6 @@ def _user(text: str) -> list[dict[str, str]]:
 
 def _assistant(text: str) -> list[dict[str, str]]:
   return [{"role": "assistant", "content": text}]
-
-
-def _valid_int(text: str) -> bool:
-  return re.fullmatch(r"-?(0|[1-9]\d*)", text) is not None and text != "-0"
 
 
 def _no_carry(a: int, b: int, op: str) -> int | None:
@@ -345,8 +340,3 @@ def build_tokenizer(model_max_length: int = 64):
   tok.chat_template = CHAT_TEMPLATE
   return tok
 
-
-def save_tokenizer(directory: str | os.PathLike) -> str:
-  """Builds the toy tokenizer and saves it to ``directory``; returns the path."""
-  build_tokenizer().save_pretrained(str(directory))
-  return str(directory)

@@ -20,7 +20,7 @@ from jaxalign import fingerprint, guards, runlock
 from jaxalign import flops as flops_lib
 from jaxalign import paths
 from jaxalign import sharding
-from jaxalign.data import formats, packing, pipeline, prepared, reading, tables
+from jaxalign.data import examples as examples_lib, formats, packing, pipeline, reading, tables
 from jaxalign.errors import NonFiniteError, ResumeMismatchError  # noqa: F401  (old import path)
 from jaxalign.models import hf, lora
 from jaxalign.rewards import model as reward_model
@@ -49,11 +49,10 @@ def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
   d = config.data
   train_key = "config.data.train_path: "   # read_records' messages name the training key
   try:
-    examples, skipped = prepared.load_examples(
+    examples, skipped = examples_lib.open_examples(
         d.eval_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
         max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
-        kl_chunk_size=d.batch_size // jax.process_count(), key="config.data.eval_path",
-        lazy=d.get("lazy", True))
+        kl_chunk_size=d.batch_size // jax.process_count(), key="config.data.eval_path")
   except (config_lib.ConfigError, formats.DataError) as e:
     text = str(e)
     text = text[len(train_key):] if text.startswith(train_key) else text
@@ -180,13 +179,12 @@ def _train(run_spec: config_lib.RunSpec, workdir, *, progress, devices, stop_aft
   tokenizer = reading.load_tokenizer(config.data.tokenizer or hf_dir)
   reading.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
   # A prepared (tokenized) set is opened lazily: no tokenizer work (data/prepared.py).
-  examples, num_skipped = prepared.load_examples(
+  examples, num_skipped = examples_lib.open_examples(
       config.data.train_path, online.data_format if online else spec.data, tokenizer,
       split=config.data.split, max_length=config.data.max_length,
       max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
       group_size=config.data.group_size, map_record=online.map_record if online else None,
-      kl_chunk_size=config.data.batch_size // jax.process_count(),
-      lazy=config.data.get("lazy", True))
+      kl_chunk_size=config.data.batch_size // jax.process_count())
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
   # The held-out set is in the loss's own format (for online methods too: fixed samples).

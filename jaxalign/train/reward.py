@@ -32,7 +32,7 @@ from flax import nnx
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import paths, sharding
-from jaxalign.data import pipeline, prepared, reading
+from jaxalign.data import examples as examples_lib, pipeline, reading
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import rundir
 
@@ -81,10 +81,10 @@ def export(run_spec: config_lib.RunSpec, result: rundir.RunResult, *,
     return result
   d = config.data
   tokenizer = reading.load_tokenizer(d.tokenizer or run_spec.hf_dir)
-  examples, _ = prepared.load_examples(
+  examples, _ = examples_lib.open_examples(
       d.eval_path, "pairwise", tokenizer, split=d.split, max_length=d.max_length,
       max_prompt_length=d.max_prompt_length, on_error=d.on_error,
-      key="config.data.eval_path", lazy=d.get("lazy", True))
+      key="config.data.eval_path")
   acc = pair_accuracy(model, examples, batch_size=d.batch_size)
   if jax.process_index() == 0:
     ckpt.write_json(paths.join(result.workdir, EVAL_FILE),

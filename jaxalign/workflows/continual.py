@@ -41,7 +41,7 @@ from flax import nnx
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import sharding
-from jaxalign.data import pipeline, prepared
+from jaxalign.data import examples as examples_lib, pipeline
 from jaxalign.models import lora
 from jaxalign.train import build as build_lib
 from jaxalign.train import loop, rundir, step as step_lib
@@ -116,10 +116,11 @@ class PreferenceScorer:
     d = config.data
     self.mesh = mesh
     self.batch_size = d.batch_size
-    self.examples = [   # each domain's held-out pairs, read lazily (data.lazy)
-        prepared.load_examples(p, "pairwise", tokenizer, split=d.split, max_length=d.max_length,
-                               max_prompt_length=d.max_prompt_length, on_error=d.on_error,
-                               key="config.data.domain_eval_paths", lazy=d.get("lazy", True))[0]
+    self.examples = [   # each domain's held-out pairs, read lazily
+        examples_lib.open_examples(p, "pairwise", tokenizer, split=d.split,
+                                   max_length=d.max_length,
+                                   max_prompt_length=d.max_prompt_length, on_error=d.on_error,
+                                   key="config.data.domain_eval_paths")[0]
         for p in paths]
     self._logps = jax.jit(functools.partial(step_lib.batch_logps_only, graphdef,
                                             chunk_size=config.logprob_chunk_size))

@@ -1,6 +1,6 @@
-"""data.lazy: a JSONL file indexed in one validation pass and tokenized row by row
-equals the eager path (examples, skips, error lines, a run and its resume), and a
-process reads only the rows of its own batches."""
+"""A JSONL file indexed in one validation pass and tokenized row by row equals the
+list reference (tests/data/reference.py: examples, skips, error lines, a run and its
+resume), and a process reads only the rows of its own batches."""
 
 import json
 
@@ -9,6 +9,7 @@ import pytest
 
 from jaxalign.data import formats, lazy, pipeline, reading, toy
 from jaxalign.train import loop
+from tests.data.reference import list_examples, reads
 from tests.reliability.helpers import assert_bit_identical, params
 from tests.train.helpers import read_metrics, tiny_config
 
@@ -25,11 +26,16 @@ def _write(path, records, bad=None):
         f.write("\n")   # blank lines are skipped but counted
 
 
+def _open_lazy(path, fmt, tok, **kw):
+  """The lazy read of `path` in this process alone."""
+  return lazy.open_source(str(path), fmt, tok, process_index=0, process_count=1, **kw)
+
+
 def _both(path, fmt, **kw):
   tok = reading.load_tokenizer("toy")
   args = dict(max_length=12, max_prompt_length=8, **kw)
-  eager = reading.load_examples(str(path), fmt, tok, split="train", **args)
-  lazy_examples = lazy.open_jsonl(str(path), fmt, tok, **args)
+  eager = list_examples(str(path), fmt, tok, split="train", **args)
+  lazy_examples = _open_lazy(path, fmt, tok, **args)
   return eager, lazy_examples
 
 
@@ -64,11 +70,11 @@ def test_with_raise_the_first_bad_row_is_the_eager_paths_line(tmp_path, line, ex
   _write(tmp_path / "d.jsonl", records[:3] + [{}] + records[4:], bad={4: line})
   tok = reading.load_tokenizer("toy")
   with pytest.raises(formats.DataError, match=expected) as eager:
-    reading.load_examples(str(tmp_path / "d.jsonl"), "pairwise", tok, split="train",
-                          max_length=12, max_prompt_length=8, on_error="raise")
+    list_examples(str(tmp_path / "d.jsonl"), "pairwise", tok, split="train",
+                  max_length=12, max_prompt_length=8, on_error="raise")
   with pytest.raises(formats.DataError) as lazy_error:
-    lazy.open_jsonl(str(tmp_path / "d.jsonl"), "pairwise", tok, max_length=12,
-                    max_prompt_length=8, on_error="raise")
+    _open_lazy(tmp_path / "d.jsonl", "pairwise", tok, max_length=12,
+               max_prompt_length=8, on_error="raise")
   assert str(lazy_error.value) == str(eager.value)
 
 
@@ -89,8 +95,8 @@ class _Spy:
 def test_each_process_reads_only_the_rows_of_its_own_batches(tmp_path):
   _write(tmp_path / "d.jsonl", toy.ArithmeticTask().pairwise_records(128, seed=0))
   tok = reading.load_tokenizer("toy")
-  examples, _ = lazy.open_jsonl(str(tmp_path / "d.jsonl"), "pairwise", tok, max_length=12,
-                                max_prompt_length=8, on_error="raise")
+  examples, _ = _open_lazy(tmp_path / "d.jsonl", "pairwise", tok, max_length=12,
+                           max_prompt_length=8, on_error="raise")
   shares = []
   for p in range(2):
     args = dict(seed=0, batch_size=4, process_index=p, process_count=2, add_index=True,
@@ -108,11 +114,13 @@ def test_each_process_reads_only_the_rows_of_its_own_batches(tmp_path):
   assert not shares[0] & shares[1]
 
 
-def test_a_lazy_run_equals_the_eager_run_and_resumes_bit_exact(tmp_path):
+def test_a_lazy_run_equals_the_eager_run_and_resumes_bit_exact(tmp_path, monkeypatch):
   _write(tmp_path / "d.jsonl", toy.ArithmeticTask().pairwise_records(64, seed=0))
   over = {"total_steps": 4, "checkpoint.every": 2, "data.train_path": str(tmp_path / "d.jsonl")}
-  eager_cfg, lazy_cfg = tiny_config(**over, **{"data.lazy": False}), tiny_config(**over)
-  loop.train(eager_cfg, str(tmp_path / "eager"), progress=False)
+  eager_cfg, lazy_cfg = tiny_config(**over), tiny_config(**over)
+  with reads(monkeypatch, as_list=True) as read:   # the eager run: the list reference
+    loop.train(eager_cfg, str(tmp_path / "eager"), progress=False)
+  assert read == [list]
   loop.train(lazy_cfg, str(tmp_path / "lazy"), progress=False, stop_after=2)
   loop.train(lazy_cfg, str(tmp_path / "lazy"), progress=False)
   losses = [[m["loss"] for m in read_metrics(str(tmp_path / d))] for d in ("eager", "lazy")]

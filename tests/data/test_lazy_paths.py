@@ -1,25 +1,24 @@
 """The run paths that used to read a list of every example read lazily now, with the
-list path's (data.lazy=False, `reading.load_examples`) examples, skips, errors and
-losses: unpaired formats (TRL's unpairing order, KTO's KL pairs), online methods'
+list reference's (tests/data/reference.py) examples, skips, errors and losses: unpaired formats (TRL's unpairing order, KTO's KL pairs), online methods'
 record rewrite, data.share_prompt and data.packing (buckets fitted to a seeded
 sample of lengths, batches past them still packed)."""
 
 import json
-import logging
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from jaxalign.data import conventions, formats, lazy, packing, prepared, reading, toy
+from jaxalign.data import examples as examples_lib
+from jaxalign.data import conventions, formats, lazy, packing, reading, toy
 from jaxalign.train import loop
 from jaxalign.train import online as online_lib
 from tests.train.helpers import read_metrics, tiny_config
+from tests.data.reference import list_examples, reads
 from tests.data.test_lazy import _Spy
 
 ARGS = dict(max_length=12, max_prompt_length=8)
-LIST_LOG = "as a list of every example"
 
 
 def _write(path, rows):
@@ -51,14 +50,15 @@ def _assert_same(got, want):
 
 
 def _load(path, fmt, *, lazy_read, **kw):
+  """A run's read (`examples.open_examples`), or the list reference (not lazy_read)."""
   kw.setdefault("on_error", "raise")
-  return prepared.load_examples(path, fmt, reading.load_tokenizer("toy"), split="train",
-                                **ARGS, lazy=lazy_read, **kw)
+  read = examples_lib.open_examples if lazy_read else list_examples
+  return read(path, fmt, reading.load_tokenizer("toy"), split="train", **ARGS, **kw)
 
 
 @pytest.mark.parametrize("fmt, chunk", [("unpaired", 0), ("unpaired_kl", 5),
                                         ("unpaired_kl", 0)])
-def test_unpaired_formats_read_lazily_equal_the_list(tmp_path, fmt, chunk, caplog):
+def test_unpaired_formats_read_lazily_equal_the_list(tmp_path, fmt, chunk):
   rows = _unpaired_rows()
   rows[4] = {**rows[4], "chosen": 4}        # a bad pairwise row: its chosen copy is skipped
   rows[6] = "{not json"
@@ -66,9 +66,8 @@ def test_unpaired_formats_read_lazily_equal_the_list(tmp_path, fmt, chunk, caplo
   assert conventions.is_pairwise(rows[4]) and not conventions.is_pairwise(rows[9])
   path = _write(tmp_path / "d.jsonl", rows)
   kw = dict(on_error="skip", kl_chunk_size=chunk)
-  with caplog.at_level(logging.INFO, logger="jaxalign"):
-    got, skipped = _load(path, fmt, lazy_read=True, **kw)
-  assert isinstance(got, lazy.LazyExamples) and LIST_LOG not in caplog.text
+  got, skipped = _load(path, fmt, lazy_read=True, **kw)
+  assert isinstance(got, lazy.LazyExamples)
   want, want_skipped = _load(path, fmt, lazy_read=False, **kw)
   assert isinstance(want, list) and skipped == want_skipped == 3
   _assert_same(got, want)
@@ -99,7 +98,7 @@ def test_the_unpairing_order_is_the_eager_ones_across_blocks(tmp_path):
   assert got == want and len(got) == 9 + 2 * 13
 
 
-def test_online_record_rewrite_reads_lazily_and_names_bad_rows(tmp_path, caplog):
+def test_online_record_rewrite_reads_lazily_and_names_bad_rows(tmp_path):
   source = online_lib.OnlineSource.from_config(_online_config("toy:sft?n=4",
                                                              **{"loss.name": "grao"}))
   rows = [{"prompt": r["prompt"], "reference": r["completion"]}
@@ -108,9 +107,8 @@ def test_online_record_rewrite_reads_lazily_and_names_bad_rows(tmp_path, caplog)
   rows[7] = {"prompt": "2+2=", "reference": 3}       # not a string
   path = _write(tmp_path / "p.jsonl", rows)
   kw = dict(map_record=source.map_record)
-  with caplog.at_level(logging.INFO, logger="jaxalign"):
-    got, skipped = _load(path, "sft", lazy_read=True, on_error="skip", **kw)
-  assert isinstance(got, lazy.LazyExamples) and LIST_LOG not in caplog.text
+  got, skipped = _load(path, "sft", lazy_read=True, on_error="skip", **kw)
+  assert isinstance(got, lazy.LazyExamples)
   want, want_skipped = _load(path, "sft", lazy_read=False, on_error="skip", **kw)
   assert skipped == want_skipped == 2
   _assert_same(got, want)
@@ -201,22 +199,24 @@ def _online_config(train_path, **overrides):
   return c
 
 
-def _run_pair(tmp_path, cfg_for, devices=None):
-  """Losses of a lazy and a list (data.lazy=False) run of the same config."""
-  out = []
-  for name, lazy_read in (("lazy", True), ("list", False)):
-    cfg = cfg_for(**{"data.lazy": lazy_read})
-    loop.train(cfg, str(tmp_path / name), progress=False, devices=devices)
+def _run_pair(tmp_path, monkeypatch, cfg_for, devices=None):
+  """Metrics of a lazy run and a list run (its data from the list reference) of one
+  config, and the types of the examples each run read."""
+  out, types = [], []
+  for name, as_list in (("lazy", False), ("list", True)):
+    with reads(monkeypatch, as_list=as_list) as read:
+      loop.train(cfg_for(), str(tmp_path / name), progress=False, devices=devices)
     out.append([{k: v for k, v in m.items() if k not in _TIMING}
                 for m in read_metrics(str(tmp_path / name))])
-  return out
+    types.append(set(read))
+  return out, types
 
 
 _TIMING = ("tokens_per_sec", "perf/model_tflops_per_device", "perf/mfu", "rollout/seconds")
 
 
 @pytest.mark.parametrize("case", ["kto", "bco", "packing", "share_prompt"])
-def test_a_lazy_run_equals_the_list_run(tmp_path, case, caplog):
+def test_a_lazy_run_equals_the_list_run(tmp_path, case, monkeypatch):
   pairs = toy.ArithmeticTask().pairwise_records(24, seed=5)
   path = _write(tmp_path / "d.jsonl", pairs)
   base = {"total_steps": 2, "data.train_path": path, "data.batch_size": 8}
@@ -228,18 +228,18 @@ def test_a_lazy_run_equals_the_list_run(tmp_path, case, caplog):
     if case in ("kto", "bco"):   # unpaired losses read the pairwise rows unpaired
       cfg.loss.name, cfg.loss.hparams = case, ml_collections.ConfigDict({"beta": 0.1})
     return cfg
-  with caplog.at_level(logging.INFO, logger="jaxalign"):
-    lazy_metrics, list_metrics = _run_pair(tmp_path, cfg_for)
-  assert caplog.text.count(LIST_LOG) == 1            # the list run's line alone
+  (lazy_metrics, list_metrics), types = _run_pair(tmp_path, monkeypatch, cfg_for)
+  assert types == [{lazy.LazyExamples}, {list}]      # the list run alone read a list
   assert len(lazy_metrics) == 2 and lazy_metrics == list_metrics
 
 
-def test_a_lazy_online_run_equals_the_list_run(tmp_path):
+def test_a_lazy_online_run_equals_the_list_run(tmp_path, monkeypatch):
   rows = [{"prompt": r["prompt"], "rejected": r["rejected"]}
           for r in toy.ArithmeticTask().pairwise_records(16, seed=0)]
   path = _write(tmp_path / "p.jsonl", rows)
-  lazy_metrics, list_metrics = _run_pair(
-      tmp_path, lambda **o: _online_config(path, **o), devices=jax.devices()[:1])
+  (lazy_metrics, list_metrics), types = _run_pair(
+      tmp_path, monkeypatch, lambda: _online_config(path), devices=jax.devices()[:1])
+  assert types == [{lazy.LazyExamples}, {list}]
   assert len(lazy_metrics) == 2 and lazy_metrics == list_metrics
   np.testing.assert_array_equal(np.load(tmp_path / "lazy" / "online" / "d2o_samples_0.npz")
                                 ["tokens"],
@@ -248,6 +248,8 @@ def test_a_lazy_online_run_equals_the_list_run(tmp_path):
 
 
 def test_a_resume_across_data_lazy_says_which_setting_hashed_the_run(tmp_path):
+  """A run started by an older version with data.lazy=False hashed its tokenized
+  examples, as a list is hashed: resuming it now is refused in one line saying so."""
   from jaxalign import fingerprint
   from jaxalign.errors import RunError
   path = _write(tmp_path / "d.jsonl", toy.ArithmeticTask().pairwise_records(8, seed=0))
@@ -261,3 +263,20 @@ def test_a_resume_across_data_lazy_says_which_setting_hashed_the_run(tmp_path):
   with pytest.raises(RunError, match=r"content hash .*resume with that"):
     fingerprint.check_resume(str(tmp_path / "run"), fps[True], allow_change=False)
   assert not fingerprint.check_resume(str(tmp_path / "run"), fps[False], allow_change=False)
+
+
+def test_data_lazy_is_gone_an_override_is_unknown_and_a_list_read_refused(tmp_path, capsys):
+  """data.lazy left with the list read: `--config.data.lazy` is an unknown key, a config
+  that still asks for the list (False) is refused naming it, and True (what configs
+  saved by earlier versions carry) still validates."""
+  from jaxalign import config as config_lib
+  from jaxalign.errors import ConfigError
+  from tests.reliability.helpers import TINY_CLI_CONFIG, run_cli
+  status, err = run_cli(capsys, f"--config={TINY_CLI_CONFIG}", f"--workdir={tmp_path / 'run'}",
+                        "--noprogress", "--config.data.lazy=False")
+  assert status == 2 and len(err) == 1, err
+  assert "--config.data.lazy: unknown config key 'lazy'" in err[0]
+  assert not (tmp_path / "run").exists()
+  with pytest.raises(ConfigError, match=r"config\.data\.lazy: is no longer an option"):
+    config_lib.validate(tiny_config(**{"data.lazy": False}), jax.device_count())
+  config_lib.validate(tiny_config(**{"data.lazy": True}), jax.device_count())

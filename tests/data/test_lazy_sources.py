@@ -1,6 +1,6 @@
 """Every source read lazily (JSON arrays, Parquet, `datasets` save_to_disk and data
-directories, TRL standard and conversational rows, the toy task) gives the eager
-path's examples, skips and error lines; the validation pass split over processes
+directories, TRL standard and conversational rows, the toy task) gives the list
+reference's examples, skips and error lines (tests/data/reference.py); the validation pass split over processes
 gives the one-process result."""
 
 import json
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxalign.data import formats, lazy, reading, toy
+from tests.data.reference import list_examples
 
 ARGS = dict(max_length=24, max_prompt_length=12)
 
@@ -27,7 +28,7 @@ def _records(n=24, conversational=False):
 def _same(path, fmt="pairwise", split="train", **kw):
   kw.setdefault("on_error", "raise")
   tok = reading.load_tokenizer("toy")
-  eager, eager_skipped = reading.load_examples(str(path), fmt, tok, split=split, **ARGS, **kw)
+  eager, eager_skipped = list_examples(str(path), fmt, tok, split=split, **ARGS, **kw)
   got, skipped = lazy.open_source(str(path), fmt, tok, split=split, **ARGS, **kw,
                                   process_index=0, process_count=1)
   assert not isinstance(got, list) and skipped == eager_skipped
@@ -58,8 +59,8 @@ def test_a_bad_json_array_element_names_its_row_and_field(tmp_path):
     lazy.open_source(str(tmp_path / "d.json"), "pairwise", tok, **ARGS, on_error="raise",
                      process_index=0, process_count=1)
   with pytest.raises(formats.DataError) as eager:
-    reading.load_examples(str(tmp_path / "d.json"), "pairwise", tok, split="train", **ARGS,
-                          on_error="raise")
+    list_examples(str(tmp_path / "d.json"), "pairwise", tok, split="train", **ARGS,
+                  on_error="raise")
   assert str(e.value) == str(eager.value)
   _same(tmp_path / "d.json", on_error="skip")
   (tmp_path / "open.json").write_text(json.dumps(records)[:-1])

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from jaxalign import fingerprint
+from jaxalign.data import examples as examples_lib
 from jaxalign.data import formats, lazy, pipeline, prepared, reading, tables, toy
 from jaxalign.train import loop
 from jaxalign.workflows import prepare as prepare_lib
+from tests.data.reference import list_examples
 from tests.reliability.helpers import (TINY_CLI_CONFIG, assert_bit_identical, params,
                                        run_cli)
 from tests.train.helpers import read_metrics, tiny_config
@@ -50,10 +52,10 @@ def test_prepared_examples_equal_the_raw_path_and_skip_the_same_rows(tmp_path):
                        "data.on_error": "skip"})
   manifest = prepare_lib.prepare_from_config(cfg, str(tmp_path / "prep"), shard_size=8, workers=2)
   tok = reading.load_tokenizer("toy")
-  raw, raw_skipped = reading.load_examples(str(tmp_path / "pairs.jsonl"), "pairwise", tok,
-                                           **_settings(cfg))
-  prep, prep_skipped = prepared.load_examples(str(tmp_path / "prep"), "pairwise", tok,
-                                              **_settings(cfg))
+  raw, raw_skipped = list_examples(str(tmp_path / "pairs.jsonl"), "pairwise", tok,
+                                   **_settings(cfg))
+  prep, prep_skipped = examples_lib.open_examples(str(tmp_path / "prep"), "pairwise", tok,
+                                                  **_settings(cfg))
   assert (len(prep), prep_skipped) == (len(raw), raw_skipped) == (39, 1)
   assert len(manifest["shards"]) == 5
   for a, b in zip(prep, raw):
@@ -62,8 +64,8 @@ def test_prepared_examples_equal_the_raw_path_and_skip_the_same_rows(tmp_path):
       assert a[k].dtype == b[k].dtype
       np.testing.assert_array_equal(a[k], b[k])
   assert manifest["content_hash"] == fingerprint.examples_hash(raw)
-  lazy_raw, _ = prepared.load_examples(str(tmp_path / "pairs.jsonl"), "pairwise", tok,
-                                       **_settings(cfg))
+  lazy_raw, _ = examples_lib.open_examples(str(tmp_path / "pairs.jsonl"), "pairwise", tok,
+                                           **_settings(cfg))
   assert prep.content_hash == lazy_raw.content_hash   # what a run's fingerprint stores
   assert manifest["settings"]["tokenizer_hash"] == fingerprint.tokenizer_hash(tok)
   assert manifest["source_hash"] == lazy.source_hash(str(tmp_path / "pairs.jsonl"))
@@ -73,8 +75,8 @@ def test_batched_reads_give_the_per_example_pipelines_batches_and_state(data):
   """A prepared set reads a batch at once (pipeline._index_dataset); the batches, the
   "index" column, a joined table and a restored iterator equal the per-example path's."""
   cfg = tiny_config(**{"data.train_path": str(data / "pairs.jsonl")})
-  prep, _ = prepared.load_examples(str(data / "prep"), "pairwise", reading.load_tokenizer("toy"),
-                                   **_settings(cfg))
+  prep, _ = examples_lib.open_examples(str(data / "prep"), "pairwise",
+                                       reading.load_tokenizer("toy"), **_settings(cfg))
   table = np.arange(len(prep) * 2, dtype=np.float32).reshape(len(prep), 2)
   fast = tables.with_column(prep, "ref_logps", table)
   slow = tables.with_column([prep[i] for i in range(len(prep))], "ref_logps", table)

@@ -19,6 +19,7 @@ from jaxalign.models import hf
 from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture
 from jaxalign.train import rundir
 from jaxalign.data import reading
+from tests.data.reference import list_examples
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -324,7 +325,7 @@ def test_train_from_hf_path(tmp_path):
   assert rundir.resolved_config(run)["model"]["hf_path"] == src
   tokenizer = reading.load_tokenizer(os.path.join(run, "tokenizer"))
   assert tokenizer.get_vocab() == toy.build_tokenizer().get_vocab()
-  examples, _ = reading.load_examples(
+  examples, _ = list_examples(
       config.data.train_path, "pairwise", tokenizer, split="train",
       max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
       on_error="raise")

@@ -23,6 +23,7 @@ from jaxalign.losses import dpo
 from jaxalign.models import transformer
 from jaxalign.train import build as build_lib, heldout, loop, rundir, state as state_lib
 from jaxalign.data import reading
+from tests.data.reference import list_examples
 from tests.reliability.helpers import TINY_CLI_CONFIG, compile_events, run_cli
 from tests.train.helpers import read_metrics, tiny_config
 
@@ -98,8 +99,8 @@ def test_a_run_logs_eval_rows_and_the_loss_of_the_eval_sets_logps(tmp_path):
 
   # Independently: the eval set's log-probs under the final policy and the seed init.
   tok = reading.load_tokenizer("toy")
-  examples, _ = reading.load_examples(config.data.eval_path, "pairwise", tok, split="train",
-                                   max_length=12, max_prompt_length=8, on_error="raise")
+  examples, _ = list_examples(config.data.eval_path, "pairwise", tok, split="train",
+                              max_length=12, max_prompt_length=8, on_error="raise")
   cols = {k: jnp.asarray(np.stack([ex[k] for ex in examples]).reshape(32, 12))
           for k in ("tokens", "attention_mask", "loss_mask")}
 
