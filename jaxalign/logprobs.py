@@ -52,6 +52,22 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+def _fill_token_outputs(token_outputs: dict, logps, mask, slot, log_sum_sq) -> None:
+  """Fills `token_outputs` with the flat per-token form losses/columns.py reads.
+
+  logps, mask, slot: [G, N] (slot: the scored token's sequence in its group, num_slots
+  elsewhere); log_sum_sq: () -> [G, N], called only if the dict holds that key.
+  """
+  if "log_sum_sq" in token_outputs:
+    token_outputs["log_sum_sq"] = log_sum_sq()
+  token_outputs.update(logps=logps, mask=mask, slot=slot)
+
+
+def _row_slots(mask: jax.Array) -> jax.Array:
+  """[N, T] slots of rows that are one sequence each: 0 on scored tokens, 1 elsewhere."""
+  return jnp.where(mask, 0, 1).astype(jnp.int32)
+
+
 def _chunk_layout(vocab: int, chunk_size: int) -> tuple[int, int]:
   chunk = min(chunk_size, vocab)
   return chunk, -(-vocab // chunk)
@@ -246,9 +262,11 @@ def sequence_logps_from_hidden(
     final_logit_softcap: see token_logps.
     batch_axes: see token_logps.
     token_outputs: when a dict, filled with the per-position arrays behind the
-      sums: "logps" [N, T] (position t-1 predicts token t, as summed), "mask"
-      [N, T] bool (scored), and "log_sum_sq" [N, T] if the dict asks for it by
-      holding that key (token_log_sum_sq_probs, same positions).
+      sums, in losses/columns.py's flat form with each row a group of one slot:
+      "logps" [N, T] (position t-1 predicts token t, as summed), "mask" [N, T]
+      bool (scored), "slot" [N, T] (0 scored, 1 elsewhere), and "log_sum_sq"
+      [N, T] if the dict asks for it by holding that key (token_log_sum_sq_probs,
+      same positions).
 
   Returns:
     logps_sum: [N] float32 sum over scored tokens of log p(token_t | tokens_<t).
@@ -263,11 +281,10 @@ def sequence_logps_from_hidden(
                       batch_axes=batch_axes)                            # [N, T]
   logps_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   if token_outputs is not None:
-    if "log_sum_sq" in token_outputs:
-      token_outputs["log_sum_sq"] = token_log_sum_sq_probs(
-          hidden, head_w, chunk_size=chunk_size, final_logit_softcap=final_logit_softcap,
-          batch_axes=batch_axes)
-    token_outputs["logps"], token_outputs["mask"] = logps, mask
+    _fill_token_outputs(token_outputs, logps, mask, _row_slots(mask), lambda: (
+        token_log_sum_sq_probs(hidden, head_w, chunk_size=chunk_size,
+                               final_logit_softcap=final_logit_softcap,
+                               batch_axes=batch_axes)))
   return logps_sum, mask.sum(axis=1).astype(jnp.int32)
 
 
@@ -346,13 +363,12 @@ def packed_sequence_logps(
     chunk_size: vocabulary chunk, see token_logps.
     batch_axes: mesh axes G is split over, see token_logps.
     token_outputs: when a dict, filled with the per-token arrays behind the sums
-      (for per-sequence loss columns), the G groups' rows flattened: "logps"
-      [G, R * L] (position t predicts token t + 1, as summed), "mask" [G, R * L]
-      bool (scored), "slot" [G, R * L] (the scored token's slot, num_slots
-      elsewhere), "log_sum_sq" [G, R * L] if the dict holds that key
-      (token_log_sum_sq_probs); with first_index also "first_logps",
-      "first_mask" and ("first_log_sum_sq") [G, num_slots] of each slot's
-      first response token, which precedes the slot's scored tokens in the rows.
+      in losses/columns.py's flat form, the G groups' rows flattened: "logps"
+      [G, N] (position t predicts token t + 1, as summed), "mask" [G, N] bool
+      (scored), "slot" [G, N] (the scored token's slot, num_slots elsewhere),
+      "log_sum_sq" [G, N] if the dict holds that key (token_log_sum_sq_probs);
+      N = R * L. With first_index, N = num_slots + R * L: the slots' first
+      response tokens lead, before all of their scored tokens in the rows.
 
   Returns:
     logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
@@ -381,12 +397,11 @@ def packed_sequence_logps(
   log_sum_sq = lambda h: token_log_sum_sq_probs(  # noqa: E731  only called when asked
       h, model.head_weight(), chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
-  if token_outputs is not None:
-    if "log_sum_sq" in token_outputs:
-      token_outputs["log_sum_sq"] = log_sum_sq(hidden).reshape(G, R * L)
-    token_outputs.update(logps=logps.reshape(G, R * L), mask=mask.reshape(G, R * L),
-                         slot=where)
+  rows = lambda: log_sum_sq(hidden).reshape(G, R * L)  # noqa: E731
   if first_index is None:
+    if token_outputs is not None:
+      _fill_token_outputs(token_outputs, logps.reshape(G, R * L), mask.reshape(G, R * L),
+                          where, rows)
     return sums, counts
   # [G, num_slots, D]: one gathered hidden state per slot, scored like the rest.
   h_first = jnp.take_along_axis(hidden.reshape(G, R * L, -1), first_index[..., None], axis=1)
@@ -395,9 +410,11 @@ def packed_sequence_logps(
                       batch_axes=batch_axes)                            # [G, num_slots]
   scored = first_loss.astype(bool)
   if token_outputs is not None:
-    if "log_sum_sq" in token_outputs:
-      token_outputs["first_log_sum_sq"] = log_sum_sq(h_first)
-    token_outputs.update(first_logps=first, first_mask=scored)
+    lead = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731  first tokens lead
+    first_slot = jnp.where(scored, jnp.arange(num_slots, dtype=where.dtype), num_slots)
+    _fill_token_outputs(token_outputs, lead(first, logps.reshape(G, R * L)),
+                        lead(scored, mask.reshape(G, R * L)), lead(first_slot, where),
+                        lambda: lead(log_sum_sq(h_first), rows()))
   return (sums + jnp.where(scored, first, 0.0),
           counts + scored.astype(jnp.int32))
 
@@ -427,9 +444,9 @@ def shared_prompt_logps(
     prompt, prompt_mask: [B, P] int, left-padded, at least one real token each.
     response, response_mask, response_loss: [B, S, R] int, right-padded.
     chunk_size, batch_axes: see token_logps.
-    token_outputs: when a dict, filled as sequence_logps_from_hidden's, per
-      response: "logps", "mask" and ("log_sum_sq") [B * S, R], position t for
-      response token t.
+    token_outputs: when a dict, filled as sequence_logps_from_hidden's, each
+      response a group of one slot: "logps", "mask", "slot" and ("log_sum_sq")
+      [B * S, R], position t for response token t.
 
   Returns:
     logps_sum: [B, S] float32; num_tokens: [B, S] int32.
@@ -453,9 +470,8 @@ def shared_prompt_logps(
                       batch_axes=batch_axes)                            # [B*S, R]
   sums = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   if token_outputs is not None:
-    if "log_sum_sq" in token_outputs:
-      token_outputs["log_sum_sq"] = token_log_sum_sq_probs(
-          hidden, model.head_weight(), chunk_size=chunk_size,
-          final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
-    token_outputs["logps"], token_outputs["mask"] = logps, mask
+    _fill_token_outputs(token_outputs, logps, mask, _row_slots(mask), lambda: (
+        token_log_sum_sq_probs(hidden, model.head_weight(), chunk_size=chunk_size,
+                               final_logit_softcap=model.config.final_logit_softcap,
+                               batch_axes=batch_axes)))
   return sums.reshape(B, S), mask.sum(axis=1).astype(jnp.int32).reshape(B, S)
