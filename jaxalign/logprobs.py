@@ -52,20 +52,36 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def _fill_token_outputs(token_outputs: dict, logps, mask, slot, log_sum_sq) -> None:
+def _fill_token_outputs(token_outputs: dict, logps, mask, slot, rank, log_sum_sq) -> None:
   """Fills `token_outputs` with the flat per-token form losses/columns.py reads.
 
-  logps, mask, slot: [G, N] (slot: the scored token's sequence in its group, num_slots
-  elsewhere); log_sum_sq: () -> [G, N], called only if the dict holds that key.
+  logps, mask, slot, rank: [G, N] (slot: the scored token's sequence in its group,
+  num_slots elsewhere; rank: its 1-based place among that sequence's scored tokens);
+  log_sum_sq: () -> [G, N], called only if the dict holds that key.
   """
   if "log_sum_sq" in token_outputs:
     token_outputs["log_sum_sq"] = log_sum_sq()
-  token_outputs.update(logps=logps, mask=mask, slot=slot)
+  token_outputs.update(logps=logps, mask=mask, slot=slot, rank=rank)
 
 
-def _row_slots(mask: jax.Array) -> jax.Array:
-  """[N, T] slots of rows that are one sequence each: 0 on scored tokens, 1 elsewhere."""
-  return jnp.where(mask, 0, 1).astype(jnp.int32)
+def _fill_rows(token_outputs: dict, logps, mask, log_sum_sq) -> None:
+  """_fill_token_outputs for [N, T] rows that are one sequence each (one slot a row)."""
+  _fill_token_outputs(token_outputs, logps, mask, jnp.where(mask, 0, 1).astype(jnp.int32),
+                      jnp.cumsum(mask.astype(jnp.int32), axis=1), log_sum_sq)
+
+
+def _packed_ranks(mask, slot, num_slots, offset):
+  """[G, N] rank of each scored token of packed rows among its slot's scored tokens.
+
+  mask, slot: [G, N], a slot's tokens in order in one row; offset: [G, num_slots]
+  scored tokens the slot has before its tokens in the rows. The rank is the running
+  count along the rows less the count before the slot's first scored one there.
+  """
+  running = jnp.cumsum(mask.astype(jnp.int32), axis=1)                 # [G, N]
+  start = jax.vmap(lambda v, i: jax.ops.segment_min(v, i, num_segments=num_slots + 1))(
+      jnp.where(mask, running, jnp.iinfo(jnp.int32).max), slot)        # [G, num_slots + 1]
+  before = jnp.pad(start[:, :num_slots] - 1 - offset, ((0, 0), (0, 1)))
+  return running - jnp.take_along_axis(before, slot, axis=1)
 
 
 def _chunk_layout(vocab: int, chunk_size: int) -> tuple[int, int]:
@@ -264,9 +280,9 @@ def sequence_logps_from_hidden(
     token_outputs: when a dict, filled with the per-position arrays behind the
       sums, in losses/columns.py's flat form with each row a group of one slot:
       "logps" [N, T] (position t-1 predicts token t, as summed), "mask" [N, T]
-      bool (scored), "slot" [N, T] (0 scored, 1 elsewhere), and "log_sum_sq"
-      [N, T] if the dict asks for it by holding that key (token_log_sum_sq_probs,
-      same positions).
+      bool (scored), "slot" [N, T] (0 scored, 1 elsewhere), "rank" [N, T] (the
+      scored token's 1-based place in its row) and "log_sum_sq" [N, T] if the dict
+      asks for it by holding that key (token_log_sum_sq_probs, same positions).
 
   Returns:
     logps_sum: [N] float32 sum over scored tokens of log p(token_t | tokens_<t).
@@ -281,7 +297,7 @@ def sequence_logps_from_hidden(
                       batch_axes=batch_axes)                            # [N, T]
   logps_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   if token_outputs is not None:
-    _fill_token_outputs(token_outputs, logps, mask, _row_slots(mask), lambda: (
+    _fill_rows(token_outputs, logps, mask, lambda: (
         token_log_sum_sq_probs(hidden, head_w, chunk_size=chunk_size,
                                final_logit_softcap=final_logit_softcap,
                                batch_axes=batch_axes)))
@@ -366,7 +382,8 @@ def packed_sequence_logps(
       in losses/columns.py's flat form, the G groups' rows flattened: "logps"
       [G, N] (position t predicts token t + 1, as summed), "mask" [G, N] bool
       (scored), "slot" [G, N] (the scored token's slot, num_slots elsewhere),
-      "log_sum_sq" [G, N] if the dict holds that key (token_log_sum_sq_probs);
+      "rank" [G, N] (its 1-based place in its sequence), "log_sum_sq" [G, N] if
+      the dict holds that key (token_log_sum_sq_probs);
       N = R * L. With first_index, N = num_slots + R * L: the slots' first
       response tokens lead, before all of their scored tokens in the rows.
 
@@ -398,10 +415,11 @@ def packed_sequence_logps(
       h, model.head_weight(), chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
   rows = lambda: log_sum_sq(hidden).reshape(G, R * L)  # noqa: E731
+  mask = mask.reshape(G, R * L)
   if first_index is None:
     if token_outputs is not None:
-      _fill_token_outputs(token_outputs, logps.reshape(G, R * L), mask.reshape(G, R * L),
-                          where, rows)
+      rank = _packed_ranks(mask, where, num_slots, jnp.zeros((G, num_slots), jnp.int32))
+      _fill_token_outputs(token_outputs, logps.reshape(G, R * L), mask, where, rank, rows)
     return sums, counts
   # [G, num_slots, D]: one gathered hidden state per slot, scored like the rest.
   h_first = jnp.take_along_axis(hidden.reshape(G, R * L, -1), first_index[..., None], axis=1)
@@ -412,8 +430,10 @@ def packed_sequence_logps(
   if token_outputs is not None:
     lead = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731  first tokens lead
     first_slot = jnp.where(scored, jnp.arange(num_slots, dtype=where.dtype), num_slots)
+    rank = _packed_ranks(mask, where, num_slots, scored.astype(jnp.int32))
     _fill_token_outputs(token_outputs, lead(first, logps.reshape(G, R * L)),
-                        lead(scored, mask.reshape(G, R * L)), lead(first_slot, where),
+                        lead(scored, mask), lead(first_slot, where),
+                        lead(jnp.ones_like(first_slot), rank),
                         lambda: lead(log_sum_sq(h_first), rows()))
   return (sums + jnp.where(scored, first, 0.0),
           counts + scored.astype(jnp.int32))
@@ -445,7 +465,7 @@ def shared_prompt_logps(
     response, response_mask, response_loss: [B, S, R] int, right-padded.
     chunk_size, batch_axes: see token_logps.
     token_outputs: when a dict, filled as sequence_logps_from_hidden's, each
-      response a group of one slot: "logps", "mask", "slot" and ("log_sum_sq")
+      response a group of one slot: "logps", "mask", "slot", "rank", ("log_sum_sq")
       [B * S, R], position t for response token t.
 
   Returns:
@@ -470,7 +490,7 @@ def shared_prompt_logps(
                       batch_axes=batch_axes)                            # [B*S, R]
   sums = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   if token_outputs is not None:
-    _fill_token_outputs(token_outputs, logps, mask, _row_slots(mask), lambda: (
+    _fill_rows(token_outputs, logps, mask, lambda: (
         token_log_sum_sq_probs(hidden, model.head_weight(), chunk_size=chunk_size,
                                final_logit_softcap=model.config.final_logit_softcap,
                                batch_axes=batch_axes)))

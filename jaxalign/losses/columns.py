@@ -11,13 +11,15 @@ hands over its token outputs in one flat form (jaxalign/logprobs.py fills it):
   mask:       [G, N] bool, True on scored tokens.
   slot:       [G, N] int in [0, n]: the scored token's sequence in its group; n
               elsewhere.
+  rank:       [G, N] int, the scored token's 1-based place among its sequence's
+              scored tokens (anything elsewhere).
   log_sum_sq: [G, N] log sum_v p_v^2 where the token is predicted (only when
               asked for: it costs a pass over the vocabulary).
 
-A slot's scored tokens come in sequence order along N, and the G * n slots,
-flattened in order, are the batch's [B, S] sequences: a padded or shared-prompt
-row is a group of one slot (G = B * S, n = 1), a packed group's rows are its
-n = B_g * S slots. So one segment-sum formula serves every layout.
+The G * n slots, flattened in order, are the batch's [B, S] sequences: a padded
+or shared-prompt row is a group of one slot (G = B * S, n = 1, rank the running
+count), a packed group's rows are its n = B_g * S slots. So one segment-sum
+formula serves every layout.
 """
 
 from typing import Callable, NamedTuple
@@ -25,7 +27,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-TokenOutputs = dict   # {"logps", "mask", "slot"[, "log_sum_sq"]: [G, N]}
+TokenOutputs = dict   # {"logps", "mask", "slot", "rank"[, "log_sum_sq"]: [G, N]}
 
 
 def slot_sum(values: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
@@ -38,19 +40,6 @@ def _at_slot(per_slot: jax.Array, slot: jax.Array) -> jax.Array:
   """[G, n] per-slot values -> [G, N] at each token's slot (0 on slot n)."""
   padded = jnp.pad(per_slot, ((0, 0), (0, 1)))
   return jnp.take_along_axis(padded, slot, axis=1)
-
-
-def slot_rank(mask: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
-  """[G, N] 1-based rank of each scored token among its sequence's scored tokens.
-
-  A slot's tokens lie in order along N, so the rank is the running count of
-  scored tokens less the count before the slot's first one. Meaningless where
-  mask is False.
-  """
-  running = jnp.cumsum(mask.astype(jnp.int32), axis=1)                 # [G, N]
-  first = jax.vmap(lambda v, i: jax.ops.segment_min(v, i, num_segments=num_slots + 1))(
-      jnp.where(mask, running, jnp.iinfo(jnp.int32).max), slot)[:, :num_slots]  # [G, n]
-  return running - _at_slot(first - 1, slot)
 
 
 def tail_logps(tok: TokenOutputs, counts: jax.Array) -> jax.Array:
@@ -69,8 +58,7 @@ def tail_logps(tok: TokenOutputs, counts: jax.Array) -> jax.Array:
   g = tok["mask"].shape[0]
   per_group = counts.reshape(g, -1)                                   # [G, n]
   shortest = jnp.repeat(counts.min(axis=-1), counts.shape[-1]).reshape(per_group.shape)
-  rank = slot_rank(tok["mask"], tok["slot"], per_group.shape[1])
-  tail = tok["mask"] & (rank > _at_slot(shortest, tok["slot"]))
+  tail = tok["mask"] & (tok["rank"] > _at_slot(shortest, tok["slot"]))
   return slot_sum(jnp.where(tail, tok["logps"], 0.0), tok["slot"],
                   per_group.shape[1]).reshape(counts.shape)
 
