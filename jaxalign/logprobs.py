@@ -70,6 +70,29 @@ def _fill_rows(token_outputs: dict, logps, mask, log_sum_sq) -> None:
                       jnp.cumsum(mask.astype(jnp.int32), axis=1), log_sum_sq)
 
 
+def _fill_packed(token_outputs: dict, rows, num_slots: int, first=None) -> None:
+  """_fill_token_outputs for packed rows (packed_sequence_logps).
+
+  rows: (logps, mask, slot [G, N], log_sum_sq: () -> [G, N]) of the flattened rows.
+  first: None, or packed shared prompts' (logps, scored [G, num_slots], log_sum_sq:
+    () -> [G, num_slots]) of each slot's first response token, scored apart from
+    the rows; those lead the flat axis with rank 1, the rows' ranks after them.
+  """
+  logps, mask, slot, log_sum_sq = rows
+  if first is None:
+    offset = jnp.zeros(mask.shape[:1] + (num_slots,), jnp.int32)
+    _fill_token_outputs(token_outputs, logps, mask, slot,
+                        _packed_ranks(mask, slot, num_slots, offset), log_sum_sq)
+    return
+  first_logps, scored, first_log_sum_sq = first
+  lead = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
+  first_slot = jnp.where(scored, jnp.arange(num_slots, dtype=slot.dtype), num_slots)
+  rank = _packed_ranks(mask, slot, num_slots, scored.astype(jnp.int32))
+  _fill_token_outputs(token_outputs, lead(first_logps, logps), lead(scored, mask),
+                      lead(first_slot, slot), lead(jnp.ones_like(first_slot), rank),
+                      lambda: lead(first_log_sum_sq(), log_sum_sq()))
+
+
 def _packed_ranks(mask, slot, num_slots, offset):
   """[G, N] rank of each scored token of packed rows among its slot's scored tokens.
 
@@ -406,20 +429,18 @@ def packed_sequence_logps(
   logps = token_logps(hidden, model.head_weight(), targets, chunk_size=chunk_size,
                       final_logit_softcap=model.config.final_logit_softcap,
                       batch_axes=batch_axes)                            # [G*R, L]
-  values = jnp.where(mask, logps, 0.0).reshape(G, R * L)
-  where = jnp.where(mask, where, num_slots).reshape(G, R * L)
+  logps, mask = logps.reshape(G, R * L), mask.reshape(G, R * L)
+  where = jnp.where(mask, where.reshape(G, R * L), num_slots)
   seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
-  sums = seg_sum(values, where)[:, :num_slots]
-  counts = seg_sum(mask.reshape(G, R * L).astype(jnp.int32), where)[:, :num_slots]
+  sums = seg_sum(jnp.where(mask, logps, 0.0), where)[:, :num_slots]
+  counts = seg_sum(mask.astype(jnp.int32), where)[:, :num_slots]
   log_sum_sq = lambda h: token_log_sum_sq_probs(  # noqa: E731  only called when asked
       h, model.head_weight(), chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
-  rows = lambda: log_sum_sq(hidden).reshape(G, R * L)  # noqa: E731
-  mask = mask.reshape(G, R * L)
+  rows = (logps, mask, where, lambda: log_sum_sq(hidden).reshape(G, R * L))
   if first_index is None:
     if token_outputs is not None:
-      rank = _packed_ranks(mask, where, num_slots, jnp.zeros((G, num_slots), jnp.int32))
-      _fill_token_outputs(token_outputs, logps.reshape(G, R * L), mask, where, rank, rows)
+      _fill_packed(token_outputs, rows, num_slots)
     return sums, counts
   # [G, num_slots, D]: one gathered hidden state per slot, scored like the rest.
   h_first = jnp.take_along_axis(hidden.reshape(G, R * L, -1), first_index[..., None], axis=1)
@@ -428,13 +449,7 @@ def packed_sequence_logps(
                       batch_axes=batch_axes)                            # [G, num_slots]
   scored = first_loss.astype(bool)
   if token_outputs is not None:
-    lead = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731  first tokens lead
-    first_slot = jnp.where(scored, jnp.arange(num_slots, dtype=where.dtype), num_slots)
-    rank = _packed_ranks(mask, where, num_slots, scored.astype(jnp.int32))
-    _fill_token_outputs(token_outputs, lead(first, logps.reshape(G, R * L)),
-                        lead(scored, mask), lead(first_slot, where),
-                        lead(jnp.ones_like(first_slot), rank),
-                        lambda: lead(log_sum_sq(h_first), rows()))
+    _fill_packed(token_outputs, rows, num_slots, (first, scored, lambda: log_sum_sq(h_first)))
   return (sums + jnp.where(scored, first, 0.0),
           counts + scored.astype(jnp.int32))
 

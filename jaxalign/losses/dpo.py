@@ -336,6 +336,36 @@ def _pair_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
       chosen_lengths=c_len, rejected_lengths=r_len, sft_nll=None)
 
 
+def _effective_logps(logps, tails, reference_free, ld_alpha):
+  """The [B] (S_w, S_l, S_ref,w, S_ref,l) the losses see: reference 0 when reference-free,
+  each LD-weighted (ld_logps; reference tails without gradient) when ld_alpha is set."""
+  chosen, rejected, ref_chosen, ref_rejected = logps
+  if reference_free:
+    ref_chosen = ref_rejected = jnp.zeros_like(as_f32(chosen))
+  if ld_alpha is None:
+    return chosen, rejected, ref_chosen, ref_rejected
+  chosen = ld_logps(chosen, tails[0], ld_alpha)
+  rejected = ld_logps(rejected, tails[1], ld_alpha)
+  if not reference_free:
+    ref_chosen = ld_logps(ref_chosen, jax.lax.stop_gradient(tails[2]), ld_alpha)
+    ref_rejected = ld_logps(ref_rejected, jax.lax.stop_gradient(tails[3]), ld_alpha)
+  return chosen, rejected, ref_chosen, ref_rejected
+
+
+def _variants_sum(variants, loss_weights, x: PairTerms, knobs: Knobs, pair_weight, mean,
+                  metrics: dict) -> jax.Array:
+  """sum_k weight_k * mean(PER_PAIR[variant_k] * pair_weight); adds loss/<variant>
+  to `metrics` when there are several."""
+  coefs = (1.0,) * len(variants) if loss_weights is None else tuple(loss_weights)
+  loss = 0.0
+  for name, coef in zip(variants, coefs):
+    term = mean(PER_PAIR[name](x, knobs) * pair_weight)
+    if len(variants) > 1:
+      metrics[f"loss/{name}"] = term
+    loss = loss + coef * term
+  return loss
+
+
 def dpo_columns(hparams: dict) -> tuple[str, ...]:
   """LD-DPO needs each sequence's tail log-prob, WPO its per-token weight mean."""
   cols = ()
@@ -372,84 +402,57 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Pairwise DPO-family loss: the per-pair losses of PER_PAIR named by `variant`.
+  """Pairwise DPO-family loss: the weighted sum of the PER_PAIR losses named by `variant`.
 
-  Each variant's formula and source is on its function above (the module
-  docstring lists them by family); "sigmoid_norm" is sigmoid_loss on per-token-mean
-  log-ratios (LN-DPO), "sft" the batch's chosen NLL (chosen_nll). A list of
-  variants (TRL 1.x `loss_type=[...]`, `loss_weights=[...]`) is the weighted sum of
-  their batch means (weights 1 when None). Shared by all: `ld_alpha` replaces every
-  log-prob, policy and reference, by ld_logps; `use_weighting` multiplies each
-  pair's loss by wpo_weights; `rpo_alpha` adds rpo_alpha * chosen_nll.
+  Formulas and sources are on each variant's function (module docstring);
+  "sigmoid_norm" is l(beta h) of per-token-mean log-ratios (LN-DPO), "sft" the
+  chosen_nll. Shared by every variant: `ld_alpha` turns each log-prob, policy and
+  reference, into ld_logps; `use_weighting` multiplies each pair's loss by
+  wpo_weights; `rpo_alpha` adds rpo_alpha * chosen_nll (RPO, TRL <= 0.28).
 
   Args:
     chosen_logps, rejected_logps: [B] summed log pi_theta(y | x) over response tokens.
     ref_chosen_logps, ref_rejected_logps: [B] the same under the reference (constants).
-    chosen_lengths, rejected_lengths: [B] scored tokens, clamped to >= 1; needed by
+    chosen_lengths, rejected_lengths: [B] scored tokens (clamped to >= 1); read by
       "ipo" (length-normalised), "sigmoid_norm", "sft" and rpo_alpha.
-    chosen_tail_logps, ...: [B] summed log-probs of the tokens past the pair's
-      shorter length (policy and reference; the step's tail_logps column); ld_alpha.
-    chosen_wpo_logps, rejected_wpo_logps: [B] the step's wpo_logps column; use_weighting.
-    beta: inverse temperature (tau for IPO).
-    label_smoothing: eps, for the variants that read it (see _SMOOTHED).
-    variant: one name of VARIANTS, or a list of them; loss_weights: one weight each.
-    reference_free: treat the reference log-probs as 0 (uniform reference).
-    ipo_length_norm: IPO on per-token-mean log-ratios (TRL) instead of sums.
-    rpo_alpha: weight of the chosen NLL (TRL <= 0.28 `rpo_alpha`, RPO of Pang et al.).
-    ld_alpha: LD-DPO's weight on the tail tokens, in [0, 1]; None: off.
-    use_weighting: WPO weights on every pair's loss.
-    discopop_tau: DiscoPOP's modulation temperature (TRL default 0.05).
-    weights: optional [B] row weights (0 for padding rows).
+    chosen_tail_logps, ...: [B] the step's tail_logps column, policy and reference.
+    chosen_wpo_logps, rejected_wpo_logps: [B] the step's wpo_logps column.
+    beta: inverse temperature (tau for IPO). label_smoothing: eps (see _SMOOTHED).
+    variant, loss_weights: one name of VARIANTS, or TRL 1.x's list `loss_type=[...]`
+      with one weight each (None: all 1).
+    reference_free: reference log-probs 0. ipo_length_norm: IPO on per-token means.
+    ld_alpha: LD-DPO's tail weight in [0, 1] (None: off). use_weighting: WPO.
+    discopop_tau: DiscoPOP's temperature. weights: [B] row weights (0: padding).
 
   Returns:
-    loss: scalar, (weighted) mean over the B pairs (sum over variants).
-    metrics: rewards/{chosen,rejected,margins,accuracies} (summed beta * rho, of the
-      LD-weighted log-probs when ld_alpha is set, as TRL), logps/*, nll_loss with
-      rpo_alpha or "sft", loss/<variant> with several variants, wpo/weight_mean with
-      use_weighting.
+    loss: scalar, (weighted) mean over the B pairs, summed over variants.
+    metrics: rewards/* (beta * rho of the LD-weighted log-probs, as TRL), logps/*,
+      nll_loss (rpo_alpha or "sft"), loss/<variant> (several), wpo/weight_mean.
 
-  Raises:
-    ValueError: at call/trace time for settings with no meaning (see _validate).
+  Raises ValueError at call/trace time for settings with no meaning (_validate).
   """
   variants = variant_list(variant)
-  tails = (chosen_tail_logps, rejected_tail_logps, ref_chosen_tail_logps,
-           ref_rejected_tail_logps)
-  if reference_free:
-    tails = tails[:2] + (0.0, 0.0)
+  logps = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+  tails = (chosen_tail_logps, rejected_tail_logps) + (
+      (0.0, 0.0) if reference_free else (ref_chosen_tail_logps, ref_rejected_tail_logps))
   _validate(variants, label_smoothing, beta, ipo_length_norm, chosen_lengths,
             rejected_lengths, loss_weights, ld_alpha, use_weighting,
             tails, (chosen_wpo_logps, rejected_wpo_logps))
   raw_chosen = as_f32(chosen_logps)
-  if reference_free:
-    ref_chosen_logps = ref_rejected_logps = jnp.zeros_like(raw_chosen)
-  if ld_alpha is not None:
-    chosen_logps = ld_logps(chosen_logps, chosen_tail_logps, ld_alpha)
-    rejected_logps = ld_logps(rejected_logps, rejected_tail_logps, ld_alpha)
-    if not reference_free:
-      ref_chosen_logps = ld_logps(ref_chosen_logps,
-                                  jax.lax.stop_gradient(ref_chosen_tail_logps), ld_alpha)
-      ref_rejected_logps = ld_logps(ref_rejected_logps,
-                                    jax.lax.stop_gradient(ref_rejected_tail_logps), ld_alpha)
-  x = _pair_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+  x = _pair_terms(*_effective_logps(logps, tails, reference_free, ld_alpha),
                   chosen_lengths, rejected_lengths, beta)
-  w = jnp.ones_like(raw_chosen) if weights is None else as_f32(weights)
   if "sft" in variants or rpo_alpha:
     if chosen_lengths is None:
       raise ValueError("rpo_alpha > 0 / variant 'sft' needs chosen_lengths")
+    w = jnp.ones_like(raw_chosen) if weights is None else as_f32(weights)
     x = x._replace(sft_nll=chosen_nll(raw_chosen, chosen_lengths, w))  # not LD-weighted
   pair_weight = wpo_weights(chosen_wpo_logps, rejected_wpo_logps) if use_weighting else 1.0
-
   mean = weighted_mean(weights, raw_chosen)
   metrics = pair_metrics(x.chosen_rewards, x.rejected_rewards, x.chosen_logps,
                          x.rejected_logps, mean)
-  knobs = Knobs(beta, label_smoothing, ipo_length_norm, discopop_tau)
-  coefs = (1.0,) * len(variants) if loss_weights is None else tuple(loss_weights)
-  loss = 0.0
-  for name, coef in zip(variants, coefs):
-    term = mean(PER_PAIR[name](x, knobs) * pair_weight)
-    if len(variants) > 1:
-      metrics[f"loss/{name}"] = term
-    loss = loss + coef * term
+  loss = _variants_sum(variants, loss_weights, x,
+                       Knobs(beta, label_smoothing, ipo_length_norm, discopop_tau),
+                       pair_weight, mean, metrics)
   if x.sft_nll is not None:
     metrics["nll_loss"] = x.sft_nll
   if rpo_alpha:
