@@ -52,6 +52,61 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+def _fill_token_outputs(token_outputs: dict, logps, mask, slot, rank, log_sum_sq) -> None:
+  """Fills `token_outputs` with the flat per-token form losses/columns.py reads.
+
+  logps, mask, slot, rank: [G, N] (slot: the scored token's sequence in its group,
+  num_slots elsewhere; rank: its 1-based place among that sequence's scored tokens);
+  log_sum_sq: () -> [G, N], called only if the dict holds that key.
+  """
+  if "log_sum_sq" in token_outputs:
+    token_outputs["log_sum_sq"] = log_sum_sq()
+  token_outputs.update(logps=logps, mask=mask, slot=slot, rank=rank)
+
+
+def _fill_rows(token_outputs: dict, logps, mask, log_sum_sq) -> None:
+  """_fill_token_outputs for [N, T] rows that are one sequence each (one slot a row)."""
+  _fill_token_outputs(token_outputs, logps, mask, jnp.where(mask, 0, 1).astype(jnp.int32),
+                      jnp.cumsum(mask.astype(jnp.int32), axis=1), log_sum_sq)
+
+
+def _fill_packed(token_outputs: dict, rows, num_slots: int, first=None) -> None:
+  """_fill_token_outputs for packed rows (packed_sequence_logps).
+
+  rows: (logps, mask, slot [G, N], log_sum_sq: () -> [G, N]) of the flattened rows.
+  first: None, or packed shared prompts' (logps, scored [G, num_slots], log_sum_sq:
+    () -> [G, num_slots]) of each slot's first response token, scored apart from
+    the rows; those lead the flat axis with rank 1, the rows' ranks after them.
+  """
+  logps, mask, slot, log_sum_sq = rows
+  if first is None:
+    offset = jnp.zeros(mask.shape[:1] + (num_slots,), jnp.int32)
+    _fill_token_outputs(token_outputs, logps, mask, slot,
+                        _packed_ranks(mask, slot, num_slots, offset), log_sum_sq)
+    return
+  first_logps, scored, first_log_sum_sq = first
+  lead = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
+  first_slot = jnp.where(scored, jnp.arange(num_slots, dtype=slot.dtype), num_slots)
+  rank = _packed_ranks(mask, slot, num_slots, scored.astype(jnp.int32))
+  _fill_token_outputs(token_outputs, lead(first_logps, logps), lead(scored, mask),
+                      lead(first_slot, slot), lead(jnp.ones_like(first_slot), rank),
+                      lambda: lead(first_log_sum_sq(), log_sum_sq()))
+
+
+def _packed_ranks(mask, slot, num_slots, offset):
+  """[G, N] rank of each scored token of packed rows among its slot's scored tokens.
+
+  mask, slot: [G, N], a slot's tokens in order in one row; offset: [G, num_slots]
+  scored tokens the slot has before its tokens in the rows. The rank is the running
+  count along the rows less the count before the slot's first scored one there.
+  """
+  running = jnp.cumsum(mask.astype(jnp.int32), axis=1)                 # [G, N]
+  start = jax.vmap(lambda v, i: jax.ops.segment_min(v, i, num_segments=num_slots + 1))(
+      jnp.where(mask, running, jnp.iinfo(jnp.int32).max), slot)        # [G, num_slots + 1]
+  before = jnp.pad(start[:, :num_slots] - 1 - offset, ((0, 0), (0, 1)))
+  return running - jnp.take_along_axis(before, slot, axis=1)
+
+
 def _chunk_layout(vocab: int, chunk_size: int) -> tuple[int, int]:
   chunk = min(chunk_size, vocab)
   return chunk, -(-vocab // chunk)
@@ -246,9 +301,11 @@ def sequence_logps_from_hidden(
     final_logit_softcap: see token_logps.
     batch_axes: see token_logps.
     token_outputs: when a dict, filled with the per-position arrays behind the
-      sums: "logps" [N, T] (position t-1 predicts token t, as summed), "mask"
-      [N, T] bool (scored), and "log_sum_sq" [N, T] if the dict asks for it by
-      holding that key (token_log_sum_sq_probs, same positions).
+      sums, in losses/columns.py's flat form with each row a group of one slot:
+      "logps" [N, T] (position t-1 predicts token t, as summed), "mask" [N, T]
+      bool (scored), "slot" [N, T] (0 scored, 1 elsewhere), "rank" [N, T] (the
+      scored token's 1-based place in its row) and "log_sum_sq" [N, T] if the dict
+      asks for it by holding that key (token_log_sum_sq_probs, same positions).
 
   Returns:
     logps_sum: [N] float32 sum over scored tokens of log p(token_t | tokens_<t).
@@ -263,11 +320,10 @@ def sequence_logps_from_hidden(
                       batch_axes=batch_axes)                            # [N, T]
   logps_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   if token_outputs is not None:
-    if "log_sum_sq" in token_outputs:
-      token_outputs["log_sum_sq"] = token_log_sum_sq_probs(
-          hidden, head_w, chunk_size=chunk_size, final_logit_softcap=final_logit_softcap,
-          batch_axes=batch_axes)
-    token_outputs["logps"], token_outputs["mask"] = logps, mask
+    _fill_rows(token_outputs, logps, mask, lambda: (
+        token_log_sum_sq_probs(hidden, head_w, chunk_size=chunk_size,
+                               final_logit_softcap=final_logit_softcap,
+                               batch_axes=batch_axes)))
   return logps_sum, mask.sum(axis=1).astype(jnp.int32)
 
 
@@ -346,13 +402,13 @@ def packed_sequence_logps(
     chunk_size: vocabulary chunk, see token_logps.
     batch_axes: mesh axes G is split over, see token_logps.
     token_outputs: when a dict, filled with the per-token arrays behind the sums
-      (for per-sequence loss columns), the G groups' rows flattened: "logps"
-      [G, R * L] (position t predicts token t + 1, as summed), "mask" [G, R * L]
-      bool (scored), "slot" [G, R * L] (the scored token's slot, num_slots
-      elsewhere), "log_sum_sq" [G, R * L] if the dict holds that key
-      (token_log_sum_sq_probs); with first_index also "first_logps",
-      "first_mask" and ("first_log_sum_sq") [G, num_slots] of each slot's
-      first response token, which precedes the slot's scored tokens in the rows.
+      in losses/columns.py's flat form, the G groups' rows flattened: "logps"
+      [G, N] (position t predicts token t + 1, as summed), "mask" [G, N] bool
+      (scored), "slot" [G, N] (the scored token's slot, num_slots elsewhere),
+      "rank" [G, N] (its 1-based place in its sequence), "log_sum_sq" [G, N] if
+      the dict holds that key (token_log_sum_sq_probs);
+      N = R * L. With first_index, N = num_slots + R * L: the slots' first
+      response tokens lead, before all of their scored tokens in the rows.
 
   Returns:
     logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
@@ -373,20 +429,18 @@ def packed_sequence_logps(
   logps = token_logps(hidden, model.head_weight(), targets, chunk_size=chunk_size,
                       final_logit_softcap=model.config.final_logit_softcap,
                       batch_axes=batch_axes)                            # [G*R, L]
-  values = jnp.where(mask, logps, 0.0).reshape(G, R * L)
-  where = jnp.where(mask, where, num_slots).reshape(G, R * L)
+  logps, mask = logps.reshape(G, R * L), mask.reshape(G, R * L)
+  where = jnp.where(mask, where.reshape(G, R * L), num_slots)
   seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
-  sums = seg_sum(values, where)[:, :num_slots]
-  counts = seg_sum(mask.reshape(G, R * L).astype(jnp.int32), where)[:, :num_slots]
+  sums = seg_sum(jnp.where(mask, logps, 0.0), where)[:, :num_slots]
+  counts = seg_sum(mask.astype(jnp.int32), where)[:, :num_slots]
   log_sum_sq = lambda h: token_log_sum_sq_probs(  # noqa: E731  only called when asked
       h, model.head_weight(), chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
-  if token_outputs is not None:
-    if "log_sum_sq" in token_outputs:
-      token_outputs["log_sum_sq"] = log_sum_sq(hidden).reshape(G, R * L)
-    token_outputs.update(logps=logps.reshape(G, R * L), mask=mask.reshape(G, R * L),
-                         slot=where)
+  rows = (logps, mask, where, lambda: log_sum_sq(hidden).reshape(G, R * L))
   if first_index is None:
+    if token_outputs is not None:
+      _fill_packed(token_outputs, rows, num_slots)
     return sums, counts
   # [G, num_slots, D]: one gathered hidden state per slot, scored like the rest.
   h_first = jnp.take_along_axis(hidden.reshape(G, R * L, -1), first_index[..., None], axis=1)
@@ -395,9 +449,7 @@ def packed_sequence_logps(
                       batch_axes=batch_axes)                            # [G, num_slots]
   scored = first_loss.astype(bool)
   if token_outputs is not None:
-    if "log_sum_sq" in token_outputs:
-      token_outputs["first_log_sum_sq"] = log_sum_sq(h_first)
-    token_outputs.update(first_logps=first, first_mask=scored)
+    _fill_packed(token_outputs, rows, num_slots, (first, scored, lambda: log_sum_sq(h_first)))
   return (sums + jnp.where(scored, first, 0.0),
           counts + scored.astype(jnp.int32))
 
@@ -427,9 +479,9 @@ def shared_prompt_logps(
     prompt, prompt_mask: [B, P] int, left-padded, at least one real token each.
     response, response_mask, response_loss: [B, S, R] int, right-padded.
     chunk_size, batch_axes: see token_logps.
-    token_outputs: when a dict, filled as sequence_logps_from_hidden's, per
-      response: "logps", "mask" and ("log_sum_sq") [B * S, R], position t for
-      response token t.
+    token_outputs: when a dict, filled as sequence_logps_from_hidden's, each
+      response a group of one slot: "logps", "mask", "slot", "rank", ("log_sum_sq")
+      [B * S, R], position t for response token t.
 
   Returns:
     logps_sum: [B, S] float32; num_tokens: [B, S] int32.
@@ -453,9 +505,8 @@ def shared_prompt_logps(
                       batch_axes=batch_axes)                            # [B*S, R]
   sums = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   if token_outputs is not None:
-    if "log_sum_sq" in token_outputs:
-      token_outputs["log_sum_sq"] = token_log_sum_sq_probs(
-          hidden, model.head_weight(), chunk_size=chunk_size,
-          final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
-    token_outputs["logps"], token_outputs["mask"] = logps, mask
+    _fill_rows(token_outputs, logps, mask, lambda: (
+        token_log_sum_sq_probs(hidden, model.head_weight(), chunk_size=chunk_size,
+                               final_logit_softcap=model.config.final_logit_softcap,
+                               batch_axes=batch_axes)))
   return sums.reshape(B, S), mask.sum(axis=1).astype(jnp.int32).reshape(B, S)

@@ -41,7 +41,7 @@ class LossInputs:
     batch: the batch's other columns ("label", "rewards", ...), [B, ...].
     columns: extra per-sequence quantities [B, S] the step computed from the
       policy's token log-probs, by name (those `LossSpec.columns` asked for;
-      COLUMNS in jaxalign/train/step.py says what each is).
+      COLUMNS in jaxalign/losses/columns.py says what each is).
     ref_columns: the same under the reference model (None without one).
   """
   logps: Any
@@ -342,7 +342,7 @@ def _call_ofs(fn, x: LossInputs, state, **hparams):
 LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft.sft_loss, data="sft", needs_ref=False, call=_call_sft),
     "dpo": LossSpec(dpo.dpo_loss, data="pairwise", needs_ref=True, call=_call_pairwise,
-                    columns=_dpo_columns, check_hparams=dpo.check_hparams),
+                    columns=dpo.dpo_columns, check_hparams=dpo.check_hparams),
     # Paired BCO with the running reward shift (TRL <= 0.28 DPOTrainer "bco_pair";
     # the shift-free TRL >= 0.29 form is dpo variant "bco_pair").
     "bco_pair": LossSpec(bco.bco_pair_loss, data="pairwise", needs_ref=True,

@@ -1,24 +1,234 @@
 """DPO (Rafailov et al. 2023) and its usual variants as pure functions.
 
-The math and its invariants are in shared/LOSSES.md, section 1. One function
-covers the pairwise family that differs only in the per-pair loss applied to
-the margin h = rho(y_w) - rho(y_l) (rho = summed policy minus reference
-log-prob): sigmoid DPO and cDPO, robust DPO, IPO and hinge, each optionally
-reference-free.
+The math and its invariants are in shared/LOSSES.md, section 1, and the sources
+of TRL's other loss types in docs/losses.md. With rho = S - S_ref per response
+(summed policy minus reference log-prob), h = rho_w - rho_l, the margin
+z = beta h and l(z) = -log sigmoid(z), the per-pair losses come in families:
+
+  * margin losses, a function of z alone: sigmoid_loss (DPO, cDPO), robust_loss,
+    hinge_loss, exo_pair_loss, discopop_loss; aot_loss applies sigmoid_loss to
+    rank-matched differences over the batch;
+  * squared-target losses (IPO family): ipo_loss, sppo_hard_loss;
+  * anchored losses, of each response's own reward r = beta rho: nca_pair_loss,
+    bco_pair_loss, apo_zero_loss, apo_down_loss.
+
+Each is a small function of [B] arrays returning [B]. `dpo_loss`, the registered
+"dpo" loss, combines them by name (`variant`: one name or TRL's weighted list)
+and adds what every variant shares: reference-free rows, LD-DPO's tail
+weighting, WPO's pair weights, the RPO / "sft" chosen NLL and TRL's metrics.
 """
 
 import numbers
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxalign.losses._common import as_f32, logratio, pair_metrics, weighted_mean
 
-# Per-pair forms. The first four are the seed methods; the rest are TRL
-# DPOTrainer's other loss types (TRL 1.16 `loss_type`), names as TRL spells them.
-VARIANTS = ("sigmoid", "robust", "ipo", "hinge", "sigmoid_norm", "exo_pair", "nca_pair",
-            "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
-            "discopop", "sft")
+# softplus(-z) == -log sigmoid(z) == l(z), finite for large |z|.
+_sp = jax.nn.softplus
+
+
+# --- margin losses: l-shaped functions of z = beta * h --------------------------------
+def sigmoid_loss(margins: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """DPO (Rafailov et al. 2023, Eq. 7); cDPO (Mitchell's note) when eps > 0.
+
+  (1 - eps) l(z) + eps l(-z): the label is flipped with probability eps.
+
+  Args:
+    margins: [B] z = beta * (rho_w - rho_l).
+    label_smoothing: eps in [0, 0.5].
+
+  Returns:
+    [B] per-pair loss.
+  """
+  return (1.0 - label_smoothing) * _sp(-margins) + label_smoothing * _sp(margins)
+
+
+def robust_loss(margins: jax.Array, label_smoothing: float) -> jax.Array:
+  """Robust DPO (Chowdhury et al. 2024): [(1-eps) l(z) - eps l(-z)] / (1 - 2 eps).
+
+  Unbiased under a label flip rate eps in [0, 0.5); unbounded below for eps > 0.
+  margins: [B] z; returns [B].
+  """
+  eps = label_smoothing
+  return ((1.0 - eps) * _sp(-margins) - eps * _sp(margins)) / (1.0 - 2.0 * eps)
+
+
+def hinge_loss(margins: jax.Array) -> jax.Array:
+  """SLiC / RSO hinge: max(0, 1 - z) (beta is the reciprocal margin). [B] -> [B]."""
+  return jax.nn.relu(1.0 - margins)
+
+
+def exo_pair_loss(margins: jax.Array, label_smoothing: float) -> jax.Array:
+  """EXO (Ji et al. 2024, Eq. 16, K = 2): KL(softmax(beta rho) || [1 - eps, eps]).
+
+  sigma(z)[log sigma(z) - log(1-eps)] + sigma(-z)[log sigma(-z) - log eps];
+  needs eps > 0 (its authors use 1e-3). margins: [B] z; returns [B].
+  """
+  eps = label_smoothing
+  return (jax.nn.sigmoid(margins) * (-_sp(-margins) - jnp.log1p(-eps))
+          + jax.nn.sigmoid(-margins) * (-_sp(margins) - jnp.log(eps)))
+
+
+def discopop_loss(margins: jax.Array, tau: float = 0.05) -> jax.Array:
+  """DiscoPOP (Chris Lu et al. 2024, Eq. 5): l(z)(1 - sigma(z/tau)) + exp(-z) sigma(z/tau).
+
+  A log-ratio-modulated blend of the logistic and exponential losses. The
+  exponential part is formed in log space, exp(-z - softplus(-z/tau)), so a very
+  negative z gives 0, not 0 * inf = NaN. margins: [B] z; returns [B].
+  """
+  m = jax.nn.sigmoid(margins / tau)
+  return _sp(-margins) * (1.0 - m) + jnp.exp(-margins - _sp(-margins / tau))
+
+
+def aot_loss(chosen: jax.Array, rejected: jax.Array, *, beta: float,
+             label_smoothing: float = 0.0) -> jax.Array:
+  """AOT (Melnyk et al. 2024): sigmoid_loss of beta d, d = sort(chosen) - sort(rejected).
+
+  The two [B] quantities are matched by rank over the batch, so a pair's value
+  depends on the other pairs. Paired AOT ("aot") passes the policy margins
+  S_w - S_l and the reference margins S_ref,w - S_ref,l; unpaired
+  ("aot_unpaired") passes rho_w and rho_l. Returns [B].
+  """
+  d = jnp.sort(chosen) - jnp.sort(rejected)
+  return sigmoid_loss(beta * d, label_smoothing)
+
+
+# --- squared-target losses (IPO family) -----------------------------------------------
+def ipo_loss(h: jax.Array, *, beta: float) -> jax.Array:
+  """IPO (Azar et al. 2023): (h - 1/(2 tau))^2, tau passed as beta (as TRL).
+
+  h: [B] log-ratio difference, summed or per-token-mean (dpo_loss's
+  ipo_length_norm). Minimised at h = 1/(2 beta). Returns [B].
+  """
+  return jnp.square(h - 1.0 / (2.0 * beta))
+
+
+def sppo_hard_loss(chosen_logratios: jax.Array, rejected_logratios: jax.Array, *,
+                   beta: float) -> jax.Array:
+  """SPPO (Wu et al. 2024) with hard win probabilities 1 / 0.
+
+  (rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2; rho: [B] log-ratios. Returns [B].
+  """
+  return jnp.square(chosen_logratios - 0.5 / beta) + jnp.square(rejected_logratios + 0.5 / beta)
+
+
+# --- anchored losses: each response's own reward r = beta * rho -----------------------
+def nca_pair_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax.Array:
+  """NCA (Chen et al. 2024): l(r_w) + l(-r_w)/2 + l(-r_l)/2. r: [B]; returns [B]."""
+  return _sp(-chosen_rewards) + 0.5 * _sp(chosen_rewards) + 0.5 * _sp(rejected_rewards)
+
+
+def bco_pair_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax.Array:
+  """Paired BCO without the reward shift (TRL >= 0.29): l(r_w) + l(-r_l).
+
+  The running-shift form is the registered loss "bco_pair". r: [B]; returns [B].
+  """
+  return _sp(-chosen_rewards) + _sp(rejected_rewards)
+
+
+def apo_zero_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax.Array:
+  """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): 1 - sigma(r_w) + sigma(r_l). [B] -> [B]."""
+  return (1.0 - jax.nn.sigmoid(chosen_rewards)) + jax.nn.sigmoid(rejected_rewards)
+
+
+def apo_down_loss(chosen_rewards: jax.Array, margins: jax.Array) -> jax.Array:
+  """APO-down (D'Oosterlinck et al. 2024, Eq. 8): sigma(r_w) + 1 - sigma(z). [B] -> [B]."""
+  return jax.nn.sigmoid(chosen_rewards) + (1.0 - jax.nn.sigmoid(margins))
+
+
+# --- what dpo_loss shares across variants ----------------------------------------------
+def ld_logps(logps: jax.Array, tail_logps: jax.Array, ld_alpha: float) -> jax.Array:
+  """LD-DPO (Liu et al. 2024): S_shared + alpha S_tail = S - (1 - alpha) S_tail.
+
+  logps, tail_logps: [B] summed log-probs of the response and of its tokens past
+  the pair's shorter length. Returns [B], in the inputs' precision.
+  """
+  return logps - (1.0 - ld_alpha) * tail_logps
+
+
+def wpo_weights(chosen_wpo_logps: jax.Array, rejected_wpo_logps: jax.Array) -> jax.Array:
+  """WPO (Zhou et al. 2024): [B] pair weights exp(w_w) exp(w_l), no gradient.
+
+  w: [B] per-token mean of log p_t - log sum_v p_v^2 (the step's wpo_logps column).
+  """
+  return jax.lax.stop_gradient(
+      jnp.exp(as_f32(chosen_wpo_logps)) * jnp.exp(as_f32(rejected_wpo_logps)))
+
+
+def chosen_nll(chosen_logps: jax.Array, chosen_lengths: jax.Array,
+               weights: jax.Array) -> jax.Array:
+  """The batch's chosen-token NLL sum(-S_w) / sum(|y_w|) (RPO's term, variant "sft").
+
+  chosen_logps, chosen_lengths, weights: [B] (weights 0 on padding rows). Returns [].
+  """
+  num_tokens = jnp.maximum((weights * as_f32(chosen_lengths)).sum(), 1.0)
+  return -(weights * as_f32(chosen_logps)).sum() / num_tokens
+
+
+class PairTerms(NamedTuple):
+  """The [B] float32 quantities the per-pair losses read (built once by dpo_loss)."""
+  chosen_logratios: jax.Array       # rho_w
+  rejected_logratios: jax.Array     # rho_l
+  chosen_rewards: jax.Array         # beta rho_w
+  rejected_rewards: jax.Array       # beta rho_l
+  margins: jax.Array                # z = beta (rho_w - rho_l)
+  chosen_logps: jax.Array           # S_w (LD-weighted with ld_alpha)
+  rejected_logps: jax.Array
+  ref_chosen_logps: jax.Array       # S_ref,w, no gradient
+  ref_rejected_logps: jax.Array
+  chosen_lengths: jax.Array | None  # |y_w| clamped to >= 1
+  rejected_lengths: jax.Array | None
+  sft_nll: jax.Array | None         # [] chosen_nll, when a variant or rpo_alpha reads it
+
+
+class Knobs(NamedTuple):
+  """dpo_loss's hyperparameters that the per-pair losses read."""
+  beta: float
+  label_smoothing: float
+  ipo_length_norm: bool
+  discopop_tau: float
+
+
+def _per_token_h(x: PairTerms) -> jax.Array:
+  """[B] rho_w / |y_w| - rho_l / |y_l| (LN-DPO, length-normalised IPO)."""
+  return x.chosen_logratios / x.chosen_lengths - x.rejected_logratios / x.rejected_lengths
+
+
+def _ipo_h(x: PairTerms, k: Knobs) -> jax.Array:
+  return _per_token_h(x) if k.ipo_length_norm else x.chosen_logratios - x.rejected_logratios
+
+
+# The per-pair form of each DPO loss type, (terms, knobs) -> [B]. The first four are
+# the seed methods; the rest are TRL DPOTrainer's other loss types (TRL 1.16
+# `loss_type`), names as TRL spells them.
+PER_PAIR: dict[str, Callable[[PairTerms, Knobs], jax.Array]] = {
+    "sigmoid": lambda x, k: sigmoid_loss(x.margins, k.label_smoothing),
+    "robust": lambda x, k: robust_loss(x.margins, k.label_smoothing),
+    "ipo": lambda x, k: ipo_loss(_ipo_h(x, k), beta=k.beta),
+    "hinge": lambda x, k: hinge_loss(x.margins),
+    # LN-DPO, l(beta h) of per-token-mean log-ratios (= ln_dpo_loss; no eps term, so
+    # no 0 * inf where h is infinite).
+    "sigmoid_norm": lambda x, k: _sp(-k.beta * _per_token_h(x)),
+    "exo_pair": lambda x, k: exo_pair_loss(x.margins, k.label_smoothing),
+    "nca_pair": lambda x, k: nca_pair_loss(x.chosen_rewards, x.rejected_rewards),
+    "bco_pair": lambda x, k: bco_pair_loss(x.chosen_rewards, x.rejected_rewards),
+    "sppo_hard": lambda x, k: sppo_hard_loss(x.chosen_logratios, x.rejected_logratios,
+                                             beta=k.beta),
+    "aot": lambda x, k: aot_loss(x.chosen_logps - x.rejected_logps,
+                                 x.ref_chosen_logps - x.ref_rejected_logps,
+                                 beta=k.beta, label_smoothing=k.label_smoothing),
+    "aot_unpaired": lambda x, k: aot_loss(x.chosen_logratios, x.rejected_logratios,
+                                          beta=k.beta, label_smoothing=k.label_smoothing),
+    "apo_zero": lambda x, k: apo_zero_loss(x.chosen_rewards, x.rejected_rewards),
+    "apo_down": lambda x, k: apo_down_loss(x.chosen_rewards, x.margins),
+    "discopop": lambda x, k: discopop_loss(x.margins, k.discopop_tau),
+    # The batch's chosen-token NLL, the same value on every pair (as TRL).
+    "sft": lambda x, k: jnp.broadcast_to(x.sft_nll, x.chosen_logratios.shape),
+}
+VARIANTS = tuple(PER_PAIR)
 # Variants that read label_smoothing (eps); the others must have eps = 0.
 _SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 # Variants whose per-pair value depends on the other pairs of the batch (sorting).
@@ -43,6 +253,14 @@ def _validate(variants, label_smoothing, beta, ipo_length_norm,
               chosen_lengths, rejected_lengths, loss_weights, ld_alpha, use_weighting,
               tails, wpo) -> None:
   """Raises ValueError at call (trace) time for settings with no meaning."""
+  _validate_variants(variants, label_smoothing, beta, ipo_length_norm, chosen_lengths,
+                     rejected_lengths, loss_weights)
+  _validate_columns(variants, ld_alpha, use_weighting, tails, wpo)
+
+
+def _validate_variants(variants, label_smoothing, beta, ipo_length_norm,
+                       chosen_lengths, rejected_lengths, loss_weights) -> None:
+  """The loss types, their weights and the hyperparameters they read."""
   for variant in variants:
     if variant not in VARIANTS:
       raise ValueError(f"unknown DPO variant {variant!r}; known: {list(VARIANTS)}")
@@ -79,6 +297,10 @@ def _validate(variants, label_smoothing, beta, ipo_length_norm,
   for v in _NEEDS_LENGTHS:
     if v in variants and lengths_missing:
       raise ValueError(f"variant {v!r} needs chosen_lengths and rejected_lengths")
+
+
+def _validate_columns(variants, ld_alpha, use_weighting, tails, wpo) -> None:
+  """LD-DPO's and WPO's settings and the step columns they need."""
   if ld_alpha is not None:
     if _is_concrete_number(ld_alpha) and not 0.0 <= ld_alpha <= 1.0:
       raise ValueError(f"ld_alpha must be in [0, 1] (1 = plain DPO), got {ld_alpha}")
@@ -94,56 +316,64 @@ def _validate(variants, label_smoothing, beta, ipo_length_norm,
                        "(the train step computes them when use_weighting is set)")
 
 
-def _per_pair(variant, *, beta, eps, cl, rl, c_logps, r_logps, rc_logps, rr_logps,
-              c_len, r_len, ipo_length_norm, discopop_tau, sft_nll):
-  """[B] loss of one DPO loss type. cl, rl: chosen / rejected log-ratios rho."""
-  sp = jax.nn.softplus          # softplus(-z) == -log sigmoid(z), finite for large |z|
-  z = beta * (cl - rl)          # beta * h
-  if variant == "sigmoid":
-    return (1.0 - eps) * sp(-z) + eps * sp(z)
-  if variant == "robust":
-    return ((1.0 - eps) * sp(-z) - eps * sp(z)) / (1.0 - 2.0 * eps)
-  if variant == "hinge":
-    return jax.nn.relu(1.0 - z)
-  if variant == "ipo":
-    h = cl / c_len - rl / r_len if ipo_length_norm else cl - rl
-    return jnp.square(h - 1.0 / (2.0 * beta))
-  if variant == "sigmoid_norm":   # LN-DPO: each side's log-ratio over its own length
-    return sp(-beta * (cl / c_len - rl / r_len))
-  if variant == "exo_pair":
-    # EXO (Ji et al. 2024, Eq. 16, K = 2): KL(softmax(beta rho) || [1 - eps, eps]).
-    return (jax.nn.sigmoid(z) * (-sp(-z) - jnp.log1p(-eps))
-            + jax.nn.sigmoid(-z) * (-sp(z) - jnp.log(eps)))
-  if variant == "nca_pair":
-    # NCA (Chen et al. 2024): -log s(r_w) - 1/2 log s(-r_w) - 1/2 log s(-r_l).
-    cr, rr = beta * cl, beta * rl
-    return sp(-cr) + 0.5 * sp(cr) + 0.5 * sp(rr)
-  if variant == "bco_pair":
-    # Paired BCO without the reward shift (TRL >= 0.29); the shifted form is loss "bco_pair".
-    return sp(-beta * cl) + sp(beta * rl)
-  if variant == "sppo_hard":
-    # SPPO (Wu et al. 2024) with hard win probabilities 1 / 0.
-    return jnp.square(cl - 0.5 / beta) + jnp.square(rl + 0.5 / beta)
-  if variant in ("aot", "aot_unpaired"):
-    # AOT (Melnyk et al. 2024): the sorted margins (paired) or the sorted chosen and
-    # rejected log-ratios (unpaired) are matched by rank over the batch.
-    if variant == "aot":
-      d = jnp.sort(c_logps - r_logps) - jnp.sort(rc_logps - rr_logps)
-    else:
-      d = jnp.sort(cl) - jnp.sort(rl)
-    return (1.0 - eps) * sp(-beta * d) + eps * sp(beta * d)
-  if variant == "apo_zero":       # APO (D'Oosterlinck et al. 2024, Eq. 7)
-    return (1.0 - jax.nn.sigmoid(beta * cl)) + jax.nn.sigmoid(beta * rl)
-  if variant == "apo_down":       # APO Eq. 8
-    return jax.nn.sigmoid(beta * cl) + (1.0 - jax.nn.sigmoid(z))
-  if variant == "discopop":
-    # DiscoPOP (Chris Lu et al. 2024, Eq. 5): log-ratio-modulated blend of the logistic
-    # and exponential losses. exp(-z) * sigmoid(z/tau) is formed in log space so a very
-    # negative z gives 0 * inf = 0, not NaN.
-    m = jax.nn.sigmoid(z / discopop_tau)
-    return sp(-z) * (1.0 - m) + jnp.exp(-z - sp(-z / discopop_tau))
-  # "sft": the batch's chosen-token NLL, the same value on every pair (as TRL).
-  return jnp.broadcast_to(sft_nll, cl.shape)
+def _pair_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                chosen_lengths, rejected_lengths, beta) -> PairTerms:
+  """PairTerms of (LD-weighted) log-probs [B]; sft_nll is left None."""
+  # Log-ratios first, in the inputs' precision, then float32 (see logratio).
+  chosen_logratios = logratio(chosen_logps, ref_chosen_logps)        # [B]
+  rejected_logratios = logratio(rejected_logps, ref_rejected_logps)  # [B]
+  c_len = r_len = None
+  if chosen_lengths is not None and rejected_lengths is not None:
+    c_len = jnp.maximum(as_f32(chosen_lengths), 1.0)
+    r_len = jnp.maximum(as_f32(rejected_lengths), 1.0)
+  return PairTerms(
+      chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
+      chosen_rewards=beta * chosen_logratios, rejected_rewards=beta * rejected_logratios,
+      margins=beta * (chosen_logratios - rejected_logratios),
+      chosen_logps=as_f32(chosen_logps), rejected_logps=as_f32(rejected_logps),
+      ref_chosen_logps=jax.lax.stop_gradient(as_f32(ref_chosen_logps)),
+      ref_rejected_logps=jax.lax.stop_gradient(as_f32(ref_rejected_logps)),
+      chosen_lengths=c_len, rejected_lengths=r_len, sft_nll=None)
+
+
+def _effective_logps(logps, tails, reference_free, ld_alpha):
+  """The [B] (S_w, S_l, S_ref,w, S_ref,l) the losses see: reference 0 when reference-free,
+  each LD-weighted (ld_logps; reference tails without gradient) when ld_alpha is set."""
+  chosen, rejected, ref_chosen, ref_rejected = logps
+  if reference_free:
+    ref_chosen = ref_rejected = jnp.zeros_like(as_f32(chosen))
+  if ld_alpha is None:
+    return chosen, rejected, ref_chosen, ref_rejected
+  chosen = ld_logps(chosen, tails[0], ld_alpha)
+  rejected = ld_logps(rejected, tails[1], ld_alpha)
+  if not reference_free:
+    ref_chosen = ld_logps(ref_chosen, jax.lax.stop_gradient(tails[2]), ld_alpha)
+    ref_rejected = ld_logps(ref_rejected, jax.lax.stop_gradient(tails[3]), ld_alpha)
+  return chosen, rejected, ref_chosen, ref_rejected
+
+
+def _variants_sum(variants, loss_weights, x: PairTerms, knobs: Knobs, pair_weight, mean,
+                  metrics: dict) -> jax.Array:
+  """sum_k weight_k * mean(PER_PAIR[variant_k] * pair_weight); adds loss/<variant>
+  to `metrics` when there are several."""
+  coefs = (1.0,) * len(variants) if loss_weights is None else tuple(loss_weights)
+  loss = 0.0
+  for name, coef in zip(variants, coefs):
+    term = mean(PER_PAIR[name](x, knobs) * pair_weight)
+    if len(variants) > 1:
+      metrics[f"loss/{name}"] = term
+    loss = loss + coef * term
+  return loss
+
+
+def dpo_columns(hparams: dict) -> tuple[str, ...]:
+  """LD-DPO needs each sequence's tail log-prob, WPO its per-token weight mean."""
+  cols = ()
+  if hparams.get("ld_alpha") is not None:
+    cols += ("tail_logps",)
+  if hparams.get("use_weighting"):
+    cols += ("wpo_logps",)
+  return cols
 
 
 def dpo_loss(
@@ -172,136 +402,61 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Pairwise DPO-family loss; the per-pair form is picked by `variant`.
+  """Pairwise DPO-family loss: the weighted sum of the PER_PAIR losses named by `variant`.
 
-  With rho = S - S_ref per response, h = rho_w - rho_l, z = beta h and
-  l(z) = -log sigmoid(z) (docs/losses.md has the sources of each):
-
-    * "sigmoid": (1-eps) l(z) + eps l(-z). eps = 0 is DPO; eps > 0 is cDPO.
-    * "robust": [(1-eps) l(z) - eps l(-z)] / (1 - 2 eps) (Chowdhury et al. 2024).
-    * "ipo": (h - 1/(2 beta))^2 (Azar et al.); `ipo_length_norm=True` (TRL) uses
-      h = rho_w/|y_w| - rho_l/|y_l|, False the summed form.
-    * "hinge": max(0, 1 - z) (SLiC / RSO).
-    * "sigmoid_norm": l(beta (rho_w/|y_w| - rho_l/|y_l|)) (LN-DPO, = ln_dpo_loss).
-    * "exo_pair": sigma(z)[log sigma(z) - log(1-eps)] + sigma(-z)[log sigma(-z) - log eps]
-      (EXO; needs eps > 0).
-    * "nca_pair": l(beta rho_w) + l(-beta rho_w)/2 + l(-beta rho_l)/2 (NCA).
-    * "bco_pair": l(beta rho_w) + l(-beta rho_l) (paired BCO without the shift; the
-      running-shift form is the registered loss "bco_pair").
-    * "sppo_hard": (rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2 (SPPO, hard P).
-    * "aot": (1-eps) l(beta d) + eps l(-beta d), d = sort(S_w - S_l) - sort(S_ref_w -
-      S_ref_l) over the batch; "aot_unpaired": d = sort(rho_w) - sort(rho_l) (AOT).
-    * "apo_zero": 1 - sigma(beta rho_w) + sigma(beta rho_l); "apo_down": sigma(beta
-      rho_w) + 1 - sigma(z) (APO).
-    * "discopop": l(z)(1 - sigma(z/tau)) + exp(-z) sigma(z/tau) (DiscoPOP).
-    * "sft": the batch's chosen-token NLL, sum(-S_w) / sum(|y_w|).
-
-  A list of variants with `loss_weights` (TRL 1.x `loss_type=[...]`,
-  `loss_weights=[...]`) is the weighted sum of their batch means (weights 1 when
-  None). `ld_alpha` (LD-DPO, Liu et al. 2024): every log-prob, policy and
-  reference, becomes S_shared + alpha * S_tail, where the tail is the tokens past
-  the shorter response of the pair (S_tail from the step's tail columns).
-  `use_weighting` (WPO, Zhou et al. 2024): each pair's loss is multiplied by
-  exp(w_w) exp(w_l), w the per-token mean of log p_t - log sum_v p_v^2 (no
-  gradient; from the step's wpo columns).
+  Formulas and sources are on each variant's function (module docstring);
+  "sigmoid_norm" is l(beta h) of per-token-mean log-ratios (LN-DPO), "sft" the
+  chosen_nll. Shared by every variant: `ld_alpha` turns each log-prob, policy and
+  reference, into ld_logps; `use_weighting` multiplies each pair's loss by
+  wpo_weights; `rpo_alpha` adds rpo_alpha * chosen_nll (RPO, TRL <= 0.28).
 
   Args:
     chosen_logps, rejected_logps: [B] summed log pi_theta(y | x) over response tokens.
     ref_chosen_logps, ref_rejected_logps: [B] the same under the reference (constants).
-    chosen_lengths, rejected_lengths: [B] scored tokens, clamped to >= 1; needed by
+    chosen_lengths, rejected_lengths: [B] scored tokens (clamped to >= 1); read by
       "ipo" (length-normalised), "sigmoid_norm", "sft" and rpo_alpha.
-    chosen_tail_logps, ...: [B] summed log-probs of the tokens past the pair's
-      shorter length (policy and reference); needed with ld_alpha.
-    chosen_wpo_logps, rejected_wpo_logps: [B] WPO's per-token mean of
-      log p_t - log sum_v p_v^2; needed with use_weighting.
-    beta: inverse temperature (tau for IPO).
-    label_smoothing: eps, for the variants that read it (see _SMOOTHED).
-    variant: one name of VARIANTS, or a list of them.
-    loss_weights: one weight per variant (None: all 1).
-    reference_free: treat the reference log-probs as 0 (uniform reference).
-    ipo_length_norm: IPO on per-token-mean log-ratios (TRL) instead of sums.
-    rpo_alpha: weight of the chosen token-mean NLL added (TRL <= 0.28 `rpo_alpha`,
-      RPO of Pang et al. 2024); the same term as variant "sft".
-    ld_alpha: LD-DPO's weight on the tail tokens, in [0, 1]; None: off.
-    use_weighting: WPO weights on every pair's loss.
-    discopop_tau: DiscoPOP's modulation temperature (TRL default 0.05).
-    weights: optional [B] row weights (0 for padding rows).
+    chosen_tail_logps, ...: [B] the step's tail_logps column, policy and reference.
+    chosen_wpo_logps, rejected_wpo_logps: [B] the step's wpo_logps column.
+    beta: inverse temperature (tau for IPO). label_smoothing: eps (see _SMOOTHED).
+    variant, loss_weights: one name of VARIANTS, or TRL 1.x's list `loss_type=[...]`
+      with one weight each (None: all 1).
+    reference_free: reference log-probs 0. ipo_length_norm: IPO on per-token means.
+    ld_alpha: LD-DPO's tail weight in [0, 1] (None: off). use_weighting: WPO.
+    discopop_tau: DiscoPOP's temperature. weights: [B] row weights (0: padding).
 
   Returns:
-    loss: scalar, (weighted) mean over the B pairs (sum over variants).
-    metrics: rewards/{chosen,rejected,margins,accuracies} (summed beta * rho, of the
-      LD-weighted log-probs when ld_alpha is set, as TRL), logps/*, nll_loss with
-      rpo_alpha or "sft", loss/<variant> with several variants, wpo/weight_mean with
-      use_weighting.
+    loss: scalar, (weighted) mean over the B pairs, summed over variants.
+    metrics: rewards/* (beta * rho of the LD-weighted log-probs, as TRL), logps/*,
+      nll_loss (rpo_alpha or "sft"), loss/<variant> (several), wpo/weight_mean.
 
-  Raises:
-    ValueError: at call/trace time for settings with no meaning (see _validate).
+  Raises ValueError at call/trace time for settings with no meaning (_validate).
   """
   variants = variant_list(variant)
-  tails = (chosen_tail_logps, rejected_tail_logps, ref_chosen_tail_logps,
-           ref_rejected_tail_logps)
-  if reference_free:
-    tails = tails[:2] + (0.0, 0.0)
+  logps = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+  tails = (chosen_tail_logps, rejected_tail_logps) + (
+      (0.0, 0.0) if reference_free else (ref_chosen_tail_logps, ref_rejected_tail_logps))
   _validate(variants, label_smoothing, beta, ipo_length_norm, chosen_lengths,
             rejected_lengths, loss_weights, ld_alpha, use_weighting,
             tails, (chosen_wpo_logps, rejected_wpo_logps))
   raw_chosen = as_f32(chosen_logps)
-  if reference_free:
-    ref_chosen_logps = jnp.zeros_like(raw_chosen)
-    ref_rejected_logps = jnp.zeros_like(raw_chosen)
-  if ld_alpha is not None:
-    # LD-DPO: S_shared + alpha * S_tail = S - (1 - alpha) * S_tail, policy and reference.
-    keep = 1.0 - ld_alpha
-    chosen_logps = chosen_logps - keep * chosen_tail_logps
-    rejected_logps = rejected_logps - keep * rejected_tail_logps
-    if not reference_free:
-      ref_chosen_logps = ref_chosen_logps - keep * jax.lax.stop_gradient(ref_chosen_tail_logps)
-      ref_rejected_logps = (ref_rejected_logps
-                            - keep * jax.lax.stop_gradient(ref_rejected_tail_logps))
-  # Log-ratios first, in the inputs' precision, then float32 (see logratio).
-  chosen_logratios = logratio(chosen_logps, ref_chosen_logps)       # [B]
-  rejected_logratios = logratio(rejected_logps, ref_rejected_logps)  # [B]
-  rc_logps = jax.lax.stop_gradient(as_f32(ref_chosen_logps))
-  rr_logps = jax.lax.stop_gradient(as_f32(ref_rejected_logps))
-  chosen_logps, rejected_logps = as_f32(chosen_logps), as_f32(rejected_logps)
-  chosen_rewards = beta * chosen_logratios                           # [B]
-  rejected_rewards = beta * rejected_logratios                       # [B]
-
-  w = jnp.ones_like(raw_chosen) if weights is None else as_f32(weights)
-  c_len = r_len = None
-  if chosen_lengths is not None and rejected_lengths is not None:
-    c_len = jnp.maximum(as_f32(chosen_lengths), 1.0)
-    r_len = jnp.maximum(as_f32(rejected_lengths), 1.0)
-  sft_nll = None
+  x = _pair_terms(*_effective_logps(logps, tails, reference_free, ld_alpha),
+                  chosen_lengths, rejected_lengths, beta)
   if "sft" in variants or rpo_alpha:
     if chosen_lengths is None:
       raise ValueError("rpo_alpha > 0 / variant 'sft' needs chosen_lengths")
-    num_tokens = jnp.maximum((w * as_f32(chosen_lengths)).sum(), 1.0)
-    sft_nll = -(w * raw_chosen).sum() / num_tokens    # the raw log-probs, not LD-weighted
-  pair_weight = 1.0
-  if use_weighting:
-    pair_weight = jax.lax.stop_gradient(
-        jnp.exp(as_f32(chosen_wpo_logps)) * jnp.exp(as_f32(rejected_wpo_logps)))
-
+    w = jnp.ones_like(raw_chosen) if weights is None else as_f32(weights)
+    x = x._replace(sft_nll=chosen_nll(raw_chosen, chosen_lengths, w))  # not LD-weighted
+  pair_weight = wpo_weights(chosen_wpo_logps, rejected_wpo_logps) if use_weighting else 1.0
   mean = weighted_mean(weights, raw_chosen)
-  metrics = pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, mean)
-  eps = label_smoothing
-  coefs = (1.0,) * len(variants) if loss_weights is None else tuple(loss_weights)
-  loss = 0.0
-  for name, coef in zip(variants, coefs):
-    per_pair = _per_pair(
-        name, beta=beta, eps=eps, cl=chosen_logratios, rl=rejected_logratios,
-        c_logps=chosen_logps, r_logps=rejected_logps, rc_logps=rc_logps, rr_logps=rr_logps,
-        c_len=c_len, r_len=r_len, ipo_length_norm=ipo_length_norm,
-        discopop_tau=discopop_tau, sft_nll=sft_nll) * pair_weight    # [B]
-    term = mean(per_pair)
-    if len(variants) > 1:
-      metrics[f"loss/{name}"] = term
-    loss = loss + coef * term
-  if sft_nll is not None:
-    metrics["nll_loss"] = sft_nll
+  metrics = pair_metrics(x.chosen_rewards, x.rejected_rewards, x.chosen_logps,
+                         x.rejected_logps, mean)
+  loss = _variants_sum(variants, loss_weights, x,
+                       Knobs(beta, label_smoothing, ipo_length_norm, discopop_tau),
+                       pair_weight, mean, metrics)
+  if x.sft_nll is not None:
+    metrics["nll_loss"] = x.sft_nll
   if rpo_alpha:
-    loss = loss + rpo_alpha * sft_nll
+    loss = loss + rpo_alpha * x.sft_nll
   if use_weighting:
     metrics["wpo/weight_mean"] = mean(pair_weight * jnp.ones_like(raw_chosen))
   return loss, metrics

@@ -8,7 +8,7 @@ All S*B sequences go through one forward pass.
 """
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxalign import logprobs, losses
 from jaxalign.data import packing
+from jaxalign.losses import columns as loss_columns
 from jaxalign.models import lora
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import ref_sync as ref_sync_lib
@@ -28,86 +29,6 @@ SEQUENCE_KEYS = (("tokens", "attention_mask", "loss_mask", "ref_logps") + packin
                  + packing.SHARED_KEYS + packing.PACKED_SHARED_KEYS)
 
 
-def _tail_logps(logps, mask):
-  """LD-DPO: [B, S] summed log-probs of the scored tokens past the example's shortest
-  response (for a pair: past min(|y_w|, |y_l|)), TRL's tail mask."""
-  pos = jnp.cumsum(mask.astype(jnp.int32), axis=-1)                   # [B, S, T]
-  shared = mask.sum(-1).min(axis=1)                                    # [B]
-  tail = mask & (pos > shared[:, None, None])
-  return jnp.where(tail, logps, 0.0).sum(-1)
-
-
-def _wpo_logps(logps, mask, log_sum_sq):
-  """WPO: [B, S] per-token mean of log p_t - log sum_v p_v^2 (no gradient)."""
-  aligned = jnp.where(mask, jax.lax.stop_gradient(logps) - log_sum_sq, 0.0)
-  return aligned.sum(-1) / jnp.maximum(mask.sum(-1), 1).astype(jnp.float32)
-
-
-# The same two columns of packed rows (logprobs.packed_sequence_logps's token
-# outputs `o`, flattened [G, N] per group, and `counts` [G, n] scored tokens per
-# slot), summed per slot. With packed shared prompts a slot's first response
-# token is scored apart (o["first_*"], [G, n]): it is the sequence's first scored
-# token, before all of the slot's scored tokens in the rows.
-def _slot_sum(values, slot, num_slots):
-  """[G, N] values summed per slot -> [G, num_slots]; slot num_slots is dropped."""
-  seg = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
-  return seg(values, slot)[:, :num_slots]
-
-
-def _per_token(per_slot, slot):
-  """[G, n] per-slot values -> [G, N] at each token's slot (0 on slot n: padding)."""
-  padded = jnp.pad(per_slot, ((0, 0), (0, 1)))
-  return jnp.take_along_axis(padded, slot, axis=1)
-
-
-def _packed_tail_logps(o, counts, num_sequences):
-  """_tail_logps of packed rows: [G, n] (n = B_g * S slots, slot b * S + s)."""
-  g, n = counts.shape
-  mask, slot = o["mask"], o["slot"]
-  first = o.get("first_mask", jnp.zeros((g, n), bool))
-  # A slot's tokens lie in order in one row, so a scored token's rank in its
-  # sequence is the running count along the rows less the count before the slot's
-  # first scored one there, after the first token scored apart.
-  running = jnp.cumsum(mask.astype(jnp.int32), axis=1)                 # [G, N]
-  start = jax.vmap(lambda v, i: jax.ops.segment_min(v, i, num_segments=n + 1))(
-      jnp.where(mask, running, jnp.iinfo(jnp.int32).max), slot)[:, :n]  # [G, n]
-  rank = running - _per_token(start - 1 - first.astype(jnp.int32), slot)
-  shortest = jnp.repeat(counts.reshape(g, n // num_sequences, num_sequences).min(-1),
-                        num_sequences, axis=1)                          # [G, n] per example
-  tail = mask & (rank > _per_token(shortest, slot))
-  out = _slot_sum(jnp.where(tail, o["logps"], 0.0), slot, n)
-  if "first_logps" in o:   # rank 1
-    out = out + jnp.where(first & (shortest < 1), o["first_logps"], 0.0)
-  return out
-
-
-def _packed_wpo_logps(o, counts, num_sequences):  # noqa: ARG001  (the tail's signature)
-  """_wpo_logps of packed rows: [G, n]."""
-  aligned = jnp.where(o["mask"], jax.lax.stop_gradient(o["logps"]) - o["log_sum_sq"], 0.0)
-  total = _slot_sum(aligned, o["slot"], counts.shape[1])
-  if "first_logps" in o:
-    total = total + jnp.where(
-        o["first_mask"], jax.lax.stop_gradient(o["first_logps"]) - o["first_log_sum_sq"], 0.0)
-  return total / jnp.maximum(counts, 1).astype(jnp.float32)
-
-
-class _Column(NamedTuple):
-  padded: Callable    # token outputs [B, S, T] -> [B, S]
-  packed: Callable    # (packed token outputs, counts [G, n], S) -> [G, n]
-  needs_log_sum_sq: bool
-
-
-# Per-sequence columns a loss may ask for (LossSpec.columns), computed from the
-# forward's token log-probs, one definition per layout (shared prompts: `padded`,
-# on [B, S, R] responses).
-COLUMNS = {
-    "tail_logps": _Column(lambda o: _tail_logps(o["logps"], o["mask"]), _packed_tail_logps,
-                          False),
-    "wpo_logps": _Column(lambda o: _wpo_logps(o["logps"], o["mask"], o["log_sum_sq"]),
-                         _packed_wpo_logps, True),
-}
-
-
 def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None,
                 batch_axes=None, columns: tuple[str, ...] = ()):
   """Per-sequence summed log-probs [B, S] and scored-token counts [B, S].
@@ -117,8 +38,8 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
 
   `dropout_key`: the LoRA adapters' dropout key for this forward (None: none).
   batch_axes: mesh axes B is split over, kept on the log-prob chunks (logprobs.py).
-  columns: names in COLUMNS; then a third value, {name: [B, S]}, is returned
-    (padded, packed and shared-prompt batches alike).
+  columns: names in losses.columns.COLUMNS; then a third value, {name: [B, S]}, is
+    returned (padded, packed and shared-prompt batches alike).
   """
   model = nnx.merge(graphdef, params, frozen)
   if isinstance(model, reward_model.RewardModel):   # a scalar head: scores stand for log-probs
@@ -127,43 +48,37 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
     return reward_model.sequence_scores(model, batch)
   if dropout_key is not None:
     lora.set_dropout_key(model, dropout_key)
-  for name in columns:
-    if name not in COLUMNS:
-      raise ValueError(f"unknown per-sequence column {name!r}; known: {sorted(COLUMNS)}")
-  token_outputs = None   # no columns: no per-token outputs, no extra vocabulary pass
-  if columns:
-    needs = any(COLUMNS[c].needs_log_sum_sq for c in columns)
-    token_outputs = {"log_sum_sq": None} if needs else {}
+  # None without columns: no per-token outputs, no extra vocabulary pass.
+  token_outputs = loss_columns.token_request(columns)
+  sums, counts = _layout_logps(model, batch, chunk_size=chunk_size, batch_axes=batch_axes,
+                               token_outputs=token_outputs)
+  if not columns:
+    return sums, counts
+  return sums, counts, loss_columns.compute(columns, token_outputs, counts)
+
+
+def _layout_logps(model, batch, *, chunk_size, batch_axes, token_outputs):
+  """[B, S] log-probs and counts of a padded, shared-prompt or packed batch; fills
+  `token_outputs` (a dict, or None) in losses.columns' flat form."""
   if packing.is_packed(batch):
     return _packed_batch_logps(model, batch, chunk_size=chunk_size, batch_axes=batch_axes,
-                               columns=columns, token_outputs=token_outputs)
+                               token_outputs=token_outputs)
   if packing.is_shared(batch):   # data.share_prompt
-    sums, counts = logprobs.shared_prompt_logps(
+    return logprobs.shared_prompt_logps(
         model, batch["shared_prompt"], batch["shared_prompt_mask"], batch["shared_response"],
         batch["shared_response_mask"], batch["shared_response_loss"], chunk_size=chunk_size,
         batch_axes=batch_axes, token_outputs=token_outputs)
-    if not columns:
-      return sums, counts
-    b, s = sums.shape
-    per_seq = {k: v.reshape(b, s, -1) for k, v in token_outputs.items()}   # [B, S, R]
-    return sums, counts, {name: COLUMNS[name].padded(per_seq) for name in columns}
   b, s, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
   sums, counts = logprobs.sequence_logps(
       model, flat(batch["tokens"]), flat(batch["attention_mask"]), flat(batch["loss_mask"]),
       chunk_size=chunk_size, batch_axes=batch_axes, token_outputs=token_outputs)
-  if not columns:
-    return sums.reshape(b, s), counts.reshape(b, s)
-  per_seq = {k: v.reshape(b, s, t) for k, v in token_outputs.items()}
-  return (sums.reshape(b, s), counts.reshape(b, s),
-          {name: COLUMNS[name].padded(per_seq) for name in columns})
+  return sums.reshape(b, s), counts.reshape(b, s)
 
 
 # --- packed batches (data.packing; layout in jaxalign/data/packing.py) -------------
-def _packed_batch_logps(model, batch, *, chunk_size, batch_axes, columns=(),
-                        token_outputs=None):
-  """[B, S] log-probs and counts of a packed batch: its G groups' slots, in example order
-  (and with `columns` their {name: [B, S]}, from `token_outputs`)."""
+def _packed_batch_logps(model, batch, *, chunk_size, batch_axes, token_outputs=None):
+  """[B, S] log-probs and counts of a packed batch: its G groups' slots, in example order."""
   b, s = batch["packed_lengths"].shape
   g = batch["packed_tokens"].shape[0]
   # data.share_prompt too: units of one prompt and its responses (packing.pack_shared_batch).
@@ -173,11 +88,7 @@ def _packed_batch_logps(model, batch, *, chunk_size, batch_axes, columns=(),
       batch["packed_segment_ids"], batch["packed_positions"], batch["packed_slot"],
       (b // g) * s, chunk_size=chunk_size, batch_axes=batch_axes, token_outputs=token_outputs,
       **shared)  # [G, B_g * S]
-  if not columns:
-    return sums.reshape(b, s), counts.reshape(b, s)
-  return (sums.reshape(b, s), counts.reshape(b, s),
-          {name: COLUMNS[name].packed(token_outputs, counts, s).reshape(b, s)
-           for name in columns})
+  return sums.reshape(b, s), counts.reshape(b, s)
 
 
 def real_tokens(batch) -> jax.Array:
@@ -346,8 +257,8 @@ class _LossCall(functools.partial):
 def make_loss_call(spec: losses.LossSpec, hparams: dict[str, Any]) -> Callable:
   """Binds a registry entry and its hyperparameters: (inputs, state) -> (loss, metrics, state).
 
-  The result's `columns` names the extra per-sequence columns (COLUMNS) the step
-  computes for this loss and these hyperparameters.
+  The result's `columns` names the extra per-sequence columns (losses.columns.COLUMNS)
+  the step computes for this loss and these hyperparameters.
   """
   call = _LossCall(_loss_call, spec.call, spec.fn, dict(hparams))
   call.columns = spec.column_names(hparams)
