@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses._common import as_f32, logratio, pair_metrics, weighted_mean
+from jaxalign.losses.registry import register
 
 # Per-pair forms. The first four are the seed methods; the rest are TRL
 # DPOTrainer's other loss types (TRL 1.16 `loss_type`), names as TRL spells them.
@@ -146,6 +147,22 @@ def _per_pair(variant, *, beta, eps, cl, rl, c_logps, r_logps, rc_logps, rr_logp
   return jnp.broadcast_to(sft_nll, cl.shape)
 
 
+def dpo_columns(hparams: dict) -> tuple[str, ...]:
+  """LD-DPO needs each sequence's tail log-prob, WPO its per-token weight mean."""
+  cols = ()
+  if hparams.get("ld_alpha") is not None:
+    cols += ("tail_logps",)
+  if hparams.get("use_weighting"):
+    cols += ("wpo_logps",)
+  return cols
+
+
+# beta <= 0 trains a constant or reverses the preference; label smoothing of 0.5 or
+# more flips which response is preferred. check_hparams is defined below.
+@register(data="pairwise", needs_ref=True, name="dpo", columns=dpo_columns,
+          check=lambda hparams: check_hparams(hparams),
+          ranges={"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "rpo_alpha": "[0, inf)",
+                  "ld_alpha": "[0, 1]", "discopop_tau": "(0, inf)"})
 def dpo_loss(
     chosen_logps: jax.Array,
     rejected_logps: jax.Array,

@@ -20,7 +20,7 @@ from jaxalign import fingerprint, guards, runlock
 from jaxalign import flops as flops_lib
 from jaxalign import paths
 from jaxalign import sharding
-from jaxalign.data import formats, packing, pipeline, prepared, reading, tables
+from jaxalign.data import formats, packing, pipeline, prepared, reading, schema, tables
 from jaxalign.errors import NonFiniteError, ResumeMismatchError  # noqa: F401  (old import path)
 from jaxalign.models import hf, lora
 from jaxalign.train import build as build_lib
@@ -31,7 +31,7 @@ from jaxalign.train.metrics import MetricWriter
 log = logging.getLogger("jaxalign")
 
 # Host-side bookkeeping columns of a batch that never go to the device.
-HOST_ONLY_KEYS = ("index", "valid")
+HOST_ONLY_KEYS = schema.HOST_ONLY_KEYS
 
 
 # SIGTERM and SIGINT: stop at the next step boundary with a checkpoint.

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, paths, sharding
-from jaxalign.data import pipeline, prepared
+from jaxalign.data import pipeline, prepared, schema
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import optim, rundir
 from jaxalign.train.metrics import MetricWriter
@@ -58,8 +58,7 @@ def _scores(graphdef, params, rest, batch):
 def make_step(graphdef, tx, loss_call):
   """(params, rest, opt_state, batch) -> (params, opt_state, metrics): one update."""
   def step(params, rest, opt_state, batch):
-    extra = {k: v for k, v in batch.items() if k not in ("tokens", "attention_mask",
-                                                          "loss_mask")}
+    extra = {k: v for k, v in batch.items() if k not in schema.SEQUENCE_KEYS}
 
     def objective(p):
       scores = _scores(graphdef, p, rest, batch)

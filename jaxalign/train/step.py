@@ -16,15 +16,14 @@ import optax
 from flax import nnx
 
 from jaxalign import logprobs, losses
-from jaxalign.data import packing
+from jaxalign.data import packing, schema
 from jaxalign.models import lora
 from jaxalign.train import ref_sync as ref_sync_lib
 from jaxalign.train.state import TrainState
 
 
 # Columns that describe the sequences themselves; every other column goes to the loss.
-SEQUENCE_KEYS = (("tokens", "attention_mask", "loss_mask", "ref_logps") + packing.PACKED_KEYS
-                 + packing.SHARED_KEYS + packing.PACKED_SHARED_KEYS)
+SEQUENCE_KEYS = schema.SEQUENCE_KEYS
 
 
 def _tail_logps(logps, mask):
