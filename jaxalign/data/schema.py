@@ -39,8 +39,8 @@ class Column:
     arg: the loss argument it binds to (None: not a loss input).
     field: the record field tokenize reads it from (None: tokenize computes it,
       or online sampling adds it).
-    optional: absent unless the record (or online sampling) gives it; a plan's
-      abstract batch leaves optional columns out.
+    optional: absent unless the record (or online sampling) gives it.
+    planned: whether a plan's abstract batch lays it out (None: when not optional).
   """
   name: str
   dtype: Any
@@ -48,6 +48,11 @@ class Column:
   arg: str | None = None
   field: str | None = None
   optional: bool = False
+  planned: bool | None = None
+
+  @property
+  def in_plan(self) -> bool:
+    return not self.optional if self.planned is None else self.planned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +143,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            sequences={"answer_": 0, "group_": slice(1, None)},
            columns=(_GROUP_MASK,
                     Column("has_reference", np.int32, arg="has_reference"),
-                    Column("labels", np.int32, (GROUP,), arg="labels", field="labels"),
+                    Column("labels", np.int32, (GROUP,), arg="labels", field="labels",
+                           optional=True, planned=True),
                     Column("ranks", np.int32, (GROUP,), arg="ranks", field="ranks",
                            optional=True)),
            derived={"is_positive": _is_positive}),
@@ -182,7 +188,7 @@ def abstract_batch(fmt: str, *, batch_size: int, max_length: int,
 
   Returns:
     name -> ShapeDtypeStruct: the sequences [B, S, T] (or packed), the format's
-    columns that are not optional, [B, ...], and `extra`.
+    columns a plan lays out (Column.in_plan), [B, ...], and `extra`.
   """
   f = get(fmt)
   B, S = batch_size, f.num_sequences(group_size)
@@ -196,7 +202,7 @@ def abstract_batch(fmt: str, *, batch_size: int, max_length: int,
   else:
     batch = {k: struct((B, S, max_length), np.int32) for k in packing.SEQUENCE_COLUMNS}
   for c in f.columns:
-    if not c.optional:
+    if c.in_plan:
       batch[c.name] = struct((B, *f.column_shape(c, group_size)), c.dtype)
   for name, (shape, dtype) in (extra or {}).items():
     batch[name] = struct((B, *shape), dtype)
