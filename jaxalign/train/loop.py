@@ -30,10 +30,6 @@ from jaxalign.train.metrics import MetricWriter
 
 log = logging.getLogger("jaxalign")
 
-# Host-side bookkeeping columns of a batch that never go to the device.
-HOST_ONLY_KEYS = schema.HOST_ONLY_KEYS
-
-
 # SIGTERM and SIGINT: stop at the next step boundary with a checkpoint.
 _Preemption = signals.Preemption
 
@@ -360,7 +356,7 @@ def _train(run_spec: config_lib.RunSpec, workdir, *, progress, devices, stop_aft
       window_tokens += int(real.sum()) * jax.process_count()
       window_flops += perf.batch_flops(real) * jax.process_count()
       batch = sharding.host_to_global(
-          {k: v for k, v in host_batch.items() if k not in HOST_ONLY_KEYS}, batch_sharding)
+          {k: v for k, v in host_batch.items() if k not in schema.HOST_ONLY_KEYS}, batch_sharding)
       state, metrics = step_fn(state, batch)
       done = step + 1
       bar.update(1)

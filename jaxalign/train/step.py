@@ -22,10 +22,6 @@ from jaxalign.train import ref_sync as ref_sync_lib
 from jaxalign.train.state import TrainState
 
 
-# Columns that describe the sequences themselves; every other column goes to the loss.
-SEQUENCE_KEYS = schema.SEQUENCE_KEYS
-
-
 def _tail_logps(logps, mask):
   """LD-DPO: [B, S] summed log-probs of the scored tokens past the example's shortest
   response (for a pair: past min(|y_w|, |y_l|)), TRL's tail mask."""
@@ -224,7 +220,8 @@ def _objective_of(frozen, ref_params, loss_state, batch, dropout_key=None, *, gr
     ref_logps, ref_columns = ref_forward(ref_graphdef, frozen, nnx.State({}))
   else:
     ref_logps = batch.get("ref_logps")
-  extra = {k: v for k, v in batch.items() if k not in SEQUENCE_KEYS}
+  # Columns that describe the sequences stay here; every other one goes to the loss.
+  extra = {k: v for k, v in batch.items() if k not in schema.SEQUENCE_KEYS}
 
   def objective(p):
     out = _policy_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,
