@@ -123,17 +123,16 @@ class LossSpec:
     A stateless loss's `state` is passed through unchanged.
 
     Raises:
-      ValueError: `fn` asks for an argument the step does not provide, or returns
-        something other than (loss, metrics) / (loss, metrics, state).
+      ValueError: `fn` asks for an argument the step does not provide, or (a
+        stateless loss) returns something other than (loss, metrics).
     """
     kwargs = _bind(fn, self, inputs)
-    label = getattr(fn, "__name__", fn)
     if self.init_state is not None:
       return fn(**kwargs, state=state, **hparams)
     out = fn(**kwargs, **hparams)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
-      raise ValueError(f"loss {label!r} must return (loss, metrics) with metrics a dict; "
-                       f"got {type(out).__name__}")
+      raise ValueError(f"loss {getattr(fn, '__name__', fn)!r} must return (loss, metrics) "
+                       f"with metrics a dict; got {type(out).__name__}")
     return out[0], out[1], state
 
   def column_names(self, hparams: dict) -> tuple[str, ...]:
