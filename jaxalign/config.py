@@ -333,12 +333,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
             f"{model_cfg.max_seq_len}")
     if d.pack_buckets < 1:
       _fail("data.pack_buckets", f"must be >= 1, got {d.pack_buckets}")
-    if spec.trainer == "reward_model":
+    if spec.head == "scalar":
       _fail("data.packing", "the reward-model trainer scores padded rows; set it False")
   if not isinstance(d.get("share_prompt", False), bool):
     _fail("data.share_prompt", f"must be True or False, got {d.share_prompt!r}")
   if d.get("share_prompt", False):
-    if spec.data in ("sft", "unpaired") or spec.trainer == "reward_model":
+    if spec.data in ("sft", "unpaired") or spec.head == "scalar":
       _fail("data.share_prompt", f"{c.loss.name!r} has one sequence per example: "
             "nothing to share")
   batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -610,7 +610,7 @@ def run_mode(config) -> str:
     return "iterative"
   if config.data.get("domains"):
     return "continual"
-  if losses.get(config.loss.name).trainer == "reward_model":
+  if losses.get(config.loss.name).head == "scalar":
     return "reward_model"
   return "run"
 

@@ -73,13 +73,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from jaxalign import config as config_lib
 from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
-from jaxalign.data import packing
+from jaxalign.data import packing, schema
 from jaxalign.models import attention as attention_lib
 from jaxalign.errors import PlanError
 from jaxalign.train import build as build_lib
@@ -103,11 +102,7 @@ CHIPS: dict[str, Chip] = {
     "v6e": Chip("v6e", 918e12, 32 * GiB, 1.64e12),
 }
 
-# Sequences per example and extra batch columns ([B, ...] trailing shape, dtype)
-# of each data format, as jaxalign.data.tokenize produces them. G: group size.
-_FORMAT_SEQUENCES = {"sft": 1, "pairwise": 2, "unpaired": 1}
-_GROUP_FORMATS = ("negatives", "groups", "ranked")
-# Columns a loss's host-side `prepare` adds (bco.prepare_udm: udm_weights).
+# Group size a plan assumes for a grouped format without data.group_size.
 DEFAULT_GROUP_SIZE = 4
 
 
@@ -225,51 +220,37 @@ def packed_shape(config: ml_collections.ConfigDict, batch_sharding,
                      fill=assume.fill, largest_bucket=full)
 
 
+def _group_size(spec, config) -> int | None:
+  """G of the loss's format (None for a format without groups)."""
+  if not schema.get(spec.data).grouped:
+    return None
+  return config.data.group_size or DEFAULT_GROUP_SIZE
+
+
 def _sequences(spec, config) -> int:
   """Sequences per example of the loss's data format."""
-  if spec.data in _GROUP_FORMATS:
-    return 1 + (config.data.group_size or DEFAULT_GROUP_SIZE)
-  return _FORMAT_SEQUENCES[spec.data]
+  return schema.get(spec.data).num_sequences(_group_size(spec, config))
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_sharding,
                    pack: PackAssumption | None = None) -> dict[str, Any]:
-  """The global batch the step receives, as ShapeDtypeStructs with its sharding.
+  """The global batch the step receives, as ShapeDtypeStructs with its sharding
+  (jaxalign.data.schema.abstract_batch for the loss's format).
 
   With data.packing, the packed columns of `packed_shape(config, batch_sharding,
   pack)` in place of tokens/attention_mask/loss_mask.
   """
   spec = losses.get(config.loss.name)
-  B, T = config.data.batch_size, config.data.max_length
-  extra: dict[str, tuple[tuple[int, ...], Any]] = {}
-  if spec.data in _GROUP_FORMATS:
-    G = config.data.group_size or DEFAULT_GROUP_SIZE
-    S = 1 + G
-    extra["group_mask"] = ((G,), jnp.int32)
-    if spec.data == "groups":
-      extra["rewards"] = ((G,), jnp.float32)
-    if spec.data == "ranked":
-      extra["has_reference"] = ((), jnp.int32)
-      extra["labels"] = ((G,), jnp.int32)
-  else:
-    S = _FORMAT_SEQUENCES[spec.data]
-  if spec.data == "unpaired":
-    extra["label"] = ((), jnp.int32)
-  extra.update(spec.prepared_columns if spec.prepare else {})
-  if spec.needs_ref and config.reference.mode == "precompute":
-    extra["ref_logps"] = ((S,), jnp.float32)
+  packed = None
   if config.data.get("packing", False):
     p = packed_shape(config, batch_sharding, pack)
-    batch = {k: jax.ShapeDtypeStruct((p.groups, p.rows, p.row_length), jnp.int32,
-                                     sharding=batch_sharding)
-             for k in packing.PACKED_KEYS if k != "packed_lengths"}
-    batch["packed_lengths"] = jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=batch_sharding)
-  else:
-    batch = {k: jax.ShapeDtypeStruct((B, S, T), jnp.int32, sharding=batch_sharding)
-             for k in ("tokens", "attention_mask", "loss_mask")}
-  for k, (shape, dtype) in extra.items():
-    batch[k] = jax.ShapeDtypeStruct((B, *shape), dtype, sharding=batch_sharding)
-  return batch
+    packed = (p.groups, p.rows, p.row_length)
+  return schema.abstract_batch(
+      spec.data, batch_size=config.data.batch_size, max_length=config.data.max_length,
+      group_size=_group_size(spec, config),
+      ref_logps=spec.needs_ref and config.reference.mode == "precompute",
+      extra=spec.prepared_columns if spec.prepare else None, packed=packed,
+      sharding=batch_sharding)
 
 
 def _shape_overrides(config) -> bool:
@@ -354,12 +335,22 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   """
   devs, chip, target = _target(topology, devices)
   built, batch = build_for(config, devs, pack)
-  mesh, model_cfg = built.mesh, built.model_cfg
-  frozen_ref = built.frozen_ref
-  step_fn, abstract_state = built.step_fn, built.abstract_state
+  out, lengths = _describe(config, built, batch, devs, chip, target, pack)
+  compiled = _compile(built, batch, out)
+  if compiled is not None:
+    out.update(_memory(compiled, chip))
+    out.update(_costs(config, built, batch, compiled, devs, chip, lengths, out,
+                      scan_estimate=chip is not None if scan_estimate is None else scan_estimate,
+                      pack=pack))
+  if verbose:
+    print(format_plan(out))
+  return out
 
-  n = len(devs)
-  num_params = model_cfg.num_params()
+
+def _describe(config, built, batch, devs, chip: Chip | None, target: str,
+              pack: PackAssumption | None) -> tuple[dict[str, Any], list[int]]:
+  """(plan's figures known before compiling, the real tokens of each sequence)."""
+  model_cfg, mesh, n = built.model_cfg, built.mesh, len(devs)
   packed = packing.is_packed(batch)
   if packed:
     B, S = batch["packed_lengths"].shape
@@ -372,17 +363,18 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     lengths = [T] * (B * S)
     computed = B * S * T
   tokens = sum(lengths)
-  model_flops = flops_lib.model_flops(model_cfg, lengths, frozen_reference=frozen_ref)
+  model_flops = flops_lib.model_flops(model_cfg, lengths, frozen_reference=built.frozen_ref)
+  lora_cfg = built.lora_cfg
   out: dict[str, Any] = {
       "target": target, "num_devices": n,
       "device_kind": getattr(devs[0], "device_kind", devs[0].platform),
       "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
-      "loss": config.loss.name, "num_params": num_params,
+      "loss": config.loss.name, "num_params": model_cfg.num_params(),
       "trainable_params": sum(int(math.prod(a.shape))
-                              for a in jax.tree.leaves(abstract_state.params)),
-      "lora": (f"rank {built.lora_cfg.rank} on {','.join(built.lora_cfg.targets)}"
+                              for a in jax.tree.leaves(built.abstract_state.params)),
+      "lora": (f"rank {lora_cfg.rank} on {','.join(lora_cfg.targets)}"
                + (f", modules {'+'.join(built.modules)}" if built.modules else "")
-               if built.lora_cfg.enabled else None),
+               if lora_cfg.enabled else None),
       "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
       "computed_tokens_per_step": computed,
@@ -394,10 +386,15 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
       # sees: it plans each sequence with its own prompt (more tokens, an upper bound).
       "share_prompt_planned": False if config.data.get("share_prompt", False) else None,
   }
+  return out, lengths
 
+
+def _compile(built, batch, out: dict[str, Any]):
+  """The compiled step, or None when it does not fit (then `out` says so); records
+  lower_seconds and compile_seconds in `out`."""
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    lowered = step_fn.lower(abstract_state, batch)
+  with jax.set_mesh(built.mesh):
+    lowered = built.step_fn.lower(built.abstract_state, batch)
   out["lower_seconds"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   try:
@@ -408,12 +405,15 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
       raise
     out.update(compile_seconds=time.perf_counter() - t0, fits=False,
                error=msg.strip().splitlines()[0][:2000])
-    if verbose:
-      print(format_plan(out))
-    return out
+    return None
   out["compile_seconds"] = time.perf_counter() - t0
+  return compiled
 
+
+def _memory(compiled, chip: Chip | None) -> dict[str, Any]:
+  """memory_* (bytes per device), fits and hbm_fraction of the compiled step."""
   mem = compiled.memory_analysis()
+  out: dict[str, Any] = {"memory_total": None}
   if mem is not None:
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
@@ -421,21 +421,24 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     out.update(memory_arguments=args, memory_outputs=outs, memory_aliased=alias,
                memory_temporaries=temp, memory_generated_code=code,
                memory_total=args + outs - alias + temp + code)
-  else:
-    out["memory_total"] = None
   total = out["memory_total"]
   out["fits"] = bool(chip is None or total is None or total <= chip.hbm_bytes)
   out["hbm_fraction"] = total / chip.hbm_bytes if chip and total else None
+  return out
 
+
+def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: list[int],
+           known: dict[str, Any], *, scan_estimate: bool,
+           pack: PackAssumption | None) -> dict[str, Any]:
+  """FLOPs, bytes, the attention kernel's share and the predicted step time and MFU."""
+  model_cfg, n = built.model_cfg, len(devs)
   cost = _cost(compiled)
-  out["compiled_flops_per_device"] = float(cost.get("flops", 0.0))
+  out: dict[str, Any] = {"compiled_flops_per_device": float(cost.get("flops", 0.0))}
   # XLA's cost analysis counts a loop body once, whatever its trip count: with
   # the layers scanned G > 1 times its counts miss (G - 1) / G of the layers'
   # work. Extrapolate them from two unrolled probes (module docstring).
   groups = model_cfg.scan_groups()[1] if getattr(model_cfg, "scan_layers", False) else 1
   out["scan_iterations"] = groups
-  if scan_estimate is None:
-    scan_estimate = chip is not None
   extrapolated = groups > 1 and scan_estimate
   if extrapolated:
     cost, probe = scan_extrapolated_cost(config, devs, model_cfg, pack)
@@ -444,19 +447,11 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
   out.update(flops_per_device=flops, flops_per_step=flops * n,
              bytes_accessed_per_device=bytes_accessed)
-  seconds, estimate = None, None
-  if cost.get("optimal_seconds", 0) > 0:
-    seconds, estimate = float(cost["optimal_seconds"]), "xla optimal_seconds"
-  elif chip is not None and flops > 0:
-    seconds = max(flops / chip.peak_flops, bytes_accessed / chip.hbm_bandwidth)
-    estimate = ("roofline from XLA's flops and bytes accessed (this XLA gives no time "
-                "estimate)")
-  else:
-    estimate = "none: no time estimate from XLA and no known peak for this device"
-  out.update(_attention_kernel_part(model_cfg, devs[0].platform, lengths, n, chip,
-                                    frozen_reference=frozen_ref,
-                                    row_length=batch["packed_tokens"].shape[-1] if packed
-                                    else T))
+  seconds, estimate = _xla_seconds(cost, chip, flops, bytes_accessed)
+  out.update(_attention_kernel_part(
+      model_cfg, devs[0].platform, lengths, n, chip, frozen_reference=built.frozen_ref,
+      row_length=(batch["packed_tokens"].shape[-1] if packing.is_packed(batch)
+                  else config.data.max_length)))
   if extrapolated:
     l1, l2 = out["scan_probe_layers"]
     estimate = (f"{estimate}; XLA's costs of the unrolled step extrapolated over {groups} scanned "
@@ -471,14 +466,24 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   out["xla_step_seconds"] = seconds
   if seconds is not None and out["kernel_flops_per_step"]:
     seconds = seconds + out["kernel_seconds"] if out["kernel_seconds"] is not None else None
+  model_flops = known["model_flops_per_step"]
   out["predicted_step_seconds"] = seconds
   out["predicted_mfu"] = (model_flops / (seconds * n * chip.peak_flops)
                           if seconds and chip else None)
-  out["predicted_tokens_per_second"] = tokens / seconds if seconds else None
+  out["predicted_tokens_per_second"] = known["tokens_per_step"] / seconds if seconds else None
   out["estimate"] = estimate
-  if verbose:
-    print(format_plan(out))
   return out
+
+
+def _xla_seconds(cost: dict[str, float], chip: Chip | None, flops: float,
+                 bytes_accessed: float) -> tuple[float | None, str]:
+  """(XLA's step time, or a roofline from its counts, or None; how it was obtained)."""
+  if cost.get("optimal_seconds", 0) > 0:
+    return float(cost["optimal_seconds"]), "xla optimal_seconds"
+  if chip is not None and flops > 0:
+    return (max(flops / chip.peak_flops, bytes_accessed / chip.hbm_bandwidth),
+            "roofline from XLA's flops and bytes accessed (this XLA gives no time estimate)")
+  return None, "none: no time estimate from XLA and no known peak for this device"
 
 
 # XLA cost-analysis keys extrapolated over scanned groups (the rest are not read).

@@ -51,7 +51,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from jaxalign.data import formats
+from jaxalign.data import formats, schema
 from jaxalign.data.formats import DataError
 
 Record = dict[str, Any]
@@ -141,27 +141,44 @@ def _sequence_ids(tokenizer: Any, prompt: str | list, response: str | list,
 
 
 # Group formats: (head field, group list field); the head is sequence 0.
-GROUP_FIELDS = {"negatives": ("rejected", "samples"),
-                "groups": ("reference", "completions"),
-                "ranked": ("reference", "completions")}
+GROUP_FIELDS = {name: (f.fields[0], f.group_field) for name, f in schema.FORMATS.items()
+                if f.grouped}
 
 
 def _responses(record: Record, fmt: str) -> list[tuple[str, Any]]:
-  """(field name, response or None for a padding sequence) per sequence, in order."""
-  if fmt in ("sft", "unpaired", "unpaired_kl"):
-    return [("completion", record["completion"])]
-  if fmt == "pairwise":
-    return [("chosen", record["chosen"]), ("rejected", record["rejected"])]
-  if fmt == "negatives":
-    return [("rejected", record["rejected"])] + [
-        (f"samples[{i}]", s) for i, s in enumerate(record["samples"])]
-  if fmt == "groups":
-    return [("reference", record["reference"])] + [
-        (f"completions[{i}]", c) for i, c in enumerate(record["completions"])]
-  if fmt == "ranked":
-    return [("reference", record.get("reference"))] + [
-        (f"completions[{i}]", c) for i, c in enumerate(record["completions"])]
-  raise ValueError(f"unknown data format {fmt!r}")
+  """(field name, response or None for a padding sequence) per tokenized sequence, in
+  the schema's order (a sequence built after tokenizing, KTO's KL one, is not here)."""
+  f = schema.get(fmt)
+  # An optional head (ranked's reference) absent from the record is a padding sequence.
+  out = [(field, record[field] if field in formats.FORMATS[fmt] else record.get(field))
+         for field in f.fields if field is not None]
+  if f.grouped:
+    out += [(f"{f.group_field}[{i}]", r) for i, r in enumerate(record[f.group_field])]
+  return out
+
+
+def _columns(record: Record, fmt: str, n_group: int, G: int) -> Example:
+  """The format's per-example columns (schema.Format.columns) of one record."""
+  out = {}
+
+  def per_slot(values, dtype):
+    col = np.zeros((G,), dtype)
+    col[:n_group] = np.asarray(values, dtype)
+    return col
+
+  for column in schema.get(fmt).columns:
+    if column.name == "group_mask":
+      value = per_slot(np.ones(n_group), column.dtype)
+    elif column.name == "has_reference":
+      value = np.asarray(record.get("reference") is not None, column.dtype)
+    elif column.field is None or (column.optional and column.field not in record):
+      continue    # added by online sampling, or an optional field the record lacks
+    elif schema.GROUP in column.shape:
+      value = per_slot(record[column.field], column.dtype)
+    else:
+      value = np.asarray(record[column.field], column.dtype)
+    out[column.name] = value
+  return out
 
 
 def tokenize_example(record: Record, fmt: str, tokenizer: Any,
@@ -227,25 +244,7 @@ def tokenize_example(record: Record, fmt: str, tokenizer: Any,
     attention_mask[s, :n + m] = 1
     loss_mask[s, n:n + m] = 1
   out = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
-  if fmt == "pairwise" and "margin" in record:
-    out["margin"] = np.asarray(record["margin"], np.float32)
-  if fmt in ("unpaired", "unpaired_kl"):
-    out["label"] = np.asarray(record["label"], np.int32)
-    if "embedding" in record:
-      out["embedding"] = np.asarray(record["embedding"], np.float32)
-  if fmt in GROUP_FIELDS:
-    def per_slot(values, dtype):
-      col = np.zeros((G,), dtype)
-      col[:n_group] = np.asarray(values, dtype)
-      return col
-    out["group_mask"] = per_slot(np.ones(n_group), np.int32)
-    if fmt == "groups":
-      out["rewards"] = per_slot(record["rewards"], np.float32)
-    if fmt == "ranked":
-      out["has_reference"] = np.asarray(record.get("reference") is not None, np.int32)
-      for name in ("labels", "ranks"):
-        if name in record:
-          out[name] = per_slot(record[name], np.int32)
+  out.update(_columns(record, fmt, n_group, G))
   return out
 
 

@@ -9,6 +9,8 @@ it: it only needs a score per candidate and which candidate should beat which.
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.registry import register
+
 _CONSTRAINTS = ("none", "detached", "boundary", "ranking")
 _PAIR_CONSTRAINTS = ("none", "detached", "boundary")
 
@@ -87,6 +89,8 @@ def constraint_alignment_loss(
   return loss, parts
 
 
+@register(data="ranked", needs_ref=False, name="aft", online=None,
+          ranges={"vft_weight": "[0, inf)"})
 def aft_loss(
     group_logps: jax.Array,
     group_lengths: jax.Array,

@@ -1,6 +1,6 @@
 """BCO: Binary Classifier Optimization (Jung et al., arXiv 2404.04656).
 
-The math and its invariants are in shared/LOSSES.md, section 3. The loss follows
+The math and its invariants are in docs/losses.md (`bco`, and its "Invariants"). The loss follows
 TRL's `BCOTrainer` (trl/experimental/bco/bco_trainer.py): unpaired examples with
 a binary desirable/undesirable label, implicit reward r = beta * (S_theta - S_ref),
 a detached reward shift delta (the running mean of every reward seen so far), and
@@ -16,7 +16,7 @@ Contents:
     `density_ratio_weights`, `udm_weights`: the UDM density-ratio classifier as
     pure functions (host side, once before training; the loss only sees weights).
 
-Data parallelism (LOSSES.md section 8.3): delta must use *global* batch
+Data parallelism (docs/losses.md, "Invariants"): delta must use *global* batch
 statistics. Under `jax.jit` with a batch sharded over devices, a plain `.sum()`
 over the batch axis is already a global sum (GSPMD inserts the all-reduce), so
 `bco_loss` needs nothing more. Code that sees only its local shard (inside
@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxalign.data import tables
 from jaxalign.losses._common import logratio, pair_metrics, unpaired_metrics, weighted_mean
+from jaxalign.losses.registry import one_of, register
 
 # TRL RunningMoments' initial count: tiny, so the first update sets the mean to
 # the first batch's mean, yet never zero, so nothing divides by zero.
@@ -127,180 +128,6 @@ def update_bco_state(
   between = n_times_delta * n_times_delta / safe_n * state.count / total
   var = (state.var * state.count + batch_m2 + between) / total
   return BcoState(mean=mean, var=var, count=total)
-
-
-# ----------------------------------------------------------------------------
-# Losses.
-# ----------------------------------------------------------------------------
-
-
-def bco_loss(
-    logps: jax.Array,
-    ref_logps: jax.Array,
-    labels: jax.Array,
-    udm_weights: jax.Array | None = None,
-    *,
-    state: BcoState,
-    beta: float = 0.1,
-    update_state: bool = True,
-    min_density_ratio: float = 0.5,
-    max_density_ratio: float = 10.0,
-    weights: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array], BcoState]:
-  """Unpaired BCO loss (TRL BCOTrainer.bco_loss + get_batch_loss_metrics).
-
-  Per example, with r = beta * (S_theta - S_ref) and delta the running reward
-  mean *after* this batch's update (detached):
-    desirable:    -log sigmoid(r - delta)
-    undesirable:  -w(x) * log sigmoid(-(r - delta))
-  and the loss is the mean over **all** examples of the batch, desirable and
-  undesirable together (TRL's `nanmean` of the concatenation; not divided by
-  the sum of UDM weights). A batch with no desirable (or no undesirable)
-  examples is fine: the other set's mean is the loss.
-
-  Args:
-    logps: [B] summed log pi_theta(y | x) over response tokens.
-    ref_logps: [B] summed log pi_ref(y | x); constant w.r.t. theta.
-    labels: [B] bool, True = desirable.
-    udm_weights: optional [B] density-ratio weights w(x) (see `udm_weights`);
-      applied to undesirable examples only, values on desirable rows ignored.
-      Clipped here to [min_density_ratio, max_density_ratio] (idempotent for
-      weights already clipped). None = no UDM (w = 1).
-    state: running reward moments (`init_bco_state()` before the first step).
-    beta: inverse temperature on the log-ratio.
-    update_state: fold this batch's rewards into `state` before reading delta
-      (training); False in evaluation (delta = state.mean, state unchanged).
-    min_density_ratio: lower clip of the UDM weights (TRL default 0.5).
-    max_density_ratio: upper clip of the UDM weights (TRL default 10).
-    weights: optional [B] row weights (0 for padding rows). Padding rows enter
-      neither the loss nor the running moments.
-
-  Returns:
-    loss: scalar, sum(w * per_example) / max(sum(w), 1).
-    metrics: scalars `rewards/{chosen,rejected,margins}`, `logps/{chosen,
-      rejected}` (this batch's means, 0 for an empty set), the sums and counts
-      TRL logs for exact window means (`rewards/chosen_sum`, `logps/chosen_sum`,
-      `count/chosen`, same for rejected), `delta`, and with UDM
-      `udm/weight_mean` (mean over undesirable rows) and `udm/weight_clip_frac`
-      (fraction of undesirable rows at a clip bound).
-    new_state: the updated moments (`state` itself when update_state=False).
-  """
-  logps = logps.astype(jnp.float32)
-  # The reference is a constant: never let a gradient reach it.
-  ref_logps = jax.lax.stop_gradient(ref_logps.astype(jnp.float32))
-  is_desirable = labels.astype(bool)                                  # [B]
-  w = jnp.ones_like(logps) if weights is None else weights.astype(jnp.float32)
-
-  rewards = beta * (logps - ref_logps)                                # [B]
-  if update_state:
-    new_state = update_bco_state(state, *reward_batch_sums(rewards, w))
-  else:
-    new_state = state
-  # Updated before use, as TRL; delta carries no gradient.
-  delta = jax.lax.stop_gradient(new_state.mean)
-  shifted = rewards - delta                                           # [B]
-  # softplus(-z) == -log_sigmoid(z), finite for large |z|.
-  desirable_loss = jax.nn.softplus(-shifted)                          # [B]
-  undesirable_loss = jax.nn.softplus(shifted)                         # [B]
-  if udm_weights is None:
-    density_ratio = jnp.ones_like(logps)
-  else:
-    raw = jax.lax.stop_gradient(udm_weights.astype(jnp.float32))
-    density_ratio = jnp.clip(raw, min_density_ratio, max_density_ratio)
-  per_example = jnp.where(is_desirable, desirable_loss,
-                          density_ratio * undesirable_loss)           # [B]
-  loss = (w * per_example).sum() / jnp.maximum(w.sum(), 1.0)
-
-  metrics = unpaired_metrics(rewards, logps, is_desirable, w)
-  metrics["delta"] = delta
-  if udm_weights is not None:   # over the undesirable examples, the ones it weights
-    at_bound = ((raw <= min_density_ratio) | (raw >= max_density_ratio))
-    w_rejected = jnp.where(is_desirable, 0.0, w)
-    n_rejected = jnp.maximum(metrics["count/rejected"], 1.0)
-    metrics["udm/weight_mean"] = (w_rejected * density_ratio).sum() / n_rejected
-    metrics["udm/weight_clip_frac"] = (w_rejected * at_bound.astype(jnp.float32)).sum() / n_rejected
-  return loss, metrics, new_state
-
-
-def bco_pair_loss(
-    chosen_logps: jax.Array,
-    rejected_logps: jax.Array,
-    ref_chosen_logps: jax.Array,
-    ref_rejected_logps: jax.Array,
-    *,
-    state: BcoState | None = None,
-    beta: float = 0.1,
-    update_state: bool = True,
-    shift_count: str = "rewards",
-    weights: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array], BcoState | None]:
-  """Paired BCO, TRL DPOTrainer `loss_type="bco_pair"`.
-
-  Per pair: -log sigmoid(r_w - delta) - log sigmoid(-(r_l - delta)), mean over
-  pairs. With `state` (TRL <= v0.28) delta is the running mean of all 2B
-  rewards, updated before use; with `state=None` (TRL >= v0.29) delta = 0.
-
-  How the running mean counts (`shift_count`):
-    * "rewards" (default): every one of the 2B rewards is one sample, pooled
-      with its row weight: TRL's current BCOTrainer counting (RunningMoments
-      over all rewards). delta is then the mean of every reward seen, however
-      they were batched, padded or split into micro-batches.
-    * "batch": TRL <= v0.28 DPOTrainer, which feeds its RunningMoments the
-      *scalar* batch mean (one sample per step, variance 0 within it). Use it
-      to reproduce TRL 0.28 exactly (delta, var and count).
-  delta is the same in both whenever every batch holds the same number of valid
-  pairs; `var` and `count` differ.
-
-  Args:
-    chosen_logps: [B] summed log pi_theta(y_w | x).
-    rejected_logps: [B] summed log pi_theta(y_l | x).
-    ref_chosen_logps: [B] summed log pi_ref(y_w | x); constant w.r.t. theta.
-    ref_rejected_logps: [B] same for y_l.
-    state: running reward moments, or None for the shift-free form.
-    beta: inverse temperature on the log-ratio.
-    update_state: as in `bco_loss`.
-    shift_count: "rewards" or "batch", see above.
-    weights: optional [B] row weights (0 for padding rows).
-
-  Returns:
-    loss: scalar, (weighted) mean over the B pairs.
-    metrics: scalars rewards/{chosen,rejected,margins,accuracies}, logps/*,
-      delta.
-    new_state: updated moments (None when state is None).
-  """
-  if shift_count not in ("rewards", "batch"):
-    raise ValueError(f"shift_count must be 'rewards' or 'batch', got {shift_count!r}")
-  # Log-ratios in the inputs' precision, then float32 (see _common.logratio).
-  chosen_rewards = beta * logratio(chosen_logps, ref_chosen_logps)     # [B]
-  rejected_rewards = beta * logratio(rejected_logps, ref_rejected_logps)  # [B]
-  chosen_logps = jnp.asarray(chosen_logps).astype(jnp.float32)
-  rejected_logps = jnp.asarray(rejected_logps).astype(jnp.float32)
-  w = jnp.ones_like(chosen_logps) if weights is None else weights.astype(jnp.float32)
-
-  new_state = state
-  if state is None:
-    delta = jnp.zeros((), jnp.float32)
-  else:
-    if update_state:
-      s_w, n_w, q_w = reward_batch_sums(chosen_rewards, w)
-      s_l, n_l, q_l = reward_batch_sums(rejected_rewards, w)
-      if shift_count == "rewards":
-        new_state = update_bco_state(state, s_w + s_l, n_w + n_l, q_w + q_l)
-      else:  # TRL 0.28: the scalar mean of the 2B rewards is one sample
-        m = (s_w + s_l) / jnp.maximum(n_w + n_l, 1e-24)
-        one = (n_w + n_l > 0).astype(jnp.float32)   # an all-padding batch adds nothing
-        new_state = update_bco_state(state, one * m, one, one * m * m)
-    delta = jax.lax.stop_gradient(new_state.mean)
-  # softplus(-z) == -log_sigmoid(z), finite for large |z|.
-  per_pair = (jax.nn.softplus(-(chosen_rewards - delta))
-              + jax.nn.softplus(rejected_rewards - delta))           # [B]
-
-  mean = weighted_mean(w, per_pair)
-  metrics = {
-      **pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, mean),
-      "delta": delta,
-  }
-  return mean(per_pair), metrics, new_state
 
 
 # ----------------------------------------------------------------------------
@@ -497,3 +324,186 @@ def prepare_udm(examples: Sequence[dict], *, prompt_embeddings, seed: int = 0,
                                    min_density_ratio=min_density_ratio,
                                    max_density_ratio=max_density_ratio), np.float32)
   return tables.with_column(examples, "udm_weights", weights)
+
+
+# ----------------------------------------------------------------------------
+# Losses.
+# ----------------------------------------------------------------------------
+
+
+@register(data="unpaired", needs_ref=True, name="bco", init_state=init_bco_state,
+          prepare=prepare_udm, prepared_columns={"udm_weights": ((), jnp.float32)},
+          ranges={"beta": "(0, inf)", "min_density_ratio": "(0, inf)",
+                  "max_density_ratio": "(0, inf)"})
+def bco_loss(
+    logps: jax.Array,
+    ref_logps: jax.Array,
+    labels: jax.Array,
+    udm_weights: jax.Array | None = None,
+    *,
+    state: BcoState,
+    beta: float = 0.1,
+    update_state: bool = True,
+    min_density_ratio: float = 0.5,
+    max_density_ratio: float = 10.0,
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], BcoState]:
+  """Unpaired BCO loss (TRL BCOTrainer.bco_loss + get_batch_loss_metrics).
+
+  Per example, with r = beta * (S_theta - S_ref) and delta the running reward
+  mean *after* this batch's update (detached):
+    desirable:    -log sigmoid(r - delta)
+    undesirable:  -w(x) * log sigmoid(-(r - delta))
+  and the loss is the mean over **all** examples of the batch, desirable and
+  undesirable together (TRL's `nanmean` of the concatenation; not divided by
+  the sum of UDM weights). A batch with no desirable (or no undesirable)
+  examples is fine: the other set's mean is the loss.
+
+  Args:
+    logps: [B] summed log pi_theta(y | x) over response tokens.
+    ref_logps: [B] summed log pi_ref(y | x); constant w.r.t. theta.
+    labels: [B] bool, True = desirable.
+    udm_weights: optional [B] density-ratio weights w(x) (see `udm_weights`);
+      applied to undesirable examples only, values on desirable rows ignored.
+      Clipped here to [min_density_ratio, max_density_ratio] (idempotent for
+      weights already clipped). None = no UDM (w = 1).
+    state: running reward moments (`init_bco_state()` before the first step).
+    beta: inverse temperature on the log-ratio.
+    update_state: fold this batch's rewards into `state` before reading delta
+      (training); False in evaluation (delta = state.mean, state unchanged).
+    min_density_ratio: lower clip of the UDM weights (TRL default 0.5).
+    max_density_ratio: upper clip of the UDM weights (TRL default 10).
+    weights: optional [B] row weights (0 for padding rows). Padding rows enter
+      neither the loss nor the running moments.
+
+  Returns:
+    loss: scalar, sum(w * per_example) / max(sum(w), 1).
+    metrics: scalars `rewards/{chosen,rejected,margins}`, `logps/{chosen,
+      rejected}` (this batch's means, 0 for an empty set), the sums and counts
+      TRL logs for exact window means (`rewards/chosen_sum`, `logps/chosen_sum`,
+      `count/chosen`, same for rejected), `delta`, and with UDM
+      `udm/weight_mean` (mean over undesirable rows) and `udm/weight_clip_frac`
+      (fraction of undesirable rows at a clip bound).
+    new_state: the updated moments (`state` itself when update_state=False).
+  """
+  logps = logps.astype(jnp.float32)
+  # The reference is a constant: never let a gradient reach it.
+  ref_logps = jax.lax.stop_gradient(ref_logps.astype(jnp.float32))
+  is_desirable = labels.astype(bool)                                  # [B]
+  w = jnp.ones_like(logps) if weights is None else weights.astype(jnp.float32)
+
+  rewards = beta * (logps - ref_logps)                                # [B]
+  if update_state:
+    new_state = update_bco_state(state, *reward_batch_sums(rewards, w))
+  else:
+    new_state = state
+  # Updated before use, as TRL; delta carries no gradient.
+  delta = jax.lax.stop_gradient(new_state.mean)
+  shifted = rewards - delta                                           # [B]
+  # softplus(-z) == -log_sigmoid(z), finite for large |z|.
+  desirable_loss = jax.nn.softplus(-shifted)                          # [B]
+  undesirable_loss = jax.nn.softplus(shifted)                         # [B]
+  if udm_weights is None:
+    density_ratio = jnp.ones_like(logps)
+  else:
+    raw = jax.lax.stop_gradient(udm_weights.astype(jnp.float32))
+    density_ratio = jnp.clip(raw, min_density_ratio, max_density_ratio)
+  per_example = jnp.where(is_desirable, desirable_loss,
+                          density_ratio * undesirable_loss)           # [B]
+  loss = (w * per_example).sum() / jnp.maximum(w.sum(), 1.0)
+
+  metrics = unpaired_metrics(rewards, logps, is_desirable, w)
+  metrics["delta"] = delta
+  if udm_weights is not None:   # over the undesirable examples, the ones it weights
+    at_bound = ((raw <= min_density_ratio) | (raw >= max_density_ratio))
+    w_rejected = jnp.where(is_desirable, 0.0, w)
+    n_rejected = jnp.maximum(metrics["count/rejected"], 1.0)
+    metrics["udm/weight_mean"] = (w_rejected * density_ratio).sum() / n_rejected
+    metrics["udm/weight_clip_frac"] = (w_rejected * at_bound.astype(jnp.float32)).sum() / n_rejected
+  return loss, metrics, new_state
+
+
+# Paired BCO with the running reward shift (TRL <= 0.28 DPOTrainer "bco_pair"; the
+# shift-free TRL >= 0.29 form is dpo variant "bco_pair").
+@register(data="pairwise", needs_ref=True, name="bco_pair", init_state=init_bco_state,
+          ranges={"beta": "(0, inf)"},
+          check=one_of("shift_count", ("rewards", "batch"), "rewards"))
+def bco_pair_loss(
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    state: BcoState | None = None,
+    beta: float = 0.1,
+    update_state: bool = True,
+    shift_count: str = "rewards",
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], BcoState | None]:
+  """Paired BCO, TRL DPOTrainer `loss_type="bco_pair"`.
+
+  Per pair: -log sigmoid(r_w - delta) - log sigmoid(-(r_l - delta)), mean over
+  pairs. With `state` (TRL <= v0.28) delta is the running mean of all 2B
+  rewards, updated before use; with `state=None` (TRL >= v0.29) delta = 0.
+
+  How the running mean counts (`shift_count`):
+    * "rewards" (default): every one of the 2B rewards is one sample, pooled
+      with its row weight: TRL's current BCOTrainer counting (RunningMoments
+      over all rewards). delta is then the mean of every reward seen, however
+      they were batched, padded or split into micro-batches.
+    * "batch": TRL <= v0.28 DPOTrainer, which feeds its RunningMoments the
+      *scalar* batch mean (one sample per step, variance 0 within it). Use it
+      to reproduce TRL 0.28 exactly (delta, var and count).
+  delta is the same in both whenever every batch holds the same number of valid
+  pairs; `var` and `count` differ.
+
+  Args:
+    chosen_logps: [B] summed log pi_theta(y_w | x).
+    rejected_logps: [B] summed log pi_theta(y_l | x).
+    ref_chosen_logps: [B] summed log pi_ref(y_w | x); constant w.r.t. theta.
+    ref_rejected_logps: [B] same for y_l.
+    state: running reward moments, or None for the shift-free form.
+    beta: inverse temperature on the log-ratio.
+    update_state: as in `bco_loss`.
+    shift_count: "rewards" or "batch", see above.
+    weights: optional [B] row weights (0 for padding rows).
+
+  Returns:
+    loss: scalar, (weighted) mean over the B pairs.
+    metrics: scalars rewards/{chosen,rejected,margins,accuracies}, logps/*,
+      delta.
+    new_state: updated moments (None when state is None).
+  """
+  if shift_count not in ("rewards", "batch"):
+    raise ValueError(f"shift_count must be 'rewards' or 'batch', got {shift_count!r}")
+  # Log-ratios in the inputs' precision, then float32 (see _common.logratio).
+  chosen_rewards = beta * logratio(chosen_logps, ref_chosen_logps)     # [B]
+  rejected_rewards = beta * logratio(rejected_logps, ref_rejected_logps)  # [B]
+  chosen_logps = jnp.asarray(chosen_logps).astype(jnp.float32)
+  rejected_logps = jnp.asarray(rejected_logps).astype(jnp.float32)
+  w = jnp.ones_like(chosen_logps) if weights is None else weights.astype(jnp.float32)
+
+  new_state = state
+  if state is None:
+    delta = jnp.zeros((), jnp.float32)
+  else:
+    if update_state:
+      s_w, n_w, q_w = reward_batch_sums(chosen_rewards, w)
+      s_l, n_l, q_l = reward_batch_sums(rejected_rewards, w)
+      if shift_count == "rewards":
+        new_state = update_bco_state(state, s_w + s_l, n_w + n_l, q_w + q_l)
+      else:  # TRL 0.28: the scalar mean of the 2B rewards is one sample
+        m = (s_w + s_l) / jnp.maximum(n_w + n_l, 1e-24)
+        one = (n_w + n_l > 0).astype(jnp.float32)   # an all-padding batch adds nothing
+        new_state = update_bco_state(state, one * m, one, one * m * m)
+    delta = jax.lax.stop_gradient(new_state.mean)
+  # softplus(-z) == -log_sigmoid(z), finite for large |z|.
+  per_pair = (jax.nn.softplus(-(chosen_rewards - delta))
+              + jax.nn.softplus(rejected_rewards - delta))           # [B]
+
+  mean = weighted_mean(w, per_pair)
+  metrics = {
+      **pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, mean),
+      "delta": delta,
+  }
+  return mean(per_pair), metrics, new_state

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses._common import as_f32, pair_metrics, weighted_mean
+from jaxalign.losses.registry import one_of, register
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 
@@ -34,6 +35,10 @@ def chosen_nll(chosen_logps, chosen_lengths, weights=None) -> jax.Array:
   return -(w * c).sum() / jnp.maximum((w * as_f32(chosen_lengths)).sum(), 1.0)
 
 
+@register(data="pairwise", needs_ref=False, name="cpo",
+          ranges={"beta": "(0, inf)", "label_smoothing": "[0, 0.5)",
+                  "simpo_gamma": "[0, inf)", "cpo_alpha": "[0, inf)"},
+          check=one_of("loss_type", LOSS_TYPES, "sigmoid"))
 def cpo_loss(
     chosen_logps: jax.Array,
     rejected_logps: jax.Array,

@@ -9,7 +9,11 @@ no human positives.
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.registry import register
 
+
+@register(data="negatives", needs_ref=True, name="d2o", online="d2o",
+          ranges={"beta": "(0, inf)", "alpha": "[0, inf)"})
 def d2o_loss(
     group_logps: jax.Array,
     ref_group_logps: jax.Array,

@@ -1,6 +1,6 @@
 """DPO (Rafailov et al. 2023) and its usual variants as pure functions.
 
-The math and its invariants are in shared/LOSSES.md, section 1, and the sources
+The math and its invariants are in docs/losses.md (`dpo`, and its "Invariants"), and the sources
 of TRL's other loss types in docs/losses.md. With rho = S - S_ref per response
 (summed policy minus reference log-prob), h = rho_w - rho_l, the margin
 z = beta h and l(z) = -log sigmoid(z), the per-pair losses come in families:
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses._common import as_f32, logratio, pair_metrics, weighted_mean
+from jaxalign.losses.registry import register
 
 # softplus(-z) == -log sigmoid(z) == l(z), finite for large |z|.
 _sp = jax.nn.softplus
@@ -376,6 +377,12 @@ def dpo_columns(hparams: dict) -> tuple[str, ...]:
   return cols
 
 
+# beta <= 0 trains a constant or reverses the preference; label smoothing of 0.5 or
+# more flips which response is preferred. check_hparams is defined below.
+@register(data="pairwise", needs_ref=True, name="dpo", columns=dpo_columns,
+          check=lambda hparams: check_hparams(hparams),
+          ranges={"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "rpo_alpha": "[0, inf)",
+                  "ld_alpha": "[0, 1]", "discopop_tau": "(0, inf)"})
 def dpo_loss(
     chosen_logps: jax.Array,
     rejected_logps: jax.Array,

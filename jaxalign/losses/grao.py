@@ -8,6 +8,8 @@ the dataset's reference answer y, whose inputs are named `answer_*`.
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.registry import register
+
 _REFERENCE_REWARDS = ("zero", "judge")
 _ZERO_STD = ("eps", "zero")
 
@@ -85,6 +87,8 @@ def grao_advantages(
   return group_adv, answer_adv, mu_c + pivot, sigma
 
 
+@register(data="groups", needs_ref=False, name="grao", online="grao",
+          ranges={"beta": "[0, inf)", "lam": "[0, inf)", "std_eps": "(0, inf)"})
 def grao_loss(
     group_logps: jax.Array,
     group_lengths: jax.Array,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses._common import unpaired_metrics
+from jaxalign.losses.registry import register
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -71,6 +72,9 @@ def _unpaired_loss(logps, ref_logps, labels, kl_logps, ref_kl_logps, *, loss_typ
   return loss, metrics
 
 
+@register(data="unpaired_kl", needs_ref=True, name="kto",
+          ranges={"beta": "(0, inf)", "desirable_weight": "(0, inf)",
+                  "undesirable_weight": "(0, inf)"})
 def kto_loss(
     logps: jax.Array,
     ref_logps: jax.Array,
@@ -111,6 +115,9 @@ def kto_loss(
                         undesirable_weight=undesirable_weight, weights=weights)
 
 
+@register(data="unpaired", needs_ref=True, name="apo_zero_unpaired",
+          ranges={"beta": "(0, inf)", "desirable_weight": "(0, inf)",
+                  "undesirable_weight": "(0, inf)"})
 def apo_zero_unpaired_loss(
     logps: jax.Array,
     ref_logps: jax.Array,

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses._common import logratio, pair_metrics, weighted_mean
+from jaxalign.losses.registry import register
 
 
+@register(data="pairwise", needs_ref=True, name="ln_dpo", ranges={"beta": "(0, inf)"})
 def ln_dpo_loss(
     chosen_logps: jax.Array,
     rejected_logps: jax.Array,

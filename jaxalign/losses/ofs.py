@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses.dpo import dpo_loss
+from jaxalign.losses.registry import register
 
 class OfsState(NamedTuple):
   """Role flag and role-check accumulators; checkpointed with the train state.
@@ -177,6 +178,10 @@ def ofs_module_loss(
   return dpo + sign * alpha * fs, metrics
 
 
+@register(data="pairwise", needs_ref=True, name="ofs_dpo", init_state=ofs_init_state,
+          modules=("fast", "slow"),
+          ranges={"beta": "(0, inf)", "fs_beta": "(0, inf)", "alpha": "[0, inf)",
+                  "swap_interval": "[1, inf)"})
 def ofs_dpo_loss(
     fast_chosen_logps: jax.Array,
     fast_rejected_logps: jax.Array,

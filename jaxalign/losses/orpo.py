@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxalign.losses import cpo
 from jaxalign.losses._common import pair_metrics, weighted_mean
+from jaxalign.losses.registry import register
 
 
 def log1mexp(x: jax.Array) -> jax.Array:
@@ -22,6 +23,7 @@ def log1mexp(x: jax.Array) -> jax.Array:
   return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
 
 
+@register(data="pairwise", needs_ref=False, name="orpo", ranges={"beta": "[0, inf)"})
 def orpo_loss(
     chosen_logps: jax.Array,
     rejected_logps: jax.Array,

@@ -14,10 +14,16 @@ second term pulls the scores toward mean zero (Eisenstein et al. 2023, TRL's
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.registry import register
 
+
+# Bradley-Terry reward-model training: a scalar-head model with its own trainer
+# (jaxalign/train/reward.py), not the LM log-probs of the train step.
+@register(data="pairwise", needs_ref=False, name="reward_model", head="scalar",
+          ranges={"center_rewards_coefficient": "[0, inf)"})
 def bradley_terry_loss(
-    chosen_rewards: jax.Array,
-    rejected_rewards: jax.Array,
+    chosen_scores: jax.Array,
+    rejected_scores: jax.Array,
     margin: jax.Array | None = None,
     *,
     center_rewards_coefficient: float = 0.0,
@@ -26,8 +32,8 @@ def bradley_terry_loss(
   """Pairwise Bradley-Terry loss on reward-model scores.
 
   Args:
-    chosen_rewards: [B] scores of the chosen responses.
-    rejected_rewards: [B] scores of the rejected responses.
+    chosen_scores: [B] scores of the chosen responses.
+    rejected_scores: [B] scores of the rejected responses.
     margin: optional [B] required score gap per pair (TRL's `margin` column).
     center_rewards_coefficient: weight of mean((r_c + r_r)^2); 0 = off.
     weights: optional [B] row weights (0 for padding rows).
@@ -38,8 +44,8 @@ def bradley_terry_loss(
       wrong), `margin` (mean r_c - r_r), `min_reward`, `mean_reward`,
       `max_reward` (over both responses of every pair).
   """
-  rc = chosen_rewards.astype(jnp.float32)
-  rr = rejected_rewards.astype(jnp.float32)
+  rc = chosen_scores.astype(jnp.float32)
+  rr = rejected_scores.astype(jnp.float32)
   w = jnp.ones_like(rc) if weights is None else weights.astype(jnp.float32)
   n = jnp.maximum(w.sum(), 1.0)
   mean = lambda x: (w * x).sum() / n  # noqa: E731

@@ -3,7 +3,10 @@
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.registry import register
 
+
+@register(data="sft", needs_ref=False, name="sft")
 def sft_loss(
     logps: jax.Array,
     lengths: jax.Array,

@@ -11,8 +11,12 @@ that (tests/losses/test_trl_conformance.py). docs/losses.md has the provenance.
 import jax
 
 from jaxalign.losses import cpo
+from jaxalign.losses.registry import register
 
 
+@register(data="pairwise", needs_ref=False, name="simpo",
+          ranges={"beta": "(0, inf)", "gamma": "[0, inf)", "label_smoothing": "[0, 0.5)",
+                  "sft_weight": "[0, inf)"})
 def simpo_loss(
     chosen_logps: jax.Array,
     rejected_logps: jax.Array,

@@ -40,7 +40,7 @@ def has_scalar_head(spec) -> bool:
 
   The one test of it: the builder, the step, the loop and validation all ask here.
   """
-  return spec.trainer == "reward_model"
+  return spec.head == "scalar"
 
 
 class RewardModel(nnx.Module):

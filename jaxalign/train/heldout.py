@@ -19,12 +19,10 @@ from typing import Callable, Iterator, Sequence
 import jax
 
 from jaxalign import sharding
-from jaxalign.data import pipeline
+from jaxalign.data import pipeline, schema
 
 PREFIX = "eval/"
 REF_FILE = "eval_ref_logps.npy"
-# Host-side bookkeeping columns that never go to the device.
-_HOST_ONLY_KEYS = ("index", "valid")
 
 
 class HeldOut:
@@ -49,7 +47,7 @@ class HeldOut:
   def host_batches(self) -> Iterator[dict]:
     """This process's eval batches, in order, without the host-only columns."""
     for b in self.dataset:
-      yield {k: v for k, v in b.items() if k not in _HOST_ONLY_KEYS}
+      yield {k: v for k, v in b.items() if k not in schema.HOST_ONLY_KEYS}
 
   def evaluate(self, state) -> dict[str, float]:
     """Means of the eval step's metrics over the eval batches, as host floats.

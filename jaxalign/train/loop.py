@@ -20,7 +20,8 @@ from jaxalign import fingerprint, guards, runlock
 from jaxalign import flops as flops_lib
 from jaxalign import paths
 from jaxalign import sharding
-from jaxalign.data import examples as examples_lib, formats, packing, pipeline, reading, tables
+from jaxalign.data import (examples as examples_lib, formats, packing, pipeline, reading, schema,
+                           tables)
 from jaxalign.errors import NonFiniteError, ResumeMismatchError  # noqa: F401  (old import path)
 from jaxalign.models import hf, lora
 from jaxalign.rewards import model as reward_model
@@ -30,10 +31,6 @@ from jaxalign.train.rundir import RunResult, load_run_params, resolved_config  #
 from jaxalign.train.metrics import MetricWriter
 
 log = logging.getLogger("jaxalign")
-
-# Host-side bookkeeping columns of a batch that never go to the device.
-HOST_ONLY_KEYS = ("index", "valid")
-
 
 # SIGTERM and SIGINT: stop at the next step boundary with a checkpoint.
 _Preemption = signals.Preemption
@@ -371,7 +368,7 @@ def _train(run_spec: config_lib.RunSpec, workdir, *, progress, devices, stop_aft
       window_tokens += int(real.sum()) * jax.process_count()
       window_flops += perf.batch_flops(real) * jax.process_count()
       batch = sharding.host_to_global(
-          {k: v for k, v in host_batch.items() if k not in HOST_ONLY_KEYS}, batch_sharding)
+          {k: v for k, v in host_batch.items() if k not in schema.HOST_ONLY_KEYS}, batch_sharding)
       state, metrics = step_fn(state, batch)
       done = step + 1
       bar.update(1)

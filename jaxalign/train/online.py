@@ -17,7 +17,7 @@ and the one jitted train step runs on it unchanged.
 * GRAO samples G completions per prompt at every step from the live policy
   (the TrainState's params, on the mesh) and scores them with the configured
   reward (host side, batched): R(o_i, y) = reward(prompt, o_i, y). With
-  reference_reward="zero" the answer's reward is R(y, y) = 0 (LOSSES.md §5).
+  reference_reward="zero" the answer's reward is R(y, y) = 0 (docs/losses.md, `grao`).
 * D²O draws K samples per prompt for the whole data set at step 0 from the
   initial policy (the reference: the run starts from it), or, with
   online.regenerate_every = N, again from the current policy at every step

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from jaxalign import logprobs, losses
-from jaxalign.data import packing
+from jaxalign.data import packing, schema
 from jaxalign.losses import columns as loss_columns
 from jaxalign.models import lora
 from jaxalign.rewards import model as reward_model
@@ -24,9 +24,6 @@ from jaxalign.train import ref_sync as ref_sync_lib
 from jaxalign.train.state import TrainState
 
 
-# Columns that describe the sequences themselves; every other column goes to the loss.
-SEQUENCE_KEYS = (("tokens", "attention_mask", "loss_mask", "ref_logps") + packing.PACKED_KEYS
-                 + packing.SHARED_KEYS + packing.PACKED_SHARED_KEYS)
 
 
 def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None,
@@ -144,7 +141,8 @@ def _objective_of(frozen, ref_params, loss_state, batch, dropout_key=None, *, gr
     ref_logps, ref_columns = ref_forward(ref_graphdef, frozen, nnx.State({}))
   else:
     ref_logps = batch.get("ref_logps")
-  extra = {k: v for k, v in batch.items() if k not in SEQUENCE_KEYS}
+  # Columns that describe the sequences stay here; every other one goes to the loss.
+  extra = {k: v for k, v in batch.items() if k not in schema.SEQUENCE_KEYS}
 
   def objective(p):
     out = _policy_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,

@@ -322,3 +322,41 @@ def test_the_readme_example_is_a_working_loss(tmp_path):
   dpo = losses.get("dpo")
   want, _, _ = dpo.call(dpo.fn, x, None, beta=0.3, label_smoothing=0.1)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+# --- register's extensions: state, prepared columns, LoRA modules, a scalar head ------
+
+def test_stateful_prepared_modules_and_scalar_head_losses_bind_by_name():
+  b = 3
+  x = losses.LossInputs(logps=jnp.arange(4 * b, dtype=jnp.float32).reshape(b, 4),
+                        ref_logps=jnp.full((b, 2), 0.5), lengths=jnp.ones((b, 2), jnp.int32),
+                        batch={"weights_col": jnp.asarray([1.0, 2.0, 3.0])})
+
+  @losses.register(data="pairwise", name="test_register_modules", modules=("a", "b"),
+                   init_state=lambda: jnp.zeros(()),
+                   prepared_columns={"weights_col": ((), jnp.float32)})
+  def two_modules(a_chosen_logps, b_rejected_logps, ref_chosen_logps, weights_col, *, state):
+    loss = jnp.mean(weights_col * (a_chosen_logps + b_rejected_logps - ref_chosen_logps))
+    return loss, {}, state + 1
+  spec = two_modules.loss_spec
+  assert {"a_chosen_logps", "b_rejected_logps", "weights_col"} <= set(spec.argument_names())
+  loss, _, state = spec.call(two_modules, x, spec.init_state())
+  # module a's chosen is column 0, module b's rejected column 3 (2 sequences per module).
+  want = np.mean(np.asarray([1.0, 2.0, 3.0]) * (np.arange(b) * 4 + np.arange(b) * 4 + 3 - 0.5))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  assert int(state) == 1
+
+  @losses.register(data="pairwise", needs_ref=False, head="scalar",
+                   name="test_register_scalar")
+  def scores(chosen_scores, rejected_scores):
+    return jnp.mean(chosen_scores - rejected_scores), {}
+  assert scores.loss_spec.trainer == "reward_model"
+  scored = losses.LossInputs(logps=jnp.asarray([[2.0, 0.5]]), ref_logps=None, lengths=None,
+                             batch={})
+  np.testing.assert_allclose(float(scores.loss_spec.call(scores, scored, None)[0]), 1.5)
+  assert losses.get("reward_model").head == "scalar"
+
+  def stateless(chosen_logps):
+    return chosen_logps.mean(), {}
+  with pytest.raises(ValueError, match="keyword-only 'state'"):
+    losses.register(stateless, data="pairwise", needs_ref=False, init_state=lambda: 0)

@@ -169,8 +169,11 @@ def test_pairwise_adapter_without_reference_is_a_clear_error():
   with pytest.raises(ValueError, match="ref_chosen_logps.*needs_ref=False"):
     spec.call(spec.fn, x, None, beta=0.1)
 
-  def my_loss(c, r, rc, rr, lc, lr, *, scale=1.0):   # a user's own names: positional order
-    return scale * jnp.mean(c - r - rc + rr + 0 * lc * lr), {}
+  # Bound by name (the positional-order fallback for other names is gone).
+  def my_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+              chosen_lengths, rejected_lengths, *, scale=1.0):
+    c, r, rc, rr = chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    return scale * jnp.mean(c - r - rc + rr + 0 * chosen_lengths * rejected_lengths), {}
 
   with_ref = losses.LossInputs(logps=jnp.asarray([[1.0, 0.0]]), ref_logps=jnp.asarray([[0.5, 0.0]]),
                                lengths=jnp.ones((1, 2), jnp.int32), batch={})
