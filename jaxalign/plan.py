@@ -354,9 +354,10 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
   """
   devs, chip, target = _target(topology, devices)
   built, batch = build_for(config, devs, pack)
-  mesh, model_cfg = built.mesh, built.model_cfg
-  frozen_ref = built.frozen_ref
+  mesh, model_cfg = built.mesh, built.run_spec.model_cfg
+  frozen_ref = built.run_spec.frozen_ref
   step_fn, abstract_state = built.step_fn, built.abstract_state
+  lora_cfg, modules = built.run_spec.lora_cfg, built.run_spec.modules
 
   n = len(devs)
   num_params = model_cfg.num_params()
@@ -380,9 +381,9 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
       "loss": config.loss.name, "num_params": num_params,
       "trainable_params": sum(int(math.prod(a.shape))
                               for a in jax.tree.leaves(abstract_state.params)),
-      "lora": (f"rank {built.lora_cfg.rank} on {','.join(built.lora_cfg.targets)}"
-               + (f", modules {'+'.join(built.modules)}" if built.modules else "")
-               if built.lora_cfg.enabled else None),
+      "lora": (f"rank {lora_cfg.rank} on {','.join(lora_cfg.targets)}"
+               + (f", modules {'+'.join(modules)}" if modules else "")
+               if lora_cfg.enabled else None),
       "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
       "computed_tokens_per_step": computed,

@@ -119,17 +119,19 @@ def best_vs_worst(prompts: list, references: list, completions: list[list[str]],
   return out
 
 
-def build_round_pairs(config, workdir: str, r: int, records, tokenizer, mesh) -> dict:
+def build_round_pairs(spec: config_lib.RunSpec, workdir: str, r: int, records, tokenizer,
+                      mesh) -> dict:
   """Samples from the round's starting policy, scores, writes pairs.jsonl; returns stats.
 
-  `config`: the iterative run's RunSpec (its ModelConfig as resolved) or config.
+  `spec`: the iterative run's (its ModelConfig as resolved).
   """
-  spec_or_config, config = config, config_lib.config_of(config)
+  config = spec.config   # the record each round's config is derived from
   c = round_config(config, workdir, r)
   if not c.init_from:
     raise config_lib.ConfigError("config.init_from: iterative rounds sample from a trained "
                                  "policy; give its run directory (e.g. the SFT run)")
-  graphdef, params, frozen = rundir.load_run_params(c.init_from, spec_or_config, mesh=mesh)
+  graphdef, params, frozen = rundir.load_run_params(c.init_from, config, mesh=mesh,
+                                                    model_cfg=spec.model_cfg, hf_dir=spec.hf_dir)
   it = config.iterative
   rng = np.random.default_rng([config.seed, r])
   order = rng.permutation(len(records))

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from jaxalign.data import conventions, formats, lazy, packing, prepared, reading, toy
-from jaxalign.train import loop
 from jaxalign.train import online as online_lib
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 from tests.data.test_lazy import _Spy
 
 ARGS = dict(max_length=12, max_prompt_length=8)
@@ -206,7 +205,7 @@ def _run_pair(tmp_path, cfg_for, devices=None):
   out = []
   for name, lazy_read in (("lazy", True), ("list", False)):
     cfg = cfg_for(**{"data.lazy": lazy_read})
-    loop.train(cfg, str(tmp_path / name), progress=False, devices=devices)
+    train_loop(cfg, str(tmp_path / name), progress=False, devices=devices)
     out.append([{k: v for k, v in m.items() if k not in _TIMING}
                 for m in read_metrics(str(tmp_path / name))])
   return out

@@ -18,6 +18,7 @@ from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models import hf
 from jaxalign.train import rundir
 from jaxalign.data import reading
+from tests.train.helpers import train_loop
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -261,11 +262,10 @@ def test_export_trained_checkpoint(tmp_path):
   """A briefly trained run exports to transformers with matching logits and
   re-imports bit-exactly (bf16 export also loads)."""
   from tests.train.helpers import tiny_config
-  from jaxalign.train import loop
 
   run = str(tmp_path / "run")
   config = tiny_config("sft", total_steps=2, log_every=1, **{"checkpoint.every": 2})
-  loop.train(config, run, progress=False)
+  train_loop(config, run, progress=False)
   out = rundir.export_checkpoint(run, str(tmp_path / "out"))
   assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
   assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [
@@ -306,7 +306,6 @@ def test_train_from_hf_path(tmp_path):
 
   from jaxalign import config as config_lib
   from jaxalign.data import toy
-  from jaxalign.train import loop
   from tests.train.helpers import tiny_config
 
   src = str(tmp_path / "hf")
@@ -318,7 +317,7 @@ def test_train_from_hf_path(tmp_path):
   config.model.hf_path = src
   config.data.tokenizer = ""  # -> the tokenizer saved beside the weights
   run = str(tmp_path / "run")
-  loop.train(config, run, progress=False)
+  train_loop(config, run, progress=False)
 
   assert rundir.resolved_config(run)["model"]["hf_path"] == src
   tokenizer = reading.load_tokenizer(os.path.join(run, "tokenizer"))
@@ -354,7 +353,7 @@ def test_train_from_hf_path(tmp_path):
   config.lora.rank, config.lora.alpha = 4, 8.0
   config.reference.mode = "frozen"
   lora_run = str(tmp_path / "lora_run")
-  loop.train(config, lora_run, progress=False)
+  train_loop(config, lora_run, progress=False)
   graphdef, merged, frozen = rundir.load_run_params(lora_run, config)
   aligned = nnx.merge(graphdef, merged, frozen)
   out = rundir.export_checkpoint(lora_run, str(tmp_path / "lora_out"))
