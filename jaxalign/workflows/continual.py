@@ -152,20 +152,20 @@ def search_weights(score, num: int, grid: int) -> tuple[tuple[float, ...], list[
   return tuple(best["weights"]), table
 
 
-def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
-          progress: bool = True, devices=None) -> rundir.RunResult:
-  """Trains every domain of config.data.domains in turn (resuming what exists).
+def train(run_spec: config_lib.RunSpec, workdir: str, *, progress: bool = True,
+          devices=None) -> rundir.RunResult:
+  """Trains every domain of data.domains in turn (resuming what exists).
 
-  `config`: a RunSpec or a recipe, resolved here once; each stage's own config
-  (stage_config) is resolved once and its spec passed down.
+  `run_spec`: the continual run's (config.resolve); each stage's own config
+  (stage_config, derived from its record) is resolved once and its spec passed down.
   """
   devices = jax.devices() if devices is None else list(devices)
-  run_spec = config_lib.resolve(config, len(devices))
+  run_spec = config_lib.resolve(run_spec, len(devices))   # another device count: refused
   config = run_spec.config
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
-  domains = tuple(config.data.domains)
+  domains = run_spec.data.domains
   record, result = [], None
   for t in range(len(domains)):
     stage = config_lib.resolve(stage_config(config, t, workdir), len(devices))

@@ -170,19 +170,18 @@ def build_round_pairs(spec: config_lib.RunSpec, workdir: str, r: int, records, t
   return stats
 
 
-def train_rounds(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
-                 progress: bool = True, devices=None,
-                 stop_after: int | None = None) -> rundir.RunResult:
+def train_rounds(run_spec: config_lib.RunSpec, workdir: str, *, progress: bool = True,
+                 devices=None, stop_after: int | None = None) -> rundir.RunResult:
   """Runs (or resumes) every round; returns the last round's RunResult.
 
-  `config`: a RunSpec or a recipe, resolved here once; each round's own config
-  (round_config) is resolved once and its spec passed down.
+  `run_spec`: the iterative run's (config.resolve); each round's own config
+  (round_config, derived from its record) is resolved once and its spec passed down.
   """
   devices = jax.devices() if devices is None else list(devices)
-  run_spec = config_lib.resolve(config, len(devices))
+  run_spec = config_lib.resolve(run_spec, len(devices))   # another device count: refused
   config = run_spec.config
   mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
-  tokenizer = reading.load_tokenizer(config.data.tokenizer)
+  tokenizer = reading.load_tokenizer(run_spec.data.tokenizer)
   records = read_prompts(config)
   steps = config.iterative.steps_per_round
   result = None
