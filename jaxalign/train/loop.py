@@ -1,9 +1,10 @@
 """The host loop of one policy run: spec -> data -> state -> passes -> jitted steps.
 
 Reads top to bottom, one function per phase: `_load_data` (read, validate and
-tokenize everything before anything is written or compiled), `_prepare_state`
-(the step-0 state, the reference and `prepare` passes of train/passes.py, the
-resume), `_step_loop` (the steps, logs, held-out evaluations and checkpoints).
+tokenize everything before anything is written or compiled), `_initial_state`
+(the step-0 state, the reference and `prepare` passes of train/passes.py),
+`_resume` (the batches' iterator, and the checkpoint's state on a resume),
+`_step_loop` (the steps, logs, held-out evaluations and checkpoints).
 Everything inside the step is traced once; the host syncs with the devices
 only every `log_every` steps and at checkpoints.
 """
@@ -113,8 +114,9 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
   resume_step = resume.resume_step(checkpointer, spec, built.saved_part(built.abstract_state),
                                    fallback=spec.checkpoint.fallback)
   pack = _layout(spec, data, mesh)
-  state, data_iter, start = _prepare_state(spec, built, data, checkpointer, resume_step, pack,
-                                           workdir=workdir, progress=progress)
+  state = _initial_state(spec, built, data, resume_step, pack, workdir=workdir,
+                         progress=progress)
+  state, data_iter, start = _resume(spec, built, data, checkpointer, resume_step, state)
   if start >= spec.total_steps:
     checkpointer.close()
     return RunResult(workdir=workdir, final_step=start, last_metrics={},
@@ -215,10 +217,10 @@ def _claim_workdir(spec: config_lib.RunSpec, workdir: str, data: _Data, lock) ->
       "examples": len(data.examples), "skipped": data.skipped})
 
 
-def _prepare_state(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data,
-                   checkpointer, resume_step, pack, *, workdir: str, progress: bool):
-  """(state, data iterator, start step): the step-0 state, the passes of the initial
-  policy over the data (train/passes.py), the dataset, and the resumed state."""
+def _initial_state(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data, resume_step,
+                   pack, *, workdir: str, progress: bool):
+  """The step-0 state (train/init.py), and the passes of the initial policy over the
+  data (train/passes.py): data.examples and data.eval_examples gain their columns."""
   ref_plan = passes.plan_reference(spec, workdir, data.fp, data.eval_examples, data.tokenizer,
                                    resuming=resume_step is not None,
                                    data_changed=data.changed)
@@ -235,7 +237,14 @@ def _prepare_state(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data
         spec, examples, eval_examples, state, built.graphdef, mesh=built.mesh,
         progress=progress)
   data.examples, data.eval_examples = examples, eval_examples
-  dataset = pipeline.make_dataset(examples, seed=spec.seed,
+  return state
+
+
+def _resume(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data, checkpointer,
+            resume_step, state):
+  """(state, data iterator, start step): the training batches' iterator and, on a
+  resume, the state and iterator position restored from the checkpoint."""
+  dataset = pipeline.make_dataset(data.examples, seed=spec.seed,
                                   batch_size=spec.data.batch_size // jax.process_count(),
                                   shuffle=spec.data.shuffle, repeat=True,
                                   add_index=data.online is not None,
