@@ -676,7 +676,7 @@ class DataSpec:
 
   @classmethod
   def from_config(cls, d) -> "DataSpec":
-    """From a validated config's data section (keys added since default as they did)."""
+    """From a validated config's data section (a key older configs lack: its default)."""
     return cls(
         train_path=d.train_path, eval_path=d.get("eval_path", ""), split=d.split,
         tokenizer=d.tokenizer, allow_other_tokenizer=bool(d.get("allow_other_tokenizer", False)),
@@ -707,8 +707,7 @@ class OptimSpec:
 
   @classmethod
   def from_config(cls, o) -> "OptimSpec":
-    return cls(**{f.name: o.get(f.name, 0.5 if f.name == "slow_lr_ratio" else None)
-                  for f in dataclasses.fields(cls)})
+    return cls(**{f.name: o[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
