@@ -98,6 +98,7 @@ class _Loop:
 
 def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, preempt,
            lock=None) -> RunResult:
+  """The phases of one run, in order (module docstring); `lock`: the workdir's RunLock."""
   workdir = paths.resolve(workdir)   # a local directory or a gs:// URL
   if spec.init_from and not paths.isdir(spec.init_from):
     raise config_lib.ConfigError(f"config.init_from: {spec.init_from} is not a directory")
