@@ -175,13 +175,13 @@ def run_jaxalign(model_cfg, prompt, chosen, rejected, *, batch: int, warmup: int
                  steps: int) -> dict:
   import jax
   from jaxalign import losses, sharding
-  from jaxalign.train import loop, optim, step as step_lib
+  from jaxalign.train import build as build_lib, optim, step as step_lib
 
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh((1, 1, 1), devices)
   rules = tuple(tuple(r) for r in __import__("jaxalign.config").config.DEFAULT_RULES)
   tx, schedule = optim.make_optimizer(lr=1e-4, warmup_steps=1, total_steps=10**6)
-  graphdef, _, state_shardings, init_fn = loop.build_model_and_state(
+  graphdef, _, state_shardings, init_fn = build_lib.build_model_and_state(
       model_cfg, tx, mesh, rules, seed=0, keep_reference=False)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step_fn = step_lib.jit_train_step(

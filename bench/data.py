@@ -102,6 +102,7 @@ def _config(path: str, tokenizer: str, steps: int):
 
 def _child_train(path: str, tokenizer: str, workdir: str, steps: int) -> dict:
   import jax
+  from jaxalign import config as config_lib
   from jaxalign.train import build as build_lib, loop
   started = _process_start()
   times = []
@@ -119,7 +120,8 @@ def _child_train(path: str, tokenizer: str, workdir: str, steps: int) -> dict:
     object.__setattr__(built, "step_fn", timed)
     return built
   build_lib.build = build
-  loop.train(_config(path, tokenizer, steps), workdir, progress=False)
+  loop.train(config_lib.resolve(_config(path, tokenizer, steps), jax.device_count()), workdir,
+             progress=False)
   first = times[0]
   steady = sorted(b - a for a, b, _, _ in times[1:])[len(times[1:]) // 2]
   compile_s = (first[1] - first[0]) - steady
@@ -153,11 +155,13 @@ def _run_child(*args: str) -> dict:
 
 
 def _prepare(src: str, tokenizer: str, out: str, workers: int) -> dict:
+  import jax
+  from jaxalign import config as config_lib
   from jaxalign.workflows import prepare as prepare_lib
   shutil.rmtree(out, ignore_errors=True)
+  spec = config_lib.resolve(_config(src, tokenizer, 1), jax.device_count())
   t = time.perf_counter()
-  m = prepare_lib.prepare_from_config(_config(src, tokenizer, 1), out, shard_size=25_000,
-                                      workers=workers)
+  m = prepare_lib.prepare_from_config(spec, out, shard_size=25_000, workers=workers)
   seconds = time.perf_counter() - t
   return {"rows": m["examples"], "seconds": seconds, "rows_per_s": m["examples"] / seconds}
 

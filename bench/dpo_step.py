@@ -50,7 +50,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxalign import config as config_lib, losses, sharding  # noqa: E402
-from jaxalign.train import loop, optim, step as step_lib  # noqa: E402
+from jaxalign.train import build as build_lib, optim, step as step_lib  # noqa: E402
 
 # meta-llama/Llama-3.2-1B shapes (1.24B parameters, tied embeddings).
 LLAMA_1B = dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
@@ -134,7 +134,7 @@ def build_case(case: Case, devices, *, scan: bool) -> dict:
   model_cfg = config_lib.model_config(c)
   spec = losses.get("dpo")
   tx, schedule = optim.make_optimizer(lr=1e-6, warmup_steps=1, total_steps=1000)
-  graphdef, _, state_shardings, init_fn = loop.build_model_and_state(
+  graphdef, _, state_shardings, init_fn = build_lib.build_model_and_state(
       model_cfg, tx, mesh, rules, seed=0, keep_reference=False)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step_fn = step_lib.jit_train_step(

@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import compare_trl  # noqa: E402
 from jaxalign import config as config_lib, flops, losses, sharding  # noqa: E402
 from jaxalign.data import packing  # noqa: E402
-from jaxalign.train import loop, optim, step as step_lib  # noqa: E402
+from jaxalign.train import build as build_lib, optim, step as step_lib  # noqa: E402
 
 PROMPT_MEAN, RESPONSE_MEAN = 185.0, 306.0     # UltraFeedback, tokens (see docstring)
 PROMPT_SIGMA, RESPONSE_SIGMA = 0.9, 0.75
@@ -145,7 +145,7 @@ def time_layouts(c, layouts: dict[str, list[dict]], *, steps: int, rounds: int,
   mesh = sharding.make_mesh(c.mesh.shape, devices)
   rules = tuple(tuple(r) for r in c.sharding_rules)
   tx, schedule = optim.make_optimizer(lr=1e-6, warmup_steps=1, total_steps=1000)
-  graphdef, _, state_shardings, init_fn = loop.build_model_and_state(
+  graphdef, _, state_shardings, init_fn = build_lib.build_model_and_state(
       config_lib.model_config(c), tx, mesh, rules, seed=0, keep_reference=False)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step_fn = step_lib.jit_train_step(

@@ -2,12 +2,15 @@
 
 Recipes in `configs/` start from `defaults()` and change what they need. The
 CLI locks the config, applies `--config.a.b=value` overrides (unknown keys
-fail there) and calls `resolve()` once: it runs `validate()`, which raises
-`ConfigError` naming the offending key, and returns a frozen `RunSpec` (the
-config made immutable, its ModelConfig, HF directory, mesh shape, loss, run
-mode, reference and LoRA settings). Everything below takes the spec, so no
-layer validates again or re-reads model.hf_path. Run modes are declared in one
-table, `RUN_MODES`; jaxalign.workflows.run.train dispatches on `RunSpec.mode`.
+fail there) and calls `resolve()` once: it runs `validate()` (one named check
+per part of the config), which raises `ConfigError` naming the offending key,
+and returns a frozen `RunSpec`: typed fields for what the run reads (its
+ModelConfig, HF directory, mesh, loss and hparams, run mode, reference and
+LoRA settings, DataSpec, OptimSpec, CheckpointSpec, steps and seed) and the
+frozen config as the run's record (saved with checkpoints, compared on
+resume). Everything below takes the spec, so no layer validates again or
+re-reads the config tree. Run modes are declared in one table, `RUN_MODES`;
+jaxalign.workflows.run.train dispatches on `RunSpec.mode`.
 """
 
 import dataclasses
@@ -223,11 +226,33 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
 def validate(c: ml_collections.ConfigDict, num_devices: int):
   """Raises ConfigError, naming the key, for any value that cannot work.
 
-  Runs before anything is built or compiled. Returns (the ModelConfig, the local
-  model.hf_path directory or "") it checked the config against, which `resolve`
-  keeps so they are never derived again.
+  Runs before anything is built or compiled, one named check per part of the
+  config. Returns (the ModelConfig, the local model.hf_path directory or "") it
+  checked the config against, which `resolve` keeps so they are never derived again.
   """
+  mesh_shape = _validate_mesh(c, num_devices)
+  spec = _validate_loss(c)
+  model_cfg, hf_dir = _validate_model(c)
+  _validate_data(c, spec, model_cfg, mesh_shape)
+  _validate_counts(c)
+  _validate_eval(c, spec)
+  _validate_sampling(c, spec)
+  _validate_lora(c, spec)
+  _validate_reference_sync(c, spec)
+  if spec.data == "unpaired_kl" and c.data.batch_size < 2:
+    _fail("data.batch_size", f"{c.loss.name!r} estimates its KL reference point from "
+          "mismatched pairs within a batch: it needs at least 2 examples per batch")
+  _validate_shardable(c, model_cfg, mesh_shape)
+  return model_cfg, hf_dir
 
+
+def _rule_axes(target) -> tuple[str, ...]:
+  """A sharding rule's mesh axes: None, one axis name or a tuple of them."""
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """mesh.shape for `num_devices` and the sharding rules; returns {axis: size}."""
   # mesh.axes had one legal value and is gone; configs saved by earlier versions
   # (resume, export, generate, init_from read them back) still carry it.
   if "axes" in c.mesh:
@@ -246,8 +271,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
       _fail(f"sharding_rules[{i}]", f"must be (logical_name, mesh_axes), got {rule}")
     name, target = rule
     rule_names.add(name)
-    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-    for a in axes:
+    for a in _rule_axes(target):
       if a not in MESH_AXES:
         _fail(f"sharding_rules[{i}]", f"unknown mesh axis {a!r} for {name!r}")
   lora_on = "lora" in c and c.lora.rank > 0
@@ -257,7 +281,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
     if name not in rule_names:
       _fail("sharding_rules", f"no rule for logical axis {name!r} "
             f"(use ({name!r}, None) to replicate it)")
+  return mesh_shape
 
+
+def _validate_loss(c: ml_collections.ConfigDict):
+  """loss.name, its hparams and options, and the reference mode it runs with;
+  returns the LossSpec."""
   spec = loss_spec(c)
   allowed = set(spec.hparam_names())
   for key in c.loss.hparams.keys():
@@ -281,7 +310,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
       and "tail_logps" in spec.column_names(c.loss.hparams.to_dict())):
     _fail("reference.mode", "loss.hparams.ld_alpha (LD-DPO) weights the reference's tail "
           "tokens too, which the precomputed table does not hold: set reference.mode='frozen'")
+  return spec
 
+
+def _validate_model(c: ml_collections.ConfigDict):
+  """The model section; returns (its ModelConfig, the local model.hf_path directory)."""
   if c.model.get("attention", "auto") not in attention.IMPLEMENTATIONS:
     _fail("model.attention", f"must be one of {attention.IMPLEMENTATIONS}, got "
           f"{c.model.attention!r}")
@@ -306,7 +339,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
   for key in ("dtype", "param_dtype"):
     if getattr(model_cfg, key) not in ("float32", "bfloat16", "float16"):
       _fail(f"model.overrides.{key}", f"unsupported dtype {getattr(model_cfg, key)!r}")
+  return model_cfg, hf_dir
 
+
+def _validate_data(c: ml_collections.ConfigDict, spec, model_cfg, mesh_shape) -> None:
+  """The data section: lengths against the model, layouts, the batch against the mesh."""
   d = c.data
   if d.max_length < 2:
     _fail("data.max_length", "must be at least 2")
@@ -322,6 +359,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
           f"prepared shards: jaxalign/data/examples.py); got {d.lazy!r}")
   if d.on_error not in ("raise", "skip"):
     _fail("data.on_error", f"must be 'raise' or 'skip', got {d.on_error!r}")
+  _validate_layout(c, spec, model_cfg)
+  batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  accum = c.optim.grad_accum_steps
+  if accum < 1:
+    _fail("optim.grad_accum_steps", "must be >= 1")
+  if d.batch_size <= 0 or d.batch_size % (batch_shards * accum):
+    _fail("data.batch_size", f"{d.batch_size} must be a positive multiple of the batch "
+          f"shards (data*fsdp={batch_shards}) times optim.grad_accum_steps={accum}")
+
+
+def _validate_layout(c: ml_collections.ConfigDict, spec, model_cfg) -> None:
+  """data.packing (pack_length, pack_buckets) and data.share_prompt."""
+  d = c.data
   if not isinstance(d.get("packing", False), bool):
     _fail("data.packing", f"must be True or False, got {d.packing!r}")
   if d.get("packing", False):
@@ -341,14 +391,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
     if spec.data in ("sft", "unpaired") or spec.head == "scalar":
       _fail("data.share_prompt", f"{c.loss.name!r} has one sequence per example: "
             "nothing to share")
-  batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
-  accum = c.optim.grad_accum_steps
-  if accum < 1:
-    _fail("optim.grad_accum_steps", "must be >= 1")
-  if d.batch_size <= 0 or d.batch_size % (batch_shards * accum):
-    _fail("data.batch_size", f"{d.batch_size} must be a positive multiple of the batch "
-          f"shards (data*fsdp={batch_shards}) times optim.grad_accum_steps={accum}")
 
+
+def _validate_counts(c: ml_collections.ConfigDict) -> None:
+  """Step counts, intervals and the optimizer's learning rate and schedule."""
   for key in ("total_steps", "log_every", "checkpoint.every", "checkpoint.keep",
               "logprob_chunk_size"):
     value = c
@@ -361,28 +407,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
   if c.optim.schedule not in ("cosine", "constant"):
     _fail("optim.schedule", f"must be 'cosine' or 'constant', got {c.optim.schedule!r}")
 
-  _validate_eval(c, spec)
-  _validate_sampling(c, spec)
-  _validate_lora(c, spec)
-  _validate_reference_sync(c, spec)
-  if spec.data == "unpaired_kl" and d.batch_size < 2:
-    _fail("data.batch_size", f"{c.loss.name!r} estimates its KL reference point from "
-          "mismatched pairs within a batch: it needs at least 2 examples per batch")
 
+def _validate_shardable(c: ml_collections.ConfigDict, model_cfg, mesh_shape) -> None:
+  """Every parameter's partition spec is legal and each sharded dimension divides
+  by its mesh axes."""
   sharding.check_partition_specs(
       transformer.partition_specs(model_cfg, tuple(tuple(r) for r in c.sharding_rules)))
-
-  # Every sharded parameter dimension must divide by its mesh axes.
   rules = dict((n, t) for n, t in c.sharding_rules)
   for field, logical in (("n_heads", "heads"), ("n_kv_heads", "kv_heads"),
                          ("d_ff", "mlp"), ("d_model", "embed"), ("vocab_size", "vocab")):
-    target = rules.get(logical)
-    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    axes = _rule_axes(rules.get(logical))
     size = math.prod(mesh_shape[a] for a in axes)
     if getattr(model_cfg, field) % size:
       _fail("mesh.shape", f"model.{field}={getattr(model_cfg, field)} is not divisible by "
             f"{size} devices on mesh axes {axes} (rule {logical!r})")
-  return model_cfg, hf_dir
 
 
 def _validate_eval(c: ml_collections.ConfigDict, spec) -> None:
@@ -544,13 +582,8 @@ def _validate_sampling(c: ml_collections.ConfigDict, spec) -> None:
     _validate_reward(c, "iterative rounds")
 
 
-def hf_model_dir(c) -> str:
-  """The local directory of `c.model.hf_path` ("" when unset); hub names are fetched once.
-
-  `c`: a config, or a RunSpec (its directory as resolved, nothing read again).
-  """
-  if isinstance(c, RunSpec):
-    return c.hf_dir
+def hf_model_dir(c: ml_collections.ConfigDict) -> str:
+  """The local directory of `c.model.hf_path` ("" when unset); hub names are fetched once."""
   path = c.model.get("hf_path", "")
   if not path:
     return ""
@@ -561,15 +594,13 @@ def hf_model_dir(c) -> str:
                         ) from None
 
 
-def model_config(c, *, hf_dir: str | None = None):
+def model_config(c: ml_collections.ConfigDict, *, hf_dir: str | None = None):
   """The ModelConfig named by `c.model`: the preset, or the config.json of
   `hf_path` when set, plus field overrides.
 
-  `c`: a config (computed now; `hf_dir`: its hf_model_dir when already known),
-  or a RunSpec (its ModelConfig as resolved, nothing read again).
+  `hf_dir`: `c`'s hf_model_dir when already known. A resolved run reads its
+  RunSpec.model_cfg instead; this is for configs read back from a run's record.
   """
-  if isinstance(c, RunSpec):
-    return c.model_cfg
   hf_dir = hf_model_dir(c) if hf_dir is None else hf_dir
   if hf_dir:
     try:
@@ -600,12 +631,10 @@ RUN_MODES = {
 }
 
 
-def run_mode(config) -> str:
+def run_mode(config: ml_collections.ConfigDict) -> str:
   """Which trainer a recipe needs, a key of RUN_MODES: "iterative" (iterative.rounds > 0),
   "continual" (data.domains), "reward_model" (a loss whose trainer is the reward
-  model's) or "run" (one policy run). jaxalign.workflows.run.train dispatches on it."""
-  if isinstance(config, RunSpec):
-    return config.mode
+  model's) or "run" (one policy run). A resolved run holds it as RunSpec.mode."""
   if config.get("iterative", {}).get("rounds", 0) > 0:
     return "iterative"
   if config.data.get("domains"):
@@ -615,12 +644,89 @@ def run_mode(config) -> str:
   return "run"
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """The data.* values a run reads (see `defaults` for each one's meaning)."""
+  train_path: str
+  eval_path: str
+  split: str
+  tokenizer: str                    # "" : model.hf_path's own (RunSpec.tokenizer_name)
+  allow_other_tokenizer: bool
+  max_length: int
+  max_prompt_length: int
+  batch_size: int                   # global, in examples
+  shuffle: bool
+  on_error: str                     # "raise" | "skip"
+  group_size: int | None
+  packing: bool
+  pack_length: int                  # 0: max_length (see row_length)
+  pack_buckets: int
+  share_prompt: bool
+  domains: tuple[str, ...]
+  domain_eval_paths: tuple[str, ...]
+
+  @property
+  def row_length(self) -> int:
+    """Tokens per packed row (data.pack_length, 0 meaning data.max_length)."""
+    return self.pack_length or self.max_length
+
+  @classmethod
+  def from_config(cls, d) -> "DataSpec":
+    """From a validated config's data section (a key older configs lack: its default)."""
+    return cls(
+        train_path=d.train_path, eval_path=d.get("eval_path", ""), split=d.split,
+        tokenizer=d.tokenizer, allow_other_tokenizer=bool(d.get("allow_other_tokenizer", False)),
+        max_length=int(d.max_length), max_prompt_length=int(d.max_prompt_length),
+        batch_size=int(d.batch_size), shuffle=bool(d.shuffle), on_error=d.on_error,
+        group_size=d.get("group_size"),
+        packing=bool(d.get("packing", False)), pack_length=int(d.get("pack_length", 0)),
+        pack_buckets=int(d.get("pack_buckets", 3)),
+        share_prompt=bool(d.get("share_prompt", False)),
+        domains=tuple(d.get("domains", ())),
+        domain_eval_paths=tuple(d.get("domain_eval_paths", ())))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+  """config.optim, resolved: the fields train/optim.py's *_from_config read."""
+  lr: float
+  warmup_steps: int
+  schedule: str                     # "cosine" | "constant"
+  min_lr_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  clip_norm: float
+  grad_accum_steps: int
+  slow_lr_ratio: float              # OFS-DPO: the slow module's lr / the fast one's
+
+  @classmethod
+  def from_config(cls, o) -> "OptimSpec":
+    return cls(**{f.name: o[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+  """config.checkpoint, resolved."""
+  every: int
+  keep: int
+  async_save: bool
+  fallback: bool                    # a corrupt latest step: resume from the newest that loads
+
+  @classmethod
+  def from_config(cls, c) -> "CheckpointSpec":
+    return cls(every=int(c.every), keep=int(c.keep), async_save=bool(c.async_save),
+               fallback=bool(c.get("fallback", False)))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunSpec:
-  """A validated recipe, resolved once (`resolve`): what every layer below the CLI takes.
+  """A validated recipe, resolved once (`resolve`): what every layer below the CLI reads.
 
   Attributes:
-    config: the recipe, immutable (FrozenConfigDict): code below cannot change it.
+    config: the recipe, immutable (FrozenConfigDict): the run's RECORD, saved with
+      its checkpoints and compared on resume; layers read the fields below.
     num_devices: the device count it was validated for.
     model_cfg: its transformer.ModelConfig (preset or model.hf_path's config.json,
       plus overrides).
@@ -628,12 +734,23 @@ class RunSpec:
     mesh_shape: config.mesh.shape with -1 filled in for num_devices.
     rules: the logical-axis sharding rules, as tuples.
     loss: the LossSpec config.loss.name names (jaxalign.losses.get).
+    loss_name: config.loss.name (canonical: a file loss's absolute path).
+    hparams: loss.hparams as a dict (the loss's keyword arguments).
+    options: loss.options as a dict (the loss's host-side `prepare` options).
     mode: a key of RUN_MODES.
     online: a single run sampling its groups inside (online.enabled).
     cofs: continual stages combined by COFS-DPO (cofs.enabled).
     frozen_ref: the reference is computed in the step (reference.mode "frozen").
     precompute_ref: the reference is a precomputed column ("precompute").
+    ref_sync: TR-DPO's (sync_steps, sync_alpha) when the reference moves, else None.
     lora_cfg: the LoRA settings (rank 0: off).
+    init_adapters: lora.init_adapters, an adapter directory to start from ("": fresh).
+    data: the data.* values (DataSpec).
+    optim: config.optim (OptimSpec).
+    checkpoint: config.checkpoint (CheckpointSpec).
+    divergence: the jaxalign.guards.DivergenceGuard settings ({}: its defaults).
+    seed, total_steps, log_every, eval_every, init_from, skip_nonfinite,
+    allow_config_change, logprob_chunk_size: the top-level settings of `defaults`.
   """
   config: ml_collections.FrozenConfigDict
   num_devices: int
@@ -642,19 +759,53 @@ class RunSpec:
   mesh_shape: tuple[int, ...]
   rules: tuple
   loss: Any
+  loss_name: str
+  hparams: dict
+  options: dict
   mode: str
   online: bool
   cofs: bool
   frozen_ref: bool
   precompute_ref: bool
+  ref_sync: tuple[int, float] | None
   lora_cfg: Any
+  init_adapters: str
+  data: DataSpec
+  optim: OptimSpec
+  checkpoint: CheckpointSpec
+  divergence: dict
+  seed: int
+  total_steps: int
+  log_every: int
+  eval_every: int
+  init_from: str
+  skip_nonfinite: bool
+  allow_config_change: bool
+  logprob_chunk_size: int
+
+  @property
+  def modules(self) -> tuple[str, ...]:
+    """The loss's LoRA modules (OFS-DPO: fast, slow); () for one adapter set or none."""
+    return self.loss.modules
+
+  @property
+  def keep_reference(self) -> bool:
+    """The train state carries a reference copy (ref_params): a frozen reference of
+    a full fine-tune; with LoRA the reference is the base with adapters off, unless
+    it is synced (then a copy of the adapters)."""
+    return self.frozen_ref and (not self.lora_cfg.enabled or self.ref_sync is not None)
+
+  @property
+  def tokenizer_name(self) -> str:
+    """data.tokenizer, or model.hf_path's directory when that is empty."""
+    return self.data.tokenizer or self.hf_dir
 
 
 def resolve(config, num_devices: int) -> RunSpec:
   """Validates `config` for `num_devices` devices once and returns its RunSpec.
 
   A RunSpec passes through unchanged (it was resolved for that device count), so
-  entry points may take either and a call path validates once.
+  an entry point (workflows.run.train) takes either and a call path validates once.
 
   Raises:
     ConfigError: as `validate`, naming the key.
@@ -667,19 +818,28 @@ def resolve(config, num_devices: int) -> RunSpec:
     return config
   model_cfg, hf_dir = validate(config, num_devices)
   mode = run_mode(config)
-  frozen = ml_collections.FrozenConfigDict(config)
-  loss = losses.get(frozen.loss.name)
+  c = ml_collections.FrozenConfigDict(config)
+  loss = losses.get(c.loss.name)
+  frozen_ref = loss.needs_ref and c.reference.mode == "frozen"
+  sync_steps = c.reference.get("sync_steps", 0)   # validate() allows it with "frozen" only
   return RunSpec(
-      config=frozen, num_devices=num_devices, model_cfg=model_cfg, hf_dir=hf_dir,
-      mesh_shape=tuple(resolve_mesh_shape(frozen.mesh.shape, num_devices)),
-      rules=tuple(tuple(r) for r in frozen.sharding_rules), loss=loss, mode=mode,
-      online=mode == "run" and bool(frozen.online.enabled),
-      cofs=mode == "continual" and bool(frozen.cofs.enabled),
-      frozen_ref=loss.needs_ref and frozen.reference.mode == "frozen",
-      precompute_ref=loss.needs_ref and frozen.reference.mode == "precompute",
-      lora_cfg=lora.config_from(frozen.get("lora")))
-
-
-def config_of(config_or_spec):
-  """The config of a RunSpec (frozen), or the config itself."""
-  return config_or_spec.config if isinstance(config_or_spec, RunSpec) else config_or_spec
+      config=c, num_devices=num_devices, model_cfg=model_cfg, hf_dir=hf_dir,
+      mesh_shape=tuple(resolve_mesh_shape(c.mesh.shape, num_devices)),
+      rules=tuple(tuple(r) for r in c.sharding_rules), loss=loss, loss_name=c.loss.name,
+      hparams=c.loss.hparams.to_dict(), options=c.loss.options.to_dict(), mode=mode,
+      online=mode == "run" and bool(c.online.enabled),
+      cofs=mode == "continual" and bool(c.cofs.enabled),
+      frozen_ref=frozen_ref,
+      precompute_ref=loss.needs_ref and c.reference.mode == "precompute",
+      ref_sync=(int(sync_steps), float(c.reference.sync_alpha))
+      if frozen_ref and sync_steps else None,
+      lora_cfg=lora.config_from(c.get("lora")),
+      init_adapters=c.get("lora", {}).get("init_adapters", ""),
+      data=DataSpec.from_config(c.data), optim=OptimSpec.from_config(c.optim),
+      checkpoint=CheckpointSpec.from_config(c.checkpoint),
+      divergence=c.divergence.to_dict() if "divergence" in c else {},
+      seed=int(c.seed), total_steps=int(c.total_steps), log_every=int(c.log_every),
+      eval_every=int(c.get("eval_every", 0)), init_from=c.init_from,
+      skip_nonfinite=bool(c.skip_nonfinite),
+      allow_config_change=bool(c.get("allow_config_change", False)),
+      logprob_chunk_size=int(c.logprob_chunk_size))

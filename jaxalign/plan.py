@@ -350,7 +350,7 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
 def _describe(config, built, batch, devs, chip: Chip | None, target: str,
               pack: PackAssumption | None) -> tuple[dict[str, Any], list[int]]:
   """(plan's figures known before compiling, the real tokens of each sequence)."""
-  model_cfg, mesh, n = built.model_cfg, built.mesh, len(devs)
+  model_cfg, mesh, n = built.run_spec.model_cfg, built.mesh, len(devs)
   packed = packing.is_packed(batch)
   if packed:
     B, S = batch["packed_lengths"].shape
@@ -363,8 +363,9 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
     lengths = [T] * (B * S)
     computed = B * S * T
   tokens = sum(lengths)
-  model_flops = flops_lib.model_flops(model_cfg, lengths, frozen_reference=built.frozen_ref)
-  lora_cfg = built.lora_cfg
+  model_flops = flops_lib.model_flops(model_cfg, lengths,
+                                      frozen_reference=built.run_spec.frozen_ref)
+  lora_cfg = built.run_spec.lora_cfg
   out: dict[str, Any] = {
       "target": target, "num_devices": n,
       "device_kind": getattr(devs[0], "device_kind", devs[0].platform),
@@ -373,7 +374,7 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
       "trainable_params": sum(int(math.prod(a.shape))
                               for a in jax.tree.leaves(built.abstract_state.params)),
       "lora": (f"rank {lora_cfg.rank} on {','.join(lora_cfg.targets)}"
-               + (f", modules {'+'.join(built.modules)}" if built.modules else "")
+               + (f", modules {'+'.join(built.run_spec.modules)}" if built.run_spec.modules else "")
                if lora_cfg.enabled else None),
       "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
@@ -431,7 +432,7 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
            known: dict[str, Any], *, scan_estimate: bool,
            pack: PackAssumption | None) -> dict[str, Any]:
   """FLOPs, bytes, the attention kernel's share and the predicted step time and MFU."""
-  model_cfg, n = built.model_cfg, len(devs)
+  model_cfg, n = built.run_spec.model_cfg, len(devs)
   cost = _cost(compiled)
   out: dict[str, Any] = {"compiled_flops_per_device": float(cost.get("flops", 0.0))}
   # XLA's cost analysis counts a loop body once, whatever its trip count: with
@@ -449,7 +450,7 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
              bytes_accessed_per_device=bytes_accessed)
   seconds, estimate = _xla_seconds(cost, chip, flops, bytes_accessed)
   out.update(_attention_kernel_part(
-      model_cfg, devs[0].platform, lengths, n, chip, frozen_reference=built.frozen_ref,
+      model_cfg, devs[0].platform, lengths, n, chip, frozen_reference=built.run_spec.frozen_ref,
       row_length=(batch["packed_tokens"].shape[-1] if packing.is_packed(batch)
                   else config.data.max_length)))
   if extrapolated:

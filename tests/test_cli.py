@@ -10,6 +10,7 @@ import time
 import pytest
 
 from jaxalign import cli
+from tests.train.helpers import train_loop
 
 REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 
@@ -121,11 +122,10 @@ def test_plan_prints_memory_and_flops_for_cpu8(capsys):
 
 
 def test_export_writes_a_transformers_loadable_model(tmp_path, capsys):
-  from jaxalign.train import loop
   from tests.train.helpers import tiny_config
   import transformers
 
-  loop.train(tiny_config(total_steps=2), str(tmp_path / "run"), progress=False)
+  train_loop(tiny_config(total_steps=2), str(tmp_path / "run"), progress=False)
   assert cli.main(["export", f"--checkpoint={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}"]) == 0
   model, info = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / "hf", output_loading_info=True)

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from jaxalign import distributed
-from jaxalign.train import loop
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, train_loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
@@ -46,7 +45,7 @@ def _rows(workdir):
 
 def test_two_processes_equal_one_and_resume_from_their_checkpoint(tmp_path):
   single = tmp_path / "single"
-  loop.train(tiny_config(), str(single), progress=False)   # 8 devices, mesh (1, 8, 1)
+  train_loop(tiny_config(), str(single), progress=False)   # 8 devices, mesh (1, 8, 1)
 
   multi = tmp_path / "multi"
   out = _launch(multi, tmp_path / "logs", "--stop_after_steps", "3")

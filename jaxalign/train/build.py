@@ -15,13 +15,11 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
 from jaxalign import config as config_lib
-from jaxalign import losses, sharding
+from jaxalign import sharding
 from jaxalign.models import lora, transformer
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import optim, state as state_lib, step as step_lib
@@ -29,25 +27,15 @@ from jaxalign.train import optim, state as state_lib, step as step_lib
 
 @dataclasses.dataclass(frozen=True)
 class Built:
-  """What `build` assembles for one run (see the module docstring)."""
+  """What `build` assembles for one run: the device side, nothing the spec already says."""
+  run_spec: config_lib.RunSpec      # what it was built from (model, loss, LoRA, reference)
   mesh: jax.sharding.Mesh
-  rules: tuple
-  model_cfg: Any                    # transformer.ModelConfig
-  spec: losses.LossSpec
-  lora_cfg: lora.LoraConfig
-  modules: tuple[str, ...]          # the loss's LoRA modules (OFS-DPO: fast, slow)
-  frozen_ref: bool                  # the reference is computed in the step
-  precompute_ref: bool              # the reference is a precomputed batch column
-  ref_sync: tuple[int, float] | None  # TR-DPO (every, alpha)
-  keep_reference: bool              # the state carries a reference copy (ref_params)
   tx: optax.GradientTransformation
-  schedule: optax.Schedule
   graphdef: nnx.GraphDef
   abstract_state: Any               # TrainState of ShapeDtypeStructs with shardings
   state_shardings: Any
   init_fn: Callable                 # () -> the step-0 TrainState (jit it with the shardings)
   batch_sharding: jax.sharding.NamedSharding
-  replicated: jax.sharding.NamedSharding
   step_fn: Callable                 # jitted (state, batch) -> (state, metrics), state donated
   eval_fn: Callable                 # jitted (state, batch) -> metrics, no gradients
 
@@ -55,7 +43,7 @@ class Built:
   def saved_part(self) -> Callable:
     """state -> what a checkpoint holds: a LoRA run's base always comes from the
     config's source (seed, init_from or model.hf_path), never from the checkpoint."""
-    if self.lora_cfg.enabled:
+    if self.run_spec.lora_cfg.enabled:
       return lambda s: s.replace(frozen=None)
     return lambda s: s
 
@@ -95,85 +83,44 @@ def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_referen
   return graphdef, abstract_state, shardings, init_fn
 
 
-def initial_state(init_fn, tx, shardings, params=None, *, keep_reference: bool,
-                  part: str | None = None):
-  """The step-0 TrainState, sharded; with `params`, built around them.
-
-  The random parameters `init_fn` would make are unused when `params` is given,
-  so XLA drops them: no random copy of a large model is ever allocated.
-  `part`: `params` are that entry of the model's params only (a reward model's
-  "backbone"); the rest keeps its seeded init.
-  """
-  if params is None:
-    return jax.jit(init_fn, out_shardings=shardings)()
-
-  def from_params(p):
-    state = init_fn()
-    if part is not None:
-      whole = state.params
-      whole[part] = p
-      p = whole
-    return state.replace(params=p, opt_state=tx.init(p),
-                         ref_params=jax.tree.map(jnp.copy, p) if keep_reference else None)
-
-  return jax.jit(from_params, out_shardings=shardings)(params)
-
-
-def build(config: config_lib.RunSpec | ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-          model_cfg=None) -> Built:
-  """State, optimizer and jitted steps of the run `config` describes, on `mesh`.
+def build(spec: config_lib.RunSpec, mesh: jax.sharding.Mesh) -> Built:
+  """State, optimizer and jitted steps of the run `spec` describes, on `mesh`.
 
   Args:
-    config: a RunSpec (config.resolve for the mesh's device count: its ModelConfig
-      is used as resolved), or a validated recipe.
+    spec: the resolved run (config.resolve for the mesh's device count).
     mesh: the run's mesh (sharding.make_mesh, or plan's multi-slice mesh).
-    model_cfg: a plain config's ModelConfig when the caller already has it
-      (config.model_config reads model.hf_path's config.json otherwise).
   """
-  model_cfg = config_lib.model_config(config) if model_cfg is None else model_cfg
-  config = config_lib.config_of(config)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  spec = losses.get(config.loss.name)
-  lora_cfg = lora.config_from(config.get("lora"))
   modules = spec.modules
-  frozen_ref = spec.needs_ref and config.reference.mode == "frozen"
-  precompute_ref = spec.needs_ref and config.reference.mode == "precompute"
-  # TR-DPO reference sync (train/ref_sync.py); validate() allows it with "frozen" only.
-  sync_steps = config.reference.get("sync_steps", 0)
-  ref_sync = ((sync_steps, float(config.reference.sync_alpha))
-              if frozen_ref and sync_steps else None)
   if modules:
     tx, schedule = optim.modules_optimizer_from_config(
-        config.optim, total_steps=config.total_steps, modules=modules)
+        spec.optim, total_steps=spec.total_steps, modules=modules)
   else:
-    tx, schedule = optim.optimizer_from_config(config.optim, total_steps=config.total_steps)
+    tx, schedule = optim.optimizer_from_config(spec.optim, total_steps=spec.total_steps)
+  graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
+      spec.model_cfg, tx, mesh, spec.rules, seed=spec.seed, keep_reference=spec.keep_reference,
+      init_loss_state=spec.loss.init_state, lora_config=spec.lora_cfg, modules=modules,
+      scalar_head=reward_model.has_scalar_head(spec.loss))
+  batch_sharding = sharding.batch_sharding(mesh, spec.rules)
+  replicated = sharding.replicated(mesh)
   # With LoRA a frozen reference is the base with adapters off: no copy of it
   # (a synced one is the base plus a reference copy of the adapters).
-  keep_reference = frozen_ref and (not lora_cfg.enabled or ref_sync is not None)
-  graphdef, abstract_state, state_shardings, init_fn = build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=keep_reference,
-      init_loss_state=spec.init_state, lora_config=lora_cfg, modules=modules,
-      scalar_head=reward_model.has_scalar_head(spec))
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  replicated = sharding.replicated(mesh)
-  ref_graphdef = (lora.base_graphdef(model_cfg)
-                  if lora_cfg.enabled and frozen_ref and ref_sync is None else None)
-  loss_call = step_lib.make_loss_call(spec, config.loss.hparams.to_dict())
+  ref_graphdef = (lora.base_graphdef(spec.model_cfg)
+                  if spec.lora_cfg.enabled and spec.frozen_ref and spec.ref_sync is None
+                  else None)
+  loss_call = step_lib.make_loss_call(spec.loss, dict(spec.hparams))
   step_fn = step_lib.jit_train_step(
       graphdef=graphdef, tx=tx, schedule=schedule, loss_call=loss_call,
-      chunk_size=config.logprob_chunk_size, accum_steps=config.optim.grad_accum_steps,
-      skip_nonfinite=config.skip_nonfinite, state_shardings=state_shardings,
+      chunk_size=spec.logprob_chunk_size, accum_steps=spec.optim.grad_accum_steps,
+      skip_nonfinite=spec.skip_nonfinite, state_shardings=state_shardings,
       batch_sharding=batch_sharding, replicated=replicated, ref_graphdef=ref_graphdef,
-      modules=modules, module_lr_scales=optim.module_lr_scales(config.optim, modules),
-      lora_dropout=lora_cfg.enabled and lora_cfg.dropout > 0, ref_sync=ref_sync)
+      modules=modules, module_lr_scales=optim.module_lr_scales(spec.optim, modules),
+      lora_dropout=spec.lora_cfg.enabled and spec.lora_cfg.dropout > 0,
+      ref_sync=spec.ref_sync)
   eval_fn = step_lib.jit_eval_step(
-      graphdef=graphdef, loss_call=loss_call, chunk_size=config.logprob_chunk_size,
+      graphdef=graphdef, loss_call=loss_call, chunk_size=spec.logprob_chunk_size,
       state_shardings=state_shardings, batch_sharding=batch_sharding, replicated=replicated,
       ref_graphdef=ref_graphdef, modules=modules)
-  return Built(mesh=mesh, rules=rules, model_cfg=model_cfg, spec=spec, lora_cfg=lora_cfg,
-               modules=modules, frozen_ref=frozen_ref, precompute_ref=precompute_ref,
-               ref_sync=ref_sync, keep_reference=keep_reference, tx=tx, schedule=schedule,
-               graphdef=graphdef, abstract_state=abstract_state,
-               state_shardings=state_shardings, init_fn=init_fn,
-               batch_sharding=batch_sharding, replicated=replicated, step_fn=step_fn,
+  return Built(run_spec=spec, mesh=mesh, tx=tx, graphdef=graphdef,
+               abstract_state=abstract_state, state_shardings=state_shardings,
+               init_fn=init_fn, batch_sharding=batch_sharding, step_fn=step_fn,
                eval_fn=eval_fn)

@@ -1,49 +1,191 @@
-"""The host loop: config -> mesh -> data -> state -> jitted step -> logs and checkpoints.
+"""The host loop of one policy run: spec -> data -> state -> passes -> jitted steps.
 
-Reads top to bottom. Everything inside `step_fn` is traced once; the host
-syncs with the devices only every `log_every` steps and at checkpoints.
+Reads top to bottom, one function per phase: `_load_data` (read, validate and
+tokenize everything before anything is written or compiled), `_initial_state`
+(the step-0 state, the reference and `prepare` passes of train/passes.py),
+`_resume` (the batches' iterator, and the checkpoint's state on a resume),
+`_step_loop` (the steps, logs, held-out evaluations and checkpoints).
+Everything inside the step is traced once; the host syncs with the devices
+only every `log_every` steps and at checkpoints.
 """
 
-import functools
+from __future__ import annotations
+
+import dataclasses
 import logging
 import time
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
-from jaxalign import fingerprint, guards, runlock
+from jaxalign import fingerprint, guards, paths, runlock, sharding
 from jaxalign import flops as flops_lib
-from jaxalign import paths
-from jaxalign import sharding
-from jaxalign.data import (examples as examples_lib, formats, packing, pipeline, reading, schema,
-                           tables)
-from jaxalign.errors import NonFiniteError, ResumeMismatchError  # noqa: F401  (old import path)
-from jaxalign.models import hf, lora
-from jaxalign.rewards import model as reward_model
+from jaxalign.data import examples as examples_lib, formats, packing, pipeline, reading, schema
+from jaxalign.errors import NonFiniteError
 from jaxalign.train import build as build_lib
-from jaxalign.train import heldout, online as online_lib, resume, rundir, signals, step as step_lib
-from jaxalign.train.rundir import RunResult, load_run_params, resolved_config  # noqa: F401  (old import path)
+from jaxalign.train import heldout, init, online as online_lib, passes, resume, signals
 from jaxalign.train.metrics import MetricWriter
+from jaxalign.train.rundir import RunResult
 
 log = logging.getLogger("jaxalign")
 
-# SIGTERM and SIGINT: stop at the next step boundary with a checkpoint.
-_Preemption = signals.Preemption
+# Logged metrics shown beside the progress bar.
+_BAR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+             "rewards/accuracies", "eval/loss", "eval/rewards/accuracies", "learning_rate",
+             "grad_norm", "tokens_per_sec")
 
 
-def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
-  """data.eval_path's examples in the loss's format `fmt`, tokenized like the training set.
+def train(spec: config_lib.RunSpec, workdir: str, *, progress: bool = True, devices=None,
+          stop_after: int | None = None) -> RunResult:
+  """One policy run of `spec` in `workdir`, resuming from its latest checkpoint if any.
+
+  Other run modes (iterative rounds, data.domains stages, reward models) are
+  dispatched by jaxalign.workflows.run.train, which calls this for each run
+  (`run_loop` for a reward model's).
+
+  Args:
+    spec: the resolved run (jaxalign.config.resolve, for len(devices) devices).
+    workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, tokenizer/.
+    progress: show a progress bar (process 0 only).
+    devices: devices for the mesh (default all).
+    stop_after: leave after this many steps of this invocation, with a checkpoint
+      (for time-sliced schedulers); the run continues on the next call.
+  """
+  if spec.mode != "run":
+    raise ValueError(f"loop.train runs one policy run; a {spec.mode} recipe trains through "
+                     "jaxalign.workflows.run.train")
+  return run_loop(spec, workdir, progress=progress, devices=devices, stop_after=stop_after)
+
+
+def run_loop(spec: config_lib.RunSpec, workdir: str, *, progress: bool = True, devices=None,
+             stop_after: int | None = None) -> RunResult:
+  """`train` without its mode check: the loop of every objective, a policy loss or a
+  scalar-head (reward-model) loss, which workflows.run.train runs then exports."""
+  devices = jax.devices() if devices is None else list(devices)
+  spec = config_lib.resolve(spec, len(devices))   # a spec for another device count: refused
+  # SIGTERM is caught from here on: one arriving while data loads or the step
+  # compiles stops the run at the first step boundary, with a checkpoint.
+  with signals.Preemption() as preempt, runlock.RunLock() as lock:
+    return _train(spec, workdir, progress=progress, devices=devices, stop_after=stop_after,
+                  preempt=preempt, lock=lock)
+
+
+@dataclasses.dataclass
+class _Data:
+  """What `_load_data` read: the run's examples and what identifies them."""
+  tokenizer: Any
+  examples: Any                     # a list, or a lazy source (data/lazy.py)
+  skipped: int
+  eval_examples: Any                # None: no held-out set
+  fp: dict                          # the training data's fingerprint
+  changed: bool                     # the data differs from the checkpoint's (allowed)
+  online: Any                       # online_lib.OnlineSource, or None offline
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The fixed parts the step loop drives."""
+  spec: config_lib.RunSpec
+  built: build_lib.Built
+  checkpointer: ckpt.Checkpointer
+  data_iter: Any
+  pack: Any                         # batch -> packed/shared batch, or None
+  expand: Any                       # online: (state, batch, step) -> (batch, metrics)
+  held_out: heldout.HeldOut | None
+  writer: MetricWriter
+  divergence: guards.DivergenceGuard
+  perf: flops_lib.Utilization
+  bar: Any
+
+
+def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, preempt,
+           lock=None) -> RunResult:
+  """The phases of one run, in order (module docstring); `lock`: the workdir's RunLock."""
+  workdir = paths.resolve(workdir)   # a local directory or a gs:// URL
+  if spec.init_from and not paths.isdir(spec.init_from):
+    raise config_lib.ConfigError(f"config.init_from: {spec.init_from} is not a directory")
+  mesh = sharding.make_mesh(spec.mesh_shape, devices)
+  # A bad config or bad data leaves no workdir behind.
+  data = _load_data(spec, workdir)
+  _claim_workdir(spec, workdir, data, lock)
+  # State, optimizer and jitted steps: abstract first (train/build.py, as `plan` builds them).
+  built = build_lib.build(spec, mesh)
+  checkpointer = ckpt.Checkpointer(
+      paths.join(workdir, "checkpoints"), every=spec.checkpoint.every,
+      keep=spec.checkpoint.keep, async_save=spec.checkpoint.async_save)
+  checkpointer.check_writable()
+  resume_step = resume.resume_step(checkpointer, spec, built.saved_part(built.abstract_state),
+                                   fallback=spec.checkpoint.fallback)
+  pack = _layout(spec, data, mesh)
+  state = _initial_state(spec, built, data, resume_step, pack, workdir=workdir,
+                         progress=progress)
+  state, data_iter, start = _resume(spec, built, data, checkpointer, resume_step, state)
+  if start >= spec.total_steps:
+    checkpointer.close()
+    return RunResult(workdir=workdir, final_step=start, last_metrics={},
+                     already_complete=True)
+  end = spec.total_steps if stop_after is None else min(spec.total_steps, start + stop_after)
+  run = _Loop(
+      spec=spec, built=built, checkpointer=checkpointer, data_iter=data_iter, pack=pack,
+      expand=data.online.bind(graphdef=built.graphdef, tokenizer=data.tokenizer,
+                              workdir=workdir, examples=data.examples) if data.online else None,
+      held_out=_held_out(spec, built, data.eval_examples),
+      # resume_step: rows a killed run logged past its last checkpoint are dropped.
+      writer=MetricWriter(workdir, process_index=jax.process_index(), resume_step=start),
+      divergence=guards.DivergenceGuard(**spec.divergence),
+      # perf/model_tflops_per_device and perf/mfu over real tokens (docs/performance.md).
+      perf=flops_lib.Utilization.for_devices(
+          spec.model_cfg, devices, frozen_reference=spec.frozen_ref,
+          lora=spec.lora_cfg.enabled, policy_passes=max(1, len(spec.modules))),
+      bar=tqdm(total=spec.total_steps, initial=start, desc=spec.loss.name or spec.loss_name,
+               disable=not (progress and jax.process_index() == 0), dynamic_ncols=True))
+  preempt.wait_for_writes = checkpointer.wait
+  state, last, stopped = _step_loop(run, state, start=start, end=end, preempt=preempt)
+  run.bar.close()
+  checkpointer.close()
+  run.writer.close()
+  return RunResult(workdir=workdir, final_step=int(jax.device_get(state.step)),
+                   last_metrics=last, stopped_by_signal=stopped,
+                   signal_name=preempt.signal_name if stopped else "")
+
+
+def _load_data(spec: config_lib.RunSpec, workdir: str) -> _Data:
+  """Reads, validates and tokenizes the training (and held-out) data, before any
+  compile and before anything is written; checks it against a resumed run's."""
+  # Online methods sample their groups inside the run (jaxalign.train.online).
+  online = online_lib.source_for(spec)
+  fmt = online.data_format if online else spec.loss.data
+  d = spec.data
+  tokenizer = reading.load_tokenizer(spec.tokenizer_name)
+  reading.check_tokenizer(tokenizer, spec.config, spec.model_cfg.vocab_size, spec.hf_dir)
+  # A prepared (tokenized) set is opened lazily: no tokenizer work (data/prepared.py).
+  examples, num_skipped = examples_lib.open_examples(
+      d.train_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
+      max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
+      map_record=online.map_record if online else None,
+      kl_chunk_size=d.batch_size // jax.process_count())
+  if num_skipped:
+    log.warning("skipped %d malformed records of %s", num_skipped, d.train_path)
+  # The held-out set is in the loss's own format (for online methods too: fixed samples).
+  eval_examples = load_eval_set(spec, tokenizer) if d.eval_path else None
+  data_fp = fingerprint.compute(examples, tokenizer, train_path=d.train_path,
+                                settings=fingerprint.settings_from_config(spec.config, fmt))
+  changed = fingerprint.check_resume(workdir, data_fp, allow_change=spec.allow_config_change)
+  return _Data(tokenizer=tokenizer, examples=examples, skipped=num_skipped,
+               eval_examples=eval_examples, fp=data_fp, changed=changed, online=online)
+
+
+def load_eval_set(spec: config_lib.RunSpec, tokenizer) -> list[dict]:
+  """data.eval_path's examples in the loss's format, tokenized like the training set.
 
   Raises:
-    ConfigError: naming config.data.eval_path, when it cannot be read, is not `fmt`
-      data, or has fewer examples than one global batch.
+    ConfigError: naming config.data.eval_path, when it cannot be read, is not in
+      the loss's format, or has fewer examples than one global batch.
   """
-  d = config.data
+  d, fmt = spec.data, spec.loss.data
   train_key = "config.data.train_path: "   # read_records' messages name the training key
   try:
     examples, skipped = examples_lib.open_examples(
@@ -54,7 +196,7 @@ def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
     text = str(e)
     text = text[len(train_key):] if text.startswith(train_key) else text
     raise config_lib.ConfigError(
-        f"config.data.eval_path: not usable as {fmt!r} data for loss {config.loss.name!r}: "
+        f"config.data.eval_path: not usable as {fmt!r} data for loss {spec.loss_name!r}: "
         f"{reading.first_line(ValueError(text))}") from None
   if skipped:
     log.warning("skipped %d malformed records of %s", skipped, d.eval_path)
@@ -65,365 +207,182 @@ def load_eval_set(config, fmt: str, tokenizer) -> list[dict]:
   return examples
 
 
-# Assembled in train/build.py; kept here under their old names for callers.
-build_model_and_state = build_lib.build_model_and_state
-initial_state = build_lib.initial_state
-
-
-def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
-                 progress: bool = True, operands=(), pack=None) -> np.ndarray:
-  """Runs a jitted `fn(*operands, batch) -> [B, ...]` over every example once, in order.
-
-  Each process reads its own block of the data; `fn`'s results, with the
-  dataset indices, come back replicated, so every process fills the full table.
-  `operands` (e.g. the params) are passed to the jitted function, not closed
-  over: an array spanning other processes' devices cannot be a constant.
-  `pack` (data.packing): batch, valid -> the packed batch `fn` reads; the
-  padded tail's empty slots then place no tokens.
-  """
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  replicated = sharding.replicated(mesh)
-
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def run(operands, batch):
-    return fn(*operands, batch), batch["index"], batch["valid"]
-
-  table = None
-  filled = np.zeros(len(examples), bool)
-  process_batch = batch_size // jax.process_count()
-  # A generator, not a list: a lazy source's batches are tokenized as they are run.
-  per_process = -(-len(examples) // jax.process_count())
-  for batch in tqdm(pipeline.ordered_batches(examples, process_batch), desc=desc,
-                    total=-(-per_process // process_batch), leave=False,
-                    disable=not progress or jax.process_index() != 0):
-    arrays = {k: batch[k] for k in ("tokens", "attention_mask", "loss_mask")}
-    if pack is not None:
-      arrays = pack(arrays, np.asarray(batch["valid"], bool))
-    arrays["index"] = np.asarray(batch["index"], np.int32)
-    arrays["valid"] = np.asarray(batch["valid"], np.int32)
-    values, index, valid = jax.device_get(
-        run(operands, sharding.host_to_global(arrays, batch_sharding)))
-    keep = np.asarray(valid).astype(bool)
-    if table is None:
-      table = np.zeros((len(examples),) + values.shape[1:], np.float32)
-    table[np.asarray(index)[keep]] = np.asarray(values)[keep]
-    filled[np.asarray(index)[keep]] = True
-  if not filled.all():
-    raise RuntimeError(f"{desc}: no value for {int((~filled).sum())} examples")
-  return table
-
-
-def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
-          progress: bool = True, devices=None, stop_after: int | None = None) -> RunResult:
-  """One policy run of `config` in `workdir`, resuming from its latest checkpoint if any.
-
-  Other run modes (iterative rounds, data.domains stages, reward models) are
-  dispatched by jaxalign.workflows.run.train, which calls this for each run
-  (`run_loop` for a reward model's).
-
-  Args:
-    config: a RunSpec (jaxalign.config.resolve), or a recipe (see
-      jaxalign.config.defaults()), resolved here once.
-    workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, tokenizer/.
-    progress: show a progress bar (process 0 only).
-    devices: devices for the mesh (default all).
-    stop_after: leave after this many steps of this invocation, with a checkpoint
-      (for time-sliced schedulers); the run continues on the next call.
-  """
-  mode = config_lib.run_mode(config)   # before validating: a clear error for another mode
-  if mode != "run":
-    raise ValueError(f"loop.train runs one policy run; a {mode} recipe trains through "
-                     "jaxalign.workflows.run.train")
-  return run_loop(config, workdir, progress=progress, devices=devices, stop_after=stop_after)
-
-
-def run_loop(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
-             progress: bool = True, devices=None, stop_after: int | None = None) -> RunResult:
-  """`train` without its mode check: the loop of every objective, a policy loss or a
-  scalar-head (reward-model) loss, which workflows.run.train runs then exports."""
-  devices = jax.devices() if devices is None else list(devices)
-  run_spec = config_lib.resolve(config, len(devices))
-  # SIGTERM is caught from here on: one arriving while data loads or the step
-  # compiles stops the run at the first step boundary, with a checkpoint.
-  with _Preemption() as preempt, runlock.RunLock() as lock:
-    return _train(run_spec, workdir, progress=progress, devices=devices,
-                  stop_after=stop_after, preempt=preempt, lock=lock)
-
-
-def _train(run_spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, preempt,
-           lock=None) -> RunResult:
-  config = run_spec.config   # frozen: nothing below changes the recipe
-  workdir = paths.resolve(workdir)   # a local directory or a gs:// URL
-  is_main = jax.process_index() == 0
-  if config.init_from and not paths.isdir(config.init_from):
-    raise config_lib.ConfigError(f"config.init_from: {config.init_from} is not a directory")
-
-  # Mesh and the pieces fixed by the config, as resolved once (config.resolve).
-  mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
-  rules = run_spec.rules
-  model_cfg = run_spec.model_cfg
-  hf_dir = run_spec.hf_dir
-  spec = run_spec.loss
-  frozen_ref = run_spec.frozen_ref
-  precompute_ref = run_spec.precompute_ref
-  # Online methods sample their groups inside the run (jaxalign.train.online).
-  online = online_lib.source_for(run_spec)
-  lora_cfg = run_spec.lora_cfg
-  modules = spec.modules
-
-  # Data: read, validate and tokenize everything before any compile, and before
-  # anything is written: a bad config or bad data leaves no workdir behind.
-  tokenizer = reading.load_tokenizer(config.data.tokenizer or hf_dir)
-  reading.check_tokenizer(tokenizer, config, model_cfg.vocab_size, hf_dir)
-  # A prepared (tokenized) set is opened lazily: no tokenizer work (data/prepared.py).
-  examples, num_skipped = examples_lib.open_examples(
-      config.data.train_path, online.data_format if online else spec.data, tokenizer,
-      split=config.data.split, max_length=config.data.max_length,
-      max_prompt_length=config.data.max_prompt_length, on_error=config.data.on_error,
-      group_size=config.data.group_size, map_record=online.map_record if online else None,
-      kl_chunk_size=config.data.batch_size // jax.process_count())
-  if num_skipped:
-    log.warning("skipped %d malformed records of %s", num_skipped, config.data.train_path)
-  # The held-out set is in the loss's own format (for online methods too: fixed samples).
-  eval_examples = (load_eval_set(config, spec.data, tokenizer) if config.data.eval_path
-                   else None)
-  data_fp = fingerprint.compute(examples, tokenizer, train_path=config.data.train_path,
-                                settings=fingerprint.settings_from_config(
-                                    config, online.data_format if online else spec.data))
-  data_changed = fingerprint.check_resume(workdir, data_fp,
-                                          allow_change=config.allow_config_change)
+def _claim_workdir(spec: config_lib.RunSpec, workdir: str, data: _Data, lock) -> None:
+  """Creates the workdir, takes its run lock and records the data and tokenizer."""
   paths.makedirs(workdir)
-  if lock is not None and is_main:
+  if jax.process_index() != 0:
+    return
+  if lock is not None:
     lock.acquire(workdir)   # runlock.LockedError when another live run holds it
-  if is_main and (data_changed or not fingerprint.has_checkpoints(workdir)):
-    fingerprint.write(paths.join(workdir, fingerprint.RUN_FILE), data_fp)
-  if is_main:
-    paths.save_pretrained(tokenizer, paths.join(workdir, "tokenizer"))
-    ckpt.write_json(paths.join(workdir, "data_stats.json"), {
-        "train_path": config.data.train_path, "records": len(examples) + num_skipped,
-        "examples": len(examples), "skipped": num_skipped})
+  if data.changed or not fingerprint.has_checkpoints(workdir):
+    fingerprint.write(paths.join(workdir, fingerprint.RUN_FILE), data.fp)
+  paths.save_pretrained(data.tokenizer, paths.join(workdir, "tokenizer"))
+  ckpt.write_json(paths.join(workdir, "data_stats.json"), {
+      "train_path": spec.data.train_path, "records": len(data.examples) + data.skipped,
+      "examples": len(data.examples), "skipped": data.skipped})
 
-  # State, optimizer and jitted steps: abstract first (train/build.py, as `plan` builds
-  # them), then the real state, already sharded.
-  built = build_lib.build(run_spec, mesh)
-  tx, graphdef, init_fn = built.tx, built.graphdef, built.init_fn
-  abstract_state, state_shardings = built.abstract_state, built.state_shardings
-  # LoRA checkpoints hold the adapters, their optimizer state, step, RNG and loss
-  # state; the base always comes from the config's source (seed or init_from).
-  saved_part = built.saved_part
 
-  checkpointer = ckpt.Checkpointer(
-      paths.join(workdir, "checkpoints"), every=config.checkpoint.every,
-      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  checkpointer.check_writable()
-  fallback = bool(config.checkpoint.get("fallback", False))
-  resume_step = resume.resume_step(checkpointer, run_spec, saved_part(abstract_state),
-                                   fallback=fallback)
-  ref_table = None
-  if precompute_ref:   # None: compute it from the initial policy (below)
-    ref_table = fingerprint.reference_plan(
-        paths.join(workdir, "ref_logps.npy"), data_fp, resuming=resume_step is not None,
-        allow_change=config.allow_config_change, data_changed=data_changed)
-  eval_ref_path, eval_fp, eval_table = paths.join(workdir, heldout.REF_FILE), None, None
-  if precompute_ref and eval_examples is not None:
-    eval_fp = fingerprint.compute(eval_examples, tokenizer, train_path=config.data.eval_path,
-                                  settings=fingerprint.settings_from_config(config, spec.data))
-    # The eval set does not steer training: a missing or stale table is recomputed.
-    eval_table = fingerprint.reference_plan(eval_ref_path, eval_fp, resuming=False,
-                                            allow_change=True, data_changed=False)
+def _initial_state(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data, resume_step,
+                   pack, *, workdir: str, progress: bool):
+  """The step-0 state (train/init.py), and the passes of the initial policy over the
+  data (train/passes.py): data.examples and data.eval_examples gain their columns."""
+  ref_plan = passes.plan_reference(spec, workdir, data.fp, data.eval_examples, data.tokenizer,
+                                   resuming=resume_step is not None,
+                                   data_changed=data.changed)
   # The initial policy is needed on a fresh run, and on a resume whose reference is recomputed.
-  fresh_init = resume_step is None or (precompute_ref and (
-      ref_table is None or (eval_examples is not None and eval_table is None)))
-  process_batch = config.data.batch_size // jax.process_count()
-  pack = _packer(config, examples, tokenizer, process_batch, mesh) if config.data.packing else None
-  if config.data.get("share_prompt", False) and not config.data.packing:   # the prompt once
-    pack = packing.make_sharer(prompt_length=config.data.max_prompt_length,
-                               max_length=config.data.max_length)
+  fresh = resume_step is None or (ref_plan is not None and ref_plan.missing)
+  examples, eval_examples = data.examples, data.eval_examples
+  with jax.set_mesh(built.mesh):
+    state = init.initial_state(spec, built, fresh=fresh)
+    if ref_plan is not None:   # reference log-probs of the initial policy, once
+      examples, eval_examples = passes.add_reference(
+          ref_plan, examples, eval_examples, state, built.graphdef, spec=spec,
+          mesh=built.mesh, pack=pack, progress=progress)
+    examples, eval_examples = passes.apply_prepare(
+        spec, examples, eval_examples, state, built.graphdef, mesh=built.mesh,
+        progress=progress)
+  data.examples, data.eval_examples = examples, eval_examples
+  return state
 
-  with jax.set_mesh(mesh):
-    # Starting parameters: a resumed run's come from its checkpoint (below), else
-    # init_from's checkpoint, else the HF checkpoint, else the seeded random init.
-    # With LoRA those are the frozen base, and the adapters start fresh.
-    if lora_cfg.enabled:
-      state = jax.jit(init_fn, out_shardings=state_shardings)()
-      state = _lora_init(state, run_spec, abstract_state, tx, state_shardings, modules,
-                         fresh=fresh_init)
-    else:
-      params = None
-      # A reward model's backbone comes from there, its scalar head from the seed.
-      part = "backbone" if reward_model.has_scalar_head(spec) else None
-      target = abstract_state.params if part is None else abstract_state.params[part]
-      if fresh_init and config.init_from:
-        params = ckpt.restore_params(rundir.checkpoint_dir(config.init_from), target)
-      elif fresh_init and hf_dir:
-        params = hf.load_state(hf_dir, model_cfg, target)
-      state = initial_state(init_fn, tx, state_shardings, params, keep_reference=frozen_ref,
-                            part=part)
 
-    # Reference log-probs of the initial policy, computed once and kept beside the run.
-    if precompute_ref:
-      ref_path = paths.join(workdir, "ref_logps.npy")
-      table = ref_table
-      need_eval = eval_examples is not None and eval_table is None
-      if table is None or need_eval:
-        # The initial policy; OFS-DPO's modules start identical, the first stands for both.
-        policy = state.params[modules[0]] if modules else state.params
-        initial_logps = functools.partial(
-            map_examples, fn=functools.partial(step_lib.batch_logps_only, graphdef,
-                                               chunk_size=config.logprob_chunk_size,
-                                               batch_axes=sharding.batch_axes(rules)),
-            operands=(policy, state.frozen), mesh=mesh, rules=rules,
-            batch_size=config.data.batch_size, progress=progress, pack=pack)
-        if (table is None and need_eval and pack is None and isinstance(examples, list)
-            and isinstance(eval_examples, list)
-            and examples[0]["tokens"].shape == eval_examples[0]["tokens"].shape):
-          # One pass, one compile, over both sets: rows do not interact.
-          both = initial_logps(examples + eval_examples, desc="reference log-probs")
-          table, eval_table = both[:len(examples)], both[len(examples):]
-        else:
-          if table is None:
-            table = initial_logps(examples, desc="reference log-probs")
-          if need_eval:
-            eval_table = initial_logps(eval_examples, desc="eval reference log-probs")
-        if is_main and ref_table is None:
-          paths.save_npy(ref_path, table)
-          fingerprint.write(fingerprint.reference_fingerprint_path(ref_path), data_fp)
-        if is_main and need_eval:
-          paths.save_npy(eval_ref_path, eval_table)
-          fingerprint.write(fingerprint.reference_fingerprint_path(eval_ref_path), eval_fp)
-      examples = tables.with_column(examples, "ref_logps", table)   # row i by example id
-      if eval_examples is not None:   # the held-out set's, from the same initial policy
-        eval_examples = tables.with_column(eval_examples, "ref_logps", eval_table)
-
-    # The loss's own host-side preparation (e.g. BCO's UDM weights), once.
-    if spec.prepare is not None:
-      examples = spec.prepare(
-          examples, seed=config.seed, **config.loss.options.to_dict(),
-          prompt_embeddings=lambda: map_examples(
-              examples, functools.partial(step_lib.prompt_embeddings, graphdef),
-              operands=(state.params, state.frozen), mesh=mesh, rules=rules,
-              batch_size=config.data.batch_size, desc="prompt embeddings", progress=progress))
-      if eval_examples is not None:
-        eval_examples = spec.prepare(
-            eval_examples, seed=config.seed, **config.loss.options.to_dict(),
-            prompt_embeddings=lambda: map_examples(
-                eval_examples, functools.partial(step_lib.prompt_embeddings, graphdef),
-                operands=(state.params, state.frozen), mesh=mesh, rules=rules,
-                batch_size=config.data.batch_size, desc="eval prompt embeddings",
-                progress=progress))
-
-  dataset = pipeline.make_dataset(examples, seed=config.seed, batch_size=process_batch,
-                                  shuffle=config.data.shuffle, repeat=True,
-                                  add_index=online is not None,
-                                  keep_blocks=spec.data == "unpaired_kl")  # KTO's KL pairs
+def _resume(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data, checkpointer,
+            resume_step, state):
+  """(state, data iterator, start step): the training batches' iterator and, on a
+  resume, the state and iterator position restored from the checkpoint."""
+  dataset = pipeline.make_dataset(data.examples, seed=spec.seed,
+                                  batch_size=spec.data.batch_size // jax.process_count(),
+                                  shuffle=spec.data.shuffle, repeat=True,
+                                  add_index=data.online is not None,
+                                  keep_blocks=spec.loss.data == "unpaired_kl")  # KTO's KL pairs
   data_iter = iter(dataset)
-  if resume_step is not None:   # on changed data the iterator starts over
-    restored, resume_step = resume.restore(checkpointer, resume_step,
-                                           saved_part(abstract_state),
-                                           None if data_changed else data_iter, run_spec,
-                                           fallback=fallback)
-    state = restored.replace(frozen=state.frozen) if lora_cfg.enabled else restored
-    log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
+  if resume_step is None:
+    return state, data_iter, 0
+  # On changed data the iterator starts over.
+  restored, resume_step = resume.restore(checkpointer, resume_step,
+                                         built.saved_part(built.abstract_state),
+                                         None if data.changed else data_iter, spec,
+                                         fallback=spec.checkpoint.fallback)
+  state = restored.replace(frozen=state.frozen) if spec.lora_cfg.enabled else restored
+  log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
+  return state, data_iter, int(resume_step)
 
-  step_fn = built.step_fn
-  held_out = (heldout.HeldOut(eval_examples, built.eval_fn, batch_size=config.data.batch_size,
-                              batch_sharding=built.batch_sharding,
-                              keep_blocks=spec.data == "unpaired_kl")
-              if eval_examples is not None else None)
 
-  expand = online.bind(graphdef=graphdef, tokenizer=tokenizer, workdir=workdir,
-                       examples=examples) if online else None
-  resolved = config.to_dict()
-  start = int(resume_step or 0)
-  if start >= config.total_steps:
-    checkpointer.close()
-    return RunResult(workdir=workdir, final_step=start, last_metrics={},
-                     already_complete=True)
-  # resume_step: rows a killed run logged past its last checkpoint are dropped.
-  writer = MetricWriter(workdir, process_index=jax.process_index(), resume_step=start)
-  divergence = guards.DivergenceGuard.from_config(config)
-  preempt.wait_for_writes = checkpointer.wait
+def _held_out(spec: config_lib.RunSpec, built: build_lib.Built, eval_examples):
+  if eval_examples is None:
+    return None
+  return heldout.HeldOut(eval_examples, built.eval_fn, batch_size=spec.data.batch_size,
+                         batch_sharding=built.batch_sharding,
+                         keep_blocks=spec.loss.data == "unpaired_kl")
+
+
+def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
+  """Steps start..end-1: (state, the last logged metrics, stopped by a signal)."""
+  spec, checkpointer = run.spec, run.checkpointer
   last: dict[str, float] = {}
+  window = _Window(run.perf)
   good_nonfinite = int(jax.device_get(state.num_nonfinite))
-  bar = tqdm(total=config.total_steps, initial=start, desc=spec.name or config.loss.name,
-             disable=not (progress and is_main), dynamic_ncols=True)
-  stopped = False
-  window_tokens, window_start = 0, time.perf_counter()
-  # perf/model_tflops_per_device and perf/mfu over real tokens (docs/performance.md).
-  perf = flops_lib.Utilization.for_devices(model_cfg, devices, frozen_reference=frozen_ref,
-                                           lora=lora_cfg.enabled,
-                                           policy_passes=max(1, len(modules)))
-  window_flops = 0.0
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  with jax.set_mesh(mesh):
-    end = config.total_steps if stop_after is None else min(config.total_steps,
-                                                            start + stop_after)
+  resolved = spec.config.to_dict()   # the run's record, saved with each checkpoint
+  with jax.set_mesh(run.built.mesh):
     for step in range(start, end):
-      host_batch, host_metrics = next(data_iter), {}
-      if expand is not None:  # online: sample from the live policy, score, group
-        host_batch, host_metrics = expand(state, host_batch, step)
-      if pack is not None:    # data.packing / share_prompt: the same examples, new layout
-        host_batch = pack(host_batch)
-      real = packing.sequence_mask(host_batch)
-      window_tokens += int(real.sum()) * jax.process_count()
-      window_flops += perf.batch_flops(real) * jax.process_count()
-      batch = sharding.host_to_global(
-          {k: v for k, v in host_batch.items() if k not in schema.HOST_ONLY_KEYS}, batch_sharding)
-      state, metrics = step_fn(state, batch)
+      state, metrics, host_metrics = _one_step(run, state, step, window)
       done = step + 1
-      bar.update(1)
-
+      run.bar.update(1)
       # Read the flag once: a SIGTERM landing later in this iteration must not
       # stop the loop without the save decided here.
       stop = preempt.requested
-      is_log_step = done % config.log_every == 0 or done == end
+      is_log_step = done % spec.log_every == 0 or done == end
       eval_metrics = {}
-      if held_out is not None and ((config.eval_every and done % config.eval_every == 0)
-                                   or done == config.total_steps):
-        eval_metrics = held_out.evaluate(state)
+      if run.held_out is not None and ((spec.eval_every and done % spec.eval_every == 0)
+                                       or done == spec.total_steps):
+        eval_metrics = run.held_out.evaluate(state)
       will_save = checkpointer.should_save(done) or done == end or stop
       if is_log_step or will_save:
-        metrics, num_nonfinite = jax.device_get((metrics, state.num_nonfinite))
-        if int(num_nonfinite) > good_nonfinite and not config.skip_nonfinite:
-          checkpointer.wait()
-          good = checkpointer.latest_step()
-          raise NonFiniteError(
-              f"non-finite loss or gradient at or before step {done} (loss={metrics['loss']}); "
-              + (f"last good checkpoint: step {good} in {checkpointer.directory}"
-                 if good is not None else "no checkpoint was written before it"))
-        divergence.check(done, metrics, checkpointer)   # guards.DivergenceError
-        elapsed = time.perf_counter() - window_start
-        last = {k: float(v) for k, v in metrics.items()}
-        last["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
-        last.update(perf.metrics(window_flops, elapsed))
-        last["nonfinite_steps"] = float(num_nonfinite)
-        last.update(host_metrics)
-        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+        last = _logged(run, state, metrics, host_metrics, done=done, window=window,
+                       good_nonfinite=good_nonfinite)
       last.update(eval_metrics)
       if is_log_step or eval_metrics:   # an eval step between log steps: eval/* alone
-        writer.write(done, last if is_log_step else eval_metrics)
-        bar.set_postfix({k: f"{last[k]:.3g}" for k in (
-            "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-            "rewards/accuracies", "eval/loss", "eval/rewards/accuracies", "learning_rate",
-            "grad_norm", "tokens_per_sec") if k in last}, refresh=False)
+        run.writer.write(done, last if is_log_step else eval_metrics)
+        run.bar.set_postfix({k: f"{last[k]:.3g}" for k in _BAR_KEYS if k in last},
+                            refresh=False)
       if will_save:
         preempt.in_save = True
-        checkpointer.save(done, saved_part(state), data_iter, resolved,
+        checkpointer.save(done, run.built.saved_part(state), run.data_iter, resolved,
                           force=done == end or stop)
         preempt.in_save = False
       if stop:
         log.warning("%s: saved a checkpoint at step %d and stopped", preempt.signal_name, done)
-        stopped = True
-        break
-  bar.close()
-  checkpointer.close()
-  writer.close()
-  return RunResult(workdir=workdir, final_step=int(jax.device_get(state.step)),
-                   last_metrics=last, stopped_by_signal=stopped,
-                   signal_name=preempt.signal_name if stopped else "")
+        return state, last, True
+  return state, last, False
 
 
-def _packer(config, examples, tokenizer, process_batch, mesh):
+def _one_step(run: _Loop, state, step: int, window: "_Window"):
+  """The next batch (online: sampled and scored; packed or shared) through the step."""
+  host_batch, host_metrics = next(run.data_iter), {}
+  if run.expand is not None:  # online: sample from the live policy, score, group
+    host_batch, host_metrics = run.expand(state, host_batch, step)
+  if run.pack is not None:    # data.packing / share_prompt: the same examples, new layout
+    host_batch = run.pack(host_batch)
+  window.add(packing.sequence_mask(host_batch))
+  batch = sharding.host_to_global(
+      {k: v for k, v in host_batch.items() if k not in schema.HOST_ONLY_KEYS},
+      run.built.batch_sharding)
+  state, metrics = run.built.step_fn(state, batch)
+  return state, metrics, host_metrics
+
+
+def _logged(run: _Loop, state, metrics, host_metrics, *, done: int, window: "_Window",
+            good_nonfinite: int) -> dict[str, float]:
+  """The step's metrics on the host, checked for a non-finite step (NonFiniteError)
+  and a divergence (guards.DivergenceError), with throughput and utilization."""
+  metrics, num_nonfinite = jax.device_get((metrics, state.num_nonfinite))
+  if int(num_nonfinite) > good_nonfinite and not run.spec.skip_nonfinite:
+    run.checkpointer.wait()
+    good = run.checkpointer.latest_step()
+    raise NonFiniteError(
+        f"non-finite loss or gradient at or before step {done} (loss={metrics['loss']}); "
+        + (f"last good checkpoint: step {good} in {run.checkpointer.directory}"
+           if good is not None else "no checkpoint was written before it"))
+  run.divergence.check(done, metrics, run.checkpointer)
+  last = {k: float(v) for k, v in metrics.items()}
+  last.update(window.take())
+  last["nonfinite_steps"] = float(num_nonfinite)
+  last.update(host_metrics)
+  return last
+
+
+class _Window:
+  """Real tokens and model FLOPs since the last logged step (all processes)."""
+
+  def __init__(self, perf: flops_lib.Utilization):
+    self.perf = perf
+    self.tokens, self.flops, self.start = 0, 0.0, time.perf_counter()
+
+  def add(self, real) -> None:
+    """`real`: the batch's sequence mask (packing.sequence_mask), this process's part."""
+    self.tokens += int(real.sum()) * jax.process_count()
+    self.flops += self.perf.batch_flops(real) * jax.process_count()
+
+  def take(self) -> dict[str, float]:
+    """tokens_per_sec and perf/* over the window, which starts anew."""
+    elapsed = time.perf_counter() - self.start
+    out = {"tokens_per_sec": self.tokens / max(elapsed, 1e-9),
+           **self.perf.metrics(self.flops, elapsed)}
+    self.tokens, self.flops, self.start = 0, 0.0, time.perf_counter()
+    return out
+
+
+def _layout(spec: config_lib.RunSpec, data: _Data, mesh):
+  """The batch layout function: data.packing's packer, data.share_prompt's sharer
+  (the prompt once), or None (padded rows)."""
+  if spec.data.packing:
+    return _packer(spec, data.examples, data.tokenizer, mesh)
+  if spec.data.share_prompt:
+    return packing.make_sharer(prompt_length=spec.data.max_prompt_length,
+                               max_length=spec.data.max_length)
+  return None
+
+
+def _packer(spec: config_lib.RunSpec, examples, tokenizer, mesh):
   """data.packing: the run's batch -> packed batch function (jaxalign/data/packing.py),
   its buckets fitted to a seeded sample of the examples (at most LENGTH_SAMPLE); with
   data.share_prompt, rows of units of one prompt and its responses.
@@ -431,8 +390,7 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
   One pack group per batch shard and micro-batch, so each group's rows sit on
   the device, and in the micro-batch, of its examples.
   """
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  global_groups = sharding.batch_shards(mesh, rules) * config.optim.grad_accum_steps
+  global_groups = sharding.batch_shards(mesh, spec.rules) * spec.optim.grad_accum_steps
   if global_groups % jax.process_count():
     raise config_lib.ConfigError(
         f"config.data.packing: {global_groups} pack groups (batch shards x grad_accum_steps) "
@@ -440,34 +398,13 @@ def _packer(config, examples, tokenizer, process_batch, mesh):
   pad = tokenizer.pad_token_id
   # The buckets fit a seeded sample's lengths (the same on every process and restart):
   # a lazy source tokenizes only the sampled rows.
-  sample = packing.sample_examples(examples, seed=config.seed)
-  share = bool(config.data.get("share_prompt", False))
+  sample = packing.sample_examples(examples, seed=spec.seed)
   _, pack = packing.make_packer(
-      packing.length_sample(sample, seed=config.seed), process_batch=process_batch,
-      num_groups=global_groups // jax.process_count(),
-      global_groups=global_groups,
-      row_length=config.data.pack_length or config.data.max_length,
-      num_buckets=config.data.pack_buckets, seed=config.seed,
+      packing.length_sample(sample, seed=spec.seed),
+      process_batch=spec.data.batch_size // jax.process_count(),
+      num_groups=global_groups // jax.process_count(), global_groups=global_groups,
+      row_length=spec.data.row_length, num_buckets=spec.data.pack_buckets, seed=spec.seed,
       pad_id=(tokenizer.eos_token_id or 0) if pad is None else pad,
       process_count=jax.process_count(),
-      prompts=packing.example_prompt_lengths(sample) if share else None)
+      prompts=packing.example_prompt_lengths(sample) if spec.data.share_prompt else None)
   return pack
-
-
-def _lora_init(state, run_spec, abstract_state, tx, state_shardings, modules, *, fresh: bool):
-  """A LoRA state's base from the config's source; on a fresh run, adapters from
-  lora.init_adapters (every module starts from the same stored adapter)."""
-  config = run_spec.config
-  state = state.replace(frozen=rundir.lora_base(run_spec, abstract_state.frozen, state.frozen))
-  if fresh and config.lora.init_adapters:
-    one = abstract_state.params[modules[0]] if modules else abstract_state.params
-    adapters = lora.load_adapters(config.lora.init_adapters, one)
-    params = ({m: jax.tree.map(jnp.copy, adapters) for m in modules} if modules
-              else adapters)
-    state = state.replace(params=params, opt_state=jax.jit(
-        tx.init, out_shardings=state_shardings.opt_state)(params))
-    if state.ref_params is not None:  # a synced reference starts as the policy
-      state = state.replace(ref_params=jax.tree.map(jnp.copy, params))
-  return state
-
-

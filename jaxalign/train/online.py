@@ -262,9 +262,6 @@ class _D2oExpand:
     return _group_batch(head, seqs), host_metrics
 
 
-def source_for(config) -> Any:
-  """The loop's OnlineSource for `config` (a RunSpec: its online flag), or None offline."""
-  if isinstance(config, config_lib.RunSpec):
-    return OnlineSource.from_config(config.config) if config.online else None
-  online = config.get("online")
-  return OnlineSource.from_config(config) if online and online.get("enabled") else None
+def source_for(spec: config_lib.RunSpec) -> Any:
+  """The loop's OnlineSource for `spec` (its online flag), or None offline."""
+  return OnlineSource.from_config(spec.config) if spec.online else None

@@ -41,13 +41,12 @@ def _flat(d, prefix: str) -> dict[str, Any]:
   return out
 
 
-def _structure(c) -> dict[str, Any]:
+def _structure(c, model_cfg) -> dict[str, Any]:
   """Config facts that fix the train state's shapes: model fields, data format, reference.
 
-  `c`: a config, or a RunSpec (its ModelConfig as resolved).
+  `c`: a run's record (config); `model_cfg`: its ModelConfig.
   """
-  model = config_lib.model_config(c).to_dict()
-  c = config_lib.config_of(c)
+  model = model_cfg.to_dict()
   out = {f"model.{k}": (tuple(v) if isinstance(v, list) else v)
          for k, v in model.items() if k not in FREE_MODEL_FIELDS}
   out["data format"] = losses.get(c.loss.name).data
@@ -64,17 +63,19 @@ def _structure(c) -> dict[str, Any]:
   return out
 
 
-def check_resume_config(saved: dict[str, Any], config, *, where: str) -> None:
+def check_resume_config(saved: dict[str, Any], config, *, where: str,
+                        model_cfg=None) -> None:
   """Refuses to resume when the objective or the state's shapes changed since `saved`.
 
-  `config`: the run's RunSpec (config.resolve) or config.
+  `config`: the run's record (a RunSpec's `config`); `model_cfg`: its ModelConfig
+  when resolved (a RunSpec's), else derived from `config`.
 
   Raises:
     ResumeMismatchError: one line naming each differing key as `key old -> new`.
   """
   old_cfg = ml_collections.ConfigDict(saved)
   try:
-    old_structure = _structure(old_cfg)
+    old_structure = _structure(old_cfg, config_lib.model_config(old_cfg))
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise ResumeMismatchError(f"cannot resume from {where}: its saved config does not "
                               f"describe a model this version can build ({reading.first_line(e)})")
@@ -82,8 +83,8 @@ def check_resume_config(saved: dict[str, Any], config, *, where: str) -> None:
   if "scan_layers" not in model_saved and "scan_layers" not in (model_saved.get("overrides") or {}):
     # Saved before the layers were scanned: its parameters have the unrolled layout.
     old_structure["model.scan_layers"] = False
-  new_structure = _structure(config)
-  config = config_lib.config_of(config)
+  new_structure = _structure(
+      config, config_lib.model_config(config) if model_cfg is None else model_cfg)
   shape_diffs = [f"{k} {old_structure.get(k)!r} -> {new_structure.get(k)!r}"
                  for k in sorted(set(old_structure) | set(new_structure))
                  if old_structure.get(k) != new_structure.get(k)]
@@ -145,9 +146,9 @@ def _corrupt_error(e: ckpt.CorruptCheckpointError, checkpointer: ckpt.Checkpoint
   return ckpt.CorruptCheckpointError(f"{e}; {hint}", step=e.step)
 
 
-def resume_step(checkpointer: ckpt.Checkpointer, config, abstract_state, *,
-                 fallback: bool) -> int | None:
-  """The step to resume from (None: a fresh run), its saved config checked against `config`.
+def resume_step(checkpointer: ckpt.Checkpointer, spec: config_lib.RunSpec, abstract_state, *,
+                fallback: bool) -> int | None:
+  """The step to resume from (None: a fresh run), its saved config checked against `spec`'s.
 
   An unreadable saved config is a corrupt step: without `fallback` that stops the
   run (CorruptCheckpointError naming the previous good step); with it the newest
@@ -164,14 +165,15 @@ def resume_step(checkpointer: ckpt.Checkpointer, config, abstract_state, *,
         raise _corrupt_error(e, checkpointer, abstract_state) from e
       log.warning("%s; checkpoint.fallback: trying the step before it", e)
       continue
-    check_resume_config(saved, config, where=f"step {step} in {checkpointer.directory}")
+    check_resume_config(saved, spec.config, where=f"step {step} in {checkpointer.directory}",
+                        model_cfg=spec.model_cfg)
     return step
   raise ckpt.CorruptCheckpointError(
       f"no checkpoint in {checkpointer.directory} can be read; use a new workdir", step=latest)
 
 
-def restore(checkpointer: ckpt.Checkpointer, step: int, abstract_state, data_iter, config, *,
-             fallback: bool):
+def restore(checkpointer: ckpt.Checkpointer, step: int, abstract_state, data_iter,
+            spec: config_lib.RunSpec, *, fallback: bool):
   """(state, step) restored from `step`; with `fallback`, from the newest step that loads.
 
   Steps after the one restored (unreadable ones) are moved aside to DIR.corrupt/
@@ -180,8 +182,9 @@ def restore(checkpointer: ckpt.Checkpointer, step: int, abstract_state, data_ite
   for candidate in [step] + _earlier_steps(checkpointer, step):
     try:
       if candidate != step:   # `step`'s config was checked by resume_step
-        check_resume_config(checkpointer.restore_config(candidate), config,
-                            where=f"step {candidate} in {checkpointer.directory}")
+        check_resume_config(checkpointer.restore_config(candidate), spec.config,
+                            where=f"step {candidate} in {checkpointer.directory}",
+                            model_cfg=spec.model_cfg)
       state = checkpointer.restore(candidate, abstract_state, data_iter)
       break
     except ckpt.CorruptCheckpointError as e:

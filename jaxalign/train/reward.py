@@ -68,19 +68,20 @@ def export(run_spec: config_lib.RunSpec, result: rundir.RunResult, *,
 
   A run stopped before total_steps (a signal, stop_after) exports nothing yet.
   """
-  config = run_spec.config
-  if result.stopped_by_signal or result.final_step < config.total_steps:
+  if result.stopped_by_signal or result.final_step < run_spec.total_steps:
     return result
   devices = jax.devices() if devices is None else list(devices)
   mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
-  graphdef, params, rest = rundir.load_run_params(result.workdir, run_spec, mesh)
+  graphdef, params, rest = rundir.load_run_params(
+      result.workdir, run_spec.config, mesh, model_cfg=run_spec.model_cfg,
+      hf_dir=run_spec.hf_dir)
   model = nnx.merge(graphdef, jax.device_get(params), jax.device_get(rest))
   if jax.process_index() == 0:
     reward_model.save_reward_model(model, paths.join(result.workdir, OUTPUT_DIR))
-  if not config.data.eval_path:
+  d = run_spec.data
+  if not d.eval_path:
     return result
-  d = config.data
-  tokenizer = reading.load_tokenizer(d.tokenizer or run_spec.hf_dir)
+  tokenizer = reading.load_tokenizer(run_spec.tokenizer_name)
   examples, _ = examples_lib.open_examples(
       d.eval_path, "pairwise", tokenizer, split=d.split, max_length=d.max_length,
       max_prompt_length=d.max_prompt_length, on_error=d.on_error,

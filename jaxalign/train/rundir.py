@@ -4,9 +4,10 @@
   workdir/tokenizer/            the run's tokenizer, when it saved one
 
 `resolved_config` and `load_run_params` are what `jaxalign export`, `generate`,
-iterative rounds and continual stages read; `lora_base` is the frozen base a
-LoRA run trains on and merges into. Below train/loop (which writes runs) and
-above train/build (which assembles the state the checkpoint is read into).
+iterative rounds and continual stages read; `starting_params` decides the
+parameters a run starts from (a LoRA run's frozen base, which it merges into).
+Below train/loop (which writes runs) and above train/build (which assembles the
+state the checkpoint is read into).
 """
 
 import dataclasses
@@ -44,32 +45,35 @@ def checkpoint_dir(path: str) -> str:
   return sub if paths.isdir(sub) else path
 
 
-def lora_base(config, abstract_frozen, frozen):
-  """The frozen base of a LoRA run: init_from's parameters, else the HF checkpoint
-  of model.hf_path, else the seed init `frozen`.
+def starting_params(abstract, *, init_from: str, hf_dir: str, model_cfg):
+  """The parameters a run starts from, decided here only: init_from's checkpoint (a
+  run directory or checkpoint step dir), else the HF checkpoint in `hf_dir`, else
+  None (the seeded random init). `abstract`: their abstract tree, with shardings.
 
-  `config`: a RunSpec (its HF directory and ModelConfig as resolved) or a config.
+  A full fine-tune starts its params from them (a resumed run from its own
+  checkpoint instead); a LoRA run always takes them as its frozen base.
   """
-  if config_lib.config_of(config).init_from:
-    return ckpt.restore_params(checkpoint_dir(config_lib.config_of(config).init_from),
-                               abstract_frozen)
-  hf_dir = config_lib.hf_model_dir(config)
+  if init_from:
+    return ckpt.restore_params(checkpoint_dir(init_from), abstract)
   if hf_dir:
-    return hf.load_state(hf_dir, config_lib.model_config(config, hf_dir=hf_dir), abstract_frozen)
-  return frozen
+    return hf.load_state(hf_dir, model_cfg, abstract)
+  return None
 
 
-def load_run_params(workdir: str, config, mesh=None, *, model_cfg=None):
+def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None, *,
+                    model_cfg=None, hf_dir: str | None = None):
   """(graphdef, params, frozen) of the latest checkpoint of a finished run.
 
-  `config`: the run's RunSpec (its ModelConfig as resolved) or config
-  (`model_cfg`: its ModelConfig when the caller already has it).
+  `config`: the run's record (its saved config, or a RunSpec's `config`);
+  `model_cfg` / `hf_dir`: its ModelConfig and model.hf_path directory when the
+  caller has them resolved (a RunSpec's), else derived from `config`.
   A LoRA run's model comes back merged: the base graph and base + adapter
   weights (OFS-DPO: the fast module, the one deployed), with nothing frozen; a
   reward-model run's, the rewards.model.RewardModel (backbone and scalar head).
   """
-  model_cfg = config_lib.model_config(config) if model_cfg is None else model_cfg
-  spec_or_config, config = config, config_lib.config_of(config)
+  hf_dir = config_lib.hf_model_dir(config) if hf_dir is None else hf_dir
+  if model_cfg is None:
+    model_cfg = config_lib.model_config(config, hf_dir=hf_dir)
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
@@ -85,9 +89,11 @@ def load_run_params(workdir: str, config, mesh=None, *, model_cfg=None):
     frozen = jax.jit(lambda: init_fn().frozen,
                      out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))()
     if lora_cfg.enabled:
-      base = lora_base(spec_or_config, abstract_state.frozen, frozen)
+      base = starting_params(abstract_state.frozen, init_from=config.init_from, hf_dir=hf_dir,
+                             model_cfg=model_cfg)
       adapters = params[modules[0]] if modules else params
-      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(base, adapters)
+      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(
+          frozen if base is None else base, adapters)
       return base_graphdef, merged, nnx.State({})
   return graphdef, params, frozen
 

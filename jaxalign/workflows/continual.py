@@ -71,13 +71,13 @@ def stage_config(config: ml_collections.ConfigDict, t: int, workdir: str
   return c
 
 
-def _abstract_adapters(config, mesh):
-  """(model config, abstract adapter state with shardings, abstract frozen base, init_fn)."""
-  built = build_lib.build(config, mesh)   # the stage runs' own state (train/build.py)
-  return built.model_cfg, built.abstract_state, built.modules, built.init_fn
+def _abstract_adapters(spec: config_lib.RunSpec, mesh):
+  """(model config, abstract adapter state with shardings, LoRA modules, init_fn)."""
+  built = build_lib.build(spec, mesh)   # the stage runs' own state (train/build.py)
+  return spec.model_cfg, built.abstract_state, spec.modules, built.init_fn
 
 
-def fast_module(run_dir: str, config, mesh):
+def fast_module(run_dir: str, config: config_lib.RunSpec, mesh):
   """The fast module (adapter state) of the latest checkpoint of a LoRA run."""
   _, abstract, modules, _ = _abstract_adapters(config, mesh)
   with jax.set_mesh(mesh):
@@ -85,13 +85,16 @@ def fast_module(run_dir: str, config, mesh):
   return params[modules[0]] if modules else params
 
 
-def base_params(config, mesh):
+def base_params(spec: config_lib.RunSpec, mesh):
   """The frozen base the stages share: init_from's parameters, or the seed init."""
-  _, abstract, _, init_fn = _abstract_adapters(config, mesh)
+  _, abstract, _, init_fn = _abstract_adapters(spec, mesh)
   with jax.set_mesh(mesh):
-    frozen = jax.jit(lambda: init_fn().frozen,
-                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract.frozen))()
-    return rundir.lora_base(config, abstract.frozen, frozen)
+    base = rundir.starting_params(abstract.frozen, init_from=spec.init_from,
+                                  hf_dir=spec.hf_dir, model_cfg=spec.model_cfg)
+    if base is not None:
+      return base
+    return jax.jit(lambda: init_fn().frozen,
+                   out_shardings=jax.tree.map(lambda a: a.sharding, abstract.frozen))()
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "space"))
@@ -109,11 +112,9 @@ class PreferenceScorer:
   """Held-out preference accuracy of merged models: the fraction of pairs with
   log pi(chosen) > log pi(rejected). Compiled once per config."""
 
-  def __init__(self, config, mesh, tokenizer, paths):
-    """`config`: a RunSpec (its ModelConfig as resolved) or a config."""
-    graphdef = lora.base_graphdef(config_lib.model_config(config))
-    config = config_lib.config_of(config)
-    d = config.data
+  def __init__(self, spec: config_lib.RunSpec, mesh, tokenizer, paths):
+    graphdef = lora.base_graphdef(spec.model_cfg)
+    d = spec.data
     self.mesh = mesh
     self.batch_size = d.batch_size
     self.examples = [   # each domain's held-out pairs, read lazily
@@ -123,7 +124,7 @@ class PreferenceScorer:
                                    key="config.data.domain_eval_paths")[0]
         for p in paths]
     self._logps = jax.jit(functools.partial(step_lib.batch_logps_only, graphdef,
-                                            chunk_size=config.logprob_chunk_size))
+                                            chunk_size=spec.logprob_chunk_size))
 
   def accuracy(self, params, domain: int) -> float:
     """Preference accuracy of the merged `params` on held-out domain `domain`."""
@@ -152,25 +153,25 @@ def search_weights(score, num: int, grid: int) -> tuple[tuple[float, ...], list[
   return tuple(best["weights"]), table
 
 
-def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
-          progress: bool = True, devices=None) -> rundir.RunResult:
-  """Trains every domain of config.data.domains in turn (resuming what exists).
+def train(run_spec: config_lib.RunSpec, workdir: str, *, progress: bool = True,
+          devices=None) -> rundir.RunResult:
+  """Trains every domain of data.domains in turn (resuming what exists).
 
-  `config`: a RunSpec or a recipe, resolved here once; each stage's own config
-  (stage_config) is resolved once and its spec passed down.
+  `run_spec`: the continual run's (config.resolve); each stage's own config
+  (stage_config, derived from its record) is resolved once and its spec passed down.
   """
   devices = jax.devices() if devices is None else list(devices)
-  run_spec = config_lib.resolve(config, len(devices))
+  run_spec = config_lib.resolve(run_spec, len(devices))   # another device count: refused
   config = run_spec.config
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
-  domains = tuple(config.data.domains)
+  domains = run_spec.data.domains
   record, result = [], None
   for t in range(len(domains)):
     stage = config_lib.resolve(stage_config(config, t, workdir), len(devices))
     result = loop.train(stage, stage_dir(workdir, t), progress=progress, devices=devices)
-    if result.final_step < stage.config.total_steps:   # stopped by SIGTERM: continue on rerun
+    if result.final_step < stage.total_steps:   # stopped by SIGTERM: continue on rerun
       return result
     if not os.path.isdir(module_dir(workdir, t)):
       if jax.process_index() == 0:
@@ -183,28 +184,28 @@ def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, 
   return result
 
 
-def load_modules(config, workdir: str, upto: int, mesh) -> list:
+def load_modules(config: config_lib.RunSpec, workdir: str, upto: int, mesh) -> list:
   """Stored fast modules of domains 0..upto."""
   _, abstract, modules, _ = _abstract_adapters(config, mesh)
   one = abstract.params[modules[0]] if modules else abstract.params
   return [lora.load_adapters(module_dir(workdir, s), one) for s in range(upto + 1)]
 
 
-def cofs_weights(config, workdir: str, t: int, mesh, scorer: PreferenceScorer | None = None
-                 ) -> dict:
+def cofs_weights(spec: config_lib.RunSpec, workdir: str, t: int, mesh,
+                 scorer: PreferenceScorer | None = None) -> dict:
   """COFS weights after stage t: given, or searched on the seen domains' held-out sets.
 
-  `config`: the continual run's RunSpec or config."""
-  spec_or_config, config = config, config_lib.config_of(config)
+  `spec`: the continual run's."""
+  config = spec.config   # its cofs section
   weights = tuple(config.cofs.weights)
   if weights:
     return {"stage": t, "weights": list(weights[:t + 1]), "searched": False}
   if scorer is None:
-    tokenizer = reading.load_tokenizer(config.data.tokenizer)
-    scorer = PreferenceScorer(spec_or_config, mesh, tokenizer, config.data.domain_eval_paths)
-  base = base_params(spec_or_config, mesh)
-  mods = load_modules(spec_or_config, workdir, t, mesh)
-  scale = lora.config_from(config.lora).scale
+    tokenizer = reading.load_tokenizer(spec.data.tokenizer)
+    scorer = PreferenceScorer(spec, mesh, tokenizer, spec.data.domain_eval_paths)
+  base = base_params(spec, mesh)
+  mods = load_modules(spec, workdir, t, mesh)
+  scale = spec.lora_cfg.scale
 
   def score(w):
     params = combined_model(base, mods, w, scale=scale, space=config.cofs.space)

@@ -38,7 +38,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign.data import toy
 from jaxalign.train import eval as eval_lib
-from jaxalign.train import loop, rundir
+from jaxalign.train import rundir
 from jaxalign.workflows import iterative, run
 
 TASK = toy.ArithmeticTask(max_operand=99, ops=("+",), seed=0)
@@ -309,7 +309,7 @@ def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int
   if not os.path.isdir(os.path.join(sft_dir, "checkpoints")):
     sft_records = TASK.sft_records(num_train, split="train", seed=seed, pad_noise=pad_noise)
     _write_jsonl(os.path.join(data_dir, "sft.jsonl"), sft_records)
-    loop.train(sft_cfg, sft_dir, progress=progress)
+    run.train(sft_cfg, sft_dir, progress=progress)
   sft_acc, _ = _evaluate(sft_dir, sft_cfg, tokenizer, eval_prompts)
 
   # The method's data, built from the SFT model's own answers on training prompts.

@@ -34,7 +34,7 @@ from jaxalign import config as config_lib
 from jaxalign import sharding
 from jaxalign.data import toy
 from jaxalign.models import lora
-from jaxalign.train import eval as eval_lib, loop, rundir
+from jaxalign.train import eval as eval_lib, rundir
 from jaxalign.workflows import continual, run
 from jaxalign.workflows import demo
 
@@ -144,28 +144,28 @@ def run_continual(workdir: str, *, seed: int = 0, num_train: int = 2000, num_val
   if not os.path.isdir(os.path.join(sft_dir, "checkpoints")):
     _write_jsonl(os.path.join(data_dir, "sft.jsonl"),
                  BOTH.sft_records(num_train * 2, split="train", seed=seed, pad_noise=pad_noise))
-    loop.train(sft_cfg, sft_dir, progress=progress)
+    run.train(sft_cfg, sft_dir, progress=progress)
   sft_graph, sft_params, sft_frozen = rundir.load_run_params(sft_dir, sft_cfg)
   sample = lambda prompts: eval_lib.complete(  # noqa: E731
       sft_graph, sft_params, sft_frozen, tokenizer, prompts, max_new_tokens=demo.MAX_NEW_TOKENS)
   tests = build_data(workdir, sample, seed=seed, num_train=num_train, num_val=num_val,
                      num_test=num_test)
 
-  cfg = continual_config("cofs_dpo", workdir, seed)
-  mesh = sharding.make_mesh(cfg.mesh.shape)
+  spec = config_lib.resolve(continual_config("cofs_dpo", workdir, seed), jax.device_count())
+  mesh = sharding.make_mesh(spec.mesh_shape)
   scorer = continual.PreferenceScorer(
-      cfg, mesh, tokenizer, [os.path.join(data_dir, f"test_{t}.jsonl") for t in range(2)])
-  base_graph = lora.base_graphdef(config_lib.model_config(cfg))
+      spec, mesh, tokenizer, [os.path.join(data_dir, f"test_{t}.jsonl") for t in range(2)])
+  base_graph = lora.base_graphdef(spec.model_cfg)
   empty = nnx.State({})
   rows = {"SFT": [_evaluate(sft_graph, sft_params, sft_frozen, scorer, tokenizer, tests)]}
-  scale = lora.config_from(cfg.lora).scale
+  scale = spec.lora_cfg.scale
 
   for method in ("dpo", "cofs_dpo"):
-    mcfg = continual_config(method, workdir, seed)
+    mspec = config_lib.resolve(continual_config(method, workdir, seed), jax.device_count())
     run_dir = os.path.join(workdir, method)
-    run.train(mcfg, run_dir, progress=progress)
-    base = continual.base_params(mcfg, mesh)
-    mods = continual.load_modules(mcfg, run_dir, 1, mesh)
+    run.train(mspec, run_dir, progress=progress)
+    base = continual.base_params(mspec, mesh)
+    mods = continual.load_modules(mspec, run_dir, 1, mesh)
     names = {"dpo": ["sequential DPO (LoRA)"],
              "cofs_dpo": ["sequential OFS-DPO", "COFS-DPO", "COFS-DPO, uniform weights"]
              }[method]

@@ -119,17 +119,19 @@ def best_vs_worst(prompts: list, references: list, completions: list[list[str]],
   return out
 
 
-def build_round_pairs(config, workdir: str, r: int, records, tokenizer, mesh) -> dict:
+def build_round_pairs(spec: config_lib.RunSpec, workdir: str, r: int, records, tokenizer,
+                      mesh) -> dict:
   """Samples from the round's starting policy, scores, writes pairs.jsonl; returns stats.
 
-  `config`: the iterative run's RunSpec (its ModelConfig as resolved) or config.
+  `spec`: the iterative run's (its ModelConfig as resolved).
   """
-  spec_or_config, config = config, config_lib.config_of(config)
+  config = spec.config   # the record each round's config is derived from
   c = round_config(config, workdir, r)
   if not c.init_from:
     raise config_lib.ConfigError("config.init_from: iterative rounds sample from a trained "
                                  "policy; give its run directory (e.g. the SFT run)")
-  graphdef, params, frozen = rundir.load_run_params(c.init_from, spec_or_config, mesh=mesh)
+  graphdef, params, frozen = rundir.load_run_params(c.init_from, config, mesh=mesh,
+                                                    model_cfg=spec.model_cfg, hf_dir=spec.hf_dir)
   it = config.iterative
   rng = np.random.default_rng([config.seed, r])
   order = rng.permutation(len(records))
@@ -168,19 +170,18 @@ def build_round_pairs(config, workdir: str, r: int, records, tokenizer, mesh) ->
   return stats
 
 
-def train_rounds(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, *,
-                 progress: bool = True, devices=None,
-                 stop_after: int | None = None) -> rundir.RunResult:
+def train_rounds(run_spec: config_lib.RunSpec, workdir: str, *, progress: bool = True,
+                 devices=None, stop_after: int | None = None) -> rundir.RunResult:
   """Runs (or resumes) every round; returns the last round's RunResult.
 
-  `config`: a RunSpec or a recipe, resolved here once; each round's own config
-  (round_config) is resolved once and its spec passed down.
+  `run_spec`: the iterative run's (config.resolve); each round's own config
+  (round_config, derived from its record) is resolved once and its spec passed down.
   """
   devices = jax.devices() if devices is None else list(devices)
-  run_spec = config_lib.resolve(config, len(devices))
+  run_spec = config_lib.resolve(run_spec, len(devices))   # another device count: refused
   config = run_spec.config
   mesh = sharding.make_mesh(run_spec.mesh_shape, devices)
-  tokenizer = reading.load_tokenizer(config.data.tokenizer)
+  tokenizer = reading.load_tokenizer(run_spec.data.tokenizer)
   records = read_prompts(config)
   steps = config.iterative.steps_per_round
   result = None

@@ -6,32 +6,28 @@ import os
 from typing import Any
 
 from jaxalign import config as config_lib
-from jaxalign import losses
 from jaxalign.data import prepared, reading
 from jaxalign.errors import ConfigError
 
 
-def prepare_from_config(config, out: str, *, shard_size: int = 10_000, workers: int = 1
-                        ) -> dict[str, Any]:
-  """`jaxalign prepare`: config.data.train_path tokenized as the run of `config` would.
+def prepare_from_config(spec: config_lib.RunSpec, out: str, *, shard_size: int = 10_000,
+                        workers: int = 1) -> dict[str, Any]:
+  """`jaxalign prepare`: data.train_path tokenized as the run of `spec` would.
 
-  `config`: a RunSpec (config.resolve, as the CLI passes it) or a validated config.
+  `spec`: the resolved run (config.resolve, as the CLI passes it).
   """
-  hf_dir = config_lib.hf_model_dir(config)   # a RunSpec's as resolved: not read again
-  config = config_lib.config_of(config)
-  online = config.get("online")
-  if online is not None and online.get("enabled"):
+  if spec.online:
     raise ConfigError("config.online.enabled: online methods rewrite raw records "
                       "during the run; they train from the raw source")
-  d = config.data
+  d = spec.data
   if prepared.is_prepared(d.train_path):
     raise ConfigError(f"config.data.train_path: {d.train_path} is already a "
                       "prepared dataset")
   if os.path.abspath(out) == os.path.abspath(d.train_path or "."):
     raise ConfigError("--out: must differ from config.data.train_path")
-  name = d.tokenizer or hf_dir
+  name = spec.tokenizer_name
   tokenizer = reading.load_tokenizer(name)
-  return prepared.prepare(d.train_path, out, losses.get(config.loss.name).data, tokenizer,
-                           max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                           group_size=d.group_size, on_error=d.on_error, split=d.split,
-                           shard_size=shard_size, workers=workers, tokenizer_name=name or "toy")
+  return prepared.prepare(d.train_path, out, spec.loss.data, tokenizer,
+                          max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                          group_size=d.group_size, on_error=d.on_error, split=d.split,
+                          shard_size=shard_size, workers=workers, tokenizer_name=name or "toy")

@@ -24,8 +24,9 @@ def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, 
           progress: bool = True, devices=None, stop_after: int | None = None) -> RunResult:
   """Trains `config` in `workdir` with the trainer its mode needs, resuming what exists.
 
-  Args: as jaxalign.train.loop.train: `config` a RunSpec (config.resolve, as the CLI
-  passes it) or a recipe, resolved here once; `stop_after` is honoured by single
+  Args: as jaxalign.train.loop.train, except `config`: a RunSpec (config.resolve, as
+  the CLI passes it) or a recipe, resolved here once (the one entry point that takes
+  either; every trainer below takes the spec); `stop_after` is honoured by single
   runs (reward models too) and iterative rounds.
   """
   devices = jax.devices() if devices is None else list(devices)

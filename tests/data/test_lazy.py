@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from jaxalign.data import formats, lazy, pipeline, reading, toy
-from jaxalign.train import loop
 from tests.data.reference import list_examples, reads
 from tests.reliability.helpers import assert_bit_identical, params
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 
 def _write(path, records, bad=None):
@@ -119,10 +118,10 @@ def test_a_lazy_run_equals_the_eager_run_and_resumes_bit_exact(tmp_path, monkeyp
   over = {"total_steps": 4, "checkpoint.every": 2, "data.train_path": str(tmp_path / "d.jsonl")}
   eager_cfg, lazy_cfg = tiny_config(**over), tiny_config(**over)
   with reads(monkeypatch, as_list=True) as read:   # the eager run: the list reference
-    loop.train(eager_cfg, str(tmp_path / "eager"), progress=False)
+    train_loop(eager_cfg, str(tmp_path / "eager"), progress=False)
   assert read == [list]
-  loop.train(lazy_cfg, str(tmp_path / "lazy"), progress=False, stop_after=2)
-  loop.train(lazy_cfg, str(tmp_path / "lazy"), progress=False)
+  train_loop(lazy_cfg, str(tmp_path / "lazy"), progress=False, stop_after=2)
+  train_loop(lazy_cfg, str(tmp_path / "lazy"), progress=False)
   losses = [[m["loss"] for m in read_metrics(str(tmp_path / d))] for d in ("eager", "lazy")]
   assert len(losses[0]) == 4 and losses[0] == losses[1]
   assert_bit_identical(params(tmp_path / "lazy", lazy_cfg), params(tmp_path / "eager", eager_cfg))

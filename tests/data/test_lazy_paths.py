@@ -12,9 +12,8 @@ import pytest
 
 from jaxalign.data import examples as examples_lib
 from jaxalign.data import conventions, formats, lazy, packing, reading, toy
-from jaxalign.train import loop
 from jaxalign.train import online as online_lib
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 from tests.data.reference import list_examples, reads
 from tests.data.test_lazy import _Spy
 
@@ -205,7 +204,7 @@ def _run_pair(tmp_path, monkeypatch, cfg_for, devices=None):
   out, types = [], []
   for name, as_list in (("lazy", False), ("list", True)):
     with reads(monkeypatch, as_list=as_list) as read:
-      loop.train(cfg_for(), str(tmp_path / name), progress=False, devices=devices)
+      train_loop(cfg_for(), str(tmp_path / name), progress=False, devices=devices)
     out.append([{k: v for k, v in m.items() if k not in _TIMING}
                 for m in read_metrics(str(tmp_path / name))])
     types.append(set(read))

@@ -31,7 +31,7 @@ def _child(port: int, pid: int, train_path: str, workdir: str, log: str) -> None
   from jaxalign import distributed
   distributed.initialize(distributed.Cluster(f"127.0.0.1:{port}", 2, pid, timeout_s=60))
   from jaxalign.data import lazy, pipeline
-  from jaxalign.train import loop
+  from tests.train.helpers import train_loop
   reads = {"pass": [], "ref": [], "train": []}
   phase = ["train"]
   check, getitem = lazy._Checker.check, lazy.LazyExamples.__getitem__
@@ -55,7 +55,7 @@ def _child(port: int, pid: int, train_path: str, workdir: str, log: str) -> None
 
   lazy._Checker.check, lazy.LazyExamples.__getitem__ = spy_check, spy_getitem
   pipeline.ordered_batches = spy_ordered
-  loop.train(_config(train_path), workdir, progress=False)
+  train_loop(_config(train_path), workdir, progress=False)
   with open(log, "w") as f:
     json.dump(reads, f)
 
@@ -72,8 +72,7 @@ def _share(p, pc, n, global_batch, steps):
 
 def test_two_processes_read_disjoint_shares_and_equal_one(tmp_path):
   from jaxalign.data import toy
-  from jaxalign.train import loop
-  from tests.train.helpers import read_metrics
+  from tests.train.helpers import read_metrics, train_loop
   src = tmp_path / "pairs.jsonl"
   with open(src, "w") as f:
     for r in toy.ArithmeticTask().pairwise_records(ROWS, seed=0):
@@ -109,7 +108,7 @@ def test_two_processes_read_disjoint_shares_and_equal_one(tmp_path):
   assert not trains[0] & trains[1]
 
   # The same run in one process (8 devices, as the two processes' 4 + 4).
-  loop.train(_config(str(src)), str(tmp_path / "single"), progress=False)
+  train_loop(_config(str(src)), str(tmp_path / "single"), progress=False)
   timed = lambda k: k == "tokens_per_sec" or k.startswith("perf/")
   rows = [{m["step"]: {k: v for k, v in m.items() if not timed(k)}
            for m in read_metrics(str(tmp_path / d))} for d in ("single", "multi")]

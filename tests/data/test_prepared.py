@@ -10,12 +10,11 @@ import pytest
 from jaxalign import fingerprint
 from jaxalign.data import examples as examples_lib
 from jaxalign.data import formats, lazy, pipeline, prepared, reading, tables, toy
-from jaxalign.train import loop
 from jaxalign.workflows import prepare as prepare_lib
 from tests.data.reference import list_examples
 from tests.reliability.helpers import (TINY_CLI_CONFIG, assert_bit_identical, params,
                                        run_cli)
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, resolved, tiny_config, train_loop
 
 STEPS = 4
 
@@ -41,7 +40,7 @@ def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("prepared")
   _write_pairs(root / "pairs.jsonl")
   cfg = tiny_config(**{"data.train_path": str(root / "pairs.jsonl")})
-  manifest = prepare_lib.prepare_from_config(cfg, str(root / "prep"), shard_size=16, workers=2)
+  manifest = prepare_lib.prepare_from_config(resolved(cfg), str(root / "prep"), shard_size=16, workers=2)
   assert manifest["written_shards"] == 4 and manifest["examples"] == 64
   return root
 
@@ -50,7 +49,7 @@ def test_prepared_examples_equal_the_raw_path_and_skip_the_same_rows(tmp_path):
   _write_pairs(tmp_path / "pairs.jsonl", n=40, bad_row=7)
   cfg = tiny_config(**{"data.train_path": str(tmp_path / "pairs.jsonl"),
                        "data.on_error": "skip"})
-  manifest = prepare_lib.prepare_from_config(cfg, str(tmp_path / "prep"), shard_size=8, workers=2)
+  manifest = prepare_lib.prepare_from_config(resolved(cfg), str(tmp_path / "prep"), shard_size=8, workers=2)
   tok = reading.load_tokenizer("toy")
   raw, raw_skipped = list_examples(str(tmp_path / "pairs.jsonl"), "pairwise", tok,
                                    **_settings(cfg))
@@ -104,7 +103,7 @@ def test_a_malformed_row_names_its_file_row_and_field(tmp_path):
   _write_pairs(tmp_path / "pairs.jsonl", n=20, bad_row=5)
   cfg = tiny_config(**{"data.train_path": str(tmp_path / "pairs.jsonl")})
   with pytest.raises(formats.DataError, match=r"pairs\.jsonl:5: chosen"):
-    prepare_lib.prepare_from_config(cfg, str(tmp_path / "prep"), shard_size=8, workers=2)
+    prepare_lib.prepare_from_config(resolved(cfg), str(tmp_path / "prep"), shard_size=8, workers=2)
   assert not prepared.is_prepared(str(tmp_path / "prep"))
 
 
@@ -112,27 +111,27 @@ def test_rerun_keeps_complete_shards_and_rewrites_a_damaged_one(tmp_path):
   _write_pairs(tmp_path / "pairs.jsonl", n=32)
   cfg = tiny_config(**{"data.train_path": str(tmp_path / "pairs.jsonl")})
   out = tmp_path / "prep"
-  first = prepare_lib.prepare_from_config(cfg, str(out), shard_size=8)
+  first = prepare_lib.prepare_from_config(resolved(cfg), str(out), shard_size=8)
   files = {s["file"]: (out / s["file"]).read_bytes() for s in first["shards"]}
   damaged = out / first["shards"][2]["file"]
   damaged.write_bytes(damaged.read_bytes()[:100])   # a torn write
   os.remove(out / first["shards"][3]["file"])
-  again = prepare_lib.prepare_from_config(cfg, str(out), shard_size=8, workers=2)
+  again = prepare_lib.prepare_from_config(resolved(cfg), str(out), shard_size=8, workers=2)
   assert (again["written_shards"], again["reused_shards"]) == (2, 2)
   assert again["content_hash"] == first["content_hash"]
   assert {f: (out / f).read_bytes() for f in files} == files
   # Other settings: no shard is reused.
   other = tiny_config(**{"data.train_path": str(tmp_path / "pairs.jsonl"),
                          "data.max_prompt_length": 6})
-  assert prepare_lib.prepare_from_config(other, str(out), shard_size=8)["written_shards"] == 4
+  assert prepare_lib.prepare_from_config(resolved(other), str(out), shard_size=8)["written_shards"] == 4
 
 
 def test_run_from_prepared_equals_raw_and_resumes_bit_exact(data, tmp_path):
   over = {"total_steps": STEPS, "checkpoint.every": 2}
   raw_cfg = tiny_config(**over, **{"data.train_path": str(data / "pairs.jsonl")})
   prep_cfg = tiny_config(**over, **{"data.train_path": str(data / "prep")})
-  loop.train(raw_cfg, str(tmp_path / "raw"), progress=False)
-  loop.train(prep_cfg, str(tmp_path / "prep"), progress=False)
+  train_loop(raw_cfg, str(tmp_path / "raw"), progress=False)
+  train_loop(prep_cfg, str(tmp_path / "prep"), progress=False)
   losses = [[m["loss"] for m in read_metrics(str(tmp_path / d))] for d in ("raw", "prep")]
   assert len(losses[0]) == STEPS and losses[0] == losses[1]
   straight = params(tmp_path / "prep", prep_cfg)
@@ -145,8 +144,8 @@ def test_run_from_prepared_equals_raw_and_resumes_bit_exact(data, tmp_path):
                                 np.load(tmp_path / "prep" / "ref_logps.npy"))
 
   # Stopped at step 2 and resumed from the prepared set: bit-identical.
-  loop.train(prep_cfg, str(tmp_path / "resumed"), progress=False, stop_after=2)
-  loop.train(prep_cfg, str(tmp_path / "resumed"), progress=False)
+  train_loop(prep_cfg, str(tmp_path / "resumed"), progress=False, stop_after=2)
+  train_loop(prep_cfg, str(tmp_path / "resumed"), progress=False)
   assert_bit_identical(params(tmp_path / "resumed", prep_cfg), straight)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
-from jaxalign.train import loop, optim, step as step_lib
+from jaxalign.train import build as build_lib, optim, step as step_lib
 from tests.reliability.helpers import TINY_CLI_CONFIG, compile_events, run_cli
 from tests.train.helpers import random_batch, tiny_config
 
@@ -30,7 +30,7 @@ def _state_with_other_reference():
   mesh = sharding.make_mesh(cfg.mesh.shape, jax.devices()[:1])   # one device: quick compiles
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
   tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
-  graphdef, _, shardings, init_fn = loop.build_model_and_state(
+  graphdef, _, shardings, init_fn = build_lib.build_model_and_state(
       config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
   def perturb(tree):
     leaves, treedef = jax.tree.flatten(tree)
@@ -212,6 +212,7 @@ def test_a_loss_must_return_loss_and_metrics():
 _REF_FREE = '''
 import jax.numpy as jnp
 from jaxalign.losses import register
+from jaxalign.train import build as build_lib
 
 @register(data="pairwise", needs_ref=False, ranges={"gamma": "[0, inf)"})
 def margin_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *,

@@ -20,6 +20,7 @@ from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_archit
 from jaxalign.train import rundir
 from jaxalign.data import reading
 from tests.data.reference import list_examples
+from tests.train.helpers import train_loop
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -262,12 +263,11 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
 def test_export_trained_checkpoint(tmp_path):
   """A briefly trained run exports to transformers with matching logits and
   re-imports bit-exactly (bf16 export also loads)."""
-  from tests.train.helpers import tiny_config
-  from jaxalign.train import loop
+  from tests.train.helpers import tiny_config, train_loop
 
   run = str(tmp_path / "run")
   config = tiny_config("sft", total_steps=2, log_every=1, **{"checkpoint.every": 2})
-  loop.train(config, run, progress=False)
+  train_loop(config, run, progress=False)
   out = rundir.export_checkpoint(run, str(tmp_path / "out"))
   assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
   assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [
@@ -308,7 +308,6 @@ def test_train_from_hf_path(tmp_path):
 
   from jaxalign import config as config_lib
   from jaxalign.data import toy
-  from jaxalign.train import loop
   from tests.train.helpers import tiny_config
 
   src = str(tmp_path / "hf")
@@ -320,7 +319,7 @@ def test_train_from_hf_path(tmp_path):
   config.model.hf_path = src
   config.data.tokenizer = ""  # -> the tokenizer saved beside the weights
   run = str(tmp_path / "run")
-  loop.train(config, run, progress=False)
+  train_loop(config, run, progress=False)
 
   assert rundir.resolved_config(run)["model"]["hf_path"] == src
   tokenizer = reading.load_tokenizer(os.path.join(run, "tokenizer"))
@@ -356,7 +355,7 @@ def test_train_from_hf_path(tmp_path):
   config.lora.rank, config.lora.alpha = 4, 8.0
   config.reference.mode = "frozen"
   lora_run = str(tmp_path / "lora_run")
-  loop.train(config, lora_run, progress=False)
+  train_loop(config, lora_run, progress=False)
   graphdef, merged, frozen = rundir.load_run_params(lora_run, config)
   aligned = nnx.merge(graphdef, merged, frozen)
   out = rundir.export_checkpoint(lora_run, str(tmp_path / "lora_out"))

@@ -14,8 +14,9 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.models import lora, transformer
-from jaxalign.train import loop, optim, rundir, step as step_lib
-from tests.train.helpers import random_batch, read_metrics, tiny_config
+from jaxalign.train import optim, rundir, step as step_lib
+from jaxalign.train import build as build_lib
+from tests.train.helpers import random_batch, read_metrics, tiny_config, train_loop
 
 LOG2 = np.float32(np.log(2.0))
 
@@ -32,7 +33,7 @@ def _setup(*, rank=4, frozen_ref=True, dropout=0.0, targets=("q", "k", "v", "o",
   model_cfg = config_lib.model_config(cfg)
   lcfg = lora.LoraConfig(rank=rank, alpha=8.0, dropout=dropout, targets=targets)
   tx, sched = optim.make_optimizer(lr=1e-2, warmup_steps=0, total_steps=10, clip_norm=0.0)
-  graphdef, abstract, shardings, init_fn = loop.build_model_and_state(
+  graphdef, abstract, shardings, init_fn = build_lib.build_model_and_state(
       model_cfg, tx, mesh, rules, seed=0, keep_reference=frozen_ref and rank == 0,
       lora_config=lcfg)
   with jax.set_mesh(mesh):
@@ -115,7 +116,7 @@ def test_adapters_follow_the_sharding_rules():
   mesh = sharding.make_mesh(cfg.mesh.shape)
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
   tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
-  _, abstract, shardings, _ = loop.build_model_and_state(
+  _, abstract, shardings, _ = build_lib.build_model_and_state(
       config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=False,
       lora_config=lora.LoraConfig(rank=4, targets=lora.TARGETS))
   attn, mlp = shardings.params["layers"][0]["attn"], shardings.params["layers"][0]["mlp"]
@@ -170,15 +171,15 @@ def test_lora_run_resumes_checkpoints_adapters_only_and_exports(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   sft = str(tmp_path / "sft")
-  loop.train(tiny_config("sft", total_steps=1), sft, progress=False)
+  train_loop(tiny_config("sft", total_steps=1), sft, progress=False)
   # Warm-up makes step 1's LR 0; step 2 moves the adapters.
   over = {"lora.rank": 4, "lora.targets": ("q", "v", "o", "up", "down"), "lora.alpha": 8.0,
           "init_from": sft, "reference.mode": "frozen", "total_steps": 2,
           "checkpoint.every": 1, "optim.warmup_steps": 1, "optim.lr": 1e-2}
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  loop.train(tiny_config(**over), straight, progress=False)
-  loop.train(tiny_config(**over), resumed, progress=False, stop_after=1)
-  loop.train(tiny_config(**over), resumed, progress=False)
+  train_loop(tiny_config(**over), straight, progress=False)
+  train_loop(tiny_config(**over), resumed, progress=False, stop_after=1)
+  train_loop(tiny_config(**over), resumed, progress=False)
   a, b = read_metrics(straight), read_metrics(resumed)
   assert [m["step"] for m in b] == [1, 2]
   assert a[0]["loss"] == float(LOG2)
@@ -199,7 +200,7 @@ def test_lora_run_resumes_checkpoints_adapters_only_and_exports(tmp_path):
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
-  lgraph, abstract, _, _ = loop.build_model_and_state(
+  lgraph, abstract, _, _ = build_lib.build_model_and_state(
       config_lib.model_config(config), tx, mesh, rules, seed=0, keep_reference=False,
       lora_config=lora.config_from(config.lora))
   with jax.set_mesh(mesh):

@@ -152,7 +152,7 @@ def test_two_quick_ctrl_c_during_checkpoint_writes_leave_no_torn_step(tmp_path):
   import ml_collections
   import numpy as np
   from jaxalign import checkpoint as ckpt, config as config_lib, sharding
-  from jaxalign.train import build as build_lib, loop, optim
+  from jaxalign.train import build as build_lib, optim, rundir
 
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
@@ -176,7 +176,7 @@ def test_two_quick_ctrl_c_during_checkpoint_writes_leave_no_torn_step(tmp_path):
   assert "interrupted: exiting now" in err, err
   steps = complete_steps(workdir)
   assert steps, err
-  config = ml_collections.ConfigDict(loop.resolved_config(str(workdir)))
+  config = ml_collections.ConfigDict(rundir.resolved_config(str(workdir)))
   mesh = sharding.make_mesh(config.mesh.shape)
   tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
   _, abstract_state, _, _ = build_lib.build_model_and_state(

@@ -8,10 +8,9 @@ import subprocess
 
 import pytest
 
-from jaxalign.train import loop
 from tests.reliability.helpers import (RECIPES, assert_bit_identical, cli_command, cli_env,
                                       complete_steps, params, run_cli)
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 OVERRIDES = ("--config.total_steps=2", "--config.checkpoint.every=1")
 
@@ -24,7 +23,7 @@ def _config():
 def finished_run(tmp_path_factory):
   """A DPO run of 2 steps with a checkpoint after each: steps 1 and 2."""
   workdir = tmp_path_factory.mktemp("corrupt") / "run"
-  loop.train(_config(), str(workdir), progress=False)
+  train_loop(_config(), str(workdir), progress=False)
   assert complete_steps(workdir) == [1, 2]
   return workdir
 

@@ -10,9 +10,8 @@ import pytest
 
 from jaxalign import fingerprint
 from jaxalign.data import toy
-from jaxalign.train import loop
 from tests.reliability.helpers import RECIPES, complete_steps, run_cli
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 TOTAL_STEPS = 4
 
@@ -33,7 +32,7 @@ def stopped_run(tmp_path_factory):
   workdir = root / "run"
   cfg = tiny_config(total_steps=TOTAL_STEPS, **{"checkpoint.every": 2,
                                                 "data.train_path": str(data)})
-  loop.train(cfg, str(workdir), progress=False, stop_after=2)
+  train_loop(cfg, str(workdir), progress=False, stop_after=2)
   assert complete_steps(workdir) == [2]
   return root
 
@@ -94,7 +93,7 @@ def test_allowed_data_change_recomputes_the_reference_never_reuses_it(run_copy, 
   # The recomputed table equals a fresh run's on the new data (the initial policy's).
   fresh = tmp_path / "fresh"
   cfg = tiny_config(total_steps=1, **{"data.train_path": str(run_copy / "pairs.jsonl")})
-  loop.train(cfg, str(fresh), progress=False)
+  train_loop(cfg, str(fresh), progress=False)
   np.testing.assert_array_equal(np.load(run_copy / "run" / "ref_logps.npy"),
                                 np.load(fresh / "ref_logps.npy"))
   assert complete_steps(run_copy / "run")[-1] == TOTAL_STEPS

@@ -13,10 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxalign import checkpoint as ckpt
-from jaxalign.train import loop
 from tests.reliability.helpers import (TINY_CLI_CONFIG, assert_bit_identical, complete_steps,
                                        params, run_cli)
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, train_loop
 
 TOTAL_STEPS = 6
 EVERY = 2  # saves at 2 (fine), 4 (disk full), 6
@@ -58,7 +57,7 @@ def _fail_async_writes_after_the_first(monkeypatch):
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("clean") / "run"
-  loop.train(_config(), str(workdir), progress=False, stop_after=EVERY)
+  train_loop(_config(), str(workdir), progress=False, stop_after=EVERY)
   return workdir
 
 

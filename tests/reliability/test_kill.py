@@ -15,10 +15,9 @@ import time
 
 import pytest
 
-from jaxalign.train import loop
 from tests.reliability.helpers import (TINY_CLI_CONFIG, assert_bit_identical, cli_command,
                                        cli_env, complete_steps, params)
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 TOTAL_STEPS = 12
 # Checkpoint every step, so an async write is in flight most of the time.
@@ -72,7 +71,7 @@ KILLS = [("startup", 0), ("random", 1), ("during_write", 2), ("random", 3),
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight") / "run"
-  loop.train(tiny_config(**OVERRIDES), str(workdir), progress=False)
+  train_loop(tiny_config(**OVERRIDES), str(workdir), progress=False)
   return workdir
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import jaxalign
-from jaxalign.train import loop, rundir
+from jaxalign.train import rundir
 from jaxalign.data import reading
 from tests.reliability.helpers import complete_steps, params
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, train_loop
 
 PACKAGE = pathlib.Path(jaxalign.__file__).resolve().parent
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".npz")
@@ -27,7 +27,7 @@ def _config(**overrides):
 def run_dir(tmp_path_factory):
   """A run stopped at step 2 of 3: checkpoints, data state, config, ref cache, tokenizer."""
   workdir = tmp_path_factory.mktemp("pickle") / "run"
-  loop.train(_config(), str(workdir), progress=False, stop_after=2)
+  train_loop(_config(), str(workdir), progress=False, stop_after=2)
   return workdir
 
 
@@ -72,7 +72,7 @@ def test_resume_and_load_succeed_with_pickle_disabled(run_dir, tmp_path, monkeyp
 
   # Resuming restores the state, the data iterator and the config, and reads the
   # reference log-probs cache; then the finished run's parameters load too.
-  result = loop.train(_config(), str(workdir), progress=False)
+  result = train_loop(_config(), str(workdir), progress=False)
   assert result.final_step == 3 and complete_steps(workdir) == [2, 3]
   assert all(np.isfinite(x).all() for x in params(workdir, _config()))
   assert rundir.resolved_config(str(workdir))["loss"]["name"] == "dpo"

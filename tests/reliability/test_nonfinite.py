@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.train import loop
 from jaxalign.train import step as step_lib
 from tests.reliability.helpers import (TINY_CLI_CONFIG, assert_bit_identical, complete_steps,
                                        params, run_cli)
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 TOTAL_STEPS = 6
 NAN_STEP = 4  # the 4th update sees the NaN; steps 1..3 are clean
@@ -42,7 +41,7 @@ def _inject_nan(monkeypatch, at_update: int):
 def clean_run(tmp_path_factory):
   """The same run without the NaN, stopped after step NAN_STEP - 1."""
   workdir = tmp_path_factory.mktemp("clean") / "run"
-  loop.train(_config(), str(workdir), progress=False, stop_after=NAN_STEP - 1)
+  train_loop(_config(), str(workdir), progress=False, stop_after=NAN_STEP - 1)
   return workdir
 
 
@@ -68,7 +67,7 @@ def test_skip_nonfinite_skips_exactly_the_bad_step_and_counts_it(tmp_path, monke
                                                                  clean_run):
   _inject_nan(monkeypatch, NAN_STEP)
   cfg = _config(skip_nonfinite=True)
-  result = loop.train(cfg, str(tmp_path), progress=False, stop_after=NAN_STEP)
+  result = train_loop(cfg, str(tmp_path), progress=False, stop_after=NAN_STEP)
   assert result.final_step == NAN_STEP
   counts = [m["nonfinite_steps"] for m in read_metrics(tmp_path)]
   assert counts == [0.0] * (NAN_STEP - 1) + [1.0]

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from jaxalign.train import loop, rundir
+from jaxalign.train import rundir
 from tests.reliability.helpers import RECIPES, complete_steps, run_cli
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, train_loop
 
 TOTAL_STEPS = 4
 
@@ -18,7 +18,7 @@ def stopped_run(tmp_path_factory):
   """A DPO run stopped with a checkpoint at step 2 of 4 (beta 0.1, d_model 32)."""
   workdir = tmp_path_factory.mktemp("resume") / "run"
   cfg = tiny_config(total_steps=TOTAL_STEPS, **{"checkpoint.every": 2})
-  loop.train(cfg, str(workdir), progress=False, stop_after=2)
+  train_loop(cfg, str(workdir), progress=False, stop_after=2)
   assert complete_steps(workdir) == [2]
   return workdir
 

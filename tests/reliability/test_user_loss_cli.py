@@ -6,7 +6,7 @@ import os
 
 from tests.reliability.helpers import REPO_ROOT, RECIPES, run_cli
 from jaxalign import cli
-from jaxalign.train import loop
+from jaxalign.train import rundir
 
 DPOP = "losses/dpo_positive.py:dpo_positive_loss"
 
@@ -25,7 +25,7 @@ def test_prototype_trains_resumes_exports_and_generates_by_file_path(tmp_path, c
   monkeypatch.chdir(REPO_ROOT)          # the path is relative to the repository root
   status, err = run_cli(capsys, *args, "--stop_after_steps=2")
   assert status == 0, err
-  saved = loop.resolved_config(str(run))
+  saved = rundir.resolved_config(str(run))
   assert saved["loss"]["name"] == f"{REPO_ROOT}/{DPOP}"      # recorded absolute
   assert saved["loss"]["hparams"]["lam"] == 5.0
   assert (run / "ref_logps.npy").exists()                     # needs_ref=True: precomputed
@@ -53,6 +53,7 @@ def test_prototype_trains_resumes_exports_and_generates_by_file_path(tmp_path, c
 _REF_FREE = '''
 import jax.numpy as jnp
 from jaxalign.losses import register
+from jaxalign.train import rundir
 
 @register(data="pairwise", needs_ref=False)
 def length_normed_margin(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *,
@@ -83,5 +84,5 @@ def test_a_reference_free_user_loss_computes_no_reference(tmp_path, capsys, monk
   assert not list(run.rglob("ref_logps*")), list(run.rglob("*"))
   rows = [r for r in _metrics(run) if "loss" in r]
   assert [r["step"] for r in rows] == [1, 2]
-  saved = loop.resolved_config(str(run))["loss"]["name"]
+  saved = rundir.resolved_config(str(run))["loss"]["name"]
   assert saved == f"{tmp_path}/free.py:length_normed_margin"

@@ -8,10 +8,10 @@ import pytest
 from jaxalign.data.formats import DataError
 from jaxalign.workflows import generate as generate_lib
 from jaxalign.sampling.engine import SamplingParams
-from jaxalign.train import loop, rundir
+from jaxalign.train import rundir
 from jaxalign.data import reading
 from tests.sampling import helpers
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, train_loop
 
 TEXT_PROMPTS = ["12+7=", "3+45=", "60+1="]
 
@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory):
   run = str(tmp_path_factory.mktemp("gen") / "run")
   config = tiny_config("sft", total_steps=20, log_every=20, **{"checkpoint.every": 20,
                                                                 "optim.lr": 3e-3})
-  loop.train(config, run, progress=False)
+  train_loop(config, run, progress=False)
   return run
 
 

@@ -3,10 +3,12 @@
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
 from jaxalign import config as config_lib
+from jaxalign.train import loop
 
 
 def tiny_config(loss: str = "dpo", **overrides) -> ml_collections.ConfigDict:
@@ -47,3 +49,16 @@ def random_batch(rng, b=8, s=2, t=12, vocab=32) -> dict:
   loss_mask = attention.copy()
   loss_mask[:, :, :4] = 0
   return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def train_loop(config, workdir: str, *, devices=None, **kwargs):
+  """loop.train of `config` resolved for `devices` (default all), as
+  jaxalign.workflows.run.train resolves it: the loop itself takes a RunSpec only."""
+  devices = jax.devices() if devices is None else list(devices)
+  return loop.train(config_lib.resolve(config, len(devices)), workdir, devices=devices,
+                    **kwargs)
+
+
+def resolved(config) -> config_lib.RunSpec:
+  """`config` resolved for all devices (config.resolve), as the CLI passes it down."""
+  return config_lib.resolve(config, jax.device_count())

@@ -18,8 +18,8 @@ import pytest
 from jaxalign import config as config_lib
 from jaxalign import plan as plan_lib
 from jaxalign import sharding
-from jaxalign.train import build as build_lib, loop
-from tests.train.helpers import tiny_config
+from jaxalign.train import build as build_lib
+from tests.train.helpers import tiny_config, train_loop
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 TINY_MODEL = dict(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -46,7 +46,7 @@ def _lowered_by_train(config, workdir, monkeypatch) -> str:
 
   monkeypatch.setattr(build_lib, "build", spy)
   with pytest.raises(_FirstStep):
-    loop.train(config, str(workdir), progress=False)
+    train_loop(config, str(workdir), progress=False)
   monkeypatch.setattr(build_lib, "build", real_build)
   return seen["text"]
 
@@ -86,7 +86,8 @@ def test_plan_lowers_the_step_that_train_runs(recipe, tmp_path, monkeypatch):
 
 def test_plan_reports_the_lora_trainable_parameters():
   config = _lora_recipe()
-  built = build_lib.build(config, sharding.make_mesh(config.mesh.shape))
+  built = build_lib.build(config_lib.resolve(config, jax.device_count()),
+                          sharding.make_mesh(config.mesh.shape))
   p = plan_lib.plan(config, devices="cpu:8")
   adapters = sum(a.size for a in jax.tree.leaves(built.abstract_state.params))
   assert p["trainable_params"] == adapters < p["num_params"] / 10

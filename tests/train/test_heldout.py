@@ -25,7 +25,7 @@ from jaxalign.train import build as build_lib, heldout, loop, rundir, state as s
 from jaxalign.data import reading
 from tests.data.reference import list_examples
 from tests.reliability.helpers import TINY_CLI_CONFIG, compile_events, run_cli
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 # A loss per kind of batch -> (toy source of its format, extra config). Pairwise:
 # OFS-DPO (two LoRA modules, a frozen base as reference); plain DPO is the run below.
@@ -57,13 +57,13 @@ def _config(loss, **overrides):
 def test_eval_step_gives_the_train_steps_metrics_in_every_format(loss):
   # One device: the formats are the point here (the run below is sharded over 8).
   config = _config(loss, **{"mesh.shape": (1, 1, 1)})
-  config_lib.validate(config, 1)
+  run_spec = config_lib.resolve(config, 1)
   mesh = sharding.make_mesh(config.mesh.shape, jax.devices()[:1])
-  built = build_lib.build(config, mesh)
-  spec = built.spec
-  examples = loop.load_eval_set(config, spec.data, reading.load_tokenizer("toy"))
+  built = build_lib.build(run_spec, mesh)
+  spec = run_spec.loss
+  examples = loop.load_eval_set(run_spec, reading.load_tokenizer("toy"))
   rng = np.random.default_rng(0)
-  if built.precompute_ref:   # any reference column: both steps read the same one
+  if run_spec.precompute_ref:   # any reference column: both steps read the same one
     examples = [{**ex, "ref_logps": rng.normal(-20, 2, ex["tokens"].shape[0]).astype(np.float32)}
                 for ex in examples]
   if spec.prepare is not None:
@@ -89,7 +89,7 @@ def test_eval_step_gives_the_train_steps_metrics_in_every_format(loss):
 def test_a_run_logs_eval_rows_and_the_loss_of_the_eval_sets_logps(tmp_path):
   config = _config("dpo", total_steps=3, eval_every=2, log_every=3)
   config.data.eval_path = "toy:pairwise?n=16&seed=7"     # two eval batches of 8
-  result = loop.train(config, str(tmp_path), progress=False)
+  result = train_loop(config, str(tmp_path), progress=False)
   rows = read_metrics(tmp_path)
   assert [r["step"] for r in rows] == [2, 3]
   assert set(rows[0]) == {"step"} | {k for k in rows[1] if k.startswith("eval/")}

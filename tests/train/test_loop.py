@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from jaxalign import checkpoint as ckpt
-from jaxalign.train import loop
-from tests.train.helpers import read_metrics, tiny_config
+from jaxalign import errors
+from jaxalign.train import rundir
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
@@ -23,8 +24,8 @@ def _losses(workdir):
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
-  loop.train(tiny_config(), str(tmp_path / "full"), progress=False)
-  loop.train(tiny_config(**{"optim.grad_accum_steps": 2, "mesh.shape": (1, 4, 2)}),
+  train_loop(tiny_config(), str(tmp_path / "full"), progress=False)
+  train_loop(tiny_config(**{"optim.grad_accum_steps": 2, "mesh.shape": (1, 4, 2)}),
              str(tmp_path / "accum"), progress=False)
   np.testing.assert_allclose(_losses(tmp_path / "accum"), _losses(tmp_path / "full"),
                              rtol=1e-5, atol=1e-6)
@@ -34,9 +35,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 
 def test_precomputed_and_frozen_references_agree(tmp_path):
-  loop.train(tiny_config(**{"reference.mode": "precompute"}), str(tmp_path / "pre"),
+  train_loop(tiny_config(**{"reference.mode": "precompute"}), str(tmp_path / "pre"),
              progress=False)
-  loop.train(tiny_config(**{"reference.mode": "frozen"}), str(tmp_path / "frozen"),
+  train_loop(tiny_config(**{"reference.mode": "frozen"}), str(tmp_path / "frozen"),
              progress=False)
   assert (tmp_path / "pre" / "ref_logps.npy").exists()
   assert not (tmp_path / "frozen" / "ref_logps.npy").exists()
@@ -50,7 +51,7 @@ def test_precomputed_and_frozen_references_agree(tmp_path):
 def test_sft_loss_goes_down_and_checkpoints_exist(tmp_path):
   cfg = tiny_config("sft", total_steps=30, log_every=5, **{"optim.lr": 3e-3,
                                                            "checkpoint.every": 10})
-  result = loop.train(cfg, str(tmp_path), progress=False)
+  result = train_loop(cfg, str(tmp_path), progress=False)
   losses = _losses(tmp_path)
   assert result.final_step == 30
   assert losses[-1] < 0.8 * losses[0]
@@ -60,13 +61,13 @@ def test_sft_loss_goes_down_and_checkpoints_exist(tmp_path):
 
 
 def _params(workdir, cfg):
-  _, params, _ = loop.load_run_params(str(workdir), cfg)
+  _, params, _ = rundir.load_run_params(str(workdir), cfg)
   return jax.tree.leaves(jax.device_get(params))
 
 
 def test_resume_in_a_new_process_is_bit_identical(tmp_path):
   cfg = tiny_config(total_steps=10, **{"checkpoint.every": 5})
-  loop.train(cfg, str(tmp_path / "straight"), progress=False)
+  train_loop(cfg, str(tmp_path / "straight"), progress=False)
 
   cfg_file = tmp_path / "cfg.py"
   cfg_file.write_text(
@@ -95,8 +96,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # lr=1e30 overflows the parameters within a few steps.
   cfg = tiny_config(total_steps=6, **{"optim.lr": 1e30, "optim.clip_norm": 0.0,
                                       "optim.warmup_steps": 1, "checkpoint.every": 1})
-  with pytest.raises(loop.NonFiniteError, match=r"last good checkpoint: step (\d+)") as info:
-    loop.train(cfg, str(tmp_path), progress=False)
+  with pytest.raises(errors.NonFiniteError, match=r"last good checkpoint: step (\d+)") as info:
+    train_loop(cfg, str(tmp_path), progress=False)
   checkpointer = ckpt.Checkpointer(str(tmp_path / "checkpoints"), every=1, keep=2)
   latest = checkpointer.latest_step()
   checkpointer.close()
@@ -108,14 +109,14 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_skip_nonfinite_counts_and_does_not_update(tmp_path):
   cfg = tiny_config(total_steps=4, skip_nonfinite=True,
                     **{"optim.lr": 1e30, "optim.clip_norm": 0.0, "optim.warmup_steps": 1})
-  result = loop.train(cfg, str(tmp_path), progress=False)
+  result = train_loop(cfg, str(tmp_path), progress=False)
   assert result.final_step == 4
   assert result.last_metrics["nonfinite_steps"] >= 1
 
 
 def test_bf16_compute_keeps_float32_master_weights(tmp_path):
   cfg = tiny_config(**{"model.overrides.dtype": "bfloat16"})
-  result = loop.train(cfg, str(tmp_path), progress=False)
+  result = train_loop(cfg, str(tmp_path), progress=False)
   assert np.isfinite(result.last_metrics["loss"])
   leaves = _params(tmp_path, cfg)
   assert leaves and all(x.dtype == np.float32 for x in leaves)

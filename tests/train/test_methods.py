@@ -16,8 +16,9 @@ from flax import nnx
 
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
-from jaxalign.train import loop, optim, step as step_lib
-from tests.train.helpers import random_batch, read_metrics, tiny_config
+from jaxalign.train import optim, step as step_lib
+from jaxalign.train import build as build_lib
+from tests.train.helpers import random_batch, read_metrics, tiny_config, train_loop
 
 # method -> (loss, hparams, data source, options, metric that must rise[, config overrides])
 CASES = {
@@ -102,7 +103,7 @@ def test_step_loss_equals_the_pure_loss(method):
   mesh = sharding.make_mesh(cfg.mesh.shape)
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
   tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
-  graphdef, _, shardings, init_fn = loop.build_model_and_state(
+  graphdef, _, shardings, init_fn = build_lib.build_model_and_state(
       config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=spec.needs_ref,
       init_loss_state=spec.init_state)
   batch = random_batch(np.random.default_rng(5))
@@ -155,7 +156,7 @@ def test_reference_free_loss_trains_without_a_reference(tmp_path):
   cfg.loss.name = "simpo"
   cfg.loss.hparams = ml_collections.ConfigDict(dict(beta=2.0, gamma=0.5))
   assert cfg.reference.mode == "precompute"
-  loop.train(cfg, str(tmp_path), progress=False)
+  train_loop(cfg, str(tmp_path), progress=False)
   assert np.isfinite(read_metrics(tmp_path)[0]["loss"])
   assert not os.path.exists(os.path.join(tmp_path, "ref_logps.npy"))
 
@@ -192,7 +193,7 @@ def test_method_trains_and_moves_its_metric(method, tmp_path):
   cfg.loss.name = loss
   cfg.loss.hparams = ml_collections.ConfigDict(hparams)
   cfg.loss.options = ml_collections.ConfigDict(options)
-  loop.train(cfg, str(tmp_path), progress=False)
+  train_loop(cfg, str(tmp_path), progress=False)
   rows = read_metrics(tmp_path)
   assert all(np.isfinite(r["loss"]) for r in rows)
   sign, key = (-1, metric[1:]) if metric.startswith("-") else (1, metric)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from jaxalign import config as config_lib
-from jaxalign.train import loop
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 LOG2 = float(np.float32(np.log(2.0)))
 
@@ -32,10 +31,10 @@ def _ofs_config(**over):
 def test_ofs_dpo_swaps_roles_and_resumes_bit_for_bit(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   one = jax.devices()[:1]   # the mesh (1, 1, 1): faster on fake CPU devices
-  loop.train(_ofs_config(), straight, progress=False, devices=one)
+  train_loop(_ofs_config(), straight, progress=False, devices=one)
   # Stopped at step 3, mid role-check interval: the accumulators must survive.
-  loop.train(_ofs_config(), resumed, progress=False, stop_after=3, devices=one)
-  loop.train(_ofs_config(), resumed, progress=False, devices=one)
+  train_loop(_ofs_config(), resumed, progress=False, stop_after=3, devices=one)
+  train_loop(_ofs_config(), resumed, progress=False, devices=one)
   a, b = read_metrics(straight), read_metrics(resumed)
   assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
   # Resume from step 3 (both modules, both optimizers, the OFS state) == straight run.

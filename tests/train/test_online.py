@@ -12,9 +12,10 @@ from jaxalign import config as config_lib
 from jaxalign import rewards
 from jaxalign import sharding
 from jaxalign.data import pipeline, toy
-from jaxalign.train import loop, resume, rundir
+from jaxalign.train import resume, rundir
 from jaxalign.train import online as online_lib
 from jaxalign.workflows import run
+from jaxalign import errors
 from tests.train.helpers import read_metrics, tiny_config
 
 GRAO_METRICS = ("loss", "loss/exploration", "loss/imitation", "loss/alignment", "reward/mean",
@@ -151,9 +152,9 @@ def test_resume_refuses_a_changed_reward_or_sampling():
   saved = online_config().to_dict()
   resume.check_resume_config(saved, online_config(), where="here")
   for key, value in (("reward.name", "exact_match"), ("sampling.temperature", 0.5)):
-    with pytest.raises(loop.ResumeMismatchError, match=key.replace(".", r"\.")):
+    with pytest.raises(errors.ResumeMismatchError, match=key.replace(".", r"\.")):
       resume.check_resume_config(saved, online_config(**{key: value}), where="here")
-  with pytest.raises(loop.ResumeMismatchError, match="online.samples_per_prompt 3 -> 5"):
+  with pytest.raises(errors.ResumeMismatchError, match="online.samples_per_prompt 3 -> 5"):
     resume.check_resume_config(saved, online_config(**{"online.samples_per_prompt": 5}),
                              where="here")
   # Checkpoints written before these sections existed still resume.

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from jaxalign import config as config_lib
-from jaxalign.train import loop
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 # Wall-clock figures differ between any two runs.
 TIMING = ("tokens_per_sec", "perf/model_tflops_per_device", "perf/mfu")
@@ -32,11 +31,11 @@ def _config(**overrides):
 
 
 def test_packed_run_equals_padded_run_and_resumes(tmp_path):
-  loop.train(_config(), str(tmp_path / "padded"), progress=False)
+  train_loop(_config(), str(tmp_path / "padded"), progress=False)
   packed_cfg = _config(**{"data.packing": True, "data.pack_length": 16})
-  first = loop.train(packed_cfg, str(tmp_path / "packed"), progress=False, stop_after=2)
+  first = train_loop(packed_cfg, str(tmp_path / "packed"), progress=False, stop_after=2)
   assert first.final_step == 2
-  loop.train(packed_cfg, str(tmp_path / "packed"), progress=False)   # resumes at step 2
+  train_loop(packed_cfg, str(tmp_path / "packed"), progress=False)   # resumes at step 2
   padded, packed = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "packed")
   assert [m["step"] for m in padded] == [1, 2, 3, 4]
   _assert_metrics_equal(padded, packed)
@@ -59,8 +58,8 @@ def test_packing_keys_are_validated():
 
 def test_shared_prompt_run_equals_padded_run(tmp_path):
   cfg = lambda **o: _config(**{"total_steps": 2, **o})  # noqa: E731
-  loop.train(cfg(), str(tmp_path / "padded"), progress=False)
-  loop.train(cfg(**{"data.share_prompt": True}), str(tmp_path / "shared"), progress=False)
+  train_loop(cfg(), str(tmp_path / "padded"), progress=False)
+  train_loop(cfg(**{"data.share_prompt": True}), str(tmp_path / "shared"), progress=False)
   padded, shared = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "shared")
   assert len(padded) == len(shared) == 2
   for a, b in zip(padded, shared):
@@ -78,8 +77,8 @@ def test_packed_shared_lora_run_equals_padded_run(tmp_path):
   padded run's. The learning rate is 0 at step 0, so the adapters move from step 3."""
   cfg = lambda **o: _config(**{"total_steps": 3, "lora.rank": 4, "optim.lr": 1e-2,  # noqa: E731
                                **o})
-  loop.train(cfg(), str(tmp_path / "padded"), progress=False)
-  loop.train(cfg(**{"data.packing": True, "data.pack_length": 16, "data.share_prompt": True}),
+  train_loop(cfg(), str(tmp_path / "padded"), progress=False)
+  train_loop(cfg(**{"data.packing": True, "data.pack_length": 16, "data.share_prompt": True}),
              str(tmp_path / "packed"), progress=False)
   padded, packed = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "packed")
   assert len(padded) == 3
@@ -97,12 +96,12 @@ def test_ld_dpo_and_wpo_runs_equal_padded_run(tmp_path):
   cfg = lambda **o: _config(**{"total_steps": 3, "reference.mode": "frozen",  # noqa: E731
                                "loss.hparams.ld_alpha": 0.5,
                                "loss.hparams.use_weighting": True, **o})
-  loop.train(cfg(), str(tmp_path / "padded"), progress=False)
+  train_loop(cfg(), str(tmp_path / "padded"), progress=False)
   padded = read_metrics(tmp_path / "padded")
   assert len(padded) == 3 and "wpo/weight_mean" in padded[0]
   packed = {"data.packing": True, "data.pack_length": 16}
   for name, overrides in (("packed", packed),
                           ("packed_shared", {**packed, "data.share_prompt": True}),
                           ("shared", {"data.share_prompt": True})):
-    loop.train(cfg(**overrides), str(tmp_path / name), progress=False)
+    train_loop(cfg(**overrides), str(tmp_path / name), progress=False)
     _assert_metrics_equal(padded, read_metrics(tmp_path / name))

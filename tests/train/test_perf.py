@@ -3,13 +3,12 @@ import jax
 
 from jaxalign import config as config_lib
 from jaxalign import flops
-from jaxalign.train import loop
-from tests.train.helpers import read_metrics, tiny_config
+from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 
 def test_loop_logs_model_tflops_per_device_of_real_tokens(tmp_path):
   cfg = tiny_config(total_steps=2)
-  loop.train(cfg, str(tmp_path), progress=False)
+  train_loop(cfg, str(tmp_path), progress=False)
   rows = read_metrics(str(tmp_path))
   assert len(rows) == 2
   mc = config_lib.model_config(cfg)

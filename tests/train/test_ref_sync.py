@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from jaxalign import cli, config as config_lib, losses, sharding
-from jaxalign.train import loop, optim, rundir, step as step_lib
-from tests.train.helpers import random_batch, read_metrics, tiny_config
+from jaxalign.train import optim, rundir, step as step_lib
+from jaxalign.train import build as build_lib
+from tests.train.helpers import random_batch, read_metrics, tiny_config, train_loop
 
 CONFIG = str(pathlib.Path(__file__).resolve().parent / "tiny_cli_config.py")
 
@@ -23,7 +24,7 @@ def test_step_mixes_the_reference_every_sync_steps(alpha):
   mesh = sharding.make_mesh(cfg.mesh.shape)
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
   tx, sched = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10)
-  graphdef, _, shardings, init_fn = loop.build_model_and_state(
+  graphdef, _, shardings, init_fn = build_lib.build_model_and_state(
       config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
   fn = step_lib.jit_train_step(
       graphdef=graphdef, tx=tx, schedule=sched,
@@ -65,7 +66,7 @@ def test_hard_sync_makes_the_next_loss_log2(tmp_path, lora):
   over = {**SYNC, "total_steps": 5, "reference.sync_steps": 3}
   if lora:
     over.update({"lora.rank": 4, "lora.alpha": 8.0})
-  loop.train(tiny_config(**over), str(tmp_path), progress=False)
+  train_loop(tiny_config(**over), str(tmp_path), progress=False)
   losses_ = np.array([m["loss"] for m in read_metrics(tmp_path)])
   np.testing.assert_allclose(losses_[[0, 1, 3]], np.log(2.0), rtol=1e-6)
   assert abs(losses_[2] - np.log(2.0)) > 1e-4 and abs(losses_[4] - np.log(2.0)) > 1e-4
@@ -74,10 +75,10 @@ def test_hard_sync_makes_the_next_loss_log2(tmp_path, lora):
 def test_resume_between_syncs_equals_the_uninterrupted_run(tmp_path):
   over = {**SYNC, "reference.sync_alpha": 0.5, "total_steps": 6, "checkpoint.every": 3}
   cfg = tiny_config(**over)
-  loop.train(cfg, str(tmp_path / "straight"), progress=False)
-  loop.train(cfg, str(tmp_path / "resumed"), progress=False, stop_after=3)   # after sync 1
-  loop.train(cfg, str(tmp_path / "resumed"), progress=False)
-  loop.train(tiny_config(**{**over, "reference.sync_steps": 0}), str(tmp_path / "nosync"),
+  train_loop(cfg, str(tmp_path / "straight"), progress=False)
+  train_loop(cfg, str(tmp_path / "resumed"), progress=False, stop_after=3)   # after sync 1
+  train_loop(cfg, str(tmp_path / "resumed"), progress=False)
+  train_loop(tiny_config(**{**over, "reference.sync_steps": 0}), str(tmp_path / "nosync"),
              progress=False)
   straight, resumed, nosync = (np.array([m["loss"] for m in read_metrics(tmp_path / d)])
                                for d in ("straight", "resumed", "nosync"))

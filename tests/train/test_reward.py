@@ -6,9 +6,9 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.rewards import model as reward_model
-from jaxalign.train import loop, reward, rundir
+from jaxalign.train import reward, rundir
 from jaxalign.workflows import run
-from tests.train.helpers import tiny_config
+from tests.train.helpers import tiny_config, train_loop
 
 
 def _leaves(state) -> dict:
@@ -18,7 +18,7 @@ def _leaves(state) -> dict:
 
 def test_the_backbone_is_the_init_from_runs_model(tmp_path):
   sft = tiny_config("sft", total_steps=3, **{"checkpoint.every": 3})
-  loop.train(sft, str(tmp_path / "sft"), progress=False)
+  train_loop(sft, str(tmp_path / "sft"), progress=False)
   _, sft_params, _ = rundir.load_run_params(str(tmp_path / "sft"), sft)
 
   rm = tiny_config(total_steps=1, init_from=str(tmp_path / "sft"), **{"optim.lr": 1e-12})

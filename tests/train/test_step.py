@@ -8,7 +8,8 @@ import numpy as np
 
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
-from jaxalign.train import loop, optim, step as step_lib
+from jaxalign.train import optim, step as step_lib
+from jaxalign.train import build as build_lib
 from tests.train.helpers import random_batch, tiny_config
 
 
@@ -17,7 +18,7 @@ def _setup(shape=(2, 2, 2), devices=None):
   mesh = sharding.make_mesh(cfg.mesh.shape, devices)
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
   tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
-  graphdef, abstract, shardings, init_fn = loop.build_model_and_state(
+  graphdef, abstract, shardings, init_fn = build_lib.build_model_and_state(
       config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
   with jax.set_mesh(mesh):
     state = jax.jit(init_fn, out_shardings=shardings)()
