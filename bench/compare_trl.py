@@ -171,25 +171,40 @@ def run_trl(trl_python: str, spec_path: str) -> dict:
 
 # --- jaxalign (this environment) ----------------------------------------------
 
-def run_jaxalign(model_cfg, prompt, chosen, rejected, *, batch: int, warmup: int,
-                 steps: int) -> dict:
-  import jax
-  from jaxalign import losses, sharding
-  from jaxalign.train import build as build_lib, optim, step as step_lib
+def jaxalign_config(args):
+  """The recipe both sides run: a Llama-shaped model from the flags, sigmoid DPO
+  (beta 0.1) on precomputed reference log-probs, AdamW at lr 1e-4 after one
+  warm-up step, B pairs of T tokens per step, on one device."""
+  from jaxalign import config as config_lib
 
-  devices = jax.devices()[:1]
-  mesh = sharding.make_mesh((1, 1, 1), devices)
-  rules = tuple(tuple(r) for r in __import__("jaxalign.config").config.DEFAULT_RULES)
-  tx, schedule = optim.make_optimizer(lr=1e-4, warmup_steps=1, total_steps=10**6)
-  graphdef, _, state_shardings, init_fn = build_lib.build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=0, keep_reference=False)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  step_fn = step_lib.jit_train_step(
-      graphdef=graphdef, tx=tx, schedule=schedule,
-      loss_call=step_lib.make_loss_call(losses.get("dpo"), dict(beta=0.1,
-                                                                 label_smoothing=0.0)),
-      chunk_size=8192, accum_steps=1, skip_nonfinite=False, state_shardings=state_shardings,
-      batch_sharding=batch_sharding, replicated=sharding.replicated(mesh))
+  c = config_lib.defaults()
+  c.model.preset = "tiny"
+  c.model.overrides.update(dict(
+      vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+      n_kv_heads=args.kv_heads, head_dim=args.d_model // args.heads, d_ff=args.d_ff,
+      max_seq_len=args.length, rope_theta=10000.0, norm_eps=1e-5))
+  c.data.max_length, c.data.max_prompt_length = args.length, args.prompt_length
+  c.data.batch_size = args.batch
+  c.mesh.shape = (1, 1, 1)
+  c.loss.name = "dpo"
+  c.loss.hparams = dict(beta=0.1, label_smoothing=0.0)
+  c.reference.mode = "precompute"
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 1
+  c.total_steps = 10**6
+  c.logprob_chunk_size = 8192
+  return c
+
+
+def run_jaxalign(config, prompt, chosen, rejected, *, warmup: int, steps: int) -> dict:
+  """`config`'s train step, as `jaxalign train` builds it, timed on the pairs given."""
+  import jax
+  from jaxalign import sharding
+  from jaxalign.train import build as build_lib, init
+
+  built = build_lib.build_config(config, jax.devices()[:1])
+  step_fn, batch_sharding = built.step_fn, built.batch_sharding
+  model_cfg, batch = built.run_spec.model_cfg, config.data.batch_size
 
   P, R = prompt.shape[1], chosen.shape[1]
   T = P + R
@@ -206,8 +221,8 @@ def run_jaxalign(model_cfg, prompt, chosen, rejected, *, batch: int, warmup: int
     return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask,
             "ref_logps": ref}
 
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
+  with jax.set_mesh(built.mesh):
+    state = init.initial_state(built.run_spec, built, fresh=True)
     for i in range(warmup):
       state, metrics = step_fn(state, sharding.host_to_global(host_batch(i), batch_sharding))
     jax.block_until_ready((state, metrics))
@@ -245,13 +260,11 @@ def main(argv=None):
     ap.error("--trl-python is required (the python of the TRL environment)")
 
   sys.path.insert(0, ROOT)
+  from jaxalign import config as config_lib
   from jaxalign.models.hf_config import config_to_hf
-  from jaxalign.models.transformer import ModelConfig
 
-  model_cfg = ModelConfig(
-      vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-      n_kv_heads=args.kv_heads, head_dim=args.d_model // args.heads, d_ff=args.d_ff,
-      max_seq_len=args.length, rope_theta=10000.0, norm_eps=1e-5)
+  config = jaxalign_config(args)
+  model_cfg = config_lib.model_config(config)
   num_pairs = args.batch * (args.warmup + args.steps)
   prompt, chosen, rejected = make_data(num_pairs, vocab=args.vocab, prompt_len=args.prompt_length,
                                        length=args.length, seed=0)
@@ -268,8 +281,8 @@ def main(argv=None):
       print(f"[{r + 1}/{args.repeats}] TRL ({args.trl_python}) ...", file=sys.stderr)
       trl_runs.append(run_trl(args.trl_python, spec_path))
       print(f"[{r + 1}/{args.repeats}] jaxalign ...", file=sys.stderr)
-      jx_runs.append(run_jaxalign(model_cfg, prompt, chosen, rejected, batch=args.batch,
-                                  warmup=args.warmup, steps=args.steps))
+      jx_runs.append(run_jaxalign(config, prompt, chosen, rejected, warmup=args.warmup,
+                                  steps=args.steps))
   # Best (fastest) repeat of each: the one least disturbed by other load.
   trl_result = min(trl_runs, key=lambda x: x["step_s"])
   jx = min(jx_runs, key=lambda x: x["step_s"])

@@ -16,8 +16,8 @@ shaped) model at sequence length 2048, both bf16 with float32 master weights
 and precomputed reference log-probs. Not a test: it prints figures.
 
 Each config builds the real train state (random weights, sharded over all local
-devices) and THE jitted step (`jaxalign.train.step.jit_train_step`, as the host
-loop builds it), feeds it synthetic pairs whose lengths vary (so some tokens are
+devices) and THE jitted step (`jaxalign.train.build.build_config`: the builder
+`jaxalign train` runs), feeds it synthetic pairs whose lengths vary (so some tokens are
 padding), compiles, runs `--warmup` steps, then times `--steps` steps.
 
 Figures:
@@ -49,8 +49,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxalign import config as config_lib, losses, sharding  # noqa: E402
-from jaxalign.train import build as build_lib, optim, step as step_lib  # noqa: E402
+from jaxalign import config as config_lib, sharding  # noqa: E402
+from jaxalign.train import build as build_lib, init  # noqa: E402
 
 # meta-llama/Llama-3.2-1B shapes (1.24B parameters, tied embeddings).
 LLAMA_1B = dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
@@ -79,7 +79,9 @@ GPU_CASES = (
 )
 
 
-def make_config(case: Case, num_devices: int, scan: bool = True):
+def make_config(case: Case, scan: bool = True):
+  """The recipe timed: DPO with precomputed reference log-probs, lr 1e-6 after one
+  warm-up step of a 1000-step cosine schedule."""
   c = config_lib.defaults()
   c.model.preset = case.preset
   c.model.scan_layers = scan
@@ -90,8 +92,9 @@ def make_config(case: Case, num_devices: int, scan: bool = True):
   c.data.batch_size = case.batch
   c.loss.name = "dpo"
   c.reference.mode = "precompute"
+  c.optim.lr = 1e-6
   c.optim.warmup_steps = 1
-  config_lib.validate(c, num_devices)
+  c.total_steps = 1000
   return c
 
 
@@ -128,27 +131,14 @@ def matmul_peak(dtype: str, device, *, n: int, reps: int = 5) -> float:
 
 def build_case(case: Case, devices, *, scan: bool) -> dict:
   """The real train state and THE compiled step of `case`, layers scanned or not."""
-  c = make_config(case, len(devices), scan)
-  mesh = sharding.make_mesh(c.mesh.shape, devices)
-  rules = tuple(tuple(r) for r in c.sharding_rules)
-  model_cfg = config_lib.model_config(c)
-  spec = losses.get("dpo")
-  tx, schedule = optim.make_optimizer(lr=1e-6, warmup_steps=1, total_steps=1000)
-  graphdef, _, state_shardings, init_fn = build_lib.build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=0, keep_reference=False)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  step_fn = step_lib.jit_train_step(
-      graphdef=graphdef, tx=tx, schedule=schedule,
-      loss_call=step_lib.make_loss_call(spec, c.loss.hparams.to_dict()),
-      chunk_size=c.logprob_chunk_size, accum_steps=1, skip_nonfinite=False,
-      state_shardings=state_shardings, batch_sharding=batch_sharding,
-      replicated=sharding.replicated(mesh))
+  built = build_lib.build_config(make_config(case, scan), devices)
+  mesh, model_cfg = built.mesh, built.run_spec.model_cfg
   host_batches = [synthetic_batch(case, model_cfg.vocab_size, seed=i) for i in range(2)]
   with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
-    batches = [sharding.host_to_global(b, batch_sharding) for b in host_batches]
+    state = init.initial_state(built.run_spec, built, fresh=True)
+    batches = [sharding.host_to_global(b, built.batch_sharding) for b in host_batches]
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0]).compile()
+    compiled = built.step_fn.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
   return {"case": case, "scan": scan, "mesh": mesh, "model_cfg": model_cfg,
           "state": state, "batches": batches, "host_batches": host_batches,

@@ -6,8 +6,9 @@
   python bench/packing.py --case pairs --trl-python /work/venv-trl/bin/python
                                           # + the same batches through TRL's DPOTrainer
 
-Not a test: it prints figures. Both layouts run THE jitted step
-(`jaxalign.train.step.jit_train_step`) on the same examples, in the same
+Not a test: it prints figures. Every layout runs THE jitted step (one
+`jaxalign.train.build.build_config` of the case's recipe: the step `jaxalign
+train` runs, which reads the layout from the batch) on the same examples, in the same
 process, interleaved in rounds (padded block, packed block, ...) so a change
 of machine load hits both; the ratio is the median over rounds.
 
@@ -65,9 +66,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import compare_trl  # noqa: E402
-from jaxalign import config as config_lib, flops, losses, sharding  # noqa: E402
+from jaxalign import config as config_lib, flops, sharding  # noqa: E402
 from jaxalign.data import packing  # noqa: E402
-from jaxalign.train import build as build_lib, optim, step as step_lib  # noqa: E402
+from jaxalign.train import build as build_lib, init  # noqa: E402
 
 PROMPT_MEAN, RESPONSE_MEAN = 185.0, 306.0     # UltraFeedback, tokens (see docstring)
 PROMPT_SIGMA, RESPONSE_SIGMA = 0.9, 0.75
@@ -119,6 +120,8 @@ def _timed(fn) -> float:
 
 
 def model_config(T: int, batch: int, prompt: int, loss: str):
+  """The recipe timed: `loss` with precomputed reference log-probs, lr 1e-6 after one
+  warm-up step of a 1000-step cosine schedule, on one device."""
   c = config_lib.defaults()
   c.model.preset = "tiny"
   c.model.overrides.update(dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4,
@@ -129,6 +132,9 @@ def model_config(T: int, batch: int, prompt: int, loss: str):
   c.loss.name = loss
   c.loss.hparams = {"beta": 0.1} if loss == "dpo" else {}
   c.reference.mode = "precompute"
+  c.optim.lr = 1e-6
+  c.optim.warmup_steps = 1
+  c.total_steps = 1000
   config_lib.validate(c, 1)
   return c
 
@@ -141,23 +147,12 @@ def time_layouts(c, layouts: dict[str, list[dict]], *, steps: int, rounds: int,
   (TRL) and returns its seconds; called once per round after the layouts.
   """
   external = external or {}
-  devices = jax.devices()[:1]
-  mesh = sharding.make_mesh(c.mesh.shape, devices)
-  rules = tuple(tuple(r) for r in c.sharding_rules)
-  tx, schedule = optim.make_optimizer(lr=1e-6, warmup_steps=1, total_steps=1000)
-  graphdef, _, state_shardings, init_fn = build_lib.build_model_and_state(
-      config_lib.model_config(c), tx, mesh, rules, seed=0, keep_reference=False)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  step_fn = step_lib.jit_train_step(
-      graphdef=graphdef, tx=tx, schedule=schedule,
-      loss_call=step_lib.make_loss_call(losses.get(c.loss.name), c.loss.hparams.to_dict()),
-      chunk_size=c.logprob_chunk_size, accum_steps=1, skip_nonfinite=False,
-      state_shardings=state_shardings, batch_sharding=batch_sharding,
-      replicated=sharding.replicated(mesh))
+  built = build_lib.build_config(c, jax.devices()[:1])
+  step_fn = built.step_fn
   times = {name: [] for name in (*layouts, *external)}
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
-    on_device = {name: [sharding.host_to_global(b, batch_sharding) for b in bs]
+  with jax.set_mesh(built.mesh):
+    state = init.initial_state(built.run_spec, built, fresh=True)
+    on_device = {name: [sharding.host_to_global(b, built.batch_sharding) for b in bs]
                  for name, bs in layouts.items()}
     for bs in on_device.values():   # compile every shape (packed: each bucket used)
       for b in bs:

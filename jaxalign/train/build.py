@@ -6,13 +6,14 @@ graph, the abstract state and its shardings, the optimizer (one per LoRA module
 for OFS-DPO), the jitted train step and the jitted held-out eval step.
 `jaxalign train` (train/loop.py) and `jaxalign plan` (plan.py) both call it, so
 what is planned is what runs: a LoRA recipe plans the adapters' step, an
-OFS-DPO recipe the two modules and their optimizers.
+OFS-DPO recipe the two modules and their optimizers. Tests and benches reach it
+through `build_config(config, devices)`, so what they check or time is that step too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import optax
@@ -124,3 +125,22 @@ def build(spec: config_lib.RunSpec, mesh: jax.sharding.Mesh) -> Built:
                abstract_state=abstract_state, state_shardings=state_shardings,
                init_fn=init_fn, batch_sharding=batch_sharding, step_fn=step_fn,
                eval_fn=eval_fn)
+
+
+def build_config(config, devices: Sequence[jax.Device] | None = None) -> Built:
+  """`build` of a recipe on `devices` (default all): the train step `jaxalign train` runs.
+
+  For tests and benches. The step-0 state is then `init.initial_state(built.run_spec,
+  built, fresh=True)` under `built.mesh`.
+
+  Args:
+    config: a ConfigDict (validated and resolved here, config.resolve for
+      len(devices)) or a RunSpec already resolved for that many devices.
+    devices: the devices of the mesh config.mesh.shape describes.
+
+  Raises:
+    ConfigError: the config cannot run on that many devices.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  spec = config_lib.resolve(config, len(devices))
+  return build(spec, sharding.make_mesh(spec.mesh_shape, devices))

@@ -12,12 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.data import packing
-from jaxalign.train import optim, step as step_lib
-from jaxalign.train import build as build_lib
-from tests.train.helpers import tiny_config
+from jaxalign.train import step as step_lib
+from tests.train.helpers import built_state, tiny_config
 
 T, VOCAB = 12, 32
 
@@ -61,14 +59,12 @@ B, S = 16, 4
 
 @functools.lru_cache(maxsize=None)
 def _setup():
-  cfg = tiny_config(**{"mesh.shape": (1, 8, 1)})
-  mesh = sharding.make_mesh(cfg.mesh.shape)
-  rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
-  graphdef, abstract, shardings, init_fn = build_lib.build_model_and_state(
-      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=shardings)()
+  """(mesh, rules, graphdef, step-0 state) of the tiny recipe on 8 devices, its frozen
+  reference a little away from the policy, as build.build_config makes them."""
+  built, state = built_state(tiny_config(**{
+      "mesh.shape": (1, 8, 1), "reference.mode": "frozen", "optim.warmup_steps": 1,
+      "total_steps": 10, "logprob_chunk_size": 16}))
+  mesh, rules, graphdef = built.mesh, built.run_spec.rules, built.graphdef
   # A reference a little away from the policy, so ref log-probs differ from the policy's.
   ref = jax.tree.map(lambda x: x * 1.1, state.ref_params)
   return mesh, rules, graphdef, state.replace(ref_params=ref)
@@ -222,6 +218,10 @@ def _step_values(source: str, layout: str, hparams: tuple = (("beta", 0.1),),
       "packed_shared": lambda: (_pack_shared(padded, 16, 16), 2),
       "shared": lambda: (packing.make_sharer(prompt_length=8, max_length=T)(padded), 2),
   }[layout]()
+  # The step unit itself, bound to the builder's graph and state with SGD(1): the
+  # recipe's AdamW would not test the update (its first step runs at warm-up lr 0, and
+  # Adam's first update g / (|g| + eps) turns float noise in tiny gradients into
+  # whole steps), while with SGD equal new params mean equal gradients.
   tx = optax.sgd(1.0)
   state = state.replace(opt_state=tx.init(state.params))
   call = step_lib.make_loss_call(losses.get("dpo"), dict(hparams))

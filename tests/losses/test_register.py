@@ -10,13 +10,14 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
-from jaxalign.train import build as build_lib, optim, step as step_lib
+from jaxalign.train import build as build_lib, step as step_lib
 from tests.reliability.helpers import TINY_CLI_CONFIG, compile_events, run_cli
-from tests.train.helpers import random_batch, tiny_config
+from tests.train.helpers import built_state, random_batch, tiny_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DPOP = f"{REPO_ROOT}/losses/dpo_positive.py:dpo_positive_loss"
@@ -24,23 +25,28 @@ DPOP = f"{REPO_ROOT}/losses/dpo_positive.py:dpo_positive_loss"
 
 # --- step level: the prototype against built-in DPO and its own formula -----------
 
+def _config(loss_name: str = "dpo", hparams: dict | None = None):
+  """The tiny recipe on one device (quick compiles) with a frozen reference."""
+  cfg = tiny_config(**{"mesh.shape": (1, 1, 1), "reference.mode": "frozen",
+                       "optim.warmup_steps": 1, "total_steps": 10, "logprob_chunk_size": 16})
+  cfg.loss.name = loss_name
+  if hparams is not None:
+    cfg.loss.hparams = ml_collections.ConfigDict(hparams)
+  return cfg
+
+
 def _state_with_other_reference():
   """A tiny model's train state whose reference differs from the policy."""
-  cfg = tiny_config(**{"mesh.shape": (1, 1, 1)})
-  mesh = sharding.make_mesh(cfg.mesh.shape, jax.devices()[:1])   # one device: quick compiles
-  rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
-  graphdef, _, shardings, init_fn = build_lib.build_model_and_state(
-      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
+  built, state = built_state(_config(), jax.devices()[:1])
+
   def perturb(tree):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(7), len(leaves))
     return jax.tree.unflatten(treedef, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype)
                                         for p, k in zip(leaves, keys)])
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=shardings)()
+  with jax.set_mesh(built.mesh):
     state = state.replace(ref_params=jax.jit(perturb)(state.ref_params))
-  return mesh, graphdef, tx, sched, state
+  return built.mesh, built.graphdef, state
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +54,21 @@ def other_reference():
   return _state_with_other_reference()
 
 
-def _step(mesh, graphdef, tx, sched, state, spec, hparams, batch):
-  fn = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
-                                 schedule=sched, chunk_size=16,
-                                 loss_call=step_lib.make_loss_call(spec, hparams)))
-  with jax.set_mesh(mesh):
-    new_state, metrics = fn(jax.tree.map(jnp.copy, state), batch)
+def _step(state, loss_name, hparams, batch):
+  """(new params, metrics) of one train step of the recipe with this loss from `state`."""
+  built = build_lib.build_config(_config(loss_name, hparams), jax.devices()[:1])
+  with jax.set_mesh(built.mesh):
+    new_state, metrics = built.step_fn(jax.tree.map(jnp.copy, state),
+                                       sharding.host_to_global(batch, built.batch_sharding))
   return jax.device_get(new_state.params), jax.device_get(metrics)
 
 
 def test_dpo_positive_with_lam_zero_is_builtin_dpo_at_step_level(other_reference):
-  mesh, graphdef, tx, sched, state = other_reference
+  mesh, graphdef, state = other_reference
   batch = random_batch(np.random.default_rng(3))
-  user = losses.get(DPOP)
   for eps in (0.1,):   # cDPO smoothing included: any eps gives the same z-function
-    p_ref, m_ref = _step(mesh, graphdef, tx, sched, state, losses.get("dpo"),
-                         {"beta": 0.1, "label_smoothing": eps}, batch)
-    p_new, m_new = _step(mesh, graphdef, tx, sched, state, user,
-                         {"beta": 0.1, "lam": 0.0, "label_smoothing": eps}, batch)
+    p_ref, m_ref = _step(state, "dpo", {"beta": 0.1, "label_smoothing": eps}, batch)
+    p_new, m_new = _step(state, DPOP, {"beta": 0.1, "lam": 0.0, "label_smoothing": eps}, batch)
     assert abs(float(m_ref["rewards/margins"])) > 1e-3   # the reference really differs
     np.testing.assert_allclose(m_new["loss"], m_ref["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_new["grad_norm"], m_ref["grad_norm"], rtol=1e-5)
@@ -76,7 +79,7 @@ def test_dpo_positive_with_lam_zero_is_builtin_dpo_at_step_level(other_reference
 
 
 def test_dpo_positive_penalty_matches_the_paper_formula(other_reference):
-  mesh, graphdef, tx, sched, state = other_reference
+  mesh, graphdef, state = other_reference
   # The noisy weights as the policy: it scores the chosen responses below the reference.
   state = state.replace(params=state.ref_params, ref_params=state.params)
   batch = random_batch(np.random.default_rng(4))
@@ -90,8 +93,7 @@ def test_dpo_positive_penalty_matches_the_paper_formula(other_reference):
               - lam * np.maximum(0.0, ref[:, 0] - pol[:, 0]))
   expected = np.mean(np.log1p(np.exp(-z)))
   assert np.any(ref[:, 0] > pol[:, 0])           # the penalty is active for some pairs
-  _, m = _step(mesh, graphdef, tx, sched, state, losses.get(DPOP),
-               {"beta": beta, "lam": lam}, batch)
+  _, m = _step(state, DPOP, {"beta": beta, "lam": lam}, batch)
   np.testing.assert_allclose(m["loss"], expected, rtol=1e-5)
   dpo_value = np.mean(np.log1p(np.exp(-beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])))))
   assert float(m["loss"]) > dpo_value + 1e-4     # the penalty changed the loss

@@ -12,11 +12,10 @@ from flax import nnx
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
-from jaxalign import losses, sharding
+from jaxalign import sharding
 from jaxalign.models import lora, transformer
-from jaxalign.train import optim, rundir, step as step_lib
-from jaxalign.train import build as build_lib
-from tests.train.helpers import random_batch, read_metrics, tiny_config, train_loop
+from jaxalign.train import build as build_lib, rundir
+from tests.train.helpers import built_state, random_batch, read_metrics, tiny_config, train_loop
 
 LOG2 = np.float32(np.log(2.0))
 
@@ -27,26 +26,15 @@ _batch = random_batch
 def _setup(*, rank=4, frozen_ref=True, dropout=0.0, targets=("q", "k", "v", "o", "gate",
                                                               "up", "down"), shape=(1, 4, 2)):
   """A jitted DPO step on the tiny model, with (rank > 0) or without LoRA."""
-  cfg = tiny_config(**{"mesh.shape": shape})
-  mesh = sharding.make_mesh(cfg.mesh.shape, jax.devices()[:int(np.prod(shape))])
-  rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  model_cfg = config_lib.model_config(cfg)
-  lcfg = lora.LoraConfig(rank=rank, alpha=8.0, dropout=dropout, targets=targets)
-  tx, sched = optim.make_optimizer(lr=1e-2, warmup_steps=0, total_steps=10, clip_norm=0.0)
-  graphdef, abstract, shardings, init_fn = build_lib.build_model_and_state(
-      model_cfg, tx, mesh, rules, seed=0, keep_reference=frozen_ref and rank == 0,
-      lora_config=lcfg)
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=shardings)()
-  step_fn = step_lib.jit_train_step(
-      graphdef=graphdef, tx=tx, schedule=sched,
-      loss_call=step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1}), chunk_size=16,
-      accum_steps=1, skip_nonfinite=False, state_shardings=shardings,
-      batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh),
-      ref_graphdef=lora.base_graphdef(model_cfg) if rank and frozen_ref else None,
-      lora_dropout=dropout > 0)
-  return dict(mesh=mesh, rules=rules, model_cfg=model_cfg, lcfg=lcfg, graphdef=graphdef,
-              abstract=abstract, state=state, step_fn=step_fn)
+  cfg = tiny_config(**{
+      "mesh.shape": shape, "lora.rank": rank, "lora.alpha": 8.0, "lora.dropout": dropout,
+      "lora.targets": targets, "reference.mode": "frozen" if frozen_ref else "precompute",
+      "optim.lr": 1e-2, "optim.warmup_steps": 0, "optim.clip_norm": 0.0, "total_steps": 10,
+      "logprob_chunk_size": 16})
+  built, state = built_state(cfg, jax.devices()[:int(np.prod(shape))])
+  return dict(mesh=built.mesh, rules=built.run_spec.rules, model_cfg=built.run_spec.model_cfg,
+              lcfg=built.run_spec.lora_cfg, graphdef=built.graphdef,
+              abstract=built.abstract_state, state=state, step_fn=built.step_fn)
 
 
 def saved_state_tree(state_dir: str):
@@ -112,13 +100,8 @@ def test_frozen_base_adapter_only_grads_reference_is_base_and_no_second_copy():
 
 
 def test_adapters_follow_the_sharding_rules():
-  cfg = tiny_config(**{"mesh.shape": (1, 4, 2), "lora.rank": 4})
-  mesh = sharding.make_mesh(cfg.mesh.shape)
-  rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
-  _, abstract, shardings, _ = build_lib.build_model_and_state(
-      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=False,
-      lora_config=lora.LoraConfig(rank=4, targets=lora.TARGETS))
+  cfg = tiny_config(**{"mesh.shape": (1, 4, 2), "lora.rank": 4, "lora.targets": lora.TARGETS})
+  shardings = build_lib.build_config(cfg).state_shardings
   attn, mlp = shardings.params["layers"][0]["attn"], shardings.params["layers"][0]["mlp"]
   P = jax.sharding.PartitionSpec
   # Scanned layers: adapters are stacked like the base, the layers axis unsplit.
@@ -197,13 +180,9 @@ def test_lora_run_resumes_checkpoints_adapters_only_and_exports(tmp_path):
 
   # The LoRA forward (base + adapters, unmerged) vs transformers on the merged export.
   out = rundir.export_checkpoint(straight, str(tmp_path / "hf"))
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
-  lgraph, abstract, _, _ = build_lib.build_model_and_state(
-      config_lib.model_config(config), tx, mesh, rules, seed=0, keep_reference=False,
-      lora_config=lora.config_from(config.lora))
-  with jax.set_mesh(mesh):
+  built = build_lib.build_config(config)
+  lgraph, abstract = built.graphdef, built.abstract_state
+  with jax.set_mesh(built.mesh):
     adapters = ckpt.restore_params(os.path.join(straight, "checkpoints"), abstract.params)
     base = ckpt.restore_params(os.path.join(sft, "checkpoints"), abstract.frozen)
   model = nnx.merge(lgraph, adapters, base)
@@ -222,7 +201,7 @@ def test_lora_run_resumes_checkpoints_adapters_only_and_exports(tmp_path):
   real = mask.astype(bool)
   diff = float(np.abs(ours[real] - theirs[real]).max())
   # The adapters moved the model away from the SFT base.
-  base_model = nnx.merge(lora.base_graphdef(config_lib.model_config(config)), base)
+  base_model = nnx.merge(lora.base_graphdef(built.run_spec.model_cfg), base)
   moved = float(np.abs(ours - np.asarray(base_model.logits(base_model(
       jnp.asarray(tokens), jnp.asarray(mask))))).max())
   print(f"\nLoRA export: max |logit diff| vs transformers {diff:.2e} (adapters moved "

@@ -151,8 +151,8 @@ def test_two_quick_ctrl_c_during_checkpoint_writes_leave_no_torn_step(tmp_path):
   import jax
   import ml_collections
   import numpy as np
-  from jaxalign import checkpoint as ckpt, config as config_lib, sharding
-  from jaxalign.train import build as build_lib, optim, rundir
+  from jaxalign import checkpoint as ckpt
+  from jaxalign.train import build as build_lib, rundir
 
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
@@ -177,12 +177,9 @@ def test_two_quick_ctrl_c_during_checkpoint_writes_leave_no_torn_step(tmp_path):
   steps = complete_steps(workdir)
   assert steps, err
   config = ml_collections.ConfigDict(rundir.resolved_config(str(workdir)))
-  mesh = sharding.make_mesh(config.mesh.shape)
-  tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)
-  _, abstract_state, _, _ = build_lib.build_model_and_state(
-      config_lib.model_config(config), tx, mesh, tuple(tuple(r) for r in config.sharding_rules),
-      seed=config.seed, keep_reference=False)
-  with jax.set_mesh(mesh):
+  built = build_lib.build_config(config)
+  abstract_state = built.abstract_state
+  with jax.set_mesh(built.mesh):
     for step in steps:   # every listed step is whole: its parameters read back
       params = ckpt.restore_params(str(workdir / "checkpoints"), abstract_state.params, step=step)
       assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step

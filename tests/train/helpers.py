@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from jaxalign import config as config_lib
-from jaxalign.train import loop
+from jaxalign.train import build as build_lib, init, loop
 
 
 def tiny_config(loss: str = "dpo", **overrides) -> ml_collections.ConfigDict:
@@ -62,3 +62,12 @@ def train_loop(config, workdir: str, *, devices=None, **kwargs):
 def resolved(config) -> config_lib.RunSpec:
   """`config` resolved for all devices (config.resolve), as the CLI passes it down."""
   return config_lib.resolve(config, jax.device_count())
+
+
+def built_state(config, devices=None):
+  """(build.build_config of `config` on `devices` (default all), its step-0 state): the
+  jitted steps and the state `jaxalign train` starts from, the state sharded."""
+  built = build_lib.build_config(config, devices)
+  with jax.set_mesh(built.mesh):
+    state = init.initial_state(built.run_spec, built, fresh=True)
+  return built, state

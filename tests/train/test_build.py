@@ -17,7 +17,6 @@ import pytest
 
 from jaxalign import config as config_lib
 from jaxalign import plan as plan_lib
-from jaxalign import sharding
 from jaxalign.train import build as build_lib
 from tests.train.helpers import tiny_config, train_loop
 
@@ -84,10 +83,24 @@ def test_plan_lowers_the_step_that_train_runs(recipe, tmp_path, monkeypatch):
   assert plan_lib.lower_step(full, devices="cpu:8").as_text() != by_plan
 
 
+def test_build_config_builds_the_step_that_plan_lowers():
+  """build_config (how tests and benches build a recipe) is the one builder on all
+  devices: its step lowers to plan's text; a RunSpec for another device count is refused."""
+  config = _lora_recipe()
+  built = build_lib.build_config(config)
+  assert built.run_spec.num_devices == jax.device_count()
+  assert tuple(built.mesh.devices.shape) == built.run_spec.mesh_shape
+  batch = plan_lib.abstract_batch(built.run_spec.config, built.batch_sharding)
+  with jax.set_mesh(built.mesh):
+    text = built.step_fn.lower(built.abstract_state, batch).as_text()
+  assert text == plan_lib.lower_step(config, devices="cpu:8").as_text()
+  with pytest.raises(ValueError, match="resolved for 8 devices"):
+    build_lib.build_config(built.run_spec, jax.devices()[:1])
+
+
 def test_plan_reports_the_lora_trainable_parameters():
   config = _lora_recipe()
-  built = build_lib.build(config_lib.resolve(config, jax.device_count()),
-                          sharding.make_mesh(config.mesh.shape))
+  built = build_lib.build_config(config)
   p = plan_lib.plan(config, devices="cpu:8")
   adapters = sum(a.size for a in jax.tree.leaves(built.abstract_state.params))
   assert p["trainable_params"] == adapters < p["num_params"] / 10

@@ -57,9 +57,8 @@ def _config(loss, **overrides):
 def test_eval_step_gives_the_train_steps_metrics_in_every_format(loss):
   # One device: the formats are the point here (the run below is sharded over 8).
   config = _config(loss, **{"mesh.shape": (1, 1, 1)})
-  run_spec = config_lib.resolve(config, 1)
-  mesh = sharding.make_mesh(config.mesh.shape, jax.devices()[:1])
-  built = build_lib.build(run_spec, mesh)
+  built = build_lib.build_config(config, jax.devices()[:1])
+  run_spec, mesh = built.run_spec, built.mesh
   spec = run_spec.loss
   examples = loop.load_eval_set(run_spec, reading.load_tokenizer("toy"))
   rng = np.random.default_rng(0)

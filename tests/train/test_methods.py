@@ -14,11 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import config as config_lib
 from jaxalign import losses, sharding
-from jaxalign.train import optim, step as step_lib
-from jaxalign.train import build as build_lib
-from tests.train.helpers import random_batch, read_metrics, tiny_config, train_loop
+from tests.train.helpers import built_state, random_batch, read_metrics, tiny_config, train_loop
 
 # method -> (loss, hparams, data source, options, metric that must rise[, config overrides])
 CASES = {
@@ -99,17 +96,16 @@ def _independent_inputs(logps, log_sum_sq, mask):
 def test_step_loss_equals_the_pure_loss(method):
   loss_name, hparams = STEP_CASES[method]
   spec = losses.get(loss_name)
-  cfg = tiny_config(**{"mesh.shape": (1, 8, 1)})
-  mesh = sharding.make_mesh(cfg.mesh.shape)
-  rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
-  graphdef, _, shardings, init_fn = build_lib.build_model_and_state(
-      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=spec.needs_ref,
-      init_loss_state=spec.init_state)
+  # A frozen reference (in the state) for the losses that need one; none for the others.
+  cfg = tiny_config(**{"mesh.shape": (1, 8, 1), "reference.mode": "frozen",
+                       "optim.warmup_steps": 1, "total_steps": 10, "logprob_chunk_size": 16})
+  cfg.loss.name = loss_name
+  cfg.loss.hparams = ml_collections.ConfigDict(hparams)
+  built, state = built_state(cfg)
+  graphdef = built.graphdef
   batch = random_batch(np.random.default_rng(5))
   batch["loss_mask"][:3, 1, -5:-2] = 0     # unequal pair lengths: LD-DPO tails are non-empty
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=shardings)()
+  with jax.set_mesh(built.mesh):
     if spec.needs_ref:   # a reference that differs from the policy: log-ratios are not 0
       state = state.replace(ref_params=jax.tree.map(lambda x: x * 0.8, state.ref_params))
     else:
@@ -118,14 +114,7 @@ def test_step_loss_equals_the_pure_loss(method):
                                                                batch))
                        for p in ([state.params] + ([state.ref_params] if spec.needs_ref
                                                    else []))]
-    call = step_lib.make_loss_call(spec, hparams)
-    step_fn = step_lib.jit_train_step(
-        graphdef=graphdef, tx=tx, schedule=sched, loss_call=call, chunk_size=16,
-        accum_steps=1, skip_nonfinite=False, state_shardings=shardings,
-        batch_sharding=sharding.batch_sharding(mesh, rules),
-        replicated=sharding.replicated(mesh))
-    _, metrics = step_fn(state, sharding.host_to_global(
-        batch, sharding.batch_sharding(mesh, rules)))
+    _, metrics = built.step_fn(state, sharding.host_to_global(batch, built.batch_sharding))
   (sums, lengths, tail, wpo), *ref = expected_inputs
   f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
   kw = dict(chosen_logps=f32(sums[:, 0]), rejected_logps=f32(sums[:, 1]),

@@ -6,10 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign import cli, config as config_lib, losses, sharding
-from jaxalign.train import optim, rundir, step as step_lib
-from jaxalign.train import build as build_lib
-from tests.train.helpers import random_batch, read_metrics, tiny_config, train_loop
+from jaxalign import cli, sharding
+from jaxalign.train import rundir
+from tests.train.helpers import built_state, random_batch, read_metrics, tiny_config, train_loop
 
 CONFIG = str(pathlib.Path(__file__).resolve().parent / "tiny_cli_config.py")
 
@@ -20,25 +19,16 @@ def _leaves(tree):
 
 @pytest.mark.parametrize("alpha", [0.6, 1.0])
 def test_step_mixes_the_reference_every_sync_steps(alpha):
-  cfg = tiny_config(**{"mesh.shape": (1, 4, 2)})
-  mesh = sharding.make_mesh(cfg.mesh.shape)
-  rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  tx, sched = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10)
-  graphdef, _, shardings, init_fn = build_lib.build_model_and_state(
-      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
-  fn = step_lib.jit_train_step(
-      graphdef=graphdef, tx=tx, schedule=sched,
-      loss_call=step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1}), chunk_size=16,
-      accum_steps=1, skip_nonfinite=False, state_shardings=shardings,
-      batch_sharding=sharding.batch_sharding(mesh, rules),
-      replicated=sharding.replicated(mesh), ref_sync=(2, alpha))
+  built, state = built_state(tiny_config(**{
+      "mesh.shape": (1, 4, 2), "reference.mode": "frozen", "reference.sync_steps": 2,
+      "reference.sync_alpha": alpha, "optim.lr": 1e-2, "optim.warmup_steps": 1,
+      "total_steps": 10, "logprob_chunk_size": 16}))
   rng = np.random.default_rng(0)
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=shardings)()
+  with jax.set_mesh(built.mesh):
     ref = _leaves(state.ref_params)
     for k in range(1, 5):
-      state, _ = fn(state, sharding.host_to_global(random_batch(rng),
-                                                   sharding.batch_sharding(mesh, rules)))
+      state, _ = built.step_fn(state, sharding.host_to_global(random_batch(rng),
+                                                              built.batch_sharding))
       policy, new_ref = _leaves(state.params), _leaves(state.ref_params)
       if k % 2:   # updates 1 and 3: the reference stays
         expected = ref

@@ -6,46 +6,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import config as config_lib
-from jaxalign import losses, sharding
-from jaxalign.train import optim, step as step_lib
-from jaxalign.train import build as build_lib
-from tests.train.helpers import random_batch, tiny_config
+from jaxalign import sharding
+from jaxalign.train import step as step_lib
+from tests.train.helpers import built_state, random_batch, tiny_config
 
 
-def _setup(shape=(2, 2, 2), devices=None):
-  cfg = tiny_config(**{"mesh.shape": shape})
-  mesh = sharding.make_mesh(cfg.mesh.shape, devices)
-  rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  tx, sched = optim.make_optimizer(lr=1e-3, warmup_steps=1, total_steps=10)
-  graphdef, abstract, shardings, init_fn = build_lib.build_model_and_state(
-      config_lib.model_config(cfg), tx, mesh, rules, seed=0, keep_reference=True)
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=shardings)()
-  return cfg, mesh, rules, tx, sched, graphdef, abstract, shardings, state
+def _setup(shape=(2, 2, 2), devices=None, **overrides):
+  """(Built, step-0 state) of the tiny DPO recipe with a frozen reference on `shape`."""
+  cfg = tiny_config(**{"mesh.shape": shape, "reference.mode": "frozen",
+                       "optim.warmup_steps": 1, "total_steps": 10, "logprob_chunk_size": 16,
+                       **overrides})
+  return built_state(cfg, devices)
 
 
 _batch = random_batch
 
 
-def test_step_compiles_once_and_params_follow_the_rules():
-  cfg, mesh, rules, tx, sched, graphdef, abstract, shardings, state = _setup()
+def test_step_compiles_once_and_params_follow_the_rules(monkeypatch):
   traces = []
-  spec = losses.get("dpo")
+  original = step_lib.train_step
 
-  def counting_loss(inputs, loss_state):
+  def counting_step(state, batch, **kwargs):
     traces.append(1)  # runs at trace time only
-    return spec.call(spec.fn, inputs, loss_state, beta=0.1)
+    return original(state, batch, **kwargs)
 
-  step_fn = step_lib.jit_train_step(
-      graphdef=graphdef, tx=tx, schedule=sched, loss_call=counting_loss, chunk_size=16,
-      accum_steps=1, skip_nonfinite=False, state_shardings=shardings,
-      batch_sharding=sharding.batch_sharding(mesh, rules), replicated=sharding.replicated(mesh))
+  # jit_train_step binds `train_step` when the builder calls it.
+  monkeypatch.setattr(step_lib, "train_step", counting_step)
+  built, state = _setup()
   rng = np.random.default_rng(0)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(built.mesh):
     for _ in range(3):
-      batch = sharding.host_to_global(_batch(rng), sharding.batch_sharding(mesh, rules))
-      state, metrics = step_fn(state, batch)
+      batch = sharding.host_to_global(_batch(rng), built.batch_sharding)
+      state, metrics = built.step_fn(state, batch)
   assert len(traces) == 1
   assert int(state.step) == 3
   # The embedding is ("vocab", "embed") -> ("tensor", "fsdp"); Adam moments follow.
@@ -55,10 +47,11 @@ def test_step_compiles_once_and_params_follow_the_rules():
 
 
 def test_chosen_and_rejected_share_one_forward():
-  cfg, mesh, rules, tx, sched, graphdef, abstract, shardings, state = _setup((1, 8, 1))
+  built, state = _setup((1, 8, 1))
   batch = _batch(np.random.default_rng(1))
-  with jax.set_mesh(mesh):
-    jaxpr = jax.make_jaxpr(functools.partial(step_lib.batch_logps, graphdef, chunk_size=16))(
+  with jax.set_mesh(built.mesh):
+    jaxpr = jax.make_jaxpr(functools.partial(step_lib.batch_logps, built.graphdef,
+                                             chunk_size=16))(
         state.params, state.frozen, batch)
   # One embedding gather over all B*S = 16 rows, not two over 8.
   gathers = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "gather"]
@@ -66,15 +59,12 @@ def test_chosen_and_rejected_share_one_forward():
 
 
 def test_accumulated_step_equals_full_batch_step():
-  cfg, mesh, rules, tx, sched, graphdef, abstract, shardings, state = _setup((1, 4, 2))
-  call = step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1})
   outs = []
   for accum in (1, 2):
-    fn = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
-                                   schedule=sched, loss_call=call, chunk_size=16,
-                                   accum_steps=accum))
-    with jax.set_mesh(mesh):
-      new_state, metrics = fn(jax.tree.map(jnp.copy, state), _batch(np.random.default_rng(2)))
+    built, state = _setup((1, 4, 2), **{"optim.grad_accum_steps": accum})
+    with jax.set_mesh(built.mesh):
+      batch = sharding.host_to_global(_batch(np.random.default_rng(2)), built.batch_sharding)
+      new_state, metrics = built.step_fn(jax.tree.map(jnp.copy, state), batch)
     outs.append((jax.device_get(new_state.params), jax.device_get(metrics)))
   (p1, m1), (p2, m2) = outs
   np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
@@ -86,21 +76,15 @@ def test_accumulated_step_equals_full_batch_step():
 def test_the_same_steps_on_one_device_and_on_8_device_meshes():
   """Mesh invariance at step level: 3 steps on 1 device and on three 8-device meshes
   give the same losses, metrics and parameters."""
-  call = step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1})
   runs = {}
   for shape in [(1, 1, 1), (8, 1, 1), (1, 4, 2), (2, 2, 2)]:
     devices = jax.devices()[:1] if shape == (1, 1, 1) else None
-    cfg, mesh, rules, tx, sched, graphdef, abstract, shardings, state = _setup(shape, devices)
-    step_fn = step_lib.jit_train_step(
-        graphdef=graphdef, tx=tx, schedule=sched, loss_call=call, chunk_size=16,
-        accum_steps=1, skip_nonfinite=False, state_shardings=shardings,
-        batch_sharding=sharding.batch_sharding(mesh, rules),
-        replicated=sharding.replicated(mesh))
+    built, state = _setup(shape, devices)
     rng, metrics = np.random.default_rng(3), []
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(built.mesh):
       for _ in range(3):
-        batch = sharding.host_to_global(_batch(rng), sharding.batch_sharding(mesh, rules))
-        state, m = step_fn(state, batch)
+        batch = sharding.host_to_global(_batch(rng), built.batch_sharding)
+        state, m = built.step_fn(state, batch)
         metrics.append(jax.device_get(m))
     runs[shape] = (metrics, jax.device_get(state.params))
   ref_metrics, ref_params = runs.pop((1, 1, 1))
