@@ -183,7 +183,7 @@ def test_readme_bf16_flag_is_accepted_by_every_toy_and_demo_recipe(recipe, tmp_p
   seen = {}
 
   def stop_after_validation(config, workdir, **kwargs):
-    seen["dtype"] = config_lib.model_config(config).dtype
+    seen["dtype"] = config.model_cfg.dtype   # the CLI passes the resolved RunSpec
     raise config_lib.ConfigError("stopped by the test after validation")
 
   monkeypatch.setattr(run, "train", stop_after_validation)
