@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxalign import flops  # noqa: E402
-from jaxalign.models import attention as attn  # noqa: E402
+from jaxalign import flops
+from jaxalign.models import attention as attn
 
 
 def _time(fn, args, steps: int) -> float:

@@ -23,9 +23,9 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ml_collections  # noqa: E402
+import ml_collections
 
-from jaxalign import plan as plan_lib  # noqa: E402
+from jaxalign import plan as plan_lib
 
 
 def _recipe(path: str):

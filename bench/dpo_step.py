@@ -49,8 +49,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxalign import config as config_lib, sharding  # noqa: E402
-from jaxalign.train import build as build_lib, init  # noqa: E402
+from jaxalign import config as config_lib, sharding
+from jaxalign.train import build as build_lib, init
 
 # meta-llama/Llama-3.2-1B shapes (1.24B parameters, tied embeddings).
 LLAMA_1B = dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,

@@ -65,10 +65,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import compare_trl  # noqa: E402
-from jaxalign import config as config_lib, flops, sharding  # noqa: E402
-from jaxalign.data import packing  # noqa: E402
-from jaxalign.train import build as build_lib, init  # noqa: E402
+from bench import compare_trl
+from jaxalign import config as config_lib, flops, sharding
+from jaxalign.data import packing
+from jaxalign.train import build as build_lib, init
 
 PROMPT_MEAN, RESPONSE_MEAN = 185.0, 306.0     # UltraFeedback, tokens (see docstring)
 PROMPT_SIGMA, RESPONSE_SIGMA = 0.9, 0.75
@@ -189,7 +189,7 @@ def trl_timer(trl_python: str, c, padded: list[dict], *, steps: int, tmp: str
     for tokens, lengths, loss in zip(b["tokens"], b["attention_mask"].sum(-1), b["loss_mask"]):
       p = int(np.argmax(loss[0]))           # the first scored token: the prompt's end
       assert p == int(np.argmax(loss[1])) and p > 0
-      pad = lambda x: np.pad(x, (0, T - len(x)))  # noqa: E731
+      pad = lambda x: np.pad(x, (0, T - len(x)))
       prompt.append(pad(tokens[0, :p]))
       chosen.append(pad(tokens[0, p:lengths[0]]))
       rejected.append(pad(tokens[1, p:lengths[1]]))
@@ -246,7 +246,7 @@ def _summary(c, padded, layouts, times, *, steps, peak,
   process (TRL) on the `padded` batches (its model FLOPs: theirs, real tokens).
   """
   model_cfg = config_lib.model_config(c)
-  per_block = lambda v: sum(v[i % len(v)] for i in range(steps))  # noqa: E731
+  per_block = lambda v: sum(v[i % len(v)] for i in range(steps))
   real = per_block([int(b["attention_mask"].sum()) for b in padded])
   out = {}
   for name, bs in layouts.items():
@@ -328,7 +328,7 @@ def pairs_case(args, peak) -> dict:
             "times": times,
             **_summary(c, padded, layouts, times, steps=args.steps, peak=peak,
                        external_computed=trl_computed)}
-  ratio = lambda a, b: [x / y for x, y in zip(times[b], times[a])]  # noqa: E731  a/b tok/s
+  ratio = lambda a, b: [x / y for x, y in zip(times[b], times[a])]  # a/b tok/s
   print(f"[pairs] lengths: prompt mean {PROMPT_MEAN * args.scale:.0f}, response mean "
         f"{RESPONSE_MEAN * args.scale:.0f}, T {T}; real tokens "
         f"{result['distribution']['real_fraction']:.1%} of the padded layout; p5/p50/p95 "

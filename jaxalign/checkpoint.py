@@ -88,11 +88,11 @@ class Checkpointer:
     try:
       # Let an earlier async save still in flight complete: it is the one to keep.
       self._manager.wait_until_finished()
-    except Exception:  # noqa: BLE001  it failed too; the error names what is left
+    except Exception:  # it failed too; the error names what is left
       pass
     try:
       latest = self._manager.latest_step()
-    except Exception:  # noqa: BLE001  the directory itself may be gone
+    except Exception:  # the directory itself may be gone
       latest = None
     return CheckpointWriteError(
         f"{what} in {self.directory} failed: {type(e).__name__}: {e}; latest complete "
@@ -120,7 +120,7 @@ class Checkpointer:
     # the next save, or in wait()/close().
     try:
       return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
-    except Exception as e:  # noqa: BLE001  tensorstore reports I/O errors as ValueError
+    except Exception as e:  # tensorstore reports I/O errors as ValueError
       raise self._write_error(e, f"saving checkpoint step {step}") from e
 
   def _corrupt(self, step: int, e: BaseException) -> CorruptCheckpointError:
@@ -139,7 +139,7 @@ class Checkpointer:
     _quiet_closed_loop_callbacks()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # noqa: BLE001  tensorstore, JSON and Orbax errors alike
+    except Exception as e:  # tensorstore, JSON and Orbax errors alike
       raise self._corrupt(step, e) from e
     return restored["state"]
 
@@ -149,7 +149,7 @@ class Checkpointer:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
       config = restored["config"]
-    except Exception as e:  # noqa: BLE001  see restore()
+    except Exception as e:  # see restore()
       raise self._corrupt(step, e) from e
     if not isinstance(config, dict):
       raise self._corrupt(step, TypeError(f"saved config is a {type(config).__name__}"))
@@ -180,7 +180,7 @@ class Checkpointer:
   def wait(self):
     try:
       self._manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001  see save()
+    except Exception as e:  # see save()
       raise self._write_error(e, "writing a checkpoint") from e
 
   def close(self):
@@ -210,7 +210,7 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                      partial_restore=True)))
-  except Exception as e:  # noqa: BLE001  see Checkpointer.restore
+  except Exception as e:  # see Checkpointer.restore
     raise CorruptCheckpointError(f"checkpoint step {step} in {run_dir} cannot be read "
                                  f"({_problem(e)})", step=step) from e
   finally:

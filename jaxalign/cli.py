@@ -53,7 +53,7 @@ def _config_value(config_flag):
   """
   config = config_flag.value
   try:
-    config.to_dict  # noqa: B018  the deferred error surfaces on access
+    config.to_dict  # the deferred error surfaces on access
   except OSError as e:  # its last line says why (e.g. no such file)
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     raise OSError(f"--config: {lines[-1] if lines else e}") from None
@@ -88,7 +88,7 @@ def _train(argv: list[str]) -> int:
     cluster = _cluster(fv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     return _die("train", _flag_message(e, argv + [f for f, _, _ in model_overrides]))
-  except Exception as e:  # noqa: BLE001  the recipe file raised (or does not parse)
+  except Exception as e:  # the recipe file raised (or does not parse)
     return _die("train", cli_support.config_file_error(e, argv) or _flag_message(e, argv))
 
   from jaxalign import distributed
@@ -156,7 +156,7 @@ def _prepare(argv: list[str]) -> int:
     cli_support.apply_model_overrides(config, model_overrides)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     return _die("prepare", _flag_message(e, argv + [f for f, _, _ in model_overrides]))
-  except Exception as e:  # noqa: BLE001  the recipe file raised (or does not parse)
+  except Exception as e:  # the recipe file raised (or does not parse)
     return _die("prepare", cli_support.config_file_error(e, argv) or _flag_message(e, argv))
 
   import jax
@@ -227,7 +227,7 @@ def _plan(argv: list[str]) -> int:
     cli_support.apply_model_overrides(config, model_overrides)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     return _die("plan", _flag_message(e, argv + [f for f, _, _ in model_overrides]))
-  except Exception as e:  # noqa: BLE001  the recipe file raised (or does not parse)
+  except Exception as e:  # the recipe file raised (or does not parse)
     return _die("plan", cli_support.config_file_error(e, argv) or _flag_message(e, argv))
 
   from jaxalign import config as config_lib

@@ -589,7 +589,7 @@ def hf_model_dir(c: ml_collections.ConfigDict) -> str:
     return ""
   try:
     return hf.resolve_path(path)
-  except Exception as e:  # noqa: BLE001  hub/IO errors of any kind become one line
+  except Exception as e:  # hub/IO errors of any kind become one line
     raise HfConfigError(f"cannot read {path!r}: {str(e).splitlines()[0] if str(e) else e!r}"
                         ) from None
 

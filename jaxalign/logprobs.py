@@ -85,7 +85,7 @@ def _fill_packed(token_outputs: dict, rows, num_slots: int, first=None) -> None:
                         _packed_ranks(mask, slot, num_slots, offset), log_sum_sq)
     return
   first_logps, scored, first_log_sum_sq = first
-  lead = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
+  lead = lambda a, b: jnp.concatenate([a, b], axis=1)
   first_slot = jnp.where(scored, jnp.arange(num_slots, dtype=slot.dtype), num_slots)
   rank = _packed_ranks(mask, slot, num_slots, scored.astype(jnp.int32))
   _fill_token_outputs(token_outputs, lead(first_logps, logps), lead(scored, mask),
@@ -414,7 +414,7 @@ def packed_sequence_logps(
     logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
   """
   G, R, L = tokens.shape
-  flat = lambda x: x.reshape(G * R, L)  # noqa: E731  one forward over all rows
+  flat = lambda x: x.reshape(G * R, L)  # one forward over all rows
   hidden = model(flat(tokens), flat(attention_mask), positions=flat(positions),
                  segment_ids=flat(segment_ids),
                  part_ids=None if part_ids is None else flat(part_ids))  # [G*R, L, D]
@@ -434,7 +434,7 @@ def packed_sequence_logps(
   seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
   sums = seg_sum(jnp.where(mask, logps, 0.0), where)[:, :num_slots]
   counts = seg_sum(mask.astype(jnp.int32), where)[:, :num_slots]
-  log_sum_sq = lambda h: token_log_sum_sq_probs(  # noqa: E731  only called when asked
+  log_sum_sq = lambda h: token_log_sum_sq_probs(  # only called when asked
       h, model.head_weight(), chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
   rows = (logps, mask, where, lambda: log_sum_sq(hidden).reshape(G, R * L))
@@ -490,11 +490,11 @@ def shared_prompt_logps(
   _, S, R = response.shape
   cache = model.init_cache(B, P + R)
   h_prompt, cache = model.decode(prompt, prompt_mask, cache)             # [B, P, D]
-  per_response = lambda x: jnp.repeat(x, S, axis=0)  # noqa: E731  [B, ...] -> [B*S, ...]
-  per_layer_batch = lambda x: jnp.repeat(x, S, axis=1)  # noqa: E731  [L, B, ...] -> [L, B*S, ...]
+  per_response = lambda x: jnp.repeat(x, S, axis=0)  # [B, ...] -> [B*S, ...]
+  per_layer_batch = lambda x: jnp.repeat(x, S, axis=1)  # [L, B, ...] -> [L, B*S, ...]
   cache = cache.replace(k=per_layer_batch(cache.k), v=per_layer_batch(cache.v),
                         mask=per_response(cache.mask))
-  flat = lambda x: x.reshape(B * S, R)  # noqa: E731
+  flat = lambda x: x.reshape(B * S, R)
   h_resp, _ = model.decode(flat(response), flat(response_mask), cache)   # [B*S, R, D]
   # Token t of a response is predicted from response position t - 1; token 0 from
   # the prompt's last position.

@@ -133,7 +133,7 @@ def tpu_devices(topology: str) -> list:
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs)
-  except Exception as e:  # noqa: BLE001  libtpu's own message says what is wrong
+  except Exception as e:  # libtpu's own message says what is wrong
     raise PlanError(f"topology {topology!r}: {str(e).strip().splitlines()[0]}") from None
   return list(desc.devices)
 
@@ -400,7 +400,7 @@ def _compile(built, batch, out: dict[str, Any]):
   t0 = time.perf_counter()
   try:
     compiled = lowered.compile()
-  except Exception as e:  # noqa: BLE001  XlaRuntimeError; re-raised unless it is an OOM
+  except Exception as e:  # XlaRuntimeError; re-raised unless it is an OOM
     msg = str(e)
     if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
       raise

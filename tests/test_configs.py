@@ -4,7 +4,7 @@ import pathlib
 
 import jax
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the CLI's loader)
+from ml_collections import config_flags  # the CLI's loader
 from absl import flags
 
 from jaxalign import config as config_lib

@@ -330,7 +330,7 @@ class MappedRows(Sequence):
       out = self.map_record(record)
     except DataError:
       raise
-    except Exception as e:   # noqa: BLE001  (a user's rewrite: any failure is this row's)
+    except Exception as e:  # a user's rewrite: any failure is this row's
       raise DataError(f"{record.get('source_file', '<memory>')}:{record.get('row', '?')}: "
                       f"<record>: {type(e).__name__}: {e}") from None
     provenance = {k: record[k] for k in ("source_file", "row") if k in record}

@@ -102,13 +102,13 @@ def _load(ref: str) -> LossSpec:
     where = path
     try:
       module = _import_file(path)
-    except Exception as e:  # noqa: BLE001  the user's file: any error becomes one line
+    except Exception as e:  # the user's file: any error becomes one line
       raise LossLookupError(f"{ref!r}: cannot import {path}: {_one_line(e)}") from None
   else:
     where = f"module {target}"
     try:
       module = importlib.import_module(target)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       raise LossLookupError(f"{ref!r}: cannot import module {target!r}: {_one_line(e)} "
                             "(a file path ending in .py needs no installing)") from None
   if not hasattr(module, attr):

@@ -164,7 +164,7 @@ def aft_loss(
 
   w = (jnp.ones(scores.shape[:1], jnp.float32) if weights is None
        else weights.astype(jnp.float32))
-  mean = lambda x: (w * x).sum() / jnp.maximum(w.sum(), 1.0)  # noqa: E731
+  mean = lambda x: (w * x).sum() / jnp.maximum(w.sum(), 1.0)
 
   def pooled(x, m):  # weighted mean of x over the entries where m holds
     wm = m.astype(jnp.float32) * w.reshape(w.shape + (1,) * (m.ndim - 1))

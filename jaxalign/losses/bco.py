@@ -197,7 +197,7 @@ def fit_udm_classifier(
                 n / (2.0 * jnp.maximum(n_neg, 1.0)))                 # [N]
   penalty = jnp.concatenate([jnp.full((e,), l2, jnp.float32), jnp.zeros((1,))])
   sign = 2.0 * y - 1.0
-  dot = lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+  dot = lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
 
   def objective(theta):
     # softplus(-z) == -log_sigmoid(z): the logistic loss, stable at any margin.

@@ -97,7 +97,7 @@ def d2o_loss(
   w = jnp.ones_like(z) if weights is None else weights.astype(jnp.float32)
   w = jnp.where(has_samples, w, 0.0)
   denom = jnp.maximum(w.sum(), 1.0)
-  mean = lambda x: (w * x).sum() / denom  # noqa: E731
+  mean = lambda x: (w * x).sum() / denom
   metrics = {
       "rewards/self": mean(self_rewards),
       "rewards/negative": mean(negative_rewards),

@@ -179,9 +179,9 @@ def grao_loss(
 
   w = (jnp.ones_like(answer_score) if weights is None
        else weights.astype(jnp.float32))
-  mean = lambda x: (w * x).sum() / jnp.maximum(w.sum(), 1.0)  # noqa: E731
+  mean = lambda x: (w * x).sum() / jnp.maximum(w.sum(), 1.0)
   ws = w[:, None] * fmask                                                # [B, G]
-  sample_mean = lambda x: (ws * x).sum() / jnp.maximum(ws.sum(), 1.0)  # noqa: E731
+  sample_mean = lambda x: (ws * x).sum() / jnp.maximum(ws.sum(), 1.0)
   rewards = jnp.where(mask, group_rewards.astype(jnp.float32), 0.0)
   metrics = {
       "loss/exploration": -mean(exploration),

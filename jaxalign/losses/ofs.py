@@ -67,7 +67,7 @@ def ofs_update_state(
     the next OfsState.
   """
   _check_swap_interval(swap_interval)
-  as_f32 = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))  # noqa: E731
+  as_f32 = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
   fast_sum = state.fast_loss_sum + as_f32(fast_dpo_loss)
   slow_sum = state.slow_loss_sum + as_f32(slow_dpo_loss)
   count = state.count + 1
@@ -170,7 +170,7 @@ def ofs_module_loss(
   _, as_chaser = ofs_fs_terms(other_chosen_logps, other_rejected_logps, chosen_logps,
                               rejected_logps, fs_beta=fs_beta, detach_other=detach_other)
   w = (jnp.ones_like(as_leader) if weights is None else weights.astype(jnp.float32))
-  mean = lambda x: (w * x).sum() / jnp.maximum(w.sum(), 1.0)  # noqa: E731
+  mean = lambda x: (w * x).sum() / jnp.maximum(w.sum(), 1.0)
   is_leader = jnp.asarray(is_leader, bool)
   fs = jnp.where(is_leader, mean(as_leader), mean(as_chaser))
   sign = jnp.where(is_leader, 1.0, -1.0)

@@ -48,7 +48,7 @@ def bradley_terry_loss(
   rr = rejected_scores.astype(jnp.float32)
   w = jnp.ones_like(rc) if weights is None else weights.astype(jnp.float32)
   n = jnp.maximum(w.sum(), 1.0)
-  mean = lambda x: (w * x).sum() / n  # noqa: E731
+  mean = lambda x: (w * x).sum() / n
   diff = rc - rr
   target = diff if margin is None else diff - margin.astype(jnp.float32)
   loss = mean(jax.nn.softplus(-target))       # -log sigmoid(z) == softplus(-z)

@@ -53,7 +53,7 @@ class Preemption:
       try:
         self.wait_for_writes()
         waited = True
-      except Exception:  # noqa: BLE001  a failed write is left incomplete, never loaded
+      except Exception:  # a failed write is left incomplete, never loaded
         pass
     print("jaxalign train: interrupted: exiting now"
           + ("" if waited else "; an unfinished checkpoint write is discarded")

@@ -66,7 +66,7 @@ def _layout_logps(model, batch, *, chunk_size, batch_axes, token_outputs):
         batch["shared_response_mask"], batch["shared_response_loss"], chunk_size=chunk_size,
         batch_axes=batch_axes, token_outputs=token_outputs)
   b, s, t = batch["tokens"].shape
-  flat = lambda x: x.reshape(b * s, t)  # noqa: E731  one forward over all B*S rows
+  flat = lambda x: x.reshape(b * s, t)  # one forward over all B*S rows
   sums, counts = logprobs.sequence_logps(
       model, flat(batch["tokens"]), flat(batch["attention_mask"]), flat(batch["loss_mask"]),
       chunk_size=chunk_size, batch_axes=batch_axes, token_outputs=token_outputs)
@@ -226,7 +226,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
   is_finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
                & jnp.isfinite(param_norm))
   if skip_nonfinite:
-    keep = lambda new, old: jax.tree.map(  # noqa: E731
+    keep = lambda new, old: jax.tree.map(
         lambda a, b: jnp.where(is_finite, a, b), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     loss_state = keep(loss_state, state.loss_state)

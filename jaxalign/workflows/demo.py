@@ -314,7 +314,7 @@ def run_demo(workdir: str, *, method: str = "dpo", seed: int = 0, num_train: int
 
   # The method's data, built from the SFT model's own answers on training prompts.
   problems = TASK.problems(num_train, split="train", seed=seed + 2)
-  sample = lambda prompts, temperature, s: _complete(  # noqa: E731
+  sample = lambda prompts, temperature, s: _complete(
       sft_dir, sft_cfg, tokenizer, prompts, temperature=temperature, seed=s)
   if recipe.RECORDS.format != "prompts":  # those read the task's prompts directly
     records = build_records(recipe.RECORDS, problems, sample, seed)

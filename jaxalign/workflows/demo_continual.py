@@ -146,7 +146,7 @@ def run_continual(workdir: str, *, seed: int = 0, num_train: int = 2000, num_val
                  BOTH.sft_records(num_train * 2, split="train", seed=seed, pad_noise=pad_noise))
     run.train(sft_cfg, sft_dir, progress=progress)
   sft_graph, sft_params, sft_frozen = rundir.load_run_params(sft_dir, sft_cfg)
-  sample = lambda prompts: eval_lib.complete(  # noqa: E731
+  sample = lambda prompts: eval_lib.complete(
       sft_graph, sft_params, sft_frozen, tokenizer, prompts, max_new_tokens=demo.MAX_NEW_TOKENS)
   tests = build_data(workdir, sample, seed=seed, num_train=num_train, num_val=num_val,
                      num_test=num_test)

@@ -9,8 +9,8 @@ from jaxalign.data import conventions, pipeline, toy, tokenize
 from jaxalign.data.formats import DataError, validate_records
 from jaxalign.data.sources import load_records
 
-USER = lambda t: {"role": "user", "content": t}  # noqa: E731
-ASSISTANT = lambda t: {"role": "assistant", "content": t}  # noqa: E731
+USER = lambda t: {"role": "user", "content": t}
+ASSISTANT = lambda t: {"role": "assistant", "content": t}
 
 
 def _jsonl(path, rows):

@@ -133,7 +133,7 @@ def _logps_and_vjp():
   axes = sharding.batch_axes(rules)
 
   def fn(params, frozen, ref_params, batch, cotangent):
-    policy = lambda p: step_lib.batch_logps(graphdef, p, frozen, batch, chunk_size=16,  # noqa: E731
+    policy = lambda p: step_lib.batch_logps(graphdef, p, frozen, batch, chunk_size=16,
                                             batch_axes=axes)
     (logps, counts), vjp = jax.vjp(policy, params)
     ref, _ = step_lib.batch_logps(graphdef, ref_params, frozen, batch, chunk_size=16,

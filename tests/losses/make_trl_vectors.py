@@ -501,7 +501,7 @@ def make_type_inputs():
   return out
 
 
-def _ld_columns(x, ld_alpha):  # noqa: ARG001  (alpha is applied by the losses)
+def _ld_columns(x, ld_alpha):  # alpha is applied by the losses
   """LD-DPO inputs for the uniform-token stub: the tail (tokens past the shorter
   response) holds (|y| - shared) / |y| of each sequence's log-prob, reference too.
   Returns jaxalign's tail columns (TRL forms its LD-weighted reference in _dpo_v1_step)."""

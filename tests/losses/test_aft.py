@@ -231,7 +231,7 @@ def test_boundary_gradient_changes_sign_at_the_boundary():
       assert np.sign(g_n) == sign
     # T_p detached: s(n) is the only argument it touches.
     h = 1e-2
-    f = lambda x: _numpy_aft(np.array([s_pos + [x]]), one, one, pos, [0], [1], None,  # noqa: E731
+    f = lambda x: _numpy_aft(np.array([s_pos + [x]]), one, one, pos, [0], [1], None,
                              "boundary", margin, 0.0)[0]
     np.testing.assert_allclose(g_n, (f(s_n + h) - f(s_n - h)) / (2 * h), atol=1e-4)
     np.testing.assert_allclose(m["scores/boundary"], boundary, rtol=1e-6)

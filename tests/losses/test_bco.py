@@ -104,7 +104,7 @@ def test_bco_matches_numpy_transcription_over_steps(beta, use_udm):
 
 def test_padding_rows_enter_neither_loss_nor_moments():
   logps, ref, labels = _batch(3, b=6)
-  pad = lambda x, v: jnp.concatenate([x, jnp.full((3,), v, x.dtype)])  # noqa: E731
+  pad = lambda x, v: jnp.concatenate([x, jnp.full((3,), v, x.dtype)])
   weights = jnp.array([1.0] * 6 + [0.0] * 3)
   full, m_full, s_full = bco_loss(logps, ref, labels, state=init_bco_state())
   padded, m_pad, s_pad = bco_loss(pad(logps, 50.0), pad(ref, -50.0), pad(labels, True),
@@ -211,7 +211,7 @@ def test_inv3_sharded_sums_psum_to_the_global_update():
   """Per-shard sums, psum'd inside shard_map, equal the unsharded update; under
   plain jit with a sharded batch the loss's own .sum() is already global."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
   rng = np.random.default_rng(11)
   rewards = jnp.asarray(rng.normal(0, 1, size=32), jnp.float32)
   weights = jnp.asarray(rng.random(32) < 0.8, jnp.float32)
@@ -244,7 +244,7 @@ def test_inv4_gradient_per_unit_logp(use_udm):
   grad = jax.grad(lambda x: bco_loss(x, ref, labels, udm, state=prior, beta=beta)[0])(logps)
   _, metrics, _ = bco_loss(logps, ref, labels, udm, state=prior, beta=beta)
   z = beta * (np.asarray(logps, np.float64) - np.asarray(ref, np.float64)) - float(metrics["delta"])
-  sig = lambda t: 1.0 / (1.0 + np.exp(-t))  # noqa: E731
+  sig = lambda t: 1.0 / (1.0 + np.exp(-t))
   w = np.ones(z.size) if udm is None else np.asarray(udm, np.float64)
   want = np.where(np.asarray(labels), -beta * sig(-z), w * beta * sig(z)) / z.size
   np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-8)
@@ -297,7 +297,7 @@ def test_empty_class_gives_finite_loss_and_grads(which):
   logps, ref, _ = _batch(4)
   labels = jnp.zeros_like(logps, bool) if which == "no_desirable" else jnp.ones_like(logps, bool)
   udm = jnp.full(logps.shape, 2.0)
-  f = lambda x: bco_loss(x, ref, labels, udm, state=init_bco_state())  # noqa: E731
+  f = lambda x: bco_loss(x, ref, labels, udm, state=init_bco_state())
   loss, metrics, state = f(logps)
   grad = jax.grad(lambda x: f(x)[0])(logps)
   assert np.isfinite(loss) and np.all(np.isfinite(grad))

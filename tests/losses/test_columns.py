@@ -32,7 +32,7 @@ def _expected(logps, log_sum_sq, mask):
 
 
 def _rows(logps, log_sum_sq, mask):
-  flat = lambda x: jnp.asarray(x.reshape(B * S, T))  # noqa: E731
+  flat = lambda x: jnp.asarray(x.reshape(B * S, T))
   return {"logps": flat(logps), "mask": flat(mask), "log_sum_sq": flat(log_sum_sq),
           "slot": flat(np.where(mask, 0, 1)), "rank": flat(np.cumsum(mask, -1))}
 
@@ -59,7 +59,7 @@ def _packed(logps, log_sum_sq, mask, groups, seed):
     out["logps"].append(np.array([logps[i] for i in idx]))
     out["log_sum_sq"].append(np.array([log_sum_sq[i] for i in idx]))
   width = max(len(m) for m in out["mask"])
-  pad = lambda a, v: np.pad(a, (0, width - len(a)), constant_values=v)  # noqa: E731
+  pad = lambda a, v: np.pad(a, (0, width - len(a)), constant_values=v)
   return {k: jnp.asarray(np.stack([pad(a, n if k == "slot" else 0) for a in v]))
           for k, v in out.items()}
 

@@ -117,13 +117,13 @@ def test_inv3_permutation_duplication_and_masked_slots():
   permuted, _ = d2o_loss(g[:, perm], g_ref[:, perm], mask[:, perm], neg, neg_ref)
   np.testing.assert_allclose(permuted, base, rtol=1e-6)
   # Duplicate every sample: K -> 2K, the same set.
-  dup = lambda x: np.concatenate([x, x], axis=1)  # noqa: E731
+  dup = lambda x: np.concatenate([x, x], axis=1)
   doubled, doubled_m = d2o_loss(dup(g), dup(g_ref), dup(mask), neg, neg_ref)
   np.testing.assert_allclose(doubled, base, rtol=1e-6)
   for k in base_m:
     np.testing.assert_allclose(doubled_m[k], base_m[k], rtol=1e-5, err_msg=k)
   # Extra masked slots with any values change nothing (value or gradient).
-  pad = lambda x, v: np.concatenate([x, np.full((x.shape[0], 3), v, x.dtype)], 1)  # noqa: E731
+  pad = lambda x, v: np.concatenate([x, np.full((x.shape[0], 3), v, x.dtype)], 1)
   more_mask = pad(mask, False)
   padded, _ = d2o_loss(pad(g, 1e4), pad(g_ref, -np.inf), more_mask, neg, neg_ref)
   np.testing.assert_allclose(padded, base, rtol=1e-6)
@@ -172,7 +172,7 @@ def test_inv4_gradient_at_init_is_beta_over_2k_and_alpha_over_2():
 def test_weights_and_rows_without_samples_are_left_out():
   g, g_ref, mask, neg, neg_ref = _ragged(9)
   base, base_m = d2o_loss(g, g_ref, mask, neg, neg_ref)
-  extra = lambda x, v: np.concatenate([x, np.full((2,) + x.shape[1:], v, x.dtype)])  # noqa: E731
+  extra = lambda x, v: np.concatenate([x, np.full((2,) + x.shape[1:], v, x.dtype)])
   # Row 1: padding by weight; row 2: no valid sample at all (mask all False).
   mask2 = extra(mask, False)
   mask2[-2, :2] = True
@@ -197,7 +197,7 @@ def test_finite_at_extreme_inputs(m):
   g = jnp.full((2, 3), m)
   z = jnp.zeros((2, 3))
   neg = jnp.array([-m, m])
-  f = lambda x, y: d2o_loss(x, z, None, y, jnp.zeros(2), beta=1.0, alpha=1.0)  # noqa: E731
+  f = lambda x, y: d2o_loss(x, z, None, y, jnp.zeros(2), beta=1.0, alpha=1.0)
   loss, metrics = f(g, neg)
   grads = jax.grad(lambda x, y: f(x, y)[0], argnums=(0, 1))(g, neg)
   assert np.isfinite(loss) and all(np.all(np.isfinite(x)) for x in grads)

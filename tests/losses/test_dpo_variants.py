@@ -129,7 +129,7 @@ def test_gradient_at_zero_margin(variant, eps, expected_over_beta):
   """Inv. 2: d loss / d S(y_w) = -g, d loss / d S(y_l) = +g at h = 0 (per pair, / B)."""
   beta = 0.3
   x = jnp.array([-5.0, -7.0, -1.0, -30.0])
-  loss_fn = lambda c, r: dpo_loss(c, r, x, x, beta=beta, label_smoothing=eps,  # noqa: E731
+  loss_fn = lambda c, r: dpo_loss(c, r, x, x, beta=beta, label_smoothing=eps,
                                   variant=variant)[0]
   g_c, g_r = jax.grad(loss_fn, argnums=(0, 1))(x, x)
   g = beta * expected_over_beta / x.size
@@ -143,7 +143,7 @@ def test_ipo_gradient_at_zero_margin(norm):
   tau = 0.25
   x = jnp.array([-5.0, -7.0])
   lc, lr = jnp.array([2, 5]), jnp.array([4, 1])
-  loss_fn = lambda c, r: dpo_loss(c, r, x, x, lc, lr, beta=tau, variant="ipo",  # noqa: E731
+  loss_fn = lambda c, r: dpo_loss(c, r, x, x, lc, lr, beta=tau, variant="ipo",
                                   ipo_length_norm=norm)[0]
   g_c, g_r = jax.grad(loss_fn, argnums=(0, 1))(x, x)
   scale_c = 1.0 / np.asarray(lc) if norm else 1.0
@@ -160,7 +160,7 @@ def test_monotone_in_chosen_and_rejected(variant, eps, norm):
   hi = min(60.0, _monotone_below(variant, eps, beta) - 0.1)
   grid = jnp.linspace(-60.0, hi, 97)
   zero, one = jnp.zeros(1), jnp.ones(1, jnp.int32)
-  per = lambda c, r: dpo_loss(c[None], r[None], zero, zero, one, one, beta=beta,  # noqa: E731
+  per = lambda c, r: dpo_loss(c[None], r[None], zero, zero, one, one, beta=beta,
                               label_smoothing=eps, variant=variant,
                               ipo_length_norm=norm)[0]
   in_chosen = jax.vmap(lambda s: per(s, jnp.float32(0.0)))(grid)
@@ -187,9 +187,9 @@ def test_monotone_in_chosen_and_rejected(variant, eps, norm):
 def test_zero_smoothing_reduces_to_sigmoid():
   """Inv. 4: eps = 0 makes cDPO and robust equal to sigmoid DPO (loss and gradient)."""
   c, r, rc, rr = _random_batch(4, lengths=False)
-  ref_fn = lambda c_: dpo_loss(c_, r, rc, rr, beta=0.2)[0]  # noqa: E731
+  ref_fn = lambda c_: dpo_loss(c_, r, rc, rr, beta=0.2)[0]
   for variant in ("sigmoid", "robust"):
-    fn = lambda c_, v=variant: dpo_loss(c_, r, rc, rr, beta=0.2, variant=v,  # noqa: E731
+    fn = lambda c_, v=variant: dpo_loss(c_, r, rc, rr, beta=0.2, variant=v,
                                         label_smoothing=0.0)[0]
     np.testing.assert_allclose(fn(c), ref_fn(c), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(fn)(c), jax.grad(ref_fn)(c), rtol=1e-6)
@@ -216,7 +216,7 @@ def test_cdpo_minimiser(eps):
   beta = 0.5
   h_star = np.log((1 - eps) / eps) / beta
   z = jnp.zeros(1)
-  fn = lambda h: dpo_loss(h, z, z, z, beta=beta, label_smoothing=eps)[0]  # noqa: E731
+  fn = lambda h: dpo_loss(h, z, z, z, beta=beta, label_smoothing=eps)[0]
   h = jnp.array([h_star], jnp.float32)
   np.testing.assert_allclose(jax.grad(fn)(h), 0.0, atol=1e-6)
   assert fn(h) < fn(h - 0.5) and fn(h) < fn(h + 0.5)
@@ -236,7 +236,7 @@ def test_ipo_minimiser(norm):
     r = per_token_ratio_l
   c, r = c.astype(jnp.float32), r.astype(jnp.float32)
   z = jnp.zeros(2)
-  fn = lambda c_: dpo_loss(c_, r, z, z, lc, lr, beta=tau, variant="ipo",  # noqa: E731
+  fn = lambda c_: dpo_loss(c_, r, z, z, lc, lr, beta=tau, variant="ipo",
                            ipo_length_norm=norm)[0]
   np.testing.assert_allclose(fn(c), 0.0, atol=1e-9)
   np.testing.assert_allclose(jax.grad(fn)(c), 0.0, atol=1e-6)
@@ -247,7 +247,7 @@ def test_robust_is_unbounded_below():
   """Inv. 5: robust DPO with eps > 0 is ~ -eps beta h / (1-2eps) for large h (negative)."""
   eps, beta = 0.2, 0.1
   z = jnp.zeros(1)
-  fn = lambda h: dpo_loss(jnp.full((1,), h), z, z, z, beta=beta,  # noqa: E731
+  fn = lambda h: dpo_loss(jnp.full((1,), h), z, z, z, beta=beta,
                           label_smoothing=eps, variant="robust")[0]
   slope = -eps * beta / (1 - 2 * eps)
   for h in (1e3, 2e3, 1e4):
@@ -291,7 +291,7 @@ def test_jit_equals_eager(variant, eps, norm):
 def test_finite_at_extreme_margins(variant, eps, norm):
   """Value and gradients finite at margins of +-1e4; gradient signs where Inv. 3 applies."""
   z, ones = jnp.zeros(2), jnp.ones(2, jnp.int32)
-  fn = lambda c, r: _loss_fn(variant, eps, norm, beta=0.1)(c, r, z, z, ones, ones)[0]  # noqa: E731
+  fn = lambda c, r: _loss_fn(variant, eps, norm, beta=0.1)(c, r, z, z, ones, ones)[0]
   for m in (1e4, -1e4):
     c = z + m
     loss = fn(c, z)
@@ -305,7 +305,7 @@ def test_finite_at_extreme_margins(variant, eps, norm):
 def test_weights_drop_padding_rows(variant, eps, norm):
   """Padding rows (weight 0, zero log-probs and zero lengths) change no output."""
   c, r, rc, rr, lc, lr = _random_batch(8, b=3)
-  pad = lambda x, v=0: jnp.concatenate([x, jnp.full((2,), v, x.dtype)])  # noqa: E731
+  pad = lambda x, v=0: jnp.concatenate([x, jnp.full((2,), v, x.dtype)])
   fn = _loss_fn(variant, eps, norm, beta=0.1, rpo_alpha=0.5)
   full, m_full = fn(c, r, rc, rr, lc, lr)
   padded, m_pad = fn(pad(c), pad(r), pad(rc), pad(rr), pad(lc), pad(lr),
@@ -356,8 +356,8 @@ def test_ln_dpo_matches_numpy_transcription():
 def test_ln_dpo_with_unit_lengths_is_sigmoid_dpo():
   c, r, rc, rr = _random_batch(11, lengths=False)
   ones = jnp.ones_like(c, jnp.int32)
-  ln = lambda c_: ln_dpo_loss(c_, r, rc, rr, ones, ones, beta=0.3)  # noqa: E731
-  dpo = lambda c_: dpo_loss(c_, r, rc, rr, beta=0.3)  # noqa: E731
+  ln = lambda c_: ln_dpo_loss(c_, r, rc, rr, ones, ones, beta=0.3)
+  dpo = lambda c_: dpo_loss(c_, r, rc, rr, beta=0.3)
   (l_ln, m_ln), (l_dpo, m_dpo) = ln(c), dpo(c)
   np.testing.assert_allclose(l_ln, l_dpo, rtol=1e-6)
   np.testing.assert_allclose(jax.grad(lambda x: ln(x)[0])(c), jax.grad(lambda x: dpo(x)[0])(c),
@@ -372,8 +372,8 @@ def test_ln_dpo_equal_lengths_is_dpo_at_beta_over_length(length):
   beta = 4.0
   c, r, rc, rr = _random_batch(12, lengths=False)
   lengths = jnp.full(c.shape, length, jnp.int32)
-  ln = lambda c_, r_: ln_dpo_loss(c_, r_, rc, rr, lengths, lengths, beta=beta)[0]  # noqa: E731
-  dpo = lambda c_, r_: dpo_loss(c_, r_, rc, rr, beta=beta / length)[0]  # noqa: E731
+  ln = lambda c_, r_: ln_dpo_loss(c_, r_, rc, rr, lengths, lengths, beta=beta)[0]
+  dpo = lambda c_, r_: dpo_loss(c_, r_, rc, rr, beta=beta / length)[0]
   np.testing.assert_allclose(ln(c, r), dpo(c, r), rtol=1e-5)
   for g_ln, g_dpo in zip(jax.grad(ln, argnums=(0, 1))(c, r), jax.grad(dpo, argnums=(0, 1))(c, r)):
     np.testing.assert_allclose(g_ln, g_dpo, rtol=1e-5, atol=1e-9)
@@ -384,7 +384,7 @@ def test_ln_dpo_at_init():
   beta = 2.0
   x = jnp.array([-12.0, -3.5, -40.0])
   lc, lr = jnp.array([3, 1, 9]), jnp.array([5, 2, 1])
-  fn = lambda c, r: ln_dpo_loss(c, r, x, x, lc, lr, beta=beta)  # noqa: E731
+  fn = lambda c, r: ln_dpo_loss(c, r, x, x, lc, lr, beta=beta)
   loss, metrics = fn(x, x)
   np.testing.assert_allclose(loss, LOG2, rtol=1e-6)
   assert metrics["rewards/accuracies"] == 0.0 and metrics["rewards/margins"] == 0.0
@@ -447,7 +447,7 @@ def test_ln_dpo_jit_finite_weights_monotone():
   for k in metrics:
     np.testing.assert_allclose(metrics_j[k], metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
   # Padding rows (zero lengths are clamped to 1, so they stay finite) drop out.
-  pad = lambda x: jnp.concatenate([x, jnp.zeros((2,), x.dtype)])  # noqa: E731
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((2,), x.dtype)])
   padded, m_pad = fn(pad(c), pad(r), pad(rc), pad(rr), pad(lc), pad(lr),
                      weights=jnp.array([1.0] * 4 + [0.0] * 2))
   np.testing.assert_allclose(padded, loss, rtol=1e-6)
@@ -455,7 +455,7 @@ def test_ln_dpo_jit_finite_weights_monotone():
     np.testing.assert_allclose(m_pad[k], metrics[k], rtol=1e-6, err_msg=k)
   # Finite value and gradient at margins +-1e4, gradient signs as DPO.
   z, ones = jnp.zeros(2), jnp.ones(2, jnp.int32)
-  per = lambda c_, r_: fn(c_, r_, z, z, ones, ones)[0]  # noqa: E731
+  per = lambda c_, r_: fn(c_, r_, z, z, ones, ones)[0]
   for m in (1e4, -1e4):
     value = per(z + m, z)
     g_c, g_r = jax.grad(per, argnums=(0, 1))(z + m, z)

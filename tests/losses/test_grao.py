@@ -45,7 +45,7 @@ def _run(logps, lengths, mask, rewards, answer_logps, answer_lengths, answer_rew
   d name / d answer_logps) for name "loss", and with terms=True also for each
   term loss/{exploration,imitation,alignment}.
   """
-  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
   b = len(answer_logps)
   answer_rewards = jnp.zeros(b) if answer_rewards is None else answer_rewards
   weights = jnp.ones(b) if weights is None else weights

@@ -13,7 +13,7 @@ from jaxalign.losses.sft import sft_loss
 def _numpy_dpo(c, r, rc, rr, beta, eps):
   """Independent transcription of cDPO: (1-eps) l(beta h) + eps l(-beta h)."""
   h = (c - rc) - (r - rr)
-  logistic = lambda z: np.log1p(np.exp(-z))  # noqa: E731  -log sigmoid(z)
+  logistic = lambda z: np.log1p(np.exp(-z))  # -log sigmoid(z)
   return np.mean((1 - eps) * logistic(beta * h) + eps * logistic(-beta * h))
 
 

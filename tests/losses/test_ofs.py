@@ -44,7 +44,7 @@ def _compiled(logps, ref_chosen, ref_rejected, state, alpha, beta, fs_beta, weig
 def _run(fast_c, fast_r, slow_c, slow_r, ref_c, ref_r, *, state=None, alpha=0.5, beta=0.1,
          fs_beta=None, weights=None, swap_interval=2, detach_other=True):
   """ofs_dpo_loss's (loss, metrics, new_state, grads w.r.t. fast_c, fast_r, slow_c, slow_r)."""
-  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
   state = ofs_init_state() if state is None else state
   weights = np.ones(len(fast_c)) if weights is None else weights
   return _compiled(tuple(map(f32, (fast_c, fast_r, slow_c, slow_r))), f32(ref_c), f32(ref_r),
@@ -62,8 +62,8 @@ def _numpy_ofs(fc, fr, sc, sr, rc, rr, fast_is_leader, alpha, beta, fs_beta, w):
   leader: l(beta h) + alpha l(fs_beta (m_self - m_other));
   chaser: l(beta h) - alpha l(fs_beta (m_other - m_self)); l(z) = log(1 + e^-z).
   """
-  ell = lambda z: np.logaddexp(0.0, -z)  # noqa: E731
-  mean = lambda x: np.sum(w * x) / max(np.sum(w), 1.0)  # noqa: E731
+  ell = lambda z: np.logaddexp(0.0, -z)
+  mean = lambda x: np.sum(w * x) / max(np.sum(w), 1.0)
   m_fast, m_slow = fc - fr, sc - sr
   m_ref = rc - rr
 

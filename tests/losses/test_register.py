@@ -108,7 +108,7 @@ class _Captured(Exception):
 def _inputs(data, *, with_ref=True, b=4):
   s = {"sft": 1, "pairwise": 2, "unpaired": 1, "unpaired_kl": 2}.get(data, 4)
   rng = np.random.default_rng(0)
-  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   g = (b, s - 1)
   batch = {"label": jnp.asarray([1, 0, 1, 0]), "group_mask": jnp.ones(g, jnp.int32),
            "rewards": f(*g), "answer_rewards": f(b), "udm_weights": f(b), "margin": f(b),

@@ -91,7 +91,7 @@ def test_frozen_base_adapter_only_grads_reference_is_base_and_no_second_copy():
   assert b_norm > 0
 
   # Dropout: the same rng and step give the same masks, another step other masks.
-  copy = lambda st: jax.tree.map(jnp.copy, st)  # noqa: E731  the step donates its input
+  copy = lambda st: jax.tree.map(jnp.copy, st)  # the step donates its input
   with jax.set_mesh(mesh):
     batch = sharding.host_to_global(batches[0], bs)
     again = [float(compiled(copy(state), batch)[1]["loss"]) for _ in range(2)]

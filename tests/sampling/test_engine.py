@@ -203,12 +203,12 @@ def test_sharded_on_the_training_mesh_equals_one_device():
 
 def test_one_compile_per_bucket():
   model = helpers.make_model(helpers.LLAMA, seed=9)
-  before = engine._jit_generate._cache_size()  # noqa: SLF001
+  before = engine._jit_generate._cache_size()
   for batch, width, stops in ((PROMPTS, 7, ()), (PROMPTS[:3], 7, (3,)), (PROMPTS[1:], 8, (1, 2))):
     tokens, mask = helpers.left_pad(batch, width)
     engine.generate_model(model, tokens, mask, jax.random.PRNGKey(0),
                           SamplingParams(max_new_tokens=5, temperature=0.0, stop_tokens=stops))
-  assert engine._jit_generate._cache_size() == before + 1  # noqa: SLF001
+  assert engine._jit_generate._cache_size() == before + 1
 
 
 @pytest.mark.parametrize("tokens,mask,match", [

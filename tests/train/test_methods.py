@@ -116,7 +116,7 @@ def test_step_loss_equals_the_pure_loss(method):
                                                    else []))]
     _, metrics = built.step_fn(state, sharding.host_to_global(batch, built.batch_sharding))
   (sums, lengths, tail, wpo), *ref = expected_inputs
-  f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
+  f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))
   kw = dict(chosen_logps=f32(sums[:, 0]), rejected_logps=f32(sums[:, 1]),
             chosen_lengths=jnp.asarray(lengths[:, 0]), rejected_lengths=jnp.asarray(lengths[:, 1]))
   if ref:

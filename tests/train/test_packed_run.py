@@ -57,7 +57,7 @@ def test_packing_keys_are_validated():
 
 
 def test_shared_prompt_run_equals_padded_run(tmp_path):
-  cfg = lambda **o: _config(**{"total_steps": 2, **o})  # noqa: E731
+  cfg = lambda **o: _config(**{"total_steps": 2, **o})
   train_loop(cfg(), str(tmp_path / "padded"), progress=False)
   train_loop(cfg(**{"data.share_prompt": True}), str(tmp_path / "shared"), progress=False)
   padded, shared = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "shared")
@@ -75,7 +75,7 @@ def test_packed_shared_lora_run_equals_padded_run(tmp_path):
   """data.packing + data.share_prompt with LoRA adapters: 3 steps and the precomputed
   reference table, in rows of units of one prompt and its responses, equal the
   padded run's. The learning rate is 0 at step 0, so the adapters move from step 3."""
-  cfg = lambda **o: _config(**{"total_steps": 3, "lora.rank": 4, "optim.lr": 1e-2,  # noqa: E731
+  cfg = lambda **o: _config(**{"total_steps": 3, "lora.rank": 4, "optim.lr": 1e-2,
                                **o})
   train_loop(cfg(), str(tmp_path / "padded"), progress=False)
   train_loop(cfg(**{"data.packing": True, "data.pack_length": 16, "data.share_prompt": True}),
@@ -93,7 +93,7 @@ def test_ld_dpo_and_wpo_runs_equal_padded_run(tmp_path):
   """LD-DPO and WPO together (the step's tail_logps and wpo_logps columns, policy and
   frozen reference): 3 steps packed, packed with shared prompts, and with shared
   prompts equal the padded run's."""
-  cfg = lambda **o: _config(**{"total_steps": 3, "reference.mode": "frozen",  # noqa: E731
+  cfg = lambda **o: _config(**{"total_steps": 3, "reference.mode": "frozen",
                                "loss.hparams.ld_alpha": 0.5,
                                "loss.hparams.use_weighting": True, **o})
   train_loop(cfg(), str(tmp_path / "padded"), progress=False)

@@ -50,7 +50,7 @@ def _adapters(seed):
 def test_combination_of_stored_modules():
   base, a0 = _adapters(1)
   _, a1 = _adapters(2)
-  flat = lambda s: {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(s)}  # noqa
+  flat = lambda s: {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(s)}
   # One-hot weights give one domain's merged model exactly (docs/losses.md, `ofs_dpo` invariant 6).
   for t, a in enumerate((a0, a1)):
     w = [0.0, 0.0]
@@ -62,7 +62,7 @@ def test_combination_of_stored_modules():
   # Delta space is linear in the weights: W + s (0.3 A0B0 + 0.7 A1B1), per weight.
   got = flat(continual.combined_model(base, [a0, a1], [0.3, 0.7], scale=2.0))
   q = ("layers", 0, "attn", "q")
-  d = lambda a: np.asarray(a["layers"][0]["attn"]["q_lora"]["lora_a"][...]  # noqa: E731
+  d = lambda a: np.asarray(a["layers"][0]["attn"]["q_lora"]["lora_a"][...]
                            @ a["layers"][0]["attn"]["q_lora"]["lora_b"][...])
   want_q = flat(base)[q] + 2.0 * (0.3 * d(a0) + 0.7 * d(a1)).reshape(flat(base)[q].shape)
   np.testing.assert_allclose(got[q], want_q, rtol=1e-5, atol=1e-6)
