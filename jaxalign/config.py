@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from jaxalign import guards, losses, rewards, sharding
+from jaxalign.data import schema
 from jaxalign.models import attention, hf, hf_config, lora, transformer
 from jaxalign.rewards import model as reward_model
 from jaxalign.errors import ConfigError, HfConfigError
@@ -388,7 +389,8 @@ def _validate_layout(c: ml_collections.ConfigDict, spec, model_cfg) -> None:
   if not isinstance(d.get("share_prompt", False), bool):
     _fail("data.share_prompt", f"must be True or False, got {d.share_prompt!r}")
   if d.get("share_prompt", False):
-    if spec.data in ("sft", "unpaired") or spec.head == "scalar":
+    fmt = schema.get(spec.data)
+    if (not fmt.grouped and fmt.num_sequences() == 1) or spec.head == "scalar":
       _fail("data.share_prompt", f"{c.loss.name!r} has one sequence per example: "
             "nothing to share")
 

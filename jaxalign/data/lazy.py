@@ -87,8 +87,6 @@ import numpy as np
 from jaxalign.data import conventions, formats, tokenize
 from jaxalign.data.formats import DataError
 
-LAZY_FORMATS = ("sft", "pairwise", "unpaired", "unpaired_kl", "negatives", "groups", "ranked")
-
 
 # ---------------------------------------------------------------------------
 # Raw rows: random access to a source's records, with provenance.
