@@ -60,7 +60,7 @@ def open_examples(path: str, fmt: str, tokenizer: Any, *, split: str, max_length
     raise ConfigError(
         f"{key}: {path} is an incomplete prepared dataset ({incomplete}): jaxalign prepare "
         f"was interrupted or is still running; finish it by re-running the same "
-        f"`jaxalign prepare --config ... --out {path}` (complete shards are kept)")
+        f"jaxalign prepare --config ... --out {path} (complete shards are kept)")
   if not path:
     reading.read_records(path, split=split)   # raises its ConfigError
   try:
