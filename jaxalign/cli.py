@@ -108,7 +108,7 @@ def _train(argv: list[str]) -> int:
   try:
     result = run.train(spec, fv.workdir, progress=fv.progress,
                        stop_after=fv.stop_after_steps)
-  except config_lib.ConfigError as e:  # includes errors.ResumeMismatchError
+  except config_lib.ConfigError as e:  # includes errors.ResumeMismatchError: a refused resume
     return _die("train", str(e))
   except DataError as e:
     return _die("train", str(e), status=1)

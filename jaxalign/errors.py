@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 
 class ResumeMismatchError(ConfigError):
-  """The config's objective or model shape differs from the checkpoint it would resume."""
+  """A resume refused: the config's objective or model shape, the data, or the
+  reference table differs from the run it would resume (a usage error: exit 2)."""
 
 
 class HfConfigError(ValueError):
@@ -44,7 +45,7 @@ class RewardError(ValueError):
 # Faults found while running.
 
 class RunError(RuntimeError):
-  """A run cannot go on (a file it needs is missing or corrupt, the data changed).
+  """A run cannot go on (a file it needs is missing or corrupt).
 
   The message names the file or checkpoint step and what to do.
   """

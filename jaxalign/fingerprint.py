@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from jaxalign import paths
-from jaxalign.errors import RunError
+from jaxalign.errors import ResumeMismatchError, RunError
 
 log = logging.getLogger("jaxalign")
 
@@ -155,7 +155,8 @@ def check_resume(workdir: str, current: dict[str, Any], *, allow_change: bool) -
   resumed or the data is the same.
 
   Raises:
-    RunError: the data changed and `allow_change` is off; one line naming what.
+    ResumeMismatchError: the data changed and `allow_change` is off; one line naming
+      what (a refused resume is a usage error: the CLI exits 2).
   """
   if not has_checkpoints(workdir):
     return False
@@ -176,7 +177,7 @@ def check_resume(workdir: str, current: dict[str, Any], *, allow_change: bool) -
              "data.lazy=False, did; this one hashes the source: if the data is the same, "
              "resume with that version)")
   if not allow_change:
-    raise RunError(
+    raise ResumeMismatchError(
         f"cannot resume {workdir}: the data differs from the run's "
         f"({paths.join(workdir, RUN_FILE)}): {what}; restore the data, use a new workdir, or "
         "set config.allow_config_change=True to continue on the new data (the reference "
@@ -195,16 +196,20 @@ def reference_plan(ref_path: str, current: dict[str, Any], *, resuming: bool,
   under `allow_change`). A stale table is never reused.
 
   Raises:
-    RunError: on a resume without `allow_change`, the file is missing, truncated,
-      has the wrong row count or was made for other data.
+    ResumeMismatchError: on a resume without `allow_change`, the file has the wrong
+      row count or was made for other data (the CLI exits 2).
+    RunError: on a resume without `allow_change`, the file is missing or truncated
+      (exit 1).
   """
   fp_path = reference_fingerprint_path(ref_path)
   fix = ("rerun with --config.allow_config_change=True to recompute it from the initial "
          "policy (config.init_from / model.hf_path / the seed)")
 
-  def refuse_or_recompute(problem: str):
+  def refuse_or_recompute(problem: str, *, stale: bool = True):
+    # A table made for other data refuses the resume (a usage error, exit 2); a missing
+    # or unreadable one is a run fault (exit 1).
     if resuming and not allow_change:
-      raise RunError(f"{ref_path}: {problem}; {fix}")
+      raise (ResumeMismatchError if stale else RunError)(f"{ref_path}: {problem}; {fix}")
     log.warning("%s: %s; recomputing the reference log-probs", ref_path, problem)
     return None
 
@@ -213,11 +218,12 @@ def reference_plan(ref_path: str, current: dict[str, Any], *, resuming: bool,
   if not paths.exists(ref_path):
     if not resuming:
       return None
-    return refuse_or_recompute("missing, but checkpoints exist")
+    return refuse_or_recompute("missing, but checkpoints exist", stale=False)
   try:
     table = paths.load_npy(ref_path)
   except (ValueError, OSError, EOFError) as e:
-    return refuse_or_recompute(f"truncated or not a .npy file ({str(e).splitlines()[0]})")
+    return refuse_or_recompute(f"truncated or not a .npy file ({str(e).splitlines()[0]})",
+                               stale=False)
   if table.ndim < 1 or len(table) != current["rows"]:
     return refuse_or_recompute(f"has {len(table) if table.ndim else 0} rows, the data has "
                                f"{current['rows']}")

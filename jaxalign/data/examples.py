@@ -39,9 +39,10 @@ def open_examples(path: str, fmt: str, tokenizer: Any, *, split: str, max_length
   Raises:
     ConfigError: no path, a path that does not exist, or a prepared set that
       cannot serve this run (other tokenizer or settings, an online method's
-      rewrite, unpaired_kl data), one line naming the key.
+      rewrite, unpaired_kl data), or the shards of an unfinished `jaxalign prepare`
+      (no manifest yet), one line naming the key.
     DataError: a malformed row (on_error="raise") naming its file, row and field;
-      no usable rows; an absent or truncated shard of a prepared set.
+      no usable rows; an absent, truncated or corrupted shard of a prepared set.
   """
   if prepared.is_prepared(path):
     if map_record is not None:
@@ -54,6 +55,12 @@ def open_examples(path: str, fmt: str, tokenizer: Any, *, split: str, max_length
     return prepared.open_prepared(path, fmt, tokenizer, max_length=max_length,
                                   max_prompt_length=max_prompt_length, group_size=group_size,
                                   on_error=on_error, split=split, key=key)
+  incomplete = prepared.incomplete_reason(path)
+  if incomplete:
+    raise ConfigError(
+        f"{key}: {path} is an incomplete prepared dataset ({incomplete}): jaxalign prepare "
+        f"was interrupted or is still running; finish it by re-running the same "
+        f"jaxalign prepare --config ... --out {path} (complete shards are kept)")
   if not path:
     reading.read_records(path, split=split)   # raises its ConfigError
   try:

@@ -25,7 +25,10 @@ entry point of every source): a random-access sequence over the shards
 `pipeline.make_dataset` reads a batch at a time (`read_batch`), so a process
 decodes only the records it reads. It
 refuses (ConfigError, one line) a manifest made with another tokenizer or other
-settings, and names the file of an absent or truncated shard (DataError).
+settings, and names the file of an absent, truncated or corrupted shard
+(DataError; every shard's sha256 is checked when the set is opened). A directory
+of shards without a manifest (`prepare` interrupted or still running) is refused
+by `examples.open_examples` (`incomplete_reason`), never read as raw data.
 
 What prepare itself keeps in memory: the source's validated records (not their
 tokens). Not supported yet: unpaired_kl data (its KL sequences pair examples
@@ -38,6 +41,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -60,6 +64,33 @@ _WRITER_OPTIONS = "group_size:1"
 def is_prepared(path: str) -> bool:
   """Whether `path` is a directory written by `prepare` (it has a manifest)."""
   return bool(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+# A shard file of `prepare` (complete or still being written), its sidecar, or the
+# manifest being written: what a directory of `prepare`'s output holds before its manifest.
+_PREPARE_FILE = re.compile(r"^(shard-\d{5}-of-\d{5}\.(arrayrecord|json)|manifest\.json)(\.tmp)?$")
+
+
+def incomplete_reason(path: str) -> str | None:
+  """Why `path` is an unfinished `prepare` output (shard files, no manifest), else None.
+
+  Such a directory must not be read as raw data: its sidecars are JSON objects,
+  not JSONL rows. Shards are complete when their sidecar is written (after the
+  shard file), so "k of n shards written" counts sidecars.
+  """
+  if not path or not os.path.isdir(path) or is_prepared(path):
+    return None
+  try:
+    names = os.listdir(path)
+  except OSError:
+    return None
+  ours = [n for n in names if _PREPARE_FILE.match(n)]
+  if not any(n.endswith((".arrayrecord", ".arrayrecord.tmp")) for n in ours):
+    return None   # sidecar-looking JSON alone may be a user's data
+  totals = {int(n.split("-")[3][:5]) for n in ours if n.startswith("shard-")}
+  done = sum(n.endswith(".json") and n.startswith("shard-") for n in ours)
+  of = f"{done} of {totals.pop()}" if len(totals) == 1 else str(done)
+  return f"{of} shards written and no {MANIFEST}"
 
 
 def settings(fmt: str, tokenizer: Any, *, max_length: int, max_prompt_length: int,
@@ -387,7 +418,8 @@ def open_prepared(path: str, fmt: str, tokenizer: Any, *, max_length: int,
   Raises:
     ConfigError: one line naming `key` when the set was made with another
       tokenizer or other settings than the run's.
-    DataError: an unreadable manifest, or an absent or truncated shard, naming the file.
+    DataError: an unreadable manifest, or an absent, truncated or corrupted shard,
+      naming the file.
   """
   manifest = read_manifest(path)
   want = settings(fmt, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
@@ -403,5 +435,26 @@ def open_prepared(path: str, fmt: str, tokenizer: Any, *, max_length: int,
     raise ConfigError(
         f"{key}: prepared dataset {path} does not match this run: {', '.join(diffs)}; rerun "
         "jaxalign prepare with this run's config")
-  return PreparedExamples(path, manifest), int(manifest.get("skipped", 0))
+  examples = PreparedExamples(path, manifest)
+  verify_checksums(path, manifest)
+  return examples, int(manifest.get("skipped", 0))
+
+
+def verify_checksums(path: str, manifest: dict[str, Any]) -> None:
+  """Each shard's sha256 against the manifest's, before anything is compiled or written.
+
+  One streamed read of the set (hashlib's sha256 runs at about 1 GB/s, well under
+  the raw path's validation pass), so a corrupted shard (a flipped byte keeps its
+  size) is named here rather than as a checksum traceback from ArrayRecord inside
+  the Grain pipeline mid-run.
+
+  Raises:
+    DataError: naming the first shard whose bytes differ from the manifest's hash.
+  """
+  for shard in manifest["shards"]:
+    file = os.path.join(path, shard["file"])
+    if _file_sha256(file) != shard["sha256"]:
+      raise formats.DataError(
+          f"{file}: corrupted (its sha256 differs from the one in {os.path.join(path, MANIFEST)}"
+          f", same size); rerun jaxalign prepare into {path} to rewrite it")
 

@@ -23,6 +23,10 @@ def prepare_from_config(spec: config_lib.RunSpec, out: str, *, shard_size: int =
   if prepared.is_prepared(d.train_path):
     raise ConfigError(f"config.data.train_path: {d.train_path} is already a "
                       "prepared dataset")
+  incomplete = prepared.incomplete_reason(d.train_path)
+  if incomplete:
+    raise ConfigError(f"config.data.train_path: {d.train_path} is an incomplete prepared "
+                      f"dataset ({incomplete}), not a source; give the raw source")
   if os.path.abspath(out) == os.path.abspath(d.train_path or "."):
     raise ConfigError("--out: must differ from config.data.train_path")
   name = spec.tokenizer_name

@@ -250,7 +250,7 @@ def test_a_resume_across_data_lazy_says_which_setting_hashed_the_run(tmp_path):
   """A run started by an older version with data.lazy=False hashed its tokenized
   examples, as a list is hashed: resuming it now is refused in one line saying so."""
   from jaxalign import fingerprint
-  from jaxalign.errors import RunError
+  from jaxalign.errors import ResumeMismatchError
   path = _write(tmp_path / "d.jsonl", toy.ArithmeticTask().pairwise_records(8, seed=0))
   tok = reading.load_tokenizer("toy")
   fps = {lazy_read: fingerprint.compute(_load(path, "pairwise", lazy_read=lazy_read)[0], tok,
@@ -259,7 +259,7 @@ def test_a_resume_across_data_lazy_says_which_setting_hashed_the_run(tmp_path):
   assert fps[True]["content"] == "source" and fps[False]["content"] == "examples"
   (tmp_path / "run" / "checkpoints" / "2").mkdir(parents=True)
   fingerprint.write(str(tmp_path / "run" / fingerprint.RUN_FILE), fps[False])
-  with pytest.raises(RunError, match=r"content hash .*resume with that"):
+  with pytest.raises(ResumeMismatchError, match=r"content hash .*resume with that"):
     fingerprint.check_resume(str(tmp_path / "run"), fps[True], allow_change=False)
   assert not fingerprint.check_resume(str(tmp_path / "run"), fps[False], allow_change=False)
 

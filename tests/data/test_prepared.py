@@ -188,3 +188,49 @@ def test_a_truncated_or_absent_shard_is_one_line_naming_the_file(data, tmp_path,
   assert status == 1 and len(err) == 1, err
   assert str(shard) in err[0] and ("truncated" in err[0] if fault == "truncated"
                                    else "missing" in err[0])
+
+
+@pytest.mark.parametrize("state", ["killed", "running"])
+def test_a_half_written_prepared_set_is_refused_in_one_line_before_anything_is_written(
+    data, tmp_path, capsys, state):
+  """`jaxalign prepare` killed after 2 of 4 shards (or still writing the third): no
+  manifest, so its sidecars must not be read as JSONL rows (a 64-line traceback)."""
+  import shutil
+  copy = tmp_path / "prep"
+  shutil.copytree(data / "prep", copy)
+  shards = json.loads((copy / prepared.MANIFEST).read_text())["shards"]
+  os.remove(copy / prepared.MANIFEST)
+  for shard in shards[2:]:
+    os.remove(copy / shard["file"])
+    os.remove(copy / (shard["file"][:-len(".arrayrecord")] + ".json"))
+  if state == "running":   # the third shard half-written under its temporary name
+    (copy / (shards[2]["file"] + ".tmp")).write_bytes(b"\0" * 100)
+  status, err = _train_cli(capsys, copy, tmp_path)
+  assert status == 2 and len(err) == 1, err
+  assert f"config.data.train_path: {copy} is an incomplete prepared dataset" in err[0], err
+  assert "2 of 4 shards written" in err[0] and "jaxalign prepare" in err[0], err
+  assert not (tmp_path / "run").exists()
+  # What the line says finishes it: a rerun of prepare into the directory keeps the shards.
+  cfg = tiny_config(**{"data.train_path": str(data / "pairs.jsonl")})
+  again = prepare_lib.prepare_from_config(resolved(cfg), str(copy), shard_size=16)
+  assert (again["reused_shards"], again["written_shards"]) == (2, 2)
+  status, err = _train_cli(capsys, copy, tmp_path)
+  assert status == 0, err
+
+
+def test_a_corrupted_shard_of_the_same_size_is_one_line_naming_it_before_training(
+    data, tmp_path, capsys):
+  """One byte flipped in a shard: found by its sha256 when the set is opened, not by
+  ArrayRecord's checksum mid-run; no workdir."""
+  import shutil
+  copy = tmp_path / "prep"
+  shutil.copytree(data / "prep", copy)
+  shard = copy / json.loads((copy / prepared.MANIFEST).read_text())["shards"][1]["file"]
+  raw = bytearray(shard.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  shard.write_bytes(bytes(raw))
+  status, err = _train_cli(capsys, copy, tmp_path)
+  assert status == 1 and len(err) == 1, err
+  assert err[0].startswith(f"jaxalign train: error: {shard}: corrupted"), err
+  assert "rerun jaxalign prepare" in err[0]
+  assert not (tmp_path / "run").exists()

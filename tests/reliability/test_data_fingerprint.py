@@ -74,7 +74,7 @@ def test_resume_on_changed_data_is_refused_naming_what_changed(run_copy, capsys,
   else:
     overrides = ["--config.data.max_length=11"]
   status, err = _resume(capsys, run_copy, *overrides)
-  assert status == 1, err
+  assert status == 2, err   # a refused resume is a usage error
   assert len(err) == 1 and err[0].startswith(
       f"jaxalign train: error: cannot resume {run_copy / 'run'}: the data differs"), err
   for text in named:
@@ -107,13 +107,16 @@ def test_same_data_under_another_path_resumes(run_copy, capsys):
   assert status == 0, err
 
 
-@pytest.mark.parametrize("fault, expected", [
-    ("missing", "ref_logps.npy: missing, but checkpoints exist"),
-    ("truncated", "ref_logps.npy: truncated or not a .npy file"),
-    ("rows", "ref_logps.npy: has 10 rows, the data has 64"),
-    ("other data", "ref_logps.npy: made for other data"),
+# A missing or unreadable table is a run fault (exit 1); one made for other data refuses
+# the resume, a usage error (exit 2).
+@pytest.mark.parametrize("fault, expected, exit_status", [
+    ("missing", "ref_logps.npy: missing, but checkpoints exist", 1),
+    ("truncated", "ref_logps.npy: truncated or not a .npy file", 1),
+    ("rows", "ref_logps.npy: has 10 rows, the data has 64", 2),
+    ("other data", "ref_logps.npy: made for other data", 2),
 ])
-def test_reference_file_faults_are_one_line_naming_the_file(run_copy, capsys, fault, expected):
+def test_reference_file_faults_are_one_line_naming_the_file(run_copy, capsys, fault, expected,
+                                                            exit_status):
   ref = run_copy / "run" / "ref_logps.npy"
   if fault == "missing":
     ref.unlink()
@@ -126,7 +129,7 @@ def test_reference_file_faults_are_one_line_naming_the_file(run_copy, capsys, fa
     fp["examples"] = "0" * 64
     (run_copy / "run" / fingerprint.REF_FILE).write_text(json.dumps(fp))
   status, err = _resume(capsys, run_copy)
-  assert status == 1, err
+  assert status == exit_status, err
   assert len(err) == 1 and err[0].startswith(f"jaxalign train: error: {ref}: "), err
   assert expected in err[0] and "allow_config_change=True to recompute" in err[0], err[0]
   assert complete_steps(run_copy / "run") == [2]

@@ -60,8 +60,8 @@ def test_changed_model_shape_or_data_format_is_refused_even_when_allowed(
   flag = [f"--config.allow_config_change={allow}"]
   status, err = _resume(capsys, stopped_run, *overrides, *flag, recipe=recipe)
   if recipe == "grao" and not allow:
-    # Other data too: the data-fingerprint refusal (exit 1) comes first, one line.
-    assert status == 1 and len(err) == 1 and "the data differs" in err[0], err
+    # Other data too: the data-fingerprint refusal (exit 2 too) comes first, one line.
+    assert status == 2 and len(err) == 1 and "the data differs" in err[0], err
     assert complete_steps(stopped_run) == [2]
     return
   assert status == 2, err
