@@ -1,7 +1,8 @@
 """The host loop of one policy run: spec -> data -> state -> passes -> jitted steps.
 
-Reads top to bottom, one function per phase: `_load_data` (read, validate and
-tokenize everything before anything is written or compiled), `_initial_state`
+Reads top to bottom, one function per phase: the workdir's lock first (a busy
+workdir is refused before its data is read), `_load_data` (read, validate and
+tokenize everything before anything else is written or compiled), `_initial_state`
 (the step-0 state, the reference and `prepare` passes of train/passes.py),
 `_resume` (the batches' iterator, and the checkpoint's state on a resume),
 `_step_loop` (the steps, logs, held-out evaluations and checkpoints).

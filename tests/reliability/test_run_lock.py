@@ -1,6 +1,7 @@
 """The workdir lock, third round (issue 30): a take-over is atomic, the lock comes before
 the data pass, and an empty or torn lock of a process that is gone is taken over."""
 
+import errno
 import json
 import os
 import socket
@@ -170,3 +171,14 @@ def test_refused_data_leaves_no_workdir_though_the_lock_came_first(tmp_path, cap
                         "--noprogress", "--config.data.train_path=/nonexistent/data.jsonl")
   assert status != 0, err
   assert not (tmp_path / "a").exists()
+
+
+def test_lock_that_cannot_be_written_is_removed_not_left_empty(tmp_path, monkeypatch):
+  def disk_full(*_):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(runlock.os, "pwrite", disk_full)
+  workdir = tmp_path / "run"
+  with pytest.raises(OSError, match="No space left"):
+    runlock.RunLock().acquire(str(workdir))
+  assert not workdir.exists()   # neither the lock file nor the directory made for it
