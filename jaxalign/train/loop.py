@@ -1,7 +1,8 @@
 """The host loop of one policy run: spec -> data -> state -> passes -> jitted steps.
 
-Reads top to bottom, one function per phase: `_load_data` (read, validate and
-tokenize everything before anything is written or compiled), `_initial_state`
+Reads top to bottom, one function per phase: the workdir's lock first (a busy
+workdir is refused before its data is read), `_load_data` (read, validate and
+tokenize everything before anything else is written or compiled), `_initial_state`
 (the step-0 state, the reference and `prepare` passes of train/passes.py),
 `_resume` (the batches' iterator, and the checkpoint's state on a resume),
 `_step_loop` (the steps, logs, held-out evaluations and checkpoints).
@@ -108,7 +109,11 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
   if spec.init_from and not paths.isdir(spec.init_from):
     raise config_lib.ConfigError(f"config.init_from: {spec.init_from} is not a directory")
   mesh = sharding.make_mesh(spec.mesh_shape, devices)
-  # A bad config or bad data leaves no workdir behind.
+  # The lock first: a busy workdir is refused before any data is read. A bad config or
+  # bad data still leaves no workdir behind: the lock removes the directory it made
+  # unless _claim_workdir keeps it.
+  if lock is not None and jax.process_index() == 0:
+    lock.acquire(workdir)   # runlock.LockedError when another live run holds it
   data = _load_data(spec, workdir)
   _claim_workdir(spec, workdir, data, lock)
   # State, optimizer and jitted steps: abstract first (train/build.py, as `plan` builds them).
@@ -154,7 +159,8 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
 
 def _load_data(spec: config_lib.RunSpec, workdir: str) -> _Data:
   """Reads, validates and tokenizes the training (and held-out) data, before any
-  compile and before anything is written; checks it against a resumed run's."""
+  compile and before anything but the run lock is written; checks it against a
+  resumed run's."""
   # Online methods sample their groups inside the run (jaxalign.train.online).
   online = online_lib.source_for(spec)
   fmt = online.data_format if online else spec.loss.data
@@ -208,12 +214,12 @@ def load_eval_set(spec: config_lib.RunSpec, tokenizer) -> list[dict]:
 
 
 def _claim_workdir(spec: config_lib.RunSpec, workdir: str, data: _Data, lock) -> None:
-  """Creates the workdir, takes its run lock and records the data and tokenizer."""
+  """Creates the workdir (kept from here on) and records the data and tokenizer."""
   paths.makedirs(workdir)
   if jax.process_index() != 0:
     return
   if lock is not None:
-    lock.acquire(workdir)   # runlock.LockedError when another live run holds it
+    lock.keep_workdir()
   if data.changed or not fingerprint.has_checkpoints(workdir):
     fingerprint.write(paths.join(workdir, fingerprint.RUN_FILE), data.fp)
   paths.save_pretrained(data.tokenizer, paths.join(workdir, "tokenizer"))
