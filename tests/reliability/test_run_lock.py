@@ -1,6 +1,7 @@
 """The workdir lock, third round (issue 30): a take-over is atomic, the lock comes before
 the data pass, and an empty or torn lock of a process that is gone is taken over."""
 
+import contextlib
 import errno
 import json
 import os
@@ -120,11 +121,22 @@ def test_empty_or_torn_lock_of_a_gone_process_is_taken_over(tmp_path, caplog, co
   assert not (tmp_path / runlock.LOCK_FILE).exists()
 
 
-def test_live_holder_is_refused_with_one_line_naming_it(tmp_path, capsys):
-  workdir = tmp_path / "run"
+@contextlib.contextmanager
+def _held(workdir):
+  """A live process holding `workdir`'s lock while the block runs; it exits 0 after."""
   holder = _spawn(_HOLDER, str(workdir))
   try:
     assert holder.stdout.readline().strip() == "held"
+    yield holder
+  finally:
+    holder.stdin.close()
+    holder.wait(timeout=TIMEOUT_S)
+  assert holder.returncode == 0
+
+
+def test_live_holder_is_refused_with_one_line_naming_it(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  with _held(workdir) as holder:
     status, err = run_cli(capsys, f"--config={TINY_CLI_CONFIG}", f"--workdir={workdir}",
                           "--noprogress")
     assert status == 1, err
@@ -132,10 +144,6 @@ def test_live_holder_is_refused_with_one_line_naming_it(tmp_path, capsys):
     with pytest.raises(runlock.LockedError, match="is in use by pid"):
       runlock.RunLock().acquire(str(workdir))
     assert sorted(p.name for p in workdir.iterdir()) == [runlock.LOCK_FILE]
-  finally:
-    holder.stdin.close()
-    holder.wait(timeout=TIMEOUT_S)
-  assert holder.returncode == 0
   assert not workdir.exists() or not (workdir / runlock.LOCK_FILE).exists()
 
 
@@ -153,14 +161,9 @@ def test_busy_workdir_is_refused_before_any_data_is_read(tmp_path, capsys, monke
   spy(reading, "load_tokenizer")       # the tokenizer, then the examples (train/loop.py)
   spy(examples_lib, "open_examples")
   workdir = tmp_path / "run"
-  holder = _spawn(_HOLDER, str(workdir))
-  try:
-    assert holder.stdout.readline().strip() == "held"
+  with _held(workdir):
     status, err = run_cli(capsys, f"--config={TINY_CLI_CONFIG}", f"--workdir={workdir}",
                           "--noprogress")
-  finally:
-    holder.stdin.close()
-    holder.wait(timeout=TIMEOUT_S)
   assert status == 1 and "is in use by pid" in err[0], err
   assert read == [], f"read data before the lock refused the run: {read}"
 
