@@ -22,6 +22,7 @@ import ml_collections
 
 from jaxalign import guards, losses, rewards, sharding
 from jaxalign.data import schema
+from jaxalign.losses import probe
 from jaxalign.models import attention, hf, hf_config, lora, transformer
 from jaxalign.rewards import model as reward_model
 from jaxalign.errors import ConfigError, HfConfigError
@@ -243,6 +244,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
   if spec.data == "unpaired_kl" and c.data.batch_size < 2:
     _fail("data.batch_size", f"{c.loss.name!r} estimates its KL reference point from "
           "mismatched pairs within a batch: it needs at least 2 examples per batch")
+  _validate_loss_call(c, spec)
   _validate_shardable(c, model_cfg, mesh_shape)
   return model_cfg, hf_dir
 
@@ -312,6 +314,28 @@ def _validate_loss(c: ml_collections.ConfigDict):
     _fail("reference.mode", "loss.hparams.ld_alpha (LD-DPO) weights the reference's tail "
           "tokens too, which the precomputed table does not hold: set reference.mode='frozen'")
   return spec
+
+
+# Group size a loss is traced with for a grouped format without data.group_size
+# (jaxalign plan assumes the same: plan.DEFAULT_GROUP_SIZE).
+_TRACE_GROUP_SIZE = 4
+
+
+def _validate_loss_call(c: ml_collections.ConfigDict, spec) -> None:
+  """The loss traced on an abstract micro-batch of its format (jax.eval_shape: no
+  compile, no model): it must return a scalar loss and scalar metrics (and its
+  state's structure), and its body must trace. Runs after the other checks, so
+  the hyperparameters it is called with are known to be accepted."""
+  group_size = c.data.group_size
+  if group_size is None and c.online.enabled:
+    group_size = c.online.samples_per_prompt
+  problem = probe.check(
+      spec, c.loss.hparams.to_dict(),
+      batch_size=c.data.batch_size // c.optim.grad_accum_steps,
+      group_size=group_size or _TRACE_GROUP_SIZE,
+      ref_columns=spec.needs_ref and c.reference.mode == "frozen", name=c.loss.name)
+  if problem is not None:
+    _fail("loss.name", problem)
 
 
 def _validate_model(c: ml_collections.ConfigDict):

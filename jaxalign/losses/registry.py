@@ -126,7 +126,7 @@ class LossSpec:
       ValueError: `fn` asks for an argument the step does not provide, or (a
         stateless loss) returns something other than (loss, metrics).
     """
-    kwargs = _bind(fn, self, inputs)
+    kwargs = bind(fn, self, inputs)
     if self.init_state is not None:
       return fn(**kwargs, state=state, **hparams)
     out = fn(**kwargs, **hparams)
@@ -226,8 +226,12 @@ def keyword_arrays(data: str, x: LossInputs, *, head: str = "lm",
   return out
 
 
-def _bind(fn: Callable, spec: LossSpec, x: LossInputs) -> dict:
-  """The arrays `fn`'s positional parameters name; a required one that is absent raises."""
+def bind(fn: Callable, spec: LossSpec, x: LossInputs) -> dict:
+  """The arrays `fn`'s positional parameters name, by name (what `LossSpec.call` passes).
+
+  Raises:
+    ValueError: a required parameter names an array the step does not provide.
+  """
   arrays = keyword_arrays(spec.data, x, head=spec.head, modules=spec.modules,
                           prepared=tuple(spec.prepared_columns))
   kwargs = {}

@@ -277,6 +277,17 @@ def _bad_files(tmp):
       "from jaxalign.losses import register\n"
       "@register(data='pairwise', needs_ref=False, name='simpo')\n"
       "def f(chosen_logps, rejected_logps):\n  return 0.0, {}\n")
+  # Registered fine, wrong when called (issue 30 item 7): found by tracing, before training.
+  head = ("import jax.numpy as jnp\nfrom jaxalign.losses import register\n"
+          "@register(data='pairwise', needs_ref=True)\n"
+          "def {}(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, "
+          "beta=0.1, label_smoothing=0.0):\n"
+          "  z = beta * (chosen_logps - ref_chosen_logps - rejected_logps + ref_rejected_logps)\n")
+  for stem, result in (("vector", "jnp.logaddexp(0.0, -z), {}"),     # a [B] loss
+                       ("bare", "jnp.logaddexp(0.0, -z).mean()"),    # no metrics
+                       ("body", "-jnp.log_sigmod(z).mean(), {}"),    # a typo in the body
+                       ("metric", "jnp.logaddexp(0.0, -z).mean(), {'z': z}")):  # a [B] metric
+    (tmp / f"{stem}.py").write_text(head.format(f"{stem}_loss") + f"  return {result}\n")
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -288,6 +299,14 @@ def _bad_files(tmp):
     ("{tmp}/taken.py:f", "'simpo' is a built-in loss"),
     ("no_such_module_xyz.losses:f", "cannot import module 'no_such_module_xyz.losses'"),
     ("dpo_positive", "unknown loss 'dpo_positive'"),
+    ("{tmp}/vector.py:vector_loss", "'{tmp}/vector.py:vector_loss' returns a loss of shape "
+                                    "(8,); it must be a scalar"),
+    ("{tmp}/bare.py:bare_loss", "returns an array of shape (); it must return (loss, metrics)"),
+    ("{tmp}/body.py:body_loss", "fails when traced on an abstract pairwise batch (B=8): "
+                        "AttributeError: module 'jax.numpy' has no attribute 'log_sigmod' "
+                        "(at {tmp}/body.py:6)"),
+    ("{tmp}/metric.py:metric_loss", "returns metric 'z' of shape (8,); every metric must "
+                                    "be a scalar"),
 ])
 def test_a_bad_loss_name_exits_2_with_one_line_before_compiling(tmp_path, capsys, name,
                                                                 expected):
