@@ -195,7 +195,9 @@ def loss_spec(c: ml_collections.ConfigDict):
 
   A file reference ("path/to/file.py:function") is recorded with its absolute
   path in `c.loss.name`, so the run's saved config re-imports the same loss from
-  any working directory (resume, export, generate, plan).
+  any working directory (resume, export, generate, plan); a researcher's loss's
+  source file is recorded as its sha256 in `c.loss.source_sha256` ("" for a
+  built-in: losses.source_fingerprint), which a resume compares.
 
   Raises:
     ConfigError: naming config.loss.name, when it names no usable loss (no such
@@ -210,6 +212,9 @@ def loss_spec(c: ml_collections.ConfigDict):
   canonical = losses.canonical_name(c.loss.name)
   if canonical != c.loss.name:
     c.loss.name = canonical
+  # Recorded, not a setting: the code of a researcher's loss, compared on resume.
+  with c.loss.unlocked():
+    c.loss.source_sha256 = losses.source_fingerprint(spec)
   return spec
 
 
@@ -333,7 +338,8 @@ def _validate_loss_call(c: ml_collections.ConfigDict, spec) -> None:
       spec, c.loss.hparams.to_dict(),
       batch_size=c.data.batch_size // c.optim.grad_accum_steps,
       group_size=group_size or _TRACE_GROUP_SIZE,
-      ref_columns=spec.needs_ref and c.reference.mode == "frozen", name=c.loss.name)
+      ref_columns=spec.needs_ref and c.reference.mode == "frozen",
+      online=bool(c.online.enabled), name=c.loss.name)
   if problem is not None:
     _fail("loss.name", problem)
 

@@ -19,6 +19,7 @@ resume, export, generate) goes through `get`.
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from typing import Any
@@ -33,7 +34,8 @@ from jaxalign.losses import (aft, bco, cpo, d2o, dpo, grao, kto, ln_dpo, ofs,  #
 
 FORMATS = tuple(schema.FORMATS)
 __all__ = ["LOSSES", "REGISTERED", "FORMATS", "LossInputs", "LossSpec", "LossLookupError",
-           "keyword_arrays", "keyword_names", "one_of", "register", "get", "canonical_name"]
+           "keyword_arrays", "keyword_names", "one_of", "register", "get", "canonical_name",
+           "source_fingerprint"]
 
 
 # ------------------------------------------------------------------------------
@@ -135,3 +137,29 @@ def get(name: str) -> LossSpec:
     return REGISTERED[name]
   raise LossLookupError(f"unknown loss {name!r}; known: {sorted(LOSSES)}, or your own as "
                         "'path/to/file.py:function' / 'package.module:function'")
+
+
+def source_fingerprint(spec: LossSpec) -> str:
+  """sha256 of the file that defines a researcher's loss; "" for a built-in.
+
+  The whole file, not the function's own lines: helpers and constants beside the
+  loss are part of the objective (so is any other edit, comments included). A run
+  records it with its config (config.loss.source_sha256) and a resume refuses a
+  different one like a changed hyperparameter (jaxalign/train/resume.py).
+
+  A built-in loss is part of the installed jaxalign and has none: a jaxalign
+  upgrade keeps a built-in's formula for a given name and hyperparameters (a new
+  formula gets a new name or hyperparameter), so an edit of jaxalign/losses/*.py
+  does not refuse resuming the checkpoints made before it. Neither does a loss
+  whose source file cannot be found (defined interactively): "" as well.
+  """
+  if not spec.origin:
+    return ""
+  try:
+    path = inspect.getsourcefile(spec.fn)
+  except TypeError:
+    return ""
+  if path is None or not os.path.isfile(path):
+    return ""
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()

@@ -47,19 +47,21 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _batch(spec: LossSpec, b: int, group_size: int | None) -> dict:
+def _batch(spec: LossSpec, b: int, group_size: int | None, online: bool) -> dict:
   """The format's loss columns [B, ...] as the step passes them.
 
   A column records may leave out (Column.optional) is given only when the loss
   cannot run without it, so a loss that takes it with a default is traced on the
-  path it takes when the data lacks it.
+  path it takes when the data lacks it; with `online` sampling, also the optional
+  columns no record field gives (the sampler adds them: GRAO's answer_rewards).
   """
   fmt = schema.get(spec.data)
   params = inspect.signature(spec.fn).parameters
   required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
   out = {}
   for c in fmt.columns:
-    if c.arg is None or not (c.in_plan or c.arg in required):
+    sampled = online and c.optional and c.field is None
+    if c.arg is None or not (c.in_plan or c.arg in required or sampled):
       continue
     out[c.name] = jax.ShapeDtypeStruct((b, *fmt.column_shape(c, group_size)), c.dtype)
   for name, (shape, dtype) in spec.prepared_columns.items():
@@ -68,7 +70,7 @@ def _batch(spec: LossSpec, b: int, group_size: int | None) -> dict:
 
 
 def _inputs(spec: LossSpec, hparams: dict, b: int, group_size: int | None, *,
-            ref_columns: bool) -> dict:
+            ref_columns: bool, online: bool) -> dict:
   """The step's LossInputs fields for a micro-batch of `b` examples, as ShapeDtypeStructs."""
   s = schema.get(spec.data).num_sequences(group_size)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, np.float32)
@@ -77,7 +79,7 @@ def _inputs(spec: LossSpec, hparams: dict, b: int, group_size: int | None, *,
       logps=f32((b, s * max(len(spec.modules), 1))),
       ref_logps=f32((b, s)) if spec.needs_ref else None,
       lengths=jax.ShapeDtypeStruct((b, s), np.int32),
-      batch=_batch(spec, b, group_size),
+      batch=_batch(spec, b, group_size, online),
       columns=columns,
       ref_columns=dict(columns) if columns and ref_columns else None)
 
@@ -121,7 +123,8 @@ def _check_result(out: Any, spec: LossSpec, state: Any) -> None:
 
 
 def check(spec: LossSpec, hparams: dict, *, batch_size: int, group_size: int | None = None,
-          ref_columns: bool = False, name: str | None = None) -> str | None:
+          ref_columns: bool = False, online: bool = False,
+          name: str | None = None) -> str | None:
   """What stops `spec`'s loss from training on its format, in one line; None if nothing.
 
   Args:
@@ -131,6 +134,8 @@ def check(spec: LossSpec, hparams: dict, *, batch_size: int, group_size: int | N
     group_size: G of a grouped format (ignored otherwise).
     ref_columns: whether the reference's step columns are computed too (a frozen
       reference; a precomputed one holds log-probs only).
+    online: the batches are sampled in the run (config.online.enabled), which
+      adds the format's sampled columns.
     name: how the message names the loss (config.loss.name); default its
       registered name.
 
@@ -160,7 +165,7 @@ def check(spec: LossSpec, hparams: dict, *, batch_size: int, group_size: int | N
   try:
     state = None if spec.init_state is None else jax.eval_shape(spec.init_state)
     jax.eval_shape(traced, _inputs(spec, hparams, batch_size, group_size,
-                                   ref_columns=ref_columns), state)
+                                   ref_columns=ref_columns, online=online), state)
   except _Refused as e:
     return f"{label} {e} (traced on {where})"
   except Exception as e:  # the loss's own code: any error becomes one line

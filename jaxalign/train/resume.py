@@ -30,6 +30,11 @@ OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options", "reward.name", "r
                   "online.regenerate_every", "sampling.max_new_tokens", "sampling.temperature",
                   "sampling.top_k", "sampling.top_p")
 FREE_MODEL_FIELDS = ("dtype", "remat", "attention")
+# Objective facts validation records in the config (not settings), compared like
+# OBJECTIVE_KEYS when both the checkpoint's record and the new one hold them: a
+# checkpoint saved before a fact was recorded resumes as it did.
+# loss.source_sha256: the researcher's loss file (losses.source_fingerprint).
+RECORDED_KEYS = ("loss.source_sha256",)
 
 
 def _flat(d, prefix: str) -> dict[str, Any]:
@@ -63,9 +68,28 @@ def _structure(c, model_cfg) -> dict[str, Any]:
   return out
 
 
+def _recorded_diffs(saved: dict[str, Any], config) -> list[str]:
+  """RECORDED_KEYS that differ between `saved` and `config`, both holding them."""
+  diffs = []
+  for key in RECORDED_KEYS:
+    section, _, name = key.partition(".")
+    old, new = (saved.get(section) or {}).get(name), (config.get(section) or {}).get(name)
+    if old is None or new is None or old == new:
+      continue
+    # Which file (a digest alone does not say), when the loss's name is the same.
+    name = str(config.loss.name)
+    what = (f" (the code of {name.rpartition(':')[0]} changed)"
+            if key == "loss.source_sha256" and old and new
+            and (saved.get("loss") or {}).get("name") == name else "")
+    diffs.append(f"{key} {str(old)[:12] or repr(old)} -> {str(new)[:12] or repr(new)}{what}")
+  return diffs
+
+
 def check_resume_config(saved: dict[str, Any], config, *, where: str,
                         model_cfg=None) -> None:
   """Refuses to resume when the objective or the state's shapes changed since `saved`.
+
+  The objective is OBJECTIVE_KEYS and RECORDED_KEYS (the code of a researcher's loss).
 
   `config`: the run's record (a RunSpec's `config`); `model_cfg`: its ModelConfig
   when resolved (a RunSpec's), else derived from `config`.
@@ -100,6 +124,7 @@ def check_resume_config(saved: dict[str, Any], config, *, where: str,
   objective_diffs = [f"{k} {old_obj.get(k, '<absent>')!r} -> {new_obj.get(k, '<absent>')!r}"
                      for k in sorted(set(old_obj) | set(new_obj))
                      if old_obj.get(k, "<absent>") != new_obj.get(k, "<absent>")]
+  objective_diffs += _recorded_diffs(saved, config)
   if shape_diffs:
     raise ResumeMismatchError(
         f"cannot resume from {where}: the model or data format differs from the "

@@ -54,3 +54,15 @@ def test_step_columns_state_and_optional_columns_are_traced_as_the_step_passes_t
     return lengths.sum(), {}
   assert "returns a loss of dtype int32; it must be a float" in probe.check(
       counts.loss_spec, {}, batch_size=4)
+
+
+def test_columns_online_sampling_adds_are_given_to_an_online_loss_only():
+  # GRAO judging its reference answer reads answer_rewards, which no record gives:
+  # the online sampler scores it. Offline the loss would raise mid-run.
+  grao = losses.get("grao")
+  judge = {"reference_reward": "judge"}
+  assert probe.check(grao, judge, batch_size=4, group_size=3, online=True) is None
+  problem = probe.check(grao, judge, batch_size=4, group_size=3)
+  assert problem.startswith("loss 'grao' fails when traced on an abstract groups batch "
+                            "(B=4, G=3): ValueError: reference_reward=\"judge\" needs "
+                            "answer_rewards (at "), problem

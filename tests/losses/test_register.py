@@ -382,3 +382,49 @@ def test_stateful_prepared_modules_and_scalar_head_losses_bind_by_name():
     return chosen_logps.mean(), {}
   with pytest.raises(ValueError, match="keyword-only 'state'"):
     losses.register(stateless, data="pairwise", needs_ref=False, init_state=lambda: 0)
+
+
+# --- a researcher's loss's code is part of the objective a resume compares -----------
+
+def test_an_edited_loss_file_refuses_the_resume_unless_allowed(tmp_path, caplog):
+  import hashlib
+  from jaxalign.errors import ResumeMismatchError
+  from jaxalign.train import resume
+
+  path = tmp_path / "edited.py"
+  path.write_text(_REF_FREE.replace("margin_loss", "edited_margin_loss"))
+
+  def resolved(**overrides):
+    c = tiny_config(**overrides)
+    c.loss.name = f"{path}:edited_margin_loss"
+    c.loss.hparams = type(c.loss.hparams)(dict(gamma=0.2))
+    return config_lib.resolve(c, jax.device_count()).config
+
+  saved = resolved().to_dict()     # what the loop saves with each checkpoint
+  assert saved["loss"]["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+  resume.check_resume_config(saved, resolved(), where="step 2")      # same file: resumes
+
+  # The objective changes with the file, the name and hyperparameters do not.
+  path.write_text(path.read_text().replace("- gamma", "- 2.0 * gamma"))
+  with pytest.raises(ResumeMismatchError) as refused:
+    resume.check_resume_config(saved, resolved(), where="step 2")
+  message = str(refused.value)
+  assert message.startswith("cannot resume from step 2: the objective differs from the "
+                            "checkpoint's: loss.source_sha256 "), message
+  assert f"(the code of {path} changed)" in message and "allow_config_change" in message
+  assert "\n" not in message
+  with caplog.at_level("WARNING", logger="jaxalign"):
+    resume.check_resume_config(saved, resolved(allow_config_change=True), where="step 2")
+  assert "loss.source_sha256" in caplog.text
+
+  # A checkpoint saved before the code was recorded resumes as it did.
+  del saved["loss"]["source_sha256"]
+  resume.check_resume_config(saved, resolved(), where="step 2")
+
+
+def test_a_builtin_loss_records_no_source_fingerprint():
+  # Built-ins are jaxalign's own code: an edit of jaxalign/losses/*.py (an upgrade)
+  # does not refuse the checkpoints made before it.
+  spec = config_lib.resolve(tiny_config(), jax.device_count())
+  assert spec.config.loss.source_sha256 == ""
+  assert losses.source_fingerprint(losses.get("dpo")) == ""

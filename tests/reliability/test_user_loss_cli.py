@@ -1,5 +1,6 @@
 """A loss from the top-level losses/ folder, named by file path on the command line:
-trains, resumes, exports and generates; a reference-free one computes no reference."""
+trains, resumes, exports and generates; a reference-free one computes no reference,
+and an edit of its file refuses the resume."""
 
 import json
 import os
@@ -86,3 +87,12 @@ def test_a_reference_free_user_loss_computes_no_reference(tmp_path, capsys, monk
   assert [r["step"] for r in rows] == [1, 2]
   saved = rundir.resolved_config(str(run))["loss"]["name"]
   assert saved == f"{tmp_path}/free.py:length_normed_margin"
+
+  # An edited loss file is a changed objective: the resume is refused (issue 30 item 16).
+  (tmp_path / "free.py").write_text(_REF_FREE.replace("- gamma", "- 2.0 * gamma"))
+  status, err = run_cli(capsys, f"--config={cfg}", f"--workdir={run}", "--noprogress",
+                        "--config.total_steps=3")
+  assert status == 2 and len(err) == 1, err
+  assert "the objective differs from the checkpoint's: loss.source_sha256 " in err[0], err[0]
+  assert f"(the code of {tmp_path}/free.py changed)" in err[0], err[0]
+  assert [r["step"] for r in _metrics(run) if "loss" in r] == [1, 2]
