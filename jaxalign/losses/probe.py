@@ -157,8 +157,9 @@ def check(spec: LossSpec, hparams: dict, *, batch_size: int, group_size: int | N
     try:
       kwargs = bind(fn, spec, inputs)
     except ValueError as e:
-      raise _Refused(str(e).splitlines()[0]) from None
-    out = fn(**kwargs, **hparams) if state is None else fn(**kwargs, state=state, **hparams)
+      raise _Refused(f"cannot be fed: {str(e).splitlines()[0]}") from None
+    out = (fn(**kwargs, **hparams) if spec.init_state is None
+           else fn(**kwargs, state=state, **hparams))
     _check_result(out, spec, state)
     return out[0]
 
