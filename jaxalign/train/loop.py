@@ -13,7 +13,9 @@ only every `log_every` steps and at checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -28,12 +30,14 @@ from jaxalign.data import examples as examples_lib, formats, packing, pipeline, 
 from jaxalign.errors import NonFiniteError
 from jaxalign.train import build as build_lib
 from jaxalign.train import heldout, init, online as online_lib, passes, resume, signals
+from jaxalign.train import metrics as metrics_lib
 from jaxalign.train.metrics import MetricWriter
 from jaxalign.train.rundir import RunResult
 
 log = logging.getLogger("jaxalign")
 
-# Logged metrics shown beside the progress bar.
+CONFIG_FILE = "resolved_config.json"   # the run's resolved config, readable
+# Logged metrics shown beside the progress bar, and in the plain log lines.
 _BAR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
              "rewards/accuracies", "eval/loss", "eval/rewards/accuracies", "learning_rate",
              "grad_norm", "tokens_per_sec")
@@ -100,6 +104,7 @@ class _Loop:
   divergence: guards.DivergenceGuard
   perf: flops_lib.Utilization
   bar: Any
+  plain_lines: bool   # print a line per log step (the bar is off or stderr not a terminal)
 
 
 def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, preempt,
@@ -146,7 +151,8 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
           spec.model_cfg, devices, frozen_reference=spec.frozen_ref,
           lora=spec.lora_cfg.enabled, policy_passes=max(1, len(spec.modules))),
       bar=tqdm(total=spec.total_steps, initial=start, desc=spec.loss.name or spec.loss_name,
-               disable=not (progress and jax.process_index() == 0), dynamic_ncols=True))
+               disable=not _show_bar(progress), dynamic_ncols=True),
+      plain_lines=jax.process_index() == 0 and not _show_bar(progress))
   preempt.wait_for_writes = checkpointer.wait
   state, last, stopped = _step_loop(run, state, start=start, end=end, preempt=preempt)
   run.bar.close()
@@ -213,6 +219,11 @@ def load_eval_set(spec: config_lib.RunSpec, tokenizer) -> list[dict]:
   return examples
 
 
+def _show_bar(progress: bool) -> bool:
+  """The bar on process 0 of a terminal; redirected output gets plain lines instead."""
+  return progress and jax.process_index() == 0 and sys.stderr.isatty()
+
+
 def _claim_workdir(spec: config_lib.RunSpec, workdir: str, data: _Data, lock) -> None:
   """Creates the workdir (kept from here on) and records the data and tokenizer."""
   paths.makedirs(workdir)
@@ -223,6 +234,8 @@ def _claim_workdir(spec: config_lib.RunSpec, workdir: str, data: _Data, lock) ->
   if data.changed or not fingerprint.has_checkpoints(workdir):
     fingerprint.write(paths.join(workdir, fingerprint.RUN_FILE), data.fp)
   paths.save_pretrained(data.tokenizer, paths.join(workdir, "tokenizer"))
+  # The resolved config as a readable file (each checkpoint also holds it, in Orbax form).
+  ckpt.write_json(paths.join(workdir, CONFIG_FILE), json.loads(spec.config.to_json_best_effort()))
   ckpt.write_json(paths.join(workdir, "data_stats.json"), {
       "train_path": spec.data.train_path, "records": len(data.examples) + data.skipped,
       "examples": len(data.examples), "skipped": data.skipped})
@@ -310,6 +323,8 @@ def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
         run.writer.write(done, last if is_log_step else eval_metrics)
         run.bar.set_postfix({k: f"{last[k]:.3g}" for k in _BAR_KEYS if k in last},
                             refresh=False)
+        if run.plain_lines:   # no bar (off, or output not a terminal): one line per log step
+          print(metrics_lib.log_line(done, spec.total_steps, last, _BAR_KEYS), flush=True)
       if will_save:
         preempt.in_save = True
         checkpointer.save(done, run.built.saved_part(state), run.data_iter, resolved,

@@ -17,6 +17,12 @@ from jaxalign import paths
 log = logging.getLogger("jaxalign")
 
 
+def log_line(step: int, total: int, metrics: dict[str, float], keys) -> str:
+  """One plain line of a logged step: `step 10/200 | loss 0.6931 | ...` (the keys present)."""
+  return " | ".join([f"step {step}/{total}"] + [f"{k} {metrics[k]:.4g}" for k in keys
+                                                 if k in metrics])
+
+
 class MetricWriter:
   """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
 

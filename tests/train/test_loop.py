@@ -1,5 +1,6 @@
 """The sharded train loop end to end: mesh invariance, accumulation, references, resume."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -75,14 +76,24 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
       "def get_config():\n"
       "  return tiny_config(total_steps=10, **{'checkpoint.every': 5})\n")
   cmd = [sys.executable, "-m", "jaxalign.cli", "train", f"--config={cfg_file}",
-         f"--workdir={tmp_path / 'resumed'}", "--noprogress"]
+         f"--workdir={tmp_path / 'resumed'}", "--no-progress"]   # dashes are accepted
   env = {**os.environ, "PYTHONPATH": REPO_ROOT}
-  first = subprocess.run(cmd + ["--stop_after_steps=5"], env=env, capture_output=True, text=True)
+  first = subprocess.run(cmd + ["--stop-after-steps=5"], env=env, capture_output=True, text=True)
   assert first.returncode == 0, first.stderr
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["5"]
+  # An early stop says so, and how to go on; the resolved config is readable in the workdir.
+  assert "stopped after --stop_after_steps=5 at step 5 of 10" in first.stderr, first.stderr
+  assert "run the same command again to continue" in first.stderr
+  assert "done:" not in first.stdout
+  # No bar: one plain line per logged step (TRL prints a dict per logging step).
+  assert "step 5/10 | loss " in first.stdout, first.stdout
+  resolved = json.loads((tmp_path / "resumed" / "resolved_config.json").read_text())
+  assert resolved["total_steps"] == 10 and resolved["checkpoint"]["every"] == 5
   second = subprocess.run(cmd, env=env, capture_output=True, text=True)
   assert second.returncode == 0, second.stderr
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["10", "5"]
+  assert "resumed from step 5" in second.stderr   # shown by default
+  assert "done: step 10" in second.stdout
 
   straight, resumed = _params(tmp_path / "straight", cfg), _params(tmp_path / "resumed", cfg)
   assert len(straight) == len(resumed) > 0
