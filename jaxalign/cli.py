@@ -444,8 +444,7 @@ def main(argv: list[str] | None = None) -> int:
   if "--verbose" in argv:   # full tracebacks with each one-line error
     argv.remove("--verbose")
     os.environ["JAXALIGN_DEBUG"] = "1"
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("jaxalign").setLevel(logging.INFO)   # its phases: resumed from step N, ...
+  cli_support.configure_logging()   # jaxalign's phases as `jaxalign: ...` lines on stderr
   if argv[:1] == ["help"] and len(argv) > 1:   # `jaxalign help train` = `jaxalign train --help`
     argv = [argv[1], "--help"]
   if not argv or argv[0] in ("-h", "--help", "help"):

@@ -272,3 +272,21 @@ def use_cpu_devices(devices: str | None) -> None:
     jax.config.update("jax_num_cpu_devices", count)
   except RuntimeError:
     pass
+
+
+class LogFormatter(logging.Formatter):
+  """`jaxalign: message` for jaxalign's own INFO lines (a run's phases and summaries);
+  `LEVEL logger: message` for everything else."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    if record.levelno == logging.INFO and record.name.startswith("jaxalign"):
+      return f"jaxalign: {record.getMessage()}"
+    return super().format(record)
+
+
+def configure_logging() -> None:
+  """WARNING for every library, INFO for jaxalign's own lines, on stderr."""
+  handler = logging.StreamHandler()
+  handler.setFormatter(LogFormatter("%(levelname)s %(name)s: %(message)s"))
+  logging.basicConfig(level=logging.WARNING, handlers=[handler])
+  logging.getLogger("jaxalign").setLevel(logging.INFO)

@@ -30,7 +30,7 @@ from jaxalign.data import examples as examples_lib, formats, packing, pipeline, 
 from jaxalign.errors import NonFiniteError
 from jaxalign.train import build as build_lib
 from jaxalign.train import heldout, init, online as online_lib, passes, resume, signals
-from jaxalign.train import metrics as metrics_lib
+from jaxalign.train import metrics as metrics_lib, report
 from jaxalign.train.metrics import MetricWriter
 from jaxalign.train.rundir import RunResult
 
@@ -104,6 +104,7 @@ class _Loop:
   divergence: guards.DivergenceGuard
   perf: flops_lib.Utilization
   bar: Any
+  clock: report.RunClock            # phase times and sums for the end-of-run summary
   plain_lines: bool   # print a line per log step (the bar is off or stderr not a terminal)
 
 
@@ -111,6 +112,7 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
            lock=None) -> RunResult:
   """The phases of one run, in order (module docstring); `lock`: the workdir's RunLock."""
   workdir = paths.resolve(workdir)   # a local directory or a gs:// URL
+  clock = report.RunClock()
   if spec.init_from and not paths.isdir(spec.init_from):
     raise config_lib.ConfigError(f"config.init_from: {spec.init_from} is not a directory")
   mesh = sharding.make_mesh(spec.mesh_shape, devices)
@@ -152,13 +154,25 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
           lora=spec.lora_cfg.enabled, policy_passes=max(1, len(spec.modules))),
       bar=tqdm(total=spec.total_steps, initial=start, desc=spec.loss.name or spec.loss_name,
                disable=not _show_bar(progress), dynamic_ncols=True),
-      plain_lines=jax.process_index() == 0 and not _show_bar(progress))
+      plain_lines=jax.process_index() == 0 and not _show_bar(progress), clock=clock)
   preempt.wait_for_writes = checkpointer.wait
+  if jax.process_index() == 0:
+    for line in report.start_lines(spec, built, examples=len(data.examples), start=start,
+                                   end=end, sequences_per_example=_sequences(spec)):
+      log.info("%s", line)
   state, last, stopped = _step_loop(run, state, start=start, end=end, preempt=preempt)
   run.bar.close()
   checkpointer.close()
   run.writer.close()
-  return RunResult(workdir=workdir, final_step=int(jax.device_get(state.step)),
+  final = int(jax.device_get(state.step))
+  summary = run.clock.end_summary(
+      spec, start=start, final=final, last=last,
+      stopped_by=preempt.signal_name if stopped else
+      "stop_after_steps" if final < spec.total_steps else None)
+  report.write_summary(workdir, summary)
+  if jax.process_index() == 0:
+    log.info("%s", report.end_line(summary))
+  return RunResult(workdir=workdir, final_step=final,
                    last_metrics=last, stopped_by_signal=stopped,
                    signal_name=preempt.signal_name if stopped else "")
 
@@ -217,6 +231,14 @@ def load_eval_set(spec: config_lib.RunSpec, tokenizer) -> list[dict]:
         f"config.data.eval_path: {len(examples)} usable examples make no batch of "
         f"data.batch_size={d.batch_size}")
   return examples
+
+
+def _sequences(spec: config_lib.RunSpec) -> int:
+  """Sequences per example of the step's batch format."""
+  try:
+    return schema.get(spec.loss.data).num_sequences(spec.data.group_size)
+  except (KeyError, ValueError):
+    return 1
 
 
 def _show_bar(progress: bool) -> bool:
@@ -302,8 +324,15 @@ def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
   good_nonfinite = int(jax.device_get(state.num_nonfinite))
   resolved = spec.config.to_dict()   # the run's record, saved with each checkpoint
   with jax.set_mesh(run.built.mesh):
+    run.clock.loop_started = time.perf_counter()
     for step in range(start, end):
+      if step == start:
+        log.info("compiling the train step (the first step runs it)")
       state, metrics, host_metrics = _one_step(run, state, step, window)
+      if step == start:
+        jax.block_until_ready(metrics)
+        run.clock.first_step_s = time.perf_counter() - run.clock.loop_started
+        log.info("first step compiled and ran in %.1f s", run.clock.first_step_s)
       done = step + 1
       run.bar.update(1)
       # Read the flag once: a SIGTERM landing later in this iteration must not
@@ -318,6 +347,8 @@ def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
       if is_log_step or will_save:
         last = _logged(run, state, metrics, host_metrics, done=done, window=window,
                        good_nonfinite=good_nonfinite)
+        if "loss" in last:
+          run.clock.losses.append(last["loss"])
       last.update(eval_metrics)
       if is_log_step or eval_metrics:   # an eval step between log steps: eval/* alone
         run.writer.write(done, last if is_log_step else eval_metrics)
@@ -330,6 +361,7 @@ def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
         checkpointer.save(done, run.built.saved_part(state), run.data_iter, resolved,
                           force=done == end or stop)
         preempt.in_save = False
+      run.clock.real_tokens = window.total_tokens
       if stop:
         log.warning("%s: saved a checkpoint at step %d and stopped", preempt.signal_name, done)
         return state, last, True
@@ -377,10 +409,13 @@ class _Window:
   def __init__(self, perf: flops_lib.Utilization):
     self.perf = perf
     self.tokens, self.flops, self.start = 0, 0.0, time.perf_counter()
+    self.total_tokens = 0   # since the run (this invocation) started
 
   def add(self, real) -> None:
     """`real`: the batch's sequence mask (packing.sequence_mask), this process's part."""
-    self.tokens += int(real.sum()) * jax.process_count()
+    tokens = int(real.sum()) * jax.process_count()
+    self.tokens += tokens
+    self.total_tokens += tokens
     self.flops += self.perf.batch_flops(real) * jax.process_count()
 
   def take(self) -> dict[str, float]:

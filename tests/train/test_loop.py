@@ -87,6 +87,17 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
   assert "done:" not in first.stdout
   # No bar: one plain line per logged step (TRL prints a dict per logging step).
   assert "step 5/10 | loss " in first.stdout, first.stdout
+  # The start summary, the compile lines and the end summary (also as a JSON file).
+  for line in ("jaxalign: model: preset tiny", "jaxalign: mesh: ", "jaxalign: data: ",
+               "jaxalign: objective: loss dpo, reference precompute; steps 0 -> 5 of 10",
+               "jaxalign: compiling the train step", "jaxalign: first step compiled",
+               "jaxalign: ran steps 0-5 in "):
+    assert line in first.stderr, (line, first.stderr)
+  summary = json.loads((tmp_path / "resumed" / "run_summary.json").read_text())
+  assert summary["steps"] == 5 and summary["stopped_by"] == "stop_after_steps"
+  assert summary["samples_per_sec"] > 0 and summary["real_tokens"] > 0
+  assert summary["train_loss_mean"] == pytest.approx(
+      np.mean([r["loss"] for r in read_metrics(tmp_path / "resumed")]), rel=1e-6)
   resolved = json.loads((tmp_path / "resumed" / "resolved_config.json").read_text())
   assert resolved["total_steps"] == 10 and resolved["checkpoint"]["every"] == 5
   second = subprocess.run(cmd, env=env, capture_output=True, text=True)
