@@ -146,7 +146,9 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
                               workdir=workdir, examples=data.examples) if data.online else None,
       held_out=_held_out(spec, built, data.eval_examples),
       # resume_step: rows a killed run logged past its last checkpoint are dropped.
-      writer=MetricWriter(workdir, process_index=jax.process_index(), resume_step=start),
+      writer=MetricWriter(workdir, report_to=config_lib.report_to(spec.config),
+                          config=spec.config.to_dict(), process_index=jax.process_index(),
+                          resume_step=start),
       divergence=guards.DivergenceGuard(**spec.divergence),
       # perf/model_tflops_per_device and perf/mfu over real tokens (docs/performance.md).
       perf=flops_lib.Utilization.for_devices(
@@ -163,13 +165,14 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
   state, last, stopped = _step_loop(run, state, start=start, end=end, preempt=preempt)
   run.bar.close()
   checkpointer.close()
-  run.writer.close()
   final = int(jax.device_get(state.step))
   summary = run.clock.end_summary(
       spec, start=start, final=final, last=last,
       stopped_by=preempt.signal_name if stopped else
       "stop_after_steps" if final < spec.total_steps else None)
   report.write_summary(workdir, summary)
+  run.writer.summary(summary)
+  run.writer.close()
   if jax.process_index() == 0:
     log.info("%s", report.end_line(summary))
   return RunResult(workdir=workdir, final_step=final,
