@@ -104,6 +104,7 @@ class _Loop:
   divergence: guards.DivergenceGuard
   perf: flops_lib.Utilization
   bar: Any
+  num_examples: int                 # in the training set (epoch = examples seen / this)
   clock: report.RunClock            # phase times and sums for the end-of-run summary
   plain_lines: bool   # print a line per log step (the bar is off or stderr not a terminal)
 
@@ -150,13 +151,14 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
                           config=spec.config.to_dict(), process_index=jax.process_index(),
                           resume_step=start),
       divergence=guards.DivergenceGuard(**spec.divergence),
-      # perf/model_tflops_per_device and perf/mfu over real tokens (docs/performance.md).
+      # perf/model_tflops_per_sec_per_device and perf/mfu over real tokens (docs/performance.md).
       perf=flops_lib.Utilization.for_devices(
           spec.model_cfg, devices, frozen_reference=spec.frozen_ref,
           lora=spec.lora_cfg.enabled, policy_passes=max(1, len(spec.modules))),
       bar=tqdm(total=spec.total_steps, initial=start, desc=spec.loss.name or spec.loss_name,
                disable=not _show_bar(progress), dynamic_ncols=True),
-      plain_lines=jax.process_index() == 0 and not _show_bar(progress), clock=clock)
+      plain_lines=jax.process_index() == 0 and not _show_bar(progress), clock=clock,
+      num_examples=len(data.examples))
   preempt.wait_for_writes = checkpointer.wait
   if jax.process_index() == 0:
     for line in report.start_lines(spec, built, examples=len(data.examples), start=start,
@@ -402,6 +404,9 @@ def _logged(run: _Loop, state, metrics, host_metrics, *, done: int, window: "_Wi
   last = {k: float(v) for k, v in metrics.items()}
   last.update(window.take())
   last["nonfinite_steps"] = float(num_nonfinite)
+  # TRL's names: epochs of the training set seen, real tokens since the run began.
+  last["epoch"] = done * run.spec.data.batch_size / max(run.num_examples, 1)
+  last["num_tokens"] = float(run.writer.resumed.get("num_tokens", 0.0) + window.total_tokens)
   last.update(host_metrics)
   return last
 

@@ -38,6 +38,7 @@ class MetricWriter:
     self._trackers = []
     self._remote_path = None
     self._remote_text = ""
+    self.resumed: dict = {}   # the last kept row of a resumed run (cumulative counts go on)
     if not self._active:
       return
     if paths.is_remote(workdir):
@@ -48,6 +49,7 @@ class MetricWriter:
         self._remote_text = epath.Path(self._remote_path).read_text()
         if resume_step is not None:
           self._remote_text = _rows_up_to(self._remote_text, resume_step)
+          self.resumed = _last_row(self._remote_text)
     else:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
@@ -57,6 +59,7 @@ class MetricWriter:
         kept = _rows_up_to(text, resume_step)
         if kept != text:
           paths.write_bytes_atomic(path, kept.encode())
+        self.resumed = _last_row(kept)
       self._jsonl = open(path, "a")
     names = list(report_to)
     if "tensorboard" in names and paths.is_remote(workdir) and not _tensorboardx_can_write(
@@ -96,6 +99,18 @@ class MetricWriter:
     for tracker in self._trackers:
       tracker.close()
     self._trackers = []
+
+
+def _last_row(text: str) -> dict:
+  """The last readable row of metrics.jsonl text that is not an eval-only row."""
+  for line in reversed(text.splitlines()):
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and "num_tokens" in row:
+      return row
+  return {}
 
 
 def _rows_up_to(text: str, step: int) -> str:

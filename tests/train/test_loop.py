@@ -93,6 +93,10 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
                "jaxalign: compiling the train step", "jaxalign: first step compiled",
                "jaxalign: ran steps 0-5 in "):
     assert line in first.stderr, (line, first.stderr)
+  # TRL's epoch and cumulative num_tokens, carried over the resume below.
+  rows = read_metrics(tmp_path / "resumed")
+  assert [r["epoch"] for r in rows] == pytest.approx([s * 8 / 64 for s in range(1, 6)])
+  assert all(a["num_tokens"] < b["num_tokens"] for a, b in zip(rows, rows[1:]))
   summary = json.loads((tmp_path / "resumed" / "run_summary.json").read_text())
   assert summary["steps"] == 5 and summary["stopped_by"] == "stop_after_steps"
   assert summary["samples_per_sec"] > 0 and summary["real_tokens"] > 0
@@ -105,6 +109,11 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["10", "5"]
   assert "resumed from step 5" in second.stderr   # shown by default
   assert "done: step 10" in second.stdout
+  rows = read_metrics(tmp_path / "resumed")
+  assert [r["step"] for r in rows] == list(range(1, 11))
+  assert all(a["num_tokens"] < b["num_tokens"] for a, b in zip(rows, rows[1:]))
+  straight_rows = read_metrics(tmp_path / "straight")
+  assert rows[-1]["num_tokens"] == straight_rows[-1]["num_tokens"]   # same data, same count
 
   straight, resumed = _params(tmp_path / "straight", cfg), _params(tmp_path / "resumed", cfg)
   assert len(straight) == len(resumed) > 0
