@@ -31,11 +31,28 @@ commands:
           (data.packing: [--pack_sequence_length N] [--pack_fill F], the data assumed)
   export  --checkpoint RUN_DIR --out HF_DIR   write a transformers-loadable model
   generate --checkpoint RUN_DIR --prompts FILE --out FILE [--n N] [--temperature T]
-          [--top-k K] [--top-p P] [--max-new-tokens M] [--seed S]   sample completions
+          [--top_k K] [--top_p P] [--max_new_tokens M] [--seed S]   sample completions
   generate-candidates --checkpoint RUN_DIR --questions FILE --k K --out FILE
-          [--temperature T] [--max-new-tokens M] [--reward arithmetic|exact_match] [--seed N]
+          [--temperature T] [--max_new_tokens M] [--reward arithmetic|exact_match] [--seed N]
           k labelled samples per question: the AFT training set (ranked format)
+
+`jaxalign COMMAND --help` lists a command's flags. Flag names take underscores (TRL's
+style); dashes are accepted. --progress=false (or --noprogress) turns the bar off.
 """
+
+TRAIN_USAGE = ("--config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]\n"
+               "  trains the recipe in DIR, resuming what DIR holds; one process of a\n"
+               "  multi-process job with --coordinator/--num_processes/--process_id or\n"
+               "  --distributed (docs/scaling.md)")
+PREPARE_USAGE = ("--config configs/X.py --out DIR [--workers N] [--shard_size N] "
+                 "[--config.a.b=v ...]\n"
+                 "  tokenizes config.data.train_path once into ArrayRecord shards + manifest;\n"
+                 "  train on it with --config.data.train_path=DIR (a rerun keeps done shards)")
+PLAN_USAGE = ("--config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) "
+              "[--config.a.b=v ...]\n"
+              "  compiles the real train step ahead of time: per-device memory, FLOPs,\n"
+              "  predicted MFU (docs/scaling.md); exits 1 when the plan does not fit")
+EPILOG = "Flag names take underscores; dashes are accepted (--max-new-tokens)."
 
 
 def _die(command: str, message: str, status: int = 2) -> int:
@@ -76,12 +93,17 @@ def _train(argv: list[str]) -> int:
   flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
   flags.DEFINE_integer("stop_after_steps", None, "Leave after this many steps of this "
                        "invocation, with a checkpoint; rerun to continue.", flag_values=fv)
+  flags.DEFINE_bool("print_config", False, "Print the resolved config (every key, defaults "
+                    "filled in) and exit without training.", flag_values=fv)
   _define_distributed_flags(fv)
+  if cli_support.wants_help(argv):
+    print(cli_support.absl_help("jaxalign train", TRAIN_USAGE, fv))
+    return 0
   try:
     fv(full_argv)
     if fv["config"].value is None:
       raise flags.Error("--config is required")
-    if not fv.workdir:
+    if not fv.workdir and not fv.print_config:
       raise flags.Error("--workdir is required")
     config = _config_value(config_flag)
     cli_support.apply_model_overrides(config, model_overrides)
@@ -105,6 +127,9 @@ def _train(argv: list[str]) -> int:
     spec = config_lib.resolve(config, jax.device_count())
   except config_lib.ConfigError as e:
     return _die("train", str(e))
+  if fv.print_config:
+    print("\n".join(cli_support.flat_config(spec.config)))
+    return 0
   try:
     result = run.train(spec, fv.workdir, progress=fv.progress,
                        stop_after=fv.stop_after_steps)
@@ -126,6 +151,10 @@ def _train(argv: list[str]) -> int:
     if result.signal_name == "SIGINT":
       from jaxalign.train import signals
       return signals.INTERRUPTED_STATUS   # 130, the shell's status for Ctrl-C
+  elif fv.stop_after_steps is not None and result.final_step < config.total_steps:
+    print(f"stopped after --stop_after_steps={fv.stop_after_steps} at step {result.final_step} "
+          f"of {config.total_steps}; checkpoint saved in {result.workdir}/checkpoints; run the "
+          "same command again to continue", file=sys.stderr)
   else:
     loss = result.last_metrics.get('loss', float('nan'))
     print(f"done: step {result.final_step}, loss {loss:.4f}"
@@ -146,6 +175,9 @@ def _prepare(argv: list[str]) -> int:
   flags.DEFINE_string("out", None, "Output directory of the prepared dataset.", flag_values=fv)
   flags.DEFINE_integer("workers", 1, "Tokenizing worker processes.", flag_values=fv)
   flags.DEFINE_integer("shard_size", 10_000, "Examples per shard file.", flag_values=fv)
+  if cli_support.wants_help(argv):
+    print(cli_support.absl_help("jaxalign prepare", PREPARE_USAGE, fv))
+    return 0
   try:
     fv(full_argv)
     if fv["config"].value is None:
@@ -217,6 +249,9 @@ def _plan(argv: list[str]) -> int:
                        flag_values=fv)
   flags.DEFINE_float("pack_fill", 1.0, "data.packing: assumed fraction of real tokens in the "
                      "packed rows.", flag_values=fv)
+  if cli_support.wants_help(argv):
+    print(cli_support.absl_help("jaxalign plan", PLAN_USAGE, fv))
+    return 0
   try:
     fv(full_argv)
     if fv["config"].value is None:
@@ -230,6 +265,7 @@ def _plan(argv: list[str]) -> int:
   except Exception as e:  # the recipe file raised (or does not parse)
     return _die("plan", cli_support.config_file_error(e, argv) or _flag_message(e, argv))
 
+  cli_support.use_cpu_devices(fv.devices)   # before JAX starts: --devices cpu:N as written
   from jaxalign import config as config_lib
   from jaxalign import plan as plan_lib
 
@@ -243,7 +279,9 @@ def _plan(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="jaxalign export")
+  parser = argparse.ArgumentParser(prog="jaxalign export", epilog=EPILOG,
+                                   description="Writes a transformers-loadable model "
+                                   "(config.json, model.safetensors, tokenizer) of a run.")
   parser.add_argument("--checkpoint", required=True, help="a jaxalign run directory")
   parser.add_argument("--out", required=True, help="output directory (HF format)")
   parser.add_argument("--architecture", default=None,
@@ -261,21 +299,23 @@ def _export(argv: list[str]) -> int:
 
 def _sampling_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
   parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-  parser.add_argument("--top-k", type=int, default=0, help="0: off")
-  parser.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
-  parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-  parser.add_argument("--batch-size", type=int, default=64, help="prompts per engine call")
+  parser.add_argument("--top_k", type=int, default=0, help="0: off")
+  parser.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
+  parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+  parser.add_argument("--batch_size", type=int, default=64, help="prompts per engine call")
   parser.add_argument("--seed", type=int, default=0)
 
 
 def _generate(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="jaxalign generate")
+  parser = argparse.ArgumentParser(prog="jaxalign generate", epilog=EPILOG,
+                                   description="Samples completions of a file of prompts "
+                                   "from a trained run.")
   parser.add_argument("--checkpoint", required=True, help="a jaxalign run directory")
   parser.add_argument("--prompts", required=True,
                       help="JSONL/Parquet of {prompt} records (text or chat messages)")
   parser.add_argument("--out", required=True, help="output JSONL (one record per prompt)")
   parser.add_argument("--n", type=int, default=1, help="completions per prompt")
-  parser.add_argument("--max-prompt-length", type=int, default=None,
+  parser.add_argument("--max_prompt_length", type=int, default=None,
                       help="prompt tokens kept (default: the run's data.max_prompt_length)")
   _sampling_flags(parser, max_new_tokens=64)
   args = parser.parse_args(argv)
@@ -300,7 +340,9 @@ def _generate(argv: list[str]) -> int:
 
 
 def _generate_candidates(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="jaxalign generate-candidates")
+  parser = argparse.ArgumentParser(prog="jaxalign generate-candidates", epilog=EPILOG,
+                                   description="Samples k labelled candidates per question: "
+                                   "the AFT training set (ranked format).")
   parser.add_argument("--checkpoint", required=True, help="a jaxalign run directory (SFT/VFT)")
   parser.add_argument("--questions", required=True,
                       help="JSONL/Parquet of {prompt, reference?} (or a toy: source)")
@@ -352,7 +394,10 @@ def _flag_message(e: Exception, argv: list[str]) -> str:
 
 
 def _demo(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="jaxalign demo", description=__doc__)
+  parser = argparse.ArgumentParser(
+      prog="jaxalign demo", epilog=EPILOG,
+      description="SFT on the bundled arithmetic task, then alignment with --method against "
+      "the SFT model, then held-out greedy accuracy before and after (README.md).")
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--method", default="dpo",
@@ -364,7 +409,9 @@ def _demo(argv: list[str]) -> int:
                       "dpo); methods run in one workdir share its SFT model. continual: addition "
                       "then subtraction with sequential DPO, OFS-DPO and COFS-DPO, printing a "
                       "forgetting matrix")
-  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--progress", type=cli_support.parse_bool, nargs="?", const=True,
+                      default=True, help="show progress bars (--progress=false or "
+                      "--noprogress: off)")
   args = parser.parse_args(argv)
 
   from jaxalign.workflows import demo
@@ -372,7 +419,7 @@ def _demo(argv: list[str]) -> int:
   if args.method == "continual":
     from jaxalign.workflows import demo_continual
     summary = demo_continual.run_continual(args.workdir, seed=args.seed,
-                                           progress=not args.no_progress)
+                                           progress=args.progress)
     print()
     print(demo_continual.format_matrix(summary))
     print(f"matrix: {os.path.join(os.path.abspath(args.workdir), 'forgetting.json')}")
@@ -385,7 +432,7 @@ def _demo(argv: list[str]) -> int:
     return _die("demo", f"{args.workdir} already holds a {args.method} demo run; pass a new "
                 "--workdir")
   summary = demo.run_demo(args.workdir, method=args.method, seed=args.seed,
-                          progress=not args.no_progress)
+                          progress=args.progress)
   print()
   print(demo.format_table(summary))
   print(f"summary: {os.path.join(os.path.abspath(args.workdir), 'summary.json')}")
@@ -397,11 +444,13 @@ def main(argv: list[str] | None = None) -> int:
   if "--verbose" in argv:   # full tracebacks with each one-line error
     argv.remove("--verbose")
     os.environ["JAXALIGN_DEBUG"] = "1"
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  cli_support.configure_logging()   # jaxalign's phases as `jaxalign: ...` lines on stderr
+  if argv[:1] == ["help"] and len(argv) > 1:   # `jaxalign help train` = `jaxalign train --help`
+    argv = [argv[1], "--help"]
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE)
     return 0 if argv else 2
-  command, rest = argv[0], argv[1:]
+  command, rest = argv[0], cli_support.normalize_flags(argv[1:])
   commands = {"train": _train, "prepare": _prepare, "demo": _demo, "plan": _plan, "export": _export,
               "generate": _generate, "generate-candidates": _generate_candidates}
   if command not in commands:

@@ -182,3 +182,111 @@ def _has_tpu_device() -> bool:
   except OSError:
     return True
   return any(name.startswith("accel") for name in entries) or os.path.isdir("/dev/vfio")
+
+
+# One flag convention for every command (TRL's underscore style).
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")
+_PROGRESS_OFF = ("noprogress", "no_progress")
+
+
+def normalize_flags(argv: list[str]) -> list[str]:
+  """Every command's flags in one spelling: underscores, dashes accepted
+  (`--max-new-tokens=3` -> `--max_new_tokens=3`), and one progress switch:
+  `--progress=false`, `--noprogress`, `--no_progress` and `--no-progress` all mean
+  `--progress=false`. Config overrides (`--config.a.b=v`) and values are left alone.
+  """
+  out = []
+  for arg in argv:
+    if arg.startswith("--") and len(arg) > 2 and not arg.startswith("--config."):
+      name, eq, value = arg[2:].partition("=")
+      name = name.replace("-", "_")
+      if name in _PROGRESS_OFF and not eq:
+        name, eq, value = "progress", "=", "false"
+      arg = f"--{name}{eq}{value}"
+    out.append(arg)
+  return out
+
+
+def wants_help(argv: list[str]) -> bool:
+  return any(a in HELP_FLAGS for a in argv)
+
+
+CONFIG_HELP = """config keys:
+  --config.KEY=VALUE        any key of the recipe, e.g. --config.optim.lr=1e-5
+                            (`jaxalign train --print_config` prints every resolved key)
+  --config.model.overrides.FIELD=VALUE   a field of the model config
+  --config.loss.hparams.KEY=VALUE        a hyperparameter of the loss (docs/losses.md)
+Flag names take underscores; dashes are accepted (--stop-after-steps = --stop_after_steps)."""
+
+
+def absl_help(prog: str, usage: str, fv, footer: str = CONFIG_HELP) -> str:
+  """The --help text of an absl-flag command: usage, each flag with its default, footer."""
+  lines = [f"usage: {prog} {usage}", "", "flags:"]
+  names = sorted({fv[name].name for name in fv})
+  for name in names:
+    flag = fv[name]
+    spelled = f"--[no]{name}" if flag.boolean else f"--{name}"
+    default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+    lines.append(f"  {spelled}: {flag.help}{default}")
+  lines += ["  -h, --help: show this message and exit", "", footer]
+  return "\n".join(lines)
+
+
+def parse_bool(text: str) -> bool:
+  """argparse type of a boolean flag, spelled as absl takes it."""
+  value = text.strip().lower()
+  if value in ("true", "t", "1", "yes", "y"):
+    return True
+  if value in ("false", "f", "0", "no", "n"):
+    return False
+  raise ValueError(f"not a boolean: {text!r}")
+
+
+def flat_config(config) -> list[str]:
+  """`config.a.b = value` lines of a ConfigDict (or dict), sorted: what --print_config shows."""
+  def walk(node, prefix):
+    for key in sorted(node):
+      value = node[key]
+      if hasattr(value, "items"):
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"config.{prefix}{key} = {value!r}"
+  return list(walk(config.to_dict() if hasattr(config, "to_dict") else config, ""))
+
+
+def use_cpu_devices(devices: str | None) -> None:
+  """`plan --devices cpu:N`: asks JAX for N host CPU devices before its backend starts
+  (the same as XLA_FLAGS=--xla_force_host_platform_device_count=N). A backend already
+  started (jaxalign called from Python after using JAX) keeps its count; plan then names
+  the flag to set."""
+  if not devices or not devices.startswith("cpu:"):
+    return
+  try:
+    count = int(devices.split(":", 1)[1])
+  except ValueError:
+    return   # plan's own check names the bad value
+  import jax
+  if count < 1:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    pass
+
+
+class LogFormatter(logging.Formatter):
+  """`jaxalign: message` for jaxalign's own INFO lines (a run's phases and summaries);
+  `LEVEL logger: message` for everything else."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    if record.levelno == logging.INFO and record.name.startswith("jaxalign"):
+      return f"jaxalign: {record.getMessage()}"
+    return super().format(record)
+
+
+def configure_logging() -> None:
+  """WARNING for every library, INFO for jaxalign's own lines, on stderr."""
+  handler = logging.StreamHandler()
+  handler.setFormatter(LogFormatter("%(levelname)s %(name)s: %(message)s"))
+  logging.basicConfig(level=logging.WARNING, handlers=[handler])
+  logging.getLogger("jaxalign").setLevel(logging.INFO)

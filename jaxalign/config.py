@@ -14,6 +14,7 @@ jaxalign.workflows.run.train dispatches on `RunSpec.mode`.
 """
 
 import dataclasses
+import importlib.util
 import logging
 import math
 from typing import Any
@@ -45,6 +46,9 @@ def defaults() -> ml_collections.ConfigDict:
   # True: resume even though loss.name/hparams/options differ from the checkpoint's
   # (a deliberate change); the model shape and data format must still match.
   c.allow_config_change = False
+  # Experiment trackers beside metrics.jsonl, comma-separated: tensorboard, wandb,
+  # mlflow (the last two are extras: pip install 'jaxalign[wandb]'); "none": jsonl only.
+  c.report_to = "tensorboard"
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"
@@ -246,12 +250,36 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
   _validate_sampling(c, spec)
   _validate_lora(c, spec)
   _validate_reference_sync(c, spec)
+  _validate_report_to(c)
   if spec.data == "unpaired_kl" and c.data.batch_size < 2:
     _fail("data.batch_size", f"{c.loss.name!r} estimates its KL reference point from "
           "mismatched pairs within a batch: it needs at least 2 examples per batch")
   _validate_loss_call(c, spec)
   _validate_shardable(c, model_cfg, mesh_shape)
   return model_cfg, hf_dir
+
+
+# config.report_to's trackers and the package each needs.
+TRACKERS = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def report_to(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """config.report_to as tracker names ("none" or "": none); a recipe saved before
+  the key existed reports to TensorBoard."""
+  value = c.get("report_to", "tensorboard")
+  names = value.split(",") if isinstance(value, str) else list(value)
+  names = [str(n).strip().lower() for n in names if str(n).strip()]
+  return () if names in ([], ["none"]) else tuple(dict.fromkeys(names))
+
+
+def _validate_report_to(c: ml_collections.ConfigDict) -> None:
+  names = report_to(c)
+  for name in names:
+    if name not in TRACKERS:
+      _fail("report_to", f"unknown tracker {name!r}; choose from {', '.join(TRACKERS)} or "
+            "none (comma-separated)")
+    if importlib.util.find_spec(TRACKERS[name]) is None:
+      _fail("report_to", f"{name} is not installed: pip install 'jaxalign[{name}]'")
 
 
 def _rule_axes(target) -> tuple[str, ...]:

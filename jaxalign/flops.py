@@ -149,9 +149,9 @@ class Utilization:
                        lora=self.lora, policy_passes=self.policy_passes)
 
   def metrics(self, flops: float, seconds: float) -> dict[str, float]:
-    """perf/model_tflops_per_device and, where the peak is known, perf/mfu."""
+    """perf/model_tflops_per_sec_per_device and, where the peak is known, perf/mfu."""
     per_device = flops / max(seconds, 1e-9) / self.num_devices
-    out = {"perf/model_tflops_per_device": per_device / 1e12}
+    out = {"perf/model_tflops_per_sec_per_device": per_device / 1e12}
     if self.peak:
       out["perf/mfu"] = per_device / self.peak
     return out

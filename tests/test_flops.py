@@ -92,7 +92,7 @@ def test_model_flops_count_real_tokens_only_and_each_term():
   assert ref.batch_flops(mask[:, :1, :10] * 0 + 1) == pytest.approx(
       2 * ((4 * n * 10 + 3 * (fwd(10) - 2 * n * 10)) + fwd(10)))
   m = u.metrics(8e12, seconds=2.0)
-  assert m["perf/model_tflops_per_device"] == pytest.approx(1.0)
+  assert m["perf/model_tflops_per_sec_per_device"] == pytest.approx(1.0)
   assert m["perf/mfu"] == pytest.approx(0.01)
   assert "perf/mfu" not in ref.metrics(8e12, 2.0)     # unknown peak: no MFU
 

@@ -13,7 +13,9 @@ only every `log_every` steps and at checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -28,12 +30,14 @@ from jaxalign.data import examples as examples_lib, formats, packing, pipeline, 
 from jaxalign.errors import NonFiniteError
 from jaxalign.train import build as build_lib
 from jaxalign.train import heldout, init, online as online_lib, passes, resume, signals
+from jaxalign.train import metrics as metrics_lib, report
 from jaxalign.train.metrics import MetricWriter
 from jaxalign.train.rundir import RunResult
 
 log = logging.getLogger("jaxalign")
 
-# Logged metrics shown beside the progress bar.
+CONFIG_FILE = "resolved_config.json"   # the run's resolved config, readable
+# Logged metrics shown beside the progress bar, and in the plain log lines.
 _BAR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
              "rewards/accuracies", "eval/loss", "eval/rewards/accuracies", "learning_rate",
              "grad_norm", "tokens_per_sec")
@@ -100,12 +104,16 @@ class _Loop:
   divergence: guards.DivergenceGuard
   perf: flops_lib.Utilization
   bar: Any
+  num_examples: int                 # in the training set (epoch = examples seen / this)
+  clock: report.RunClock            # phase times and sums for the end-of-run summary
+  plain_lines: bool   # print a line per log step (the bar is off or stderr not a terminal)
 
 
 def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, preempt,
            lock=None) -> RunResult:
   """The phases of one run, in order (module docstring); `lock`: the workdir's RunLock."""
   workdir = paths.resolve(workdir)   # a local directory or a gs:// URL
+  clock = report.RunClock()
   if spec.init_from and not paths.isdir(spec.init_from):
     raise config_lib.ConfigError(f"config.init_from: {spec.init_from} is not a directory")
   mesh = sharding.make_mesh(spec.mesh_shape, devices)
@@ -139,20 +147,37 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
                               workdir=workdir, examples=data.examples) if data.online else None,
       held_out=_held_out(spec, built, data.eval_examples),
       # resume_step: rows a killed run logged past its last checkpoint are dropped.
-      writer=MetricWriter(workdir, process_index=jax.process_index(), resume_step=start),
+      writer=MetricWriter(workdir, report_to=config_lib.report_to(spec.config),
+                          config=spec.config.to_dict(), process_index=jax.process_index(),
+                          resume_step=start),
       divergence=guards.DivergenceGuard(**spec.divergence),
-      # perf/model_tflops_per_device and perf/mfu over real tokens (docs/performance.md).
+      # perf/model_tflops_per_sec_per_device and perf/mfu over real tokens (docs/performance.md).
       perf=flops_lib.Utilization.for_devices(
           spec.model_cfg, devices, frozen_reference=spec.frozen_ref,
           lora=spec.lora_cfg.enabled, policy_passes=max(1, len(spec.modules))),
       bar=tqdm(total=spec.total_steps, initial=start, desc=spec.loss.name or spec.loss_name,
-               disable=not (progress and jax.process_index() == 0), dynamic_ncols=True))
+               disable=not _show_bar(progress), dynamic_ncols=True),
+      plain_lines=jax.process_index() == 0 and not _show_bar(progress), clock=clock,
+      num_examples=len(data.examples))
   preempt.wait_for_writes = checkpointer.wait
+  if jax.process_index() == 0:
+    for line in report.start_lines(spec, built, examples=len(data.examples), start=start,
+                                   end=end, sequences_per_example=_sequences(spec)):
+      log.info("%s", line)
   state, last, stopped = _step_loop(run, state, start=start, end=end, preempt=preempt)
   run.bar.close()
   checkpointer.close()
+  final = int(jax.device_get(state.step))
+  summary = run.clock.end_summary(
+      spec, start=start, final=final, last=last,
+      stopped_by=preempt.signal_name if stopped else
+      "stop_after_steps" if final < spec.total_steps else None)
+  report.write_summary(workdir, summary)
+  run.writer.summary(summary)
   run.writer.close()
-  return RunResult(workdir=workdir, final_step=int(jax.device_get(state.step)),
+  if jax.process_index() == 0:
+    log.info("%s", report.end_line(summary))
+  return RunResult(workdir=workdir, final_step=final,
                    last_metrics=last, stopped_by_signal=stopped,
                    signal_name=preempt.signal_name if stopped else "")
 
@@ -213,6 +238,19 @@ def load_eval_set(spec: config_lib.RunSpec, tokenizer) -> list[dict]:
   return examples
 
 
+def _sequences(spec: config_lib.RunSpec) -> int:
+  """Sequences per example of the step's batch format."""
+  try:
+    return schema.get(spec.loss.data).num_sequences(spec.data.group_size)
+  except (KeyError, ValueError):
+    return 1
+
+
+def _show_bar(progress: bool) -> bool:
+  """The bar on process 0 of a terminal; redirected output gets plain lines instead."""
+  return progress and jax.process_index() == 0 and sys.stderr.isatty()
+
+
 def _claim_workdir(spec: config_lib.RunSpec, workdir: str, data: _Data, lock) -> None:
   """Creates the workdir (kept from here on) and records the data and tokenizer."""
   paths.makedirs(workdir)
@@ -223,6 +261,8 @@ def _claim_workdir(spec: config_lib.RunSpec, workdir: str, data: _Data, lock) ->
   if data.changed or not fingerprint.has_checkpoints(workdir):
     fingerprint.write(paths.join(workdir, fingerprint.RUN_FILE), data.fp)
   paths.save_pretrained(data.tokenizer, paths.join(workdir, "tokenizer"))
+  # The resolved config as a readable file (each checkpoint also holds it, in Orbax form).
+  ckpt.write_json(paths.join(workdir, CONFIG_FILE), json.loads(spec.config.to_json_best_effort()))
   ckpt.write_json(paths.join(workdir, "data_stats.json"), {
       "train_path": spec.data.train_path, "records": len(data.examples) + data.skipped,
       "examples": len(data.examples), "skipped": data.skipped})
@@ -289,8 +329,15 @@ def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
   good_nonfinite = int(jax.device_get(state.num_nonfinite))
   resolved = spec.config.to_dict()   # the run's record, saved with each checkpoint
   with jax.set_mesh(run.built.mesh):
+    run.clock.loop_started = time.perf_counter()
     for step in range(start, end):
+      if step == start:
+        log.info("compiling the train step (the first step runs it)")
       state, metrics, host_metrics = _one_step(run, state, step, window)
+      if step == start:
+        jax.block_until_ready(metrics)
+        run.clock.first_step_s = time.perf_counter() - run.clock.loop_started
+        log.info("first step compiled and ran in %.1f s", run.clock.first_step_s)
       done = step + 1
       run.bar.update(1)
       # Read the flag once: a SIGTERM landing later in this iteration must not
@@ -305,16 +352,21 @@ def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
       if is_log_step or will_save:
         last = _logged(run, state, metrics, host_metrics, done=done, window=window,
                        good_nonfinite=good_nonfinite)
+        if "loss" in last:
+          run.clock.losses.append(last["loss"])
       last.update(eval_metrics)
       if is_log_step or eval_metrics:   # an eval step between log steps: eval/* alone
         run.writer.write(done, last if is_log_step else eval_metrics)
         run.bar.set_postfix({k: f"{last[k]:.3g}" for k in _BAR_KEYS if k in last},
                             refresh=False)
+        if run.plain_lines:   # no bar (off, or output not a terminal): one line per log step
+          print(metrics_lib.log_line(done, spec.total_steps, last, _BAR_KEYS), flush=True)
       if will_save:
         preempt.in_save = True
         checkpointer.save(done, run.built.saved_part(state), run.data_iter, resolved,
                           force=done == end or stop)
         preempt.in_save = False
+      run.clock.real_tokens = window.total_tokens
       if stop:
         log.warning("%s: saved a checkpoint at step %d and stopped", preempt.signal_name, done)
         return state, last, True
@@ -352,6 +404,9 @@ def _logged(run: _Loop, state, metrics, host_metrics, *, done: int, window: "_Wi
   last = {k: float(v) for k, v in metrics.items()}
   last.update(window.take())
   last["nonfinite_steps"] = float(num_nonfinite)
+  # TRL's names: epochs of the training set seen, real tokens since the run began.
+  last["epoch"] = done * run.spec.data.batch_size / max(run.num_examples, 1)
+  last["num_tokens"] = float(run.writer.resumed.get("num_tokens", 0.0) + window.total_tokens)
   last.update(host_metrics)
   return last
 
@@ -362,10 +417,13 @@ class _Window:
   def __init__(self, perf: flops_lib.Utilization):
     self.perf = perf
     self.tokens, self.flops, self.start = 0, 0.0, time.perf_counter()
+    self.total_tokens = 0   # since the run (this invocation) started
 
   def add(self, real) -> None:
     """`real`: the batch's sequence mask (packing.sequence_mask), this process's part."""
-    self.tokens += int(real.sum()) * jax.process_count()
+    tokens = int(real.sum()) * jax.process_count()
+    self.tokens += tokens
+    self.total_tokens += tokens
     self.flops += self.perf.batch_flops(real) * jax.process_count()
 
   def take(self) -> dict[str, float]:

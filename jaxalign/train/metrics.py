@@ -17,19 +17,28 @@ from jaxalign import paths
 log = logging.getLogger("jaxalign")
 
 
-class MetricWriter:
-  """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
+def log_line(step: int, total: int, metrics: dict[str, float], keys) -> str:
+  """One plain line of a logged step: `step 10/200 | loss 0.6931 | ...` (the keys present)."""
+  return " | ".join([f"step {step}/{total}"] + [f"{k} {metrics[k]:.4g}" for k in keys
+                                                 if k in metrics])
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, process_index: int = 0,
-               resume_step: int | None = None):
+
+class MetricWriter:
+  """Appends one JSON object per logged step; sends the scalars to the run's trackers
+  (config.report_to: TensorBoard, W&B, MLflow; train/trackers.py)."""
+
+  def __init__(self, workdir: str, *, report_to=("tensorboard",), config: dict | None = None,
+               process_index: int = 0, resume_step: int | None = None):
     """`resume_step`: the step a resumed run restarts from; rows logged after it (by a
     run killed past its last checkpoint) are dropped from metrics.jsonl, and
-    TensorBoard is told to purge them (its purge_step)."""
+    TensorBoard is told to purge them (its purge_step). `config`: the resolved config,
+    sent to the trackers that keep one."""
     self._active = process_index == 0
     self._jsonl = None
-    self._tb = None
+    self._trackers = []
     self._remote_path = None
     self._remote_text = ""
+    self.resumed: dict = {}   # the last kept row of a resumed run (cumulative counts go on)
     if not self._active:
       return
     if paths.is_remote(workdir):
@@ -40,6 +49,7 @@ class MetricWriter:
         self._remote_text = epath.Path(self._remote_path).read_text()
         if resume_step is not None:
           self._remote_text = _rows_up_to(self._remote_text, resume_step)
+          self.resumed = _last_row(self._remote_text)
     else:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
@@ -49,16 +59,18 @@ class MetricWriter:
         kept = _rows_up_to(text, resume_step)
         if kept != text:
           paths.write_bytes_atomic(path, kept.encode())
+        self.resumed = _last_row(kept)
       self._jsonl = open(path, "a")
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # local: only the writing process needs it
-      if paths.is_remote(workdir) and not _tensorboardx_can_write(workdir):
-        log.warning("TensorBoard events not written to %s: tensorboardX needs "
-                    "google-cloud-storage for gs:// (boto3 for s3://), not installed here; "
-                    "metrics.jsonl is written", workdir)
-      else:
-        self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=(
-            resume_step + 1 if resume_step else None))
+    names = list(report_to)
+    if "tensorboard" in names and paths.is_remote(workdir) and not _tensorboardx_can_write(
+        workdir):
+      log.warning("TensorBoard events not written to %s: tensorboardX needs "
+                  "google-cloud-storage for gs:// (boto3 for s3://), not installed here; "
+                  "metrics.jsonl is written", workdir)
+      names.remove("tensorboard")
+    from jaxalign.train import trackers
+    self._trackers = trackers.open_trackers(names, workdir, resume_step=resume_step,
+                                            config=config or {})
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._active:
@@ -73,15 +85,32 @@ class MetricWriter:
     else:
       self._jsonl.write(json.dumps(row) + "\n")
       self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.add_scalar(k, float(v), int(step))
+    for tracker in self._trackers:
+      tracker.log(step, scalars)
+
+  def summary(self, values: dict) -> None:
+    """The end-of-run summary, to the trackers that keep one (W&B, MLflow)."""
+    for tracker in self._trackers:
+      tracker.summary(values)
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    for tracker in self._trackers:
+      tracker.close()
+    self._trackers = []
+
+
+def _last_row(text: str) -> dict:
+  """The last readable row of metrics.jsonl text that is not an eval-only row."""
+  for line in reversed(text.splitlines()):
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and "num_tokens" in row:
+      return row
+  return {}
 
 
 def _rows_up_to(text: str, step: int) -> str:

@@ -138,6 +138,23 @@ def check_resume_config(saved: dict[str, Any], config, *, where: str,
   if objective_diffs:
     log.warning("resuming from %s with a changed objective: %s", where,
                 ", ".join(objective_diffs))
+  _warn_schedule_change(saved, config, where)
+
+
+# Keys that re-shape the learning-rate schedule of a resumed run: allowed (a longer
+# run is the usual reason to resume), but said.
+SCHEDULE_KEYS = ("total_steps", "optim.lr", "optim.warmup_steps", "optim.schedule",
+                 "optim.min_lr_ratio")
+
+
+def _warn_schedule_change(saved: dict[str, Any], config, where: str) -> None:
+  now = _flat(config.to_dict(), "")
+  before = _flat(saved, "")
+  diffs = [f"{key} {before['.' + key]!r} -> {now['.' + key]!r}" for key in SCHEDULE_KEYS
+           if "." + key in before and "." + key in now and before["." + key] != now["." + key]]
+  if diffs:
+    log.warning("resuming from %s with a changed learning-rate schedule: %s; the schedule "
+                "continues from the resumed step on its new shape", where, ", ".join(diffs))
 
 
 def _earlier_steps(checkpointer: ckpt.Checkpointer, step: int) -> list[int]:

@@ -86,3 +86,18 @@ def test_allow_config_change_resumes_with_the_new_objective(stopped_run, tmp_pat
   # The new checkpoint records the new objective.
   assert rundir.resolved_config(str(workdir))["loss"]["hparams"]["beta"] == 0.5
 
+
+
+def test_a_changed_schedule_resumes_with_a_warning_naming_it(caplog):
+  """total_steps (or the learning-rate settings) may change on resume: said, not refused."""
+  from jaxalign.train import resume
+  saved = tiny_config(total_steps=TOTAL_STEPS).to_dict()
+  with caplog.at_level(logging.WARNING):
+    resume.check_resume_config(saved, tiny_config(total_steps=TOTAL_STEPS), where="here")
+  assert not caplog.records
+  with caplog.at_level(logging.WARNING):
+    resume.check_resume_config(saved, tiny_config(total_steps=40, **{"optim.lr": 0.5}),
+                               where="here")
+  messages = [r.getMessage() for r in caplog.records]
+  assert len(messages) == 1 and "changed learning-rate schedule" in messages[0]
+  assert "total_steps 4 -> 40" in messages[0] and "optim.lr" in messages[0]

@@ -1,5 +1,6 @@
 """The sharded train loop end to end: mesh invariance, accumulation, references, resume."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -75,14 +76,44 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
       "def get_config():\n"
       "  return tiny_config(total_steps=10, **{'checkpoint.every': 5})\n")
   cmd = [sys.executable, "-m", "jaxalign.cli", "train", f"--config={cfg_file}",
-         f"--workdir={tmp_path / 'resumed'}", "--noprogress"]
+         f"--workdir={tmp_path / 'resumed'}", "--no-progress"]   # dashes are accepted
   env = {**os.environ, "PYTHONPATH": REPO_ROOT}
-  first = subprocess.run(cmd + ["--stop_after_steps=5"], env=env, capture_output=True, text=True)
+  first = subprocess.run(cmd + ["--stop-after-steps=5"], env=env, capture_output=True, text=True)
   assert first.returncode == 0, first.stderr
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["5"]
+  # An early stop says so, and how to go on; the resolved config is readable in the workdir.
+  assert "stopped after --stop_after_steps=5 at step 5 of 10" in first.stderr, first.stderr
+  assert "run the same command again to continue" in first.stderr
+  assert "done:" not in first.stdout
+  # No bar: one plain line per logged step (TRL prints a dict per logging step).
+  assert "step 5/10 | loss " in first.stdout, first.stdout
+  # The start summary, the compile lines and the end summary (also as a JSON file).
+  for line in ("jaxalign: model: preset tiny", "jaxalign: mesh: ", "jaxalign: data: ",
+               "jaxalign: objective: loss dpo, reference precompute; steps 0 -> 5 of 10",
+               "jaxalign: compiling the train step", "jaxalign: first step compiled",
+               "jaxalign: ran steps 0-5 in "):
+    assert line in first.stderr, (line, first.stderr)
+  # TRL's epoch and cumulative num_tokens, carried over the resume below.
+  rows = read_metrics(tmp_path / "resumed")
+  assert [r["epoch"] for r in rows] == pytest.approx([s * 8 / 64 for s in range(1, 6)])
+  assert all(a["num_tokens"] < b["num_tokens"] for a, b in zip(rows, rows[1:]))
+  summary = json.loads((tmp_path / "resumed" / "run_summary.json").read_text())
+  assert summary["steps"] == 5 and summary["stopped_by"] == "stop_after_steps"
+  assert summary["samples_per_sec"] > 0 and summary["real_tokens"] > 0
+  assert summary["train_loss_mean"] == pytest.approx(
+      np.mean([r["loss"] for r in read_metrics(tmp_path / "resumed")]), rel=1e-6)
+  resolved = json.loads((tmp_path / "resumed" / "resolved_config.json").read_text())
+  assert resolved["total_steps"] == 10 and resolved["checkpoint"]["every"] == 5
   second = subprocess.run(cmd, env=env, capture_output=True, text=True)
   assert second.returncode == 0, second.stderr
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["10", "5"]
+  assert "resumed from step 5" in second.stderr   # shown by default
+  assert "done: step 10" in second.stdout
+  rows = read_metrics(tmp_path / "resumed")
+  assert [r["step"] for r in rows] == list(range(1, 11))
+  assert all(a["num_tokens"] < b["num_tokens"] for a, b in zip(rows, rows[1:]))
+  straight_rows = read_metrics(tmp_path / "straight")
+  assert rows[-1]["num_tokens"] == straight_rows[-1]["num_tokens"]   # same data, same count
 
   straight, resumed = _params(tmp_path / "straight", cfg), _params(tmp_path / "resumed", cfg)
   assert len(straight) == len(resumed) > 0

@@ -6,7 +6,7 @@ from jaxalign import flops
 from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 
-def test_loop_logs_model_tflops_per_device_of_real_tokens(tmp_path):
+def test_loop_logs_model_tflops_per_sec_per_device_of_real_tokens(tmp_path):
   cfg = tiny_config(total_steps=2)
   train_loop(cfg, str(tmp_path), progress=False)
   rows = read_metrics(str(tmp_path))
@@ -18,7 +18,7 @@ def test_loop_logs_model_tflops_per_device_of_real_tokens(tmp_path):
   # FLOPs per real token, 6N plus 3x attention over at most (T + 1) / 2 keys each.
   most = 6 * n + 3 * 4 * mc.n_heads * mc.head_dim * mc.n_layers * (T + 1) / 2
   for row in rows:
-    per_token = row["perf/model_tflops_per_device"] * 1e12 * jax.device_count() / row[
+    per_token = row["perf/model_tflops_per_sec_per_device"] * 1e12 * jax.device_count() / row[
         "tokens_per_sec"]
     assert 6 * n < per_token < most
     assert "perf/mfu" not in row          # CPU: no known peak, so no MFU
