@@ -146,8 +146,11 @@ def _train(argv: list[str]) -> int:
           f"{result.workdir}; raise --config.total_steps to train further")
     return 0
   if result.stopped_by_signal:
-    print(f"stopped by {result.signal_name} at step {result.final_step}; checkpoint saved in "
-          f"{result.workdir}/checkpoints", file=sys.stderr)
+    if result.stopped_in_pass:   # before training: no step run, no checkpoint saved
+      print(f"stopped by {result.signal_name} {result.stopped_in_pass}", file=sys.stderr)
+    else:
+      print(f"stopped by {result.signal_name} at step {result.final_step}; checkpoint saved "
+            f"in {result.workdir}/checkpoints", file=sys.stderr)
     if result.signal_name == "SIGINT":
       from jaxalign.train import signals
       return signals.INTERRUPTED_STATUS   # 130, the shell's status for Ctrl-C

@@ -80,6 +80,18 @@ class DivergenceError(RuntimeError):
   """The loss, gradient norm or parameter norm blew up; the last good checkpoint is kept."""
 
 
+class PassInterrupted(Exception):
+  """SIGTERM or SIGINT stopped a pass over the data before training (the reference
+  log-probs, the prompt embeddings) at a batch boundary. Not a fault: the message
+  says where it stopped and what was kept (train/passes.py); the run then returns
+  a RunResult stopped by `signal_name`, and the CLI exits as for a stop in training.
+  """
+
+  def __init__(self, message: str, *, signal_name: str):
+    super().__init__(message)
+    self.signal_name = signal_name
+
+
 class PlanError(RuntimeError):
   """The plan cannot be made here (no libtpu, unknown topology, too few devices)."""
 

@@ -5,11 +5,11 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from jaxalign import cli
+from tests.reliability.helpers import HANG_S, logged_rows, wait_for
 from tests.train.helpers import train_loop
 
 REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
@@ -78,15 +78,10 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
          "--config.checkpoint.every=100000", "--config.log_every=1"]
   proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": REPO_ROOT},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + 120
-  while time.monotonic() < deadline and proc.poll() is None:
-    if metrics.exists() and metrics.read_text().count("\n") >= 3:
-      break
-    time.sleep(0.2)
-  assert proc.poll() is None, proc.communicate()
+  # Driven by the run's progress (3 steps logged), however long a loaded machine takes.
+  wait_for(lambda: logged_rows(workdir) >= 3, proc, "3 logged steps")
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
+  _, err = proc.communicate(timeout=HANG_S)
   assert proc.returncode == 0, err
   assert "stopped by SIGTERM" in err
   steps = [int(s) for s in os.listdir(workdir / "checkpoints")]

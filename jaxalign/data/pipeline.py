@@ -169,8 +169,12 @@ def ordered_batches(
     transform: Callable[[Example], Example] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    start_batch: int = 0,
 ) -> Iterator[Example]:
   """Iterates this process's contiguous block of ``examples`` once, in order.
+
+  ``start_batch``: the first batch yielded (an interrupted pass continues there); the
+  batches before it are neither read nor tokenized.
 
   Every process yields the same number of batches,
   ``ceil(ceil(N / process_count) / batch_size)``. Missing rows of the final
@@ -188,7 +192,7 @@ def ordered_batches(
   per = -(-n // pc)
   start, stop = min(pi * per, n), min((pi + 1) * per, n)
   num_batches = -(-per // batch_size)
-  for b in range(num_batches):
+  for b in range(start_batch, num_batches):
     lo = start + b * batch_size
     idx = np.arange(lo, lo + batch_size)
     valid = idx < stop

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
-from jaxalign import fingerprint, guards, paths, runlock, sharding
+from jaxalign import errors, fingerprint, guards, paths, runlock, sharding
 from jaxalign import flops as flops_lib
 from jaxalign.data import examples as examples_lib, formats, packing, pipeline, reading, schema
 from jaxalign.errors import NonFiniteError
@@ -72,7 +72,8 @@ def run_loop(spec: config_lib.RunSpec, workdir: str, *, progress: bool = True, d
   devices = jax.devices() if devices is None else list(devices)
   spec = config_lib.resolve(spec, len(devices))   # a spec for another device count: refused
   # SIGTERM is caught from here on: one arriving while data loads or the step
-  # compiles stops the run at the first step boundary, with a checkpoint.
+  # compiles stops the run at the next batch of a pass over the data before
+  # training (train/passes.py), else at the first step boundary, with a checkpoint.
   with signals.Preemption() as preempt, runlock.RunLock() as lock:
     return _train(spec, workdir, progress=progress, devices=devices, stop_after=stop_after,
                   preempt=preempt, lock=lock)
@@ -133,8 +134,13 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
   resume_step = resume.resume_step(checkpointer, spec, built.saved_part(built.abstract_state),
                                    fallback=spec.checkpoint.fallback)
   pack = _layout(spec, data, mesh)
-  state = _initial_state(spec, built, data, resume_step, pack, workdir=workdir,
-                         progress=progress)
+  try:
+    state = _initial_state(spec, built, data, resume_step, pack, workdir=workdir,
+                           progress=progress, preempt=preempt)
+  except errors.PassInterrupted as e:   # a signal during a pass: the run stops there
+    checkpointer.close()   # the CLI says where it stopped, in one line
+    return RunResult(workdir=workdir, final_step=int(resume_step or 0), last_metrics={},
+                     stopped_by_signal=True, signal_name=e.signal_name, stopped_in_pass=str(e))
   state, data_iter, start = _resume(spec, built, data, checkpointer, resume_step, state)
   if start >= spec.total_steps:
     checkpointer.close()
@@ -269,9 +275,13 @@ def _claim_workdir(spec: config_lib.RunSpec, workdir: str, data: _Data, lock) ->
 
 
 def _initial_state(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data, resume_step,
-                   pack, *, workdir: str, progress: bool):
+                   pack, *, workdir: str, progress: bool, preempt=None):
   """The step-0 state (train/init.py), and the passes of the initial policy over the
-  data (train/passes.py): data.examples and data.eval_examples gain their columns."""
+  data (train/passes.py): data.examples and data.eval_examples gain their columns.
+
+  Raises:
+    PassInterrupted: a signal (`preempt`) stopped a pass at a batch boundary.
+  """
   ref_plan = passes.plan_reference(spec, workdir, data.fp, data.eval_examples, data.tokenizer,
                                    resuming=resume_step is not None,
                                    data_changed=data.changed)
@@ -283,10 +293,10 @@ def _initial_state(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data
     if ref_plan is not None:   # reference log-probs of the initial policy, once
       examples, eval_examples = passes.add_reference(
           ref_plan, examples, eval_examples, state, built.graphdef, spec=spec,
-          mesh=built.mesh, pack=pack, progress=progress)
+          mesh=built.mesh, pack=pack, progress=progress, preempt=preempt)
     examples, eval_examples = passes.apply_prepare(
         spec, examples, eval_examples, state, built.graphdef, mesh=built.mesh,
-        progress=progress)
+        progress=progress, preempt=preempt)
   data.examples, data.eval_examples = examples, eval_examples
   return state
 

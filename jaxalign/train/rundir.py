@@ -36,6 +36,9 @@ class RunResult:
   last_metrics: dict[str, float]
   stopped_by_signal: bool = False
   signal_name: str = ""      # "SIGTERM" or "SIGINT" when stopped by a signal
+  # Stopped by the signal in a pass before training (no step run, no checkpoint saved):
+  # where, and what was kept ("during the reference log-probs pass, ...").
+  stopped_in_pass: str = ""
   already_complete: bool = False   # the workdir's run had already reached total_steps
 
 

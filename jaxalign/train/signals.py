@@ -1,13 +1,17 @@
-"""SIGTERM and SIGINT (Ctrl-C) as a request to stop at the next step boundary.
+"""SIGTERM and SIGINT (Ctrl-C) as a request to stop at the next step (or batch) boundary.
 
 The first signal sets a flag the loop reads once per step: it saves a checkpoint
 there and stops (the CLI then exits 0 for SIGTERM, 130 for SIGINT, the shell's
-convention for an interrupted command). A second SIGINT exits at once with
-status 130: it first waits for an async checkpoint write already in flight to
-complete (the loop registers `wait_for_writes`), unless the loop is inside a
-save call, or a third Ctrl-C arrives during the wait; then it leaves without
-waiting. An unfinished write is left as Orbax's temporary directory, which is
-never listed as a step, so the restart resumes from the last complete one.
+convention for an interrupted command). The passes over the data before training
+(train/passes.py) read it once per batch and stop there, keeping the reference
+pass's complete batches for the rerun; the CLI exits with the same statuses.
+
+A second SIGINT exits at once with status 130: it first waits for an async
+checkpoint write already in flight to complete (the loop registers
+`wait_for_writes`), unless the loop is inside a save call, or a third Ctrl-C
+arrives during the wait; then it leaves without waiting. An unfinished write is
+left as Orbax's temporary directory, which is never listed as a step, so the
+restart resumes from the last complete one.
 """
 
 import os

@@ -4,6 +4,7 @@ import contextlib
 import os
 import pathlib
 import sys
+import time
 
 import jax
 import numpy as np
@@ -56,6 +57,32 @@ def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
   status = cli.main(["train", *args])
   err = capsys.readouterr().err
   return status, [line for line in err.splitlines() if line.strip()]
+
+
+# Bounds only a hung subprocess run: a test waits for the run's progress, however slow,
+# and fails (never goes on) when this passes.
+HANG_S = 900
+
+
+def wait_for(condition, proc, what: str, *, poll_s: float = 0.05) -> None:
+  """Polls until `condition()`: the test acts on the run's progress, never on a deadline.
+
+  Fails if the run ends first (its output in the message) or after HANG_S (a hang).
+  """
+  hang = time.monotonic() + HANG_S
+  while not condition():
+    if proc.poll() is not None:
+      out, err = proc.communicate()
+      raise AssertionError(f"the run ended (status {proc.returncode}) before {what}:\n"
+                           f"{out or ''}{err or ''}")
+    assert time.monotonic() < hang, f"no {what} after {HANG_S} s: the run hangs"
+    time.sleep(poll_s)
+
+
+def logged_rows(workdir) -> int:
+  """Rows in WORKDIR/metrics.jsonl so far (0 before the first)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return path.read_text().count("\n") if path.exists() else 0
 
 
 def params(workdir, config) -> list[np.ndarray]:

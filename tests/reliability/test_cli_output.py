@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.reliability.helpers import RECIPES, cli_command, cli_env, complete_steps, run_cli
+from tests.reliability.helpers import (HANG_S, RECIPES, cli_command, cli_env, complete_steps,
+                                       logged_rows, run_cli, wait_for)
 
 NOISE = ("TPU_WORKER_HOSTNAMES", "INVALID_ARGUMENT", "PyTorch was not found")
 
@@ -78,15 +79,9 @@ def test_ctrl_c_during_a_run_saves_a_checkpoint_and_exits_130(tmp_path):
       cli_command(f"--config={RECIPES}", f"--workdir={workdir}", "--noprogress",
                   "--config.total_steps=100000", "--config.checkpoint.every=100000"),
       env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and proc.poll() is None:
-    if metrics.exists() and metrics.read_text().count("\n") >= 2:
-      break
-    time.sleep(0.2)
-  assert proc.poll() is None, proc.communicate()
+  wait_for(lambda: logged_rows(workdir) >= 2, proc, "2 logged steps")
   proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=240)
+  _, err = proc.communicate(timeout=HANG_S)
   assert proc.returncode == 130, err
   assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
   steps = complete_steps(workdir)
@@ -160,17 +155,11 @@ def test_two_quick_ctrl_c_during_checkpoint_writes_leave_no_torn_step(tmp_path):
                   "--config.total_steps=100000", "--config.checkpoint.every=1",
                   "--config.checkpoint.keep=100000"),
       env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and proc.poll() is None:
-    if metrics.exists() and metrics.read_text().count("\n") >= 3:
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, proc.communicate()
+  wait_for(lambda: logged_rows(workdir) >= 3, proc, "3 logged steps")
   proc.send_signal(signal.SIGINT)
   time.sleep(0.01)
   proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=240)
+  _, err = proc.communicate(timeout=HANG_S)
   assert proc.returncode == 130, err
   assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
   assert "interrupted: exiting now" in err, err

@@ -18,7 +18,9 @@ def _lock(workdir, pid, host=None):
 
 
 def test_second_run_on_a_locked_workdir_exits_1_naming_the_holder(tmp_path, capsys):
-  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  # Alive until the test ends (it reads stdin until killed), however long the run takes.
+  holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
   try:
     workdir = tmp_path / "run"
     _lock(workdir, holder.pid)
