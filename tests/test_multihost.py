@@ -39,7 +39,9 @@ def _launch(workdir, log_dir, *extra):
 
 def _rows(workdir):
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  timed = lambda k: k == "tokens_per_sec" or k.startswith("perf/")  # wall-clock figures
+  # Wall-clock figures, and the fill of process 0's share of the batch.
+  timed = lambda k: k in ("tokens_per_sec", "eval/seconds") or k.startswith(
+      ("perf/", "time/", "tokens/"))
   return {r["step"]: {k: v for k, v in r.items() if not timed(k)} for r in rows}
 
 

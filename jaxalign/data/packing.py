@@ -401,6 +401,19 @@ def sequence_mask(batch: dict) -> np.ndarray:
   return np.arange(max(int(lengths.max(initial=0)), 1)) < lengths[..., None]
 
 
+def computed_tokens(batch: dict) -> tuple[int, int]:
+  """(token positions the step computes, the real tokens among them) of a host batch in
+  any layout. A shared prompt is one real token per position here, not one per
+  response as `sequence_mask` counts it."""
+  if is_packed(batch):
+    return batch["packed_tokens"].size, int(np.asarray(batch["packed_attention_mask"]).sum())
+  if is_shared(batch):
+    computed = batch["shared_prompt"].size + batch["shared_response"].size
+    return computed, int(np.asarray(batch["shared_prompt_mask"]).sum()
+                         + np.asarray(batch["shared_response_mask"]).sum())
+  return batch["tokens"].size, int(np.asarray(batch["attention_mask"]).sum())
+
+
 def _agree_across_processes(need: int) -> int:
   """The max of `need` over all processes (one tiny host collective per step)."""
   from jax.experimental import multihost_utils

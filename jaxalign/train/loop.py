@@ -344,10 +344,11 @@ def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
       if step == start:
         log.info("compiling the train step (the first step runs it)")
       state, metrics, host_metrics = _one_step(run, state, step, window)
-      if step == start:
+      if step == start:   # its time is mostly compilation: logged alone, not as a rate
         jax.block_until_ready(metrics)
         run.clock.first_step_s = time.perf_counter() - run.clock.loop_started
         log.info("first step compiled and ran in %.1f s", run.clock.first_step_s)
+        window.restart({"time/first_step_seconds": run.clock.first_step_s})
       done = step + 1
       run.bar.update(1)
       # Read the flag once: a SIGTERM landing later in this iteration must not
@@ -357,7 +358,10 @@ def _step_loop(run: _Loop, state, *, start: int, end: int, preempt):
       eval_metrics = {}
       if run.held_out is not None and ((spec.eval_every and done % spec.eval_every == 0)
                                        or done == spec.total_steps):
-        eval_metrics = run.held_out.evaluate(state)
+        began = time.perf_counter()
+        eval_metrics = run.held_out.evaluate(state)   # host floats: the pass has finished
+        eval_metrics["eval/seconds"] = time.perf_counter() - began
+        window.exclude(eval_metrics["eval/seconds"])   # rates count step time only
       will_save = checkpointer.should_save(done) or done == end or stop
       if is_log_step or will_save:
         last = _logged(run, state, metrics, host_metrics, done=done, window=window,
@@ -390,7 +394,7 @@ def _one_step(run: _Loop, state, step: int, window: "_Window"):
     host_batch, host_metrics = run.expand(state, host_batch, step)
   if run.pack is not None:    # data.packing / share_prompt: the same examples, new layout
     host_batch = run.pack(host_batch)
-  window.add(packing.sequence_mask(host_batch))
+  window.add(packing.sequence_mask(host_batch), *packing.computed_tokens(host_batch))
   batch = sharding.host_to_global(
       {k: v for k, v in host_batch.items() if k not in schema.HOST_ONLY_KEYS},
       run.built.batch_sharding)
@@ -422,26 +426,51 @@ def _logged(run: _Loop, state, metrics, host_metrics, *, done: int, window: "_Wi
 
 
 class _Window:
-  """Real tokens and model FLOPs since the last logged step (all processes)."""
+  """Real tokens and model FLOPs since the last logged step (all processes), over step
+  time only: the first step (compilation) and held-out evaluation are left out and
+  logged on their own (time/first_step_seconds, eval/seconds)."""
 
   def __init__(self, perf: flops_lib.Utilization):
     self.perf = perf
-    self.tokens, self.flops, self.start = 0, 0.0, time.perf_counter()
     self.total_tokens = 0   # since the run (this invocation) started
+    self.restart()
 
-  def add(self, real) -> None:
-    """`real`: the batch's sequence mask (packing.sequence_mask), this process's part."""
+  def restart(self, extra: dict[str, float] | None = None) -> None:
+    """A new window from now; `extra` is logged with its figures."""
+    self.tokens, self.flops, self.start = 0, 0.0, time.perf_counter()
+    self.computed, self.distinct = 0, 0
+    self.extra = dict(extra or {})
+
+  def add(self, real, computed: int, distinct: int) -> None:
+    """`real`: the batch's sequence mask (packing.sequence_mask), this process's part;
+    `computed`, `distinct`: its token positions and the real tokens among them
+    (packing.computed_tokens)."""
     tokens = int(real.sum()) * jax.process_count()
     self.tokens += tokens
     self.total_tokens += tokens
     self.flops += self.perf.batch_flops(real) * jax.process_count()
+    self.computed += computed
+    self.distinct += distinct
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (held-out evaluation) out of the window's time."""
+    self.start += seconds
 
   def take(self) -> dict[str, float]:
-    """tokens_per_sec and perf/* over the window, which starts anew."""
+    """tokens_per_sec, perf/* and the layout's fill over the window, which starts anew;
+    nothing of a rate when no step has finished in it (the first step's window)."""
     elapsed = time.perf_counter() - self.start
-    out = {"tokens_per_sec": self.tokens / max(elapsed, 1e-9),
-           **self.perf.metrics(self.flops, elapsed)}
-    self.tokens, self.flops, self.start = 0, 0.0, time.perf_counter()
+    out = dict(self.extra)
+    if self.computed:
+      out.update({"tokens_per_sec": self.tokens / max(elapsed, 1e-9),
+                  **self.perf.metrics(self.flops, elapsed),
+                  # Real tokens among the positions computed: padding's (or a packed
+                  # row's tail's) share is what packing and shared prompts save.
+                  "tokens/fill": self.distinct / self.computed,
+                  "tokens/padding_share": 1.0 - self.distinct / self.computed})
+    total = self.total_tokens
+    self.restart()
+    self.total_tokens = total
     return out
 
 

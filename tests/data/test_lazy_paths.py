@@ -211,7 +211,8 @@ def _run_pair(tmp_path, monkeypatch, cfg_for, devices=None):
   return out, types
 
 
-_TIMING = ("tokens_per_sec", "perf/model_tflops_per_sec_per_device", "perf/mfu", "rollout/seconds")
+_TIMING = ("tokens_per_sec", "perf/model_tflops_per_sec_per_device", "perf/mfu", "rollout/seconds",
+           "time/first_step_seconds", "eval/seconds")
 
 
 @pytest.mark.parametrize("case", ["kto", "bco", "packing", "share_prompt"])

@@ -7,14 +7,16 @@ import pytest
 from jaxalign import config as config_lib
 from tests.train.helpers import read_metrics, tiny_config, train_loop
 
-# Wall-clock figures differ between any two runs.
-TIMING = ("tokens_per_sec", "perf/model_tflops_per_sec_per_device", "perf/mfu")
+# Wall-clock figures differ between any two runs; the layout's fill between layouts.
+TIMING = ("tokens_per_sec", "perf/model_tflops_per_sec_per_device", "perf/mfu",
+          "time/first_step_seconds", "tokens/fill", "tokens/padding_share")
 
 
 def _assert_metrics_equal(padded, packed):
   assert [m["step"] for m in packed] == [m["step"] for m in padded]
   for a, b in zip(padded, packed):
-    assert set(a) == set(b)
+    # (A resumed invocation's first step, its compile, makes no rate: timing keys differ.)
+    assert set(a) - set(TIMING) == set(b) - set(TIMING)
     for k in a:
       # Accuracy is a sign test: while the policy still equals the reference (the
       # learning rate is 0 at step 0, so at steps 1 and 2) its margins are float
