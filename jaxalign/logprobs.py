@@ -70,6 +70,31 @@ def _fill_rows(token_outputs: dict, logps, mask, log_sum_sq) -> None:
                       jnp.cumsum(mask.astype(jnp.int32), axis=1), log_sum_sq)
 
 
+def _fill_unscored(token_outputs: dict, logps, unscored, slot=None, num_slots=None,
+                   extra=None) -> None:
+  """token_outputs["unscored"] = (sums, counts) [G * n]: each sequence's real tokens
+  that are not scored, less its first (nothing predicts it) -- the prompt, for
+  tokenize's sequences -- when the dict asks for them by holding that key.
+
+  logps, unscored: [G, N] (position t predicts token t + 1, unscored its mask);
+  slot: [G, N] each token's slot (None: one slot a row); extra: (sums, counts)
+  [G, n] added (a shared prompt's tokens, scored apart from the rows).
+  """
+  if "unscored" not in token_outputs:
+    return
+  values = jnp.where(unscored, logps, 0.0)
+  if slot is None:
+    sums, counts = values.sum(axis=1, keepdims=True), unscored.sum(axis=1, keepdims=True)
+  else:
+    seg = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
+    where = jnp.where(unscored, slot, num_slots)
+    sums = seg(values, where)[:, :num_slots]
+    counts = seg(unscored.astype(jnp.int32), where)[:, :num_slots]
+  if extra is not None:
+    sums, counts = sums + extra[0], counts + extra[1]
+  token_outputs["unscored"] = (sums.reshape(-1), counts.reshape(-1).astype(jnp.int32))
+
+
 def _fill_packed(token_outputs: dict, rows, num_slots: int, first=None) -> None:
   """_fill_token_outputs for packed rows (packed_sequence_logps).
 
@@ -286,6 +311,7 @@ def sequence_logps_from_hidden(
     final_logit_softcap: float | None = None,
     batch_axes: BatchAxes = None,
     token_outputs: dict | None = None,
+    attention_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Summed log-probs of the scored tokens of each row.
 
@@ -305,7 +331,10 @@ def sequence_logps_from_hidden(
       "logps" [N, T] (position t-1 predicts token t, as summed), "mask" [N, T]
       bool (scored), "slot" [N, T] (0 scored, 1 elsewhere), "rank" [N, T] (the
       scored token's 1-based place in its row) and "log_sum_sq" [N, T] if the dict
-      asks for it by holding that key (token_log_sum_sq_probs, same positions).
+      asks for it by holding that key (token_log_sum_sq_probs, same positions);
+      "unscored" ([N] sums, [N] counts of each row's real unscored tokens after its
+      first, _fill_unscored) if it holds that key.
+    attention_mask: [N, T], 1 on real tokens; needed for "unscored" only.
 
   Returns:
     logps_sum: [N] float32 sum over scored tokens of log p(token_t | tokens_<t).
@@ -324,6 +353,15 @@ def sequence_logps_from_hidden(
         token_log_sum_sq_probs(hidden, head_w, chunk_size=chunk_size,
                                final_logit_softcap=final_logit_softcap,
                                batch_axes=batch_axes)))
+    if "unscored" in token_outputs:
+      if attention_mask is None:
+        raise ValueError("the unscored-token column needs the attention mask")
+      real = attention_mask.astype(bool)
+      # Token t + 1 is real and so is t, which predicts it: the row's first real
+      # token is never counted, whichever side the row is padded on.
+      unscored = jnp.concatenate([real[:, 1:] & real[:, :-1], jnp.zeros_like(real[:, :1])],
+                                 axis=1) & ~mask
+      _fill_unscored(token_outputs, logps, unscored)
   return logps_sum, mask.sum(axis=1).astype(jnp.int32)
 
 
@@ -356,7 +394,7 @@ def sequence_logps(
   return sequence_logps_from_hidden(
       hidden, model.head_weight(), tokens, loss_mask, chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes,
-      token_outputs=token_outputs)
+      token_outputs=token_outputs, attention_mask=attention_mask)
 
 
 def packed_sequence_logps(
@@ -438,9 +476,13 @@ def packed_sequence_logps(
       h, model.head_weight(), chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
   rows = (logps, mask, where, lambda: log_sum_sq(hidden).reshape(G, R * L))
+  wants_unscored = token_outputs is not None and "unscored" in token_outputs
   if first_index is None:
     if token_outputs is not None:
       _fill_packed(token_outputs, rows, num_slots)
+    if wants_unscored:
+      _fill_unscored(token_outputs, logps, *_packed_unscored(
+          attention_mask, segment_ids, slot, mask, num_slots))
     return sums, counts
   # [G, num_slots, D]: one gathered hidden state per slot, scored like the rest.
   h_first = jnp.take_along_axis(hidden.reshape(G, R * L, -1), first_index[..., None], axis=1)
@@ -450,8 +492,57 @@ def packed_sequence_logps(
   scored = first_loss.astype(bool)
   if token_outputs is not None:
     _fill_packed(token_outputs, rows, num_slots, (first, scored, lambda: log_sum_sq(h_first)))
+  if wants_unscored:
+    _fill_unscored(token_outputs, logps, *_packed_unscored(
+        attention_mask, segment_ids, slot, mask, num_slots, part_ids=part_ids,
+        first=(first_index, first, scored), row_logps=logps))
   return (sums + jnp.where(scored, first, 0.0),
           counts + scored.astype(jnp.int32))
+
+
+def _packed_unscored(attention_mask, segment_ids, slot, mask, num_slots, *, part_ids=None,
+                     first=None, row_logps=None):
+  """The unscored tokens of packed rows, for _fill_unscored: (mask [G, N], slot [G, N],
+  num_slots, extra).
+
+  A row token t + 1 counts when it is real, unscored and predicted inside its own
+  sequence (t in the same segment; with shared prompts also the same part). With
+  packed shared prompts (part_ids, first = (first_index, first_logps, first_scored)
+  [G, num_slots], row_logps [G, N]) `extra` adds, to every slot that has a
+  response, its unit's prompt tokens after the first (summed per row and segment,
+  read at the slot's first_index) and its first response token when unscored.
+  """
+  G, R, L = attention_mask.shape
+  shift = lambda x: jnp.concatenate([x[..., 1:], x[..., :1]], axis=-1)  # t -> t + 1
+  real = attention_mask.astype(bool)
+  inside = real & (shift(segment_ids) == segment_ids)
+  inside = inside.at[..., -1].set(False)                 # the row's last: nothing follows
+  if part_ids is not None:
+    inside = inside & (shift(part_ids) == part_ids)
+  target_real = shift(real) & inside
+  target_slot = shift(slot).reshape(G, R * L)
+  flat = lambda x: x.reshape(G, R * L)
+  if part_ids is None:
+    return flat(target_real) & ~mask, target_slot, num_slots, None
+  response = flat(target_real & (shift(part_ids) > 0)) & ~mask
+  first_index, first_logps, first_scored = first
+  # Per (row, segment): the prompt tokens after the unit's first, summed.
+  prompt = flat(target_real & (shift(part_ids) == 0))
+  keys = (jnp.arange(R)[:, None] * (L + 1) + shift(segment_ids)).reshape(G, R * L)
+  seg = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=R * (L + 1)))
+  unit_sums = seg(jnp.where(prompt, row_logps, 0.0), keys)              # [G, R * (L + 1)]
+  unit_counts = seg(prompt.astype(jnp.int32), keys)
+  slot_key = ((first_index // L) * (L + 1)
+              + jnp.take_along_axis(flat(segment_ids), first_index, axis=1))
+  # A slot with a response has tokens in the rows (empty slots: none).
+  has = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))(
+      flat(real).astype(jnp.int32), flat(slot))[:, :num_slots] > 0        # [G, num_slots]
+  first_unscored = has & ~first_scored
+  extra = (jnp.where(has, jnp.take_along_axis(unit_sums, slot_key, axis=1), 0.0)
+           + jnp.where(first_unscored, first_logps, 0.0),
+           jnp.where(has, jnp.take_along_axis(unit_counts, slot_key, axis=1), 0)
+           + first_unscored.astype(jnp.int32))
+  return response, target_slot, num_slots, extra
 
 
 def shared_prompt_logps(
@@ -509,4 +600,23 @@ def shared_prompt_logps(
         token_log_sum_sq_probs(hidden, model.head_weight(), chunk_size=chunk_size,
                                final_logit_softcap=model.config.final_logit_softcap,
                                batch_axes=batch_axes)))
+    if "unscored" in token_outputs:
+      # The prompt's tokens after its first, scored once per example from its own
+      # hidden states (left-padded: a token counts when it and its predecessor are
+      # real), go to each response that has tokens; then the responses' own
+      # unscored tokens (response token 0 is predicted from the prompt's last).
+      real = prompt_mask.astype(bool)
+      targets = jnp.concatenate([prompt[:, 1:], jnp.zeros_like(prompt[:, :1])], axis=1)
+      inside = jnp.concatenate([real[:, 1:] & real[:, :-1], jnp.zeros_like(real[:, :1])],
+                               axis=1)
+      prompt_logps = token_logps(h_prompt, model.head_weight(), targets,
+                                 chunk_size=chunk_size,
+                                 final_logit_softcap=model.config.final_logit_softcap,
+                                 batch_axes=batch_axes)                  # [B, P]
+      has = flat(response_mask).astype(bool).any(axis=1)                  # [B*S]
+      extra = (jnp.where(has, per_response(jnp.where(inside, prompt_logps, 0.0).sum(1)), 0.0),
+               jnp.where(has, per_response(inside.sum(1)), 0))
+      _fill_unscored(token_outputs, logps,
+                     flat(response_mask).astype(bool) & ~mask,
+                     extra=(extra[0][:, None], extra[1][:, None]))
   return sums.reshape(B, S), mask.sum(axis=1).astype(jnp.int32).reshape(B, S)

@@ -2,7 +2,8 @@
 
 A loss asks for them by name (LossSpec.columns); the train step computes them
 from the forward's token outputs and passes them in LossInputs.columns /
-ref_columns. LD-DPO reads "tail_logps", WPO "wpo_logps" (losses/dpo.py).
+ref_columns. LD-DPO reads "tail_logps", WPO "wpo_logps" (losses/dpo.py), ORPO
+"unscored_logps" and "unscored_lengths" (losses/orpo.py).
 
 Every batch layout (padded, packed, shared prompts, packed shared prompts)
 hands over its token outputs in one flat form (jaxalign/logprobs.py fills it):
@@ -15,6 +16,10 @@ hands over its token outputs in one flat form (jaxalign/logprobs.py fills it):
               scored tokens (anything elsewhere).
   log_sum_sq: [G, N] log sum_v p_v^2 where the token is predicted (only when
               asked for: it costs a pass over the vocabulary).
+  unscored:   ([B * S] sums, [B * S] counts) of each sequence's real tokens that
+              are not scored, less its first: the prompt, for tokenize's
+              sequences (only when asked for; each layout knows where its
+              prompt tokens are, a shared prompt's included, so it sums them).
 
 The G * n slots, flattened in order, are the batch's [B, S] sequences: a padded
 or shared-prompt row is a group of one slot (G = B * S, n = 1, rank the running
@@ -74,15 +79,29 @@ def wpo_logps(tok: TokenOutputs, counts: jax.Array) -> jax.Array:
   return total / jnp.maximum(counts, 1).astype(jnp.float32)
 
 
+def unscored_logps(tok: TokenOutputs, counts: jax.Array) -> jax.Array:
+  """ORPO's prompt term: summed log-probs of each sequence's real unscored tokens after
+  its first (the prompt). tok: token outputs with "unscored"; returns [B, S] float32."""
+  return tok["unscored"][0].reshape(counts.shape)
+
+
+def unscored_lengths(tok: TokenOutputs, counts: jax.Array) -> jax.Array:
+  """How many tokens unscored_logps sums: [B, S] int32."""
+  return tok["unscored"][1].reshape(counts.shape)
+
+
 class Column(NamedTuple):
   fn: Callable[[TokenOutputs, jax.Array], jax.Array]   # (token outputs, counts [B, S]) -> [B, S]
   needs_log_sum_sq: bool
+  needs_unscored: bool = False
 
 
 # The per-sequence columns a loss may ask for, by name.
 COLUMNS = {
     "tail_logps": Column(tail_logps, needs_log_sum_sq=False),
     "wpo_logps": Column(wpo_logps, needs_log_sum_sq=True),
+    "unscored_logps": Column(unscored_logps, needs_log_sum_sq=False, needs_unscored=True),
+    "unscored_lengths": Column(unscored_lengths, needs_log_sum_sq=False, needs_unscored=True),
 }
 
 
@@ -90,7 +109,7 @@ def token_request(names: tuple[str, ...]) -> dict | None:
   """The token_outputs dict to hand the log-prob functions for columns `names`.
 
   None without columns (no per-token outputs, no extra vocabulary pass); a dict
-  holding "log_sum_sq" when a column reads it.
+  holding "log_sum_sq" / "unscored" when a column reads it.
 
   Raises:
     ValueError: for a name not in COLUMNS.
@@ -100,7 +119,12 @@ def token_request(names: tuple[str, ...]) -> dict | None:
       raise ValueError(f"unknown per-sequence column {name!r}; known: {sorted(COLUMNS)}")
   if not names:
     return None
-  return {"log_sum_sq": None} if any(COLUMNS[n].needs_log_sum_sq for n in names) else {}
+  request = {}
+  if any(COLUMNS[n].needs_log_sum_sq for n in names):
+    request["log_sum_sq"] = None
+  if any(COLUMNS[n].needs_unscored for n in names):
+    request["unscored"] = None
+  return request
 
 
 def compute(names: tuple[str, ...], tok: TokenOutputs, counts: jax.Array) -> dict:

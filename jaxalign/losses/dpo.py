@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxalign.losses._common import as_f32, logratio, pair_metrics, weighted_mean
 from jaxalign.losses.registry import register
@@ -93,8 +94,19 @@ def aot_loss(chosen: jax.Array, rejected: jax.Array, *, beta: float,
   S_w - S_l and the reference margins S_ref,w - S_ref,l; unpaired
   ("aot_unpaired") passes rho_w and rho_l. Returns [B].
   """
-  d = jnp.sort(chosen) - jnp.sort(rejected)
-  return sigmoid_loss(beta * d, label_smoothing)
+  return sigmoid_loss(beta * _sorted_difference(chosen, rejected), label_smoothing)
+
+
+def _sorted_difference(chosen, rejected) -> jax.Array:
+  """[B] sort(chosen) - sort(rejected) in the inputs' precision, then float32.
+
+  The margins are differences of large log-probs, and the matched differences
+  small: subtracting after a float32 cast would lose their digits. NumPy inputs
+  are sorted by NumPy, so float64 survives without JAX's x64 mode too.
+  """
+  if isinstance(chosen, np.ndarray) and isinstance(rejected, np.ndarray):
+    return as_f32(np.sort(chosen) - np.sort(rejected))
+  return as_f32(jnp.sort(chosen) - jnp.sort(rejected))
 
 
 # --- squared-target losses (IPO family) -----------------------------------------------
@@ -131,13 +143,20 @@ def bco_pair_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax
 
 
 def apo_zero_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax.Array:
-  """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): 1 - sigma(r_w) + sigma(r_l). [B] -> [B]."""
-  return (1.0 - jax.nn.sigmoid(chosen_rewards)) + jax.nn.sigmoid(rejected_rewards)
+  """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): 1 - sigma(r_w) + sigma(r_l). [B] -> [B].
+
+  1 - sigma(x) is computed as sigma(-x): no cancellation when the loss is small
+  (r_w large), where 1 - sigma(x) in float32 keeps only a few digits.
+  """
+  return jax.nn.sigmoid(-chosen_rewards) + jax.nn.sigmoid(rejected_rewards)
 
 
 def apo_down_loss(chosen_rewards: jax.Array, margins: jax.Array) -> jax.Array:
-  """APO-down (D'Oosterlinck et al. 2024, Eq. 8): sigma(r_w) + 1 - sigma(z). [B] -> [B]."""
-  return jax.nn.sigmoid(chosen_rewards) + (1.0 - jax.nn.sigmoid(margins))
+  """APO-down (D'Oosterlinck et al. 2024, Eq. 8): sigma(r_w) + 1 - sigma(z). [B] -> [B].
+
+  1 - sigma(z) as sigma(-z), as apo_zero_loss.
+  """
+  return jax.nn.sigmoid(chosen_rewards) + jax.nn.sigmoid(-margins)
 
 
 # --- what dpo_loss shares across variants ----------------------------------------------
@@ -178,8 +197,10 @@ class PairTerms(NamedTuple):
   margins: jax.Array                # z = beta (rho_w - rho_l)
   chosen_logps: jax.Array           # S_w (LD-weighted with ld_alpha)
   rejected_logps: jax.Array
-  ref_chosen_logps: jax.Array       # S_ref,w, no gradient
-  ref_rejected_logps: jax.Array
+  # AOT's inputs, in the inputs' precision (not cast: aot_loss subtracts first).
+  policy_margins: jax.Array         # S_w - S_l
+  ref_margins: jax.Array            # S_ref,w - S_ref,l, no gradient
+  raw_logratios: tuple              # (rho_w, rho_l) before the float32 cast
   chosen_lengths: jax.Array | None  # |y_w| clamped to >= 1
   rejected_lengths: jax.Array | None
   sft_nll: jax.Array | None         # [] chosen_nll, when a variant or rpo_alpha reads it
@@ -218,10 +239,9 @@ PER_PAIR: dict[str, Callable[[PairTerms, Knobs], jax.Array]] = {
     "bco_pair": lambda x, k: bco_pair_loss(x.chosen_rewards, x.rejected_rewards),
     "sppo_hard": lambda x, k: sppo_hard_loss(x.chosen_logratios, x.rejected_logratios,
                                              beta=k.beta),
-    "aot": lambda x, k: aot_loss(x.chosen_logps - x.rejected_logps,
-                                 x.ref_chosen_logps - x.ref_rejected_logps,
+    "aot": lambda x, k: aot_loss(x.policy_margins, x.ref_margins,
                                  beta=k.beta, label_smoothing=k.label_smoothing),
-    "aot_unpaired": lambda x, k: aot_loss(x.chosen_logratios, x.rejected_logratios,
+    "aot_unpaired": lambda x, k: aot_loss(*x.raw_logratios,
                                           beta=k.beta, label_smoothing=k.label_smoothing),
     "apo_zero": lambda x, k: apo_zero_loss(x.chosen_rewards, x.rejected_rewards),
     "apo_down": lambda x, k: apo_down_loss(x.chosen_rewards, x.margins),
@@ -320,6 +340,7 @@ def _validate_columns(variants, ld_alpha, use_weighting, tails, wpo) -> None:
 def _pair_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 chosen_lengths, rejected_lengths, beta) -> PairTerms:
   """PairTerms of (LD-weighted) log-probs [B]; sft_nll is left None."""
+  ref_chosen_logps, ref_rejected_logps = _no_grad(ref_chosen_logps), _no_grad(ref_rejected_logps)
   # Log-ratios first, in the inputs' precision, then float32 (see logratio).
   chosen_logratios = logratio(chosen_logps, ref_chosen_logps)        # [B]
   rejected_logratios = logratio(rejected_logps, ref_rejected_logps)  # [B]
@@ -332,8 +353,9 @@ def _pair_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
       chosen_rewards=beta * chosen_logratios, rejected_rewards=beta * rejected_logratios,
       margins=beta * (chosen_logratios - rejected_logratios),
       chosen_logps=as_f32(chosen_logps), rejected_logps=as_f32(rejected_logps),
-      ref_chosen_logps=jax.lax.stop_gradient(as_f32(ref_chosen_logps)),
-      ref_rejected_logps=jax.lax.stop_gradient(as_f32(ref_rejected_logps)),
+      policy_margins=chosen_logps - rejected_logps,
+      ref_margins=ref_chosen_logps - ref_rejected_logps,
+      raw_logratios=(chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps),
       chosen_lengths=c_len, rejected_lengths=r_len, sft_nll=None)
 
 
@@ -348,9 +370,15 @@ def _effective_logps(logps, tails, reference_free, ld_alpha):
   chosen = ld_logps(chosen, tails[0], ld_alpha)
   rejected = ld_logps(rejected, tails[1], ld_alpha)
   if not reference_free:
-    ref_chosen = ld_logps(ref_chosen, jax.lax.stop_gradient(tails[2]), ld_alpha)
-    ref_rejected = ld_logps(ref_rejected, jax.lax.stop_gradient(tails[3]), ld_alpha)
+    ref_chosen = ld_logps(ref_chosen, _no_grad(tails[2]), ld_alpha)
+    ref_rejected = ld_logps(ref_rejected, _no_grad(tails[3]), ld_alpha)
   return chosen, rejected, ref_chosen, ref_rejected
+
+
+def _no_grad(x):
+  """stop_gradient on a JAX array; a NumPy array (a constant) is left as it is, so a
+  float64 one keeps its precision without JAX's x64 mode (as logratio)."""
+  return jax.lax.stop_gradient(x) if isinstance(x, jax.Array) else x
 
 
 def _variants_sum(variants, loss_weights, x: PairTerms, knobs: Knobs, pair_weight, mean,

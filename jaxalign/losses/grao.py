@@ -12,6 +12,12 @@ from jaxalign.losses.registry import register
 
 _REFERENCE_REWARDS = ("zero", "judge")
 _ZERO_STD = ("eps", "zero")
+# A normalisation set whose population std is at most STD_FLOOR * max(1, max |R|)
+# is a tie (every advantage 0). float32 rewards carry about 7 significant digits:
+# a spread of 1e-5 of the rewards' scale is rounding noise (~100 ulps), which
+# dividing by sigma (+ std_eps) would blow up to advantages of order one or, for the
+# answer under G-only, to |R_y - mu| / sigma ~ 1e6.
+STD_FLOOR = 1e-5
 
 
 def grao_advantages(
@@ -22,6 +28,7 @@ def grao_advantages(
     group_includes_reference: bool = True,
     std_eps: float = 1e-6,
     zero_std: str = "eps",
+    std_floor: float = STD_FLOOR,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Group-relative advantages of the samples and of the reference answer (Eq. 4).
 
@@ -35,15 +42,17 @@ def grao_advantages(
     group_includes_reference: y's reward enters mu and sigma (G+1, default) or
       not (G-only, Eq. 4 read literally; A_y is still (R_y - mu) / sigma).
     std_eps: added to sigma ("eps" guard).
-    zero_std: "eps": divide by sigma + std_eps; "zero": a group with sigma = 0
-      gets A = 0 for every member and for y.
+    zero_std: "eps": divide by sigma + std_eps; "zero": divide by sigma. In both,
+      a tie set (below) gets A = 0 for every member and for y.
+    std_floor: a set is a tie when its std is at most std_floor * max(1, max |R|
+      over the set) (STD_FLOOR: near-equal float32 rewards, e.g. [1, 1, 1, 1 + 1e-7],
+      are rounding noise, not a ranking); 0: only exactly equal rewards.
 
   Returns:
     group_adv: [B, G], 0 in padding slots.
     answer_adv: [B]; 0 for a row with no real sample in the G-only reading.
     mu: [B] mean reward of the normalisation set.
-    sigma: [B] its population std (without std_eps); exactly 0 iff every reward
-      in the set is equal.
+    sigma: [B] its population std (without std_eps); 0 for a tie set.
   """
   if zero_std not in _ZERO_STD:
     raise ValueError(f"zero_std must be one of {_ZERO_STD}, got {zero_std!r}")
@@ -71,24 +80,28 @@ def grao_advantages(
   dev_answer = d_answer - mu_c                                           # [B]
   var = ((dev * dev).sum(-1) + incl * dev_answer * dev_answer) / count
   sigma = jnp.sqrt(var)                                                  # [B]
+  # The tie floor scales with the set's largest |R|: float32 noise is relative.
+  scale = jnp.max(jnp.where(mask, jnp.abs(rewards), 0.0), axis=-1)
+  if group_includes_reference:
+    scale = jnp.maximum(scale, jnp.abs(answer))
+  spread = sigma > std_floor * jnp.maximum(scale, 1.0)                  # [B] not a tie
+  sigma = jnp.where(spread, sigma, 0.0)
 
-  if zero_std == "eps":
-    denom = sigma + std_eps
-  else:
-    denom = jnp.where(sigma > 0, sigma, 1.0)
-    dev = jnp.where((sigma > 0)[:, None], dev, 0.0)
-    dev_answer = jnp.where(sigma > 0, dev_answer, 0.0)
+  # A tie set (all rewards equal, or within the floor) carries no relative signal:
+  # every advantage is 0, in both guards. Under G-only the answer's deviation from
+  # the samples' mean divided by a tiny sigma (+ std_eps) would be ~1e6.
+  dev = jnp.where(spread[:, None], dev, 0.0)
+  dev_answer = jnp.where(spread, dev_answer, 0.0)
+  denom = sigma + std_eps if zero_std == "eps" else jnp.where(spread, sigma, 1.0)
   group_adv = dev / denom[:, None]
-  # With no sample there is no group to be relative to. A set with sigma = 0
-  # (all rewards equal) carries no relative signal: under G-only the answer's
-  # deviation from the samples' mean divided by std_eps alone would be ~1/std_eps
-  # (1e6 with the default), so its advantage is 0 there, in both guards.
-  answer_adv = jnp.where(has_samples & (sigma > 0), dev_answer / denom, 0.0)
+  # With no sample there is no group to be relative to.
+  answer_adv = jnp.where(has_samples & spread, dev_answer / denom, 0.0)
   return group_adv, answer_adv, mu_c + pivot, sigma
 
 
 @register(data="groups", needs_ref=False, name="grao", online="grao",
-          ranges={"beta": "[0, inf)", "lam": "[0, inf)", "std_eps": "(0, inf)"})
+          ranges={"beta": "[0, inf)", "lam": "[0, inf)", "std_eps": "(0, inf)",
+                  "std_floor": "[0, inf)"})
 def grao_loss(
     group_logps: jax.Array,
     group_lengths: jax.Array,
@@ -104,6 +117,7 @@ def grao_loss(
     reference_reward: str = "zero",
     std_eps: float = 1e-6,
     zero_std: str = "eps",
+    std_floor: float = STD_FLOOR,
     weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GRAO loss -J_GRAO (arXiv 2508.07750v1, Eq. 2-4), mean over prompts.
@@ -136,6 +150,8 @@ def grao_loss(
       0 and so is A_y (not (R_y - mu) / std_eps ~ 1e6: an equal-reward group
       carries no relative signal).
       "zero": a zero-variance group gets every A (and A_y) = 0.
+    std_floor: groups whose reward std is at most std_floor * max(1, max |R|)
+      count as zero-variance (ties) in both guards (grao_advantages).
     weights: optional [B] row weights (0 for padding rows).
 
   Returns:
@@ -161,7 +177,7 @@ def grao_loss(
 
   group_adv, answer_adv, _, sigma = grao_advantages(
       group_rewards, mask, answer_r, group_includes_reference=group_includes_reference,
-      std_eps=std_eps, zero_std=zero_std)
+      std_eps=std_eps, zero_std=zero_std, std_floor=std_floor)
 
   # Sanitise padding slots before dividing, so that neither the value nor the
   # gradient of a real slot can meet a 0-length or garbage padding entry.

@@ -405,7 +405,7 @@ def _with_gaps(rng, batch):
   return {**batch, "loss_mask": loss_mask}
 
 
-COLUMN_NAMES = ("tail_logps", "wpo_logps")
+COLUMN_NAMES = ("tail_logps", "wpo_logps", "unscored_logps", "unscored_lengths")
 
 
 @functools.lru_cache(maxsize=None)
@@ -444,10 +444,11 @@ def _column_values(source: str, layout: str):
 @pytest.mark.parametrize("source,layout", [("wild", "packed"), ("shared", "packed_shared"),
                                            ("shared", "shared")])
 def test_columns_equal_padded_columns(source, layout):
-  """tail_logps and wpo_logps, and the gradient through them, of packed rows (the
-  shared layout: each response's first token scored from the prompt's last state)
-  and of KV-cached shared prompts == the padded layout's, on sequences of 1 to 11
-  scored tokens with gaps and empty slots."""
+  """tail_logps, wpo_logps and ORPO's unscored_logps / unscored_lengths (the prompt
+  and the gaps), and the gradient through them, of packed rows (the shared layout:
+  each response's first token scored from the prompt's last state, the prompt once
+  per unit) and of KV-cached shared prompts == the padded layout's, on sequences of
+  1 to 11 scored tokens with gaps and empty slots."""
   padded, want = _column_values(source, "padded")
   _, got = _column_values(source, layout)
   for k in COLUMN_NAMES:
@@ -461,6 +462,11 @@ def test_columns_equal_padded_columns(source, layout):
   counts = want[1]
   assert (counts.min(1) == 0).any() and (counts.max(1) > counts.min(1) + 3).any()
   assert np.any(want[2]["tail_logps"] != 0) and np.any(want[2]["tail_logps"] == 0)
+  # Unscored: every non-empty sequence has its prompt, padding slots have nothing.
+  real = padded["attention_mask"].astype(bool)
+  np.testing.assert_array_equal(want[2]["unscored_lengths"],
+                                (real[..., 1:] & real[..., :-1]).sum(-1) - counts)
+  assert (want[2]["unscored_lengths"][counts == 0] == 0).all()
   scored = padded["loss_mask"].sum(-1)
   span = (np.argmax(np.cumsum(padded["loss_mask"], -1), -1)     # last scored - first + 1
           - np.argmax(padded["loss_mask"], -1) + 1)

@@ -1,8 +1,8 @@
 """Generates tests/losses/trl_vectors.json: TRL's own loss outputs on fixed inputs.
 
 The file in the repo was produced by TRL 0.28.0 (transformers 5.1.0) and TRL
-1.16.0 (transformers 5.24.0), each with torch 2.13.0 (CPU), float64 tensors
-(side venvs /work/trlvenv-b and /work/trlvenv-a, made as below).
+1.16.0 (transformers 5.25.0), each with torch 2.13.0 (CPU), float64 tensors
+(side venvs made as below).
 jaxalign never imports TRL: the tests in
 test_trl_conformance.py only read the JSON. Re-run this script only to refresh
 the vectors or to add a TRL version.
@@ -58,8 +58,18 @@ the given per-sequence log-probs. So TRL's loss *and* metric code runs as is.
     `trl.experimental.cpo.CPOTrainer` (sigmoid, hinge, ipo, simpo) and
     `trl.experimental.orpo.ORPOTrainer` through `get_batch_loss_metrics` with a
     stub `concatenated_forward` returning the (mean) log-probs and the chosen
-    token-mean NLL. Per-example losses: the same TRL call on each row alone
-    (none for AOT, whose rows are coupled by sorting).
+    token-mean NLL over the response (CPO's NLL; ORPO's for a one-token prompt,
+    so the ORPO inputs carry no unscored tokens). Per-example losses: the same
+    TRL call on each row alone (none for AOT, whose rows are coupled by sorting).
+  * TRL >= 1.16, ORPO through its own forward (orpo_model/<set>): a tiny
+    randomly initialised float64 `LlamaForCausalLM` (no download) and pairs laid
+    out as ORPOTrainer's tokenizer lays them out (BOS + prompt of 1 to 6 tokens,
+    response + EOS, right padding, labels -100 on prompt and padding);
+    `ORPOTrainer.get_batch_loss_metrics` runs the real `concatenated_forward`
+    (`concatenated_inputs`, its cross-entropy NLL over prompt + response,
+    `get_batch_logps`) and `odds_ratio_loss`. jaxalign's inputs are summed from
+    the same model's logits by TRL's `ORPOTrainer.get_batch_logps`: the response
+    labels, and the chosen sequence's other real tokens (the unscored_* columns).
   * TRL 0.28 `bco_pair` over batches of 8, 3 and 8 pairs, with its
     RunningMoments var and count (jaxalign `shift_count="batch"`).
 """
@@ -607,7 +617,11 @@ def _cpo_standin(args, cls_name):
 
 def _cpo_step(s, trainer_cls, x, average):
   """get_batch_loss_metrics with a stub concatenated_forward: the (mean) log-probs as
-  TRL's get_batch_logps returns them, and the chosen NLL = token-mean cross entropy."""
+  TRL's get_batch_logps returns them, and the chosen NLL = token-mean cross entropy
+  over the response. That is CPO's NLL (TRL's labels mask the prompt) and ORPO's for a
+  one-token prompt (ORPO's cross-entropy runs over every token after the first, so
+  a one-token prompt adds nothing; the jaxalign inputs say so: unscored 0). ORPO's
+  NLL over longer prompts is checked through TRL's real forward (_orpo_model_case)."""
   c, r = _t(x["chosen_logps"]), _t(x["rejected_logps"])
   lc, lr = _t(x["chosen_lengths"]), _t(x["rejected_lengths"])
   nll = -c.sum() / lc.sum()
@@ -660,6 +674,9 @@ def _cpo_case(name, fn, jax_kw, kind, trl_kw, set_name, x):
     out.pop("nll_loss")    # TRL logs 0 (it skips the NLL); jaxalign logs none
   out["per_example"] = [_cpo_step(s, cls, _rows(x, i), average)["loss"] for i in range(B)]
   inputs = {k: v for k, v in x.items() if not k.startswith("ref_") and "log_sum_sq" not in k}
+  if kind == "orpo":   # the one-token prompt of the stub: no unscored token to add
+    inputs["chosen_unscored_logps"] = [0.0] * B
+    inputs["chosen_unscored_lengths"] = [0] * B
   return {
       "name": f"trl{trl.__version__}/{name}/{set_name}",
       "trl_version": trl.__version__,
@@ -678,7 +695,123 @@ def cases_v1_types():
       cases.append(_dpo_type_case(name, jax_kw, trl_kw, per_example, set_name, x))
     for name, fn, jax_kw, kind, trl_kw in CPO_CASES:
       cases.append(_cpo_case(name, fn, jax_kw, kind, trl_kw, set_name, x))
+  for set_name, (seed, init_range) in ORPO_MODEL_SETS.items():
+    cases.append(_orpo_model_case(set_name, seed, init_range))
   return cases
+
+
+# ------------------------------- ORPO through TRL's own forward on a tiny model
+
+ORPO_MODEL_SEED = 20261207
+# set name -> (model seed, output-head scale): spread and peaked next-token
+# distributions (the peaked one gives log-odds far from 0).
+ORPO_MODEL_SETS = {"model_a": (0, 1.0), "model_b": (1, 1.0), "model_peaked": (2, 8.0)}
+_VOCAB, _PAD = 32, 0
+
+
+def _tiny_model(seed, head_scale):
+  """A randomly initialised 2-layer LlamaForCausalLM, float64 (no download), its output
+  head scaled by head_scale."""
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(
+      vocab_size=_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+      initializer_range=0.5, pad_token_id=_PAD, bos_token_id=1, eos_token_id=2,
+      tie_word_embeddings=False)
+  model = transformers.LlamaForCausalLM(cfg).to(TORCH_DTYPE).eval()
+  with torch.no_grad():
+    model.lm_head.weight.mul_(head_scale)
+  return model
+
+
+def _orpo_batch(rng, n):
+  """n pairs in the layout ORPOTrainer.tokenize_row + its collator produce: BOS + prompt
+  (1 to 6 tokens, 4 the most common) then the response + EOS, right-padded; labels
+  -100 on the prompt and the padding."""
+  rows = {k: [] for k in ("chosen", "rejected")}
+  for i in range(n):
+    p = 4 if i % 2 == 0 else int(rng.integers(1, 7))
+    prompt = [1] + [int(v) for v in rng.integers(3, _VOCAB, p - 1)]
+    for side in rows:
+      response = [int(v) for v in rng.integers(3, _VOCAB, int(rng.integers(1, 8)))] + [2]
+      rows[side].append((prompt, response))
+  batch = {}
+  for side, pairs in rows.items():
+    t = max(len(a) + len(b) for a, b in pairs)
+    ids = torch.full((n, t), _PAD, dtype=torch.long)
+    att = torch.zeros((n, t), dtype=torch.long)
+    labels = torch.full((n, t), -100, dtype=torch.long)
+    for i, (a, b) in enumerate(pairs):
+      ids[i, :len(a) + len(b)] = torch.tensor(a + b)
+      att[i, :len(a) + len(b)] = 1
+      labels[i, len(a):len(a) + len(b)] = torch.tensor(b)
+    batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": att,
+                  f"{side}_labels": labels})
+  return batch
+
+
+def _orpo_model_standin(args):
+  from trl.experimental.orpo import ORPOTrainer
+  s, _ = _cpo_standin(args, "orpo")
+  s.is_encoder_decoder = False
+  s.padding_value = _PAD
+  s.concatenated_inputs = ORPOTrainer.concatenated_inputs
+  s.get_batch_logps = ORPOTrainer.get_batch_logps
+  s.concatenated_forward = types.MethodType(ORPOTrainer.concatenated_forward, s)
+  return s, ORPOTrainer
+
+
+def _orpo_model_inputs(model, batch):
+  """jaxalign's inputs from the same model outputs, summed by TRL's get_batch_logps:
+  each response's log-probs and tokens (TRL's labels), and each chosen sequence's other
+  real tokens after its first (the labels the response masks: the prompt less BOS)."""
+  from trl.experimental.orpo import ORPOTrainer
+  out = {}
+  with torch.no_grad():
+    for side in ("chosen", "rejected"):
+      ids, att = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+      labels = batch[f"{side}_labels"]
+      logits = model(ids, attention_mask=att, use_cache=False).logits
+      unscored = torch.where((att == 1) & (labels == -100), ids, -100)
+      for name, lab in (("", labels), ("unscored_", unscored)):
+        logps = ORPOTrainer.get_batch_logps(logits, lab, average_log_prob=False)
+        out[f"{side}_{name}logps"] = [float(v) for v in logps]
+        out[f"{side}_{name}lengths"] = [int(v) for v in (lab[:, 1:] != -100).sum(-1)]
+  for k in ("rejected_unscored_logps", "rejected_unscored_lengths"):
+    out.pop(k)
+  return out
+
+
+def _orpo_model_case(set_name, seed, head_scale):
+  from trl.experimental.orpo import ORPOConfig
+  trl_kw = dict(beta=0.1)
+  s, cls = _orpo_model_standin(_config(ORPOConfig, **trl_kw))
+  model = _tiny_model(seed, head_scale)
+  batch = _orpo_batch(np.random.default_rng(ORPO_MODEL_SEED + seed), B)
+
+  def run(b):
+    with torch.no_grad():
+      loss, metrics = cls.get_batch_loss_metrics(s, model, b, train_eval="train")
+    keys = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"]
+    return {"loss": float(loss), **{k: float(metrics[k]) for k in keys}}
+
+  out = run(batch)
+  # One row alone (it keeps the batch's right padding, which changes nothing: the
+  # model is causal and TRL masks padded labels).
+  out["per_example"] = [run({k: v[i:i + 1] for k, v in batch.items()})["loss"]
+                        for i in range(B)]
+  return {
+      "name": f"trl{trl.__version__}/orpo_model/{set_name}",
+      "trl_version": trl.__version__,
+      "trl_call": ("trl.experimental.orpo.ORPOTrainer.get_batch_loss_metrics -> "
+                   "concatenated_forward (tiny LlamaForCausalLM, float64; its NLL over "
+                   "prompt + response) -> odds_ratio_loss; inputs: ORPOTrainer.get_batch_logps "
+                   "sums of the same logits; per_example: each row alone"),
+      "trl_setting": trl_kw,
+      "jaxalign": {"fn": "orpo_loss", "kwargs": dict(beta=0.1), "state": None},
+      "steps": [{"inputs": _orpo_model_inputs(model, batch), "trl": out}],
+  }
 
 
 # --------------------------------------------------------------------- main

@@ -497,3 +497,89 @@ def test_float64_inputs_keep_near_zero_losses_exact():
   rc, rr = 0.1 * (pol_c - ref_c), 0.1 * (pol_r - ref_r)
   np.testing.assert_allclose(float(loss), np.mean(np.log1p(np.exp(-rc)) + np.log1p(np.exp(rr))),
                              rtol=1e-5)
+
+
+# --- float64 inputs: the precision they carry survives to the float32 loss ---------------
+# Each test runs twice: NumPy float64 inputs without JAX's x64 mode (a researcher
+# calling the loss on host arrays) and JAX float64 arrays with x64 enabled.
+_X64_MODES = ["numpy", "x64"]
+
+
+def _call_f64(mode, fn, *arrays, **kw):
+  if mode == "numpy":
+    return fn(*[np.asarray(a, np.float64) for a in arrays], **kw)
+  with jax.enable_x64(True):
+    out = fn(*[jnp.asarray(a, jnp.float64) for a in arrays], **kw)
+    return jax.tree.map(lambda v: np.asarray(v, np.float64), out)
+
+
+@pytest.mark.parametrize("mode", _X64_MODES)
+def test_apo_small_losses_match_float64(mode):
+  """APO-zero's 1 - sigma(r_w) and APO-down's 1 - sigma(z) near 0 (losses of 1e-6 to
+  1e-5): sigma(-x) keeps them to float32 rounding; 1 - sigma(x) in float32 was off by
+  up to ~1e-2 relative (issue 30)."""
+  beta = 0.1
+  rho = np.asarray([110.0, 120.0, 125.0, 130.0])              # r = 11 .. 13
+  ref_c, ref_r = np.asarray([-200.0, -90.5, -150.25, -60.0]), np.asarray([-80.0, -300.0, -99.0, -45.5])
+  sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+  # apo_zero: r_w = beta rho, r_l = -beta rho.
+  c, r = ref_c + rho, ref_r - rho
+  loss = _call_f64(mode, functools.partial(dpo_loss, variant="apo_zero", beta=beta),
+                   c, r, ref_c, ref_r)[0]
+  want = np.mean(sig(-beta * rho) + sig(-beta * rho))
+  np.testing.assert_allclose(float(loss), want, rtol=2e-6)
+  # apo_down: r_w = -beta rho (small sigma(r_w)), z = beta rho (small 1 - sigma(z)).
+  c, r = ref_c - rho, ref_r - 2.0 * rho
+  loss = _call_f64(mode, functools.partial(dpo_loss, variant="apo_down", beta=beta),
+                   c, r, ref_c, ref_r)[0]
+  want = np.mean(sig(-beta * rho) + (1.0 - sig(beta * rho)))
+  np.testing.assert_allclose(float(loss), want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("variant", ["aot", "aot_unpaired"])
+@pytest.mark.parametrize("mode", _X64_MODES)
+def test_aot_float64_inputs_match_float64_transcription(mode, variant):
+  """AOT sorts and subtracts in the inputs' precision, then casts: log-probs of about
+  -2500 whose matched differences give losses of 1e-6 to 1e-4 match float64 at rtol
+  1e-5. Subtracting the float32-cast log-probs (float32 spacing 2.4e-4 at 2500) was
+  off by up to ~1e-3 relative (issue 30: 3.8e-5 on its vectors)."""
+  rng = np.random.default_rng(30)
+  n, beta = 6, 1.0
+  ref_c = -2500.0 - rng.uniform(0.0, 1.0, n) * np.pi
+  ref_r = -2450.0 - rng.uniform(0.0, 1.0, n) * np.e
+  gain = rng.uniform(5.0, 7.0, n)
+  c, r = ref_c + gain, ref_r - gain
+  if variant == "aot":
+    d = np.sort(c - r) - np.sort(ref_c - ref_r)
+  else:
+    d = np.sort(c - ref_c) - np.sort(r - ref_r)
+  want = np.mean(np.logaddexp(0.0, -beta * d))
+  loss = _call_f64(mode, functools.partial(dpo_loss, variant=variant, beta=beta),
+                   c, r, ref_c, ref_r)[0]
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", _X64_MODES)
+def test_ld_dpo_float64_tie_stays_a_tie(mode):
+  """LD-DPO with the policy equal to the reference, float64 log-probs and tails that
+  float32 cannot hold: every reward is exactly 0, no pair counts as won, the loss is
+  log 2. The reference tails kept float64 like the policy's (no stop_gradient cast of
+  a NumPy array), so both sides round alike (issue 30: the tie flipped accuracies)."""
+  rng = np.random.default_rng(7)
+  n = 8
+  c = -rng.uniform(30.0, 250.0, n) - 1e-9 * rng.uniform(1.0, 2.0, n)
+  r = -rng.uniform(30.0, 250.0, n) - 1e-9 * rng.uniform(1.0, 2.0, n)
+  tc = c * rng.uniform(0.0, 0.7, n)
+  tr = r * rng.uniform(0.0, 0.7, n)
+  lengths = rng.integers(5, 100, n).astype(np.float64)
+  loss, metrics = _call_f64(mode, functools.partial(dpo_loss, ld_alpha=0.5, beta=0.1),
+                            c, r, c, r, lengths, lengths, tc, tr, tc, tr)
+  for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+    assert float(metrics[k]) == 0.0, (k, float(metrics[k]))
+  np.testing.assert_allclose(float(loss), LOG2, rtol=1e-7)
+  # Away from the tie the LD-weighted log-ratios follow float64 too.
+  rc, rr = c - rng.uniform(0.0, 2.0, n), r + rng.uniform(0.0, 2.0, n)
+  loss = _call_f64(mode, functools.partial(dpo_loss, ld_alpha=0.5, beta=0.1),
+                   c, r, rc, rr, lengths, lengths, tc, tr, tc * 0.9, tr * 0.9)[0]
+  h = ((c - 0.5 * tc) - (rc - 0.5 * 0.9 * tc)) - ((r - 0.5 * tr) - (rr - 0.5 * 0.9 * tr))
+  np.testing.assert_allclose(float(loss), np.mean(np.logaddexp(0.0, -0.1 * h)), rtol=1e-6)

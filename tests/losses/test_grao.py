@@ -337,3 +337,43 @@ def test_bad_options_raise():
     grao_loss(*args, reference_reward="model")
   with pytest.raises(ValueError, match="zero_std"):
     grao_loss(*args, zero_std="nan")
+
+
+@pytest.mark.parametrize("zero_std", ["eps", "zero"])
+def test_near_equal_rewards_are_a_tie_group(zero_std):
+  # Issue 30: rewards [1, 1, 1, 1 + 1e-7] (float32: one ulp apart) with R(y, y) = 0
+  # under G-only gave A_y of about -9.5e5. Any set whose std is at most
+  # STD_FLOOR * max(1, max |R|) is a tie: every advantage 0, the answer's too.
+  rewards = jnp.asarray([[1.0, 1.0, 1.0, 1.0 + 1e-7],
+                         [1e3, 1e3, 1e3 + 0.003, 1e3],     # within 1e-5 of the scale 1e3
+                         [1.0, 1.0, 1.0, 1.01]], jnp.float32)  # a real spread
+  mask = jnp.ones((3, 4), bool)
+  answer = jnp.zeros(3)
+  for incl in (False, True):
+    adv, adv_y, _, sigma = grao_advantages(rewards, mask, answer, group_includes_reference=incl,
+                                           zero_std=zero_std)
+    assert _all_finite(adv, adv_y)
+    if not incl:   # with y's 0 in the set, rows 0 and 1 have a real spread
+      assert np.all(np.asarray(adv[:2]) == 0) and np.all(np.asarray(adv_y[:2]) == 0)
+      assert np.all(np.asarray(sigma[:2]) == 0)
+  # The row above the floor keeps Eq. 4 (G-only): A = (R - mu) / (sigma + eps).
+  adv, adv_y, _, sigma = grao_advantages(rewards, mask, answer, group_includes_reference=False,
+                                         zero_std=zero_std)
+  r = np.asarray([1.0, 1.0, 1.0, np.float32(1.01)], np.float64)
+  eps = 1e-6 if zero_std == "eps" else 0.0
+  np.testing.assert_allclose(np.asarray(adv[2]), (r - r.mean()) / (r.std() + eps), rtol=1e-3)
+  np.testing.assert_allclose(float(adv_y[2]), (0.0 - r.mean()) / (r.std() + eps), rtol=1e-3)
+  # std_floor=0: only exactly equal rewards are a tie (the old rule), so row 0's
+  # answer gets the huge advantage the floor guards against.
+  _, adv_y, _, _ = grao_advantages(rewards, mask, answer, group_includes_reference=False,
+                                   zero_std=zero_std, std_floor=0.0)
+  assert abs(float(adv_y[0])) > 1e5
+  from jaxalign.losses.grao import STD_FLOOR
+  assert STD_FLOOR == 1e-5   # the value docs/losses.md states
+  # Through the loss: finite, and the tie rows count as zero-std groups.
+  logps, lengths, _, _, a_logps, a_lengths, _ = _random_batch(3)
+  loss, metrics, grads = _run(logps[:3, :4], lengths[:3, :4], np.ones((3, 4), bool),
+                              np.asarray(rewards), a_logps[:3], a_lengths[:3],
+                              group_includes_reference=False, zero_std=zero_std)
+  assert _all_finite(loss, *grads["loss"])
+  np.testing.assert_allclose(float(metrics["frac_zero_std_groups"]), 2.0 / 3.0, rtol=1e-6)

@@ -31,8 +31,13 @@ Cases (docs/losses.md, "Compared with which TRL"; every case id starts with the 
                                         lists with loss_weights, ld_alpha, use_weighting (WPO)
                                         -> dpo_loss(variant=...); CPOTrainer (sigmoid, hinge,
                                         ipo, simpo) -> cpo_loss / simpo_loss; ORPOTrainer ->
-                                        orpo_loss. <inputs>: seed0-2, ties, extreme. Loss,
-                                        metrics and per-example losses (TRL on each row alone)
+                                        orpo_loss (a stub forward: a one-token prompt).
+                                        <inputs>: seed0-2, ties, extreme. Loss, metrics and
+                                        per-example losses (TRL on each row alone)
+  orpo_model/<set>          1.16        ORPOTrainer.get_batch_loss_metrics through its own
+                                        concatenated_forward on a tiny float64 Llama (NLL
+                                        over prompt + response) -> orpo_loss with the
+                                        chosen_unscored_* inputs (TRL's get_batch_logps sums)
   bco_unpaired[_udm]        0.28        trl.experimental.bco.BCOTrainer, beta=0.1; steps train,
                                         train, eval; UDM clip [0.5, 10] -> bco_loss(state=...,
                                         udm_weights=density_ratio_weights(p_desirable))
@@ -96,6 +101,8 @@ def _lengths(inputs):
 # The columns of LD-DPO / WPO cases, passed to dpo_loss by name.
 _COLUMN_ARGS = ("chosen_tail_logps", "rejected_tail_logps", "ref_chosen_tail_logps",
                 "ref_rejected_tail_logps", "chosen_wpo_logps", "rejected_wpo_logps")
+# ORPO's prompt tokens (the step's unscored_* columns), passed by name.
+_UNSCORED_ARGS = ("chosen_unscored_logps", "chosen_unscored_lengths")
 _REFERENCE_FREE = {"cpo_loss": cpo_loss, "simpo_loss": simpo_loss, "orpo_loss": orpo_loss}
 
 
@@ -103,8 +110,9 @@ def _call_stateless(fn, x, kw, weights=None):
   if fn == "dpo_loss":
     cols = {k: _f32(x[k]) for k in _COLUMN_ARGS if k in x}
     return dpo_loss(*_paired_args(x), *_lengths(x), **cols, **kw, weights=weights)
+  cols = {k: _f32(x[k]) for k in _UNSCORED_ARGS if k in x}
   return _REFERENCE_FREE[fn](_f32(x["chosen_logps"]), _f32(x["rejected_logps"]), *_lengths(x),
-                             **kw, weights=weights)
+                             **cols, **kw, weights=weights)
 
 
 def per_example_losses(case):
@@ -215,6 +223,28 @@ def test_vectors_cover_the_other_trl_loss_types():
     for inputs in ("seed0", "seed1", "seed2", "ties", "extreme"):
       assert f"trl1.16.0/{name}/{inputs}" in CASES
   assert "trl0.28.0/bco_pair_delta_unequal" in CASES
+  for inputs in ("model_a", "model_b", "model_peaked"):
+    assert f"trl1.16.0/orpo_model/{inputs}" in CASES
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "/orpo_model/" in n])
+def test_orpo_model_cases_exercise_the_prompt_term(name):
+  """TRL's ORPO NLL runs over the chosen sequence's prompt and response (issue 30): on
+  these vectors, made through TRL's own concatenated_forward, the response-only NLL
+  (nll_tokens="response") misses TRL's loss by more than 1e-3 relative on the batch
+  and on most single pairs, so the cases above check the prompt term."""
+  case = CASES[name]
+  x, trl_out = case["steps"][0]["inputs"], case["steps"][0]["trl"]
+  assert sum(x["chosen_unscored_lengths"]) > 0 and 4 in [
+      n + 1 for n in x["chosen_unscored_lengths"]]   # a 4-token prompt (BOS + 3)
+  response_only = dict(case["jaxalign"]["kwargs"], nll_tokens="response")
+  loss, _ = _call_stateless("orpo_loss", x, response_only)
+  assert abs(float(loss) / trl_out["loss"] - 1.0) > 1e-3
+  n = len(x["chosen_logps"])
+  rows = [float(_call_stateless("orpo_loss", x, response_only,
+                                jnp.asarray(np.eye(n, dtype=np.float32)[i]))[0]) for i in range(n)]
+  off = np.abs(np.asarray(rows) / np.asarray(trl_out["per_example"]) - 1.0) > 1e-3
+  assert off.sum() >= n // 2
 
 
 def test_bco_pair_counting_default_differs_from_trl028_on_unequal_batches():

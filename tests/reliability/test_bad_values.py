@@ -90,6 +90,8 @@ def test_new_pairwise_loss_settings_exit_2_before_compiling(tmp_path, capsys, ov
     ("dpo", dict(discopop_tau=0.0), "config.loss.hparams.discopop_tau: must be in (0, inf)"),
     ("bco_pair", dict(beta=-1.0), "config.loss.hparams.beta: must be in (0, inf) for 'bco_pair'"),
     ("orpo", dict(beta=-0.1), "config.loss.hparams.beta: must be in [0, inf) for 'orpo'"),
+    ("orpo", dict(nll_tokens="prompt"), "config.loss.hparams.nll_tokens: must be one of "
+     "['sequence', 'response']"),
     ("simpo", dict(gamma=-1.0), "config.loss.hparams.gamma: must be in [0, inf) for 'simpo'"),
     ("cpo", dict(cpo_alpha=-1.0), "config.loss.hparams.cpo_alpha: must be in [0, inf)"),
     ("cpo", dict(loss_type="sppo"), "config.loss.hparams.loss_type: must be one of"),

@@ -76,20 +76,25 @@ def _plain_token_logps(graphdef, params, frozen, batch):
   logps = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
   log_sum_sq = jax.scipy.special.logsumexp(2.0 * logp_all, axis=-1)
   mask = (batch["loss_mask"] * batch["attention_mask"]).reshape(b * s, t)[:, 1:].astype(bool)
+  real = batch["attention_mask"].reshape(b * s, t).astype(bool)
+  real = real[:, 1:] & real[:, :-1]          # a real token predicted by a real one
   shape = (b, s, t - 1)
   return (np.asarray(logps, np.float64).reshape(shape),
-          np.asarray(log_sum_sq, np.float64).reshape(shape), np.asarray(mask).reshape(shape))
+          np.asarray(log_sum_sq, np.float64).reshape(shape), np.asarray(mask).reshape(shape),
+          np.asarray(real).reshape(shape))
 
 
-def _independent_inputs(logps, log_sum_sq, mask):
-  """Sums, lengths, LD-DPO tails and WPO means per sequence, in NumPy."""
+def _independent_inputs(logps, log_sum_sq, mask, real):
+  """Sums, lengths, LD-DPO tails, WPO means and the unscored (prompt) tokens' sums and
+  counts per sequence, in NumPy."""
   sums = (logps * mask).sum(-1)
   lengths = mask.sum(-1)
   shared = lengths.min(axis=1)                                             # [B]
   pos = np.cumsum(mask, axis=-1)
   tail = ((logps * (mask & (pos > shared[:, None, None]))).sum(-1))
   wpo = ((logps - log_sum_sq) * mask).sum(-1) / np.maximum(lengths, 1)
-  return sums, lengths, tail, wpo
+  unscored = real & ~mask
+  return sums, lengths, tail, wpo, (logps * unscored).sum(-1), unscored.sum(-1)
 
 
 @pytest.mark.parametrize("method", sorted(STEP_CASES))
@@ -115,12 +120,12 @@ def test_step_loss_equals_the_pure_loss(method):
                        for p in ([state.params] + ([state.ref_params] if spec.needs_ref
                                                    else []))]
     _, metrics = built.step_fn(state, sharding.host_to_global(batch, built.batch_sharding))
-  (sums, lengths, tail, wpo), *ref = expected_inputs
+  (sums, lengths, tail, wpo, unscored, unscored_n), *ref = expected_inputs
   f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))
   kw = dict(chosen_logps=f32(sums[:, 0]), rejected_logps=f32(sums[:, 1]),
             chosen_lengths=jnp.asarray(lengths[:, 0]), rejected_lengths=jnp.asarray(lengths[:, 1]))
   if ref:
-    r_sums, _, r_tail, _ = ref[0]
+    r_sums, _, r_tail, *_ = ref[0]
     kw.update(ref_chosen_logps=f32(r_sums[:, 0]), ref_rejected_logps=f32(r_sums[:, 1]))
   if hparams.get("ld_alpha") is not None:
     kw.update(chosen_tail_logps=f32(tail[:, 0]), rejected_tail_logps=f32(tail[:, 1]),
@@ -128,6 +133,10 @@ def test_step_loss_equals_the_pure_loss(method):
     assert np.any(tail != 0)
   if hparams.get("use_weighting"):
     kw.update(chosen_wpo_logps=f32(wpo[:, 0]), rejected_wpo_logps=f32(wpo[:, 1]))
+  if "unscored_logps" in spec.column_names(hparams):   # ORPO's NLL over prompt + response
+    kw.update(chosen_unscored_logps=f32(unscored[:, 0]),
+              chosen_unscored_lengths=jnp.asarray(unscored_n[:, 0]))
+    assert np.all(unscored_n[:, 0] > 0)
   if spec.init_state is not None:
     expected, _, _ = spec.fn(kw.pop("chosen_logps"), kw.pop("rejected_logps"),
                              kw.pop("ref_chosen_logps"), kw.pop("ref_rejected_logps"),
