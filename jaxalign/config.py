@@ -368,9 +368,9 @@ def _validate_init_from(c: ml_collections.ConfigDict, model_cfg) -> None:
   except CorruptCheckpointError:   # the restore names the step (a run error)
     return
   source = ml_collections.ConfigDict(saved)
-  what = _not_a_model(source)
+  what = _not_a_model(source, path)
   if what:
-    _fail("init_from", f"{path} (step {step}) holds {what}, not a model's parameters")
+    _fail("init_from", f"{path} (step {step}) holds {what}")
   try:
     saved_cfg = model_config(source)
   except (HfConfigError, TypeError, ValueError, KeyError, AttributeError):
@@ -400,15 +400,18 @@ def _validate_init_from(c: ml_collections.ConfigDict, model_cfg) -> None:
         "the model to match it")
 
 
-def _not_a_model(source: ml_collections.ConfigDict) -> str:
-  """What a run's checkpoint holds when its params are not a Transformer's: "" if they are."""
-  lora_cfg = source.get("lora") or {}
-  if lora_cfg.get("rank", 0):
-    return f"LoRA adapters (lora.rank={lora_cfg.get('rank')}; export the run to use it)"
+def _not_a_model(source: ml_collections.ConfigDict, path: str) -> str:
+  """What a run's checkpoint holds when its params are not a Transformer's ("" when
+  they are), and what to do instead."""
+  rank = (source.get("lora") or {}).get("rank", 0)
+  if rank:
+    return (f"LoRA adapters (lora.rank={rank}), not a model's parameters; `jaxalign export "
+            f"--checkpoint {path}` merges them into a model to start from with model.hf_path")
   # Built-in losses only: a file named by another run's record is never imported here.
-  spec = losses.LOSSES.get(source.loss.name)
+  name = (source.get("loss") or {}).get("name", "")
+  spec = losses.LOSSES.get(name)
   if spec is not None and reward_model.has_scalar_head(spec):
-    return f"a reward model (loss {source.loss.name!r})"
+    return f"a reward model (loss {name!r}), not a model's parameters"
   return ""
 
 
