@@ -198,7 +198,8 @@ def read_header(file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     prefix = f.read(8)
     n = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
     if n is None or 8 + n > size:
-      raise ValueError(f"{file}: truncated ({size} bytes): its safetensors header does not fit")
+      raise ValueError(f"{file}: truncated, or not a safetensors file ({size} bytes): its "
+                       "header does not fit")
     raw = f.read(n)
   try:
     header = json.loads(raw)

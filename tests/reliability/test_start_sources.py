@@ -79,8 +79,8 @@ def test_a_weights_file_truncated_mid_tensor_is_named_at_validation(tmp_path, sh
                           f"byte {data_start + end}, the file has {size} bytes")
 
   _truncate(file, 5)   # not even the header's length
-  with pytest.raises(config_lib.ConfigError, match=r"^config\.model\.hf_path: .*: truncated "
-                     r"\(5 bytes\): its safetensors header does not fit$"):
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.model\.hf_path: .*: truncated, "
+                     r"or not a safetensors file \(5 bytes\): its header does not fit$"):
     config_lib.validate(_hf_config(hf_dir), 8)
 
 
