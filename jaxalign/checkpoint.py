@@ -188,6 +188,40 @@ class Checkpointer:
     self._manager.close()
 
 
+def checkpoint_dir(path: str) -> str:
+  """A run directory or its checkpoints/ subdirectory -> the checkpoints directory."""
+  sub = paths.join(path, "checkpoints")
+  return sub if paths.isdir(sub) else path
+
+
+def saved_config(run_dir: str) -> tuple[int, dict[str, Any]]:
+  """(latest step, the config saved with it) of another run's checkpoint directory,
+  reading the config's JSON only (no array).
+
+  Raises:
+    FileNotFoundError: `run_dir` holds no complete checkpoint.
+    CorruptCheckpointError: the latest step's config cannot be read back.
+  """
+  run_dir = paths.resolve(run_dir)
+  manager = ocp.CheckpointManager(run_dir, item_names=("state", "data", "config"))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {run_dir}")
+    try:
+      config = manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:  # see Checkpointer.restore
+      raise CorruptCheckpointError(f"checkpoint step {step} in {run_dir} cannot be read "
+                                   f"({_problem(e)})", step=step) from e
+  finally:
+    manager.close()
+  if not isinstance(config, dict):
+    raise CorruptCheckpointError(f"checkpoint step {step} in {run_dir} cannot be read "
+                                 f"(its saved config is a {type(config).__name__})", step=step)
+  return step, config
+
+
 def restore_params(run_dir: str, abstract_params, step: int | None = None):
   """Only the trainable parameters of another run's checkpoint (e.g. the SFT model).
 

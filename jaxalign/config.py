@@ -21,12 +21,13 @@ from typing import Any
 
 import ml_collections
 
-from jaxalign import guards, losses, rewards, sharding
+from jaxalign import checkpoint as ckpt
+from jaxalign import guards, losses, paths, rewards, sharding
 from jaxalign.data import schema
 from jaxalign.losses import probe
 from jaxalign.models import attention, hf, hf_config, lora, transformer
 from jaxalign.rewards import model as reward_model
-from jaxalign.errors import ConfigError, HfConfigError
+from jaxalign.errors import ConfigError, CorruptCheckpointError, HfConfigError
 # Mesh axes and logical-axis rules live in sharding.py; re-exported under their old names.
 from jaxalign.sharding import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES, resolve_mesh_shape
 
@@ -244,6 +245,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int):
   mesh_shape = _validate_mesh(c, num_devices)
   spec = _validate_loss(c)
   model_cfg, hf_dir = _validate_model(c)
+  _validate_init_from(c, model_cfg)
   _validate_data(c, spec, model_cfg, mesh_shape)
   _validate_counts(c)
   _validate_eval(c, spec)
@@ -398,7 +400,77 @@ def _validate_model(c: ml_collections.ConfigDict):
   for key in ("dtype", "param_dtype"):
     if getattr(model_cfg, key) not in ("float32", "bfloat16", "float16"):
       _fail(f"model.overrides.{key}", f"unsupported dtype {getattr(model_cfg, key)!r}")
+  if hf_dir and not c.get("init_from", ""):   # init_from, when set, gives the weights
+    try:   # the safetensors headers only: a truncated file, config.json against the shapes
+      hf.check_weights(hf_dir, model_cfg)
+    except (OSError, ValueError) as e:
+      _fail("model.hf_path", str(e))
   return model_cfg, hf_dir
+
+
+# ModelConfig fields that choose how the parameters are computed or stored, not
+# which parameters there are: init_from's checkpoint may differ in them.
+_COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+
+
+def _validate_init_from(c: ml_collections.ConfigDict, model_cfg) -> None:
+  """init_from's latest checkpoint holds a model of this run's parameter shapes,
+  judged from the config saved with it (no array is read)."""
+  path = c.get("init_from", "")
+  if not path or not paths.isdir(path):   # unset; a missing directory: train/loop.py
+    return
+  try:
+    step, saved = ckpt.saved_config(ckpt.checkpoint_dir(path))
+  except FileNotFoundError:
+    _fail("init_from", f"{path} holds no complete checkpoint to start from")
+  except CorruptCheckpointError:   # the restore names the step (a run error)
+    return
+  source = ml_collections.ConfigDict(saved)
+  what = _not_a_model(source, path)
+  if what:
+    _fail("init_from", f"{path} (step {step}) holds {what}")
+  try:
+    saved_cfg = model_config(source)
+  except (HfConfigError, TypeError, ValueError, KeyError, AttributeError):
+    return   # its model cannot be described here; the restore still checks the arrays
+  model_saved = saved.get("model") or {}
+  if "scan_layers" not in model_saved and "scan_layers" not in (model_saved.get("overrides")
+                                                                 or {}):
+    # Saved before the layers were scanned: its parameters have the unrolled layout.
+    saved_cfg = dataclasses.replace(saved_cfg, scan_layers=False)
+  want = hf.param_shapes(model_cfg)
+  if hf.param_shapes(saved_cfg) == want:
+    return
+  old, new = saved_cfg.to_dict(), model_cfg.to_dict()
+  differing = [k for k in new if old[k] != new[k] and k not in _COMPUTE_FIELDS]
+
+  def decides_shapes(key):
+    try:
+      return hf.param_shapes(dataclasses.replace(model_cfg, **{key: getattr(saved_cfg, key)})
+                             ) != want
+    except (TypeError, ValueError):   # not a valid config alone: count it
+      return True
+
+  named = [k for k in differing if decides_shapes(k)] or differing
+  _fail("init_from", f"{path} (step {step}) holds a model of another shape: "
+        + ", ".join(f"model.{k} {old[k]!r} -> {new[k]!r}" for k in named)
+        + " (its checkpoint -> this run); start from a checkpoint of this model, or set "
+        "the model to match it")
+
+
+def _not_a_model(source: ml_collections.ConfigDict, path: str) -> str:
+  """What a run's checkpoint holds when its params are not a Transformer's ("" when
+  they are), and what to do instead."""
+  rank = (source.get("lora") or {}).get("rank", 0)
+  if rank:
+    return (f"LoRA adapters (lora.rank={rank}), not a model's parameters; `jaxalign export "
+            f"--checkpoint {path}` merges them into a model to start from with model.hf_path")
+  # Built-in losses only: a file named by another run's record is never imported here.
+  name = (source.get("loss") or {}).get("name", "")
+  spec = losses.LOSSES.get(name)
+  if spec is not None and reward_model.has_scalar_head(spec):
+    return f"a reward model (loss {name!r}), not a model's parameters"
+  return ""
 
 
 def _validate_data(c: ml_collections.ConfigDict, spec, model_cfg, mesh_shape) -> None:

@@ -167,6 +167,124 @@ def _layouts(c: ModelConfig) -> dict[tuple, _Layout | _Stacked]:
 # Import
 
 
+def param_shapes(config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
+  """Our flat-state path -> shape of every parameter of a Transformer of `config`
+  (what an abstract model holds, without building one)."""
+  return {key: ((len(lay.layouts), *lay.layouts[0].shape) if isinstance(lay, _Stacked)
+                else lay.shape)
+          for key, lay in _layouts(config).items()}
+
+
+# Bytes per element of the safetensors dtypes (the format's own names).
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+                "BOOL": 1}
+
+
+def read_header(file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """Tensor name -> (dtype, shape) from a safetensors file's header, reading no tensor.
+
+  The format: 8 bytes (little-endian header length N), N bytes of JSON
+  {name: {"dtype", "shape", "data_offsets": [begin, end]}} with offsets counted
+  from the end of the header, then the data.
+
+  Raises:
+    ValueError naming the file (and the tensor): a truncated file (a tensor's
+    bytes end past the file's end), a header that is not JSON, an entry whose
+    byte count does not match its shape and dtype.
+  """
+  size = os.path.getsize(file)
+  with open(file, "rb") as f:
+    prefix = f.read(8)
+    n = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+    if n is None or 8 + n > size:
+      raise ValueError(f"{file}: truncated, or not a safetensors file ({size} bytes): its "
+                       "header does not fit")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+    raise ValueError(f"{file}: not a safetensors file (its header is not JSON: {e})") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{file}: not a safetensors file (its header is not a JSON object)")
+  data_bytes = size - 8 - n
+  out = {}
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype, shape = entry["dtype"], tuple(int(s) for s in entry["shape"])
+      begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{file}: tensor {name!r} has a malformed header entry") from None
+    if end > data_bytes:
+      raise ValueError(f"{file}: truncated: tensor {name!r} ends at byte {8 + n + end}, "
+                       f"the file has {size} bytes")
+    if dtype not in _ST_ITEMSIZE:
+      raise ValueError(f"{file}: tensor {name!r} has an unknown dtype {dtype!r}")
+    if end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+      raise ValueError(f"{file}: tensor {name!r} spans {end - begin} bytes, its shape "
+                       f"{shape} of {dtype} needs {math.prod(shape) * _ST_ITEMSIZE[dtype]}")
+    out[name] = (dtype, shape)
+  return out
+
+
+def _headers(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """Tensor name -> (file, shape) of the checkpoint in `path`, from the headers alone
+  (model.safetensors, or the shards model.safetensors.index.json lists)."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+  elif os.path.exists(single):
+    weight_map, files = None, ["model.safetensors"]
+  else:
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+  found = {}
+  for name in files:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"{index}: lists {name}, which is not in {path}")
+    found.update({t: (file, shape) for t, (_, shape) in read_header(file).items()})
+  for tensor, name in (weight_map or {}).items():
+    if found.get(tensor, (None,))[0] != os.path.join(path, name):
+      raise ValueError(f"{index}: maps {tensor!r} to {name}, whose header lacks it")
+  return found
+
+
+def check_weights(path: str, config: ModelConfig) -> None:
+  """Checks the safetensors headers in `path` against the tensors `config` needs,
+  reading only the headers (a few KB per file), not one tensor.
+
+  Raises:
+    FileNotFoundError: no weights (or a shard the index lists is absent).
+    ValueError naming the file and tensor: a truncated or malformed file; a tensor
+      `config` needs that is missing or of another shape (expected and found);
+      a tensor the model has no place for.
+  """
+  found = _headers(path)
+  wanted = [one for lay in _layouts(config).values()
+            for one in (lay.layouts if isinstance(lay, _Stacked) else (lay,))]
+  for one in wanted:
+    if one.name not in found:
+      raise ValueError(f"{path}: missing tensor {one.name!r}")
+    file, shape = found[one.name]
+    if shape != one.hf_shape:
+      raise ValueError(f"{file}: tensor {one.name!r} has shape {shape}, but the model "
+                       f"config wants {one.hf_shape}")
+  extra = sorted(n for n in set(found) - {one.name for one in wanted}
+                 if not n.endswith(_IGNORED_SUFFIXES)
+                 and not (n == "lm_head.weight" and config.tie_embeddings))
+  if extra:
+    raise ValueError(f"{path}: tensors with no place in the model: {extra[:8]}"
+                     + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
+
+
 def _weight_files(path: str) -> dict[str, str]:
   """HF tensor name -> the safetensors file holding it."""
   index = os.path.join(path, "model.safetensors.index.json")
@@ -225,10 +343,12 @@ def load_state(path: str, config: ModelConfig, abstract_state):
 
   Raises:
     ValueError naming the HF tensor when one is missing, has the wrong shape,
-    or the checkpoint holds a tensor this model has no place for.
+    or the checkpoint holds a tensor this model has no place for, or the file
+    when it is truncated (`check_weights`).
   """
   from safetensors import safe_open
 
+  check_weights(path, config)   # a truncated or misshapen file: one line naming it
   layouts = _layouts(config)
   files = _weight_files(path)
   flat = nnx.to_flat_state(abstract_state)

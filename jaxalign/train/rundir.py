@@ -42,10 +42,7 @@ class RunResult:
   already_complete: bool = False   # the workdir's run had already reached total_steps
 
 
-def checkpoint_dir(path: str) -> str:
-  """A run directory or its checkpoints/ subdirectory -> the checkpoints directory."""
-  sub = paths.join(path, "checkpoints")
-  return sub if paths.isdir(sub) else path
+checkpoint_dir = ckpt.checkpoint_dir   # where init_from's checks (config.py) read it too
 
 
 def starting_params(abstract, *, init_from: str, hf_dir: str, model_cfg):

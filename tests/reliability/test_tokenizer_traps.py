@@ -6,7 +6,8 @@ TRL tokenize them)."""
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 from jaxalign import config as config_lib
 from jaxalign.data import tokenize
@@ -51,18 +52,20 @@ def test_text_prompt_is_tokenized_as_the_tokenizer_itself_does(tmp_path, adds_bo
 
 
 def _hf_dir(tmp_path):
-  """A Hugging Face checkpoint directory (config.json and its own tokenizer; the
-  refusal comes before any weight is read)."""
+  """A Hugging Face checkpoint directory (config.json, weights and its own tokenizer;
+  the refusal comes before any weight is read, after their headers are checked)."""
   hf = tmp_path / "hf"
-  LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-              max_position_embeddings=16).save_pretrained(str(hf))
+  LlamaForCausalLM(LlamaConfig(
+      vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+      max_position_embeddings=16)).save_pretrained(str(hf))
   _tokenizer(hf, adds_bos=False)
   return hf
 
 
 def test_recipe_tokenizer_that_is_not_the_checkpoints_is_refused(tmp_path, capsys):
   hf = _hf_dir(tmp_path)   # the recipe keeps data.tokenizer="toy"
+  capsys.readouterr()      # transformers' "Writing model shards" bar
   status, err = run_cli(capsys, f"--config={RECIPES}", f"--workdir={tmp_path / 'run'}",
                         "--noprogress", f"--config.model.hf_path={hf}")
   assert status == 2, err
