@@ -18,6 +18,8 @@ import functools
 import io
 import json
 import logging
+import sys
+import time
 from typing import Any
 
 import jax
@@ -122,8 +124,15 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
                 keep.path)
   # A generator, not a list: a lazy source's batches are tokenized as they are run.
   batches = pipeline.ordered_batches(examples, process_batch, start_batch=start)
-  bar = tqdm(desc=desc, total=total, initial=start, leave=False,
-             disable=not progress or jax.process_index() != 0)
+  show_bar = progress and jax.process_index() == 0 and sys.stderr.isatty()
+  bar = tqdm(desc=desc, total=total, initial=start, leave=False, disable=not show_bar)
+  # Without a bar (off, or output not a terminal): a line at the start, about every
+  # tenth of the pass and at the end.
+  lead = jax.process_index() == 0
+  every = max(1, total // 10) if lead and not show_bar else 0
+  began = time.perf_counter()
+  if lead:
+    log.info("%s: %d batches of %d examples", desc, total - start, batch_size)
   try:
     for done in range(start, total):
       if preempt is not None and preempt.requested:
@@ -143,11 +152,16 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
       table[np.asarray(index)[keep_rows]] = np.asarray(values)[keep_rows]
       filled[np.asarray(index)[keep_rows]] = True
       bar.update(1)
+      if every and (done + 1) % every == 0 and done + 1 < total:
+        log.info("%s: %d of %d batches (%.1f s)", desc, done + 1, total,
+                 time.perf_counter() - began)
   finally:
     batches.close()
     bar.close()
   if not filled.all():
     raise RuntimeError(f"{desc}: no value for {int((~filled).sum())} examples")
+  if lead:
+    log.info("%s: done in %.1f s", desc, time.perf_counter() - began)
   return table
 
 
