@@ -95,7 +95,8 @@ def _train(argv: list[str]) -> int:
   from jaxalign import peers
   if cluster.is_multiprocess and not peers.supervised():
     # The training runs as a child, so a lost peer's native abort becomes one line.
-    return peers.supervise(["train", *given], workdir=fv.workdir,
+    return peers.supervise([sys.executable, "-m", "jaxalign.cli", "train", *given],
+                           workdir=fv.workdir,
                            process_id=cluster.process_id,
                            num_processes=cluster.num_processes,
                            hold_s=2 * cluster.heartbeat_timeout_s + 30)

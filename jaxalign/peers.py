@@ -119,13 +119,14 @@ def _die_with_parent() -> None:   # runs in the child between fork and exec
     pass
 
 
-def supervise(argv: list[str], *, workdir: str, process_id: int | None,
+def supervise(command: list[str], *, workdir: str, process_id: int | None,
               num_processes: int | None, hold_s: float = 120.0) -> int:
-  """Runs `python -m jaxalign.cli ARGV` as this process's child and returns its
-  exit status, or prints `lost_line` and returns PEER_LOST_STATUS when the
-  coordination service aborted it because a peer process died."""
+  """Runs `command` (`python -m jaxalign.cli train ...`) as this process's child and
+  returns its exit status (128 + N when signal N ended it), or prints `lost_line`
+  and returns PEER_LOST_STATUS when the coordination service aborted it because a
+  peer process died."""
   env = {**os.environ, ENV_SUPERVISED: "1"}
-  child = subprocess.Popen([sys.executable, "-m", "jaxalign.cli", *argv], env=env,
+  child = subprocess.Popen(command, env=env,
                            stderr=subprocess.PIPE, process_group=0,
                            preexec_fn=_die_with_parent)
 
