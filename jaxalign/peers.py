@@ -83,9 +83,11 @@ def lost_processes(text: str, *, me: int | None) -> list[int]:
   return sorted(found - {me})
 
 
-def _complete_steps(workdir: str) -> list[int]:
+def _complete_steps(workdir: str) -> list[int] | None:
   """Finalized checkpoint steps in WORKDIR/checkpoints (a step's directory is named
-  by its number only once every process wrote its part); [] where not local."""
+  by its number only once every process wrote its part); None where not local."""
+  if "://" in workdir:
+    return None
   try:
     names = os.listdir(os.path.join(workdir, "checkpoints"))
   except OSError:
@@ -103,10 +105,10 @@ def lost_line(text: str, *, me: int | None, num_processes: int | None,
   why = ("process 0 hosts the coordination service, which is gone" if lost == [0]
          else "it stopped sending heartbeats to the coordination service")
   me_s = "this process" if me is None else f"process {me}"
-  steps = _complete_steps(workdir)
-  ckpt = (f"the last complete checkpoint is step {steps[-1]} in "
-          f"{os.path.join(workdir, 'checkpoints')}" if steps
-          else "no checkpoint was complete yet")
+  steps, where = _complete_steps(workdir), f"{workdir.rstrip('/')}/checkpoints"
+  ckpt = (f"the last complete checkpoint is step {steps[-1]} in {where}" if steps
+          else "no checkpoint was complete yet" if steps is not None
+          else f"a resume loads the last complete checkpoint in {where}")
   return (f"jaxalign train: error: lost {who} ({why}); {me_s} stopped; {ckpt}; "
           "rerun the job on every process to resume")
 

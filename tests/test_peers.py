@@ -154,3 +154,12 @@ def test_signals_reach_the_child_once_and_it_dies_with_the_supervisor(tmp_path):
   else:
     os.kill(child, signal.SIGKILL)
     pytest.fail("the child outlived its killed supervisor")
+
+
+def test_the_line_names_the_last_complete_checkpoint_or_none(tmp_path):
+  (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp").mkdir(parents=True)
+  line = peers.lost_line(LOST_1, me=0, num_processes=None, workdir=str(tmp_path))
+  assert "lost process 1 (" in line and "no checkpoint was complete yet" in line
+  line = peers.lost_line(LOST_0, me=None, num_processes=4, workdir="gs://b/run")
+  assert "lost process 0 of 4" in line and "this process stopped" in line
+  assert "a resume loads the last complete checkpoint in gs://b/run/checkpoints" in line
