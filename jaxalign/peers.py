@@ -29,11 +29,12 @@ A checkpoint that was being written when the peer died is never finalized:
 Orbax renames a step's temporary directory to the step only after every process
 wrote its part, so the last complete step stays the one a resume loads.
 
-This module imports nothing of JAX: the supervisor stays a small process.
+This module imports nothing of JAX, and the supervisor starts no JAX backend.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import re
@@ -113,12 +114,14 @@ def lost_line(text: str, *, me: int | None, num_processes: int | None,
           "rerun the job on every process to resume")
 
 
-def _die_with_parent() -> None:   # runs in the child between fork and exec
+def _die_with_parent(parent: int) -> None:   # runs in the child between fork and exec
   try:
     import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
   except (OSError, AttributeError):   # not Linux: the child may outlive a killed parent
-    pass
+    return
+  if os.getppid() != parent:   # the parent died before the line above
+    os._exit(128 + signal.SIGKILL)
 
 
 def supervise(command: list[str], *, workdir: str, process_id: int | None,
@@ -130,7 +133,7 @@ def supervise(command: list[str], *, workdir: str, process_id: int | None,
   env = {**os.environ, ENV_SUPERVISED: "1"}
   child = subprocess.Popen(command, env=env,
                            stderr=subprocess.PIPE, process_group=0,
-                           preexec_fn=_die_with_parent)
+                           preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
   def forward(signum, frame):
     del frame
