@@ -14,10 +14,10 @@ and a watchdog thread cannot beat an abort that comes 0.4 s after process 0 dies
 
 So in a multi-process job `jaxalign train` runs the training as its child and
 watches it (`supervise`): the child's stdout passes through, its stderr too except
-from its own error line or the coordination service's first log line on, which are
-held back (a collective or checkpoint write that failed because the peer died
-ends the child with an error line, then its exit waits at JAX's shutdown barrier
-for the service's verdict); when the child dies of that abort naming a lost
+from its own error line, a traceback or the coordination service's first log line
+on, which are held back (a collective or checkpoint write that failed because the
+peer died ends the child with an error line, then its exit waits at JAX's shutdown
+barrier for the service's verdict); when the child dies of that abort naming a lost
 process, the supervisor prints one line naming it and exits with
 `PEER_LOST_STATUS`. Held lines of a child that goes on are let through after
 `hold_s`, and in full with any other ending. SIGTERM and SIGINT sent to the
@@ -56,10 +56,11 @@ _SERVICE_LINE = re.compile(
 
 
 def _holds(line: bytes) -> bool:
-  """Whether held back from here on: the child's own error line (a collective or a
-  checkpoint write that failed because the peer died comes first) or the
-  coordination service's log."""
-  return line.startswith(b"jaxalign train: error:") or bool(
+  """Whether held back from here on: the child's own error line or a traceback (a
+  collective, barrier or checkpoint write that failed because the peer died comes
+  first), or the coordination service's log."""
+  return line.startswith((b"jaxalign train: error:", b"Traceback (most recent call last)",
+                          b"Exception in thread")) or bool(
       _SERVICE_LINE.match(line.decode("utf-8", "replace")))
 
 

@@ -66,8 +66,11 @@ def test_the_native_abort_becomes_one_line_naming_the_lost_process(tmp_path, cap
   for name in ("4", "6", "8.orbax-checkpoint-tmp"):   # 8 was being written
     (tmp_path / "checkpoints" / name).mkdir(parents=True)
   pre = ("WARNING jaxalign: process 0/2: 4 local of 8 cpu devices\n"
-         "jaxalign train: error: saving checkpoint step 8 failed: JaxRuntimeError: Gloo "
-         "AllGather failed: Connection reset by peer\n")
+         + ("jaxalign train: error: saving checkpoint step 8 failed: JaxRuntimeError: Gloo "
+            "AllGather failed: Connection reset by peer\n" if lost else
+            "Exception in thread Thread-7:\nTraceback (most recent call last):\n"
+            "  File \"multihost.py\", line 309, in _fn\njax.errors.JaxRuntimeError: "
+            "INTERNAL: Barrier failed\n"))
   status = peers.supervise(_abort_after(text, pre), workdir=str(tmp_path), process_id=me,
                            num_processes=2)
   assert status == peers.PEER_LOST_STATUS == 3
