@@ -82,6 +82,7 @@ def _train(argv: list[str]) -> int:
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
+  given = list(argv)
   argv, model_overrides = cli_support.split_model_overrides(argv)
   full_argv = ["jaxalign train"] + argv
   # sys_argv: the override flags are discovered from this list, not sys.argv,
@@ -113,6 +114,14 @@ def _train(argv: list[str]) -> int:
   except Exception as e:  # the recipe file raised (or does not parse)
     return _die("train", cli_support.config_file_error(e, argv) or _flag_message(e, argv))
 
+  from jaxalign import peers
+  if cluster.is_multiprocess and not peers.supervised():
+    # The training runs as a child, so a lost peer's native abort becomes one line.
+    return peers.supervise([sys.executable, "-m", "jaxalign.cli", "train", *given],
+                           workdir=fv.workdir,
+                           process_id=cluster.process_id,
+                           num_processes=cluster.num_processes,
+                           hold_s=2 * cluster.heartbeat_timeout_s + 30)
   from jaxalign import distributed
   distributed.initialize(cluster)   # before anything asks JAX for devices
   import jax
@@ -140,6 +149,8 @@ def _train(argv: list[str]) -> int:
   except (errors.NonFiniteError, errors.RunError, guards.DivergenceError) as e:
     return _die("train", str(e), status=1)   # RunError includes runlock.LockedError
   except OSError as e:  # e.g. checkpoint.CheckpointWriteError (disk full), a missing file
+    return _die("train", str(e), status=1)
+  except jax.errors.JaxRuntimeError as e:   # e.g. a collective whose peer died
     return _die("train", str(e), status=1)
   if result.already_complete:
     print(f"already complete: step {result.final_step} of {config.total_steps} in "
@@ -215,6 +226,7 @@ def _prepare(argv: list[str]) -> int:
 
 def _define_distributed_flags(fv) -> None:
   from absl import flags
+  from jaxalign import distributed
   flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0's coordinator service, "
                       "to join a multi-process job (env JAXALIGN_COORDINATOR).", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "Processes in the job (env "
@@ -225,13 +237,17 @@ def _define_distributed_flags(fv) -> None:
                     "count and id from the cluster (Cloud TPU, SLURM, Open MPI).", flag_values=fv)
   flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to "
                        "join.", flag_values=fv)
+  flags.DEFINE_integer("heartbeat_timeout", distributed.HEARTBEAT_TIMEOUT_S,
+                       "Seconds without a heartbeat after which a process counts as lost; "
+                       "the others then stop with one line naming it.", flag_values=fv)
 
 
 def _cluster(fv):
   from jaxalign import distributed
   return distributed.resolve(coordinator=fv.coordinator, num_processes=fv.num_processes,
                              process_id=fv.process_id, auto=fv.distributed,
-                             timeout_s=fv.distributed_timeout)
+                             timeout_s=fv.distributed_timeout,
+                             heartbeat_timeout_s=fv.heartbeat_timeout)
 
 
 def _plan(argv: list[str]) -> int:

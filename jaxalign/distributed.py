@@ -26,6 +26,9 @@ from jaxalign.errors import DistributedError
 ENV_COORDINATOR = "JAXALIGN_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXALIGN_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXALIGN_PROCESS_ID"
+# Seconds without a heartbeat before the coordination service counts a process as
+# lost and stops the others (jaxalign/peers.py turns that into one line).
+HEARTBEAT_TIMEOUT_S = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Cluster:
   process_id: int | None = None
   auto: bool = False
   timeout_s: int = 300
+  heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S
 
   @property
   def is_multiprocess(self) -> bool:
@@ -54,7 +58,7 @@ def _env_int(name: str) -> int | None:
 
 def resolve(*, coordinator: str | None = None, num_processes: int | None = None,
             process_id: int | None = None, auto: bool = False,
-            timeout_s: int = 300) -> Cluster:
+            timeout_s: int = 300, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> Cluster:
   """Flags, falling back to the JAXALIGN_* environment; checked before anything starts.
 
   Raises:
@@ -64,11 +68,14 @@ def resolve(*, coordinator: str | None = None, num_processes: int | None = None,
   num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
   process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
   explicit = (coordinator, num_processes, process_id)
+  if heartbeat_timeout_s < 1:
+    raise DistributedError(f"--heartbeat_timeout {heartbeat_timeout_s}: must be >= 1 second")
   if auto and any(v is not None for v in explicit):
     # Partial overrides of the detected values are allowed by JAX; keep them.
-    return Cluster(coordinator, num_processes, process_id, auto=True, timeout_s=timeout_s)
+    return Cluster(coordinator, num_processes, process_id, auto=True, timeout_s=timeout_s,
+                   heartbeat_timeout_s=heartbeat_timeout_s)
   if all(v is None for v in explicit):
-    return Cluster(auto=auto, timeout_s=timeout_s)
+    return Cluster(auto=auto, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s)
   missing = [f"--{name}" for name, v in zip(("coordinator", "num_processes", "process_id"),
                                              explicit) if v is None]
   if missing:
@@ -83,7 +90,8 @@ def resolve(*, coordinator: str | None = None, num_processes: int | None = None,
     raise DistributedError(f"--num_processes {num_processes}: must be >= 1")
   if not 0 <= process_id < num_processes:
     raise DistributedError(f"--process_id {process_id}: must be in [0, {num_processes})")
-  return Cluster(coordinator, num_processes, process_id, timeout_s=timeout_s)
+  return Cluster(coordinator, num_processes, process_id, timeout_s=timeout_s,
+                 heartbeat_timeout_s=heartbeat_timeout_s)
 
 
 def initialize(cluster: Cluster) -> None:
@@ -103,7 +111,9 @@ def initialize(cluster: Cluster) -> None:
     kwargs["num_processes"] = cluster.num_processes
   if cluster.process_id is not None:
     kwargs["process_id"] = cluster.process_id
-  jax.distributed.initialize(initialization_timeout=cluster.timeout_s, **kwargs)
+  jax.distributed.initialize(initialization_timeout=cluster.timeout_s,
+                             heartbeat_timeout_seconds=cluster.heartbeat_timeout_s, **kwargs)
+
 
 
 def describe() -> str:

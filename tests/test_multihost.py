@@ -98,3 +98,72 @@ def test_cli_rejects_partial_cluster_flags_with_status_2(capsys):
                      "--coordinator", "127.0.0.1:1", "--num_processes", "2"])
   assert status == 2
   assert "--process_id missing" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+  with open(f"/proc/{pid}/task/{pid}/children") as f:
+    return [int(c) for c in f.read().split()]
+
+
+def test_a_killed_process_is_named_by_the_survivor_in_one_line(tmp_path):
+  """Process 1's training process is killed with -9 once process 0 has logged steps
+  and a checkpoint is complete (one is saved every step, so a save is in flight): process 0 exits 3 with one line naming process 1,
+  within the heartbeat timeout (10 s here) and a margin; the checkpoints a resume
+  would list are complete ones, a save in flight is left as Orbax's temporary dir."""
+  import signal
+  import socket
+  import time
+  workdir = tmp_path / "run"
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAXALIGN_SUPERVISED")}
+  env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "jaxalign.cli", "train", "--config", str(RECIPE), "--workdir",
+       str(workdir), "--noprogress", "--config.total_steps=10000", "--config.checkpoint.every=1",
+       "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
+       "--distributed_timeout", "120", "--heartbeat_timeout", "10"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 400
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+               and any(n.isdigit() for n in os.listdir(workdir / "checkpoints"))):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+          [p.communicate()[1][-3000:] for p in procs if p.poll() is not None]
+      time.sleep(0.2)
+    victim = _children(procs[1].pid)   # the training process under its supervisor
+    assert len(victim) == 1
+    os.kill(victim[0], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = procs[0].communicate(timeout=60)
+    took = time.monotonic() - killed
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  assert procs[1].wait() == 128 + signal.SIGKILL
+  assert procs[0].returncode == 3, err[-3000:]
+  lines = err.splitlines()
+  assert "Check failure stack trace" not in err and "Traceback" not in err
+  complete = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  assert lines[-1] == (
+      "jaxalign train: error: lost process 1 of 2 (it stopped sending heartbeats to the "
+      f"coordination service); process 0 stopped; the last complete checkpoint is step "
+      f"{complete[-1]} in {workdir / 'checkpoints'}; rerun the job on every process to resume")
+  assert sum(line.startswith("jaxalign train: error:") for line in lines) == 1
+  assert took < 60
+  # What a resume would list: Orbax's own steps, each with every process's part.
+  import orbax.checkpoint as ocp
+  listed = ocp.CheckpointManager(str(workdir / "checkpoints")).all_steps()
+  assert sorted(listed) == complete
+  for step in complete:
+    d = workdir / "checkpoints" / str(step)
+    for part in ("commit_success.txt", "_CHECKPOINT_METADATA", "data/process_0-of-2.json",
+                 "data/process_1-of-2.json", "state/ocdbt.process_0", "state/ocdbt.process_1",
+                 "state/_METADATA"):
+      assert (d / part).exists(), (step, part)

@@ -40,14 +40,15 @@ response); a message prompt is the chat template rendered with
 message response, the last assistant turn's content; earlier turns of a
 multi-turn response are rendered into that sequence's prompt). Truncation keeps
 the prompt's END (at most ``max_prompt_length`` tokens), then cuts the
-response's END to fit ``max_length``.
+response's END to fit ``max_length``. Only the kept end of a long text is encoded
+(`kept_ids`), to the same ids, so one huge row costs memory for what is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -105,9 +106,53 @@ def _encode_own(tokenizer: Any, text: str) -> list[int]:
   return list(tokenizer.encode(text, add_special_tokens=True))
 
 
-def text_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+# A long text is encoded from a window at the end it keeps: a window of
+# _CHARS_PER_TOKEN characters per wanted token to start with, _MARGIN tokens beyond
+# the wanted ones that must come out the same from three different cuts.
+_CHARS_PER_TOKEN = 8
+_MARGIN = 16
+
+
+def kept_ids(encode: Callable[[str], list[int]], text: str, n: int, *,
+             end: bool) -> list[int]:
+  """``encode(text)[-n:]`` (``end``) or ``encode(text)[:n]``, encoding a window of
+  ``text`` at that end instead of all of it, so memory follows ``n``, not ``len(text)``.
+
+  The window of w characters is cut at three places (w, w + 1 and 2w + 1 characters
+  from the kept end); the kept tokens plus _MARGIN more must come out the same from
+  all three, else w grows fourfold, up to encoding the whole text. Three cuts that
+  agree, one a character apart, mean the kept tokens no longer depend on where the
+  text is cut: true of every tokenizer whose tokens are settled by a bounded stretch
+  of text around them (pre-tokenized BPE and WordPiece, character-level,
+  SentencePiece splitting on whitespace). A text whose kept tokens depend on its far
+  end (one unbroken run that a BPE merges from its start) never agrees and is
+  encoded whole, as it was before.
+
+  Args:
+    encode: text -> token ids.
+    text: the text.
+    n: tokens kept, > 0.
+    end: keep the last ``n`` tokens (else the first ``n``).
+  """
+  k = n + _MARGIN
+  w = _CHARS_PER_TOKEN * k + 64
+  while 2 * w + 1 < len(text):
+    cuts = [encode(text[-c:] if end else text[:c]) for c in (w, w + 1, 2 * w + 1)]
+    kept = [ids[-k:] if end else ids[:k] for ids in cuts]
+    if len(cuts[0]) > k and kept[0] == kept[1] == kept[2]:
+      return kept[0][-n:] if end else kept[0][:n]
+    w *= 4
+  ids = encode(text)
+  return ids[-n:] if end else ids[:n]
+
+
+def text_prompt_ids(tokenizer: Any, text: str, keep_last: int | None = None) -> list[int]:
   """A text prompt's ids: the tokenizer's own leading special tokens (a BOS if it
-  adds one, nothing if it does not), then the text's tokens."""
+  adds one, nothing if it does not), then the text's tokens; with ``keep_last``,
+  only the last ``keep_last`` of them (encoding only the text's end, `kept_ids`)."""
+  if keep_last is not None:
+    return kept_ids(functools.partial(text_prompt_ids, tokenizer), text, keep_last,
+                    end=True)
   plain = encode_text(tokenizer, text)
   own = _encode_own(tokenizer, text)
   for start in range(len(own) - len(plain) + 1):
@@ -116,28 +161,37 @@ def text_prompt_ids(tokenizer: Any, text: str) -> list[int]:
   return own   # the specials changed the text's own tokens: the tokenizer's rendering
 
 
-def _render_prompt(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+def _render_prompt(tokenizer: Any, messages: Sequence[dict],
+                   keep_last: int | None = None) -> list[int]:
   text = tokenizer.apply_chat_template(list(messages), tokenize=False,
                                        add_generation_prompt=True)
+  if keep_last is not None:
+    return kept_ids(functools.partial(encode_text, tokenizer), text, keep_last, end=True)
   return encode_text(tokenizer, text)
 
 
-def prompt_ids(tokenizer: Any, prompt: str | list) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: str | list, keep_last: int | None = None) -> list[int]:
   """A prompt's ids as training renders them (text: `text_prompt_ids`; messages:
-  the chat template with the generation prompt)."""
+  the chat template with the generation prompt); with ``keep_last``, exactly the
+  last ``keep_last`` of those ids, encoding only the end of a long prompt."""
   if isinstance(prompt, str):
-    return text_prompt_ids(tokenizer, prompt)
-  return _render_prompt(tokenizer, prompt)
+    return text_prompt_ids(tokenizer, prompt, keep_last)
+  return _render_prompt(tokenizer, prompt, keep_last)
 
 
 def _sequence_ids(tokenizer: Any, prompt: str | list, response: str | list,
-                  prompt_ids: list[int], eos: list[int]) -> tuple[list[int], list[int]]:
-  """(prompt ids, response ids) for one sequence; see module docstring."""
-  if isinstance(response, str):
-    return prompt_ids, encode_text(tokenizer, response) + eos
-  if len(response) > 1:  # Earlier turns join this sequence's (unscored) prompt.
-    prompt_ids = _render_prompt(tokenizer, list(prompt) + list(response[:-1]))
-  return prompt_ids, encode_text(tokenizer, response[-1]["content"]) + eos
+                  prompt_ids: list[int], eos: list[int], P: int,
+                  T: int) -> tuple[list[int], list[int]]:
+  """(prompt ids, response ids) for one sequence, truncated (module docstring):
+  ``prompt_ids`` are the shared prompt's last P ids, the response keeps its first
+  T - len(prompt) ids (EOS included), each encoded only as far as it is kept."""
+  if not isinstance(response, str):
+    if len(response) > 1:  # Earlier turns join this sequence's (unscored) prompt.
+      prompt_ids = _render_prompt(tokenizer, list(prompt) + list(response[:-1]), P)
+    response = response[-1]["content"]
+  room = T - len(prompt_ids)
+  resp = kept_ids(functools.partial(encode_text, tokenizer), response, room, end=False)
+  return prompt_ids, (resp + eos)[:room]
 
 
 # Group formats: (head field, group list field); the head is sequence 0.
@@ -228,14 +282,13 @@ def tokenize_example(record: Record, fmt: str, tokenizer: Any,
   tokens = np.full((S, T), pad, np.int32)
   attention_mask = np.zeros((S, T), np.int32)
   loss_mask = np.zeros((S, T), np.int32)
-  shared_prompt = prompt_ids(tokenizer, record["prompt"])
+  shared_prompt = prompt_ids(tokenizer, record["prompt"], keep_last=P)  # the prompt's end
   for s, (field, response) in enumerate(responses):
     if response is None:  # padding sequence: all pad, both masks 0
       continue
+    # The response's start, up to T - len(prompt) ids.
     prompt, resp = _sequence_ids(tokenizer, record["prompt"], response,
-                                 shared_prompt, eos)
-    prompt = prompt[-P:]                  # keep the prompt's end
-    resp = resp[:T - len(prompt)]         # cut the response's end
+                                 shared_prompt, eos, P, T)
     if not resp:
       raise DataError(f"{where()}: {field}: empty response after truncation "
                       f"(prompt {len(prompt)} tokens, max_length {T})")

@@ -60,9 +60,10 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[li
   """
   ids, truncated = [], 0
   for p in prompts:
-    full = list(tokenize.prompt_ids(tokenizer, p))  # training's rendering
-    truncated += len(full) > max_prompt_length
-    ids.append(full[-max_prompt_length:])
+    # Training's rendering; one id more than is kept tells a truncated prompt.
+    last = list(tokenize.prompt_ids(tokenizer, p, keep_last=max_prompt_length + 1))
+    truncated += len(last) > max_prompt_length
+    ids.append(last[-max_prompt_length:])
   return ids, truncated
 
 

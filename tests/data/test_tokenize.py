@@ -264,3 +264,165 @@ def test_fuzz_ranked_layout(tok, completions, data, reference, group_size):
   np.testing.assert_array_equal(ex[col][:n], np.asarray(rec[col], np.int32))
   assert (ex[col][n:] == 0).all() and (ex["tokens"][~real] == 0).all()
   assert (ex["loss_mask"] <= ex["attention_mask"]).all()
+
+
+# ---- Long texts: only the kept end is encoded, to exactly the whole text's ids ----
+
+def _bpe(pre_tokenizer, *, adds_bos):
+  """A BPE tokenizer trained here on a small corpus (no download); ``pre_tokenizer``
+  None merges across everything, the hardest case for encoding only a window."""
+  from tokenizers import Tokenizer, models, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+  backend = Tokenizer(models.BPE(unk_token="<unk>"))
+  if pre_tokenizer is not None:
+    backend.pre_tokenizer = pre_tokenizer
+  specials = ["<pad>", "<s>", "</s>", "<unk>"]
+  corpus = [" ".join(_WORDS[(i * 7 + j) % len(_WORDS)] for j in range(12)) + "\naaaa  bb"
+            for i in range(200)]
+  backend.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=specials, show_progress=False,
+      initial_alphabet=sorted(set("".join(corpus)) | set("xyz0123456789"))))
+  if adds_bos:
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+  tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                pad_token="<pad>", unk_token="<unk>")
+  tok.chat_template = toy.CHAT_TEMPLATE.replace("<|", "[").replace("|>", "]")
+  return tok
+
+
+_WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away", "quickly",
+          "banana", "aardvark", "2+2=4", "x-ray"]
+
+
+def _tokenizers():
+  from tokenizers import pre_tokenizers
+  return {"toy_chars": toy.build_tokenizer(),
+          "bpe_bytelevel": _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                adds_bos=False),
+          "bpe_metaspace": _bpe(pre_tokenizers.Metaspace(), adds_bos=True),
+          "bpe_unsplit": _bpe(None, adds_bos=True)}
+
+
+@pytest.fixture(scope="module")
+def toks():
+  return _tokenizers()
+
+
+def _text(kind, n_chars, seed=0):
+  rng = np.random.default_rng(seed)
+  if kind == "digits":      # the toy vocabulary
+    return "".join(rng.choice(list("0123456789+= \n"), n_chars))
+  if kind == "words":
+    out = " ".join(rng.choice(_WORDS, n_chars // 4))
+  elif kind == "runs":      # long runs a BPE merges from their start
+    out = "".join(c * int(rng.integers(1, 400)) for c in rng.choice(list("ab \n"), 200))
+  else:                     # words that end in one long unbroken run
+    out = " ".join(rng.choice(_WORDS, n_chars // 8)) + " " + "a" * (n_chars // 2)
+  return out[:n_chars]
+
+
+@pytest.mark.parametrize("name", ["toy_chars", "bpe_bytelevel", "bpe_metaspace",
+                                  "bpe_unsplit"])
+@pytest.mark.parametrize("kind", ["words", "runs", "tail_run"])
+def test_kept_ids_equal_encoding_the_whole_text(toks, name, kind):
+  from jaxalign.data import tokenize
+  tok = toks[name]
+  text = _text("digits" if name == "toy_chars" else kind, 30_000, seed=len(kind))
+  encoded = []
+
+  def encode(t):
+    encoded.append(len(t))
+    return tokenize.encode_text(tok, t)
+
+  whole = encode(text)
+  for n in (1, 9, 60):
+    for end in (True, False):
+      encoded.clear()
+      got = tokenize.kept_ids(encode, text, n, end=end)
+      assert got == (whole[-n:] if end else whole[:n]), (n, end)
+      # A text that ends in one long run a BPE merges from its start is encoded whole.
+      settles = name == "toy_chars" or kind == "words" or (kind == "tail_run" and not end)
+      if settles:
+        assert max(encoded) < len(text) // 4   # only a window was encoded
+  for n in (1, 60):   # a text prompt: the tokenizer's own specials, then the text
+    assert tokenize.text_prompt_ids(tok, text, keep_last=n) == \
+        tokenize.text_prompt_ids(tok, text)[-n:]
+  short = text[:50]
+  assert tokenize.text_prompt_ids(tok, short, keep_last=200) == \
+      tokenize.text_prompt_ids(tok, short)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=st.text("ab \n", max_size=2500), n=st.integers(1, 25), end=st.booleans())
+def test_fuzz_kept_ids_unsplit_bpe(toks, text, n, end):
+  from jaxalign.data import tokenize
+  tok = toks["bpe_unsplit"]
+  whole = tokenize.encode_text(tok, text)
+  got = tokenize.kept_ids(lambda t: tokenize.encode_text(tok, t), text, n, end=end)
+  assert got == (whole[-n:] if end else whole[:n])
+
+
+def _old_sequence(tok, prompt, response, P, T):
+  """Tokenize's rule written as before: encode the whole texts, then cut."""
+  from jaxalign.data import tokenize
+  if isinstance(response, list):
+    if len(response) > 1:
+      prompt = list(prompt) + list(response[:-1])
+    response = response[-1]["content"]
+  p = tokenize.prompt_ids(tok, prompt)[-P:]
+  r = (tokenize.encode_text(tok, response) + [tok.eos_token_id])[:T - len(p)]
+  return p + r, len(p)
+
+
+@pytest.mark.parametrize("name", ["toy_chars", "bpe_bytelevel", "bpe_metaspace"])
+def test_long_rows_tokenize_to_the_same_ids(toks, name):
+  tok = toks[name]
+  kind = "digits" if name == "toy_chars" else "words"
+  long_text, other = _text(kind, 20_000, 1), _text(kind, 20_000, 2)
+  short = _text(kind, 6, 3) or "1"
+  user = lambda c: {"role": "user", "content": c}
+  bot = lambda c: {"role": "assistant", "content": c}
+  cases = [(long_text, other), (short, other), (long_text, short),
+           ([user(long_text)], [bot(other)]),
+           ([user(short)], [bot(long_text), user(other), bot(long_text)])]
+  for P, T in ((5, 12), (40, 100)):
+    for prompt, response in cases:
+      rec = validate_record({"prompt": prompt, "completion": response}, "sft")
+      ex = tokenize_example(rec, "sft", tok, TokenizeConfig(T, P))
+      want, n = _old_sequence(tok, prompt, response, P, T)
+      assert ex["tokens"][0, :len(want)].tolist() == want
+      assert ex["attention_mask"][0].sum() == len(want) and ex["loss_mask"][0, :n].sum() == 0
+
+
+_PEAK_SCRIPT = """
+import resource, sys
+from jaxalign.data import toy
+from jaxalign.data.formats import validate_record
+from jaxalign.data.tokenize import TokenizeConfig, tokenize_example
+tok = toy.build_tokenizer()
+tokenize_example({"prompt": "1+1=", "completion": "2"}, "sft", tok, TokenizeConfig(64, 32))
+n = int(sys.argv[1])
+rec = validate_record({"prompt": "12+3=" * (n // 5), "chosen": "45 " * (n // 3),
+                       "rejected": [{"role": "assistant", "content": "6" * n}]}, "pairwise")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ex = tokenize_example(rec, "pairwise", tok, TokenizeConfig(64, 32))
+assert ex["tokens"][0, 29] == 21 and ex["tokens"][1, 31] == 6  # "=<|end|><|assistant|>"
+assert ex["loss_mask"].sum() == 64
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_multi_megabyte_row_tokenizes_in_bounded_memory():
+  """A 4M-character prompt and responses (the toy tokenizer: one token a character,
+  the costliest case) add little to the process's peak memory: before, the whole
+  texts were encoded and the peak grew by ~880 bytes a character (~3.5 GB here)."""
+  import os
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(4_000_000)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  grown_mb = int(out.stdout.split()[-1])
+  assert grown_mb < 200, f"peak memory grew by {grown_mb} MB"

@@ -88,3 +88,13 @@ def test_not_a_run_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a jaxalign run directory"):
     generate_lib.generate_file(str(tmp_path), "x.jsonl", str(tmp_path / "o.jsonl"),
                         SamplingParams(max_new_tokens=2))
+
+
+def test_encode_prompts_keeps_the_end_and_counts_truncated_prompts():
+  from jaxalign.data import toy, tokenize
+  from jaxalign.sampling import files
+  tok = toy.build_tokenizer()
+  prompts = ["1+2=", "12+3=" * 5000, [{"role": "user", "content": "4*5=" * 5000}]]
+  ids, truncated = files.encode_prompts(tok, prompts, 6)
+  assert truncated == 2
+  assert ids == [tokenize.prompt_ids(tok, p)[-6:] for p in prompts]
