@@ -5,8 +5,12 @@
       --config.init_from=runs/sft_toy
 
 Pairs are generated on the fly ("toy:pairwise?n=..."): right answer vs a
-plausible mistake. Expect rewards/accuracies near 1.0 within ~100 steps on a
-laptop CPU. `jaxalign demo` runs the full SFT -> DPO -> eval story.
+plausible mistake. This recipe shows the mechanics (data, reference pass, step,
+checkpoints, metrics), not a useful model: from `sft_toy` with beta 0.05 the
+logged rewards/accuracies (32 pairs a step) wander between 0.5 and 0.84 and end
+at 0.78 at step 200, the loss goes from 0.68 to 0.63 (measured 2026-12-07, the two
+commands above with --config.loss.hparams.beta=0.05). `jaxalign demo` runs the
+full SFT -> DPO -> held-out accuracy story, on a larger model and more steps.
 """
 
 import ml_collections
