@@ -232,7 +232,8 @@ def _stats_update(extra, logits, valid, start, running_max, new_max):
   best_index = jnp.where(better, start + jnp.argmax(logits, axis=-1).astype(jnp.int32),
                          best_index)
   best_value = jnp.maximum(best_value, chunk_best)
-  weighted = weighted * jnp.exp(running_max - new_max) + (jnp.exp(logits - new_max[:, None]) * z).sum(axis=-1)
+  weighted = (weighted * jnp.exp(running_max - new_max)
+              + (jnp.exp(logits - new_max[:, None]) * z).sum(axis=-1))
   return logit_sum, best_value, best_index, weighted
 
 
@@ -438,8 +439,8 @@ def sequence_logps_from_hidden(
       scored token's 1-based place in its row) and "log_sum_sq" [N, T] if the dict
       asks for it by holding that key (token_log_sum_sq_probs, same positions);
       "stats" {name: [N, T]} if it holds that key (token_logps_and_stats, from
-      the log-probs' own scan); "unscored" ([N] sums, [N] counts of each row's real unscored tokens after its
-      first, _fill_unscored) if it holds that key.
+      the log-probs' own scan); "unscored" ([N] sums, [N] counts of each row's
+      real unscored tokens after its first, _fill_unscored) if it holds that key.
     attention_mask: [N, T], 1 on real tokens; needed for "unscored" only.
 
   Returns:
@@ -551,8 +552,9 @@ def packed_sequence_logps(
       (scored), "slot" [G, N] (the scored token's slot, num_slots elsewhere),
       "rank" [G, N] (its 1-based place in its sequence), "log_sum_sq" [G, N] if
       the dict holds that key (token_log_sum_sq_probs), "stats" {name: [G, N]}
-      if it holds that key (token_logps_and_stats); N = R * L. With first_index, N = num_slots + R * L: the slots' first
-      response tokens lead, before all of their scored tokens in the rows.
+      if it holds that key (token_logps_and_stats); N = R * L. With first_index,
+      N = num_slots + R * L: the slots' first response tokens lead, before all
+      of their scored tokens in the rows.
 
   Returns:
     logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
