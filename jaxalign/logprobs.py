@@ -52,22 +52,26 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def _fill_token_outputs(token_outputs: dict, logps, mask, slot, rank, log_sum_sq) -> None:
+def _fill_token_outputs(token_outputs: dict, logps, mask, slot, rank, log_sum_sq,
+                        stats=None) -> None:
   """Fills `token_outputs` with the flat per-token form losses/columns.py reads.
 
   logps, mask, slot, rank: [G, N] (slot: the scored token's sequence in its group,
   num_slots elsewhere; rank: its 1-based place among that sequence's scored tokens);
-  log_sum_sq: () -> [G, N], called only if the dict holds that key.
+  log_sum_sq: () -> [G, N], called only if the dict holds that key;
+  stats: {name: [G, N]} (token_logps_and_stats), stored if the dict holds "stats".
   """
   if "log_sum_sq" in token_outputs:
     token_outputs["log_sum_sq"] = log_sum_sq()
+  if "stats" in token_outputs:
+    token_outputs["stats"] = stats
   token_outputs.update(logps=logps, mask=mask, slot=slot, rank=rank)
 
 
-def _fill_rows(token_outputs: dict, logps, mask, log_sum_sq) -> None:
+def _fill_rows(token_outputs: dict, logps, mask, log_sum_sq, stats=None) -> None:
   """_fill_token_outputs for [N, T] rows that are one sequence each (one slot a row)."""
   _fill_token_outputs(token_outputs, logps, mask, jnp.where(mask, 0, 1).astype(jnp.int32),
-                      jnp.cumsum(mask.astype(jnp.int32), axis=1), log_sum_sq)
+                      jnp.cumsum(mask.astype(jnp.int32), axis=1), log_sum_sq, stats)
 
 
 def _fill_unscored(token_outputs: dict, logps, unscored, slot=None, num_slots=None,
@@ -98,24 +102,26 @@ def _fill_unscored(token_outputs: dict, logps, unscored, slot=None, num_slots=No
 def _fill_packed(token_outputs: dict, rows, num_slots: int, first=None) -> None:
   """_fill_token_outputs for packed rows (packed_sequence_logps).
 
-  rows: (logps, mask, slot [G, N], log_sum_sq: () -> [G, N]) of the flattened rows.
+  rows: (logps, mask, slot [G, N], log_sum_sq: () -> [G, N], stats: None or
+    {name: [G, N]}) of the flattened rows.
   first: None, or packed shared prompts' (logps, scored [G, num_slots], log_sum_sq:
-    () -> [G, num_slots]) of each slot's first response token, scored apart from
-    the rows; those lead the flat axis with rank 1, the rows' ranks after them.
+    () -> [G, num_slots], stats) of each slot's first response token, scored apart
+    from the rows; those lead the flat axis with rank 1, the rows' ranks after them.
   """
-  logps, mask, slot, log_sum_sq = rows
+  logps, mask, slot, log_sum_sq, stats = rows
   if first is None:
     offset = jnp.zeros(mask.shape[:1] + (num_slots,), jnp.int32)
     _fill_token_outputs(token_outputs, logps, mask, slot,
-                        _packed_ranks(mask, slot, num_slots, offset), log_sum_sq)
+                        _packed_ranks(mask, slot, num_slots, offset), log_sum_sq, stats)
     return
-  first_logps, scored, first_log_sum_sq = first
+  first_logps, scored, first_log_sum_sq, first_stats = first
   lead = lambda a, b: jnp.concatenate([a, b], axis=1)
   first_slot = jnp.where(scored, jnp.arange(num_slots, dtype=slot.dtype), num_slots)
   rank = _packed_ranks(mask, slot, num_slots, scored.astype(jnp.int32))
   _fill_token_outputs(token_outputs, lead(first_logps, logps), lead(scored, mask),
                       lead(first_slot, slot), lead(jnp.ones_like(first_slot), rank),
-                      lambda: lead(first_log_sum_sq(), log_sum_sq()))
+                      lambda: lead(first_log_sum_sq(), log_sum_sq()),
+                      None if stats is None else {k: lead(first_stats[k], stats[k]) for k in stats})
 
 
 def _packed_ranks(mask, slot, num_slots, offset):
@@ -158,14 +164,22 @@ def _chunk(h, head_w, i, chunk, cap, batch_axes):
   return start, w, z, logits, valid
 
 
-def _forward(h, head_w, targets, chunk_size, cap, batch_axes):
-  """h: [M, D]; head_w: [D, V]; targets: [M]. Returns (logps [M], lse [M])."""
+def _forward(h, head_w, targets, chunk_size, cap, batch_axes, stats=False):
+  """h: [M, D]; head_w: [D, V]; targets: [M]. Returns (logps [M], lse [M], stats).
+
+  stats: None, or (with `stats`) the per-token metrics of the same scan, read off
+  the chunk logits the log-probs need anyway (no extra matmul), as a dict of [M]
+  float32: "logit_mean" (the logits' mean over the vocabulary), "top1" (1.0 where
+  the first argmax over the vocabulary is the target) and "entropy" (of the
+  softmax, lse - sum_v p_v z_v). The log-prob arithmetic is the same either way.
+  """
   M = h.shape[0]
+  vocab = head_w.shape[1]
   h, targets = _rows(h, batch_axes), _rows(targets, batch_axes)
-  chunk, num_chunks = _chunk_layout(head_w.shape[1], chunk_size)
+  chunk, num_chunks = _chunk_layout(vocab, chunk_size)
 
   def body(carry, i):
-    running_max, running_sum, target_logit = carry
+    (running_max, running_sum, target_logit), extra = carry
     start, _, _, logits, valid = _chunk(h, head_w, i, chunk, cap, batch_axes)
     new_max = jnp.maximum(running_max, logits.max(axis=-1))
     running_sum = (running_sum * jnp.exp(running_max - new_max)
@@ -176,16 +190,51 @@ def _forward(h, head_w, targets, chunk_size, cap, batch_axes):
     # -inf picks (invalid overlap columns) are excluded by in_chunk & valid.
     hit = in_chunk & valid[jnp.clip(local, 0, chunk - 1)]
     target_logit = jnp.where(hit, picked, target_logit)
+    if extra is not None:
+      extra = _stats_update(extra, logits, valid, start, running_max, new_max)
     carry = (new_max, running_sum, target_logit)
-    return tuple(_rows(c, batch_axes) for c in carry), None
+    return (tuple(_rows(c, batch_axes) for c in carry),
+            None if extra is None else tuple(_rows(c, batch_axes) for c in extra)), None
 
   init = tuple(_rows(c, batch_axes) for c in (
       jnp.full((M,), -jnp.inf, jnp.float32), jnp.zeros((M,), jnp.float32),
       jnp.zeros((M,), jnp.float32)))
-  (running_max, running_sum, target_logit), _ = jax.lax.scan(
-      body, init, jnp.arange(num_chunks))
+  extra = None
+  if stats:
+    extra = tuple(_rows(c, batch_axes) for c in (
+        jnp.zeros((M,), jnp.float32), jnp.full((M,), -jnp.inf, jnp.float32),
+        jnp.zeros((M,), jnp.int32), jnp.zeros((M,), jnp.float32)))
+  ((running_max, running_sum, target_logit), extra), _ = jax.lax.scan(
+      body, (init, extra), jnp.arange(num_chunks))
   lse = running_max + jnp.log(running_sum)
-  return target_logit - lse, lse
+  out = None
+  if stats:
+    logit_sum, _, best_index, weighted = extra
+    out = {"logit_mean": logit_sum / vocab,
+           "top1": (best_index == targets).astype(jnp.float32),
+           "entropy": lse - weighted / running_sum}
+  return target_logit - lse, lse, out
+
+
+def _stats_update(extra, logits, valid, start, running_max, new_max):
+  """One chunk's step of _forward's metric accumulators.
+
+  extra: (logit_sum, best_value, best_index, weighted) [M]: the sum of the logits
+  over the vocabulary so far; the largest logit so far and its column (the first
+  one on ties, as argmax); and sum_v exp(z_v - running max) * z_v, rescaled with
+  the running max like the sum of exps, so that sum_v p_v z_v = weighted / sum.
+  """
+  logit_sum, best_value, best_index, weighted = extra
+  z = jnp.where(valid, logits, 0.0)          # invalid columns are -inf: kept out of sums
+  logit_sum = logit_sum + z.sum(axis=-1)
+  chunk_best = logits.max(axis=-1)
+  better = chunk_best > best_value            # strict: an earlier column wins a tie
+  best_index = jnp.where(better, start + jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                         best_index)
+  best_value = jnp.maximum(best_value, chunk_best)
+  weighted = (weighted * jnp.exp(running_max - new_max)
+              + (jnp.exp(logits - new_max[:, None]) * z).sum(axis=-1))
+  return logit_sum, best_value, best_index, weighted
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -194,7 +243,7 @@ def _token_logps_flat(h, head_w, targets, chunk_size, cap, batch_axes):
 
 
 def _fwd(h, head_w, targets, chunk_size, cap, batch_axes):
-  logps, lse = _forward(h, head_w, targets, chunk_size, cap, batch_axes)
+  logps, lse, _ = _forward(h, head_w, targets, chunk_size, cap, batch_axes)
   return logps, (h, head_w, targets, lse)
 
 
@@ -230,6 +279,26 @@ def _bwd(chunk_size, cap, batch_axes, res, g):
 _token_logps_flat.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_logps_stats_flat(h, head_w, targets, chunk_size, cap, batch_axes):
+  logps, _, stats = _forward(h, head_w, targets, chunk_size, cap, batch_axes, stats=True)
+  return logps, stats
+
+
+def _fwd_stats(h, head_w, targets, chunk_size, cap, batch_axes):
+  logps, lse, stats = _forward(h, head_w, targets, chunk_size, cap, batch_axes, stats=True)
+  return (logps, stats), (h, head_w, targets, lse)
+
+
+def _bwd_stats(chunk_size, cap, batch_axes, res, g):
+  """The log-probs' backward, unchanged; the metrics are constants (their cotangent,
+  zero under the stop_gradient of token_logps_and_stats, is dropped)."""
+  return _bwd(chunk_size, cap, batch_axes, res, g[0])
+
+
+_token_logps_stats_flat.defvjp(_fwd_stats, _bwd_stats)
+
+
 def token_logps(
     hidden: jax.Array,
     head_w: jax.Array,
@@ -261,6 +330,43 @@ def token_logps(
                             int(chunk_size), final_logit_softcap,
                             _mesh_batch_axes(batch_axes))
   return logps.reshape(N, T)
+
+
+def token_logps_and_stats(
+    hidden: jax.Array,
+    head_w: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int = 8192,
+    final_logit_softcap: float | None = None,
+    batch_axes: BatchAxes = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """token_logps, plus per-token metrics from the same vocabulary scan.
+
+  The metrics cost no extra matmul or pass over the vocabulary (they read the
+  chunk logits the online logsumexp computes anyway), and the log-probs and their
+  gradient are the same arithmetic as token_logps's.
+
+  Returns:
+    logps: [N, T] float32, differentiable as token_logps's.
+    stats: {"logit_mean", "top1", "entropy"} [N, T] float32, no gradient: the
+      mean over the vocabulary of the (softcapped) logits, 1.0 where the first
+      argmax is the target, and the softmax's entropy.
+  """
+  N, T, D = hidden.shape
+  logps, stats = _token_logps_stats_flat(
+      hidden.reshape(N * T, D), head_w, targets.reshape(N * T).astype(jnp.int32),
+      int(chunk_size), final_logit_softcap, _mesh_batch_axes(batch_axes))
+  stats = {k: jax.lax.stop_gradient(v).reshape(N, T) for k, v in stats.items()}
+  return logps.reshape(N, T), stats
+
+
+def _logps_for(token_outputs, hidden, head_w, targets, **kw):
+  """(token_logps, its stats when `token_outputs` asks for them by holding "stats", else
+  None): one scan either way, and exactly token_logps when the stats are not asked."""
+  if token_outputs is not None and "stats" in token_outputs:
+    return token_logps_and_stats(hidden, head_w, targets, **kw)
+  return token_logps(hidden, head_w, targets, **kw), None
 
 
 def token_log_sum_sq_probs(
@@ -332,8 +438,9 @@ def sequence_logps_from_hidden(
       bool (scored), "slot" [N, T] (0 scored, 1 elsewhere), "rank" [N, T] (the
       scored token's 1-based place in its row) and "log_sum_sq" [N, T] if the dict
       asks for it by holding that key (token_log_sum_sq_probs, same positions);
-      "unscored" ([N] sums, [N] counts of each row's real unscored tokens after its
-      first, _fill_unscored) if it holds that key.
+      "stats" {name: [N, T]} if it holds that key (token_logps_and_stats, from
+      the log-probs' own scan); "unscored" ([N] sums, [N] counts of each row's
+      real unscored tokens after its first, _fill_unscored) if it holds that key.
     attention_mask: [N, T], 1 on real tokens; needed for "unscored" only.
 
   Returns:
@@ -344,15 +451,15 @@ def sequence_logps_from_hidden(
   targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
   mask = jnp.concatenate([loss_mask[:, 1:].astype(bool),
                           jnp.zeros_like(loss_mask[:, :1], dtype=bool)], axis=1)
-  logps = token_logps(hidden, head_w, targets, chunk_size=chunk_size,
-                      final_logit_softcap=final_logit_softcap,
-                      batch_axes=batch_axes)                            # [N, T]
+  logps, stats = _logps_for(token_outputs, hidden, head_w, targets, chunk_size=chunk_size,
+                            final_logit_softcap=final_logit_softcap,
+                            batch_axes=batch_axes)                      # [N, T]
   logps_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   if token_outputs is not None:
     _fill_rows(token_outputs, logps, mask, lambda: (
         token_log_sum_sq_probs(hidden, head_w, chunk_size=chunk_size,
                                final_logit_softcap=final_logit_softcap,
-                               batch_axes=batch_axes)))
+                               batch_axes=batch_axes)), stats)
     if "unscored" in token_outputs:
       if attention_mask is None:
         raise ValueError("the unscored-token column needs the attention mask")
@@ -444,9 +551,10 @@ def packed_sequence_logps(
       [G, N] (position t predicts token t + 1, as summed), "mask" [G, N] bool
       (scored), "slot" [G, N] (the scored token's slot, num_slots elsewhere),
       "rank" [G, N] (its 1-based place in its sequence), "log_sum_sq" [G, N] if
-      the dict holds that key (token_log_sum_sq_probs);
-      N = R * L. With first_index, N = num_slots + R * L: the slots' first
-      response tokens lead, before all of their scored tokens in the rows.
+      the dict holds that key (token_log_sum_sq_probs), "stats" {name: [G, N]}
+      if it holds that key (token_logps_and_stats); N = R * L. With first_index,
+      N = num_slots + R * L: the slots' first response tokens lead, before all
+      of their scored tokens in the rows.
 
   Returns:
     logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
@@ -464,10 +572,13 @@ def packed_sequence_logps(
   mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
   where = flat(slot)
   where = jnp.concatenate([where[:, 1:], jnp.full_like(where[:, :1], num_slots)], axis=1)
-  logps = token_logps(hidden, model.head_weight(), targets, chunk_size=chunk_size,
-                      final_logit_softcap=model.config.final_logit_softcap,
-                      batch_axes=batch_axes)                            # [G*R, L]
+  logps, stats = _logps_for(token_outputs, hidden, model.head_weight(), targets,
+                            chunk_size=chunk_size,
+                            final_logit_softcap=model.config.final_logit_softcap,
+                            batch_axes=batch_axes)                      # [G*R, L]
   logps, mask = logps.reshape(G, R * L), mask.reshape(G, R * L)
+  if stats is not None:
+    stats = {k: v.reshape(G, R * L) for k, v in stats.items()}
   where = jnp.where(mask, where.reshape(G, R * L), num_slots)
   seg_sum = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=num_slots + 1))
   sums = seg_sum(jnp.where(mask, logps, 0.0), where)[:, :num_slots]
@@ -475,7 +586,7 @@ def packed_sequence_logps(
   log_sum_sq = lambda h: token_log_sum_sq_probs(  # only called when asked
       h, model.head_weight(), chunk_size=chunk_size,
       final_logit_softcap=model.config.final_logit_softcap, batch_axes=batch_axes)
-  rows = (logps, mask, where, lambda: log_sum_sq(hidden).reshape(G, R * L))
+  rows = (logps, mask, where, lambda: log_sum_sq(hidden).reshape(G, R * L), stats)
   wants_unscored = token_outputs is not None and "unscored" in token_outputs
   if first_index is None:
     if token_outputs is not None:
@@ -486,12 +597,14 @@ def packed_sequence_logps(
     return sums, counts
   # [G, num_slots, D]: one gathered hidden state per slot, scored like the rest.
   h_first = jnp.take_along_axis(hidden.reshape(G, R * L, -1), first_index[..., None], axis=1)
-  first = token_logps(h_first, model.head_weight(), first_token, chunk_size=chunk_size,
-                      final_logit_softcap=model.config.final_logit_softcap,
-                      batch_axes=batch_axes)                            # [G, num_slots]
+  first, first_stats = _logps_for(token_outputs, h_first, model.head_weight(), first_token,
+                                  chunk_size=chunk_size,
+                                  final_logit_softcap=model.config.final_logit_softcap,
+                                  batch_axes=batch_axes)                # [G, num_slots]
   scored = first_loss.astype(bool)
   if token_outputs is not None:
-    _fill_packed(token_outputs, rows, num_slots, (first, scored, lambda: log_sum_sq(h_first)))
+    _fill_packed(token_outputs, rows, num_slots,
+                 (first, scored, lambda: log_sum_sq(h_first), first_stats))
   if wants_unscored:
     _fill_unscored(token_outputs, logps, *_packed_unscored(
         attention_mask, segment_ids, slot, mask, num_slots, part_ids=part_ids,
@@ -571,8 +684,8 @@ def shared_prompt_logps(
     response, response_mask, response_loss: [B, S, R] int, right-padded.
     chunk_size, batch_axes: see token_logps.
     token_outputs: when a dict, filled as sequence_logps_from_hidden's, each
-      response a group of one slot: "logps", "mask", "slot", "rank", ("log_sum_sq")
-      [B * S, R], position t for response token t.
+      response a group of one slot: "logps", "mask", "slot", "rank", ("log_sum_sq",
+      "stats") [B * S, R], position t for response token t.
 
   Returns:
     logps_sum: [B, S] float32; num_tokens: [B, S] int32.
@@ -591,15 +704,16 @@ def shared_prompt_logps(
   # the prompt's last position.
   hidden = jnp.concatenate([per_response(h_prompt[:, -1:]), h_resp[:, :-1]], axis=1)
   mask = flat(response_loss).astype(bool) & flat(response_mask).astype(bool)
-  logps = token_logps(hidden, model.head_weight(), flat(response), chunk_size=chunk_size,
-                      final_logit_softcap=model.config.final_logit_softcap,
-                      batch_axes=batch_axes)                            # [B*S, R]
+  logps, stats = _logps_for(token_outputs, hidden, model.head_weight(), flat(response),
+                            chunk_size=chunk_size,
+                            final_logit_softcap=model.config.final_logit_softcap,
+                            batch_axes=batch_axes)                      # [B*S, R]
   sums = jnp.sum(jnp.where(mask, logps, 0.0), axis=1)
   if token_outputs is not None:
     _fill_rows(token_outputs, logps, mask, lambda: (
         token_log_sum_sq_probs(hidden, model.head_weight(), chunk_size=chunk_size,
                                final_logit_softcap=model.config.final_logit_softcap,
-                               batch_axes=batch_axes)))
+                               batch_axes=batch_axes)), stats)
     if "unscored" in token_outputs:
       # The prompt's tokens after its first, scored once per example from its own
       # hidden states (left-padded: a token counts when it and its predecessor are

@@ -144,3 +144,73 @@ def test_batch_axes_pin_the_chunks_under_a_mesh_and_change_no_value():
                                  head_w) == 0
     with pytest.raises(ValueError, match="not all axes"):
       logprobs.token_logps(hidden, head_w, targets, batch_axes=("batch",))
+
+
+def _full_logits(hidden, head_w, cap=None):
+  logits = jnp.einsum("ntd,dv->ntv", hidden, head_w)
+  return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _full_logit_stats(hidden, head_w, targets, cap=None):
+  """(vocabulary-mean logit, argmax == target, softmax entropy) [N, T] from the full logits."""
+  logits = _full_logits(hidden, head_w, cap)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return (logits.mean(-1), (jnp.argmax(logits, -1) == targets).astype(jnp.float32),
+          -(jnp.exp(logp) * logp).sum(-1))
+
+
+# 16 and 64 do not divide V = 50 (an overlapping last chunk; one chunk of 50); cap 0.5
+# saturates tanh, so the largest logit is tied between columns of different chunks.
+@pytest.mark.parametrize("chunk_size,cap", [(16, None), (16, 3.0), (25, None), (25, 3.0),
+                                            (64, None), (16, 0.5)])
+def test_token_stats_match_full_logits(chunk_size, cap):
+  """token_logps_and_stats's per-token metrics == a direct computation on the
+  materialized logits: the vocabulary-mean logit, whether the (first) argmax is the
+  target, and the entropy of the softmax; the log-probs are token_logps's."""
+  hidden, head_w, targets = _inputs()
+  head_w = 3.0 * head_w   # logits of several units: a peaked softmax, saturated caps
+  logits = _full_logits(hidden, head_w, cap)
+  # Half the positions' targets are the argmax (hits), the rest random (mostly misses).
+  targets = jnp.where(jnp.arange(T) % 2 == 0, jnp.argmax(logits, -1), targets)
+  want = _full_logit_stats(hidden, head_w, targets, cap)
+  logps, stats = jax.jit(lambda h, w: logprobs.token_logps_and_stats(
+      h, w, targets, chunk_size=chunk_size, final_logit_softcap=cap))(hidden, head_w)
+  np.testing.assert_allclose(stats["logit_mean"], want[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(stats["top1"], want[1])
+  np.testing.assert_allclose(stats["entropy"], want[2], rtol=1e-5, atol=2e-5)
+  assert 0.5 <= float(want[1].mean()) < 1
+  if cap is None:   # peaked and flat softmaxes both (a cap flattens all of them)
+    assert float(want[2].min()) < 1.0 < float(want[2].max())
+  if cap == 0.5:   # the tie is real: several columns hold the largest logit
+    assert int((logits == logits.max(-1, keepdims=True)).sum(-1).max()) > 1
+  np.testing.assert_array_equal(logps, logprobs.token_logps(
+      hidden, head_w, targets, chunk_size=chunk_size, final_logit_softcap=cap))
+
+
+@pytest.mark.parametrize("chunk_size,cap", [(16, None), (16, 3.0)])
+def test_token_stats_leave_logps_and_grads_bit_identical(chunk_size, cap):
+  """Asking for the metrics changes no bit of the log-probs or their gradient (jitted,
+  as the step runs them), and no gradient flows through the metrics."""
+  hidden, head_w, targets = _inputs()
+  weights = jax.random.normal(jax.random.key(9), (N, T))
+
+  def plain(h, w):
+    lp = logprobs.token_logps(h, w, targets, chunk_size=chunk_size, final_logit_softcap=cap)
+    return jnp.sum(weights * lp), lp
+
+  def with_stats(h, w):
+    lp, stats = logprobs.token_logps_and_stats(h, w, targets, chunk_size=chunk_size,
+                                               final_logit_softcap=cap)
+    return jnp.sum(weights * lp), (lp, stats)
+
+  a = jax.jit(jax.value_and_grad(plain, argnums=(0, 1), has_aux=True))(hidden, head_w)
+  (value, (lp, stats)), grads = jax.jit(
+      jax.value_and_grad(with_stats, argnums=(0, 1), has_aux=True))(hidden, head_w)
+  np.testing.assert_array_equal(value, a[0][0])
+  np.testing.assert_array_equal(lp, a[0][1])
+  for x, y in zip(a[1], grads):
+    np.testing.assert_array_equal(y, x)
+  metric_grads = jax.grad(lambda h: sum(
+      v.sum() for v in logprobs.token_logps_and_stats(h, head_w, targets,
+                                                      chunk_size=chunk_size)[1].values()))(hidden)
+  assert not np.any(metric_grads)

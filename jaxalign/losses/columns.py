@@ -3,7 +3,9 @@
 A loss asks for them by name (LossSpec.columns); the train step computes them
 from the forward's token outputs and passes them in LossInputs.columns /
 ref_columns. LD-DPO reads "tail_logps", WPO "wpo_logps" (losses/dpo.py), ORPO
-"unscored_logps" and "unscored_lengths" (losses/orpo.py).
+"unscored_logps" and "unscored_lengths" (losses/orpo.py). The step itself asks for
+"token_logit_means", "token_top1" and "token_entropies" (sums over each sequence's
+scored tokens) for TRL's per-token metrics (train/step.py's TOKEN_METRICS).
 
 Every batch layout (padded, packed, shared prompts, packed shared prompts)
 hands over its token outputs in one flat form (jaxalign/logprobs.py fills it):
@@ -16,6 +18,9 @@ hands over its token outputs in one flat form (jaxalign/logprobs.py fills it):
               scored tokens (anything elsewhere).
   log_sum_sq: [G, N] log sum_v p_v^2 where the token is predicted (only when
               asked for: it costs a pass over the vocabulary).
+  stats:      {"logit_mean", "top1", "entropy"}: [G, N] per-token metrics
+              (logprobs.token_logps_and_stats; only when asked for: no extra
+              pass, a few more sums in the log-probs' own scan), no gradient.
   unscored:   ([B * S] sums, [B * S] counts) of each sequence's real tokens that
               are not scored, less its first: the prompt, for tokenize's
               sequences (only when asked for; each layout knows where its
@@ -32,7 +37,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-TokenOutputs = dict   # {"logps", "mask", "slot", "rank"[, "log_sum_sq"]: [G, N]}
+TokenOutputs = dict   # {"logps", "mask", "slot", "rank"[, "log_sum_sq", "stats"]: [G, N]}
 
 
 def slot_sum(values: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
@@ -90,10 +95,21 @@ def unscored_lengths(tok: TokenOutputs, counts: jax.Array) -> jax.Array:
   return tok["unscored"][1].reshape(counts.shape)
 
 
+def _stat_sums(stat: str) -> Callable[[TokenOutputs, jax.Array], jax.Array]:
+  """(token outputs with "stats", counts [B, S]) -> [B, S] the sum of per-token metric
+  `stat` over each sequence's scored tokens (no gradient)."""
+  def fn(tok: TokenOutputs, counts: jax.Array) -> jax.Array:
+    g = tok["mask"].shape[0]
+    values = jnp.where(tok["mask"], tok["stats"][stat], 0.0)
+    return slot_sum(values, tok["slot"], counts.size // g).reshape(counts.shape)
+  return fn
+
+
 class Column(NamedTuple):
   fn: Callable[[TokenOutputs, jax.Array], jax.Array]   # (token outputs, counts [B, S]) -> [B, S]
   needs_log_sum_sq: bool
   needs_unscored: bool = False
+  needs_stats: bool = False
 
 
 # The per-sequence columns a loss may ask for, by name.
@@ -102,6 +118,11 @@ COLUMNS = {
     "wpo_logps": Column(wpo_logps, needs_log_sum_sq=True),
     "unscored_logps": Column(unscored_logps, needs_log_sum_sq=False, needs_unscored=True),
     "unscored_lengths": Column(unscored_lengths, needs_log_sum_sq=False, needs_unscored=True),
+    # Per-token metrics summed per sequence: the vocabulary-mean logit, argmax hits
+    # of the label, the softmax's entropy.
+    "token_logit_means": Column(_stat_sums("logit_mean"), False, needs_stats=True),
+    "token_top1": Column(_stat_sums("top1"), False, needs_stats=True),
+    "token_entropies": Column(_stat_sums("entropy"), False, needs_stats=True),
 }
 
 
@@ -109,7 +130,7 @@ def token_request(names: tuple[str, ...]) -> dict | None:
   """The token_outputs dict to hand the log-prob functions for columns `names`.
 
   None without columns (no per-token outputs, no extra vocabulary pass); a dict
-  holding "log_sum_sq" / "unscored" when a column reads it.
+  holding "log_sum_sq" / "unscored" / "stats" when a column reads it.
 
   Raises:
     ValueError: for a name not in COLUMNS.
@@ -124,6 +145,8 @@ def token_request(names: tuple[str, ...]) -> dict | None:
     request["log_sum_sq"] = None
   if any(COLUMNS[n].needs_unscored for n in names):
     request["unscored"] = None
+  if any(COLUMNS[n].needs_stats for n in names):
+    request["stats"] = None
   return request
 
 

@@ -23,7 +23,20 @@ from jaxalign.rewards import model as reward_model
 from jaxalign.train import ref_sync as ref_sync_lib
 from jaxalign.train.state import TrainState
 
-
+# TRL's per-token metrics, by data format: name -> (column of losses.columns summed
+# per sequence, the sequence it averages over, None: all). Each is a mean over the
+# scored tokens of the whole global batch (token-weighted): the step carries the
+# numerator and the count under TOKEN_SUM / TOKEN_COUNT + name through the
+# micro-batches and divides once (token_metric_means).
+TOKEN_METRICS = {
+    # the logits' mean over the chosen (rejected) sequences' scored tokens and the vocabulary
+    "pairwise": (("logits/chosen", "token_logit_means", 0),
+                 ("logits/rejected", "token_logit_means", 1)),
+    # the share of scored tokens whose argmax is the label; the softmax's mean entropy
+    "sft": (("mean_token_accuracy", "token_top1", None),
+            ("entropy", "token_entropies", None)),
+}
+TOKEN_SUM, TOKEN_COUNT = "_token_sum/", "_token_count/"
 
 
 def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None,
@@ -127,6 +140,10 @@ def _objective_of(frozen, ref_params, loss_state, batch, dropout_key=None, *, gr
   base graph, or a precomputed column): a reference-free loss gets ref_logps None.
   """
   columns = tuple(getattr(loss_call, "columns", ()))
+  # The policy's per-token metrics ride on its log-prob scan (not with LoRA modules).
+  token_metrics = () if modules else tuple(getattr(loss_call, "token_metrics", ()))
+  policy_columns = columns + tuple(dict.fromkeys(
+      c for _, c, _ in token_metrics if c not in columns))
   ref_columns = None
 
   def ref_forward(gd, p, f):
@@ -147,14 +164,40 @@ def _objective_of(frozen, ref_params, loss_state, batch, dropout_key=None, *, gr
   def objective(p):
     out = _policy_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,
                         modules=modules, dropout_key=dropout_key,
-                        batch_axes=batch_axes, columns=columns)
+                        batch_axes=batch_axes, columns=policy_columns)
     logps, counts = out[0], out[1]
     inputs = losses.LossInputs(logps=logps, ref_logps=ref_logps, lengths=counts, batch=extra,
-                               columns=out[2] if columns else {}, ref_columns=ref_columns)
+                               columns={k: out[2][k] for k in columns},
+                               ref_columns=ref_columns)
     loss, metrics, new_state = loss_call(inputs, loss_state)
-    return loss, (metrics, new_state)
+    return loss, ({**metrics, **_token_metric_sums(token_metrics, out, counts)}, new_state)
 
   return objective
+
+
+def _token_metric_sums(token_metrics, out, counts) -> dict:
+  """{TOKEN_SUM + name, TOKEN_COUNT + name: float32 []} of the policy's columns `out[2]`
+  ([B, S] per-sequence sums) and counts [B, S] (the numerator and the scored tokens)."""
+  sums = {}
+  for name, column, seq in token_metrics:
+    values, n = jax.lax.stop_gradient(out[2][column]), counts
+    if seq is not None:
+      values, n = values[:, seq], n[:, seq]
+    sums[TOKEN_SUM + name] = values.sum()
+    sums[TOKEN_COUNT + name] = n.sum().astype(jnp.float32)
+  return sums
+
+
+def token_metric_means(metrics: dict) -> dict:
+  """`metrics` with each TOKEN_SUM / TOKEN_COUNT pair replaced by its mean (0 where the
+  batch scores no token of the sequences it averages over)."""
+  out = {k: v for k, v in metrics.items() if not k.startswith((TOKEN_SUM, TOKEN_COUNT))}
+  for k in metrics:
+    if k.startswith(TOKEN_SUM):
+      name = k[len(TOKEN_SUM):]
+      count = metrics[TOKEN_COUNT + name]
+      out[name] = jnp.where(count > 0, metrics[k] / jnp.maximum(count, 1.0), 0.0)
+  return out
 
 
 def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None, *, graphdef,
@@ -213,11 +256,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
                          jax.eval_shape(micro, state.loss_state, first, step_key)[:2])
     ((metrics, grads), loss_state), _ = jax.lax.scan(
         body, (zeros, state.loss_state), (split, jnp.arange(accum_steps)))
-    # Sums over micro-batches -> means, except counts which stay sums.
-    metrics = {k: v if k.startswith("num_tokens") else v / accum_steps
+    # Sums over micro-batches -> means, except counts which stay sums (and the
+    # per-token metrics' numerators and counts, divided below).
+    metrics = {k: v if k.startswith(("num_tokens", TOKEN_SUM, TOKEN_COUNT)) else v / accum_steps
                for k, v in metrics.items()}
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
 
+  metrics = token_metric_means(metrics)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -248,18 +293,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
 
 
 class _LossCall(functools.partial):
-  """functools.partial carrying `columns`: the per-sequence columns the step computes."""
+  """functools.partial carrying `columns`: the per-sequence columns the step computes
+  for the loss, and `token_metrics`: the TOKEN_METRICS entries it logs."""
   columns: tuple[str, ...] = ()
+  token_metrics: tuple[tuple[str, str, int | None], ...] = ()
 
 
 def make_loss_call(spec: losses.LossSpec, hparams: dict[str, Any]) -> Callable:
   """Binds a registry entry and its hyperparameters: (inputs, state) -> (loss, metrics, state).
 
   The result's `columns` names the extra per-sequence columns (losses.columns.COLUMNS)
-  the step computes for this loss and these hyperparameters.
+  the step computes for this loss and these hyperparameters; its `token_metrics`,
+  TRL's per-token metrics of the loss's data format (TOKEN_METRICS).
   """
   call = _LossCall(_loss_call, spec.call, spec.fn, dict(hparams))
   call.columns = spec.column_names(hparams)
+  # A scalar head (reward model) has no token logits.
+  call.token_metrics = TOKEN_METRICS.get(spec.data, ()) if spec.head == "lm" else ()
   return call
 
 
@@ -298,7 +348,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, loss_
                             graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size,
                             ref_graphdef=ref_graphdef, modules=modules, batch_axes=batch_axes)
   loss, (metrics, _) = objective(state.params)
-  return {**metrics, "loss": loss,
+  return {**token_metric_means(metrics), "loss": loss,
           "num_tokens/real": real_tokens(batch)}   # any layout (held-out batches are padded)
 
 

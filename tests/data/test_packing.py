@@ -252,7 +252,9 @@ def test_packed_accumulated_train_step_equals_padded_step(layout):
   micro-batches == padded in one (packed_shared: rows of units of one prompt and
   its two responses)."""
   source = "wild" if layout == "packed" else "shared"
-  _assert_steps_equal(_step_values(source, "padded"), _step_values(source, layout))
+  padded = _step_values(source, "padded")
+  assert {"logits/chosen", "logits/rejected"} <= set(padded[1])   # compared with the rest
+  _assert_steps_equal(padded, _step_values(source, layout))
 
 
 # --- data.share_prompt -----------------------------------------------------------------
@@ -405,7 +407,10 @@ def _with_gaps(rng, batch):
   return {**batch, "loss_mask": loss_mask}
 
 
-COLUMN_NAMES = ("tail_logps", "wpo_logps", "unscored_logps", "unscored_lengths")
+# The last three: the per-token metrics' sums (the step's logits/chosen, logits/rejected,
+# mean_token_accuracy, entropy), no gradient.
+COLUMN_NAMES = ("tail_logps", "wpo_logps", "unscored_logps", "unscored_lengths",
+                "token_logit_means", "token_top1", "token_entropies")
 
 
 @functools.lru_cache(maxsize=None)
@@ -445,7 +450,8 @@ def _column_values(source: str, layout: str):
                                            ("shared", "shared")])
 def test_columns_equal_padded_columns(source, layout):
   """tail_logps, wpo_logps and ORPO's unscored_logps / unscored_lengths (the prompt
-  and the gaps), and the gradient through them, of packed rows (the shared layout:
+  and the gaps), the per-token metrics' sums (mean logit, argmax hits, entropy), and
+  the gradient through them, of packed rows (the shared layout:
   each response's first token scored from the prompt's last state, the prompt once
   per unit) and of KV-cached shared prompts == the padded layout's, on sequences of
   1 to 11 scored tokens with gaps and empty slots."""
@@ -467,6 +473,11 @@ def test_columns_equal_padded_columns(source, layout):
   np.testing.assert_array_equal(want[2]["unscored_lengths"],
                                 (real[..., 1:] & real[..., :-1]).sum(-1) - counts)
   assert (want[2]["unscored_lengths"][counts == 0] == 0).all()
+  # The metrics' sums: hits are whole counts, empty slots sum nothing.
+  top1 = want[2]["token_top1"]
+  assert (top1 == np.round(top1)).all() and (top1 <= counts).all() and top1.sum() > 0
+  for k in ("token_logit_means", "token_top1", "token_entropies"):
+    assert (want[2][k][counts == 0] == 0).all()
   scored = padded["loss_mask"].sum(-1)
   span = (np.argmax(np.cumsum(padded["loss_mask"], -1), -1)     # last scored - first + 1
           - np.argmax(padded["loss_mask"], -1) + 1)

@@ -82,5 +82,7 @@ def test_token_request_asks_for_the_vocabulary_pass_only_for_wpo():
   assert columns.token_request(()) is None
   assert columns.token_request(("tail_logps",)) == {}
   assert columns.token_request(("tail_logps", "wpo_logps")) == {"log_sum_sq": None}
+  # The per-token metrics ride on the log-prob scan: "stats", no vocabulary pass.
+  assert columns.token_request(("token_top1", "token_entropies")) == {"stats": None}
   with pytest.raises(ValueError, match="known"):
     columns.token_request(("nope",))

@@ -5,6 +5,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
+from flax import nnx
 
 from jaxalign import sharding
 from jaxalign.train import step as step_lib
@@ -95,3 +98,77 @@ def test_the_same_steps_on_one_device_and_on_8_device_meshes():
                                    err_msg=f"mesh {shape}: {key}")
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=f"mesh {shape}")
+
+
+def _ragged_batch(rng, s):
+  """random_batch with [8, s] sequences of 6..8 real tokens (prompt 4) in the first
+  half, 11..12 in the second: the two micro-batches score very different numbers of
+  tokens, so a mean of their means is not the token mean."""
+  batch = random_batch(rng, s=s)
+  lengths = np.concatenate([rng.integers(6, 9, size=(4, s)), rng.integers(11, 13, size=(4, s))])
+  batch["attention_mask"] = (np.arange(12) < lengths[..., None]).astype(np.int32)
+  batch["loss_mask"] = batch["attention_mask"] * (np.arange(12) >= 4)
+  return batch
+
+
+@pytest.mark.parametrize("loss", ["dpo", "sft"])
+def test_token_metrics_equal_full_logits_and_change_no_bit(loss):
+  """TRL's per-token metrics of the jitted step (2 micro-batches, chunk 12 of a 32-token
+  vocabulary, a final softcap) == a direct computation on the model's full logits,
+  token-weighted over the whole batch: DPO's logits/chosen and logits/rejected (the
+  logits' mean over the sequence's scored tokens and the vocabulary), SFT's
+  mean_token_accuracy and entropy. With them off the loss, gradients and updated
+  parameters are the same to the bit."""
+  s = 2 if loss == "dpo" else 1
+  cfg = tiny_config(loss, **{"mesh.shape": (1, 1, 1), "optim.grad_accum_steps": 2,
+                             "logprob_chunk_size": 12,
+                             **({"reference.mode": "frozen"} if loss == "dpo" else {})})
+  cfg.model.overrides.final_logit_softcap = 2.0
+  built, state = built_state(cfg, jax.devices()[:1])
+  batch = _ragged_batch(np.random.default_rng(4), s)
+  spec = built.run_spec
+  flat = lambda x: x.reshape(8 * s, 12)
+
+  def full_logits(tokens):
+    with jax.set_mesh(built.mesh):
+      model = nnx.merge(built.graphdef, state.params, state.frozen)
+      logits = model.logits(model(flat(tokens), flat(batch["attention_mask"])))
+    return np.asarray(logits, np.float64).reshape(8, s, 12, -1)
+
+  # Some tokens are the model's own argmax (greedy from the token before): hits.
+  for t in (4, 6, 8):
+    batch["tokens"][:, :, t + 1] = full_logits(batch["tokens"])[:, :, t].argmax(-1)
+
+  def run(token_metrics):
+    call = step_lib.make_loss_call(spec.loss, dict(spec.hparams))
+    if not token_metrics:
+      call.token_metrics = ()
+    fn = jax.jit(functools.partial(
+        step_lib.train_step, graphdef=built.graphdef, tx=built.tx,
+        schedule=optax.constant_schedule(1e-3), loss_call=call, chunk_size=12, accum_steps=2))
+    with jax.set_mesh(built.mesh):
+      new, metrics = fn(jax.tree.map(jnp.copy, state), batch)
+    return jax.device_get((new.params, metrics))
+
+  (p_on, m_on), (p_off, m_off) = run(True), run(False)
+  names = {"dpo": ("logits/chosen", "logits/rejected"),
+           "sft": ("mean_token_accuracy", "entropy")}[loss]
+  assert set(m_on) - set(m_off) == set(names)
+  for k in m_off:
+    np.testing.assert_array_equal(m_on[k], m_off[k], err_msg=k)
+  for x, y in zip(jax.tree.leaves(p_off), jax.tree.leaves(p_on)):
+    np.testing.assert_array_equal(y, x)
+
+  logits = full_logits(batch["tokens"])[:, :, :-1]   # position t predicts token t + 1
+  scored = (batch["loss_mask"] & batch["attention_mask"])[..., 1:].astype(bool)
+  if loss == "dpo":
+    want = {"logits/chosen": logits[:, 0][scored[:, 0]].mean(),
+            "logits/rejected": logits[:, 1][scored[:, 1]].mean()}
+  else:
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = {"mean_token_accuracy":
+                (logits.argmax(-1) == batch["tokens"][..., 1:])[scored].mean(),
+            "entropy": -(np.exp(logp) * logp).sum(-1)[scored].mean()}
+    assert 0 < want["mean_token_accuracy"] < 1
+  for k, v in want.items():
+    np.testing.assert_allclose(m_on[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
