@@ -108,7 +108,8 @@ def build(spec: config_lib.RunSpec, mesh: jax.sharding.Mesh) -> Built:
   ref_graphdef = (lora.base_graphdef(spec.model_cfg)
                   if spec.lora_cfg.enabled and spec.frozen_ref and spec.ref_sync is None
                   else None)
-  loss_call = step_lib.make_loss_call(spec.loss, dict(spec.hparams))
+  loss_call = step_lib.make_loss_call(spec.loss, dict(spec.hparams),
+                                      token_metrics=bool(spec.config.get("token_metrics", True)))
   step_fn = step_lib.jit_train_step(
       graphdef=graphdef, tx=tx, schedule=schedule, loss_call=loss_call,
       chunk_size=spec.logprob_chunk_size, accum_steps=spec.optim.grad_accum_steps,

@@ -299,17 +299,20 @@ class _LossCall(functools.partial):
   token_metrics: tuple[tuple[str, str, int | None], ...] = ()
 
 
-def make_loss_call(spec: losses.LossSpec, hparams: dict[str, Any]) -> Callable:
+def make_loss_call(spec: losses.LossSpec, hparams: dict[str, Any], *,
+                   token_metrics: bool = True) -> Callable:
   """Binds a registry entry and its hyperparameters: (inputs, state) -> (loss, metrics, state).
 
   The result's `columns` names the extra per-sequence columns (losses.columns.COLUMNS)
   the step computes for this loss and these hyperparameters; its `token_metrics`,
-  TRL's per-token metrics of the loss's data format (TOKEN_METRICS).
+  TRL's per-token metrics of the loss's data format (TOKEN_METRICS), none with
+  `token_metrics=False` (config.token_metrics).
   """
   call = _LossCall(_loss_call, spec.call, spec.fn, dict(hparams))
   call.columns = spec.column_names(hparams)
   # A scalar head (reward model) has no token logits.
-  call.token_metrics = TOKEN_METRICS.get(spec.data, ()) if spec.head == "lm" else ()
+  call.token_metrics = (TOKEN_METRICS.get(spec.data, ())
+                        if spec.head == "lm" and token_metrics else ())
   return call
 
 

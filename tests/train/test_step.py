@@ -140,9 +140,8 @@ def test_token_metrics_equal_full_logits_and_change_no_bit(loss):
     batch["tokens"][:, :, t + 1] = full_logits(batch["tokens"])[:, :, t].argmax(-1)
 
   def run(token_metrics):
-    call = step_lib.make_loss_call(spec.loss, dict(spec.hparams))
-    if not token_metrics:
-      call.token_metrics = ()
+    call = step_lib.make_loss_call(spec.loss, dict(spec.hparams), token_metrics=token_metrics)
+    assert bool(call.token_metrics) == token_metrics   # config.token_metrics turns them off
     fn = jax.jit(functools.partial(
         step_lib.train_step, graphdef=built.graphdef, tx=built.tx,
         schedule=optax.constant_schedule(1e-3), loss_call=call, chunk_size=12, accum_steps=2))
