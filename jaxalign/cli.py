@@ -161,7 +161,8 @@ def _train(argv: list[str]) -> int:
       print(f"stopped by {result.signal_name} {result.stopped_in_pass}", file=sys.stderr)
     else:
       print(f"stopped by {result.signal_name} at step {result.final_step}; checkpoint saved "
-            f"in {result.workdir}/checkpoints", file=sys.stderr)
+            f"in {result.workdir}/checkpoints; run the same command again to continue",
+            file=sys.stderr)
     if result.signal_name == "SIGINT":
       from jaxalign.train import signals
       return signals.INTERRUPTED_STATUS   # 130, the shell's status for Ctrl-C

@@ -199,6 +199,7 @@ def _load_data(spec: config_lib.RunSpec, workdir: str) -> _Data:
   tokenizer = reading.load_tokenizer(spec.tokenizer_name)
   reading.check_tokenizer(tokenizer, spec.config, spec.model_cfg.vocab_size, spec.hf_dir)
   # A prepared (tokenized) set is opened lazily: no tokenizer work (data/prepared.py).
+  began = time.perf_counter()
   examples, num_skipped = examples_lib.open_examples(
       d.train_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
       max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
@@ -206,6 +207,9 @@ def _load_data(spec: config_lib.RunSpec, workdir: str) -> _Data:
       kl_chunk_size=d.batch_size // jax.process_count())
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, d.train_path)
+  if jax.process_index() == 0:
+    log.info("indexed %d examples of %s in %.1f s", len(examples), d.train_path,
+             time.perf_counter() - began)
   # The held-out set is in the loss's own format (for online methods too: fixed samples).
   eval_examples = load_eval_set(spec, tokenizer) if d.eval_path else None
   data_fp = fingerprint.compute(examples, tokenizer, train_path=d.train_path,
