@@ -7,6 +7,8 @@ tensorstore, the iterator state and the config through JSON.
 """
 
 import json
+import logging
+import os
 import sys
 from typing import Any
 
@@ -51,6 +53,54 @@ def _quiet_closed_loop_callbacks() -> None:
 
   hook.jaxalign_quiet = True
   sys.unraisablehook = hook
+  _quiet_abandoned_tasks()
+
+
+# What asyncio logs, when they are garbage-collected, about the tasks of a loop that
+# Orbax closed after one of them failed: the error itself reaches jaxalign.
+_ABANDONED_TASK_REPORTS = ("Task was destroyed but it is pending",
+                           "Task exception was never retrieved",
+                           "Future exception was never retrieved")
+
+
+_ORBAX_SOURCE = os.path.join("", "orbax", "checkpoint", "")
+
+
+class _QuietOrbaxFailures(logging.Filter):
+  """Drops the reports around a failed checkpoint read or write that jaxalign reports itself.
+
+  - asyncio's reports of the reads still in flight when one read of a restore
+    failed: Orbax closes its event loop with them pending, and each is reported
+    (with its coroutine) when it is garbage-collected, after the one-line error;
+  - Orbax's own tracebacks of a failed write (`logging.exception` in its
+    background save threads, and again where the failure is re-raised): the
+    CheckpointWriteError that follows names the step, the cause and the latest
+    complete checkpoint. Orbax records without a traceback still pass.
+
+  With --verbose / JAXALIGN_DEBUG=1 everything is printed.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if errors.debug_enabled():
+      return True
+    if record.name == "asyncio":
+      return not str(record.msg).startswith(_ABANDONED_TASK_REPORTS)
+    is_orbax = _ORBAX_SOURCE in record.pathname
+    return not (is_orbax and record.levelno >= logging.ERROR and record.exc_info)
+
+
+def _install_filter(logger_name: str) -> None:
+  logger = logging.getLogger(logger_name)
+  if not any(isinstance(f, _QuietOrbaxFailures) for f in logger.filters):
+    logger.addFilter(_QuietOrbaxFailures())
+
+
+def _quiet_abandoned_tasks() -> None:
+  _install_filter("asyncio")
+
+
+def _quiet_orbax_write_tracebacks() -> None:
+  _install_filter("absl")   # Orbax logs through absl.logging, i.e. the "absl" logger
 
 
 class Checkpointer:
@@ -59,6 +109,11 @@ class Checkpointer:
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.directory = paths.resolve(directory)   # local, or gs:// (tensorstore + epath)
     self.every = every
+    self._async = async_save
+    # The step whose async save was started and not yet seen to complete: a failure in
+    # the background surfaces only at the next save or wait, and is reported as its.
+    self._unconfirmed_step: int | None = None
+    _quiet_orbax_write_tracebacks()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save, create=True)
@@ -85,6 +140,7 @@ class Checkpointer:
                                  f"{e}") from e
 
   def _write_error(self, e: Exception, what: str) -> CheckpointWriteError:
+    self._unconfirmed_step = None
     try:
       # Let an earlier async save still in flight complete: it is the one to keep.
       self._manager.wait_until_finished()
@@ -116,12 +172,26 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if not (force or self.should_save(step)):
       return False
-    # An async write that failed in the background (disk full) surfaces here, at
-    # the next save, or in wait()/close().
+    # An async write that failed in the background (disk full) surfaces at the next
+    # save or in wait()/close(); the previous save is confirmed first, so that a
+    # failure is reported as the step whose write failed, not the one after it.
+    self._confirm_previous_save()
     try:
-      return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+      saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
     except Exception as e:  # tensorstore reports I/O errors as ValueError
       raise self._write_error(e, f"saving checkpoint step {step}") from e
+    self._unconfirmed_step = step if saved and self._async else None
+    return saved
+
+  def _confirm_previous_save(self) -> None:
+    """Waits for the async save in flight; CheckpointWriteError naming its step if it failed."""
+    step = self._unconfirmed_step
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # see save()
+      what = "writing a checkpoint" if step is None else f"saving checkpoint step {step}"
+      raise self._write_error(e, what) from e
+    self._unconfirmed_step = None
 
   def _corrupt(self, step: int, e: BaseException) -> CorruptCheckpointError:
     return CorruptCheckpointError(
@@ -178,10 +248,7 @@ class Checkpointer:
     return aside
 
   def wait(self):
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:  # see save()
-      raise self._write_error(e, "writing a checkpoint") from e
+    self._confirm_previous_save()
 
   def close(self):
     self.wait()
