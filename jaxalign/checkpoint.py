@@ -31,76 +31,69 @@ def _problem(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+_ORBAX_SOURCE = os.path.join("", "orbax", "checkpoint", "")
+
+
+def _is_abandoned_orbax_read(unraisable) -> bool:
+  """A coroutine of Orbax's, garbage-collected unfinished, whose close() raised.
+
+  When one array read of a restore fails, Orbax closes its event loop with the
+  other reads still pending. Each is closed when it is garbage-collected (as the
+  process exits, after the one-line error); Orbax's read turns the GeneratorExit
+  into `Exception: Encountered error while reading array index ...`, and Python
+  reports it through sys.unraisablehook: "Exception ignored in: <coroutine object
+  _read_array_index_and_device_put ...>" and about 20 lines of traceback each.
+  """
+  code = getattr(unraisable.object, "cr_code", None)   # coroutines only
+  return code is not None and _ORBAX_SOURCE in code.co_filename
+
+
 def _quiet_closed_loop_callbacks() -> None:
-  """Drops the "Event loop is closed" reports that follow a failed restore.
+  """Drops what the reads still in flight report after a failed restore.
 
   Tensorstore reads still in flight when one read fails call back into Orbax's
-  event loop after it is closed; Python reports each through sys.unraisablehook
-  with its traceback, around the one-line error, though nothing is wrong any more.
-  They can come as soon as the loop closes, before the error has left Orbax, so
-  the hook goes in before the first restore and stays (it drops nothing else).
+  event loop after it is closed ("Event loop is closed"), and the pending read
+  coroutines report their own close when collected (`_is_abandoned_orbax_read`);
+  Python prints each through sys.unraisablehook with its traceback, around the
+  one-line error, though nothing is wrong any more. They can come as soon as the
+  loop closes, before the error has left Orbax, so the hook goes in before the
+  first restore and stays (it drops nothing else; --verbose keeps them).
   """
   previous = sys.unraisablehook
   if getattr(previous, "jaxalign_quiet", False):
     return
 
   def hook(unraisable):
-    if (isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"
-        and not errors.debug_enabled()):
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    if (closed_loop or _is_abandoned_orbax_read(unraisable)) and not errors.debug_enabled():
       return
     previous(unraisable)
 
   hook.jaxalign_quiet = True
   sys.unraisablehook = hook
-  _quiet_abandoned_tasks()
 
 
-# What asyncio logs, when they are garbage-collected, about the tasks of a loop that
-# Orbax closed after one of them failed: the error itself reaches jaxalign.
-_ABANDONED_TASK_REPORTS = ("Task was destroyed but it is pending",
-                           "Task exception was never retrieved",
-                           "Future exception was never retrieved")
+class _QuietOrbaxWriteTracebacks(logging.Filter):
+  """Drops Orbax's own tracebacks of a failed checkpoint write.
 
-
-_ORBAX_SOURCE = os.path.join("", "orbax", "checkpoint", "")
-
-
-class _QuietOrbaxFailures(logging.Filter):
-  """Drops the reports around a failed checkpoint read or write that jaxalign reports itself.
-
-  - asyncio's reports of the reads still in flight when one read of a restore
-    failed: Orbax closes its event loop with them pending, and each is reported
-    (with its coroutine) when it is garbage-collected, after the one-line error;
-  - Orbax's own tracebacks of a failed write (`logging.exception` in its
-    background save threads, and again where the failure is re-raised): the
-    CheckpointWriteError that follows names the step, the cause and the latest
-    complete checkpoint. Orbax records without a traceback still pass.
-
-  With --verbose / JAXALIGN_DEBUG=1 everything is printed.
+  Orbax logs a failed write with `logging.exception` in each background save
+  thread it concerns and again where the failure is re-raised (four tracebacks
+  for one full disk); the CheckpointWriteError that follows names the step, the
+  cause and the latest complete checkpoint. Orbax records without a traceback
+  still pass, and with --verbose / JAXALIGN_DEBUG=1 everything is printed.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if errors.debug_enabled():
-      return True
-    if record.name == "asyncio":
-      return not str(record.msg).startswith(_ABANDONED_TASK_REPORTS)
     is_orbax = _ORBAX_SOURCE in record.pathname
-    return not (is_orbax and record.levelno >= logging.ERROR and record.exc_info)
-
-
-def _install_filter(logger_name: str) -> None:
-  logger = logging.getLogger(logger_name)
-  if not any(isinstance(f, _QuietOrbaxFailures) for f in logger.filters):
-    logger.addFilter(_QuietOrbaxFailures())
-
-
-def _quiet_abandoned_tasks() -> None:
-  _install_filter("asyncio")
+    return (errors.debug_enabled()
+            or not (is_orbax and record.levelno >= logging.ERROR and record.exc_info))
 
 
 def _quiet_orbax_write_tracebacks() -> None:
-  _install_filter("absl")   # Orbax logs through absl.logging, i.e. the "absl" logger
+  logger = logging.getLogger("absl")   # Orbax logs through absl.logging: the "absl" logger
+  if not any(isinstance(f, _QuietOrbaxWriteTracebacks) for f in logger.filters):
+    logger.addFilter(_QuietOrbaxWriteTracebacks())
 
 
 class Checkpointer:
