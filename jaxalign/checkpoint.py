@@ -49,9 +49,9 @@ def _is_abandoned_orbax_read(unraisable) -> bool:
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Drops what the reads still in flight report after a failed restore.
+  """Drops what the reads (or writes) still in flight report after a failed restore (save).
 
-  Tensorstore reads still in flight when one read fails call back into Orbax's
+  Tensorstore reads or writes still in flight when one fails call back into Orbax's
   event loop after it is closed ("Event loop is closed"), and the pending read
   coroutines report their own close when collected (`_is_abandoned_orbax_read`);
   Python prints each through sys.unraisablehook with its traceback, around the
@@ -107,6 +107,7 @@ class Checkpointer:
     # the background surfaces only at the next save or wait, and is reported as its.
     self._unconfirmed_step: int | None = None
     _quiet_orbax_write_tracebacks()
+    _quiet_closed_loop_callbacks()   # a failed write leaves tensorstore writes in flight too
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save, create=True)

@@ -238,3 +238,45 @@ def test_prepare_onto_a_full_disk_is_one_line_and_keeps_the_complete_shards(
   from jaxalign import cli
   assert cli.main(list(argv)) == 0
   assert "in 4 shards (3 written, 1 kept)" in capsys.readouterr().out
+
+
+def test_metrics_onto_a_full_disk_stop_the_run_naming_the_file_and_print_no_thread_traceback(
+    tmp_path, capsys, monkeypatch):
+  """A full disk also stops tensorboardX's event-writer thread (before, its traceback was
+  printed from the thread beside the run's line) and metrics.jsonl's appends (before, an
+  OSError naming no file). Each is one OutputWriteError naming the file."""
+  import threading
+  import time
+
+  from tensorboardX import record_writer
+
+  from jaxalign import errors
+  from jaxalign.train import metrics
+
+  def disk_full(self, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  printed = []   # what threading's default hook would print
+  monkeypatch.setattr(threading, "excepthook", printed.append)
+  writer = metrics.MetricWriter(str(tmp_path / "run"))
+  monkeypatch.setattr(record_writer.RecordWriter, "write", disk_full)   # full from now on
+  raised = None
+  # The thread takes events from a queue of 10 (a put blocks once it is full): at most 8
+  # writes, 0.2 s apart; the thread dies on the first event.
+  for step in range(1, 9):
+    try:
+      writer.write(step, {"loss": 0.5})
+    except errors.OutputWriteError as e:
+      raised = e
+      break
+    time.sleep(0.2)
+  assert printed == [] and capsys.readouterr().err == ""
+  assert str(raised) == f"{tmp_path / 'run' / 'tensorboard'}: cannot be written (No space left on device)"
+
+  jsonl = metrics.MetricWriter(str(tmp_path / "run2"), tensorboard=False)
+  _FullDisk(monkeypatch, tmp_path / "run2", free=0)
+  jsonl._jsonl = open(jsonl._jsonl.name, "a")   # reopened on the full disk
+  with pytest.raises(errors.OutputWriteError,
+                     match=f"^{tmp_path / 'run2' / 'metrics.jsonl'}: cannot be written "
+                           r"\(No space left on device\)$"):
+    jsonl.write(1, {"loss": 0.5})
