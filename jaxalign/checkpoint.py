@@ -7,6 +7,8 @@ tensorstore, the iterator state and the config through JSON.
 """
 
 import json
+import logging
+import os
 import sys
 from typing import Any
 
@@ -29,28 +31,69 @@ def _problem(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _quiet_closed_loop_callbacks() -> None:
-  """Drops the "Event loop is closed" reports that follow a failed restore.
+_ORBAX_SOURCE = os.path.join("", "orbax", "checkpoint", "")
 
-  Tensorstore reads still in flight when one read fails call back into Orbax's
-  event loop after it is closed; Python reports each through sys.unraisablehook
-  with its traceback, around the one-line error, though nothing is wrong any more.
-  They can come as soon as the loop closes, before the error has left Orbax, so
-  the hook goes in before the first restore and stays (it drops nothing else).
+
+def _is_abandoned_orbax_read(unraisable) -> bool:
+  """A coroutine of Orbax's, garbage-collected unfinished, whose close() raised.
+
+  When one array read of a restore fails, Orbax closes its event loop with the
+  other reads still pending. Each is closed when it is garbage-collected (as the
+  process exits, after the one-line error); Orbax's read turns the GeneratorExit
+  into `Exception: Encountered error while reading array index ...`, and Python
+  reports it through sys.unraisablehook: "Exception ignored in: <coroutine object
+  _read_array_index_and_device_put ...>" and about 20 lines of traceback each.
+  """
+  code = getattr(unraisable.object, "cr_code", None)   # coroutines only
+  return code is not None and _ORBAX_SOURCE in code.co_filename
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops what the reads (or writes) still in flight report after a failed restore (save).
+
+  Tensorstore reads or writes still in flight when one fails call back into Orbax's
+  event loop after it is closed ("Event loop is closed"), and the pending read
+  coroutines report their own close when collected (`_is_abandoned_orbax_read`);
+  Python prints each through sys.unraisablehook with its traceback, around the
+  one-line error, though nothing is wrong any more. They can come as soon as the
+  loop closes, before the error has left Orbax, so the hook goes in before the
+  first restore and stays (it drops nothing else; --verbose keeps them).
   """
   previous = sys.unraisablehook
   if getattr(previous, "jaxalign_quiet", False):
     return
 
   def hook(unraisable):
-    if (isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"
-        and not errors.debug_enabled()):
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    if (closed_loop or _is_abandoned_orbax_read(unraisable)) and not errors.debug_enabled():
       return
     previous(unraisable)
 
   hook.jaxalign_quiet = True
   sys.unraisablehook = hook
+
+
+class _QuietOrbaxWriteTracebacks(logging.Filter):
+  """Drops Orbax's own tracebacks of a failed checkpoint write.
+
+  Orbax logs a failed write with `logging.exception` in each background save
+  thread it concerns and again where the failure is re-raised (four tracebacks
+  for one full disk); the CheckpointWriteError that follows names the step, the
+  cause and the latest complete checkpoint. Orbax records without a traceback
+  still pass, and with --verbose / JAXALIGN_DEBUG=1 everything is printed.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    is_orbax = _ORBAX_SOURCE in record.pathname
+    return (errors.debug_enabled()
+            or not (is_orbax and record.levelno >= logging.ERROR and record.exc_info))
+
+
+def _quiet_orbax_write_tracebacks() -> None:
+  logger = logging.getLogger("absl")   # Orbax logs through absl.logging: the "absl" logger
+  if not any(isinstance(f, _QuietOrbaxWriteTracebacks) for f in logger.filters):
+    logger.addFilter(_QuietOrbaxWriteTracebacks())
 
 
 class Checkpointer:
@@ -59,6 +102,12 @@ class Checkpointer:
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.directory = paths.resolve(directory)   # local, or gs:// (tensorstore + epath)
     self.every = every
+    self._async = async_save
+    # The step whose async save was started and not yet seen to complete: a failure in
+    # the background surfaces only at the next save or wait, and is reported as its.
+    self._unconfirmed_step: int | None = None
+    _quiet_orbax_write_tracebacks()
+    _quiet_closed_loop_callbacks()   # a failed write leaves tensorstore writes in flight too
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save, create=True)
@@ -85,6 +134,7 @@ class Checkpointer:
                                  f"{e}") from e
 
   def _write_error(self, e: Exception, what: str) -> CheckpointWriteError:
+    self._unconfirmed_step = None
     try:
       # Let an earlier async save still in flight complete: it is the one to keep.
       self._manager.wait_until_finished()
@@ -116,12 +166,26 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if not (force or self.should_save(step)):
       return False
-    # An async write that failed in the background (disk full) surfaces here, at
-    # the next save, or in wait()/close().
+    # An async write that failed in the background (disk full) surfaces at the next
+    # save or in wait()/close(); the previous save is confirmed first, so that a
+    # failure is reported as the step whose write failed, not the one after it.
+    self._confirm_previous_save()
     try:
-      return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+      saved = self._manager.save(step, args=ocp.args.Composite(**args), force=True)
     except Exception as e:  # tensorstore reports I/O errors as ValueError
       raise self._write_error(e, f"saving checkpoint step {step}") from e
+    self._unconfirmed_step = step if saved and self._async else None
+    return saved
+
+  def _confirm_previous_save(self) -> None:
+    """Waits for the async save in flight; CheckpointWriteError naming its step if it failed."""
+    step = self._unconfirmed_step
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # see save()
+      what = "writing a checkpoint" if step is None else f"saving checkpoint step {step}"
+      raise self._write_error(e, what) from e
+    self._unconfirmed_step = None
 
   def _corrupt(self, step: int, e: BaseException) -> CorruptCheckpointError:
     return CorruptCheckpointError(
@@ -178,10 +242,7 @@ class Checkpointer:
     return aside
 
   def wait(self):
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:  # see save()
-      raise self._write_error(e, "writing a checkpoint") from e
+    self._confirm_previous_save()
 
   def close(self):
     self.wait()

@@ -313,6 +313,8 @@ def _export(argv: list[str]) -> int:
     rundir.export_checkpoint(args.checkpoint, args.out, architecture=args.architecture)
   except (ValueError, FileNotFoundError, errors.RunError) as e:   # a corrupt checkpoint
     return _die("export", str(e), status=1)
+  except OSError as e:   # errors.OutputWriteError: --out is full or read-only
+    return _die("export", str(e), status=1)
   print(f"exported {args.checkpoint} to {os.path.abspath(args.out)}")
   return 0
 

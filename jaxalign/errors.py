@@ -72,6 +72,24 @@ class CheckpointWriteError(OSError):
   """
 
 
+class OutputWriteError(OSError):
+  """An output file could not be written (disk full, read-only directory).
+
+  The message names the file and the cause. The partial file is removed; what
+  was complete before is kept (a prepared set's finished shards), and nothing
+  left behind looks complete (no manifest, no config.json of an export).
+  """
+
+
+def write_failure(path: str, e: BaseException) -> OutputWriteError:
+  """OutputWriteError for `path` from the OSError (or ArrayRecord's RuntimeError) `e`."""
+  if isinstance(e, OSError) and e.strerror:
+    cause = e.strerror          # the path is named once, in front
+  else:                         # "write() failed: No space left on device; writing ...; at byte"
+    cause = str(e).split(";")[0].strip() or type(e).__name__
+  return OutputWriteError(f"{path}: cannot be written ({cause})")
+
+
 class NonFiniteError(RuntimeError):
   """The loss or a gradient was not finite; the last good checkpoint is kept."""
 

@@ -49,7 +49,7 @@ import threading
 
 import numpy as np
 
-from jaxalign import fingerprint
+from jaxalign import errors, fingerprint
 from jaxalign.errors import ConfigError
 from jaxalign.data import formats, lazy as lazy_lib, reading, tokenize
 
@@ -119,11 +119,23 @@ def _file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
+def _remove_partial(tmp: str) -> None:
+  try:
+    os.remove(tmp)
+  except OSError:   # never created, or the directory went away
+    pass
+
+
 def _write_json(path: str, obj: dict) -> None:
+  """Writes `path` whole or not at all (OutputWriteError naming it: disk full, read-only)."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError as e:
+    _remove_partial(tmp)
+    raise errors.write_failure(path, e) from e
 
 
 def _layout(example: dict) -> list[list]:
@@ -180,16 +192,22 @@ def _tokenize_shard(task: tuple[int, list[dict]]) -> dict[str, Any]:
   layout = _layout(examples[0]) if examples else None
   path = os.path.join(job["out"], _shard_name(i, job["num_shards"]))
   tmp = path + ".tmp"
-  writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
   for ex in examples:
     if _layout(ex) != layout:
-      writer.close()
       raise formats.DataError(
           f"{job['source']}: shard {i}: an example's columns {_layout(ex)} differ from the "
           f"first example's {layout}; the records' optional fields disagree")
-    writer.write(encode(ex, layout))
-  writer.close()
-  os.replace(tmp, path)
+  try:
+    writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+    try:
+      for ex in examples:
+        writer.write(encode(ex, layout))
+    finally:
+      writer.close()   # flushes the last chunk: where a full disk usually shows
+    os.replace(tmp, path)
+  except (OSError, RuntimeError) as e:   # ArrayRecord: RuntimeError("write() failed: ...")
+    _remove_partial(tmp)
+    raise errors.write_failure(path, e) from e
   meta = {"job": job["key"], "file": os.path.basename(path), "rows": len(examples),
           "skipped": skipped, "layout": layout, "bytes": os.path.getsize(path),
           "sha256": _file_sha256(path)}
@@ -263,11 +281,24 @@ def prepare(source: str, out: str, fmt: str, tokenizer: Any, *, max_length: int,
   job = dict(fmt=fmt, tokenizer=tokenizer, tcfg=tcfg, on_error=on_error, out=out,
              num_shards=num_shards, key=key, source=source)
   tasks = ((i, valid[i * shard_size:(i + 1) * shard_size]) for i in todo)
-  if workers > 1 and len(todo) > 1:
+  try:
+    _write_shards(tasks, job, metas, workers=min(workers, len(todo)))
+  except errors.OutputWriteError as e:   # disk full, read-only: the finished shards stay
+    raise errors.OutputWriteError(
+        f"{e}; {len(metas)} of {num_shards} shards are complete and kept: free space and "
+        f"rerun the same jaxalign prepare --out {out} to finish") from e
+  return _finish(out, source, src_hash, tokenizer_name, sets, metas, skipped=skipped,
+                 num_shards=num_shards, shard_size=shard_size, reused=num_shards - len(todo),
+                 start=start)
+
+
+def _write_shards(tasks, job: dict[str, Any], metas: dict[int, dict], *, workers: int) -> None:
+  """Tokenizes and writes each (i, records) of `tasks`, adding its sidecar to `metas`."""
+  if workers > 1:
     # spawn, not fork: the caller may have started JAX's threads. Each worker gets the
     # tokenizer once and its shards' records as they are handed out.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(job,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
       for meta in pool.imap_unordered(_tokenize_shard, tasks):
         metas[int(meta["file"].split("-")[1])] = meta
   else:
@@ -278,6 +309,12 @@ def prepare(source: str, out: str, fmt: str, tokenizer: Any, *, max_length: int,
         metas[task[0]] = meta
     finally:
       _JOB.clear()
+
+
+def _finish(out: str, source: str, src_hash: str, tokenizer_name: str, sets: dict,
+            metas: dict[int, dict], *, skipped: int, num_shards: int, shard_size: int,
+            reused: int, start: float) -> dict[str, Any]:
+  """Checks the shards agree, writes the manifest (last) and returns it."""
   layouts = {json.dumps(m["layout"]) for m in metas.values() if m["layout"] is not None}
   if len(layouts) > 1:
     raise formats.DataError(f"{source}: the shards' examples have different columns "
@@ -297,7 +334,7 @@ def prepare(source: str, out: str, fmt: str, tokenizer: Any, *, max_length: int,
   manifest["content_hash"] = fingerprint.examples_hash(
       PreparedExamples(out, manifest, check_sizes=False))
   _write_json(os.path.join(out, MANIFEST), manifest)
-  return {**manifest, "reused_shards": num_shards - len(todo), "written_shards": len(todo),
+  return {**manifest, "reused_shards": reused, "written_shards": num_shards - reused,
           "seconds": time.perf_counter() - start}
 
 

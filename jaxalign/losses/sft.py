@@ -23,7 +23,8 @@ def sft_loss(
   Returns:
     loss: scalar mean negative log-likelihood per response token.
     metrics: `nll` (same as the loss), `logps/mean` (per-sequence mean) and
-      `num_tokens` (scored tokens in the batch).
+      `tokens/scored` (scored tokens in the batch; `num_tokens` is the run's
+      cumulative real-token count, as TRL's).
   """
   logps = logps.astype(jnp.float32)
   w = jnp.ones_like(logps) if weights is None else weights.astype(jnp.float32)
@@ -32,6 +33,6 @@ def sft_loss(
   metrics = {
       "nll": nll,
       "logps/mean": (w * logps).sum() / jnp.maximum(w.sum(), 1.0),
-      "num_tokens": num_tokens,
+      "tokens/scored": num_tokens,
   }
   return nll, metrics

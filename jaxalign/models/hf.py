@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from jaxalign import errors
 from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture, read_config
 from jaxalign.models.transformer import ModelConfig, Transformer
@@ -485,15 +486,40 @@ def _write_safetensors(path: str, names: Sequence[str], shapes, dtypes, fetch) -
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
   tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for name, shape, dt in zip(names, shapes, dtypes):
-      value = np.ascontiguousarray(fetch(name), dtype=dt)
-      if value.shape != tuple(shape):
-        raise ValueError(f"{name}: shape {value.shape}, expected {tuple(shape)}")
-      f.write(value.tobytes())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(len(raw).to_bytes(8, "little"))
+      f.write(raw)
+      for name, shape, dt in zip(names, shapes, dtypes):
+        value = np.ascontiguousarray(fetch(name), dtype=dt)
+        if value.shape != tuple(shape):
+          raise ValueError(f"{name}: shape {value.shape}, expected {tuple(shape)}")
+        f.write(value.tobytes())
+    os.replace(tmp, path)
+  except BaseException as e:   # no partial file stays behind, whatever stopped it
+    _remove_quietly(tmp)
+    if isinstance(e, OSError):   # disk full, read-only: name the file (f.write does not)
+      raise errors.write_failure(path, e) from e
+    raise
+
+
+def _remove_quietly(path: str) -> None:
+  try:
+    os.remove(path)
+  except OSError:   # never created
+    pass
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  """`path` written whole (temp file + rename) or not at all; OutputWriteError naming it."""
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+  except OSError as e:
+    _remove_quietly(tmp)
+    raise errors.write_failure(path, e) from e
 
 
 def _hf_order(name: str) -> tuple:
@@ -539,26 +565,33 @@ def _shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
 
 
 def _clear_weights(out_dir: str) -> None:
-  """Creates out_dir, removing a previous export's shards (they would confuse loaders)."""
-  os.makedirs(out_dir, exist_ok=True)
-  for stale in os.listdir(out_dir):
-    if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
-      os.remove(os.path.join(out_dir, stale))
+  """Creates out_dir, removing a previous export's shards and config.json (with new
+  weights they would confuse loaders; an interrupted export must not look complete)."""
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):
+      if (stale.endswith((".safetensors", ".safetensors.tmp"))
+          or stale in ("model.safetensors.index.json", "config.json")):
+        os.remove(os.path.join(out_dir, stale))
+  except OSError as e:   # a read-only or unusable directory
+    raise errors.write_failure(out_dir, e) from e
 
 
 def _write_configs(out_dir: str, hf_config: dict[str, Any], tokenizer) -> None:
-  """config.json, generation_config.json and the tokenizer's files (its special ids
-  go into both configs)."""
+  """The tokenizer's files, generation_config.json, then config.json, the last file an
+  export writes (its special ids go into both configs)."""
   if tokenizer is not None:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
       if getattr(tokenizer, key, None) is not None:
         hf_config[key] = getattr(tokenizer, key)
-    tokenizer.save_pretrained(out_dir)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
-  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump({k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if k in hf_config}, f, indent=2)
+    try:
+      tokenizer.save_pretrained(out_dir)
+    except OSError as e:
+      raise errors.write_failure(f"{out_dir} (tokenizer files)", e) from e
+  _write_json_atomic(os.path.join(out_dir, "generation_config.json"),
+                     {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if k in hf_config})
+  _write_json_atomic(os.path.join(out_dir, "config.json"), hf_config)
 
 
 def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
@@ -603,24 +636,31 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
     return lay.to_hf(_host_value(value if entry is None else value[entry]))
 
   is_writer = jax.process_index() == 0
-  if is_writer:
-    _clear_weights(out_dir)
   files = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-  for file, names in zip(files, shards):
-    if is_writer:
+  if not is_writer:  # other processes join the gathers of non-addressable arrays
+    for names in shards:
+      for n in names:
+        fetch(n)
+    return out_dir
+  written: list[str] = []
+  try:
+    _clear_weights(out_dir)
+    for file, names in zip(files, shards):
       _write_safetensors(
           os.path.join(out_dir, file), names, [by_name[n][0].hf_shape for n in names],
           [out_dtype(by_name[n][1]) for n in names], fetch)
-    else:  # other processes join the gathers of non-addressable arrays
-      for n in names:
-        fetch(n)
-  if not is_writer:
-    return out_dir
-  if len(shards) > 1:
-    index = {"metadata": {"total_size": sum(sizes.values())},
-             "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-      json.dump(index, f, indent=2)
-  _write_configs(out_dir, hf_config, tokenizer)
+      written.append(os.path.join(out_dir, file))
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": sum(sizes.values())},
+               "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
+      _write_json_atomic(os.path.join(out_dir, "model.safetensors.index.json"), index)
+      written.append(os.path.join(out_dir, "model.safetensors.index.json"))
+    _write_configs(out_dir, hf_config, tokenizer)
+  except errors.OutputWriteError as e:   # disk full, read-only: leave nothing loadable
+    for path in written:
+      _remove_quietly(path)
+    raise errors.OutputWriteError(
+        f"{e}; export not completed: {out_dir} holds no weights and no config.json from "
+        f"it") from e
   return out_dir

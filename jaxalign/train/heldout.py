@@ -60,7 +60,7 @@ class HeldOut:
       metrics = self.eval_fn(state, sharding.host_to_global(host_batch, self.batch_sharding))
       total = metrics if total is None else jax.tree.map(lambda a, b: a + b, total, metrics)
     total = jax.device_get(total)
-    out = {PREFIX + k: float(v) if k.startswith("num_tokens") else float(v) / n
+    out = {PREFIX + k: float(v) if k.startswith(("num_tokens", "tokens/")) else float(v) / n
            for k, v in total.items()}
     out[PREFIX + "examples"] = float(self.num_examples)
     return out

@@ -11,10 +11,34 @@ import json
 import logging
 import math
 import os
+import threading
 
-from jaxalign import paths
+from jaxalign import errors, paths
 
 log = logging.getLogger("jaxalign")
+
+# OSErrors that ended a tensorboardX event-writer thread (disk full), taken by the
+# next MetricWriter.write of this process to stop the run in one line.
+_TB_THREAD_FAILURES: list[OSError] = []
+
+
+def _route_tensorboard_thread_failures() -> None:
+  """threading.excepthook: an OSError ending tensorboardX's writer thread is kept for
+  MetricWriter.write to report, instead of a traceback printed from the thread."""
+  previous = threading.excepthook
+  if getattr(previous, "jaxalign_tensorboard", False):
+    return
+
+  def hook(args):
+    thread_module = type(args.thread).__module__ if args.thread is not None else ""
+    if (thread_module.startswith("tensorboardX") and isinstance(args.exc_value, OSError)
+        and not errors.debug_enabled()):
+      _TB_THREAD_FAILURES.append(args.exc_value)
+      return
+    previous(args)
+
+  hook.jaxalign_tensorboard = True
+  threading.excepthook = hook
 
 
 def log_line(step: int, total: int, metrics: dict[str, float], keys) -> str:
@@ -36,6 +60,7 @@ class MetricWriter:
     self._active = process_index == 0
     self._jsonl = None
     self._trackers = []
+    self._tb_dir = None
     self._remote_path = None
     self._remote_text = ""
     self.resumed: dict = {}   # the last kept row of a resumed run (cumulative counts go on)
@@ -68,6 +93,9 @@ class MetricWriter:
                   "google-cloud-storage for gs:// (boto3 for s3://), not installed here; "
                   "metrics.jsonl is written", workdir)
       names.remove("tensorboard")
+    if "tensorboard" in names:
+      _route_tensorboard_thread_failures()
+      self._tb_dir = paths.join(workdir, "tensorboard")
     from jaxalign.train import trackers
     self._trackers = trackers.open_trackers(names, workdir, resume_step=resume_step,
                                             config=config or {})
@@ -83,8 +111,14 @@ class MetricWriter:
       self._remote_text += json.dumps(row) + "\n"
       paths.write_bytes_atomic(self._remote_path, self._remote_text.encode())
     else:
-      self._jsonl.write(json.dumps(row) + "\n")
-      self._jsonl.flush()
+      try:
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+      except OSError as e:   # disk full: name the file (a file object's write does not)
+        raise errors.write_failure(self._jsonl.name, e) from e
+    if self._tb_dir is not None and _TB_THREAD_FAILURES:
+      # tensorboardX's writer thread died (disk full): its events are being lost.
+      raise errors.write_failure(self._tb_dir, _TB_THREAD_FAILURES.pop())
     for tracker in self._trackers:
       tracker.log(step, scalars)
 

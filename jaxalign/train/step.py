@@ -209,7 +209,7 @@ def _micro_step(params, frozen, ref_params, loss_state, batch, dropout_key=None,
                             ref_graphdef=ref_graphdef, modules=modules, batch_axes=batch_axes)
   (loss, (metrics, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
   metrics = {**metrics, "loss": loss,
-             "num_tokens/real": real_tokens(batch)}
+             "tokens/real": real_tokens(batch)}
   return metrics, grads, new_state
 
 
@@ -258,8 +258,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx,
         body, (zeros, state.loss_state), (split, jnp.arange(accum_steps)))
     # Sums over micro-batches -> means, except counts which stay sums (and the
     # per-token metrics' numerators and counts, divided below).
-    metrics = {k: v if k.startswith(("num_tokens", TOKEN_SUM, TOKEN_COUNT)) else v / accum_steps
-               for k, v in metrics.items()}
+    counts = ("num_tokens", "tokens/", TOKEN_SUM, TOKEN_COUNT)   # summed, not averaged
+    metrics = {k: v if k.startswith(counts) else v / accum_steps for k, v in metrics.items()}
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
 
   metrics = token_metric_means(metrics)
@@ -345,14 +345,14 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, loss_
 
   The same objective as `train_step` (reference, OFS modules, the loss's running
   state as it stands, which is not advanced), without LoRA dropout.
-  Returns the loss's metrics plus "loss" and "num_tokens/real".
+  Returns the loss's metrics plus "loss" and "tokens/real".
   """
   objective = _objective_of(state.frozen, state.ref_params, state.loss_state, batch, None,
                             graphdef=graphdef, loss_call=loss_call, chunk_size=chunk_size,
                             ref_graphdef=ref_graphdef, modules=modules, batch_axes=batch_axes)
   loss, (metrics, _) = objective(state.params)
   return {**token_metric_means(metrics), "loss": loss,
-          "num_tokens/real": real_tokens(batch)}   # any layout (held-out batches are padded)
+          "tokens/real": real_tokens(batch)}   # any layout (held-out batches are padded)
 
 
 def jit_eval_step(*, graphdef, loss_call, chunk_size, state_shardings, batch_sharding,

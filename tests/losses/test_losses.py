@@ -76,7 +76,7 @@ def test_sft_is_token_mean_nll():
   lengths = jnp.array([1, 4])
   loss, metrics = sft_loss(logps, lengths)
   np.testing.assert_allclose(loss, 11.0 / 5.0, rtol=1e-6)
-  assert metrics["num_tokens"] == 5
+  assert metrics["tokens/scored"] == 5
 
 
 def test_registry_specs():

@@ -31,7 +31,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   np.testing.assert_allclose(_losses(tmp_path / "accum"), _losses(tmp_path / "full"),
                              rtol=1e-5, atol=1e-6)
   full, accum = read_metrics(tmp_path / "full")[-1], read_metrics(tmp_path / "accum")[-1]
-  for key in ("rewards/accuracies", "rewards/margins", "grad_norm", "num_tokens/real"):
+  for key in ("rewards/accuracies", "rewards/margins", "grad_norm", "tokens/real"):
     np.testing.assert_allclose(accum[key], full[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
