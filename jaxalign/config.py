@@ -858,8 +858,8 @@ def resolve(config, num_devices: int, *, platform: str | None = None) -> RunSpec
   A RunSpec passes through unchanged (it was resolved for that device count), so
   an entry point (workflows.run.train) takes either and a call path validates once.
   `platform`: the devices' platform (default: JAX's default backend; `jaxalign
-  plan` passes its target's): model.scan_layers="auto" becomes a bool here, in
-  the ModelConfig and in the record (`with_scan_layers`).
+  plan` passes its target's): model.scan_layers="auto" (and a flag's "True" /
+  "False") becomes a bool here, in the ModelConfig and in the record.
 
   Raises:
     ConfigError: as `validate`, naming the key.

@@ -133,8 +133,11 @@ def _newest_config(checkpointer: ckpt.Checkpointer) -> tuple[dict[str, Any], int
 def _init_from_config(init_from: str) -> tuple[dict[str, Any], int] | None:
   """(the saved config, its step) of config.init_from's latest checkpoint; None when it
   cannot be read here (starting_params then reports why)."""
+  directory = rundir.checkpoint_dir(init_from)
+  if not paths.isdir(directory):
+    return None
   try:
-    checkpointer = ckpt.Checkpointer(rundir.checkpoint_dir(init_from), every=1, keep=1)
+    checkpointer = ckpt.Checkpointer(directory, every=1, keep=1)
   except Exception:  # a directory that is no checkpoint directory: reported by starting_params
     return None
   try:
@@ -149,10 +152,11 @@ def keep_saved_layout(spec: config_lib.RunSpec,
 
   Only with model.scan_layers="auto" (spec.layers_auto): its choice for this
   platform gives way to the layout recorded with the run's own newest readable
-  checkpoint (a resume), else with config.init_from's, so a run saved scanned on
-  a TPU resumes (or is fine-tuned further) unrolled-auto on a CPU in the layout
-  its parameters are stored in. A layout set explicitly (True/False) is kept,
-  and a resume into the other one is refused by check_resume_config.
+  checkpoint (a resume), else with config.init_from's: a run saved scanned on a
+  TPU resumes on a CPU (or is fine-tuned further there) scanned, the layout its
+  parameters are stored in, though "auto" alone would unroll it. A layout set
+  explicitly (True/False) is kept, and a resume into the other one is refused
+  by check_resume_config.
   """
   if not spec.layers_auto:
     return spec

@@ -74,7 +74,10 @@ def _in_saved_layout(workdir: str, model_cfg):
   """`model_cfg` in the layer layout of `workdir`'s latest checkpoint, as its record
   says: the caller's config may say "auto", resolved elsewhere, or the run may
   have kept the layout of a checkpoint it resumed (train/resume.py)."""
-  checkpointer = ckpt.Checkpointer(checkpoint_dir(workdir), every=1, keep=1)
+  directory = checkpoint_dir(workdir)
+  if not paths.isdir(directory):   # restore_params says so; nothing is created here
+    return model_cfg
+  checkpointer = ckpt.Checkpointer(directory, every=1, keep=1)
   try:
     step = checkpointer.latest_step()
     scan = None if step is None else saved_layout(checkpointer.restore_config(step))
