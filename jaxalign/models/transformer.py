@@ -220,9 +220,9 @@ class ModelConfig:
 # model.scan_layers="auto" (jaxalign.config) scans on TPU and GPU, where the scan
 # is what keeps a deep model's compile short (docs/performance.md: 4.5x on the
 # 8B recipe), and on any other platform (CPU) from this many layers on; below
-# it the layers are unrolled: on CPU the scanned step runs 12-35% slower and,
-# up to 12 layers, compiles no faster; from 16 on the unrolled compile grows
-# (1.7x the scanned one's CPU time at 16 layers, 3.3x at 32: bench/compile_time.py
+# it the layers are unrolled: on CPU the scanned step runs 12-35% slower and saves
+# at most ~1.3 s of compile there; from 16 layers on the unrolled compile is ~2x
+# the scanned one's and grows ~0.3 s per layer (4x at 32; bench/compile_time.py
 # --devices cpu, docs/performance.md "Scan where it pays").
 SCAN_MIN_LAYERS_CPU = 16
 _SCAN_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
