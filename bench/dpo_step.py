@@ -5,8 +5,9 @@
   python bench/dpo_step.py --only 100m  # one config
   python bench/dpo_step.py --layers scan   # only the scanned model (default: both)
 
-Each config runs with the layers scanned (`model.scan_layers=True`, the
-default) and unrolled (a Python loop over layers) in the same process: both
+Each config runs with the layers scanned (`model.scan_layers=True`, what the
+default "auto" picks on TPU/GPU) and unrolled (a Python loop over layers, what
+it picks for these shallow models on CPU) in the same process: both
 are compiled first, then timed in `--rounds` interleaved rounds (scan,
 unrolled, scan, ...; best round of each kept), and the table ends with the
 scanned / unrolled tokens/s ratio per config and the load average.

@@ -13,12 +13,14 @@ re-reads the config tree. Run modes are declared in one table, `RUN_MODES`;
 jaxalign.workflows.run.train dispatches on `RunSpec.mode`.
 """
 
+import copy
 import dataclasses
 import importlib.util
 import logging
 import math
 from typing import Any
 
+import jax
 import ml_collections
 
 from jaxalign import checkpoint as ckpt
@@ -55,7 +57,8 @@ def defaults() -> ml_collections.ConfigDict:
   # fifth of a 32k-vocabulary head's time; no effect on the loss or gradients).
   c.token_metrics = True
 
-  c.model = ml_collections.ConfigDict()
+  # Not type-safe: model.scan_layers holds "auto" or a bool, and a recipe sets either.
+  c.model = ml_collections.ConfigDict(type_safe=False)
   c.model.preset = "tiny"
   c.model.overrides = ml_collections.ConfigDict()   # ModelConfig fields over the preset
   # A Hugging Face checkpoint (local directory or hub name) to start from: its
@@ -65,10 +68,15 @@ def defaults() -> ml_collections.ConfigDict:
   # Attention kernel (jaxalign.models.attention): "auto" (splash on TPU, cudnn on
   # GPU, xla on CPU) | "xla" | "cudnn" | "splash"; a compute choice, free on resume.
   c.model.attention = "auto"
-  # One lax.scan over stacked layers (compiles one layer body; the default) or a
-  # Python loop over layers (debugging). The two store parameters differently
-  # (a leading "layers" axis), so a checkpoint resumes only in its own layout.
-  c.model.scan_layers = True
+  # True: one lax.scan over stacked layers (compiles one layer body); False: a
+  # Python loop over layers (faster steps on CPU, longer compiles for deep
+  # models); "auto": scanned on TPU/GPU and for models of
+  # transformer.SCAN_MIN_LAYERS_CPU layers or more, else unrolled
+  # (transformer.auto_scan_layers). `resolve` records the choice as a bool (the
+  # run's config, saved with its checkpoints). The two layouts store parameters
+  # differently (a leading "layers" axis): with "auto" a run that resumes (or
+  # starts from init_from) keeps the layout its checkpoint was saved in.
+  c.model.scan_layers = "auto"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)   # -1: all remaining devices, over the axes MESH_AXES
@@ -239,16 +247,18 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
   return c
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int):
+def validate(c: ml_collections.ConfigDict, num_devices: int, *, platform: str | None = None):
   """Raises ConfigError, naming the key, for any value that cannot work.
 
   Runs before anything is built or compiled, one named check per part of the
   config. Returns (the ModelConfig, the local model.hf_path directory or "") it
   checked the config against, which `resolve` keeps so they are never derived again.
+  `platform`: the devices' platform ("cpu", "gpu", "tpu"; default: JAX's default
+  backend), which model.scan_layers="auto" is resolved for.
   """
   mesh_shape = _validate_mesh(c, num_devices)
   spec = _validate_loss(c)
-  model_cfg, hf_dir = _validate_model(c)
+  model_cfg, hf_dir = _validate_model(c, platform)
   _validate_init_from(c, model_cfg)
   _validate_data(c, spec, model_cfg, mesh_shape)
   _validate_counts(c)
@@ -378,14 +388,12 @@ def _validate_loss_call(c: ml_collections.ConfigDict, spec) -> None:
     _fail("loss.name", problem)
 
 
-def _validate_model(c: ml_collections.ConfigDict):
+def _validate_model(c: ml_collections.ConfigDict, platform: str | None):
   """The model section; returns (its ModelConfig, the local model.hf_path directory)."""
   if c.model.get("attention", "auto") not in attention.IMPLEMENTATIONS:
     _fail("model.attention", f"must be one of {attention.IMPLEMENTATIONS}, got "
           f"{c.model.attention!r}")
-  scan = c.model.get("scan_layers", True)
-  if not isinstance(scan, bool):
-    _fail("model.scan_layers", f"must be True or False, got {scan!r}")
+  scan_layers_request(c)   # ConfigError naming model.scan_layers
   if "remat" in c.model.overrides:
     try:
       transformer.normalize_remat(c.model.overrides.remat)
@@ -396,7 +404,7 @@ def _validate_model(c: ml_collections.ConfigDict):
           f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
   try:
     hf_dir = hf_model_dir(c)
-    model_cfg = model_config(c, hf_dir=hf_dir)
+    model_cfg = model_config(c, hf_dir=hf_dir, platform=platform)
   except HfConfigError as e:
     _fail("model.hf_path", str(e))
   except (TypeError, ValueError) as e:
@@ -442,6 +450,8 @@ def _validate_init_from(c: ml_collections.ConfigDict, model_cfg) -> None:
                                                                  or {}):
     # Saved before the layers were scanned: its parameters have the unrolled layout.
     saved_cfg = dataclasses.replace(saved_cfg, scan_layers=False)
+  if scan_layers_request(c) == "auto":   # the run takes init_from's layout (resume.py)
+    model_cfg = dataclasses.replace(model_cfg, scan_layers=saved_cfg.scan_layers)
   want = hf.param_shapes(model_cfg)
   if hf.param_shapes(saved_cfg) == want:
     return
@@ -730,12 +740,36 @@ def hf_model_dir(c: ml_collections.ConfigDict) -> str:
                         ) from None
 
 
-def model_config(c: ml_collections.ConfigDict, *, hf_dir: str | None = None):
+_SCAN_WORDS = {"auto": "auto", "true": True, "false": False}
+
+
+def scan_layers_request(c: ml_collections.ConfigDict) -> bool | str:
+  """model.scan_layers as asked: True, False or "auto".
+
+  A --config.model.scan_layers=False flag over the "auto" default arrives as the
+  string "False" (the flag takes the default's type), so "True"/"False" are read
+  as the bools. A config without the key (saved before it existed) reads True.
+
+  Raises:
+    ConfigError: any other value, naming model.scan_layers.
+  """
+  value = c.model.get("scan_layers", True)
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, str) and value.lower() in _SCAN_WORDS:
+    return _SCAN_WORDS[value.lower()]
+  _fail("model.scan_layers", f"must be True, False or 'auto', got {value!r}")
+
+
+def model_config(c: ml_collections.ConfigDict, *, hf_dir: str | None = None,
+                 platform: str | None = None):
   """The ModelConfig named by `c.model`: the preset, or the config.json of
   `hf_path` when set, plus field overrides.
 
   `hf_dir`: `c`'s hf_model_dir when already known. A resolved run reads its
-  RunSpec.model_cfg instead; this is for configs read back from a run's record.
+  RunSpec.model_cfg instead; this is for configs read back from a run's record
+  (which hold model.scan_layers as a bool). `platform`: what model.scan_layers
+  "auto" is resolved for (default: JAX's default backend).
   """
   hf_dir = hf_model_dir(c) if hf_dir is None else hf_dir
   if hf_dir:
@@ -749,9 +783,12 @@ def model_config(c: ml_collections.ConfigDict, *, hf_dir: str | None = None):
   unknown = set(over) - set(base)
   if unknown:
     raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
-  chosen = {"attention": c.model.get("attention", "auto"),
-            "scan_layers": c.model.get("scan_layers", True)}
-  return transformer.ModelConfig.from_dict({**base, **chosen, **over})
+  chosen = {"attention": c.model.get("attention", "auto"), "scan_layers": scan_layers_request(c)}
+  fields = {**base, **chosen, **over}
+  if fields["scan_layers"] == "auto":
+    fields["scan_layers"], _ = transformer.auto_scan_layers(
+        platform or jax.default_backend(), fields["n_layers"])
+  return transformer.ModelConfig.from_dict(fields)
 
 
 # Every run mode, declared here once: what in a recipe selects it (the first that
@@ -887,6 +924,9 @@ class RunSpec:
     divergence: the jaxalign.guards.DivergenceGuard settings ({}: its defaults).
     seed, total_steps, log_every, eval_every, init_from, skip_nonfinite,
     allow_config_change, logprob_chunk_size: the top-level settings of `defaults`.
+    platform: the devices' platform it was resolved for ("cpu", "gpu", "tpu").
+    layers_auto: why model.scan_layers="auto" chose model_cfg.scan_layers (e.g.
+      "cpu, 2 layers < 16"); "" when the recipe set the layout itself.
   """
   config: ml_collections.FrozenConfigDict
   num_devices: int
@@ -918,6 +958,17 @@ class RunSpec:
   skip_nonfinite: bool
   allow_config_change: bool
   logprob_chunk_size: int
+  platform: str = ""
+  layers_auto: str = ""
+
+  @property
+  def layers_line(self) -> str:
+    """The one line a run logs about its layer layout, e.g.
+    "model: scan_layers=auto -> unrolled (cpu, 2 layers < 16)"."""
+    layout = "scanned" if self.model_cfg.scan_layers else "unrolled"
+    if self.layers_auto:
+      return f"model: scan_layers=auto -> {layout} ({self.layers_auto})"
+    return f"model: scan_layers={self.model_cfg.scan_layers} ({layout}, set by the config)"
 
   @property
   def modules(self) -> tuple[str, ...]:
@@ -937,11 +988,14 @@ class RunSpec:
     return self.data.tokenizer or self.hf_dir
 
 
-def resolve(config, num_devices: int) -> RunSpec:
+def resolve(config, num_devices: int, *, platform: str | None = None) -> RunSpec:
   """Validates `config` for `num_devices` devices once and returns its RunSpec.
 
   A RunSpec passes through unchanged (it was resolved for that device count), so
   an entry point (workflows.run.train) takes either and a call path validates once.
+  `platform`: the devices' platform (default: JAX's default backend; `jaxalign
+  plan` passes its target's): model.scan_layers="auto" (and a flag's "True" /
+  "False") becomes a bool here, in the ModelConfig and in the record.
 
   Raises:
     ConfigError: as `validate`, naming the key.
@@ -952,8 +1006,15 @@ def resolve(config, num_devices: int) -> RunSpec:
       raise ValueError(f"the RunSpec was resolved for {config.num_devices} devices, not "
                        f"{num_devices}: resolve the config for these devices")
     return config
-  model_cfg, hf_dir = validate(config, num_devices)
+  platform = platform or jax.default_backend()
+  model_cfg, hf_dir = validate(config, num_devices, platform=platform)
   mode = run_mode(config)
+  request = scan_layers_request(config)
+  layers_auto = ""
+  if request == "auto" and "scan_layers" not in config.model.overrides:
+    _, layers_auto = transformer.auto_scan_layers(platform, model_cfg.n_layers)
+  if config.model.get("scan_layers", True) is not model_cfg.scan_layers:   # "auto", "False"...
+    config = _recorded_scan_layers(config, model_cfg.scan_layers)
   c = ml_collections.FrozenConfigDict(config)
   loss = losses.get(c.loss.name)
   frozen_ref = loss.needs_ref and c.reference.mode == "frozen"
@@ -978,4 +1039,35 @@ def resolve(config, num_devices: int) -> RunSpec:
       eval_every=int(c.get("eval_every", 0)), init_from=c.init_from,
       skip_nonfinite=bool(c.skip_nonfinite),
       allow_config_change=bool(c.get("allow_config_change", False)),
-      logprob_chunk_size=int(c.logprob_chunk_size))
+      logprob_chunk_size=int(c.logprob_chunk_size), platform=platform,
+      layers_auto=layers_auto)
+
+
+def _recorded_scan_layers(config, scan: bool) -> ml_collections.ConfigDict:
+  """A copy of `config` with model.scan_layers = `scan` (the caller's is untouched)."""
+  c = copy.deepcopy(ml_collections.ConfigDict(config))
+  with c.unlocked():
+    if "scan_layers" in c.model:
+      del c.model["scan_layers"]   # its field may be typed str ("auto")
+    c.model["scan_layers"] = scan
+  return c
+
+
+def with_scan_layers(spec: RunSpec, scan: bool, why: str) -> RunSpec:
+  """`spec` with the layer layout `scan` in its ModelConfig and its record; `why`:
+  its new layers_auto (for a run with model.scan_layers="auto" that keeps the
+  layout of the checkpoint it starts from, train/resume.py `keep_saved_layout`)."""
+  return dataclasses.replace(
+      spec, model_cfg=dataclasses.replace(spec.model_cfg, scan_layers=scan),
+      config=ml_collections.FrozenConfigDict(_recorded_scan_layers(spec.config, scan)),
+      layers_auto=why)
+
+
+def derived_from(spec: RunSpec, parent: RunSpec) -> RunSpec:
+  """`spec`, resolved from `parent`'s record (an iterative round, a continual
+  stage), marked as choosing its layers as `parent` did: the record holds
+  `parent`'s resolved model.scan_layers, and with "auto" behind it the derived
+  run still keeps the layout of the checkpoint it starts from."""
+  if not parent.layers_auto or spec.layers_auto:
+    return spec
+  return dataclasses.replace(spec, layers_auto=parent.layers_auto)

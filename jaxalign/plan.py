@@ -283,7 +283,8 @@ def build_for(config: ml_collections.ConfigDict, devs, pack: PackAssumption | No
   Raises:
     ConfigError: the config cannot run on that many devices.
   """
-  spec = config_lib.resolve(config, len(devs))
+  # For the target's platform: model.scan_layers="auto" scans a TPU plan, whatever the host.
+  spec = config_lib.resolve(config, len(devs), platform=devs[0].platform)
   built = build_lib.build(spec, _make_mesh(spec.config, devs))
   return built, abstract_batch(spec.config, built.batch_sharding, pack)
 
@@ -316,7 +317,9 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
 
   Returns:
     A flat dict: target, num_devices, mesh, num_params, trainable_params, lora
-    (its settings, None without adapters), tokens_per_step,
+    (its settings, None without adapters), scan_layers (the layout planned:
+    model.scan_layers, "auto" resolved for the target's platform) and layers
+    (that choice in words, as the run logs it), tokens_per_step,
     memory_* (bytes per device), hbm_bytes, fits, flops_per_device,
     flops_per_step, model_flops_per_token, model_flops_per_step,
     predicted_step_seconds, predicted_mfu, estimate (how they were obtained),
@@ -377,6 +380,7 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
                + (f", modules {'+'.join(built.run_spec.modules)}" if built.run_spec.modules else "")
                if lora_cfg.enabled else None),
       "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
+      "scan_layers": model_cfg.scan_layers, "layers": built.run_spec.layers_line,
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
       "computed_tokens_per_step": computed,
       "packing": (dict(dataclasses.asdict(layout),
@@ -583,6 +587,7 @@ def format_plan(p: dict[str, Any]) -> str:
          f"{p['tokens_per_step']} real tokens/step packed into {p['packing']['packed_shape']} "
          f"(G, R, L) = {p['computed_tokens_per_step']} computed"),
 
+      *([f"  {p['layers']}"] if p.get("layers") else []),
       f"  lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s"
       + (f" (+ {p['scan_probe_compile_seconds']:.1f} s for the unrolled "
          f"{p['scan_probe_layers'][0]}- and {p['scan_probe_layers'][1]}-layer cost probes)"

@@ -32,6 +32,7 @@ def _run(capsys, *args):
     ("--config.loss.name=nope", "config.loss.name"),
     ("--config.reference.mode=sometimes", "config.reference.mode"),
     ("--config.model.attention=flash", "config.model.attention"),
+    ("--config.model.scan_layers=sometimes", "config.model.scan_layers"),
 ])
 def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, override,
                                                              expected):

@@ -61,6 +61,9 @@ def test_tiny_dpo_on_cpu8_gives_sane_figures():
   assert p["predicted_mfu"] is None and "none" in p["estimate"]   # no CPU peak
   text = plan_lib.format_plan(p)
   assert "fits: True" in text and "temporaries" in text
+  # model.scan_layers="auto" (the default) for CPU devices and 2 layers: unrolled, as printed.
+  assert p["scan_layers"] is False and p["scan_iterations"] == 1
+  assert "model: scan_layers=auto -> unrolled (cpu, 2 layers <" in text
 
 
 def test_abstract_batch_follows_the_loss_format():
@@ -234,6 +237,15 @@ def test_tiny_dpo_compiles_for_a_tpu_slice():
   assert p["fits"] and 0 < p["memory_total"] < p["hbm_bytes"]
   assert p["flops_per_step"] > 0 and p["predicted_step_seconds"] > 0
   assert 0 < p["predicted_mfu"] < 1
+
+
+@pytest.mark.tpu
+def test_auto_layers_are_planned_scanned_for_a_tpu_slice():
+  """model.scan_layers="auto" is resolved for the plan's target, not for this CPU host."""
+  pytest.importorskip("libtpu")
+  p = plan_lib.plan(_tiny_dpo(), topology="v5p:2x2x2", scan_estimate=False)
+  assert p["scan_layers"] is True and p["scan_iterations"] == 2
+  assert "model: scan_layers=auto -> scanned (tpu, 2 layers)" in plan_lib.format_plan(p)
 
 
 @pytest.mark.tpu

@@ -21,17 +21,19 @@ The module tree and parameter shapes map 1:1 onto the Hugging Face checkpoints
   model.norm.weight                           final_norm.scale              [D]
   lm_head.weight [V, D] (untied only)         lm_head                       [D, V]
 
-With ``scan_layers`` (the default) the blocks are stacked: ``layers[j]`` is
-one Block whose parameters have a leading ``layers`` axis of G = n_layers // P
-entries, entry g holding layer g*P + j, where P is the smallest period of the
-per-layer differences (1 for Llama/Qwen/Mistral, 2 for Gemma 2's local/global
-pairs, 6 for Gemma 3's 5 local : 1 global). The forward is one ``lax.scan`` over
-the G groups, so XLA compiles one group body instead of n_layers copies; layers
-past G*P (n_layers not a multiple of P) are plain blocks in ``tail``. With
-``scan_layers=False`` ``layers[i]`` is layer i, unrolled (for debugging; same
-logits and gradients, see `stack_layers` / `unstack_layers`). A seed gives the
-same model in both layouts: stacked entry g is drawn with the keys layer g*P + j
-draws when unrolled (`_UnrolledOrderKeys`), so the switch never changes a run.
+With ``scan_layers`` (the ModelConfig default; a recipe's model.scan_layers
+"auto" chooses per platform and depth, `auto_scan_layers`) the blocks are
+stacked: ``layers[j]`` is one Block whose parameters have a leading ``layers``
+axis of G = n_layers // P entries, entry g holding layer g*P + j, where P is
+the smallest period of the per-layer differences (1 for Llama/Qwen/Mistral, 2
+for Gemma 2's local/global pairs, 6 for Gemma 3's 5 local : 1 global). The
+forward is one ``lax.scan`` over the G groups, so XLA compiles one group body
+instead of n_layers copies; layers past G*P (n_layers not a multiple of P) are
+plain blocks in ``tail``. With ``scan_layers=False`` ``layers[i]`` is layer i,
+unrolled (faster steps on CPU; same logits and gradients, see `stack_layers` /
+`unstack_layers`). A seed gives the same model in both layouts: stacked entry g
+is drawn with the keys layer g*P + j draws when unrolled (`_UnrolledOrderKeys`),
+so the switch never changes a run.
 
 Every parameter carries logical axis names (``out_sharding`` metadata); under
 ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)`` variables are
@@ -126,7 +128,9 @@ class ModelConfig:
   # True / False are read as "full" / "none".
   remat: str = "none"
   # One lax.scan over stacked layers (True) or a Python loop over layers (False);
-  # the two have different parameter layouts (see the module docstring).
+  # the two have different parameter layouts (see the module docstring). A
+  # recipe's model.scan_layers may also be "auto", resolved to one of the two
+  # before a ModelConfig is made (`auto_scan_layers`).
   scan_layers: bool = True
   # Attention kernel: "auto" | "xla" | "cudnn" | "splash" (jaxalign.models.attention).
   attention: str = "auto"
@@ -211,6 +215,26 @@ class ModelConfig:
     attn += 2 * Dh if self.qk_norm else 0
     block = attn + 3 * D * F + D * (4 if self.post_norms else 2)
     return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * block + D
+
+
+# model.scan_layers="auto" (jaxalign.config) scans on TPU and GPU, where the scan
+# is what keeps a deep model's compile short (docs/performance.md: 4.5x on the
+# 8B recipe), and on any other platform (CPU) from this many layers on; below
+# it the layers are unrolled: on CPU the scanned step runs 12-35% slower and saves
+# at most ~1.3 s of compile there; from 16 layers on the unrolled compile is ~2x
+# the scanned one's and grows ~0.3 s per layer (4x at 32; bench/compile_time.py
+# --devices cpu, docs/performance.md "Scan where it pays").
+SCAN_MIN_LAYERS_CPU = 16
+_SCAN_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
+
+
+def auto_scan_layers(platform: str, n_layers: int) -> tuple[bool, str]:
+  """(scan_layers for "auto" on `platform` with `n_layers` layers, why, in words)."""
+  if platform in _SCAN_PLATFORMS:
+    return True, f"{platform}, {n_layers} layers"
+  scan = n_layers >= SCAN_MIN_LAYERS_CPU
+  return scan, (f"{platform}, {n_layers} layers "
+                f"{'>=' if scan else '<'} {SCAN_MIN_LAYERS_CPU}")
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -143,5 +143,5 @@ def build_config(config, devices: Sequence[jax.Device] | None = None) -> Built:
     ConfigError: the config cannot run on that many devices.
   """
   devices = jax.devices() if devices is None else list(devices)
-  spec = config_lib.resolve(config, len(devices))
+  spec = config_lib.resolve(config, len(devices), platform=devices[0].platform)
   return build(spec, sharding.make_mesh(spec.mesh_shape, devices))

@@ -70,7 +70,8 @@ def run_loop(spec: config_lib.RunSpec, workdir: str, *, progress: bool = True, d
   """`train` without its mode check: the loop of every objective, a policy loss or a
   scalar-head (reward-model) loss, which workflows.run.train runs then exports."""
   devices = jax.devices() if devices is None else list(devices)
-  spec = config_lib.resolve(spec, len(devices))   # a spec for another device count: refused
+  # A spec for another device count is refused; a recipe is resolved for these devices.
+  spec = config_lib.resolve(spec, len(devices), platform=devices[0].platform)
   # SIGTERM is caught from here on: one arriving while data loads or the step
   # compiles stops the run at the next batch of a pass over the data before
   # training (train/passes.py), else at the first step boundary, with a checkpoint.
@@ -125,12 +126,15 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
     lock.acquire(workdir)   # runlock.LockedError when another live run holds it
   data = _load_data(spec, workdir)
   _claim_workdir(spec, workdir, data, lock)
-  # State, optimizer and jitted steps: abstract first (train/build.py, as `plan` builds them).
-  built = build_lib.build(spec, mesh)
   checkpointer = ckpt.Checkpointer(
       paths.join(workdir, "checkpoints"), every=spec.checkpoint.every,
       keep=spec.checkpoint.keep, async_save=spec.checkpoint.async_save)
   checkpointer.check_writable()
+  # model.scan_layers="auto": the layout of the checkpoint the run starts from, if any.
+  spec = resume.keep_saved_layout(spec, checkpointer)
+  log.info("%s", spec.layers_line)
+  # State, optimizer and jitted steps: abstract first (train/build.py, as `plan` builds them).
+  built = build_lib.build(spec, mesh)
   resume_step = resume.resume_step(checkpointer, spec, built.saved_part(built.abstract_state),
                                    fallback=spec.checkpoint.fallback)
   pack = _layout(spec, data, mesh)

@@ -1,5 +1,7 @@
 """The resume policy: which checkpoint step a run continues from, and whether it may.
 
+`keep_saved_layout` (before the state is built) gives a run with
+model.scan_layers="auto" the layer layout of the checkpoint it starts from;
 `check_resume_config` refuses a config whose objective or state shapes differ
 from the checkpoint's (ResumeMismatchError naming each key); `resume_step`
 picks the step (a corrupt one stops the run naming the previous good step, or,
@@ -18,6 +20,7 @@ from jaxalign import losses, paths
 from jaxalign.data import reading
 from jaxalign.errors import ResumeMismatchError
 from jaxalign.models import lora
+from jaxalign.train import rundir
 
 log = logging.getLogger("jaxalign")
 
@@ -103,10 +106,9 @@ def check_resume_config(saved: dict[str, Any], config, *, where: str,
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise ResumeMismatchError(f"cannot resume from {where}: its saved config does not "
                               f"describe a model this version can build ({reading.first_line(e)})")
-  model_saved = saved.get("model") or {}
-  if "scan_layers" not in model_saved and "scan_layers" not in (model_saved.get("overrides") or {}):
-    # Saved before the layers were scanned: its parameters have the unrolled layout.
-    old_structure["model.scan_layers"] = False
+  layout = rundir.saved_layout(saved)   # no key: saved before the layers were scanned, unrolled
+  if layout is not None:
+    old_structure["model.scan_layers"] = layout
   new_structure = _structure(
       config, config_lib.model_config(config) if model_cfg is None else model_cfg)
   shape_diffs = [f"{k} {old_structure.get(k)!r} -> {new_structure.get(k)!r}"
@@ -155,6 +157,64 @@ def _warn_schedule_change(saved: dict[str, Any], config, where: str) -> None:
   if diffs:
     log.warning("resuming from %s with a changed learning-rate schedule: %s; the schedule "
                 "continues from the resumed step on its new shape", where, ", ".join(diffs))
+
+
+def _newest_config(checkpointer: ckpt.Checkpointer) -> tuple[dict[str, Any], int] | None:
+  """(the saved config, its step) of the newest step whose config loads; None: none."""
+  latest = checkpointer.latest_step()
+  if latest is None:
+    return None
+  for step in [latest] + _earlier_steps(checkpointer, latest):
+    try:
+      return checkpointer.restore_config(step), step
+    except ckpt.CorruptCheckpointError:
+      continue   # resume_step reports it (or, with checkpoint.fallback, skips it)
+  return None
+
+
+def _init_from_config(init_from: str) -> tuple[dict[str, Any], int] | None:
+  """(the saved config, its step) of config.init_from's latest checkpoint; None when it
+  cannot be read here (starting_params then reports why)."""
+  directory = rundir.checkpoint_dir(init_from)
+  if not paths.isdir(directory):
+    return None
+  try:
+    checkpointer = ckpt.Checkpointer(directory, every=1, keep=1)
+  except Exception:  # a directory that is no checkpoint directory: reported by starting_params
+    return None
+  try:
+    return _newest_config(checkpointer)
+  finally:
+    checkpointer.close()
+
+
+def keep_saved_layout(spec: config_lib.RunSpec,
+                      checkpointer: ckpt.Checkpointer) -> config_lib.RunSpec:
+  """`spec` in the layer layout of the checkpoint its run starts from.
+
+  Only with model.scan_layers="auto" (spec.layers_auto): its choice for this
+  platform gives way to the layout recorded with the run's own newest readable
+  checkpoint (a resume), else with config.init_from's: a run saved scanned on a
+  TPU resumes on a CPU (or is fine-tuned further there) scanned, the layout its
+  parameters are stored in, though "auto" alone would unroll it. A layout set
+  explicitly (True/False) is kept, and a resume into the other one is refused
+  by check_resume_config.
+  """
+  if not spec.layers_auto:
+    return spec
+  found = _newest_config(checkpointer)
+  where = "the checkpoint's layout"
+  if found is None and spec.init_from:
+    found = _init_from_config(spec.init_from)
+    where = "config.init_from's layout"
+  if found is None:
+    return spec
+  saved, step = found
+  scan = rundir.saved_layout(saved)
+  if scan is None or scan == spec.model_cfg.scan_layers:
+    return spec
+  return config_lib.with_scan_layers(spec, scan, f"{where}, step {step}; {spec.layers_auto} "
+                                     f"would {'scan' if not scan else 'unroll'}")
 
 
 def _earlier_steps(checkpointer: ckpt.Checkpointer, step: int) -> list[int]:

@@ -60,13 +60,42 @@ def starting_params(abstract, *, init_from: str, hf_dir: str, model_cfg):
   return None
 
 
+def saved_layout(saved: dict[str, Any]) -> bool | None:
+  """model.scan_layers of a run's saved config (its record): the layer layout its
+  checkpoints hold (False for one saved before the layers were scanned, which
+  has no key); None when the record holds no bool there."""
+  model = saved.get("model") or {}
+  overrides = model.get("overrides") or {}
+  value = overrides.get("scan_layers", model.get("scan_layers", False))
+  return value if isinstance(value, bool) else None
+
+
+def _in_saved_layout(workdir: str, model_cfg):
+  """`model_cfg` in the layer layout of `workdir`'s latest checkpoint, as its record
+  says: the caller's config may say "auto", resolved elsewhere, or the run may
+  have kept the layout of a checkpoint it resumed (train/resume.py)."""
+  directory = checkpoint_dir(workdir)
+  if not paths.isdir(directory):   # restore_params says so; nothing is created here
+    return model_cfg
+  checkpointer = ckpt.Checkpointer(directory, every=1, keep=1)
+  try:
+    step = checkpointer.latest_step()
+    scan = None if step is None else saved_layout(checkpointer.restore_config(step))
+  finally:
+    checkpointer.close()
+  if scan is None or scan == model_cfg.scan_layers:
+    return model_cfg
+  return dataclasses.replace(model_cfg, scan_layers=scan)
+
+
 def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None, *,
                     model_cfg=None, hf_dir: str | None = None):
   """(graphdef, params, frozen) of the latest checkpoint of a finished run.
 
   `config`: the run's record (its saved config, or a RunSpec's `config`);
   `model_cfg` / `hf_dir`: its ModelConfig and model.hf_path directory when the
-  caller has them resolved (a RunSpec's), else derived from `config`.
+  caller has them resolved (a RunSpec's), else derived from `config`; the layer
+  layout is always the one the checkpoint's own record names.
   A LoRA run's model comes back merged: the base graph and base + adapter
   weights (OFS-DPO: the fast module, the one deployed), with nothing frozen; a
   reward-model run's, the rewards.model.RewardModel (backbone and scalar head).
@@ -74,6 +103,7 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None, 
   hf_dir = config_lib.hf_model_dir(config) if hf_dir is None else hf_dir
   if model_cfg is None:
     model_cfg = config_lib.model_config(config, hf_dir=hf_dir)
+  model_cfg = _in_saved_layout(workdir, model_cfg)
   mesh = mesh or sharding.make_mesh(config.mesh.shape)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   tx, _ = optim.make_optimizer(lr=1.0, warmup_steps=1, total_steps=2)

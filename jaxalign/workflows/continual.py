@@ -169,7 +169,8 @@ def train(run_spec: config_lib.RunSpec, workdir: str, *, progress: bool = True,
   domains = run_spec.data.domains
   record, result = [], None
   for t in range(len(domains)):
-    stage = config_lib.resolve(stage_config(config, t, workdir), len(devices))
+    stage = config_lib.derived_from(
+        config_lib.resolve(stage_config(config, t, workdir), len(devices)), run_spec)
     result = loop.train(stage, stage_dir(workdir, t), progress=progress, devices=devices)
     if result.final_step < stage.total_steps:   # stopped by SIGTERM: continue on rerun
       return result

@@ -195,7 +195,8 @@ def train_rounds(run_spec: config_lib.RunSpec, workdir: str, *, progress: bool =
       stats = build_round_pairs(run_spec, workdir, r, records, tokenizer, mesh)
       log.info("round %d: %d pairs from %d prompts, mean reward %.3f", r, stats["pairs"],
                stats["prompts"], stats["reward/mean"])
-    round_spec = config_lib.resolve(round_config(config, workdir, r), len(devices))
+    round_spec = config_lib.derived_from(
+        config_lib.resolve(round_config(config, workdir, r), len(devices)), run_spec)
     result = loop.train(round_spec, rdir, progress=progress, devices=devices,
                         stop_after=budget)
     if budget is not None:

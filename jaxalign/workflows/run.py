@@ -30,7 +30,7 @@ def train(config: config_lib.RunSpec | ml_collections.ConfigDict, workdir: str, 
   runs (reward models too) and iterative rounds.
   """
   devices = jax.devices() if devices is None else list(devices)
-  spec = config_lib.resolve(config, len(devices))
+  spec = config_lib.resolve(config, len(devices), platform=devices[0].platform)
   trainers = {
       "iterative": lambda: iterative.train_rounds(spec, workdir, progress=progress,
                                                   devices=devices, stop_after=stop_after),

@@ -281,7 +281,7 @@ def test_export_trained_checkpoint(tmp_path):
   print(f"\ntrained llama: max |logit diff| export {diff:.2e}")
   assert diff <= TOL
 
-  again, _ = hf.from_pretrained(out)
+  again, _ = hf.from_pretrained(out, scan_layers=trained.config.scan_layers)   # the run's layout
   want = {".".join(map(str, k)): np.asarray(v.get_value())
           for k, v in nnx.to_flat_state(params)}
   got = _flat(again)

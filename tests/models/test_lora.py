@@ -100,7 +100,8 @@ def test_frozen_base_adapter_only_grads_reference_is_base_and_no_second_copy():
 
 
 def test_adapters_follow_the_sharding_rules():
-  cfg = tiny_config(**{"mesh.shape": (1, 4, 2), "lora.rank": 4, "lora.targets": lora.TARGETS})
+  cfg = tiny_config(**{"mesh.shape": (1, 4, 2), "lora.rank": 4, "lora.targets": lora.TARGETS,
+                       "model.scan_layers": True})
   shardings = build_lib.build_config(cfg).state_shardings
   attn, mlp = shardings.params["layers"][0]["attn"], shardings.params["layers"][0]["mlp"]
   P = jax.sharding.PartitionSpec

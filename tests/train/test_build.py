@@ -68,9 +68,14 @@ def _lora_recipe():
                         "reference.mode": "frozen", "total_steps": 2})
 
 
-@pytest.mark.parametrize("recipe", [_lora_recipe, _ofs_dpo_recipe], ids=["lora", "ofs_dpo"])
-def test_plan_lowers_the_step_that_train_runs(recipe, tmp_path, monkeypatch):
+# Both layouts: model.scan_layers="auto" (the default) unrolls these 1-layer models on
+# CPU; True scans them (the layout "auto" gives a TPU/GPU run).
+@pytest.mark.parametrize("recipe, scan_layers", [
+    (_lora_recipe, "auto"), (_lora_recipe, True), (_ofs_dpo_recipe, "auto"),
+], ids=["lora", "lora-scanned", "ofs_dpo"])
+def test_plan_lowers_the_step_that_train_runs(recipe, scan_layers, tmp_path, monkeypatch):
   config = recipe()
+  config.model.scan_layers = scan_layers
   by_train = _lowered_by_train(config, tmp_path / "run", monkeypatch)
   by_plan = plan_lib.lower_step(config, devices="cpu:8").as_text()
   assert by_plan == by_train
