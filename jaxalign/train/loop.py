@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import checkpoint as ckpt
@@ -436,11 +437,14 @@ def _logged(run: _Loop, state, metrics, host_metrics, *, done: int, window: "_Wi
 class _Window:
   """Real tokens and model FLOPs since the last logged step (all processes), over step
   time only: the first step (compilation) and held-out evaluation are left out and
-  logged on their own (time/first_step_seconds, eval/seconds)."""
+  logged on their own (time/first_step_seconds, eval/seconds). Each process counts
+  its own batches; `take` sums them over the processes (one small host collective per
+  logged step), so the figures are the global batch's exactly."""
 
   def __init__(self, perf: flops_lib.Utilization):
     self.perf = perf
-    self.total_tokens = 0   # since the run (this invocation) started
+    self.run_tokens = 0      # this process's real tokens since the run (invocation) began
+    self.total_tokens = 0    # all processes', as of the last `take`
     self.restart()
 
   def restart(self, extra: dict[str, float] | None = None) -> None:
@@ -453,10 +457,10 @@ class _Window:
     """`real`: the batch's sequence mask (packing.sequence_mask), this process's part;
     `computed`, `distinct`: its token positions and the real tokens among them
     (packing.computed_tokens)."""
-    tokens = int(real.sum()) * jax.process_count()
+    tokens = int(real.sum())
     self.tokens += tokens
-    self.total_tokens += tokens
-    self.flops += self.perf.batch_flops(real) * jax.process_count()
+    self.run_tokens += tokens
+    self.flops += self.perf.batch_flops(real)
     self.computed += computed
     self.distinct += distinct
 
@@ -466,20 +470,36 @@ class _Window:
 
   def take(self) -> dict[str, float]:
     """tokens_per_sec, perf/* and the layout's fill over the window, which starts anew;
-    nothing of a rate when no step has finished in it (the first step's window)."""
+    nothing of a rate when no step has finished in it (the first step's window).
+    Called by every process at the same steps (it gathers)."""
     elapsed = time.perf_counter() - self.start
+    (tokens, computed, distinct, run_tokens), flops = _summed_over_processes(
+        [self.tokens, self.computed, self.distinct, self.run_tokens], self.flops)
+    self.total_tokens = run_tokens
     out = dict(self.extra)
-    if self.computed:
-      out.update({"tokens_per_sec": self.tokens / max(elapsed, 1e-9),
-                  **self.perf.metrics(self.flops, elapsed),
+    if computed:
+      out.update({"tokens_per_sec": tokens / max(elapsed, 1e-9),
+                  **self.perf.metrics(flops, elapsed),
                   # Real tokens among the positions computed: padding's (or a packed
                   # row's tail's) share is what packing and shared prompts save.
-                  "tokens/fill": self.distinct / self.computed,
-                  "tokens/padding_share": 1.0 - self.distinct / self.computed})
-    total = self.total_tokens
+                  "tokens/fill": distinct / computed,
+                  "tokens/padding_share": 1.0 - distinct / computed})
     self.restart()
-    self.total_tokens = total
     return out
+
+
+def _summed_over_processes(counts: list[int], flops: float) -> tuple[list[int], float]:
+  """`counts` (exact integers) and `flops` summed over the processes. The gather goes
+  through 32-bit arrays (no x64), so each count travels as two 30-bit halves."""
+  if jax.process_count() == 1:
+    return [int(c) for c in counts], float(flops)
+  from jax.experimental import multihost_utils
+  halves = np.asarray([[c >> 30, c & (2**30 - 1)] for c in counts], np.int32)
+  got = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)
+  got = got.reshape(jax.process_count(), len(counts), 2)
+  summed = ((got[..., 0] << 30) + got[..., 1]).sum(0)
+  total_flops = np.asarray(multihost_utils.process_allgather(np.float32(flops))).sum()
+  return [int(c) for c in summed], float(total_flops)
 
 
 def _layout(spec: config_lib.RunSpec, data: _Data, mesh):

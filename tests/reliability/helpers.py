@@ -52,6 +52,13 @@ def cli_env() -> dict[str, str]:
   return {**os.environ, "PYTHONPATH": REPO_ROOT}
 
 
+def error_lines(stderr: str) -> list[str]:
+  """The non-empty lines of a run's stderr other than its progress lines (`jaxalign: ...`,
+  the start summary, passes, compile): what a failing run says about the failure."""
+  return [line for line in stderr.splitlines()
+          if line.strip() and not line.startswith("jaxalign: ")]
+
+
 def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
   """`jaxalign train ARGS` in this process: (exit status, non-empty stderr lines)."""
   status = cli.main(["train", *args])

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.reliability.helpers import (RECIPES, assert_bit_identical, cli_command, cli_env,
-                                      complete_steps, params, run_cli)
+                                      complete_steps, error_lines, params, run_cli)
 from tests.train.helpers import read_metrics, tiny_config, train_loop
 
 OVERRIDES = ("--config.total_steps=2", "--config.checkpoint.every=1")
@@ -66,7 +66,7 @@ def test_corrupt_latest_checkpoint_is_one_line_naming_it_and_the_previous_good_s
     # fails must not print their own tracebacks around the line.
     proc = subprocess.run(cli_command(*args), env=cli_env(), capture_output=True, text=True,
                           timeout=600)
-    status, err = proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
+    status, err = proc.returncode, error_lines(proc.stderr)
   else:
     status, err = run_cli(capsys, *args)
   assert status == 1, err

@@ -164,7 +164,9 @@ def test_an_init_from_checkpoint_of_another_model_names_the_fields_that_differ(t
 
   unscanned = _saved_run(tmp_path / "unscanned", tiny_config(**{"model.scan_layers": False}))
   with pytest.raises(config_lib.ConfigError, match=r"model\.scan_layers False -> True \(its"):
-    config_lib.validate(tiny_config(init_from=unscanned), 8)
+    config_lib.validate(tiny_config(init_from=unscanned, **{"model.scan_layers": True}), 8)
+  # scan_layers="auto" (the default) takes the source's layout (train/resume.py).
+  config_lib.validate(tiny_config(init_from=unscanned), 8)
 
 
 def test_an_init_from_that_holds_no_model_is_refused(tmp_path):
