@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jaxalign import cli
 from jaxalign.workflows import demo
@@ -21,6 +22,7 @@ def _demo(workdir):
                          "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.demo   # ~2.5 minutes: CI runs it after the README suite (pyproject addopts)
 def test_demo_aligned_beats_sft_by_10_points(tmp_path, capsys):
   workdir = tmp_path / "demo"
   run = _demo(workdir)
