@@ -6,6 +6,8 @@ and how its config.json spells them. `hf_config` maps config.json <-> ModelConfi
 by these rows alone; `hf` maps tensors by the ModelConfig switches alone (every
 family here uses the Llama tensor names, with Gemma's sandwich-norm names where
 post_norms is set), so adding a family with those names is one row of FAMILIES.
+Mixture-of-experts families (ModelConfig.n_experts > 0) add an `Experts` entry:
+how their config.json and checkpoints spell the routed experts.
 
 Gemma3 is the text model (Gemma3ForCausalLM), where local and global layers
 share one rope or the local ones use their own unscaled base.
@@ -22,6 +24,37 @@ SWITCHES = ("qkv_bias", "qk_norm", "norm_offset", "embed_scale", "post_norms")
 # Optional ModelConfig fields (None: off) a family may express (Family.options).
 OPTIONS = ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
            "local_rope_theta", "sliding_window")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experts:
+  """How one mixture-of-experts family spells its routed experts.
+
+  Expert j of layer i is model.layers.i.<block>.experts.j.<gate|up|down>.weight
+  ([F, D], [F, D], [D, F]) and the router model.layers.i.<block>.gate.weight
+  [E, D] on the hub and in what transformers' save_pretrained writes (which
+  transformers 5 fuses on load into mlp.experts.gate_up_proj [E, 2F, D] and
+  mlp.experts.down_proj [E, D, F]: the fused form a checkpoint saved with
+  save_original_format=False holds).
+
+  Attributes:
+    count_key: config.json key of the number of experts.
+    block: the MoE module's name under model.layers.i.
+    gate, up, down: the per-expert projection names.
+    dense_size_key: config.json key of the expert hidden size when the family
+      keeps a separate one (Qwen3-MoE's moe_intermediate_size, intermediate_size
+      being its dense MLP's); None: intermediate_size is the experts' size.
+    norm_topk_key: config.json key of "renormalize the top-k probabilities" and
+      its default; None: the family always renormalizes (Mixtral's softmax over
+      the top-k logits is that function).
+  """
+  count_key: str
+  block: str
+  gate: str
+  up: str
+  down: str
+  dense_size_key: str | None = None
+  norm_topk_key: tuple[str, bool] | None = None
 
 
 def _no_keys(config: ModelConfig) -> dict[str, Any]:
@@ -50,6 +83,8 @@ class Family:
       one window on every layer.
     refused: config.json booleans this family has and the Transformer lacks.
     extra: config.json keys export adds for this family's loaders.
+    experts: a mixture-of-experts family's expert spelling (its ModelConfig has
+      n_experts > 0); None: a dense family (n_experts == 0).
   """
   architecture: str
   model_type: str
@@ -65,6 +100,7 @@ class Family:
   sliding_period: int | None = None
   refused: tuple[str, ...] = ()
   extra: Callable[[ModelConfig], dict[str, Any]] = _no_keys
+  experts: Experts | None = None
 
   def __post_init__(self):
     unknown = sorted(set(self.options) - set(OPTIONS))
@@ -95,6 +131,19 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
            activation_key="hidden_activation", sliding_period=6,
            options=(*_GEMMA_OPTIONS, "local_rope_theta"),
            extra=lambda c: {"attn_logit_softcapping": None}),
+    # Every layer sparse: decoder_sparse_step 1 and no mlp_only_layers (hf_config).
+    Family("Qwen3MoeForCausalLM", "qwen3_moe", qk_norm=True, refused=("use_sliding_window",),
+           experts=Experts("num_experts", "mlp", "gate_proj", "up_proj", "down_proj",
+                           dense_size_key="moe_intermediate_size",
+                           norm_topk_key=("norm_topk_prob", False)),
+           extra=lambda c: {"use_sliding_window": False, "sliding_window": None,
+                            "max_window_layers": c.n_layers, "decoder_sparse_step": 1,
+                            "mlp_only_layers": []}),
+    # router_jitter_noise: training-time input noise the Transformer lacks.
+    Family("MixtralForCausalLM", "mixtral", options=("sliding_window",),
+           refused=("router_jitter_noise",),
+           experts=Experts("num_local_experts", "block_sparse_moe", "w1", "w3", "w2"),
+           extra=lambda c: {"router_jitter_noise": 0.0}),
 )}
 
 

@@ -1,12 +1,16 @@
 """Hugging Face interop: safetensors <-> Transformer parameters, both directions.
 
 config.json <-> ModelConfig is `hf_config` (by the rows of `families.FAMILIES`);
-this module maps the tensors, by the ModelConfig switches alone.
+this module maps the tensors, by the ModelConfig switches alone (with routed
+experts, those switches pick the family whose expert names it uses).
 
 Every parameter is a fixed relayout of one HF tensor (the table in
 jaxalign/models/transformer.py): the HF tensor is reshaped into a "view" (one HF
 axis may split into several, e.g. [H*Dh] -> [H, Dh]) and the view transposed
-into our axis order. Import reads, for each device, only the HF rows its shard
+into our axis order. A stacked parameter (scanned layers [G, ...]; experts
+[E, ...], from the hub's one tensor per expert) stacks such relayouts, and
+import also reads transformers 5's fused expert tensors (two parameters from
+one). Import reads, for each device, only the HF rows its shard
 needs, straight from the memory-mapped safetensors files; export streams one
 tensor at a time into safetensors files. Neither ever holds the whole model in
 one host buffer.
@@ -31,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jaxalign import errors
 from jaxalign.sharding import DEFAULT_RULES
+from jaxalign.models.families import Experts, family
 from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture, read_config
 from jaxalign.models.transformer import ModelConfig, Transformer
 
@@ -48,26 +53,37 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5G
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-  """How one HF tensor becomes one parameter.
+  """How one HF tensor (or one part of it) becomes one parameter.
 
   groups[j]: sizes of the view axes HF axis j splits into (their product is
-  the HF size); perm: our axis i is view axis perm[i].
+  the HF size); take: (view axis, index) pairs fixing view axes (the parameter
+  is that part of the tensor: transformers' fused gate_up_proj holds two);
+  perm: our axis i is the perm[i]-th of the view axes left.
   """
   name: str
   groups: tuple[tuple[int, ...], ...]
   perm: tuple[int, ...]
+  take: tuple[tuple[int, int], ...] = ()
 
   @property
   def hf_shape(self) -> tuple[int, ...]:
     return tuple(math.prod(g) for g in self.groups)
 
   @property
+  def _free(self) -> list[int]:
+    """The view axes not fixed by `take`, in view order."""
+    fixed = {axis for axis, _ in self.take}
+    return [v for v in range(sum(len(g) for g in self.groups)) if v not in fixed]
+
+  @property
   def shape(self) -> tuple[int, ...]:
     view = [s for g in self.groups for s in g]
-    return tuple(view[p] for p in self.perm)
+    return tuple(view[self._free[p]] for p in self.perm)
 
   def to_hf(self, value: np.ndarray) -> np.ndarray:
     """Our full array -> the HF tensor."""
+    if self.take:
+      raise ValueError(f"{self.name}: a part of a tensor is read, never written")
     return np.transpose(value, np.argsort(self.perm)).reshape(self.hf_shape)
 
   def read(self, tensor, index: tuple[slice, ...]) -> np.ndarray:
@@ -80,7 +96,9 @@ class _Layout:
     view_sizes = [s for g in self.groups for s in g]
     view_slices: list[slice] = [slice(None)] * len(view_sizes)
     for axis, sl in enumerate(index):
-      view_slices[self.perm[axis]] = sl
+      view_slices[self._free[self.perm[axis]]] = sl
+    for axis, i in self.take:
+      view_slices[axis] = slice(i, i + 1)
     view_slices = [slice(*sl.indices(n)) for sl, n in zip(view_slices, view_sizes)]
     hf_index, post_index, block_shape = [], [], []
     v = 0
@@ -92,22 +110,96 @@ class _Layout:
       block_shape += [outer.stop - outer.start, *g[1:]]
       post_index += [slice(None), *inner]
       v += len(g)
-    block = np.asarray(tensor[tuple(hf_index)]).reshape(block_shape)
-    return np.transpose(block[tuple(post_index)], self.perm)
+    block = np.asarray(tensor[tuple(hf_index)]).reshape(block_shape)[tuple(post_index)]
+    block = block.reshape([block.shape[v] for v in self._free])   # drops the fixed axes
+    return np.transpose(block, self.perm)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Stacked:
-  """A scanned parameter [G, ...]: entry g is the HF tensor of layouts[g]."""
-  layouts: tuple[_Layout, ...]
+  """A parameter [G, ...] stacked from several HF tensors: entry g is layouts[g].
+
+  A scanned parameter stacks layers; an expert parameter ([E, ...]) stacks
+  the per-expert tensors; a scanned expert parameter [G, E, ...] nests the two.
+  """
+  layouts: tuple["_Layout | _Stacked", ...]
 
   @property
-  def names(self) -> tuple[str, ...]:
-    return tuple(lay.name for lay in self.layouts)
+  def shape(self) -> tuple[int, ...]:
+    return (len(self.layouts), *self.layouts[0].shape)
+
+  def leaves(self) -> list[tuple[tuple[int, ...], _Layout]]:
+    """(entry index path, HF tensor layout) of every HF tensor, in order."""
+    return [((g, *path), one) for g, lay in enumerate(self.layouts)
+            for path, one in _leaves(lay)]
+
+  def read(self, tensors, index: tuple[slice, ...]) -> np.ndarray:
+    """Our array's block `index`, reading only the entries (and rows) it needs.
+
+    Args:
+      tensors: nested like `layouts`: tensors[g] is entry g's tensor (or list).
+      index: one slice per our axis.
+    """
+    entries = range(*index[0].indices(len(self.layouts)))
+    return np.stack([self.layouts[g].read(tensors[g], index[1:]) for g in entries])
+
+  def map(self, fn) -> list:
+    """`fn` of each HF tensor layout, nested like `layouts`."""
+    return [lay.map(fn) if isinstance(lay, _Stacked) else fn(lay) for lay in self.layouts]
 
 
-def _layer_layouts(c: ModelConfig, i: int) -> dict[tuple, _Layout]:
-  """Layer i's parameter paths (within its Block) -> HF tensor layouts."""
+def _leaves(lay: _Layout | _Stacked) -> list[tuple[tuple[int, ...], _Layout]]:
+  """(entry index path, HF tensor layout) of the HF tensors of one parameter."""
+  return lay.leaves() if isinstance(lay, _Stacked) else [((), lay)]
+
+
+def _experts(c: ModelConfig) -> Experts:
+  """The expert spelling of the MoE family whose switches `c` has."""
+  ex = family(infer_architecture(c)).experts
+  if ex is None:   # every family with experts is a candidate: one always fits n_experts
+    raise ValueError(f"no mixture-of-experts family expresses {c}")
+  return ex
+
+
+def _mlp_layouts(c: ModelConfig, p: str, fused: bool) -> dict[tuple, _Layout | _Stacked]:
+  """Layer p's MLP parameters -> HF tensor layouts: the dense MLP, or the router and
+  the experts. Per-expert tensors (the hub's, save_pretrained's): a parameter
+  [E, ...] stacks expert j's tensor as entry j. `fused` (transformers 5's own
+  layout, save_pretrained(save_original_format=False)): mlp.experts.gate_up_proj
+  [E, 2F, D] holds gate (rows :F) and up, mlp.experts.down_proj is [E, D, F]."""
+  D = c.d_model
+  if c.n_experts == 0:
+    F = c.d_ff
+    return {
+        ("mlp", "gate"): _Layout(p + "mlp.gate_proj.weight", ((F,), (D,)), (1, 0)),
+        ("mlp", "up"): _Layout(p + "mlp.up_proj.weight", ((F,), (D,)), (1, 0)),
+        ("mlp", "down"): _Layout(p + "mlp.down_proj.weight", ((D,), (F,)), (1, 0)),
+    }
+  E, F, ex = c.n_experts, c.moe_d_ff or c.d_ff, _experts(c)
+  if fused:
+    gate_up = lambda half: _Layout(p + "mlp.experts.gate_up_proj", ((E,), (2, F), (D,)),
+                                   (0, 2, 1), take=((1, half),))
+    return {
+        ("mlp", "router"): _Layout(p + "mlp.gate.weight", ((E,), (D,)), (1, 0)),
+        ("mlp", "gate"): gate_up(0),
+        ("mlp", "up"): gate_up(1),
+        ("mlp", "down"): _Layout(p + "mlp.experts.down_proj", ((E,), (D,), (F,)), (0, 2, 1)),
+    }
+  b = f"{p}{ex.block}."
+  per_expert = lambda name, *groups: _Stacked(tuple(
+      _Layout(f"{b}experts.{j}.{name}.weight", groups, (1, 0)) for j in range(E)))
+  return {
+      ("mlp", "router"): _Layout(b + "gate.weight", ((E,), (D,)), (1, 0)),
+      ("mlp", "gate"): per_expert(ex.gate, (F,), (D,)),
+      ("mlp", "up"): per_expert(ex.up, (F,), (D,)),
+      ("mlp", "down"): per_expert(ex.down, (D,), (F,)),
+  }
+
+
+def _layer_layouts(c: ModelConfig, i: int, fused: bool = False
+                   ) -> dict[tuple, _Layout | _Stacked]:
+  """Layer i's parameter paths (within its Block) -> HF tensor layouts (`fused`:
+  transformers 5's fused experts, see `_mlp_layouts`)."""
   D, H, KV, Dh, F = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
   same = lambda name, *shape: _Layout(name, tuple((s,) for s in shape),
                                       tuple(range(len(shape))))
@@ -119,9 +211,7 @@ def _layer_layouts(c: ModelConfig, i: int) -> dict[tuple, _Layout]:
       ("attn", "v"): _Layout(a + "v_proj.weight", ((KV, Dh), (D,)), (2, 0, 1)),
       ("attn", "o"): _Layout(a + "o_proj.weight", ((D,), (H, Dh)), (1, 2, 0)),
       ("attn_norm", "scale"): same(p + "input_layernorm.weight", D),
-      ("mlp", "gate"): _Layout(p + "mlp.gate_proj.weight", ((F,), (D,)), (1, 0)),
-      ("mlp", "up"): _Layout(p + "mlp.up_proj.weight", ((F,), (D,)), (1, 0)),
-      ("mlp", "down"): _Layout(p + "mlp.down_proj.weight", ((D,), (F,)), (1, 0)),
+      **_mlp_layouts(c, p, fused),
   }
   if c.qkv_bias:
     for n, heads in (("q", H), ("k", KV), ("v", KV)):
@@ -138,9 +228,10 @@ def _layer_layouts(c: ModelConfig, i: int) -> dict[tuple, _Layout]:
   return lay
 
 
-def _layouts(c: ModelConfig) -> dict[tuple, _Layout | _Stacked]:
-  """Our flat-state path -> the HF tensor layout (or, for a scanned parameter,
-  one layout per stacked layer), for every parameter of `c`."""
+def _layouts(c: ModelConfig, fused: bool = False) -> dict[tuple, _Layout | _Stacked]:
+  """Our flat-state path -> the HF tensor layout (or, for a stacked parameter, one
+  layout per entry: per layer when scanned, per expert), for every parameter of
+  `c` (`fused`: transformers 5's fused experts, import only)."""
   D, V = c.d_model, c.vocab_size
   same = lambda name, *shape: _Layout(name, tuple((s,) for s in shape),
                                       tuple(range(len(shape))))
@@ -151,16 +242,16 @@ def _layouts(c: ModelConfig) -> dict[tuple, _Layout | _Stacked]:
     out[("lm_head",)] = _Layout("lm_head.weight", ((V,), (D,)), (1, 0))
   if not c.scan_layers:
     for i in range(c.n_layers):
-      out.update({("layers", i, *k): v for k, v in _layer_layouts(c, i).items()})
+      out.update({("layers", i, *k): v for k, v in _layer_layouts(c, i, fused).items()})
     return out
   period, groups, tail = c.scan_groups()
   for j in range(period):
-    per_layer = [_layer_layouts(c, g * period + j) for g in range(groups)]
+    per_layer = [_layer_layouts(c, g * period + j, fused) for g in range(groups)]
     out.update({("layers", j, *k): _Stacked(tuple(lay[k] for lay in per_layer))
                 for k in per_layer[0]})
   for t in range(tail):
     out.update({("tail", t, *k): v
-                for k, v in _layer_layouts(c, groups * period + t).items()})
+                for k, v in _layer_layouts(c, groups * period + t, fused).items()})
   return out
 
 
@@ -171,9 +262,7 @@ def _layouts(c: ModelConfig) -> dict[tuple, _Layout | _Stacked]:
 def param_shapes(config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
   """Our flat-state path -> shape of every parameter of a Transformer of `config`
   (what an abstract model holds, without building one)."""
-  return {key: ((len(lay.layouts), *lay.layouts[0].shape) if isinstance(lay, _Stacked)
-                else lay.shape)
-          for key, lay in _layouts(config).items()}
+  return {key: lay.shape for key, lay in _layouts(config).items()}
 
 
 # Bytes per element of the safetensors dtypes (the format's own names).
@@ -258,6 +347,11 @@ def _headers(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
   return found
 
 
+def _fused(names) -> bool:
+  """Whether a checkpoint's tensor names hold transformers 5's fused experts."""
+  return any(n.endswith(".mlp.experts.gate_up_proj") for n in names)
+
+
 def check_weights(path: str, config: ModelConfig) -> None:
   """Checks the safetensors headers in `path` against the tensors `config` needs,
   reading only the headers (a few KB per file), not one tensor.
@@ -269,8 +363,8 @@ def check_weights(path: str, config: ModelConfig) -> None:
       a tensor the model has no place for.
   """
   found = _headers(path)
-  wanted = [one for lay in _layouts(config).values()
-            for one in (lay.layouts if isinstance(lay, _Stacked) else (lay,))]
+  wanted = [one for lay in _layouts(config, _fused(found)).values()
+            for _, one in _leaves(lay)]
   for one in wanted:
     if one.name not in found:
       raise ValueError(f"{path}: missing tensor {one.name!r}")
@@ -350,8 +444,8 @@ def load_state(path: str, config: ModelConfig, abstract_state):
   from safetensors import safe_open
 
   check_weights(path, config)   # a truncated or misshapen file: one line naming it
-  layouts = _layouts(config)
   files = _weight_files(path)
+  layouts = _layouts(config, _fused(files))
   flat = nnx.to_flat_state(abstract_state)
   used = set()
   with contextlib.ExitStack() as stack:
@@ -373,10 +467,8 @@ def load_state(path: str, config: ModelConfig, abstract_state):
         raise ValueError(f"no HF tensor for parameter {'.'.join(map(str, key))}")
       lay = layouts[key]
       abstract = _value(leaf)
-      if isinstance(lay, _Stacked):
-        values.append(_place_stacked([tensor_of(x) for x in lay.layouts], lay, abstract))
-      else:
-        values.append(_place(tensor_of(lay), lay, abstract))
+      tensors = lay.map(tensor_of) if isinstance(lay, _Stacked) else tensor_of(lay)
+      values.append(_place(tensors, lay, abstract))
     extra = sorted(n for n in set(files) - used
                    if not n.endswith(_IGNORED_SUFFIXES)
                    and not (n == "lm_head.weight" and config.tie_embeddings))
@@ -387,29 +479,15 @@ def load_state(path: str, config: ModelConfig, abstract_state):
                               for (k, leaf), v in zip(flat, values)])
 
 
-def _place(tensor, lay: _Layout, abstract: jax.ShapeDtypeStruct) -> jax.Array:
-  """One global array built from per-device blocks of `tensor`."""
+def _place(tensors, lay: _Layout | _Stacked, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+  """One global array built from per-device blocks of `tensors` (one HF tensor, or
+  for a stacked parameter the nested list of them: a block reads only its entries)."""
   blocks: dict[tuple, np.ndarray] = {}  # replicated blocks are read once
 
   def block(index):
     key = tuple((s.start, s.stop, s.step) for s in index)
     if key not in blocks:
-      blocks[key] = lay.read(tensor, index).astype(abstract.dtype)
-    return blocks[key]
-
-  return jax.make_array_from_callback(abstract.shape, abstract.sharding, block)
-
-
-def _place_stacked(tensors, lay: _Stacked, abstract: jax.ShapeDtypeStruct) -> jax.Array:
-  """One [G, ...] global array: block rows g come from the HF tensor of layer entry g."""
-  blocks: dict[tuple, np.ndarray] = {}
-
-  def block(index):
-    key = tuple((s.start, s.stop, s.step) for s in index)
-    if key not in blocks:
-      entries = range(*index[0].indices(len(tensors)))
-      blocks[key] = np.stack([lay.layouts[g].read(tensors[g], index[1:]) for g in entries]
-                             ).astype(abstract.dtype)
+      blocks[key] = lay.read(tensors, index).astype(abstract.dtype)
     return blocks[key]
 
   return jax.make_array_from_callback(abstract.shape, abstract.sharding, block)
@@ -530,8 +608,10 @@ def _hf_order(name: str) -> tuple:
   return (0 if "embed" in name else 2, 0, name)
 
 
-def _tensors_by_name(state, config: ModelConfig) -> dict[str, tuple[_Layout, Any, int | None]]:
-  """HF name -> (layout, our leaf, stacked entry or None), in HF order (layer by layer).
+def _tensors_by_name(state, config: ModelConfig
+                     ) -> dict[str, tuple[_Layout, Any, tuple[int, ...]]]:
+  """HF name -> (layout, our leaf, its entry in a stacked leaf or ()), in HF order
+  (layer by layer).
 
   Raises:
     ValueError listing the parameters `state` lacks or has beyond `config`.
@@ -544,10 +624,7 @@ def _tensors_by_name(state, config: ModelConfig) -> dict[str, tuple[_Layout, Any
     raise ValueError(f"params do not match the config: missing {missing}, unknown {unknown}")
   by_name = {}
   for key, lay in layouts.items():
-    if isinstance(lay, _Stacked):
-      by_name.update({x.name: (x, flat[key], g) for g, x in enumerate(lay.layouts)})
-    else:
-      by_name[lay.name] = (lay, flat[key], None)
+    by_name.update({x.name: (x, flat[key], path) for path, x in _leaves(lay)})
   return dict(sorted(by_name.items(), key=lambda kv: _hf_order(kv[0])))
 
 
@@ -632,8 +709,8 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
   def fetch(name):
     lay, leaf, entry = by_name[name]
     value = _value(leaf)
-    # A scanned parameter: gather only layer `entry`'s slice to the host.
-    return lay.to_hf(_host_value(value if entry is None else value[entry]))
+    # A stacked parameter: gather only entry's slice (a layer's, an expert's) to the host.
+    return lay.to_hf(_host_value(value[entry] if entry else value))
 
   is_writer = jax.process_index() == 0
   files = (["model.safetensors"] if len(shards) == 1 else

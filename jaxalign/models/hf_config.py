@@ -154,9 +154,45 @@ def _refuse(fam: Family, hf: dict[str, Any]) -> None:
   """Raises on config.json switches the Transformer lacks."""
   for key in (*_REFUSED, *fam.refused):
     if hf.get(key):
-      raise _unsupported(fam.architecture, f"{key}=True")
+      raise _unsupported(fam.architecture, f"{key}={hf[key]!r}")
   if hf.get("attention_bias") and not fam.qkv_bias:
     raise _unsupported(fam.architecture, "attention_bias=True (o_proj bias)")
+
+
+def _experts_from_hf(fam: Family, hf: dict[str, Any], n_layers: int) -> dict[str, Any]:
+  """The ModelConfig mixture-of-experts fields of config.json ({} for a dense family).
+
+  Every layer must be sparse (Qwen3-MoE's decoder_sparse_step 1, no
+  mlp_only_layers): the Transformer has no dense layers beside sparse ones. The
+  load-balancing coefficient is router_aux_loss_coef where output_router_logits
+  is true, else 0: TRL's rule (its trainers add the aux loss only then).
+  """
+  ex, arch = fam.experts, fam.architecture
+  if ex is None:
+    return {}
+  # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts.
+  count = next((hf[k] for k in (ex.count_key, "num_local_experts", "num_experts")
+                if hf.get(k) is not None), None)
+  if count is None or int(count) <= 0:
+    raise _unsupported(arch, f"{ex.count_key}={count!r} (want >= 1 routed experts)")
+  n, k = int(count), int(hf.get("num_experts_per_tok", 2))
+  if not 1 <= k <= n:
+    raise ValueError(f"{arch}: num_experts_per_tok={k} is not in [1, {ex.count_key}={n}]")
+  step = int(hf.get("decoder_sparse_step") or 1)
+  mlp_only = sorted(int(i) for i in (hf.get("mlp_only_layers") or ()))
+  dense = [i for i in range(n_layers) if i in mlp_only or (i + 1) % step]
+  if dense:
+    raise _unsupported(arch, f"dense MLP layers {dense} (decoder_sparse_step={step}, "
+                       f"mlp_only_layers={mlp_only}); the Transformer's MoE layers are "
+                       "all sparse")
+  norm_topk = True
+  if ex.norm_topk_key is not None:
+    key, default = ex.norm_topk_key
+    norm_topk = bool(hf.get(key, default))
+  aux = float(hf.get("router_aux_loss_coef") or 0.0) if hf.get("output_router_logits") else 0.0
+  return {"n_experts": n, "experts_per_token": k, "moe_norm_topk": norm_topk,
+          "moe_d_ff": (int(hf[ex.dense_size_key]) if ex.dense_size_key else None),
+          "router_aux_loss_coef": aux, "router_z_loss_coef": 0.0}
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
@@ -165,7 +201,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
   Raises:
     ValueError naming the architecture or the feature when it is not one of
     FAMILIES or uses something the Transformer lacks (e.g. o_proj/MLP
-    biases; rope types other than "default"/"linear"/"llama3"; Qwen sliding windows).
+    biases; rope types other than "default"/"linear"/"llama3"; Qwen sliding
+    windows; dense layers among Qwen3-MoE's sparse ones; Mixtral's router jitter).
   """
   hf = hf_config
   fam = family(architecture_of(hf))
@@ -197,6 +234,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
       layer_types=layer_types,
       **{k: getattr(fam, k) for k in SWITCHES},
       **numbers,
+      **_experts_from_hf(fam, hf, L),
   )
 
 
@@ -206,9 +244,13 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 
 def _switch_problems(fam: Family, c: ModelConfig) -> list[str]:
   """The switches (and activation) of `c` that `fam` has otherwise: other weights."""
-  return [f"{fam.architecture} cannot express ModelConfig.{key}={getattr(c, key)!r} "
-          f"(it has {getattr(fam, key)!r})"
-          for key in (*SWITCHES, "activation") if getattr(c, key) != getattr(fam, key)]
+  out = [f"{fam.architecture} cannot express ModelConfig.{key}={getattr(c, key)!r} "
+         f"(it has {getattr(fam, key)!r})"
+         for key in (*SWITCHES, "activation") if getattr(c, key) != getattr(fam, key)]
+  if (c.n_experts > 0) != (fam.experts is not None):
+    out.append(f"{fam.architecture} cannot express ModelConfig.n_experts={c.n_experts} "
+               f"({'routed experts' if fam.experts else 'a dense MLP'} in every layer)")
+  return out
 
 
 def _option_problems(fam: Family, c: ModelConfig) -> list[str]:
@@ -224,6 +266,11 @@ def _option_problems(fam: Family, c: ModelConfig) -> list[str]:
   if (fam.sliding_period is None and c.layer_types is not None
       and len(set(c.layer_types)) > 1):
     out.append(f"{arch} cannot express mixed layer_types={c.layer_types}")
+  ex = fam.experts
+  if ex is not None and c.n_experts > 0:
+    if ex.norm_topk_key is None and not c.moe_norm_topk:
+      out.append(f"{arch} cannot express ModelConfig.moe_norm_topk=False (it always "
+                 "renormalizes the top-k probabilities)")
   return out
 
 
@@ -268,6 +315,26 @@ def _sliding_to_hf(fam: Family, c: ModelConfig) -> dict[str, Any]:
           "layer_types": [f"{t}_attention" for t in types]}
 
 
+def _experts_to_hf(fam: Family, c: ModelConfig) -> dict[str, Any]:
+  """config.json's mixture-of-experts keys ({} for a dense family). The router
+  z-loss coefficient has no key (training-only, like the aux coefficient, which
+  is written with output_router_logits set where it is nonzero, TRL's switch)."""
+  ex = fam.experts
+  if ex is None:
+    return {}
+  f = c.moe_d_ff or c.d_ff
+  out = {ex.count_key: c.n_experts, "num_experts_per_tok": c.experts_per_token,
+         "router_aux_loss_coef": c.router_aux_loss_coef,
+         "output_router_logits": c.router_aux_loss_coef > 0}
+  if ex.dense_size_key is None:
+    out["intermediate_size"] = f
+  else:
+    out[ex.dense_size_key] = f
+  if ex.norm_topk_key is not None:
+    out[ex.norm_topk_key[0]] = c.moe_norm_topk
+  return out
+
+
 def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
   """A config.json dict that transformers (4.x and 5.x) and vLLM load as `config`.
 
@@ -304,4 +371,5 @@ def config_to_hf(config: ModelConfig, architecture: str) -> dict[str, Any]:
       **_options_to_hf(fam, c),
       **_sliding_to_hf(fam, c),
       **fam.extra(c),
+      **_experts_to_hf(fam, c),
   }
