@@ -175,7 +175,7 @@ def _mlp_layouts(c: ModelConfig, p: str, fused: bool) -> dict[tuple, _Layout | _
         ("mlp", "up"): _Layout(p + "mlp.up_proj.weight", ((F,), (D,)), (1, 0)),
         ("mlp", "down"): _Layout(p + "mlp.down_proj.weight", ((D,), (F,)), (1, 0)),
     }
-  E, F, ex = c.n_experts, c.moe_d_ff or c.d_ff, _experts(c)
+  E, F, ex = c.n_experts, c.expert_d_ff, _experts(c)
   if fused:
     gate_up = lambda half: _Layout(p + "mlp.experts.gate_up_proj", ((E,), (2, F), (D,)),
                                    (0, 2, 1), take=((1, half),))

@@ -322,7 +322,7 @@ def _experts_to_hf(fam: Family, c: ModelConfig) -> dict[str, Any]:
   ex = fam.experts
   if ex is None:
     return {}
-  f = c.moe_d_ff or c.d_ff
+  f = c.expert_d_ff
   out = {ex.count_key: c.n_experts, "num_experts_per_tok": c.experts_per_token,
          "router_aux_loss_coef": c.router_aux_loss_coef,
          "output_router_logits": c.router_aux_loss_coef > 0}

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxalign import sharding
-from jaxalign.models import hf, lora, transformer
+from jaxalign.models import hf, lora, moe, transformer
 from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture
 from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.train import state as state_lib
@@ -70,6 +70,16 @@ def _hf_model(name):
 _EXPERT_RULES = tuple((n, t) for n, t in DEFAULT_RULES if n != "expert") + (("expert", "data"),)
 
 
+def _hf_outputs(model, tokens, mask):
+  """transformers' forward with router logits and its aux loss (padding excluded)."""
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                 attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                 position_ids=torch.from_numpy(positions.astype(np.int64)),
+                 output_router_logits=True)
+
+
 def _saved(name, path):
   ref = _hf_model(name)
   ref.save_pretrained(path)
@@ -83,8 +93,20 @@ def test_import_export_matches_transformers(name, tmp_path):
   assert (config.n_experts, config.experts_per_token) == (4, 2)
   assert config.moe_norm_topk == (name != "qwen3_moe_unnormalized")
   tokens, mask = _batch(config.vocab_size)
-  ours = _our_logits(model, tokens, mask)
-  import_diff = _max_diff(ours, _hf_logits(ref, tokens, mask), mask)
+  stats = {}
+  ours = np.asarray(model.logits(model(jnp.asarray(tokens), jnp.asarray(mask),
+                                       router_stats=stats)))
+  theirs = _hf_outputs(ref, tokens, mask)
+  import_diff = _max_diff(ours, theirs.logits.numpy(), mask)
+  # Router losses over the real tokens of every layer: the aux loss is transformers'
+  # own (load_balancing_loss_func given the attention mask); the z-loss (neither
+  # family has one) is ST-MoE's mean logsumexp^2 of transformers' router logits.
+  aux, z = moe.router_losses(stats)
+  real = torch.from_numpy(mask.reshape(-1).astype(bool))
+  lse = torch.stack([torch.logsumexp(l[real], -1) for l in theirs.router_logits])
+  print(f"\n{name}: aux loss {float(aux):.6f} (transformers {float(theirs.aux_loss):.6f})")
+  np.testing.assert_allclose(float(aux), float(theirs.aux_loss), rtol=1e-5)
+  np.testing.assert_allclose(float(z), float((lse ** 2).mean()), rtol=1e-5)
 
   out = hf.export(model, config, str(tmp_path / "out"), architecture=type(ref).__name__)
   with open(os.path.join(out, "config.json")) as f:
