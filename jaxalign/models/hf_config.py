@@ -276,8 +276,10 @@ def _option_problems(fam: Family, c: ModelConfig) -> list[str]:
 
 def infer_architecture(config: ModelConfig) -> str:
   """The first of FAMILIES that expresses `config` (for export). Where none does
-  (for error messages): the first with the fewest other switches, then options."""
+  (for error messages): the first with the fewest other switches, then options,
+  among the mixture-of-experts families when `config` has experts (else the dense)."""
   return min(FAMILIES.values(), key=lambda fam: (
+      (fam.experts is None) == (config.n_experts > 0),
       len(_switch_problems(fam, config)), len(_option_problems(fam, config)))).architecture
 
 

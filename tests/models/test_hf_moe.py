@@ -263,6 +263,11 @@ def test_export_refuses_what_the_family_cannot_express():
   with pytest.raises(ValueError, match=r"MistralForCausalLM cannot express "
                                        r"ModelConfig.n_experts=4.*try MixtralForCausalLM"):
     config_to_hf(mixtral, "MistralForCausalLM")
+  # No family has both: the shapes still come (the closest MoE family's names).
+  biased = dataclasses.replace(mixtral, qkv_bias=True, sliding_window=None)
+  assert hf.param_shapes(biased)[("layers", 0, "mlp", "gate")] == (2, 4, 32, 16)
+  with pytest.raises(ValueError, match="MixtralForCausalLM cannot express ModelConfig.qkv_bias"):
+    config_to_hf(biased, "MixtralForCausalLM")
   dense = dataclasses.replace(mixtral, n_experts=0)
   assert infer_architecture(dense) == "MistralForCausalLM"   # the window stays
   with pytest.raises(ValueError, match="MixtralForCausalLM cannot express "
