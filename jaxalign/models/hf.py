@@ -198,7 +198,7 @@ def _layer_layouts(c: ModelConfig, i: int, fused: bool = False
                    ) -> dict[tuple, _Layout | _Stacked]:
   """Layer i's parameter paths (within its Block) -> HF tensor layouts (`fused`:
   transformers 5's fused experts, see `_mlp_layouts`)."""
-  D, H, KV, Dh, F = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
+  D, H, KV, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
   same = lambda name, *shape: _Layout(name, tuple((s,) for s in shape),
                                       tuple(range(len(shape))))
   p = f"model.layers.{i}."

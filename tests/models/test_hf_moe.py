@@ -20,7 +20,7 @@ from jaxalign.models import hf, lora, moe, transformer
 from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture
 from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.train import state as state_lib
-from tests.models.test_hf import _batch, _flat, _hf_logits, _load_exported, _max_diff, _our_logits
+from tests.models.test_hf import _batch, _flat, _hf_logits, _load_exported, _max_diff
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -103,7 +103,7 @@ def test_import_export_matches_transformers(name, tmp_path):
   # family has one) is ST-MoE's mean logsumexp^2 of transformers' router logits.
   aux, z = moe.router_losses(stats)
   real = torch.from_numpy(mask.reshape(-1).astype(bool))
-  lse = torch.stack([torch.logsumexp(l[real], -1) for l in theirs.router_logits])
+  lse = torch.stack([torch.logsumexp(layer[real], -1) for layer in theirs.router_logits])
   print(f"\n{name}: aux loss {float(aux):.6f} (transformers {float(theirs.aux_loss):.6f})")
   np.testing.assert_allclose(float(aux), float(theirs.aux_loss), rtol=1e-5)
   np.testing.assert_allclose(float(z), float((lse ** 2).mean()), rtol=1e-5)
