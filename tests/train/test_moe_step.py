@@ -14,7 +14,7 @@ import pytest
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.train import rundir, step as step_lib
-from tests.data.test_packing import T, _pack, _wild_batch
+from tests.data.test_packing import _pack, _wild_batch
 from tests.train.helpers import (built_state, random_batch, read_metrics, tiny_config,
                                  train_loop)
 
