@@ -231,6 +231,21 @@ def test_config_round_trip_and_hub_keys():
       128, 8, 768, 6144)
   assert qwen.moe_norm_topk and qwen.qk_norm
   assert qwen.router_aux_loss_coef == 0.0   # TRL: only with output_router_logits
+  # The published sizes: 30.5B parameters, 3.3B active.
+  assert (round(qwen.num_params() / 1e9, 2), round(qwen.num_active_params() / 1e9, 2)) == (
+      30.53, 3.35)
+  # mistralai/Mixtral-8x7B-v0.1's config.json: 46.7B parameters, 12.9B active.
+  big = config_from_hf({
+      "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
+      "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+      "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+      "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+      "rope_theta": 1e6, "sliding_window": None, "router_aux_loss_coef": 0.02,
+      "output_router_logits": False, "tie_word_embeddings": False})
+  assert (big.n_experts, big.experts_per_token, big.d_ff, big.moe_d_ff) == (8, 2, 14336, None)
+  assert big.sliding_window is None and big.router_aux_loss_coef == 0.0
+  assert (round(big.num_params() / 1e9, 2), round(big.num_active_params() / 1e9, 2)) == (
+      46.70, 12.88)
   _, hf_config = _families()["mixtral"]
   mixtral = config_from_hf(hf_config.to_dict() | {
       "architectures": ["MixtralForCausalLM"], "output_router_logits": True,
