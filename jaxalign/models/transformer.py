@@ -21,6 +21,11 @@ The module tree and parameter shapes map 1:1 onto the Hugging Face checkpoints
   model.norm.weight                           final_norm.scale              [D]
   lm_head.weight [V, D] (untied only)         lm_head                       [D, V]
 
+With ``n_experts`` E > 0 (Qwen3-MoE, Mixtral) ``layers[i].mlp`` is a `MoeMLP`:
+``router`` [D, E], ``gate`` / ``up`` [E, D, F], ``down`` [E, F, D] (F = moe_d_ff);
+its routing math is in jaxalign.models.moe, and the forward can report the router
+statistics behind the load-balancing and z losses (``router_stats``).
+
 With ``scan_layers`` (the ModelConfig default; a recipe's model.scan_layers
 "auto" chooses per platform and depth, `auto_scan_layers`) the blocks are
 stacked: ``layers[j]`` is one Block whose parameters have a leading ``layers``

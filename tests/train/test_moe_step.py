@@ -14,7 +14,8 @@ import pytest
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.train import rundir, step as step_lib
-from tests.data.test_packing import _pack, _wild_batch
+from jaxalign.data import packing
+from tests.data.test_packing import T, _pack, _shared_prompt_batch, _wild_batch
 from tests.train.helpers import (built_state, random_batch, read_metrics, tiny_config,
                                  train_loop)
 
@@ -42,12 +43,16 @@ def _setup():
 
 
 @functools.lru_cache(maxsize=None)
-def _step(layout: str):
+def _step(layout: str, source: str = "wild"):
   """(old params, new params, metrics) of one jitted DPO step with SGD(1): 16 pairs of
-  2..12 tokens, padded, or packed in 8 groups."""
+  2..12 tokens (source "wild"; "shared": one prompt per pair), padded, packed in 8
+  groups, or "shared" (each prompt once in a KV cache)."""
   mesh, rules, graphdef, state = _setup()
-  padded = _wild_batch(np.random.default_rng(5), 16, 2)
-  host = padded if layout == "padded" else _pack(padded, 8)
+  rng = np.random.default_rng(5)
+  padded = _wild_batch(rng, 16, 2) if source == "wild" else _shared_prompt_batch(rng, 16, 2)
+  host = {"padded": lambda: padded, "packed": lambda: _pack(padded, 8),
+          "shared": lambda: packing.make_sharer(prompt_length=8, max_length=T)(padded)
+          }[layout]()
   tx = optax.sgd(1.0)
   state = state.replace(opt_state=tx.init(state.params))
   fn = step_lib.jit_train_step(
@@ -86,6 +91,18 @@ def test_packed_moe_step_equals_padded_step():
     np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prompt_moe_step_has_the_padded_logps():
+  """A prompt run once into the KV cache routes its tokens as in each padded row:
+  the same sequence log-probs (the router losses count those prompt tokens once)."""
+  _, _, m1 = _step("padded", "shared")
+  _, _, m2 = _step("shared", "shared")
+  for k in ("logps/chosen", "logps/rejected", "tokens/real"):
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  assert np.isfinite(m2["aux_loss"]) and m2["aux_loss"] > 0
+  np.testing.assert_allclose(m2["loss"], np.log(2.0) + AUX * m2["aux_loss"]
+                             + Z * m2["router_z_loss"], rtol=1e-6)
 
 
 def test_moe_dpo_run_with_packing_resumes_bit_identically(tmp_path):
