@@ -14,7 +14,8 @@ import pytest
 from jaxalign import config as config_lib
 from jaxalign import losses, sharding
 from jaxalign.train import rundir, step as step_lib
-from tests.data.test_packing import _pack, _wild_batch
+from jaxalign.data import packing
+from tests.data.test_packing import T, _pack, _shared_prompt_batch, _wild_batch
 from tests.train.helpers import (built_state, random_batch, read_metrics, tiny_config,
                                  train_loop)
 
@@ -33,21 +34,25 @@ def moe_config(**overrides) -> ml_collections.ConfigDict:
 
 @functools.lru_cache(maxsize=None)
 def _setup():
-  """(mesh, rules, graphdef, step-0 state) of the MoE recipe on 8 devices, its frozen
+  """(mesh, rules, graphdef, step-0 state) of the MoE recipe on 1 device, its frozen
   reference equal to the policy (so step 1's DPO loss is exactly log 2)."""
   built, state = built_state(moe_config(**{
-      "mesh.shape": (1, 8, 1), "reference.mode": "frozen", "optim.warmup_steps": 1,
-      "total_steps": 10, "logprob_chunk_size": 16}))
+      "mesh.shape": (1, 1, 1), "reference.mode": "frozen", "optim.warmup_steps": 1,
+      "total_steps": 10, "logprob_chunk_size": 16}), jax.devices()[:1])
   return built.mesh, built.run_spec.rules, built.graphdef, state
 
 
 @functools.lru_cache(maxsize=None)
-def _step(layout: str):
-  """(new params, metrics) of one jitted DPO step with SGD(1) on 8 devices: 16 pairs
-  of 2..12 tokens, padded, or packed in 8 groups."""
+def _step(layout: str, source: str = "wild"):
+  """(old params, new params, metrics) of one jitted DPO step with SGD(1): 16 pairs of
+  2..12 tokens (source "wild"; "shared": one prompt per pair), padded, packed in 8
+  groups, or "shared" (each prompt once in a KV cache)."""
   mesh, rules, graphdef, state = _setup()
-  padded = _wild_batch(np.random.default_rng(5), 16, 2)
-  host = padded if layout == "padded" else _pack(padded, 8)
+  rng = np.random.default_rng(5)
+  padded = _wild_batch(rng, 16, 2) if source == "wild" else _shared_prompt_batch(rng, 16, 2)
+  host = {"padded": lambda: padded, "packed": lambda: _pack(padded, 8),
+          "shared": lambda: packing.make_sharer(prompt_length=8, max_length=T)(padded)
+          }[layout]()
   tx = optax.sgd(1.0)
   state = state.replace(opt_state=tx.init(state.params))
   fn = step_lib.jit_train_step(
@@ -88,10 +93,22 @@ def test_packed_moe_step_equals_padded_step():
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
+def test_shared_prompt_moe_step_has_the_padded_logps():
+  """A prompt run once into the KV cache routes its tokens as in each padded row:
+  the same sequence log-probs (the router losses count those prompt tokens once)."""
+  _, _, m1 = _step("padded", "shared")
+  _, _, m2 = _step("shared", "shared")
+  for k in ("logps/chosen", "logps/rejected", "tokens/real"):
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  assert np.isfinite(m2["aux_loss"]) and m2["aux_loss"] > 0
+  np.testing.assert_allclose(m2["loss"], np.log(2.0) + AUX * m2["aux_loss"]
+                             + Z * m2["router_z_loss"], rtol=1e-6)
+
+
 def test_moe_dpo_run_with_packing_resumes_bit_identically(tmp_path):
-  """Stopped after step 2 and resumed in-process == straight: metrics (the router
+  """Stopped after step 2 of 3 and resumed in-process == straight: metrics (the router
   losses among them) and every parameter, bit for bit."""
-  cfg = lambda: moe_config(**{"total_steps": 4, "checkpoint.every": 2, "data.packing": True,
+  cfg = lambda: moe_config(**{"total_steps": 3, "checkpoint.every": 1, "data.packing": True,
                               "data.pack_length": 16, "data.pack_buckets": 1,
                               "mesh.shape": (1, 1, 1), "optim.warmup_steps": 0})
   one = jax.devices()[:1]
@@ -100,7 +117,7 @@ def test_moe_dpo_run_with_packing_resumes_bit_identically(tmp_path):
   train_loop(cfg(), resumed, progress=False, devices=one, stop_after=2)
   train_loop(cfg(), resumed, progress=False, devices=one)
   a, b = read_metrics(straight), read_metrics(resumed)
-  assert [m["step"] for m in b] == [1, 2, 3, 4]
+  assert [m["step"] for m in b] == [1, 2, 3]
   for x, y in zip(a, b):
     assert x["aux_loss"] > 0 and x["router_z_loss"] > 0
     for key in ("loss", "aux_loss", "router_z_loss", "grad_norm", "rewards/margins"):
@@ -114,11 +131,13 @@ def test_moe_dpo_run_with_packing_resumes_bit_identically(tmp_path):
 
 
 def test_lora_on_moe_attention_trains_and_evaluates_with_router_losses():
-  """LoRA on q, k, v, o of an MoE model: the step trains the adapters with the router
-  losses added (the reference, the base with adapters off, adds none); eval reports
-  them too. Adapters on the experts are refused before anything is built."""
-  built, state = built_state(moe_config(**{"lora.rank": 4, "reference.mode": "frozen",
-                                           "optim.warmup_steps": 0}))
+  """LoRA on q, k, v, o of an MoE model, bf16 compute: the step trains the adapters
+  with the router losses added (the reference, the base with adapters off, adds none);
+  eval reports them too. Adapters on the experts are refused before anything is built."""
+  cfg = moe_config(**{"lora.rank": 4, "reference.mode": "frozen", "optim.warmup_steps": 0,
+                      "mesh.shape": (1, 1, 1)})
+  cfg.model.overrides.dtype = "bfloat16"
+  built, state = built_state(cfg, jax.devices()[:1])
   batch = sharding.host_to_global(random_batch(np.random.default_rng(0)),
                                   built.batch_sharding)
   with jax.set_mesh(built.mesh):
@@ -132,7 +151,7 @@ def test_lora_on_moe_attention_trains_and_evaluates_with_router_losses():
         rtol=1e-6)
   np.testing.assert_allclose(evaluated["aux_loss"], m["aux_loss"], rtol=1e-6)
   assert set(new["layers"][0]["attn"]) == {"q_lora", "k_lora", "v_lora", "o_lora"}
-  assert m["grad_norm"] > 0
+  assert m["grad_norm"] > 0 and np.isfinite(m["aux_loss"])
   with pytest.raises(config_lib.ConfigError, match=r"config\.lora\.targets: .*experts"):
     config_lib.validate(moe_config(**{"lora.rank": 4, "lora.targets": ("q", "gate")}), 8)
 
