@@ -322,3 +322,30 @@ def test_sharded_construction_and_forward():
     got = forward(state, jax.device_put(tokens, batch_sharding),
                   jax.device_put(mask, batch_sharding))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_cpu_projections_are_plain_matmuls_with_the_einsum_values():
+  """On CPU every projection runs as one 2-D matmul (transformer._matmul_2d): the
+  same values as its einsum, and the gated MLP's gradient has no transposed copy
+  of an activation (the einsum's weight gradient had one per projection, issue 29)."""
+  from jaxalign.models import transformer as tr
+
+  rng = np.random.default_rng(0)
+  x4 = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+  x3 = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+  for eq, x, w_shape in (("btd,dhk->bthk", x3, (32, 4, 8)), ("btd,dgk->btgk", x3, (32, 2, 8)),
+                         ("bthk,hkd->btd", x4, (4, 8, 32)), ("...d,df->...f", x3, (32, 48)),
+                         ("...f,fd->...d", x3, (32, 16))):
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    np.testing.assert_allclose(tr._matmul_2d(eq, x, w), jnp.einsum(eq, x, w),
+                               rtol=1e-5, atol=1e-5)
+  assert tr._matmul_2d("btd,bsd->bts", x3, x3) is None    # not a projection: einsum
+
+  mlp = tr.MLP(ModelConfig(d_model=32, d_ff=48), rngs=nnx.Rngs(0))
+  graph, params = nnx.split(mlp)
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graph, params)(x)))
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x3).compile().as_text()
+  assert " transpose(" not in hlo and " copy(" not in hlo, "a transposed activation copy"
