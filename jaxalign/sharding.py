@@ -25,6 +25,8 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("norm", None),
     ("lora_rank", None),
+    ("expert", None),          # MoE experts ([E, D, F] weights): whole on each shard of
+                               # their embed/mlp split (expert parallelism may map it)
     ("layers", None),          # the stacked (scanned) layers axis: never split
 )
 

@@ -53,12 +53,16 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.models import attention as attention_lib
+from jaxalign.models import moe as moe_lib
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 # The activations tagged with jax.ad_checkpoint.checkpoint_name in the forward;
 # "minimal" saves exactly these (projection outputs) and recomputes the rest.
-SAVED_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down")
+# (A MoeMLP tags its grouped gate/up/down outputs with the same mlp_* names, and its
+# router logits as "router_logits".)
+SAVED_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down",
+               "router_logits")
 
 
 def normalize_remat(value) -> str:
@@ -134,6 +138,19 @@ class ModelConfig:
   scan_layers: bool = True
   # Attention kernel: "auto" | "xla" | "cudnn" | "splash" (jaxalign.models.attention).
   attention: str = "auto"
+  # Mixture of experts (Qwen3-MoE, Mixtral): n_experts > 0 makes every block's MLP a
+  # `MoeMLP` of n_experts SwiGLU experts of hidden size moe_d_ff (None: d_ff), each
+  # token routed to its experts_per_token (top-k) best (jaxalign.models.moe). 0: dense.
+  n_experts: int = 0
+  experts_per_token: int = 2
+  moe_d_ff: int | None = None
+  # Renormalize the top-k routing probabilities (Qwen3-MoE norm_topk_prob; Mixtral's
+  # softmax over the top-k logits is the same function).
+  moe_norm_topk: bool = True
+  # Router losses added to the training loss (TRL's router_aux_loss_coef): the
+  # load-balancing aux loss and the router z-loss, over real tokens (moe.router_losses).
+  router_aux_loss_coef: float = 0.0
+  router_z_loss_coef: float = 0.0
 
   def __post_init__(self):
     attention_lib.check_implementation(self.attention)
@@ -155,6 +172,18 @@ class ModelConfig:
         raise ValueError(f"layer_types: unknown {sorted(bad)}; want 'full'|'sliding'")
       if "sliding" in self.layer_types and self.sliding_window is None:
         raise ValueError("layer_types has 'sliding' layers but sliding_window is None")
+    problem = moe_problem(self)
+    if problem is not None:
+      raise FieldError(*problem)
+
+  @property
+  def is_moe(self) -> bool:
+    return self.n_experts > 0
+
+  @property
+  def expert_d_ff(self) -> int:
+    """Each expert's hidden size (moe_d_ff, or d_ff when that is None)."""
+    return self.d_ff if self.moe_d_ff is None else self.moe_d_ff
 
   def __hash__(self):
     # rope_scaling is a dict; hash a frozen view so configs can be static.
@@ -207,14 +236,56 @@ class ModelConfig:
     return cls(**d)
 
   def num_params(self) -> int:
-    """Parameter count (for presets and planning)."""
+    """Parameter count (for presets and planning): every expert counted."""
+    return self._count_params(self.n_experts)
+
+  def num_active_params(self) -> int:
+    """Parameters one token uses: those of num_params with only experts_per_token
+    experts per MoE layer (the router counted whole); num_params for a dense model."""
+    return self._count_params(self.experts_per_token if self.is_moe else 0)
+
+  def _count_params(self, experts: int) -> int:
+    """Parameter count with `experts` experts per MoE layer."""
     D, H, KV, Dh, F, V = (self.d_model, self.n_heads, self.n_kv_heads,
                           self.head_dim, self.d_ff, self.vocab_size)
     attn = D * H * Dh * 2 + D * KV * Dh * 2
     attn += (H + 2 * KV) * Dh if self.qkv_bias else 0
     attn += 2 * Dh if self.qk_norm else 0
-    block = attn + 3 * D * F + D * (4 if self.post_norms else 2)
+    mlp = (D * self.n_experts + experts * 3 * D * self.expert_d_ff if self.is_moe
+           else 3 * D * F)
+    block = attn + mlp + D * (4 if self.post_norms else 2)
     return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * block + D
+
+
+class FieldError(ValueError):
+  """A ModelConfig field with an invalid value; `field` names it."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field = field
+
+
+def moe_problem(c: ModelConfig) -> tuple[str, str] | None:
+  """(field, what is wrong) for the first invalid mixture-of-experts field, else None."""
+  def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  if not is_int(c.n_experts) or c.n_experts < 0:
+    return "n_experts", f"must be an int >= 0 (0: a dense MLP), got {c.n_experts!r}"
+  for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+    v = getattr(c, key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+      return key, f"must be a finite number >= 0, got {v!r}"
+  if not isinstance(c.moe_norm_topk, bool):
+    return "moe_norm_topk", f"must be True or False, got {c.moe_norm_topk!r}"
+  if not c.n_experts:
+    return None
+  if not is_int(c.experts_per_token) or not 1 <= c.experts_per_token <= c.n_experts:
+    return "experts_per_token", (f"must be an int in 1..n_experts={c.n_experts}, got "
+                                 f"{c.experts_per_token!r}")
+  if c.moe_d_ff is not None and (not is_int(c.moe_d_ff) or c.moe_d_ff < 1):
+    return "moe_d_ff", f"must be a positive int or None (= d_ff), got {c.moe_d_ff!r}"
+  return None
 
 
 # model.scan_layers="auto" (jaxalign.config) scans on TPU and GPU, where the scan
@@ -477,11 +548,53 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     g = _project(self, "gate", "...d,df->...f", x, "mlp_gate")
     u = _project(self, "up", "...d,df->...f", x, "mlp_up")
-    if self.activation == "silu":
-      a = jax.nn.silu(g)
-    else:
-      a = jax.nn.gelu(g, approximate=True)
-    return _project(self, "down", "...f,fd->...d", a * u, "mlp_down")
+    return _project(self, "down", "...f,fd->...d", _activation(self.activation)(g) * u,
+                    "mlp_down")
+
+
+def _activation(name: str):
+  """The gate nonlinearity of an MLP: silu (SwiGLU) or tanh-approximated gelu (Gemma)."""
+  if name == "silu":
+    return jax.nn.silu
+  return lambda g: jax.nn.gelu(g, approximate=True)
+
+
+class MoeMLP(nnx.Module):
+  """Routed experts (Qwen3-MoE / Mixtral): each token's top-k gated MLPs, weighted.
+
+  router: [D, E]; gate, up: [E, D, F]; down: [E, F, D] (F = moe_d_ff). Dropless:
+  tokens are sorted by expert and each expert's group goes through one grouped
+  matmul (jaxalign.models.moe.routed_mlp), whatever the load.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    pd = jnp.dtype(config.param_dtype)
+    D, E, F = config.d_model, config.n_experts, config.expert_d_ff
+    self.router = _param(rngs, _normal(0.02), (D, E), ("embed", None), pd, stack)
+    self.gate = _param(rngs, _normal(0.02), (E, D, F), ("expert", "embed", "mlp"), pd, stack)
+    self.up = _param(rngs, _normal(0.02), (E, D, F), ("expert", "embed", "mlp"), pd, stack)
+    self.down = _param(rngs, _normal(0.02), (E, F, D), ("expert", "mlp", "embed"), pd, stack)
+    self.stack = stack
+    self.k = config.experts_per_token
+    self.norm_topk = config.moe_norm_topk
+    self.activation = config.activation
+    self.dtype = jnp.dtype(config.dtype)
+
+  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x: [..., D] -> ([..., D], router stats over the tokens where token_mask [...]
+    is set (all when None): moe.router_stats)."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    flat = x.reshape(-1, d)                                            # [N, D]
+    logits = checkpoint_name(jnp.einsum("nd,de->ne", flat, self.router[...].astype(self.dtype),
+                                        preferred_element_type=jnp.float32),
+                             "router_logits")                          # [N, E] float32
+    weights, experts = moe_lib.route(logits, self.k, self.norm_topk)
+    y = moe_lib.routed_mlp(flat, self.gate[...].astype(self.dtype),
+                           self.up[...].astype(self.dtype), self.down[...].astype(self.dtype),
+                           weights, experts, _activation(self.activation))
+    mask = None if token_mask is None else token_mask.reshape(-1)
+    return y.reshape(*lead, d), moe_lib.router_stats(logits, experts, mask)
 
 
 class Block(nnx.Module):
@@ -498,13 +611,18 @@ class Block(nnx.Module):
     self.attn = Attention(c, window=c.window_of(layer), rngs=rngs, stack=stack)
     self.post_attn_norm = norm() if c.post_norms else None
     self.mlp_norm = norm()
-    self.mlp = MLP(c, rngs=rngs, stack=stack)
+    self.mlp = (MoeMLP if c.is_moe else MLP)(c, rngs=rngs, stack=stack)
     self.post_mlp_norm = norm() if c.post_norms else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
                inv_freq: jax.Array, cache: tuple | None = None,
-               segment_ids: jax.Array | None = None, part_ids: jax.Array | None = None):
-    """[B, T, D] -> [B, T, D]; with a cache (see Attention) also the new (k, v)."""
+               segment_ids: jax.Array | None = None, part_ids: jax.Array | None = None,
+               token_mask: jax.Array | None = None, with_stats: bool = False):
+    """[B, T, D] -> [B, T, D]; with a cache (see Attention) also the new (k, v).
+
+    with_stats: return (out, router stats) instead, the stats over the tokens
+    where token_mask [B, T] is set (moe.router_stats; {} for a dense MLP).
+    """
     new_kv = None
     h = self.attn(self.attn_norm(x), positions, key_mask, inv_freq, cache=cache,
                   segment_ids=segment_ids, part_ids=part_ids)
@@ -513,12 +631,15 @@ class Block(nnx.Module):
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x = x + h
-    h = self.mlp(self.mlp_norm(x))
+    stats = {}
+    if isinstance(self.mlp, MoeMLP):
+      h, stats = self.mlp(self.mlp_norm(x), token_mask)
+    else:
+      h = self.mlp(self.mlp_norm(x))
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
-    if cache is not None:
-      return x + h, new_kv
-    return x + h
+    out = (x + h, new_kv) if cache is not None else x + h
+    return (out, stats) if with_stats else out
 
 
 def _fold_dropout_keys(module: nnx.Module, layer: jax.Array) -> None:
@@ -616,7 +737,8 @@ class Transformer(nnx.Module):
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array,
                positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
-               part_ids: jax.Array | None = None) -> jax.Array:
+               part_ids: jax.Array | None = None,
+               router_stats: dict | None = None) -> jax.Array:
     """Hidden states after the final norm.
 
     Args:
@@ -629,6 +751,10 @@ class Transformer(nnx.Module):
       part_ids: [B, T] int, with segment_ids (packed shared prompts): 0 on a
         segment's prompt, r > 0 on its response r, which attends to the prompt
         and to itself only.
+      router_stats: when a dict and the model has experts, filled with the
+        router statistics of this forward, summed over the layers and the real
+        tokens (attention_mask set): jaxalign.models.moe.router_stats' keys,
+        for moe.router_losses. A dense model leaves it empty.
 
     Returns:
       [B, T, D] in the compute dtype. Rows at padding positions are finite but
@@ -638,32 +764,42 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) - 1, 0)
     x = self._embed(tokens)                                            # [B, T, D]
-    x, _ = self._run_layers(x, positions, key_mask, segment_ids=segment_ids,
-                            part_ids=part_ids)
+    x, _, stats = self._run_layers(x, positions, key_mask, segment_ids=segment_ids,
+                                   part_ids=part_ids, token_mask=key_mask)
+    if router_stats is not None:
+      router_stats.update(stats)
     return self.final_norm(x)
 
   def _run_layers(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, *,
                   segment_ids: jax.Array | None = None,
                   part_ids: jax.Array | None = None,
-                  cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+                  cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                  token_mask: jax.Array | None = None):
     """Every block in order: a lax.scan over the stacked groups, then the tail.
 
     Args:
       x: [B, T, D]; positions: [B, T]; key_mask: [B, T] (or [B, S] with a cache).
       cache: (k [L, B, S, KV, Dh], v, index) to decode with (no remat then).
+      token_mask: [B, T] the real tokens of x, over which the router statistics
+        are summed (None: all).
 
     Returns:
-      (x [B, T, D], (new_k, new_v) [L, B, S, KV, Dh] or None).
+      (x [B, T, D], (new_k, new_v) [L, B, S, KV, Dh] or None, router stats summed
+      over the layers: {} for a dense model).
     """
     c = self.config
     policy = None if cache is not None else c.remat
     inv_freqs = self._layer_inv_freqs()
 
     def run_block(block, x, inv_freq, kv):
+      """(x, kv or None, router stats) after one block."""
       if kv is None:
-        return block(x, positions, key_mask, inv_freq, segment_ids=segment_ids,
-                     part_ids=part_ids), None
-      return block(x, positions, key_mask, inv_freq, cache=(*kv, cache[2]))
+        x, stats = block(x, positions, key_mask, inv_freq, segment_ids=segment_ids,
+                         part_ids=part_ids, token_mask=token_mask, with_stats=True)
+        return x, None, stats
+      (x, kv), stats = block(x, positions, key_mask, inv_freq, cache=(*kv, cache[2]),
+                             token_mask=token_mask, with_stats=True)
+      return x, kv, stats
 
     def checkpointed(fn):
       if policy in (None, "none"):
@@ -671,14 +807,15 @@ class Transformer(nnx.Module):
       # prevent_cse=False is safe inside lax.scan (what jax recommends there).
       return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=not c.scan_layers)
 
-    new_k, new_v = [], []
+    new_k, new_v, all_stats = [], [], []
     def unrolled(block, i, x):
       """Layer i as its own block (rematerialized alone)."""
       graphdef_i, state_i = nnx.split(block)
       kv = None if cache is None else (cache[0][i], cache[1][i])
       run = checkpointed(lambda state, x, kv: run_block(nnx.merge(graphdef_i, state), x,
                                                          inv_freqs[i], kv))
-      x, kv = run(state_i, x, kv)
+      x, kv, stats = run(state_i, x, kv)
+      all_stats.append(stats)
       if kv is not None:
         new_k.append(kv[0][None])
         new_v.append(kv[1][None])
@@ -687,7 +824,8 @@ class Transformer(nnx.Module):
     if not c.scan_layers:
       for i, block in enumerate(self.layers):
         x = unrolled(block, i, x)
-      return x, (None if cache is None else (jnp.concatenate(new_k), jnp.concatenate(new_v)))
+      return (x, (None if cache is None else (jnp.concatenate(new_k), jnp.concatenate(new_v))),
+              moe_lib.add_stats(*all_stats))
 
     period, groups, tail = c.scan_groups()
     graphdef, stacked, rest = nnx.split(self.layers, nnx.Param, ...)
@@ -695,14 +833,16 @@ class Transformer(nnx.Module):
     def group(stacked_g, x, g, kv_g):
       blocks = nnx.merge(graphdef, stacked_g, rest)
       _fold_dropout_keys(blocks, g)
-      out_k, out_v = [], []
+      out_k, out_v, stats = [], [], []
       for j, block in enumerate(blocks):
-        x, kv = run_block(block, x, inv_freqs[j], None if kv_g is None
-                          else (kv_g[0][j], kv_g[1][j]))
+        x, kv, stats_j = run_block(block, x, inv_freqs[j], None if kv_g is None
+                                   else (kv_g[0][j], kv_g[1][j]))
+        stats.append(stats_j)
         if kv is not None:
           out_k.append(kv[0])
           out_v.append(kv[1])
-      return x, (None if kv_g is None else (jnp.stack(out_k), jnp.stack(out_v)))
+      return x, ((None if kv_g is None else (jnp.stack(out_k), jnp.stack(out_v))),
+                 moe_lib.add_stats(*stats))
 
     group = checkpointed(group)
 
@@ -715,17 +855,19 @@ class Transformer(nnx.Module):
       shape = (groups, period) + cache[0].shape[1:]
       kv_groups = (cache[0][:groups * period].reshape(shape),
                    cache[1][:groups * period].reshape(shape))
-    x, kv_out = jax.lax.scan(body, x, (stacked, jnp.arange(groups), kv_groups))
+    x, (kv_out, group_stats) = jax.lax.scan(body, x, (stacked, jnp.arange(groups), kv_groups))
+    all_stats.append(jax.tree.map(lambda a: a.sum(axis=0), group_stats))
     if kv_out is not None:
       new_k.append(kv_out[0].reshape((groups * period,) + cache[0].shape[1:]))
       new_v.append(kv_out[1].reshape((groups * period,) + cache[1].shape[1:]))
     for t, block in enumerate(self.tail):
       x = unrolled(block, groups * period + t, x)
+    stats = moe_lib.add_stats(*all_stats)
     if cache is None:
-      return x, None
+      return x, None, stats
     if len(new_k) == 1:
-      return x, (new_k[0], new_v[0])
-    return x, (jnp.concatenate(new_k), jnp.concatenate(new_v))
+      return x, (new_k[0], new_v[0]), stats
+    return x, (jnp.concatenate(new_k), jnp.concatenate(new_v)), stats
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     """[B, T] ids -> [B, T, D] embeddings in the compute dtype."""
@@ -751,7 +893,7 @@ class Transformer(nnx.Module):
     return [local if c.window_of(i) is not None else inv_freq for i in range(c.n_layers)]
 
   def decode(self, tokens: jax.Array, attention_mask: jax.Array,
-             cache: KVCache) -> tuple[jax.Array, KVCache]:
+             cache: KVCache, router_stats: dict | None = None) -> tuple[jax.Array, KVCache]:
     """Appends T tokens to `cache` and returns their hidden states (inference only).
 
     Prefill is one call with the left-padded prompts on an empty cache; each
@@ -763,6 +905,8 @@ class Transformer(nnx.Module):
       attention_mask: [B, T] bool/int, 1 for real tokens. Padding may only
         come before a row's first real token (left padding).
       cache: from `init_cache` or a previous `decode`; needs index + T <= S.
+      router_stats: when a dict, filled as `__call__`'s, over the T new tokens
+        where attention_mask is set.
 
     Returns:
       hidden: [B, T, D] after the final norm.
@@ -773,8 +917,11 @@ class Transformer(nnx.Module):
     positions = jnp.maximum(seen + jnp.cumsum(new_mask.astype(jnp.int32), axis=-1) - 1, 0)
     key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, new_mask, cache.index, 1)
     x = self._embed(tokens)                                            # [B, T, D]
-    x, (new_k, new_v) = self._run_layers(x, positions, key_mask,
-                                         cache=(cache.k, cache.v, cache.index))
+    x, (new_k, new_v), stats = self._run_layers(x, positions, key_mask,
+                                                cache=(cache.k, cache.v, cache.index),
+                                                token_mask=new_mask)
+    if router_stats is not None:
+      router_stats.update(stats)
     cache = KVCache(k=new_k, v=new_v, mask=key_mask, index=cache.index + tokens.shape[1])
     return self.final_norm(x), cache
 

@@ -1,0 +1,166 @@
+"""Routing math of the mixture-of-experts MLP: pure functions of arrays, no modules.
+
+A token's router logits [E] pick its top-k experts (`route`); the N * k
+(token, expert) assignments are sorted by expert so each expert's tokens are
+contiguous (`sort_by_expert`), each expert's SwiGLU runs as one grouped matmul
+over its group (`grouped_matmul`, `routed_mlp`), and the outputs go back to
+token order, summed with the routing weights. Dropless: every token reaches
+all of its k experts, whatever the load.
+
+Routing rules (`route`): softmax over the E logits in float32, the k largest
+probabilities, renormalized to sum to one when `norm_topk` (Qwen3-MoE's
+norm_topk_prob; Mixtral's softmax over its top-k logits is the same function,
+since softmax is monotone and its top-k renormalized is the softmax of the
+top-k logits); without it the raw probabilities (Qwen3-MoE norm_topk_prob=False).
+
+Router losses, over real tokens only (`router_stats`, `router_losses`):
+- load balancing (Switch Transformer eqs. 4-6, as transformers'
+  `load_balancing_loss_func`): E * sum_e f_e * P_e, f_e the share of the
+  (token, slot) assignments going to expert e counted over all k slots (so k
+  at perfect balance), P_e the mean router probability of e; both pooled over
+  every MoE layer's real tokens before the product, as transformers does.
+- router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over real tokens and
+  layers of logsumexp(logits)^2.
+`router_stats` keeps the sums behind those means (additive over layers and
+forwards), so a model reports one small dict however many layers it has.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# The sums behind the router losses; each is additive over layers and forwards.
+STAT_KEYS = ("tokens", "expert_counts", "expert_probs", "z_sum")
+
+
+def route(router_logits: jax.Array, k: int, norm_topk: bool) -> tuple[jax.Array, jax.Array]:
+  """Each token's top-k experts and their weights.
+
+  Args:
+    router_logits: [N, E] any float dtype.
+    k: experts per token (1 <= k <= E).
+    norm_topk: renormalize the k probabilities to sum to 1 (Qwen3-MoE
+      norm_topk_prob=True, Mixtral); else the softmax probabilities as they are.
+
+  Returns:
+    weights: [N, k] float32, in decreasing order.
+    experts: [N, k] int32 expert ids.
+  """
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)   # [N, E]
+  weights, experts = jax.lax.top_k(probs, k)
+  if norm_topk:
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+  return weights, experts.astype(jnp.int32)
+
+
+def sort_by_expert(experts: jax.Array, n_experts: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The order that groups the N * k assignments by expert.
+
+  Args:
+    experts: [N, k] int expert ids.
+    n_experts: E.
+
+  Returns:
+    order: [N * k] int32: sorted position i holds flat assignment order[i]
+      (token order[i] // k, slot order[i] % k); stable, so within an expert
+      tokens keep their order.
+    inverse: [N * k] int32: flat assignment j sits at sorted position inverse[j].
+    group_sizes: [E] int32 assignments per expert (sums to N * k).
+  """
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
+  group_sizes = jnp.zeros((n_experts,), jnp.int32).at[flat].add(1)
+  return order, inverse, group_sizes
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """Rows of `lhs` in consecutive groups, group g times rhs[g].
+
+  Args:
+    lhs: [M, K], rows sorted by group (group g: group_sizes[g] rows).
+    rhs: [G, K, N].
+    group_sizes: [G] int32, summing to M.
+
+  Returns:
+    [M, N] in lhs's dtype.
+  """
+  return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes)
+
+
+def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+               weights: jax.Array, experts: jax.Array,
+               activation: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """sum_j weights[n, j] * down_e(act(gate_e(x_n)) * up_e(x_n)), e = experts[n, j].
+
+  Args:
+    x: [N, D] tokens in the compute dtype.
+    gate, up: [E, D, F] expert weights; down: [E, F, D] (cast to x's dtype).
+    weights: [N, k] routing weights; experts: [N, k] int expert ids (`route`).
+    activation: the gate's nonlinearity (silu: SwiGLU).
+
+  Returns:
+    [N, D] in x's dtype.
+  """
+  n, k = experts.shape
+  order, inverse, group_sizes = sort_by_expert(experts, gate.shape[0])
+  xs = x[order // k]                                                   # [N*k, D] sorted
+  g = checkpoint_name(grouped_matmul(xs, gate, group_sizes), "mlp_gate")   # [N*k, F]
+  u = checkpoint_name(grouped_matmul(xs, up, group_sizes), "mlp_up")
+  h = activation(g) * u
+  ys = checkpoint_name(grouped_matmul(h, down, group_sizes), "mlp_down")   # [N*k, D]
+  y = ys[inverse].reshape(n, k, -1)                                    # token order
+  return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype),
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def router_stats(router_logits: jax.Array, experts: jax.Array,
+                 mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """The sums behind the router losses, over one layer's real tokens.
+
+  Args:
+    router_logits: [N, E].
+    experts: [N, k] int, the chosen experts (`route`).
+    mask: [N] bool/int, 1 for real tokens (None: all real).
+
+  Returns:
+    {"tokens": [] real tokens, "expert_counts": [E] real assignments per
+    expert (summed over the k slots), "expert_probs": [E] summed softmax
+    probabilities, "z_sum": [] summed logsumexp(logits)^2}, float32.
+  """
+  n, e = router_logits.shape
+  logits = router_logits.astype(jnp.float32)
+  m = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  lse = jax.nn.logsumexp(logits, axis=-1)                              # [N]
+  counts = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(
+      jnp.repeat(m, experts.shape[1]))
+  return {"tokens": m.sum(), "expert_counts": counts,
+          "expert_probs": (probs * m[:, None]).sum(axis=0), "z_sum": (m * lse * lse).sum()}
+
+
+def add_stats(*stats: dict | None) -> dict:
+  """The sum of router-stat dicts (None and empty ones, from dense models, skipped)."""
+  present = [s for s in stats if s]
+  if not present:
+    return {}
+  return {key: sum(s[key] for s in present) for key in STAT_KEYS}
+
+
+def router_losses(stats: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(load-balancing aux loss, router z-loss) of pooled `router_stats` (see the
+  module docstring); 0 for a batch without real tokens.
+
+  The aux loss is E * sum_e (counts_e / tokens) * (probs_e / tokens): with
+  tokens summed over layers this is transformers' load_balancing_loss_func
+  given every layer's logits and the attention mask.
+  """
+  tokens = jnp.maximum(stats["tokens"], 1.0)
+  n_experts = stats["expert_counts"].shape[-1]
+  f = jax.lax.stop_gradient(stats["expert_counts"]) / tokens
+  p = stats["expert_probs"] / tokens
+  return n_experts * jnp.sum(f * p), stats["z_sum"] / tokens

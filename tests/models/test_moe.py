@@ -1,0 +1,184 @@
+"""Mixture of experts: routing rules, the routed MLP against a per-token loop, router
+losses against a transcription of transformers' formula, the MoE model's layouts."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign.models import moe
+from jaxalign.models.transformer import FieldError, ModelConfig, MoeMLP, init_model
+
+E, K, D, F = 4, 2, 32, 16
+TINY = ModelConfig(vocab_size=64, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2,
+                   head_dim=8, d_ff=48, n_experts=E, experts_per_token=K, moe_d_ff=F)
+
+
+def _softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _numpy_route(logits, k, norm_topk):
+  """Qwen3-MoE's router: softmax, the k largest, renormalized when norm_topk."""
+  probs = _softmax(logits.astype(np.float64))
+  experts = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+  weights = np.take_along_axis(probs, experts, axis=-1)
+  if norm_topk:
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+  return weights, experts
+
+
+def _numpy_mixtral_route(logits, k):
+  """Mixtral's rule as its paper writes it: softmax over the top-k logits."""
+  experts = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+  return _softmax(np.take_along_axis(logits.astype(np.float64), experts, axis=-1)), experts
+
+
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_route_matches_numpy(norm_topk):
+  logits = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+  weights, experts = moe.route(jnp.asarray(logits), 3, norm_topk)
+  want_w, want_e = _numpy_route(logits, 3, norm_topk)
+  np.testing.assert_array_equal(np.asarray(experts), want_e)
+  np.testing.assert_allclose(np.asarray(weights), want_w, rtol=1e-6, atol=1e-7)
+  if norm_topk:   # Mixtral's softmax over the top-k logits is the same function
+    mix_w, mix_e = _numpy_mixtral_route(logits, 3)
+    np.testing.assert_array_equal(np.asarray(experts), mix_e)
+    np.testing.assert_allclose(np.asarray(weights), mix_w, rtol=1e-6, atol=1e-7)
+
+
+def test_sort_by_expert_groups_and_inverts():
+  experts = jnp.asarray(np.random.default_rng(1).integers(0, E, size=(9, K)), jnp.int32)
+  order, inverse, sizes = moe.sort_by_expert(experts, E)
+  flat = np.asarray(experts).reshape(-1)
+  np.testing.assert_array_equal(np.asarray(sizes), np.bincount(flat, minlength=E))
+  assert (np.diff(flat[np.asarray(order)]) >= 0).all()        # sorted by expert
+  np.testing.assert_array_equal(np.asarray(order)[np.asarray(inverse)], np.arange(flat.size))
+
+
+def _dense_loop(x, gate, up, down, weights, experts):
+  """The routed MLP written token by token: sum_j w_j * down_e(silu(x gate_e) * (x up_e))."""
+  rows = []
+  for n in range(x.shape[0]):
+    y = jnp.zeros((x.shape[1],), x.dtype)
+    for j in range(experts.shape[1]):
+      e = int(experts[n, j])
+      h = jax.nn.silu(x[n] @ gate[e]) * (x[n] @ up[e])
+      y = y + weights[n, j] * (h @ down[e])
+    rows.append(y)
+  return jnp.stack(rows)
+
+
+def test_routed_mlp_equals_per_token_loop_values_and_grads():
+  rng = np.random.default_rng(2)
+  n = 12
+  x = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
+  gate, up = (jnp.asarray(rng.normal(size=(E, D, F)) * 0.2, jnp.float32) for _ in range(2))
+  down = jnp.asarray(rng.normal(size=(E, F, D)) * 0.2, jnp.float32)
+  logits = jnp.asarray(rng.normal(size=(n, E)), jnp.float32)
+  weights, experts = moe.route(logits, K, True)
+  experts_np = np.asarray(experts)
+  assert len(set(experts_np.reshape(-1))) == E   # every expert gets tokens
+
+  def routed(x, gate, up, down, weights):
+    return moe.routed_mlp(x, gate, up, down, weights, experts, jax.nn.silu)
+
+  def looped(x, gate, up, down, weights):
+    return _dense_loop(x, gate, up, down, weights, experts_np)
+
+  args = (x, gate, up, down, weights)
+  np.testing.assert_allclose(routed(*args), looped(*args), rtol=1e-5, atol=1e-6)
+  cot = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
+  got = jax.grad(loss(routed), argnums=range(5))(*args)
+  want = jax.grad(loss(looped), argnums=range(5))(*args)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _hf_load_balancing_loss(gate_logits, num_experts, top_k, attention_mask):
+  """transformers' load_balancing_loss_func (Qwen3-MoE / Mixtral, 5.x), in NumPy: per
+  layer, top-k assignment counts and probability sums over the attention mask, pooled
+  over the layers, then E * sum(tokens_per_expert * router_prob_per_expert)."""
+  tokens_per_expert_sum = np.zeros(num_experts)
+  router_prob_sum = np.zeros(num_experts)
+  total_rows = 0.0
+  flat_mask = attention_mask.reshape(-1).astype(np.float64)
+  for layer_gate in gate_logits:
+    routing_weights = _softmax(layer_gate.astype(np.float64))
+    selected = np.argsort(-routing_weights, axis=-1, kind="stable")[:, :top_k]
+    np.add.at(tokens_per_expert_sum, selected.reshape(-1), np.repeat(flat_mask, top_k))
+    router_prob_sum += (routing_weights * flat_mask[:, None]).sum(axis=0)
+    total_rows += flat_mask.sum()
+  return num_experts * np.sum((tokens_per_expert_sum / total_rows)
+                              * (router_prob_sum / total_rows))
+
+
+def _numpy_z_loss(gate_logits, attention_mask):
+  """ST-MoE's router z-loss: mean over real tokens and layers of logsumexp(logits)^2."""
+  m = attention_mask.reshape(-1).astype(np.float64)
+  total, count = 0.0, 0.0
+  for z in gate_logits:
+    z = z.astype(np.float64)
+    lse = z.max(-1) + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1))
+    total += (m * lse ** 2).sum()
+    count += m.sum()
+  return total / count
+
+
+def test_router_losses_match_transformers_formula():
+  rng = np.random.default_rng(3)
+  layers, b, t = 3, 2, 7
+  mask = np.ones((b, t), np.int32)
+  mask[0, 5:] = 0
+  mask[1, :2] = 0   # left padding too
+  gate_logits = [rng.normal(size=(b * t, E)).astype(np.float32) * 2 for _ in range(layers)]
+  stats = {}
+  for z in gate_logits:
+    _, experts = moe.route(jnp.asarray(z), K, True)
+    stats = moe.add_stats(stats, moe.router_stats(jnp.asarray(z), experts,
+                                                  jnp.asarray(mask.reshape(-1))))
+  aux, zloss = moe.router_losses(stats)
+  np.testing.assert_allclose(float(aux), _hf_load_balancing_loss(gate_logits, E, K, mask),
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(zloss), _numpy_z_loss(gate_logits, mask), rtol=1e-6)
+  # Padding rows change nothing: the same losses from the real rows alone.
+  real = mask.reshape(-1).astype(bool)
+  stats_real = moe.add_stats(*[moe.router_stats(jnp.asarray(z[real]),
+                                                moe.route(jnp.asarray(z[real]), K, True)[1])
+                               for z in gate_logits])
+  np.testing.assert_allclose(np.asarray(moe.router_losses(stats_real)),
+                             np.asarray((aux, zloss)), rtol=1e-6)
+
+
+def test_moe_mlp_params_and_logical_axes():
+  model = init_model(dataclasses.replace(TINY, scan_layers=False), 0)
+  mlp = model.layers[0].mlp
+  assert isinstance(mlp, MoeMLP)
+  assert mlp.router.shape == (D, E) and mlp.router.out_sharding == ("embed", None)
+  assert mlp.gate.shape == mlp.up.shape == (E, D, F)
+  assert mlp.gate.out_sharding == mlp.up.out_sharding == ("expert", "embed", "mlp")
+  assert mlp.down.shape == (E, F, D) and mlp.down.out_sharding == ("expert", "mlp", "embed")
+  scanned = init_model(TINY, 0).layers[0].mlp
+  assert scanned.gate.shape == (2, E, D, F)
+  assert scanned.gate.out_sharding == ("layers", "expert", "embed", "mlp")
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert TINY.num_params() == n
+  per_expert = 3 * D * F
+  assert TINY.num_active_params() == n - TINY.n_layers * (E - K) * per_expert
+  dense = dataclasses.replace(TINY, n_experts=0)
+  assert dense.num_active_params() == dense.num_params()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("experts_per_token", 0), ("experts_per_token", E + 1), ("n_experts", -1),
+    ("moe_d_ff", 0), ("router_aux_loss_coef", -0.1), ("router_z_loss_coef", float("nan")),
+    ("router_aux_loss_coef", float("inf"))])
+def test_bad_moe_fields_name_the_field(field, value):
+  with pytest.raises(FieldError) as e:
+    dataclasses.replace(TINY, **{field: value})
+  assert e.value.field == field
