@@ -1,32 +1,40 @@
-"""The routed-experts MLP on a device mesh: experts split over the "fsdp" axis.
+"""The routed-experts MLP on a device mesh: experts split over the "data" axis.
 
-Layout (jaxalign.sharding's table: "expert" -> "fsdp", ahead of "embed" ->
-"fsdp"): each expert's weights sit whole on one fsdp shard (E / fsdp experts
-per device), split over "tensor" along the expert hidden size F, and
-replicated over "data". Why fsdp and not a new "expert" mesh axis: the
-experts hold nearly all of an MoE model's parameters (29.0B of Qwen3-30B-A3B's
-30.5B), and fsdp is the axis that already shards parameters; putting whole
-experts on it replaces FSDP's per-layer weight all-gather of the experts
-(every expert gathered to every device, each step, forward and backward) by
-moving tokens, which for top-k routing is far less data. A fifth mesh axis
-would change every recipe's mesh.shape for no gain in this layout.
+Layout (jaxalign.sharding's table: "expert" -> "data", "embed" -> "fsdp",
+"mlp" -> "tensor"): the E experts are split over "data" (E / data whole
+experts per data shard: expert parallelism), each expert's weights FSDP-sharded
+over "fsdp" inside its data shard and split over "tensor" along the expert
+hidden size F. Why "data" and not "fsdp" or a new "expert" mesh axis:
+  - the experts hold nearly all of an MoE model's parameters (29.0B of
+    Qwen3-30B-A3B's 30.5B) and "data" is the axis that replicates parameters in
+    the dense layout; splitting the experts over it removes exactly that
+    replication, while the dense weights (attention, embeddings) keep theirs;
+  - "fsdp" already holds the experts' embed dimension (the weights' logical
+    names are ("expert", "embed", "mlp") and Flax NNX maps each name through
+    the rules independently, so "expert" -> "fsdp" would put two dimensions of
+    one array on one axis);
+  - a new mesh axis would change every recipe's mesh.shape for no gain: a
+    mesh (data=G, fsdp=F, tensor) already is G expert groups of F-way FSDP.
+With data = 1 (the default mesh (1, -1, 1)) the experts are not split: they are
+FSDP-sharded over "fsdp" like dense weights and gathered per layer.
 
 The token exchange is a gather, not an all-to-all. Tokens are split over the
 batch axes ("data", "fsdp"); inside `shard_map` each device
-  1. all-gathers the tokens and their routing (weights, experts) of its fsdp
-     group: S = fsdp shards x n tokens each;
-  2. keeps the assignments that go to its own E / S experts (the others get
-     weight 0 and a sentinel id that sorts them last), sorts them by expert
-     and runs the grouped matmuls over them (rows past the local groups cost
-     nothing in the megablox kernel and come out zero);
+  1. all-gathers the tokens and their routing (weights, experts) over "data":
+     S = data shards x n tokens each (the expert weights arrive gathered over
+     "fsdp", the FSDP all-gather of its own E / S experts only);
+  2. keeps the assignments that go to its own E / S experts (the others get a
+     sentinel id >= E / S that sorts them past every group), sorts them by
+     expert and runs the grouped matmuls over them (rows past the local groups
+     cost nothing in the megablox kernel and come out zero);
   3. sums over "tensor" (the F-split partial sums) and reduce-scatters over
-     fsdp, handing each device the sum over all experts for its own tokens.
-Per layer and device that moves (S - 1) n D activations in and (S - 1) n D
-out, the same volume as a dropless all-to-all when S is about k (each token
-sent to up to k shards) and no ragged collectives, so it runs on CPU meshes
-(tests) as on TPU. Dropless: the sorted buffer holds every assignment of the
-group (S n k rows), so no token is ever dropped; its size, not the compute, is
-what grows with S (docs/scaling.md).
+     "data", handing each device the sum over all experts for its own tokens.
+Per layer and device that moves (S - 1) n D activations in and out: the
+volume of a dropless all-to-all when S is about k (each token is sent to up to
+k shards), with no ragged collectives, so it runs on CPU meshes (tests) as on
+TPU. Dropless: the sorted buffer holds every assignment of the group (S n k
+rows), so no token is ever dropped; its size, not the compute, grows with S
+(docs/scaling.md).
 
 Without a mesh (or with every axis of size 1) this is moe.routed_mlp itself.
 """
@@ -42,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 from jaxalign.models import moe as moe_lib
 
 TOKEN_MESH_AXES = ("data", "fsdp")
-EXPERT_MESH_AXIS = "fsdp"
+EXPERT_MESH_AXIS = "data"
 HIDDEN_MESH_AXIS = "tensor"
 
 
@@ -75,7 +83,7 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
 
   Args:
     x: [N, D] tokens (split over the batch axes).
-    gate, up: [E, D, F]; down: [E, F, D] (experts over fsdp, F over tensor).
+    gate, up: [E, D, F]; down: [E, F, D] (experts over data, F over tensor).
     weights: [N, k] routing weights; experts: [N, k] int expert ids.
     activation: the gate's nonlinearity.
     implementation: the grouped-matmul kernel (jaxalign.models.grouped_matmul).
