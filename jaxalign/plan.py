@@ -374,6 +374,8 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
       "device_kind": getattr(devs[0], "device_kind", devs[0].platform),
       "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
       "loss": config.loss.name, "num_params": model_cfg.num_params(),
+      # Parameters one token uses (top-k experts of an MoE): the 6N of the model FLOPs.
+      "active_params": model_cfg.num_active_params(),
       "trainable_params": sum(int(math.prod(a.shape))
                               for a in jax.tree.leaves(built.abstract_state.params)),
       "lora": (f"rank {lora_cfg.rank} on {','.join(lora_cfg.targets)}"
@@ -582,6 +584,8 @@ def format_plan(p: dict[str, Any]) -> str:
       f"{p['device_kind']}), mesh {mesh}",
       f"  params {_num(p['num_params'])} (trainable {_num(p.get('trainable_params'))}"
       + (f": LoRA {p['lora']})" if p.get("lora") else ")")
+      + (f", active per token {_num(p['active_params'])}"
+         if p.get("active_params", p["num_params"]) != p["num_params"] else "")
       + f"   batch {p['batch_shape']} (B, S, T) = "
       + (f"{p['tokens_per_step']} tokens/step" if not p.get("packing") else
          f"{p['tokens_per_step']} real tokens/step packed into {p['packing']['packed_shape']} "
