@@ -239,7 +239,8 @@ def test_moe_kernel_part_takes_the_static_rows_out_and_times_the_computed_ones()
   per_row = 3 * 2 * 256 * 384 * (1 + 2 + 1) * 3 * 2      # matmuls, passes, layers, micro-batches
   assert part["moe_kernel"] == "megablox"
   assert part["moe_kernel_flops_per_device"] == per_row * n * k
-  assert part["moe_static_flops_per_device"] == per_row * 4096   # S n k = 4000 -> 8 tiles of 512
+  assert S * n * k == 4000                   # static rows, padded to 8 row tiles of 512:
+  assert part["moe_static_flops_per_device"] == per_row * 4096
   assert part["moe_kernel_seconds"] == pytest.approx(
       per_row * n * k / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY))
   assert plan_lib.moe_kernel_part(cfg, "cpu", {"data": 4}, tokens_per_device=1000,
