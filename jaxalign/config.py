@@ -267,7 +267,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, *, platform: str | 
   _validate_counts(c)
   _validate_eval(c, spec)
   _validate_sampling(c, spec)
-  _validate_lora(c, spec)
+  _validate_lora(c, spec, model_cfg)
   _validate_reference_sync(c, spec)
   _validate_report_to(c)
   if spec.data == "unpaired_kl" and c.data.batch_size < 2:
@@ -332,6 +332,8 @@ def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, 
   lora_on = "lora" in c and c.lora.rank > 0
   for name in LOGICAL_AXES:
     if name == "lora_rank" and not lora_on:
+      continue
+    if name == "expert":   # MoE models only: _validate_shardable, which knows the model
       continue
     if name not in rule_names:
       _fail("sharding_rules", f"no rule for logical axis {name!r} "
@@ -408,11 +410,15 @@ def _validate_model(c: ml_collections.ConfigDict, platform: str | None):
   if c.model.preset not in transformer.PRESETS:
     _fail("model.preset",
           f"unknown preset {c.model.preset!r}; known: {sorted(transformer.PRESETS)}")
+  hf_dir = ""
   try:
     hf_dir = hf_model_dir(c)
     model_cfg = model_config(c, hf_dir=hf_dir, platform=platform)
   except HfConfigError as e:
     _fail("model.hf_path", str(e))
+  except transformer.FieldError as e:   # one field's value (the MoE fields)
+    _fail(f"model.overrides.{e.field}" if e.field in c.model.overrides
+          else "model.hf_path" if hf_dir else "model.preset", str(e))
   except (TypeError, ValueError) as e:
     _fail("model.overrides", str(e))
   for key in ("dtype", "param_dtype"):
@@ -566,17 +572,19 @@ def _validate_shardable(c: ml_collections.ConfigDict, model_cfg, mesh_shape) -> 
   sharding.check_partition_specs(
       transformer.partition_specs(model_cfg, tuple(tuple(r) for r in c.sharding_rules)))
   rules = dict((n, t) for n, t in c.sharding_rules)
-  fields = (("n_heads", "heads"), ("n_kv_heads", "kv_heads"),
-            ("d_ff", "mlp"), ("d_model", "embed"), ("vocab_size", "vocab"))
-  if model_cfg.n_experts:   # the experts' [E, D, F] weights (models/expert_parallel.py)
-    fields += (("n_experts", "expert"), ("moe_d_ff", "mlp"))
-  for field, logical in fields:
-    if getattr(model_cfg, field) is None:   # moe_d_ff None: d_ff, checked above
-      continue
+  dims = [("n_heads", "heads"), ("n_kv_heads", "kv_heads"), ("d_ff", "mlp"),
+          ("d_model", "embed"), ("vocab_size", "vocab")]
+  if model_cfg.is_moe:
+    if "expert" not in rules:
+      _fail("sharding_rules", "no rule for logical axis 'expert' (the MoE experts; use "
+            "('expert', None) to keep them whole)")
+    dims += [("n_experts", "expert"), ("expert_d_ff", "mlp")]
+  for field, logical in dims:
     axes = _rule_axes(rules.get(logical))
     size = math.prod(mesh_shape[a] for a in axes)
     if getattr(model_cfg, field) % size:
-      _fail("mesh.shape", f"model.{field}={getattr(model_cfg, field)} is not divisible by "
+      name = "moe_d_ff" if field == "expert_d_ff" else field
+      _fail("mesh.shape", f"model.{name}={getattr(model_cfg, field)} is not divisible by "
             f"{size} devices on mesh axes {axes} (rule {logical!r})")
 
 
@@ -593,7 +601,7 @@ def _validate_eval(c: ml_collections.ConfigDict, spec) -> None:
     _fail("eval_every", "evaluates on a held-out set: set data.eval_path")
 
 
-def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
+def _validate_lora(c: ml_collections.ConfigDict, spec, model_cfg) -> None:
   """config.lora, the OFS-DPO learning-rate ratio and the continual keys."""
 
   lc = c.lora
@@ -612,6 +620,12 @@ def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:
     bad = [t for t in targets if t not in lora.TARGETS]
     if bad or len(set(targets)) != len(targets):
       _fail("lora.targets", f"must be distinct names from {lora.TARGETS}, got {targets}")
+    experts = [t for t in targets if t not in lora.ATTENTION_TARGETS]
+    if experts and model_cfg.is_moe:
+      _fail("lora.targets", f"{experts} would adapt the MLP, which in this mixture-of-"
+            f"experts model (model n_experts={model_cfg.n_experts}) is routed experts: "
+            f"adapters on experts are not supported; target the attention projections "
+            f"{lora.ATTENTION_TARGETS}")
   elif lc.init_adapters:
     _fail("lora.init_adapters", "needs lora.rank > 0")
   if spec.modules and lc.rank == 0:

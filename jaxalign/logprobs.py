@@ -138,6 +138,12 @@ def _packed_ranks(mask, slot, num_slots, offset):
   return running - jnp.take_along_axis(before, slot, axis=1)
 
 
+def _router_arg(router_stats: dict | None) -> dict:
+  """The model's router_stats keyword when asked for (a model without experts may
+  not take it)."""
+  return {} if router_stats is None else {"router_stats": router_stats}
+
+
 def _chunk_layout(vocab: int, chunk_size: int) -> tuple[int, int]:
   chunk = min(chunk_size, vocab)
   return chunk, -(-vocab // chunk)
@@ -481,6 +487,7 @@ def sequence_logps(
     chunk_size: int = 8192,
     batch_axes: BatchAxes = None,
     token_outputs: dict | None = None,
+    router_stats: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """One forward of `model` over all N rows, then sequence_logps_from_hidden.
 
@@ -492,11 +499,13 @@ def sequence_logps(
     loss_mask: [N, T], 1 for scored response tokens; and-ed with attention_mask.
     chunk_size: vocabulary chunk, see token_logps.
     batch_axes: mesh axes N is split over, see token_logps.
+    router_stats: when a dict, filled by a mixture-of-experts model with its
+      router statistics over the real tokens (models/moe.py; {} when dense).
 
   Returns:
     logps_sum: [N] float32; num_tokens: [N] int32.
   """
-  hidden = model(tokens, attention_mask)                                # [N, T, D]
+  hidden = model(tokens, attention_mask, **_router_arg(router_stats))  # [N, T, D]
   loss_mask = loss_mask.astype(bool) & attention_mask.astype(bool)
   return sequence_logps_from_hidden(
       hidden, model.head_weight(), tokens, loss_mask, chunk_size=chunk_size,
@@ -521,6 +530,7 @@ def packed_sequence_logps(
     chunk_size: int = 8192,
     batch_axes: BatchAxes = None,
     token_outputs: dict | None = None,
+    router_stats: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-sequence summed log-probs of packed rows (jaxalign.data.packing).
 
@@ -555,6 +565,7 @@ def packed_sequence_logps(
       if it holds that key (token_logps_and_stats); N = R * L. With first_index,
       N = num_slots + R * L: the slots' first response tokens lead, before all
       of their scored tokens in the rows.
+    router_stats: as sequence_logps' (the rows' unused tails are not real tokens).
 
   Returns:
     logps_sum: [G, num_slots] float32; num_tokens: [G, num_slots] int32.
@@ -563,7 +574,8 @@ def packed_sequence_logps(
   flat = lambda x: x.reshape(G * R, L)  # one forward over all rows
   hidden = model(flat(tokens), flat(attention_mask), positions=flat(positions),
                  segment_ids=flat(segment_ids),
-                 part_ids=None if part_ids is None else flat(part_ids))  # [G*R, L, D]
+                 part_ids=None if part_ids is None else flat(part_ids),
+                 **_router_arg(router_stats))                           # [G*R, L, D]
   # Token t of a row is predicted from position t - 1 (same segment: t is scored
   # only if it is not a segment's first token).
   toks = flat(tokens)
@@ -669,6 +681,7 @@ def shared_prompt_logps(
     chunk_size: int = 8192,
     batch_axes: BatchAxes = None,
     token_outputs: dict | None = None,
+    router_stats: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-sequence summed log-probs with each example's prompt computed once.
 
@@ -686,6 +699,8 @@ def shared_prompt_logps(
     token_outputs: when a dict, filled as sequence_logps_from_hidden's, each
       response a group of one slot: "logps", "mask", "slot", "rank", ("log_sum_sq",
       "stats") [B * S, R], position t for response token t.
+    router_stats: as sequence_logps', over the real tokens that run: each
+      prompt once and the responses.
 
   Returns:
     logps_sum: [B, S] float32; num_tokens: [B, S] int32.
@@ -693,13 +708,18 @@ def shared_prompt_logps(
   B, P = prompt.shape
   _, S, R = response.shape
   cache = model.init_cache(B, P + R)
-  h_prompt, cache = model.decode(prompt, prompt_mask, cache)             # [B, P, D]
+  prompt_stats, response_stats = ({}, {}) if router_stats is not None else (None, None)
+  h_prompt, cache = model.decode(prompt, prompt_mask, cache,
+                                 **_router_arg(prompt_stats))            # [B, P, D]
   per_response = lambda x: jnp.repeat(x, S, axis=0)  # [B, ...] -> [B*S, ...]
   per_layer_batch = lambda x: jnp.repeat(x, S, axis=1)  # [L, B, ...] -> [L, B*S, ...]
   cache = cache.replace(k=per_layer_batch(cache.k), v=per_layer_batch(cache.v),
                         mask=per_response(cache.mask))
   flat = lambda x: x.reshape(B * S, R)
-  h_resp, _ = model.decode(flat(response), flat(response_mask), cache)   # [B*S, R, D]
+  h_resp, _ = model.decode(flat(response), flat(response_mask), cache,
+                           **_router_arg(response_stats))               # [B*S, R, D]
+  if router_stats is not None and prompt_stats:
+    router_stats.update({k: prompt_stats[k] + response_stats[k] for k in prompt_stats})
   # Token t of a response is predicted from response position t - 1; token 0 from
   # the prompt's last position.
   hidden = jnp.concatenate([per_response(h_prompt[:, -1:]), h_resp[:, :-1]], axis=1)

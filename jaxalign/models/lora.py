@@ -33,7 +33,7 @@ from flax import nnx
 from jaxalign.models import transformer
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-_ATTENTION = ("q", "k", "v", "o")
+ATTENTION_TARGETS = _ATTENTION = ("q", "k", "v", "o")
 # name -> (number of input axes of W, logical name of the flattened input,
 #          logical name of the flattened output).
 _AXES = {
@@ -130,6 +130,12 @@ def add_adapters(model: nnx.Module, config: LoraConfig, *, seed: int) -> nnx.Mod
       names = [t for t in config.targets if t in _ATTENTION]
     elif isinstance(module, transformer.MLP):
       names = [t for t in config.targets if t not in _ATTENTION]
+    elif isinstance(module, transformer.MoeMLP):
+      names = [t for t in config.targets if t not in _ATTENTION]
+      if names:   # config validation refuses these first (lora.targets)
+        raise ValueError(f"LoRA targets {names} on a mixture-of-experts MLP: adapters on "
+                         f"the experts are not supported; target {_ATTENTION}")
+      continue
     else:
       continue
     stack = module.stack       # scanned layers: one adapter pair per stacked layer

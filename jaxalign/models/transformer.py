@@ -21,6 +21,11 @@ The module tree and parameter shapes map 1:1 onto the Hugging Face checkpoints
   model.norm.weight                           final_norm.scale              [D]
   lm_head.weight [V, D] (untied only)         lm_head                       [D, V]
 
+With ``n_experts`` E > 0 (Qwen3-MoE, Mixtral) ``layers[i].mlp`` is a `MoeMLP`:
+``router`` [D, E], ``gate`` / ``up`` [E, D, F], ``down`` [E, F, D] (F = moe_d_ff);
+its routing math is in jaxalign.models.moe, and the forward can report the router
+statistics behind the load-balancing and z losses (``router_stats``).
+
 With ``scan_layers`` (the ModelConfig default; a recipe's model.scan_layers
 "auto" chooses per platform and depth, `auto_scan_layers`) the blocks are
 stacked: ``layers[j]`` is one Block whose parameters have a leading ``layers``
@@ -78,12 +83,22 @@ def normalize_remat(value) -> str:
   return value
 
 
-def remat_policy(name: str):
-  """The jax.checkpoint policy of a remat name (None: save nothing, i.e. "full")."""
+def remat_policy(name: str, *, moe: bool = False):
+  """The jax.checkpoint policy of a remat name (None: save nothing, i.e. "full").
+
+  moe: the model has routed experts, whose grouped matmuls (lax.ragged_dot) the
+  dots policies do not count as dots: "dots" and "dots_no_batch" then save them too
+  (by their checkpoint names), as they save a dense MLP's matmuls.
+  """
   cp = jax.checkpoint_policies
-  return {"full": None, "dots": cp.dots_saveable,
-          "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
-          "minimal": cp.save_only_these_names(*SAVED_NAMES)}[normalize_remat(name)]
+  name = normalize_remat(name)
+  policy = {"full": None, "dots": cp.dots_saveable,
+            "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+            "minimal": cp.save_only_these_names(*SAVED_NAMES)}[name]
+  if moe and name in ("dots", "dots_no_batch"):
+    policy = cp.save_from_both_policies(
+        policy, cp.save_only_these_names("mlp_gate", "mlp_up", "mlp_down"))
+  return policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -813,7 +828,8 @@ class Transformer(nnx.Module):
       if policy in (None, "none"):
         return fn
       # prevent_cse=False is safe inside lax.scan (what jax recommends there).
-      return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=not c.scan_layers)
+      return jax.checkpoint(fn, policy=remat_policy(policy, moe=c.is_moe),
+                            prevent_cse=not c.scan_layers)
 
     new_k, new_v, all_stats = [], [], []
     def unrolled(block, i, x):

@@ -38,10 +38,11 @@ from jaxalign.train.rundir import RunResult
 log = logging.getLogger("jaxalign")
 
 CONFIG_FILE = "resolved_config.json"   # the run's resolved config, readable
-# Logged metrics shown beside the progress bar, and in the plain log lines.
+# Logged metrics shown beside the progress bar, and in the plain log lines (those a
+# run has: aux_loss, the load-balancing loss, with mixture-of-experts models only).
 _BAR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-             "rewards/accuracies", "eval/loss", "eval/rewards/accuracies", "learning_rate",
-             "grad_norm", "tokens_per_sec")
+             "rewards/accuracies", "eval/loss", "eval/rewards/accuracies", "aux_loss",
+             "learning_rate", "grad_norm", "tokens_per_sec")
 
 
 def train(spec: config_lib.RunSpec, workdir: str, *, progress: bool = True, devices=None,

@@ -18,7 +18,7 @@ from flax import nnx
 from jaxalign import logprobs, losses
 from jaxalign.data import packing, schema
 from jaxalign.losses import columns as loss_columns
-from jaxalign.models import lora
+from jaxalign.models import lora, moe
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import ref_sync as ref_sync_lib
 from jaxalign.train.state import TrainState
@@ -40,7 +40,7 @@ TOKEN_SUM, TOKEN_COUNT = "_token_sum/", "_token_count/"
 
 
 def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key=None,
-                batch_axes=None, columns: tuple[str, ...] = ()):
+                batch_axes=None, columns: tuple[str, ...] = (), router: dict | None = None):
   """Per-sequence summed log-probs [B, S] and scored-token counts [B, S].
 
   A scalar-head model (rewards.model.RewardModel, a reward-model loss) gives its
@@ -50,6 +50,9 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
   batch_axes: mesh axes B is split over, kept on the log-prob chunks (logprobs.py).
   columns: names in losses.columns.COLUMNS; then a third value, {name: [B, S]}, is
     returned (padded, packed and shared-prompt batches alike).
+  router: when a dict and the model has experts, filled with the router losses of
+    this forward over the batch's real tokens (`router_terms`); a dense model
+    leaves it empty.
   """
   model = nnx.merge(graphdef, params, frozen)
   if isinstance(model, reward_model.RewardModel):   # a scalar head: scores stand for log-probs
@@ -60,34 +63,49 @@ def batch_logps(graphdef, params, frozen, batch, *, chunk_size: int, dropout_key
     lora.set_dropout_key(model, dropout_key)
   # None without columns: no per-token outputs, no extra vocabulary pass.
   token_outputs = loss_columns.token_request(columns)
+  stats = None if router is None else {}
   sums, counts = _layout_logps(model, batch, chunk_size=chunk_size, batch_axes=batch_axes,
-                               token_outputs=token_outputs)
+                               token_outputs=token_outputs, router_stats=stats)
+  if stats:
+    router.update(router_terms(stats, model.config))
   if not columns:
     return sums, counts
   return sums, counts, loss_columns.compute(columns, token_outputs, counts)
 
 
-def _layout_logps(model, batch, *, chunk_size, batch_axes, token_outputs):
+def router_terms(stats: dict, model_cfg) -> dict:
+  """{"aux_loss", "router_z_loss": the router losses of pooled router statistics
+  (models/moe.py), "penalty": what they add to the loss, router_aux_loss_coef * aux
+  + router_z_loss_coef * z} (float32 scalars)."""
+  aux, z = moe.router_losses(stats)
+  return {"aux_loss": aux, "router_z_loss": z,
+          "penalty": model_cfg.router_aux_loss_coef * aux + model_cfg.router_z_loss_coef * z}
+
+
+def _layout_logps(model, batch, *, chunk_size, batch_axes, token_outputs, router_stats=None):
   """[B, S] log-probs and counts of a padded, shared-prompt or packed batch; fills
-  `token_outputs` (a dict, or None) in losses.columns' flat form."""
+  `token_outputs` (a dict, or None) in losses.columns' flat form and `router_stats`
+  (a dict, or None) with a mixture-of-experts model's router statistics."""
   if packing.is_packed(batch):
     return _packed_batch_logps(model, batch, chunk_size=chunk_size, batch_axes=batch_axes,
-                               token_outputs=token_outputs)
+                               token_outputs=token_outputs, router_stats=router_stats)
   if packing.is_shared(batch):   # data.share_prompt
     return logprobs.shared_prompt_logps(
         model, batch["shared_prompt"], batch["shared_prompt_mask"], batch["shared_response"],
         batch["shared_response_mask"], batch["shared_response_loss"], chunk_size=chunk_size,
-        batch_axes=batch_axes, token_outputs=token_outputs)
+        batch_axes=batch_axes, token_outputs=token_outputs, router_stats=router_stats)
   b, s, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * s, t)  # one forward over all B*S rows
   sums, counts = logprobs.sequence_logps(
       model, flat(batch["tokens"]), flat(batch["attention_mask"]), flat(batch["loss_mask"]),
-      chunk_size=chunk_size, batch_axes=batch_axes, token_outputs=token_outputs)
+      chunk_size=chunk_size, batch_axes=batch_axes, token_outputs=token_outputs,
+      router_stats=router_stats)
   return sums.reshape(b, s), counts.reshape(b, s)
 
 
 # --- packed batches (data.packing; layout in jaxalign/data/packing.py) -------------
-def _packed_batch_logps(model, batch, *, chunk_size, batch_axes, token_outputs=None):
+def _packed_batch_logps(model, batch, *, chunk_size, batch_axes, token_outputs=None,
+                        router_stats=None):
   """[B, S] log-probs and counts of a packed batch: its G groups' slots, in example order."""
   b, s = batch["packed_lengths"].shape
   g = batch["packed_tokens"].shape[0]
@@ -97,7 +115,7 @@ def _packed_batch_logps(model, batch, *, chunk_size, batch_axes, token_outputs=N
       model, batch["packed_tokens"], batch["packed_attention_mask"], batch["packed_loss_mask"],
       batch["packed_segment_ids"], batch["packed_positions"], batch["packed_slot"],
       (b // g) * s, chunk_size=chunk_size, batch_axes=batch_axes, token_outputs=token_outputs,
-      **shared)  # [G, B_g * S]
+      router_stats=router_stats, **shared)  # [G, B_g * S]
   return sums.reshape(b, s), counts.reshape(b, s)
 
 
@@ -114,20 +132,26 @@ def real_tokens(batch) -> jax.Array:
 
 
 def _policy_logps(graphdef, params, frozen, batch, *, chunk_size, modules, dropout_key,
-                  batch_axes=None, columns=()):
+                  batch_axes=None, columns=(), router: dict | None = None):
   """[B, S] log-probs and counts; with `modules`, each module's [B, S] side by side.
 
   With `columns` (single policy only) a third value holds them, as batch_logps.
+  router: filled as batch_logps' (with modules: each term's mean over their forwards).
   """
   if not modules:
     return batch_logps(graphdef, params, frozen, batch, chunk_size=chunk_size,
-                       dropout_key=dropout_key, batch_axes=batch_axes, columns=columns)
+                       dropout_key=dropout_key, batch_axes=batch_axes, columns=columns,
+                       router=router)
   if columns:
     raise ValueError("per-sequence loss columns are not supported with LoRA modules")
+  routers = [None if router is None else {} for _ in modules]
   outs = [batch_logps(graphdef, params[m], frozen, batch, chunk_size=chunk_size,
                       dropout_key=None if dropout_key is None
-                      else jax.random.fold_in(dropout_key, i), batch_axes=batch_axes)
+                      else jax.random.fold_in(dropout_key, i), batch_axes=batch_axes,
+                      router=routers[i])
           for i, m in enumerate(modules)]
+  if router is not None and routers[0]:
+    router.update({k: sum(r[k] for r in routers) / len(routers) for k in routers[0]})
   return jnp.concatenate([o[0] for o in outs], axis=1), outs[0][1]
 
 
@@ -162,15 +186,21 @@ def _objective_of(frozen, ref_params, loss_state, batch, dropout_key=None, *, gr
   extra = {k: v for k, v in batch.items() if k not in schema.SEQUENCE_KEYS}
 
   def objective(p):
+    router = {}   # a mixture-of-experts policy's router losses (the reference adds none)
     out = _policy_logps(graphdef, p, frozen, batch, chunk_size=chunk_size,
                         modules=modules, dropout_key=dropout_key,
-                        batch_axes=batch_axes, columns=policy_columns)
+                        batch_axes=batch_axes, columns=policy_columns, router=router)
     logps, counts = out[0], out[1]
     inputs = losses.LossInputs(logps=logps, ref_logps=ref_logps, lengths=counts, batch=extra,
                                columns={k: out[2][k] for k in columns},
                                ref_columns=ref_columns)
     loss, metrics, new_state = loss_call(inputs, loss_state)
-    return loss, ({**metrics, **_token_metric_sums(token_metrics, out, counts)}, new_state)
+    metrics = {**metrics, **_token_metric_sums(token_metrics, out, counts)}
+    if router:   # TRL: loss += router_aux_loss_coef * aux_loss, logged as aux_loss
+      loss = loss + router["penalty"]
+      metrics = {**metrics, "aux_loss": router["aux_loss"],
+                 "router_z_loss": router["router_z_loss"]}
+    return loss, (metrics, new_state)
 
   return objective
 

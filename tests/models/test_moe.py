@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from jaxalign.models import moe
-from jaxalign.models.transformer import FieldError, ModelConfig, MoeMLP, init_model
+from jaxalign.models.transformer import (FieldError, ModelConfig, MoeMLP, Transformer,
+                                         convert_layout, init_model, stack_layers)
 
 E, K, D, F = 4, 2, 32, 16
 TINY = ModelConfig(vocab_size=64, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -75,7 +76,7 @@ def _dense_loop(x, gate, up, down, weights, experts):
 
 def test_routed_mlp_equals_per_token_loop_values_and_grads():
   rng = np.random.default_rng(2)
-  n = 12
+  n = 8
   x = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
   gate, up = (jnp.asarray(rng.normal(size=(E, D, F)) * 0.2, jnp.float32) for _ in range(2))
   down = jnp.asarray(rng.normal(size=(E, F, D)) * 0.2, jnp.float32)
@@ -91,12 +92,13 @@ def test_routed_mlp_equals_per_token_loop_values_and_grads():
     return _dense_loop(x, gate, up, down, weights, experts_np)
 
   args = (x, gate, up, down, weights)
-  np.testing.assert_allclose(routed(*args), looped(*args), rtol=1e-5, atol=1e-6)
   cot = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
-  got = jax.grad(loss(routed), argnums=range(5))(*args)
-  want = jax.grad(loss(looped), argnums=range(5))(*args)
-  for g, w in zip(got, want):
+  # Values and the gradient of <cotangent, output> w.r.t. every input, each jitted once.
+  both = lambda f: jax.jit(lambda *a: (f(*a), jax.grad(lambda *b: jnp.sum(f(*b) * cot),
+                                                       argnums=range(5))(*a)))
+  got, want = both(routed)(*args), both(looped)(*args)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+  for g, w in zip(got[1], want[1]):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
@@ -155,15 +157,20 @@ def test_router_losses_match_transformers_formula():
                              np.asarray((aux, zloss)), rtol=1e-6)
 
 
+def _abstract(config):
+  """The model's parameters as shapes with their logical names (nothing allocated)."""
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
 def test_moe_mlp_params_and_logical_axes():
-  model = init_model(dataclasses.replace(TINY, scan_layers=False), 0)
+  model = _abstract(dataclasses.replace(TINY, scan_layers=False))
   mlp = model.layers[0].mlp
   assert isinstance(mlp, MoeMLP)
   assert mlp.router.shape == (D, E) and mlp.router.out_sharding == ("embed", None)
   assert mlp.gate.shape == mlp.up.shape == (E, D, F)
   assert mlp.gate.out_sharding == mlp.up.out_sharding == ("expert", "embed", "mlp")
   assert mlp.down.shape == (E, F, D) and mlp.down.out_sharding == ("expert", "mlp", "embed")
-  scanned = init_model(TINY, 0).layers[0].mlp
+  scanned = _abstract(TINY).layers[0].mlp
   assert scanned.gate.shape == (2, E, D, F)
   assert scanned.gate.out_sharding == ("layers", "expert", "embed", "mlp")
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -182,3 +189,49 @@ def test_bad_moe_fields_name_the_field(field, value):
   with pytest.raises(FieldError) as e:
     dataclasses.replace(TINY, **{field: value})
   assert e.value.field == field
+
+
+def _batch(seed=0, b=3, t=10):
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(1, TINY.vocab_size, size=(b, t)), jnp.int32)
+  mask = jnp.asarray(np.arange(t)[None] < np.array([t, 7, 4])[:, None], jnp.int32)
+  return tokens, mask
+
+
+def _value_stats_grads(model, tokens, mask):
+  """(loss, router stats, grads) of sum(hidden^2) + aux + z, so the gradient runs
+  through the experts and the router losses alike."""
+  graphdef, state = nnx.split(model)
+
+  def loss(state):
+    stats = {}
+    hidden = nnx.merge(graphdef, state)(tokens, mask, router_stats=stats)
+    aux, z = moe.router_losses(stats)
+    return jnp.sum(jnp.where(mask[..., None] > 0, hidden, 0.0) ** 2) * 1e-3 + aux + z, stats
+
+  (value, stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+  return value, stats, grads
+
+
+def _assert_close(a, b, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_scanned_moe_equals_unrolled_with_router_stats_grads_and_remat():
+  """The scanned layout under remat "dots" (which saves the grouped matmuls by name)
+  == the same weights unrolled under "minimal" (router logits and projections by
+  name): value, router statistics (real tokens of every layer) and gradients."""
+  tokens, mask = _batch()
+  scanned = init_model(dataclasses.replace(TINY, remat="dots"), 0)
+  unrolled = convert_layout(scanned, scan_layers=False)
+  # The remat policy is read from the config at trace time (one init: it is the slow part).
+  unrolled.config = dataclasses.replace(unrolled.config, remat="minimal")
+  v1, s1, g1 = _value_stats_grads(scanned, tokens, mask)
+  v2, s2, g2 = _value_stats_grads(unrolled, tokens, mask)
+  assert float(s1["tokens"]) == TINY.n_layers * int(mask.sum())   # real tokens, each layer
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  _assert_close(s1, s2)
+  g2 = nnx.to_pure_dict(g2)
+  _assert_close(nnx.to_pure_dict(g1), stack_layers(TINY, g2))
+  assert np.abs(np.asarray(g2["layers"][1]["mlp"]["router"])).max() > 0
