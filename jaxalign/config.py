@@ -27,7 +27,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import guards, losses, paths, rewards, sharding
 from jaxalign.data import schema
 from jaxalign.losses import probe
-from jaxalign.models import attention, hf, hf_config, lora, transformer
+from jaxalign.models import attention, grouped_matmul, hf, hf_config, lora, transformer
 from jaxalign.rewards import model as reward_model
 from jaxalign.errors import ConfigError, CorruptCheckpointError, HfConfigError
 # Mesh axes and logical-axis rules live in sharding.py; re-exported under their old names.
@@ -68,6 +68,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Attention kernel (jaxalign.models.attention): "auto" (splash on TPU, cudnn on
   # GPU, xla on CPU) | "xla" | "cudnn" | "splash"; a compute choice, free on resume.
   c.model.attention = "auto"
+  # Grouped-matmul kernel of MoE experts (jaxalign.models.grouped_matmul): "auto"
+  # (megablox on TPU, ragged_dot elsewhere) | "ragged_dot" | "megablox"; a compute choice.
+  c.model.moe_kernel = "auto"
   # True: one lax.scan over stacked layers (compiles one layer body); False: a
   # Python loop over layers (faster steps on CPU, longer compiles for deep
   # models); "auto": scanned on TPU/GPU and for models of
@@ -395,6 +398,9 @@ def _validate_model(c: ml_collections.ConfigDict, platform: str | None):
   if c.model.get("attention", "auto") not in attention.IMPLEMENTATIONS:
     _fail("model.attention", f"must be one of {attention.IMPLEMENTATIONS}, got "
           f"{c.model.attention!r}")
+  if c.model.get("moe_kernel", "auto") not in grouped_matmul.IMPLEMENTATIONS:
+    _fail("model.moe_kernel", f"must be one of {grouped_matmul.IMPLEMENTATIONS}, got "
+          f"{c.model.moe_kernel!r}")
   scan_layers_request(c)   # ConfigError naming model.scan_layers
   if "remat" in c.model.overrides:
     try:
@@ -428,7 +434,7 @@ def _validate_model(c: ml_collections.ConfigDict, platform: str | None):
 
 # ModelConfig fields that choose how the parameters are computed or stored, not
 # which parameters there are: init_from's checkpoint may differ in them.
-_COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+_COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "moe_kernel")
 
 
 def _validate_init_from(c: ml_collections.ConfigDict, model_cfg) -> None:
@@ -802,7 +808,9 @@ def model_config(c: ml_collections.ConfigDict, *, hf_dir: str | None = None,
   unknown = set(over) - set(base)
   if unknown:
     raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
-  chosen = {"attention": c.model.get("attention", "auto"), "scan_layers": scan_layers_request(c)}
+  chosen = {"attention": c.model.get("attention", "auto"),
+            "moe_kernel": c.model.get("moe_kernel", "auto"),
+            "scan_layers": scan_layers_request(c)}
   fields = {**base, **chosen, **over}
   if fields["scan_layers"] == "auto":
     fields["scan_layers"], _ = transformer.auto_scan_layers(

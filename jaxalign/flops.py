@@ -5,9 +5,12 @@ host loop both count with them, so a plan's MFU and a run's `perf/mfu` mean
 the same thing.
 
 Conventions (per real token / per real sequence; padding counts nothing):
-  N      = matmul parameters: ModelConfig.num_params() less the input embedding
-           table when it is untied (a gather, not a matmul; a tied table is the
-           output head and counts). Norm scales and biases are included (tiny).
+  N      = matmul parameters one token uses: ModelConfig.num_active_params()
+           (num_params() for a dense model; a mixture of experts counts its
+           router and the experts_per_token experts a token is routed to, not
+           all n_experts) less the input embedding table when it is untied (a
+           gather, not a matmul; a tied table is the output head and counts).
+           Norm scales and biases are included (tiny).
   pairs  = (query, key) pairs a causal (sliding-window) layer attends over in a
            sequence of L real tokens: L(L+1)/2, or with window w, sum_i min(i+1, w).
   attention forward = 4 * H * Dh * pairs per layer (QK^T and PV, 2 FLOPs a MAC).
@@ -63,9 +66,10 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 
 
 def matmul_params(cfg) -> int:
-  """N of the 6N convention: num_params() without an untied input embedding table."""
+  """N of the 6N convention: num_active_params() (all of num_params() for a dense
+  model, the top-k experts for an MoE) without an untied input embedding table."""
   lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-  return cfg.num_params() - lookup
+  return cfg.num_active_params() - lookup
 
 
 def attention_pairs(lengths, window: int | None = None) -> float:

@@ -80,6 +80,8 @@ from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
 from jaxalign.data import packing, schema
 from jaxalign.models import attention as attention_lib
+from jaxalign.models import expert_parallel
+from jaxalign.models import grouped_matmul as grouped_matmul_lib
 from jaxalign.errors import PlanError
 from jaxalign.train import build as build_lib
 
@@ -374,6 +376,8 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
       "device_kind": getattr(devs[0], "device_kind", devs[0].platform),
       "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
       "loss": config.loss.name, "num_params": model_cfg.num_params(),
+      # Parameters one token uses (top-k experts of an MoE): the 6N of the model FLOPs.
+      "active_params": model_cfg.num_active_params(),
       "trainable_params": sum(int(math.prod(a.shape))
                               for a in jax.tree.leaves(built.abstract_state.params)),
       "lora": (f"rank {lora_cfg.rank} on {','.join(lora_cfg.targets)}"
@@ -468,6 +472,23 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
                 f"{groups} times, so its FLOPs and time undercount the step; "
                 f"--config.model.scan_layers=False gives XLA's estimate of the same step "
                 f"(unrolled, slower to compile)")
+  moe = moe_kernel_part(
+      model_cfg, devs[0].platform, dict(zip(built.mesh.axis_names, built.mesh.devices.shape)),
+      tokens_per_device=known["computed_tokens_per_step"] / batch_shards(built, config),
+      micro_batches=config.optim.grad_accum_steps, chip=chip,
+      frozen_reference=built.run_spec.frozen_ref)
+  out.update(moe)
+  if moe["moe_static_flops_per_device"] and chip is not None and seconds is not None:
+    # The megablox calls enter XLA's time estimate as negative times and its FLOP
+    # count at their static row count: a roofline of the rest, plus the kernel's
+    # own time (moe_kernel_part).
+    seconds = max((flops - moe["moe_static_flops_per_device"]) / chip.peak_flops,
+                  bytes_accessed / chip.hbm_bandwidth) + moe["moe_kernel_seconds"]
+    estimate = (f"roofline from XLA's flops (less the megablox calls' static estimate) and "
+                f"bytes accessed + the megablox kernel at "
+                f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak (XLA's own time estimate "
+                f"is unusable with Pallas calls that carry a cost estimate)"
+                + (estimate[estimate.index(";"):] if extrapolated else ""))
   out["xla_step_seconds"] = seconds
   if seconds is not None and out["kernel_flops_per_step"]:
     seconds = seconds + out["kernel_seconds"] if out["kernel_seconds"] is not None else None
@@ -538,6 +559,59 @@ def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg,
                 "scan_probe_compile_seconds": time.perf_counter() - t0}
 
 
+def batch_shards(built, config) -> int:
+  """Devices the examples of a step are split over (the batch rule's mesh axes)."""
+  mesh = dict(zip(built.mesh.axis_names, built.mesh.devices.shape))
+  axes = sharding.batch_axes(config.sharding_rules) or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(int(mesh[a]) for a in axes)
+
+
+def moe_kernel_part(model_cfg, platform: str, mesh: dict[str, int], *, tokens_per_device: float,
+                    micro_batches: int, chip: Chip | None,
+                    frozen_reference: bool) -> dict[str, Any]:
+  """The MoE experts' grouped-matmul kernel and, for megablox on TPU, its FLOPs and time.
+
+  The megablox kernel's cost estimate counts its static row count: the S n k
+  rows of the sorted buffer (S the data shards the tokens are gathered over,
+  n the tokens of a device's micro-batch, k experts per token), of which a
+  device computes n k on average (its own experts' share). Per MoE layer a
+  forward is three grouped matmuls, 6 M D F' FLOPs for M rows (F' = moe_d_ff
+  over the tensor shards); the backward two of each (the input gradient and
+  tgmm's weight gradient), the rematerialized forward one more, a frozen
+  reference's forward one. Returns the static FLOPs XLA counted (to be taken
+  out of its count), the computed ones and their time at
+  flops.KERNEL_EFFICIENCY of the chip's peak; zeros where no megablox runs.
+  """
+  none = {"moe_kernel": None, "moe_static_flops_per_device": 0.0,
+          "moe_kernel_flops_per_device": 0.0, "moe_kernel_seconds": 0.0}
+  if not getattr(model_cfg, "n_experts", 0):
+    return none
+  D, F, E, k = (model_cfg.d_model, model_cfg.expert_d_ff, model_cfg.n_experts,
+                model_cfg.experts_per_token)
+  impl, _ = grouped_matmul_lib.choose(model_cfg.moe_kernel, platform, k=D, n=F,
+                                      lhs_dtype=model_cfg.dtype, rhs_dtype=model_cfg.dtype)
+  none["moe_kernel"] = impl
+  if impl != "megablox" or platform != "tpu":
+    return none
+  n = tokens_per_device / max(micro_batches, 1)
+  gather = mesh.get(expert_parallel.EXPERT_MESH_AXIS, 1) if E % mesh.get(
+      expert_parallel.EXPERT_MESH_AXIS, 1) == 0 else 1
+  tensor = mesh.get(expert_parallel.HIDDEN_MESH_AXIS, 1)
+  f_local = F // tensor if F % tensor == 0 else F
+  rows = gather * n * k
+  tm = grouped_matmul_lib.tiling(int(rows), D, f_local)[0]
+  static_rows = -(-rows // tm) * tm
+  passes = (3.0 + (1.0 if flops_lib.remat_on(model_cfg) else 0.0)
+            + (1.0 if frozen_reference else 0.0))
+  per_row = 6.0 * D * f_local * passes * model_cfg.n_layers * max(micro_batches, 1)
+  computed = per_row * n * k
+  return {"moe_kernel": impl, "moe_static_flops_per_device": per_row * static_rows,
+          "moe_kernel_flops_per_device": computed,
+          "moe_kernel_seconds": (computed / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY)
+                                 if chip else 0.0)}
+
+
 def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip | None, *,
                            frozen_reference: bool, row_length: int) -> dict[str, Any]:
   """The attention kernel the step uses and, when XLA cannot see it, its FLOPs and time.
@@ -582,6 +656,8 @@ def format_plan(p: dict[str, Any]) -> str:
       f"{p['device_kind']}), mesh {mesh}",
       f"  params {_num(p['num_params'])} (trainable {_num(p.get('trainable_params'))}"
       + (f": LoRA {p['lora']})" if p.get("lora") else ")")
+      + (f", active per token {_num(p['active_params'])}"
+         if p.get("active_params", p["num_params"]) != p["num_params"] else "")
       + f"   batch {p['batch_shape']} (B, S, T) = "
       + (f"{p['tokens_per_step']} tokens/step" if not p.get("packing") else
          f"{p['tokens_per_step']} real tokens/step packed into {p['packing']['packed_shape']} "
@@ -626,6 +702,12 @@ def format_plan(p: dict[str, Any]) -> str:
       + (f": + {_num(p['kernel_flops_per_step'], 'FLOP')} per step invisible to XLA, "
          f"counted analytically ({_num(p['kernel_flops_per_device'], 'FLOP')} per device)"
          if p["kernel_flops_per_step"] else " (its FLOPs are in XLA's count)"),
+      *([f"  MoE grouped matmul        {p['moe_kernel']}"
+         + (f": XLA counts {_num(p['moe_static_flops_per_device'], 'FLOP')} per device "
+            f"(the static sorted-buffer rows), the kernel computes "
+            f"{_num(p['moe_kernel_flops_per_device'], 'FLOP')}"
+            if p.get("moe_static_flops_per_device") else "")]
+        if p.get("moe_kernel") else []),
       f"  model FLOPs per token     {_num(p['model_flops_per_token'], 'FLOP')} "
       f"(per step {_num(p['model_flops_per_step'], 'FLOP')})",
   ]
@@ -634,6 +716,10 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append(f"  predicted step time {p['predicted_step_seconds'] * 1e3:.1f} ms, "
                  f"{_num(p['predicted_tokens_per_second'])} tokens/s"
                  + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+    if p.get("moe_static_flops_per_device"):
+      lines.append(f"    (XLA-visible part includes the megablox kernel's "
+                   f"{p['moe_kernel_seconds'] * 1e3:.1f} ms at "
+                   f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak)")
     if p.get("kernel_seconds"):
       lines.append(f"    = XLA-visible {p['xla_step_seconds'] * 1e3:.1f} ms + attention "
                    f"kernel {p['kernel_seconds'] * 1e3:.1f} ms (roofline at "

@@ -25,8 +25,9 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("norm", None),
     ("lora_rank", None),
-    ("expert", None),          # MoE experts ([E, D, F] weights): whole on each shard of
-                               # their embed/mlp split (expert parallelism may map it)
+    # MoE experts ([E, D, F] weights) split over "data": expert parallelism across
+    # the data-parallel groups, FSDP over "fsdp" inside each (models/expert_parallel.py).
+    ("expert", "data"),
     ("layers", None),          # the stacked (scanned) layers axis: never split
 )
 

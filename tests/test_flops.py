@@ -113,3 +113,33 @@ def test_peak_table():
   assert flops.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 495e12
   assert flops.peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12
   assert flops.peak_flops("cpu", "float32") is None
+
+
+def _moe_cfg():
+  return _cfg(n_experts=4, experts_per_token=2, moe_d_ff=128)
+
+
+def test_moe_counts_active_parameters_by_hand():
+  cfg = _moe_cfg()
+  D, V, L = 128, 256, 2
+  attn = D * 4 * 32 * 2 + D * 2 * 32 * 2          # q, o; k, v
+  router, experts = D * 4, 2 * 3 * D * 128          # all router columns, top-2 SwiGLU experts
+  active = D * V + L * (attn + router + experts + 2 * D) + D   # head, blocks, final norm
+  assert flops.matmul_params(cfg) == active
+  assert cfg.num_params() - D * V - flops.matmul_params(cfg) == L * 2 * 3 * D * 128
+  train = flops.model_flops(cfg, [T] * B)
+  assert train == pytest.approx(6 * active * B * T + 3 * flops.attention_forward_flops(cfg, [T] * B))
+
+
+def test_moe_forward_count_matches_xla_cost_analysis():
+  """XLA's CPU ragged_dot is lowered as one dense matmul per group, so its cost
+  analysis counts every row against all E experts: E / k times the routed
+  experts' model FLOPs (2 * 3 * D * F per row of the N * k sorted rows)."""
+  cfg = _moe_cfg()
+  model = transformer.init_model(cfg, seed=0)
+  tokens, mask = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32)
+  xla = _xla_flops(lambda t, m: model.logits(model(t, m)), tokens, mask)
+  routed = cfg.n_layers * 2 * 3 * cfg.d_model * 128 * (B * T * 2)
+  ours = (flops.forward_flops(cfg, [T] * B) + _masked_square_flops(cfg)
+          + (cfg.n_experts - 1) * routed)
+  assert ours == pytest.approx(xla, rel=0.03)

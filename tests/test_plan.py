@@ -21,7 +21,7 @@ from tests.reliability.helpers import recipe_arg
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 REAL_SCALE = ("llama3_8b_dpo", "llama3_8b_dpo_8k", "qwen25_7b_bco", "gemma2_9b_ln_dpo",
-              "llama3_70b_dpo")
+              "llama3_70b_dpo", "qwen3_30b_a3b_dpo")
 
 
 def _load_recipe(name):
@@ -221,6 +221,31 @@ def test_packed_plan_counts_real_tokens():
       c, _fsdp8_sharding(), plan_lib.PackAssumption(20, fill=0.5)).rows == 2
   with pytest.raises(plan_lib.PlanError, match="sequence_length"):
     plan_lib.packed_shape(c, _fsdp8_sharding(), plan_lib.PackAssumption(65))
+
+
+def test_moe_kernel_part_takes_the_static_rows_out_and_times_the_computed_ones():
+  """megablox's cost estimate counts the sorted buffer's S n k static rows; a device
+  computes n k of them (its experts' share). Hand count: per MoE layer a forward is
+  3 grouped matmuls of 2 M D F FLOPs; backward 2x, remat 1x more."""
+  from jaxalign.models import transformer
+  cfg = transformer.ModelConfig(d_model=256, d_ff=512, n_layers=3, n_heads=4, n_kv_heads=2,
+                                head_dim=64, n_experts=8, experts_per_token=2, moe_d_ff=384,
+                                remat="full", dtype="bfloat16")
+  chip = plan_lib.chip_of("v5p:2x2x1")
+  part = plan_lib.moe_kernel_part(cfg, "tpu", {"data": 4, "fsdp": 2, "tensor": 1},
+                                  tokens_per_device=1000, micro_batches=2, chip=chip,
+                                  frozen_reference=False)
+  n, k, S = 500, 2, 4                        # tokens per micro-batch, top-k, data shards
+  per_row = 3 * 2 * 256 * 384 * (1 + 2 + 1) * 3 * 2      # matmuls, passes, layers, micro-batches
+  assert part["moe_kernel"] == "megablox"
+  assert part["moe_kernel_flops_per_device"] == per_row * n * k
+  assert S * n * k == 4000                   # static rows, padded to 8 row tiles of 512:
+  assert part["moe_static_flops_per_device"] == per_row * 4096
+  assert part["moe_kernel_seconds"] == pytest.approx(
+      per_row * n * k / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY))
+  assert plan_lib.moe_kernel_part(cfg, "cpu", {"data": 4}, tokens_per_device=1000,
+                                  micro_batches=1, chip=None, frozen_reference=False
+                                  )["moe_static_flops_per_device"] == 0.0
 
 
 # --- TPU: compiled for abstract TPU devices; needs libtpu, not a TPU. ---

@@ -26,11 +26,14 @@ forwards), so a model reports one small dict however many layers it has.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from jaxalign.models import grouped_matmul as grouped_matmul_lib
 
 # The sums behind the router losses; each is additive over layers and forwards.
 STAT_KEYS = ("tokens", "expert_counts", "expert_probs", "z_sum")
@@ -78,23 +81,27 @@ def sort_by_expert(experts: jax.Array, n_experts: int
   return order, inverse, group_sizes
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                   implementation: str = "ragged_dot") -> jax.Array:
   """Rows of `lhs` in consecutive groups, group g times rhs[g].
 
   Args:
     lhs: [M, K], rows sorted by group (group g: group_sizes[g] rows).
-    rhs: [G, K, N].
-    group_sizes: [G] int32, summing to M.
+    rhs: [G, K, N] (cast to lhs's dtype).
+    group_sizes: [G] int32, summing to at most M; rows past the sum give zeros.
+    implementation: "auto" | "ragged_dot" | "megablox" (jaxalign.models.grouped_matmul).
 
   Returns:
     [M, N] in lhs's dtype.
   """
-  return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes)
+  return grouped_matmul_lib.grouped_matmul(lhs, rhs.astype(lhs.dtype), group_sizes,
+                                           implementation=implementation)
 
 
 def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                weights: jax.Array, experts: jax.Array,
-               activation: Callable[[jax.Array], jax.Array]) -> jax.Array:
+               activation: Callable[[jax.Array], jax.Array], *,
+               implementation: str = "ragged_dot") -> jax.Array:
   """sum_j weights[n, j] * down_e(act(gate_e(x_n)) * up_e(x_n)), e = experts[n, j].
 
   Args:
@@ -102,6 +109,10 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
     gate, up: [E, D, F] expert weights; down: [E, F, D] (cast to x's dtype).
     weights: [N, k] routing weights; experts: [N, k] int expert ids (`route`).
     activation: the gate's nonlinearity (silu: SwiGLU).
+    implementation: the grouped-matmul kernel (`grouped_matmul`).
+
+  Expert ids >= E are dropped (sorted last, past every group: they contribute zero);
+  the expert-parallel path marks the experts of other shards so.
 
   Returns:
     [N, D] in x's dtype.
@@ -115,10 +126,12 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
   n, k = experts.shape
   order, inverse, group_sizes = sort_by_expert(experts, gate.shape[0])
   xs = x[order // k]                                                   # [N*k, D] sorted
-  g = checkpoint_name(grouped_matmul(xs, gate, group_sizes), "mlp_gate")   # [N*k, F]
-  u = checkpoint_name(grouped_matmul(xs, up, group_sizes), "mlp_up")
+  matmul = functools.partial(grouped_matmul, group_sizes=group_sizes,
+                             implementation=implementation)
+  g = checkpoint_name(matmul(xs, gate), "mlp_gate")                   # [N*k, F]
+  u = checkpoint_name(matmul(xs, up), "mlp_up")
   h = activation(g) * u
-  ys = checkpoint_name(grouped_matmul(h, down, group_sizes), "mlp_down")   # [N*k, D]
+  ys = checkpoint_name(matmul(h, down), "mlp_down")                   # [N*k, D]
   y = ys[inverse].reshape(n, k, -1)                                    # token order
   return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype),
                     preferred_element_type=jnp.float32).astype(x.dtype)

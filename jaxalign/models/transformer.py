@@ -58,6 +58,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.models import attention as attention_lib
+from jaxalign.models import expert_parallel
+from jaxalign.models import grouped_matmul as grouped_matmul_lib
 from jaxalign.models import moe as moe_lib
 
 
@@ -166,9 +168,13 @@ class ModelConfig:
   # load-balancing aux loss and the router z-loss, over real tokens (moe.router_losses).
   router_aux_loss_coef: float = 0.0
   router_z_loss_coef: float = 0.0
+  # Grouped-matmul kernel of the experts: "auto" | "ragged_dot" | "megablox"
+  # (jaxalign.models.grouped_matmul: megablox on TPU, ragged_dot elsewhere).
+  moe_kernel: str = "auto"
 
   def __post_init__(self):
     attention_lib.check_implementation(self.attention)
+    grouped_matmul_lib.check_implementation(self.moe_kernel)
     object.__setattr__(self, "remat", normalize_remat(self.remat))
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"scan_layers={self.scan_layers!r}; want True or False")
@@ -619,6 +625,7 @@ class MoeMLP(nnx.Module):
     self.stack = stack
     self.k = config.experts_per_token
     self.norm_topk = config.moe_norm_topk
+    self.moe_kernel = config.moe_kernel
     self.activation = config.activation
     self.dtype = jnp.dtype(config.dtype)
 
@@ -632,9 +639,10 @@ class MoeMLP(nnx.Module):
                                         preferred_element_type=jnp.float32),
                              "router_logits")                          # [N, E] float32
     weights, experts = moe_lib.route(logits, self.k, self.norm_topk)
-    y = moe_lib.routed_mlp(flat, self.gate[...].astype(self.dtype),
-                           self.up[...].astype(self.dtype), self.down[...].astype(self.dtype),
-                           weights, experts, _activation(self.activation))
+    y = expert_parallel.routed_mlp(
+        flat, self.gate[...].astype(self.dtype), self.up[...].astype(self.dtype),
+        self.down[...].astype(self.dtype), weights, experts, _activation(self.activation),
+        implementation=self.moe_kernel)
     mask = None if token_mask is None else token_mask.reshape(-1)
     return y.reshape(*lead, d), moe_lib.router_stats(logits, experts, mask)
 

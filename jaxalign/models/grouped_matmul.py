@@ -1,0 +1,177 @@
+"""Grouped matrix multiplication of token-sorted rows by per-group weights, with a
+choice of kernel.
+
+`grouped_matmul(lhs [M, K], rhs [G, K, N], group_sizes [G])` multiplies the
+first group_sizes[0] rows of lhs by rhs[0], the next group_sizes[1] rows by
+rhs[1], and so on; rows past sum(group_sizes) give zeros. It is the expert
+matmul of the mixture-of-experts MLP (jaxalign.models.moe), whose rows are the
+(token, expert) assignments sorted by expert. Every implementation computes
+that same function:
+
+  ragged_dot  `jax.lax.ragged_dot`, XLA's grouped matmul; the reference, and
+              what runs on CPU and GPU.
+  megablox    the Pallas TPU grouped-matmul kernel
+              (jax.experimental.pallas.ops.tpu.megablox): tiles of tm rows x
+              tk x tn; a row tile that straddles two groups is computed once
+              per group with the other group's rows masked out, and the grid
+              has as many row tiles as the groups' rows need (a traced count),
+              so work follows the real rows, not M. The weight gradient is its
+              transposed kernel `tgmm` ([G, K, N] from lhs^T and the output
+              gradient, group by group). The kernel leaves rows past
+              sum(group_sizes) unwritten (NaN in interpret mode), so this
+              module wraps it in its own VJP that zeroes them in the output
+              and in the gradient of lhs. Off TPU it runs in Pallas interpret
+              mode (slow; for tests).
+  auto        megablox on TPU, ragged_dot elsewhere.
+A call the kernel cannot serve falls back to ragged_dot, with one logged line
+per reason: K or N not a multiple of the 128-lane tile, operands other than
+float32/bfloat16 or of two dtypes.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("jaxalign")
+
+IMPLEMENTATIONS = ("auto", "ragged_dot", "megablox")
+_AUTO = {"tpu": "megablox"}
+LANE = 128                          # the kernel's K and N tiles are multiples of this
+# Tile candidates, largest first: the kernel keeps one [tm, tk] lhs tile, one
+# [tk, tn] rhs tile and a [tm, tn] float32 accumulator in VMEM (double-buffered),
+# 512 x 512 bf16 tiles use ~3 MiB of a v5p core's 16+ MiB scoped VMEM.
+_TILES_M = (512, 256, 128)
+_TILES_KN = (512, 384, 256, 128)
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+_logged: set[tuple[str, str]] = set()
+
+
+def check_implementation(name: str) -> None:
+  """Raises ValueError unless `name` is one of IMPLEMENTATIONS."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"grouped-matmul implementation {name!r}; want one of {IMPLEMENTATIONS}")
+
+
+def resolve(name: str, platform: str) -> str:
+  """"auto" -> the kernel for `platform` ("tpu", "gpu", "cpu"); others unchanged."""
+  check_implementation(name)
+  return _AUTO.get(platform, "ragged_dot") if name == "auto" else name
+
+
+def choose(name: str, platform: str, *, k: int, n: int, lhs_dtype, rhs_dtype
+           ) -> tuple[str, str | None]:
+  """(implementation that will run, why it differs from the requested one or None).
+
+  The one place that decides; `jaxalign plan` asks it too.
+  """
+  impl = resolve(name, platform)
+  if impl == "ragged_dot":
+    return impl, None
+  if k % LANE or n % LANE:
+    return "ragged_dot", (f"megablox needs the contracted and output dimensions to be "
+                          f"multiples of {LANE}, got K={k}, N={n}")
+  dtypes = {jnp.dtype(lhs_dtype), jnp.dtype(rhs_dtype)}
+  if len(dtypes) != 1 or not dtypes <= set(_KERNEL_DTYPES):
+    return "ragged_dot", (f"megablox needs float32 or bfloat16 operands of one dtype, got "
+                          f"{jnp.dtype(lhs_dtype).name} x {jnp.dtype(rhs_dtype).name}")
+  return "megablox", None
+
+
+def _log_once(requested: str, reason: str) -> None:
+  if (requested, reason) not in _logged:
+    _logged.add((requested, reason))
+    log.warning("moe_kernel=%s: %s; using ragged_dot for these calls", requested, reason)
+
+
+def current_platform() -> str:
+  """The platform being compiled for: the devices of the mesh set by `jax.set_mesh`
+  (abstract TPU devices when planning), else the default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+  """(tm, tk, tn) for the kernel: the largest candidate tiles dividing K and N (which
+  are multiples of LANE), and a row tile no larger than M rounded up to LANE."""
+  tk = next(t for t in _TILES_KN if k % t == 0)
+  tn = next(t for t in _TILES_KN if n % t == 0)
+  rows = -(-m // LANE) * LANE
+  tm = next((t for t in _TILES_M if t <= rows), LANE)
+  return tm, tk, tn
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                   implementation: str = "ragged_dot") -> jax.Array:
+  """Consecutive row groups of `lhs`, group g times rhs[g].
+
+  Args:
+    lhs: [M, K], rows sorted by group (group g: group_sizes[g] rows).
+    rhs: [G, K, N].
+    group_sizes: [G] int, summing to at most M; rows past the sum give zeros.
+    implementation: one of IMPLEMENTATIONS ("auto" resolved per platform).
+
+  Returns:
+    [M, N] in lhs's dtype (float32 accumulation in every implementation).
+  """
+  group_sizes = group_sizes.astype(jnp.int32)
+  impl, reason = choose(implementation, current_platform(), k=lhs.shape[1],
+                        n=rhs.shape[2], lhs_dtype=lhs.dtype, rhs_dtype=rhs.dtype)
+  if reason is not None:
+    _log_once(implementation, reason)
+  if impl == "megablox":
+    return _megablox(lhs, rhs, group_sizes, interpret=current_platform() != "tpu")
+  return jax.lax.ragged_dot(lhs, rhs, group_sizes,
+                            preferred_element_type=jnp.float32).astype(lhs.dtype)
+
+
+def _backend():
+  # The package's __init__ rebinds the name `gmm` to the custom-VJP op, so the
+  # kernel module (gmm, tgmm) is reached by its full module path.
+  return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def _valid_rows(m: int, group_sizes: jax.Array) -> jax.Array:
+  """[M, 1] bool: the rows some group covers."""
+  return (jnp.arange(m, dtype=jnp.int32) < jnp.sum(group_sizes))[:, None]
+
+
+def _megablox(lhs, rhs, group_sizes, *, interpret: bool):
+  m = lhs.shape[0]
+  tm, tk, tn = tiling(m, lhs.shape[1], rhs.shape[2])
+  padded = -(-m // tm) * tm          # the kernel needs M to be a multiple of tm
+  x = jnp.pad(lhs, ((0, padded - m), (0, 0))) if padded != m else lhs
+  out = _gmm(x, rhs, group_sizes, tiling=(tm, tk, tn), interpret=interpret)
+  return out[:m]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(lhs, rhs, group_sizes, tiling, interpret):
+  out = _backend().gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, interpret=interpret)
+  return jnp.where(_valid_rows(lhs.shape[0], group_sizes), out, 0)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, tiling, interpret):
+  return _gmm(lhs, rhs, group_sizes, tiling, interpret), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(tiling, interpret, residuals, grad):
+  lhs, rhs, group_sizes = residuals
+  backend = _backend()
+  # d lhs = grad @ rhs[g]^T per group; rows past the groups are left unwritten.
+  # Its contraction is over N and its output over K: the tiles swap.
+  tm, tk, tn = tiling
+  grad_lhs = backend.gmm(grad, rhs, group_sizes, lhs.dtype, (tm, tn, tk), transpose_rhs=True,
+                         interpret=interpret)
+  grad_lhs = jnp.where(_valid_rows(lhs.shape[0], group_sizes), grad_lhs, 0)
+  # d rhs[g] = lhs_g^T @ grad_g; tgmm masks rows outside each group itself.
+  grad_rhs = backend.tgmm(lhs.swapaxes(0, 1), grad, group_sizes, rhs.dtype, tiling,
+                          interpret=interpret)
+  return grad_lhs, grad_rhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
