@@ -129,7 +129,8 @@ def _pass_backward(kernel: sk.SplashAttentionKernel, q, k, v, segment_ids, out, 
   (q, k, v, segment_ids, sinks, out, logsumexp, dq_mask_info, dkv_mask_info))."""
   kw = kernel.kwargs
   res = (q, k, v, segment_ids, None, out, lse, kernel.dq_mask_info, kernel.dkv_mask_info)
-  grads = sk._splash_attention_bwd(   # noqa: SLF001 (no public backward with given residuals)
+  # Private: the kernel module has no public backward that takes given residuals.
+  grads = sk._splash_attention_bwd(
       False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"], None, kw["mask_function"],
       kw["attn_logits_soft_cap"], kw["interpret"], res, dout)
   _, _, _, dq, dk, dv, _, _ = grads
