@@ -299,9 +299,9 @@ def _splash(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segm
   def local(q, k, v, seg, kv_seg, *part):
     kernel = _splash_kernel(q.shape[2], T, window, softcap, interpret, save_residuals=parts)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)           # [b, T, h, Dh] -> [b, h, T, Dh]
-    if parts:   # self-attention: seg == kv_seg
+    if parts:   # self-attention: one part id per slot, queries and keys alike
       run = jax.vmap(lambda q, k, v, s, ks, p: splash_parts.shared_prompt_attention(
-          kernel, q, k, v, s, p))
+          kernel, q, k, v, s, ks, p))
     else:
       run = jax.vmap(lambda q, k, v, s, ks: kernel(q, k, v, sk.SegmentIds(q=s, kv=ks)))
     out = _traced_at(run, _kernel_precision(q.dtype))(

@@ -162,20 +162,20 @@ def shared_prompt_ids(q_segment_ids: jax.Array, q_part_ids: jax.Array,
 
 
 def shared_prompt_attention(kernel: sk.SplashAttentionKernel, q: jax.Array, k: jax.Array,
-                            v: jax.Array, segment_ids: jax.Array,
+                            v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
                             part_ids: jax.Array) -> jax.Array:
   """One sequence's packed shared-prompt self-attention on splash (two passes).
 
   Args:
     kernel: made with save_residuals=True for a causal (or local) mask of (T, T).
     q: [H, T, Dh] scaled queries; k, v: [KV, T, Dh].
-    segment_ids: [T] int32, -1 on padding.
+    q_segment_ids, kv_segment_ids: [T] int32, -1 on padding.
     part_ids: [T] int32, 0 on prompts (and padding), r > 0 on response r.
 
   Returns:
     [H, T, Dh] in q's dtype.
   """
   num_parts = jnp.max(part_ids) + 1
-  own, prompt = shared_prompt_ids(segment_ids, part_ids, segment_ids, part_ids,
+  own, prompt = shared_prompt_ids(q_segment_ids, part_ids, kv_segment_ids, part_ids,
                                   num_parts=num_parts)
   return cascade((kernel, kernel), q, (k, k), (v, v), (own, prompt))
