@@ -497,7 +497,7 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
   seconds, estimate = _xla_seconds(cost, chip, flops, bytes_accessed)
   kernel_lengths, passes = lengths, 1
   if packing.is_packed_shared(batch):
-    # Two splash passes over each unit (a prompt once, then its responses).
+    # The kernel runs over units (a prompt once, then its responses).
     layout = packed_shape(config, built.batch_sharding, pack)
     kernel_lengths = list(layout.unit_lengths) * batch["packed_lengths"].shape[0]   # x B
     passes = 2
@@ -595,12 +595,14 @@ def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip
   `lengths`: real tokens of each sequence (a packed row's segments attend only
   within themselves, so the kernel's unmasked blocks are those of the sequences),
   or of each unit of packed shared prompts; `row_length`: the rows' length, the
-  kernel's shape; `passes`: kernel calls over them (2: the shared-prompt cascade).
+  kernel's shape; `passes`: splash calls over them (2: the shared-prompt cascade,
+  jaxalign.models.splash_parts; cuDNN takes part ids in its one call's mask).
   """
   impl, _ = attention_lib.choose(
       model_cfg.attention, platform, seq_len=row_length, kv_len=row_length,
       dtype=model_cfg.dtype, softcap=model_cfg.attn_logit_softcap, decode=False)
   opaque = impl in ("splash", "cudnn") and platform in ("tpu", "gpu")
+  passes = passes if impl == "splash" else 1
   kernel = (passes * flops_lib.attention_kernel_flops(
       model_cfg, lengths, frozen_reference=frozen_reference,
       recompute_forward=flops_lib.remat_on(model_cfg)) if opaque else 0.0)
