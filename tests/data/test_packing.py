@@ -511,7 +511,6 @@ def test_column_losses_train_step_equals_padded_step(source, layout):
     assert abs(other[1]["loss"] - padded[1]["loss"]) > 1e-5, hparams   # float noise ~1e-7
 
 
-
 # --- packed shared prompts on the splash kernel ----------------------------------------
 @functools.lru_cache(maxsize=None)
 def _splash_shared_step(attention: str):
