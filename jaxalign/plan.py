@@ -80,6 +80,7 @@ from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
 from jaxalign.data import packing, schema
 from jaxalign.models import attention as attention_lib
+from jaxalign.models import context as context_lib
 from jaxalign.errors import PlanError
 from jaxalign.train import build as build_lib
 
@@ -164,7 +165,7 @@ def _make_mesh(config, devs):
         f"config.mesh.shape: {tuple(shape)} over {num_slices} slices needs a 'data' size "
         f"divisible by {num_slices} (data parallelism runs across slices)")
   per_slice = (shape[0] // num_slices, *shape[1:])
-  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devs)
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1, 1), devs)
   return jax.sharding.Mesh(grid, sharding.MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
@@ -368,6 +369,9 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
   tokens = sum(lengths)
   model_flops = flops_lib.model_flops(model_cfg, lengths,
                                       frozen_reference=built.run_spec.frozen_ref)
+  shards = sharding.context_size(mesh)
+  # A chip holds the activations of its batch shard's rows, 1 / context of each.
+  token_shards = sharding.batch_shards(mesh, built.run_spec.rules) * shards
   lora_cfg = built.run_spec.lora_cfg
   out: dict[str, Any] = {
       "target": target, "num_devices": n,
@@ -383,6 +387,8 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
       "scan_layers": model_cfg.scan_layers, "layers": built.run_spec.layers_line,
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
       "computed_tokens_per_step": computed,
+      "context": shards, "context_strategy": context_lib.STRATEGY if shards > 1 else None,
+      "tokens_per_chip": computed // token_shards,
       "packing": (dict(dataclasses.asdict(layout),
                        packed_shape=list(batch["packed_tokens"].shape)) if packed else None),
       "model_flops_per_token": model_flops / tokens, "model_flops_per_step": model_flops,
@@ -456,7 +462,7 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
   out.update(_attention_kernel_part(
       model_cfg, devs[0].platform, lengths, n, chip, frozen_reference=built.run_spec.frozen_ref,
       row_length=(batch["packed_tokens"].shape[-1] if packing.is_packed(batch)
-                  else config.data.max_length)))
+                  else config.data.max_length), context=sharding.context_size(built.mesh)))
   if extrapolated:
     l1, l2 = out["scan_probe_layers"]
     estimate = (f"{estimate}; XLA's costs of the unrolled step extrapolated over {groups} scanned "
@@ -539,24 +545,32 @@ def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg,
 
 
 def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip | None, *,
-                           frozen_reference: bool, row_length: int) -> dict[str, Any]:
+                           frozen_reference: bool, row_length: int,
+                           context: int = 1) -> dict[str, Any]:
   """The attention kernel the step uses and, when XLA cannot see it, its FLOPs and time.
 
   `lengths`: real tokens of each sequence (a packed row's segments attend only
   within themselves, so the kernel's unmasked blocks are those of the sequences);
-  `row_length`: the rows' length, the kernel's shape.
+  `row_length`: the rows' length, the kernel's shape; `context`: the mesh's
+  context size: each chip runs 1 / context of every row's queries, and the busiest
+  contiguous shard sets the time (flops.context_imbalance).
   """
   impl, _ = attention_lib.choose(
-      model_cfg.attention, platform, seq_len=row_length, kv_len=row_length,
+      model_cfg.attention, platform, seq_len=row_length // context,
+      kv_len=row_length // context,
       dtype=model_cfg.dtype, softcap=model_cfg.attn_logit_softcap, decode=False)
   opaque = impl in ("splash", "cudnn") and platform in ("tpu", "gpu")
   kernel = (flops_lib.attention_kernel_flops(
       model_cfg, lengths, frozen_reference=frozen_reference,
       recompute_forward=flops_lib.remat_on(model_cfg)) if opaque else 0.0)
-  kernel_seconds = (kernel / n / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY)
+  windows = {model_cfg.window_of(i) for i in range(model_cfg.n_layers)}
+  imbalance = (1.0 if context_lib.balanced(row_length, context) else
+               max(flops_lib.context_imbalance(context, w, row_length) for w in windows))
+  kernel_seconds = (kernel / n * imbalance / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY)
                     if opaque and chip else None)
   return {"attention": impl, "kernel_flops_per_step": kernel,
-          "kernel_flops_per_device": kernel / n, "kernel_seconds": kernel_seconds}
+          "kernel_flops_per_device": kernel / n, "kernel_seconds": kernel_seconds,
+          "kernel_context_imbalance": imbalance if opaque else None}
 
 
 def _gib(x) -> str:
@@ -580,6 +594,9 @@ def format_plan(p: dict[str, Any]) -> str:
   lines = [
       f"plan: {p['model']} {p['loss']} on {p['target']} ({p['num_devices']} x "
       f"{p['device_kind']}), mesh {mesh}",
+      f"  context {p.get('context', 1)}"
+      + (f": {p['context_strategy']}" if p.get("context_strategy") else " (sequences unsplit)")
+      + f"; {p.get('tokens_per_chip', '-')} tokens per chip",
       f"  params {_num(p['num_params'])} (trainable {_num(p.get('trainable_params'))}"
       + (f": LoRA {p['lora']})" if p.get("lora") else ")")
       + f"   batch {p['batch_shape']} (B, S, T) = "
@@ -635,8 +652,11 @@ def format_plan(p: dict[str, Any]) -> str:
                  f"{_num(p['predicted_tokens_per_second'])} tokens/s"
                  + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
     if p.get("kernel_seconds"):
+      imbalance = p.get("kernel_context_imbalance") or 1.0
       lines.append(f"    = XLA-visible {p['xla_step_seconds'] * 1e3:.1f} ms + attention "
                    f"kernel {p['kernel_seconds'] * 1e3:.1f} ms (roofline at "
-                   f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak)")
+                   f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak"
+                   + (f", x {imbalance:.2f} for the busiest context shard"
+                      if imbalance > 1 else "") + ")")
   lines.append(f"  estimate: {p['estimate']}")
   return "\n".join(lines)

@@ -21,7 +21,7 @@ from tests.reliability.helpers import recipe_arg
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 REAL_SCALE = ("llama3_8b_dpo", "llama3_8b_dpo_8k", "qwen25_7b_bco", "gemma2_9b_ln_dpo",
-              "llama3_70b_dpo")
+              "llama3_70b_dpo", "llama3_8b_dpo_32k", "llama3_8b_dpo_128k")
 
 
 def _load_recipe(name):
@@ -41,7 +41,8 @@ def test_tiny_dpo_on_cpu8_gives_sane_figures():
   c = _tiny_dpo()
   p = plan_lib.plan(c, devices="cpu:8")
   n = config_lib.model_config(c).num_params()
-  assert p["num_devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert p["num_devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "context": 1,
+                                                 "tensor": 1}
   assert p["batch_shape"] == [8, 2, 64] and p["tokens_per_step"] == 8 * 2 * 64
   assert p["memory_total"] > 0 and p["memory_arguments"] > 0 and p["memory_temporaries"] > 0
   assert p["flops_per_device"] > 0 and p["flops_per_step"] == p["flops_per_device"] * 8
@@ -345,7 +346,8 @@ def test_multislice_topology_puts_data_across_slices():
   c = _tiny_dpo()
   c.mesh.shape = (2, -1, 1)
   p = plan_lib.plan(c, topology="2xv5e:2x2")
-  assert p["num_devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert p["num_devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 4, "context": 1,
+                                                 "tensor": 1}
   assert p["fits"]
   c.mesh.shape = (1, -1, 1)
   with pytest.raises(config_lib.ConfigError, match="slices"):
