@@ -28,7 +28,8 @@ commands:
           (--method continual: two domains, forgetting matrix of DPO / OFS-DPO / COFS-DPO)
   plan    --config configs/X.py (--topology v5p:4x4x4 | --devices cpu:8) [--config.a.b=v ...]
           compile the real step ahead of time: per-device memory, FLOPs, predicted MFU
-          (data.packing: [--pack_sequence_length N] [--pack_fill F], the data assumed)
+          (data.packing: [--pack_sequence_length N] [--pack_fill F]
+           [--pack_prompt_length P] with data.share_prompt, the data assumed)
   export  --checkpoint RUN_DIR --out HF_DIR   write a transformers-loadable model
   generate --checkpoint RUN_DIR --prompts FILE --out FILE [--n N] [--temperature T]
           [--top_k K] [--top_p P] [--max_new_tokens M] [--seed S]   sample completions
@@ -269,6 +270,10 @@ def _plan(argv: list[str]) -> int:
                        flag_values=fv)
   flags.DEFINE_float("pack_fill", 1.0, "data.packing: assumed fraction of real tokens in the "
                      "packed rows.", flag_values=fv)
+  flags.DEFINE_integer("pack_prompt_length", None, "data.packing with data.share_prompt: "
+                       "prompt tokens the plan assumes per example, shared by its sequences "
+                       "(default data.max_prompt_length, at most the sequence length - 1).",
+                       flag_values=fv)
   if cli_support.wants_help(argv):
     print(cli_support.absl_help("jaxalign plan", PLAN_USAGE, fv))
     return 0
@@ -290,7 +295,7 @@ def _plan(argv: list[str]) -> int:
   from jaxalign import plan as plan_lib
 
   try:
-    pack = plan_lib.PackAssumption(fv.pack_sequence_length, fv.pack_fill)
+    pack = plan_lib.PackAssumption(fv.pack_sequence_length, fv.pack_fill, fv.pack_prompt_length)
     result = plan_lib.plan(config, topology=fv.topology, devices=fv.devices, pack=pack)
   except (config_lib.ConfigError, plan_lib.PlanError) as e:
     return _die("plan", str(e))

@@ -35,11 +35,20 @@ Figures (all per device unless named otherwise):
     equal-length sequences can fill). Model FLOPs, tokens_per_step, tokens/s
     and MFU then count the real tokens only (B * S * sequence_length, each
     sequence's own causal attention); computed_tokens_per_step = G * R * L.
+    With data.share_prompt too, the rows hold units -- an example's prompt once,
+    then its responses (packing.shared_units) -- as the run packs them: every
+    example's prompt is assumed `prompt_length` real tokens (default
+    data.max_prompt_length, at most sequence_length - 1), R is what first-fit
+    packing of those units needs (at `fill`), and the batch carries the packed
+    shared-prompt columns (part ids, first-token columns). Model FLOPs and
+    tokens_per_step still count every sequence with its prompt, as the run's
+    perf/ metrics do (the layout saves computed tokens, not model FLOPs).
   attention kernel: a fused kernel (splash on TPU, cudnn on GPU) is opaque to
     XLA's cost analysis, which then counts none of its FLOPs or time. When the
     step uses one, its FLOPs are counted analytically
     (jaxalign.flops.attention_kernel_flops: masked blocks skipped, backward
-    2.5 x forward) and its time estimated as a roofline at
+    2.5 x forward; packed shared prompts on splash: two kernel passes over
+    each unit, jaxalign.models.splash_parts) and its time estimated as a roofline at
     flops.KERNEL_EFFICIENCY of the chip's peak; both are reported apart from
     the XLA-visible figures and the time is added to the step's.
   predicted step time / MFU: XLA's own time estimate when the cost analysis
@@ -74,6 +83,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxalign import config as config_lib
 from jaxalign import flops as flops_lib
@@ -178,9 +188,13 @@ class PackAssumption:
     sequence_length: real tokens of every sequence; None: data.max_length
       (the largest bucket: one sequence per row).
     fill: real tokens / row tokens of the rows a step uses, in (0, 1].
+    prompt_length: with data.share_prompt, real prompt tokens of every example
+      (shared by its sequences); None: data.max_prompt_length, at most
+      sequence_length - 1.
   """
   sequence_length: int | None = None
   fill: float = 1.0
+  prompt_length: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +206,8 @@ class PackedShape:
   sequence_length: int
   fill: float
   largest_bucket: int       # B_g * S
+  prompt_length: int | None = None     # shared prompts: every example's prompt tokens
+  unit_lengths: tuple[int, ...] = ()   # shared prompts: one example's units, in tokens
 
 
 def packed_shape(config: ml_collections.ConfigDict, batch_sharding,
@@ -216,9 +232,30 @@ def packed_shape(config: ml_collections.ConfigDict, batch_sharding,
   if not 0 < assume.fill <= 1:
     raise PlanError(f"packed plan: fill {assume.fill} must be in (0, 1]")
   full = B // G * S
+  if config.data.get("share_prompt", False):
+    return _shared_shape(config, assume, G=G, S=S, L=L, m=m, full=full)
   rows = max(math.ceil(full * m / (L * assume.fill)), math.ceil(full / (L // m)))
   return PackedShape(groups=G, rows=min(rows, full), row_length=L, sequence_length=m,
                      fill=assume.fill, largest_bucket=full)
+
+
+def _shared_shape(config, assume: PackAssumption, *, G: int, S: int, L: int, m: int,
+                  full: int) -> PackedShape:
+  """packed_shape with data.share_prompt: rows of units, as the run's packer lays them."""
+  p = (min(config.data.max_prompt_length, m - 1) if assume.prompt_length is None
+       else int(assume.prompt_length))
+  if not 0 < p < m:
+    raise PlanError(f"packed shared plan: prompt_length {p} must be in [1, sequence_length "
+                    f"{m}) (every response holds a token)")
+  per = full // S
+  lengths = np.full((per, S), m, np.int64)
+  prompts = np.full((per,), p, np.int64)
+  units = [u[2] for u in packing.shared_units(lengths[:1], prompts[:1], L)]
+  rows = max(packing.rows_needed(lengths, 1, L, prompts),
+             math.ceil(per * sum(units) / (L * assume.fill)))
+  return PackedShape(groups=G, rows=min(rows, full), row_length=L, sequence_length=m,
+                     fill=assume.fill, largest_bucket=full, prompt_length=p,
+                     unit_lengths=tuple(units))
 
 
 def _group_size(spec, config) -> int | None:
@@ -251,6 +288,7 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_sharding,
       group_size=_group_size(spec, config),
       ref_logps=spec.needs_ref and config.reference.mode == "precompute",
       extra=spec.prepared_columns if spec.prepare else None, packed=packed,
+      packed_shared=packed is not None and config.data.get("share_prompt", False),
       sharding=batch_sharding)
 
 
@@ -330,8 +368,10 @@ def plan(config: ml_collections.ConfigDict, *, topology: str | None = None,
     scan_probe_compile_seconds; error (the compiler's message when it did not fit);
     with data.packing, packing (the planned layout and its assumption) and
     computed_tokens_per_step (tokens_per_step and the model FLOPs: real tokens);
-    share_prompt_planned: False when data.share_prompt is on (planned without
-    it: every sequence with its own prompt), else None.
+    share_prompt_planned: with data.share_prompt, True when planned as it runs
+    (with data.packing: rows of units) and False when not (without packing the
+    KV-cached shared layout is planned as padded sequences, each with its own
+    prompt); None without data.share_prompt.
 
   Raises:
     PlanError: libtpu missing, bad topology, too few local devices.
@@ -356,6 +396,7 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
   """(plan's figures known before compiling, the real tokens of each sequence)."""
   model_cfg, mesh, n = built.run_spec.model_cfg, built.mesh, len(devs)
   packed = packing.is_packed(batch)
+  share = config.data.get("share_prompt", False)
   if packed:
     B, S = batch["packed_lengths"].shape
     T = config.data.max_length
@@ -393,9 +434,10 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
                        packed_shape=list(batch["packed_tokens"].shape)) if packed else None),
       "model_flops_per_token": model_flops / tokens, "model_flops_per_step": model_flops,
       "hbm_bytes": chip.hbm_bytes if chip else None,
-      # The shared layout's shapes follow each batch's prompts, which a plan never
-      # sees: it plans each sequence with its own prompt (more tokens, an upper bound).
-      "share_prompt_planned": False if config.data.get("share_prompt", False) else None,
+      # Packed: rows of units under the stated assumption. The unpacked shared
+      # layout's shapes follow each batch's prompts, which a plan never sees: it
+      # plans each sequence with its own prompt (more tokens, an upper bound).
+      "share_prompt_planned": (packed if share else None),
   }
   return out, lengths
 
@@ -459,8 +501,15 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
   out.update(flops_per_device=flops, flops_per_step=flops * n,
              bytes_accessed_per_device=bytes_accessed)
   seconds, estimate = _xla_seconds(cost, chip, flops, bytes_accessed)
+  kernel_lengths, passes = lengths, 1
+  if packing.is_packed_shared(batch):
+    # The kernel runs over units (a prompt once, then its responses).
+    layout = packed_shape(config, built.batch_sharding, pack)
+    kernel_lengths = list(layout.unit_lengths) * batch["packed_lengths"].shape[0]   # x B
+    passes = 2
   out.update(_attention_kernel_part(
-      model_cfg, devs[0].platform, lengths, n, chip, frozen_reference=built.run_spec.frozen_ref,
+      model_cfg, devs[0].platform, kernel_lengths, n, chip,
+      frozen_reference=built.run_spec.frozen_ref, passes=passes,
       row_length=(batch["packed_tokens"].shape[-1] if packing.is_packed(batch)
                   else config.data.max_length), context=sharding.context_size(built.mesh)))
   if extrapolated:
@@ -546,21 +595,25 @@ def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg,
 
 def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip | None, *,
                            frozen_reference: bool, row_length: int,
-                           context: int = 1) -> dict[str, Any]:
+                           passes: int = 1, context: int = 1) -> dict[str, Any]:
   """The attention kernel the step uses and, when XLA cannot see it, its FLOPs and time.
 
   `lengths`: real tokens of each sequence (a packed row's segments attend only
-  within themselves, so the kernel's unmasked blocks are those of the sequences);
-  `row_length`: the rows' length, the kernel's shape; `context`: the mesh's
-  context size: each chip runs 1 / context of every row's queries, and the busiest
-  contiguous shard sets the time (flops.context_imbalance).
+  within themselves, so the kernel's unmasked blocks are those of the sequences),
+  or of each unit of packed shared prompts; `row_length`: the rows' length, the
+  kernel's shape; `passes`: splash calls over them (2: the shared-prompt cascade,
+  jaxalign.models.splash_parts; cuDNN takes part ids in its one call's mask);
+  `context`: the mesh's context size: each chip runs 1 / context of every row's
+  queries; in contiguous shards (no load-balanced order) the busiest one sets
+  the time (flops.context_imbalance).
   """
   impl, _ = attention_lib.choose(
       model_cfg.attention, platform, seq_len=row_length // context,
       kv_len=row_length // context,
       dtype=model_cfg.dtype, softcap=model_cfg.attn_logit_softcap, decode=False)
   opaque = impl in ("splash", "cudnn") and platform in ("tpu", "gpu")
-  kernel = (flops_lib.attention_kernel_flops(
+  passes = passes if impl == "splash" else 1
+  kernel = (passes * flops_lib.attention_kernel_flops(
       model_cfg, lengths, frozen_reference=frozen_reference,
       recompute_forward=flops_lib.remat_on(model_cfg)) if opaque else 0.0)
   windows = {model_cfg.window_of(i) for i in range(model_cfg.n_layers)}
@@ -612,12 +665,18 @@ def format_plan(p: dict[str, Any]) -> str:
   ]
   if p.get("packing"):
     k = p["packing"]
-    lines.append(f"  packing assumed: every sequence {k['sequence_length']} real tokens, rows "
-                 f"{100 * k['fill']:.0f}% full -> {k['rows']} of at most {k['largest_bucket']} "
-                 f"rows per group; model FLOPs, tokens/s and MFU count real tokens")
+    lines.append(f"  packing assumed: every sequence {k['sequence_length']} real tokens"
+                 + (f" of which a {k['prompt_length']}-token prompt shared by the example's "
+                    f"sequences (units of {'+'.join(map(str, k['unit_lengths']))} tokens)"
+                    if k.get("prompt_length") else "")
+                 + f", rows {100 * k['fill']:.0f}% full -> {k['rows']} of at most "
+                 f"{k['largest_bucket']} rows per group; model FLOPs, tokens/s and MFU count "
+                 f"real tokens" + (" (each sequence with its prompt)"
+                                   if k.get("prompt_length") else ""))
   if p.get("share_prompt_planned") is False:
-    lines.append("  data.share_prompt is not planned: every sequence is planned with its "
-                 "own prompt (more tokens than the run computes: an upper bound)")
+    lines.append("  data.share_prompt is not planned without data.packing: every sequence is "
+                 "planned with its own prompt (more tokens than the run computes: an upper "
+                 "bound)")
   if p.get("error"):
     lines.append(f"  DOES NOT FIT: {p['error']}")
     return "\n".join(lines)

@@ -111,10 +111,14 @@ def test_a_logical_axis_without_a_rule_is_named(tmp_path, capsys):
 
 
 def test_plan_prints_memory_and_flops_for_cpu8(capsys):
-  status = cli.main(["plan", f"--config={CONFIG}", "--devices=cpu:8"])
+  # Packed shared prompts, the data assumed given by flags (jaxalign.plan.PackAssumption).
+  status = cli.main(["plan", f"--config={CONFIG}", "--devices=cpu:8",
+                     "--config.data.packing=True", "--config.data.share_prompt=True",
+                     "--pack_sequence_length=10", "--pack_prompt_length=4"])
   out = capsys.readouterr().out
   assert status == 0
   assert "memory per device" in out and "fits: True" in out and "FLOPs per step" in out
+  assert "every sequence 10 real tokens of which a 4-token prompt shared" in out
 
 
 def test_export_writes_a_transformers_loadable_model(tmp_path, capsys):

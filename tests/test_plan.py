@@ -6,6 +6,7 @@ compiled for the slice it names in TOPOLOGY and must fit in its HBM.
 """
 
 import importlib.util
+import logging
 import pathlib
 import sys
 
@@ -168,39 +169,57 @@ def _fsdp8_sharding():
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
 
-def _packed_tiny(sequence_length):
+def _packed_tiny(sequence_length, prompt_length=None):
   """The tiny DPO plan with data.packing, and 8 tokenized examples whose every
-  sequence holds `sequence_length` real tokens (the plan's assumption made true)."""
+  sequence holds `sequence_length` real tokens (the plan's assumption made true);
+  with `prompt_length`, data.share_prompt too and every example's two sequences
+  open with the same prompt of that many tokens."""
   c = _tiny_dpo()
   c.data.packing = True
   T, P = c.data.max_length, c.data.max_prompt_length
+  if prompt_length is not None:
+    c.data.share_prompt, P = True, prompt_length
   pos = np.arange(T)
   attention = np.broadcast_to(pos < sequence_length, (2, T)).astype(np.int32)
-  examples = [{"tokens": (np.arange(2 * T).reshape(2, T) % 30 + 2).astype(np.int32) * attention,
+  tokens = (np.arange(2 * T).reshape(2, T) % 30 + 2).astype(np.int32)
+  if prompt_length is not None:
+    tokens[1, :prompt_length] = tokens[0, :prompt_length]
+  examples = [{"tokens": tokens * attention,
                "attention_mask": attention,
                "loss_mask": (attention * (pos >= min(P, sequence_length - 1))).astype(np.int32),
                "ref_logps": np.full((2,), -3.0, np.float32)} for _ in range(8)]
   return c, examples
 
 
-@pytest.mark.parametrize("sequence_length", [20, 64])
-def test_packed_abstract_batch_is_what_the_packer_produces(sequence_length):
+@pytest.mark.parametrize("sequence_length,prompt_length,rows", [
+    (20, None, 1), (64, None, 2),
+    # Shared prompts: one unit of 8 + 12 + 12 tokens; 8 + 32 + 32 > 64 splits into two
+    # units of 40 (each with the prompt); 64-token sequences leave nothing to share.
+    (20, 8, 1), (40, 8, 2), (64, 32, 2)])
+def test_packed_abstract_batch_is_what_the_packer_produces(sequence_length, prompt_length,
+                                                           rows):
   """Shapes and dtypes of the planned packed batch == jaxalign.data.packing's output
-  for data meeting the assumption (64 = max_length: the largest bucket)."""
+  for data meeting the assumption (64 = max_length: the largest bucket), with and
+  without data.share_prompt (rows of units, the packed shared-prompt columns)."""
   sharding = _fsdp8_sharding()
-  c, examples = _packed_tiny(sequence_length)
-  assume = plan_lib.PackAssumption(sequence_length=sequence_length)
+  c, examples = _packed_tiny(sequence_length, prompt_length)
+  assume = plan_lib.PackAssumption(sequence_length=sequence_length,
+                                   prompt_length=prompt_length)
   planned = plan_lib.abstract_batch(c, sharding, assume)
   # The run's packer: one group per batch shard (8 on this mesh), buckets fitted to the data.
-  _, pack = packing.make_packer(packing.length_sample(examples, seed=0), process_batch=8, num_groups=8, global_groups=8,
-                                row_length=c.data.max_length, num_buckets=3, seed=0, pad_id=0)
+  prompts = None if prompt_length is None else packing.example_prompt_lengths(examples)
+  _, pack = packing.make_packer(packing.length_sample(examples, seed=0), process_batch=8,
+                                num_groups=8, global_groups=8,
+                                row_length=c.data.max_length, num_buckets=3, seed=0, pad_id=0,
+                                prompts=prompts)
   real = pack({k: np.stack([e[k] for e in examples]) for k in examples[0]})
+  assert packing.is_packed_shared(real) == (prompt_length is not None)
   assert set(planned) == set(real)
   for k, v in real.items():
     assert (planned[k].shape, planned[k].dtype) == (v.shape, v.dtype), k
   assert planned["packed_tokens"].sharding == sharding
   # 2 sequences of 20 tokens share a 64-token row; of 64, one each (B_g * S = 2 rows).
-  assert planned["packed_tokens"].shape == (8, 1 if sequence_length == 20 else 2, 64)
+  assert planned["packed_tokens"].shape == (8, rows, 64)
 
 
 def test_packed_plan_counts_real_tokens():
@@ -212,7 +231,7 @@ def test_packed_plan_counts_real_tokens():
   assert p["packing"]["rows"] == 1 and p["packing"]["largest_bucket"] == 2
   assert p["fits"] and p["memory_total"] > 0
   assert "real tokens/step packed into [8, 1, 64]" in plan_lib.format_plan(p)
-  # data.share_prompt is planned without sharing, and the table says so.
+  # Without packing, data.share_prompt is planned without sharing, and the table says so.
   assert p["share_prompt_planned"] is None
   assert "data.share_prompt is not planned" not in plan_lib.format_plan(p)
   assert "data.share_prompt is not planned" in plan_lib.format_plan(
@@ -222,6 +241,26 @@ def test_packed_plan_counts_real_tokens():
       c, _fsdp8_sharding(), plan_lib.PackAssumption(20, fill=0.5)).rows == 2
   with pytest.raises(plan_lib.PlanError, match="sequence_length"):
     plan_lib.packed_shape(c, _fsdp8_sharding(), plan_lib.PackAssumption(65))
+
+
+def test_packed_shared_prompt_plan_is_planned_as_it_runs():
+  """data.packing + data.share_prompt: rows of units (one 8-token prompt, two 12-token
+  responses: 32 tokens per example) instead of one row per 20-token sequence; the
+  run's token and model-FLOP counts (each sequence with its prompt)."""
+  c, _ = _packed_tiny(20, prompt_length=8)
+  p = plan_lib.plan(c, devices="cpu:8",
+                    pack=plan_lib.PackAssumption(sequence_length=20, prompt_length=8))
+  assert p["share_prompt_planned"] is True and p["fits"]
+  assert p["packing"]["prompt_length"] == 8 and p["packing"]["unit_lengths"] == (32,)
+  assert p["packing"]["packed_shape"] == [8, 1, 64] and p["computed_tokens_per_step"] == 512
+  assert p["tokens_per_step"] == 8 * 2 * 20
+  assert p["model_flops_per_step"] == flops_lib.model_flops(config_lib.model_config(c),
+                                                            [20] * 16)
+  table = plan_lib.format_plan(p)
+  assert "8-token prompt shared" in table and "is not planned" not in table
+  # A prompt that leaves a response no token is refused, naming the assumption.
+  with pytest.raises(plan_lib.PlanError, match="prompt_length"):
+    plan_lib.packed_shape(c, _fsdp8_sharding(), plan_lib.PackAssumption(20, prompt_length=20))
 
 
 # --- TPU: compiled for abstract TPU devices; needs libtpu, not a TPU. ---
@@ -338,6 +377,31 @@ def test_bf16_splash_step_compiles_at_any_process_matmul_precision(precision):
   with jax.default_matmul_precision(precision):
     p = plan_lib.plan(c, topology="v5p:2x2x2", scan_estimate=False)
   assert p["fits"] and p["attention"] == "splash"
+
+
+@pytest.mark.tpu
+def test_packed_shared_prompt_splash_step_compiles_for_a_tpu_slice_without_fallback(caplog):
+  """Packed + shared-prompt rows run on the splash kernel (two passes merged by their
+  log-sum-exps, jaxalign.models.splash_parts): no "using xla" line, and its kernel
+  FLOPs counted twice over the units."""
+  pytest.importorskip("libtpu")
+  c, _ = _packed_tiny(100, prompt_length=40)
+  c.model.attention = "splash"
+  c.model.scan_layers = False
+  c.model.overrides = c.model.overrides.__class__(
+      dict(max_seq_len=128, dtype="bfloat16", param_dtype="float32"))
+  c.data.max_length = 128
+  pack = plan_lib.PackAssumption(sequence_length=100, prompt_length=40)
+  with caplog.at_level(logging.WARNING, logger="jaxalign"):
+    p = plan_lib.plan(c, topology="v5p:2x2x2", pack=pack)
+  assert not [r for r in caplog.records if "using xla" in r.getMessage()]
+  assert p["fits"] and p["attention"] == "splash" and p["share_prompt_planned"] is True
+  # One unit of 40 + 60 + 60 = 160 tokens > 128: two units of 100, one row each.
+  assert p["packing"]["unit_lengths"] == (100, 100)
+  assert p["packing"]["packed_shape"] == [8, 2, 128]
+  cfg = config_lib.model_config(c)
+  assert p["kernel_flops_per_step"] == pytest.approx(2 * flops_lib.attention_kernel_flops(
+      cfg, [100] * 16, recompute_forward=flops_lib.remat_on(cfg)))
 
 
 @pytest.mark.tpu

@@ -173,7 +173,7 @@ def get(name: str) -> Format:
 def abstract_batch(fmt: str, *, batch_size: int, max_length: int,
                    group_size: int | None = None, ref_logps: bool = False,
                    extra: dict[str, tuple[tuple[int, ...], Any]] | None = None,
-                   packed: tuple[int, int, int] | None = None,
+                   packed: tuple[int, int, int] | None = None, packed_shared: bool = False,
                    sharding=None) -> dict[str, Any]:
   """A global batch of format `fmt` as jax.ShapeDtypeStructs (no data).
 
@@ -184,6 +184,8 @@ def abstract_batch(fmt: str, *, batch_size: int, max_length: int,
     extra: more columns, name -> (per-example shape, dtype) (a loss's prepared ones).
     packed: (G groups, R rows, L row length): the packed layout ([G, R, L] packed_*
       columns and packed_lengths [B, S]) in place of tokens/attention_mask/loss_mask.
+    packed_shared: with `packed`, the packed shared-prompt columns too
+      (packed_part_ids [G, R, L], packed_first_* [G, B / G * S]).
     sharding: every array's sharding (None: none).
 
   Returns:
@@ -199,6 +201,11 @@ def abstract_batch(fmt: str, *, batch_size: int, max_length: int,
   if packed is not None:
     batch = {k: struct(packed, np.int32) for k in packing.PACKED_KEYS if k != "packed_lengths"}
     batch["packed_lengths"] = struct((B, S), np.int32)
+    if packed_shared:
+      G = packed[0]
+      batch["packed_part_ids"] = struct(packed, np.int32)
+      for k in ("packed_first_index", "packed_first_token", "packed_first_loss"):
+        batch[k] = struct((G, B // G * S), np.int32)
   else:
     batch = {k: struct((B, S, max_length), np.int32) for k in packing.SEQUENCE_COLUMNS}
   for c in f.columns:

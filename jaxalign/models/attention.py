@@ -29,14 +29,18 @@ Implementations (`model.attention`):
           key padding is expressed through segment ids: a padding token gets
           segment id -1, a real token its segment (0 without packing), so real
           queries never see padding keys, and a padding query sees at least
-          itself (no empty softmax row). Off TPU it runs the same kernel in
-          Pallas interpret mode (slow; for tests).
+          itself (no empty softmax row). Part ids (packed shared prompts) run
+          as a cascade of two splash passes merged by their log-sum-exps
+          (jaxalign.models.splash_parts): every token within its own part,
+          then response queries over their segment's prompt keys; exact
+          gradients, about twice the kernel's attention FLOPs, O(T) memory.
+          Off TPU it runs the same kernel in Pallas interpret mode (slow; for
+          tests).
   auto    splash on TPU, cudnn on GPU, xla elsewhere.
 A call a kernel cannot serve (decode with a KV cache, soft-capping or float32
 on cuDNN, a sequence length that is not a multiple of splash's 128-token
-block, part ids on splash, whose static block masks cannot express them)
-falls back to xla, with one logged line per reason. cuDNN takes part ids in
-its boolean mask, as it takes segment ids.
+block) falls back to xla, with one logged line per reason. cuDNN takes part
+ids in its boolean mask, as it takes segment ids.
 """
 from __future__ import annotations
 
@@ -98,9 +102,6 @@ def choose(name: str, platform: str, *, seq_len: int, kv_len: int, dtype,
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       return "xla", f"cudnn needs bfloat16/float16 inputs, got {jnp.dtype(dtype).name}"
     return "cudnn", None
-  if parts:
-    return "xla", ("splash cannot express the packed shared-prompt mask (part ids: "
-                   "data.packing with data.share_prompt)")
   if seq_len != kv_len or seq_len % SPLASH_BLOCK:
     return "xla", (f"splash needs query and key lengths equal and a multiple of "
                    f"{SPLASH_BLOCK}, got {seq_len} and {kv_len}")
@@ -155,8 +156,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   if impl == "cudnn":
     return _cudnn(q, k, v, part_ids=part_ids, **kwargs)
-  if impl == "splash":   # choose() never sends part ids here
-    return _splash(q, k, v, **kwargs)
+  if impl == "splash":
+    return _splash(q, k, v, part_ids=part_ids, **kwargs)
   return _xla(q, k, v, q_offset=0 if q_offset is None else q_offset, part_ids=part_ids,
               **kwargs)
 
@@ -230,7 +231,7 @@ def _mesh_split(mesh, axes: tuple[str, ...], size: int) -> tuple[str, ...]:
 
 
 def _splash_kernel(heads: int, seq_len: int, window: int | None, softcap: float | None,
-                   interpret: bool):
+                   interpret: bool, save_residuals: bool = False):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   shape = (seq_len, seq_len)
@@ -242,7 +243,7 @@ def _splash_kernel(heads: int, seq_len: int, window: int | None, softcap: float 
                         block_q_dq=block, block_kv_dq=block)
   return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes,
                             head_shards=1, q_seq_shards=1, attn_logits_soft_cap=softcap,
-                            interpret=interpret)
+                            save_residuals=save_residuals, interpret=interpret)
 
 
 def _traced_at(fn, precision):
@@ -279,8 +280,10 @@ def _kernel_precision(dtype) -> str | None:
   return "default"
 
 
-def _splash(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segment_ids):
+def _splash(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segment_ids,
+            part_ids=None):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jaxalign.models import splash_parts
   B, T, H, _ = q.shape
   KV = k.shape[2]
   seg = (jnp.zeros((B, T), jnp.int32) if q_segment_ids is None
@@ -291,21 +294,28 @@ def _splash(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segm
     seg = jnp.where(key_mask.astype(bool), seg, -1)
   interpret = current_platform() != "tpu"
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)   # the kernel has no scale
+  parts = part_ids is not None
 
-  def local(q, k, v, seg, kv_seg):
-    kernel = _splash_kernel(q.shape[2], T, window, softcap, interpret)
+  def local(q, k, v, seg, kv_seg, *part):
+    kernel = _splash_kernel(q.shape[2], T, window, softcap, interpret, save_residuals=parts)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)           # [b, T, h, Dh] -> [b, h, T, Dh]
-    run = jax.vmap(lambda q, k, v, s, ks: kernel(q, k, v, sk.SegmentIds(q=s, kv=ks)))
+    if parts:   # self-attention: one part id per slot, queries and keys alike
+      run = jax.vmap(lambda q, k, v, s, ks, p: splash_parts.shared_prompt_attention(
+          kernel, q, k, v, s, ks, p))
+    else:
+      run = jax.vmap(lambda q, k, v, s, ks: kernel(q, k, v, sk.SegmentIds(q=s, kv=ks)))
     out = _traced_at(run, _kernel_precision(q.dtype))(
-        heads_first(q), heads_first(k), heads_first(v), seg, kv_seg)
+        heads_first(q), heads_first(k), heads_first(v), seg, kv_seg, *part)
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
+  extra = (part_ids.astype(jnp.int32),) if parts else ()
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return local(q, k, v, seg, kv_seg)
+    return local(q, k, v, seg, kv_seg, *extra)
   P = jax.sharding.PartitionSpec
   batch = _mesh_split(mesh, BATCH_MESH_AXES, B) or None
   heads = _mesh_split(mesh, HEAD_MESH_AXES, KV) or None
   qkv_spec, seg_spec = P(batch, None, heads, None), P(batch, None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2,
-                       out_specs=qkv_spec, check_vma=False)(q, k, v, seg, kv_seg)
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(qkv_spec,) * 3 + (seg_spec,) * (2 + len(extra)),
+                       out_specs=qkv_spec, check_vma=False)(q, k, v, seg, kv_seg, *extra)

@@ -388,13 +388,11 @@ def test_packed_shared_buckets_fit_units():
   assert need <= (B // 8) * S   # the largest bucket (one response per row) always fits
 
 
-def test_splash_falls_back_to_xla_for_part_ids():
+def test_part_ids_run_on_splash_and_cudnn():
   from jaxalign.models import attention
-  impl, reason = attention.choose("splash", "tpu", seq_len=256, kv_len=256,
-                                  dtype="bfloat16", softcap=None, decode=False, parts=True)
-  assert impl == "xla" and "share_prompt" in reason
-  assert attention.choose("cudnn", "gpu", seq_len=256, kv_len=256, dtype="bfloat16",
-                          softcap=None, decode=False, parts=True) == ("cudnn", None)
+  for impl, platform in (("splash", "tpu"), ("cudnn", "gpu")):
+    assert attention.choose(impl, platform, seq_len=256, kv_len=256, dtype="bfloat16",
+                            softcap=None, decode=False, parts=True) == (impl, None)
 
 
 # --- per-sequence loss columns (LD-DPO's tail_logps, WPO's wpo_logps) -------------------
@@ -500,3 +498,52 @@ def test_column_losses_train_step_equals_padded_step(source, layout, hparams):
   # The columns change the step: it differs from plain DPO's.
   plain = _step_values(source, "padded", (("beta", 0.1),), gaps=True)
   assert abs(plain[1]["loss"] - padded[1]["loss"]) > 1e-4
+
+
+# --- packed shared prompts on the splash kernel ----------------------------------------
+@functools.lru_cache(maxsize=None)
+def _splash_shared_step(attention: str):
+  """(new params, metrics) of one jitted DPO step (SGD(1), precomputed reference) of a
+  1-layer model on one device, on 6 examples packed as shared-prompt units into rows
+  of 128 tokens (the splash kernel's block), with `attention` "xla" or "splash"
+  (Pallas interpret mode on CPU)."""
+  t = 128
+  built, state = built_state(tiny_config(**{
+      "model.attention": attention, "model.overrides.max_seq_len": t,
+      "data.max_length": t, "data.max_prompt_length": 64, "data.batch_size": 6,
+      "mesh.shape": (1, 1, 1), "reference.mode": "precompute"}), jax.devices()[:1])
+  rng = np.random.default_rng(8)
+  tokens = np.zeros((6, 2, t), np.int32)
+  attention_mask, loss_mask = np.zeros_like(tokens), np.zeros_like(tokens)
+  for i in range(6):
+    p = int(rng.integers(5, 40))
+    prompt = rng.integers(4, VOCAB, size=p)
+    for j in range(2):
+      m = int(rng.integers(3, 60))
+      tokens[i, j, :p], tokens[i, j, p:p + m] = prompt, rng.integers(4, VOCAB, size=m)
+      attention_mask[i, j, :p + m], loss_mask[i, j, p:p + m] = 1, 1
+  padded = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "ref_logps": rng.normal(-40, 5, size=(6, 2)).astype(np.float32)}
+  host = packing.pack_shared_batch(padded, packing.PackSpec(num_groups=1, row_length=t,
+                                                            buckets=tuple(range(1, 13))))
+  assert host["packed_tokens"].shape[1] < 12      # several units share a row
+  tx = optax.sgd(1.0)
+  state = state.replace(opt_state=tx.init(state.params))
+  mesh, rules = built.mesh, built.run_spec.rules
+  fn = step_lib.jit_train_step(
+      graphdef=built.graphdef, tx=tx, schedule=optax.constant_schedule(1.0),
+      loss_call=step_lib.make_loss_call(losses.get("dpo"), {"beta": 0.1}),
+      chunk_size=16, accum_steps=1, skip_nonfinite=False,
+      state_shardings=jax.tree.map(lambda x: x.sharding, state),
+      batch_sharding=sharding.batch_sharding(mesh, rules),
+      replicated=sharding.replicated(mesh))
+  with jax.set_mesh(mesh):
+    new, metrics = fn(state, sharding.host_to_global(host, sharding.batch_sharding(mesh, rules)))
+  return jax.device_get((new.params, metrics))
+
+
+def test_packed_shared_splash_step_equals_xla_step():
+  """The packed + shared-prompt train step on the splash kernel (two passes merged by
+  their log-sum-exps, jaxalign.models.splash_parts) == the same step on the XLA
+  reference: loss, every metric, the SGD(1) update (= the gradients)."""
+  _assert_steps_equal(_splash_shared_step("xla"), _splash_shared_step("splash"))

@@ -169,6 +169,56 @@ def test_splash_under_a_mesh_shards_batch_and_heads():
   np.testing.assert_allclose(np.where(keep, out, 0), np.where(keep, ref, 0), atol=1e-5)
 
 
+def _shared_layout(rows, T):
+  """(segment ids, part ids, real mask) [len(rows), T] of packed shared-prompt rows, each
+  a list of units (prompt tokens, response tokens...), the rest padding (as
+  jaxalign.data.packing.pack_shared_batch lays them: padding its own segment, part 0)."""
+  seg, part = np.zeros((len(rows), T), np.int32), np.zeros((len(rows), T), np.int32)
+  real = np.zeros((len(rows), T), bool)
+  for b, units in enumerate(rows):
+    at = 0
+    for u, (prompt, *responses) in enumerate(units):
+      for r, n in enumerate((prompt, *responses)):
+        seg[b, at:at + n], part[b, at:at + n] = u, r
+        at += n
+    seg[b, at:], real[b, :at] = len(units), True
+  return jnp.asarray(seg), jnp.asarray(part), jnp.asarray(real)
+
+
+SHARED_CASES = {   # name: (T, H, KV, softcap, window, rows of units (prompt, responses...))
+    # Several units per row, units and parts across the 128-token block edge, padding.
+    "gqa_packed_padded": (256, 4, 2, None, None,
+                          [[(40, 30, 50), (60, 20, 26)], [(100, 90, 66)]]),
+    "mqa_window_softcap": (128, 4, 1, 5.0, 24, [[(30, 10, 40, 20)], [(7, 3), (50, 60)]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_CASES))
+def test_shared_prompt_splash_matches_xla_values_and_gradients(name):
+  """Packed shared prompts on splash (two kernel passes merged by log-sum-exp, a custom
+  VJP through the kernel's backward) == the XLA reference, values and q/k/v gradients,
+  under a mesh (shard_map over batch and heads). Prompt keys get every response's
+  gradient: dk, dv on prompt tokens are compared too."""
+  T, H, KV, softcap, window, rows = SHARED_CASES[name]
+  seg, part, real = _shared_layout(rows, T)
+  q, k, v = _inputs(len(rows), T, H, KV, 16, seed=11)
+  kw = dict(scale=0.25, softcap=softcap, window=window, key_mask=real, q_segment_ids=seg,
+            kv_segment_ids=seg, part_ids=part)
+  w = jax.random.normal(jax.random.key(12), q.shape) * real[..., None, None]
+  ref_val, ref_grads = _value_and_grads("xla", q, k, v, w, **kw)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    val, grads = _value_and_grads("splash", q, k, v, w, **kw)
+    # The kernel runs (no fallback to xla).
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: attn.attention(
+        q, k, v, implementation="splash", **kw))(q, k, v))
+  assert "pallas_call" in jaxpr
+  np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=2e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_matches_xla_values_and_gradients():
   B, T, H, KV, Dh = 2, 256, 8, 2, 64
@@ -197,6 +247,9 @@ def test_auto_resolution_and_fallbacks_with_one_logged_line(caplog):
   assert attn.choose("cudnn", "gpu", **{**common, "dtype": jnp.float32})[0] == "xla"
   assert attn.choose("splash", "tpu", **{**common, "seq_len": 200, "kv_len": 200})[0] == "xla"
   assert attn.choose("splash", "tpu", **{**common, "decode": True})[0] == "xla"
+  # Packed shared prompts (part ids) run on splash, as a two-pass cascade.
+  assert attn.choose("splash", "tpu", **common, parts=True) == ("splash", None)
+  assert attn.choose("auto", "tpu", **common, parts=True) == ("splash", None)
   with pytest.raises(ValueError, match="attention implementation"):
     attn.resolve("flash", "tpu")
   # Explicit splash on a 16-token sequence: xla, one line however often it is traced.
