@@ -33,8 +33,9 @@ padding, packing segment ids, shared-prompt part ids across shard edges, GQA):
           q_seq_shards = c and its mask tables split over "context" (the
           MaxText approach: `SplashAttentionKernel.manual_sharding_spec`), so each
           shard runs its [T/c, T] rows and skips the fully masked blocks.
-Part ids (packed shared prompts) on splash fall back to xla per shard, with
-the one logged line of `attention.choose`.
+Part ids (packed shared prompts) on splash run splash_parts' two-pass cascade
+per shard (own part, then the segment's prompt; merged by log-sum-exp), the
+query side local and the key side gathered.
 
 XLA's reference per shard does every block, balanced or not; splash skips
 the masked blocks, so the order decides its time (`flops.context_imbalance`).
@@ -148,15 +149,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
   if impl == "splash":
     local_heads = H // int(np.prod([mesh.shape[a] for a in heads or ()]))
+    parts = part_ids is not None
     kernel = _splash_kernel(local_heads, T, shards, window, softcap,
-                            attention_lib.current_platform() != "tpu", slots)
+                            attention_lib.current_platform() != "tpu", slots,
+                            save_residuals=parts)
     kernel_spec = kernel.manual_sharding_spec(
         jax.sharding.NamedSharding(mesh, P(None, CONTEXT_AXIS)))
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)   # the kernel has no scale
 
-    def local_splash(kernel, q, k, v, seg, real):
+    def local_splash(kernel, q, k, v, seg, real, *part):
       from jax.experimental.pallas.ops.tpu.splash_attention import (
           splash_attention_kernel as sk)
+      from jaxalign.models import splash_parts
       # Padding is its own segment (-1) on both sides, as attention._splash.
       q_seg = jnp.where(real, seg, -1)
       # The keys in natural order: the kernel's key index is the key's slot, its
@@ -164,15 +168,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       natural = lambda x: jnp.take(gather(x), to_natural, axis=1)
       kv_seg = natural(q_seg)
       heads_first = lambda x: jnp.swapaxes(x, 1, 2)           # [b, t, h, Dh] -> [b, h, t, Dh]
-      run = jax.vmap(lambda q, k, v, s, ks: kernel(q, k, v, sk.SegmentIds(q=s, kv=ks)))
+      if part:   # packed shared prompts: the two-pass cascade (splash_parts), per shard
+        q_part, kv_part = part[0], natural(part[0])
+        num_parts = jnp.max(kv_part) + 1      # the whole sequence's: the same on every shard
+
+        def one(q, k, v, s, ks, qp, kp):
+          own, prompt = splash_parts.shared_prompt_ids(s, qp, ks, kp, num_parts=num_parts)
+          return splash_parts.cascade((kernel, kernel), q, (k, k), (v, v), (own, prompt))
+
+        run = jax.vmap(one)
+        extra = (q_part, kv_part)
+      else:
+        run = jax.vmap(lambda q, k, v, s, ks: kernel(q, k, v, sk.SegmentIds(q=s, kv=ks)))
+        extra = ()
       out = attention_lib._traced_at(run, attention_lib._kernel_precision(q.dtype))(
-          heads_first(q), heads_first(natural(k)), heads_first(natural(v)), q_seg, kv_seg)
+          heads_first(q), heads_first(natural(k)), heads_first(natural(v)), q_seg, kv_seg,
+          *extra)
       return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
+    extra = (part_ids.astype(jnp.int32),) if parts else ()
     return jax.shard_map(
         local_splash, mesh=mesh,
-        in_specs=(kernel_spec, qkv_spec, qkv_spec, qkv_spec, tok_spec, tok_spec),
-        out_specs=qkv_spec, check_vma=False)(kernel, q, k, v, seg, real)
+        in_specs=(kernel_spec,) + (qkv_spec,) * 3 + (tok_spec,) * (2 + len(extra)),
+        out_specs=qkv_spec, check_vma=False)(kernel, q, k, v, seg, real, *extra)
 
   parts = part_ids is not None
   operands = (q, k, v, seg, real) + ((part_ids.astype(jnp.int32),) if parts else ())
@@ -214,7 +232,8 @@ def _xla_masked(q, k, v, allowed, *, scale, softcap):
 
 
 def _splash_kernel(heads: int, seq_len: int, shards: int, window: int | None,
-                   softcap: float | None, interpret: bool, slots: np.ndarray):
+                   softcap: float | None, interpret: bool, slots: np.ndarray,
+                   save_residuals: bool = False):
   """The splash kernel of the whole [seq_len, seq_len] causal (local) mask, its rows
   split into `shards` query shards (each shard's blocks must be whole); row r is the
   query of slot slots[r] (the balanced order), the key columns are slots."""
@@ -232,4 +251,5 @@ def _splash_kernel(heads: int, seq_len: int, shards: int, window: int | None,
                         block_q_dq=block, block_kv_dq=block)
   return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes,
                             head_shards=1, q_seq_shards=shards,
-                            attn_logits_soft_cap=softcap, interpret=interpret)
+                            attn_logits_soft_cap=softcap, save_residuals=save_residuals,
+                            interpret=interpret)

@@ -159,29 +159,32 @@ def test_processes_sharing_batch_shards_feed_the_same_rows():
 def test_context_splash_matches_reference():
   """The splash kernel per context shard (Pallas interpret mode on CPU): 2 shards of
   128 query rows in the load-balanced order, all-gathered keys, segments crossing
-  the shard edges, key padding, GQA == the unsplit XLA reference, values and gradients."""
+  the shard edges, key padding, GQA, and packed shared prompts (part ids: the
+  two-pass cascade of splash_parts per shard) == the unsplit XLA reference, values
+  and gradients."""
   rng = np.random.default_rng(1)
   B, T, H, KV, Dh = 1, 256, 4, 2, 16
   q, k, v = (rng.normal(size=(B, T, n, Dh)).astype(np.float32) for n in (H, KV, KV))
   seg = np.asarray([[0] * 100 + [1] * 90 + [2] * 66], np.int32)
+  parts = np.asarray([[0] * 40 + [1] * 30 + [2] * 30 + [0] * 50 + [1] * 40
+                      + [0] * 10 + [1] * 20 + [2] * 36], np.int32)
   real = np.ones((B, T), bool)
   real[0, -20:] = False
   keep = real[:, :, None, None]
   w = rng.normal(size=q.shape).astype(np.float32) * keep
-  kw = dict(scale=0.25, key_mask=real, q_segment_ids=seg, kv_segment_ids=seg)
-
-  def value(fn, q, k, v):
-    return (w * fn(q, k, v)).sum()
-
-  want = jax.value_and_grad(lambda *a: value(
-      lambda q, k, v: attention_lib.attention(q, k, v, implementation="xla", **kw), *a),
-      (0, 1, 2))(q, k, v)
   b = context.balance
-  with jax.set_mesh(sharding.make_mesh((1, 1, 2, 4))):
-    split = lambda q, k, v: context.unbalance(context.attention(
-        b(q), b(k), b(v), implementation="splash", scale=0.25, key_mask=b(real),
-        q_segment_ids=b(seg), kv_segment_ids=b(seg)))
-    got = jax.jit(jax.value_and_grad(lambda *a: value(split, *a), (0, 1, 2)))(q, k, v)
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
-  for g, r in zip(got[1], want[1]):
-    np.testing.assert_allclose(g, r, atol=2e-4)
+  for part_ids in (None, parts):
+    kw = dict(scale=0.25, key_mask=real, q_segment_ids=seg, kv_segment_ids=seg,
+              part_ids=part_ids)
+    value = lambda fn, q, k, v: (w * fn(q, k, v)).sum()
+    want = jax.value_and_grad(lambda *a: value(
+        lambda q, k, v: attention_lib.attention(q, k, v, implementation="xla", **kw), *a),
+        (0, 1, 2))(q, k, v)
+    with jax.set_mesh(sharding.make_mesh((1, 1, 2, 4))):
+      balanced_kw = {n: (b(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+      split = lambda q, k, v: context.unbalance(context.attention(
+          b(q), b(k), b(v), implementation="splash", **balanced_kw))
+      got = jax.jit(jax.value_and_grad(lambda *a: value(split, *a), (0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
+    for g, r in zip(got[1], want[1]):
+      np.testing.assert_allclose(g, r, atol=2e-4)
