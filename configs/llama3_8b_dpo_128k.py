@@ -8,7 +8,7 @@ so each chip again holds 2 x 8192 tokens. Planned figures: docs/performance.md
 "Long context".
 
   jaxalign plan --config configs/llama3_8b_dpo_128k.py --topology v5p:8x8x4
-  jaxalign train --config configs/llama3_8b_dpo_128k.py --workdir gs://BUCKET/runs/llama3_8b_dpo_128k \\
+  jaxalign train --config configs/llama3_8b_dpo_128k.py --workdir gs://BUCKET/runs/dpo_128k \\
       --config.model.hf_path=meta-llama/Llama-3.1-8B-Instruct
 """
 

@@ -9,7 +9,7 @@ shards, so each chip holds 2 x 8192 tokens, what a chip of the 8k recipe holds.
 Planned figures and the alternatives tried: docs/performance.md "Long context".
 
   jaxalign plan --config configs/llama3_8b_dpo_32k.py --topology v5p:4x4x4
-  jaxalign train --config configs/llama3_8b_dpo_32k.py --workdir gs://BUCKET/runs/llama3_8b_dpo_32k \\
+  jaxalign train --config configs/llama3_8b_dpo_32k.py --workdir gs://BUCKET/runs/dpo_32k \\
       --config.model.hf_path=meta-llama/Llama-3.1-8B-Instruct
 """
 

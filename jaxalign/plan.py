@@ -51,6 +51,14 @@ Figures (all per device unless named otherwise):
     each unit, jaxalign.models.splash_parts) and its time estimated as a roofline at
     flops.KERNEL_EFFICIENCY of the chip's peak; both are reported apart from
     the XLA-visible figures and the time is added to the step's.
+  context parallelism (a mesh context size c > 1, jaxalign/models/context.py):
+    the plan prints c, the attention strategy and the tokens per chip (the
+    computed tokens over batch shards x c). The XLA-visible costs are those of
+    the partitioned program (K/V all-gathers included); the splash kernel's
+    FLOPs are the unsplit count (the shards together skip the same masked
+    blocks), and its time is that of the busiest shard: the mean in the
+    load-balanced order (every shard the same work), (2c - 1) / c times it in
+    contiguous shards (flops.context_imbalance). MFU is over all chips.
   predicted step time / MFU: XLA's own time estimate when the cost analysis
     carries one ("optimal_seconds"); otherwise a roofline from XLA's counts,
     max(flops / peak, bytes accessed / HBM bandwidth), marked as such; plus the
