@@ -482,3 +482,24 @@ def test_every_recipe_plans_on_cpu8(name, tmp_path):
   fmt = schema.get(spec.data)
   S = fmt.num_sequences(c.data.group_size or plan_lib.DEFAULT_GROUP_SIZE)
   assert p["batch_shape"] == [8, S, 16] and p["fits"] and p["flops_per_step"] > 0
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_context_parallel_splash_step_compiles_for_a_tpu_slice(share_prompt, caplog):
+  """Mesh (1, 2, 4, 1): every sequence over 4 chips, splash per shard in the
+  load-balanced order (packed shared prompts: the cascade per shard), no xla fallback;
+  the plan prints the context size and the strategy."""
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.model.attention = "splash"
+  c.model.overrides = c.model.overrides.__class__(dict(max_seq_len=1024, dtype="bfloat16"))
+  c.data.max_length, c.data.max_prompt_length = 1024, 512
+  c.data.packing = share_prompt
+  c.data.share_prompt = share_prompt
+  c.mesh.shape = (1, 2, 4, 1)
+  p = plan_lib.plan(c, topology="v5p:2x2x2", scan_estimate=False)
+  assert p["fits"] and p["attention"] == "splash" and p["context"] == 4
+  assert p["kernel_context_imbalance"] == 1.0          # balanced: every shard the same work
+  assert "context 4: all-gather K/V, load-balanced" in plan_lib.format_plan(p)
+  assert "using xla" not in caplog.text
