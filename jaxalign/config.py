@@ -31,7 +31,8 @@ from jaxalign.models import attention, grouped_matmul, hf, hf_config, lora, tran
 from jaxalign.rewards import model as reward_model
 from jaxalign.errors import ConfigError, CorruptCheckpointError, HfConfigError
 # Mesh axes and logical-axis rules live in sharding.py; re-exported under their old names.
-from jaxalign.sharding import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES, resolve_mesh_shape
+from jaxalign.sharding import (CONTEXT_AXIS, DEFAULT_RULES, LEGACY_MESH_AXES, LOGICAL_AXES,
+                               MESH_AXES, resolve_mesh_shape)
 
 
 
@@ -264,6 +265,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, *, platform: str | 
   model_cfg, hf_dir = _validate_model(c, platform)
   _validate_init_from(c, model_cfg)
   _validate_data(c, spec, model_cfg, mesh_shape)
+  _validate_context(c, spec, model_cfg, mesh_shape, platform or jax.default_backend())
   _validate_counts(c)
   _validate_eval(c, spec)
   _validate_sampling(c, spec)
@@ -311,13 +313,14 @@ def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, 
   # mesh.axes had one legal value and is gone; configs saved by earlier versions
   # (resume, export, generate, init_from read them back) still carry it.
   if "axes" in c.mesh:
-    if tuple(c.mesh.axes) != MESH_AXES:
+    if tuple(c.mesh.axes) not in (MESH_AXES, LEGACY_MESH_AXES):
       _fail("mesh.axes", f"is no longer an option (the axes are always {MESH_AXES}); "
             f"got {tuple(c.mesh.axes)}")
     logging.getLogger("jaxalign").warning(
         "config.mesh.axes is deprecated and ignored (the axes are always %s)", MESH_AXES)
-  if len(tuple(c.mesh.shape)) != len(MESH_AXES):
-    _fail("mesh.shape", f"needs {len(MESH_AXES)} sizes for {MESH_AXES}")
+  if len(tuple(c.mesh.shape)) not in (len(MESH_AXES), len(LEGACY_MESH_AXES)):
+    _fail("mesh.shape", f"needs {len(MESH_AXES)} sizes for {MESH_AXES} (or "
+          f"{len(LEGACY_MESH_AXES)} for {LEGACY_MESH_AXES}, context 1)")
   mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh.shape, num_devices)))
 
   rule_names = set()
@@ -333,12 +336,52 @@ def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, 
   for name in LOGICAL_AXES:
     if name == "lora_rank" and not lora_on:
       continue
-    if name == "expert":   # MoE models only: _validate_shardable, which knows the model
+    if name in ("expert", "activation_length"):   # expert: MoE only (_validate_shardable);
+      # activation_length: recipes saved before the rule get the default
       continue
     if name not in rule_names:
       _fail("sharding_rules", f"no rule for logical axis {name!r} "
             f"(use ({name!r}, None) to replicate it)")
+  target = dict((n, t) for n, t in c.sharding_rules).get("activation_length", CONTEXT_AXIS)
+  if _rule_axes(target) not in ((), (CONTEXT_AXIS,)):
+    _fail("sharding_rules", f"'activation_length' maps to {target!r}: the sequence of the "
+          f"activations is split over {CONTEXT_AXIS!r} or not at all (None)")
+  if mesh_shape[CONTEXT_AXIS] > 1 and not _rule_axes(target):
+    _fail("mesh.shape", f"context size {mesh_shape[CONTEXT_AXIS]} with the rule "
+          "('activation_length', None): the sequence would not be split; map it to "
+          f"{CONTEXT_AXIS!r}")
   return mesh_shape
+
+
+def _validate_context(c: ml_collections.ConfigDict, spec, model_cfg, mesh_shape,
+                      platform: str) -> None:
+  """A context axis larger than 1 (context parallelism, jaxalign/models/context.py):
+  every sequence the step computes splits into equal shards the attention kernel
+  can take, and no step path decodes from a KV cache."""
+  size = mesh_shape[CONTEXT_AXIS]
+  if size == 1:
+    return
+  d = c.data
+  packed = d.get("packing", False)
+  length = (d.pack_length or d.max_length) if packed else d.max_length
+  key = "data.pack_length" if packed and d.pack_length else "data.max_length"
+  block = (attention.SPLASH_BLOCK
+           if attention.resolve(model_cfg.attention, platform) == "splash" else 1)
+  if length % (size * block):
+    need = f"{size} (context) x {block} (the splash kernel's block)" if block > 1 else \
+        f"the context size {size}"
+    _fail(key, f"{length} tokens per sequence do not split into equal context shards: "
+          f"it must be a multiple of {need}")
+  if d.get("share_prompt", False) and not packed:
+    _fail("mesh.shape", f"context size {size} with data.share_prompt and no data.packing: "
+          "that layout runs the responses from a KV cache, which is not split over "
+          "context; set data.packing=True (packed shared prompts) or context 1")
+  if spec.head == "scalar":
+    _fail("mesh.shape", f"context size {size}: the reward-model trainer's scalar head reads "
+          "each row's last token and is not split over context; use context 1")
+  if "online" in c and c.online.get("enabled", False):
+    _fail("mesh.shape", f"context size {size} with online.enabled: sampling decodes from a "
+          "KV cache, which is not split over context; use context 1")
 
 
 def _validate_loss(c: ml_collections.ConfigDict):

@@ -125,6 +125,22 @@ def attention_kernel_flops(cfg, lengths, *, frozen_reference: bool = False,
   return policy_passes * policy + (attn if frozen_reference else 0.0)
 
 
+def context_imbalance(shards: int, window: int | None = None,
+                      length: int | None = None) -> float:
+  """Attention work of the busiest of `shards` contiguous context shards over the
+  mean (jaxalign/models/context.py), for a causal sequence of `length` tokens.
+
+  Shard i's queries see (i + 1/2) * length / shards keys on average (causal), the
+  last one (shards - 1/2): (2 * shards - 1) / shards times the mean. With a
+  sliding window no longer than a shard every shard does about the same work (1).
+  """
+  if shards <= 1:
+    return 1.0
+  if window is not None and length is not None and window <= length // shards:
+    return 1.0
+  return (2 * shards - 1) / shards
+
+
 def remat_on(cfg) -> bool:
   """Whether the blocks are rematerialized (a bool today, a policy name later)."""
   return cfg.remat not in (False, None, "none")

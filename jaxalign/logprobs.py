@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxalign.sharding import CONTEXT_AXIS
+
 BatchAxes = str | tuple[str, ...] | None
 
 
@@ -39,6 +41,18 @@ def _mesh_batch_axes(batch_axes: BatchAxes) -> BatchAxes:
   if math.prod(mesh.shape[a] for a in names) == 1:
     return None
   return names  # a tuple: hashable, as custom_vjp's static arguments must be
+
+
+def _token_axes(batch_axes: BatchAxes, T: int) -> BatchAxes:
+  """Mesh axes of the flattened [N * T] token rows: the batch axes, then "context"
+  when the mesh splits the sequence over it (context parallelism: the [N, T] rows
+  are split (batch, context), which the flattening keeps) and T divides by it."""
+  axes = _mesh_batch_axes(batch_axes) or ()
+  mesh = jax.sharding.get_abstract_mesh()
+  if (not mesh.empty and CONTEXT_AXIS in mesh.axis_names and mesh.shape[CONTEXT_AXIS] > 1
+      and T % mesh.shape[CONTEXT_AXIS] == 0):
+    axes = (*axes, CONTEXT_AXIS)
+  return tuple(axes) or None
 
 
 def _rows(x: jax.Array, batch_axes: BatchAxes) -> jax.Array:
@@ -334,7 +348,7 @@ def token_logps(
   logps = _token_logps_flat(hidden.reshape(N * T, D), head_w,
                             targets.reshape(N * T).astype(jnp.int32),
                             int(chunk_size), final_logit_softcap,
-                            _mesh_batch_axes(batch_axes))
+                            _token_axes(batch_axes, T))
   return logps.reshape(N, T)
 
 
@@ -362,7 +376,7 @@ def token_logps_and_stats(
   N, T, D = hidden.shape
   logps, stats = _token_logps_stats_flat(
       hidden.reshape(N * T, D), head_w, targets.reshape(N * T).astype(jnp.int32),
-      int(chunk_size), final_logit_softcap, _mesh_batch_axes(batch_axes))
+      int(chunk_size), final_logit_softcap, _token_axes(batch_axes, T))
   stats = {k: jax.lax.stop_gradient(v).reshape(N, T) for k, v in stats.items()}
   return logps.reshape(N, T), stats
 
@@ -392,9 +406,9 @@ def token_log_sum_sq_probs(
     [N, T] float32, a constant w.r.t. the parameters.
   """
   N, T, D = hidden.shape
-  h = _rows(jax.lax.stop_gradient(hidden).reshape(N * T, D), _mesh_batch_axes(batch_axes))
+  ax = _token_axes(batch_axes, T)
+  h = _rows(jax.lax.stop_gradient(hidden).reshape(N * T, D), ax)
   head_w = jax.lax.stop_gradient(head_w)
-  ax = _mesh_batch_axes(batch_axes)
   chunk, num_chunks = _chunk_layout(head_w.shape[1], int(chunk_size))
 
   def body(carry, i):

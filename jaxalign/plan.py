@@ -51,6 +51,14 @@ Figures (all per device unless named otherwise):
     each unit, jaxalign.models.splash_parts) and its time estimated as a roofline at
     flops.KERNEL_EFFICIENCY of the chip's peak; both are reported apart from
     the XLA-visible figures and the time is added to the step's.
+  context parallelism (a mesh context size c > 1, jaxalign/models/context.py):
+    the plan prints c, the attention strategy and the tokens per chip (the
+    computed tokens over batch shards x c). The XLA-visible costs are those of
+    the partitioned program (K/V all-gathers included); the splash kernel's
+    FLOPs are the unsplit count (the shards together skip the same masked
+    blocks), and its time is that of the busiest shard: the mean in the
+    load-balanced order (every shard the same work), (2c - 1) / c times it in
+    contiguous shards (flops.context_imbalance). MFU is over all chips.
   predicted step time / MFU: XLA's own time estimate when the cost analysis
     carries one ("optimal_seconds"); otherwise a roofline from XLA's counts,
     max(flops / peak, bytes accessed / HBM bandwidth), marked as such; plus the
@@ -90,6 +98,7 @@ from jaxalign import flops as flops_lib
 from jaxalign import losses, sharding
 from jaxalign.data import packing, schema
 from jaxalign.models import attention as attention_lib
+from jaxalign.models import context as context_lib
 from jaxalign.models import expert_parallel
 from jaxalign.models import grouped_matmul as grouped_matmul_lib
 from jaxalign.errors import PlanError
@@ -176,7 +185,7 @@ def _make_mesh(config, devs):
         f"config.mesh.shape: {tuple(shape)} over {num_slices} slices needs a 'data' size "
         f"divisible by {num_slices} (data parallelism runs across slices)")
   per_slice = (shape[0] // num_slices, *shape[1:])
-  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devs)
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1, 1), devs)
   return jax.sharding.Mesh(grid, sharding.MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
@@ -411,6 +420,9 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
   tokens = sum(lengths)
   model_flops = flops_lib.model_flops(model_cfg, lengths,
                                       frozen_reference=built.run_spec.frozen_ref)
+  shards = sharding.context_size(mesh)
+  # A chip holds the activations of its batch shard's rows, 1 / context of each.
+  token_shards = sharding.batch_shards(mesh, built.run_spec.rules) * shards
   lora_cfg = built.run_spec.lora_cfg
   out: dict[str, Any] = {
       "target": target, "num_devices": n,
@@ -428,6 +440,8 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
       "scan_layers": model_cfg.scan_layers, "layers": built.run_spec.layers_line,
       "batch_shape": [B, S, T], "tokens_per_step": tokens,
       "computed_tokens_per_step": computed,
+      "context": shards, "context_strategy": context_lib.STRATEGY if shards > 1 else None,
+      "tokens_per_chip": computed // token_shards,
       "packing": (dict(dataclasses.asdict(layout),
                        packed_shape=list(batch["packed_tokens"].shape)) if packed else None),
       "model_flops_per_token": model_flops / tokens, "model_flops_per_step": model_flops,
@@ -509,7 +523,7 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
       model_cfg, devs[0].platform, kernel_lengths, n, chip,
       frozen_reference=built.run_spec.frozen_ref, passes=passes,
       row_length=(batch["packed_tokens"].shape[-1] if packing.is_packed(batch)
-                  else config.data.max_length)))
+                  else config.data.max_length), context=sharding.context_size(built.mesh)))
   if extrapolated:
     l1, l2 = out["scan_probe_layers"]
     estimate = (f"{estimate}; XLA's costs of the unrolled step extrapolated over {groups} scanned "
@@ -663,27 +677,35 @@ def moe_kernel_part(model_cfg, platform: str, mesh: dict[str, int], *, tokens_pe
 
 def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip | None, *,
                            frozen_reference: bool, row_length: int,
-                           passes: int = 1) -> dict[str, Any]:
+                           passes: int = 1, context: int = 1) -> dict[str, Any]:
   """The attention kernel the step uses and, when XLA cannot see it, its FLOPs and time.
 
   `lengths`: real tokens of each sequence (a packed row's segments attend only
   within themselves, so the kernel's unmasked blocks are those of the sequences),
   or of each unit of packed shared prompts; `row_length`: the rows' length, the
   kernel's shape; `passes`: splash calls over them (2: the shared-prompt cascade,
-  jaxalign.models.splash_parts; cuDNN takes part ids in its one call's mask).
+  jaxalign.models.splash_parts; cuDNN takes part ids in its one call's mask);
+  `context`: the mesh's context size: each chip runs 1 / context of every row's
+  queries; in contiguous shards (no load-balanced order) the busiest one sets
+  the time (flops.context_imbalance).
   """
   impl, _ = attention_lib.choose(
-      model_cfg.attention, platform, seq_len=row_length, kv_len=row_length,
+      model_cfg.attention, platform, seq_len=row_length // context,
+      kv_len=row_length // context,
       dtype=model_cfg.dtype, softcap=model_cfg.attn_logit_softcap, decode=False)
   opaque = impl in ("splash", "cudnn") and platform in ("tpu", "gpu")
   passes = passes if impl == "splash" else 1
   kernel = (passes * flops_lib.attention_kernel_flops(
       model_cfg, lengths, frozen_reference=frozen_reference,
       recompute_forward=flops_lib.remat_on(model_cfg)) if opaque else 0.0)
-  kernel_seconds = (kernel / n / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY)
+  windows = {model_cfg.window_of(i) for i in range(model_cfg.n_layers)}
+  imbalance = (1.0 if context_lib.balanced(row_length, context) else
+               max(flops_lib.context_imbalance(context, w, row_length) for w in windows))
+  kernel_seconds = (kernel / n * imbalance / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY)
                     if opaque and chip else None)
   return {"attention": impl, "kernel_flops_per_step": kernel,
-          "kernel_flops_per_device": kernel / n, "kernel_seconds": kernel_seconds}
+          "kernel_flops_per_device": kernel / n, "kernel_seconds": kernel_seconds,
+          "kernel_context_imbalance": imbalance if opaque else None}
 
 
 def _gib(x) -> str:
@@ -707,6 +729,9 @@ def format_plan(p: dict[str, Any]) -> str:
   lines = [
       f"plan: {p['model']} {p['loss']} on {p['target']} ({p['num_devices']} x "
       f"{p['device_kind']}), mesh {mesh}",
+      f"  context {p.get('context', 1)}"
+      + (f": {p['context_strategy']}" if p.get("context_strategy") else " (sequences unsplit)")
+      + f"; {p.get('tokens_per_chip', '-')} tokens per chip",
       f"  params {_num(p['num_params'])} (trainable {_num(p.get('trainable_params'))}"
       + (f": LoRA {p['lora']})" if p.get("lora") else ")")
       + (f", active per token {_num(p['active_params'])}"
@@ -780,8 +805,11 @@ def format_plan(p: dict[str, Any]) -> str:
                    f"{p['moe_kernel_seconds'] * 1e3:.1f} ms at "
                    f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak)")
     if p.get("kernel_seconds"):
+      imbalance = p.get("kernel_context_imbalance") or 1.0
       lines.append(f"    = XLA-visible {p['xla_step_seconds'] * 1e3:.1f} ms + attention "
                    f"kernel {p['kernel_seconds'] * 1e3:.1f} ms (roofline at "
-                   f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak)")
+                   f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak"
+                   + (f", x {imbalance:.2f} for the busiest context shard"
+                      if imbalance > 1 else "") + ")")
   lines.append(f"  estimate: {p['estimate']}")
   return "\n".join(lines)

@@ -7,12 +7,17 @@ import math
 from typing import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxalign.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+# The axes of a three-size config.mesh.shape, written before the context axis
+# existed: (data, fsdp, tensor) with context 1.
+LEGACY_MESH_AXES = ("data", "fsdp", "tensor")
+CONTEXT_AXIS = "context"
 
 # Logical axis name -> mesh axis (or axes, or None). One table for the model.
 DEFAULT_RULES = (
@@ -29,6 +34,10 @@ DEFAULT_RULES = (
     # the data-parallel groups, FSDP over "fsdp" inside each (models/expert_parallel.py).
     ("expert", "data"),
     ("layers", None),          # the stacked (scanned) layers axis: never split
+    # Activations along the sequence (embeddings, blocks, the log-prob head):
+    # split over "context" (context parallelism; jaxalign/models/context.py).
+    # A recipe saved before this rule existed gets it (config.py).
+    ("activation_length", "context"),
 )
 
 
@@ -38,27 +47,42 @@ LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
-def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
-  """Replaces one -1 in `shape` by what fills `num_devices`; raises ConfigError."""
+def full_mesh_shape(shape) -> tuple[int, ...]:
+  """`shape` as four sizes over MESH_AXES: a three-size (data, fsdp, tensor) shape
+  gets context 1; raises ConfigError for any other length."""
   shape = tuple(int(s) for s in shape)
+  if len(shape) == len(LEGACY_MESH_AXES):
+    return shape[:2] + (1,) + shape[2:]
+  if len(shape) != len(MESH_AXES):
+    raise ConfigError(f"config.mesh.shape: needs {len(MESH_AXES)} sizes for {MESH_AXES} "
+                      f"(or 3 for {LEGACY_MESH_AXES}, context 1), got {shape}")
+  return shape
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
+  """Four sizes over MESH_AXES (`full_mesh_shape`) with one -1 replaced by what
+  fills `num_devices`; raises ConfigError (quoting the shape as given)."""
+  given = tuple(int(s) for s in shape)
+  shape = full_mesh_shape(given)
   if shape.count(-1) > 1:
-    raise ConfigError(f"config.mesh.shape: at most one -1 is allowed, got {shape}")
+    raise ConfigError(f"config.mesh.shape: at most one -1 is allowed, got {given}")
   if any(s == 0 or s < -1 for s in shape):
-    raise ConfigError(f"config.mesh.shape: sizes must be positive or -1, got {shape}")
+    raise ConfigError(f"config.mesh.shape: sizes must be positive or -1, got {given}")
   known = math.prod(s for s in shape if s != -1)
   if num_devices % known:
-    raise ConfigError(f"config.mesh.shape: {shape} does not divide the {num_devices} "
+    raise ConfigError(f"config.mesh.shape: {given} does not divide the {num_devices} "
                       "available devices")
   if -1 in shape:
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
-    raise ConfigError(f"config.mesh.shape: {shape} uses {math.prod(shape)} devices but "
+    raise ConfigError(f"config.mesh.shape: {given} uses {math.prod(shape)} devices but "
                       f"{num_devices} are available")
   return shape
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh; one size may be -1 (fill)."""
+  """A ("data", "fsdp", "context", "tensor") mesh; one size may be -1 (fill); a
+  three-size shape is (data, fsdp, tensor) with context 1."""
   devices = jax.devices() if devices is None else list(devices)
   resolved = resolve_mesh_shape(shape, len(devices))
   return jax.make_mesh(resolved, MESH_AXES, devices=devices,
@@ -103,6 +127,67 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Leading (example) dimension split over the batch axes, the rest replicated."""
   return NamedSharding(mesh, P(batch_axes(rules)))
+
+
+def context_size(mesh) -> int:
+  """Devices on the mesh's context axis (1 when it has none)."""
+  return int(dict(mesh.shape).get(CONTEXT_AXIS, 1))
+
+
+def process_slice(batch_sharding: NamedSharding) -> tuple[int, int]:
+  """(index, count): which slice of the global batch this process feeds, of how many
+  (the batch split over `batch_sharding`'s leading axes).
+
+  Processes whose devices hold the same batch shards (they differ only along the
+  context or tensor axes) feed the same rows, as `host_to_global` expects; with
+  every process on its own batch shards this is (process_index, process_count).
+  """
+  if jax.process_count() == 1:
+    return 0, 1
+  mesh = batch_sharding.mesh
+  spec = batch_sharding.spec
+  grid = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+  return batch_process_slices(grid, tuple(mesh.axis_names),
+                              _axes_tuple(spec[0] if len(spec) else None), jax.process_index())
+
+
+def _axes_tuple(axes) -> tuple[str, ...]:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_process_slices(process_grid: np.ndarray, axis_names: Sequence[str],
+                         batch_mesh_axes: Sequence[str], process: int) -> tuple[int, int]:
+  """(index, count) of `process`'s slice of the batch (`data_process`), from the
+  process id of each device of the mesh grid (`process_grid`, shaped as the mesh).
+
+  The batch is split over the batch axes' shards in order (data major); a process
+  addressing shards [a, b) feeds rows of slice a / (b - a) of count / (b - a).
+
+  Raises:
+    ValueError: the process's shards are not contiguous, or processes overlap
+      partly (no whole-slice assignment exists).
+  """
+  names = list(axis_names)
+  keep = [names.index(a) for a in batch_mesh_axes]
+  rest = [i for i in range(len(names)) if i not in keep]
+  grid = np.transpose(process_grid, keep + rest)
+  shards = int(np.prod([process_grid.shape[i] for i in keep]))
+  grid = grid.reshape(shards, -1)                          # [batch shard, other devices]
+  owned = sorted({s for s in range(shards) if (grid[s] == process).any()})
+  if not owned:
+    raise ValueError(f"process {process} has no device in the mesh")
+  per = len(owned)
+  if owned != list(range(owned[0], owned[0] + per)) or owned[0] % per or shards % per:
+    raise ValueError(f"process {process} holds batch shards {owned} of {shards}: not one "
+                     "contiguous, aligned slice")
+  for start in range(0, shards, per):   # every other process must hold whole slices too
+    held = {int(p) for p in np.unique(grid[start:start + per])}
+    for p in held:
+      rows = {s for s in range(shards) if (grid[s] == p).any()}
+      if rows != set(range(start, start + per)):
+        raise ValueError(f"processes {sorted(held)} share batch shards "
+                         f"[{start}, {start + per}) but not all of them")
+  return owned[0] // per, shards // per
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -22,7 +22,7 @@ from tests.reliability.helpers import recipe_arg
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 REAL_SCALE = ("llama3_8b_dpo", "llama3_8b_dpo_8k", "qwen25_7b_bco", "gemma2_9b_ln_dpo",
-              "llama3_70b_dpo", "qwen3_30b_a3b_dpo")
+              "llama3_70b_dpo", "qwen3_30b_a3b_dpo", "llama3_8b_dpo_32k", "llama3_8b_dpo_128k")
 
 
 def _load_recipe(name):
@@ -42,7 +42,8 @@ def test_tiny_dpo_on_cpu8_gives_sane_figures():
   c = _tiny_dpo()
   p = plan_lib.plan(c, devices="cpu:8")
   n = config_lib.model_config(c).num_params()
-  assert p["num_devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert p["num_devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "context": 1,
+                                                 "tensor": 1}
   assert p["batch_shape"] == [8, 2, 64] and p["tokens_per_step"] == 8 * 2 * 64
   assert p["memory_total"] > 0 and p["memory_arguments"] > 0 and p["memory_temporaries"] > 0
   assert p["flops_per_device"] > 0 and p["flops_per_step"] == p["flops_per_device"] * 8
@@ -434,7 +435,8 @@ def test_multislice_topology_puts_data_across_slices():
   c = _tiny_dpo()
   c.mesh.shape = (2, -1, 1)
   p = plan_lib.plan(c, topology="2xv5e:2x2")
-  assert p["num_devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert p["num_devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 4, "context": 1,
+                                                 "tensor": 1}
   assert p["fits"]
   c.mesh.shape = (1, -1, 1)
   with pytest.raises(config_lib.ConfigError, match="slices"):
@@ -505,3 +507,24 @@ def test_every_recipe_plans_on_cpu8(name, tmp_path):
   fmt = schema.get(spec.data)
   S = fmt.num_sequences(c.data.group_size or plan_lib.DEFAULT_GROUP_SIZE)
   assert p["batch_shape"] == [8, S, 16] and p["fits"] and p["flops_per_step"] > 0
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_context_parallel_splash_step_compiles_for_a_tpu_slice(share_prompt, caplog):
+  """Mesh (1, 2, 4, 1): every sequence over 4 chips, splash per shard in the
+  load-balanced order (packed shared prompts: the cascade per shard), no xla fallback;
+  the plan prints the context size and the strategy."""
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.model.attention = "splash"
+  c.model.overrides = c.model.overrides.__class__(dict(max_seq_len=1024, dtype="bfloat16"))
+  c.data.max_length, c.data.max_prompt_length = 1024, 512
+  c.data.packing = share_prompt
+  c.data.share_prompt = share_prompt
+  c.mesh.shape = (1, 2, 4, 1)
+  p = plan_lib.plan(c, topology="v5p:2x2x2", scan_estimate=False)
+  assert p["fits"] and p["attention"] == "splash" and p["context"] == 4
+  assert p["kernel_context_imbalance"] == 1.0          # balanced: every shard the same work
+  assert "context 4: all-gather K/V, load-balanced" in plan_lib.format_plan(p)
+  assert "using xla" not in caplog.text

@@ -58,6 +58,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.models import attention as attention_lib
+from jaxalign.models import context as context_lib
 from jaxalign.models import expert_parallel
 from jaxalign.models import grouped_matmul as grouped_matmul_lib
 from jaxalign.models import moe as moe_lib
@@ -569,7 +570,8 @@ class Attention(nnx.Module):
       k_cache, v_cache, q_offset = cache
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), q_offset, 1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), q_offset, 1)
-    out = attention_lib.attention(
+    # Without a context axis (or with a cache) context.attention is attention.attention.
+    out = context_lib.attention(
         q, k, v, scale=self.scale, softcap=self.softcap, window=self.window,
         key_mask=key_mask, q_offset=q_offset if cache is not None else None,
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, part_ids=part_ids,
@@ -813,12 +815,18 @@ class Transformer(nnx.Module):
     key_mask = attention_mask.astype(bool)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) - 1, 0)
-    x = self._embed(tokens)                                            # [B, T, D]
+    # Context parallelism: the sequence in the load-balanced order between here and
+    # the output (context.balance; a no-op without a context axis).
+    balance = lambda x: None if x is None else context_lib.balance(x)
+    tokens, key_mask, positions = balance(tokens), balance(key_mask), balance(positions)
+    segment_ids, part_ids = balance(segment_ids), balance(part_ids)
+    x = context_lib.constrain_sequence(self._embed(tokens))            # [B, T, D]
     x, _, stats = self._run_layers(x, positions, key_mask, segment_ids=segment_ids,
                                    part_ids=part_ids, token_mask=key_mask)
     if router_stats is not None:
       router_stats.update(stats)
-    return self.final_norm(x)
+    x = context_lib.constrain_sequence(self.final_norm(x))
+    return context_lib.constrain_sequence(context_lib.unbalance(x))
 
   def _run_layers(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, *,
                   segment_ids: jax.Array | None = None,

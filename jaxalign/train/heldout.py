@@ -35,11 +35,14 @@ class HeldOut:
     source tokenizes them then), not kept: no list of every eval example."""
     self.eval_fn = eval_fn
     self.batch_sharding = batch_sharding
-    process_batch = batch_size // jax.process_count()
+    # Processes that share batch shards (a context axis across them) read the same rows.
+    p_index, p_count = sharding.process_slice(batch_sharding)
+    process_batch = batch_size // p_count
     self.dataset = pipeline.make_dataset(examples, seed=0, batch_size=process_batch,
-                                         shuffle=False, repeat=False, keep_blocks=keep_blocks)
+                                         shuffle=False, repeat=False, keep_blocks=keep_blocks,
+                                         process_index=p_index, process_count=p_count)
     # Whole global batches, each process its share (as make_dataset slices them).
-    self.num_batches = (len(examples) // process_batch) // jax.process_count()
+    self.num_batches = (len(examples) // process_batch) // p_count
     self.num_examples = self.num_batches * batch_size
     if not self.num_batches:
       raise ValueError(f"{len(examples)} examples make no batch of {batch_size}")

@@ -315,8 +315,11 @@ def _resume(spec: config_lib.RunSpec, built: build_lib.Built, data: _Data, check
             resume_step, state):
   """(state, data iterator, start step): the training batches' iterator and, on a
   resume, the state and iterator position restored from the checkpoint."""
+  # Processes that share batch shards (a context axis across them) read the same rows.
+  p_index, p_count = sharding.process_slice(built.batch_sharding)
   dataset = pipeline.make_dataset(data.examples, seed=spec.seed,
-                                  batch_size=spec.data.batch_size // jax.process_count(),
+                                  batch_size=spec.data.batch_size // p_count,
+                                  process_index=p_index, process_count=p_count,
                                   shuffle=spec.data.shuffle, repeat=True,
                                   add_index=data.online is not None,
                                   keep_blocks=spec.loss.data == "unpaired_kl")  # KTO's KL pairs
@@ -523,18 +526,20 @@ def _packer(spec: config_lib.RunSpec, examples, tokenizer, mesh):
   the device, and in the micro-batch, of its examples.
   """
   global_groups = sharding.batch_shards(mesh, spec.rules) * spec.optim.grad_accum_steps
-  if global_groups % jax.process_count():
+  # Processes that share batch shards (a context axis across them) pack the same rows.
+  _, p_count = sharding.process_slice(sharding.batch_sharding(mesh, spec.rules))
+  if global_groups % p_count:
     raise config_lib.ConfigError(
         f"config.data.packing: {global_groups} pack groups (batch shards x grad_accum_steps) "
-        f"do not split over {jax.process_count()} processes")
+        f"do not split over {p_count} batch slices of the processes")
   pad = tokenizer.pad_token_id
   # The buckets fit a seeded sample's lengths (the same on every process and restart):
   # a lazy source tokenizes only the sampled rows.
   sample = packing.sample_examples(examples, seed=spec.seed)
   _, pack = packing.make_packer(
       packing.length_sample(sample, seed=spec.seed),
-      process_batch=spec.data.batch_size // jax.process_count(),
-      num_groups=global_groups // jax.process_count(), global_groups=global_groups,
+      process_batch=spec.data.batch_size // p_count,
+      num_groups=global_groups // p_count, global_groups=global_groups,
       row_length=spec.data.row_length, num_buckets=spec.data.pack_buckets, seed=spec.seed,
       pad_id=(tokenizer.eos_token_id or 0) if pad is None else pad,
       process_count=jax.process_count(),

@@ -114,8 +114,10 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
     return fn(*operands, batch), batch["index"], batch["valid"]
 
   table, filled, start = None, np.zeros(len(examples), bool), 0
-  process_batch = batch_size // jax.process_count()
-  per_process = -(-len(examples) // jax.process_count())
+  # Processes that share batch shards (a context axis across them) read the same rows.
+  p_index, p_count = sharding.process_slice(batch_sharding)
+  process_batch = batch_size // p_count
+  per_process = -(-len(examples) // p_count)
   total = -(-per_process // process_batch)
   kept = keep.load(len(examples), total) if keep is not None else None
   if kept is not None:
@@ -123,7 +125,8 @@ def map_examples(examples, fn, *, mesh, rules, batch_size: int, desc: str,
     log.warning("%s: continuing after the %d of %d batches kept in %s", desc, start, total,
                 keep.path)
   # A generator, not a list: a lazy source's batches are tokenized as they are run.
-  batches = pipeline.ordered_batches(examples, process_batch, start_batch=start)
+  batches = pipeline.ordered_batches(examples, process_batch, start_batch=start,
+                                     process_index=p_index, process_count=p_count)
   show_bar = progress and jax.process_index() == 0 and sys.stderr.isatty()
   bar = tqdm(desc=desc, total=total, initial=start, leave=False, disable=not show_bar)
   # Without a bar (off, or output not a terminal): a line at the start, about every

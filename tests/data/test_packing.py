@@ -58,11 +58,13 @@ B, S = 16, 4
 
 
 @functools.lru_cache(maxsize=None)
-def _setup():
+def _setup(mesh_shape=(1, 8, 1)):
   """(mesh, rules, graphdef, step-0 state) of the tiny recipe on 8 devices, its frozen
-  reference a little away from the policy, as build.build_config makes them."""
+  reference a little away from the policy, as build.build_config makes them
+  (`mesh_shape`: config.mesh.shape; tests/models/test_context.py splits the
+  sequence too)."""
   built, state = built_state(tiny_config(**{
-      "mesh.shape": (1, 8, 1), "reference.mode": "frozen", "optim.warmup_steps": 1,
+      "mesh.shape": mesh_shape, "reference.mode": "frozen", "optim.warmup_steps": 1,
       "total_steps": 10, "logprob_chunk_size": 16}))
   mesh, rules, graphdef = built.mesh, built.run_spec.rules, built.graphdef
   # A reference a little away from the policy, so ref log-probs differ from the policy's.
@@ -126,10 +128,10 @@ def test_buckets_are_few_ascending_and_end_with_the_full_group():
 
 
 @functools.lru_cache(maxsize=None)
-def _logps_and_vjp():
+def _logps_and_vjp(mesh_shape=(1, 8, 1)):
   """jit((params, frozen, ref, batch, cotangent) -> policy [B, S] logps, counts, ref logps,
   and the policy gradient of <cotangent, logps>): the step's batch_logps, both layouts."""
-  mesh, rules, graphdef, state = _setup()
+  mesh, rules, graphdef, state = _setup(mesh_shape)
   axes = sharding.batch_axes(rules)
 
   def fn(params, frozen, ref_params, batch, cotangent):
@@ -152,18 +154,18 @@ def _wild_batches():
 
 
 @functools.lru_cache(maxsize=None)
-def _layout_values(layout: str, loss_name: str):
+def _layout_values(layout: str, loss_name: str, mesh_shape=(1, 8, 1)):
   """(loss, metrics, grads) of one step of `loss_name` on the padded or packed layout,
   sharded on 8 devices: the policy and frozen-reference forwards, the loss, and the
   gradient through the log-probs."""
-  mesh, rules, graphdef, state = _setup()
+  mesh, rules, graphdef, state = _setup(mesh_shape)
   padded, packed = _wild_batches()
   host = {"padded": padded, "packed": packed}[layout]
   spec = losses.get(loss_name)
   extra = _extras(np.random.default_rng(4), loss_name, B, S)
   call = step_lib.make_loss_call(spec, {n: 0.1 for n in spec.required_hparams()})
   loss_state = spec.init_state() if spec.init_state else None
-  fn = _logps_and_vjp()
+  fn = _logps_and_vjp(mesh_shape)
   with jax.set_mesh(mesh):
     batch = sharding.host_to_global(host, sharding.batch_sharding(mesh, rules))
     zero = np.zeros((B, S), np.float32)   # host cotangents: one compile for both calls
@@ -222,14 +224,14 @@ def _step_fn(hparams: tuple, accum: int):
 
 @functools.lru_cache(maxsize=None)
 def _step_values(source: str, layout: str, hparams: tuple = (("beta", 0.1),),
-                 gaps: bool = False):
+                 gaps: bool = False, mesh_shape=(1, 8, 1)):
   """(new params, metrics) of the whole jitted DPO step (frozen reference, metrics,
   update) on 8 devices, from 32 examples of 2 sequences: `source` "wild"
   (_wild_batch) or "shared" (_shared_prompt_batch, one prompt per example), laid
   out "padded" in one micro-batch, or "packed" / "packed_shared" in 16 groups /
   "shared" (a KV-cached prompt), each over 2 micro-batches. `gaps`: some
-  responses have unscored tokens inside (_with_gaps)."""
-  mesh, rules, graphdef, state = _setup()
+  responses have unscored tokens inside (_with_gaps). `mesh_shape`: _setup's."""
+  mesh, rules, graphdef, state = _setup(mesh_shape)
   rng = np.random.default_rng(5)
   padded = _wild_batch(rng, 32, 2) if source == "wild" else _shared_prompt_batch(rng, 32, 2)
   if gaps:

@@ -33,7 +33,7 @@ def test_the_compile_spy_sees_a_compile():
     ("--config.mesh.shape=(2,2,1)", "config.mesh.shape: (2, 2, 1) uses 4 devices but 8"),
     ("--config.mesh.shape=(1,-1,-1)", "config.mesh.shape: at most one -1"),
     ("--config.mesh.shape=(1,0,8)", "config.mesh.shape: sizes must be positive"),
-    ("--config.mesh.shape=(1,2)", "config.mesh.shape: needs 3 sizes"),
+    ("--config.mesh.shape=(1,2)", "config.mesh.shape: needs 4 sizes"),
     ("--config.mesh.shape=(1,1,8)", "config.mesh.shape: model.n_heads=4 is not divisible by 8"),
     # batch not divisible by the data shards (data * fsdp = 8), also with accumulation
     ("--config.data.batch_size=4", "config.data.batch_size: 4 must be a positive multiple"),

@@ -157,7 +157,7 @@ def test_eval_keys_are_checked_and_mesh_axes_is_gone(caplog):
   assert "axes" not in config_lib.defaults().mesh
   # A config saved by an earlier version still carries the fixed axes: accepted, with a line.
   old = tiny_config()
-  old.mesh.axes = sharding.MESH_AXES
+  old.mesh.axes = sharding.LEGACY_MESH_AXES   # (data, fsdp, tensor): before the context axis
   config_lib.validate(old, 8)
   assert "mesh.axes is deprecated" in caplog.text
   old.mesh.axes = ("fsdp", "data", "tensor")
