@@ -201,15 +201,16 @@ def test_packed_loss_metrics_and_gradients_equal_padded(loss_name):
 
 
 @functools.lru_cache(maxsize=None)
-def _step_fn(hparams: tuple, accum: int):
-  """(the jitted DPO step with `hparams` over `accum` micro-batches, its optimizer), one
-  per pair: layouts and sources of the same shapes share its compiled executable.
+def _step_fn(hparams: tuple, accum: int, mesh_shape=(1, 8, 1)):
+  """(the jitted DPO step with `hparams` over `accum` micro-batches on _setup's
+  `mesh_shape`, its optimizer), one per triple: layouts and sources of the same shapes
+  share its compiled executable.
 
   The step unit itself, bound to the builder's graph and state with SGD(1): the
   recipe's AdamW would not test the update (its first step runs at warm-up lr 0, and
   Adam's first update g / (|g| + eps) turns float noise in tiny gradients into
   whole steps), while with SGD equal new params mean equal gradients."""
-  mesh, rules, graphdef, state = _setup()
+  mesh, rules, graphdef, state = _setup(mesh_shape)
   tx = optax.sgd(1.0)
   state = state.replace(opt_state=tx.init(state.params))
   call = step_lib.make_loss_call(losses.get("dpo"), dict(hparams))
@@ -242,7 +243,7 @@ def _step_values(source: str, layout: str, hparams: tuple = (("beta", 0.1),),
       "packed_shared": lambda: (_pack_shared(padded, 16, 16), 2),
       "shared": lambda: (packing.make_sharer(prompt_length=8, max_length=T)(padded), 2),
   }[layout]()
-  fn, tx = _step_fn(hparams, accum)
+  fn, tx = _step_fn(hparams, accum, mesh_shape)
   state = state.replace(opt_state=tx.init(state.params))
   with jax.set_mesh(mesh):
     new, metrics = fn(jax.tree.map(jnp.copy, state),
