@@ -27,7 +27,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import guards, losses, paths, rewards, sharding
 from jaxalign.data import schema
 from jaxalign.losses import probe
-from jaxalign.models import attention, hf, hf_config, lora, transformer
+from jaxalign.models import attention, hf, hf_config, lora, quant, transformer
 from jaxalign.rewards import model as reward_model
 from jaxalign.errors import ConfigError, CorruptCheckpointError, HfConfigError
 # Mesh axes and logical-axis rules live in sharding.py; re-exported under their old names.
@@ -129,6 +129,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.lora.dropout = 0.0
   c.lora.targets = ("q", "k", "v", "o")   # subset of q, k, v, o, gate, up, down
   c.lora.init_adapters = ""   # an adapter directory (lora.save_adapters) to start from
+  # The frozen base's projection weights stored quantized (QLoRA): "" (as
+  # model.param_dtype) | "int8" | "nf4", blockwise absmax, 64 per scale (models/quant.py).
+  c.lora.base_dtype = ""
 
   # COFS-DPO: how stored per-domain fast adapters combine (workflows/continual.py).
   c.cofs = ml_collections.ConfigDict()
@@ -265,6 +268,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, *, platform: str | 
   _validate_eval(c, spec)
   _validate_sampling(c, spec)
   _validate_lora(c, spec)
+  _validate_base_dtype(c, model_cfg, mesh_shape)
   _validate_reference_sync(c, spec)
   _validate_report_to(c)
   if spec.data == "unpaired_kl" and c.data.batch_size < 2:
@@ -580,6 +584,44 @@ def _validate_eval(c: ml_collections.ConfigDict, spec) -> None:
     _fail("data.eval_path", f"must be a path string, got {path!r}")
   if every and not path:
     _fail("eval_every", "evaluates on a held-out set: set data.eval_path")
+
+
+def _validate_base_dtype(c: ml_collections.ConfigDict, model_cfg, mesh_shape) -> None:
+  """lora.base_dtype: a known format, over LoRA adapters, on weights that split into
+  blocks, whose scales shard as the weight's last axis does (a whole number of blocks
+  per device)."""
+  value = c.lora.get("base_dtype", "")
+  try:
+    fmt = quant.normalize_format(value)
+  except ValueError as e:
+    _fail("lora.base_dtype", str(e))
+  if fmt == "none":
+    return
+  if c.lora.rank == 0:
+    _fail("lora.base_dtype", f"{fmt!r} quantizes the frozen base under LoRA adapters: set "
+          "lora.rank > 0 (a full fine-tune trains the float weights)")
+  if c.get("init_from", ""):
+    _fail("lora.base_dtype", f"{fmt!r} quantizes a base imported from model.hf_path (or "
+          "the seed init); init_from's checkpoint holds float params: export it "
+          "(`jaxalign export`) and set model.hf_path to the export instead")
+  if tuple(c.data.domains):
+    _fail("lora.base_dtype", "continual training (data.domains) merges its modules into "
+          "a float base: leave lora.base_dtype unset")
+  # Blocks run along each projection's last axis (models/quant.py).
+  rules = dict((n, t) for n, t in c.sharding_rules)
+  for axis, logical, weights in (("head_dim", "head_dim", "q, k, v"),
+                                 ("d_model", "embed", "o, down"), ("d_ff", "mlp", "gate, up")):
+    size = getattr(model_cfg, axis)
+    if size % quant.BLOCK:
+      _fail("lora.base_dtype", f"{fmt!r} quantizes blocks of {quant.BLOCK} along the last "
+            f"axis of {weights}: model.{axis}={size} is not a multiple of {quant.BLOCK}")
+    axes = _rule_axes(rules.get(logical))
+    devices = math.prod(mesh_shape[a] for a in axes)
+    if (size // quant.BLOCK) % devices:
+      _fail("lora.base_dtype", f"{fmt!r}: the {size // quant.BLOCK} blocks of "
+            f"{quant.BLOCK} along model.{axis} (the last axis of {weights}) do not split "
+            f"over the {devices} devices of mesh axes {axes} (rule {logical!r}); shard "
+            f"{logical!r} over fewer devices (mesh.shape, sharding_rules)")
 
 
 def _validate_lora(c: ml_collections.ConfigDict, spec) -> None:

@@ -53,6 +53,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.models import attention as attention_lib
+from jaxalign.models import quant
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
@@ -301,9 +302,15 @@ def _project(module: nnx.Module, name: str, equation: str, x: jax.Array,
   """x times the weight `module.<name>`, plus the delta of its LoRA adapter if any.
 
   Every adaptable projection (q, k, v, o, gate, up, down) goes through here;
-  jaxalign.models.lora attaches an adapter as the attribute `<name>_lora`.
+  jaxalign.models.lora attaches an adapter as the attribute `<name>_lora`. A
+  weight of a quantized base (jaxalign.models.quant) is dequantized here, per layer.
   """
-  y = jnp.einsum(equation, x, getattr(module, name)[...].astype(module.dtype))
+  weight = getattr(module, name)
+  if isinstance(weight, quant.QuantizedWeight):   # a quantized frozen base (QLoRA)
+    w = weight.dequantize(module.dtype)
+  else:
+    w = weight[...].astype(module.dtype)
+  y = jnp.einsum(equation, x, w)
   adapter = getattr(module, name + "_lora", None)
   y = y if adapter is None else y + adapter(x).astype(y.dtype)
   return checkpoint_name(y, tag)     # what the "minimal" remat policy saves
