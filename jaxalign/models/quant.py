@@ -52,6 +52,7 @@ NF4_LEVELS = np.array([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 # A normalized entry takes level i when it lies in (midpoint[i-1], midpoint[i]].
 _NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / np.float32(2)
+_INV_127 = np.float32(1 / 127)
 _CODE_DTYPES = {"int8": np.dtype(np.int8), "nf4": np.dtype(np.uint8)}
 
 
@@ -99,7 +100,9 @@ def quantize(w, fmt: str, *, block: int = BLOCK, xp=jnp):
   blocks = xp.reshape(xp.asarray(w).astype(xp.float32), (*lead, n // block, block))
   absmax = xp.max(xp.abs(blocks), axis=-1)                          # [..., N/block]
   if fmt == "int8":
-    scale = absmax / xp.float32(127)
+    # A product, not absmax / 127: XLA turns a division by a constant into this
+    # product, so the host (numpy) must compute the same one.
+    scale = absmax * xp.float32(_INV_127)
     safe = xp.where(scale > 0, scale, xp.float32(1))               # an all-zero block
     q = xp.clip(xp.round(blocks / safe[..., None]), -127, 127)
     return xp.reshape(q.astype(xp.int8), (*lead, n)), scale
