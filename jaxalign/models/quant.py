@@ -124,7 +124,13 @@ def dequantize(codes, scale, fmt: str, dtype=jnp.float32) -> jax.Array:
   if fmt == "nf4":
     hi, lo = codes >> 4, codes & 0xF
     idx = jnp.stack([hi, lo], axis=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
-    values = jnp.asarray(NF4_LEVELS)[idx.astype(jnp.int32)]
+    # Selects, not a gather from the table: elementwise, so XLA fuses the whole
+    # dequantization into one pass feeding the matmul (a gather would materialize
+    # int32 indices of the whole weight).
+    values = jnp.zeros(idx.shape, jnp.float32)
+    for i, level in enumerate(NF4_LEVELS.tolist()):
+      if level != 0.0:
+        values = jnp.where(idx == i, jnp.float32(level), values)
   elif fmt == "int8":
     values = codes.astype(jnp.float32)
   else:

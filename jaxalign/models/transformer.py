@@ -133,6 +133,11 @@ class ModelConfig:
   # recipe's model.scan_layers may also be "auto", resolved to one of the two
   # before a ModelConfig is made (`auto_scan_layers`).
   scan_layers: bool = True
+  # Nested rematerialization of the layer scan (scanned layers, remat not "none"):
+  # the G scanned groups run as this many checkpointed stages of G / stages groups
+  # each, so the backward keeps stages + G / stages layer inputs instead of G, for
+  # one more forward of the layers. 1: one scan (each group's input kept).
+  remat_stages: int = 1
   # Attention kernel: "auto" | "xla" | "cudnn" | "splash" (jaxalign.models.attention).
   attention: str = "auto"
 
@@ -141,6 +146,9 @@ class ModelConfig:
     object.__setattr__(self, "remat", normalize_remat(self.remat))
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"scan_layers={self.scan_layers!r}; want True or False")
+    if (isinstance(self.remat_stages, bool) or not isinstance(self.remat_stages, int)
+        or self.remat_stages < 1):
+      raise ValueError(f"remat_stages={self.remat_stages!r}; want an int >= 1")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                        f"n_kv_heads={self.n_kv_heads}")
@@ -722,7 +730,19 @@ class Transformer(nnx.Module):
       shape = (groups, period) + cache[0].shape[1:]
       kv_groups = (cache[0][:groups * period].reshape(shape),
                    cache[1][:groups * period].reshape(shape))
-    x, kv_out = jax.lax.scan(body, x, (stacked, jnp.arange(groups), kv_groups))
+    stages = c.remat_stages
+    if stages > 1 and cache is None and policy != "none":
+      if groups % stages:
+        raise ValueError(f"remat_stages={stages} does not divide the {groups} scanned "
+                         "layer groups")
+      # Nested remat: an outer scan over checkpointed stages of groups // stages groups.
+      staged = jax.tree.map(lambda a: a.reshape(stages, groups // stages, *a.shape[1:]),
+                            (stacked, jnp.arange(groups)))
+      def stage(x, xs):
+        return jax.lax.scan(lambda x, xs_g: body(x, (*xs_g, None)), x, xs)[0], None
+      x, kv_out = jax.lax.scan(jax.checkpoint(stage, prevent_cse=False), x, staged)
+    else:
+      x, kv_out = jax.lax.scan(body, x, (stacked, jnp.arange(groups), kv_groups))
     if kv_out is not None:
       new_k.append(kv_out[0].reshape((groups * period,) + cache[0].shape[1:]))
       new_v.append(kv_out[1].reshape((groups * period,) + cache[1].shape[1:]))

@@ -322,3 +322,28 @@ def test_sharded_construction_and_forward():
     got = forward(state, jax.device_put(tokens, batch_sharding),
                   jax.device_put(mask, batch_sharding))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_nested_remat_stages_give_the_scan_s_loss_and_gradients():
+  """model.remat_stages (nested remat of the layer scan) changes what the backward keeps,
+  not the numbers: 4 scanned layers as 2 checkpointed stages == one scan (float32)."""
+  config = ModelConfig(vocab_size=32, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2,
+                       head_dim=8, d_ff=64, remat="full", scan_layers=True)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 8)), jnp.int32)
+  mask = jnp.ones((2, 8), jnp.int32)
+  out = []
+  for stages in (1, 2):
+    cfg = dataclasses.replace(config, remat_stages=stages)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    def loss(p, graphdef=graphdef):
+      model = nnx.merge(graphdef, p)
+      return jnp.mean(model.logits(model(tokens, mask)) ** 2)
+    out.append(jax.jit(jax.value_and_grad(loss))(params))
+    jaxpr = str(jax.make_jaxpr(loss)(params))
+    assert jaxpr.count("length=2" if stages == 2 else "length=4") == stages   # outer + inner
+  (l1, g1), (l2, g2) = out
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="remat_stages"):
+    ModelConfig(remat_stages=0)
