@@ -21,7 +21,7 @@ from tests.reliability.helpers import recipe_arg
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 REAL_SCALE = ("llama3_8b_dpo", "llama3_8b_dpo_8k", "qwen25_7b_bco", "gemma2_9b_ln_dpo",
-              "llama3_70b_dpo")
+              "llama3_70b_dpo", "llama3_70b_qlora_dpo")
 
 
 def _load_recipe(name):
@@ -401,6 +401,9 @@ def _tiny_recipe(name, workdir):
   c.data.batch_size = 8
   c.data.pack_length = 0
   c.optim.grad_accum_steps = 1
+  if c.lora.get("base_dtype", ""):   # QLoRA: whole blocks of 64 on every projection's last
+    c.model.overrides.head_dim = 64  # axis, none split by the mesh
+    c.mesh.shape = (-1, 1, 1)
   return c
 
 
