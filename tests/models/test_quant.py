@@ -14,7 +14,7 @@ from tests.train.helpers import built_state, random_batch, tiny_config
 
 # d_model, head_dim and d_ff multiples of the block (64); mesh (4, 1, 2): the "tensor"
 # axis splits d_ff's 2 blocks, and no axis splits d_model's single block.
-QLORA_MODEL = dict(vocab_size=32, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2,
+QLORA_MODEL = dict(vocab_size=32, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2,
                    head_dim=64, d_ff=128, max_seq_len=16)
 
 
@@ -90,14 +90,11 @@ def test_quantized_base_step_equals_the_step_on_the_dequantized_base():
   fmt = "nf4"
   jax.config.update("jax_default_matmul_precision", "highest")
   try:
-    built_q, state_q = built_state(_qlora_config(fmt))
-    built_f, state_f = built_state(_qlora_config(""))
-    for path, leaf in nnx.to_flat_state(state_q.frozen):     # stored quantized, sharded
-      if quant.is_quantized_path(path):
-        assert leaf.get_value().dtype in (jnp.int8, jnp.uint8, jnp.float32)
-        assert leaf.get_value().sharding.spec == next(
-            v for p, v in nnx.to_flat_state(state_f.frozen) if p == path[:-1]
-        ).get_value().sharding.spec
+    # One device: the sharded layout is checked by the import test (tests/train/test_qlora.py).
+    one = {"mesh.shape": (1, 1, 1)}
+    built_q, state_q = built_state(_qlora_config(fmt, **one), jax.devices()[:1])
+    built_f, state_f = built_state(_qlora_config("", **one), jax.devices()[:1])
+    assert {p[-1] for p, _ in nnx.to_flat_state(state_q.frozen)} >= {"codes", "scale"}
     dequantized = jax.jit(lambda f: quant.dequantize_state(f, jnp.float32),
                           out_shardings=built_f.state_shardings.frozen)(state_q.frozen)
     state_f = state_f.replace(frozen=dequantized)

