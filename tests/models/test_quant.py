@@ -132,3 +132,18 @@ def test_bad_base_dtype_settings_fail_in_validation_naming_the_key(overrides, me
   config_lib.apply_overrides(c, overrides)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c, 8)
+
+
+def test_resume_refuses_another_base_dtype_and_accepts_other_remat_stages():
+  """Adapters trained against one base resume only on it; remat_stages (how the backward
+  is recomputed) may change; a record from before the key reads as no quantization."""
+  from jaxalign import errors
+  from jaxalign.train import resume
+  saved = _qlora_config("nf4").to_dict()
+  resume.check_resume_config(saved, _qlora_config("nf4", **{"model.overrides.remat_stages": 1}),
+                             where="here")
+  with pytest.raises(errors.ResumeMismatchError, match=r"lora\.base_dtype 'nf4' -> 'int8'"):
+    resume.check_resume_config(saved, _qlora_config("int8"), where="here")
+  old = _qlora_config("").to_dict()
+  del old["lora"]["base_dtype"]
+  resume.check_resume_config(old, _qlora_config(""), where="here")
