@@ -13,6 +13,10 @@ micro-batches accumulated: 32 pairs per optimizer step. Mesh (1, 8, 1): FSDP ove
 the 8 chips. The reference is the quantized base with the adapters off (computed in
 the step: no second copy of the model).
 
+NOT YET FITTING: planned at 19.38 GB of temporaries per chip against 15.75 GiB (16.53 GB
+with bf16 float parts and 10 stages); docs/performance.md, "QLoRA: a quantized frozen
+base", has the variants and the levers left.
+
   # Check that it compiles and fits, on any CPU machine with libtpu installed
   # (an 80-layer step: compiling takes minutes):
   jaxalign plan --config configs/llama3_70b_qlora_dpo.py --topology v5e:2x4
