@@ -27,7 +27,7 @@ from jaxalign import checkpoint as ckpt
 from jaxalign import guards, losses, paths, rewards, sharding
 from jaxalign.data import schema
 from jaxalign.losses import probe
-from jaxalign.models import attention, grouped_matmul, hf, hf_config, lora, transformer
+from jaxalign.models import attention, grouped_matmul, hf, hf_config, lora, quant, transformer
 from jaxalign.rewards import model as reward_model
 from jaxalign.errors import ConfigError, CorruptCheckpointError, HfConfigError
 # Mesh axes and logical-axis rules live in sharding.py; re-exported under their old names.
@@ -133,6 +133,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.lora.dropout = 0.0
   c.lora.targets = ("q", "k", "v", "o")   # subset of q, k, v, o, gate, up, down
   c.lora.init_adapters = ""   # an adapter directory (lora.save_adapters) to start from
+  # The frozen base's projection weights stored quantized (QLoRA): "" (as
+  # model.param_dtype) | "int8" | "nf4", blockwise absmax, 64 per scale (models/quant.py).
+  c.lora.base_dtype = ""
 
   # COFS-DPO: how stored per-domain fast adapters combine (workflows/continual.py).
   c.cofs = ml_collections.ConfigDict()
@@ -263,6 +266,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, *, platform: str | 
   mesh_shape = _validate_mesh(c, num_devices)
   spec = _validate_loss(c)
   model_cfg, hf_dir = _validate_model(c, platform)
+  _validate_base_dtype(c, model_cfg, mesh_shape)
   _validate_init_from(c, model_cfg)
   _validate_data(c, spec, model_cfg, mesh_shape)
   _validate_context(c, spec, model_cfg, mesh_shape, platform or jax.default_backend())
@@ -477,7 +481,8 @@ def _validate_model(c: ml_collections.ConfigDict, platform: str | None):
 
 # ModelConfig fields that choose how the parameters are computed or stored, not
 # which parameters there are: init_from's checkpoint may differ in them.
-_COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "moe_kernel")
+_COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "moe_kernel",
+                   "remat_stages")
 
 
 def _validate_init_from(c: ml_collections.ConfigDict, model_cfg) -> None:
@@ -642,6 +647,47 @@ def _validate_eval(c: ml_collections.ConfigDict, spec) -> None:
     _fail("data.eval_path", f"must be a path string, got {path!r}")
   if every and not path:
     _fail("eval_every", "evaluates on a held-out set: set data.eval_path")
+
+
+def _validate_base_dtype(c: ml_collections.ConfigDict, model_cfg, mesh_shape) -> None:
+  """lora.base_dtype: a known format, over LoRA adapters, on weights that split into
+  blocks, whose scales shard as the weight's last axis does (a whole number of blocks
+  per device)."""
+  value = c.lora.get("base_dtype", "")
+  try:
+    fmt = quant.normalize_format(value)
+  except ValueError as e:
+    _fail("lora.base_dtype", str(e))
+  if fmt == "none":
+    return
+  if model_cfg.is_moe:
+    _fail("lora.base_dtype", f"{fmt!r}: a quantized base is built for dense models; this "
+          f"model has {model_cfg.n_experts} experts (leave lora.base_dtype unset)")
+  if c.lora.rank == 0:
+    _fail("lora.base_dtype", f"{fmt!r} quantizes the frozen base under LoRA adapters: set "
+          "lora.rank > 0 (a full fine-tune trains the float weights)")
+  if c.get("init_from", ""):
+    _fail("lora.base_dtype", f"{fmt!r} quantizes a base imported from model.hf_path (or "
+          "the seed init); init_from's checkpoint holds float params: export it "
+          "(`jaxalign export`) and set model.hf_path to the export instead")
+  if tuple(c.data.domains):
+    _fail("lora.base_dtype", "continual training (data.domains) merges its modules into "
+          "a float base: leave lora.base_dtype unset")
+  # Blocks run along each projection's last axis (models/quant.py).
+  rules = dict((n, t) for n, t in c.sharding_rules)
+  for axis, logical, weights in (("head_dim", "head_dim", "q, k, v"),
+                                 ("d_model", "embed", "o, down"), ("d_ff", "mlp", "gate, up")):
+    size = getattr(model_cfg, axis)
+    if size % quant.BLOCK:
+      _fail("lora.base_dtype", f"{fmt!r} quantizes blocks of {quant.BLOCK} along the last "
+            f"axis of {weights}: model.{axis}={size} is not a multiple of {quant.BLOCK}")
+    axes = _rule_axes(rules.get(logical))
+    devices = math.prod(mesh_shape[a] for a in axes)
+    if (size // quant.BLOCK) % devices:
+      _fail("lora.base_dtype", f"{fmt!r}: the {size // quant.BLOCK} blocks of "
+            f"{quant.BLOCK} along model.{axis} (the last axis of {weights}) do not split "
+            f"over the {devices} devices of mesh axes {axes} (rule {logical!r}); shard "
+            f"{logical!r} over fewer devices (mesh.shape, sharding_rules)")
 
 
 def _validate_lora(c: ml_collections.ConfigDict, spec, model_cfg) -> None:

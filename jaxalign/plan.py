@@ -435,6 +435,7 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
                               for a in jax.tree.leaves(built.abstract_state.params)),
       "lora": (f"rank {lora_cfg.rank} on {','.join(lora_cfg.targets)}"
                + (f", modules {'+'.join(built.run_spec.modules)}" if built.run_spec.modules else "")
+               + (f", base {lora_cfg.base_dtype}" if lora_cfg.base_dtype != "none" else "")
                if lora_cfg.enabled else None),
       "model": config.model.preset + (" (shape overrides)" if _shape_overrides(config) else ""),
       "scan_layers": model_cfg.scan_layers, "layers": built.run_spec.layers_line,

@@ -5,6 +5,7 @@ libtpu (the `tpu` extra; no TPU): each real-scale recipe in configs/ is
 compiled for the slice it names in TOPOLOGY and must fit in its HBM.
 """
 
+import contextlib
 import importlib.util
 import logging
 import pathlib
@@ -23,6 +24,8 @@ from tests.reliability.helpers import recipe_arg
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 REAL_SCALE = ("llama3_8b_dpo", "llama3_8b_dpo_8k", "qwen25_7b_bco", "gemma2_9b_ln_dpo",
               "llama3_70b_dpo", "qwen3_30b_a3b_dpo", "llama3_8b_dpo_32k", "llama3_8b_dpo_128k")
+# configs/llama3_70b_qlora_dpo.py is not here: its plan on v5e:2x4 needs 16.53 GB of
+# temporaries per chip against 15.75 GiB (docs/performance.md, "QLoRA"); it joins when it fits.
 
 
 def _load_recipe(name):
@@ -464,8 +467,13 @@ def test_real_scale_recipe_fits_its_slice(name):
   pytest.importorskip("libtpu")
   recipe = _load_recipe(name)
   # Fit only: the scanned-cost probes (two more compiles) are not needed for memory.
-  # Under the suite's "highest" matmul precision (conftest), as a user who sets it would.
-  p = plan_lib.plan(recipe.get_config(), topology=recipe.TOPOLOGY, scan_estimate=False)
+  # Under the suite's "highest" matmul precision (conftest), as a user who sets it would;
+  # a recipe with nested remat at the default one, the only one it traces at with splash
+  # and bf16 (attention._traced_at).
+  config = recipe.get_config()
+  nested = config.model.overrides.get("remat_stages", 1) > 1
+  with jax.default_matmul_precision("default") if nested else contextlib.nullcontext():
+    p = plan_lib.plan(config, topology=recipe.TOPOLOGY, scan_estimate=False)
   assert p["fits"], plan_lib.format_plan(p)
   assert p["memory_total"] <= p["hbm_bytes"]
   assert p["flops_per_step"] > 0
@@ -492,6 +500,9 @@ def _tiny_recipe(name, workdir):
   c.data.batch_size = 8
   c.data.pack_length = 0
   c.optim.grad_accum_steps = 1
+  if c.lora.get("base_dtype", ""):   # QLoRA: whole blocks of 64 on every projection's last
+    c.model.overrides.head_dim = 64  # axis, none split by the mesh
+    c.mesh.shape = (-1, 1, 1)
   return c
 
 

@@ -251,8 +251,15 @@ def _traced_at(fn, precision):
 
   A Pallas kernel's contractions take the precision in force when its body is
   traced, and the backward kernels are traced when the step is differentiated,
-  outside any `with` around the forward call; this wraps both.
+  outside any `with` around the forward call; this wraps both. Where `precision`
+  is the process default already there is nothing to wrap and `fn` is returned as
+  is: the wrapper's custom_vjp, whose forward enters the precision context, leaks
+  tracers under nested rematerialization (model.remat_stages), so a bf16 splash step
+  with remat_stages traces only at the default process precision.
   """
+  if (precision or "default") == (jax.config.jax_default_matmul_precision or "default"):
+    return fn
+
   @jax.custom_vjp
   def wrapped(*args):
     with jax.default_matmul_precision(precision):

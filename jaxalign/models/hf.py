@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from jaxalign import errors
 from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models.families import Experts, family
+from jaxalign.models import quant
 from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture, read_config
 from jaxalign.models.transformer import ModelConfig, Transformer
 
@@ -459,22 +460,29 @@ def load_state(path: str, config: ModelConfig, abstract_state):
                          f"the config wants {lay.hf_shape}")
       return tensor
 
-    values = []
+    values = {}
+    by_key = dict(flat)
     for key, leaf in flat:
+      if quant.is_quantized_path(key) and key[:-1] in layouts:
+        if key[-1] == "codes":   # a quantized base (QLoRA): codes and scales together
+          scale_key = key[:-1] + ("scale",)
+          values[key], values[scale_key] = _place_quantized(
+              layouts[key[:-1]], tensor_of, _value(leaf), _value(by_key[scale_key]))
+        continue
       if key not in layouts:
         raise ValueError(f"no HF tensor for parameter {'.'.join(map(str, key))}")
       lay = layouts[key]
       abstract = _value(leaf)
       tensors = lay.map(tensor_of) if isinstance(lay, _Stacked) else tensor_of(lay)
-      values.append(_place(tensors, lay, abstract))
+      values[key] = _place(tensors, lay, abstract)
     extra = sorted(n for n in set(files) - used
                    if not n.endswith(_IGNORED_SUFFIXES)
                    and not (n == "lm_head.weight" and config.tie_embeddings))
     if extra:
       raise ValueError(f"{path}: tensors with no place in the model: {extra[:8]}"
                        + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
-  return nnx.from_flat_state([(k, leaf.replace(v) if hasattr(leaf, "replace") else v)
-                              for (k, leaf), v in zip(flat, values)])
+  return nnx.from_flat_state([(k, leaf.replace(values[k]) if hasattr(leaf, "replace")
+                               else values[k]) for k, leaf in flat])
 
 
 def _place(tensors, lay: _Layout | _Stacked, abstract: jax.ShapeDtypeStruct) -> jax.Array:
@@ -489,6 +497,43 @@ def _place(tensors, lay: _Layout | _Stacked, abstract: jax.ShapeDtypeStruct) -> 
     return blocks[key]
 
   return jax.make_array_from_callback(abstract.shape, abstract.sharding, block)
+
+
+def _place_quantized(lay, tensor_of, codes: jax.ShapeDtypeStruct,
+                     scale: jax.ShapeDtypeStruct) -> tuple[jax.Array, jax.Array]:
+  """(codes, scale) global arrays of one HF tensor quantized on load (models/quant.py).
+
+  Each device's block of codes (or scales) maps to a block of the float weight
+  (whole quantization blocks along the last axis: codes and scales shard alike);
+  that float block alone is read from the file and quantized on the host, once for
+  both arrays. The float weight is never whole in host memory.
+  """
+  fmt = quant.format_of(codes.dtype)
+  n = codes.shape[-1] * (2 if fmt == "nf4" else 1)        # the float weight's last axis
+  block = n // scale.shape[-1]
+  tensors = lay.map(tensor_of) if isinstance(lay, _Stacked) else tensor_of(lay)
+  read = lambda index: lay.read(tensors, index)
+  done: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+  def part(which: int, per: int, shape):
+    def block_of(index):
+      bounds = [s.indices(size)[:2] for s, size in zip(index, shape)]
+      (lo, hi), lead = bounds[-1], bounds[:-1]
+      key = (*lead, (lo * per, hi * per))
+      if key not in done:
+        if (hi - lo) * per % block:
+          raise ValueError(f"{getattr(lay, 'name', lay.names[0])}: a device holds a part "
+                           f"of a quantization block of {block} (mesh and block disagree)")
+        w = read(tuple(slice(a, b) for a, b in key)).astype(np.float32)
+        done[key] = quant.quantize(w, fmt, block=block, xp=np)
+      return done[key][which]
+    return block_of
+
+  per_code = n // codes.shape[-1]
+  return (jax.make_array_from_callback(codes.shape, codes.sharding,
+                                       part(0, per_code, codes.shape)),
+          jax.make_array_from_callback(scale.shape, scale.sharding,
+                                       part(1, block, scale.shape)))
 
 
 def resolve_path(path_or_name: str) -> str:

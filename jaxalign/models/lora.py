@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.models import transformer
+from jaxalign.models import quant, transformer
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_TARGETS = _ATTENTION = ("q", "k", "v", "o")
@@ -53,9 +53,13 @@ class LoraConfig:
   alpha: float = 16.0
   dropout: float = 0.0
   targets: tuple[str, ...] = ("q", "k", "v", "o")
+  # How the frozen base's projection weights are stored: "none" (model.param_dtype),
+  # "int8" or "nf4" (QLoRA; jaxalign.models.quant).
+  base_dtype: str = "none"
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
+    object.__setattr__(self, "base_dtype", quant.normalize_format(self.base_dtype))
 
   @property
   def enabled(self) -> bool:
@@ -71,7 +75,7 @@ def config_from(c) -> LoraConfig:
   if c is None:
     return LoraConfig()
   return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
-                    targets=tuple(c.targets))
+                    targets=tuple(c.targets), base_dtype=c.get("base_dtype", "") or "none")
 
 
 class LoRA(nnx.Module):
@@ -162,10 +166,18 @@ def set_dropout_key(model: nnx.Module, key: jax.Array | None) -> None:
       module.dropout_key = None if key is None else nnx.data(key)
 
 
-def base_graphdef(model_cfg) -> nnx.GraphDef:
+def base_model(model_cfg, *, seed: int, base_dtype: str = "none") -> transformer.Transformer:
+  """The base Transformer a LoRA run adapts: its projections quantized per `base_dtype`
+  ("none": as built). Build it under the run's mesh and rules to shard it."""
+  return quant.quantize_model(transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed)),
+                              base_dtype)
+
+
+def base_graphdef(model_cfg, base_dtype: str = "none") -> nnx.GraphDef:
   """The graph of the model without adapters: merged with the frozen base params
-  alone it is the reference (adapters switched off). Call it outside `jax.set_mesh`."""
-  abstract = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  alone it is the reference (adapters switched off). Call it outside `jax.set_mesh`.
+  `base_dtype`: the base's storage (LoraConfig.base_dtype), as the run's frozen holds it."""
+  abstract = nnx.eval_shape(lambda: base_model(model_cfg, seed=0, base_dtype=base_dtype))
   return nnx.split(abstract, nnx.Param, ...)[0]
 
 

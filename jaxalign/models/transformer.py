@@ -62,6 +62,7 @@ from jaxalign.models import context as context_lib
 from jaxalign.models import expert_parallel
 from jaxalign.models import grouped_matmul as grouped_matmul_lib
 from jaxalign.models import moe as moe_lib
+from jaxalign.models import quant
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
@@ -154,6 +155,11 @@ class ModelConfig:
   # recipe's model.scan_layers may also be "auto", resolved to one of the two
   # before a ModelConfig is made (`auto_scan_layers`).
   scan_layers: bool = True
+  # Nested rematerialization of the layer scan (scanned layers, remat not "none"):
+  # the G scanned groups run as this many checkpointed stages of G / stages groups
+  # each, so the backward keeps stages + G / stages layer inputs instead of G, for
+  # one more forward of the layers. 1: one scan (each group's input kept).
+  remat_stages: int = 1
   # Attention kernel: "auto" | "xla" | "cudnn" | "splash" (jaxalign.models.attention).
   attention: str = "auto"
   # Mixture of experts (Qwen3-MoE, Mixtral): n_experts > 0 makes every block's MLP a
@@ -179,6 +185,9 @@ class ModelConfig:
     object.__setattr__(self, "remat", normalize_remat(self.remat))
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"scan_layers={self.scan_layers!r}; want True or False")
+    if (isinstance(self.remat_stages, bool) or not isinstance(self.remat_stages, int)
+        or self.remat_stages < 1):
+      raise ValueError(f"remat_stages={self.remat_stages!r}; want an int >= 1")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                        f"n_kv_heads={self.n_kv_heads}")
@@ -394,9 +403,14 @@ def _project(module: nnx.Module, name: str, equation: str, x: jax.Array,
   """x times the weight `module.<name>`, plus the delta of its LoRA adapter if any.
 
   Every adaptable projection (q, k, v, o, gate, up, down) goes through here;
-  jaxalign.models.lora attaches an adapter as the attribute `<name>_lora`.
+  jaxalign.models.lora attaches an adapter as the attribute `<name>_lora`. A
+  weight of a quantized base (jaxalign.models.quant) is dequantized here, per layer.
   """
-  w = getattr(module, name)[...].astype(module.dtype)
+  weight = getattr(module, name)
+  if isinstance(weight, quant.QuantizedWeight):   # a quantized frozen base (QLoRA)
+    w = weight.dequantize(module.dtype)
+  else:
+    w = weight[...].astype(module.dtype)
   y = _matmul_2d(equation, x, w) if attention_lib.current_platform() == "cpu" else None
   y = jnp.einsum(equation, x, w) if y is None else y
   adapter = getattr(module, name + "_lora", None)
@@ -914,7 +928,22 @@ class Transformer(nnx.Module):
       shape = (groups, period) + cache[0].shape[1:]
       kv_groups = (cache[0][:groups * period].reshape(shape),
                    cache[1][:groups * period].reshape(shape))
-    x, (kv_out, group_stats) = jax.lax.scan(body, x, (stacked, jnp.arange(groups), kv_groups))
+    stages = c.remat_stages
+    if stages > 1 and cache is None and policy != "none":
+      if groups % stages:
+        raise ValueError(f"remat_stages={stages} does not divide the {groups} scanned "
+                         "layer groups")
+      # Nested remat: an outer scan over checkpointed stages of groups // stages groups.
+      staged = jax.tree.map(lambda a: a.reshape(stages, groups // stages, *a.shape[1:]),
+                            (stacked, jnp.arange(groups)))
+      def stage(x, xs):
+        x, (_, stats) = jax.lax.scan(lambda x, xs_g: body(x, (*xs_g, None)), x, xs)
+        return x, jax.tree.map(lambda a: a.sum(axis=0), stats)
+      x, group_stats = jax.lax.scan(jax.checkpoint(stage, prevent_cse=False), x, staged)
+      kv_out = None
+    else:
+      x, (kv_out, group_stats) = jax.lax.scan(body, x,
+                                              (stacked, jnp.arange(groups), kv_groups))
     all_stats.append(jax.tree.map(lambda a: a.sum(axis=0), group_stats))
     if kv_out is not None:
       new_k.append(kv_out[0].reshape((groups * period,) + cache[0].shape[1:]))

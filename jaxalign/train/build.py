@@ -62,10 +62,11 @@ def build_model_and_state(model_cfg, tx, mesh, rules, *, seed: int, keep_referen
   def make_model():
     if scalar_head:
       return reward_model.RewardModel(model_cfg, rngs=nnx.Rngs(seed))
-    model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
     if lora_config is not None and lora_config.enabled:
-      lora.add_adapters(model, lora_config, seed=seed)
-    return model
+      # The frozen base, quantized when lora.base_dtype says so, then the adapters.
+      model = lora.base_model(model_cfg, seed=seed, base_dtype=lora_config.base_dtype)
+      return lora.add_adapters(model, lora_config, seed=seed)
+    return transformer.Transformer(model_cfg, rngs=nnx.Rngs(seed))
 
   def init_fn():
     with nnx.logical_axis_rules(tuple(rules)):
@@ -105,7 +106,7 @@ def build(spec: config_lib.RunSpec, mesh: jax.sharding.Mesh) -> Built:
   replicated = sharding.replicated(mesh)
   # With LoRA a frozen reference is the base with adapters off: no copy of it
   # (a synced one is the base plus a reference copy of the adapters).
-  ref_graphdef = (lora.base_graphdef(spec.model_cfg)
+  ref_graphdef = (lora.base_graphdef(spec.model_cfg, spec.lora_cfg.base_dtype)
                   if spec.lora_cfg.enabled and spec.frozen_ref and spec.ref_sync is None
                   else None)
   loss_call = step_lib.make_loss_call(spec.loss, dict(spec.hparams),

@@ -26,9 +26,14 @@ def initial_state(spec: config_lib.RunSpec, built: build_lib.Built, *, fresh: bo
   """
   abstract = built.abstract_state
   if spec.lora_cfg.enabled:
-    state = jax.jit(built.init_fn, out_shardings=built.state_shardings)()
     base = _starting(spec, abstract.frozen)
-    if base is not None:
+    if base is None:
+      state = jax.jit(built.init_fn, out_shardings=built.state_shardings)()
+    else:
+      # The seeded base init_fn would make is never computed (XLA drops it): no
+      # random float copy of a large (or quantized: lora.base_dtype) base is made.
+      state = jax.jit(lambda: built.init_fn().replace(frozen=None),
+                      out_shardings=built.state_shardings.replace(frozen=None))()
       state = state.replace(frozen=base)
     return _with_init_adapters(spec, built, state) if fresh else state
   # A reward model starts its backbone from the source; its scalar head keeps the seed init.

@@ -32,7 +32,7 @@ log = logging.getLogger("jaxalign")
 OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options", "reward.name", "reward.options",
                   "online.regenerate_every", "sampling.max_new_tokens", "sampling.temperature",
                   "sampling.top_k", "sampling.top_p")
-FREE_MODEL_FIELDS = ("dtype", "remat", "attention", "moe_kernel")
+FREE_MODEL_FIELDS = ("dtype", "remat", "attention", "moe_kernel", "remat_stages")
 # Objective facts validation records in the config (not settings), compared like
 # OBJECTIVE_KEYS when both the checkpoint's record and the new one hold them: a
 # checkpoint saved before a fact was recorded resumes as it did.
@@ -67,6 +67,8 @@ def _structure(c, model_cfg) -> dict[str, Any]:
   lora_cfg = lora.config_from(c.get("lora"))
   if lora_cfg.enabled:  # absent (older configs) and rank 0 read the same
     out["lora.rank"], out["lora.targets"] = lora_cfg.rank, lora_cfg.targets
+    # The base the adapters were trained against ("none" for configs before the key).
+    out["lora.base_dtype"] = lora_cfg.base_dtype
     out["loss modules"] = losses.get(c.loss.name).modules
   return out
 

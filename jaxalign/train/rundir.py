@@ -22,7 +22,7 @@ from flax import nnx
 from jaxalign import checkpoint as ckpt
 from jaxalign import config as config_lib
 from jaxalign import losses, paths, sharding
-from jaxalign.models import hf, hf_config, lora
+from jaxalign.models import hf, hf_config, lora, quant
 from jaxalign.rewards import model as reward_model
 from jaxalign.train import build as build_lib
 from jaxalign.train import optim
@@ -97,7 +97,9 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None, 
   caller has them resolved (a RunSpec's), else derived from `config`; the layer
   layout is always the one the checkpoint's own record names.
   A LoRA run's model comes back merged: the base graph and base + adapter
-  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen; a
+  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen (a
+  quantized base, lora.base_dtype: its dequantized weights + adapters, in
+  model.param_dtype; the whole merged model is then on the devices at once); a
   reward-model run's, the rewards.model.RewardModel (backbone and scalar head).
   """
   hf_dir = config_lib.hf_model_dir(config) if hf_dir is None else hf_dir
@@ -122,8 +124,11 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None, 
       base = starting_params(abstract_state.frozen, init_from=config.init_from, hf_dir=hf_dir,
                              model_cfg=model_cfg)
       adapters = params[modules[0]] if modules else params
-      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(
-          frozen if base is None else base, adapters)
+      base = frozen if base is None else base
+      if lora_cfg.base_dtype != "none":   # a quantized base: merged into its float weights
+        base = jax.jit(functools.partial(quant.dequantize_state,
+                                         dtype=model_cfg.param_dtype))(base)
+      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(base, adapters)
       return base_graphdef, merged, nnx.State({})
   return graphdef, params, frozen
 

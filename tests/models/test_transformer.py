@@ -349,3 +349,46 @@ def test_cpu_projections_are_plain_matmuls_with_the_einsum_values():
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x3).compile().as_text()
   assert " transpose(" not in hlo and " copy(" not in hlo, "a transposed activation copy"
+
+
+def test_nested_remat_stages_give_the_scan_s_loss_and_gradients():
+  """model.remat_stages (nested remat of the layer scan) changes what the backward keeps,
+  not the numbers: 2 scanned layers as 2 checkpointed stages == one scan (float32)."""
+  config = ModelConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                       head_dim=8, d_ff=32, remat="full", scan_layers=True)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 8)), jnp.int32)
+  mask = jnp.ones((2, 8), jnp.int32)
+  out = []
+  for stages in (1, 2):
+    cfg = dataclasses.replace(config, remat_stages=stages)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    def loss(p, graphdef=graphdef):
+      model = nnx.merge(graphdef, p)
+      return jnp.mean(model.logits(model(tokens, mask)) ** 2)
+    out.append(jax.jit(jax.value_and_grad(loss))(params))
+    jaxpr = str(jax.make_jaxpr(loss)(params))
+    assert jaxpr.count("length=1" if stages == 2 else "length=2") == 1   # the inner scans
+  (l1, g1), (l2, g2) = out
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="remat_stages"):
+    ModelConfig(remat_stages=0)
+
+
+def test_nested_remat_stages_trace_with_the_splash_kernel():
+  """A bf16 splash step with model.remat_stages (the 70B QLoRA recipe's) traces: the
+  kernel's precision wrapper, not needed at the process default precision, leaked
+  tracers under the nested remat ("No constant handler for ... DynamicJaxprTracer")."""
+  config = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                       head_dim=16, d_ff=32, max_seq_len=128, remat="full", scan_layers=True,
+                       remat_stages=2, attention="splash", dtype="bfloat16")
+  graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+  tokens, mask = jnp.zeros((1, 128), jnp.int32), jnp.ones((1, 128), jnp.int32)
+
+  def loss(p):
+    model = nnx.merge(graphdef, p)
+    return jnp.mean(model(tokens, mask).astype(jnp.float32) ** 2)
+
+  with jax.default_matmul_precision("default"):   # what `jaxalign plan` / `train` run at
+    jax.jit(jax.grad(loss)).lower(params)

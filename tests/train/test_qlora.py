@@ -1,0 +1,119 @@
+"""QLoRA end to end on a tiny Llama saved by transformers: the import quantizes per
+device block exactly as quantizing the float import does, a run resumes bit for bit
+(the quantized base is rebuilt from the source, never checkpointed), and the export
+merges the adapters into the dequantized weights, which transformers loads."""
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import sharding
+from jaxalign.models import quant
+from jaxalign.train import build as build_lib, rundir
+from tests.train.helpers import read_metrics, tiny_config, train_loop
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  """A random 1-layer Llama (d_model, head_dim, d_ff multiples of the NF4 block)."""
+  from jaxalign.data import toy
+  path = str(tmp_path_factory.mktemp("hf"))
+  config = transformers.LlamaConfig(
+      vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=64,
+      rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config)
+  model.save_pretrained(path)
+  toy.build_tokenizer().save_pretrained(path)
+  return path
+
+
+def _config(hf_dir, fmt="nf4", **overrides):
+  c = tiny_config("dpo", **{"lora.rank": 4, "lora.alpha": 8.0, "lora.base_dtype": fmt,
+                            "lora.targets": ("q", "v", "down"), "reference.mode": "frozen",
+                            "optim.lr": 1e-2, "total_steps": 2, "optim.warmup_steps": 1, "checkpoint.every": 1,
+                            **overrides})
+  c.model.overrides = ml_collections.ConfigDict()   # everything from config.json
+  c.model.hf_path = hf_dir
+  c.data.tokenizer = ""
+  return c
+
+
+def test_import_quantizes_each_device_block_as_quantizing_the_float_import(hf_dir):
+  """Mesh (4, 1, 2): "tensor" splits gate/up's last axis (2 blocks), so each device
+  quantizes its own block of the HF tensor on the host (NF4; int8 takes the same path,
+  its host and device codes agree in tests/models/test_quant.py)."""
+  fmt = "nf4"
+  def base(fmt):
+    built = build_lib.build_config(_config(hf_dir, fmt, **{"mesh.shape": (4, 1, 2)}))
+    spec = built.run_spec
+    with jax.set_mesh(built.mesh):
+      return rundir.starting_params(built.abstract_state.frozen, init_from="",
+                                    hf_dir=hf_dir, model_cfg=spec.model_cfg)
+  quantized = dict(nnx.to_flat_state(base(fmt)))
+  floats = dict(nnx.to_flat_state(base("")))
+  projections = [p for p in floats if p[-1] in quant.PROJECTIONS]
+  assert len(projections) == 7 and len(quantized) == len(floats) + len(projections)
+  for path, leaf in floats.items():
+    w = leaf.get_value()
+    if path[-1] not in quant.PROJECTIONS:
+      np.testing.assert_array_equal(quantized[path].get_value(), w)
+      continue
+    codes = quantized[path + ("codes",)].get_value()
+    scale = quantized[path + ("scale",)].get_value()
+    assert codes.sharding.spec == scale.sharding.spec == w.sharding.spec, path
+    want = jax.jit(lambda a: quant.quantize(a, fmt))(w)
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(want[0]), err_msg=str(path))
+    np.testing.assert_array_equal(np.asarray(scale), np.asarray(want[1]), err_msg=str(path))
+
+
+def test_qlora_run_resumes_bit_identically_and_exports_merged_float_weights(hf_dir, tmp_path):
+  one = jax.devices()[:1]
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  config = _config(hf_dir)
+  train_loop(config, straight, progress=False, devices=one)
+  train_loop(config, resumed, progress=False, devices=one, stop_after=1)
+  train_loop(config, resumed, progress=False, devices=one)
+  a, b = read_metrics(straight), read_metrics(resumed)
+  assert [m["step"] for m in b] == [1, 2]
+  for x, y in zip(a, b):
+    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+      assert x[key] == y[key], (key, x, y)
+  assert all(m["grad_norm"] > 0 for m in a)
+
+  mesh = sharding.make_mesh((1, 1, 1), one)
+  out = rundir.export_checkpoint(straight, str(tmp_path / "out"), mesh=mesh)
+  exported, info = transformers.AutoModelForCausalLM.from_pretrained(
+      out, output_loading_info=True, attn_implementation="eager", dtype=torch.float32)
+  assert not any(info.values()), info
+  graphdef, merged, frozen = rundir.load_run_params(straight, config, mesh)
+  ours = nnx.merge(graphdef, merged, frozen)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 48, size=(2, 10)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  want = np.asarray(ours.logits(ours(jnp.asarray(tokens), jnp.asarray(mask))))
+  with torch.no_grad():
+    got = exported.eval()(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+  # k is not adapted: exported, it is the NF4-dequantized original, within NF4's bound.
+  original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  w = original.model.layers[0].self_attn.k_proj.weight.detach().numpy()   # [KV*Dh, D]
+  k = exported.model.layers[0].self_attn.k_proj.weight.detach().numpy()
+  ours_w = np.asarray(quant.dequantize(*quant.quantize(w.T, "nf4", xp=np), "nf4")).T
+  np.testing.assert_array_equal(k, ours_w)     # blocks along our last axis: HF's rows
+  assert 0 < np.abs(k - w).max() <= np.abs(w).max() * 0.139
+  # q is adapted: the export is dequantized base + scale * A @ B, not the base.
+  q0 = original.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+  q = exported.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+  q_base = np.asarray(quant.dequantize(*quant.quantize(q0.T, "nf4", xp=np), "nf4")).T
+  assert np.abs(q - q_base).max() > 1e-4
+  assert os.path.exists(os.path.join(out, "config.json"))
