@@ -308,6 +308,23 @@ def test_tiny_dpo_compiles_for_a_tpu_slice():
 
 
 @pytest.mark.tpu
+def test_bf16_moe_step_on_megablox_compiles_under_highest_precision():
+  """A bf16 MoE step on the megablox kernel compiles for a TPU slice under the process
+  default "highest" (the suite's, conftest): the kernel's forward and backward are
+  traced at "default" precision, as splash is; under "highest" Mosaic refused its
+  bf16 contractions ("Bad lhs type"), failing the Qwen3-30B-A3B recipe's fit test."""
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.model.scan_layers = False
+  c.model.moe_kernel = "megablox"
+  c.model.overrides.update(dict(n_experts=4, experts_per_token=2, d_model=128, moe_d_ff=128,
+                                dtype="bfloat16", head_dim=32))
+  assert jax.config.jax_default_matmul_precision == "highest"
+  p = plan_lib.plan(c, topology="v5p:2x2x1")
+  assert p["fits"] and p["moe_kernel"] == "megablox"
+
+
+@pytest.mark.tpu
 def test_auto_layers_are_planned_scanned_for_a_tpu_slice():
   """model.scan_layers="auto" is resolved for the plan's target, not for this CPU host."""
   pytest.importorskip("libtpu")

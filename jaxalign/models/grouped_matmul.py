@@ -29,6 +29,7 @@ float32/bfloat16 or of two dtypes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -149,9 +150,20 @@ def _megablox(lhs, rhs, group_sizes, *, interpret: bool):
   return out[:m]
 
 
+def _kernel_precision(dtype):
+  """The matmul precision the kernel's body is traced under: the process default for
+  float32 operands, "default" (one pass at the operands' width) for narrower ones,
+  since a process-wide "highest" asks Mosaic for fp32 contractions of bf16 operands,
+  which it refuses ("Bad lhs type"), as with the splash kernel."""
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision("default")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _gmm(lhs, rhs, group_sizes, tiling, interpret):
-  out = _backend().gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, interpret=interpret)
+  with _kernel_precision(lhs.dtype):
+    out = _backend().gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, interpret=interpret)
   return jnp.where(_valid_rows(lhs.shape[0], group_sizes), out, 0)
 
 
@@ -165,12 +177,13 @@ def _gmm_bwd(tiling, interpret, residuals, grad):
   # d lhs = grad @ rhs[g]^T per group; rows past the groups are left unwritten.
   # Its contraction is over N and its output over K: the tiles swap.
   tm, tk, tn = tiling
-  grad_lhs = backend.gmm(grad, rhs, group_sizes, lhs.dtype, (tm, tn, tk), transpose_rhs=True,
-                         interpret=interpret)
+  with _kernel_precision(lhs.dtype):   # the backward is traced outside the forward's
+    grad_lhs = backend.gmm(grad, rhs, group_sizes, lhs.dtype, (tm, tn, tk),
+                           transpose_rhs=True, interpret=interpret)
+    # d rhs[g] = lhs_g^T @ grad_g; tgmm masks rows outside each group itself.
+    grad_rhs = backend.tgmm(lhs.swapaxes(0, 1), grad, group_sizes, rhs.dtype, tiling,
+                            interpret=interpret)
   grad_lhs = jnp.where(_valid_rows(lhs.shape[0], group_sizes), grad_lhs, 0)
-  # d rhs[g] = lhs_g^T @ grad_g; tgmm masks rows outside each group itself.
-  grad_rhs = backend.tgmm(lhs.swapaxes(0, 1), grad, group_sizes, rhs.dtype, tiling,
-                          interpret=interpret)
   return grad_lhs, grad_rhs, None
 
 
