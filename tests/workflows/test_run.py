@@ -108,7 +108,7 @@ def test_the_spec_is_frozen_and_holds_what_was_resolved():
   recorded["model"]["scan_layers"] = False
   assert spec.config.to_dict() == recorded
   assert spec.model_cfg == config_lib.model_config(c)
-  assert spec.mesh_shape == (1, 8, 1) and spec.hf_dir == ""
+  assert spec.mesh_shape == (1, 8, 1, 1) and spec.hf_dir == ""   # (data, fsdp, context, tensor)
   assert spec.mode == "run" and not spec.online and not spec.cofs
   assert spec.frozen_ref and not spec.precompute_ref
   assert spec.lora_cfg.rank == 2 and spec.loss.name == "dpo"
