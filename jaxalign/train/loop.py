@@ -126,7 +126,7 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
   # unless _claim_workdir keeps it.
   if lock is not None and jax.process_index() == 0:
     lock.acquire(workdir)   # runlock.LockedError when another live run holds it
-  data = _load_data(spec, workdir)
+  data = _load_data(spec, workdir, kl_chunk_size(spec, mesh))
   _claim_workdir(spec, workdir, data, lock)
   checkpointer = ckpt.Checkpointer(
       paths.join(workdir, "checkpoints"), every=spec.checkpoint.every,
@@ -194,10 +194,18 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
                    signal_name=preempt.signal_name if stopped else "")
 
 
-def _load_data(spec: config_lib.RunSpec, workdir: str) -> _Data:
+def kl_chunk_size(spec: config_lib.RunSpec, mesh) -> int:
+  """unpaired_kl (KTO): its KL sequences pair examples within each process's share of
+  a global batch. Processes that share batch shards (a context axis across them) read
+  the same rows, so the share is the batch over the batch slices, not the processes."""
+  _, p_count = sharding.process_slice(sharding.batch_sharding(mesh, spec.rules))
+  return spec.data.batch_size // p_count
+
+
+def _load_data(spec: config_lib.RunSpec, workdir: str, kl_chunk: int) -> _Data:
   """Reads, validates and tokenizes the training (and held-out) data, before any
   compile and before anything but the run lock is written; checks it against a
-  resumed run's."""
+  resumed run's. `kl_chunk`: `kl_chunk_size(spec, mesh)`."""
   # Online methods sample their groups inside the run (jaxalign.train.online).
   online = online_lib.source_for(spec)
   fmt = online.data_format if online else spec.loss.data
@@ -210,14 +218,14 @@ def _load_data(spec: config_lib.RunSpec, workdir: str) -> _Data:
       d.train_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
       max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
       map_record=online.map_record if online else None,
-      kl_chunk_size=d.batch_size // jax.process_count())
+      kl_chunk_size=kl_chunk)
   if num_skipped:
     log.warning("skipped %d malformed records of %s", num_skipped, d.train_path)
   if jax.process_index() == 0:
     log.info("indexed %d examples of %s in %.1f s", len(examples), d.train_path,
              time.perf_counter() - began)
   # The held-out set is in the loss's own format (for online methods too: fixed samples).
-  eval_examples = load_eval_set(spec, tokenizer) if d.eval_path else None
+  eval_examples = load_eval_set(spec, tokenizer, kl_chunk) if d.eval_path else None
   data_fp = fingerprint.compute(examples, tokenizer, train_path=d.train_path,
                                 settings=fingerprint.settings_from_config(spec.config, fmt))
   changed = fingerprint.check_resume(workdir, data_fp, allow_change=spec.allow_config_change)
@@ -225,8 +233,9 @@ def _load_data(spec: config_lib.RunSpec, workdir: str) -> _Data:
                eval_examples=eval_examples, fp=data_fp, changed=changed, online=online)
 
 
-def load_eval_set(spec: config_lib.RunSpec, tokenizer) -> list[dict]:
-  """data.eval_path's examples in the loss's format, tokenized like the training set.
+def load_eval_set(spec: config_lib.RunSpec, tokenizer, kl_chunk: int | None = None) -> list[dict]:
+  """data.eval_path's examples in the loss's format, tokenized like the training set
+  (`kl_chunk`: `kl_chunk_size`; by default the batch over the processes).
 
   Raises:
     ConfigError: naming config.data.eval_path, when it cannot be read, is not in
@@ -238,7 +247,8 @@ def load_eval_set(spec: config_lib.RunSpec, tokenizer) -> list[dict]:
     examples, skipped = examples_lib.open_examples(
         d.eval_path, fmt, tokenizer, split=d.split, max_length=d.max_length,
         max_prompt_length=d.max_prompt_length, on_error=d.on_error, group_size=d.group_size,
-        kl_chunk_size=d.batch_size // jax.process_count(), key="config.data.eval_path")
+        kl_chunk_size=kl_chunk or d.batch_size // jax.process_count(),
+        key="config.data.eval_path")
   except (config_lib.ConfigError, formats.DataError) as e:
     text = str(e)
     text = text[len(train_key):] if text.startswith(train_key) else text

@@ -156,6 +156,24 @@ def test_processes_sharing_batch_shards_feed_the_same_rows():
                                        0) == (0, 1)
 
 
+def test_kto_kl_chunks_are_each_process_batch_share_with_context_across_processes(monkeypatch):
+  """KTO pairs its KL sequences within each process's share of a batch: with a context
+  axis across processes that share is the batch over the batch slices (here 2), not
+  over the processes (4), or a split run pairs other examples than the unsplit one."""
+  from types import SimpleNamespace
+  from jaxalign.train import loop
+  grid = np.arange(16).reshape(2, 1, 8, 1) // 4     # 4 processes, 2 per data shard
+  devices = np.vectorize(lambda p: SimpleNamespace(process_index=int(p)),
+                         otypes=[object])(grid)
+  fake_mesh = SimpleNamespace(devices=devices, axis_names=sharding.MESH_AXES)
+  monkeypatch.setattr(sharding, "batch_sharding", lambda mesh, rules: SimpleNamespace(
+      mesh=fake_mesh, spec=jax.sharding.PartitionSpec(("data", "fsdp"))))
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  monkeypatch.setattr(jax, "process_index", lambda: 2)
+  spec = config_lib.resolve(tiny_config(**{"data.batch_size": 8}), 8)
+  assert loop.kl_chunk_size(spec, mesh=None) == 4
+
+
 def test_context_splash_matches_reference():
   """The splash kernel per context shard (Pallas interpret mode on CPU): 2 shards of
   128 query rows in the load-balanced order, all-gathered keys, segments crossing
