@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jaxalign import distributed
-from tests.train.helpers import tiny_config, train_loop
+from tests.train.helpers import compile_flags, tiny_config, train_loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
@@ -28,7 +28,7 @@ RECIPE = ROOT / "tests" / "train" / "tiny_cli_config.py"
 def _launch(workdir, log_dir, *extra):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(PYTHON=sys.executable, PYTHONPATH=str(ROOT), LOG_DIR=str(log_dir),
-             DEVICES_PER_PROCESS="4")
+             DEVICES_PER_PROCESS="4", XLA_FLAGS=compile_flags())
   proc = subprocess.run(
       ["bash", str(LAUNCH), "2", "--config", str(RECIPE), "--workdir", str(workdir),
        "--noprogress", "--distributed_timeout", "120", *extra],
@@ -123,7 +123,7 @@ def test_a_killed_process_is_named_by_the_survivor_in_one_line(tmp_path):
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAXALIGN_SUPERVISED")}
   env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=compile_flags() + " --xla_force_host_platform_device_count=4")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "jaxalign.cli", "train", "--config", str(RECIPE), "--workdir",
        str(workdir), "--noprogress", "--config.total_steps=10000", "--config.checkpoint.every=1",

@@ -82,7 +82,10 @@ def test_two_processes_read_disjoint_shares_and_equal_one(tmp_path):
     port = s.getsockname()[1]
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=" ".join(   # the suite's compile flags (conftest), 4 devices each
+                 [f for f in os.environ.get("XLA_FLAGS", "").split()
+                  if not f.startswith("--xla_force_host_platform_device_count")]
+                 + ["--xla_force_host_platform_device_count=4"]))
   procs = [subprocess.Popen(
       [sys.executable, __file__, "--child", str(port), str(p), str(src), str(tmp_path / "multi"),
        str(tmp_path / f"reads{p}.json")], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -11,6 +11,13 @@ from jaxalign import config as config_lib
 from jaxalign.train import build as build_lib, init, loop
 
 
+def compile_flags() -> str:
+  """The suite's XLA compile flags (tests/conftest.py) without its device count, for
+  subprocesses that set their own."""
+  return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                  if not f.startswith("--xla_force_host_platform_device_count"))
+
+
 def tiny_config(loss: str = "dpo", **overrides) -> ml_collections.ConfigDict:
   c = config_lib.defaults()
   c.model.preset = "tiny"
