@@ -25,21 +25,42 @@ batch axes ("data", "fsdp"); inside `shard_map` each device
      "fsdp", the FSDP all-gather of its own E / S experts only);
   2. keeps the assignments that go to its own E / S experts (the others get a
      sentinel id >= E / S that sorts them past every group), sorts them by
-     expert and runs the grouped matmuls over them (rows past the local groups
-     cost nothing in the megablox kernel and come out zero);
+     expert into a buffer of R rows, runs the grouped matmuls over it (rows
+     past the local groups cost nothing in the megablox kernel and come out
+     zero) and scatter-adds each row, times its routing weight, to its token;
   3. sums over "tensor" (the F-split partial sums) and reduce-scatters over
      "data", handing each device the sum over all experts for its own tokens.
-Per layer and device that moves (S - 1) n D activations in and out: the
-volume of a dropless all-to-all when S is about k (each token is sent to up to
-k shards), with no ragged collectives, so it runs on CPU meshes (tests) as on
-TPU. Dropless: the sorted buffer holds every assignment of the group (S n k
-rows), so no token is ever dropped; its size, not the compute, grows with S
-(docs/scaling.md).
+Per layer and device that moves (S - 1) n D activations in and out: less than
+a dropless all-to-all when S <= k (each token would be sent to up to min(S, k)
+shards, k rows of D each, instead of once to each of the S - 1 others), with no
+ragged collectives, so it runs on CPU meshes (tests) as on TPU.
+
+The buffer (`dispatch_rows`): a device's experts receive n k of the group's S n
+k assignments on average, but anything from 0 to all of them, so a dropless
+buffer sized for every case needs S n k rows, and every op around the kernel
+(the gather of the rows, the activation, the weighted scatter back, and their
+gradients) touches all of them: S times the average. The buffer is therefore
+R = moe_capacity_factor x n k rows (rounded up to 8), and a device whose
+experts receive more than R assignments in a layer runs that layer's exact
+S n k-row buffer instead (`jax.lax.cond`, decided per device: no collective
+runs inside either branch). Dropless in every case, and the result is the same
+function either way; only the cost differs. moe_capacity_factor = 0 (or R >= S
+n k) is the S n k buffer alone. The branch is a `jax.custom_vjp` whose forward
+keeps only its inputs and whose backward takes the same branch and recomputes
+the experts' forward inside it: a differentiated `lax.cond` would hand both
+branches' residuals out of the forward, the S n k-row ones zero-filled, which
+is the traffic the bound removes. `within_capacity()` (for `jaxalign plan`'s
+cost probes only) traces the bounded branch alone, so XLA's cost analysis,
+which charges a conditional its dearest branch, counts the path a step takes
+when no device overflows.
 
 Without a mesh (or with every axis of size 1) this is moe.routed_mlp itself.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 from typing import Callable
 
 import jax
@@ -52,6 +73,45 @@ from jaxalign.models import moe as moe_lib
 TOKEN_MESH_AXES = ("data", "fsdp")
 EXPERT_MESH_AXIS = "data"
 HIDDEN_MESH_AXIS = "tensor"
+ROW_MULTIPLE = 8                   # the bounded buffer's rows are a multiple of this
+
+# Set by `within_capacity()`: trace the bounded buffer alone (cost probes).
+_BOUNDED_ONLY = [False]
+
+
+@contextlib.contextmanager
+def within_capacity():
+  """Trace the expert-parallel MLP with its bounded buffer alone, no exact fallback.
+
+  For `jaxalign plan`'s cost probes only: the program then drops the assignments
+  past the buffer of a device that overflows, so it is never what trains; its
+  XLA cost is that of the step in which no device overflows (XLA's cost analysis
+  charges a `lax.cond` its dearest branch, the S n k-row fallback).
+  """
+  _BOUNDED_ONLY.append(True)
+  try:
+    yield
+  finally:
+    _BOUNDED_ONLY.pop()
+
+
+def dispatch_rows(*, shards: int, tokens: int, k: int, capacity_factor: float
+                  ) -> tuple[int, int | None]:
+  """(rows of the exact buffer, rows of the bounded one or None) on one device.
+
+  Args:
+    shards: S, the data shards the tokens are gathered over (1: no gather).
+    tokens: n, the tokens of one device.
+    k: experts per token.
+    capacity_factor: the bounded buffer in units of the average share n k; 0: none.
+
+  The bounded buffer exists when it is smaller than the exact one (S n k rows).
+  """
+  full = shards * tokens * k
+  if capacity_factor <= 0:
+    return full, None
+  rows = -(-math.ceil(capacity_factor * tokens * k) // ROW_MULTIPLE) * ROW_MULTIPLE
+  return full, (rows if rows < full else None)
 
 
 def _split(mesh, axes: tuple[str, ...], size: int) -> tuple[str, ...]:
@@ -78,7 +138,8 @@ def layout(mesh, *, tokens: int, experts: int, hidden: int) -> dict:
 def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                weights: jax.Array, experts: jax.Array,
                activation: Callable[[jax.Array], jax.Array], *,
-               implementation: str = "ragged_dot") -> jax.Array:
+               implementation: str = "ragged_dot", capacity_factor: float = 0.0
+               ) -> jax.Array:
   """moe.routed_mlp, expert-parallel over the mesh set by `jax.set_mesh`.
 
   Args:
@@ -87,6 +148,8 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
     weights: [N, k] routing weights; experts: [N, k] int expert ids.
     activation: the gate's nonlinearity.
     implementation: the grouped-matmul kernel (jaxalign.models.grouped_matmul).
+    capacity_factor: the bounded buffer's rows in units of a device's average
+      share n k (module docstring); 0: the exact S n k-row buffer alone.
 
   Returns:
     [N, D] in x's dtype, equal to moe.routed_mlp on one device.
@@ -102,23 +165,31 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
 
   def local(x, gate, up, down, weights, experts):
     if plan["gather"]:
+      shards = jax.lax.axis_size(exp)
       x, weights, experts = (jax.lax.all_gather(a, exp, axis=0, tiled=True)
                              for a in (x, weights, experts))
-    ids = experts
-    if exp is not None:
-      local_experts = gate.shape[0]
-      ids = experts - jax.lax.axis_index(exp) * local_experts
-      mine = (ids >= 0) & (ids < local_experts)
-      ids = jnp.where(mine, ids, local_experts)     # past every group: sorted last, zero
-      weights = jnp.where(mine, weights, 0)
-    y = moe_lib.routed_mlp(x, gate, up, down, weights, ids, activation,
-                           implementation=implementation)
-    # Summed in the compute dtype (bf16 at scale: half the bytes of float32); a
-    # token's sum has at most k nonzero terms, one per shard holding its experts.
-    if plan["gather"]:
+      ids = experts - jax.lax.axis_index(exp) * gate.shape[0]
+      full, bounded = dispatch_rows(shards=shards, tokens=x.shape[0] // shards,
+                                    k=experts.shape[1], capacity_factor=capacity_factor)
+      y = _local_experts(x, gate, up, down, weights, ids, activation, implementation,
+                         full, bounded if not _BOUNDED_ONLY[-1] else -bounded
+                         ) if bounded else _rows_mlp(
+          x, gate, up, down, weights, ids, activation, implementation, full)
+      # Summed in the compute dtype (bf16 at scale: half the bytes of float32); a
+      # token's sum has at most k nonzero terms, one per shard holding its experts.
       y = jax.lax.psum_scatter(y, exp, scatter_dimension=0, tiled=True)
-    elif exp is not None:
-      y = jax.lax.psum(y, exp)
+    else:
+      ids = experts
+      if exp is not None:
+        local_experts = gate.shape[0]
+        ids = experts - jax.lax.axis_index(exp) * local_experts
+        mine = (ids >= 0) & (ids < local_experts)
+        ids = jnp.where(mine, ids, local_experts)     # past every group: sorted last, zero
+        weights = jnp.where(mine, weights, 0)
+      y = moe_lib.routed_mlp(x, gate, up, down, weights, ids, activation,
+                             implementation=implementation)
+      if exp is not None:
+        y = jax.lax.psum(y, exp)
     if hid is not None:
       y = jax.lax.psum(y, hid)
     return y
@@ -128,3 +199,83 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
               token_spec, token_spec)
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=token_spec,
                        check_vma=False)(x, gate, up, down, weights, experts)
+
+
+def _rows_mlp(x, gate, up, down, weights, ids, activation, implementation, rows):
+  """The local experts' share of moe.routed_mlp through a sorted buffer of `rows` rows.
+
+  Args:
+    x: [M, D] the group's tokens; gate, up: [E_l, D, F]; down: [E_l, F, D].
+    weights: [M, k]; ids: [M, k] int local expert ids (outside 0..E_l - 1: another
+      shard's expert, which contributes nothing here).
+    rows: the buffer's rows; assignments past it are dropped (the caller makes it
+      hold them all, or, for the plan's cost probes, accepts the loss).
+
+  Returns:
+    [M, D] in x's dtype: sum over each token's local assignments of weight x expert(x).
+  """
+  m, k = ids.shape
+  n_local = gate.shape[0]
+  mine = (ids >= 0) & (ids < n_local)
+  flat = jnp.where(mine, ids, n_local).reshape(-1)                 # [M k], n_local: not here
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)[:rows]   # [rows]
+  group_sizes = jnp.zeros((n_local,), jnp.int32).at[flat].add(1, mode="drop")
+  # Groups cut at the buffer's end (only ever cut in the plan's bounded-only probes).
+  ends = jnp.minimum(jnp.cumsum(group_sizes), rows)
+  group_sizes = jnp.diff(ends, prepend=0)
+  token = order // k                                                 # [rows]
+  w = jnp.where(mine, weights, 0).reshape(-1)[order]                 # [rows], 0 past the groups
+  xs = x[token]                                                      # [rows, D]
+  matmul = functools.partial(moe_lib.grouped_matmul, group_sizes=group_sizes,
+                             implementation=implementation)
+  g = matmul(xs, gate)                                               # [rows, F]
+  h = activation(g) * matmul(xs, up)
+  ys = matmul(h, down)                                               # [rows, D]
+  y = jnp.zeros((m, x.shape[1]), jnp.float32).at[token].add(
+      ys.astype(jnp.float32) * w[:, None].astype(jnp.float32))
+  return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _local_experts(x, gate, up, down, weights, ids, activation, implementation, full, bounded):
+  """_rows_mlp through the bounded buffer of `bounded` rows when this device's experts
+  receive no more assignments than that, else through the exact `full` one;
+  `bounded` < 0: the bounded buffer of -bounded rows alone (within_capacity)."""
+  return _branch(lambda rows: functools.partial(
+      _rows_mlp, activation=activation, implementation=implementation, rows=rows),
+      ids, gate.shape[0], full, bounded)(x, gate, up, down, weights, ids)
+
+
+def _branch(make, ids, n_local, full, bounded):
+  """The callable of the branch this device takes: make(rows) for rows = -bounded
+  (bounded alone), or a lax.cond between make(bounded) and make(full)."""
+  if bounded < 0:
+    return make(-bounded)
+  fits = jnp.sum((ids >= 0) & (ids < n_local)) <= bounded
+  return lambda *args: jax.lax.cond(fits, make(bounded), make(full), *args)
+
+
+def _local_experts_fwd(x, gate, up, down, weights, ids, activation, implementation, full,
+                       bounded):
+  y = _local_experts(x, gate, up, down, weights, ids, activation, implementation, full,
+                     bounded)
+  return y, (x, gate, up, down, weights, ids)
+
+
+def _local_experts_bwd(activation, implementation, full, bounded, residuals, grad):
+  x, gate, up, down, weights, ids = residuals
+
+  def make(rows):
+    def vjp(x, gate, up, down, weights, ids, grad):
+      mlp = functools.partial(_rows_mlp, ids=ids, activation=activation,
+                              implementation=implementation, rows=rows)
+      _, pullback = jax.vjp(lambda *a: mlp(*a), x, gate, up, down, weights)
+      return pullback(grad)
+    return vjp
+
+  grads = _branch(make, ids, gate.shape[0], full, bounded)(x, gate, up, down, weights, ids,
+                                                          grad)
+  return (*grads, None)
+
+
+_local_experts.defvjp(_local_experts_fwd, _local_experts_bwd)
