@@ -40,19 +40,20 @@ k assignments on average, but anything from 0 to all of them, so a dropless
 buffer sized for every case needs S n k rows, and every op around the kernel
 (the gather of the rows, the activation, the weighted scatter back, and their
 gradients) touches all of them: S times the average. The buffer is therefore
-R = moe_capacity_factor x n k rows (rounded up to 8), and a device whose
-experts receive more than R assignments in a layer runs that layer's exact
-S n k-row buffer instead (`jax.lax.cond`, decided per device: no collective
-runs inside either branch). Dropless in every case, and the result is the same
-function either way; only the cost differs. moe_capacity_factor = 0 (or R >= S
-n k) is the S n k buffer alone. The branch is a `jax.custom_vjp` whose forward
-keeps only its inputs and whose backward takes the same branch and recomputes
-the experts' forward inside it: a differentiated `lax.cond` would hand both
-branches' residuals out of the forward, the S n k-row ones zero-filled, which
-is the traffic the bound removes. `within_capacity()` (for `jaxalign plan`'s
-cost probes only) traces the bounded branch alone, so XLA's cost analysis,
-which charges a conditional its dearest branch, counts the path a step takes
-when no device overflows.
+R = moe_capacity_factor x n k rows (rounded up to 8): every step runs the first
+R sorted assignments through it, and a device whose experts receive more than R
+in a layer also runs the rest (`_overflow`: the exact S n k-row buffer with its
+first R rows' weights zeroed, under a `jax.lax.cond` decided per device, no
+collective inside). Dropless in every case, the same function either way; only
+the cost differs. moe_capacity_factor = 0 (or R >= S n k) is the S n k buffer
+alone. The overflow's cond sits in a `jax.custom_vjp` whose backward takes the
+same branch and recomputes that part's forward inside it (a differentiated cond
+would hand both branches' residuals out of the forward, the S n k-row ones
+zero-filled), and it is written with gathers only (libtpu 0.0.42 crashes on a
+bf16 scatter-add inside a conditional). `within_capacity()` (for `jaxalign
+plan`'s cost probes only) traces the bounded buffer alone, so XLA's cost
+analysis, which charges a conditional its dearest branch, counts the step in
+which no device overflows.
 
 Without a mesh (or with every axis of size 1) this is moe.routed_mlp itself.
 """
@@ -171,10 +172,13 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
       ids = experts - jax.lax.axis_index(exp) * gate.shape[0]
       full, bounded = dispatch_rows(shards=shards, tokens=x.shape[0] // shards,
                                     k=experts.shape[1], capacity_factor=capacity_factor)
-      y = _local_experts(x, gate, up, down, weights, ids, activation, implementation,
-                         full, bounded if not _BOUNDED_ONLY[-1] else -bounded
-                         ) if bounded else _rows_mlp(
-          x, gate, up, down, weights, ids, activation, implementation, full)
+      w, token, inverse, group_sizes = _sorted_assignments(weights, ids, gate.shape[0])
+      y = _rows_mlp(x, gate, up, down, w, token, group_sizes, activation, implementation,
+                    bounded or full)
+      if bounded and not _BOUNDED_ONLY[-1]:
+        y = y + _overflow(x, gate, up, down, w, token, inverse, group_sizes, activation,
+                          implementation, bounded)
+      y = y.astype(x.dtype)
       # Summed in the compute dtype (bf16 at scale: half the bytes of float32); a
       # token's sum has at most k nonzero terms, one per shard holding its experts.
       y = jax.lax.psum_scatter(y, exp, scatter_dimension=0, tiled=True)
@@ -201,81 +205,114 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                        check_vma=False)(x, gate, up, down, weights, experts)
 
 
-def _rows_mlp(x, gate, up, down, weights, ids, activation, implementation, rows):
-  """The local experts' share of moe.routed_mlp through a sorted buffer of `rows` rows.
+def _sorted_assignments(weights, ids, n_local):
+  """The group's assignments sorted by local expert, others' last.
+
+  Args:
+    weights: [M, k]; ids: [M, k] int local expert ids (outside 0..n_local - 1:
+      another shard's expert, which contributes nothing here).
+
+  Returns:
+    w: [M k] the weight of each sorted assignment (0 for another shard's); token:
+    [M k] int32 its token; inverse: [M k] int32 the sorted position of flat
+    assignment j (token j // k, slot j % k); group_sizes: [n_local] int32
+    assignments per local expert.
+  """
+  k = ids.shape[1]
+  mine = (ids >= 0) & (ids < n_local)
+  flat = jnp.where(mine, ids, n_local).reshape(-1)                 # [M k], n_local: not here
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
+  group_sizes = jnp.zeros((n_local,), jnp.int32).at[flat].add(1)
+  return (jnp.where(mine, weights, 0).reshape(-1)[order], order // k, inverse, group_sizes)
+
+
+def _expert_rows(xs, gate, up, down, group_sizes, activation, implementation):
+  """[rows, D] rows sorted by expert -> each row through its expert's gated MLP."""
+  matmul = functools.partial(moe_lib.grouped_matmul, group_sizes=group_sizes,
+                             implementation=implementation)
+  h = activation(matmul(xs, gate)) * matmul(xs, up)                  # [rows, F]
+  return matmul(h, down)                                             # [rows, D]
+
+
+def _rows_mlp(x, gate, up, down, w, token, group_sizes, activation, implementation, rows):
+  """The local experts' share of moe.routed_mlp over the first `rows` sorted
+  assignments (`_sorted_assignments`): a buffer of `rows` rows.
 
   Args:
     x: [M, D] the group's tokens; gate, up: [E_l, D, F]; down: [E_l, F, D].
-    weights: [M, k]; ids: [M, k] int local expert ids (outside 0..E_l - 1: another
-      shard's expert, which contributes nothing here).
-    rows: the buffer's rows; assignments past it are dropped (the caller makes it
-      hold them all, or, for the plan's cost probes, accepts the loss).
+    w, token: [M k] sorted weights and tokens; group_sizes: [E_l].
+    rows: the buffer's rows; the assignments past it are left to `_overflow`.
 
   Returns:
-    [M, D] in x's dtype: sum over each token's local assignments of weight x expert(x).
+    [M, D] float32: sum over each token's first-`rows` local assignments of weight x
+    expert(x).
   """
-  m, k = ids.shape
-  n_local = gate.shape[0]
-  mine = (ids >= 0) & (ids < n_local)
-  flat = jnp.where(mine, ids, n_local).reshape(-1)                 # [M k], n_local: not here
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)[:rows]   # [rows]
-  group_sizes = jnp.zeros((n_local,), jnp.int32).at[flat].add(1, mode="drop")
-  # Groups cut at the buffer's end (only ever cut in the plan's bounded-only probes).
-  ends = jnp.minimum(jnp.cumsum(group_sizes), rows)
-  group_sizes = jnp.diff(ends, prepend=0)
-  token = order // k                                                 # [rows]
-  w = jnp.where(mine, weights, 0).reshape(-1)[order]                 # [rows], 0 past the groups
-  xs = x[token]                                                      # [rows, D]
-  matmul = functools.partial(moe_lib.grouped_matmul, group_sizes=group_sizes,
-                             implementation=implementation)
-  g = matmul(xs, gate)                                               # [rows, F]
-  h = activation(g) * matmul(xs, up)
-  ys = matmul(h, down)                                               # [rows, D]
-  y = jnp.zeros((m, x.shape[1]), jnp.float32).at[token].add(
+  token, w = token[:rows], w[:rows]                                  # [rows]
+  group_sizes = jnp.diff(jnp.minimum(jnp.cumsum(group_sizes), rows), prepend=0)
+  ys = _expert_rows(x[token], gate, up, down, group_sizes, activation, implementation)
+  return jnp.zeros((x.shape[0], x.shape[1]), jnp.float32).at[token].add(
       ys.astype(jnp.float32) * w[:, None].astype(jnp.float32))
-  return y.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _local_experts(x, gate, up, down, weights, ids, activation, implementation, full, bounded):
-  """_rows_mlp through the bounded buffer of `bounded` rows when this device's experts
-  receive no more assignments than that, else through the exact `full` one;
-  `bounded` < 0: the bounded buffer of -bounded rows alone (within_capacity)."""
-  return _branch(lambda rows: functools.partial(
-      _rows_mlp, activation=activation, implementation=implementation, rows=rows),
-      ids, gate.shape[0], full, bounded)(x, gate, up, down, weights, ids)
+# The assignments past the bounded buffer. Inside a lax.cond (taken when a device's
+# experts receive more than `skip` assignments) and written with gathers only, both
+# ways: libtpu 0.0.42's compiler crashes (SIGSEGV in SortedScatterEmitter) on a bf16
+# step with a scatter-add inside a conditional branch; the custom VJP keeps the
+# scatters a differentiated gather would make out of it, and hands no residual out
+# of the forward's cond (a differentiated cond hands out every branch's residuals).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _overflow(x, gate, up, down, w, token, inverse, group_sizes, activation, implementation,
+              skip):
+  """[M, D] float32: the sum over the sorted assignments from position `skip` on (all
+  of the exact buffer's M k rows computed), zeros when there are none."""
+  return jax.lax.cond(
+      jnp.sum(group_sizes) <= skip,
+      lambda *a: jnp.zeros((x.shape[0], x.shape[1]), jnp.float32),
+      functools.partial(_overflow_rows, activation=activation, implementation=implementation,
+                        skip=skip),
+      x, gate, up, down, w, token, inverse, group_sizes)
 
 
-def _branch(make, ids, n_local, full, bounded):
-  """The callable of the branch this device takes: make(rows) for rows = -bounded
-  (bounded alone), or a lax.cond between make(bounded) and make(full)."""
-  if bounded < 0:
-    return make(-bounded)
-  fits = jnp.sum((ids >= 0) & (ids < n_local)) <= bounded
-  return lambda *args: jax.lax.cond(fits, make(bounded), make(full), *args)
+def _overflow_rows(x, gate, up, down, w, token, inverse, group_sizes, *, activation,
+                   implementation, skip):
+  m, d = x.shape
+  w = jnp.where(jnp.arange(w.size) >= skip, w, 0)                    # [M k]
+  ys = _expert_rows(x[token], gate, up, down, group_sizes, activation, implementation)
+  yw = ys.astype(jnp.float32) * w[:, None].astype(jnp.float32)       # [M k, D] sorted
+  return yw[inverse].reshape(m, -1, d).sum(axis=1)                   # token order
 
 
-def _local_experts_fwd(x, gate, up, down, weights, ids, activation, implementation, full,
-                       bounded):
-  y = _local_experts(x, gate, up, down, weights, ids, activation, implementation, full,
-                     bounded)
-  return y, (x, gate, up, down, weights, ids)
+def _overflow_fwd(x, gate, up, down, w, token, inverse, group_sizes, activation,
+                  implementation, skip):
+  y = _overflow(x, gate, up, down, w, token, inverse, group_sizes, activation, implementation,
+                skip)
+  return y, (x, gate, up, down, w, token, inverse, group_sizes)
 
 
-def _local_experts_bwd(activation, implementation, full, bounded, residuals, grad):
-  x, gate, up, down, weights, ids = residuals
+def _overflow_bwd(activation, implementation, skip, residuals, grad):
+  x, gate, up, down, w, token, inverse, group_sizes = residuals
+  m, d = x.shape
 
-  def make(rows):
-    def vjp(x, gate, up, down, weights, ids, grad):
-      mlp = functools.partial(_rows_mlp, ids=ids, activation=activation,
-                              implementation=implementation, rows=rows)
-      _, pullback = jax.vjp(lambda *a: mlp(*a), x, gate, up, down, weights)
-      return pullback(grad)
-    return vjp
+  def grads(x, gate, up, down, w, token, inverse, group_sizes, grad):
+    keep = jnp.arange(w.size) >= skip
+    ys, pullback = jax.vjp(
+        lambda xs, a, b, c: _expert_rows(xs, a, b, c, group_sizes, activation, implementation),
+        x[token], gate, up, down)
+    g_rows = grad[token]                                             # [M k, D] sorted
+    dw = jnp.where(keep, jnp.sum(ys.astype(jnp.float32) * g_rows, axis=-1), 0)
+    dys = (g_rows * jnp.where(keep, w, 0)[:, None]).astype(ys.dtype)
+    dxs, dgate, dup, ddown = pullback(dys)
+    # x[token]'s transpose as a gather: a token's rows sit at its slots' positions.
+    dx = dxs.astype(jnp.float32)[inverse].reshape(m, -1, d).sum(axis=1)
+    return dx.astype(x.dtype), dgate, dup, ddown, dw.astype(w.dtype)
 
-  grads = _branch(make, ids, gate.shape[0], full, bounded)(x, gate, up, down, weights, ids,
-                                                          grad)
-  return (*grads, None)
+  def zeros(x, gate, up, down, w, *_):
+    return tuple(jnp.zeros_like(a) for a in (x, gate, up, down, w))
+
+  out = jax.lax.cond(jnp.sum(group_sizes) <= skip, zeros, grads,
+                     x, gate, up, down, w, token, inverse, group_sizes, grad)
+  return (*out, None, None, None)
 
 
-_local_experts.defvjp(_local_experts_fwd, _local_experts_bwd)
+_overflow.defvjp(_overflow_fwd, _overflow_bwd)
