@@ -370,8 +370,8 @@ def collective_bytes(hlo_text: str) -> float:
       op = op[:-len("-start")]
       if op == "all-gather":
         size = size * g / (g + 1)
-      elif op != "all-reduce":               # all-reduce-start: its results only                                  # collective-permute: (in, out, contexts)
-        size = size / 2
+      elif op != "all-reduce":   # all-reduce-start: its results only; a collective
+        size = size / 2          # permute's: (operand, result, contexts)
     if op == "collective-permute":
       total += size
     elif g > 1:
