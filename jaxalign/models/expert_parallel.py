@@ -67,6 +67,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxalign.models import moe as moe_lib
@@ -228,11 +229,13 @@ def _sorted_assignments(weights, ids, n_local):
 
 
 def _expert_rows(xs, gate, up, down, group_sizes, activation, implementation):
-  """[rows, D] rows sorted by expert -> each row through its expert's gated MLP."""
+  """[rows, D] rows sorted by expert -> each row through its expert's gated MLP (the
+  projections named for the remat policies, as moe.routed_mlp's)."""
   matmul = functools.partial(moe_lib.grouped_matmul, group_sizes=group_sizes,
                              implementation=implementation)
-  h = activation(matmul(xs, gate)) * matmul(xs, up)                  # [rows, F]
-  return matmul(h, down)                                             # [rows, D]
+  g = checkpoint_name(matmul(xs, gate), "mlp_gate")                  # [rows, F]
+  h = activation(g) * checkpoint_name(matmul(xs, up), "mlp_up")
+  return checkpoint_name(matmul(h, down), "mlp_down")                # [rows, D]
 
 
 def _rows_mlp(x, gate, up, down, w, token, group_sizes, activation, implementation, rows):
