@@ -358,6 +358,25 @@ def test_bf16_moe_step_on_megablox_compiles_under_highest_precision():
 
 
 @pytest.mark.tpu
+def test_bf16_expert_parallel_step_with_its_overflow_branch_compiles_for_a_tpu_slice():
+  """Experts split over data (mesh (2, 2, 1)), bf16 on megablox: the step with the
+  bounded dispatch buffer and its exact overflow branch (a lax.cond) compiles, and
+  the scanned plan's probes (the bounded buffer alone) cost it. A bf16 scatter-add
+  inside that branch crashed libtpu 0.0.42's compiler (SIGSEGV in
+  SortedScatterEmitter); the overflow is written with gathers only."""
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.model.moe_kernel = "megablox"
+  c.model.overrides.update(dict(n_experts=4, experts_per_token=2, d_model=128, moe_d_ff=128,
+                                dtype="bfloat16", head_dim=32, remat=True))
+  c.mesh.shape = (2, -1, 1)
+  p = plan_lib.plan(c, topology="v5p:2x2x1", scan_estimate=True)
+  assert p["fits"] and p["moe_kernel"] == "megablox"
+  assert p["moe_buffer_rows"] < p["moe_exact_rows"] and p["scan_probe_layers"]
+  assert p["ici_bytes_per_device"] > 0 and p["predicted_step_seconds"] > 0
+
+
+@pytest.mark.tpu
 def test_auto_layers_are_planned_scanned_for_a_tpu_slice():
   """model.scan_layers="auto" is resolved for the plan's target, not for this CPU host."""
   pytest.importorskip("libtpu")
