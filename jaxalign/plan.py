@@ -59,10 +59,18 @@ Figures (all per device unless named otherwise):
     blocks), and its time is that of the busiest shard: the mean in the
     load-balanced order (every shard the same work), (2c - 1) / c times it in
     contiguous shards (flops.context_imbalance). MFU is over all chips.
+  inter-chip traffic: the bytes a device receives in the compiled program's
+    collectives (`collective_bytes`) over the chip's ICI bandwidth where known
+    (v5p); a lower bound on link time, taken into the roofline's max.
+  mixture of experts split over "data" (models/expert_parallel.py): the
+    scanned-cost probes trace the bounded dispatch buffer alone
+    (`expert_parallel.within_capacity`): their costs are those of a step in
+    which no device's experts overflow it (XLA charges a conditional its
+    dearest branch, the exact fallback); the memory is the real program's.
   predicted step time / MFU: XLA's own time estimate when the cost analysis
     carries one ("optimal_seconds"); otherwise a roofline from XLA's counts,
-    max(flops / peak, bytes accessed / HBM bandwidth), marked as such; plus the
-    kernel time above. MFU = model_flops_per_step / (step time * devices * peak
+    max(flops / peak, bytes accessed / HBM bandwidth, ICI bytes / ICI
+    bandwidth), marked as such; plus the kernel time above. MFU = model_flops_per_step / (step time * devices * peak
     bf16 FLOP/s), so work hidden from XLA can never raise it.
     On CPU there is no known peak, so neither is given.
   scanned layers: XLA's cost analysis counts a loop body once, whatever its
