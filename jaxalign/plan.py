@@ -70,8 +70,9 @@ Figures (all per device unless named otherwise):
   predicted step time / MFU: XLA's own time estimate when the cost analysis
     carries one ("optimal_seconds"); otherwise a roofline from XLA's counts,
     max(flops / peak, bytes accessed / HBM bandwidth, ICI bytes / ICI
-    bandwidth), marked as such; plus the kernel time above. MFU = model_flops_per_step / (step time * devices * peak
-    bf16 FLOP/s), so work hidden from XLA can never raise it.
+    bandwidth), marked as such; plus the kernel time above.
+    MFU = model_flops_per_step / (step time * devices * peak bf16 FLOP/s), so
+    work hidden from XLA can never raise it.
     On CPU there is no known peak, so neither is given.
   scanned layers: XLA's cost analysis counts a loop body once, whatever its
     trip count, so the compiled scanned step's FLOPs, bytes and time miss
