@@ -482,7 +482,7 @@ def _validate_model(c: ml_collections.ConfigDict, platform: str | None):
 # ModelConfig fields that choose how the parameters are computed or stored, not
 # which parameters there are: init_from's checkpoint may differ in them.
 _COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "moe_kernel",
-                   "remat_stages")
+                   "remat_stages", "moe_capacity_factor")
 
 
 def _validate_init_from(c: ml_collections.ConfigDict, model_cfg) -> None:

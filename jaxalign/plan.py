@@ -59,11 +59,20 @@ Figures (all per device unless named otherwise):
     blocks), and its time is that of the busiest shard: the mean in the
     load-balanced order (every shard the same work), (2c - 1) / c times it in
     contiguous shards (flops.context_imbalance). MFU is over all chips.
+  inter-chip traffic: the bytes a device receives in the compiled program's
+    collectives (`collective_bytes`) over the chip's ICI bandwidth where known
+    (v5p); a lower bound on link time, taken into the roofline's max.
+  mixture of experts split over "data" (models/expert_parallel.py): the
+    scanned-cost probes trace the bounded dispatch buffer alone
+    (`expert_parallel.within_capacity`): their costs are those of a step in
+    which no device's experts overflow it (XLA charges a conditional its
+    dearest branch, the exact fallback); the memory is the real program's.
   predicted step time / MFU: XLA's own time estimate when the cost analysis
     carries one ("optimal_seconds"); otherwise a roofline from XLA's counts,
-    max(flops / peak, bytes accessed / HBM bandwidth), marked as such; plus the
-    kernel time above. MFU = model_flops_per_step / (step time * devices * peak
-    bf16 FLOP/s), so work hidden from XLA can never raise it.
+    max(flops / peak, bytes accessed / HBM bandwidth, ICI bytes / ICI
+    bandwidth), marked as such; plus the kernel time above.
+    MFU = model_flops_per_step / (step time * devices * peak bf16 FLOP/s), so
+    work hidden from XLA can never raise it.
     On CPU there is no known peak, so neither is given.
   scanned layers: XLA's cost analysis counts a loop body once, whatever its
     trip count, so the compiled scanned step's FLOPs, bytes and time miss
@@ -109,17 +118,22 @@ GiB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Public per-chip figures (Cloud TPU docs): dense bf16 peak, HBM size and bandwidth."""
+  """Public per-chip figures (Cloud TPU docs): dense bf16 peak, HBM size and bandwidth,
+  and where known the inter-chip (ICI) bandwidth one way (what a chip can receive)."""
   name: str
   peak_flops: float      # bf16 FLOP/s
   hbm_bytes: int
   hbm_bandwidth: float   # bytes/s
+  ici_bandwidth: float | None = None   # bytes/s into one chip, all its links together
 
 
 CHIPS: dict[str, Chip] = {
     "v4": Chip("v4", 275e12, 32 * GiB, 1.2e12),
     "v5e": Chip("v5e", 197e12, 16 * GiB, 0.819e12),
-    "v5p": Chip("v5p", 459e12, 95 * GiB, 2.765e12),
+    # ICI: "Bidirectional inter-chip interconnect (ICI) bandwidth per chip: 1200 GBps"
+    # (cloud.google.com/tpu/docs/v5p; "4800 Gbps" in older versions of the page),
+    # 600 GB/s each way.
+    "v5p": Chip("v5p", 459e12, 95 * GiB, 2.765e12, ici_bandwidth=600e9),
     "v6e": Chip("v6e", 918e12, 32 * GiB, 1.64e12),
 }
 
@@ -310,7 +324,69 @@ def _cost(compiled) -> dict[str, float]:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else {}
-  return dict(cost or {})
+  cost = dict(cost or {})
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except  (no text: no ICI figure)
+    text = None
+  if text:
+    cost[ICI_KEY] = collective_bytes(text)
+  return cost
+
+
+ICI_KEY = "ici bytes"
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+                "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "s4": 0.5, "u4": 0.5}
+_COLLECTIVE = re.compile(
+    r"=\s+(?P<type>.+?)\s+(?P<op>all-gather-start|all-gather|all-reduce-start|all-reduce|"
+    r"reduce-scatter|all-to-all|collective-permute-start|collective-permute)\((?P<rest>.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+
+
+def _replica_group_size(rest: str) -> int:
+  """Devices in each of a collective's replica groups (its HLO attributes)."""
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", rest)        # iota form
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", rest)
+  return len(m.group(1).split(",")) if m and m.group(1) else 1
+
+
+def collective_bytes(hlo_text: str) -> float:
+  """Bytes one device receives over the inter-chip links in a compiled program.
+
+  From each collective of the partitioned HLO, for g devices per replica group and
+  B the bytes of the (whole, gathered or reduced) result: all-gather (g - 1) / g
+  B, reduce-scatter (g - 1) x its output, all-reduce 2 (g - 1) / g B (a
+  reduce-scatter then an all-gather), all-to-all (g - 1) / g B, a collective
+  permute its output. Like XLA's cost analysis it reads a loop body once. A lower
+  bound on link time when divided by the chip's whole ICI bandwidth: a collective
+  over one mesh axis uses only that axis's links.
+  """
+  total = 0.0
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    op, rest = m.group("op"), m.group("rest")
+    arrays = [(_DTYPE_BYTES.get(d), dims) for d, dims in _ARRAY.findall(m.group("type"))]
+    size = sum(b * math.prod(int(x) for x in dims.split(",") if x)
+               for b, dims in arrays if b is not None)
+    g = _replica_group_size(rest)
+    if op.endswith("-start"):
+      # (operands, results, ...): an async start carries its inputs with its outputs.
+      op = op[:-len("-start")]
+      if op == "all-gather":
+        size = size * g / (g + 1)
+      elif op != "all-reduce":   # all-reduce-start: its results only; a collective
+        size = size / 2          # permute's: (operand, result, contexts)
+    if op == "collective-permute":
+      total += size
+    elif g > 1:
+      total += {"all-gather": (g - 1) / g * size, "reduce-scatter": (g - 1) * size,
+                "all-reduce": 2 * (g - 1) / g * size, "all-to-all": (g - 1) / g * size}[op]
+  return total
 
 
 def _target(topology: str | None, devices: str | None):
@@ -511,8 +587,11 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
     out.update(probe)
   flops = float(cost.get("flops", 0.0))
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
+  ici = cost.get(ICI_KEY)
   out.update(flops_per_device=flops, flops_per_step=flops * n,
-             bytes_accessed_per_device=bytes_accessed)
+             bytes_accessed_per_device=bytes_accessed, ici_bytes_per_device=ici,
+             ici_seconds=(ici / chip.ici_bandwidth
+                          if ici is not None and chip and chip.ici_bandwidth else None))
   seconds, estimate = _xla_seconds(cost, chip, flops, bytes_accessed)
   kernel_lengths, passes = lengths, 1
   if packing.is_packed_shared(batch):
@@ -540,7 +619,7 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
       model_cfg, devs[0].platform, dict(zip(built.mesh.axis_names, built.mesh.devices.shape)),
       tokens_per_device=known["computed_tokens_per_step"] / batch_shards(built, config),
       micro_batches=config.optim.grad_accum_steps, chip=chip,
-      frozen_reference=built.run_spec.frozen_ref)
+      frozen_reference=built.run_spec.frozen_ref, within_capacity=extrapolated)
   out.update(moe)
   if moe["moe_static_flops_per_device"] and chip is not None and seconds is not None:
     # The megablox calls enter XLA's time estimate as negative times and its FLOP
@@ -553,6 +632,11 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
                 f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak (XLA's own time estimate "
                 f"is unusable with Pallas calls that carry a cost estimate)"
                 + (estimate[estimate.index(";"):] if extrapolated else ""))
+  if seconds is not None and out["ici_seconds"] and out["ici_seconds"] > seconds:
+    # Collectives overlap compute and HBM traffic at best: the links bound the step.
+    seconds = out["ici_seconds"]
+    estimate += ("; bound by the inter-chip links: the collectives' bytes per device "
+                 "over the chip's ICI bandwidth")
   out["xla_step_seconds"] = seconds
   if seconds is not None and out["kernel_flops_per_step"]:
     seconds = seconds + out["kernel_seconds"] if out["kernel_seconds"] is not None else None
@@ -577,7 +661,8 @@ def _xla_seconds(cost: dict[str, float], chip: Chip | None, flops: float,
 
 
 # XLA cost-analysis keys extrapolated over scanned groups (the rest are not read).
-_EXTRAPOLATED_COSTS = ("flops", "bytes accessed", "transcendentals", "optimal_seconds")
+_EXTRAPOLATED_COSTS = ("flops", "bytes accessed", "transcendentals", "optimal_seconds",
+                       ICI_KEY)
 
 
 def probe_config(config: ml_collections.ConfigDict, model_cfg, groups: int):
@@ -610,9 +695,12 @@ def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg,
   t0 = time.perf_counter()
   for g in (1, 2):
     c, n_layers = probe_config(config, model_cfg, g)
-    built, batch = build_for(c, devs, pack)
-    with jax.set_mesh(built.mesh):
-      compiled = built.step_fn.lower(built.abstract_state, batch).compile()
+    # The MoE experts' bounded buffer alone: the step as it runs when no device's
+    # experts overflow it (XLA would charge the exact fallback's cond branch).
+    with expert_parallel.within_capacity():
+      built, batch = build_for(c, devs, pack)
+      with jax.set_mesh(built.mesh):
+        compiled = built.step_fn.lower(built.abstract_state, batch).compile()
     costs.append(_cost(compiled))
     layers.append(n_layers)
     del compiled, built
@@ -620,7 +708,9 @@ def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg,
   cost = {k: float(one[k]) + (groups - 1) * (float(two[k]) - float(one[k]))
           for k in _EXTRAPOLATED_COSTS if k in one and k in two}
   return cost, {"scan_probe_layers": tuple(layers),
-                "scan_probe_compile_seconds": time.perf_counter() - t0}
+                "scan_probe_compile_seconds": time.perf_counter() - t0,
+                "scan_probe_costs": tuple({k: float(c[k]) for k in _EXTRAPOLATED_COSTS if k in c}
+                                          for c in costs)}
 
 
 def batch_shards(built, config) -> int:
@@ -632,23 +722,29 @@ def batch_shards(built, config) -> int:
 
 
 def moe_kernel_part(model_cfg, platform: str, mesh: dict[str, int], *, tokens_per_device: float,
-                    micro_batches: int, chip: Chip | None,
-                    frozen_reference: bool) -> dict[str, Any]:
+                    micro_batches: int, chip: Chip | None, frozen_reference: bool,
+                    within_capacity: bool = False) -> dict[str, Any]:
   """The MoE experts' grouped-matmul kernel and, for megablox on TPU, its FLOPs and time.
 
-  The megablox kernel's cost estimate counts its static row count: the S n k
-  rows of the sorted buffer (S the data shards the tokens are gathered over,
-  n the tokens of a device's micro-batch, k experts per token), of which a
-  device computes n k on average (its own experts' share). Per MoE layer a
+  The megablox kernel's cost estimate counts its static row count, the rows of
+  the sorted buffer (expert_parallel.dispatch_rows): S n k (S the data shards
+  the tokens are gathered over, n the tokens of a device's micro-batch, k
+  experts per token), or the bounded buffer's R rows when the costs are those
+  of the step within capacity (`within_capacity`: the plan's probes); a device
+  computes n k of them on average (its own experts' share). Per MoE layer a
   forward is three grouped matmuls, 6 M D F' FLOPs for M rows (F' = moe_d_ff
   over the tensor shards); the backward two of each (the input gradient and
   tgmm's weight gradient), the rematerialized forward one more, a frozen
-  reference's forward one. Returns the static FLOPs XLA counted (to be taken
-  out of its count), the computed ones and their time at
-  flops.KERNEL_EFFICIENCY of the chip's peak; zeros where no megablox runs.
+  reference's forward one. Without `within_capacity` the exact overflow branch
+  is counted as XLA counts it (its dearest branch): S n k rows, plus the bounded
+  buffer's R, with one more forward in its backward (its custom VJP recomputes
+  it). Returns the static FLOPs XLA counted (to be taken out of its count), the
+  computed ones and their time at flops.KERNEL_EFFICIENCY of the chip's peak;
+  zeros where no megablox runs.
   """
   none = {"moe_kernel": None, "moe_static_flops_per_device": 0.0,
-          "moe_kernel_flops_per_device": 0.0, "moe_kernel_seconds": 0.0}
+          "moe_kernel_flops_per_device": 0.0, "moe_kernel_seconds": 0.0,
+          "moe_buffer_rows": None, "moe_exact_rows": None}
   if not getattr(model_cfg, "n_experts", 0):
     return none
   D, F, E, k = (model_cfg.d_model, model_cfg.expert_d_ff, model_cfg.n_experts,
@@ -656,21 +752,32 @@ def moe_kernel_part(model_cfg, platform: str, mesh: dict[str, int], *, tokens_pe
   impl, _ = grouped_matmul_lib.choose(model_cfg.moe_kernel, platform, k=D, n=F,
                                       lhs_dtype=model_cfg.dtype, rhs_dtype=model_cfg.dtype)
   none["moe_kernel"] = impl
+  n = tokens_per_device / max(micro_batches, 1)
+  data = mesh.get(expert_parallel.EXPERT_MESH_AXIS, 1)
+  gather = data if E % data == 0 else 1
+  full, bounded = expert_parallel.dispatch_rows(
+      shards=gather, tokens=int(n), k=k,
+      capacity_factor=model_cfg.moe_capacity_factor if gather > 1 else 0.0)
+  none.update(moe_exact_rows=full, moe_buffer_rows=bounded)
   if impl != "megablox" or platform != "tpu":
     return none
-  n = tokens_per_device / max(micro_batches, 1)
-  gather = mesh.get(expert_parallel.EXPERT_MESH_AXIS, 1) if E % mesh.get(
-      expert_parallel.EXPERT_MESH_AXIS, 1) == 0 else 1
   tensor = mesh.get(expert_parallel.HIDDEN_MESH_AXIS, 1)
   f_local = F // tensor if F % tensor == 0 else F
-  rows = gather * n * k
-  tm = grouped_matmul_lib.tiling(int(rows), D, f_local)[0]
-  static_rows = -(-rows // tm) * tm
-  passes = (3.0 + (1.0 if flops_lib.remat_on(model_cfg) else 0.0)
-            + (1.0 if frozen_reference else 0.0))
+  def padded(rows):
+    tm = grouped_matmul_lib.tiling(int(rows), D, f_local)[0]
+    return -(-rows // tm) * tm
+
+  passes = 3.0 + (1.0 if flops_lib.remat_on(model_cfg) else 0.0) + (
+      1.0 if frozen_reference else 0.0)
   per_row = 6.0 * D * f_local * passes * model_cfg.n_layers * max(micro_batches, 1)
+  if bounded is None:
+    static = per_row * padded(full)
+  else:
+    static = per_row * padded(bounded)
+    if not within_capacity:   # the overflow's branch: its backward recomputes its forward
+      static += per_row * (passes + 1.0) / passes * padded(full)
   computed = per_row * n * k
-  return {"moe_kernel": impl, "moe_static_flops_per_device": per_row * static_rows,
+  return {**none, "moe_static_flops_per_device": static,
           "moe_kernel_flops_per_device": computed,
           "moe_kernel_seconds": (computed / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY)
                                  if chip else 0.0)}
@@ -793,6 +900,16 @@ def format_plan(p: dict[str, Any]) -> str:
             f"{_num(p['moe_kernel_flops_per_device'], 'FLOP')}"
             if p.get("moe_static_flops_per_device") else "")]
         if p.get("moe_kernel") else []),
+      *([f"  MoE dispatch buffer       {p['moe_buffer_rows']} rows per device "
+         f"(exact fallback {p['moe_exact_rows']} rows, taken by a layer whose experts "
+         f"receive more; costs above are "
+         + ("the bounded buffer's: no device over capacity)" if p.get("scan_probe_layers")
+            else "the compiled program's, which counts the fallback)")]
+        if p.get("moe_buffer_rows") else []),
+      *([f"  inter-chip (ICI) traffic  {_num(p['ici_bytes_per_device'], 'B')} per device"
+         + (f" = {p['ici_seconds'] * 1e3:.1f} ms at the chip's ICI bandwidth (a lower bound)"
+            if p.get("ici_seconds") is not None else "")]
+        if p.get("ici_bytes_per_device") is not None else []),
       f"  model FLOPs per token     {_num(p['model_flops_per_token'], 'FLOP')} "
       f"(per step {_num(p['model_flops_per_step'], 'FLOP')})",
   ]

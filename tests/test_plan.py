@@ -6,6 +6,7 @@ compiled for the slice it names in TOPOLOGY and must fit in its HBM.
 """
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import pathlib
@@ -253,7 +254,7 @@ def test_moe_kernel_part_takes_the_static_rows_out_and_times_the_computed_ones()
   from jaxalign.models import transformer
   cfg = transformer.ModelConfig(d_model=256, d_ff=512, n_layers=3, n_heads=4, n_kv_heads=2,
                                 head_dim=64, n_experts=8, experts_per_token=2, moe_d_ff=384,
-                                remat="full", dtype="bfloat16")
+                                remat="full", dtype="bfloat16", moe_capacity_factor=0.0)
   chip = plan_lib.chip_of("v5p:2x2x1")
   part = plan_lib.moe_kernel_part(cfg, "tpu", {"data": 4, "fsdp": 2, "tensor": 1},
                                   tokens_per_device=1000, micro_batches=2, chip=chip,
@@ -269,6 +270,38 @@ def test_moe_kernel_part_takes_the_static_rows_out_and_times_the_computed_ones()
   assert plan_lib.moe_kernel_part(cfg, "cpu", {"data": 4}, tokens_per_device=1000,
                                   micro_batches=1, chip=None, frozen_reference=False
                                   )["moe_static_flops_per_device"] == 0.0
+  # The bounded buffer (capacity 1.25: 1250 -> 1256 rows, 3 tiles of 512), as the
+  # plan's probes compile it (within capacity); the computed rows do not change.
+  bounded = plan_lib.moe_kernel_part(
+      dataclasses.replace(cfg, moe_capacity_factor=1.25), "tpu", {"data": 4, "fsdp": 2},
+      tokens_per_device=1000, micro_batches=2, chip=chip, frozen_reference=False,
+      within_capacity=True)
+  assert (bounded["moe_buffer_rows"], bounded["moe_exact_rows"]) == (1256, 4000)
+  assert bounded["moe_static_flops_per_device"] == per_row * 1536
+  assert bounded["moe_kernel_flops_per_device"] == per_row * n * k
+
+
+def test_collective_bytes_counts_what_a_device_receives_over_the_links():
+  """Lines of a compiled TPU program (libtpu 0.0.42's text, trimmed): an all-gather
+  to bf16[1024,512] over pairs receives half of its 1 MiB; a reduce-scatter to
+  bf16[512,512] over pairs receives its 0.5 MiB output once; an all-reduce of 0.5
+  MiB over 4 devices 2 x 3/4 of it; the async all-gather's (operand, result) tuple
+  counts its result; a collective permute its output; -done lines nothing."""
+  hlo = "\n".join([
+      "  %all_gather.3 = bf16[1024,512]{1,0:T(8,128)(2,1)} all-gather(%param.2), "
+      "channel_id=1, replica_groups={{0,4},{1,5},{2,6},{3,7}}, dimensions={0}",
+      "  %reduce_scatter.7 = bf16[512,512]{1,0:T(8,128)(2,1)} reduce-scatter(%fusion), "
+      "channel_id=1, replica_groups={{0,4},{1,5},{2,6},{3,7}}, dimensions={0}",
+      "  ROOT %psum.7 = bf16[512,512]{1,0:T(8,128)(2,1)} all-reduce(%reduce_scatter.7), "
+      "channel_id=1, replica_groups=[2,4]<=[8], to_apply=%region_1.0",
+      "  %ags = (f32[256]{0}, f32[1024]{0}) all-gather-start(%p), replica_groups=[2,4]<=[8]",
+      "  %agd = f32[1024]{0} all-gather-done(%ags)",
+      "  %cp = f32[128]{0} collective-permute(%q), source_target_pairs={{0,1},{1,0}}",
+  ])
+  mib = 2 ** 20
+  expected = mib / 2 + mib / 2 + 2 * 3 / 4 * mib / 2 + 3 / 4 * 4096 + 512
+  assert plan_lib.collective_bytes(hlo) == pytest.approx(expected)
+  assert plan_lib.collective_bytes("%a = f32[8]{0} add(%b, %c)") == 0.0
 
 
 def test_packed_shared_prompt_plan_is_planned_as_it_runs():
@@ -322,6 +355,25 @@ def test_bf16_moe_step_on_megablox_compiles_under_highest_precision():
   assert jax.config.jax_default_matmul_precision == "highest"
   p = plan_lib.plan(c, topology="v5p:2x2x1")
   assert p["fits"] and p["moe_kernel"] == "megablox"
+
+
+@pytest.mark.tpu
+def test_bf16_expert_parallel_step_with_its_overflow_branch_compiles_for_a_tpu_slice():
+  """Experts split over data (mesh (2, 2, 1)), bf16 on megablox: the step with the
+  bounded dispatch buffer and its exact overflow branch (a lax.cond) compiles, and
+  the scanned plan's probes (the bounded buffer alone) cost it. A bf16 scatter-add
+  inside that branch crashed libtpu 0.0.42's compiler (SIGSEGV in
+  SortedScatterEmitter); the overflow is written with gathers only."""
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.model.moe_kernel = "megablox"
+  c.model.overrides.update(dict(n_experts=4, experts_per_token=2, d_model=128, moe_d_ff=128,
+                                dtype="bfloat16", head_dim=32, remat=True))
+  c.mesh.shape = (2, -1, 1)
+  p = plan_lib.plan(c, topology="v5p:2x2x1", scan_estimate=True)
+  assert p["fits"] and p["moe_kernel"] == "megablox"
+  assert p["moe_buffer_rows"] < p["moe_exact_rows"] and p["scan_probe_layers"]
+  assert p["ici_bytes_per_device"] > 0 and p["predicted_step_seconds"] > 0
 
 
 @pytest.mark.tpu

@@ -178,6 +178,12 @@ class ModelConfig:
   # Grouped-matmul kernel of the experts: "auto" | "ragged_dot" | "megablox"
   # (jaxalign.models.grouped_matmul: megablox on TPU, ragged_dot elsewhere).
   moe_kernel: str = "auto"
+  # Experts split over "data" (jaxalign.models.expert_parallel): a device sorts its
+  # experts' assignments into a buffer of moe_capacity_factor x its average share of
+  # rows, and runs a layer through the exact worst-case buffer (data shards x that
+  # share) when its experts receive more. Dropless either way; the factor sets only
+  # the cost (how often the dear branch runs). 0: the worst-case buffer always.
+  moe_capacity_factor: float = 1.25
 
   def __post_init__(self):
     attention_lib.check_implementation(self.attention)
@@ -309,6 +315,10 @@ def moe_problem(c: ModelConfig) -> tuple[str, str] | None:
       return key, f"must be a finite number >= 0, got {v!r}"
   if not isinstance(c.moe_norm_topk, bool):
     return "moe_norm_topk", f"must be True or False, got {c.moe_norm_topk!r}"
+  v = c.moe_capacity_factor
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+    return "moe_capacity_factor", (f"must be a finite number >= 0 (0: the worst-case "
+                                   f"buffer always), got {v!r}")
   if not c.n_experts:
     return None
   if not is_int(c.experts_per_token) or not 1 <= c.experts_per_token <= c.n_experts:
@@ -642,6 +652,7 @@ class MoeMLP(nnx.Module):
     self.k = config.experts_per_token
     self.norm_topk = config.moe_norm_topk
     self.moe_kernel = config.moe_kernel
+    self.capacity_factor = float(config.moe_capacity_factor)
     self.activation = config.activation
     self.dtype = jnp.dtype(config.dtype)
 
@@ -658,7 +669,7 @@ class MoeMLP(nnx.Module):
     y = expert_parallel.routed_mlp(
         flat, self.gate[...].astype(self.dtype), self.up[...].astype(self.dtype),
         self.down[...].astype(self.dtype), weights, experts, _activation(self.activation),
-        implementation=self.moe_kernel)
+        implementation=self.moe_kernel, capacity_factor=self.capacity_factor)
     mask = None if token_mask is None else token_mask.reshape(-1)
     return y.reshape(*lead, d), moe_lib.router_stats(logits, experts, mask)
 

@@ -32,7 +32,8 @@ log = logging.getLogger("jaxalign")
 OBJECTIVE_KEYS = ("loss.name", "loss.hparams", "loss.options", "reward.name", "reward.options",
                   "online.regenerate_every", "sampling.max_new_tokens", "sampling.temperature",
                   "sampling.top_k", "sampling.top_p")
-FREE_MODEL_FIELDS = ("dtype", "remat", "attention", "moe_kernel", "remat_stages")
+FREE_MODEL_FIELDS = ("dtype", "remat", "attention", "moe_kernel", "remat_stages",
+                     "moe_capacity_factor")
 # Objective facts validation records in the config (not settings), compared like
 # OBJECTIVE_KEYS when both the checkpoint's record and the new one hold them: a
 # checkpoint saved before a fact was recorded resumes as it did.

@@ -23,30 +23,101 @@ def _routed_inputs(n=32, d=16, e=8, f=12, k=2, seed=0):
   return x, gate, up, down, weights, experts
 
 
-# (2, 2, 2), with F over "tensor" too, is the train-step test below.
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1)])
-def test_routed_mlp_on_a_mesh_equals_one_device(shape):
-  x, gate, up, down, weights, experts = _routed_inputs()
+def _loss(x, gate, up, down, weights, fn):
+  y = fn(x, gate, up, down, weights)
+  return jnp.sum(y * jnp.cos(y)), y
 
-  def loss(x, gate, up, down, fn):
-    y = fn(x, gate, up, down, weights, experts, jax.nn.silu)
-    return jnp.sum(y * jnp.cos(y)), y
 
+def _on_mesh(shape, capacity_factor, x, gate, up, down, weights, experts):
+  """(output, grads of x, gate, up, down, weights) of the expert-parallel MLP on `shape`."""
+  mesh = sharding.make_mesh(shape)
+  rules = dict(sharding.DEFAULT_RULES)
+  put = lambda a, *names: jax.device_put(a, NamedSharding(mesh, P(*(rules.get(n) for n in names))))
+  fn = lambda x, g, u, d, w: expert_parallel.routed_mlp(
+      x, g, u, d, w, put(experts, "batch", None), jax.nn.silu,
+      capacity_factor=capacity_factor)
+  with jax.set_mesh(mesh):
+    args = (put(x, "batch", "norm"), put(gate, "expert", "embed", "mlp"),
+            put(up, "expert", "embed", "mlp"), put(down, "expert", "mlp", "embed"),
+            put(weights, "batch", None))
+    (_, out), grads = jax.jit(jax.value_and_grad(
+        lambda *a: _loss(*a, fn), argnums=(0, 1, 2, 3, 4), has_aux=True))(*args)
+  return out, grads
+
+
+def _reference(x, gate, up, down, weights, experts):
+  fn = lambda *a: moe.routed_mlp(*a, experts, jax.nn.silu)
+  (_, ref), grads = jax.value_and_grad(lambda *a: _loss(*a, fn), argnums=(0, 1, 2, 3, 4),
+                                       has_aux=True)(x, gate, up, down, weights)
+  return ref, grads
+
+
+# (2, 2, 2), with F over "tensor" too, is the train-step test below. Capacity factor
+# 1 on (8, 1, 1): a buffer of n k = 8 rows per device, which some devices' experts
+# overflow (the exact branch) and others fit (the bounded one); 0: the exact buffer alone.
+@pytest.mark.parametrize("shape,capacity_factor", [((8, 1, 1), 1.0), ((8, 1, 1), 0.0),
+                                                   ((1, 8, 1), 1.25)])
+def test_routed_mlp_on_a_mesh_equals_one_device(shape, capacity_factor):
+  inputs = _routed_inputs()
   with jax.default_matmul_precision("highest"):
-    (_, ref), ref_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
-        x, gate, up, down, moe.routed_mlp)
-    mesh = sharding.make_mesh(shape)
-    rules = dict(sharding.DEFAULT_RULES)
-    put = lambda a, *names: jax.device_put(a, NamedSharding(mesh, P(*(rules[n] for n in names))))
-    with jax.set_mesh(mesh):
-      args = (put(x, "batch", "norm"), put(gate, "expert", "embed", "mlp"),
-              put(up, "expert", "embed", "mlp"), put(down, "expert", "mlp", "embed"))
-      (_, out), grads = jax.jit(jax.value_and_grad(
-          lambda *a: loss(*a, expert_parallel.routed_mlp), argnums=(0, 1, 2, 3),
-          has_aux=True))(*args)
+    ref, ref_grads = _reference(*inputs)
+    out, grads = _on_mesh(shape, capacity_factor, *inputs)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_bounded_buffer_overflows_on_some_devices_and_the_exact_branch_keeps_it_dropless():
+  """On (8, 1, 1) with capacity factor 1, a device holds one of the 8 experts and a
+  buffer of 8 rows; this routing sends more than 8 assignments to some expert (so the
+  bounded buffer alone, `within_capacity`, loses them) and fewer to others, and the
+  step still equals one device's (the test above)."""
+  inputs = _routed_inputs()
+  counts = np.bincount(np.asarray(inputs[-1]).reshape(-1), minlength=8)
+  assert counts.max() > 8 and counts.min() <= 8          # both branches taken
+  ref, _ = _reference(*inputs)
+  with expert_parallel.within_capacity():
+    dropped, _ = _on_mesh((8, 1, 1), 1.0, *inputs)
+  assert not np.allclose(dropped, ref, rtol=1e-3, atol=1e-3)
+
+
+def _float_rows(jaxpr, inside: bool = False) -> list[int]:
+  """Leading sizes of every float array of rank >= 2 made inside a shard_map (one
+  device's arrays) in the jaxpr and its sub-jaxprs."""
+  rows = []
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars if inside else ():
+      aval = v.aval
+      if getattr(aval, "ndim", 0) >= 2 and jnp.issubdtype(aval.dtype, jnp.floating):
+        rows.append(aval.shape[0])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)            # a ClosedJaxpr's jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):  # a call, a cond's branches, a scan body
+          rows += _float_rows(sub, inside or eqn.primitive.name == "shard_map")
+  return rows
+
+
+def test_bounded_dispatch_buffer_is_the_local_rows_only():
+  """The step's dispatch, as a step within capacity runs it (the branch
+  `within_capacity` traces alone), makes no float array larger than the gathered
+  tokens (S n = 32 rows) or the bounded buffer (capacity 1.25 x n k = 10 -> 16 rows);
+  the exact buffer has S n k = 64. The traced step holds both, under a cond."""
+  inputs = _routed_inputs()
+  experts = inputs[-1]
+
+  def grad():   # a fresh function per trace: jax caches a function's trace
+    fn = lambda x, g, u, d, w: expert_parallel.routed_mlp(x, g, u, d, w, experts, jax.nn.silu,
+                                                          capacity_factor=1.25)
+    return jax.grad(lambda *a: _loss(*a, fn)[0], argnums=(0, 1, 2, 3, 4))
+
+  assert expert_parallel.dispatch_rows(shards=8, tokens=4, k=2, capacity_factor=1.25) == (64, 16)
+  with jax.set_mesh(sharding.make_mesh((8, 1, 1))):
+    with expert_parallel.within_capacity():
+      bounded = _float_rows(jax.make_jaxpr(grad())(*inputs[:5]).jaxpr)
+    both = _float_rows(jax.make_jaxpr(grad())(*inputs[:5]).jaxpr)
+  assert 16 in bounded and max(bounded) == 32
+  assert 64 in both and 16 in both
 
 
 def test_layout_splits_experts_over_data_and_gathers_tokens_there():
@@ -58,6 +129,8 @@ def test_layout_splits_experts_over_data_and_gathers_tokens_there():
 
 
 def test_moe_train_step_expert_sharded_on_8_devices_equals_one_device():
+  """The default capacity factor (1.25 < S = 2: the bounded buffer and its exact
+  fallback, under remat as the recipes run) on (2, 2, 2)."""
   runs = {}
   for shape in [(1, 1, 1), (2, 2, 2)]:
     devices = jax.devices()[:1] if shape == (1, 1, 1) else None
@@ -66,7 +139,8 @@ def test_moe_train_step_expert_sharded_on_8_devices_equals_one_device():
                          "logprob_chunk_size": 16, "model.overrides.n_experts": 8,
                          "model.overrides.experts_per_token": 2,
                          "model.overrides.moe_d_ff": 16,
-                         "model.overrides.router_aux_loss_coef": 0.01})
+                         "model.overrides.router_aux_loss_coef": 0.01,
+                         "model.overrides.remat": "full"})
     built, state = built_state(cfg, devices)
     if shape == (2, 2, 2):   # experts over data, their embed over fsdp, F over tensor
       gate = state.params["layers"][0]["mlp"]["gate"][...]

@@ -184,7 +184,8 @@ def test_moe_mlp_params_and_logical_axes():
 @pytest.mark.parametrize("field,value", [
     ("experts_per_token", 0), ("experts_per_token", E + 1), ("n_experts", -1),
     ("moe_d_ff", 0), ("router_aux_loss_coef", -0.1), ("router_z_loss_coef", float("nan")),
-    ("router_aux_loss_coef", float("inf"))])
+    ("router_aux_loss_coef", float("inf")), ("moe_capacity_factor", -1.0),
+    ("moe_capacity_factor", float("nan")), ("moe_capacity_factor", True)])
 def test_bad_moe_fields_name_the_field(field, value):
   with pytest.raises(FieldError) as e:
     dataclasses.replace(TINY, **{field: value})
