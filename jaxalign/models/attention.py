@@ -18,7 +18,10 @@ meaningless, and differ between implementations; callers mask them out.
 
 Implementations (`model.attention`):
   xla     the einsum/softmax/einsum below, materializing the float32 [B, H, T, S]
-          scores; the reference, and what runs on CPU.
+          scores; the reference, and what runs on CPU. On CPU (no soft-cap) the
+          same function runs with each kv group's query heads as one matrix and
+          the softmax backward written out (`_xla_cpu`): no transposed copies of
+          the scores, one fewer pass over them (issue 29).
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused
           flash attention on NVIDIA GPUs (bf16/fp16 only). Causal and window via
           its mask type; key padding and segment ids as one boolean mask (cuDNN
@@ -44,6 +47,7 @@ ids in its boolean mask, as it takes segment ids.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -186,19 +190,83 @@ def _xla(q, k, v, *, scale, softcap, window, key_mask, q_offset, q_segment_ids,
          kv_segment_ids, part_ids=None):
   B, T, H, Dh = q.shape
   G = k.shape[2]
+  allowed = allowed_mask(T, k.shape[1], q_offset=q_offset, window=window, key_mask=key_mask,
+                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                         part_ids=part_ids)
+  if softcap is None and current_platform() == "cpu":
+    return _xla_cpu(q, k, v, allowed, scale=scale)
   q = q.reshape(B, T, G, H // G, Dh)                                   # [B, T, G, R, Dh]
   logits = jnp.einsum("btgrk,bsgk->bgrts", q, k,
                       preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
-  allowed = allowed_mask(T, k.shape[1], q_offset=q_offset, window=window, key_mask=key_mask,
-                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                         part_ids=part_ids)
   logits = jnp.where(allowed[:, None, None], logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   out = jnp.einsum("bgrts,bsgk->btgrk", probs, v)
   return out.reshape(B, T, H, Dh)
 
+
+
+def _xla_cpu(q, k, v, allowed, *, scale: float) -> jax.Array:
+  """`_xla` without soft-capping, laid out for XLA:CPU, with the softmax backward
+  written out (`_scores_attention`): the same function, values and gradients.
+
+  Each kv group's R query heads are one [R * T, Dh] matrix, so every dot of the
+  forward and backward is a batched 2-D matmul over (b, g) contracting one axis
+  (the einsum over "bgrts" contracts two in the value gradient, which XLA:CPU
+  canonicalizes by copying the [T, S] probabilities transposed, per layer).
+  """
+  B, T, H, Dh = q.shape
+  G = k.shape[2]
+  R = H // G
+  qh = q.reshape(B, T, G, R, Dh).transpose(0, 2, 3, 1, 4).reshape(B, G, R * T, Dh)
+  out = _scores_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                          jnp.broadcast_to(allowed, (B, T, k.shape[1])), scale, R)
+  return out.reshape(B, G, R, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+
+
+def _group_mask(allowed: jax.Array, G: int, R: int) -> jax.Array:
+  """[B, T, S] -> [B, G, R * T, S], the rows in `_xla_cpu`'s (r, t) order."""
+  B, T, S = allowed.shape
+  return jnp.broadcast_to(allowed[:, None, None], (B, G, R, T, S)).reshape(B, G, R * T, S)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _scores_attention(q, k, v, allowed, scale, R):
+  """softmax(scale * q k^T where allowed, else MASK_VALUE) v per (b, g).
+
+  q: [B, G, R * T, Dh]; k, v: [B, G, S, Dh]; allowed: [B, T, S] bool. The
+  backward uses the softmax identity FlashAttention's backward does (Dao et al.
+  2022, Alg. 4): d logits = P * (dP - rowsum(dO * O)), where autodiff's
+  rowsum(P * dP) is the same sum (O = P v) over the [R * T, S] scores instead of
+  over [R * T, Dh]; masked logits get no gradient, as through the `where`.
+  """
+  return _scores_attention_fwd(q, k, v, allowed, scale, R)[0]
+
+
+def _scores_attention_fwd(q, k, v, allowed, scale, R):
+  logits = jnp.einsum("bgqk,bgsk->bgqs", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(_group_mask(allowed, q.shape[1], R), logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bgqs,bgsk->bgqk", probs, v)
+  return out, (q, k, v, allowed, probs, out)
+
+
+def _scores_attention_bwd(scale, R, residuals, d_out):
+  q, k, v, allowed, probs, out = residuals
+  dv = jnp.einsum("bgqs,bgqk->bgsk", probs, d_out)
+  dp = jnp.einsum("bgqk,bgsk->bgqs", d_out, v, preferred_element_type=jnp.float32)
+  rowsum = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
+                   keepdims=True)                                      # [B, G, R * T, 1]
+  d_logits = jnp.where(_group_mask(allowed, q.shape[1], R),
+                       probs.astype(jnp.float32) * (dp - rowsum), 0.0) * scale
+  d_logits = d_logits.astype(q.dtype)
+  dq = jnp.einsum("bgqs,bgsk->bgqk", d_logits, k)
+  dk = jnp.einsum("bgqs,bgqk->bgsk", d_logits, q)
+  return dq, dk, dv, None
+
+
+_scores_attention.defvjp(_scores_attention_fwd, _scores_attention_bwd)
 
 def _cudnn(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segment_ids,
            part_ids=None):
