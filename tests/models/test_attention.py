@@ -232,13 +232,16 @@ def _shared_mask(seg, part, real):
   return causal[None] & real[:, None, :] & same_seg & parts_ok
 
 
-@pytest.mark.parametrize("kv", [1, 2, 4])
-def test_cpu_xla_packed_shared_matches_jax_nn_values_and_gradients(kv):
+@pytest.mark.parametrize("kv,T", [(1, 48), (2, 48), (4, 48), (2, 160)])
+def test_cpu_xla_packed_shared_matches_jax_nn_values_and_gradients(kv, T):
   """The CPU form of the xla kernel (query heads grouped per kv head, the softmax
-  backward written out) == jax.nn.dot_product_attention with the definition's mask,
-  values and q/k/v gradients, on packed shared-prompt rows with padding (MHA, GQA, MQA)."""
-  T = 48
-  seg, part, real = _shared_layout([[(10, 6, 9), (5, 4, 7)], [(20, 12, 3)]], T)
+  backward written out, T = 160 in query chunks of 64, 64, 32 over their causal key
+  prefixes) == jax.nn.dot_product_attention with the definition's mask, values and
+  q/k/v gradients, on packed shared-prompt rows with padding (MHA, GQA, MQA)."""
+  assert len(attn.causal_chunks(T)) == (1 if T < 128 else 3)
+  rows = ([[(10, 6, 9), (5, 4, 7)], [(20, 12, 3)]] if T < 128 else
+          [[(50, 30, 20), (10, 20, 5)], [(70, 40, 45)]])   # units across chunk edges
+  seg, part, real = _shared_layout(rows, T)
   q, k, v = _inputs(2, T, 4, kv, 8, seed=21)
   w = jax.random.normal(jax.random.key(22), q.shape) * real[..., None, None]
   mask = jnp.asarray(_shared_mask(seg, part, real))
