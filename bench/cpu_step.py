@@ -167,35 +167,76 @@ CATEGORIES = ("matmul: projections, MLP, LM head", "log-prob head, other",
               "runtime / host, not in an op")
 
 
+def _frames_in(hlo: str, file_suffix: str) -> set[int]:
+  """Stack frame ids of the compiled HLO text whose call stack passes through a
+  source file ending in `file_suffix` (the module's FileNames / FileLocations /
+  StackFrames tables)."""
+  import re
+
+  def table(name):
+    m = re.search(rf"^{name}\n(.*?)(?:\n\n|\Z)", hlo, re.M | re.S)
+    return m.group(1).splitlines() if m else []
+
+  files = {int(line.split()[0]) for line in table("FileNames")
+           if line.split(" ", 1)[1].strip('"').endswith(file_suffix)}
+  locations = {int(line.split()[0]) for line in table("FileLocations")
+               if int(re.search(r"file_name_id=(\d+)", line).group(1)) in files}
+  parent, hit = {}, set()
+  for line in table("StackFrames"):
+    fid = int(line.split()[0])
+    parent[fid] = int(re.search(r"parent_frame_id=(\d+)", line).group(1))
+    if int(re.search(r"file_location_id=(\d+)", line).group(1)) in locations:
+      hit.add(fid)
+  out = set()
+  for fid in parent:
+    seen, f = set(), fid
+    while f in parent and f not in seen:
+      if f in hit:
+        out.add(fid)
+        break
+      seen.add(f)
+      f = parent[f]
+  return out
+
+
 def jax_categories(trace: dict, hlo: str, steps: int, T: int, step_s: float) -> dict:
   """Per-step milliseconds by category from a jax.profiler trace of the CPU step.
 
   Needs XLA_FLAGS --xla_cpu_enable_xprof_traceme=true (one event per thunk); each
-  thunk is matched to its HLO instruction in the compiled text for its op_name."""
+  thunk is matched to its HLO instruction in the compiled text for its op_name.
+  Attention: a dot, or any op not a copy, traced from jaxalign/models/attention.py
+  (the stack frames in the HLO), or named by the einsums of the pre-issue-29 kernel,
+  or with two axes of length T."""
   import re
+  attention_frames = _frames_in(hlo, "jaxalign/models/attention.py")
   info = {}
   for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$", hlo, re.M):
     name, shape, op, rest = m.groups()
     op_name = re.search(r'op_name="([^"]*)"', rest)
-    info[name] = (shape, op, op_name.group(1) if op_name else "")
+    frame = re.search(r"stack_frame_id=(\d+)", rest)
+    in_attention = ((frame is not None and int(frame.group(1)) in attention_frames)
+                    or (op_name is not None and re.search(r"bgrts|bsgk|btgrk", op_name.group(1))))
+    info[name] = (shape, op, op_name.group(1) if op_name else "", bool(in_attention))
   events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
   ms = dict.fromkeys(CATEGORIES, 0.0)
   for e in events:
     if e["name"] not in info:
       continue
-    shape, op, op_name = info[e["name"]]
+    shape, op, op_name, in_attention = info[e["name"]]
     is_dot = "dot_general" in op_name and (e["name"].startswith(("ynn", "xnn", "dot"))
                                            or op in ("dot", "custom-call"))
+    is_copy = op in ("copy", "transpose") or e["name"].startswith(("copy", "transpose"))
     dims = [int(d) for d in re.findall(r"\d+", shape.split("{")[0])]
     if "/while/" in op_name:
       cat = "matmul: projections, MLP, LM head" if is_dot else "log-prob head, other"
     elif "jvp(" not in op_name and "transpose(" not in op_name:
       cat = "optimizer: clip + AdamW"           # after the gradient: clipping, update, metrics
-    elif is_dot and not re.search(r"bgrts|bsgk|btgrk", op_name):
-      cat = "matmul: projections, MLP, LM head"
-    elif is_dot or dims.count(T) >= 2:
+    elif is_dot:
+      cat = ("attention (scores, softmax, mask)" if in_attention
+             else "matmul: projections, MLP, LM head")
+    elif dims.count(T) >= 2 or (in_attention and not is_copy):
       cat = "attention (scores, softmax, mask)"
-    elif op in ("copy", "transpose") or e["name"].startswith(("copy", "transpose")):
+    elif is_copy:
       cat = "layout copies / transposes"
     else:
       cat = "elementwise: norms, RoPE, activations"

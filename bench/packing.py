@@ -5,6 +5,8 @@
   python bench/packing.py --case grao     # GRAO groups: unshared vs shared vs packed+shared
   python bench/packing.py --case pairs --trl-python /work/venv-trl/bin/python
                                           # + the same batches through TRL's DPOTrainer
+  python bench/packing.py --case pairs --layouts packed+shared --rounds 1 --profile 2
+                                          # + ms per category of each layout's step
 
 Not a test: it prints figures. Every layout runs THE jitted step (one
 `jaxalign.train.build.build_config` of the case's recipe: the step `jaxalign
@@ -140,11 +142,15 @@ def model_config(T: int, batch: int, prompt: int, loss: str):
 
 
 def time_layouts(c, layouts: dict[str, list[dict]], *, steps: int, rounds: int,
-                 external: dict[str, Callable[[], float]] | None = None) -> dict:
+                 external: dict[str, Callable[[], float]] | None = None,
+                 profile: int = 0, profiles: dict | None = None) -> dict:
   """Seconds per block of `steps` steps of THE jitted step, per layout, per round.
 
   `external`: name -> a function that times a block of the same steps elsewhere
   (TRL) and returns its seconds; called once per round after the layouts.
+  `profile` > 0: after the rounds, each layout's step on its first batch is
+  profiled for that many steps into `profiles` (name -> ms per step by category,
+  bench/cpu_step.py's jax_categories; needs the traceme flag main() sets).
   """
   external = external or {}
   built = build_lib.build_config(c, jax.devices()[:1])
@@ -167,7 +173,47 @@ def time_layouts(c, layouts: dict[str, list[dict]], *, steps: int, rounds: int,
         times[name].append(time.perf_counter() - t0)
       for name, run in external.items():
         times[name].append(run())
+    if profile:
+      for name, bs in on_device.items():
+        state, profiles[name] = _profile_step(step_fn, state, bs[0], profile)
   return times
+
+
+def _profile_step(step_fn, state, batch, steps: int):
+  """(state, {category: ms per step, "step (wall)": ms}) of `steps` profiled steps."""
+  import glob
+  import gzip
+  from bench import cpu_step
+  hlo = step_fn.lower(state, batch).compile().as_text()
+  T = (batch["packed_tokens"] if "packed_tokens" in batch else batch["tokens"]).shape[-1]
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=False)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = step_fn(state, batch)
+    jax.block_until_ready(m)
+    step_s = (time.perf_counter() - t0) / steps
+    jax.profiler.stop_trace()
+    trace = json.load(gzip.open(glob.glob(f"{tmp}/plugins/profile/*/*.trace.json.gz")[0]))
+  return state, {**cpu_step.jax_categories(trace, hlo, steps, T, step_s),
+                 "step (wall)": step_s * 1e3}
+
+
+def _print_profiles(profiles: dict, steps: int) -> None:
+  names = list(profiles)
+  print(f"profile of {steps} steps on each layout's first batch (ms per step, share of the "
+        "thunks' sum; thunks can overlap, so the sum may exceed the wall):")
+  print(f"{'category':40}" + "".join(f"{n:>22}" for n in names))
+  cats = [k for k in next(iter(profiles.values())) if k != "step (wall)"]
+  for cat in (*cats, "step (wall)"):
+    cells = []
+    for n in names:
+      total = sum(v for k, v in profiles[n].items() if k not in ("step (wall)",) and
+                  not k.startswith("runtime"))
+      v = profiles[n][cat]
+      cells.append(f"{v:10.1f}" + (f" ({v / total:5.1%})" if cat != "step (wall)" and
+                                   not cat.startswith("runtime") else " " * 9))
+    print(f"{cat[:40]:40}" + "".join(f"{x:>22}" for x in cells))
 
 
 def trl_timer(trl_python: str, c, padded: list[dict], *, steps: int, tmp: str
@@ -310,7 +356,9 @@ def pairs_case(args, peak) -> dict:
     if args.trl_python:
       external["trl"], trl_runs = trl_timer(args.trl_python, c, padded, steps=args.steps,
                                             tmp=tmp)
-    times = time_layouts(c, layouts, steps=args.steps, rounds=args.rounds, external=external)
+    profiles: dict = {}
+    times = time_layouts(c, layouts, steps=args.steps, rounds=args.rounds, external=external,
+                         profile=args.profile, profiles=profiles)
   lengths = np.concatenate([b["attention_mask"].sum(-1).reshape(-1) for b in padded])
   rows = {name: [int(np.prod(b["packed_tokens"].shape[:2])) if "packed_tokens" in b
                  else int(np.prod(b["tokens"].shape[:2])) for b in bs]
@@ -350,6 +398,9 @@ def pairs_case(args, peak) -> dict:
     result["ratios"][f"{a}/{b}"] = {"median": float(np.median(rs)), "rounds": rs}
     print(f"{a} / {b} real tokens/s: {np.median(rs):.2f}x (median of {args.rounds} rounds: "
           f"{', '.join(f'{x:.2f}' for x in rs)})")
+  if profiles:
+    result["profiles"] = profiles
+    _print_profiles(profiles, args.profile)
   result["speedup_median"] = result["ratios"]["packed/padded"]["median"] \
       if "packed/padded" in result["ratios"] else None
   return result
@@ -414,7 +465,14 @@ def main(argv=None):
                   help=f"pairs case: layouts to time, of {sorted(PAIR_LAYOUTS)}")
   ap.add_argument("--trl-python", help="pairs case: also run the batches through TRL's "
                   "DPOTrainer with the python of this environment (bench/compare_trl.py)")
+  ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                  help="pairs case: after the timing, profile this many steps of each "
+                  "layout and print ms per category (bench/cpu_step.py's); sets the XLA:CPU "
+                  "traceme flag for the whole run, so take timed figures without it")
   args = ap.parse_args(argv)
+  if args.profile:   # before the backend starts (matmul_peak is the first jax call)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_enable_xprof_traceme=true").strip()
   peak = matmul_peak()
   result = {"peak_flops": peak}
   cases = args.case.split(",")

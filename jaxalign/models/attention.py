@@ -18,7 +18,12 @@ meaningless, and differ between implementations; callers mask them out.
 
 Implementations (`model.attention`):
   xla     the einsum/softmax/einsum below, materializing the float32 [B, H, T, S]
-          scores; the reference, and what runs on CPU.
+          scores; the reference, and what runs on CPU. On CPU (no soft-cap) the
+          same function runs with each kv group's query heads as one matrix and
+          the softmax backward written out, self-attention in query chunks
+          that skip the score blocks above the causal diagonal (`_xla_cpu`):
+          no transposed copies of the scores, one fewer pass over them, 5/8 of
+          them at T = 256 (issue 29).
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused
           flash attention on NVIDIA GPUs (bf16/fp16 only). Causal and window via
           its mask type; key padding and segment ids as one boolean mask (cuDNN
@@ -44,6 +49,7 @@ ids in its boolean mask, as it takes segment ids.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -186,19 +192,113 @@ def _xla(q, k, v, *, scale, softcap, window, key_mask, q_offset, q_segment_ids,
          kv_segment_ids, part_ids=None):
   B, T, H, Dh = q.shape
   G = k.shape[2]
+  allowed = allowed_mask(T, k.shape[1], q_offset=q_offset, window=window, key_mask=key_mask,
+                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                         part_ids=part_ids)
+  if softcap is None and current_platform() == "cpu":
+    self_attention = isinstance(q_offset, int) and q_offset == 0 and T == k.shape[1]
+    return _xla_cpu(q, k, v, allowed, scale=scale, self_attention=self_attention)
   q = q.reshape(B, T, G, H // G, Dh)                                   # [B, T, G, R, Dh]
   logits = jnp.einsum("btgrk,bsgk->bgrts", q, k,
                       preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
-  allowed = allowed_mask(T, k.shape[1], q_offset=q_offset, window=window, key_mask=key_mask,
-                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                         part_ids=part_ids)
   logits = jnp.where(allowed[:, None, None], logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   out = jnp.einsum("bgrts,bsgk->btgrk", probs, v)
   return out.reshape(B, T, H, Dh)
 
+
+
+def _xla_cpu(q, k, v, allowed, *, scale: float, self_attention: bool) -> jax.Array:
+  """`_xla` without soft-capping, laid out for XLA:CPU, with the softmax backward
+  written out (`_scores_attention`): the same function and gradients (padding
+  query rows, meaningless by contract, may differ).
+
+  Each kv group's R query heads are one [T * R, Dh] matrix (rows in (t, r)
+  order), so every dot of the forward and backward is a batched 2-D matmul over
+  (b, g) contracting one axis (the einsum over "bgrts" contracts (r, t) in the
+  value gradient, which XLA:CPU canonicalizes by copying the [T, S]
+  probabilities transposed, per layer). Self-attention runs in query chunks
+  (`causal_chunks`), each over the key prefix causality lets it see: the
+  chunks skip the score blocks above the diagonal, which are all masked.
+  """
+  B, T, H, Dh = q.shape
+  S, G = k.shape[1], k.shape[2]
+  R = H // G
+  qh = q.reshape(B, T, G, R, Dh).transpose(0, 2, 1, 3, 4).reshape(B, G, T * R, Dh)
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, G, S, Dh]
+  allowed = jnp.broadcast_to(allowed, (B, T, S))
+  outs = []
+  for a, b in (causal_chunks(T) if self_attention else [(0, T)]):
+    end = b if self_attention else S       # query t sees keys s <= t only
+    outs.append(_scores_attention(qh[:, :, a * R:b * R], kh[:, :, :end], vh[:, :, :end],
+                                  allowed[:, a:b, :end], scale, R))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)  # [B, G, T * R, Dh]
+  return out.reshape(B, G, T, R, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Dh)
+
+
+CPU_CHUNK = 64        # the smallest query chunk of _xla_cpu
+CPU_MAX_CHUNKS = 16   # at most this many chunks (each is its own ops in the program)
+
+
+def causal_chunks(T: int) -> list[tuple[int, int]]:
+  """[(start, end)] query chunks of _xla_cpu's self-attention: CPU_CHUNK tokens (a
+  multiple of it past CPU_MAX_CHUNKS chunks), the last one shorter where T is not a
+  multiple; one chunk below 2 * CPU_CHUNK tokens.
+
+  Chunk [a, b) attends to keys [0, b), so of the [T, T] scores they compute
+  about T * (T + c) / 2 (c the chunk): 5/8 at T = 256 (docs/performance.md has
+  the measured times).
+  """
+  if T < 2 * CPU_CHUNK:
+    return [(0, T)]
+  chunk = -(-max(CPU_CHUNK, -(-T // CPU_MAX_CHUNKS)) // CPU_CHUNK) * CPU_CHUNK
+  return [(a, min(a + chunk, T)) for a in range(0, T, chunk)]
+
+
+def _group_mask(allowed: jax.Array, G: int, R: int) -> jax.Array:
+  """[B, T, S] -> [B, G, T * R, S], the rows in `_xla_cpu`'s (t, r) order."""
+  B, T, S = allowed.shape
+  return jnp.broadcast_to(allowed[:, None, :, None], (B, G, T, R, S)).reshape(B, G, T * R, S)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _scores_attention(q, k, v, allowed, scale, R):
+  """softmax(scale * q k^T where allowed, else MASK_VALUE) v per (b, g).
+
+  q: [B, G, T * R, Dh]; k, v: [B, G, S, Dh]; allowed: [B, T, S] bool. The
+  backward uses the softmax identity FlashAttention's backward does (Dao et al.
+  2022, Alg. 4): d logits = P * (dP - rowsum(dO * O)), where autodiff's
+  rowsum(P * dP) is the same sum (O = P v) over the [T * R, S] scores instead of
+  over [T * R, Dh]; masked logits get no gradient, as through the `where`.
+  """
+  return _scores_attention_fwd(q, k, v, allowed, scale, R)[0]
+
+
+def _scores_attention_fwd(q, k, v, allowed, scale, R):
+  logits = jnp.einsum("bgqk,bgsk->bgqs", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(_group_mask(allowed, q.shape[1], R), logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bgqs,bgsk->bgqk", probs, v)
+  return out, (q, k, v, allowed, probs, out)
+
+
+def _scores_attention_bwd(scale, R, residuals, d_out):
+  q, k, v, allowed, probs, out = residuals
+  dv = jnp.einsum("bgqs,bgqk->bgsk", probs, d_out)
+  dp = jnp.einsum("bgqk,bgsk->bgqs", d_out, v, preferred_element_type=jnp.float32)
+  rowsum = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
+                   keepdims=True)                                      # [B, G, T * R, 1]
+  d_logits = jnp.where(_group_mask(allowed, q.shape[1], R),
+                       probs.astype(jnp.float32) * (dp - rowsum), 0.0) * scale
+  d_logits = d_logits.astype(q.dtype)
+  dq = jnp.einsum("bgqs,bgsk->bgqk", d_logits, k)
+  dk = jnp.einsum("bgqs,bgqk->bgsk", d_logits, q)
+  return dq, dk, dv, None
+
+
+_scores_attention.defvjp(_scores_attention_fwd, _scores_attention_bwd)
 
 def _cudnn(q, k, v, *, scale, softcap, window, key_mask, q_segment_ids, kv_segment_ids,
            part_ids=None):

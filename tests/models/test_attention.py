@@ -8,6 +8,8 @@ real (non-padding) queries are compared: padding rows are meaningless by
 contract. The cuDNN path needs an NVIDIA GPU; its test skips elsewhere.
 """
 import logging
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +219,73 @@ def test_shared_prompt_splash_matches_xla_values_and_gradients(name):
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=2e-5)
+
+
+def _shared_mask(seg, part, real):
+  """[B, T, T] bool of packed shared-prompt rows, from the definition (module docstring
+  of jaxalign.models.attention), in NumPy."""
+  seg, part, real = (np.asarray(x) for x in (seg, part, real))
+  T = seg.shape[1]
+  causal = np.tril(np.ones((T, T), bool))
+  same_seg = seg[:, :, None] == seg[:, None, :]
+  parts_ok = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])
+  return causal[None] & real[:, None, :] & same_seg & parts_ok
+
+
+@pytest.mark.parametrize("kv,T", [(1, 48), (2, 48), (4, 48), (2, 160)])
+def test_cpu_xla_packed_shared_matches_jax_nn_values_and_gradients(kv, T):
+  """The CPU form of the xla kernel (query heads grouped per kv head, the softmax
+  backward written out, T = 160 in query chunks of 64, 64, 32 over their causal key
+  prefixes) == jax.nn.dot_product_attention with the definition's mask, values and
+  q/k/v gradients, on packed shared-prompt rows with padding (MHA, GQA, MQA)."""
+  assert len(attn.causal_chunks(T)) == (1 if T < 128 else 3)
+  rows = ([[(10, 6, 9), (5, 4, 7)], [(20, 12, 3)]] if T < 128 else
+          [[(50, 30, 20), (10, 20, 5)], [(70, 40, 45)]])   # units across chunk edges
+  seg, part, real = _shared_layout(rows, T)
+  q, k, v = _inputs(2, T, 4, kv, 8, seed=21)
+  w = jax.random.normal(jax.random.key(22), q.shape) * real[..., None, None]
+  mask = jnp.asarray(_shared_mask(seg, part, real))
+
+  def ours(q, k, v):
+    return jnp.sum(w * attn.attention(q, k, v, scale=0.3, key_mask=real, q_segment_ids=seg,
+                                      kv_segment_ids=seg, part_ids=part,
+                                      implementation="xla"))
+
+  def theirs(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=0.3,
+                                       implementation="xla")
+    return jnp.sum(w * out)
+
+  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+                      for f in (ours, theirs))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for x, y in zip(ga, gb):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_cpu_xla_gradient_makes_no_transposed_copy_of_the_scores():
+  """On CPU the xla kernel's forward + backward compiles without copying or
+  transposing a [B, H, T, S]-sized array (the scores, probabilities or their
+  gradient): each kv group's query heads are one matrix, so every attention dot
+  contracts a single axis (issue 29). The einsum over "bgrts" contracts (r, t) in
+  the value gradient, and XLA:CPU copied the probabilities transposed for it."""
+  B, T, H, KV, Dh = 2, 32, 4, 2, 8
+  q, k, v = _inputs(B, T, H, KV, Dh, seed=23)
+  seg = jnp.asarray([[0] * 20 + [1] * 12, [0] * 32])
+  part = jnp.asarray([[0] * 8 + [1] * 6 + [2] * 6 + [0] * 5 + [1] * 7, [0] * 12 + [1] * 20])
+
+  def f(q, k, v):
+    return jnp.sum(attn.attention(q, k, v, scale=0.3, key_mask=jnp.ones((B, T), bool),
+                                  q_segment_ids=seg, kv_segment_ids=seg, part_ids=part,
+                                  implementation="xla"))
+
+  hlo = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+  score_sized = []
+  for name, dims, op in re.findall(r"%(\S+) = f32\[([\d,]*)\]\S* (\w+)\(", hlo):
+    if op in ("copy", "transpose") and math.prod(int(d) for d in dims.split(",")) == B * H * T * T:
+      score_sized.append(name)
+  assert score_sized == []
+  assert "exponential" in hlo     # the softmax is in the compiled program
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
