@@ -25,6 +25,8 @@ TRL does for MoE policies.
   # Planned (docs/performance.md, "Bounded dispatch buffer"): 24.77 GiB per chip;
   # MFU on active parameters 58.6% at 2 layers, 21.4% predicted at 48 (the 30%
   # target missed: the step is bound by HBM traffic around the expert kernel).
+  # Mesh (1, 64, 1) (no expert split) planned at 48 layers: 19.45 GiB per chip,
+  # 21.1% ("Mesh (1, 64, 1) at full depth"), so the expert split stays.
   # Train on the slice (every worker runs the same command; see docs/scaling.md):
   jaxalign train --config configs/qwen3_30b_a3b_dpo.py --workdir gs://BUCKET/runs/qwen3_30b_a3b \
       --config.model.hf_path=Qwen/Qwen3-30B-A3B   # or a local HF directory
