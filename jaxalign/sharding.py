@@ -85,8 +85,14 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
   three-size shape is (data, fsdp, tensor) with context 1."""
   devices = jax.devices() if devices is None else list(devices)
   resolved = resolve_mesh_shape(shape, len(devices))
-  return jax.make_mesh(resolved, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  try:
+    return jax.make_mesh(resolved, MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  except NotImplementedError as e:   # jax cannot lay the sizes on the chips' torus
+    raise ConfigError(
+        f"config.mesh.shape: {tuple(resolved)} cannot be laid out on the {len(devices)} "
+        f"{devices[0].platform} devices' physical topology ({str(e).strip().splitlines()[0]}); "
+        "use sizes that are products of whole torus axes") from None
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules: Rules):

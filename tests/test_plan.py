@@ -341,6 +341,18 @@ def test_tiny_dpo_compiles_for_a_tpu_slice():
 
 
 @pytest.mark.tpu
+def test_a_mesh_the_torus_cannot_hold_is_a_config_error_naming_the_key():
+  """(2, 32, 1) on v5p:4x4x4: 32 is no product of whole torus axes; jax's
+  NotImplementedError becomes a ConfigError naming config.mesh.shape, before compiling."""
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.mesh.shape = (2, 32, 1)
+  c.data.batch_size = 64
+  with pytest.raises(config_lib.ConfigError, match=r"config\.mesh\.shape: \(2, 32, 1, 1\)"):
+    plan_lib.plan(c, topology="v5p:4x4x4")
+
+
+@pytest.mark.tpu
 def test_bf16_moe_step_on_megablox_compiles_under_highest_precision():
   """A bf16 MoE step on the megablox kernel compiles for a TPU slice under the process
   default "highest" (the suite's, conftest): the kernel's forward and backward are
