@@ -28,12 +28,18 @@ def _weights(rng, shape=(6, 256)):
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-def test_quantize_dequantize_error_within_the_format_bound(fmt):
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_quantize_dequantize_error_within_the_format_bound(fmt, axis):
+  """Blocks along the last axis, or along the first (the weight transposed: the same
+  blocks, so the same figures)."""
   w = _weights(np.random.default_rng(0))
-  codes, scale = jax.jit(lambda a: quant.quantize(a, fmt))(w)
+  t = (lambda a: a) if axis == -1 else (lambda a: np.swapaxes(a, 0, 1))
+  codes, scale = jax.jit(lambda a: quant.quantize(a, fmt, axis=axis))(t(w))
   assert codes.dtype == (jnp.int8 if fmt == "int8" else jnp.uint8)
-  assert codes.shape == (6, 256 if fmt == "int8" else 128) and scale.shape == (6, 4)
-  back = np.asarray(jax.jit(lambda c, s: quant.dequantize(c, s, fmt))(codes, scale))
+  assert t(codes).shape == (6, 256 if fmt == "int8" else 128) and t(scale).shape == (6, 4)
+  back = t(np.asarray(jax.jit(lambda c, s: quant.dequantize(c, s, fmt, axis=axis))(
+      codes, scale)))
+  scale = t(scale)
   err = np.abs(back - w).reshape(6, 4, 64)
   # int8 absmax: <= s/2 per entry; nf4: <= half the widest level gap x block absmax;
   # both up to float32 rounding of the division and product.
@@ -46,6 +52,18 @@ def test_quantize_dequantize_error_within_the_format_bound(fmt):
   # Beyond the bound: the quantization is fine enough to matter (and not exact).
   rel = np.abs(back - w).mean() / np.abs(w).mean()
   assert 0 < rel < (0.01 if fmt == "int8" else 0.15), rel
+
+
+def test_nf4_packs_a_blocks_halves_into_one_byte_along_the_block_axis():
+  """Byte j of a block holds entry j (high nibble) and entry j + 32 (low): along a
+  middle axis, the other axes untouched."""
+  levels = np.arange(64, dtype=np.int64) % 16                       # one entry per level index
+  w = (quant.NF4_LEVELS[levels][None, :, None] * np.float32([1, 2, 3])).astype(np.float32)
+  codes, scale = quant.quantize(np.repeat(w, 2, axis=0), "nf4", axis=1, xp=np)
+  assert codes.shape == (2, 32, 3) and scale.shape == (2, 1, 3)
+  np.testing.assert_array_equal(codes[:, :, 0] >> 4, np.tile(levels[:32], (2, 1)))
+  np.testing.assert_array_equal(codes[:, :, 2] & 0xF, np.tile(levels[32:], (2, 1)))
+  np.testing.assert_array_equal(scale[0, 0], [1, 2, 3])
 
 
 def test_nf4_picks_the_nearest_of_the_sixteen_levels():
@@ -64,11 +82,12 @@ def test_nf4_picks_the_nearest_of_the_sixteen_levels():
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-def test_host_and_device_quantizers_give_the_same_codes(fmt):
+@pytest.mark.parametrize("axis", [-1, -3])
+def test_host_and_device_quantizers_give_the_same_codes(fmt, axis):
   """The import quantizes on the host (numpy), an init on device (jit): same bits."""
-  w = _weights(np.random.default_rng(2), (3, 8, 128)) * np.float32(0.037)
-  host = quant.quantize(w, fmt, xp=np)
-  device = jax.jit(lambda a: quant.quantize(a, fmt))(jnp.asarray(w))
+  w = _weights(np.random.default_rng(2), (128, 8, 128)) * np.float32(0.037)
+  host = quant.quantize(w, fmt, axis=axis, xp=np)
+  device = jax.jit(lambda a: quant.quantize(a, fmt, axis=axis))(jnp.asarray(w))
   for h, d in zip(host, device):
     assert h.dtype == d.dtype
     np.testing.assert_array_equal(h, np.asarray(d))
