@@ -407,16 +407,11 @@ def _project(module: nnx.Module, name: str, equation: str, x: jax.Array,
   weight of a quantized base (jaxalign.models.quant) is dequantized here, per layer.
   """
   weight = getattr(module, name)
-  quantized = isinstance(weight, quant.QuantizedWeight)
-  if quantized:   # a quantized frozen base (QLoRA)
+  if isinstance(weight, quant.QuantizedWeight):   # a quantized frozen base (QLoRA)
     w = weight.dequantize(module.dtype)
   else:
     w = weight[...].astype(module.dtype)
-  # A dequantized weight goes in as one 2-D matrix on every platform: over q/k/v's
-  # [D, H, Dh] XLA:TPU wanted the stacked codes in a head-major layout and copied all
-  # 80 layers' codes to it once per step (0.4 GiB per chip for the 70B recipe).
-  two_d = quantized or attention_lib.current_platform() == "cpu"
-  y = _matmul_2d(equation, x, w) if two_d else None
+  y = _matmul_2d(equation, x, w) if attention_lib.current_platform() == "cpu" else None
   y = jnp.einsum(equation, x, w) if y is None else y
   adapter = getattr(module, name + "_lora", None)
   y = y if adapter is None else y + adapter(x).astype(y.dtype)
@@ -434,8 +429,7 @@ def _matmul_2d(equation: str, x: jax.Array, w: jax.Array) -> jax.Array | None:
   (the gated MLP's silu backward fused with it was ~15% of a CPU DPO step, issue
   29). Flattening [B, T, ...] to rows first leaves a plain matrix product whose
   transposes the matmul kernel takes as flags. Same products and sums, so the same
-  values; on TPU/GPU (and TPU plans) the einsum runs as before, but for a quantized
-  base's weights (`_project`).
+  values; on TPU/GPU (and TPU plans) the einsum runs as before.
   """
   lhs, rest = equation.split(",")
   rhs, out = rest.split("->")
