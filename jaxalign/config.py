@@ -136,6 +136,10 @@ def defaults() -> ml_collections.ConfigDict:
   # The frozen base's projection weights stored quantized (QLoRA): "" (as
   # model.param_dtype) | "int8" | "nf4", blockwise absmax, 64 per scale (models/quant.py).
   c.lora.base_dtype = ""
+  # The adapters' (and so their AdamW state's) dtype; "" = the base weight's
+  # (model.param_dtype): float32 adapters over a bfloat16 frozen base keep small
+  # updates that bfloat16 weights would round away.
+  c.lora.param_dtype = ""
 
   # COFS-DPO: how stored per-domain fast adapters combine (workflows/continual.py).
   c.cofs = ml_collections.ConfigDict()
@@ -712,6 +716,9 @@ def _validate_lora(c: ml_collections.ConfigDict, spec, model_cfg) -> None:
   """config.lora, the OFS-DPO learning-rate ratio and the continual keys."""
 
   lc = c.lora
+  if lc.get("param_dtype", "") not in ("", "float32", "bfloat16", "float16"):
+    _fail("lora.param_dtype", f"must be '' (the base weight's dtype), 'float32', "
+          f"'bfloat16' or 'float16', got {lc.param_dtype!r}")
   if isinstance(lc.rank, bool) or not isinstance(lc.rank, int) or lc.rank < 0:
     _fail("lora.rank", f"must be an int >= 0 (0 = no adapters), got {lc.rank!r}")
   if lc.rank > 0:

@@ -145,6 +145,7 @@ def test_quantized_base_step_equals_the_step_on_the_dequantized_base():
     ({"lora.base_dtype": "nf4", "mesh.shape": (1, 8, 1)},
      r"config.lora.base_dtype: .*1 blocks of 64 along model.d_model .* 8 devices"),
     ({"lora.base_dtype": "nf4", "init_from": "/some/run"}, r"config.lora.base_dtype: .*init_from"),
+    ({"lora.param_dtype": "int8"}, r"config.lora.param_dtype: .*'int8'"),
 ])
 def test_bad_base_dtype_settings_fail_in_validation_naming_the_key(overrides, message):
   c = _qlora_config("")
@@ -166,3 +167,18 @@ def test_resume_refuses_another_base_dtype_and_accepts_other_remat_stages():
   old = _qlora_config("").to_dict()
   del old["lora"]["base_dtype"]
   resume.check_resume_config(old, _qlora_config(""), where="here")
+
+
+def test_float32_adapters_over_a_bfloat16_quantized_base():
+  """lora.param_dtype: the adapters (and so their AdamW state) in float32 while the
+  frozen base's float parts are bfloat16 (the 70B recipe's choice: a 5e-6 step on a
+  bfloat16 weight of 0.01 would round away)."""
+  from jaxalign.train import build as build_lib
+  c = _qlora_config("nf4", **{"lora.param_dtype": "float32", "mesh.shape": (1, 1, 1)})
+  c.model.overrides.param_dtype = "bfloat16"
+  built = build_lib.build_config(c, jax.devices()[:1])
+  assert {a.dtype for a in jax.tree.leaves(built.abstract_state.params)} == {np.dtype("float32")}
+  assert {a.dtype for a in jax.tree.leaves(built.abstract_state.opt_state)
+          if a.ndim} == {np.dtype("float32")}
+  frozen = dict(nnx.to_flat_state(built.abstract_state.frozen))
+  assert frozen[("embed", "embedding")].get_value().dtype == jnp.bfloat16
