@@ -136,6 +136,10 @@ def defaults() -> ml_collections.ConfigDict:
   # The frozen base's projection weights stored quantized (QLoRA): "" (as
   # model.param_dtype) | "int8" | "nf4", blockwise absmax, 64 per scale (models/quant.py).
   c.lora.base_dtype = ""
+  # The adapters' (and so their AdamW state's) dtype; "" = the base weight's
+  # (model.param_dtype): float32 adapters over a bfloat16 frozen base keep small
+  # updates that bfloat16 weights would round away.
+  c.lora.param_dtype = ""
 
   # COFS-DPO: how stored per-domain fast adapters combine (workflows/continual.py).
   c.cofs = ml_collections.ConfigDict()
@@ -569,9 +573,27 @@ def _validate_data(c: ml_collections.ConfigDict, spec, model_cfg, mesh_shape) ->
   accum = c.optim.grad_accum_steps
   if accum < 1:
     _fail("optim.grad_accum_steps", "must be >= 1")
-  if d.batch_size <= 0 or d.batch_size % (batch_shards * accum):
-    _fail("data.batch_size", f"{d.batch_size} must be a positive multiple of the batch "
-          f"shards (data*fsdp={batch_shards}) times optim.grad_accum_steps={accum}")
+  if d.batch_size > 0 and not (d.batch_size % (batch_shards * accum)
+                               and not _rows_split(c, spec, batch_shards)):
+    return
+  _fail("data.batch_size", f"{d.batch_size} must be a positive multiple of the batch "
+        f"shards (data*fsdp={batch_shards}) times optim.grad_accum_steps={accum} (or, "
+        "padded layout, a multiple of both whose micro-batches' sequences split over "
+        "the batch shards)")
+
+
+def _rows_split(c: ml_collections.ConfigDict, spec, batch_shards: int) -> bool:
+  """Whether a micro-batch of fewer examples than batch shards runs with its sequences
+  split over them: the padded layout (train/step.py flattens [B, S, T] to B * S rows),
+  a batch that splits over the shards and into the micro-batches, and micro-batches of
+  B * S rows a multiple of the shards (e.g. 4 pairs on 8 chips: one sequence each)."""
+  d, accum = c.data, c.optim.grad_accum_steps
+  if d.get("packing", False) or d.get("share_prompt", False) or c.online.enabled:
+    return False
+  if d.batch_size % accum or d.batch_size % batch_shards:
+    return False
+  sequences = schema.get(spec.data).num_sequences(d.group_size or _TRACE_GROUP_SIZE)
+  return (d.batch_size // accum * sequences) % batch_shards == 0
 
 
 def _validate_layout(c: ml_collections.ConfigDict, spec, model_cfg) -> None:
@@ -651,7 +673,7 @@ def _validate_eval(c: ml_collections.ConfigDict, spec) -> None:
 
 def _validate_base_dtype(c: ml_collections.ConfigDict, model_cfg, mesh_shape) -> None:
   """lora.base_dtype: a known format, over LoRA adapters, on weights that split into
-  blocks, whose scales shard as the weight's last axis does (a whole number of blocks
+  blocks, whose scales shard as the weight's block axis does (a whole number of blocks
   per device)."""
   value = c.lora.get("base_dtype", "")
   try:
@@ -673,19 +695,19 @@ def _validate_base_dtype(c: ml_collections.ConfigDict, model_cfg, mesh_shape) ->
   if tuple(c.data.domains):
     _fail("lora.base_dtype", "continual training (data.domains) merges its modules into "
           "a float base: leave lora.base_dtype unset")
-  # Blocks run along each projection's last axis (models/quant.py).
+  # Blocks run along each projection's block axis (models/quant.py, BLOCK_AXIS).
   rules = dict((n, t) for n, t in c.sharding_rules)
-  for axis, logical, weights in (("head_dim", "head_dim", "q, k, v"),
-                                 ("d_model", "embed", "o, down"), ("d_ff", "mlp", "gate, up")):
+  for axis, logical, weights in (("d_model", "embed", "q, k, v, gate, up"),
+                                 ("head_dim", "head_dim", "o"), ("d_ff", "mlp", "down")):
     size = getattr(model_cfg, axis)
     if size % quant.BLOCK:
-      _fail("lora.base_dtype", f"{fmt!r} quantizes blocks of {quant.BLOCK} along the last "
+      _fail("lora.base_dtype", f"{fmt!r} quantizes blocks of {quant.BLOCK} along the input "
             f"axis of {weights}: model.{axis}={size} is not a multiple of {quant.BLOCK}")
     axes = _rule_axes(rules.get(logical))
     devices = math.prod(mesh_shape[a] for a in axes)
     if (size // quant.BLOCK) % devices:
       _fail("lora.base_dtype", f"{fmt!r}: the {size // quant.BLOCK} blocks of "
-            f"{quant.BLOCK} along model.{axis} (the last axis of {weights}) do not split "
+            f"{quant.BLOCK} along model.{axis} (the input axis of {weights}) do not split "
             f"over the {devices} devices of mesh axes {axes} (rule {logical!r}); shard "
             f"{logical!r} over fewer devices (mesh.shape, sharding_rules)")
 
@@ -694,6 +716,9 @@ def _validate_lora(c: ml_collections.ConfigDict, spec, model_cfg) -> None:
   """config.lora, the OFS-DPO learning-rate ratio and the continual keys."""
 
   lc = c.lora
+  if lc.get("param_dtype", "") not in ("", "float32", "bfloat16", "float16"):
+    _fail("lora.param_dtype", f"must be '' (the base weight's dtype), 'float32', "
+          f"'bfloat16' or 'float16', got {lc.param_dtype!r}")
   if isinstance(lc.rank, bool) or not isinstance(lc.rank, int) or lc.rank < 0:
     _fail("lora.rank", f"must be an int >= 0 (0 = no adapters), got {lc.rank!r}")
   if lc.rank > 0:

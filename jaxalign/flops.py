@@ -16,8 +16,12 @@ Conventions (per real token / per real sequence; padding counts nothing):
   attention forward = 4 * H * Dh * pairs per layer (QK^T and PV, 2 FLOPs a MAC).
   model FLOPs of a training step = sum over the step's sequences of
       policy:    6 N L + 3 * attention forward      (forward + backward = 2 x forward)
-      LoRA:      4 N L + 3 * attention forward      (no weight gradients of the base)
+      LoRA:      4 N L + 6 A L + 3 * attention forward
+                 (the base: forward and input gradient, no weight gradient; A = the
+                 adapter parameters one pass trains, 6 per token like any trained
+                 weight: their forward, input and weight gradients)
       frozen reference forward, when one runs in the step: 2 N L + attention forward
+                 (with LoRA: the base with the adapters off)
   Recomputation (remat) and masked-out score blocks are never model FLOPs.
   Fused kernels (splash, cuDNN) execute more than that: their backward recomputes
   the scores, 5 matmuls against the forward's 2, so `attention_kernel_flops`
@@ -95,7 +99,7 @@ def forward_flops(cfg, lengths) -> float:
 
 
 def model_flops(cfg, lengths, *, frozen_reference: bool = False, lora: bool = False,
-                policy_passes: int = 1) -> float:
+                policy_passes: int = 1, adapter_params: int = 0) -> float:
   """Model FLOPs of a training step over sequences of `lengths` real tokens.
 
   Args:
@@ -104,11 +108,12 @@ def model_flops(cfg, lengths, *, frozen_reference: bool = False, lora: bool = Fa
     frozen_reference: a reference copy runs a forward in the step.
     lora: only adapters train: no weight gradients of the base (4N, not 6N).
     policy_passes: forward + backward passes of the policy (OFS-DPO: one per module).
+    adapter_params: with `lora`, the adapter parameters one pass trains (6 per token).
   """
   tokens = float(np.sum(lengths))
   n = matmul_params(cfg)
   attn = attention_forward_flops(cfg, lengths)
-  policy = (4.0 if lora else 6.0) * n * tokens + 3.0 * attn
+  policy = ((4.0 * n + 6.0 * adapter_params) if lora else 6.0 * n) * tokens + 3.0 * attn
   reference = 2.0 * n * tokens + attn if frozen_reference else 0.0
   return policy_passes * policy + reference
 
@@ -155,6 +160,7 @@ class Utilization:
   frozen_reference: bool = False
   lora: bool = False
   policy_passes: int = 1
+  adapter_params: int = 0
 
   @classmethod
   def for_devices(cls, cfg, devices, **kwargs) -> "Utilization":
@@ -166,7 +172,8 @@ class Utilization:
     mask = np.asarray(attention_mask)
     lengths = mask.reshape(-1, mask.shape[-1]).sum(axis=-1)
     return model_flops(self.cfg, lengths, frozen_reference=self.frozen_reference,
-                       lora=self.lora, policy_passes=self.policy_passes)
+                       lora=self.lora, policy_passes=self.policy_passes,
+                       adapter_params=self.adapter_params)
 
   def metrics(self, flops: float, seconds: float) -> dict[str, float]:
     """perf/model_tflops_per_sec_per_device and, where the peak is known, perf/mfu."""

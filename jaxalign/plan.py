@@ -494,8 +494,7 @@ def _describe(config, built, batch, devs, chip: Chip | None, target: str,
     lengths = [T] * (B * S)
     computed = B * S * T
   tokens = sum(lengths)
-  model_flops = flops_lib.model_flops(model_cfg, lengths,
-                                      frozen_reference=built.run_spec.frozen_ref)
+  model_flops = flops_lib.model_flops(model_cfg, lengths, **built.flops_terms)
   shards = sharding.context_size(mesh)
   # A chip holds the activations of its batch shard's rows, 1 / context of each.
   token_shards = sharding.batch_shards(mesh, built.run_spec.rules) * shards
@@ -585,6 +584,9 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
   if extrapolated:
     cost, probe = scan_extrapolated_cost(config, devs, model_cfg, pack)
     out.update(probe)
+  # The micro-batches of gradient accumulation are one more loop (train/step.py), whose
+  # body XLA counts once too: the step runs it grad_accum_steps times.
+  cost = accumulated_cost(cost, config.optim.grad_accum_steps)
   flops = float(cost.get("flops", 0.0))
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
   ici = cost.get(ICI_KEY)
@@ -678,6 +680,21 @@ def probe_config(config: ml_collections.ConfigDict, model_cfg, groups: int):
   c.model.overrides = ml_collections.ConfigDict(over)
   c.model.scan_layers = False
   return c, n_layers
+
+
+def accumulated_cost(cost: dict[str, float], accum_steps: int) -> dict[str, float]:
+  """XLA's cost of a step that accumulates `accum_steps` micro-batches, from the cost
+  analysis of its compiled program, which counts the micro-batch loop's body once.
+
+  Each of _EXTRAPOLATED_COSTS is multiplied by `accum_steps`. The optimizer update
+  runs once per step but is counted `accum_steps` times then: an overestimate of the
+  step's cost (and time) by (accum_steps - 1) updates, a few FLOPs per trainable
+  parameter against the micro-batches' ~6 per parameter per token, so the predicted
+  MFU errs low, never high.
+  """
+  accum_steps = max(int(accum_steps), 1)
+  return {k: (float(v) * accum_steps if k in _EXTRAPOLATED_COSTS else v)
+          for k, v in cost.items()}
 
 
 def scan_extrapolated_cost(config: ml_collections.ConfigDict, devs, model_cfg,

@@ -61,6 +61,39 @@ def test_training_count_matches_xla_cost_analysis_of_the_gradient():
   assert ours == pytest.approx(xla, rel=0.03)
 
 
+def test_lora_training_count_matches_xla_cost_analysis_of_the_adapter_gradient():
+  """LoRA: the gradient of the adapters only. XLA runs the base's forward and input
+  gradient (4N per token, no weight gradient) and the adapters' forward, input and
+  weight gradients (6 per adapter parameter per token): flops.model_flops(lora=True,
+  adapter_params=A). Rank 32 on every projection makes A (131 k) 40% of N, so the
+  adapters' term is well beyond the tolerance. The convention counts every layer's
+  input gradient, as 6N counts every layer's backward; XLA skips the one below the
+  lowest adapters (layer 0's q, k, v input gradient: nothing under it trains), taken
+  out here. The loss squares the logits: a plain sum lets XLA fold the head's input
+  gradient (a constant times the weight) into a reduction."""
+  from jaxalign.models import lora
+  cfg = _cfg()
+  config = lora.LoraConfig(rank=32, alpha=32.0,
+                           targets=("q", "k", "v", "o", "gate", "up", "down"))
+  model = lora.add_adapters(transformer.init_model(cfg, seed=0), config, seed=0)
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+  a = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
+  assert a == 2 * 32 * ((128 + 128) * 2 + (128 + 64) * 2 + (128 + 256) * 3)
+  tokens, mask = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32)
+
+  def loss(adapters):
+    model = nnx.merge(graphdef, adapters, base)
+    logits = model.logits(model(tokens, mask))
+    return (logits * logits).sum()
+
+  xla = _xla_flops(jax.grad(loss), adapters)
+  skipped = 2 * 128 * (128 + 64 + 64) * B * T           # layer 0's q, k, v input gradient
+  ours = flops.model_flops(cfg, [T] * B, lora=True, adapter_params=a)
+  assert ours + 3 * _masked_square_flops(cfg) - skipped == pytest.approx(xla, rel=0.03)
+  base_only = flops.model_flops(cfg, [T] * B, lora=True)  # the adapters' term matters
+  assert base_only + 3 * _masked_square_flops(cfg) - skipped < 0.7 * xla
+
+
 @pytest.mark.parametrize("window", [None, 1, 3, 7, 50])
 def test_attention_pairs_count_the_allowed_mask(window):
   lengths = [0, 1, 5, 12, 40]

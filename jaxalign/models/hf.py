@@ -467,7 +467,8 @@ def load_state(path: str, config: ModelConfig, abstract_state):
         if key[-1] == "codes":   # a quantized base (QLoRA): codes and scales together
           scale_key = key[:-1] + ("scale",)
           values[key], values[scale_key] = _place_quantized(
-              layouts[key[:-1]], tensor_of, _value(leaf), _value(by_key[scale_key]))
+              layouts[key[:-1]], tensor_of, _value(leaf), _value(by_key[scale_key]),
+              quant.BLOCK_AXIS[key[-2]])
         continue
       if key not in layouts:
         raise ValueError(f"no HF tensor for parameter {'.'.join(map(str, key))}")
@@ -500,36 +501,38 @@ def _place(tensors, lay: _Layout | _Stacked, abstract: jax.ShapeDtypeStruct) -> 
 
 
 def _place_quantized(lay, tensor_of, codes: jax.ShapeDtypeStruct,
-                     scale: jax.ShapeDtypeStruct) -> tuple[jax.Array, jax.Array]:
+                     scale: jax.ShapeDtypeStruct, axis: int) -> tuple[jax.Array, jax.Array]:
   """(codes, scale) global arrays of one HF tensor quantized on load (models/quant.py).
 
   Each device's block of codes (or scales) maps to a block of the float weight
-  (whole quantization blocks along the last axis: codes and scales shard alike);
+  (whole quantization blocks along the block `axis`: codes and scales shard alike);
   that float block alone is read from the file and quantized on the host, once for
   both arrays. The float weight is never whole in host memory.
   """
   fmt = quant.format_of(codes.dtype)
-  n = codes.shape[-1] * (2 if fmt == "nf4" else 1)        # the float weight's last axis
-  block = n // scale.shape[-1]
+  a = axis % len(codes.shape)
+  n = codes.shape[a] * (2 if fmt == "nf4" else 1)         # the float weight's block axis
+  block = n // scale.shape[a]
   tensors = lay.map(tensor_of) if isinstance(lay, _Stacked) else tensor_of(lay)
   read = lambda index: lay.read(tensors, index)
   done: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
   def part(which: int, per: int, shape):
     def block_of(index):
-      bounds = [s.indices(size)[:2] for s, size in zip(index, shape)]
-      (lo, hi), lead = bounds[-1], bounds[:-1]
-      key = (*lead, (lo * per, hi * per))
+      key = [s.indices(size)[:2] for s, size in zip(index, shape)]
+      lo, hi = key[a]
+      key[a] = (lo * per, hi * per)
+      key = tuple(key)
       if key not in done:
         if (hi - lo) * per % block:
           raise ValueError(f"{getattr(lay, 'name', lay.names[0])}: a device holds a part "
                            f"of a quantization block of {block} (mesh and block disagree)")
-        w = read(tuple(slice(a, b) for a, b in key)).astype(np.float32)
-        done[key] = quant.quantize(w, fmt, block=block, xp=np)
+        w = read(tuple(slice(b, e) for b, e in key)).astype(np.float32)
+        done[key] = quant.quantize(w, fmt, block=block, axis=axis, xp=np)
       return done[key][which]
     return block_of
 
-  per_code = n // codes.shape[-1]
+  per_code = n // codes.shape[a]
   return (jax.make_array_from_callback(codes.shape, codes.sharding,
                                        part(0, per_code, codes.shape)),
           jax.make_array_from_callback(scale.shape, scale.sharding,

@@ -56,6 +56,8 @@ class LoraConfig:
   # How the frozen base's projection weights are stored: "none" (model.param_dtype),
   # "int8" or "nf4" (QLoRA; jaxalign.models.quant).
   base_dtype: str = "none"
+  # The adapters' dtype: "" = the base weight's (model.param_dtype).
+  param_dtype: str = ""
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
@@ -75,7 +77,8 @@ def config_from(c) -> LoraConfig:
   if c is None:
     return LoraConfig()
   return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
-                    targets=tuple(c.targets), base_dtype=c.get("base_dtype", "") or "none")
+                    targets=tuple(c.targets), base_dtype=c.get("base_dtype", "") or "none",
+                    param_dtype=c.get("param_dtype", "") or "")
 
 
 class LoRA(nnx.Module):
@@ -150,7 +153,8 @@ def add_adapters(model: nnx.Module, config: LoraConfig, *, seed: int) -> nnx.Mod
       setattr(module, name + SUFFIX, LoRA(
           int(np.prod(shape[:in_ndim])), shape[in_ndim:], in_ndim=in_ndim,
           names=(in_name, out_name), config=config, index=index,
-          key=jax.random.fold_in(base_key, index), param_dtype=weight.dtype, stack=stack))
+          key=jax.random.fold_in(base_key, index),
+          param_dtype=jnp.dtype(config.param_dtype or weight.dtype), stack=stack))
       index += 1
   return model
 

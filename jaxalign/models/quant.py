@@ -2,8 +2,9 @@
 
 `config.lora.base_dtype` = "int8" | "nf4" stores every projection weight of the
 frozen base (q, k, v, o, gate, up, down) as codes plus one float32 scale per block
-of `BLOCK` consecutive entries along the weight's LAST axis; embeddings, the output
-head and the norms stay in model.param_dtype (as QLoRA and bitsandbytes keep them).
+of `BLOCK` consecutive entries along the weight's BLOCK AXIS (`BLOCK_AXIS`: its last
+input axis, the one the matmul contracts last); embeddings, the output head and the
+norms stay in model.param_dtype (as QLoRA and bitsandbytes keep them).
 `transformer._project` dequantizes a weight right before its matmul (a per-layer
 temporary inside the scan), so the adapters and their optimizer state are as
 without quantization and only the stored base shrinks:
@@ -12,13 +13,21 @@ without quantization and only the stored base shrinks:
   int8    int8, round(w / s), s = absmax/127  1 + 4/64 = 1.0625
   nf4     4-bit index of the nearest of the   0.5 + 4/64 = 0.5625
           16 NormalFloat levels of w / absmax
-          (two per uint8: even entry in the high nibble)
+          (two per uint8: entry j of a block's first half in the high nibble,
+          entry j of its second half in the low one)
 
-Blocks run along the last axis (the output axis of every projection but `o`, whose
-last axis is d_model) so codes and scales keep the weight's logical axis names and
-shard by the same rules: a chip holds the codes and scales of its own part of the
-weight (the plan counts the real per-chip bytes). The axis must be a multiple of
-BLOCK (config validation checks the model's shapes).
+Why the input axis, and halves rather than neighbours: the block axis is never a
+weight's last (output) axis, the one a TPU keeps in its 128-wide lanes. Splitting that
+axis into blocks, or interleaving two codes along it, is a relayout there, and XLA
+answered it by copying every stacked weight's codes into a transposed layout once per
+step (4 GiB of temporaries per chip for the 70B recipe on v5e-8); along a major axis
+both are free reshapes. It is also the layout of bitsandbytes (blocks along a row of
+a PyTorch [out, in] weight).
+
+Codes and scales keep the weight's logical axis names and shard by the same rules: a
+chip holds the codes and scales of its own part of the weight (the plan counts the
+real per-chip bytes). The block axis must hold a whole number of blocks per device
+(config validation checks the model's shapes against the mesh).
 
 The quantizers are written here, not taken from qwix (evaluated: qwix 0.1.8 imports
 and runs with jax 0.10.2 / flax 0.12.8): qwix's model-level API rewrites the
@@ -42,6 +51,10 @@ from flax import nnx
 FORMATS = ("int8", "nf4")
 BLOCK = 64                                    # entries per scale (QLoRA's block size)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# Each projection's block axis, counted from the end (a stacked "layers" axis in front
+# changes nothing): the last axis its matmul contracts. q, k, v [D, H, Dh] and gate, up
+# [D, F]: d_model; o [H, Dh, D]: head_dim; down [F, D]: d_ff.
+BLOCK_AXIS = {"q": -3, "k": -3, "v": -3, "o": -2, "gate": -2, "up": -2, "down": -2}
 
 # The 16 NormalFloat levels (QLoRA, Appendix E; bitsandbytes' NF4 table): quantiles
 # of N(0, 1) scaled to [-1, 1], with an exact 0.
@@ -73,72 +86,96 @@ def format_of(codes_dtype) -> str:
   raise ValueError(f"no quantized format stores its codes as {codes_dtype}")
 
 
-def stored_shapes(shape: tuple[int, ...], fmt: str, block: int = BLOCK):
-  """(codes shape, scale shape) of a weight of `shape` quantized in `fmt`."""
-  *lead, n = shape
-  return (*lead, n // 2 if fmt == "nf4" else n), (*lead, n // block)
+def stored_shapes(shape: tuple[int, ...], fmt: str, block: int = BLOCK, axis: int = -1):
+  """(codes shape, scale shape) of a weight of `shape` quantized in `fmt` along `axis`."""
+  a = axis % len(shape)
+  n = shape[a]
+  codes = (*shape[:a], n // 2 if fmt == "nf4" else n, *shape[a + 1:])
+  return codes, (*shape[:a], n // block, *shape[a + 1:])
 
 
-def quantize(w, fmt: str, *, block: int = BLOCK, xp=jnp):
-  """Blockwise absmax quantization of `w` along its last axis.
+def _along(a: int, sl: slice) -> tuple:
+  """An index that takes `sl` along axis `a` (and everything of the axes before it)."""
+  return (slice(None),) * a + (sl,)
+
+
+def quantize(w, fmt: str, *, block: int = BLOCK, axis: int = -1, xp=jnp):
+  """Blockwise absmax quantization of `w` along `axis`.
 
   Args:
-    w: [..., N] float array (numpy or jax), N a multiple of `block` (of 2 for nf4).
+    w: float array (numpy or jax) whose `axis` is a multiple of `block` (of 2 for nf4).
     fmt: "int8" or "nf4".
     block: entries per scale.
+    axis: the block axis (models' projections: BLOCK_AXIS).
     xp: numpy or jax.numpy: the same float32 operations in either, so the host
       import and a jitted quantization give the same codes.
 
   Returns:
-    codes: [..., N] int8 (int8), or [..., N/2] uint8 (nf4, two 4-bit level
-      indices per byte, the even entry in the high nibble).
-    scale: [..., N/block] float32: absmax / 127 (int8), absmax (nf4).
+    codes: int8 of w's shape (int8), or uint8 with `axis` halved (nf4: two 4-bit level
+      indices per byte; within each block, entry j of the first half in the high
+      nibble and entry j + block/2 in the low one).
+    scale: float32, w's shape with `axis` divided by `block`: absmax / 127 (int8),
+      absmax (nf4).
   """
-  *lead, n = w.shape
+  a = axis % w.ndim
+  lead, n, rest = tuple(w.shape[:a]), w.shape[a], tuple(w.shape[a + 1:])
   if n % block:
-    raise ValueError(f"last axis {n} is not a multiple of the block {block}")
-  blocks = xp.reshape(xp.asarray(w).astype(xp.float32), (*lead, n // block, block))
-  absmax = xp.max(xp.abs(blocks), axis=-1)                          # [..., N/block]
+    raise ValueError(f"axis {axis} of length {n} is not a multiple of the block {block}")
+  blocks = xp.reshape(xp.asarray(w).astype(xp.float32), (*lead, n // block, block, *rest))
+  absmax = xp.max(xp.abs(blocks), axis=a + 1)                     # [..., n/block, ...]
   if fmt == "int8":
     # A product, not absmax / 127: XLA turns a division by a constant into this
     # product, so the host (numpy) must compute the same one.
     scale = absmax * xp.float32(_INV_127)
     safe = xp.where(scale > 0, scale, xp.float32(1))               # an all-zero block
-    q = xp.clip(xp.round(blocks / safe[..., None]), -127, 127)
-    return xp.reshape(q.astype(xp.int8), (*lead, n)), scale
+    q = xp.clip(xp.round(blocks / xp.expand_dims(safe, a + 1)), -127, 127)
+    return xp.reshape(q.astype(xp.int8), w.shape), scale
   if fmt != "nf4":
     raise ValueError(f"unknown quantized format {fmt!r}; want one of {FORMATS}")
   safe = xp.where(absmax > 0, absmax, xp.float32(1))
-  x = blocks / safe[..., None]                                      # [..., N/b, b] in [-1, 1]
+  x = blocks / xp.expand_dims(safe, a + 1)                          # in [-1, 1]
   # Nearest level by the midpoints (count of midpoints below x; ties go down).
   idx = xp.searchsorted(xp.asarray(_NF4_MIDPOINTS), x, side="left").astype(xp.uint8)
-  idx = xp.reshape(idx, (*lead, n // 2, 2))
-  return (idx[..., 0] << 4) | idx[..., 1], absmax
+  half = block // 2
+  codes = (idx[_along(a + 1, slice(0, half))] << 4) | idx[_along(a + 1, slice(half, block))]
+  return xp.reshape(codes, (*lead, n // 2, *rest)), absmax
 
 
-def dequantize(codes, scale, fmt: str, dtype=jnp.float32) -> jax.Array:
-  """The float weight [..., N] of `quantize`'s (codes, scale), in `dtype`.
+def _nf4_values(idx) -> jax.Array:
+  """The float32 NF4 level of each 4-bit index."""
+  # Selects, not a gather from the table: elementwise, so XLA fuses the whole
+  # dequantization into one pass feeding the matmul (a gather would materialize
+  # int32 indices of the whole weight).
+  values = jnp.zeros(idx.shape, jnp.float32)
+  for i, level in enumerate(NF4_LEVELS.tolist()):
+    if level != 0.0:
+      values = jnp.where(idx == i, jnp.float32(level), values)
+  return values
 
-  The block size is read from the shapes (N / scale.shape[-1]).
+
+def dequantize(codes, scale, fmt: str, dtype=jnp.float32, axis: int = -1) -> jax.Array:
+  """The float weight of `quantize`'s (codes, scale) along `axis`, in `dtype`.
+
+  The block size is read from the shapes. Each half of a block is scaled in float32
+  and rounded to `dtype` apart, then the halves are joined along a new axis before the
+  block axis' entries: reshapes and a concatenation of major (non-lane) axes, no
+  interleaving, so XLA fuses it all into the pass that writes the weight.
   """
+  a = axis % codes.ndim
+  lead, rest = codes.shape[:a], codes.shape[a + 1:]
+  nb = scale.shape[a]
+  per = codes.shape[a] // nb                                 # codes per block
+  c = codes.reshape(*lead, nb, per, *rest)
   if fmt == "nf4":
-    hi, lo = codes >> 4, codes & 0xF
-    idx = jnp.stack([hi, lo], axis=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
-    # Selects, not a gather from the table: elementwise, so XLA fuses the whole
-    # dequantization into one pass feeding the matmul (a gather would materialize
-    # int32 indices of the whole weight).
-    values = jnp.zeros(idx.shape, jnp.float32)
-    for i, level in enumerate(NF4_LEVELS.tolist()):
-      if level != 0.0:
-        values = jnp.where(idx == i, jnp.float32(level), values)
+    parts = (_nf4_values(c >> 4), _nf4_values(c & 0xF))
   elif fmt == "int8":
-    values = codes.astype(jnp.float32)
+    parts = (c.astype(jnp.float32),)
   else:
     raise ValueError(f"unknown quantized format {fmt!r}; want one of {FORMATS}")
-  *lead, n = values.shape
-  nb = scale.shape[-1]
-  w = values.reshape(*lead, nb, n // nb) * scale[..., None].astype(jnp.float32)
-  return w.reshape(*lead, n).astype(dtype)
+  s = jnp.expand_dims(scale.astype(jnp.float32), a + 1)
+  w = [(p * s).astype(dtype) for p in parts]
+  w = w[0] if len(w) == 1 else jnp.concatenate(w, axis=a + 1)   # [..., nb, block, ...]
+  return w.reshape(*lead, nb * w.shape[a + 1], *rest)
 
 
 def error_bound(fmt: str, scale) -> Any:
@@ -155,7 +192,7 @@ class QuantizedWeight(nnx.Module):
   carrying the float weight's logical axis names (and its leading "layers" axis
   when scanned), so they shard, stack and scan as the float weight would."""
 
-  def __init__(self, codes: jax.Array, scale: jax.Array, *, fmt: str, dtype,
+  def __init__(self, codes: jax.Array, scale: jax.Array, *, fmt: str, dtype, axis: int,
                names: tuple[str | None, ...] | None):
     has_mesh = not jax.sharding.get_abstract_mesh().empty
     meta = {} if names is None else dict(out_sharding=names, eager_sharding=has_mesh)
@@ -163,15 +200,18 @@ class QuantizedWeight(nnx.Module):
     self.scale = nnx.Param(scale, **meta)
     self.fmt = fmt
     self.dtype = jnp.dtype(dtype)       # the float weight's dtype (model.param_dtype)
+    self.axis = axis                    # the block axis, from the end (BLOCK_AXIS)
 
   @property
   def shape(self) -> tuple[int, ...]:
     """The float weight's shape."""
-    *lead, n = self.codes.shape
-    return (*lead, 2 * n if self.fmt == "nf4" else n)
+    shape = list(self.codes.shape)
+    shape[self.axis] *= 2 if self.fmt == "nf4" else 1
+    return tuple(shape)
 
   def dequantize(self, dtype=None) -> jax.Array:
-    return dequantize(self.codes[...], self.scale[...], self.fmt, dtype or self.dtype)
+    return dequantize(self.codes[...], self.scale[...], self.fmt, dtype or self.dtype,
+                      axis=self.axis)
 
 
 def quantize_model(model: nnx.Module, fmt: str, *, block: int = BLOCK) -> nnx.Module:
@@ -185,9 +225,10 @@ def quantize_model(model: nnx.Module, fmt: str, *, block: int = BLOCK) -> nnx.Mo
       weight = getattr(module, name, None)
       if not isinstance(weight, nnx.Param) or isinstance(weight, nnx.LoRAParam):
         continue
-      codes, scale = quantize(weight[...], fmt, block=block)
+      codes, scale = quantize(weight[...], fmt, block=block, axis=BLOCK_AXIS[name])
       names = weight.get_metadata().get("out_sharding")
       setattr(module, name, QuantizedWeight(codes, scale, fmt=fmt, dtype=weight.dtype,
+                                            axis=BLOCK_AXIS[name],
                                             names=None if names is None else tuple(names)))
   return model
 
@@ -209,6 +250,6 @@ def dequantize_state(state: nnx.State, dtype) -> nnx.State:
     elif path[-1] == "codes":
       codes = leaf.get_value()
       scale = flat[path[:-1] + ("scale",)].get_value()
-      w = dequantize(codes, scale, format_of(codes.dtype), dtype)
+      w = dequantize(codes, scale, format_of(codes.dtype), dtype, axis=BLOCK_AXIS[path[-2]])
       out.append((path[:-1], leaf.replace(w)))
   return nnx.from_flat_state(out)

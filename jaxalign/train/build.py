@@ -13,6 +13,7 @@ through `build_config(config, devices)`, so what they check or time is that step
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -39,6 +40,19 @@ class Built:
   batch_sharding: jax.sharding.NamedSharding
   step_fn: Callable                 # jitted (state, batch) -> (state, metrics), state donated
   eval_fn: Callable                 # jitted (state, batch) -> metrics, no gradients
+
+  @property
+  def flops_terms(self) -> dict[str, Any]:
+    """What the model-FLOPs count (flops.model_flops) needs beyond the ModelConfig, the
+    same for `jaxalign plan` and the run's perf/ metrics: a frozen reference in the
+    step, LoRA (the base gets no weight gradient), the adapters one policy pass trains
+    and the passes (OFS-DPO: one per module)."""
+    spec = self.run_spec
+    passes = max(1, len(spec.modules))
+    trainable = sum(int(math.prod(a.shape)) for a in jax.tree.leaves(self.abstract_state.params))
+    lora_on = spec.lora_cfg.enabled
+    return dict(frozen_reference=spec.frozen_ref, lora=lora_on, policy_passes=passes,
+                adapter_params=trainable // passes if lora_on else 0)
 
   @property
   def saved_part(self) -> Callable:

@@ -164,9 +164,7 @@ def _train(spec: config_lib.RunSpec, workdir, *, progress, devices, stop_after, 
                           resume_step=start),
       divergence=guards.DivergenceGuard(**spec.divergence),
       # perf/model_tflops_per_sec_per_device and perf/mfu over real tokens (docs/performance.md).
-      perf=flops_lib.Utilization.for_devices(
-          spec.model_cfg, devices, frozen_reference=spec.frozen_ref,
-          lora=spec.lora_cfg.enabled, policy_passes=max(1, len(spec.modules))),
+      perf=flops_lib.Utilization.for_devices(spec.model_cfg, devices, **built.flops_terms),
       bar=tqdm(total=spec.total_steps, initial=start, desc=spec.loss.name or spec.loss_name,
                disable=not _show_bar(progress), dynamic_ncols=True),
       plain_lines=jax.process_index() == 0 and not _show_bar(progress), clock=clock,

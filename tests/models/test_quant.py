@@ -28,12 +28,18 @@ def _weights(rng, shape=(6, 256)):
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-def test_quantize_dequantize_error_within_the_format_bound(fmt):
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_quantize_dequantize_error_within_the_format_bound(fmt, axis):
+  """Blocks along the last axis, or along the first (the weight transposed: the same
+  blocks, so the same figures)."""
   w = _weights(np.random.default_rng(0))
-  codes, scale = jax.jit(lambda a: quant.quantize(a, fmt))(w)
+  t = (lambda a: a) if axis == -1 else (lambda a: np.swapaxes(a, 0, 1))
+  codes, scale = jax.jit(lambda a: quant.quantize(a, fmt, axis=axis))(t(w))
   assert codes.dtype == (jnp.int8 if fmt == "int8" else jnp.uint8)
-  assert codes.shape == (6, 256 if fmt == "int8" else 128) and scale.shape == (6, 4)
-  back = np.asarray(jax.jit(lambda c, s: quant.dequantize(c, s, fmt))(codes, scale))
+  assert t(codes).shape == (6, 256 if fmt == "int8" else 128) and t(scale).shape == (6, 4)
+  back = t(np.asarray(jax.jit(lambda c, s: quant.dequantize(c, s, fmt, axis=axis))(
+      codes, scale)))
+  scale = t(scale)
   err = np.abs(back - w).reshape(6, 4, 64)
   # int8 absmax: <= s/2 per entry; nf4: <= half the widest level gap x block absmax;
   # both up to float32 rounding of the division and product.
@@ -46,6 +52,18 @@ def test_quantize_dequantize_error_within_the_format_bound(fmt):
   # Beyond the bound: the quantization is fine enough to matter (and not exact).
   rel = np.abs(back - w).mean() / np.abs(w).mean()
   assert 0 < rel < (0.01 if fmt == "int8" else 0.15), rel
+
+
+def test_nf4_packs_a_blocks_halves_into_one_byte_along_the_block_axis():
+  """Byte j of a block holds entry j (high nibble) and entry j + 32 (low): along a
+  middle axis, the other axes untouched."""
+  levels = np.arange(64, dtype=np.int64) % 16                       # one entry per level index
+  w = (quant.NF4_LEVELS[levels][None, :, None] * np.float32([1, 2, 3])).astype(np.float32)
+  codes, scale = quant.quantize(np.repeat(w, 2, axis=0), "nf4", axis=1, xp=np)
+  assert codes.shape == (2, 32, 3) and scale.shape == (2, 1, 3)
+  np.testing.assert_array_equal(codes[:, :, 0] >> 4, np.tile(levels[:32], (2, 1)))
+  np.testing.assert_array_equal(codes[:, :, 2] & 0xF, np.tile(levels[32:], (2, 1)))
+  np.testing.assert_array_equal(scale[0, 0], [1, 2, 3])
 
 
 def test_nf4_picks_the_nearest_of_the_sixteen_levels():
@@ -64,11 +82,12 @@ def test_nf4_picks_the_nearest_of_the_sixteen_levels():
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-def test_host_and_device_quantizers_give_the_same_codes(fmt):
+@pytest.mark.parametrize("axis", [-1, -3])
+def test_host_and_device_quantizers_give_the_same_codes(fmt, axis):
   """The import quantizes on the host (numpy), an init on device (jit): same bits."""
-  w = _weights(np.random.default_rng(2), (3, 8, 128)) * np.float32(0.037)
-  host = quant.quantize(w, fmt, xp=np)
-  device = jax.jit(lambda a: quant.quantize(a, fmt))(jnp.asarray(w))
+  w = _weights(np.random.default_rng(2), (128, 8, 128)) * np.float32(0.037)
+  host = quant.quantize(w, fmt, axis=axis, xp=np)
+  device = jax.jit(lambda a: quant.quantize(a, fmt, axis=axis))(jnp.asarray(w))
   for h, d in zip(host, device):
     assert h.dtype == d.dtype
     np.testing.assert_array_equal(h, np.asarray(d))
@@ -126,6 +145,7 @@ def test_quantized_base_step_equals_the_step_on_the_dequantized_base():
     ({"lora.base_dtype": "nf4", "mesh.shape": (1, 8, 1)},
      r"config.lora.base_dtype: .*1 blocks of 64 along model.d_model .* 8 devices"),
     ({"lora.base_dtype": "nf4", "init_from": "/some/run"}, r"config.lora.base_dtype: .*init_from"),
+    ({"lora.param_dtype": "int8"}, r"config.lora.param_dtype: .*'int8'"),
 ])
 def test_bad_base_dtype_settings_fail_in_validation_naming_the_key(overrides, message):
   c = _qlora_config("")
@@ -147,3 +167,18 @@ def test_resume_refuses_another_base_dtype_and_accepts_other_remat_stages():
   old = _qlora_config("").to_dict()
   del old["lora"]["base_dtype"]
   resume.check_resume_config(old, _qlora_config(""), where="here")
+
+
+def test_float32_adapters_over_a_bfloat16_quantized_base():
+  """lora.param_dtype: the adapters (and so their AdamW state) in float32 while the
+  frozen base's float parts are bfloat16 (the 70B recipe's choice: a 5e-6 step on a
+  bfloat16 weight of 0.01 would round away)."""
+  from jaxalign.train import build as build_lib
+  c = _qlora_config("nf4", **{"lora.param_dtype": "float32", "mesh.shape": (1, 1, 1)})
+  c.model.overrides.param_dtype = "bfloat16"
+  built = build_lib.build_config(c, jax.devices()[:1])
+  assert {a.dtype for a in jax.tree.leaves(built.abstract_state.params)} == {np.dtype("float32")}
+  assert {a.dtype for a in jax.tree.leaves(built.abstract_state.opt_state)
+          if a.ndim} == {np.dtype("float32")}
+  frozen = dict(nnx.to_flat_state(built.abstract_state.frozen))
+  assert frozen[("embed", "embedding")].get_value().dtype == jnp.bfloat16

@@ -48,7 +48,7 @@ def _config(hf_dir, fmt="nf4", **overrides):
 
 
 def test_import_quantizes_each_device_block_as_quantizing_the_float_import(hf_dir):
-  """Mesh (4, 1, 2): "tensor" splits gate/up's last axis (2 blocks), so each device
+  """Mesh (4, 1, 2): "tensor" splits down's block axis, d_ff (2 blocks), so each device
   quantizes its own block of the HF tensor on the host (NF4; int8 takes the same path,
   its host and device codes agree in tests/models/test_quant.py)."""
   fmt = "nf4"
@@ -70,7 +70,7 @@ def test_import_quantizes_each_device_block_as_quantizing_the_float_import(hf_di
     codes = quantized[path + ("codes",)].get_value()
     scale = quantized[path + ("scale",)].get_value()
     assert codes.sharding.spec == scale.sharding.spec == w.sharding.spec, path
-    want = jax.jit(lambda a: quant.quantize(a, fmt))(w)
+    want = jax.jit(lambda a: quant.quantize(a, fmt, axis=quant.BLOCK_AXIS[path[-1]]))(w)
     np.testing.assert_array_equal(np.asarray(codes), np.asarray(want[0]), err_msg=str(path))
     np.testing.assert_array_equal(np.asarray(scale), np.asarray(want[1]), err_msg=str(path))
 
@@ -108,12 +108,12 @@ def test_qlora_run_resumes_bit_identically_and_exports_merged_float_weights(hf_d
   original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   w = original.model.layers[0].self_attn.k_proj.weight.detach().numpy()   # [KV*Dh, D]
   k = exported.model.layers[0].self_attn.k_proj.weight.detach().numpy()
-  ours_w = np.asarray(quant.dequantize(*quant.quantize(w.T, "nf4", xp=np), "nf4")).T
-  np.testing.assert_array_equal(k, ours_w)     # blocks along our last axis: HF's rows
+  ours_w = np.asarray(quant.dequantize(*quant.quantize(w, "nf4", xp=np), "nf4"))
+  np.testing.assert_array_equal(k, ours_w)     # blocks along the input axis: HF's rows
   assert 0 < np.abs(k - w).max() <= np.abs(w).max() * 0.139
   # q is adapted: the export is dequantized base + scale * A @ B, not the base.
   q0 = original.model.layers[0].self_attn.q_proj.weight.detach().numpy()
   q = exported.model.layers[0].self_attn.q_proj.weight.detach().numpy()
-  q_base = np.asarray(quant.dequantize(*quant.quantize(q0.T, "nf4", xp=np), "nf4")).T
+  q_base = np.asarray(quant.dequantize(*quant.quantize(q0, "nf4", xp=np), "nf4"))
   assert np.abs(q - q_base).max() > 1e-4
   assert os.path.exists(os.path.join(out, "config.json"))

@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxalign import config as config_lib
 from jaxalign import sharding
 from jaxalign.train import step as step_lib
 from tests.train.helpers import built_state, random_batch, tiny_config
@@ -98,6 +99,29 @@ def test_the_same_steps_on_one_device_and_on_8_device_meshes():
                                    err_msg=f"mesh {shape}: {key}")
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=f"mesh {shape}")
+
+
+def test_micro_batches_of_fewer_pairs_than_devices_run_one_sequence_per_device():
+  """8 pairs, 2 micro-batches of 4 on an 8-device fsdp mesh (4 x 2 = 8 sequences: one
+  per device, what the 70B QLoRA recipe runs at T=4096): validation accepts it and the
+  step equals the step on one device. Before, validation refused any micro-batch of
+  fewer examples than batch shards."""
+  config_lib.validate(tiny_config(**{"optim.grad_accum_steps": 2, "mesh.shape": (1, 8, 1)}), 8)
+  with pytest.raises(config_lib.ConfigError, match="data.batch_size: 8 must be"):   # 2 x 2 rows
+    config_lib.validate(tiny_config(**{"optim.grad_accum_steps": 4,
+                                       "mesh.shape": (1, 8, 1)}), 8)
+  runs = []
+  for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((1, 8, 1), None)):
+    built, state = _setup(shape, devices, **{"optim.grad_accum_steps": 2})
+    with jax.set_mesh(built.mesh):
+      batch = sharding.host_to_global(_batch(np.random.default_rng(4)), built.batch_sharding)
+      state, m = built.step_fn(state, batch)
+    runs.append((jax.device_get(m), jax.device_get(state.params)))
+  (m1, p1), (m8, p8) = runs
+  for key in ("loss", "grad_norm", "rewards/margins"):
+    np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def _ragged_batch(rng, s):
