@@ -24,9 +24,8 @@ from tests.reliability.helpers import recipe_arg
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 REAL_SCALE = ("llama3_8b_dpo", "llama3_8b_dpo_8k", "qwen25_7b_bco", "gemma2_9b_ln_dpo",
-              "llama3_70b_dpo", "qwen3_30b_a3b_dpo", "llama3_8b_dpo_32k", "llama3_8b_dpo_128k")
-# configs/llama3_70b_qlora_dpo.py is not here: its plan on v5e:2x4 needs 16.12 GiB per chip
-# of the chip's 16 GiB (docs/performance.md, "QLoRA"); it joins when it fits.
+              "llama3_70b_dpo", "qwen3_30b_a3b_dpo", "llama3_8b_dpo_32k", "llama3_8b_dpo_128k",
+              "llama3_70b_qlora_dpo")
 
 
 def _load_recipe(name):
