@@ -77,6 +77,15 @@ CASES = {   # name: (H, KV, softcap, window, padding side, lengths)
 }
 
 
+def _assert_same_value_and_grads(ours, theirs, q, k, v):
+  """Two scalar functions of (q, k, v): equal values and q/k/v gradients, jitted."""
+  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+                      for f in (ours, theirs))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for x, y in zip(ga, gb):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_xla_matches_the_numpy_definition(name):
   H, KV, softcap, window, side, lengths = CASES[name]
@@ -121,11 +130,7 @@ def test_xla_matches_jax_nn_values_and_gradients(name):
         local_window_size=None if window is None else (window - 1, 0), implementation="xla")
     return jnp.sum(w * out)
 
-  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
-                      for f in (ours, theirs))
-  np.testing.assert_allclose(a, b, rtol=1e-5)
-  for x, y in zip(ga, gb):
-    np.testing.assert_allclose(x, y, atol=1e-5)
+  _assert_same_value_and_grads(ours, theirs, q, k, v)
 
 
 def _value_and_grads(impl, q, k, v, w, **kw):
@@ -256,11 +261,7 @@ def test_cpu_xla_packed_shared_matches_jax_nn_values_and_gradients(kv, T):
                                        implementation="xla")
     return jnp.sum(w * out)
 
-  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
-                      for f in (ours, theirs))
-  np.testing.assert_allclose(a, b, rtol=1e-5)
-  for x, y in zip(ga, gb):
-    np.testing.assert_allclose(x, y, atol=1e-5)
+  _assert_same_value_and_grads(ours, theirs, q, k, v)
 
 
 def test_cpu_xla_gradient_makes_no_transposed_copy_of_the_scores():
