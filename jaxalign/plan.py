@@ -350,7 +350,15 @@ def _replica_group_size(rest: str) -> int:
   if m:
     return int(m.group(2))
   m = re.search(r"replica_groups=\{\{([\d,]*)\}", rest)
-  return len(m.group(1).split(",")) if m and m.group(1) else 1
+  if m:
+    return len(m.group(1).split(",")) if m.group(1) else 1
+  # Mesh form (libtpu 0.0.42 under shardy): mesh['axis_0'=8,'axis_1'=1] {'axis_0'}: the
+  # product of the sizes of the axes in braces.
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)
+  if m:
+    sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+    return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", m.group(2)))
+  return 1
 
 
 def collective_bytes(hlo_text: str) -> float:

@@ -315,7 +315,8 @@ def test_collective_bytes_counts_what_a_device_receives_over_the_links():
   to bf16[1024,512] over pairs receives half of its 1 MiB; a reduce-scatter to
   bf16[512,512] over pairs receives its 0.5 MiB output once; an all-reduce of 0.5
   MiB over 4 devices 2 x 3/4 of it; the async all-gather's (operand, result) tuple
-  counts its result; a collective permute its output; -done lines nothing."""
+  counts its result; a collective permute its output; -done lines nothing; groups in
+  the mesh form (`mesh['axis_0'=8,'axis_1'=1] {'axis_0'}`) are the named axes' devices."""
   hlo = "\n".join([
       "  %all_gather.3 = bf16[1024,512]{1,0:T(8,128)(2,1)} all-gather(%param.2), "
       "channel_id=1, replica_groups={{0,4},{1,5},{2,6},{3,7}}, dimensions={0}",
@@ -326,9 +327,12 @@ def test_collective_bytes_counts_what_a_device_receives_over_the_links():
       "  %ags = (f32[256]{0}, f32[1024]{0}) all-gather-start(%p), replica_groups=[2,4]<=[8]",
       "  %agd = f32[1024]{0} all-gather-done(%ags)",
       "  %cp = f32[128]{0} collective-permute(%q), source_target_pairs={{0,1},{1,0}}",
+      # The mesh form of the groups (a scanned layer's FSDP gather): 8 devices of axis_0.
+      "  %all-gather.11 = bf16[1,1024,1024]{2,1,0:T(8,128)(2,1)} all-gather(%c), channel_id=8, "
+      "replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, dimensions={1}",
   ])
   mib = 2 ** 20
-  expected = mib / 2 + mib / 2 + 2 * 3 / 4 * mib / 2 + 3 / 4 * 4096 + 512
+  expected = mib / 2 + mib / 2 + 2 * 3 / 4 * mib / 2 + 3 / 4 * 4096 + 512 + 7 / 8 * 2 * mib
   assert plan_lib.collective_bytes(hlo) == pytest.approx(expected)
   assert plan_lib.collective_bytes("%a = f32[8]{0} add(%b, %c)") == 0.0
 
