@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -99,6 +100,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -633,14 +635,15 @@ def _costs(config, built, batch, compiled, devs, chip: Chip | None, lengths: lis
   out.update(moe)
   if moe["moe_static_flops_per_device"] and chip is not None and seconds is not None:
     # The megablox calls enter XLA's time estimate as negative times and its FLOP
-    # count at their static row count: a roofline of the rest, plus the kernel's
-    # own time (moe_kernel_part).
+    # and byte counts at their static row count: a roofline of the rest, plus the
+    # kernel's own time (moe_kernel_part).
     seconds = max((flops - moe["moe_static_flops_per_device"]) / chip.peak_flops,
-                  bytes_accessed / chip.hbm_bandwidth) + moe["moe_kernel_seconds"]
-    estimate = (f"roofline from XLA's flops (less the megablox calls' static estimate) and "
-                f"bytes accessed + the megablox kernel at "
-                f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak (XLA's own time estimate "
-                f"is unusable with Pallas calls that carry a cost estimate)"
+                  max(bytes_accessed - moe["moe_static_bytes_per_device"], 0.0)
+                  / chip.hbm_bandwidth) + moe["moe_kernel_seconds"]
+    estimate = (f"roofline from XLA's flops and bytes accessed (less the megablox calls' "
+                f"static estimates) + the megablox kernel, the larger of its FLOPs at "
+                f"{100 * flops_lib.KERNEL_EFFICIENCY:.0f}% of peak and its bytes (XLA's own "
+                f"time estimate is unusable with Pallas calls that carry a cost estimate)"
                 + (estimate[estimate.index(";"):] if extrapolated else ""))
   if seconds is not None and out["ici_seconds"] and out["ici_seconds"] > seconds:
     # Collectives overlap compute and HBM traffic at best: the links bound the step.
@@ -759,16 +762,20 @@ def moe_kernel_part(model_cfg, platform: str, mesh: dict[str, int], *, tokens_pe
   computes n k of them on average (its own experts' share). Per MoE layer a
   forward is three grouped matmuls, 6 M D F' FLOPs for M rows (F' = moe_d_ff
   over the tensor shards); the backward two of each (the input gradient and
-  tgmm's weight gradient), the rematerialized forward one more, a frozen
+  tgmm's weight gradient), the rematerialized forward one more (remat "full";
+  the other policies save the mlp_* projections of a MoE model), a frozen
   reference's forward one. Without `within_capacity` the exact overflow branch
   is counted as XLA counts it (its dearest branch): S n k rows, plus the bounded
   buffer's R, with one more forward in its backward (its custom VJP recomputes
-  it). Returns the static FLOPs XLA counted (to be taken out of its count), the
-  computed ones and their time at flops.KERNEL_EFFICIENCY of the chip's peak;
-  zeros where no megablox runs.
+  it). Returns the static FLOPs and bytes XLA counted (megablox's own cost
+  estimates, to be taken out of its counts), the computed ones (n k rows) and the
+  kernel's time: the larger of its FLOPs at flops.KERNEL_EFFICIENCY of the chip's
+  peak and its bytes at the chip's HBM bandwidth (its blocks stream while it
+  computes); zeros where no megablox runs.
   """
   none = {"moe_kernel": None, "moe_static_flops_per_device": 0.0,
-          "moe_kernel_flops_per_device": 0.0, "moe_kernel_seconds": 0.0,
+          "moe_static_bytes_per_device": 0.0, "moe_kernel_flops_per_device": 0.0,
+          "moe_kernel_bytes_per_device": 0.0, "moe_kernel_seconds": 0.0,
           "moe_buffer_rows": None, "moe_exact_rows": None}
   if not getattr(model_cfg, "n_experts", 0):
     return none
@@ -792,20 +799,46 @@ def moe_kernel_part(model_cfg, platform: str, mesh: dict[str, int], *, tokens_pe
     tm = grouped_matmul_lib.tiling(int(rows), D, f_local)[0]
     return -(-rows // tm) * tm
 
-  passes = 3.0 + (1.0 if flops_lib.remat_on(model_cfg) else 0.0) + (
+  # Forward passes of the expert matmuls: the step's, the rematerialized one (a
+  # policy that saves the mlp_* projections, "minimal" or "dots" for MoE, skips it)
+  # and a frozen reference's; the backward is two more (input and weight gradients).
+  forwards = 1.0 + (1.0 if model_cfg.remat == "full" else 0.0) + (
       1.0 if frozen_reference else 0.0)
-  per_row = 6.0 * D * f_local * passes * model_cfg.n_layers * max(micro_batches, 1)
+  passes = forwards + 2.0
+  repeat = model_cfg.n_layers * max(micro_batches, 1)
+  per_row = 6.0 * D * f_local * passes * repeat
+  groups = E // gather if gather > 1 else E
+  size = jnp.dtype(model_cfg.dtype).itemsize
+
+  def call_bytes(rows, n_forwards):
+    """megablox's own byte estimate of one layer's calls over a `rows`-row buffer."""
+    est = functools.partial(grouped_matmul_lib.estimated_bytes, int(rows), groups=groups,
+                            itemsize=size)
+    forward = 2 * est(D, f_local) + est(f_local, D)
+    backward = (2 * est(f_local, D) + est(D, f_local)             # input gradients
+                + 2 * est(D, f_local, kind="tgmm") + est(f_local, D, kind="tgmm"))
+    return (n_forwards * forward + backward) * repeat
+
   if bounded is None:
-    static = per_row * padded(full)
+    static, static_bytes = per_row * padded(full), call_bytes(padded(full), forwards)
   else:
-    static = per_row * padded(bounded)
+    static, static_bytes = per_row * padded(bounded), call_bytes(padded(bounded), forwards)
     if not within_capacity:   # the overflow's branch: its backward recomputes its forward
       static += per_row * (passes + 1.0) / passes * padded(full)
+      static_bytes += call_bytes(padded(full), forwards + 1.0)
   computed = per_row * n * k
+  computed_bytes = call_bytes(n * k, forwards)
+  seconds = 0.0
+  if chip:
+    # A Pallas kernel streams its blocks while it computes: its time is the larger of
+    # its compute and its HBM traffic, not their sum.
+    seconds = max(computed / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY),
+                  computed_bytes / chip.hbm_bandwidth)
   return {**none, "moe_static_flops_per_device": static,
+          "moe_static_bytes_per_device": static_bytes,
           "moe_kernel_flops_per_device": computed,
-          "moe_kernel_seconds": (computed / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY)
-                                 if chip else 0.0)}
+          "moe_kernel_bytes_per_device": computed_bytes,
+          "moe_kernel_seconds": seconds}
 
 
 def _attention_kernel_part(model_cfg, platform: str, lengths, n: int, chip: Chip | None, *,

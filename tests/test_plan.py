@@ -7,6 +7,7 @@ compiled for the slice it names in TOPOLOGY and must fit in its HBM.
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import logging
 import pathlib
@@ -19,6 +20,7 @@ import pytest
 from jaxalign import config as config_lib
 from jaxalign import flops as flops_lib
 from jaxalign import plan as plan_lib
+from jaxalign.models import grouped_matmul as gm
 from jaxalign.data import packing, schema
 from tests.reliability.helpers import recipe_arg
 
@@ -296,6 +298,23 @@ def test_moe_kernel_part_takes_the_static_rows_out_and_times_the_computed_ones()
   assert part["moe_static_flops_per_device"] == per_row * 4096
   assert part["moe_kernel_seconds"] == pytest.approx(
       per_row * n * k / (chip.peak_flops * flops_lib.KERNEL_EFFICIENCY))
+  # The bytes megablox's estimate gives XLA, per layer and micro-batch: the forward's
+  # gate, up ([M, 256] @ [256, 384]) and down calls twice (step and remat), the
+  # backward's three input-gradient calls (K and N swapped) and three tgmm calls; 2
+  # local experts (8 over data 4).
+  est = functools.partial(gm.estimated_bytes, groups=2)
+  per_layer = lambda m: (2 * (2 * est(m, 256, 384) + est(m, 384, 256))
+                         + 2 * est(m, 384, 256) + est(m, 256, 384)
+                         + 2 * est(m, 256, 384, kind="tgmm") + est(m, 384, 256, kind="tgmm"))
+  assert part["moe_static_bytes_per_device"] == per_layer(4096) * 3 * 2
+  assert part["moe_kernel_bytes_per_device"] == per_layer(n * k) * 3 * 2
+  # Remat "minimal" saves the expert projections: one forward fewer, FLOPs and bytes.
+  saved = plan_lib.moe_kernel_part(dataclasses.replace(cfg, remat="minimal"), "tpu",
+                                   {"data": 4, "fsdp": 2}, tokens_per_device=1000,
+                                   micro_batches=2, chip=chip, frozen_reference=False)
+  assert saved["moe_kernel_flops_per_device"] == per_row * n * k * 3 / 4
+  assert saved["moe_static_bytes_per_device"] == (
+      per_layer(4096) - 2 * est(4096, 256, 384) - est(4096, 384, 256)) * 3 * 2
   assert plan_lib.moe_kernel_part(cfg, "cpu", {"data": 4}, tokens_per_device=1000,
                                   micro_batches=1, chip=None, frozen_reference=False
                                   )["moe_static_flops_per_device"] == 0.0

@@ -42,11 +42,14 @@ log = logging.getLogger("jaxalign")
 IMPLEMENTATIONS = ("auto", "ragged_dot", "megablox")
 _AUTO = {"tpu": "megablox"}
 LANE = 128                          # the kernel's K and N tiles are multiples of this
-# Tile candidates, largest first: the kernel keeps one [tm, tk] lhs tile, one
-# [tk, tn] rhs tile and a [tm, tn] float32 accumulator in VMEM (double-buffered),
-# 512 x 512 bf16 tiles use ~3 MiB of a v5p core's 16+ MiB scoped VMEM.
+# The row tile: at most 512, since a row tile straddling two groups is computed once
+# per group (the G - 1 boundaries of a call cost up to G - 1 extra tiles of work, so a
+# larger tm buys fewer weight reads with more wasted FLOPs). The K and N tiles are
+# chosen per call (`tiling`) to read each operand as few times as the kernel's grid
+# allows within VMEM_BUDGET of the kernel's VMEM (double-buffered input and output
+# blocks and the float32 accumulator; a v5p core's scoped VMEM is 16 MiB by default).
 _TILES_M = (512, 256, 128)
-_TILES_KN = (512, 384, 256, 128)
+VMEM_BUDGET = 12 * 2**20
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 _logged: set[tuple[str, str]] = set()
@@ -96,14 +99,58 @@ def current_platform() -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-def tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
-  """(tm, tk, tn) for the kernel: the largest candidate tiles dividing K and N (which
-  are multiples of LANE), and a row tile no larger than M rounded up to LANE."""
-  tk = next(t for t in _TILES_KN if k % t == 0)
-  tn = next(t for t in _TILES_KN if n % t == 0)
+def _lane_divisors(x: int) -> list[int]:
+  """The multiples of LANE dividing x (a multiple of LANE), largest first."""
+  return [t for t in range(x, 0, -LANE) if x % t == 0 and t % LANE == 0]
+
+
+def tiling(m: int, k: int, n: int, *, kind: str = "gmm", itemsize: int = 2
+           ) -> tuple[int, int, int]:
+  """(tm, tk, tn) for one kernel call of M rows, contraction K and output N.
+
+  kind "gmm": out [M, N] = lhs [M, K] @ rhs[g] [K, N]; its grid (N tiles, row tiles, K
+  tiles) reads the lhs once per N tile and one group's whole weight once per row tile,
+  so the N tile is made as wide as fits (one lhs read when tn = N), then the K tile.
+  kind "tgmm": out[g] [K, N] = lhs_g^T [K, rows] @ rhs_g [rows, N]; its grid (N tiles,
+  K tiles, row tiles) reads the lhs once per N tile and the rhs once per K tile, so
+  the (tk, tn) pair with the fewest of those reads, M K N (1/tn + 1/tk), is chosen.
+  Both within VMEM_BUDGET for operands of `itemsize` bytes (float32 accumulator).
+  The row tile is the largest candidate no larger than M rounded up to LANE.
+  """
   rows = -(-m // LANE) * LANE
   tm = next((t for t in _TILES_M if t <= rows), LANE)
-  return tm, tk, tn
+  best = None
+  for tk in _lane_divisors(k):
+    for tn in _lane_divisors(n):
+      if kind == "gmm":
+        vmem = 2 * (tm * tk + tk * tn + tm * tn) * itemsize + 4 * tm * tn
+        score = (k * n / tn, -tk)                     # lhs reads, then fewer K steps
+      else:
+        vmem = 2 * (tm * tk + tm * tn + tk * tn) * itemsize + 4 * tk * tn
+        score = (k * n * (1 / tn + 1 / tk), -tn)
+      if vmem <= VMEM_BUDGET and (best is None or score < best[0]):
+        best = (score, tk, tn)
+  if best is None:
+    return tm, LANE, LANE
+  return tm, best[1], best[2]
+
+
+def estimated_bytes(m: int, k: int, n: int, groups: int, *, kind: str = "gmm",
+                    itemsize: int = 2) -> float:
+  """The bytes megablox's own cost estimate gives one call (what XLA's cost analysis
+  adds for it), with this module's tiles (`tiling`; M padded to the row tile).
+
+  kind "gmm" ([M, K] @ [G, K, N] -> [M, N]; the lhs gradient is this with K and N
+  swapped): the lhs once per N tile, one group's [K, N] weight once per row tile
+  the grid can visit (M / tm + G - 1) and the output. kind "tgmm" (lhs [M, K],
+  rhs [M, N] -> [G, K, N]): the lhs once per N tile, the rhs once per K tile and the
+  output.
+  """
+  tm, tk, tn = tiling(m, k, n, kind=kind, itemsize=itemsize)
+  rows = -(-m // tm) * tm
+  if kind == "gmm":
+    return (rows * k * (n // tn) + k * n * (rows // tm + groups - 1) + rows * n) * itemsize
+  return (rows * k * (n // tn) + rows * n * (k // tk) + groups * k * n) * itemsize
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
@@ -143,10 +190,15 @@ def _valid_rows(m: int, group_sizes: jax.Array) -> jax.Array:
 
 def _megablox(lhs, rhs, group_sizes, *, interpret: bool):
   m = lhs.shape[0]
-  tm, tk, tn = tiling(m, lhs.shape[1], rhs.shape[2])
+  k, n = lhs.shape[1], rhs.shape[2]
+  size = jnp.dtype(lhs.dtype).itemsize
+  tilings = (tiling(m, k, n, itemsize=size),                # forward: [M, K] @ [K, N]
+             tiling(m, n, k, itemsize=size),                # lhs gradient: [M, N] @ [N, K]
+             tiling(m, k, n, kind="tgmm", itemsize=size))   # weight gradient: [K, N] per group
+  tm = tilings[0][0]
   padded = -(-m // tm) * tm          # the kernel needs M to be a multiple of tm
   x = jnp.pad(lhs, ((0, padded - m), (0, 0))) if padded != m else lhs
-  out = _gmm(x, rhs, group_sizes, tiling=(tm, tk, tn), interpret=interpret)
+  out = _gmm(x, rhs, group_sizes, tilings=tilings, interpret=interpret)
   return out[:m]
 
 
@@ -161,27 +213,27 @@ def _kernel_precision(dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(lhs, rhs, group_sizes, tiling, interpret):
+def _gmm(lhs, rhs, group_sizes, tilings, interpret):
+  """tilings: (forward, lhs gradient, weight gradient), one row tile for all three."""
   with _kernel_precision(lhs.dtype):
-    out = _backend().gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, interpret=interpret)
+    out = _backend().gmm(lhs, rhs, group_sizes, lhs.dtype, tilings[0], interpret=interpret)
   return jnp.where(_valid_rows(lhs.shape[0], group_sizes), out, 0)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, tiling, interpret):
-  return _gmm(lhs, rhs, group_sizes, tiling, interpret), (lhs, rhs, group_sizes)
+def _gmm_fwd(lhs, rhs, group_sizes, tilings, interpret):
+  return _gmm(lhs, rhs, group_sizes, tilings, interpret), (lhs, rhs, group_sizes)
 
 
-def _gmm_bwd(tiling, interpret, residuals, grad):
+def _gmm_bwd(tilings, interpret, residuals, grad):
   lhs, rhs, group_sizes = residuals
   backend = _backend()
   # d lhs = grad @ rhs[g]^T per group; rows past the groups are left unwritten.
-  # Its contraction is over N and its output over K: the tiles swap.
-  tm, tk, tn = tiling
+  # Its contraction is over N and its output over K (tilings[1] is (tm, tN, tK)).
   with _kernel_precision(lhs.dtype):   # the backward is traced outside the forward's
-    grad_lhs = backend.gmm(grad, rhs, group_sizes, lhs.dtype, (tm, tn, tk),
+    grad_lhs = backend.gmm(grad, rhs, group_sizes, lhs.dtype, tilings[1],
                            transpose_rhs=True, interpret=interpret)
     # d rhs[g] = lhs_g^T @ grad_g; tgmm masks rows outside each group itself.
-    grad_rhs = backend.tgmm(lhs.swapaxes(0, 1), grad, group_sizes, rhs.dtype, tiling,
+    grad_rhs = backend.tgmm(lhs.swapaxes(0, 1), grad, group_sizes, rhs.dtype, tilings[2],
                             interpret=interpret)
   grad_lhs = jnp.where(_valid_rows(lhs.shape[0], group_sizes), grad_lhs, 0)
   return grad_lhs, grad_rhs, None

@@ -31,6 +31,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.models import grouped_matmul as grouped_matmul_lib
@@ -57,6 +58,46 @@ def route(router_logits: jax.Array, k: int, norm_topk: bool) -> tuple[jax.Array,
   if norm_topk:
     weights = weights / weights.sum(axis=-1, keepdims=True)
   return weights, experts.astype(jnp.int32)
+
+
+LANE = 128   # a TPU tile's minor dimension
+
+
+@jax.custom_vjp
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x[index] for x [M, D] and index [R] int in [0, M): [R, D].
+
+  Gathered as [M, D / 128, 128] when D is a multiple of 128, so that on TPU a row is
+  whole tiles: a TPU array's two minor dimensions are tiled (8 x 128 for 32-bit, 16 x
+  128 for bf16), so a row of a [M, D] array is 1/8 or 1/16 of each tile it touches
+  and gathering it reads every one of them (XLA's cost analysis counts a [32768,
+  2048] -> [81920, 2048] bf16 row gather as 3.0 GB, nine times the rows' bytes; as
+  [.., 16, 128] 0.67 GB plus 0.94 GB to lay the result out as [R, D] again:
+  libtpu 0.0.42, one v5p chip). Elsewhere the same values. The gradient is the
+  scatter-add of the rows onto [M, D] in the [M, D] layout (where XLA counts it
+  cheaper than in the three-dimensional one).
+  """
+  return _take_rows(x, index)
+
+
+def _take_rows(x, index):
+  m, d = x.shape
+  if d % LANE:
+    return x[index]
+  return x.reshape(m, d // LANE, LANE)[index].reshape(index.shape[0], d)
+
+
+def _take_rows_fwd(x, index):
+  return _take_rows(x, index), (index, x.shape[0])
+
+
+def _take_rows_bwd(residuals, grad):
+  index, m = residuals
+  return (jnp.zeros((m, grad.shape[1]), grad.dtype).at[index].add(grad),
+          np.zeros(index.shape, jax.dtypes.float0))
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def sort_by_expert(experts: jax.Array, n_experts: int
@@ -125,16 +166,29 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
   """
   n, k = experts.shape
   order, inverse, group_sizes = sort_by_expert(experts, gate.shape[0])
-  xs = x[order // k]                                                   # [N*k, D] sorted
-  matmul = functools.partial(grouped_matmul, group_sizes=group_sizes,
-                             implementation=implementation)
-  g = checkpoint_name(matmul(xs, gate), "mlp_gate")                   # [N*k, F]
-  u = checkpoint_name(matmul(xs, up), "mlp_up")
-  h = activation(g) * u
-  ys = checkpoint_name(matmul(h, down), "mlp_down")                   # [N*k, D]
-  y = ys[inverse].reshape(n, k, -1)                                    # token order
+  xs = take_rows(x, order // k)                                        # [N*k, D] sorted
+  ys = expert_mlp(xs, gate, up, down, group_sizes, activation, implementation=implementation)
+  y = take_rows(ys, inverse).reshape(n, k, -1)                         # token order
   return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype),
                     preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def expert_mlp(xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+               group_sizes: jax.Array, activation: Callable[[jax.Array], jax.Array], *,
+               implementation: str = "ragged_dot") -> jax.Array:
+  """Rows sorted by expert [R, D] -> each row through its expert's gated MLP, [R, D].
+
+  The projections are named for the remat policies ("mlp_gate", "mlp_up",
+  "mlp_down"). (One grouped matmul over the gate and up weights side by side,
+  [E, D, 2F], reads the rows once instead of twice, but XLA counted 1.2 GB more for
+  a Qwen3-30B-A3B layer on a v5p chip: the weights' concatenation and the split of
+  their gradient cost more than the read saved.)
+  """
+  matmul = functools.partial(grouped_matmul, group_sizes=group_sizes,
+                             implementation=implementation)
+  g = checkpoint_name(matmul(xs, gate), "mlp_gate")                  # [R, F]
+  h = activation(g) * checkpoint_name(matmul(xs, up), "mlp_up")
+  return checkpoint_name(matmul(h, down), "mlp_down")                # [R, D]
 
 
 def router_stats(router_logits: jax.Array, experts: jax.Array,
