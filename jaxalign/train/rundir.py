@@ -184,9 +184,12 @@ def export_checkpoint(run_dir: str, out_dir: str, *, architecture: str | None = 
   run = _restore_run(run_dir, config, mesh, model_cfg=model_cfg, hf_dir=None)
   # A LoRA run: its base as stored (quantized or not) and its adapters, merged by the
   # export one tensor at a time, never the whole merged model on the devices.
-  params, adapters = (run.frozen, run.params) if run.lora_cfg.enabled else (run.params, None)
+  if run.lora_cfg.enabled:
+    params, adapters, lora_scale = run.frozen, run.params, run.lora_cfg.scale
+  else:
+    params, adapters, lora_scale = run.params, None, 1.0
   tok_dir = os.path.join(run_dir, "tokenizer")
   tokenizer = hf.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
   return hf.export(params, run.model_cfg, out_dir, architecture=architecture,
                    tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                   adapters=adapters, lora_scale=run.lora_cfg.scale if adapters is not None else 1.0)
+                   adapters=adapters, lora_scale=lora_scale)
