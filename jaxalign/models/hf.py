@@ -12,8 +12,9 @@ into our axis order. A stacked parameter (scanned layers [G, ...]; experts
 import also reads transformers 5's fused expert tensors (two parameters from
 one). Import reads, for each device, only the HF rows its shard
 needs, straight from the memory-mapped safetensors files; export streams one
-tensor at a time into safetensors files. Neither ever holds the whole model in
-one host buffer.
+tensor at a time into safetensors files (a LoRA or QLoRA base with its adapters:
+each merged, and dequantized, just before it is fetched: models/merged.py). Neither
+ever holds the whole model in one host buffer, nor export the merged one on the devices.
 
   model, model_cfg = from_pretrained("path/to/Llama-3.1-8B", mesh=mesh)
   export(model, model_cfg, "out/", architecture="LlamaForCausalLM", tokenizer=tok)

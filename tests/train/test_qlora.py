@@ -1,7 +1,8 @@
 """QLoRA end to end on a tiny Llama saved by transformers: the import quantizes per
 device block exactly as quantizing the float import does, a run resumes bit for bit
 (the quantized base is rebuilt from the source, never checkpointed), and the export
-merges the adapters into the dequantized weights, which transformers loads."""
+merges the adapters into the dequantized weights, which transformers loads, one
+projection at a time (never the whole merged model on the devices)."""
 import math
 import os
 
