@@ -728,7 +728,8 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
   expert's slice), each merged on the devices just before (`merged.weights`): a
   quantized projection (QLoRA's stored base) is written dequantized, in
   model_config.param_dtype; with `adapters`, W + lora_scale * A @ B. The merged model
-  is never whole on the devices, nor one output file's worth more on the host.
+  is never whole on the devices (the stored base, the adapters and one slice are), and
+  the host holds the tensor being written.
 
   Args:
     params_state_or_model: a Transformer, or its nnx.State of parameters (a LoRA

@@ -102,7 +102,7 @@ def weights(base, adapters=None, *, scale: float = 1.0, dtype=None) -> dict[tupl
   """
   flat = _flat(base)
   pairs: dict[tuple, dict[str, jax.Array]] = {}
-  for path, value in _flat(adapters or {}).items():
+  for path, value in _flat({} if adapters is None else adapters).items():
     pairs.setdefault(path[:-1], {})[path[-1]] = value
   float_dtype = np.dtype(dtype or np.float32)
   out: dict[tuple, Any] = {}
