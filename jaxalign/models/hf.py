@@ -12,8 +12,9 @@ into our axis order. A stacked parameter (scanned layers [G, ...]; experts
 import also reads transformers 5's fused expert tensors (two parameters from
 one). Import reads, for each device, only the HF rows its shard
 needs, straight from the memory-mapped safetensors files; export streams one
-tensor at a time into safetensors files. Neither ever holds the whole model in
-one host buffer.
+tensor at a time into safetensors files (a LoRA or QLoRA base with its adapters:
+each merged, and dequantized, just before it is fetched: models/merged.py). Neither
+ever holds the whole model in one host buffer, nor export the merged one on the devices.
 
   model, model_cfg = from_pretrained("path/to/Llama-3.1-8B", mesh=mesh)
   export(model, model_cfg, "out/", architecture="LlamaForCausalLM", tokenizer=tok)
@@ -36,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from jaxalign import errors
 from jaxalign.sharding import DEFAULT_RULES
 from jaxalign.models.families import Experts, family
-from jaxalign.models import quant
+from jaxalign.models import merged, quant
 from jaxalign.models.hf_config import config_from_hf, config_to_hf, infer_architecture, read_config
 from jaxalign.models.transformer import ModelConfig, Transformer
 
@@ -619,6 +620,7 @@ def _write_safetensors(path: str, names: Sequence[str], shapes, dtypes, fetch) -
         if value.shape != tuple(shape):
           raise ValueError(f"{name}: shape {value.shape}, expected {tuple(shape)}")
         f.write(value.tobytes())
+        del value   # not held while the next one is fetched (on CPU: a view of its buffer)
     os.replace(tmp, path)
   except BaseException as e:   # no partial file stays behind, whatever stopped it
     _remove_quietly(tmp)
@@ -654,16 +656,15 @@ def _hf_order(name: str) -> tuple:
   return (0 if "embed" in name else 2, 0, name)
 
 
-def _tensors_by_name(state, config: ModelConfig
+def _tensors_by_name(flat: dict[tuple, Any], config: ModelConfig
                      ) -> dict[str, tuple[_Layout, Any, tuple[int, ...]]]:
-  """HF name -> (layout, our leaf, its entry in a stacked leaf or ()), in HF order
-  (layer by layer).
+  """HF name -> (layout, our parameter (`merged.weights`' value), its entry in a
+  stacked parameter or ()), in HF order (layer by layer).
 
   Raises:
-    ValueError listing the parameters `state` lacks or has beyond `config`.
+    ValueError listing the parameters `flat` lacks or has beyond `config`.
   """
   layouts = _layouts(config)
-  flat = dict(nnx.to_flat_state(state))
   missing = sorted(".".join(map(str, k)) for k in set(layouts) - set(flat))
   unknown = sorted(".".join(map(str, k)) for k in set(flat) - set(layouts))
   if missing or unknown:
@@ -720,11 +721,19 @@ def _write_configs(out_dir: str, hf_config: dict[str, Any], tokenizer) -> None:
 def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
            architecture: str | None = None, tokenizer=None,
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-           dtype: str | None = None) -> str:
+           dtype: str | None = None, adapters=None, lora_scale: float = 1.0) -> str:
   """Writes a transformers-loadable checkpoint directory.
 
+  Tensors are fetched to the host one at a time (a stacked parameter: one layer's or
+  expert's slice), each merged on the devices just before (`merged.weights`): a
+  quantized projection (QLoRA's stored base) is written dequantized, in
+  model_config.param_dtype; with `adapters`, W + lora_scale * A @ B. The merged model
+  is never whole on the devices (the stored base, the adapters and one slice are), and
+  the host holds the tensor being written.
+
   Args:
-    params_state_or_model: a Transformer, or its nnx.State of parameters.
+    params_state_or_model: a Transformer, or its nnx.State of parameters (a LoRA
+      run's: the base, quantized or not, as stored).
     model_config: the ModelConfig of those parameters.
     out_dir: created if needed (safetensors files already there are removed);
       gets config.json, model.safetensors (or
@@ -735,6 +744,9 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
     max_shard_bytes: largest safetensors file (a bigger single tensor gets a
       file of its own).
     dtype: cast the weights to this dtype (e.g. "bfloat16"); None: as stored.
+    adapters: LoRA adapters (nnx.State or nested dict, …/<name>_lora/{lora_a, lora_b})
+      merged into the weights they target; None: none.
+    lora_scale: alpha / rank of those adapters.
 
   Returns:
     out_dir. In a multi-process run every process must call this; process 0 writes.
@@ -746,17 +758,17 @@ def export(params_state_or_model, model_config: ModelConfig, out_dir: str, *,
   hf_config = config_to_hf(model_config, architecture or infer_architecture(model_config))
   if dtype is not None:
     hf_config["torch_dtype"] = str(np.dtype(dtype))
-  by_name = _tensors_by_name(state, model_config)
-  out_dtype = lambda leaf: np.dtype(dtype or _value(leaf).dtype)
+  params = merged.weights(state, adapters, scale=lora_scale, dtype=model_config.param_dtype)
+  by_name = _tensors_by_name(params, model_config)
+  out_dtype = lambda value: np.dtype(dtype or value.dtype)
   sizes = {name: math.prod(lay.hf_shape) * out_dtype(leaf).itemsize
            for name, (lay, leaf, _) in by_name.items()}
   shards = _shards(sizes, max_shard_bytes)
 
   def fetch(name):
-    lay, leaf, entry = by_name[name]
-    value = _value(leaf)
+    lay, value, entry = by_name[name]
     # A stacked parameter: gather only entry's slice (a layer's, an expert's) to the host.
-    return lay.to_hf(_host_value(value[entry] if entry else value))
+    return lay.to_hf(_host_value(merged.take(value, entry)))
 
   is_writer = jax.process_index() == 0
   files = (["model.safetensors"] if len(shards) == 1 else

@@ -185,6 +185,26 @@ def base_graphdef(model_cfg, base_dtype: str = "none") -> nnx.GraphDef:
   return nnx.split(abstract, nnx.Param, ...)[0]
 
 
+def _delta(a: jax.Array, b: jax.Array) -> jax.Array:
+  """A @ B ([..., d_in, r] @ [..., r, d_out]) in float32 at HIGHEST precision, in A's dtype."""
+  return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST).astype(a.dtype)
+
+
+def _fold(w: jax.Array, delta, scale: float) -> jax.Array:
+  """W + scale * delta (reshaped onto W), added in float32, in W's dtype."""
+  d = jnp.asarray(delta, jnp.float32).reshape(w.shape)
+  return (w.astype(jnp.float32) + jnp.float32(scale) * d).astype(w.dtype)
+
+
+def merged_weight(w: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *,
+                  scale: float) -> jax.Array:
+  """One weight with its adapter folded in, W + scale * A @ B: `merge`'s arithmetic
+  for one weight, or one slice of a stacked one (A [d_in, r], B [r, d_out] of the
+  same slice); the export merges slice by slice with it (models/merged.py)."""
+  return _fold(w, _delta(lora_a, lora_b), scale)
+
+
 def lora_delta(adapter, *, lora_keys: tuple[str, str] = ("lora_a", "lora_b")):
   """What a LoRA adapter adds to the base weights: each {a, b} pair -> a @ b.
 
@@ -196,10 +216,7 @@ def lora_delta(adapter, *, lora_keys: tuple[str, str] = ("lora_a", "lora_b")):
   a_key, b_key = lora_keys
   if hasattr(adapter, "items"):   # dict, nnx.State and other mappings
     if a_key in adapter and b_key in adapter:
-      a = jnp.asarray(adapter[a_key])
-      b = jnp.asarray(adapter[b_key])
-      delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST).astype(a.dtype)
+      delta = _delta(jnp.asarray(adapter[a_key]), jnp.asarray(adapter[b_key]))
       rest = {k: lora_delta(v, lora_keys=lora_keys) for k, v in adapter.items()
               if k not in lora_keys}
       return {"delta": delta, **rest}
@@ -293,10 +310,7 @@ def merge_deltas(base, deltas, *, scale: float) -> nnx.State:
     adapter_path = path[:-1] + (str(path[-1]) + SUFFIX,)
     if adapter_path in flat_deltas:
       used.add(adapter_path)
-      w = leaf.get_value()
-      d = jnp.asarray(flat_deltas[adapter_path], jnp.float32).reshape(w.shape)
-      merged = (w.astype(jnp.float32) + jnp.float32(scale) * d).astype(w.dtype)
-      leaf = leaf.replace(merged)
+      leaf = leaf.replace(_fold(leaf.get_value(), flat_deltas[adapter_path], scale))
     out.append((path, leaf))
   unused = sorted(".".join(map(str, p)) for p in set(flat_deltas) - used)
   if unused:

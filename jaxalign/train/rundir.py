@@ -88,20 +88,20 @@ def _in_saved_layout(workdir: str, model_cfg):
   return dataclasses.replace(model_cfg, scan_layers=scan)
 
 
-def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None, *,
-                    model_cfg=None, hf_dir: str | None = None):
-  """(graphdef, params, frozen) of the latest checkpoint of a finished run.
+@dataclasses.dataclass
+class _Restored:
+  """A run's latest checkpoint as restored, nothing merged: `params` (a LoRA run's
+  adapters, the deployed module's under OFS-DPO) and `frozen` (a LoRA run's base, as
+  stored: quantized when lora.base_dtype says so)."""
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  frozen: nnx.State
+  model_cfg: Any
+  lora_cfg: lora.LoraConfig
 
-  `config`: the run's record (its saved config, or a RunSpec's `config`);
-  `model_cfg` / `hf_dir`: its ModelConfig and model.hf_path directory when the
-  caller has them resolved (a RunSpec's), else derived from `config`; the layer
-  layout is always the one the checkpoint's own record names.
-  A LoRA run's model comes back merged: the base graph and base + adapter
-  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen (a
-  quantized base, lora.base_dtype: its dequantized weights + adapters, in
-  model.param_dtype; the whole merged model is then on the devices at once); a
-  reward-model run's, the rewards.model.RewardModel (backbone and scalar head).
-  """
+
+def _restore_run(workdir: str, config: ml_collections.ConfigDict, mesh, *, model_cfg,
+                 hf_dir: str | None) -> _Restored:
   hf_dir = config_lib.hf_model_dir(config) if hf_dir is None else hf_dir
   if model_cfg is None:
     model_cfg = config_lib.model_config(config, hf_dir=hf_dir)
@@ -115,22 +115,45 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None, 
       model_cfg, tx, mesh, rules, seed=config.seed, keep_reference=False,
       lora_config=lora_cfg, modules=modules,
       scalar_head=reward_model.has_scalar_head(losses.get(config.loss.name)))
-  base_graphdef = lora.base_graphdef(model_cfg) if lora_cfg.enabled else None
+  init_frozen = jax.jit(lambda: init_fn().frozen,
+                        out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))
   with jax.set_mesh(mesh):
     params = ckpt.restore_params(checkpoint_dir(workdir), abstract_state.params)
-    frozen = jax.jit(lambda: init_fn().frozen,
-                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract_state.frozen))()
     if lora_cfg.enabled:
-      base = starting_params(abstract_state.frozen, init_from=config.init_from, hf_dir=hf_dir,
-                             model_cfg=model_cfg)
-      adapters = params[modules[0]] if modules else params
-      base = frozen if base is None else base
-      if lora_cfg.base_dtype != "none":   # a quantized base: merged into its float weights
-        base = jax.jit(functools.partial(quant.dequantize_state,
-                                         dtype=model_cfg.param_dtype))(base)
-      merged = jax.jit(functools.partial(lora.merge, scale=lora_cfg.scale))(base, adapters)
-      return base_graphdef, merged, nnx.State({})
-  return graphdef, params, frozen
+      # The base the run adapted (never the seeded init as well: one copy of it).
+      frozen = starting_params(abstract_state.frozen, init_from=config.init_from,
+                               hf_dir=hf_dir, model_cfg=model_cfg)
+      frozen = init_frozen() if frozen is None else frozen
+      params = params[modules[0]] if modules else params
+    else:
+      frozen = init_frozen()
+  return _Restored(graphdef, params, frozen, model_cfg, lora_cfg)
+
+
+def load_run_params(workdir: str, config: ml_collections.ConfigDict, mesh=None, *,
+                    model_cfg=None, hf_dir: str | None = None):
+  """(graphdef, params, frozen) of the latest checkpoint of a finished run.
+
+  `config`: the run's record (its saved config, or a RunSpec's `config`);
+  `model_cfg` / `hf_dir`: its ModelConfig and model.hf_path directory when the
+  caller has them resolved (a RunSpec's), else derived from `config`; the layer
+  layout is always the one the checkpoint's own record names.
+  A LoRA run's model comes back merged: the base graph and base + adapter
+  weights (OFS-DPO: the fast module, the one deployed), with nothing frozen (a
+  quantized base, lora.base_dtype: its dequantized weights + adapters, in
+  model.param_dtype; the whole merged model is then on the devices at once:
+  `export_checkpoint` merges one tensor at a time instead); a reward-model run's,
+  the rewards.model.RewardModel (backbone and scalar head).
+  """
+  run = _restore_run(workdir, config, mesh, model_cfg=model_cfg, hf_dir=hf_dir)
+  if not run.lora_cfg.enabled:
+    return run.graphdef, run.params, run.frozen
+  base = run.frozen
+  if run.lora_cfg.base_dtype != "none":   # a quantized base: merged into its float weights
+    base = jax.jit(functools.partial(quant.dequantize_state,
+                                     dtype=run.model_cfg.param_dtype))(base)
+  merged = jax.jit(functools.partial(lora.merge, scale=run.lora_cfg.scale))(base, run.params)
+  return lora.base_graphdef(run.model_cfg), merged, nnx.State({})
 
 
 def resolved_config(workdir: str) -> dict[str, Any]:
@@ -158,8 +181,15 @@ def export_checkpoint(run_dir: str, out_dir: str, *, architecture: str | None = 
     hf_path = config.model.get("hf_path", "") if "model" in config else ""
     if hf_path and os.path.exists(os.path.join(hf_path, "config.json")):
       architecture = hf_config.architecture_of(hf_config.read_config(hf_path))
-  _, params, _ = load_run_params(run_dir, config, mesh=mesh, model_cfg=model_cfg)
+  run = _restore_run(run_dir, config, mesh, model_cfg=model_cfg, hf_dir=None)
+  # A LoRA run: its base as stored (quantized or not) and its adapters, merged by the
+  # export one tensor at a time, never the whole merged model on the devices.
+  if run.lora_cfg.enabled:
+    params, adapters, lora_scale = run.frozen, run.params, run.lora_cfg.scale
+  else:
+    params, adapters, lora_scale = run.params, None, 1.0
   tok_dir = os.path.join(run_dir, "tokenizer")
   tokenizer = hf.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
-  return hf.export(params, model_cfg, out_dir, architecture=architecture, tokenizer=tokenizer,
-                   max_shard_bytes=max_shard_bytes, dtype=dtype)
+  return hf.export(params, run.model_cfg, out_dir, architecture=architecture,
+                   tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, dtype=dtype,
+                   adapters=adapters, lora_scale=lora_scale)

@@ -1,7 +1,9 @@
 """QLoRA end to end on a tiny Llama saved by transformers: the import quantizes per
 device block exactly as quantizing the float import does, a run resumes bit for bit
 (the quantized base is rebuilt from the source, never checkpointed), and the export
-merges the adapters into the dequantized weights, which transformers loads."""
+merges the adapters into the dequantized weights, which transformers loads, one
+projection at a time (never the whole merged model on the devices)."""
+import math
 import os
 
 import jax
@@ -11,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxalign import config as config_lib
 from jaxalign import sharding
-from jaxalign.models import quant
+from jaxalign.models import hf, quant
 from jaxalign.train import build as build_lib, rundir
 from tests.train.helpers import read_metrics, tiny_config, train_loop
 
@@ -75,7 +78,27 @@ def test_import_quantizes_each_device_block_as_quantizing_the_float_import(hf_di
     np.testing.assert_array_equal(np.asarray(scale), np.asarray(want[1]), err_msg=str(path))
 
 
-def test_qlora_run_resumes_bit_identically_and_exports_merged_float_weights(hf_dir, tmp_path):
+def _float_weights_alive_during(fn, monkeypatch, *, size: int) -> list[int]:
+  """fn(); at each tensor the export fetches to the host, the number of floating-point
+  jax arrays of at least `size` entries alive that were not alive before fn() (those
+  are held meanwhile, so their ids stay theirs)."""
+  before = jax.live_arrays()
+  seen = {id(a) for a in before}
+  alive = []
+  host_value = hf._host_value
+
+  def recording(x):
+    alive.append(sum(1 for a in jax.live_arrays() if id(a) not in seen and a.size >= size
+                     and jnp.issubdtype(a.dtype, jnp.floating)))
+    return host_value(x)
+  monkeypatch.setattr(hf, "_host_value", recording)
+  fn()
+  monkeypatch.undo()
+  return alive
+
+
+def test_qlora_run_resumes_bit_identically_and_exports_merged_float_weights(
+    hf_dir, tmp_path, monkeypatch):
   one = jax.devices()[:1]
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   config = _config(hf_dir)
@@ -90,7 +113,15 @@ def test_qlora_run_resumes_bit_identically_and_exports_merged_float_weights(hf_d
   assert all(m["grad_norm"] > 0 for m in a)
 
   mesh = sharding.make_mesh((1, 1, 1), one)
-  out = rundir.export_checkpoint(straight, str(tmp_path / "out"), mesh=mesh)
+  out = str(tmp_path / "out")
+  # The export merges one tensor at a time: of the 7 float projection weights (64 x 128
+  # entries each, the biggest tensors here) one at most is on the devices at once, where
+  # the whole-model merge (load_run_params) held all 7 merged ones during the export.
+  shapes = hf.param_shapes(config_lib.model_config(config))
+  projection = min(math.prod(s) for p, s in shapes.items() if p[-1] in quant.PROJECTIONS)
+  alive = _float_weights_alive_during(
+      lambda: rundir.export_checkpoint(straight, out, mesh=mesh), monkeypatch, size=projection)
+  assert len(alive) == len(shapes) and max(alive) == 1, alive
   exported, info = transformers.AutoModelForCausalLM.from_pretrained(
       out, output_loading_info=True, attn_implementation="eager", dtype=torch.float32)
   assert not any(info.values()), info
