@@ -252,34 +252,31 @@ def _rows_mlp(x, gate, up, down, w, token, group_sizes, activation, implementati
   token, w = token[:rows], w[:rows]                                  # [rows]
   group_sizes = jnp.diff(jnp.minimum(jnp.cumsum(group_sizes), rows), prepend=0)
   xs = checkpoint_name(moe_lib.take_rows(x, token), "moe_rows")     # [rows, D] sorted
-  ys = _expert_rows(xs, gate, up, down, group_sizes, activation, implementation)
-  return _combine(ys, w, token, x.shape[0])
+  ys = moe_lib.expert_mlp(xs, gate, up, down, group_sizes, activation,
+                          implementation=implementation, row_weights=w)   # weighted rows
+  return _combine(ys, token, x.shape[0])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _combine(ys, w, token, m):
-  """[m, D] in ys's dtype: row r of ys [R, D] times w[r], summed onto token[r].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _combine(ys, token, m):
+  """[m, D] in ys's dtype: row r of ys [R, D] summed onto token[r].
 
   Summed in ys's dtype, as transformers' Qwen3-MoE and Mixtral sum their experts'
-  outputs (index_add_ in the model dtype): a float32 sum would write the weighted
-  rows in float32 first (XLA does not fuse the product into the scatter), twice the
-  bytes of the rows themselves. Its own VJP so that the backward gathers the
+  outputs (index_add_ in the model dtype): a float32 sum would write the rows in
+  float32 first, twice their bytes. Its own VJP so that the backward gathers the
   output's gradient in ys's dtype as whole tiles (moe.take_rows), where the
-  differentiated scatter-add would gather it as [R, D] rows in float32 (XLA counts
-  6.4 GB against 1.6 GB for R = 81,920 rows of 2048 on a v5p chip)."""
-  return jnp.zeros((m, ys.shape[1]), ys.dtype).at[token].add(ys * w[:, None].astype(ys.dtype))
+  differentiated scatter-add would gather it as [R, D] rows (in float32 when the
+  sum was: XLA counts 6.4 GB against 1.6 GB for R = 81,920 rows of 2048 on a v5p
+  chip). The routing weights are already in the rows (moe.expert_mlp)."""
+  return jnp.zeros((m, ys.shape[1]), ys.dtype).at[token].add(ys)
 
 
-def _combine_fwd(ys, w, token, m):
-  return _combine(ys, w, token, m), (ys, w, token)
+def _combine_fwd(ys, token, m):
+  return _combine(ys, token, m), token
 
 
-def _combine_bwd(m, residuals, grad):
-  ys, w, token = residuals
-  g = moe_lib.take_rows(grad.astype(ys.dtype), token)               # [R, D] in ys's dtype
-  dys = g * w[:, None].astype(ys.dtype)
-  dw = jnp.einsum("rd,rd->r", ys, g, preferred_element_type=jnp.float32).astype(w.dtype)
-  return dys, dw, np.zeros(token.shape, jax.dtypes.float0)
+def _combine_bwd(m, token, grad):
+  return moe_lib.take_rows(grad, token), np.zeros(token.shape, jax.dtypes.float0)
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
