@@ -251,15 +251,22 @@ def _rows_mlp(x, gate, up, down, w, token, group_sizes, activation, implementati
   """
   token, w = token[:rows], w[:rows]                                  # [rows]
   group_sizes = jnp.diff(jnp.minimum(jnp.cumsum(group_sizes), rows), prepend=0)
-  xs = checkpoint_name(moe_lib.take_rows(x, token), "moe_rows")     # [rows, D] sorted
+  # Rows past the local groups (others' assignments, or none): the kernel leaves
+  # them unwritten (zero_tail=False spares a pass over [rows, D] that would zero
+  # them), so they get no weight and reach neither the output nor a gradient.
+  valid = jnp.arange(rows) < jnp.sum(group_sizes)
+  w = jnp.where(valid, w, 0)
+  xs = checkpoint_name(moe_lib.take_rows(x, token, valid), "moe_rows")  # [rows, D] sorted
   ys = moe_lib.expert_mlp(xs, gate, up, down, group_sizes, activation,
-                          implementation=implementation, row_weights=w)   # weighted rows
-  return _combine(ys, token, x.shape[0])
+                          implementation=implementation, row_weights=w,
+                          zero_tail=False)                          # weighted rows
+  return _combine(ys, token, valid, x.shape[0])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _combine(ys, token, m):
-  """[m, D] in ys's dtype: row r of ys [R, D] summed onto token[r].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _combine(ys, token, valid, m):
+  """[m, D] in ys's dtype: row r of ys [R, D] summed onto token[r], the rows where
+  valid [R] is set (the others may hold anything, NaN included).
 
   Summed in ys's dtype, as transformers' Qwen3-MoE and Mixtral sum their experts'
   outputs (index_add_ in the model dtype): a float32 sum would write the rows in
@@ -268,15 +275,18 @@ def _combine(ys, token, m):
   differentiated scatter-add would gather it as [R, D] rows (in float32 when the
   sum was: XLA counts 6.4 GB against 1.6 GB for R = 81,920 rows of 2048 on a v5p
   chip). The routing weights are already in the rows (moe.expert_mlp)."""
-  return jnp.zeros((m, ys.shape[1]), ys.dtype).at[token].add(ys)
+  target = jnp.where(valid, token, m)                                # m: dropped
+  return jnp.zeros((m, ys.shape[1]), ys.dtype).at[target].add(ys, mode="drop")
 
 
-def _combine_fwd(ys, token, m):
-  return _combine(ys, token, m), token
+def _combine_fwd(ys, token, valid, m):
+  return _combine(ys, token, valid, m), (token, valid)
 
 
-def _combine_bwd(m, token, grad):
-  return moe_lib.take_rows(grad, token), np.zeros(token.shape, jax.dtypes.float0)
+def _combine_bwd(m, residuals, grad):
+  token, valid = residuals
+  return (moe_lib.take_rows(grad, token), np.zeros(token.shape, jax.dtypes.float0),
+          np.zeros(valid.shape, jax.dtypes.float0))
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)

@@ -154,7 +154,7 @@ def estimated_bytes(m: int, k: int, n: int, groups: int, *, kind: str = "gmm",
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                   implementation: str = "ragged_dot") -> jax.Array:
+                   implementation: str = "ragged_dot", zero_tail: bool = True) -> jax.Array:
   """Consecutive row groups of `lhs`, group g times rhs[g].
 
   Args:
@@ -162,6 +162,10 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     rhs: [G, K, N].
     group_sizes: [G] int, summing to at most M; rows past the sum give zeros.
     implementation: one of IMPLEMENTATIONS ("auto" resolved per platform).
+    zero_tail: False leaves the rows past sum(group_sizes) unspecified in the output
+      and in the gradient of lhs (any value, NaN included: the megablox kernel does
+      not write them), sparing a pass over [M, N] that zeroes them; for callers that
+      drop those rows themselves. Every row a group covers is the same either way.
 
   Returns:
     [M, N] in lhs's dtype (float32 accumulation in every implementation).
@@ -172,7 +176,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   if reason is not None:
     _log_once(implementation, reason)
   if impl == "megablox":
-    return _megablox(lhs, rhs, group_sizes, interpret=current_platform() != "tpu")
+    return _megablox(lhs, rhs, group_sizes, interpret=current_platform() != "tpu",
+                     zero_tail=zero_tail)
   return jax.lax.ragged_dot(lhs, rhs, group_sizes,
                             preferred_element_type=jnp.float32).astype(lhs.dtype)
 
@@ -188,7 +193,7 @@ def _valid_rows(m: int, group_sizes: jax.Array) -> jax.Array:
   return (jnp.arange(m, dtype=jnp.int32) < jnp.sum(group_sizes))[:, None]
 
 
-def _megablox(lhs, rhs, group_sizes, *, interpret: bool):
+def _megablox(lhs, rhs, group_sizes, *, interpret: bool, zero_tail: bool = True):
   m = lhs.shape[0]
   k, n = lhs.shape[1], rhs.shape[2]
   size = jnp.dtype(lhs.dtype).itemsize
@@ -198,7 +203,7 @@ def _megablox(lhs, rhs, group_sizes, *, interpret: bool):
   tm = tilings[0][0]
   padded = -(-m // tm) * tm          # the kernel needs M to be a multiple of tm
   x = jnp.pad(lhs, ((0, padded - m), (0, 0))) if padded != m else lhs
-  out = _gmm(x, rhs, group_sizes, tilings=tilings, interpret=interpret)
+  out = _gmm(x, rhs, group_sizes, tilings, interpret, zero_tail)
   return out[:m]
 
 
@@ -212,19 +217,19 @@ def _kernel_precision(dtype):
   return jax.default_matmul_precision("default")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(lhs, rhs, group_sizes, tilings, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(lhs, rhs, group_sizes, tilings, interpret, zero_tail):
   """tilings: (forward, lhs gradient, weight gradient), one row tile for all three."""
   with _kernel_precision(lhs.dtype):
     out = _backend().gmm(lhs, rhs, group_sizes, lhs.dtype, tilings[0], interpret=interpret)
-  return jnp.where(_valid_rows(lhs.shape[0], group_sizes), out, 0)
+  return jnp.where(_valid_rows(lhs.shape[0], group_sizes), out, 0) if zero_tail else out
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, tilings, interpret):
-  return _gmm(lhs, rhs, group_sizes, tilings, interpret), (lhs, rhs, group_sizes)
+def _gmm_fwd(lhs, rhs, group_sizes, tilings, interpret, zero_tail):
+  return _gmm(lhs, rhs, group_sizes, tilings, interpret, zero_tail), (lhs, rhs, group_sizes)
 
 
-def _gmm_bwd(tilings, interpret, residuals, grad):
+def _gmm_bwd(tilings, interpret, zero_tail, residuals, grad):
   lhs, rhs, group_sizes = residuals
   backend = _backend()
   # d lhs = grad @ rhs[g]^T per group; rows past the groups are left unwritten.
@@ -235,7 +240,8 @@ def _gmm_bwd(tilings, interpret, residuals, grad):
     # d rhs[g] = lhs_g^T @ grad_g; tgmm masks rows outside each group itself.
     grad_rhs = backend.tgmm(lhs.swapaxes(0, 1), grad, group_sizes, rhs.dtype, tilings[2],
                             interpret=interpret)
-  grad_lhs = jnp.where(_valid_rows(lhs.shape[0], group_sizes), grad_lhs, 0)
+  if zero_tail:
+    grad_lhs = jnp.where(_valid_rows(lhs.shape[0], group_sizes), grad_lhs, 0)
   return grad_lhs, grad_rhs, None
 
 

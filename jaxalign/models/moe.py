@@ -63,8 +63,7 @@ def route(router_logits: jax.Array, k: int, norm_topk: bool) -> tuple[jax.Array,
 LANE = 128   # a TPU tile's minor dimension
 
 
-@jax.custom_vjp
-def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+def take_rows(x: jax.Array, index: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   """x[index] for x [M, D] and index [R] int in [0, M): [R, D].
 
   Gathered as [M, D / 128, 128] when D is a multiple of 128, so that on TPU a row is
@@ -76,7 +75,17 @@ def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
   libtpu 0.0.42, one v5p chip). Elsewhere the same values. The gradient is the
   scatter-add of the rows onto [M, D] in the [M, D] layout (where XLA counts it
   cheaper than in the three-dimensional one).
+
+  valid: [R] bool; the gradient of x takes only the rows where it is set (the others'
+  gradient rows may hold anything, NaN included: grouped_matmul's zero_tail=False).
   """
+  if valid is None:
+    valid = jnp.ones(index.shape, bool)
+  return _gather_rows(x, index, valid)
+
+
+@jax.custom_vjp
+def _gather_rows(x, index, valid):
   return _take_rows(x, index)
 
 
@@ -87,17 +96,18 @@ def _take_rows(x, index):
   return x.reshape(m, d // LANE, LANE)[index].reshape(index.shape[0], d)
 
 
-def _take_rows_fwd(x, index):
-  return _take_rows(x, index), (index, x.shape[0])
+def _gather_rows_fwd(x, index, valid):
+  return _take_rows(x, index), (index, valid, x.shape[0])
 
 
-def _take_rows_bwd(residuals, grad):
-  index, m = residuals
-  return (jnp.zeros((m, grad.shape[1]), grad.dtype).at[index].add(grad),
-          np.zeros(index.shape, jax.dtypes.float0))
+def _gather_rows_bwd(residuals, grad):
+  index, valid, m = residuals
+  target = jnp.where(valid, index, m)                                # m: dropped
+  dx = jnp.zeros((m, grad.shape[1]), grad.dtype).at[target].add(grad, mode="drop")
+  return dx, np.zeros(index.shape, jax.dtypes.float0), np.zeros(valid.shape, jax.dtypes.float0)
 
 
-take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def sort_by_expert(experts: jax.Array, n_experts: int
@@ -123,7 +133,7 @@ def sort_by_expert(experts: jax.Array, n_experts: int
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                   implementation: str = "ragged_dot") -> jax.Array:
+                   implementation: str = "ragged_dot", zero_tail: bool = True) -> jax.Array:
   """Rows of `lhs` in consecutive groups, group g times rhs[g].
 
   Args:
@@ -131,12 +141,14 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     rhs: [G, K, N] (cast to lhs's dtype).
     group_sizes: [G] int32, summing to at most M; rows past the sum give zeros.
     implementation: "auto" | "ragged_dot" | "megablox" (jaxalign.models.grouped_matmul).
+    zero_tail: False: rows past the groups unspecified (grouped_matmul_lib).
 
   Returns:
     [M, N] in lhs's dtype.
   """
   return grouped_matmul_lib.grouped_matmul(lhs, rhs.astype(lhs.dtype), group_sizes,
-                                           implementation=implementation)
+                                           implementation=implementation,
+                                           zero_tail=zero_tail)
 
 
 def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -176,7 +188,7 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
 def expert_mlp(xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                group_sizes: jax.Array, activation: Callable[[jax.Array], jax.Array], *,
                implementation: str = "ragged_dot",
-               row_weights: jax.Array | None = None) -> jax.Array:
+               row_weights: jax.Array | None = None, zero_tail: bool = True) -> jax.Array:
   """Rows sorted by expert [R, D] -> each row through its expert's gated MLP, [R, D].
 
   row_weights: [R] each row's routing weight, applied to the hidden activation
@@ -191,7 +203,7 @@ def expert_mlp(xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
   their gradient cost more than the read saved.)
   """
   matmul = functools.partial(grouped_matmul, group_sizes=group_sizes,
-                             implementation=implementation)
+                             implementation=implementation, zero_tail=zero_tail)
   g = checkpoint_name(matmul(xs, gate), "mlp_gate")                  # [R, F]
   h = activation(g) * checkpoint_name(matmul(xs, up), "mlp_up")
   if row_weights is not None:

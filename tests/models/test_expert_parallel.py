@@ -28,14 +28,15 @@ def _loss(x, gate, up, down, weights, fn):
   return jnp.sum(y * jnp.cos(y)), y
 
 
-def _on_mesh(shape, capacity_factor, x, gate, up, down, weights, experts):
+def _on_mesh(shape, capacity_factor, x, gate, up, down, weights, experts,
+             implementation="ragged_dot"):
   """(output, grads of x, gate, up, down, weights) of the expert-parallel MLP on `shape`."""
   mesh = sharding.make_mesh(shape)
   rules = dict(sharding.DEFAULT_RULES)
   put = lambda a, *names: jax.device_put(a, NamedSharding(mesh, P(*(rules.get(n) for n in names))))
   fn = lambda x, g, u, d, w: expert_parallel.routed_mlp(
       x, g, u, d, w, put(experts, "batch", None), jax.nn.silu,
-      capacity_factor=capacity_factor)
+      capacity_factor=capacity_factor, implementation=implementation)
   with jax.set_mesh(mesh):
     args = (put(x, "batch", "norm"), put(gate, "expert", "embed", "mlp"),
             put(up, "expert", "embed", "mlp"), put(down, "expert", "mlp", "embed"),
@@ -66,6 +67,21 @@ def test_routed_mlp_on_a_mesh_equals_one_device(shape, capacity_factor, d):
   # At d = 128 the values reach ~1e3: float32 rounding of sums in another order,
   # relative to each array's largest entry.
   tol = lambda r: 1e-6 if d == 16 else 2e-5 * float(np.abs(r).max())
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=tol(ref))
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=tol(r))
+
+
+def test_megablox_rows_past_the_groups_reach_nothing():
+  """The megablox kernel (Pallas interpret mode: rows it does not write are NaN) on
+  (8, 1, 1) with the bounded buffer, whose rows past a device's groups the kernel
+  leaves unwritten (zero_tail=False): no NaN reaches the output or any gradient,
+  which equal one device's ragged_dot path."""
+  inputs = _routed_inputs(n=16, d=128, f=128)
+  with jax.default_matmul_precision("highest"):
+    ref, ref_grads = _reference(*inputs)
+    out, grads = _on_mesh((8, 1, 1), 1.0, *inputs, implementation="megablox")
+  tol = lambda r: 2e-5 * float(np.abs(r).max())
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=tol(ref))
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=tol(r))
@@ -165,17 +181,21 @@ def test_moe_train_step_expert_sharded_on_8_devices_equals_one_device():
 
 def test_combine_sums_rows_onto_tokens_with_its_gradient():
   """expert_parallel._combine (its own VJP) against the plain scatter-add's autodiff:
-  values and the rows' gradient, float32; in bf16 it sums in bf16 (as transformers'
+  values and the rows' gradient, float32, rows not marked valid (NaN here, as the
+  kernel's unwritten rows may be) left out; in bf16 it sums in bf16 (as transformers'
   index_add_) and stays within bf16 rounding of the float32 sum."""
   keys = jax.random.split(jax.random.key(3), 3)
   r, m, d = 24, 10, 128
   ys = jax.random.normal(keys[0], (r, d))
   token = jax.random.randint(keys[1], (r,), 0, m)
   cot = jax.random.normal(keys[2], (m, d))
-  out, pull = jax.vjp(lambda ys: expert_parallel._combine(ys, token, m), ys)
-  ref, ref_pull = jax.vjp(lambda ys: jnp.zeros((m, d)).at[token].add(ys), ys)
+  valid = jnp.arange(r) < 20                  # the last 4 rows: NaN, and dropped
+  ys_tail = ys.at[20:].set(jnp.nan)
+  out, pull = jax.vjp(lambda ys: expert_parallel._combine(ys, token, valid, m), ys_tail)
+  ref, ref_pull = jax.vjp(lambda ys: jnp.zeros((m, d)).at[token[:20]].add(ys[:20]), ys)
   np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(pull(cot)[0], ref_pull(cot)[0])
-  half = expert_parallel._combine(ys.astype(jnp.bfloat16), token, m)
+  np.testing.assert_array_equal(pull(cot)[0][:20], ref_pull(cot)[0][:20])
+  half = expert_parallel._combine(ys.astype(jnp.bfloat16), token, jnp.ones(r, bool), m)
   assert half.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(half, np.float32), ref, rtol=3e-2, atol=3e-2)
+  np.testing.assert_allclose(np.asarray(half, np.float32),
+                             jnp.zeros((m, d)).at[token].add(ys), rtol=3e-2, atol=3e-2)
