@@ -20,7 +20,8 @@ quantization and only the stored base shrinks:
           entry j of its second half in the low one)
 
 Why the input axis, and halves rather than neighbours: the block axis is never a
-weight's last (output) axis, the one a TPU keeps in its 128-wide lanes. Splitting that
+weight's last (output) axis, the one a TPU keeps in its 128-wide lanes (an expert
+stack's neither: D of gate / up [E, D, F], F of down [E, F, D]). Splitting that
 axis into blocks, or interleaving two codes along it, is a relayout there, and XLA
 answered it by copying every stacked weight's codes into a transposed layout once per
 step (4 GiB of temporaries per chip for the 70B recipe on v5e-8); along a major axis
