@@ -682,9 +682,6 @@ def _validate_base_dtype(c: ml_collections.ConfigDict, model_cfg, mesh_shape) ->
     _fail("lora.base_dtype", str(e))
   if fmt == "none":
     return
-  if model_cfg.is_moe:
-    _fail("lora.base_dtype", f"{fmt!r}: a quantized base is built for dense models; this "
-          f"model has {model_cfg.n_experts} experts (leave lora.base_dtype unset)")
   if c.lora.rank == 0:
     _fail("lora.base_dtype", f"{fmt!r} quantizes the frozen base under LoRA adapters: set "
           "lora.rank > 0 (a full fine-tune trains the float weights)")
@@ -695,11 +692,15 @@ def _validate_base_dtype(c: ml_collections.ConfigDict, model_cfg, mesh_shape) ->
   if tuple(c.data.domains):
     _fail("lora.base_dtype", "continual training (data.domains) merges its modules into "
           "a float base: leave lora.base_dtype unset")
-  # Blocks run along each projection's block axis (models/quant.py, BLOCK_AXIS).
+  # Blocks run along each projection's block axis (models/quant.py, BLOCK_AXIS); in an
+  # MoE model gate, up [E, D, F] and down [E, F, D] are the experts' (F: moe_d_ff).
   rules = dict((n, t) for n, t in c.sharding_rules)
-  for axis, logical, weights in (("d_model", "embed", "q, k, v, gate, up"),
-                                 ("head_dim", "head_dim", "o"), ("d_ff", "mlp", "down")):
-    size = getattr(model_cfg, axis)
+  mlp = ("moe_d_ff" if model_cfg.is_moe and model_cfg.moe_d_ff is not None else "d_ff",
+         model_cfg.expert_d_ff if model_cfg.is_moe else model_cfg.d_ff, "mlp",
+         "the experts' down" if model_cfg.is_moe else "down")
+  for axis, size, logical, weights in (
+      ("d_model", model_cfg.d_model, "embed", "q, k, v, gate, up"),
+      ("head_dim", model_cfg.head_dim, "head_dim", "o"), mlp):
     if size % quant.BLOCK:
       _fail("lora.base_dtype", f"{fmt!r} quantizes blocks of {quant.BLOCK} along the input "
             f"axis of {weights}: model.{axis}={size} is not a multiple of {quant.BLOCK}")

@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import logging
 import pathlib
+import re
 import sys
 
 import jax
@@ -438,6 +439,28 @@ def test_bf16_expert_parallel_step_with_its_overflow_branch_compiles_for_a_tpu_s
   assert p["fits"] and p["moe_kernel"] == "megablox"
   assert p["moe_buffer_rows"] < p["moe_exact_rows"] and p["scan_probe_layers"]
   assert p["ici_bytes_per_device"] > 0 and p["predicted_step_seconds"] > 0
+
+
+@pytest.mark.tpu
+def test_nf4_expert_parallel_qlora_step_gathers_codes_on_megablox():
+  """A QLoRA step over an NF4 MoE base (experts split over data, FSDP over fsdp), bf16
+  on megablox, compiles for a TPU slice, and the experts' FSDP all-gathers carry the
+  uint8 codes (each device dequantizes its own experts inside the shard_map), not
+  the dequantized bf16 weights."""
+  pytest.importorskip("libtpu")
+  c = _tiny_dpo()
+  c.model.moe_kernel = "megablox"
+  c.model.overrides.update(dict(n_experts=4, experts_per_token=2, d_model=128, moe_d_ff=128,
+                                dtype="bfloat16", head_dim=64, remat=True))
+  c.mesh.shape = (2, -1, 1)
+  c.lora.rank = 4
+  c.lora.base_dtype = "nf4"
+  c.reference.mode = "frozen"
+  text = plan_lib.lower_step(c, topology="v5p:2x2x1").compile().as_text()
+  gathered = re.findall(r"= (\w+)\[([\d,]*)\][^\n]*? all-gather(?:-start)?\(", text)
+  # gate/up codes [G, E/2, D/2, F] = [1, 2, 64, 128] after the gather over fsdp. (With
+  # the weights dequantized before the shard_map, XLA gathers bf16 weights, no codes.)
+  assert ("u8", "1,2,64,128") in gathered, sorted(set(gathered))
 
 
 @pytest.mark.tpu

@@ -71,6 +71,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxalign.models import moe as moe_lib
+from jaxalign.models import quant
 
 TOKEN_MESH_AXES = ("data", "fsdp")
 EXPERT_MESH_AXIS = "data"
@@ -146,7 +147,11 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
 
   Args:
     x: [N, D] tokens (split over the batch axes).
-    gate, up: [E, D, F]; down: [E, F, D] (experts over data, F over tensor).
+    gate, up: [E, D, F]; down: [E, F, D] (experts over data, F over tensor): float
+      arrays, or a quantized base's `quant.Blocks` (codes and scales in the weight's
+      axis order), which enter the shard_map as they are stored, so what the mesh
+      moves (the FSDP gather over "fsdp") is codes, and each device dequantizes its
+      own experts' part right before the grouped matmuls, in x's dtype.
     weights: [N, k] routing weights; experts: [N, k] int expert ids.
     activation: the gate's nonlinearity.
     implementation: the grouped-matmul kernel (jaxalign.models.grouped_matmul).
@@ -158,6 +163,7 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or all(int(s) == 1 for s in mesh.shape.values()):
+    gate, up, down = (quant.materialize(w, x.dtype) for w in (gate, up, down))
     return moe_lib.routed_mlp(x, gate, up, down, weights, experts, activation,
                               implementation=implementation)
   n_experts, hidden = gate.shape[0], gate.shape[2]
@@ -166,6 +172,8 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
   exp, hid = plan["experts"], plan["hidden"]
 
   def local(x, gate, up, down, weights, experts):
+    # This device's experts (whole blocks of a quantized base: config validation).
+    gate, up, down = (quant.materialize(w, x.dtype) for w in (gate, up, down))
     if plan["gather"]:
       shards = jax.lax.axis_size(exp)
       x, weights, experts = (jax.lax.all_gather(a, exp, axis=0, tiled=True)
@@ -201,8 +209,9 @@ def routed_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
     return y
 
   token_spec = P(tok, None)
-  in_specs = (token_spec, P(exp, None, hid), P(exp, None, hid), P(exp, hid, None),
-              token_spec, token_spec)
+  spec_of = lambda w, spec: jax.tree.map(lambda _: spec, w)   # Blocks: codes and scale
+  in_specs = (token_spec, spec_of(gate, P(exp, None, hid)), spec_of(up, P(exp, None, hid)),
+              spec_of(down, P(exp, hid, None)), token_spec, token_spec)
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=token_spec,
                        check_vma=False)(x, gate, up, down, weights, experts)
 

@@ -1,13 +1,16 @@
 """A quantized frozen base for LoRA (QLoRA, Dettmers et al. 2023): int8 and NF4 weights.
 
 `config.lora.base_dtype` = "int8" | "nf4" stores every projection weight of the
-frozen base (q, k, v, o, gate, up, down) as codes plus one float32 scale per block
-of `BLOCK` consecutive entries along the weight's BLOCK AXIS (`BLOCK_AXIS`: its last
-input axis, the one the matmul contracts last); embeddings, the output head and the
-norms stay in model.param_dtype (as QLoRA and bitsandbytes keep them).
-`transformer._project` dequantizes a weight right before its matmul (a per-layer
-temporary inside the scan), so the adapters and their optimizer state are as
-without quantization and only the stored base shrinks:
+frozen base (q, k, v, o, gate, up, down; in a mixture-of-experts model gate, up and
+down are the routed experts' stacked [E, D, F] / [E, F, D] weights) as codes plus one
+float32 scale per block of `BLOCK` consecutive entries along the weight's BLOCK AXIS
+(`BLOCK_AXIS`: its last input axis, the one the matmul contracts last); embeddings,
+the output head, the norms and an MoE model's router stay in model.param_dtype (as
+QLoRA and bitsandbytes keep them). `transformer._project` dequantizes a weight right
+before its matmul (a per-layer temporary inside the scan), the MoE layer its experts'
+right before the grouped matmuls (inside expert parallelism's shard_map, each device
+its own experts: `Blocks`), so the adapters and their optimizer state are as without
+quantization and only the stored base shrinks:
 
   format  codes                               bytes / weight entry (codes + scales)
   int8    int8, round(w / s), s = absmax/127  1 + 4/64 = 1.0625
@@ -17,7 +20,8 @@ without quantization and only the stored base shrinks:
           entry j of its second half in the low one)
 
 Why the input axis, and halves rather than neighbours: the block axis is never a
-weight's last (output) axis, the one a TPU keeps in its 128-wide lanes. Splitting that
+weight's last (output) axis, the one a TPU keeps in its 128-wide lanes (an expert
+stack's neither: D of gate / up [E, D, F], F of down [E, F, D]). Splitting that
 axis into blocks, or interleaving two codes along it, is a relayout there, and XLA
 answered it by copying every stacked weight's codes into a transposed layout once per
 step (4 GiB of temporaries per chip for the 70B recipe on v5e-8); along a major axis
@@ -41,6 +45,7 @@ function `quantize` serves numpy (import) and jax (init, tests) alike.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -51,9 +56,10 @@ from flax import nnx
 FORMATS = ("int8", "nf4")
 BLOCK = 64                                    # entries per scale (QLoRA's block size)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-# Each projection's block axis, counted from the end (a stacked "layers" axis in front
-# changes nothing): the last axis its matmul contracts. q, k, v [D, H, Dh] and gate, up
-# [D, F]: d_model; o [H, Dh, D]: head_dim; down [F, D]: d_ff.
+# Each projection's block axis, counted from the end (a stacked "layers" axis in front,
+# or the experts' [E] axis, changes nothing): the last axis its matmul contracts. q, k,
+# v [D, H, Dh] and gate, up [D, F] (experts: [E, D, F]): d_model; o [H, Dh, D]:
+# head_dim; down [F, D] (experts: [E, F, D]): d_ff (moe_d_ff).
 BLOCK_AXIS = {"q": -3, "k": -3, "v": -3, "o": -2, "gate": -2, "up": -2, "down": -2}
 
 # The 16 NormalFloat levels (QLoRA, Appendix E; bitsandbytes' NF4 table): quantiles
@@ -187,6 +193,35 @@ def error_bound(fmt: str, scale) -> Any:
   return scale * float(np.max(np.diff(NF4_LEVELS)) / 2)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """A quantized weight's arrays as a pytree: what a function that takes weights as
+  arguments (expert_parallel.routed_mlp, into its shard_map) receives in place of the
+  float weight. Codes and scale have the float weight's rank and axis order, so a
+  PartitionSpec of the weight fits both (whole blocks per device: config validation)
+  and a device dequantizes only its own part, after the codes crossed the mesh."""
+  codes: jax.Array
+  scale: jax.Array
+  fmt: str = dataclasses.field(metadata=dict(static=True))
+  axis: int = dataclasses.field(metadata=dict(static=True))   # from the end (BLOCK_AXIS)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The float weight's shape."""
+    shape = list(self.codes.shape)
+    shape[self.axis] *= 2 if self.fmt == "nf4" else 1
+    return tuple(shape)
+
+  def dequantize(self, dtype) -> jax.Array:
+    return dequantize(self.codes, self.scale, self.fmt, dtype, axis=self.axis)
+
+
+def materialize(w, dtype) -> jax.Array:
+  """A weight argument (a float array or `Blocks`) as a float array in `dtype`."""
+  return w.dequantize(dtype) if isinstance(w, Blocks) else w.astype(dtype)
+
+
 class QuantizedWeight(nnx.Module):
   """A frozen projection weight stored quantized: codes and scales, two nnx.Params
   carrying the float weight's logical axis names (and its leading "layers" axis
@@ -205,13 +240,14 @@ class QuantizedWeight(nnx.Module):
   @property
   def shape(self) -> tuple[int, ...]:
     """The float weight's shape."""
-    shape = list(self.codes.shape)
-    shape[self.axis] *= 2 if self.fmt == "nf4" else 1
-    return tuple(shape)
+    return self.blocks().shape
 
   def dequantize(self, dtype=None) -> jax.Array:
-    return dequantize(self.codes[...], self.scale[...], self.fmt, dtype or self.dtype,
-                      axis=self.axis)
+    return self.blocks().dequantize(dtype or self.dtype)
+
+  def blocks(self) -> Blocks:
+    """The codes and scales as a `Blocks` pytree (dequantized where it is used)."""
+    return Blocks(self.codes[...], self.scale[...], self.fmt, self.axis)
 
 
 def quantize_model(model: nnx.Module, fmt: str, *, block: int = BLOCK) -> nnx.Module:

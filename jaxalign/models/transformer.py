@@ -639,7 +639,9 @@ class MoeMLP(nnx.Module):
 
   router: [D, E]; gate, up: [E, D, F]; down: [E, F, D] (F = moe_d_ff). Dropless:
   tokens are sorted by expert and each expert's group goes through one grouped
-  matmul (jaxalign.models.moe.routed_mlp), whatever the load.
+  matmul (jaxalign.models.moe.routed_mlp), whatever the load. With a quantized base
+  (lora.base_dtype) gate, up and down are quant.QuantizedWeights; the router stays
+  float.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
@@ -667,9 +669,12 @@ class MoeMLP(nnx.Module):
                                         preferred_element_type=jnp.float32),
                              "router_logits")                          # [N, E] float32
     weights, experts = moe_lib.route(logits, self.k, self.norm_topk)
+    # A quantized base's experts go in as codes and scales, dequantized per device
+    # inside expert parallelism, right before the grouped matmuls.
+    gate, up, down = (w.blocks() if isinstance(w, quant.QuantizedWeight)
+                      else w[...].astype(self.dtype) for w in (self.gate, self.up, self.down))
     y = expert_parallel.routed_mlp(
-        flat, self.gate[...].astype(self.dtype), self.up[...].astype(self.dtype),
-        self.down[...].astype(self.dtype), weights, experts, _activation(self.activation),
+        flat, gate, up, down, weights, experts, _activation(self.activation),
         implementation=self.moe_kernel, capacity_factor=self.capacity_factor)
     mask = None if token_mask is None else token_mask.reshape(-1)
     return y.reshape(*lead, d), moe_lib.router_stats(logits, experts, mask)

@@ -7,8 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from jaxalign import config as config_lib
+from jaxalign import config as config_lib, sharding
 from jaxalign.models import quant
 from tests.train.helpers import built_state, random_batch, tiny_config
 
@@ -182,3 +183,81 @@ def test_float32_adapters_over_a_bfloat16_quantized_base():
           if a.ndim} == {np.dtype("float32")}
   frozen = dict(nnx.to_flat_state(built.abstract_state.frozen))
   assert frozen[("embed", "embedding")].get_value().dtype == jnp.bfloat16
+
+
+# A 4-expert, top-2 MoE whose block axes split over mesh (2, 2, 2): d_model's 2 blocks
+# over "fsdp" (gate, up, q, k, v), moe_d_ff's 2 over "tensor" (the experts' down), the
+# experts over "data" (the default rules).
+QLORA_MOE_MODEL = dict(QLORA_MODEL, d_model=128, n_experts=4, experts_per_token=2,
+                       moe_d_ff=128)
+
+
+def _qlora_moe_config(fmt, mesh):
+  c = _qlora_config(fmt, **{"mesh.shape": mesh, "lora.targets": ("q", "o")})
+  c.model.overrides = ml_collections.ConfigDict(QLORA_MOE_MODEL)
+  return c
+
+
+def test_quantized_moe_base_step_equals_the_dequantized_base_and_shards_experts():
+  """An MoE model's experts and attention stored NF4 (router, norms, embeddings float):
+  two LoRA DPO steps equal those of a float-base run whose frozen base is the explicitly
+  dequantized weights (one device), and the same steps with the experts split over
+  "data", d_model over "fsdp" and moe_d_ff over "tensor" (8 devices: each dequantizes
+  its own experts' codes inside the shard_map) equal the one-device steps."""
+  jax.config.update("jax_default_matmul_precision", "highest")
+  try:
+    one = jax.devices()[:1]
+    built_q, state_q = built_state(_qlora_moe_config("nf4", (1, 1, 1)), one)
+    built_f, state_f = built_state(_qlora_moe_config("", (1, 1, 1)), one)
+    built_s, state_s = built_state(_qlora_moe_config("nf4", (2, 2, 2)), jax.devices())
+    frozen = dict(nnx.to_flat_state(state_s.frozen))
+    layer = ("layers", 0, "mlp")
+    codes = frozen[layer + ("gate", "codes")].get_value()
+    scale = frozen[layer + ("down", "scale")].get_value()
+    assert codes.dtype == jnp.uint8 and codes.shape == (1, 4, 64, 128)   # [G, E, D/2, F]
+    assert codes.sharding.spec == P(None, "data", "fsdp", "tensor")
+    assert scale.shape == (1, 4, 2, 128) and scale.sharding.spec == P(None, "data", "tensor",
+                                                                       "fsdp")
+    assert frozen[layer + ("router",)].get_value().dtype == jnp.float32
+    assert ("layers", 0, "attn", "k", "codes") in frozen
+    dequantized = jax.jit(lambda f: quant.dequantize_state(f, jnp.float32),
+                          out_shardings=built_f.state_shardings.frozen)(state_q.frozen)
+    state_f = state_f.replace(frozen=dequantized)
+    for a, b in zip(jax.tree.leaves(state_q.params), jax.tree.leaves(state_f.params)):
+      np.testing.assert_array_equal(a, b)
+    batch = random_batch(np.random.default_rng(0))
+    out = []
+    for built, state in ((built_q, state_q), (built_f, state_f), (built_s, state_s)):
+      with jax.set_mesh(built.mesh):
+        global_batch = sharding.host_to_global(batch, built.batch_sharding)
+        for _ in range(2):   # the second step has nonzero B: adapters in the forward
+          state, metrics = built.step_fn(state, global_batch)
+        out.append((jax.device_get(metrics), jax.device_get(state.params)))
+    (mq, pq), *others = out
+    for mo, po in others:
+      for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "aux_loss"):
+        np.testing.assert_allclose(mq[key], mo[key], rtol=2e-5, atol=1e-6, err_msg=key)
+      for a, b in zip(jax.tree.leaves(pq), jax.tree.leaves(po)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+    assert mq["grad_norm"] > 0
+  finally:
+    jax.config.update("jax_default_matmul_precision", None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.overrides.moe_d_ff": 96},
+     r"config.lora.base_dtype: .*the experts' down: model.moe_d_ff=96 is not a multiple of 64"),
+    ({"model.overrides.moe_d_ff": 64},   # one block of the experts' down over tensor=2
+     r"config.lora.base_dtype: .*1 blocks of 64 along model.moe_d_ff .* 2 devices"),
+    ({"model.overrides.d_model": 64},    # one block of the experts' gate, up over fsdp=2
+     r"config.lora.base_dtype: .*1 blocks of 64 along model.d_model .* 2 devices"),
+    ({"lora.targets": ("q", "up")}, r"config.lora.targets: .*experts"),
+])
+def test_bad_moe_base_dtype_settings_fail_in_validation_naming_the_key(overrides, message):
+  """The experts' block axes (d_model for gate and up, moe_d_ff for down) hold whole
+  blocks per device; adapters on the experts stay refused."""
+  c = _qlora_moe_config("nf4", (2, 2, 2))
+  config_lib.validate(c, 8)
+  config_lib.apply_overrides(c, overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c, 8)
