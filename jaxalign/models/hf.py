@@ -526,8 +526,9 @@ def _place_quantized(lay, tensor_of, codes: jax.ShapeDtypeStruct,
       key = tuple(key)
       if key not in done:
         if (hi - lo) * per % block:
-          raise ValueError(f"{getattr(lay, 'name', lay.names[0])}: a device holds a part "
-                           f"of a quantization block of {block} (mesh and block disagree)")
+          name = lay.name if isinstance(lay, _Layout) else lay.leaves()[0][1].name
+          raise ValueError(f"{name}: a device holds a part of a quantization block of "
+                           f"{block} (mesh and block disagree)")
         w = read(tuple(slice(b, e) for b, e in key)).astype(np.float32)
         done[key] = quant.quantize(w, fmt, block=block, axis=axis, xp=np)
       return done[key][which]

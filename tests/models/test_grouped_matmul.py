@@ -134,10 +134,10 @@ def test_kernel_calls_compile_for_a_tpu_chip_and_xla_counts_the_estimated_bytes(
     for kind in ("gmm", "tgmm"):
       tiles = gm.tiling(m, k, n, kind=kind)
       if kind == "gmm":
-        fn = lambda l, r, g, t=tiles: gm._backend().gmm(l, r, g, bf, t)
+        fn = lambda a, b, g, t=tiles: gm._backend().gmm(a, b, g, bf, t)
         args = (spec((m, k)), spec((groups, k, n)), spec((groups,), jnp.int32))
       else:
-        fn = lambda l, r, g, t=tiles: gm._backend().tgmm(l.swapaxes(0, 1), r, g, bf, t)
+        fn = lambda a, b, g, t=tiles: gm._backend().tgmm(a.swapaxes(0, 1), b, g, bf, t)
         args = (spec((m, k)), spec((m, n)), spec((groups,), jnp.int32))
       with gm._kernel_precision(bf):    # the suite's "highest" precision: not for bf16
         cost = plan_lib._cost(jax.jit(fn).lower(*args).compile())
