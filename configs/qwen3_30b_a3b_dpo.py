@@ -5,8 +5,9 @@ query / 4 kv heads of 128, q/k norms, every MLP 128 SwiGLU experts of hidden
 size 768 with the top 8 per token (normalized top-k probabilities), vocab
 151936, rope theta 1e6. 30.5B parameters, 3.3B active per token (the FLOPs and
 MFU count those: jaxalign.flops). bf16 compute with float32 master weights and
-AdamW state, rematerialization per block, the splash attention kernel and the
-megablox grouped-matmul kernel for the experts.
+AdamW state, rematerialization per block with the "minimal" policy (the
+projections and the experts' sorted rows saved), the splash attention kernel and
+the megablox grouped-matmul kernel for the experts.
 
 Mesh (4, 16, 1): the 128 experts are split over "data" (32 whole experts per
 data shard: expert parallelism, models/expert_parallel.py) and FSDP-sharded
@@ -22,11 +23,9 @@ TRL does for MoE policies.
 
   # Check that it compiles and fits, on any CPU machine with libtpu installed:
   jaxalign plan --config configs/qwen3_30b_a3b_dpo.py --topology v5p:4x4x4
-  # Planned (docs/performance.md, "Bounded dispatch buffer"): 24.77 GiB per chip;
-  # MFU on active parameters 58.6% at 2 layers, 21.4% predicted at 48 (the 30%
-  # target missed: the step is bound by HBM traffic around the expert kernel).
-  # Mesh (1, 64, 1) (no expert split) planned at 48 layers: 19.45 GiB per chip,
-  # 21.1% ("Mesh (1, 64, 1) at full depth"), so the expert split stays.
+  # Planned at 48 layers (docs/performance.md, "Bytes around the expert kernel"):
+  # 63.52 GiB per chip, predicted step 1256 ms, MFU on active parameters 32.8%
+  # (21.4% before that pass, with remat "full": 24.77 GiB per chip).
   # Train on the slice (every worker runs the same command; see docs/scaling.md):
   jaxalign train --config configs/qwen3_30b_a3b_dpo.py --workdir gs://BUCKET/runs/qwen3_30b_a3b \
       --config.model.hf_path=Qwen/Qwen3-30B-A3B   # or a local HF directory
@@ -56,7 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.moe_kernel = "auto"          # megablox on TPU
   c.model.overrides = ml_collections.ConfigDict(
       dict(**QWEN3_30B_A3B, router_aux_loss_coef=0.001, dtype="bfloat16",
-           param_dtype="float32", remat=True))
+           param_dtype="float32", remat="minimal"))
   c.mesh.shape = (4, -1, 1)            # 4 expert groups x 16-way FSDP
   c.data.train_path = "HuggingFaceH4/ultrafeedback_binarized"
   c.data.split = "train_prefs"
