@@ -103,6 +103,18 @@ def _qlora_config(fmt, **overrides):
   return c
 
 
+def _assert_same_steps(first, *others, keys):
+  """(metrics, params) of runs of the same steps: the metrics `keys` and every param
+  of each of `others` equal `first`'s to float rounding; the gradient is not zero."""
+  mq, pq = first
+  for mo, po in others:
+    for key in keys:
+      np.testing.assert_allclose(mq[key], mo[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    for a, b in zip(jax.tree.leaves(pq), jax.tree.leaves(po)):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  assert mq["grad_norm"] > 0
+
+
 def test_quantized_base_step_equals_the_step_on_the_dequantized_base():
   """Two LoRA steps (policy and adapters-off reference) on the NF4 base equal the steps
   of a float-base LoRA run whose frozen base is the explicitly dequantized weights
@@ -128,12 +140,7 @@ def test_quantized_base_step_equals_the_step_on_the_dequantized_base():
         for _ in range(2):   # the second step has nonzero B: adapters in the forward
           state, metrics = built.step_fn(state, batch)
         out.append((jax.device_get(metrics), jax.device_get(state.params)))
-    (mq, pq), (mf, pf) = out
-    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
-      np.testing.assert_allclose(mq[key], mf[key], rtol=2e-5, atol=1e-6, err_msg=key)
-    for a, b in zip(jax.tree.leaves(pq), jax.tree.leaves(pf)):
-      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
-    assert mq["grad_norm"] > 0
+    _assert_same_steps(*out, keys=("loss", "grad_norm", "rewards/margins", "logps/chosen"))
   finally:
     jax.config.update("jax_default_matmul_precision", None)
 
@@ -233,13 +240,8 @@ def test_quantized_moe_base_step_equals_the_dequantized_base_and_shards_experts(
         for _ in range(2):   # the second step has nonzero B: adapters in the forward
           state, metrics = built.step_fn(state, global_batch)
         out.append((jax.device_get(metrics), jax.device_get(state.params)))
-    (mq, pq), *others = out
-    for mo, po in others:
-      for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "aux_loss"):
-        np.testing.assert_allclose(mq[key], mo[key], rtol=2e-5, atol=1e-6, err_msg=key)
-      for a, b in zip(jax.tree.leaves(pq), jax.tree.leaves(po)):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
-    assert mq["grad_norm"] > 0
+    _assert_same_steps(*out, keys=("loss", "grad_norm", "rewards/margins", "logps/chosen",
+                                   "aux_loss"))
   finally:
     jax.config.update("jax_default_matmul_precision", None)
 

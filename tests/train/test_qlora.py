@@ -54,13 +54,20 @@ def test_import_quantizes_each_device_block_as_quantizing_the_float_import(hf_di
   """Mesh (4, 1, 2): "tensor" splits down's block axis, d_ff (2 blocks), so each device
   quantizes its own block of the HF tensor on the host (NF4; int8 takes the same path,
   its host and device codes agree in tests/models/test_quant.py)."""
-  fmt = "nf4"
+  _check_quantized_import(hf_dir, "nf4")
+
+
+def _check_quantized_import(hf_dir, fmt, **overrides):
+  """Imports `hf_dir` on mesh (4, 1, 2) with base_dtype `fmt` and as floats: the codes
+  and scales equal quantizing the float import, shard as its weights do, and every
+  other parameter (router, norms, embeddings, head) is the float one. Returns the
+  quantized import's flat state."""
   def base(fmt):
-    built = build_lib.build_config(_config(hf_dir, fmt, **{"mesh.shape": (4, 1, 2)}))
-    spec = built.run_spec
+    built = build_lib.build_config(_config(hf_dir, fmt, **{"mesh.shape": (4, 1, 2),
+                                                           **overrides}))
     with jax.set_mesh(built.mesh):
       return rundir.starting_params(built.abstract_state.frozen, init_from="",
-                                    hf_dir=hf_dir, model_cfg=spec.model_cfg)
+                                    hf_dir=hf_dir, model_cfg=built.run_spec.model_cfg)
   quantized = dict(nnx.to_flat_state(base(fmt)))
   floats = dict(nnx.to_flat_state(base("")))
   projections = [p for p in floats if p[-1] in quant.PROJECTIONS]
@@ -76,6 +83,7 @@ def test_import_quantizes_each_device_block_as_quantizing_the_float_import(hf_di
     want = jax.jit(lambda a: quant.quantize(a, fmt, axis=quant.BLOCK_AXIS[path[-1]]))(w)
     np.testing.assert_array_equal(np.asarray(codes), np.asarray(want[0]), err_msg=str(path))
     np.testing.assert_array_equal(np.asarray(scale), np.asarray(want[1]), err_msg=str(path))
+  return quantized
 
 
 def _float_weights_alive_during(fn, monkeypatch, *, size: int) -> list[int]:
@@ -196,30 +204,8 @@ def test_moe_import_quantizes_each_device_block_of_the_experts(moe_hf_dir):
   axis, 2 blocks) over "tensor": each device reads and quantizes only its own experts'
   block of the HF tensors; codes and scales equal quantizing the float import; the
   router, norms and embeddings stay float."""
-  fmt = "nf4"
-  def base(fmt):
-    built = build_lib.build_config(_config(moe_hf_dir, fmt, **{
-        "mesh.shape": (4, 1, 2), "lora.targets": ("q", "v")}))
-    spec = built.run_spec
-    assert spec.model_cfg.n_experts == 4
-    with jax.set_mesh(built.mesh):
-      return rundir.starting_params(built.abstract_state.frozen, init_from="",
-                                    hf_dir=moe_hf_dir, model_cfg=spec.model_cfg)
-  quantized = dict(nnx.to_flat_state(base(fmt)))
-  floats = dict(nnx.to_flat_state(base("")))
-  projections = [p for p in floats if p[-1] in quant.PROJECTIONS]
-  assert len(projections) == 7 and len(quantized) == len(floats) + len(projections)
-  for path, leaf in floats.items():
-    w = leaf.get_value()
-    if path[-1] not in quant.PROJECTIONS:   # router, norms, embeddings, head
-      np.testing.assert_array_equal(quantized[path].get_value(), w)
-      continue
-    codes = quantized[path + ("codes",)].get_value()
-    scale = quantized[path + ("scale",)].get_value()
-    assert codes.sharding.spec == scale.sharding.spec == w.sharding.spec, path
-    want = jax.jit(lambda a: quant.quantize(a, fmt, axis=quant.BLOCK_AXIS[path[-1]]))(w)
-    np.testing.assert_array_equal(np.asarray(codes), np.asarray(want[0]), err_msg=str(path))
-    np.testing.assert_array_equal(np.asarray(scale), np.asarray(want[1]), err_msg=str(path))
+  quantized = _check_quantized_import(moe_hf_dir, "nf4", **{"lora.targets": ("q", "v")})
+  assert quantized[("layers", 0, "mlp", "router")].get_value().shape[-1] == 4   # 4 experts
   down = quantized[("layers", 0, "mlp", "down", "codes")].get_value()   # [E, F/2, D]
   assert down.shape[-3:] == (4, 64, 64)
   assert tuple(down.sharding.spec)[-3:-1] == ("data", "tensor")
