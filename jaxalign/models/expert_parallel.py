@@ -25,9 +25,11 @@ batch axes ("data", "fsdp"); inside `shard_map` each device
      "fsdp", the FSDP all-gather of its own E / S experts only);
   2. keeps the assignments that go to its own E / S experts (the others get a
      sentinel id >= E / S that sorts them past every group), sorts them by
-     expert into a buffer of R rows, runs the grouped matmuls over it (rows
-     past the local groups cost nothing in the megablox kernel and come out
-     zero) and scatter-adds each row, times its routing weight, to its token;
+     expert into a buffer of R rows (gathered as whole TPU tiles:
+     moe.take_rows), runs the grouped matmuls over it (the routing weight
+     scales each row's hidden activation; rows past the local groups cost
+     nothing in the megablox kernel, are left unwritten and dropped) and
+     scatter-adds each row to its token in the compute dtype (`_combine`);
   3. sums over "tensor" (the F-split partial sums) and reduce-scatters over
      "data", handing each device the sum over all experts for its own tokens.
 Per layer and device that moves (S - 1) n D activations in and out: less than
